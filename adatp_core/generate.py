@@ -1,0 +1,138 @@
+"""Step 6: continue from layer K with the kept tokens, then decode.
+
+The kept tokens take their layer-K input hidden states from ExtractAttention's
+partial prefill and keep their ORIGINAL position ids. Layers < K keep the full
+KV cache; layers >= K hold only the kept tokens. Decoding continues from the
+original prompt length. A state that no PruneTokens touched keeps every token:
+that is the vanilla model, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AdaTPInputError
+from .models.base import KVCache
+from .state import AdaTPState
+from .timing import synchronize
+
+MAX_NEW_TOKENS_LIMIT = 8192
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. Greedy unless do_sample."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
+            raise AdaTPInputError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {n!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise AdaTPInputError(f"temperature must be > 0, got {self.temperature} (1.0 is neutral)")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise AdaTPInputError(f"top_p must be in (0, 1], got {self.top_p} (1.0 keeps every token)")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise AdaTPInputError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """text: the decoded answer. token_ids: the generated ids (EOS excluded).
+    stats: the state's stats plus generation figures. logits: [steps, V] float32
+    logits that chose each generated token (only when asked for)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    stats: dict
+    logits: torch.Tensor | None = None
+
+
+def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
+    """logits: [V] float32 -> the chosen token id."""
+    if not cfg.do_sample:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, idx = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= cfg.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
+                    on_token: Callable[[int, int], None] | None = None,
+                    return_logits: bool = False) -> Answer:
+    """Answer the state's question from its kept tokens.
+
+    on_token(step, token_id) is called after each generated token; it may raise
+    (ComfyUI's interrupt) to stop generation.
+    """
+    cfg = sampling or SamplingConfig()
+    model = state.model
+    adapter = model.adapter
+    dev = adapter.device
+    limit = getattr(adapter.text_model.config, "max_position_embeddings", None)
+    if limit is not None and state.prompt.length + cfg.max_new_tokens > limit:
+        raise AdaTPInputError(
+            f"prompt ({state.prompt.length} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
+            f"the model's context of {limit}; lower max_new_tokens or use fewer frames.")
+    generator = None
+    if cfg.do_sample:
+        generator = torch.Generator(device=dev).manual_seed(cfg.seed)
+    eos = set(adapter.eos_token_ids)
+    tokens: list[int] = []
+    chosen_logits = []
+    with torch.inference_mode():
+        synchronize(dev)
+        start = time.perf_counter()
+        positions = state.kept_positions().to(dev)
+        hidden = state.hidden[:, positions]
+        position_ids = state.position_ids[..., positions]
+        cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=cfg.max_new_tokens)
+        hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers)
+        logits = adapter.logits(hidden[:, -1:])[-1]
+        del hidden
+        synchronize(dev)
+        prefill_done = time.perf_counter()
+        passes = 0  # decode forward passes
+        for step in range(cfg.max_new_tokens):
+            token = next_token(logits, cfg, generator)
+            if return_logits:
+                chosen_logits.append(logits)
+            if token in eos:
+                break
+            tokens.append(token)
+            if on_token is not None:
+                on_token(step, token)
+            if step == cfg.max_new_tokens - 1:
+                break
+            ids = torch.tensor([[token]], device=dev)
+            pos = adapter.next_position_ids(state.position_ids, step)
+            hidden = adapter.run_layers(adapter.embed_tokens(ids), pos, cache, 0, adapter.num_layers)
+            logits = adapter.logits(hidden)[-1]
+            passes += 1
+        synchronize(dev)
+        end = time.perf_counter()
+    stats = {
+        **state.stats,
+        "new_tokens": len(tokens),
+        "kv_lengths": cache.lengths(),
+        "time_prefill_continue": prefill_done - start,
+        "time_decode": end - prefill_done,
+        "decode_ms_per_token": 1000 * (end - prefill_done) / passes if passes else 0.0,
+    }
+    text = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return Answer(text=text, token_ids=tuple(tokens), stats=stats,
+                  logits=torch.stack(chosen_logits) if return_logits else None)

@@ -1,0 +1,250 @@
+"""What every model family provides to the AdaTP stages, and the shared LLM runner.
+
+The stages never touch a model's modules: they call an adapter. An adapter turns
+frames into visual tokens, builds the prompt and its token layout, gives position
+ids, and runs decoder layers. Families whose LLM is a stock transformers decoder
+(Qwen2, Llama, Qwen2.5-VL's text model) share ``run_layers`` and ``logits`` below;
+a family only describes its vision side and its prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import AdaTPInputError
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The vision side of one video, in the LLM's input space.
+
+    visual: [N, D] projected visual tokens, frame-major then row-major (N = T*H*W).
+    extras: [E, D] always-kept model extras that follow the video (LLaVA-OV: newline).
+    frame_features: [T, d_v] float32, L2-normalised per-frame global features
+        (mean of the vision encoder's patches before projector and pooling).
+    grid: (T, H, W) token grid of ``visual``.
+    """
+
+    visual: torch.Tensor
+    extras: torch.Tensor
+    frame_features: torch.Tensor
+    grid: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids of one query and where each part sits.
+
+    input_ids: [L] long, with ``video_token_id`` at every visual and extra position.
+    visual_positions: [N] long, sequence positions of the visual tokens (frame-major).
+    extra_positions: [E] long, sequence positions of always-kept model extras.
+    question: (start, end) of the question's own tokens (Q_text).
+    after_video: first position after the video and its extras; Q is [after_video, L).
+    """
+
+    input_ids: torch.Tensor
+    visual_positions: torch.Tensor
+    extra_positions: torch.Tensor
+    question: tuple[int, int]
+    after_video: int
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class KVCache:
+    """Key/value buffers for one generation, one per decoder layer.
+
+    Layers may hold different lengths: after pruning at layer K, layers < K keep
+    the full prompt and layers >= K only the kept tokens. Buffers are allocated
+    once with room for the whole generation and written in place, so decoding
+    does not re-copy the cache at every token. Implements the ``update`` method
+    that transformers' attention modules call.
+
+    past: per-layer (key [B, Hkv, S, d], value [B, Hkv, S, d]) to start from;
+        they are copied, never modified, so one state can feed many generations.
+    reserve: extra positions to allocate beyond each layer's first fill.
+    """
+
+    def __init__(self, num_layers: int, past=(), reserve: int = 0):
+        self.reserve = int(reserve)
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
+        for i, (k, v) in enumerate(past):
+            self.update(k, v, i)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        n = key_states.shape[-2]
+        length = self._lengths[layer_idx]
+        buf_k = self._keys[layer_idx]
+        if buf_k is None or length + n > buf_k.shape[-2]:
+            capacity = length + n + self.reserve
+            new_k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
+            new_v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+            if length:
+                new_k[..., :length, :] = buf_k[..., :length, :]
+                new_v[..., :length, :] = self._values[layer_idx][..., :length, :]
+            self._keys[layer_idx], self._values[layer_idx] = new_k, new_v
+        self._keys[layer_idx][..., length:length + n, :] = key_states
+        self._values[layer_idx][..., length:length + n, :] = value_states
+        self._lengths[layer_idx] = length + n
+        return self.layer(layer_idx)
+
+    def layer(self, layer_idx: int):
+        """(key, value) views of one layer's filled part."""
+        n = self._lengths[layer_idx]
+        return self._keys[layer_idx][..., :n, :], self._values[layer_idx][..., :n, :]
+
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(self._lengths)
+
+    def export(self, num_layers: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """(key, value) of layers [0, num_layers), for storing in a state.
+
+        Views, not copies: export only from a cache that is then dropped.
+        """
+        return tuple(self.layer(i) for i in range(num_layers))
+
+
+@dataclass
+class AttentionProbe:
+    """Per-call request for text->visual attention at one layer (see attention.py).
+
+    It travels as a keyword argument through one decoder layer's call to the
+    attention function, which fills ``scores``. Nothing is stored on the model.
+    """
+
+    layer: int
+    query_positions: torch.Tensor  # [Q] long
+    key_positions: torch.Tensor  # [N] long
+    scores: torch.Tensor | None = field(default=None)
+
+
+def _cache_argument(layer: torch.nn.Module) -> str:
+    """transformers renamed the decoder layers' cache argument: past_key_values
+    (<= 5.17) became cache (5.2x). Ask the signature instead of the version."""
+    params = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class VideoLLMAdapter:
+    """Base of the per-family adapters; see llava_onevision.py for the first one.
+
+    Subclasses set ``model_types`` and implement ``preprocess``, ``encode`` and
+    ``build_prompt``; ``text_model`` must return a transformers decoder with
+    ``embed_tokens``, ``layers``, ``norm`` and ``rotary_emb``.
+    """
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._cache_arg = _cache_argument(self.text_model.layers[0])
+
+    # -- the family-specific part -------------------------------------------------
+    @property
+    def text_model(self):
+        raise NotImplementedError
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: [T, H, W, 3] float 0..1 or uint8 -> model pixel input."""
+        raise NotImplementedError
+
+    def encode(self, pixels: torch.Tensor) -> Encoded:
+        raise NotImplementedError
+
+    def visual_tokens_for(self, num_frames: int) -> int:
+        """N, the number of prunable visual tokens for ``num_frames`` frames."""
+        raise NotImplementedError
+
+    def build_prompt(self, question: str, num_video_tokens: int) -> Prompt:
+        raise NotImplementedError
+
+    def position_ids(self, prompt: Prompt) -> torch.Tensor:
+        """Position ids of the full prompt, [1, L] (or [3, 1, L] for M-RoPE)."""
+        return torch.arange(prompt.length, device=self.device).unsqueeze(0)
+
+    # -- shared by decoder-only LLMs ----------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.text_model.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.embed_tokens.weight.dtype
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model.embed_tokens(input_ids.to(self.device))
+
+    def assemble(self, prompt: Prompt, encoded: Encoded) -> torch.Tensor:
+        """inputs_embeds [1, L, D]: text embeddings with the video scattered in."""
+        embeds = self.embed_tokens(prompt.input_ids).clone()
+        embeds[prompt.visual_positions] = encoded.visual.to(embeds.dtype)
+        if len(prompt.extra_positions):
+            embeds[prompt.extra_positions] = encoded.extras.to(embeds.dtype)
+        return embeds.unsqueeze(0)
+
+    def next_position_ids(self, position_ids: torch.Tensor, step: int) -> torch.Tensor:
+        """Position ids of the step-th generated token: one past the prompt's
+        largest position on every axis (1-D RoPE and M-RoPE alike)."""
+        nxt = int(position_ids.max()) + 1 + step
+        return torch.full((*position_ids.shape[:-1], 1), nxt, dtype=position_ids.dtype,
+                          device=position_ids.device)
+
+    def run_layers(self, hidden, position_ids, cache: KVCache, start: int, stop: int,
+                   probe: AttentionProbe | None = None) -> torch.Tensor:
+        """Run decoder layers [start, stop) on hidden [1, S, D] at position_ids.
+
+        The tokens in ``hidden`` are in sequence order and attend causally to each
+        other and to everything already in ``cache`` for that layer (which is
+        how a prompt prefill with an empty cache and a one-token decode step both
+        behave). No attention mask is built: batch 1 needs none.
+        """
+        tm = self.text_model
+        position_embeddings = tm.rotary_emb(hidden, position_ids)
+        for i in range(start, stop):
+            kwargs = {self._cache_arg: cache}
+            if probe is not None and probe.layer == i:
+                kwargs["adatp_probe"] = probe
+            out = tm.layers[i](hidden, attention_mask=None, position_ids=position_ids,
+                               position_embeddings=position_embeddings, use_cache=True, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [1, S, D] after the last layer -> float32 logits [S, V]."""
+        return self.model.lm_head(self.text_model.norm(hidden))[0].float()
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        if ids is None:
+            return ()
+        return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+
+    def check_context(self, prompt: Prompt) -> None:
+        """Refuse a prompt longer than the LLM's context, before any GPU work."""
+        limit = getattr(self.text_model.config, "max_position_embeddings", None)
+        if limit is not None and prompt.length > limit:
+            raise AdaTPInputError(
+                f"the prompt needs {prompt.length} tokens but this model's context is {limit}; "
+                "use fewer frames or a shorter question.")
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise AdaTPInputError(
+                f"layer K={layer} is outside this model's {self.num_layers} decoder layers; "
+                f"choose K between 0 (prune before the LLM) and {self.num_layers - 1} (2 is the default)."
+            )

@@ -1,0 +1,165 @@
+"""LLaVA-OneVision (transformers' LlavaOnevisionForConditionalGeneration).
+
+Token layout: SigLIP at 384 px with patch 14 gives 27x27 patches per frame; the
+projector maps them into the LLM space and bilinear pooling brings them to
+14x14 = 196 tokens per frame. ONE ``image_newline`` token follows the whole video,
+so the video occupies T*196 + 1 positions, all marked with the video token id.
+The newline is always kept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import AdaTPInputError
+from .base import Encoded, Prompt, VideoLLMAdapter
+from .preprocess import PreprocessConfig, preprocess_frames
+
+_VIDEO_SENTINEL = "\x00ADATP_VIDEO\x00"
+_QUESTION_SENTINEL = "\x00ADATP_QUESTION\x00"
+
+
+def read_chat_template(folder: Path, tokenizer) -> str:
+    """The processor's chat template (chat_template.json or .jinja), else the tokenizer's."""
+    folder = Path(folder)
+    js = folder / "chat_template.json"
+    if js.is_file():
+        template = json.loads(js.read_text()).get("chat_template")
+        if template:
+            return template
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    raise AdaTPInputError(
+        f"{folder} has no chat template (chat_template.json); copy it from the model's "
+        "Hugging Face repository into the folder."
+    )
+
+
+class LlavaOnevisionAdapter(VideoLLMAdapter):
+    model_types = ("llava_onevision",)
+    model_class = "LlavaOnevisionForConditionalGeneration"
+
+    def __init__(self, model, tokenizer, folder: Path, vision_chunk: int = 16):
+        super().__init__(model, tokenizer)
+        self.folder = Path(folder)
+        self.preprocess_config = PreprocessConfig.from_folder(self.folder)
+        self.chat_template = read_chat_template(self.folder, tokenizer)
+        self.video_token_id = int(model.config.video_token_id)
+        self.vision_chunk = vision_chunk
+        vc = model.config.vision_config
+        self.patch_grid = vc.image_size // vc.patch_size  # 27
+        self.pooled_grid = -(-self.patch_grid // 2)  # ceil(27 / 2) = 14
+        self._split_template()
+
+    # -- model parts ----------------------------------------------------------------
+    @property
+    def text_model(self):
+        return self.model.model.language_model
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.pooled_grid * self.pooled_grid
+
+    # -- vision ---------------------------------------------------------------------
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [T, H, W, 3] (uint8 or float 0..1) -> pixels [T, 3, 384, 384]."""
+        return preprocess_frames(frames, self.preprocess_config, device=self.device, dtype=self.dtype)
+
+    def _selected_vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """SigLIP hidden state at ``vision_feature_layer`` (no post-layernorm), [t, P, d_v].
+
+        Runs only the encoder layers that the selected layer needs.
+        """
+        cfg = self.model.config
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            raise AdaTPInputError("vision_feature_layer lists several layers; only one is supported")
+        tower = self.model.model.vision_tower
+        layers = tower.encoder.layers
+        stop = layer % (len(layers) + 1)  # hidden_states[0] is the embeddings' output
+        hidden = tower.embeddings(pixels)
+        for block in layers[:stop]:
+            out = block(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
+        if cfg.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        return hidden
+
+    def vision_shape(self):
+        """The vision side's shape, for FLOPs accounting."""
+        from ..flops import VisionShape
+
+        vc = self.model.config.vision_config
+        layers = self.model.config.vision_feature_layer % (vc.num_hidden_layers + 1)
+        return VisionShape(layers=layers, hidden=vc.hidden_size, intermediate=vc.intermediate_size,
+                           patches=self.patch_grid ** 2, patch_dim=3 * vc.patch_size ** 2,
+                           projector_out=self.model.config.text_config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> Encoded:
+        """pixels [T, 3, 384, 384] -> visual tokens [T*196, D] and per-frame features."""
+        mm = self.model.model
+        visual, frame_features = [], []
+        for i in range(0, pixels.shape[0], self.vision_chunk):
+            feats = self._selected_vision_features(pixels[i:i + self.vision_chunk])
+            frame_features.append(F.normalize(feats.float().mean(dim=1), dim=-1))
+            projected = mm.apply_pooling(mm.multi_modal_projector(feats))
+            visual.append(projected.reshape(-1, projected.shape[-1]))
+        t = pixels.shape[0]
+        return Encoded(
+            visual=torch.cat(visual),
+            extras=mm.image_newline.detach()[None].to(self.dtype),
+            frame_features=torch.cat(frame_features),
+            grid=(t, self.pooled_grid, self.pooled_grid),
+        )
+
+    # -- prompt ---------------------------------------------------------------------
+    def visual_tokens_for(self, num_frames: int) -> int:
+        return num_frames * self.tokens_per_frame
+
+    def _split_template(self) -> None:
+        """Render the chat template once with sentinels, and keep the literal text
+        before the video, between video and question, and after the question."""
+        messages = [{"role": "user", "content": [
+            {"type": "video"}, {"type": "text", "text": _QUESTION_SENTINEL}]}]
+        rendered = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
+        rendered = rendered.replace("<video>", _VIDEO_SENTINEL, 1)
+        if rendered.count(_VIDEO_SENTINEL) != 1 or rendered.count(_QUESTION_SENTINEL) != 1:
+            raise AdaTPInputError(
+                "this model's chat template does not place one <video> and the question; "
+                "use the chat_template.json of the llava-hf repository")
+        before, rest = rendered.split(_VIDEO_SENTINEL)
+        middle, after = rest.split(_QUESTION_SENTINEL)
+        if not before or after is None:
+            raise AdaTPInputError("unexpected chat template layout")
+        self._template_parts = tuple(
+            self.tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle, after))
+
+    def tokenize_question(self, question: str) -> list[int]:
+        """The question's own tokens. Special-token text in it (<video>, <|im_end|>)
+        is split into ordinary tokens, so it can never create a placeholder."""
+        return self.tokenizer(question, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def build_prompt(self, question: str, num_video_tokens: int) -> Prompt:
+        """[before] [video x N] [newline] [middle] [question] [after]."""
+        before, middle, after = self._template_parts
+        q = self.tokenize_question(question)
+        n_total = num_video_tokens + 1  # + the newline
+        ids = before + [self.video_token_id] * n_total + middle + q + after
+        start = len(before)
+        q_start = start + n_total + len(middle)
+        return Prompt(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            visual_positions=torch.arange(start, start + num_video_tokens),
+            extra_positions=torch.tensor([start + num_video_tokens]),
+            question=(q_start, q_start + len(q)),
+            after_video=start + n_total,
+        )

@@ -1,0 +1,195 @@
+"""Safe loading of a local model folder into a ``VideoLLM`` handle.
+
+Policy: local files only, safetensors only, never ``trust_remote_code``, and an
+unsupported model type is refused from config.json alone, before any weight is
+read. Downloading is never done here (see README: it is an explicit user step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import AdaTPEnvironmentError, AdaTPInputError
+from .base import VideoLLMAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+
+log = logging.getLogger(__name__)
+
+ADAPTERS: dict[str, type[VideoLLMAdapter]] = {
+    t: cls for cls in (LlavaOnevisionAdapter,) for t in cls.model_types
+}
+SUPPORTED_MODEL_TYPES = tuple(sorted(ADAPTERS))
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTIONS = ("sdpa", "flash_attention_2")
+
+
+@dataclass(frozen=True, eq=False)
+class VideoLLM:
+    """A loaded model: what the ADATP_MODEL socket carries.
+
+    Holds no per-query or pruning setting; every stage gets those per call.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: VideoLLMAdapter
+    name: str
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+
+    def __repr__(self) -> str:
+        return f"VideoLLM({self.name!r}, {self.device}, {str(self.dtype).removeprefix('torch.')})"
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise AdaTPInputError(
+            f"{folder} has no config.json; point the loader at a model folder downloaded "
+            "from Hugging Face (for example llava-hf/llava-onevision-qwen2-0.5b-ov-hf).")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdaTPInputError(f"{path} is not valid JSON ({exc}); download it again.") from exc
+    if not isinstance(config, dict):
+        raise AdaTPInputError(f"{path} does not hold a JSON object; download it again.")
+    return config
+
+
+def _contains_auto_map(obj) -> bool:
+    if isinstance(obj, dict):
+        return "auto_map" in obj or any(_contains_auto_map(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_contains_auto_map(v) for v in obj)
+    return False
+
+
+def check_model_folder(folder) -> tuple[Path, dict]:
+    """Validate a model folder without reading any weight. Returns (folder, config).
+
+    Raises AdaTPInputError naming what is missing or refused, and what to do.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise AdaTPInputError(f"model folder {folder} does not exist; put the model under models/LLM.")
+    config = _read_config(folder)
+    if _contains_auto_map(config):
+        raise AdaTPInputError(
+            f"{folder}/config.json asks for custom code (auto_map); remote code is never run. "
+            f"Use a transformers-native checkpoint of one of: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+    model_type = config.get("model_type")
+    if model_type not in ADAPTERS:
+        raise AdaTPInputError(
+            f"model type {model_type!r} in {folder} is not supported; supported types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (for example llava-hf/llava-onevision-qwen2-7b-ov-hf).")
+    _check_weights(folder)
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+    if not has_tokenizer:
+        raise AdaTPInputError(
+            f"{folder} has no tokenizer (tokenizer.json); copy the tokenizer files from the "
+            "model's Hugging Face repository into the folder.")
+    return folder, config
+
+
+def _check_weights(folder: Path) -> None:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+            raise AdaTPInputError(f"{index} is damaged ({exc}); download it again.") from exc
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise AdaTPInputError(
+                f"{folder} is missing weight shard(s) {', '.join(missing)}; the download is "
+                "incomplete, download them again.")
+        return
+    if (folder / "model.safetensors").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise AdaTPInputError(
+            f"{folder} only has pickle weights ({', '.join(pickles[:3])}); they are never loaded "
+            "because unpickling can run arbitrary code. Download the safetensors version "
+            "(model*.safetensors) of the model.")
+    raise AdaTPInputError(f"{folder} has no model.safetensors weights; download the model again.")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise AdaTPInputError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AdaTPEnvironmentError("device cuda was asked for but no CUDA GPU is available; use cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise AdaTPInputError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
+                   name: str | None = None) -> VideoLLM:
+    """Load a local model folder safely. See the module docstring for the policy.
+
+    folder: a directory with config.json, model*.safetensors, the tokenizer, a
+        chat template and a video preprocessor config.
+    attention: the kernel for every layer ("sdpa" or "flash_attention_2"); the
+        text model gets AdaTP's wrapper of it, which can score one layer per call.
+    """
+    from ..attention import register_attention, wrapped_attention_name
+
+    folder, config = check_model_folder(folder)
+    if attention not in ATTENTIONS:
+        raise AdaTPInputError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    adapter_cls = ADAPTERS[config["model_type"]]
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise AdaTPInputError(f"the tokenizer in {folder} cannot be loaded ({exc}); download it again.") from exc
+    register_attention(attention)
+    model_cls = getattr(transformers, adapter_cls.model_class)
+    try:
+        model = model_cls.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+            dtype=torch_dtype,
+            attn_implementation={"text_config": wrapped_attention_name(attention),
+                                 "vision_config": attention, "": attention},
+        )
+    except torch.OutOfMemoryError as exc:
+        raise AdaTPEnvironmentError(
+            f"not enough {dev.type} memory to load {folder.name}; free memory or use a smaller model") from exc
+    except (OSError, ValueError) as exc:
+        raise AdaTPInputError(f"the weights in {folder} cannot be loaded ({exc}); download them again.") from exc
+    model = model.to(dev).eval()
+    adapter = adapter_cls(model, tokenizer, folder)
+    log.info("loaded %s on %s as %s", folder.name, dev, torch_dtype)
+    return VideoLLM(model=model, tokenizer=tokenizer, adapter=adapter, name=name or folder.name,
+                    path=str(folder), device=dev, dtype=torch_dtype, attention=attention)

@@ -1,0 +1,181 @@
+"""A tiny random LLaVA-OneVision, built from configs in code (no download).
+
+It has the real token layout (SigLIP at 384 px, patch 14 -> 27x27 patches, pooled
+to 14x14 = 196 tokens per frame, one newline token after the video) and a real
+byte-level BPE tokenizer trained locally with ``tokenizers``, so every code path
+that runs on llava-hf/llava-onevision-qwen2-*-ov-hf also runs on it. Its weights
+are random: its answers are fluent-looking noise, which is enough for exactness
+tests, the embedded default and trying the pack without downloads.
+
+The model is written with ``save_pretrained`` into a cache folder and loaded back
+through the same safe loader that users' models go through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL_NAME = "adatp-tiny-llava-onevision (built-in, random weights)"
+# Bump when anything below changes, so that stale caches are rebuilt.
+TINY_MODEL_VERSION = 1
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+
+# The chat template of llava-hf/llava-onevision-qwen2-*-ov-hf (processor level).
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Video preprocessing of llava-hf/llava-onevision-qwen2-*-ov-hf (SigLIP normalisation).
+LLAVA_ONEVISION_VIDEO_PREPROCESSOR = {
+    "video_processor_type": "LlavaOnevisionVideoProcessor",
+    "processor_class": "LlavaOnevisionProcessor",
+    "do_resize": True,
+    "size": {"height": 384, "width": 384},
+    "resample": 3,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_convert_rgb": True,
+}
+
+_CORPUS = """
+the a an of in on at to from with by for and or but not is are was were be been
+this that these those there here what who where when why how which does do did
+video frame scene shows person people man woman child dog cat car road street
+room table kitchen door window tree sky water ball red green blue yellow white
+black left right up down moves moving walks runs sits stands holds opens closes
+first then after before finally begins ends while during small large bright dark
+describe detail happening happens question answer yes no maybe number count two
+three four five camera zoom pan cut slowly quickly square circle line shape color
+"""
+
+
+def default_cache_dir() -> Path:
+    """Where built-in assets go: $ADATP_CACHE_DIR, else ~/.cache/comfyui-adatp."""
+    env = os.environ.get("ADATP_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "comfyui-adatp"
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer with Qwen2's chat special tokens, trained in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = _CORPUS.split()
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    """A random 2-layer SigLIP + 4-layer Qwen2 LLaVA-OneVision, in float32.
+
+    initializer_range 0.2 keeps a random model from repeating one token, so
+    equality tests between two decoding paths are meaningful.
+    """
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    vocab = len(tokenizer)
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=384, patch_size=14, vision_use_head=False, initializer_range=0.2,
+    )
+    text = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=32768,
+        tie_word_embeddings=False, initializer_range=0.2,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        bos_token_id=None,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )
+    config.initializer_range = 0.2
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = [
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    ]
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return model
+
+
+def save_model_folder(model, tokenizer, folder: Path) -> None:
+    """Write a model folder laid out like llava-hf's: safetensors, tokenizer,
+    processor chat template and video preprocessor config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.json").write_text(
+        json.dumps({"chat_template": LLAVA_ONEVISION_CHAT_TEMPLATE}, indent=2))
+    (folder / "video_preprocessor_config.json").write_text(
+        json.dumps(LLAVA_ONEVISION_VIDEO_PREPROCESSOR, indent=2))
+
+
+def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
+    """Return the folder of the built-in tiny model, building it on first use.
+
+    Built into a temporary folder and renamed into place, so two processes that
+    race for it both end up with a complete folder.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / f"tiny-llava-onevision-v{TINY_MODEL_VERSION}"
+    if (folder / "config.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("building the built-in tiny model into %s", folder)
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    try:
+        save_model_folder(model, tokenizer, tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

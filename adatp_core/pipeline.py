@@ -1,0 +1,81 @@
+"""All stages in one call, for the command line, the tests and the benchmark.
+
+It only composes the stages' public functions, in the order the default
+workflow wires them, so the ComfyUI graph and the command line cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import extract_attention
+from .debias import global_debias, local_debias
+from .generate import Answer, SamplingConfig, generate_answer
+from .models.loader import VideoLLM
+from .prune import prune_tokens
+from .state import AdaTPState
+from .timing import timed
+from .video import VideoInfo, load_video
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every stage's settings. retention None skips pruning (the vanilla model);
+    global_debias / local_debias False leave those stages out of the graph."""
+
+    num_frames: int = 32
+    sampling: str = "uniform"
+    fps: float = 1.0
+    start_time: float = 0.0
+    end_time: float = 0.0
+    layer: int = 2
+    query: str = "text"
+    global_debias: bool = True
+    segment_threshold: float = 0.95
+    relevance_boost: float = 1.0
+    local_debias: bool = True
+    max_per_position: int = 1
+    retention: float | None = 0.25
+    generation: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    answer: Answer
+    state: AdaTPState
+    video: VideoInfo | None
+    stats: dict
+
+
+def select(state: AdaTPState, cfg: PipelineConfig) -> AdaTPState:
+    """Steps 1 and 3-5, as configured."""
+    if cfg.retention is None:
+        return state
+    if cfg.global_debias:
+        state = global_debias(state, cfg.segment_threshold, cfg.relevance_boost)
+    if cfg.local_debias:
+        state = local_debias(state, cfg.max_per_position)
+    return prune_tokens(state, cfg.retention)
+
+
+def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | None = None,
+                 on_token=None) -> PipelineResult:
+    """Answer ``question`` about ``video`` (a path, or frames [T, H, W, 3])."""
+    cfg = cfg or PipelineConfig()
+    times: dict[str, float] = {}
+    info = None
+    if isinstance(video, torch.Tensor):
+        frames = video
+    else:
+        with timed(times, "time_decode"):
+            frames, info = load_video(video, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
+    state = extract_attention(model, frames, question, cfg.layer, cfg.query)
+    state = select(state, cfg)
+    answer = generate_answer(state, cfg.generation, on_token=on_token)
+    stats = {**answer.stats, **times}
+    stats["time_selection"] = sum(stats.get(k, 0.0) for k in ("time_global_debias", "time_local_debias", "time_prune"))
+    stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in (
+        "time_preprocess", "time_vision", "time_attention", "time_selection", "time_prefill_continue"))
+    return PipelineResult(answer=answer, state=state, video=info, stats=stats)

@@ -1,0 +1,86 @@
+"""The state of one query, passed between stages (the ADATP_STATE socket).
+
+Every stage returns a new ``AdaTPState`` with ``dataclasses.replace`` and never
+mutates its input, so one state can feed two branches (an A/B of two
+retentions, or vanilla against AdaTP). Tensors in a state are never written to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .models.base import Prompt
+from .models.loader import VideoLLM
+
+
+@dataclass(frozen=True, eq=False)
+class AdaTPState:
+    """One query about one video, after ExtractAttention and later stages.
+
+    Documented attributes (stable, used by nodes and users' scripts):
+      grid: (T, H, W) visual token grid.
+      scores: [N] float32, text->visual attention at layer K-1 (text relevance
+          when K = 0), frame-major then row-major.
+      segments: tuple of (first_frame, last_frame) pairs, inclusive; one segment
+          spanning the video until GlobalDebias sets them.
+      keep: sorted [B] long tensor of kept visual token indices, or None before
+          PruneTokens (None means every token is kept: the vanilla model).
+      stats: dict with at least tokens_total, tokens_kept and flops_ratio, plus
+          the FLOPs figures and per-stage timings in seconds.
+
+    Internals (for GenerateAnswer):
+      hidden: [1, L, D] input hidden states of layer K (the input embeddings when K = 0).
+      past_kv: per layer < K, (key, value) [1, Hkv, L, d] of the full prompt.
+      position_ids: [1, L] (or [3, 1, L] for M-RoPE), the original positions.
+      relevance: [N] float32, cos(x_i, e) of each visual token with the mean
+          question embedding; frame_relevance: [T], its per-frame mean.
+      frame_features: [T, d_v] L2-normalised global frame features.
+      shares: [m] float budget share per segment (None: proportional to length).
+      order: [N] long, visual token indices in pick order within each segment,
+          segments one after another (None: by score, i.e. FastV per segment).
+      max_per_position: LocalDebias' M, or None when no LocalDebias ran.
+      budgets: per-segment token budgets chosen by PruneTokens.
+    """
+
+    model: VideoLLM
+    question: str
+    prompt: Prompt
+    layer: int
+    query_mode: str
+    grid: tuple[int, int, int]
+    hidden: torch.Tensor
+    past_kv: tuple
+    position_ids: torch.Tensor
+    scores: torch.Tensor
+    relevance: torch.Tensor
+    frame_relevance: torch.Tensor
+    frame_features: torch.Tensor
+    segments: tuple[tuple[int, int], ...]
+    shares: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    max_per_position: int | None = None
+    keep: torch.Tensor | None = None
+    budgets: tuple[int, ...] | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def num_visual(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    def kept_positions(self) -> torch.Tensor:
+        """Sorted sequence positions that go on from layer K: every text token,
+        every model extra, and the kept visual tokens. [L'] long."""
+        prompt = self.prompt
+        keep_mask = torch.ones(prompt.length, dtype=torch.bool)
+        if self.keep is not None:
+            keep_mask[prompt.visual_positions] = False
+            keep_mask[prompt.visual_positions[self.keep.cpu()]] = True
+        return keep_mask.nonzero().squeeze(1)
+
+    def evolve(self, stats: dict | None = None, **changes) -> "AdaTPState":
+        """A new state with ``changes`` and the stats merged (input untouched)."""
+        merged = {**self.stats, **(stats or {})}
+        return replace(self, stats=merged, **changes)

@@ -1,0 +1,254 @@
+"""Video input: probe, choose sample times, decode only the sampled frames.
+
+decord is the first backend and PyAV the fallback (ComfyUI ships PyAV). A file
+is always probed with PyAV first: that catches files that are not videos before
+any decoder that could abort the process sees them. Sampling works on
+timestamps, so variable-frame-rate videos are sampled evenly in time, and the
+returned timestamps are monotonic. Frames are resized while decoding (longest
+side at most ``max_side``), so a 4K video never exists at full size in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import AdaTPEnvironmentError, AdaTPInputError
+
+log = logging.getLogger(__name__)
+
+SAMPLING_MODES = ("uniform", "fps")
+BACKENDS = ("auto", "decord", "pyav")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".gif", ".wmv", ".flv")
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """What the container says about its first video stream."""
+
+    fps: float
+    duration: float  # seconds
+    frame_count: int  # best estimate
+    width: int
+    height: int
+    codec: str
+    start_time: float  # pts of the first frame, seconds
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """The ADATP_VIDEO_INFO socket: where the frames came from."""
+
+    path: str
+    fps: float
+    duration: float
+    frame_count: int
+    width: int
+    height: int
+    timestamps: tuple[float, ...]  # of the returned frames, seconds, non-decreasing
+    backend: str
+
+
+def probe_video(path) -> VideoProbe:
+    """Open ``path`` with PyAV and describe its first video stream.
+
+    Raises AdaTPInputError for anything that is not a readable video.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdaTPInputError(f"video {path} does not exist; check the file name.")
+    if path.stat().st_size == 0:
+        raise AdaTPInputError(f"video {path.name} is empty (0 bytes); copy the file again.")
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise AdaTPInputError(f"{path.name} has no video stream; choose a video file.")
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else 0.0
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / 1_000_000
+            else:
+                duration = 0.0
+            start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            count = int(stream.frames or 0) or int(round(duration * fps))
+            probe = VideoProbe(fps=fps, duration=duration, frame_count=count, width=int(ctx.width or 0),
+                               height=int(ctx.height or 0), codec=ctx.name or "?", start_time=start)
+    except AdaTPInputError:
+        raise
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise AdaTPInputError(
+            f"{path.name} cannot be read as a video ({exc.__class__.__name__}: {exc}); it may be "
+            "truncated or not a video. Re-export it as MP4 (H.264).") from exc
+    if probe.width <= 0 or probe.height <= 0:
+        raise AdaTPInputError(f"{path.name}: the video stream has no frame size; re-export it as MP4 (H.264).")
+    if probe.fps <= 0 or probe.duration <= 0:
+        raise AdaTPInputError(f"{path.name}: no frame rate or duration could be read; re-export it as MP4 (H.264).")
+    return probe
+
+
+def sample_times(probe: VideoProbe, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
+                 start_time: float = 0.0, end_time: float = 0.0) -> list[float]:
+    """Times (seconds from the first frame) of the frames to decode, ascending.
+
+    uniform: ``num_frames`` evenly spaced frames over [start, end] (LLaVA-OV's
+        sampling: first and last frame included). If the clip has fewer frames,
+        every frame is taken once (documented clamp).
+    fps: one frame every 1/fps seconds from start; ``num_frames`` caps the count
+        (evenly thinned when more would be taken).
+    end_time 0 means the end of the video.
+    """
+    if sampling not in SAMPLING_MODES:
+        raise AdaTPInputError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise AdaTPInputError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    for name, value in (("start_time", start_time), ("end_time", end_time)):
+        if not math.isfinite(value) or value < 0:
+            raise AdaTPInputError(f"{name} must be a number of seconds >= 0, got {value}")
+    frame = 1.0 / probe.fps
+    last_frame_time = max(probe.duration - frame, 0.0)
+    end = last_frame_time if end_time <= 0 else min(end_time, last_frame_time)
+    if start_time > last_frame_time or (end_time > 0 and start_time >= end_time):
+        raise AdaTPInputError(
+            f"start_time {start_time}s / end_time {end_time}s select nothing in a {probe.duration:.2f}s video; "
+            "set start_time below end_time and inside the video (end_time 0 = until the end).")
+    available = int(math.floor((end - start_time) * probe.fps + _EPS)) + 1
+    if sampling == "uniform":
+        # Evenly spaced frame indices, rounded (LLaVA-OV's np.linspace(...).round()).
+        n = min(num_frames, available)
+        first = math.ceil(start_time * probe.fps - _EPS)
+        last = first + available - 1
+        return [round(i) / probe.fps for i in np.linspace(first, last, n)] if n > 1 else [first / probe.fps]
+    if not math.isfinite(fps) or fps <= 0:
+        raise AdaTPInputError(f"fps must be > 0 for fps sampling, got {fps}")
+    count = int(math.floor((end - start_time) * fps + _EPS)) + 1
+    times = [start_time + k / fps for k in range(count)]
+    if len(times) > num_frames:
+        pick = np.linspace(0, len(times) - 1, num_frames).round().astype(int)
+        times = [times[i] for i in pick]
+    return times
+
+
+def output_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(w, h) scaled so the longest side is at most max_side (aspect kept)."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _decode_decord(path: str, times: list[float], size: tuple[int, int], probe: VideoProbe,
+                   on_frame: Callable[[int], None] | None):
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1])
+    n = len(reader)
+    if n == 0:
+        raise AdaTPInputError(f"{Path(path).name} has no decodable frames")
+    starts = reader.get_frame_timestamp(np.arange(n))[:, 0] - probe.start_time
+    targets = np.asarray(times) + _EPS
+    idx = np.clip(np.searchsorted(starts, targets, side="right") - 1, 0, n - 1)
+    frames = []
+    for k, i in enumerate(idx.tolist()):  # frame by frame: interruptible, bounded memory
+        frames.append(reader[i].asnumpy())
+        if on_frame is not None:
+            on_frame(k)
+    return np.stack(frames), [float(starts[i]) for i in idx]
+
+
+def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: VideoProbe,
+                 on_frame: Callable[[int], None] | None, seek_gap: float = 2.0):
+    """For each target time, the frame on screen at that time. Seeks when the
+    next target is more than ``seek_gap`` seconds past the decoder, else decodes on."""
+    import av
+
+    def timed_frames(container, stream):
+        for frame in container.decode(stream):
+            yield (frame.time or 0.0) - probe.start_time, frame
+
+    out, stamps = [], []
+    with av.open(path, metadata_errors="ignore") as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames = None
+        shown = ahead = None  # (t, frame): last frame at or before the target, first after it
+        for k, target in enumerate(times):
+            seen = ahead or shown
+            if frames is None or seen is None or target - seen[0] > seek_gap:
+                container.seek(int((target + probe.start_time) / stream.time_base), stream=stream,
+                               backward=True, any_frame=False)
+                frames, shown, ahead = timed_frames(container, stream), None, None
+            if ahead is not None and ahead[0] <= target + _EPS:
+                shown, ahead = ahead, None
+            while ahead is None:
+                nxt = next(frames, None)
+                if nxt is None:  # end of stream: the last frame stays on screen
+                    break
+                if nxt[0] <= target + _EPS:
+                    shown = nxt
+                else:
+                    ahead = nxt
+            pick = shown if shown is not None else ahead  # a seek may land just past the target
+            if pick is None:
+                raise AdaTPInputError(f"{Path(path).name} has no decodable frames near {target:.2f}s")
+            out.append(pick[1].to_ndarray(format="rgb24", width=size[0], height=size[1]))
+            stamps.append(pick[0])
+            if on_frame is not None:
+                on_frame(k)
+    return np.stack(out), stamps
+
+
+def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | None = 1024,
+                  backend: str = "auto", on_frame: Callable[[int], None] | None = None):
+    """Decode the frames on screen at ``times``. Returns (uint8 [T, h, w, 3], timestamps, backend)."""
+    if backend not in BACKENDS:
+        raise AdaTPInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    size = output_size(probe.width, probe.height, max_side)
+    order = ["decord", "pyav"] if backend == "auto" else [backend]
+    errors = []
+    for name in order:
+        try:
+            if name == "decord":
+                try:
+                    import decord  # noqa: F401
+                except ImportError as exc:
+                    raise AdaTPEnvironmentError("decord is not installed") from exc
+                frames, stamps = _decode_decord(str(path), times, size, probe, on_frame)
+            else:
+                frames, stamps = _decode_pyav(str(path), times, size, probe, on_frame)
+            return frames, stamps, name
+        except (AdaTPInputError, AdaTPEnvironmentError, RuntimeError, OSError, ValueError) as exc:
+            if exc.__class__.__name__ in ("AdaTPInterrupted", "InterruptProcessingException"):
+                raise
+            log.info("%s could not decode %s: %s", name, path, exc)
+            errors.append(f"{name}: {exc}")
+    raise AdaTPInputError(
+        f"{Path(path).name} could not be decoded ({'; '.join(errors)}); re-export it as MP4 (H.264).")
+
+
+def load_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
+               start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
+               backend: str = "auto", on_frame: Callable[[int], None] | None = None):
+    """Sample and decode a video. Returns (frames, info).
+
+    frames: [T, H, W, 3] float32 in 0..1 (ComfyUI IMAGE), longest side <= max_side.
+    """
+    probe = probe_video(path)
+    times = sample_times(probe, num_frames, sampling, fps, start_time, end_time)
+    frames, stamps, used = decode_frames(path, times, probe, max_side, backend, on_frame)
+    info = VideoInfo(path=str(path), fps=probe.fps, duration=probe.duration,
+                     frame_count=probe.frame_count, width=probe.width, height=probe.height,
+                     timestamps=tuple(stamps), backend=used)
+    return torch.from_numpy(frames).float().div_(255.0), info
