@@ -179,7 +179,7 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     try:
         model = model_cls.from_pretrained(
             folder, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-            dtype=torch_dtype,
+            dtype=torch_dtype, device_map={"": dev} if dev.type == "cuda" else None,
             attn_implementation={"text_config": wrapped_attention_name(attention),
                                  "vision_config": attention, "": attention},
         )

@@ -71,14 +71,27 @@ class PreprocessConfig:
         )
 
 
-def frames_to_uint8_range(frames: torch.Tensor) -> torch.Tensor:
-    """[T, H, W, 3] uint8, or float in 0..1 (ComfyUI IMAGE) -> float32 0..255 integers.
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """[T, H, W, 3] uint8, or float in 0..1 (ComfyUI IMAGE) -> uint8.
 
-    Float frames are quantised to 8 bits first, as every decoded video is.
+    Float frames are quantised to 8 bits, as every decoded video frame is.
     """
     if frames.dtype == torch.uint8:
-        return frames.float()
-    return (frames.float() * 255.0).round_().clamp_(0, 255)
+        return frames
+    return (frames.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_uint8(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    """Antialiased resize of uint8 [t, 3, H, W], the way torchvision does it:
+    on CPU torch's native uint8 kernel, elsewhere float then clamp and round.
+    Returns float32 holding integers 0..255."""
+    if x.device.type == "cpu":
+        try:
+            return F.interpolate(x, size=(height, width), mode=mode, align_corners=False, antialias=True).float()
+        except RuntimeError:  # an old torch without the uint8 kernel
+            pass
+    y = F.interpolate(x.float(), size=(height, width), mode=mode, align_corners=False, antialias=True)
+    return y.clamp_(0, 255).round_()
 
 
 def preprocess_frames(frames: torch.Tensor, cfg: PreprocessConfig, device=None,
@@ -96,10 +109,8 @@ def preprocess_frames(frames: torch.Tensor, cfg: PreprocessConfig, device=None,
     std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) / cfg.rescale_factor
     out = torch.empty((frames.shape[0], 3, cfg.height, cfg.width), dtype=dtype, device=device)
     for i in range(0, frames.shape[0], chunk):
-        x = frames_to_uint8_range(frames[i:i + chunk].to(device)).permute(0, 3, 1, 2)
+        x = to_uint8(frames[i:i + chunk]).to(device).permute(0, 3, 1, 2)
         if x.shape[-2:] != (cfg.height, cfg.width):
-            x = F.interpolate(x, size=(cfg.height, cfg.width), mode=cfg.mode,
-                              align_corners=False, antialias=True)
-            x = x.clamp_(0, 255).round_()
-        out[i:i + chunk] = ((x - mean) / std).to(dtype)
+            x = resize_uint8(x, cfg.height, cfg.width, cfg.mode)
+        out[i:i + chunk] = x.float().sub_(mean).div_(std).to(dtype)
     return out

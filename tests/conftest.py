@@ -1,0 +1,57 @@
+"""Shared fixtures: the tiny model is built once per session into a temporary
+cache, saved with save_pretrained and loaded back through the safe loader."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from adatp_core.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("adatp-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from adatp_core.models.loader import load_video_llm
+
+    return load_video_llm(tiny_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def frames() -> torch.Tensor:
+    """Four 96x128 frames of two scenes, float 0..1 (ComfyUI IMAGE)."""
+    from adatp_core.samples import scene_frames
+
+    return torch.from_numpy(scene_frames(num_frames=4, width=128, height=96, scenes=2)).float() / 255
+
+
+QUESTION = "What is the red square doing in this video?"
+
+
+def _stock(tiny_dir, attention):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(
+        tiny_dir, local_files_only=True, dtype=torch.float32, attn_implementation=attention).eval()
+
+
+@pytest.fixture(scope="session")
+def stock(tiny_dir):
+    """The same weights loaded the stock way (plain sdpa), as the reference."""
+    return _stock(tiny_dir, "sdpa")
+
+
+@pytest.fixture(scope="session")
+def stock_eager(tiny_dir):
+    return _stock(tiny_dir, "eager")

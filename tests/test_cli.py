@@ -1,0 +1,33 @@
+"""The main job: the CLI on the embedded default (tiny model, sample video)."""
+
+from __future__ import annotations
+
+import json
+
+from adatp_core import cli
+
+
+def test_default_run_prints_answer_tokens_flops_and_timings(tiny_dir, monkeypatch, capsys):
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
+    assert cli.main(["--frames", "8", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Answer: ")
+    assert "Tokens kept: 392 of 1568 visual tokens (25.0%)" in out
+    assert "FLOPs:" in out and "TTFT" in out and "ms/token" in out
+
+
+def test_json_output_and_vanilla(tiny_dir, monkeypatch, capsys):
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
+    assert cli.main(["--frames", "4", "--max-new-tokens", "3", "--vanilla", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["tokens_kept"] == stats["tokens_total"] == 4 * 196
+    assert stats["flops_ratio"] == 1.0
+    assert stats["new_tokens"] == 3
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(tiny_dir, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
+    assert cli.main(["--video", str(tmp_path / "missing.mp4")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["--frames", "4", "--retention", "1.5"]) == 2
+    assert "retention" in capsys.readouterr().err

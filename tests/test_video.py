@@ -1,0 +1,94 @@
+"""Video probing, sampling and decoding with both backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adatp_core.errors import AdaTPInputError
+from adatp_core.samples import scene_frames, write_video
+from adatp_core.video import load_video, probe_video, sample_times
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """48 frames at 8 fps; frame i is flat with red = 32 (i % 8) and green = 32 (i // 8),
+    steps wide enough to survive lossy coding, so the frame number reads back."""
+    frames = np.zeros((48, 64, 96, 3), dtype=np.uint8)
+    for i in range(48):
+        frames[i, ..., 0] = 32 * (i % 8)
+        frames[i, ..., 1] = 32 * (i // 8)
+    return write_video(tmp_path_factory.mktemp("v") / "clip.mp4", frames, fps=8.0)
+
+
+def _frame_numbers(frames: torch.Tensor) -> list[int]:
+    rg = frames[..., :2].mean(dim=(1, 2)) * 255 / 32
+    return [int(round(g)) * 8 + int(round(r)) for r, g in rg.tolist()]
+
+
+def test_probe(clip):
+    p = probe_video(clip)
+    assert (p.width, p.height, p.frame_count) == (96, 64, 48)
+    assert p.fps == pytest.approx(8.0) and p.duration == pytest.approx(6.0)
+
+
+def test_uniform_sampling_matches_llava_indices(clip):
+    p = probe_video(clip)
+    times = sample_times(p, 8)
+    expected = np.linspace(0, 47, 8).round().astype(int)
+    assert [round(t * 8) for t in times] == expected.tolist()
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_decoded_frames_are_the_sampled_ones(clip, backend):
+    frames, info = load_video(clip, 8, backend=backend)
+    assert frames.shape == (8, 64, 96, 3) and frames.dtype == torch.float32
+    assert 0.0 <= frames.min() and frames.max() <= 1.0
+    expected = np.linspace(0, 47, 8).round().astype(int).tolist()
+    assert _frame_numbers(frames) == expected
+    assert info.backend == backend
+    assert list(info.timestamps) == sorted(info.timestamps)
+    assert info.timestamps == pytest.approx([i / 8 for i in expected])
+
+
+def test_backends_agree(clip):
+    a, _ = load_video(clip, 5, backend="decord")
+    b, _ = load_video(clip, 5, backend="pyav")
+    assert torch.equal(a, b)
+
+
+def test_fps_sampling_with_window_and_cap(clip):
+    frames, info = load_video(clip, 100, sampling="fps", fps=2.0, start_time=1.0, end_time=3.0)
+    assert info.timestamps == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0])
+    capped, info = load_video(clip, 3, sampling="fps", fps=2.0, start_time=1.0, end_time=3.0)
+    assert info.timestamps == pytest.approx([1.0, 2.0, 3.0])
+
+
+def test_more_frames_than_video_clamps_to_every_frame(clip):
+    frames, info = load_video(clip, 500)
+    assert frames.shape[0] == 48
+    assert _frame_numbers(frames) == list(range(48))
+
+
+def test_max_side_resizes_while_decoding(tmp_path):
+    path = write_video(tmp_path / "wide.mp4", scene_frames(4, 640, 360), fps=4)
+    frames, info = load_video(path, 4, max_side=320)
+    assert frames.shape[1:] == (180, 320, 3)
+    assert (info.width, info.height) == (640, 360)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(AdaTPInputError, match="does not exist"):
+        load_video(tmp_path / "nope.mp4")
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(AdaTPInputError, match="empty"):
+        load_video(empty)
+
+
+def test_window_outside_video(clip):
+    with pytest.raises(AdaTPInputError, match="start_time"):
+        load_video(clip, 4, start_time=10.0)
+    with pytest.raises(AdaTPInputError, match="start_time"):
+        load_video(clip, 4, start_time=3.0, end_time=2.0)
