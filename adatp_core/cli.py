@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     wall_start = time.perf_counter()
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # this process's output is the report
         from .generate import SamplingConfig
         from .models.loader import load_video_llm
         from .models.tiny import TINY_MODEL_NAME, ensure_tiny_model
