@@ -14,6 +14,7 @@ import sys
 import time
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .report import stats_text
 
 DEFAULT_QUESTION = "What happens in this video?"
 
@@ -39,23 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_report(result, load_seconds: float, wall: float) -> str:
-    s = result.stats
-    total, kept = s["tokens_total"], s["tokens_kept"]
-    lines = [
-        f"Answer: {result.answer.text}",
-        f"Tokens kept: {kept} of {total} visual tokens ({100 * kept / total:.1f}%), "
-        f"{s.get('segments', 1)} segment(s), K={s['layer']}",
-        f"FLOPs: {100 * s['flops_ratio']:.1f}% of vanilla (FastVID convention: "
-        f"{s['flops_video_llm_T']:.4g} T of {s['flops_video_llm_vanilla_T']:.4g} T); whole prefill with "
-        f"vision: {100 * s['flops_total_ratio']:.1f}% ({s['flops_total_T']:.4g} T of {s['flops_total_vanilla_T']:.4g} T)",
-        "Timings (s): " + " | ".join(f"{label} {s.get(key, 0.0):.3f}" for label, key in (
-            ("decode video", "time_decode"), ("preprocess", "time_preprocess"), ("vision", "time_vision"),
-            ("layers<K + scores", "time_attention"), ("selection", "time_selection"),
-            ("prefill from K", "time_prefill_continue"), ("TTFT", "time_to_first_token"))),
-        f"Generation: {s['new_tokens']} tokens, {s['decode_ms_per_token']:.1f} ms/token; "
-        f"model load {load_seconds:.2f} s; wall {wall:.2f} s",
-    ]
-    return "\n".join(lines)
+    return (f"Answer: {result.answer.text}\n{stats_text(result.stats)}; "
+            f"model load {load_seconds:.2f} s; wall {wall:.2f} s")
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,10 @@ from .state import AdaTPState
 from .timing import synchronize
 
 MAX_NEW_TOKENS_LIMIT = 8192
+# Stage timings (seconds, in stats) that make up AdaTP's selection and the time to first token,
+# counted from decoded frames: preprocessing, vision, partial prefill, selection, rest of the prefill.
+SELECTION_TIMES = ("time_global_debias", "time_local_debias", "time_prune")
+PREFILL_TIMES = ("time_preprocess", "time_vision", "time_attention") + SELECTION_TIMES
 
 
 @dataclass(frozen=True)
@@ -125,14 +129,16 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
             passes += 1
         synchronize(dev)
         end = time.perf_counter()
-    stats = {
-        **state.stats,
+    stats = {**state.stats}
+    stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
+    stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + (prefill_done - start)
+    stats.update({
         "new_tokens": len(tokens),
         "kv_lengths": cache.lengths(),
         "time_prefill_continue": prefill_done - start,
-        "time_decode": end - prefill_done,
+        "time_generate": end - prefill_done,
         "decode_ms_per_token": 1000 * (end - prefill_done) / passes if passes else 0.0,
-    }
+    })
     text = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return Answer(text=text, token_ids=tuple(tokens), stats=stats,
                   logits=torch.stack(chosen_logits) if return_logits else None)

@@ -69,13 +69,10 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
     if isinstance(video, torch.Tensor):
         frames = video
     else:
-        with timed(times, "time_decode"):
+        with timed(times, "time_video_decode"):
             frames, info = load_video(video, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
     state = extract_attention(model, frames, question, cfg.layer, cfg.query)
     state = select(state, cfg)
     answer = generate_answer(state, cfg.generation, on_token=on_token)
     stats = {**answer.stats, **times}
-    stats["time_selection"] = sum(stats.get(k, 0.0) for k in ("time_global_debias", "time_local_debias", "time_prune"))
-    stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in (
-        "time_preprocess", "time_vision", "time_attention", "time_selection", "time_prefill_continue"))
     return PipelineResult(answer=answer, state=state, video=info, stats=stats)

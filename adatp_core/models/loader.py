@@ -41,12 +41,34 @@ class VideoLLM:
     adapter: VideoLLMAdapter
     name: str
     path: str
-    device: torch.device
+    compute_device: torch.device
     dtype: torch.dtype
     attention: str
+    offload_device: torch.device | None = None  # None: keep the model loaded
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are now (the compute device, or the offload device)."""
+        return self.adapter.device
 
     def __repr__(self) -> str:
-        return f"VideoLLM({self.name!r}, {self.device}, {str(self.dtype).removeprefix('torch.')})"
+        return f"VideoLLM({self.name!r}, {self.compute_device}, {str(self.dtype).removeprefix('torch.')})"
+
+
+def activate(llm: VideoLLM) -> None:
+    """Move the weights to the compute device if they were offloaded."""
+    if llm.device != llm.compute_device:
+        llm.model.to(llm.compute_device)
+
+
+def release(llm: VideoLLM) -> bool:
+    """Offload the weights if the model's policy says so. Returns whether it did."""
+    if llm.offload_device is None or llm.device == llm.offload_device:
+        return False
+    llm.model.to(llm.offload_device)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return True
 
 
 def _read_config(folder: Path) -> dict:
@@ -150,13 +172,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
-                   name: str | None = None) -> VideoLLM:
+                   name: str | None = None, offload_device=None) -> VideoLLM:
     """Load a local model folder safely. See the module docstring for the policy.
 
     folder: a directory with config.json, model*.safetensors, the tokenizer, a
         chat template and a video preprocessor config.
     attention: the kernel for every layer ("sdpa" or "flash_attention_2"); the
         text model gets AdaTP's wrapper of it, which can score one layer per call.
+    offload_device: where ``release`` moves the weights between runs (None: keep loaded).
     """
     from ..attention import register_attention, wrapped_attention_name
 
@@ -192,4 +215,5 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     adapter = adapter_cls(model, tokenizer, folder)
     log.info("loaded %s on %s as %s", folder.name, dev, torch_dtype)
     return VideoLLM(model=model, tokenizer=tokenizer, adapter=adapter, name=name or folder.name,
-                    path=str(folder), device=dev, dtype=torch_dtype, attention=attention)
+                    path=str(folder), compute_device=dev, dtype=torch_dtype, attention=attention,
+                    offload_device=torch.device(offload_device) if offload_device is not None else None)

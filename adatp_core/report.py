@@ -1,0 +1,40 @@
+"""Human-readable figures from a state's or an answer's stats dict."""
+
+from __future__ import annotations
+
+TIMINGS = (
+    ("decode video", "time_video_decode"), ("preprocess", "time_preprocess"), ("vision", "time_vision"),
+    ("layers<K + scores", "time_attention"), ("selection", "time_selection"),
+    ("prefill from K", "time_prefill_continue"), ("TTFT", "time_to_first_token"),
+)
+
+
+def tokens_line(s: dict) -> str:
+    total, kept = s["tokens_total"], s["tokens_kept"]
+    return (f"Tokens kept: {kept} of {total} visual tokens ({100 * kept / total:.1f}%), "
+            f"{s.get('segments', 1)} segment(s), K={s['layer']}")
+
+
+def flops_line(s: dict) -> str:
+    return (f"FLOPs: {100 * s['flops_ratio']:.1f}% of vanilla (FastVID convention: "
+            f"{s['flops_video_llm_T']:.4g} T of {s['flops_video_llm_vanilla_T']:.4g} T); whole prefill with "
+            f"vision: {100 * s['flops_total_ratio']:.1f}% ({s['flops_total_T']:.4g} T of "
+            f"{s['flops_total_vanilla_T']:.4g} T)")
+
+
+def timings_line(s: dict) -> str:
+    return "Timings (s): " + " | ".join(f"{label} {s[key]:.3f}" for label, key in TIMINGS if key in s)
+
+
+def generation_line(s: dict) -> str:
+    return f"Generation: {s['new_tokens']} tokens, {s['decode_ms_per_token']:.1f} ms/token"
+
+
+def stats_text(s: dict) -> str:
+    """Every line that the stats support, one per line (nodes' stats output)."""
+    lines = [tokens_line(s), flops_line(s)]
+    if any(key in s for _, key in TIMINGS):
+        lines.append(timings_line(s))
+    if "new_tokens" in s:
+        lines.append(generation_line(s))
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""The pack's ComfyUI nodes (classic API): thin wrappers over adatp_core.
+
+Each node validates, calls one core function, and wraps the result. Input names
+and their order are the workflow file format: never rename or reorder them.
+"""
+
+from .extract_attention import AdaTP_ExtractAttention
+from .generate_answer import AdaTP_GenerateAnswer
+from .global_debias import AdaTP_GlobalDebias
+from .load_model import AdaTP_LoadVideoLLM
+from .load_video import AdaTP_LoadVideo
+from .local_debias import AdaTP_LocalDebias
+from .preview_tokens import AdaTP_PreviewTokens
+from .prune_tokens import AdaTP_PruneTokens
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
+    AdaTP_LoadVideoLLM, AdaTP_LoadVideo, AdaTP_ExtractAttention, AdaTP_GlobalDebias,
+    AdaTP_LocalDebias, AdaTP_PruneTokens, AdaTP_GenerateAnswer, AdaTP_PreviewTokens,
+)}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AdaTP_LoadVideoLLM": "AdaTP Load Video LLM",
+    "AdaTP_LoadVideo": "AdaTP Load Video",
+    "AdaTP_ExtractAttention": "AdaTP Extract Attention",
+    "AdaTP_GlobalDebias": "AdaTP Global Debias",
+    "AdaTP_LocalDebias": "AdaTP Local Debias",
+    "AdaTP_PruneTokens": "AdaTP Prune Tokens",
+    "AdaTP_GenerateAnswer": "AdaTP Generate Answer",
+    "AdaTP_PreviewTokens": "AdaTP Preview Tokens",
+}

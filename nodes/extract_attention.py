@@ -1,0 +1,36 @@
+"""AdaTP Extract Attention: encode the video and run the LLM up to layer K once."""
+
+from __future__ import annotations
+
+from ..adatp_core.attention import QUERY_MODES, extract_attention
+from ..adatp_core.models.loader import activate
+from . import comfy_bridge as bridge
+
+
+class AdaTP_ExtractAttention:
+    DESCRIPTION = ("Encodes the frames, builds the prompt and runs the LLM's first K layers once "
+                   "(a partial prefill), scoring every visual token by the question's attention at "
+                   "layer K-1. Connect Generate Answer directly for the vanilla model, or prune first.")
+    CATEGORY = "AdaTP"
+    RETURN_TYPES = ("ADATP_STATE",)
+    RETURN_NAMES = ("state",)
+    OUTPUT_TOOLTIPS = ("Tokens, scores and the partial prefill, for the debias, prune and generate nodes.",)
+    FUNCTION = "extract"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("ADATP_MODEL", {"tooltip": "From Load Video LLM."}),
+            "frames": ("IMAGE", {"tooltip": "Video frames from any loader, [T, H, W, 3]."}),
+            "question": ("STRING", {"multiline": True, "default": "What happens in this video?",
+                                    "tooltip": "The question, or a captioning instruction."}),
+            "layer": ("INT", {"default": 2, "min": 0, "max": 128, "tooltip": "K: prune after this many LLM "
+                                                                             "layers. 0 prunes before the LLM, by text relevance."}),
+            "query": (list(QUERY_MODES), {"default": "text", "tooltip": "Which tokens' attention scores the video: "
+                                                                        "every text token after it (text) or the last one (FastV)."}),
+        }}
+
+    def extract(self, model, frames, question, layer, query):
+        bridge.check_interrupt()
+        activate(model)
+        return (extract_attention(model, frames, question, layer, query),)

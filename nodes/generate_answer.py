@@ -1,0 +1,52 @@
+"""AdaTP Generate Answer: continue from layer K with the kept tokens and decode."""
+
+from __future__ import annotations
+
+from ..adatp_core.generate import SamplingConfig, generate_answer
+from ..adatp_core.models.loader import activate, release
+from ..adatp_core.report import stats_text
+from . import comfy_bridge as bridge
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+class AdaTP_GenerateAnswer:
+    DESCRIPTION = ("Answers the question from the kept tokens: the LLM goes on from layer K with only "
+                   "those tokens, at their original positions. Given a state that no Prune Tokens "
+                   "touched, this is the vanilla model.")
+    CATEGORY = "AdaTP"
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("answer", "stats")
+    OUTPUT_TOOLTIPS = ("The generated answer.", "Tokens kept, FLOPs and timings, as text.")
+    OUTPUT_NODE = True
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "state": ("ADATP_STATE", {"tooltip": "From Prune Tokens (AdaTP), or Extract Attention (vanilla)."}),
+            "max_new_tokens": ("INT", {"default": 128, "min": 1, "max": 8192,
+                                       "tooltip": "The longest answer, in tokens."}),
+            "do_sample": ("BOOLEAN", {"default": False, "tooltip": "Off: greedy (deterministic). On: sample "
+                                                                   "with temperature and top_p."}),
+            "temperature": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 5.0, "step": 0.05,
+                                      "tooltip": "Sampling temperature (do_sample only)."}),
+            "top_p": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                "tooltip": "Nucleus sampling mass (do_sample only)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+                             "tooltip": "Sampling seed (do_sample only)."}),
+        }}
+
+    def generate(self, state, max_new_tokens, do_sample, temperature, top_p, seed):
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                             top_p=top_p, seed=seed)
+        progress = bridge.Progress(max_new_tokens)
+        bridge.check_interrupt()
+        activate(state.model)
+        try:
+            answer = generate_answer(state, cfg, on_token=progress.step)
+        finally:
+            if release(state.model):
+                bridge.soft_empty_cache()
+        stats = stats_text(answer.stats)
+        return {"ui": {"text": [answer.text, stats]}, "result": (answer.text, stats)}

@@ -1,0 +1,88 @@
+"""AdaTP Load Video LLM: a model folder under models/LLM, or the built-in tiny model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..adatp_core.errors import AdaTPInputError
+from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
+from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
+from . import comfy_bridge as bridge
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TINY = "adatp-tiny (built-in, random weights)"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def list_models() -> list[str]:
+    """The built-in tiny model, then every folder with a config.json under each models/LLM root."""
+    names = set()
+    for root in bridge.model_roots():
+        if root.is_dir():
+            names.update(p.name for p in root.iterdir() if (p / "config.json").is_file())
+    return [BUILTIN_TINY, *sorted(names)]
+
+
+def resolve_model(name: str) -> Path:
+    """The folder of a model named in the combo; only direct children of a models/LLM root."""
+    if name == BUILTIN_TINY:
+        return ensure_tiny_model()
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        raise AdaTPInputError(f"model {name!r} is not a folder name under models/LLM; pick one from the list.")
+    for root in bridge.model_roots():
+        candidate = root / name
+        if (candidate / "config.json").is_file():
+            return candidate
+    roots = ", ".join(str(r) for r in bridge.model_roots())
+    raise AdaTPInputError(f"model folder {name!r} was not found under {roots}; download it there "
+                          "(see the README) and press Refresh.")
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+class AdaTP_LoadVideoLLM:
+    DESCRIPTION = ("Loads a Video LLM (LLaVA-OneVision) from a folder under models/LLM: local files only, "
+                   "safetensors only, no remote code. The built-in tiny model has random weights and needs "
+                   "no download: use it to try the pack.")
+    CATEGORY = "AdaTP"
+    RETURN_TYPES = ("ADATP_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded model, for Extract Attention.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (list_models(), {"tooltip": "A model folder under models/LLM (for example "
+                                                 "llava-onevision-qwen2-7b-ov-hf), or the built-in tiny model."}),
+            "dtype": (["auto", *DTYPES], {"default": "auto", "tooltip": "Weight precision. auto: bfloat16 on "
+                                                                         "recent GPUs, float16 on older ones, float32 on CPU."}),
+            "attention": (list(ATTENTIONS), {"default": "sdpa", "tooltip": "Attention kernel. sdpa works "
+                                                                           "everywhere; flash_attention_2 needs the flash-attn package."}),
+            "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: ComfyUI's device (the GPU when "
+                                                                     "there is one)."}),
+            "keep_loaded": ("BOOLEAN", {"default": True, "tooltip": "Keep the model on the GPU between runs. "
+                                                                    "Off: move it to the offload device after each answer."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model, dtype, attention, device, keep_loaded):
+        if model != BUILTIN_TINY:
+            try:
+                resolve_model(model)
+            except AdaTPInputError as exc:
+                return str(exc)
+        return True
+
+    def load(self, model, dtype, attention, device, keep_loaded):
+        folder = resolve_model(model)
+        dev = bridge.compute_device(device)
+        bridge.make_room(weights_bytes(folder), dev if dev != "auto" else "cpu")
+        llm = load_video_llm(folder, device=dev, dtype=dtype, attention=attention,
+                             name=TINY_MODEL_NAME if model == BUILTIN_TINY else model,
+                             offload_device=None if keep_loaded else bridge.offload_device())
+        return (llm,)

@@ -1,0 +1,91 @@
+"""AdaTP Load Video: sample frames from a video in the input directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..adatp_core.errors import AdaTPInputError
+from ..adatp_core.samples import SAMPLE_VIDEO
+from ..adatp_core.video import SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
+from . import comfy_bridge as bridge
+
+BUILTIN_SAMPLE = "adatp_sample_video.mp4 (built-in)"
+
+
+def list_videos() -> list[str]:
+    root = bridge.input_directory()
+    files = []
+    if root.is_dir():
+        files = sorted(f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+    return [BUILTIN_SAMPLE, *files]
+
+
+def resolve_video(name: str) -> Path:
+    """The file a combo value names: inside the input directory (symlinks resolved), or the built-in sample.
+
+    Refuses '..', absolute paths elsewhere, NUL bytes and URLs without opening anything.
+    """
+    if name == BUILTIN_SAMPLE:
+        return SAMPLE_VIDEO
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise AdaTPInputError("the video name is empty or contains a NUL byte; pick a file from the list.")
+    if "://" in name:
+        raise AdaTPInputError(f"{name!r} is a URL; download the video into ComfyUI's input folder first.")
+    if name.endswith(" [input]"):
+        name = name[: -len(" [input]")]
+    root = bridge.input_directory().resolve()
+    path = (root / name).resolve()
+    if os.path.commonpath([root, path]) != str(root):
+        raise AdaTPInputError(f"{name!r} points outside the input directory; put the video in {root}.")
+    if not path.is_file():
+        raise AdaTPInputError(f"video {name!r} is not in {root}; upload it or pick one from the list.")
+    return path
+
+
+class AdaTP_LoadVideo:
+    DESCRIPTION = ("Samples frames from a video (decord, PyAV fallback) and decodes only those frames. "
+                   "Works with frames from any loader too: Extract Attention takes any IMAGE batch.")
+    CATEGORY = "AdaTP"
+    RETURN_TYPES = ("IMAGE", "ADATP_VIDEO_INFO")
+    RETURN_NAMES = ("frames", "video_info")
+    OUTPUT_TOOLTIPS = ("The sampled frames, [T, H, W, 3].", "Source fps, duration, size and frame timestamps.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "video": (list_videos(), {"video_upload": True, "tooltip": "A video in ComfyUI's input folder "
+                                                                     "(upload with the button), or the built-in sample."}),
+            "num_frames": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip": "Frames to sample (uniform), "
+                                                                                     "or the most frames to take (fps)."}),
+            "sampling": (list(SAMPLING_MODES), {"default": "uniform", "tooltip": "uniform: num_frames evenly "
+                                                                                 "spaced frames; fps: one frame every 1/fps seconds."}),
+            "fps": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 240.0, "step": 0.1,
+                              "tooltip": "Frames per second for fps sampling."}),
+            "start_time": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1,
+                                     "tooltip": "Seconds from the start where sampling begins."}),
+            "end_time": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1,
+                                   "tooltip": "Seconds where sampling ends; 0 means the end of the video."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, video, num_frames, sampling, fps, start_time, end_time):
+        try:
+            resolve_video(video)
+        except AdaTPInputError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, video, **_):
+        try:
+            return os.path.getmtime(resolve_video(video))
+        except (AdaTPInputError, OSError):
+            return float("nan")
+
+    def load(self, video, num_frames, sampling, fps, start_time, end_time):
+        path = resolve_video(video)
+        progress = bridge.Progress(num_frames)
+        frames, info = load_video(path, num_frames, sampling, fps, start_time, end_time, on_frame=progress.step)
+        return (frames, info)

@@ -1,0 +1,129 @@
+"""The shipped workflow files: they match the nodes and run headless end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+from pack import ROOT, load_pack, pack_module
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def env(tiny_dir, tmp_path_factory):
+    os.environ["ADATP_CACHE_DIR"] = str(tiny_dir.parent)
+    pack = load_pack()
+    bridge = pack_module("nodes.comfy_bridge")
+    bridge.HEADLESS.output_dir = tmp_path_factory.mktemp("out")
+    return pack, pack_module("nodes.headless")
+
+
+def _load(name):
+    return json.loads((ROOT / "workflows" / name).read_text())
+
+
+def test_the_four_workflows_ship():
+    assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "fastv_baseline.json",
+                                           "vanilla_vs_adatp.json", "video_caption.json"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_links_match_node_definitions(env, path):
+    pack, headless = env
+    data = json.loads(path.read_text())
+    wf = headless.Workflow(data, pack.NODE_CLASS_MAPPINGS)  # raises on any mismatch
+    classes = {**headless.CORE_DISPLAY_NODES, **pack.NODE_CLASS_MAPPINGS}
+    for link_id, src, src_slot, dst, dst_slot, kind in data["links"]:
+        src_node, dst_node = wf.nodes[src], wf.nodes[dst]
+        assert classes[src_node["type"]].RETURN_TYPES[src_slot] == kind
+        assert src_node["outputs"][src_slot]["type"] == kind and link_id in src_node["outputs"][src_slot]["links"]
+        inp = dst_node["inputs"][dst_slot]
+        assert inp["link"] == link_id and inp["type"] == kind
+    by_type = {n["type"] for n in data["nodes"]}
+    assert {"AdaTP_LoadVideoLLM", "AdaTP_LoadVideo", "AdaTP_ExtractAttention", "AdaTP_GenerateAnswer"} <= by_type
+    loaders = [n for n in data["nodes"] if n["type"] == "AdaTP_LoadVideoLLM"]
+    assert loaders[0]["widgets_values"][0] == "adatp-tiny (built-in, random weights)"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_workflow_runs_headless(env, path):
+    pack, headless = env
+    result = headless.run_workflow(path, pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
+    texts = [t for _, t in result.texts()]
+    answers = [r for nid, r in result.outputs.items()
+               if json.loads(path.read_text()) and len(r) == 2 and all(isinstance(x, str) for x in r)]
+    assert answers, "no Generate Answer ran"
+    assert any(t.startswith("Tokens kept:") for t in texts)
+    for image in result.images():
+        assert open(image, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    if path.name == "vanilla_vs_adatp.json":
+        stats = [t for t in texts if "Generation:" in t]
+        assert len(stats) == 2
+        assert any("Tokens kept: 6272 of 6272" in s for s in stats)
+        assert any("Tokens kept: 1568 of 6272" in s for s in stats)
+    if path.name == "video_caption.json":
+        assert "Describe this video in detail" in _load(path.name)["nodes"][2]["widgets_values"][0]
+
+
+def test_bypassing_both_debias_nodes_gives_fastv(env):
+    """Swapping stages: bypass Global and Local Debias in the AdaTP workflow -> FastV's keep set."""
+    pack, headless = env
+    data = _load("adatp_video_qa.json")
+    keep = {}
+    for label, mode in (("adatp", 0), ("bypassed", 4)):
+        wf = copy.deepcopy(data)
+        for node in wf["nodes"]:
+            if node["type"] in ("AdaTP_GlobalDebias", "AdaTP_LocalDebias"):
+                node["mode"] = mode
+        result = headless.run_workflow(wf, pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
+        prune_id = next(n["id"] for n in wf["nodes"] if n["type"] == "AdaTP_PruneTokens")
+        keep[label] = result.outputs[prune_id][0]
+    import torch
+
+    state = keep["bypassed"]
+    b = state.keep.numel()
+    fastv = torch.sort(torch.sort(state.scores, descending=True, stable=True).indices[:b]).values
+    assert torch.equal(state.keep, fastv)
+    assert not torch.equal(keep["adatp"].keep, state.keep)
+
+
+def _broken(edit):
+    data = _load("adatp_video_qa.json")
+    edit(data)
+    return data
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["nodes"][3].update(type="NoSuchNode"), r"#4 .*unknown node type 'NoSuchNode'"),
+    (lambda d: d["nodes"][5]["widgets_values"].append(0.5), r"#6 .*2 widget values saved.*1 widget slots"),
+    (lambda d: d["nodes"][6]["widgets_values"].pop(), r"#7 .*5 widget values.*6 widget slots.*seed \(control\)"),
+    (lambda d: d["nodes"][2]["inputs"][0].update(link=None), r"#3 .*required input 'model' is not connected"),
+    (lambda d: d["nodes"][2]["inputs"][1].update(link=99), r"#3 .*link 99, which is not in the file"),
+    (lambda d: d["links"].__setitem__(0, [1, 2, 0, 3, 0, "IMAGE"]), r"#3 .*wants ADATP_MODEL but is linked to IMAGE"),
+])
+def test_runner_names_the_broken_node(env, edit, message):
+    pack, headless = env
+    with pytest.raises(headless.WorkflowError, match=message):
+        headless.run_workflow(_broken(edit), pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
+
+
+def test_api_format_conversion(env):
+    pack, headless = env
+    api = headless.Workflow(_load("adatp_video_qa.json"), pack.NODE_CLASS_MAPPINGS).to_api()
+    assert api["3"]["class_type"] == "AdaTP_ExtractAttention"
+    assert api["3"]["inputs"]["model"] == ["1", 0] and api["3"]["inputs"]["layer"] == 2
+    assert api["7"]["inputs"]["seed"] == 0 and "control" not in json.dumps(api["7"])
+    assert all(v["class_type"] != "Note" for v in api.values())
+
+
+def test_runner_script(env, capsys):
+    import run_workflow
+
+    assert run_workflow.main([str(ROOT / "workflows" / "fastv_baseline.json"), "--set", "5.max_new_tokens=3",
+                              "--output-dir", str(pack_module("nodes.comfy_bridge").HEADLESS.output_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "Generation: 3 tokens" in out and "image: " in out
+    assert run_workflow.main([str(ROOT / "README.md")]) == 2

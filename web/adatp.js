@@ -1,0 +1,49 @@
+// The AdaTP ComfyUI extension: shows the answer and stats that Generate Answer
+// and Prune Tokens return (the stock frontend shows no text outputs), and gives
+// AdaTP nodes a recognisable colour. The logic lives in adatp_display.js.
+import { app } from "../../scripts/app.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
+import {
+  DISPLAY_WIDGET,
+  NODE_COLORS,
+  TEXT_NODES,
+  displayRows,
+  displayText,
+  isAdatpNode,
+} from "./adatp_display.js";
+
+function showText(node, text) {
+  let widget = node.widgets?.find((w) => w.name === DISPLAY_WIDGET);
+  if (!widget) {
+    widget = ComfyWidgets.STRING(node, DISPLAY_WIDGET, ["STRING", { multiline: true }], app).widget;
+    widget.serialize = false; // never saved: widget values stay positional
+    if (widget.inputEl) {
+      widget.inputEl.readOnly = true;
+      widget.inputEl.style.opacity = "0.9";
+    }
+  }
+  widget.value = text;
+  if (widget.inputEl) widget.inputEl.rows = displayRows(text);
+  requestAnimationFrame(() => {
+    const size = node.computeSize();
+    node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
+    app.graph.setDirtyCanvas(true, false);
+  });
+}
+
+app.registerExtension({
+  name: "AdaTP.Display",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!TEXT_NODES.includes(nodeData.name)) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      showText(this, displayText(nodeData.name, message?.text));
+    };
+  },
+  nodeCreated(node) {
+    if (!isAdatpNode(node.comfyClass)) return;
+    node.color = node.color ?? NODE_COLORS.color;
+    node.bgcolor = node.bgcolor ?? NODE_COLORS.bgcolor;
+  },
+});

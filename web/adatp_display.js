@@ -1,0 +1,39 @@
+// Pure helpers of the AdaTP web extension: no ComfyUI imports, so node's own
+// test runner can test them (web/tests/*.test.mjs).
+
+export const ADATP_PREFIX = "AdaTP_";
+export const DISPLAY_WIDGET = "adatp_display";
+// Nodes whose returned text the stock frontend would not show.
+export const TEXT_NODES = Object.freeze(["AdaTP_GenerateAnswer", "AdaTP_PruneTokens"]);
+// A recognisable deep teal for every AdaTP node (title bar, body).
+export const NODE_COLORS = Object.freeze({ color: "#1f4a52", bgcolor: "#16353b" });
+
+export function isAdatpNode(type) {
+  return typeof type === "string" && type.startsWith(ADATP_PREFIX);
+}
+
+function asLines(text) {
+  if (text === undefined || text === null) return [];
+  const items = Array.isArray(text) ? text : [text];
+  return items.map((t) => (typeof t === "string" ? t : JSON.stringify(t)));
+}
+
+// The text shown under a node after it ran. `text` is message.text from the
+// node's {"ui": {"text": [...]}}: [answer, stats] for Generate Answer, [stats]
+// for Prune Tokens.
+export function displayText(nodeType, text) {
+  const items = asLines(text);
+  if (nodeType === "AdaTP_GenerateAnswer" && items.length >= 2) {
+    const answer = items[0].trim() === "" ? "(empty answer)" : items[0];
+    return `${answer}\n\n${items.slice(1).join("\n")}`;
+  }
+  return items.join("\n");
+}
+
+// Rows the read-only text box needs, clamped so a long caption scrolls.
+export function displayRows(text, columns = 48, minRows = 3, maxRows = 24) {
+  const rows = String(text)
+    .split("\n")
+    .reduce((n, line) => n + Math.max(1, Math.ceil(line.length / columns)), 0);
+  return Math.min(maxRows, Math.max(minRows, rows));
+}

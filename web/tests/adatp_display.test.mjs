@@ -1,0 +1,41 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import {
+  NODE_COLORS,
+  TEXT_NODES,
+  displayRows,
+  displayText,
+  isAdatpNode,
+} from "../adatp_display.js";
+
+test("AdaTP nodes are recognised by their type prefix", () => {
+  assert.equal(isAdatpNode("AdaTP_GenerateAnswer"), true);
+  assert.equal(isAdatpNode("PreviewImage"), false);
+  assert.equal(isAdatpNode(undefined), false);
+  assert.match(NODE_COLORS.color, /^#[0-9a-f]{6}$/);
+});
+
+test("Generate Answer shows the answer, a blank line, then the stats", () => {
+  const text = displayText("AdaTP_GenerateAnswer", ["A red square moves.", "Tokens kept: 1568 of 6272"]);
+  assert.equal(text, "A red square moves.\n\nTokens kept: 1568 of 6272");
+});
+
+test("an empty answer is said to be empty, not shown as nothing", () => {
+  assert.match(displayText("AdaTP_GenerateAnswer", ["  ", "stats"]), /^\(empty answer\)\n\nstats$/);
+});
+
+test("Prune Tokens shows its stats; odd payloads never throw", () => {
+  assert.equal(displayText("AdaTP_PruneTokens", ["Tokens kept: 1\nFLOPs: 2"]), "Tokens kept: 1\nFLOPs: 2");
+  assert.equal(displayText("AdaTP_PruneTokens", undefined), "");
+  assert.equal(displayText("AdaTP_PruneTokens", "single"), "single");
+  assert.equal(displayText("AdaTP_PruneTokens", [{ a: 1 }]), '{"a":1}');
+  assert.deepEqual(TEXT_NODES, ["AdaTP_GenerateAnswer", "AdaTP_PruneTokens"]);
+});
+
+test("the text box grows with the text and is clamped", () => {
+  assert.equal(displayRows("one line"), 3);
+  assert.equal(displayRows("a\nb\nc\nd\ne"), 5);
+  assert.equal(displayRows("x".repeat(48 * 10)), 10);
+  assert.equal(displayRows("x\n".repeat(100)), 24);
+});
