@@ -110,9 +110,10 @@ def is_widget(spec: tuple) -> bool:
 
 def widget_slots(cls) -> list[tuple[str, str | None]]:
     """Positions in ``widgets_values``: (input name, None) for a widget's own value,
-    (input name, "control") for a seed's control_after_generate, (input name,
-    "upload") for an upload button, in the order the frontend saves them."""
-    slots = []
+    (input name, "control") for a seed's control_after_generate, right after the
+    seed, and (input name, "upload") for an upload button, after every other
+    widget: the order in which ComfyUI's frontend creates and saves them."""
+    slots, uploads = [], []
     for name, spec in _inputs(cls):
         if not is_widget(spec):
             continue
@@ -121,8 +122,8 @@ def widget_slots(cls) -> list[tuple[str, str | None]]:
         if spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
             slots.append((name, "control"))
         if any(opts.get(flag) for flag in UPLOAD_FLAGS):
-            slots.append((name, "upload"))
-    return slots
+            uploads.append((name, "upload"))
+    return slots + uploads
 
 
 def _input_type(spec: tuple) -> str:
@@ -134,6 +135,7 @@ class RunResult:
     outputs: dict = field(default_factory=dict)  # node id -> tuple of outputs
     ui: dict = field(default_factory=dict)  # node id -> ui dict
     order: list = field(default_factory=list)  # node ids in execution order
+    labels: dict = field(default_factory=dict)  # node id -> "#id (title)"
 
     def texts(self) -> list[tuple[int, str]]:
         return [(nid, t) for nid in self.order for t in self.ui.get(nid, {}).get("text", [])]
@@ -304,5 +306,6 @@ def run_workflow(data: dict | str | Path, mappings: dict, overrides: dict | None
             out = out.get("result", ())
         result.outputs[nid] = tuple(out or ())
         result.order.append(nid)
+        result.labels[nid] = wf.label(nid)
         log(f"[{nid}] {node['type']}: done")
     return result

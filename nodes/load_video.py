@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
@@ -10,24 +11,38 @@ from ..adatp_core.samples import SAMPLE_VIDEO
 from ..adatp_core.video import SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
 from . import comfy_bridge as bridge
 
-BUILTIN_SAMPLE = "adatp_sample_video.mp4 (built-in)"
+SAMPLE_NAME = "adatp_sample_video.mp4"
+
+
+def ensure_sample_in_input() -> None:
+    """Inside ComfyUI, put the pack's sample video into the input folder (once), so
+    the frontend can preview it like any uploaded video."""
+    if not bridge.in_comfyui():
+        return
+    target = bridge.input_directory() / SAMPLE_NAME
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(SAMPLE_VIDEO, target)
+        except OSError:  # a read-only input folder: the built-in copy still resolves
+            pass
 
 
 def list_videos() -> list[str]:
+    ensure_sample_in_input()
     root = bridge.input_directory()
-    files = []
+    files = set()
     if root.is_dir():
-        files = sorted(f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
-    return [BUILTIN_SAMPLE, *files]
+        files = {f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS}
+    return [SAMPLE_NAME, *sorted(files - {SAMPLE_NAME})]
 
 
 def resolve_video(name: str) -> Path:
-    """The file a combo value names: inside the input directory (symlinks resolved), or the built-in sample.
+    """The file a combo value names, inside the input directory (symlinks resolved).
 
-    Refuses '..', absolute paths elsewhere, NUL bytes and URLs without opening anything.
+    The sample's name falls back to the pack's own copy. Refuses '..', absolute
+    paths elsewhere, NUL bytes and URLs without opening anything.
     """
-    if name == BUILTIN_SAMPLE:
-        return SAMPLE_VIDEO
     if not isinstance(name, str) or not name or "\x00" in name:
         raise AdaTPInputError("the video name is empty or contains a NUL byte; pick a file from the list.")
     if "://" in name:
@@ -39,6 +54,8 @@ def resolve_video(name: str) -> Path:
     if os.path.commonpath([root, path]) != str(root):
         raise AdaTPInputError(f"{name!r} points outside the input directory; put the video in {root}.")
     if not path.is_file():
+        if name == SAMPLE_NAME:
+            return SAMPLE_VIDEO
         raise AdaTPInputError(f"video {name!r} is not in {root}; upload it or pick one from the list.")
     return path
 
@@ -56,7 +73,7 @@ class AdaTP_LoadVideo:
     def INPUT_TYPES(cls):
         return {"required": {
             "video": (list_videos(), {"video_upload": True, "tooltip": "A video in ComfyUI's input folder "
-                                                                     "(upload with the button), or the built-in sample."}),
+                                                                     "(upload with the button); adatp_sample_video.mp4 ships with the pack."}),
             "num_frames": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip": "Frames to sample (uniform), "
                                                                                      "or the most frames to take (fps)."}),
             "sampling": (list(SAMPLING_MODES), {"default": "uniform", "tooltip": "uniform: num_frames evenly "

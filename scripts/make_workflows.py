@@ -33,11 +33,11 @@ QA = {
         (2, "AdaTP_LoadVideo", (40, 330), {}),
         (3, "AdaTP_ExtractAttention", (420, 60), {"question": QUESTION}),
         (4, "AdaTP_GlobalDebias", (820, 60), {}),
-        (5, "AdaTP_LocalDebias", (820, 240), {}),
+        (5, "AdaTP_LocalDebias", (820, 220), {}),
         (6, "AdaTP_PruneTokens", (1180, 60), {}),
-        (7, "AdaTP_GenerateAnswer", (1560, 60), {"max_new_tokens": 64}),
+        (7, "AdaTP_GenerateAnswer", (1620, 60), {"max_new_tokens": 64}),
         (8, "AdaTP_PreviewTokens", (1180, 330), {}),
-        (9, "PreviewImage", (1560, 400), {}),
+        (9, "PreviewImage", (1180, 470), {}),
     ],
     "links": [
         (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
@@ -75,7 +75,7 @@ CAPTION_FLOW = {
         (2, "AdaTP_LoadVideo", (40, 330), {}),
         (3, "AdaTP_ExtractAttention", (420, 60), {"question": CAPTION}),
         (4, "AdaTP_GlobalDebias", (820, 60), {}),
-        (5, "AdaTP_LocalDebias", (820, 240), {}),
+        (5, "AdaTP_LocalDebias", (820, 220), {}),
         (6, "AdaTP_PruneTokens", (1180, 60), {}),
         (7, "AdaTP_GenerateAnswer", (1560, 60), {"max_new_tokens": 384}),
     ],
@@ -96,13 +96,17 @@ FASTV = {
         (4, "AdaTP_PruneTokens", (820, 60), {}),
         (5, "AdaTP_GenerateAnswer", (1180, 60), {"max_new_tokens": 64}),
         (6, "AdaTP_PreviewTokens", (820, 330), {}),
-        (7, "PreviewImage", (1180, 400), {}),
+        (7, "PreviewImage", (820, 470), {}),
     ],
     "links": [
         (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
         (4, "state", 5, "state"), (4, "state", 6, "state"), (2, "frames", 6, "frames"), (6, "image", 7, "images"),
     ],
 }
+
+# Room for the multiline question and for the text that the web extension shows.
+SIZES = {"AdaTP_ExtractAttention": [360, 260], "AdaTP_GenerateAnswer": [420, 380],
+         "AdaTP_PruneTokens": [400, 220], "AdaTP_LoadVideo": [340, 420], "PreviewImage": [420, 300]}
 
 WORKFLOWS = {
     "adatp_video_qa.json": QA,
@@ -137,7 +141,7 @@ def build(flow: dict, mappings: dict, headless) -> dict:
         slots = headless.widget_slots(cls)
         nodes[nid] = {
             "id": nid, "type": kind, "pos": list(pos),
-            "size": [340, 60 + 26 * (len(sockets) + len(slots)) + (90 if kind == "AdaTP_ExtractAttention" else 0)],
+            "size": SIZES.get(kind, [340, 60 + 26 * (len(sockets) + len(slots))]),
             "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": n, "type": s[0], "link": None} for n, s in sockets],
             "outputs": [{"name": name, "type": t, "links": [], "slot_index": i}
@@ -157,7 +161,7 @@ def build(flow: dict, mappings: dict, headless) -> dict:
         links.append([link_id, src, src_slot, dst, dst_slot, kind])
     note_id = max(nodes) + 1
     all_nodes = list(nodes.values()) + [{
-        "id": note_id, "type": "Note", "pos": [40, 620], "size": [700, 110], "flags": {}, "order": len(nodes),
+        "id": note_id, "type": "Note", "pos": [40, 880], "size": [700, 110], "flags": {}, "order": len(nodes),
         "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [flow["note"]],
         "color": "#432", "bgcolor": "#653"}]
     return {

@@ -76,8 +76,10 @@ def main(argv=None) -> int:
     except (headless.WorkflowError, errors.AdaTPInputError, errors.AdaTPEnvironmentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for nid, text in result.texts():
-        print(f"--- node {nid} ---\n{text}")
+    for nid in result.order:
+        texts = result.ui.get(nid, {}).get("text", [])
+        if texts:
+            print(f"=== {result.labels[nid]} ===\n" + "\n\n".join(texts))
     for path in result.images():
         print(f"image: {path}")
     return 0

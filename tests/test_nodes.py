@@ -78,7 +78,7 @@ def test_pack_imports_beside_comfyuis_own_nodes_module(tmp_path):
 def loaded(pack):
     m = pack.NODE_CLASS_MAPPINGS
     model = m["AdaTP_LoadVideoLLM"]().load("adatp-tiny (built-in, random weights)", "float32", "sdpa", "cpu", True)[0]
-    frames, info = m["AdaTP_LoadVideo"]().load("adatp_sample_video.mp4 (built-in)", 8, "uniform", 1.0, 0.0, 0.0)
+    frames, info = m["AdaTP_LoadVideo"]().load("adatp_sample_video.mp4", 8, "uniform", 1.0, 0.0, 0.0)
     return model, frames, info
 
 

@@ -8,6 +8,7 @@ import {
   NODE_COLORS,
   TEXT_NODES,
   displayRows,
+  displaySize,
   displayText,
   isAdatpNode,
 } from "./adatp_display.js";
@@ -23,10 +24,10 @@ function showText(node, text) {
     }
   }
   widget.value = text;
-  if (widget.inputEl) widget.inputEl.rows = displayRows(text);
+  const rows = displayRows(text);
+  if (widget.inputEl) widget.inputEl.rows = rows;
   requestAnimationFrame(() => {
-    const size = node.computeSize();
-    node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
+    node.setSize(displaySize(node.size, node.computeSize(), rows));
     app.graph.setDirtyCanvas(true, false);
   });
 }

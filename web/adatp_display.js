@@ -37,3 +37,11 @@ export function displayRows(text, columns = 48, minRows = 3, maxRows = 24) {
     .reduce((n, line) => n + Math.max(1, Math.ceil(line.length / columns)), 0);
   return Math.min(maxRows, Math.max(minRows, rows));
 }
+
+// Node size that fits the text box: at least `minWidth` wide, and tall enough
+// for the node's own widgets (`computed`) plus `rows` lines of text.
+export function displaySize(current, computed, rows, lineHeight = 15, minWidth = 420) {
+  const width = Math.max(current[0], computed[0], minWidth);
+  const height = Math.max(current[1], computed[1] + rows * lineHeight);
+  return [width, height];
+}

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "adatp-tiny-llava-onevision (built-in, random weights)"
 # Bump when anything below changes, so that stale caches are rebuilt.
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
@@ -134,6 +134,13 @@ def build_tiny_model(tokenizer, seed: int = 0):
     config.initializer_range = 0.2
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
+    # Cosmetic: shrink the output rows of tokens that are not whole words (raw bytes,
+    # punctuation), so the random model babbles in words rather than in broken UTF-8.
+    with torch.no_grad():
+        for token, idx in tokenizer.get_vocab().items():
+            word = tokenizer.convert_tokens_to_string([token]).strip()
+            if not (len(word) > 1 and word.isascii() and word.isalpha()):
+                model.lm_head.weight[idx] *= 0.05
     model.generation_config.eos_token_id = [
         tokenizer.convert_tokens_to_ids("<|im_end|>"),
         tokenizer.convert_tokens_to_ids("<|endoftext|>"),

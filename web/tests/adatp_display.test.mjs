@@ -5,6 +5,7 @@ import {
   NODE_COLORS,
   TEXT_NODES,
   displayRows,
+  displaySize,
   displayText,
   isAdatpNode,
 } from "../adatp_display.js";
@@ -38,4 +39,9 @@ test("the text box grows with the text and is clamped", () => {
   assert.equal(displayRows("a\nb\nc\nd\ne"), 5);
   assert.equal(displayRows("x".repeat(48 * 10)), 10);
   assert.equal(displayRows("x\n".repeat(100)), 24);
+});
+
+test("the node grows to fit the text but never shrinks", () => {
+  assert.deepEqual(displaySize([300, 200], [320, 180], 10), [420, 330]);
+  assert.deepEqual(displaySize([900, 800], [320, 180], 3), [900, 800]);
 });

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Check the pack inside a running ComfyUI server.
+
+Start ComfyUI with the pack in custom_nodes/, then:
+
+    python scripts/check_comfyui_server.py --url http://127.0.0.1:8188
+
+It checks that every AdaTP node is in /object_info with the expected inputs,
+converts each shipped workflow to API format, queues it with POST /prompt,
+waits for it in /history, and prints each node's text output (answer, stats)
+and images. Exit status 0 only if every workflow ran without an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_workflow import PACK_DIR, PACK_NAME, load_pack  # noqa: E402
+
+
+def call(url: str, path: str, payload=None):
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:8188")
+    p.add_argument("--timeout", type=float, default=600)
+    args = p.parse_args(argv)
+    pack = load_pack()
+    headless = importlib.import_module(f"{PACK_NAME}.nodes.headless")
+
+    info = call(args.url, "/object_info")
+    ok = True
+    for key, cls in pack.NODE_CLASS_MAPPINGS.items():
+        served = info.get(key)
+        expected = list(cls.INPUT_TYPES()["required"])
+        if served is None or list(served["input"]["required"]) != expected:
+            print(f"FAIL /object_info: {key}")
+            ok = False
+        else:
+            print(f"ok   /object_info: {key} ({served['display_name']}, category {served['category']})")
+
+    client = str(uuid.uuid4())
+    for path in sorted((PACK_DIR / "workflows").glob("*.json")):
+        prompt = headless.Workflow(json.loads(path.read_text()), pack.NODE_CLASS_MAPPINGS).to_api()
+        start = time.time()
+        try:
+            queued = call(args.url, "/prompt", {"prompt": prompt, "client_id": client})
+        except urllib.error.HTTPError as exc:
+            print(f"FAIL {path.name}: POST /prompt refused: {exc.read().decode()[:500]}")
+            ok = False
+            continue
+        pid = queued["prompt_id"]
+        entry = None
+        while time.time() - start < args.timeout:
+            entry = call(args.url, f"/history/{pid}").get(pid)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                break
+            time.sleep(0.5)
+        status = (entry or {}).get("status", {})
+        if status.get("status_str") != "success":
+            print(f"FAIL {path.name}: {json.dumps(status)[:800]}")
+            ok = False
+            continue
+        print(f"ok   {path.name}: ran in {time.time() - start:.1f} s")
+        for nid, out in sorted(entry["outputs"].items(), key=lambda kv: int(kv[0])):
+            for text in out.get("text", []):
+                print(f"     node {nid} text: {text[:160]!r}")
+            for image in out.get("images", []):
+                print(f"     node {nid} image: {image.get('filename')}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
