@@ -15,6 +15,7 @@ import torch
 from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .flops import flops_summary
+from .memory import run_guarded
 from .models.base import AttentionProbe, KVCache
 from .models.loader import VideoLLM
 from .state import AdaTPState
@@ -95,10 +96,18 @@ def register_attention(base: str = "sdpa") -> str:
     return name
 
 
-def _check_question(question) -> str:
+MAX_QUESTION_CHARS = 100_000
+
+
+def check_question(question) -> str:
+    """The question as the model will see it: non-empty, not absurdly long, and
+    valid UTF-8 (lone surrogates from broken clipboard text become U+FFFD)."""
     if not isinstance(question, str) or not question.strip():
         raise AdaTPInputError("the question is empty; type a question about the video")
-    return question
+    if len(question) > MAX_QUESTION_CHARS:
+        raise AdaTPInputError(f"the question is {len(question)} characters long; the limit is "
+                              f"{MAX_QUESTION_CHARS}. Shorten it.")
+    return question.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _check_frames(frames) -> torch.Tensor:
@@ -110,30 +119,8 @@ def _check_frames(frames) -> torch.Tensor:
     return frames
 
 
-def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, layer: int = 2,
-                      query: str = "text") -> AdaTPState:
-    """Encode the video, run LLM layers 0..K-1 once, and score the visual tokens.
-
-    frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE).
-    layer: K. K = 0 prunes before the LLM; its scores are the text relevance.
-    query: "text" (every text token after the video) or "last" (FastV's choice).
-    Returns a state holding the layer-K input hidden states, the KV cache of
-    layers < K, the original position ids and the scores.
-    """
-    adapter = model.adapter
-    _check_question(question)
-    frames = _check_frames(frames)
-    if query not in QUERY_MODES:
-        raise AdaTPInputError(f"query must be one of {QUERY_MODES}, got {query!r}")
-    layer = int(layer)
-    adapter.check_layer(layer)
-    n_frames = int(frames.shape[0])
-    prompt = adapter.build_prompt(question, adapter.visual_tokens_for(n_frames))
-    if prompt.question[1] == prompt.question[0]:
-        raise AdaTPInputError("the question has no tokens; type a question about the video")
-    adapter.check_context(prompt)
-
-    times: dict[str, float] = {}
+def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
+    """Vision encoder, prompt assembly, layers 0..K-1 and the scores (see extract_attention)."""
     dev = adapter.device
     with torch.inference_mode():
         with timed(times, "time_preprocess", dev):
@@ -147,19 +134,46 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
             q_start, q_end = prompt.question
             relevance = text_relevance(encoded.visual, embeds[0, q_start:q_end])
             if layer == 0:
-                hidden, past_kv, scores = embeds, (), relevance
+                return encoded, embeds, (), relevance, relevance, position_ids
+            if query == "text":
+                rows = torch.arange(prompt.after_video, prompt.length)
             else:
-                if query == "text":
-                    rows = torch.arange(prompt.after_video, prompt.length)
-                else:
-                    rows = torch.tensor([prompt.length - 1])
-                probe = AttentionProbe(layer - 1, rows, prompt.visual_positions)
-                cache = KVCache(adapter.num_layers)
-                hidden = adapter.run_layers(embeds, position_ids, cache, 0, layer, probe=probe)
-                if probe.scores is None:
-                    raise AdaTPEnvironmentError(
-                        "the attention probe was not called; load the model with AdaTP's loader")
-                scores, past_kv = probe.scores, cache.export(layer)
+                rows = torch.tensor([prompt.length - 1])
+            probe = AttentionProbe(layer - 1, rows, prompt.visual_positions)
+            cache = KVCache(adapter.num_layers)
+            hidden = adapter.run_layers(embeds, position_ids, cache, 0, layer, probe=probe)
+            if probe.scores is None:
+                raise AdaTPEnvironmentError(
+                    "the attention probe was not called; load the model with AdaTP's loader")
+            return encoded, hidden, cache.export(layer), probe.scores, relevance, position_ids
+
+
+def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, layer: int = 2,
+                      query: str = "text") -> AdaTPState:
+    """Encode the video, run LLM layers 0..K-1 once, and score the visual tokens.
+
+    frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE).
+    layer: K. K = 0 prunes before the LLM; its scores are the text relevance.
+    query: "text" (every text token after the video) or "last" (FastV's choice).
+    Returns a state holding the layer-K input hidden states, the KV cache of
+    layers < K, the original position ids and the scores.
+    """
+    adapter = model.adapter
+    question = check_question(question)
+    frames = _check_frames(frames)
+    if query not in QUERY_MODES:
+        raise AdaTPInputError(f"query must be one of {QUERY_MODES}, got {query!r}")
+    layer = int(layer)
+    adapter.check_layer(layer)
+    n_frames = int(frames.shape[0])
+    prompt = adapter.build_prompt(question, adapter.visual_tokens_for(n_frames))
+    if prompt.question[1] == prompt.question[0]:
+        raise AdaTPInputError("the question has no tokens; type a question about the video")
+    adapter.check_context(prompt)
+
+    times: dict[str, float] = {}
+    encoded, hidden, past_kv, scores, relevance, position_ids = run_guarded(
+        lambda: _prefill(adapter, frames, prompt, layer, query, times), "vision encoding and prefill")
     t, h, w = encoded.grid
     stats = {
         "frames": t, "tokens_total": t * h * w, "tokens_kept": t * h * w,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import AdaTPInputError
+from .memory import run_guarded
 from .models.base import KVCache
 from .state import AdaTPState
 from .timing import synchronize
@@ -95,6 +96,35 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     generator = None
     if cfg.do_sample:
         generator = torch.Generator(device=dev).manual_seed(cfg.seed)
+    run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation")
+    stats = {**state.stats}
+    stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
+    stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + run.prefill_seconds
+    stats.update({
+        "new_tokens": len(run.tokens),
+        "kv_lengths": run.kv_lengths,
+        "time_prefill_continue": run.prefill_seconds,
+        "time_generate": run.decode_seconds,
+        "decode_ms_per_token": 1000 * run.decode_seconds / run.passes if run.passes else 0.0,
+    })
+    text = model.tokenizer.decode(run.tokens, skip_special_tokens=True).strip()
+    return Answer(text=text, token_ids=tuple(run.tokens), stats=stats, logits=run.logits)
+
+
+@dataclass
+class _DecodeRun:
+    tokens: list
+    logits: torch.Tensor | None
+    kv_lengths: tuple
+    prefill_seconds: float
+    decode_seconds: float
+    passes: int
+
+
+def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> _DecodeRun:
+    """The continuation from layer K and the decoding loop (see generate_answer)."""
+    adapter = state.model.adapter
+    dev = adapter.device
     eos = set(adapter.eos_token_ids)
     tokens: list[int] = []
     chosen_logits = []
@@ -129,16 +159,6 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
             passes += 1
         synchronize(dev)
         end = time.perf_counter()
-    stats = {**state.stats}
-    stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
-    stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + (prefill_done - start)
-    stats.update({
-        "new_tokens": len(tokens),
-        "kv_lengths": cache.lengths(),
-        "time_prefill_continue": prefill_done - start,
-        "time_generate": end - prefill_done,
-        "decode_ms_per_token": 1000 * (end - prefill_done) / passes if passes else 0.0,
-    })
-    text = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return Answer(text=text, token_ids=tuple(tokens), stats=stats,
-                  logits=torch.stack(chosen_logits) if return_logits else None)
+    return _DecodeRun(tokens=tokens, logits=torch.stack(chosen_logits) if return_logits else None,
+                      kv_lengths=cache.lengths(), prefill_seconds=prefill_done - start,
+                      decode_seconds=end - prefill_done, passes=passes)

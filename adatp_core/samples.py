@@ -16,11 +16,12 @@ SAMPLE_VIDEO = Path(__file__).resolve().parent.parent / "assets" / "sample_video
 
 
 def write_video(path, frames: np.ndarray, fps: float = 8.0, codec: str = "libx264",
-                time_base_fps: float | None = None, pts: list[int] | None = None) -> Path:
+                time_base_fps: float | None = None, pts: list[int] | None = None,
+                gop: int | None = None) -> Path:
     """Encode uint8 frames [T, H, W, 3] (H, W even) into ``path`` with PyAV.
 
     pts: optional explicit presentation times in units of 1/time_base_fps, for
-    variable-frame-rate test videos.
+    variable-frame-rate test videos. gop: keyframe interval.
     """
     import av
     from fractions import Fraction
@@ -30,6 +31,8 @@ def write_video(path, frames: np.ndarray, fps: float = 8.0, codec: str = "libx26
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         if pts is not None:
             stream.time_base = Fraction(1, int(time_base_fps or fps))
         for i, img in enumerate(frames):

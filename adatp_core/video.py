@@ -10,8 +10,14 @@ side at most ``max_side``), so a 4K video never exists at full size in memory.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import math
+import subprocess
+import sys
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,12 @@ SAMPLING_MODES = ("uniform", "fps")
 BACKENDS = ("auto", "decord", "pyav")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".gif", ".wmv", ".flv")
 _EPS = 1e-6
+_WORKER = Path(__file__).resolve().parent / "decode_worker.py"
+MAX_FRAMES = 1024
+DECODE_TIMEOUT = 300.0  # seconds before a stuck decoder child is killed
+# Containers that hold a still image, not a video (an image renamed .mp4).
+IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gif_pipe", "tiff_pipe",
+                 "ppm_pipe", "pgm_pipe", "svg_pipe", "j2k_pipe", "qoi_pipe", "dpx_pipe", "exr_pipe")
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,7 @@ class VideoInfo:
     height: int
     timestamps: tuple[float, ...]  # of the returned frames, seconds, non-decreasing
     backend: str
+    frames_decoded: int | None = None  # how many frames the decoder decoded (None: not known)
 
 
 def probe_video(path) -> VideoProbe:
@@ -70,10 +83,18 @@ def probe_video(path) -> VideoProbe:
         raise AdaTPInputError(f"video {path.name} is empty (0 bytes); copy the file again.")
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
+            formats = set((container.format.name or "").split(","))
+            if formats & set(IMAGE_FORMATS):
+                raise AdaTPInputError(f"{path.name} is a still image, not a video; choose a video file.")
             if not container.streams.video:
-                raise AdaTPInputError(f"{path.name} has no video stream; choose a video file.")
+                raise AdaTPInputError(f"{path.name} has no video stream (audio or data only); choose a video file.")
             stream = container.streams.video[0]
             ctx = stream.codec_context
+            if ctx is None or not ctx.name or ctx.name == "none":
+                tag = getattr(stream.codec_context, "codec_tag", "") if ctx is not None else ""
+                raise AdaTPInputError(
+                    f"{path.name} uses a video codec that this FFmpeg cannot decode ({tag or 'unknown'}); "
+                    "re-export it as MP4 (H.264).")
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
             if stream.duration is not None and stream.time_base is not None:
@@ -112,8 +133,9 @@ def sample_times(probe: VideoProbe, num_frames: int = 32, sampling: str = "unifo
     """
     if sampling not in SAMPLING_MODES:
         raise AdaTPInputError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise AdaTPInputError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_FRAMES:
+        raise AdaTPInputError(f"num_frames must be an integer from 1 to {MAX_FRAMES}, got {num_frames!r} "
+                              "(32 is LLaVA-OneVision's usual count)")
     for name, value in (("start_time", start_time), ("end_time", end_time)):
         if not math.isfinite(value) or value < 0:
             raise AdaTPInputError(f"{name} must be a number of seconds >= 0, got {value}")
@@ -149,51 +171,113 @@ def output_size(width: int, height: int, max_side: int | None) -> tuple[int, int
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _decode_decord(path: str, times: list[float], size: tuple[int, int], probe: VideoProbe,
-                   on_frame: Callable[[int], None] | None):
-    import decord
+def _read_exact(stream, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
-    reader = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1])
-    n = len(reader)
-    if n == 0:
-        raise AdaTPInputError(f"{Path(path).name} has no decodable frames")
-    starts = reader.get_frame_timestamp(np.arange(n))[:, 0] - probe.start_time
-    targets = np.asarray(times) + _EPS
-    idx = np.clip(np.searchsorted(starts, targets, side="right") - 1, 0, n - 1)
-    frames = []
-    for k, i in enumerate(idx.tolist()):  # frame by frame: interruptible, bounded memory
-        frames.append(reader[i].asnumpy())
-        if on_frame is not None:
-            on_frame(k)
-    return np.stack(frames), [float(starts[i]) for i in idx]
+
+def _decode_decord(path: str, times: list[float], size: tuple[int, int], probe: VideoProbe,
+                   on_frame: Callable[[int], None] | None, timeout: float | None = None):
+    """decord in a child process (decode_worker.py); see that file for the protocol.
+
+    A crash, a hang (killed after ``timeout`` seconds) or a decord error raises
+    AdaTPEnvironmentError, on which the caller falls back to PyAV. ``on_frame``
+    runs after each frame and may raise to stop (the child is killed).
+    """
+    timeout = DECODE_TIMEOUT if timeout is None else timeout
+    request = {"path": path, "width": size[0], "height": size[1], "times": list(times),
+               "start_time": probe.start_time}
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen([sys.executable, str(_WORKER), json.dumps(request)],
+                                stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        try:
+            header = proc.stdout.readline()
+            frames = stamps = None
+            if header:
+                info = json.loads(header)
+                h, w = info["height"], info["width"]
+                frames = np.empty((info["count"], h, w, 3), dtype=np.uint8)
+                for k in range(info["count"]):
+                    buf = _read_exact(proc.stdout, h * w * 3)
+                    if buf is None:
+                        frames = None
+                        break
+                    frames[k] = np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3)
+                    if on_frame is not None:
+                        on_frame(k)
+                stamps = info["timestamps"]
+            code = proc.wait(timeout=timeout)
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        if frames is None or code != 0:
+            errors.seek(0)
+            detail = errors.read().decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+            how = "was killed (crash or timeout)" if code < 0 else f"exited with status {code}"
+            raise AdaTPEnvironmentError(f"the decord decoder {how}: {detail[0]}")
+    return frames, stamps
 
 
 def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: VideoProbe,
                  on_frame: Callable[[int], None] | None, seek_gap: float = 2.0):
-    """For each target time, the frame on screen at that time. Seeks when the
-    next target is more than ``seek_gap`` seconds past the decoder, else decodes on."""
+    """For each target time, the frame on screen at that time.
+
+    Seeks when the next target lies further ahead than the longest keyframe
+    interval seen so far (``seek_gap`` seconds until one is seen), else decodes
+    on: work follows the number of sampled frames, not the video's length.
+    """
     import av
 
+    decoded = 0
+    gop = [seek_gap]  # longest keyframe interval observed (seconds)
+
     def timed_frames(container, stream):
+        nonlocal decoded
+        last_key = None
         for frame in container.decode(stream):
-            yield (frame.time or 0.0) - probe.start_time, frame
+            decoded += 1
+            t = (frame.time or 0.0) - probe.start_time
+            if frame.key_frame:
+                if last_key is not None and t > last_key:
+                    gop[0] = t - last_key if gop[0] == seek_gap else max(gop[0], t - last_key)
+                last_key = t
+            yield t, frame
 
     out, stamps = [], []
-    with av.open(path, metadata_errors="ignore") as container:
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.error.FFmpegError as exc:
+        raise AdaTPInputError(f"PyAV cannot open {Path(path).name}: {exc}") from exc
+    with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         frames = None
         shown = ahead = None  # (t, frame): last frame at or before the target, first after it
         for k, target in enumerate(times):
             seen = ahead or shown
-            if frames is None or seen is None or target - seen[0] > seek_gap:
+            if frames is None or seen is None or target - seen[0] > gop[0]:
                 container.seek(int((target + probe.start_time) / stream.time_base), stream=stream,
                                backward=True, any_frame=False)
                 frames, shown, ahead = timed_frames(container, stream), None, None
             if ahead is not None and ahead[0] <= target + _EPS:
                 shown, ahead = ahead, None
             while ahead is None:
-                nxt = next(frames, None)
+                try:
+                    nxt = next(frames, None)
+                except av.error.FFmpegError as exc:  # a damaged packet mid-stream: keep what we have
+                    log.info("PyAV stopped decoding %s at %.2fs: %s", path, target, exc)
+                    nxt = None
                 if nxt is None:  # end of stream: the last frame stays on screen
                     break
                 if nxt[0] <= target + _EPS:
@@ -207,12 +291,15 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
             stamps.append(pick[0])
             if on_frame is not None:
                 on_frame(k)
-    return np.stack(out), stamps
+    return np.stack(out), stamps, decoded
 
 
 def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | None = 1024,
                   backend: str = "auto", on_frame: Callable[[int], None] | None = None):
-    """Decode the frames on screen at ``times``. Returns (uint8 [T, h, w, 3], timestamps, backend)."""
+    """Decode the frames on screen at ``times``.
+
+    Returns (uint8 [T, h, w, 3], timestamps, backend, frames decoded or None when unknown).
+    """
     if backend not in BACKENDS:
         raise AdaTPInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     size = output_size(probe.width, probe.height, max_side)
@@ -221,17 +308,16 @@ def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | N
     for name in order:
         try:
             if name == "decord":
-                try:
-                    import decord  # noqa: F401
-                except ImportError as exc:
-                    raise AdaTPEnvironmentError("decord is not installed") from exc
+                if importlib.util.find_spec("decord") is None:
+                    raise AdaTPEnvironmentError("decord is not installed")
                 frames, stamps = _decode_decord(str(path), times, size, probe, on_frame)
+                decoded = None
             else:
-                frames, stamps = _decode_pyav(str(path), times, size, probe, on_frame)
-            return frames, stamps, name
+                frames, stamps, decoded = _decode_pyav(str(path), times, size, probe, on_frame)
+            return frames, stamps, name, decoded
+        except AdaTPInterrupted:
+            raise
         except (AdaTPInputError, AdaTPEnvironmentError, RuntimeError, OSError, ValueError) as exc:
-            if exc.__class__.__name__ in ("AdaTPInterrupted", "InterruptProcessingException"):
-                raise
             log.info("%s could not decode %s: %s", name, path, exc)
             errors.append(f"{name}: {exc}")
     raise AdaTPInputError(
@@ -247,8 +333,8 @@ def load_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float
     """
     probe = probe_video(path)
     times = sample_times(probe, num_frames, sampling, fps, start_time, end_time)
-    frames, stamps, used = decode_frames(path, times, probe, max_side, backend, on_frame)
+    frames, stamps, used, decoded = decode_frames(path, times, probe, max_side, backend, on_frame)
     info = VideoInfo(path=str(path), fps=probe.fps, duration=probe.duration,
                      frame_count=probe.frame_count, width=probe.width, height=probe.height,
-                     timestamps=tuple(stamps), backend=used)
+                     timestamps=tuple(stamps), backend=used, frames_decoded=decoded)
     return torch.from_numpy(frames).float().div_(255.0), info

@@ -70,7 +70,7 @@ class AdaTP_LoadVideoLLM:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model, dtype, attention, device, keep_loaded):
+    def VALIDATE_INPUTS(cls, model):
         if model != BUILTIN_TINY:
             try:
                 resolve_model(model)

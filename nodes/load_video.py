@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.samples import SAMPLE_VIDEO
-from ..adatp_core.video import SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
+from ..adatp_core.video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
 from . import comfy_bridge as bridge
 
 SAMPLE_NAME = "adatp_sample_video.mp4"
@@ -74,7 +74,7 @@ class AdaTP_LoadVideo:
         return {"required": {
             "video": (list_videos(), {"video_upload": True, "tooltip": "A video in ComfyUI's input folder "
                                                                      "(upload with the button); adatp_sample_video.mp4 ships with the pack."}),
-            "num_frames": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip": "Frames to sample (uniform), "
+            "num_frames": ("INT", {"default": 32, "min": 1, "max": MAX_FRAMES, "tooltip": "Frames to sample (uniform), "
                                                                                      "or the most frames to take (fps)."}),
             "sampling": (list(SAMPLING_MODES), {"default": "uniform", "tooltip": "uniform: num_frames evenly "
                                                                                  "spaced frames; fps: one frame every 1/fps seconds."}),
@@ -87,7 +87,9 @@ class AdaTP_LoadVideo:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, video, num_frames, sampling, fps, start_time, end_time):
+    def VALIDATE_INPUTS(cls, video):
+        # Only `video` is named, so ComfyUI still range-checks the others; the core
+        # re-checks every value anyway (headless runs skip ComfyUI's checks).
         try:
             resolve_video(video)
         except AdaTPInputError as exc:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from .base import VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .preprocess import PREPROCESSOR_FILES
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,24 @@ def check_model_folder(folder) -> tuple[Path, dict]:
         raise AdaTPInputError(
             f"{folder} has no tokenizer (tokenizer.json); copy the tokenizer files from the "
             "model's Hugging Face repository into the folder.")
+    if not any((folder / name).is_file() for name in PREPROCESSOR_FILES):
+        raise AdaTPInputError(
+            f"{folder} has no {' or '.join(PREPROCESSOR_FILES)}; copy it from the model's "
+            "Hugging Face repository into the folder.")
+    if not _has_chat_template(folder):
+        raise AdaTPInputError(
+            f"{folder} has no chat template (chat_template.json); copy it from the model's "
+            "Hugging Face repository into the folder.")
     return folder, config
+
+
+def _has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.json").is_file() or (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
 
 
 def _check_weights(folder: Path) -> None:
@@ -209,8 +228,10 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     except torch.OutOfMemoryError as exc:
         raise AdaTPEnvironmentError(
             f"not enough {dev.type} memory to load {folder.name}; free memory or use a smaller model") from exc
-    except (OSError, ValueError) as exc:
-        raise AdaTPInputError(f"the weights in {folder} cannot be loaded ({exc}); download them again.") from exc
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise AdaTPInputError(
+            f"the weights in {folder} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}); "
+            "the download may be incomplete or damaged: download them again.") from exc
     model = model.to(dev).eval()
     adapter = adapter_cls(model, tokenizer, folder)
     log.info("loaded %s on %s as %s", folder.name, dev, torch_dtype)

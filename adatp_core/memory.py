@@ -1,0 +1,44 @@
+"""Out-of-memory handling: a clear error, and no tensor left behind."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from .errors import AdaTPEnvironmentError
+
+T = TypeVar("T")
+OOM_ADVICE = "use fewer frames, a lower retention, a smaller K, or keep_loaded off for other models"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE) -> T:
+    """Run ``fn``; turn running out of memory into AdaTPEnvironmentError.
+
+    The error is raised after the original exception (whose traceback holds
+    every tensor of the failed stage) is gone and memory has been collected, so
+    nothing of the failed run stays allocated and a smaller run can follow.
+    """
+    try:
+        return fn()
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    free_memory()
+    raise AdaTPEnvironmentError(f"out of memory during {stage} ({detail}); {advice}.")
