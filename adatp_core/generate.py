@@ -20,9 +20,11 @@ from .errors import AdaTPInputError
 from .memory import run_guarded
 from .models.base import KVCache
 from .state import AdaTPState
+from .static_decode import StaticDecoder, StaticKVCache
 from .timing import synchronize
 
 MAX_NEW_TOKENS_LIMIT = 8192
+DECODE_MODES = ("default", "static")
 # Stage timings (seconds, in stats) that make up AdaTP's selection and the time to first token,
 # counted from decoded frames: preprocessing, vision, partial prefill, selection, rest of the prefill.
 SELECTION_TIMES = ("time_global_debias", "time_local_debias", "time_prune")
@@ -38,6 +40,8 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
+    decode_mode: str = "default"  # "static": fixed-shape steps, a CUDA graph on CUDA (greedy only)
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -49,6 +53,10 @@ class SamplingConfig:
             raise AdaTPInputError(f"top_p must be in (0, 1], got {self.top_p} (1.0 keeps every token)")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise AdaTPInputError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.decode_mode not in DECODE_MODES:
+            raise AdaTPInputError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
+        if self.decode_mode == "static" and self.do_sample:
+            raise AdaTPInputError("static decoding is greedy only; turn do_sample off or use decode_mode default")
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,7 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     """The continuation from layer K and the decoding loop (see generate_answer)."""
     adapter = state.model.adapter
     dev = adapter.device
-    eos = set(adapter.eos_token_ids)
+    eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
     tokens: list[int] = []
     chosen_logits = []
     with torch.inference_mode():
@@ -138,6 +146,10 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
         hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers)
         logits = adapter.logits(hidden[:, -1:])[-1]
         del hidden
+        static = None
+        if cfg.decode_mode == "static":
+            static = StaticKVCache(cache, cfg.max_new_tokens)
+            step_fn = StaticDecoder(adapter, static, state.position_ids)
         synchronize(dev)
         prefill_done = time.perf_counter()
         passes = 0  # decode forward passes
@@ -152,13 +164,17 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                 on_token(step, token)
             if step == cfg.max_new_tokens - 1:
                 break
-            ids = torch.tensor([[token]], device=dev)
             pos = adapter.next_position_ids(state.position_ids, step)
-            hidden = adapter.run_layers(adapter.embed_tokens(ids), pos, cache, 0, adapter.num_layers)
-            logits = adapter.logits(hidden)[-1]
+            if static is not None:
+                logits = step_fn(token, pos, step).clone()
+            else:
+                ids = torch.tensor([[token]], device=dev)
+                hidden = adapter.run_layers(adapter.embed_tokens(ids), pos, cache, 0, adapter.num_layers)
+                logits = adapter.logits(hidden)[-1]
             passes += 1
         synchronize(dev)
         end = time.perf_counter()
+    lengths = cache.lengths() if static is None else static.lengths(passes)
     return _DecodeRun(tokens=tokens, logits=torch.stack(chosen_logits) if return_logits else None,
-                      kv_lengths=cache.lengths(), prefill_seconds=prefill_done - start,
+                      kv_lengths=lengths, prefill_seconds=prefill_done - start,
                       decode_seconds=end - prefill_done, passes=passes)

@@ -122,3 +122,18 @@ def test_on_token_can_interrupt(state):
         generate_answer(state, SamplingConfig(max_new_tokens=20), on_token=on_token)
     assert seen == [0, 1, 2]
     assert len(generate_answer(state, SamplingConfig(max_new_tokens=4)).token_ids) == 4
+
+
+@pytest.mark.parametrize("layer, retention", [(2, 0.25), (0, 0.25), (2, 1.0), (1, 0.05)])
+def test_static_decoding_matches_default(tiny, frames, layer, retention):
+    """The fixed-shape decode (per-layer buffers and masks; a CUDA graph on GPUs)
+    chooses the same greedy tokens, with the same logits, as the default mode."""
+    s = prune_tokens(local_debias(global_debias(extract_attention(tiny, frames, QUESTION, layer=layer))), retention)
+    default = generate_answer(s, SamplingConfig(max_new_tokens=10, ignore_eos=True), return_logits=True)
+    static = generate_answer(s, SamplingConfig(max_new_tokens=10, ignore_eos=True, decode_mode="static"),
+                             return_logits=True)
+    assert static.token_ids == default.token_ids and len(default.token_ids) == 10
+    assert (static.logits - default.logits).abs().max().item() < 1e-5
+    assert static.stats["kv_lengths"] == default.stats["kv_lengths"]
+    with pytest.raises(ValueError, match="greedy only"):
+        SamplingConfig(do_sample=True, decode_mode="static")

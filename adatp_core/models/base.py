@@ -201,14 +201,15 @@ class VideoLLMAdapter:
         return torch.full((*position_ids.shape[:-1], 1), nxt, dtype=position_ids.dtype,
                           device=position_ids.device)
 
-    def run_layers(self, hidden, position_ids, cache: KVCache, start: int, stop: int,
-                   probe: AttentionProbe | None = None) -> torch.Tensor:
+    def run_layers(self, hidden, position_ids, cache, start: int, stop: int,
+                   probe: AttentionProbe | None = None, masks=None) -> torch.Tensor:
         """Run decoder layers [start, stop) on hidden [1, S, D] at position_ids.
 
         The tokens in ``hidden`` are in sequence order and attend causally to each
         other and to everything already in ``cache`` for that layer (which is
         how a prompt prefill with an empty cache and a one-token decode step both
-        behave). No attention mask is built: batch 1 needs none.
+        behave). No attention mask is built: batch 1 needs none. ``masks``, one
+        per layer, is for caches that return fixed-size buffers (static decoding).
         """
         tm = self.text_model
         position_embeddings = tm.rotary_emb(hidden, position_ids)
@@ -216,8 +217,9 @@ class VideoLLMAdapter:
             kwargs = {self._cache_arg: cache}
             if probe is not None and probe.layer == i:
                 kwargs["adatp_probe"] = probe
-            out = tm.layers[i](hidden, attention_mask=None, position_ids=position_ids,
-                               position_embeddings=position_embeddings, use_cache=True, **kwargs)
+            out = tm.layers[i](hidden, attention_mask=None if masks is None else masks[i],
+                               position_ids=position_ids, position_embeddings=position_embeddings,
+                               use_cache=True, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
