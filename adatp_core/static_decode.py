@@ -28,7 +28,7 @@ class StaticKVCache:
         self.keys, self.values, self.base = [], [], []
         for i, length in enumerate(cache.lengths()):
             need = length + max_new_tokens
-            k, v = (t[..., :need, :] for t in (cache._keys[i], cache._values[i]))
+            k, v = (t[..., :need, :] for t in cache.buffers(i))
             if k.shape[-2] < need:  # generate_answer reserves the room; this is a fallback
                 pad = (*k.shape[:-2], need - k.shape[-2], k.shape[-1])
                 k, v = torch.cat([k, k.new_zeros(pad)], dim=-2), torch.cat([v, v.new_zeros(pad)], dim=-2)

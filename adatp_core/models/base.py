@@ -103,6 +103,10 @@ class KVCache:
     def lengths(self) -> tuple[int, ...]:
         return tuple(self._lengths)
 
+    def buffers(self, layer_idx: int):
+        """(key, value) whole buffers of one layer, filled part first, then the reserve."""
+        return self._keys[layer_idx], self._values[layer_idx]
+
     def export(self, num_layers: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """(key, value) of layers [0, num_layers), for storing in a state.
 
