@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-global-debias", action="store_true", help="leave out GlobalDebias")
     p.add_argument("--no-local-debias", action="store_true", help="leave out LocalDebias")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--decode-mode", choices=("default", "static"), default="default",
+                   help="static: fixed-shape decode steps, a CUDA graph on CUDA (greedy)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
             num_frames=args.frames, layer=args.layer, query=args.query,
             retention=None if args.vanilla else args.retention,
             global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
-            generation=SamplingConfig(max_new_tokens=args.max_new_tokens),
+            generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode),
         )
         result = run_pipeline(model, args.video or SAMPLE_VIDEO, args.question, cfg)
     except (AdaTPInputError, AdaTPEnvironmentError) as exc:

@@ -150,6 +150,7 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
         if cfg.decode_mode == "static":
             static = StaticKVCache(cache, cfg.max_new_tokens)
             step_fn = StaticDecoder(adapter, static, state.position_ids)
+        first_position = adapter.next_position_ids(state.position_ids, 0)  # one host sync, not one per token
         synchronize(dev)
         prefill_done = time.perf_counter()
         passes = 0  # decode forward passes
@@ -164,7 +165,7 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                 on_token(step, token)
             if step == cfg.max_new_tokens - 1:
                 break
-            pos = adapter.next_position_ids(state.position_ids, step)
+            pos = first_position + step
             if static is not None:
                 logits = step_fn(token, pos, step).clone()
             else:
