@@ -56,7 +56,7 @@ def query_attention_scores(query: torch.Tensor, key: torch.Tensor, rows: torch.T
     return probs[:, :, columns.to(query.device)].mean(dim=(0, 1))
 
 
-def _wrapper(base: str):
+def _wrapper(base_fn):
     def attention(module, query, key, value, attention_mask, adatp_probe=None, **kwargs):
         if adatp_probe is not None:
             adatp_probe.scores = query_attention_scores(
@@ -65,11 +65,9 @@ def _wrapper(base: str):
         # RoPE is already applied; position ids would only make flash kernels
         # mistake pruned (gapped) positions for packed sequences.
         kwargs.pop("position_ids", None)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        return base_fn(module, query, key, value, attention_mask, **kwargs)
 
-        return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, **kwargs)
-
-    attention.__name__ = f"adatp_{base}_attention"
+    attention.__name__ = f"adatp_{base_fn.__name__}"
     return attention
 
 
@@ -91,7 +89,7 @@ def register_attention(base: str = "sdpa") -> str:
         raise AdaTPInputError(f"unknown attention {base!r}")
     name = wrapped_attention_name(base)
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _wrapper(base))
+        AttentionInterface.register(name, _wrapper(ALL_ATTENTION_FUNCTIONS[base]))  # looked up once, not per call
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
 
