@@ -215,8 +215,8 @@ class Workflow:
         widgets = {name: value for (name, extra), value in zip(widget_slots(cls), node.get("widgets_values") or [])
                    if extra is None}
         linked = {inp["name"]: inp["link"] for inp in node.get("inputs", []) if inp.get("link") is not None}
-        for name, spec in _inputs(cls):
-            if not is_widget(spec) and name not in linked and name in cls.INPUT_TYPES().get("required", {}):
+        for name, spec in cls.INPUT_TYPES().get("required", {}).items():
+            if not is_widget(spec) and name not in linked:
                 raise WorkflowError(f"node {self.label(nid)}: required input {name!r} is not connected")
         return widgets, linked
 

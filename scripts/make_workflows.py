@@ -118,7 +118,7 @@ WORKFLOWS = {
 
 def widget_values(cls, headless, overrides: dict) -> list:
     values = []
-    spec = {**cls.INPUT_TYPES().get("required", {}), **cls.INPUT_TYPES().get("optional", {})}
+    spec = dict(headless._inputs(cls))
     for name, extra in headless.widget_slots(cls):
         if extra == "control":
             values.append("fixed")
