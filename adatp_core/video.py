@@ -240,17 +240,17 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
     import av
 
     decoded = 0
-    gop = [seek_gap]  # longest keyframe interval observed (seconds)
+    gop = None  # longest keyframe interval observed (seconds), None until one is seen
 
     def timed_frames(container, stream):
-        nonlocal decoded
+        nonlocal decoded, gop
         last_key = None
         for frame in container.decode(stream):
             decoded += 1
             t = (frame.time or 0.0) - probe.start_time
             if frame.key_frame:
                 if last_key is not None and t > last_key:
-                    gop[0] = t - last_key if gop[0] == seek_gap else max(gop[0], t - last_key)
+                    gop = max(gop or 0.0, t - last_key)
                 last_key = t
             yield t, frame
 
@@ -266,7 +266,7 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
         shown = ahead = None  # (t, frame): last frame at or before the target, first after it
         for k, target in enumerate(times):
             seen = ahead or shown
-            if frames is None or seen is None or target - seen[0] > gop[0]:
+            if frames is None or seen is None or target - seen[0] > (gop or seek_gap):
                 container.seek(int((target + probe.start_time) / stream.time_base), stream=stream,
                                backward=True, any_frame=False)
                 frames, shown, ahead = timed_frames(container, stream), None, None
