@@ -1,11 +1,8 @@
 """Step 2: text->visual attention at layer K-1, from a partial prefill.
 
-The score comes from the attention function itself, registered through
-transformers' ``AttentionInterface``: that function receives the queries and
-keys already rotated (RoPE or M-RoPE) and joined with the cache, scores the query
-rows of one layer when a per-call ``AttentionProbe`` asks for it, and then runs
-the stock kernel (sdpa by default) unchanged. Memory is O(heads * |Q| * L); no
-full attention matrix is ever formed.
+The score comes from the attention function itself (models/attention_hook.py):
+a per-call ``AttentionProbe`` asks one layer's attention call to score the query
+rows on the visual keys, with the rotated queries and keys that the layer uses.
 """
 
 from __future__ import annotations
@@ -22,78 +19,6 @@ from .state import AdaTPState
 from .timing import timed
 
 QUERY_MODES = ("text", "last")
-_PREFIX = "adatp_"
-
-
-def wrapped_attention_name(base: str) -> str:
-    """Name under which AdaTP's wrapper of ``base`` is registered."""
-    return _PREFIX + base
-
-
-def query_attention_scores(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor,
-                           columns: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Mean causal softmax attention of some query rows on some key columns.
-
-    query: [1, H, S, d] rotated queries of the S tokens in this forward call.
-    key: [1, Hkv, Lk, d] rotated keys, cache included (Lk >= S; the S tokens
-        are the last S keys). H must be a multiple of Hkv (GQA).
-    rows: [Q] long, indices into the S query tokens.
-    columns: [N] long, key positions to report.
-    Returns [N] float32: the probability on each column, averaged over heads and rows.
-    """
-    h, hkv = query.shape[1], key.shape[1]
-    s, lk, d = query.shape[2], key.shape[2], query.shape[3]
-    rows = rows.to(query.device)
-    q = query[0, :, rows].float()  # [H, Q, d]
-    k = key[0].float()  # [Hkv, Lk, d]
-    n_q = q.shape[1]
-    q = q.reshape(hkv, (h // hkv) * n_q, d)  # heads of one KV group share its keys
-    logits = torch.matmul(q, k.transpose(1, 2)).mul_(scaling).view(h, n_q, lk)
-    key_pos = torch.arange(lk, device=query.device)
-    row_pos = rows + (lk - s)
-    logits.masked_fill_(key_pos[None, None, :] > row_pos[None, :, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return probs[:, :, columns.to(query.device)].mean(dim=(0, 1))
-
-
-def _wrapper(base_fn):
-    def attention(module, query, key, value, attention_mask, adatp_probe=None, **kwargs):
-        if adatp_probe is not None:
-            adatp_probe.scores = query_attention_scores(
-                query, key, adatp_probe.query_positions, adatp_probe.key_positions,
-                kwargs.get("scaling") or module.scaling)
-        # RoPE is already applied; position ids would only make flash kernels
-        # mistake pruned (gapped) positions for packed sequences.
-        kwargs.pop("position_ids", None)
-        return base_fn(module, query, key, value, attention_mask, **kwargs)
-
-    attention.__name__ = f"adatp_{base_fn.__name__}"
-    return attention
-
-
-def register_attention(base: str = "sdpa") -> str:
-    """Register AdaTP's wrapper of ``base`` (idempotent). Returns its name.
-
-    Called by the model loader, never at import.
-    """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    if base == "flash_attention_2":
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is None:
-            raise AdaTPEnvironmentError("attention flash_attention_2 needs the flash-attn package; use sdpa")
-    if base not in ALL_ATTENTION_FUNCTIONS:
-        raise AdaTPInputError(f"unknown attention {base!r}")
-    name = wrapped_attention_name(base)
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _wrapper(ALL_ATTENTION_FUNCTIONS[base]))  # looked up once, not per call
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
-
-
 MAX_QUESTION_CHARS = 100_000
 
 

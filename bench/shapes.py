@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adatp_core.attention import register_attention, wrapped_attention_name  # noqa: E402
+from adatp_core.models.attention_hook import register_attention, wrapped_attention_name  # noqa: E402
 from adatp_core.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
 from adatp_core.models.loader import VideoLLM, load_video_llm  # noqa: E402
 from adatp_core.models.tiny import ensure_tiny_model  # noqa: E402

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
+from .attention_hook import register_attention, wrapped_attention_name
 from .base import VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .preprocess import PREPROCESSOR_FILES
@@ -200,8 +201,6 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
         text model gets AdaTP's wrapper of it, which can score one layer per call.
     offload_device: where ``release`` moves the weights between runs (None: keep loaded).
     """
-    from ..attention import register_attention, wrapped_attention_name
-
     folder, config = check_model_folder(folder)
     if attention not in ATTENTIONS:
         raise AdaTPInputError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")
