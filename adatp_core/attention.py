@@ -7,18 +7,23 @@ rows on the visual keys, with the rotated queries and keys that the layer uses.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .flops import flops_summary
 from .memory import run_guarded
-from .models.base import AttentionProbe, KVCache
+from .models.base import AttentionProbe, Injection, KVCache
 from .models.loader import VideoLLM
 from .state import AdaTPState
 from .timing import timed
 
+log = logging.getLogger(__name__)
+
 QUERY_MODES = ("text", "last")
+MIN_PIXEL_BUDGET = 28 * 28
 MAX_QUESTION_CHARS = 100_000
 
 
@@ -47,9 +52,9 @@ def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
     dev = adapter.device
     with torch.inference_mode():
         with timed(times, "time_preprocess", dev):
-            pixels = adapter.preprocess(frames)
+            pixels = adapter.preprocess(frames, prompt.plan)
         with timed(times, "time_vision", dev):
-            encoded = adapter.encode(pixels)
+            encoded = adapter.encode(pixels, prompt.plan)
         del pixels
         with timed(times, "time_attention", dev):
             embeds = adapter.assemble(prompt, encoded)
@@ -64,20 +69,45 @@ def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
                 rows = torch.tensor([prompt.length - 1])
             probe = AttentionProbe(layer - 1, rows, prompt.visual_positions)
             cache = KVCache(adapter.num_layers)
-            hidden = adapter.run_layers(embeds, position_ids, cache, 0, layer, probe=probe)
+            inject = Injection(prompt.visual_positions, encoded.injections) if encoded.injections else None
+            hidden = adapter.run_layers(embeds, position_ids, cache, 0, layer, probe=probe, inject=inject)
             if probe.scores is None:
                 raise AdaTPEnvironmentError(
                     "the attention probe was not called; load the model with AdaTP's loader")
             return encoded, hidden, cache.export(layer), probe.scores, relevance, position_ids
 
 
+def _check_max_pixels(max_pixels) -> int | None:
+    if max_pixels is None or max_pixels == 0:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < MIN_PIXEL_BUDGET:
+        raise AdaTPInputError(f"max_pixels must be 0 (the model's default) or an integer of at least "
+                              f"{MIN_PIXEL_BUDGET} pixels per frame, got {max_pixels!r}")
+    return max_pixels
+
+
+def _frame_times(video_info, n_frames: int):
+    """The frames' times from Load Video's video_info, when it describes these frames."""
+    times = getattr(video_info, "timestamps", None) if video_info is not None else None
+    if times is not None and len(times) != n_frames:
+        log.warning("video_info has %d frame times for %d frames; assuming the default frame rate",
+                    len(times), n_frames)
+        return None
+    return times
+
+
 def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, layer: int = 2,
-                      query: str = "text") -> AdaTPState:
+                      query: str = "text", video_info=None, max_pixels: int | None = None) -> AdaTPState:
     """Encode the video, run LLM layers 0..K-1 once, and score the visual tokens.
 
     frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE).
     layer: K. K = 0 prunes before the LLM; its scores are the text relevance.
     query: "text" (every text token after the video) or "last" (FastV's choice).
+    video_info: Load Video's VideoInfo; its frame times set the model's temporal
+        positions (Qwen2.5-VL) and timestamps (Qwen3-VL). Without it the frames are
+        assumed to be at transformers' default rate, and the stats say so.
+    max_pixels: pixel budget per frame for dynamic-resolution models (Qwen);
+        None or 0: the family's default. Fixed-resolution models ignore it.
     Returns a state holding the layer-K input hidden states, the KV cache of
     layers < K, the original position ids and the scores.
     """
@@ -88,8 +118,10 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         raise AdaTPInputError(f"query must be one of {QUERY_MODES}, got {query!r}")
     layer = int(layer)
     adapter.check_layer(layer)
-    n_frames = int(frames.shape[0])
-    prompt = adapter.build_prompt(question, adapter.visual_tokens_for(n_frames))
+    n_frames, height, width = (int(x) for x in frames.shape[:3])
+    plan = adapter.plan_video(n_frames, height, width, times=_frame_times(video_info, n_frames),
+                              max_pixels=_check_max_pixels(max_pixels))
+    prompt = adapter.build_prompt(question, plan)
     if prompt.question[1] == prompt.question[0]:
         raise AdaTPInputError("the question has no tokens; type a question about the video")
     adapter.check_context(prompt)
@@ -99,8 +131,10 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         lambda: _prefill(adapter, frames, prompt, layer, query, times), "vision encoding and prefill")
     t, h, w = encoded.grid
     stats = {
-        "frames": t, "tokens_total": t * h * w, "tokens_kept": t * h * w,
+        "frames": n_frames, "tokens_total": t * h * w, "tokens_kept": t * h * w,
         "layer": layer, "query": query, "prompt_tokens": prompt.length,
+        "frame_size": f"{plan.size[1]}x{plan.size[0]}", "tokens_per_frame": h * w / plan.frames_per_step,
+        "frames_per_step": plan.frames_per_step, "frame_times_assumed": plan.times_assumed,
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
         **times,
     }
@@ -110,4 +144,5 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         scores=scores.float(), relevance=relevance,
         frame_relevance=relevance.view(t, -1).mean(dim=1),
         frame_features=encoded.frame_features, segments=((0, t - 1),), stats=stats,
+        injections=encoded.injections,
     )

@@ -34,14 +34,26 @@ class LLMShape:
 
 @dataclass(frozen=True)
 class VisionShape:
-    """A ViT run on every frame, then a 2-layer MLP projector into the LLM."""
+    """A ViT run once per frame (or temporal patch), then a projector into the LLM.
+
+    LLaVA-OV: SigLIP, full attention, a 2-layer MLP projector on every patch.
+    Qwen2.5-VL: window attention except in ``full_layers`` layers, SwiGLU MLPs
+    (mlp_matrices 3), and a merger MLP on each 2x2 group of patches.
+    Qwen3-VL: full attention, and DeepStack's extra mergers (projectors > 1).
+    """
 
     layers: int  # encoder layers actually run
     hidden: int
     intermediate: int
     patches: int  # tokens per frame inside the encoder
-    patch_dim: int  # 3 * patch * patch
+    patch_dim: int  # 3 * patch * patch (x temporal patch)
     projector_out: int  # the LLM's D
+    mlp_matrices: int = 2  # 2: fc1/fc2, 3: gated (SwiGLU)
+    window: int = 0  # tokens per attention window in windowed layers (0: every layer is full)
+    full_layers: int | None = None  # layers with full attention (None: all)
+    projector_tokens: int | None = None  # tokens entering the projector (None: patches)
+    projector_in: int | None = None  # their width (None: hidden)
+    projectors: int = 1
 
 
 # Qwen2-7B, the LLM of LLaVA-OneVision-7B (the spec's reference figures).
@@ -70,11 +82,19 @@ def llm_layer_flops(shape: LLMShape, n: int) -> float:
 
 
 def vision_flops(shape: VisionShape, frames: int) -> float:
+    """FLOPs of ``frames`` encoder passes (frames, or temporal patches) and the projector."""
     p, d = shape.patches, shape.hidden
-    per_layer = 2 * p * 4 * d * d + 2 * 2 * p * p * d + 2 * 2 * p * d * shape.intermediate
+    full = shape.layers if shape.full_layers is None or not shape.window else shape.full_layers
+    span = min(shape.window, p) if shape.window else p
+    dense = 2 * p * 4 * d * d + 2 * shape.mlp_matrices * p * d * shape.intermediate
+    attention = full * 2 * 2 * p * p * d + (shape.layers - full) * 2 * 2 * p * span * d
     embed = 2 * p * shape.patch_dim * d
-    projector = 2 * p * (d * shape.projector_out + shape.projector_out * shape.projector_out)
-    return frames * (embed + shape.layers * per_layer + projector)
+    n_in = shape.projector_tokens if shape.projector_tokens is not None else p
+    width = shape.projector_in if shape.projector_in is not None else d
+    out = shape.projector_out
+    hidden = width if shape.projector_in is not None else out
+    projector = shape.projectors * 2 * n_in * (width * hidden + hidden * out)
+    return frames * (embed + shape.layers * dense + attention + projector)
 
 
 def prefill_flops(llm: LLMShape, n_full: int, n_kept: int, layer: int, n_query: int = 0) -> float:
@@ -92,10 +112,9 @@ def flops_summary(model, prompt, keep_count: int, layer: int) -> dict:
     n_video = len(prompt.visual_positions)
     n_text = prompt.length - n_video
     n_query = prompt.length - prompt.after_video
-    frames = n_video // adapter.tokens_per_frame
     lit_full = fastvid_flops(llm, n_video, n_video, 0)
     lit = fastvid_flops(llm, n_video, keep_count, layer)
-    vision = vision_flops(adapter.vision_shape(), frames)
+    vision = adapter.vision_flops(prompt)
     total_full = vision + prefill_flops(llm, prompt.length, prompt.length, 0)
     total = vision + prefill_flops(llm, prompt.length, n_text + keep_count, layer, n_query)
     return {

@@ -143,7 +143,8 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
         hidden = state.hidden[:, positions]
         position_ids = state.position_ids[..., positions]
         cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=cfg.max_new_tokens)
-        hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers)
+        hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers,
+                                    inject=state.kept_injection())
         logits = adapter.logits(hidden[:, -1:])[-1]
         del hidden
         static = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .models.base import Prompt
+from .models.base import Injection, Prompt
 from .models.loader import VideoLLM
 
 
@@ -42,6 +42,8 @@ class AdaTPState:
           segments one after another (None: by score, i.e. FastV per segment).
       max_per_position: LocalDebias' M, or None when no LocalDebias ran.
       budgets: per-segment token budgets chosen by PruneTokens.
+      injections: per decoder layer, [N, D] features added to the visual tokens'
+          hidden states after that layer (Qwen3-VL's DeepStack); empty for other models.
     """
 
     model: VideoLLM
@@ -64,6 +66,7 @@ class AdaTPState:
     keep: torch.Tensor | None = None
     budgets: tuple[int, ...] | None = None
     stats: dict = field(default_factory=dict)
+    injections: tuple = ()
 
     @property
     def num_visual(self) -> int:
@@ -79,6 +82,16 @@ class AdaTPState:
             keep_mask[prompt.visual_positions] = False
             keep_mask[prompt.visual_positions[self.keep.cpu()]] = True
         return keep_mask.nonzero().squeeze(1)
+
+    def kept_injection(self) -> Injection | None:
+        """The injections that the continuation from layer K still applies: those of
+        layers >= K, on the kept visual tokens only (rows of ``kept_positions``)."""
+        if len(self.injections) <= self.layer:
+            return None
+        keep = self.keep.cpu() if self.keep is not None else torch.arange(self.num_visual)
+        rows = torch.searchsorted(self.kept_positions(), self.prompt.visual_positions[keep])
+        device = self.injections[0].device
+        return Injection(rows.to(device), tuple(f[keep.to(device)] for f in self.injections))
 
     def evolve(self, stats: dict | None = None, **changes) -> "AdaTPState":
         """A new state with ``changes`` and the stats merged (input untouched)."""

@@ -17,6 +17,72 @@ import torch
 from ..errors import AdaTPInputError
 
 
+# Frame rate assumed when no frame times are given: what transformers' video
+# processors assume for frames without metadata (VideoMetadata.sampled_fps).
+DEFAULT_FPS = 24.0
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """How one video becomes visual tokens, decided from its shape before any GPU work.
+
+    num_frames: frames given.
+    size: (height, width) each frame is resized to.
+    grid: (T', H', W') prunable token grid; T' temporal steps of ``frames_per_step`` frames
+        (Qwen: 2 frames per temporal patch; an odd count is padded with the last frame).
+    frame_times: seconds of each given frame; assumed at DEFAULT_FPS when times_assumed.
+    """
+
+    num_frames: int
+    size: tuple[int, int]
+    grid: tuple[int, int, int]
+    frame_times: tuple[float, ...]
+    times_assumed: bool = False
+    frames_per_step: int = 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.grid[1] * self.grid[2]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.tokens_per_step
+
+    def step_times(self) -> tuple[float, ...]:
+        """Seconds of each temporal step: the mean of its first and last frame
+        (the last frame repeated as padding), as Qwen3-VL's processor computes them."""
+        n = self.frames_per_step
+        times = list(self.frame_times) + [self.frame_times[-1]] * (-len(self.frame_times) % n)
+        return tuple((times[i] + times[i + n - 1]) / 2 for i in range(0, len(times), n))
+
+    def seconds_per_step(self) -> float:
+        """Mean spacing of the given frames, times frames_per_step (Qwen2.5-VL's
+        second_per_grid_ts); a single frame counts as DEFAULT_FPS."""
+        t = self.frame_times
+        spacing = (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 and t[-1] > t[0] else 1 / DEFAULT_FPS
+        return self.frames_per_step * spacing
+
+
+def frame_times(num_frames: int, times=None) -> tuple[tuple[float, ...], bool]:
+    """(times, assumed): the given per-frame times in seconds, or DEFAULT_FPS ones."""
+    if times is not None and len(times) == num_frames:
+        return tuple(float(x) for x in times), False
+    return tuple(i / DEFAULT_FPS for i in range(num_frames)), True
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Features added to some rows' hidden states after the first decoder layers
+    (Qwen3-VL's DeepStack): after layer i < len(features), hidden[:, rows] += features[i].
+
+    rows: [n] long, rows of the hidden states passed to ``run_layers``.
+    features: per layer, [n, D].
+    """
+
+    rows: torch.Tensor
+    features: tuple[torch.Tensor, ...]
+
+
 @dataclass(frozen=True)
 class Encoded:
     """The vision side of one video, in the LLM's input space.
@@ -25,13 +91,16 @@ class Encoded:
     extras: [E, D] always-kept model extras that follow the video (LLaVA-OV: newline).
     frame_features: [T, d_v] float32, L2-normalised per-frame global features
         (mean of the vision encoder's patches before projector and pooling).
-    grid: (T, H, W) token grid of ``visual``.
+    grid: (T, H, W) token grid of ``visual`` (T temporal steps).
+    injections: per decoder layer, [N, D] features added to the visual tokens'
+        hidden states after that layer (Qwen3-VL's DeepStack); empty for other families.
     """
 
     visual: torch.Tensor
     extras: torch.Tensor
     frame_features: torch.Tensor
     grid: tuple[int, int, int]
+    injections: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +112,7 @@ class Prompt:
     extra_positions: [E] long, sequence positions of always-kept model extras.
     question: (start, end) of the question's own tokens (Q_text).
     after_video: first position after the video and its extras; Q is [after_video, L).
+    plan: the video plan the prompt was built for (None for a bare token count).
     """
 
     input_ids: torch.Tensor
@@ -50,6 +120,7 @@ class Prompt:
     extra_positions: torch.Tensor
     question: tuple[int, int]
     after_video: int
+    plan: VideoPlan | None = None
 
     @property
     def length(self) -> int:
@@ -156,18 +227,34 @@ class VideoLLMAdapter:
     def text_model(self):
         raise NotImplementedError
 
-    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+    def plan_video(self, num_frames: int, height: int, width: int, times=None,
+                   max_pixels: int | None = None) -> VideoPlan:
+        """The token grid of a video of ``num_frames`` frames of height x width.
+
+        times: seconds of each frame (None: assumed at DEFAULT_FPS).
+        max_pixels: pixel budget per frame for families with dynamic resolution
+            (None: the family's default); fixed-resolution families ignore it.
+        """
+        raise NotImplementedError
+
+    def preprocess(self, frames: torch.Tensor, plan: VideoPlan | None = None) -> torch.Tensor:
         """frames: [T, H, W, 3] float 0..1 or uint8 -> model pixel input."""
         raise NotImplementedError
 
-    def encode(self, pixels: torch.Tensor) -> Encoded:
+    def encode(self, pixels: torch.Tensor, plan: VideoPlan | None = None) -> Encoded:
         raise NotImplementedError
 
     def visual_tokens_for(self, num_frames: int) -> int:
-        """N, the number of prunable visual tokens for ``num_frames`` frames."""
+        """N, the number of prunable visual tokens for ``num_frames`` frames
+        (fixed-resolution families; see plan_video for the general case)."""
         raise NotImplementedError
 
-    def build_prompt(self, question: str, num_video_tokens: int) -> Prompt:
+    def build_prompt(self, question: str, video) -> Prompt:
+        """video: a VideoPlan (or, for fixed-resolution families, a token count)."""
+        raise NotImplementedError
+
+    def vision_flops(self, prompt: Prompt) -> float:
+        """FLOPs of the vision encoder and projector for the prompt's video (flops.py)."""
         raise NotImplementedError
 
     def position_ids(self, prompt: Prompt) -> torch.Tensor:
@@ -206,7 +293,8 @@ class VideoLLMAdapter:
                           device=position_ids.device)
 
     def run_layers(self, hidden, position_ids, cache, start: int, stop: int,
-                   probe: AttentionProbe | None = None, masks=None) -> torch.Tensor:
+                   probe: AttentionProbe | None = None, masks=None,
+                   inject: Injection | None = None) -> torch.Tensor:
         """Run decoder layers [start, stop) on hidden [1, S, D] at position_ids.
 
         The tokens in ``hidden`` are in sequence order and attend causally to each
@@ -214,6 +302,8 @@ class VideoLLMAdapter:
         how a prompt prefill with an empty cache and a one-token decode step both
         behave). No attention mask is built: batch 1 needs none. ``masks``, one
         per layer, is for caches that return fixed-size buffers (static decoding).
+        ``inject`` adds per-layer features to some rows after the first layers
+        (Qwen3-VL's DeepStack), the way the stock text model does.
         """
         tm = self.text_model
         position_embeddings = tm.rotary_emb(hidden, position_ids)
@@ -225,6 +315,9 @@ class VideoLLMAdapter:
                                position_ids=position_ids, position_embeddings=position_embeddings,
                                use_cache=True, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
+            if inject is not None and i < len(inject.features):
+                hidden = hidden.clone()
+                hidden[0, inject.rows] = hidden[0, inject.rows] + inject.features[i].to(hidden.dtype)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

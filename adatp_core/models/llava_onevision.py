@@ -9,38 +9,15 @@ The newline is always kept.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
-from .base import Encoded, Prompt, VideoLLMAdapter
+from .base import Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
+from .chat import read_chat_template, split_template, tokenize_question
 from .preprocess import PreprocessConfig, preprocess_frames
-
-_VIDEO_SENTINEL = "\x00ADATP_VIDEO\x00"
-_QUESTION_SENTINEL = "\x00ADATP_QUESTION\x00"
-
-
-def read_chat_template(folder: Path, tokenizer) -> str:
-    """The processor's chat template (chat_template.json or .jinja), else the tokenizer's."""
-    folder = Path(folder)
-    js = folder / "chat_template.json"
-    if js.is_file():
-        template = json.loads(js.read_text()).get("chat_template")
-        if template:
-            return template
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
-    raise AdaTPInputError(
-        f"{folder} has no chat template (chat_template.json); copy it from the model's "
-        "Hugging Face repository into the folder."
-    )
-
 
 class LlavaOnevisionAdapter(VideoLLMAdapter):
     model_types = ("llava_onevision",)
@@ -56,7 +33,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         vc = model.config.vision_config
         self.patch_grid = vc.image_size // vc.patch_size  # 27
         self.pooled_grid = -(-self.patch_grid // 2)  # ceil(27 / 2) = 14
-        self._split_template()
+        self._template_parts = split_template(tokenizer, self.chat_template, "<video>")
 
     # -- model parts ----------------------------------------------------------------
     @property
@@ -68,7 +45,16 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         return self.pooled_grid * self.pooled_grid
 
     # -- vision ---------------------------------------------------------------------
-    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+    def plan_video(self, num_frames: int, height: int, width: int, times=None,
+                   max_pixels: int | None = None) -> VideoPlan:
+        """Every frame is resized to 384x384 (max_pixels does not apply)."""
+        cfg = self.preprocess_config
+        times, assumed = frame_times(num_frames, times)
+        return VideoPlan(num_frames=num_frames, size=(cfg.height, cfg.width),
+                         grid=(num_frames, self.pooled_grid, self.pooled_grid),
+                         frame_times=times, times_assumed=assumed)
+
+    def preprocess(self, frames: torch.Tensor, plan: VideoPlan | None = None) -> torch.Tensor:
         """frames [T, H, W, 3] (uint8 or float 0..1) -> pixels [T, 3, 384, 384]."""
         return preprocess_frames(frames, self.preprocess_config, device=self.device, dtype=self.dtype)
 
@@ -102,8 +88,13 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
                            patches=self.patch_grid ** 2, patch_dim=3 * vc.patch_size ** 2,
                            projector_out=self.model.config.text_config.hidden_size)
 
+    def vision_flops(self, prompt: Prompt) -> float:
+        from ..flops import vision_flops
+
+        return vision_flops(self.vision_shape(), len(prompt.visual_positions) // self.tokens_per_frame)
+
     @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor) -> Encoded:
+    def encode(self, pixels: torch.Tensor, plan: VideoPlan | None = None) -> Encoded:
         """pixels [T, 3, 384, 384] -> visual tokens [T*196, D] and per-frame features."""
         mm = self.model.model
         visual, frame_features = [], []
@@ -124,32 +115,15 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
     def visual_tokens_for(self, num_frames: int) -> int:
         return num_frames * self.tokens_per_frame
 
-    def _split_template(self) -> None:
-        """Render the chat template once with sentinels, and keep the literal text
-        before the video, between video and question, and after the question."""
-        messages = [{"role": "user", "content": [
-            {"type": "video"}, {"type": "text", "text": _QUESTION_SENTINEL}]}]
-        rendered = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
-        rendered = rendered.replace("<video>", _VIDEO_SENTINEL, 1)
-        if rendered.count(_VIDEO_SENTINEL) != 1 or rendered.count(_QUESTION_SENTINEL) != 1:
-            raise AdaTPInputError(
-                "this model's chat template does not place one <video> and the question; "
-                "use the chat_template.json of the llava-hf repository")
-        before, rest = rendered.split(_VIDEO_SENTINEL)
-        middle, after = rest.split(_QUESTION_SENTINEL)
-        if not before or after is None:
-            raise AdaTPInputError("unexpected chat template layout")
-        self._template_parts = tuple(
-            self.tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle, after))
-
     def tokenize_question(self, question: str) -> list[int]:
-        """The question's own tokens. Special-token text in it (<video>, <|im_end|>)
-        is split into ordinary tokens, so it can never create a placeholder."""
-        return self.tokenizer(question, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return tokenize_question(self.tokenizer, question)
 
-    def build_prompt(self, question: str, num_video_tokens: int) -> Prompt:
-        """[before] [video x N] [newline] [middle] [question] [after]."""
+    def build_prompt(self, question: str, video) -> Prompt:
+        """[before] [video x N] [newline] [middle] [question] [after].
+
+        video: a VideoPlan, or the number of visual tokens N."""
+        plan = video if isinstance(video, VideoPlan) else None
+        num_video_tokens = plan.num_tokens if plan is not None else int(video)
         before, middle, after = self._template_parts
         q = self.tokenize_question(question)
         n_total = num_video_tokens + 1  # + the newline
@@ -162,4 +136,5 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
             extra_positions=torch.tensor([start + num_video_tokens]),
             question=(q_start, q_start + len(q)),
             after_video=start + n_total,
+            plan=plan,
         )

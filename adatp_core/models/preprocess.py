@@ -9,6 +9,7 @@ with the HF video processor whenever torchvision is importable.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +115,105 @@ def preprocess_frames(frames: torch.Tensor, cfg: PreprocessConfig, device=None,
             x = resize_uint8(x, cfg.height, cfg.width, cfg.mode)
         out[i:i + chunk] = x.float().sub_(mean).div_(std).to(dtype)
     return out
+
+
+# -- Qwen2.5-VL and Qwen3-VL: dynamic resolution and temporal patches ------------------
+
+
+@dataclass(frozen=True)
+class QwenPreprocessConfig:
+    """Qwen's video processor settings (Qwen2VLVideoProcessor, Qwen3VLVideoProcessor).
+
+    min_pixels / max_pixels: the resize budget (``size`` shortest_edge / longest_edge).
+    whole_video: True when max_pixels bounds all frames together (Qwen3-VL),
+        False when it bounds each frame (Qwen2.5-VL).
+    """
+
+    normalise: PreprocessConfig
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    whole_video: bool = False
+
+    @property
+    def factor(self) -> int:
+        """Frame sides are resized to multiples of this (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_folder(cls, folder: Path, whole_video: bool, defaults: dict) -> "QwenPreprocessConfig":
+        """Read a Qwen model folder's video processor config (the video one first)."""
+        for name in PREPROCESSOR_FILES:
+            path = Path(folder) / name
+            if path.is_file():
+                cfg = {**defaults, **json.loads(path.read_text())}
+                break
+        else:
+            raise AdaTPInputError(
+                f"{folder} has no {' or '.join(PREPROCESSOR_FILES)}; copy it from the model's "
+                "Hugging Face repository into the folder.")
+        size = dict(cfg.get("size") or {})
+        min_pixels = cfg.get("min_pixels") or size.get("shortest_edge")
+        max_pixels = cfg.get("max_pixels") or size.get("longest_edge")
+        if not min_pixels or not max_pixels:
+            raise AdaTPInputError(f"{path}: 'size' needs shortest_edge and longest_edge, got {size!r}")
+        norm = PreprocessConfig.from_dict({**cfg, "size": {"height": 1, "width": 1}}, source=path)
+        return cls(normalise=norm, patch_size=int(cfg.get("patch_size", 14)),
+                   temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
+                   merge_size=int(cfg.get("merge_size", 2)), min_pixels=int(min_pixels),
+                   max_pixels=int(max_pixels), whole_video=whole_video)
+
+
+def qwen_resize_target(num_frames: int, height: int, width: int, cfg: QwenPreprocessConfig,
+                       max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) a frame is resized to: multiples of ``cfg.factor``, aspect
+    ratio kept, pixel count within [min_pixels, max_pixels] (transformers' ``smart_resize``
+    of the Qwen2-VL and Qwen3-VL video processors).
+
+    max_pixels: the budget per frame; None takes the processor's own setting.
+    For Qwen3-VL the budget covers the whole video, as its processor does.
+    """
+    factor = cfg.factor
+    if cfg.whole_video:
+        t = max(num_frames, cfg.temporal_patch_size)  # the processor refuses fewer frames than a patch
+        budget = cfg.max_pixels if max_pixels is None else max_pixels * num_frames
+        if height < factor or width < factor:
+            scale = max(factor / height, factor / width)
+            height, width = int(height * scale), int(width * scale)
+        t_bar = round(t / cfg.temporal_patch_size) * cfg.temporal_patch_size
+    else:
+        t = t_bar = 1
+        budget = cfg.max_pixels if max_pixels is None else max_pixels
+    if max(height, width) / min(height, width) > 200:
+        raise AdaTPInputError(f"frames of {width}x{height} are too elongated (aspect ratio above 200); crop them.")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if t_bar * h_bar * w_bar > budget:
+        beta = math.sqrt((t * height * width) / budget)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < cfg.min_pixels:
+        beta = math.sqrt(cfg.min_pixels / (t * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify_video(pixels: torch.Tensor, cfg: QwenPreprocessConfig) -> torch.Tensor:
+    """Qwen's flat patch layout (the video processors' ``patchify``).
+
+    pixels: [T, 3, H, W] normalised frames, H and W multiples of cfg.factor.
+    An odd frame count is padded by repeating the last frame, as the processor does.
+    Returns [T' * H/p * W/p, 3 * temporal_patch_size * p * p] with T' = ceil(T / temporal_patch_size),
+    ordered by temporal patch, then 2x2 merge group, then patch.
+    """
+    tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
+    if pad := -pixels.shape[0] % tp:
+        pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
+    t, c, h, w = pixels.shape
+    gt, gh, gw = t // tp, h // p, w // p
+    patches = pixels.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return patches.reshape(gt * gh * gw, c * tp * p * p)

@@ -77,8 +77,11 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "comfyui-adatp"
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer with Qwen2's chat special tokens, trained in code."""
+def build_tokenizer(special_tokens=SPECIAL_TOKENS, named_tokens=None):
+    """A byte-level BPE tokenizer with Qwen2's chat special tokens, trained in code.
+
+    named_tokens: extra_special_tokens for the tokenizer (LLaVA-OV's image and video tokens by default).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -89,7 +92,7 @@ def build_tokenizer():
     corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
     trainer = trainers.BpeTrainer(
         vocab_size=1024,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -98,7 +101,8 @@ def build_tokenizer():
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        extra_special_tokens=named_tokens if named_tokens is not None else {
+            "image_token": "<image>", "video_token": "<video>"},
     )
 
 
@@ -133,7 +137,13 @@ def build_tiny_model(tokenizer, seed: int = 0):
     )
     config.initializer_range = 0.2
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    return finish_tiny_model(LlavaOnevisionForConditionalGeneration(config).eval(), tokenizer)
+
+
+def finish_tiny_model(model, tokenizer):
+    """Shared by the tiny models: words over bytes, and Qwen's EOS and pad tokens."""
+    import torch
+
     # Cosmetic: shrink the output rows of tokens that are not whole words (raw bytes,
     # punctuation), so the random model babbles in words rather than in broken UTF-8.
     with torch.no_grad():
@@ -149,35 +159,42 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return model
 
 
-def save_model_folder(model, tokenizer, folder: Path) -> None:
-    """Write a model folder laid out like llava-hf's: safetensors, tokenizer,
-    processor chat template and video preprocessor config."""
+def save_model_folder(model, tokenizer, folder: Path, chat_template: str = LLAVA_ONEVISION_CHAT_TEMPLATE,
+                      video_preprocessor: dict = LLAVA_ONEVISION_VIDEO_PREPROCESSOR) -> None:
+    """Write a model folder laid out like the Hugging Face repos': safetensors,
+    tokenizer, processor chat template and video preprocessor config."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "chat_template.json").write_text(
-        json.dumps({"chat_template": LLAVA_ONEVISION_CHAT_TEMPLATE}, indent=2))
-    (folder / "video_preprocessor_config.json").write_text(
-        json.dumps(LLAVA_ONEVISION_VIDEO_PREPROCESSOR, indent=2))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2))
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video_preprocessor, indent=2))
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
-    """Return the folder of the built-in tiny model, building it on first use.
+    """Return the folder of the built-in tiny model, building it on first use."""
+    return ensure_built(cache_dir, f"tiny-llava-onevision-v{TINY_MODEL_VERSION}", write_tiny_folder)
+
+
+def write_tiny_folder(folder: Path) -> None:
+    tokenizer = build_tokenizer()
+    save_model_folder(build_tiny_model(tokenizer), tokenizer, folder)
+
+
+def ensure_built(cache_dir: Path | None, name: str, write) -> Path:
+    """The folder ``name`` under the cache, written by ``write(folder)`` on first use.
 
     Built into a temporary folder and renamed into place, so two processes that
     race for it both end up with a complete folder.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / f"tiny-llava-onevision-v{TINY_MODEL_VERSION}"
+    folder = root / name
     if (folder / "config.json").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
     log.info("building the built-in tiny model into %s", folder)
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
     try:
-        save_model_folder(model, tokenizer, tmp)
+        write(tmp)
         try:
             tmp.rename(folder)
         except OSError:

@@ -1,0 +1,133 @@
+"""Tiny random Qwen2.5-VL and Qwen3-VL, built from configs in code (no download).
+
+Like the tiny LLaVA-OneVision (tiny.py), they have the real token layout
+(temporal patches of 2 frames, 2x2 merger, 28 or 32 px per token side, M-RoPE,
+window attention in Qwen2.5-VL's tower, DeepStack in Qwen3-VL) and a locally
+trained tokenizer with Qwen's special tokens, and they load through the same
+safe loader as users' models. Their weights are random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .tiny import build_tokenizer, ensure_built, finish_tiny_model, save_model_folder
+
+TINY_QWEN2_5_VL_NAME = "adatp-tiny-qwen2.5-vl (built-in, random weights)"
+TINY_QWEN3_VL_NAME = "adatp-tiny-qwen3-vl (built-in, random weights)"
+TINY_QWEN_VERSION = 1
+
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>")
+_NAMED = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+          "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+
+# The chat template of Qwen/Qwen2.5-VL-*-Instruct (its default system turn included).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The user/assistant part of Qwen/Qwen3-VL-*-Instruct's chat template (no default system turn).
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif content['type'] == 'video' %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+QWEN2_5_VL_VIDEO_PREPROCESSOR = {
+    "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
+    "do_resize": True, "size": {"shortest_edge": 3136, "longest_edge": 12845056}, "resample": 3,
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_convert_rgb": True, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+}
+QWEN3_VL_VIDEO_PREPROCESSOR = {
+    "video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
+    "do_resize": True, "size": {"shortest_edge": 4096, "longest_edge": 25165824}, "resample": 3,
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "do_convert_rgb": True, "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+}
+
+
+def _text_config(tokenizer, **extra) -> dict:
+    """A 4-layer text model, 64 wide, head_dim 16 (M-RoPE sections 2+3+3 = 8 frequencies)."""
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=32768,
+                initializer_range=0.2, tie_word_embeddings=False,
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None, **extra)
+
+
+def _ids(tokenizer) -> dict:
+    c = tokenizer.convert_tokens_to_ids
+    return dict(image_token_id=c("<|image_pad|>"), video_token_id=c("<|video_pad|>"),
+                vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"))
+
+
+def build_tiny_qwen2_5_vl(tokenizer, seed: int = 0):
+    """A random 2-block Qwen2.5-VL vision tower (window attention in block 0, full in block 1,
+    window 112 px = 4x4 merged tokens) + a 4-layer text model, float32."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[1], tokens_per_second=2, initializer_range=0.2)
+    text = _text_config(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                    "mrope_section": [2, 3, 3]})
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_ids(tokenizer))
+    config.initializer_range = 0.2
+    torch.manual_seed(seed)
+    return finish_tiny_model(Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer)
+
+
+def build_tiny_qwen3_vl(tokenizer, seed: int = 0):
+    """A random 3-block Qwen3-VL vision tower with DeepStack features from every block
+    (added after LLM layers 0, 1 and 2) + a 4-layer text model, float32."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1, 2], initializer_range=0.2)
+    text = _text_config(tokenizer, head_dim=16, rope_parameters={
+        "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_ids(tokenizer))
+    config.initializer_range = 0.2
+    torch.manual_seed(seed)
+    return finish_tiny_model(Qwen3VLForConditionalGeneration(config).eval(), tokenizer)
+
+
+def _writer(build, template, preprocessor):
+    def write(folder: Path) -> None:
+        tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS, _NAMED)
+        save_model_folder(build(tokenizer), tokenizer, folder, template, preprocessor)
+
+    return write
+
+
+def ensure_tiny_qwen2_5_vl(cache_dir: Path | None = None) -> Path:
+    return ensure_built(cache_dir, f"tiny-qwen2.5-vl-v{TINY_QWEN_VERSION}",
+                        _writer(build_tiny_qwen2_5_vl, QWEN2_5_VL_CHAT_TEMPLATE, QWEN2_5_VL_VIDEO_PREPROCESSOR))
+
+
+def ensure_tiny_qwen3_vl(cache_dir: Path | None = None) -> Path:
+    return ensure_built(cache_dir, f"tiny-qwen3-vl-v{TINY_QWEN_VERSION}",
+                        _writer(build_tiny_qwen3_vl, QWEN3_VL_CHAT_TEMPLATE, QWEN3_VL_VIDEO_PREPROCESSOR))
