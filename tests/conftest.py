@@ -40,9 +40,16 @@ QUESTION = "What is the red square doing in this video?"
 
 
 def _stock(tiny_dir, attention):
-    from transformers import LlavaOnevisionForConditionalGeneration
+    """The model class that the loader would pick, loaded the stock way."""
+    import json
 
-    return LlavaOnevisionForConditionalGeneration.from_pretrained(
+    import transformers
+
+    from adatp_core.models.loader import ADAPTERS
+
+    model_type = json.loads((tiny_dir / "config.json").read_text())["model_type"]
+    model_class = getattr(transformers, ADAPTERS[model_type].model_class)
+    return model_class.from_pretrained(
         tiny_dir, local_files_only=True, dtype=torch.float32, attn_implementation=attention).eval()
 
 

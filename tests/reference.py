@@ -10,6 +10,44 @@ from __future__ import annotations
 import torch
 
 
+def stock_video_kwargs(llm, prompt, frames) -> dict:
+    """What the stock model's forward/generate takes for this prompt's video: the
+    pixels and, for Qwen, the grid, the token types and the seconds per temporal patch."""
+    adapter = llm.adapter
+    pixels = adapter.preprocess(frames, prompt.plan)
+    if not hasattr(adapter, "grid_thw"):  # LLaVA-OneVision
+        return {"pixel_values_videos": pixels[None]}
+    types = torch.zeros(1, prompt.length, dtype=torch.int)
+    types[0, prompt.visual_positions] = 2
+    kwargs = {"pixel_values_videos": pixels, "video_grid_thw": adapter.grid_thw(prompt.plan),
+              "mm_token_type_ids": types}
+    if llm.model.config.model_type == "qwen2_5_vl":
+        kwargs["second_per_grid_ts"] = torch.tensor([prompt.plan.seconds_per_step()])
+    return kwargs
+
+
+def stock_inputs(model, prompt, kwargs, new_tokens: int = 0):
+    """(inputs_embeds [1, L, D], position ids [1, L'] or [3, 1, L'], deepstack features)
+    the way the stock model's forward builds them; the position ids go on for
+    ``new_tokens`` generated tokens the way stock generate() continues them."""
+    ids = prompt.input_ids
+    if "video_grid_thw" not in kwargs:
+        return stock_inputs_embeds(model, ids, kwargs["pixel_values_videos"][0]), \
+            torch.arange(len(ids) + new_tokens)[None], ()
+    mm = model.model
+    out = mm.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"], return_dict=True)
+    feats = torch.cat(out.pooler_output)
+    embeds = mm.get_input_embeddings()(ids[None])
+    mask = (ids == model.config.video_token_id)[None, :, None].expand_as(embeds)
+    embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+    rope = {k: v for k, v in kwargs.items() if k != "pixel_values_videos"}
+    pos, deltas = mm.get_rope_index(ids[None], attention_mask=torch.ones_like(ids[None]), **rope)
+    later = (torch.arange(len(ids), len(ids) + new_tokens) + deltas[0]).view(1, 1, -1).expand(3, 1, -1)
+    deepstack = tuple(torch.cat(f) if isinstance(f, (tuple, list)) else f  # split per video, as pooler_output
+                      for f in getattr(out, "deepstack_features", None) or ())
+    return embeds, torch.cat([pos, later], dim=-1), deepstack
+
+
 def stock_inputs_embeds(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
     """inputs_embeds [1, L, D] built the way LlavaOnevisionModel.forward builds them."""
     mm = model.model
@@ -23,15 +61,19 @@ def stock_inputs_embeds(model, input_ids: torch.Tensor, pixel_values: torch.Tens
     return embeds.masked_scatter(mask, feats.to(embeds.dtype))
 
 
-def masked_logits(model, embeds: torch.Tensor, dropped: torch.Tensor, layer: int) -> torch.Tensor:
+def masked_logits(model, embeds: torch.Tensor, dropped: torch.Tensor, layer: int, pos=None,
+                  deepstack=(), visual_positions=None) -> torch.Tensor:
     """Logits [L, V] of a full-sequence forward where, at layers >= ``layer``, no
     token attends to the ``dropped`` positions (a dropped token still sees itself,
-    so its own row stays finite; it is never read)."""
+    so its own row stays finite; it is never read).
+
+    pos: position ids (default 0..L-1). deepstack: Qwen3-VL's features, added at
+    ``visual_positions`` after the first layers by the stock text model's own code."""
     from adatp_core.models.base import _cache_argument
 
     tm = model.model.language_model
     length = embeds.shape[1]
-    pos = torch.arange(length)[None]
+    pos = torch.arange(length)[None] if pos is None else pos
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     pruned = causal.clone()
     pruned[:, dropped] = False
@@ -49,4 +91,8 @@ def masked_logits(model, embeds: torch.Tensor, dropped: torch.Tensor, layer: int
         out = block(hidden, attention_mask=masks[i >= layer], position_ids=pos, position_embeddings=pe,
                     **{cache_arg: None})
         hidden = out[0] if isinstance(out, tuple) else out
+        if i < len(deepstack):
+            visual = torch.zeros(1, length, dtype=torch.bool)
+            visual[0, visual_positions] = True
+            hidden = tm._deepstack_process(hidden, visual, deepstack[i])
     return model.lm_head(tm.norm(hidden))[0].float()

@@ -20,12 +20,13 @@ from .attention_hook import register_attention, wrapped_attention_name
 from .base import VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .preprocess import PREPROCESSOR_FILES
 
 log = logging.getLogger(__name__)
 
 ADAPTERS: dict[str, type[VideoLLMAdapter]] = {
-    t: cls for cls in (LlavaOnevisionAdapter, Qwen2_5_VLAdapter) for t in cls.model_types
+    t: cls for cls in (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter) for t in cls.model_types
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(ADAPTERS))
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
