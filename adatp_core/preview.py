@@ -46,6 +46,10 @@ def draw_tokens(state: AdaTPState, frames: torch.Tensor, columns: int = 8, max_w
     Returns [1, H', W', 3] float32: the frames tiled ``columns`` per row.
     """
     t, h, w = state.grid
+    plan = state.prompt.plan
+    step = plan.frames_per_step if plan is not None else 1
+    if frames.ndim == 4 and step > 1 and -(-frames.shape[0] // step) == t:
+        frames = frames[::step]  # one picture per temporal step of several frames (Qwen): its first frame
     if frames.ndim != 4 or frames.shape[0] != t:
         raise AdaTPInputError(
             f"Preview Tokens got {frames.shape[0] if frames.ndim == 4 else '?'} frames but the state has {t}; "

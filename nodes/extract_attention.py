@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..adatp_core.attention import QUERY_MODES, extract_attention
 from ..adatp_core.models.loader import activate
+from ..adatp_core.models.qwen2_5_vl import DEFAULT_MAX_PIXELS
 from . import comfy_bridge as bridge
 
 
@@ -28,9 +29,20 @@ class AdaTP_ExtractAttention:
                                                                              "layers. 0 prunes before the LLM, by text relevance."}),
             "query": (list(QUERY_MODES), {"default": "text", "tooltip": "Which tokens' attention scores the video: "
                                                                         "every text token after it (text) or the last one (FastV)."}),
+        }, "optional": {
+            "video_info": ("ADATP_VIDEO_INFO", {"tooltip": "From Load Video: the frames' times, which Qwen models "
+                                                           "use for time (Qwen2.5-VL positions, Qwen3-VL timestamps). "
+                                                           "Without it the frames are assumed at 24 fps."}),
+            "max_pixels": ("INT", {"default": DEFAULT_MAX_PIXELS, "min": 0, "max": 16384 * 16384, "step": 784,
+                                   "tooltip": "Qwen models: each frame is resized to multiples of 28 px (Qwen2.5-VL) "
+                                              "or 32 px (Qwen3-VL) within this many pixels. 200704 = 448x448 gives "
+                                              "128 tokens per frame on Qwen2.5-VL (4,096 for 32 frames, fine on a "
+                                              "24 GB card); more pixels, more detail and memory. 0: the default. "
+                                              "LLaVA-OneVision always uses 384x384."}),
         }}
 
-    def extract(self, model, frames, question, layer, query):
+    def extract(self, model, frames, question, layer, query, video_info=None, max_pixels=0):
         bridge.check_interrupt()
         activate(model)
-        return (extract_attention(model, frames, question, layer, query),)
+        return (extract_attention(model, frames, question, layer, query, video_info=video_info,
+                                  max_pixels=max_pixels),)

@@ -126,6 +126,14 @@ def widget_slots(cls) -> list[tuple[str, str | None]]:
     return slots + uploads
 
 
+def _default(spec: tuple):
+    """A widget's default value: its declared default, else a combo's first choice."""
+    opts = spec[1] if len(spec) > 1 else {}
+    if "default" in opts:
+        return opts["default"]
+    return spec[0][0] if isinstance(spec[0], (list, tuple)) and spec[0] else None
+
+
 def _input_type(spec: tuple) -> str:
     return "COMBO" if isinstance(spec[0], (list, tuple)) else spec[0]
 
@@ -177,6 +185,12 @@ class Workflow:
         if isinstance(values, dict):  # some frontends save {name: value}
             values = [values.get(name) for name, extra in slots if extra is None]
             slots = [(name, None) for name, extra in slots if extra is None]
+            node["widgets_values"] = values
+        optional = cls.INPUT_TYPES().get("optional", {})
+        missing = slots[len(values):]
+        if missing and all(extra is None and name in optional for name, extra in missing):
+            # saved before these optional widgets were appended: they take their defaults, as in ComfyUI
+            values = list(values) + [_default(optional[name]) for name, _ in missing]
             node["widgets_values"] = values
         if len(values) != len(slots):
             names = ", ".join(name + (f" ({extra})" if extra else "") for name, extra in slots)

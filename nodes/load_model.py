@@ -8,11 +8,15 @@ from pathlib import Path
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
 from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
+from ..adatp_core.models.tiny_qwen import (TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME, ensure_tiny_qwen2_5_vl,
+                                          ensure_tiny_qwen3_vl)
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
 
 BUILTIN_TINY = "adatp-tiny (built-in, random weights)"
+# The other built-in tiny models, by their name in the list.
+BUILTIN_TINY_QWEN = {TINY_QWEN2_5_VL_NAME: ensure_tiny_qwen2_5_vl, TINY_QWEN3_VL_NAME: ensure_tiny_qwen3_vl}
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -22,13 +26,15 @@ def list_models() -> list[str]:
     for root in bridge.model_roots():
         if root.is_dir():
             names.update(p.name for p in root.iterdir() if (p / "config.json").is_file())
-    return [BUILTIN_TINY, *sorted(names)]
+    return [BUILTIN_TINY, *BUILTIN_TINY_QWEN, *sorted(names)]
 
 
 def resolve_model(name: str) -> Path:
     """The folder of a model named in the combo; only direct children of a models/LLM root."""
     if name == BUILTIN_TINY:
         return ensure_tiny_model()
+    if name in BUILTIN_TINY_QWEN:
+        return BUILTIN_TINY_QWEN[name]()
     if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
         raise AdaTPInputError(f"model {name!r} is not a folder name under models/LLM; pick one from the list.")
     for root in bridge.model_roots():
@@ -45,9 +51,10 @@ def weights_bytes(folder: Path) -> int:
 
 
 class AdaTP_LoadVideoLLM:
-    DESCRIPTION = ("Loads a Video LLM (LLaVA-OneVision) from a folder under models/LLM: local files only, "
-                   "safetensors only, no remote code. The built-in tiny model has random weights and needs "
-                   "no download: use it to try the pack.")
+    DESCRIPTION = ("Loads a Video LLM (LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL) from a folder under models/LLM: "
+                   "local files only, "
+                   "safetensors only, no remote code. The built-in tiny models have random weights and need "
+                   "no download: use them to try the pack.")
     CATEGORY = "AdaTP"
     RETURN_TYPES = ("ADATP_MODEL",)
     RETURN_NAMES = ("model",)
@@ -71,7 +78,7 @@ class AdaTP_LoadVideoLLM:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model):
-        if model != BUILTIN_TINY:
+        if model != BUILTIN_TINY and model not in BUILTIN_TINY_QWEN:
             try:
                 resolve_model(model)
             except AdaTPInputError as exc:
