@@ -30,6 +30,14 @@ def generation_line(s: dict) -> str:
     return f"Generation: {s['new_tokens']} tokens, {s['decode_ms_per_token']:.1f} ms/token"
 
 
+def video_line(s: dict) -> str:
+    times = ("frame times assumed at 24 fps (connect Load Video's video_info)" if s["frame_times_assumed"]
+             else "frame times from the video")
+    step = f" (temporal patches of {s['frames_per_step']})" if s.get("frames_per_step", 1) > 1 else ""
+    return (f"Video: {s['frames']} frames at {s['frame_size']}, {s['tokens_per_frame']:g} tokens per frame"
+            f"{step}; {times}")
+
+
 def stats_text(s: dict) -> str:
     """Every line that the stats support, one per line (nodes' stats output)."""
     lines = [tokens_line(s), flops_line(s)]
@@ -37,4 +45,6 @@ def stats_text(s: dict) -> str:
         lines.append(timings_line(s))
     if "new_tokens" in s:
         lines.append(generation_line(s))
+    if "frame_size" in s:
+        lines.append(video_line(s))
     return "\n".join(lines)

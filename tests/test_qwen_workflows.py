@@ -1,0 +1,92 @@
+"""The shipped workflows, run headless on the tiny Qwen models (their default stays the LLaVA-OV tiny),
+with Load Video's video_info connected to Extract Attention's optional input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from pack import ROOT, load_pack, pack_module
+
+from adatp_core.models.tiny_qwen import TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("ADATP_CACHE_DIR", str(tmp_path_factory.mktemp("adatp-qwen-workflows")))
+    pack = load_pack()
+    pack_module("nodes.comfy_bridge").HEADLESS.output_dir = tmp_path_factory.mktemp("out")
+    return pack, pack_module("nodes.headless")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def _on_qwen(data: dict, model: str, frames: int = 8, link_info: bool = True) -> dict:
+    """The workflow with the Qwen tiny model, fewer frames, and every Load Video's
+    video_info linked to the Extract Attention nodes its frames go to."""
+    wf = copy.deepcopy(data)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    next_link = max(link[0] for link in wf["links"]) + 1
+    for node in wf["nodes"]:
+        if node["type"] == "AdaTP_LoadVideoLLM":
+            node["widgets_values"][0] = model
+        if node["type"] == "AdaTP_LoadVideo":
+            node["widgets_values"][1] = frames
+    if not link_info:
+        return wf
+    for src, _slot, dst, dst_slot, kind in [link[1:6] for link in wf["links"]]:
+        if kind == "IMAGE" and nodes[src]["type"] == "AdaTP_LoadVideo" and nodes[dst]["type"] == "AdaTP_ExtractAttention":
+            wf["links"].append([next_link, src, 1, dst, 2, "ADATP_VIDEO_INFO"])
+            nodes[src]["outputs"][1]["links"] = [*(nodes[src]["outputs"][1].get("links") or []), next_link]
+            nodes[dst]["inputs"].append({"name": "video_info", "type": "ADATP_VIDEO_INFO", "link": next_link})
+            next_link += 1
+    wf["last_link_id"] = next_link - 1
+    return wf
+
+
+@pytest.mark.parametrize("model", [TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME], ids=["qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflows_run_on_qwen(env, path, model):
+    pack, headless = env
+    result = headless.run_workflow(_on_qwen(json.loads(path.read_text()), model), pack.NODE_CLASS_MAPPINGS,
+                                   log=lambda m: None)
+    texts = [t for _, t in result.texts()]
+    assert any(t.startswith("Tokens kept:") for t in texts)
+    videos = [line for t in texts for line in t.splitlines() if line.startswith("Video:")]
+    assert videos and all("8 frames" in v and "temporal patches of 2" in v and "from the video" in v for v in videos)
+    for image in result.images():
+        assert open(image, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_video_info_the_stats_say_times_are_assumed(env):
+    pack, headless = env
+    data = json.loads((ROOT / "workflows" / "fastv_baseline.json").read_text())
+    result = headless.run_workflow(_on_qwen(data, TINY_QWEN2_5_VL_NAME, link_info=False),
+                                   pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
+    assert any("frame times assumed at 24 fps" in t for _, t in result.texts())
+
+
+def test_bypassing_both_debias_nodes_gives_fastv_on_qwen(env):
+    pack, headless = env
+    data = _on_qwen(json.loads((ROOT / "workflows" / "adatp_video_qa.json").read_text()), TINY_QWEN3_VL_NAME)
+    keep = {}
+    for label, mode in (("adatp", 0), ("bypassed", 4)):
+        wf = copy.deepcopy(data)
+        for node in wf["nodes"]:
+            if node["type"] in ("AdaTP_GlobalDebias", "AdaTP_LocalDebias"):
+                node["mode"] = mode
+        result = headless.run_workflow(wf, pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
+        prune_id = next(n["id"] for n in wf["nodes"] if n["type"] == "AdaTP_PruneTokens")
+        keep[label] = result.outputs[prune_id][0]
+    state = keep["bypassed"]
+    fastv = torch.sort(torch.sort(state.scores, descending=True, stable=True).indices[:state.keep.numel()]).values
+    assert torch.equal(state.keep, fastv)
+    assert not torch.equal(keep["adatp"].keep, state.keep)
