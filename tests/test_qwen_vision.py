@@ -104,3 +104,19 @@ def test_padded_segments_layout():
 def test_rejects_other_towers():
     with pytest.raises(TypeError, match="Qwen2.5-VL and Qwen3-VL"):
         vision_forward(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.tensor([[1, 1, 1]]))
+
+
+def test_benchmark_script_runs(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import vision_attention
+
+    assert vision_attention.main(["--shape", "tiny,qwen3-tiny", "--frames", "3", "--size", "224",
+                                  "--repeats", "1", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("vision_attention shape=") for line in lines)
+    fields = dict(kv.split("=", 1) for kv in lines[0].split()[1:])
+    assert fields["grid_thw"] == "2,16,16" and fields["attention_calls"] == "52/8"
+    assert float(fields["max_abs_err"]) <= 1e-5
