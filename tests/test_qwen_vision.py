@@ -120,3 +120,19 @@ def test_benchmark_script_runs(capsys):
     fields = dict(kv.split("=", 1) for kv in lines[0].split()[1:])
     assert fields["grid_thw"] == "2,16,16" and fields["attention_calls"] == "52/8"
     assert float(fields["max_abs_err"]) <= 1e-5
+
+
+def test_accelerate_hooked_tower_runs_its_own_forward(monkeypatch):
+    import adatp_core.models.qwen_vision as qwen_vision
+
+    model = build("qwen2_5")
+    model.blocks[1]._hf_hook = object()  # what accelerate's dispatch leaves on offloaded modules
+    calls = []
+    monkeypatch.setattr(qwen_vision, "segment_attention", lambda *a: calls.append(a))
+    x, grid_thw = pixels(model, GRIDS["unequal_windows"])
+    with torch.no_grad():
+        ours = vision_forward(model, x, grid_thw)
+        del model.blocks[1]._hf_hook
+        stock = model(x, grid_thw=grid_thw)
+    assert not calls
+    assert torch.equal(ours.pooler_output, stock.pooler_output)

@@ -21,6 +21,7 @@ order, ``pooler_output`` merged and put back in raster order) or, for Qwen3-VL,
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from transformers.vision_utils import (
     get_vision_position_ids,
     get_vision_window_index,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,14 +155,19 @@ def vision_forward(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         Qwen3-VL (``Qwen3VLVisionModel``) vision tower, e.g. ``model.model.visual``.
     pixel_values: [P, C*t*p*p] flattened patches, as the HF processor makes them.
     grid_thw: [M, 3] long, (t, h, w) patches per image or video.
-    Returns what the stock forward returns (see the module docstring).
+    Returns what the stock forward returns (see the module docstring). A tower dispatched by
+    accelerate (``_hf_hook`` on a module: weights offloaded or split over devices) runs its own
+    forward, since calling its submodules directly would skip the hooks that move the weights.
     """
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
+    if not isinstance(visual, (Qwen2_5_VisionTransformerPretrainedModel, Qwen3VLVisionModel)):
+        raise TypeError(f"vision_forward supports the Qwen2.5-VL and Qwen3-VL vision towers, "
+                        f"not {type(visual).__name__}; call the module itself instead.")
+    if any(hasattr(module, "_hf_hook") for module in visual.modules()):
+        log.info("Vision tower has accelerate hooks (device_map offload): using transformers' own forward.")
+        return visual(pixel_values, grid_thw=grid_thw)
     if isinstance(visual, Qwen2_5_VisionTransformerPretrainedModel):
         return _qwen2_5_forward(visual, pixel_values, grid_thw)
-    if isinstance(visual, Qwen3VLVisionModel):
-        return _qwen3_forward(visual, pixel_values, grid_thw)
-    raise TypeError(f"vision_forward supports the Qwen2.5-VL and Qwen3-VL vision towers, "
-                    f"not {type(visual).__name__}; call the module itself instead.")
+    return _qwen3_forward(visual, pixel_values, grid_thw)
