@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
+from ..adatp_core.models.quantize import QUANTIZED_DTYPES
 from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from . import comfy_bridge as bridge
 
@@ -59,8 +60,11 @@ class AdaTP_LoadVideoLLM:
         return {"required": {
             "model": (list_models(), {"tooltip": "A model folder under models/LLM (for example "
                                                  "llava-onevision-qwen2-7b-ov-hf), or the built-in tiny model."}),
-            "dtype": (["auto", *DTYPES], {"default": "auto", "tooltip": "Weight precision. auto: bfloat16 on "
-                                                                         "recent GPUs, float16 on older ones, float32 on CPU."}),
+            "dtype": (["auto", *DTYPES, *QUANTIZED_DTYPES], {
+                "default": "auto", "tooltip": "Weight precision. auto: bfloat16 on recent GPUs, float16 on older "
+                                              "ones, float32 on CPU. bnb-4bit / bnb-8bit: the LLM quantized with "
+                                              "bitsandbytes (NVIDIA GPU and the bitsandbytes package needed), "
+                                              "about 1/3 / 1/2 of the memory; the vision tower stays 16-bit."}),
             "attention": (list(ATTENTIONS), {"default": "sdpa", "tooltip": "Attention kernel. sdpa works "
                                                                            "everywhere; flash_attention_2 needs the flash-attn package."}),
             "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: ComfyUI's device (the GPU when "

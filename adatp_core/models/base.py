@@ -145,6 +145,9 @@ class VideoLLMAdapter:
     """
 
     model_types: tuple[str, ...] = ()
+    # Module-name prefixes (from the top of the transformers model) that 4/8-bit loading leaves in
+    # the compute dtype: the whole vision side and lm_head. Only the LLM's decoder layers are quantized.
+    unquantized_modules: tuple[str, ...] = ("lm_head",)
 
     def __init__(self, model, tokenizer):
         self.model = model

@@ -45,6 +45,7 @@ def read_chat_template(folder: Path, tokenizer) -> str:
 class LlavaOnevisionAdapter(VideoLLMAdapter):
     model_types = ("llava_onevision",)
     model_class = "LlavaOnevisionForConditionalGeneration"
+    unquantized_modules = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 
     def __init__(self, model, tokenizer, folder: Path, vision_chunk: int = 16):
         super().__init__(model, tokenizer)
