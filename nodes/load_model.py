@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
+from ..adatp_core.models.placement import SPLIT_DEVICE
 from ..adatp_core.models.quantize import QUANTIZED_DTYPES
 from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from . import comfy_bridge as bridge
@@ -14,7 +15,7 @@ from . import comfy_bridge as bridge
 log = logging.getLogger(__name__)
 
 BUILTIN_TINY = "adatp-tiny (built-in, random weights)"
-DEVICES = ("auto", "cuda", "cpu")
+DEVICES = ("auto", "cuda", "cpu", SPLIT_DEVICE)
 
 
 def list_models() -> list[str]:
@@ -68,7 +69,8 @@ class AdaTP_LoadVideoLLM:
             "attention": (list(ATTENTIONS), {"default": "sdpa", "tooltip": "Attention kernel. sdpa works "
                                                                            "everywhere; flash_attention_2 needs the flash-attn package."}),
             "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: ComfyUI's device (the GPU when "
-                                                                     "there is one)."}),
+                                                                     "there is one). multi-gpu: split a model too "
+                                                                     "large for one card over all GPUs (stays loaded)."}),
             "keep_loaded": ("BOOLEAN", {"default": True, "tooltip": "Keep the model on the GPU between runs. "
                                                                     "Off: move it to the offload device after each answer."}),
         }}
@@ -85,7 +87,8 @@ class AdaTP_LoadVideoLLM:
     def load(self, model, dtype, attention, device, keep_loaded):
         folder = resolve_model(model)
         dev = bridge.compute_device(device)
-        bridge.make_room(weights_bytes(folder), dev if dev != "auto" else "cpu")
+        room_on = "cuda:0" if dev == SPLIT_DEVICE else dev if dev != "auto" else "cpu"  # split: its first GPU
+        bridge.make_room(weights_bytes(folder), room_on)
         llm = load_video_llm(folder, device=dev, dtype=dtype, attention=attention,
                              name=TINY_MODEL_NAME if model == BUILTIN_TINY else model,
                              offload_device=None if keep_loaded else bridge.offload_device())

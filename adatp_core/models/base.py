@@ -163,6 +163,9 @@ class VideoLLMAdapter:
     # Module-name prefixes (from the top of the transformers model) that 4/8-bit loading leaves in
     # the compute dtype: the whole vision side and lm_head. Only the LLM's decoder layers are quantized.
     unquantized_modules: tuple[str, ...] = ("lm_head",)
+    # Modules and parameters that the adapter calls piece by piece before the decoder layers (the
+    # vision side, the token embeddings): a model split over GPUs keeps them together on the first.
+    input_modules: tuple[str, ...] = ()
 
     def __init__(self, model, tokenizer):
         self.model = model

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from .base import VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .placement import SPLIT_DEVICE, check_split_device, split_device_map
 from .preprocess import PREPROCESSOR_FILES
 from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
 
@@ -208,7 +209,8 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     folder, config = check_model_folder(folder)
     if attention not in ATTENTIONS:
         raise AdaTPInputError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")
-    dev = resolve_device(device)
+    split = isinstance(device, str) and device == SPLIT_DEVICE  # over every GPU; dev is the first
+    dev = check_split_device() if split else resolve_device(device)
     adapter_cls = ADAPTERS[config["model_type"]]
     quantization = None
     if dtype in QUANTIZED_DTYPES:  # refused here, before any weight is read, where it cannot run
@@ -227,10 +229,18 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
         raise AdaTPInputError(f"the tokenizer in {folder} cannot be loaded ({exc}); download it again.") from exc
     register_attention(attention)
     model_cls = getattr(transformers, adapter_cls.model_class)
+    device_map = {"": dev} if dev.type == "cuda" else None
+    if split:
+        model_config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        device_map = split_device_map(model_cls, model_config, torch_dtype, adapter_cls.input_modules,
+                                      quantization=quantization)
+        if offload_device is not None:
+            log.warning("a model split over GPUs stays loaded (keep_loaded off is not supported for it)")
+            offload_device = None
     try:
         model = model_cls.from_pretrained(
             folder, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-            dtype=torch_dtype, device_map={"": dev} if dev.type == "cuda" else None,
+            dtype=torch_dtype, device_map=device_map,
             attn_implementation={"text_config": wrapped_attention_name(attention),
                                  "vision_config": attention, "": attention},
             quantization_config=quantization,
@@ -242,11 +252,12 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
         raise AdaTPInputError(
             f"the weights in {folder} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}); "
             "the download may be incomplete or damaged: download them again.") from exc
-    if quantization is None:  # bitsandbytes placed it already, and refuses some moves
+    if device_map is None:  # else placed already (and bitsandbytes refuses some moves)
         model = model.to(dev)
     model.eval()
     adapter = adapter_cls(model, tokenizer, folder)
-    log.info("loaded %s on %s as %s", folder.name, dev, dtype if quantization is not None else torch_dtype)
+    log.info("loaded %s on %s as %s", folder.name, SPLIT_DEVICE if split else dev,
+             dtype if quantization is not None else torch_dtype)
     return VideoLLM(model=model, tokenizer=tokenizer, adapter=adapter, name=name or folder.name,
                     path=str(folder), compute_device=dev, dtype=torch_dtype, attention=attention,
                     offload_device=torch.device(offload_device) if offload_device is not None else None,
