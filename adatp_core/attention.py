@@ -74,7 +74,8 @@ def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
             if probe.scores is None:
                 raise AdaTPEnvironmentError(
                     "the attention probe was not called; load the model with AdaTP's loader")
-            return encoded, hidden, cache.export(layer), probe.scores, relevance, position_ids
+            # Layer K-1 may sit on another GPU of a split model; selection happens on the input device.
+            return encoded, hidden, cache.export(layer), probe.scores.to(dev), relevance, position_ids
 
 
 def _check_max_pixels(max_pixels) -> int | None:

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         from .models.loader import load_video_llm
         from .models.tiny import TINY_MODEL_NAME, ensure_tiny_model
         from .pipeline import PipelineConfig, run_pipeline
-        from .samples import SAMPLE_VIDEO
+        from .samples import sample_video
 
         load_start = time.perf_counter()
         if args.model:
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
             generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode),
         )
-        result = run_pipeline(model, args.video or SAMPLE_VIDEO, args.question, cfg)
+        result = run_pipeline(model, args.video or sample_video(), args.question, cfg)
     except (AdaTPInputError, AdaTPEnvironmentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,10 +9,11 @@ that is the vanilla model, exactly.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +24,7 @@ from .state import AdaTPState
 from .static_decode import StaticDecoder, StaticKVCache
 from .timing import synchronize
 
+log = logging.getLogger(__name__)
 MAX_NEW_TOKENS_LIMIT = 8192
 DECODE_MODES = ("default", "static")
 # Stage timings (seconds, in stats) that make up AdaTP's selection and the time to first token,
@@ -95,7 +97,6 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     cfg = sampling or SamplingConfig()
     model = state.model
     adapter = model.adapter
-    dev = adapter.device
     limit = getattr(adapter.text_model.config, "max_position_embeddings", None)
     if limit is not None and state.prompt.length + cfg.max_new_tokens > limit:
         raise AdaTPInputError(
@@ -103,7 +104,10 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
             f"the model's context of {limit}; lower max_new_tokens or use fewer frames.")
     generator = None
     if cfg.do_sample:
-        generator = torch.Generator(device=dev).manual_seed(cfg.seed)
+        generator = torch.Generator(device=adapter.output_device).manual_seed(cfg.seed)  # beside the logits
+    if cfg.decode_mode == "static" and adapter.is_split:
+        log.warning("static decoding needs the model on one device; decoding step by step instead")
+        cfg = replace(cfg, decode_mode="default")
     run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation")
     stats = {**state.stats}
     stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
@@ -139,9 +143,9 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     with torch.inference_mode():
         synchronize(dev)
         start = time.perf_counter()
-        positions = state.kept_positions().to(dev)
-        hidden = state.hidden[:, positions]
-        position_ids = state.position_ids[..., positions]
+        positions = state.kept_positions()  # indices go to each tensor's device (a split model has several)
+        hidden = state.hidden[:, positions.to(state.hidden.device)]
+        position_ids = state.position_ids[..., positions.to(state.position_ids.device)]
         cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=cfg.max_new_tokens)
         hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers,
                                     inject=state.kept_injection())

@@ -7,6 +7,7 @@ segmentation has something to find.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,23 @@ def scene_frames(num_frames: int = 96, width: int = 320, height: int = 240, scen
         else:  # a disc
             img[(xx - cx) ** 2 + (yy - cy) ** 2 < 22 ** 2] = shapes[s % len(shapes)]
     return frames
+
+
+def sample_video() -> Path:
+    """The pack's sample video. Where the core is installed as a library
+    (``pip install .``) the pack's assets folder is absent, so the same clip
+    is written into the cache folder on first use."""
+    if SAMPLE_VIDEO.is_file():
+        return SAMPLE_VIDEO
+    from .models.tiny import default_cache_dir
+
+    path = default_cache_dir() / SAMPLE_VIDEO.name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}-{os.getpid()}{path.suffix}")  # renamed into place: never half-written
+        write_video(tmp, scene_frames(), fps=8.0)
+        os.replace(tmp, path)
+    return path
 
 
 def main(argv=None) -> int:

@@ -69,6 +69,25 @@ class VideoInfo:
     frames_decoded: int | None = None  # how many frames the decoder decoded (None: not known)
 
 
+def open_container(path, mode: str = "r"):
+    """``av.open(path, mode)`` that tolerates badly encoded metadata on every PyAV from 12 on.
+
+    PyAV 12-18 decode (and encode) metadata tags strictly unless told otherwise
+    through ``metadata_errors``; a single Latin-1 title then makes the whole file
+    unreadable. PyAV 19 removed that keyword and always uses ``surrogateescape``.
+    Rather than guess from version numbers, the keyword is offered and dropped
+    when this PyAV refuses it.
+    """
+    import av
+
+    try:
+        return av.open(path, mode, metadata_errors="surrogateescape")
+    except TypeError as exc:
+        if "metadata_errors" not in str(exc):
+            raise
+    return av.open(path, mode)
+
+
 def probe_video(path) -> VideoProbe:
     """Open ``path`` with PyAV and describe its first video stream.
 
@@ -82,7 +101,7 @@ def probe_video(path) -> VideoProbe:
     if path.stat().st_size == 0:
         raise AdaTPInputError(f"video {path.name} is empty (0 bytes); copy the file again.")
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with open_container(str(path)) as container:
             formats = set((container.format.name or "").split(","))
             if formats & set(IMAGE_FORMATS):
                 raise AdaTPInputError(f"{path.name} is a still image, not a video; choose a video file.")
@@ -97,13 +116,13 @@ def probe_video(path) -> VideoProbe:
                     "re-export it as MP4 (H.264).")
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
-            if stream.duration is not None and stream.time_base is not None:
+            if stream.duration is not None and stream.time_base:  # PyAV 19: AVRational(0, 1) when unset
                 duration = float(stream.duration * stream.time_base)
             elif container.duration is not None:
                 duration = container.duration / 1_000_000
             else:
                 duration = 0.0
-            start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            start = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
             count = int(stream.frames or 0) or int(round(duration * fps))
             probe = VideoProbe(fps=fps, duration=duration, frame_count=count, width=int(ctx.width or 0),
                                height=int(ctx.height or 0), codec=ctx.name or "?", start_time=start)
@@ -256,7 +275,7 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
 
     out, stamps = [], []
     try:
-        container = av.open(path, metadata_errors="ignore")
+        container = open_container(path)
     except av.error.FFmpegError as exc:
         raise AdaTPInputError(f"PyAV cannot open {Path(path).name}: {exc}") from exc
     with container:

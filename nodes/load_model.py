@@ -7,6 +7,8 @@ from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
+from ..adatp_core.models.placement import SPLIT_DEVICE
+from ..adatp_core.models.quantize import QUANTIZED_DTYPES
 from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from ..adatp_core.models.tiny_qwen import (TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME, ensure_tiny_qwen2_5_vl,
                                           ensure_tiny_qwen3_vl)
@@ -17,7 +19,7 @@ log = logging.getLogger(__name__)
 BUILTIN_TINY = "adatp-tiny (built-in, random weights)"
 # The other built-in tiny models, by their name in the list.
 BUILTIN_TINY_QWEN = {TINY_QWEN2_5_VL_NAME: ensure_tiny_qwen2_5_vl, TINY_QWEN3_VL_NAME: ensure_tiny_qwen3_vl}
-DEVICES = ("auto", "cuda", "cpu")
+DEVICES = ("auto", "cuda", "cpu", SPLIT_DEVICE)
 
 
 def list_models() -> list[str]:
@@ -66,12 +68,16 @@ class AdaTP_LoadVideoLLM:
         return {"required": {
             "model": (list_models(), {"tooltip": "A model folder under models/LLM (for example "
                                                  "llava-onevision-qwen2-7b-ov-hf), or the built-in tiny model."}),
-            "dtype": (["auto", *DTYPES], {"default": "auto", "tooltip": "Weight precision. auto: bfloat16 on "
-                                                                         "recent GPUs, float16 on older ones, float32 on CPU."}),
+            "dtype": (["auto", *DTYPES, *QUANTIZED_DTYPES], {
+                "default": "auto", "tooltip": "Weight precision. auto: bfloat16 on recent GPUs, float16 on older "
+                                              "ones, float32 on CPU. bnb-4bit / bnb-8bit: the LLM quantized with "
+                                              "bitsandbytes (NVIDIA GPU and the bitsandbytes package needed), "
+                                              "about 1/3 / 1/2 of the memory; the vision tower stays 16-bit."}),
             "attention": (list(ATTENTIONS), {"default": "sdpa", "tooltip": "Attention kernel. sdpa works "
                                                                            "everywhere; flash_attention_2 needs the flash-attn package."}),
             "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: ComfyUI's device (the GPU when "
-                                                                     "there is one)."}),
+                                                                     "there is one). multi-gpu: split a model too "
+                                                                     "large for one card over all GPUs (stays loaded)."}),
             "keep_loaded": ("BOOLEAN", {"default": True, "tooltip": "Keep the model on the GPU between runs. "
                                                                     "Off: move it to the offload device after each answer."}),
         }}
@@ -88,7 +94,8 @@ class AdaTP_LoadVideoLLM:
     def load(self, model, dtype, attention, device, keep_loaded):
         folder = resolve_model(model)
         dev = bridge.compute_device(device)
-        bridge.make_room(weights_bytes(folder), dev if dev != "auto" else "cpu")
+        room_on = "cuda:0" if dev == SPLIT_DEVICE else dev if dev != "auto" else "cpu"  # split: its first GPU
+        bridge.make_room(weights_bytes(folder), room_on)
         llm = load_video_llm(folder, device=dev, dtype=dtype, attention=attention,
                              name=TINY_MODEL_NAME if model == BUILTIN_TINY else model,
                              offload_device=None if keep_loaded else bridge.offload_device())

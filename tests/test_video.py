@@ -92,3 +92,69 @@ def test_window_outside_video(clip):
         load_video(clip, 4, start_time=10.0)
     with pytest.raises(AdaTPInputError, match="start_time"):
         load_video(clip, 4, start_time=3.0, end_time=2.0)
+
+
+# PyAV's av.open keywords across the supported releases: 12-18 take metadata_errors, 19 removed it
+# (a TypeError for any caller that still passes it). These fakes accept exactly one release's
+# keywords and hand on to the installed av.open, so both signatures are exercised whatever is installed.
+def _pyav19_open(real, calls):
+    def open(file, mode=None, format=None, options=None, container_options=None, buffer_size=32768,
+             timeout=None, io_open=None, hwaccel=None):
+        calls.append({"mode": mode})
+        return real(file, mode)
+    return open
+
+
+def _pyav12_open(real, calls):
+    def open(file, mode=None, format=None, options=None, container_options=None, stream_options=None,
+             metadata_encoding="utf-8", metadata_errors="strict", buffer_size=32768, timeout=None,
+             io_open=None, hwaccel=None):
+        calls.append({"mode": mode, "metadata_errors": metadata_errors})
+        return real(file, mode)
+    return open
+
+
+@pytest.mark.parametrize("fake", [_pyav19_open, _pyav12_open])
+def test_video_opens_with_either_pyav_open_signature(clip, monkeypatch, fake):
+    import av
+
+    calls = []
+    monkeypatch.setattr(av, "open", fake(av.open, calls))
+    frames, info = load_video(clip, 4, backend="pyav")
+    assert info.backend == "pyav" and frames.shape[0] == 4
+    assert calls and all(c["mode"] in (None, "r") for c in calls)  # the probe and the decoder both opened it
+    if fake is _pyav12_open:  # PyAV 12-18 are told to tolerate badly encoded tags
+        assert all(c["metadata_errors"] != "strict" for c in calls)
+
+
+def test_open_container_keeps_other_type_errors(monkeypatch):
+    import av
+
+    from adatp_core.video import open_container
+
+    def broken(file, mode=None, **kwargs):
+        raise TypeError("expected str, bytes or os.PathLike object")
+
+    monkeypatch.setattr(av, "open", broken)
+    with pytest.raises(TypeError, match="PathLike"):
+        open_container(123)
+
+
+def test_video_with_non_utf8_metadata_is_readable(tmp_path):
+    """A Latin-1 title (byte 0xE9 alone) made PyAV 12-18 refuse the whole file under strict decoding."""
+    import av
+
+    from adatp_core.video import open_container
+
+    path = tmp_path / "latin1.mp4"
+    with open_container(str(path), "w") as container:
+        container.metadata["title"] = "caf\udce9"  # written as the raw byte 0xE9 on every PyAV
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for img in scene_frames(8, 64, 48, scenes=1):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    frames, info = load_video(path, 4, backend="pyav")
+    assert frames.shape == (4, 48, 64, 3) and info.frame_count == 8

@@ -200,6 +200,21 @@ class AttentionProbe:
     scores: torch.Tensor | None = field(default=None)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device when a device map
+    dispatched it (its weights may then wait on the CPU or disk), else the device
+    of its first parameter or buffer. A model split over several GPUs has one per layer."""
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    raise AdaTPInputError(f"{type(module).__name__} has no weights to tell its device")
+
+
 def _cache_argument(layer: torch.nn.Module) -> str:
     """transformers renamed the decoder layers' cache argument: past_key_values
     (<= 5.17) became cache (5.2x). Ask the signature instead of the version."""
@@ -216,6 +231,12 @@ class VideoLLMAdapter:
     """
 
     model_types: tuple[str, ...] = ()
+    # Module-name prefixes (from the top of the transformers model) that 4/8-bit loading leaves in
+    # the compute dtype: the whole vision side and lm_head. Only the LLM's decoder layers are quantized.
+    unquantized_modules: tuple[str, ...] = ("lm_head",)
+    # Modules and parameters that the adapter calls piece by piece before the decoder layers (the
+    # vision side, the token embeddings): a model split over GPUs keeps them together on the first.
+    input_modules: tuple[str, ...] = ()
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -268,7 +289,19 @@ class VideoLLMAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.text_model.embed_tokens.weight.device
+        """The input device: token embeddings, the vision side and the selection tensors live here."""
+        return module_device(self.text_model.embed_tokens)
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where the logits come out (lm_head's device; another GPU when the model is split)."""
+        return module_device(self.model.lm_head)
+
+    @property
+    def is_split(self) -> bool:
+        """Whether the decoder layers (and the input and output ends) are on more than one device."""
+        devices = {module_device(layer) for layer in self.text_model.layers}
+        return len(devices | {self.device, self.output_device}) > 1
 
     @property
     def dtype(self) -> torch.dtype:
@@ -280,9 +313,9 @@ class VideoLLMAdapter:
     def assemble(self, prompt: Prompt, encoded: Encoded) -> torch.Tensor:
         """inputs_embeds [1, L, D]: text embeddings with the video scattered in."""
         embeds = self.embed_tokens(prompt.input_ids).clone()
-        embeds[prompt.visual_positions] = encoded.visual.to(embeds.dtype)
+        embeds[prompt.visual_positions] = encoded.visual.to(embeds.device, embeds.dtype)
         if len(prompt.extra_positions):
-            embeds[prompt.extra_positions] = encoded.extras.to(embeds.dtype)
+            embeds[prompt.extra_positions] = encoded.extras.to(embeds.device, embeds.dtype)
         return embeds.unsqueeze(0)
 
     def next_position_ids(self, position_ids: torch.Tensor, step: int) -> torch.Tensor:
@@ -308,6 +341,11 @@ class VideoLLMAdapter:
         tm = self.text_model
         position_embeddings = tm.rotary_emb(hidden, position_ids)
         for i in range(start, stop):
+            dev = module_device(tm.layers[i])  # a split model changes device between layers
+            if hidden.device != dev:
+                hidden = hidden.to(dev)
+                position_ids = position_ids.to(dev)
+                position_embeddings = tuple(t.to(dev) for t in position_embeddings)
             kwargs = {self._cache_arg: cache}
             if probe is not None and probe.layer == i:
                 kwargs["adatp_probe"] = probe
@@ -322,7 +360,8 @@ class VideoLLMAdapter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, S, D] after the last layer -> float32 logits [S, V]."""
-        return self.model.lm_head(self.text_model.norm(hidden))[0].float()
+        hidden = self.text_model.norm(hidden.to(module_device(self.text_model.norm)))
+        return self.model.lm_head(hidden.to(self.output_device))[0].float()
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

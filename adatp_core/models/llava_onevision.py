@@ -22,6 +22,9 @@ from .preprocess import PreprocessConfig, preprocess_frames
 class LlavaOnevisionAdapter(VideoLLMAdapter):
     model_types = ("llava_onevision",)
     model_class = "LlavaOnevisionForConditionalGeneration"
+    unquantized_modules = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+    input_modules = ("model.vision_tower", "model.multi_modal_projector", "model.image_newline",
+                     "model.language_model.embed_tokens")
 
     def __init__(self, model, tokenizer, folder: Path, vision_chunk: int = 16):
         super().__init__(model, tokenizer)

@@ -19,9 +19,11 @@ from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from .attention_hook import register_attention, wrapped_attention_name
 from .base import VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .placement import SPLIT_DEVICE, check_split_device, split_device_map
+from .preprocess import PREPROCESSOR_FILES
+from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
-from .preprocess import PREPROCESSOR_FILES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class VideoLLM:
     dtype: torch.dtype
     attention: str
     offload_device: torch.device | None = None  # None: keep the model loaded
+    quantization: str | None = None  # a QUANTIZED_DTYPES choice (dtype is then the compute dtype)
 
     @property
     def device(self) -> torch.device:
@@ -57,7 +60,8 @@ class VideoLLM:
         return self.adapter.device
 
     def __repr__(self) -> str:
-        return f"VideoLLM({self.name!r}, {self.compute_device}, {str(self.dtype).removeprefix('torch.')})"
+        precision = self.quantization or str(self.dtype).removeprefix("torch.")
+        return f"VideoLLM({self.name!r}, {self.compute_device}, {precision})"
 
 
 def activate(llm: VideoLLM) -> None:
@@ -189,7 +193,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
-        raise AdaTPInputError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+        raise AdaTPInputError(f"unknown dtype {dtype!r}; use auto, {', '.join((*DTYPES, *QUANTIZED_DTYPES))}")
     return DTYPES[dtype]
 
 
@@ -206,9 +210,16 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     folder, config = check_model_folder(folder)
     if attention not in ATTENTIONS:
         raise AdaTPInputError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    split = isinstance(device, str) and device == SPLIT_DEVICE  # over every GPU; dev is the first
+    dev = check_split_device() if split else resolve_device(device)
     adapter_cls = ADAPTERS[config["model_type"]]
+    quantization = None
+    if dtype in QUANTIZED_DTYPES:  # refused here, before any weight is read, where it cannot run
+        check_bitsandbytes(dtype, dev)
+        torch_dtype = resolve_dtype("auto", dev)
+        quantization = bitsandbytes_config(dtype, torch_dtype, adapter_cls.unquantized_modules)
+    else:
+        torch_dtype = resolve_dtype(dtype, dev)
 
     import transformers
     from transformers import AutoTokenizer
@@ -219,12 +230,21 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
         raise AdaTPInputError(f"the tokenizer in {folder} cannot be loaded ({exc}); download it again.") from exc
     register_attention(attention)
     model_cls = getattr(transformers, adapter_cls.model_class)
+    device_map = {"": dev} if dev.type == "cuda" else None
+    if split:
+        model_config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        device_map = split_device_map(model_cls, model_config, torch_dtype, adapter_cls.input_modules,
+                                      quantization=quantization)
+        if offload_device is not None:
+            log.warning("a model split over GPUs stays loaded (keep_loaded off is not supported for it)")
+            offload_device = None
     try:
         model = model_cls.from_pretrained(
             folder, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-            dtype=torch_dtype, device_map={"": dev} if dev.type == "cuda" else None,
+            dtype=torch_dtype, device_map=device_map,
             attn_implementation={"text_config": wrapped_attention_name(attention),
                                  "vision_config": attention, "": attention},
+            quantization_config=quantization,
         )
     except torch.OutOfMemoryError as exc:
         raise AdaTPEnvironmentError(
@@ -233,9 +253,13 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
         raise AdaTPInputError(
             f"the weights in {folder} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}); "
             "the download may be incomplete or damaged: download them again.") from exc
-    model = model.to(dev).eval()
+    if device_map is None:  # else placed already (and bitsandbytes refuses some moves)
+        model = model.to(dev)
+    model.eval()
     adapter = adapter_cls(model, tokenizer, folder)
-    log.info("loaded %s on %s as %s", folder.name, dev, torch_dtype)
+    log.info("loaded %s on %s as %s", folder.name, SPLIT_DEVICE if split else dev,
+             dtype if quantization is not None else torch_dtype)
     return VideoLLM(model=model, tokenizer=tokenizer, adapter=adapter, name=name or folder.name,
                     path=str(folder), compute_device=dev, dtype=torch_dtype, attention=attention,
-                    offload_device=torch.device(offload_device) if offload_device is not None else None)
+                    offload_device=torch.device(offload_device) if offload_device is not None else None,
+                    quantization=dtype if quantization is not None else None)
