@@ -355,7 +355,7 @@ class VideoLLMAdapter:
             hidden = out[0] if isinstance(out, tuple) else out
             if inject is not None and i < len(inject.features):
                 hidden = hidden.clone()
-                hidden[0, inject.rows] = hidden[0, inject.rows] + inject.features[i].to(hidden.dtype)
+                hidden[0, inject.rows] = hidden[0, inject.rows] + inject.features[i].to(hidden.device, hidden.dtype)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
