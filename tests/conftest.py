@@ -62,3 +62,30 @@ def stock(tiny_dir):
 @pytest.fixture(scope="session")
 def stock_eager(tiny_dir):
     return _stock(tiny_dir, "eager")
+
+
+class LoaderStopped(Exception):
+    """Raised by the stop_at_from_pretrained fixture in place of loading weights."""
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch believes two bf16-capable CUDA GPUs are present (nothing may run on them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+@pytest.fixture
+def stop_at_from_pretrained(monkeypatch) -> dict:
+    """The keyword arguments the loader hands to LLaVA-OV's from_pretrained, which raises LoaderStopped."""
+    import transformers
+
+    seen = {}
+
+    def from_pretrained(folder, **kwargs):
+        seen.update(kwargs)
+        raise LoaderStopped
+
+    monkeypatch.setattr(transformers.LlavaOnevisionForConditionalGeneration, "from_pretrained", from_pretrained)
+    return seen

@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUESTION
+from conftest import QUESTION, LoaderStopped
 
 from adatp_core.attention import extract_attention
 from adatp_core.debias import global_debias, local_debias
@@ -35,12 +35,6 @@ def unreadable_weights(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, folder)
     (folder / "model.safetensors").write_bytes(b"reading this is a bug")
     return folder
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
 
 
 @pytest.mark.parametrize("choice", list(quantize.QUANTIZED_DTYPES))
@@ -68,24 +62,13 @@ def test_refused_with_an_old_bitsandbytes(unreadable_weights, fake_cuda, monkeyp
         load_video_llm(unreadable_weights, device="cuda", dtype="bnb-4bit")
 
 
-class _Loaded(Exception):
-    """Stops the loader at from_pretrained, after recording what it was asked."""
-
-
 @pytest.mark.parametrize("choice", list(quantize.QUANTIZED_DTYPES))
-def test_loader_asks_transformers_for_bitsandbytes(unreadable_weights, fake_cuda, monkeypatch, choice):
-    import transformers
-
+def test_loader_asks_transformers_for_bitsandbytes(unreadable_weights, fake_cuda, stop_at_from_pretrained,
+                                                   monkeypatch, choice):
     monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
     monkeypatch.setattr(quantize.importlib.metadata, "version", lambda name: "0.50.2")
-    seen = {}
-
-    def from_pretrained(folder, **kwargs):
-        seen.update(kwargs)
-        raise _Loaded
-
-    monkeypatch.setattr(transformers.LlavaOnevisionForConditionalGeneration, "from_pretrained", from_pretrained)
-    with pytest.raises(_Loaded):
+    seen = stop_at_from_pretrained
+    with pytest.raises(LoaderStopped):
         load_video_llm(unreadable_weights, device="cuda", dtype=choice)
     cfg = seen["quantization_config"]
     assert seen["dtype"] == torch.bfloat16 and seen["device_map"] == {"": torch.device("cuda")}

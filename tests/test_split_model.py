@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUESTION
+from conftest import QUESTION, LoaderStopped
 
 from adatp_core.attention import extract_attention
 from adatp_core.debias import global_debias, local_debias
@@ -151,29 +151,15 @@ def test_the_balanced_map_dispatched_answers_exactly(tiny_dir, tiny, frames, tmp
         assert torch.equal(scores, ref_scores) and torch.equal(keep, ref_keep) and tokens == ref_tokens
 
 
-class _Loaded(Exception):
-    """Stops the loader at from_pretrained, after recording what it was asked."""
-
-
-def test_loader_hands_the_split_map_to_transformers(tiny_dir, tiny, monkeypatch):
-    import transformers
-
+def test_loader_hands_the_split_map_to_transformers(tiny_dir, tiny, fake_cuda, stop_at_from_pretrained,
+                                                    monkeypatch):
     from adatp_core.models import loader
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     planned = _tiny_map(tiny_dir, int(_model_bytes(tiny) * 0.7))
     monkeypatch.setattr(loader, "split_device_map", lambda *a, **k: planned)  # free memory cannot be measured here
-    seen = {}
-
-    def from_pretrained(folder, **kwargs):
-        seen.update(kwargs)
-        raise _Loaded
-
-    monkeypatch.setattr(transformers.LlavaOnevisionForConditionalGeneration, "from_pretrained", from_pretrained)
-    with pytest.raises(_Loaded):
+    with pytest.raises(LoaderStopped):
         load_video_llm(tiny_dir, device="multi-gpu", offload_device="cpu")
+    seen = stop_at_from_pretrained
     assert seen["device_map"] == planned and seen["dtype"] == torch.bfloat16
 
 

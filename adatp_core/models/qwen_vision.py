@@ -10,8 +10,9 @@ submodules, but lays the packed tokens out once per forward as a padded batch of
 segments [B, L] and makes one ``scaled_dot_product_attention`` call per layer over
 [B, heads, L, head_dim], with a key-padding mask only where segments are unequal.
 When every segment has the same length (the usual case for windows and frames)
-the layout is a plain reshape and no mask is passed, so CUDA's flash kernel runs.
-Nothing syncs with the host inside the layer loop.
+the layout is a plain reshape and no mask is passed, so sdpa can pick its flash
+kernel on CUDA in half precision. The layouts are built once per forward (one small
+host copy each) and reused by every layer: nothing syncs inside the layer loop.
 
 It returns exactly what the stock module's forward returns for the same inputs:
 a ``BaseModelOutputWithPooling`` (Qwen2.5-VL: ``last_hidden_state`` in window
