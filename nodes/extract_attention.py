@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..adatp_core.attention import QUERY_MODES, extract_attention
-from ..adatp_core.models.loader import activate
 from . import comfy_bridge as bridge
 
 
@@ -32,5 +31,5 @@ class AdaTP_ExtractAttention:
 
     def extract(self, model, frames, question, layer, query):
         bridge.check_interrupt()
-        activate(model)
+        bridge.activate(model)
         return (extract_attention(model, frames, question, layer, query),)
