@@ -25,7 +25,8 @@ def list_models() -> list[str]:
     names = set()
     for root in bridge.model_roots():
         if root.is_dir():
-            names.update(p.name for p in root.iterdir() if is_model_folder(p))
+            # Hidden folders are never listed: a download in progress lives in one.
+            names.update(p.name for p in root.iterdir() if not p.name.startswith(".") and is_model_folder(p))
     downloadable = [e.label for e in catalog() if e.folder_name not in names]
     return [BUILTIN_TINY, *sorted(names), *downloadable]
 
@@ -50,7 +51,7 @@ def resolve_model(name: str, download: bool = False) -> Path:
         if folder is None and not download:
             raise AdaTPInputError(f"{entry.repo_id} is not downloaded yet.")
         return folder or bridge.download(entry.repo_id)
-    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
         raise AdaTPInputError(f"model {name!r} is not a folder name under models/LLM; pick one from the list.")
     folder = local_folder(name)
     if folder is not None:

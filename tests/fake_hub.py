@@ -104,8 +104,9 @@ class FakeHub:
         self.close()
 
     def gets(self, filename: str) -> int:
-        """How many GET requests fetched a file (by its name)."""
-        return sum(1 for m, p, _ in self.requests if m == "GET" and "/resolve/" in p and p.endswith("/" + filename))
+        """How many GET requests fetched a file (by its path in the repository)."""
+        return sum(1 for m, p, _ in self.requests
+                   if m == "GET" and "/resolve/" in p and p.split("/resolve/", 1)[1].split("/", 1)[-1] == filename)
 
     # ----- request handling -------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler, body: bool) -> None:

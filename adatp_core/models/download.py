@@ -41,7 +41,6 @@ ALLOWED_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "*.tiktoken", "merges.
                     "tokenizer.model", "spiece.model")
 MARKER_FILE = "config.json"  # a folder with it is a (complete) model folder
 DISK_MARGIN = 64 * 1024 * 1024
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "ssl", "socket")
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -246,14 +245,14 @@ def _explained_errors(repo_id: str, final: Path):
     except LocalEntryNotFoundError as exc:
         raise DownloadError(_network_message(repo_id, final, manual, exc)) from exc
     except OSError as exc:
-        if exc.errno in DISK_ERRNOS:
+        if _is_network_error(exc):
+            raise DownloadError(_network_message(repo_id, final, manual, exc)) from exc
+        if exc.errno is not None:  # disk full, read-only, permissions, a file in the way
             raise DownloadError(
                 f"cannot write the download of {repo_id} under {final.parent}: {exc.strerror or exc} "
                 f"({exc.filename or final.parent}). Free disk space or fix the folder's permissions (or add "
                 f"another LLM folder first in extra_model_paths.yaml), then run again; finished files are "
                 f"kept. {manual}") from exc
-        if _is_network_error(exc):
-            raise DownloadError(_network_message(repo_id, final, manual, exc)) from exc
         raise
     except Exception as exc:
         if _is_network_error(exc):
