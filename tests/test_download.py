@@ -216,3 +216,15 @@ def test_load_node_lists_downloads_and_then_uses_the_local_copy(env, tmp_path, m
     again = node.AdaTP_LoadVideoLLM().load(label, "float32", "sdpa", "cpu", True)[0]
     assert again.path == llm.path and env.requests == []
     assert os.listdir(tmp_path / "LLM") == ["tiny-llava-onevision"]
+
+
+def test_readme_shows_the_catalog_and_the_manual_command():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for e in CATALOG:
+        assert (f"| {e.label} |" in readme and f"| {e.disk_gb:.1f} GB | ~{e.vram_bf16_gb:g} GB | "
+                f"~{e.vram_4bit_gb:g} GB |" in readme), e.repo_id
+    target = "ComfyUI/models/LLM/Qwen2.5-VL-7B-Instruct"
+    command = dl.manual_command("Qwen/Qwen2.5-VL-7B-Instruct", Path(target)).replace(f'"{target}"', target)
+    assert command in " ".join(readme.replace("\\\n", " ").split())
