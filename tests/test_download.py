@@ -228,3 +228,37 @@ def test_readme_shows_the_catalog_and_the_manual_command():
     target = "ComfyUI/models/LLM/Qwen2.5-VL-7B-Instruct"
     command = dl.manual_command("Qwen/Qwen2.5-VL-7B-Instruct", Path(target)).replace(f'"{target}"', target)
     assert command in " ".join(readme.replace("\\\n", " ").split())
+
+
+def test_an_interruption_swallowed_inside_huggingface_hub_still_stops(env, tmp_path, monkeypatch):
+    """hf_xet calls the progress back from its own code and may swallow what it raises."""
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+
+    def swallowing(*args, tqdm_class=None, **kwargs):
+        def quiet(**bar_kwargs):
+            bar = tqdm_class(**bar_kwargs)
+            update = bar.update
+
+            def update_swallowing(n=1):
+                try:
+                    update(n)
+                except Stop:
+                    pass
+
+            bar.update = update_swallowing
+            return bar
+        return real(*args, tqdm_class=quiet, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", swallowing)
+    pressed = []
+
+    def check():
+        if pressed:
+            pressed.clear()  # like ComfyUI: the flag is cleared as the exception is raised
+            raise Stop()
+
+    with pytest.raises(Stop):
+        dl.download_model(REPO, tmp_path, on_progress=lambda done, total: pressed.append(1), check_interrupt=check)
+    assert not (tmp_path / "tiny-llava-onevision").exists()

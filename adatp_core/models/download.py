@@ -153,6 +153,7 @@ class _ByteProgress:
     def __init__(self, total: int, on_progress: ProgressCallback | None, check_interrupt: Callable[[], None]):
         self.total, self.done, self.current = total, 0, 0
         self.on_progress, self.check_interrupt = on_progress, check_interrupt
+        self.stopped: BaseException | None = None  # an interruption raised inside huggingface_hub
 
     def report(self) -> None:
         if self.on_progress is not None:
@@ -161,7 +162,17 @@ class _ByteProgress:
     def advance(self, n) -> None:
         self.current += int(n or 0)
         self.report()
-        self.check_interrupt()
+        try:
+            self.check_interrupt()
+        except BaseException as exc:
+            # Xet downloads call back from hf_xet, which may swallow or wrap the exception, and
+            # ComfyUI's check clears its flag as it raises: keep it to raise it again ourselves.
+            self.stopped = exc
+            raise
+
+    def raise_if_stopped(self) -> None:
+        if self.stopped is not None:
+            raise self.stopped
 
     def file_done(self, size: int) -> None:
         self.done += size
@@ -345,5 +356,10 @@ def _fetch(plan: DownloadPlan, partial: Path, progress: _ByteProgress, check: Ca
     # Small files first: the configs are tiny, and the weights then dominate a resumed run.
     for f in sorted(plan.files, key=lambda f: (f.size or 0, f.name)):
         check()
-        hf_hub_download(plan.repo_id, f.name, revision=plan.commit, local_dir=partial, tqdm_class=bar, **hub)
+        try:
+            hf_hub_download(plan.repo_id, f.name, revision=plan.commit, local_dir=partial, tqdm_class=bar, **hub)
+        except Exception:
+            progress.raise_if_stopped()
+            raise
+        progress.raise_if_stopped()
         progress.file_done(f.size or 0)
