@@ -32,7 +32,7 @@ def hub(tiny_dir):
         "adatp-test/pickle-only": FakeRepo({"config.json": b"{}", "pytorch_model.bin": b"\x80\x04"}),
         "adatp-test/big": FakeRepo({"config.json": b"{}", "model.safetensors": bytes(range(256)) * 48 * 1024}),
     }
-    with FakeHub(repos, lifetime=240) as server:
+    with FakeHub(repos, lifetime=600) as server:
         yield server
 
 
