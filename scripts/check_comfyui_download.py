@@ -10,8 +10,10 @@ script. What it does, all on 127.0.0.1 and in a temporary base directory:
 2. starts ComfyUI (``--cpu``, loopback, ``--base-directory`` with the pack
    symlinked into custom_nodes) with HF_ENDPOINT at the fake hub;
 3. checks that Load Video LLM lists "⬇ adatp-test/tiny-llava-onevision (… GB)",
-   queues the shipped video QA workflow with that entry picked, and records the
-   node's progress messages (bytes) and the answer;
+   queues the shipped video QA workflow with that entry picked on a slowed-down
+   hub and presses Cancel (POST /interrupt) during the download; then queues it
+   again: the download continues (finished files are not fetched again), with
+   the node's progress messages in bytes, and the workflow answers.
    Then presses "Unload models" (POST /free) and asks another question: ComfyUI's
    model management must unload the model and load it back;
 4. stops the hub (the network is gone), restarts ComfyUI, and runs the same
@@ -90,8 +92,11 @@ class Server:
             self.proc.wait()
 
 
-async def run_prompt(url: str, prompt: dict, node: str, timeout: float) -> dict:
-    """Queue a prompt and follow it over the websocket; returns progress, status and outputs."""
+async def run_prompt(url: str, prompt: dict, node: str, timeout: float, interrupt: bool = False) -> dict:
+    """Queue a prompt and follow it over the websocket; returns progress, status and outputs.
+
+    interrupt: press Cancel (POST /interrupt) once the node reports 2.5% done.
+    """
     import aiohttp
 
     client = str(uuid.uuid4())
@@ -114,6 +119,9 @@ async def run_prompt(url: str, prompt: dict, node: str, timeout: float) -> dict:
                     continue
                 if event["type"] == "progress" and str(data.get("node")) == node:
                     progress.append((data["value"], data["max"]))
+                    if interrupt and 40 * data["value"] > data["max"]:  # configs done, weights coming
+                        call(url, "/interrupt", {})
+                        interrupt = False
                 elif event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
                     status = event["type"]
                     if status == "execution_error":
@@ -164,7 +172,11 @@ def main(argv=None) -> int:
     load_id = next(k for k, v in prompt.items() if v["class_type"] == "AdaTP_LoadVideoLLM")
     prompt[load_id]["inputs"]["model"] = label
     folder = base / "models" / "LLM" / "tiny-llava-onevision"
-    ok = True
+    failed = []
+
+    def check(what: str, passed) -> None:
+        if not passed:
+            failed.append(what)
 
     hub = FakeHub({REPO: FakeRepo.from_folder(ensure_tiny_model())}, lifetime=args.timeout * 3).start()
     print(f"fake hub at {hub.url} serving {REPO}; base directory {base}")
@@ -175,7 +187,18 @@ def main(argv=None) -> int:
         choices = call(server.url, "/object_info/AdaTP_LoadVideoLLM")["AdaTP_LoadVideoLLM"]["input"]["required"]
         listed = choices["model"][0]
         print(f"run 1: model list {listed}")
-        ok &= label in listed
+        check("the catalog entry is listed", label in listed)
+
+        # Cancel in the middle of a (slowed down) download, then run again: it must continue.
+        hub.throttle = 0.2
+        result = asyncio.run(run_prompt(server.url, prompt, load_id, args.timeout, interrupt=True))
+        hub.throttle = 0.0
+        partial = folder.with_name(f".{folder.name}.partial")
+        kept = sorted(f.name for f in partial.iterdir() if f.is_file()) if partial.is_dir() else []
+        print(f"run 0: Cancel after {result['progress'][-1] if result['progress'] else None} bytes: "
+              f"{result['status']}; model folder exists: {folder.exists()}; kept in {partial.name}: {kept}")
+        check("Cancel stops the download, leaving no model folder",
+              result["status"] == "execution_interrupted" and not folder.exists() and partial.is_dir())
         start = time.time()
         result = asyncio.run(run_prompt(server.url, prompt, load_id, args.timeout))
         gets = [p for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p]
@@ -185,8 +208,11 @@ def main(argv=None) -> int:
         for text in answers(result["outputs"]):
             print(f"run 1: text {text[:160]!r}")
         total = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else -1
-        ok &= result["status"] == "execution_success" and bool(answers(result["outputs"]))
-        ok &= bool(result["progress"]) and result["progress"][-1] == (total, total)
+        check("run 1 answers", result["status"] == "execution_success" and bool(answers(result["outputs"])))
+        check("progress in bytes up to the total", bool(result["progress"]) and result["progress"][-1] == (total, total))
+        refetched = [name for name in kept if hub.gets(name) != 1]
+        print(f"run 1: files kept from run 0 fetched again: {refetched}")
+        check("the second try continues, and leaves no partial folder", not refetched and not partial.exists())
         print(f"run 1: {folder} holds {sorted(f.name for f in folder.iterdir()) if folder.is_dir() else None}")
 
         # "Unload models": ComfyUI's model management must unload the Video LLM, and the next
@@ -204,7 +230,8 @@ def main(argv=None) -> int:
         loads = server.log.read_text().count("Requested to load _WeightsHolder")
         print(f"run 1b: POST /free unload_models, two more questions: {statuses}; ComfyUI unloaded the model: "
               f"{unloaded}; it was loaded {loads} times in all")
-        ok &= unloaded and statuses == ["execution_success"] * 2 and loads == 2
+        check("Unload models unloads it and the next stage loads it back",
+              unloaded and statuses == ["execution_success"] * 2 and loads == 2)
     finally:
         server.stop()
         hub.close()
@@ -217,23 +244,25 @@ def main(argv=None) -> int:
         listed = call(server.url, "/object_info/AdaTP_LoadVideoLLM")["AdaTP_LoadVideoLLM"]["input"]["required"][
             "model"][0]
         print(f"run 2 (hub stopped, HF_ENDPOINT {env['HF_ENDPOINT']}): model list {listed}")
-        ok &= "tiny-llava-onevision" in listed and label not in listed
+        check("the list shows the local folder", "tiny-llava-onevision" in listed and label not in listed)
         start = time.time()
         result = asyncio.run(run_prompt(server.url, prompt, load_id, args.timeout))  # the saved label still works
         print(f"run 2: {result['status']} in {time.time() - start:.1f} s; hub requests since run 1: "
               f"{len(hub.requests) - requests_before}; load node progress messages {len(result['progress'])}")
         for text in answers(result["outputs"]):
             print(f"run 2: text {text[:160]!r}")
-        ok &= result["status"] == "execution_success" and bool(answers(result["outputs"]))
-        ok &= len(hub.requests) == requests_before
+        check("run 2 answers offline", result["status"] == "execution_success" and bool(answers(result["outputs"])))
+        check("run 2 makes no request to the hub", len(hub.requests) == requests_before)
     finally:
         server.stop()
-        if not args.keep and ok:
+        if not args.keep and not failed:
             import shutil
 
             shutil.rmtree(base, ignore_errors=True)
-    print("OK" if ok else f"FAIL (logs in {base})")
-    return 0 if ok else 1
+    for what in failed:
+        print(f"FAIL: {what}")
+    print("OK" if not failed else f"FAIL (logs in {base})")
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":

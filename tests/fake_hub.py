@@ -10,7 +10,8 @@ It implements what huggingface_hub calls to download a model repository:
 
 Every request is logged in ``hub.requests`` as (method, path, range header).
 ``drop_after[file] = n`` makes the next GET of that file send n bytes and drop
-the connection (a network fault in the middle of a file). The server binds an
+the connection (a network fault in the middle of a file); ``throttle`` slows
+every file body down. The server binds an
 ephemeral port, and stops on ``close()``, at the end of a ``with`` block, or
 by itself after ``lifetime`` seconds.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +60,7 @@ class FakeHub:
     lifetime: float = 300.0
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     drop_after: dict[str, int] = field(default_factory=dict)
+    throttle: float = 0.0  # seconds to wait before each 64 KiB of a file body (a slow network)
 
     def __post_init__(self):
         hub = self
@@ -74,7 +77,12 @@ class FakeHub:
             def do_GET(self):
                 hub._handle(self, body=True)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is fine
+                    super().handle_error(request, client_address)
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         daemon=True)
@@ -184,7 +192,9 @@ class FakeHub:
             h.close_connection = True
             h.connection.shutdown(2)  # the peer sees a body shorter than Content-Length
             return
-        h.wfile.write(chunk)
+        for i in range(0, len(chunk), 65536) if self.throttle else (0,):
+            time.sleep(self.throttle)
+            h.wfile.write(chunk[i:i + 65536] if self.throttle else chunk)
 
 
 def main(argv=None) -> None:
