@@ -2,9 +2,11 @@
 
 Inside ComfyUI: folder_paths for the input directory and models/LLM,
 comfy.model_management for the device, offloading, freeing VRAM and
-interrupts, comfy.utils.ProgressBar for progress. Outside (tests, the headless
-runner): the runner's directories, "auto" device, a no-op progress bar and an
-interrupt flag the runner can set.
+interrupts, comfy.utils.ProgressBar for progress, and a ModelPatcher that hands
+each loaded Video LLM to ComfyUI's model management (so "Unload models", "Free
+memory" and other packs' memory requests release it). Outside (tests, the
+headless runner): the runner's directories, "auto" device, a no-op progress bar
+and an interrupt flag the runner can set.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import torch
 
 from ..adatp_core.errors import AdaTPInterrupted
+from ..adatp_core.models import loader
+from ..adatp_core.models.download import download_model
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,10 @@ try:
     import comfy.model_management as model_management  # type: ignore
 except ImportError:
     model_management = None
+try:
+    import comfy.model_patcher as model_patcher  # type: ignore
+except ImportError:
+    model_patcher = None
 try:
     from comfy.utils import ProgressBar as _ComfyProgressBar  # type: ignore
 except ImportError:
@@ -127,3 +136,115 @@ class Progress:
         check_interrupt()
         if self.bar is not None:
             self.bar.update(1)
+
+
+def download(repo_id: str) -> Path:
+    """Download a catalog repository into the first LLM folder, with ComfyUI's progress bar
+    in bytes and its Cancel button. Returns the model folder."""
+    bar = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal bar
+        if _ComfyProgressBar is not None:
+            bar = bar or _ComfyProgressBar(max(total, 1))
+            bar.update_absolute(done, max(total, 1))
+
+    return download_model(repo_id, model_roots()[0], on_progress=on_progress, check_interrupt=check_interrupt)
+
+
+# ----- ComfyUI model management ------------------------------------------------------------
+# Each loaded VideoLLM gets a ModelPatcher that ComfyUI's model management tracks like its
+# own models: it frees the VRAM (moves the weights to the offload device) on "Unload models",
+# "Free memory" and whenever another model needs room, and the next stage loads it back.
+# The patcher lives as long as the VideoLLM does (weak keys), so dropping the node's output
+# drops the weights too.
+_PATCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _WeightsHolder(torch.nn.Module):
+    """What the patcher holds: the transformers model, under a module that accepts the
+    ``device`` attribute ComfyUI sets (a transformers model's ``device`` is read-only)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.llm = model
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _movable(llm) -> bool:
+    """Whether the whole model can move between devices with .to() (not split, not quantized)."""
+    device_map = getattr(llm.model, "hf_device_map", None) or {}
+    return len(set(map(str, device_map.values()))) <= 1 and not getattr(llm.model, "is_quantized", False)
+
+
+_PATCHER_CLASS = None
+
+
+def _patcher_class():
+    """A ModelPatcher that always moves the whole model: partial (lowvram) loading only works
+    for ComfyUI's own layers, which cast their weights on the fly."""
+    global _PATCHER_CLASS
+    if _PATCHER_CLASS is None:
+        class VideoLLMPatcher(model_patcher.ModelPatcher):
+            def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+                device_to = device_to if device_to is not None else self.load_device
+                self.model.to(device_to)
+                self.model.device = device_to
+                self.model.model_lowvram = False
+                self.model.lowvram_patch_counter = 0
+                self.model.model_loaded_weight_memory = self.model_size()
+                self.model.current_weight_patches_uuid = self.patches_uuid
+
+            def partially_unload(self, device_to, memory_to_free=0):
+                freed = self.loaded_size()
+                self.detach()
+                return freed
+
+        _PATCHER_CLASS = VideoLLMPatcher
+    return _PATCHER_CLASS
+
+
+def manage(llm) -> None:
+    """Hand a freshly loaded model to ComfyUI's model management (no-op outside ComfyUI)."""
+    if model_management is None or model_patcher is None:
+        return
+    if not _movable(llm):
+        log.info("%s is split over devices or quantized: ComfyUI's model management does not move it; "
+                 "it is freed when its Load Video LLM output is (Free memory, or a new model)", llm.name)
+        return
+    holder = _WeightsHolder(llm.model)
+    holder.device = llm.device
+    patcher = _patcher_class()(holder, load_device=llm.compute_device, offload_device=offload_device(),
+                               size=_weights_bytes(llm.model))
+    holder.model_loaded_weight_memory = patcher.model_size() if llm.device == llm.compute_device else 0
+    holder.current_weight_patches_uuid = patcher.patches_uuid
+    _PATCHERS[llm] = patcher
+    model_management.load_models_gpu([patcher])
+
+
+def activate(llm) -> None:
+    """Put the weights on the compute device before a stage runs (ComfyUI makes room first)."""
+    patcher = _PATCHERS.get(llm)
+    if patcher is not None:
+        model_management.load_models_gpu([patcher])
+    else:
+        loader.activate(llm)
+
+
+def release(llm) -> bool:
+    """After an answer: offload the weights if keep_loaded is off. Returns whether it did."""
+    patcher = _PATCHERS.get(llm)
+    if patcher is None:
+        return loader.release(llm)
+    if llm.offload_device is None or patcher.loaded_size() == 0:
+        return False
+    patcher.detach()
+    return True

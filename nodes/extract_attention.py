@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..adatp_core.attention import QUERY_MODES, extract_attention
-from ..adatp_core.models.loader import activate
 from ..adatp_core.models.qwen2_5_vl import DEFAULT_MAX_PIXELS
 from . import comfy_bridge as bridge
 
@@ -43,6 +42,6 @@ class AdaTP_ExtractAttention:
 
     def extract(self, model, frames, question, layer, query, video_info=None, max_pixels=0):
         bridge.check_interrupt()
-        activate(model)
+        bridge.activate(model)
         return (extract_attention(model, frames, question, layer, query, video_info=video_info,
                                   max_pixels=max_pixels),)

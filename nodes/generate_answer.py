@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..adatp_core.generate import SamplingConfig, generate_answer
-from ..adatp_core.models.loader import activate, release
 from ..adatp_core.report import stats_text
 from . import comfy_bridge as bridge
 
@@ -42,11 +41,11 @@ class AdaTP_GenerateAnswer:
                              top_p=top_p, seed=seed)
         progress = bridge.Progress(max_new_tokens)
         bridge.check_interrupt()
-        activate(state.model)
+        bridge.activate(state.model)
         try:
             answer = generate_answer(state, cfg, on_token=progress.step)
         finally:
-            if release(state.model):
+            if bridge.release(state.model):
                 bridge.soft_empty_cache()
         stats = stats_text(answer.stats)
         return {"ui": {"text": [answer.text, stats]}, "result": (answer.text, stats)}

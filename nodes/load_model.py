@@ -1,4 +1,5 @@
-"""AdaTP Load Video LLM: a model folder under models/LLM, or the built-in tiny model."""
+"""AdaTP Load Video LLM: a model folder under models/LLM, a catalog model (downloaded on
+first use), or the built-in tiny model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
+from ..adatp_core.models.catalog import DOWNLOAD_MARK, catalog, entry_from_label
+from ..adatp_core.models.download import is_model_folder
 from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
 from ..adatp_core.models.placement import SPLIT_DEVICE
 from ..adatp_core.models.quantize import QUANTIZED_DTYPES
@@ -23,26 +26,44 @@ DEVICES = ("auto", "cuda", "cpu", SPLIT_DEVICE)
 
 
 def list_models() -> list[str]:
-    """The built-in tiny model, then every folder with a config.json under each models/LLM root."""
+    """The built-in tiny model, every folder with a config.json under each models/LLM root,
+    then the catalog models that are not downloaded yet ("⬇ owner/name (size)")."""
     names = set()
     for root in bridge.model_roots():
         if root.is_dir():
-            names.update(p.name for p in root.iterdir() if (p / "config.json").is_file())
-    return [BUILTIN_TINY, *BUILTIN_TINY_QWEN, *sorted(names)]
+            # Hidden folders are never listed: a download in progress lives in one.
+            names.update(p.name for p in root.iterdir() if not p.name.startswith(".") and is_model_folder(p))
+    downloadable = [e.label for e in catalog() if e.folder_name not in names]
+    return [BUILTIN_TINY, *BUILTIN_TINY_QWEN, *sorted(names), *downloadable]
 
 
-def resolve_model(name: str) -> Path:
-    """The folder of a model named in the combo; only direct children of a models/LLM root."""
+def local_folder(name: str) -> Path | None:
+    return next((root / name for root in bridge.model_roots() if is_model_folder(root / name)), None)
+
+
+def resolve_model(name: str, download: bool = False) -> Path:
+    """The folder of a model named in the combo; only direct children of a models/LLM root.
+
+    A catalog entry resolves to its local copy; without one it is downloaded into the
+    first models/LLM root when ``download`` is set (the node runs), else refused.
+    """
     if name == BUILTIN_TINY:
         return ensure_tiny_model()
     if name in BUILTIN_TINY_QWEN:
         return BUILTIN_TINY_QWEN[name]()
-    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+    if name.startswith(DOWNLOAD_MARK):
+        entry = entry_from_label(name)
+        if entry is None:
+            raise AdaTPInputError(f"{name!r} is not in the model catalog (any more); pick another model.")
+        folder = local_folder(entry.folder_name)
+        if folder is None and not download:
+            raise AdaTPInputError(f"{entry.repo_id} is not downloaded yet.")
+        return folder or bridge.download(entry.repo_id)
+    if not name or "\\" in name or name.startswith(".") or "\x00" in name:
         raise AdaTPInputError(f"model {name!r} is not a folder name under models/LLM; pick one from the list.")
-    for root in bridge.model_roots():
-        candidate = root / name
-        if (candidate / "config.json").is_file():
-            return candidate
+    folder = local_folder(name)
+    if folder is not None:
+        return folder
     roots = ", ".join(str(r) for r in bridge.model_roots())
     raise AdaTPInputError(f"model folder {name!r} was not found under {roots}; download it there "
                           "(see the README) and press Refresh.")
@@ -54,9 +75,10 @@ def weights_bytes(folder: Path) -> int:
 
 class AdaTP_LoadVideoLLM:
     DESCRIPTION = ("Loads a Video LLM (LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL) from a folder under models/LLM: "
-                   "local files only, "
-                   "safetensors only, no remote code. The built-in tiny models have random weights and need "
-                   "no download: use them to try the pack.")
+                   "local files only, safetensors only, no remote code. Entries marked \u2b07 are catalog models: "
+                   "picking one downloads it (safetensors and config files only) into the first models/LLM folder "
+                   "on its first run. The built-in tiny models have random weights and need no download: use them "
+                   "to try the pack.")
     CATEGORY = "AdaTP"
     RETURN_TYPES = ("ADATP_MODEL",)
     RETURN_NAMES = ("model",)
@@ -67,7 +89,8 @@ class AdaTP_LoadVideoLLM:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (list_models(), {"tooltip": "A model folder under models/LLM (for example "
-                                                 "llava-onevision-qwen2-7b-ov-hf), or the built-in tiny model."}),
+                                                 "llava-onevision-qwen2-7b-ov-hf), a \u2b07 catalog model (downloaded "
+                                                 "on first run, size shown), or a built-in tiny model."}),
             "dtype": (["auto", *DTYPES, *QUANTIZED_DTYPES], {
                 "default": "auto", "tooltip": "Weight precision. auto: bfloat16 on recent GPUs, float16 on older "
                                               "ones, float32 on CPU. bnb-4bit / bnb-8bit: the LLM quantized with "
@@ -78,13 +101,15 @@ class AdaTP_LoadVideoLLM:
             "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: ComfyUI's device (the GPU when "
                                                                      "there is one). multi-gpu: split a model too "
                                                                      "large for one card over all GPUs (stays loaded)."}),
-            "keep_loaded": ("BOOLEAN", {"default": True, "tooltip": "Keep the model on the GPU between runs. "
-                                                                    "Off: move it to the offload device after each answer."}),
+            "keep_loaded": ("BOOLEAN", {"default": True, "tooltip": "Keep the model on the GPU between runs "
+                                                                    "(ComfyUI still unloads it when memory is needed or on "
+                                                                    "Unload models). Off: move it to the offload device after "
+                                                                    "each answer."}),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, model):
-        if model != BUILTIN_TINY and model not in BUILTIN_TINY_QWEN:
+        if model not in (BUILTIN_TINY, *BUILTIN_TINY_QWEN) and not (model.startswith(DOWNLOAD_MARK) and entry_from_label(model)):
             try:
                 resolve_model(model)
             except AdaTPInputError as exc:
@@ -92,11 +117,12 @@ class AdaTP_LoadVideoLLM:
         return True
 
     def load(self, model, dtype, attention, device, keep_loaded):
-        folder = resolve_model(model)
+        folder = resolve_model(model, download=True)
         dev = bridge.compute_device(device)
         room_on = "cuda:0" if dev == SPLIT_DEVICE else dev if dev != "auto" else "cpu"  # split: its first GPU
         bridge.make_room(weights_bytes(folder), room_on)
         llm = load_video_llm(folder, device=dev, dtype=dtype, attention=attention,
-                             name=TINY_MODEL_NAME if model == BUILTIN_TINY else model,
+                             name=TINY_MODEL_NAME if model == BUILTIN_TINY else folder.name,
                              offload_device=None if keep_loaded else bridge.offload_device())
+        bridge.manage(llm)
         return (llm,)

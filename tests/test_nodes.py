@@ -146,9 +146,9 @@ def test_model_list_has_the_builtin_and_local_folders(pack, tiny_dir, tmp_path):
     try:
         bridge.HEADLESS.model_dirs = [tmp_path]
         models = pack.NODE_CLASS_MAPPINGS["AdaTP_LoadVideoLLM"].INPUT_TYPES()["required"]["model"][0]
-        assert models == ["adatp-tiny (built-in, random weights)",
-                          "adatp-tiny-qwen2.5-vl (built-in, random weights)",
-                          "adatp-tiny-qwen3-vl (built-in, random weights)", "my-llava"]
+        catalog = pack_module("adatp_core.models.catalog").catalog()
+        assert models == ["adatp-tiny (built-in, random weights)", "adatp-tiny-qwen2.5-vl (built-in, random weights)",
+                          "adatp-tiny-qwen3-vl (built-in, random weights)", "my-llava", *(e.label for e in catalog)]
     finally:
         bridge.HEADLESS.model_dirs = saved
 

@@ -1,0 +1,132 @@
+"""A small stand-in for ComfyUI's model management, for tests without ComfyUI.
+
+It keeps the contract that comfy.model_management and comfy.model_patcher have
+with a ModelPatcher: ``current_loaded_models`` holds LoadedModel records that
+refer to the patcher and its model only weakly; ``load_models_gpu`` loads a
+patcher through ``partially_load``; ``free_memory`` (and ``unload_all_models``,
+what "Unload models" and "Free memory" call) unloads through
+``partially_unload``/``detach``; records of models that were garbage collected
+are dropped. Written from ComfyUI's behaviour, not copied from it.
+"""
+
+from __future__ import annotations
+
+import types
+import uuid
+import weakref
+
+import torch
+
+
+def make_comfy(load_device: torch.device, offload_device: torch.device):
+    """Returns (model_management, model_patcher) modules for one test."""
+    mm = types.ModuleType("comfy.model_management")
+    mp = types.ModuleType("comfy.model_patcher")
+    mm.current_loaded_models = []
+
+    def module_size(module):
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+            self.parent = None
+            self.patches_uuid = uuid.uuid4()
+            if getattr(model, "device", None) is None:
+                model.device = offload_device
+            for name, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0),
+                                ("model_lowvram", False), ("current_weight_patches_uuid", None)):
+                if not hasattr(model, name):
+                    setattr(model, name, value)
+
+        def model_size(self):
+            self.size = self.size or module_size(self.model)
+            return self.size
+
+        def loaded_size(self):
+            return self.model.model_loaded_weight_memory
+
+        def current_loaded_device(self):
+            return self.model.device
+
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+            raise AssertionError("the real ModelPatcher.load loads module by module; a subclass must override it")
+
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+            if self.model.model_loaded_weight_memory > 0 and not self.model.model_lowvram:
+                return 0
+            before = self.model.model_loaded_weight_memory
+            self.load(device_to, lowvram_model_memory=before + extra_memory, full_load=extra_memory > self.size)
+            return self.model.model_loaded_weight_memory - before
+
+        def partially_unload(self, device_to, memory_to_free=0):
+            raise AssertionError("the real partially_unload only frees ComfyUI's own layers; override it")
+
+        def detach(self, unpatch_all=True):
+            if unpatch_all:
+                self.model.to(self.offload_device)
+                self.model.device = self.offload_device
+                self.model.model_loaded_weight_memory = 0
+            return self.model
+
+    class LoadedModel:
+        def __init__(self, patcher):
+            self._model = weakref.ref(patcher)
+            self.device = patcher.load_device
+            self.real_model = None
+            self.finalizer = None
+
+        @property
+        def model(self):
+            return self._model()
+
+        def model_load(self):
+            self.model.partially_load(self.device, 1e32)
+            self.real_model = weakref.ref(self.model.model)
+            self.finalizer = weakref.finalize(self.model.model, cleanup_models)
+
+        def model_unload(self, memory_to_free=None):
+            if memory_to_free is not None and memory_to_free < self.model.loaded_size():
+                if self.model.partially_unload(self.model.offload_device, memory_to_free) >= memory_to_free:
+                    return False
+            self.model.detach(True)
+            self.finalizer.detach()
+            self.real_model = None
+            return True
+
+        def __eq__(self, other):
+            return self.model is other.model
+
+    def cleanup_models():
+        mm.current_loaded_models[:] = [m for m in mm.current_loaded_models
+                                       if m.real_model is not None and m.real_model() is not None]
+
+    def free_memory(memory_required, device, keep_loaded=()):
+        unloaded = []
+        for m in list(mm.current_loaded_models):
+            if m.device == device and m not in keep_loaded and m.model_unload(memory_required):
+                mm.current_loaded_models.remove(m)
+                unloaded.append(m)
+        return unloaded
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        for patcher in models:
+            record = LoadedModel(patcher)
+            if record in mm.current_loaded_models:
+                record = mm.current_loaded_models.pop(mm.current_loaded_models.index(record))
+            record.model_load()
+            mm.current_loaded_models.insert(0, record)
+
+    mm.module_size = module_size
+    mm.LoadedModel = LoadedModel
+    mm.cleanup_models = cleanup_models
+    mm.free_memory = free_memory
+    mm.load_models_gpu = load_models_gpu
+    mm.unload_all_models = lambda: free_memory(1e30, load_device)
+    mm.get_torch_device = lambda: load_device
+    mm.unet_offload_device = lambda: offload_device
+    mm.soft_empty_cache = lambda force=False: None
+    mm.throw_exception_if_processing_interrupted = lambda: None
+    mp.ModelPatcher = ModelPatcher
+    return mm, mp
