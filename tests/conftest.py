@@ -55,3 +55,30 @@ def stock(tiny_dir):
 @pytest.fixture(scope="session")
 def stock_eager(tiny_dir):
     return _stock(tiny_dir, "eager")
+
+
+# Tests that touch devices run on every device present: CPU always, CUDA when it
+# is there (skipped otherwise). Use the ``device`` fixture, never a literal "cuda".
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_on(tiny_dir):
+    """The tiny model loaded on a given device (float32), each device loaded once."""
+    from adatp_core.models.loader import load_video_llm
+
+    models = {}
+
+    def on(device):
+        key = str(torch.device(device))
+        if key not in models:
+            models[key] = load_video_llm(tiny_dir, device=key, dtype="float32")
+        return models[key]
+
+    return on
