@@ -140,8 +140,8 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
         synchronize(dev)
         start = time.perf_counter()
         positions = state.kept_positions().to(dev)
-        hidden = state.hidden[:, positions]
-        position_ids = state.position_ids[..., positions]
+        hidden = state.hidden.index_select(1, positions)
+        position_ids = state.position_ids.index_select(-1, positions.to(state.position_ids.device))
         cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=cfg.max_new_tokens)
         hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers)
         logits = adapter.logits(hidden[:, -1:])[-1]

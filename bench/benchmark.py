@@ -195,6 +195,36 @@ def run_stock(model, frames, new_tokens: int) -> dict:
     }
 
 
+def micro_row(figure: str, frames: int, times_s: list[float], note: str = "") -> dict:
+    """One line of the micro-benchmark table: median and worst of repeated timings, in ms."""
+    return {"figure": figure, "frames": frames, "median_ms": 1000 * statistics.median(times_s),
+            "max_ms": 1000 * max(times_s), "runs": len(times_s), "note": note}
+
+
+def bench_selection(model, frames, repeats: int = 20) -> dict:
+    """AdaTP's whole selection (segments, shares, local order, budgets, keep set) on one
+    state, repeated: the selection must be fast on every run, not only on average."""
+    state = extract_attention(model, frames, QUESTION, layer=2)
+    dev = model.compute_device
+
+    def select():
+        return prune_tokens(local_debias(global_debias(state)), 0.25)
+
+    select()
+    times = [timed(select, dev)[1] for _ in range(repeats)]
+    return micro_row("selection (global+local debias, prune; R=0.25)", frames.shape[0], times,
+                     f"{state.num_visual} visual tokens")
+
+
+def print_micro(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print()
+    print("micro | frames | median ms | max ms | runs | note")
+    for r in rows:
+        print(f"{r['figure']} | {r['frames']} | {r['median_ms']:.3f} | {r['max_ms']:.3f} | {r['runs']} | {r['note']}")
+
+
 def bench_video(path: Path, frames: int, device) -> dict:
     """Sampled decoding (decord in its child process, and PyAV) against decoding every frame."""
     import av
@@ -259,10 +289,11 @@ def main(argv=None) -> int:
     if not video.exists():  # 40 s at 24 fps, 640x360, four scenes
         write_video(video, scene_frames(960, 640, 360, scenes=4), fps=24)
 
-    rows = []
+    rows, micro = [], []
     for n_frames in [int(x) for x in args.frames.split(",")]:
         decode = bench_video(video, n_frames, device)
         frames, _ = load_video(video, n_frames)
+        micro.append(bench_selection(model, frames))
         for method in methods:
             retentions = [1.0] if method == "stock" else [float(x) for x in args.retentions.split(",")]
             for r in retentions:
@@ -274,6 +305,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("frames", "method", "retention", "ttft_s")}), file=sys.stderr)
     print_table(rows)
+    print_micro(micro)
     meta = {"shape": args.shape, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -281,7 +313,7 @@ def main(argv=None) -> int:
             "new_tokens": args.new_tokens, "repeats": args.repeats, "command": " ".join(sys.argv)}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "micro": micro}, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
