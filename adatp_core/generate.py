@@ -19,6 +19,7 @@ import torch
 from .errors import AdaTPInputError
 from .memory import run_guarded
 from .models.base import KVCache
+from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .static_decode import StaticDecoder, StaticKVCache
 from .timing import synchronize
@@ -136,7 +137,7 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
     tokens: list[int] = []
     chosen_logits = []
-    with torch.inference_mode():
+    with torch.inference_mode(), plan_free_attention(dev):
         synchronize(dev)
         start = time.perf_counter()
         positions = state.kept_positions().to(dev)

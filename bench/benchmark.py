@@ -48,6 +48,18 @@ from adatp_core.timing import synchronize  # noqa: E402
 from adatp_core.video import load_video  # noqa: E402
 
 QUESTION = "What happens in this video? Describe the main events."
+_fresh = iter(range(1, 1 << 30))
+
+
+def fresh_question() -> str:
+    """QUESTION made longer by one more word than any earlier call in this process:
+    a prompt length (and so key lengths) that no earlier run has seen, as when a user
+    asks a new question. Warm runs reuse QUESTION, whose shapes the warm-up saw."""
+    return QUESTION + " Please" + " answer" * next(_fresh) + "."
+# Figures also measured with a question (prompt length) new to the process, beside the warm ones.
+NEW_QUESTION_FIELDS = {"ttft_s": "ttft_new_question_s", "llm_prefill_s": "llm_prefill_new_question_s",
+                       "decode_ms_per_token": "decode_ms_per_token_new_question",
+                       "prompt_tokens": "prompt_tokens_new_question"}
 METHODS = ("stock", "adatp_k2", "adatp_k2_static", "adatp_k0", "fastv_k2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,12 +110,12 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def run_adatp(model, frames, method: str, retention: float, new_tokens: int) -> dict:
+def run_adatp(model, frames, method: str, retention: float, new_tokens: int, question: str = QUESTION) -> dict:
     layer = 0 if method.startswith("adatp_k0") else 2
     query = "last" if method == "fastv_k2" else "text"
     dev = model.compute_device
     with PeakMemory(dev) as mem:
-        state = extract_attention(model, frames, QUESTION, layer=layer, query=query)
+        state = extract_attention(model, frames, question, layer=layer, query=query)
         if method.startswith("adatp"):
             state = local_debias(global_debias(state))
         state = prune_tokens(state, retention)
@@ -151,7 +163,7 @@ class StepTimer:
         return scores
 
 
-def run_stock(model, frames, new_tokens: int) -> dict:
+def run_stock(model, frames, new_tokens: int, question: str = QUESTION) -> dict:
     """transformers' own path, each part timed directly: get_video_features, the
     language model's forward over the whole prompt (the stock full prefill), and
     one generate() whose steps a logits processor timestamps (decode ms/token,
@@ -161,7 +173,7 @@ def run_stock(model, frames, new_tokens: int) -> dict:
     adapter, hf, dev = model.adapter, model.model, model.compute_device
     (pixels, preprocess) = timed(lambda: adapter.preprocess(frames), dev)
     n = adapter.visual_tokens_for(frames.shape[0])
-    prompt = adapter.build_prompt(QUESTION, n)
+    prompt = adapter.build_prompt(question, n)
     ids = prompt.input_ids[None].to(dev)
     mask = torch.ones_like(ids)
     timer = StepTimer(dev)
@@ -260,10 +272,11 @@ def print_table(rows: list[dict]) -> None:
             ("kept", "tokens_kept", None), ("vision s", "vision_s", 1), ("<K+scores s", "layers_below_k_s", 1),
             ("select ms", "selection_s", 1000), ("rest s", "prefill_rest_s", 1), ("LLM prefill s", "llm_prefill_s", 1),
             ("TTFT s", "ttft_s", 1), ("ms/tok", "decode_ms_per_token", 1), ("peak GiB", "peak_bytes", 2**-30),
-            ("FLOPs lit", "flops_ratio_fastvid", 1), ("FLOPs all", "flops_total_ratio", 1)]
+            ("FLOPs lit", "flops_ratio_fastvid", 1), ("FLOPs all", "flops_total_ratio", 1),
+            ("TTFT new-q s", "ttft_new_question_s", 1), ("ms/tok new-q", "decode_ms_per_token_new_question", 1)]
     print(" | ".join(name for name, _, _ in cols))
     for r in rows:
-        print(" | ".join(str(r[k]) if s is None else fmt(r[k], s) for _, k, s in cols))
+        print(" | ".join(str(r[k]) if s is None else fmt(r.get(k), s) for _, k, s in cols))
 
 
 def main(argv=None) -> int:
@@ -297,10 +310,15 @@ def main(argv=None) -> int:
         for method in methods:
             retentions = [1.0] if method == "stock" else [float(x) for x in args.retentions.split(",")]
             for r in retentions:
-                fn = (lambda: run_stock(model, frames, args.new_tokens)) if method == "stock" else \
-                    (lambda: run_adatp(model, frames, method, r, args.new_tokens))
+                def fn(question=QUESTION):
+                    if method == "stock":
+                        return run_stock(model, frames, args.new_tokens, question)
+                    return run_adatp(model, frames, method, r, args.new_tokens, question)
+
                 fn()  # warm-up
                 row = median_rows([fn() for _ in range(args.repeats)])
+                fresh = median_rows([fn(fresh_question()) for _ in range(args.repeats)])
+                row.update({new: fresh[key] for key, new in NEW_QUESTION_FIELDS.items()})
                 row.update({"frames": n_frames, "method": method, "retention": r, **decode})
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("frames", "method", "retention", "ttft_s")}), file=sys.stderr)

@@ -18,6 +18,8 @@ COLUMNS = (
     ("LLM prefill s", "llm_prefill_s", "{:.3f}"), ("TTFT s", "ttft_s", "{:.3f}"),
     ("decode ms/token", "decode_ms_per_token", "{:.1f}"), ("peak GiB", "peak_bytes", "gib"),
     ("FLOPs, FastVID conv.", "flops_ratio_fastvid", "pct"), ("FLOPs, whole prefill", "flops_total_ratio", "pct"),
+    ("TTFT s, new question", "ttft_new_question_s", "{:.3f}"),
+    ("decode ms/token, new question", "decode_ms_per_token_new_question", "{:.1f}"),
 )
 
 
