@@ -135,8 +135,7 @@ def test_static_decoding_matches_default(tiny, frames, layer, retention):
     assert static.token_ids == default.token_ids and len(default.token_ids) == 10
     assert (static.logits - default.logits).abs().max().item() < 1e-5
     assert static.stats["kv_lengths"] == default.stats["kv_lengths"]
-    with pytest.raises(ValueError, match="greedy only"):
-        SamplingConfig(do_sample=True, decode_mode="static")
+    assert (static.stats["decode_mode"], default.stats["decode_mode"]) == ("static", "default")
 
 
 def test_keep_set_lives_on_the_scores_device(tiny_on, frames, device):

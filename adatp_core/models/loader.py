@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
+from ..static_decode import StaticDecoders
 from .base import VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .preprocess import PREPROCESSOR_FILES
@@ -47,6 +48,8 @@ class VideoLLM:
     dtype: torch.dtype
     attention: str
     offload_device: torch.device | None = None  # None: keep the model loaded
+    # Static decoding's buffers and CUDA graphs, reused across answers (static_decode.py).
+    static_decoders: StaticDecoders = field(default_factory=StaticDecoders, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -67,6 +70,7 @@ def release(llm: VideoLLM) -> bool:
     """Offload the weights if the model's policy says so. Returns whether it did."""
     if llm.offload_device is None or llm.device == llm.offload_device:
         return False
+    llm.static_decoders.clear()  # their KV buffers live on the compute device
     llm.model.to(llm.offload_device)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
