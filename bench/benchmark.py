@@ -228,6 +228,70 @@ def bench_selection(model, frames, repeats: int = 20) -> dict:
                      f"{state.num_visual} visual tokens")
 
 
+def bench_pooling(model, frames: int, repeats: int = 10) -> list[dict]:
+    """The 27x27 -> 14x14 pooling of ``frames`` frames of projected patches: AdaTP's one
+    matmul against transformers' apply_pooling (a bilinear resize kernel)."""
+    adapter, dev = model.adapter, model.compute_device
+    mm = model.model.model
+    d = model.model.config.text_config.hidden_size
+    feats = torch.randn(frames, adapter.patch_grid ** 2, d, device=dev, dtype=model.dtype)
+    rows = []
+    for name, fn in (("pooling, one matmul (AdaTP)", adapter.pool), ("pooling, apply_pooling (stock)", mm.apply_pooling)):
+        with torch.inference_mode():
+            fn(feats)
+            times = [timed(lambda: fn(feats), dev)[1] for _ in range(repeats)]
+        rows.append(micro_row(name, frames, times, f"[{frames}, {adapter.patch_grid ** 2}, {d}] {model.dtype}"))
+    return rows
+
+
+def bench_capture(model, frames, new_tokens: int) -> list[dict]:
+    """Static decoding's one-time CUDA graph capture: for a model's first answer in a
+    capacity bucket, then for a new question in the same bucket (reused: zero)."""
+    model.static_decoders.clear()
+    rows = []
+    for label, question in (("first answer", QUESTION), ("next question, same bucket", fresh_question())):
+        state = prune_tokens(local_debias(global_debias(extract_attention(model, frames, question))), 0.25)
+        answer = generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True, decode_mode="static"))
+        note = "no graph off CUDA" if model.compute_device.type != "cuda" else f"{new_tokens} tokens, R=0.25"
+        rows.append(micro_row(f"static graph capture ({label})", frames.shape[0], [answer.stats["time_graph_capture"]],
+                              note))
+    return rows
+
+
+CAPTION = "Describe this video in detail."
+
+
+def bench_caption(model, frames, new_tokens: int, repeats: int) -> list[dict]:
+    """End to end, from decoded frames to the caption's text, ``new_tokens`` tokens
+    (EOS ignored): AdaTP (K=2, R=0.25, the default decode mode) against stock generate()."""
+    from transformers import GenerationConfig
+
+    adapter, hf, dev = model.adapter, model.model, model.compute_device
+
+    def adatp():
+        state = extract_attention(model, frames, CAPTION)
+        state = prune_tokens(local_debias(global_debias(state)), 0.25)
+        return generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)).text
+
+    def stock():
+        pixels = adapter.preprocess(frames)
+        prompt = adapter.build_prompt(CAPTION, adapter.visual_tokens_for(frames.shape[0]))
+        ids = prompt.input_ids[None].to(dev)
+        gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels[None],
+                              generation_config=gen)
+        return model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    rows = []
+    for name, fn in (("caption end to end, AdaTP K=2 R=0.25", adatp), ("caption end to end, stock generate", stock)):
+        fn()
+        times = [timed(fn, dev)[1] for _ in range(repeats)]
+        rows.append(micro_row(name, frames.shape[0], times, f"{new_tokens} new tokens"))
+    return rows
+
+
 def print_micro(rows: list[dict]) -> None:
     if not rows:
         return
@@ -289,6 +353,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median); one warm-up first")
+    p.add_argument("--caption-tokens", type=int, default=128,
+                   help="length of the end-to-end caption row, AdaTP against stock (0: skip it)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -307,6 +373,11 @@ def main(argv=None) -> int:
         decode = bench_video(video, n_frames, device)
         frames, _ = load_video(video, n_frames)
         micro.append(bench_selection(model, frames))
+        micro += bench_pooling(model, n_frames)
+        if any(m.endswith("_static") for m in methods):
+            micro += bench_capture(model, frames, args.new_tokens)
+        if args.caption_tokens:
+            micro += bench_caption(model, frames, args.caption_tokens, args.repeats)
         for method in methods:
             retentions = [1.0] if method == "stock" else [float(x) for x in args.retentions.split(",")]
             for r in retentions:

@@ -56,7 +56,18 @@ def table(data: dict) -> str:
             else:
                 cells.append(cell(r, key, style))
         lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + micro_table(data.get("micro", []))
+
+
+def micro_table(rows: list[dict]) -> str:
+    """The repeated micro-measurements (selection, pooling, graph capture, caption)."""
+    if not rows:
+        return ""
+    lines = ["", "| figure | frames | median ms | worst ms | runs | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['figure']} | {r['frames']} | {r['median_ms']:.3f} | {r['max_ms']:.3f} | {r['runs']} "
+                     f"| {r['note']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv) -> int:
