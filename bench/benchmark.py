@@ -14,8 +14,15 @@ Methods, side by side on one machine and one model:
 For each: video decode, preprocessing, vision encoder, the prefill split into its
 stages (layers < K with the scores, AdaTP's selection, the rest of the prefill),
 time to first token, decode ms per token, peak memory, and FLOPs in both
-conventions. Weights are random (models of real shapes built from configs), so
-no accuracy is recorded. Prints a table and writes JSON.
+conventions. Every row also gives TTFT and ms/token for questions whose prompt
+length no earlier run in the process used (what a user asking a new question
+sees), beside the warm figures.
+Below the table, per frame count ("micro" in the JSON): AdaTP's selection repeated
+(median and worst), the pooling as one matmul against apply_pooling, static
+decoding's one-time graph capture (first answer, then a new question in the same
+bucket), and a --caption-tokens caption end to end, AdaTP against stock generate.
+Weights are random (models of real shapes built from configs), so no accuracy is
+recorded. Prints a table and writes JSON.
 """
 
 from __future__ import annotations

@@ -82,3 +82,17 @@ def tiny_on(tiny_dir):
         return models[key]
 
     return on
+
+
+@pytest.fixture(scope="session")
+def stock_on(tiny_dir, stock):
+    """The stock reference model on a given device (float32, plain sdpa)."""
+    models = {"cpu": stock}
+
+    def on(device):
+        key = str(torch.device(device))
+        if key not in models:
+            models[key] = _stock(tiny_dir, "sdpa").to(key)
+        return models[key]
+
+    return on

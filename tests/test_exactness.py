@@ -26,22 +26,29 @@ def states(tiny, frames):
 
 
 @pytest.mark.parametrize("layer", [0, 2])
-def test_retention_one_reproduces_stock_generate(tiny, stock, frames, states, layer):
-    state = prune_tokens(states[layer], retention=1.0)
+def test_retention_one_reproduces_stock_generate(tiny, tiny_on, stock_on, frames, states, device, layer):
+    """On every device present, against stock generate on the same device (the
+    default decode mode: static CUDA graphs on CUDA)."""
+    if device.type == "cpu":
+        model, stock = tiny, stock_on("cpu")
+        state = prune_tokens(states[layer], retention=1.0)
+    else:
+        model, stock = tiny_on(device), stock_on(device)
+        state = prune_tokens(extract_attention(model, frames, QUESTION, layer=layer), retention=1.0)
     assert state.keep.numel() == state.num_visual
     ours = generate_answer(state, SamplingConfig(max_new_tokens=STEPS), return_logits=True)
 
-    ids = state.prompt.input_ids[None]
-    pixels = tiny.adapter.preprocess(frames)
+    ids = state.prompt.input_ids[None].to(device)
+    pixels = model.adapter.preprocess(frames)
     with torch.inference_mode():
         out = stock.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels[None],
                              max_new_tokens=STEPS, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
-    eos = set(tiny.adapter.eos_token_ids)
+    eos = set(model.adapter.eos_token_ids)
     stock_tokens = [t for t in out.sequences[0, ids.shape[1]:].tolist() if t not in eos]
     assert list(ours.token_ids) == stock_tokens
     assert len(set(stock_tokens)) > 1, "the tiny model repeats one token: the test would prove little"
-    stock_logits = torch.cat(out.logits).float()[: ours.logits.shape[0]]
+    stock_logits = torch.cat(out.logits).float()[: ours.logits.shape[0]].to(ours.logits.device)
     assert ours.logits.shape[0] == STEPS
     err = (ours.logits - stock_logits).abs().max().item()
     assert err < TOL, f"max logit error {err}"
