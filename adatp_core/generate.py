@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import AdaTPInputError
-from .memory import run_guarded
+from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .memory import free_memory, run_guarded
 from .models.base import KVCache
 from .sdpa import plan_free_attention
 from .state import AdaTPState
@@ -113,7 +113,14 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     generator = None
     if cfg.do_sample:
         generator = torch.Generator(device=dev).manual_seed(cfg.seed)
-    run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation")
+    try:
+        run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation")
+    except AdaTPEnvironmentError:  # out of memory: static decoding's kept buffers go too
+        decoders = getattr(model, "static_decoders", None)
+        if decoders is not None:
+            decoders.clear()
+            free_memory()
+        raise
     stats = {**state.stats}
     stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
     stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + run.prefill_seconds

@@ -89,3 +89,22 @@ def test_a_new_bucket_evicts_the_oldest_and_moved_weights_drop_all(tiny_dir, fra
     weight.data = weight.data.clone()  # what moving the weights (offload and back) does to their addresses
     generate_answer(s, static)
     assert len(model.static_decoders) == 1
+
+
+def test_out_of_memory_drops_the_kept_buffers(tiny_dir, frames, monkeypatch):
+    from adatp_core.errors import AdaTPEnvironmentError
+    from adatp_core.models.loader import load_video_llm
+
+    model = load_video_llm(tiny_dir, device="cpu", dtype="float32")
+    s = _state(model, frames[:2], QUESTION)
+    static = SamplingConfig(max_new_tokens=3, ignore_eos=True, decode_mode="static")
+    generate_answer(s, static)
+    assert len(model.static_decoders) == 1
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model.adapter, "run_layers", oom)
+    with pytest.raises(AdaTPEnvironmentError, match="out of memory during generation"):
+        generate_answer(s, static)
+    assert len(model.static_decoders) == 0
