@@ -108,3 +108,11 @@ def test_out_of_memory_drops_the_kept_buffers(tiny_dir, frames, monkeypatch):
     with pytest.raises(AdaTPEnvironmentError, match="out of memory during generation"):
         generate_answer(s, static)
     assert len(model.static_decoders) == 0
+
+
+def test_capture_time_is_reported_on_its_own():
+    from adatp_core.report import generation_line
+
+    stats = {"new_tokens": 5, "decode_ms_per_token": 2.0, "decode_mode": "static", "time_graph_capture": 0.0}
+    assert generation_line(stats) == "Generation: 5 tokens, 2.0 ms/token (static decoding)"
+    assert generation_line({**stats, "time_graph_capture": 0.25}).endswith("; one-time CUDA graph capture 0.250 s")
