@@ -17,6 +17,7 @@ from .flops import flops_summary
 from .memory import run_guarded
 from .models.base import AttentionProbe, Injection, KVCache
 from .models.loader import VideoLLM
+from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .timing import timed
 
@@ -128,8 +129,9 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     adapter.check_context(prompt)
 
     times: dict[str, float] = {}
-    encoded, hidden, past_kv, scores, relevance, position_ids = run_guarded(
-        lambda: _prefill(adapter, frames, prompt, layer, query, times), "vision encoding and prefill")
+    with plan_free_attention(adapter.device):  # no per-shape cuDNN plans (see sdpa.py)
+        encoded, hidden, past_kv, scores, relevance, position_ids = run_guarded(
+            lambda: _prefill(adapter, frames, prompt, layer, query, times), "vision encoding and prefill")
     t, h, w = encoded.grid
     stats = {
         "frames": n_frames, "tokens_total": t * h * w, "tokens_kept": t * h * w,

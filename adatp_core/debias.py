@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 from .errors import AdaTPInputError
-from .segment import segment_frames
+from .segment import frame_cuts, segments_from_cuts
 from .state import AdaTPState
+from .timing import timed
 
 
 def text_relevance(visual: torch.Tensor, question_embeds: torch.Tensor) -> torch.Tensor:
@@ -45,21 +45,26 @@ def segment_shares(frame_relevance: torch.Tensor, segments, beta: float = 1.0) -
 
 
 def _grouped_rank(groups: torch.Tensor) -> torch.Tensor:
-    """For a sequence of group ids, how many earlier items share each item's group."""
+    """For a sequence of group ids, how many earlier items share each item's group.
+
+    groups: [N] long. Returns [N] long on the same device, with no host sync:
+    a stable sort by group, then each item's distance to its group's first item.
+    """
     perm = torch.sort(groups, stable=True).indices
-    _, counts = torch.unique_consecutive(groups[perm], return_counts=True)
-    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    rank = torch.empty_like(groups)
-    rank[perm] = torch.arange(len(groups)) - starts
-    return rank
+    ordered = groups.index_select(0, perm)
+    idx = torch.arange(len(groups), device=groups.device)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    group_start = torch.where(first, idx, 0).cummax(dim=0).values
+    return torch.empty_like(groups).index_copy_(0, perm, idx - group_start)
 
 
-def segment_ids(grid, segments) -> torch.Tensor:
-    """[N] long: the segment of every visual token (tokens are frame-major)."""
+def segment_ids(grid, segments, device=None) -> torch.Tensor:
+    """[N] long on ``device``: the segment of every visual token (tokens are frame-major)."""
     t, h, w = grid
-    frame_seg = torch.empty(t, dtype=torch.long)
-    for j, (first, last) in enumerate(segments):
-        frame_seg[first:last + 1] = j
+    starts = torch.tensor([first for first, _ in segments[1:]], dtype=torch.long)
+    starts = starts.to(device, non_blocking=True)  # host -> device without waiting for the stream
+    frame_seg = torch.bucketize(torch.arange(t, device=device), starts, right=True)
     return frame_seg.repeat_interleave(h * w)
 
 
@@ -71,24 +76,27 @@ def pick_order(scores: torch.Tensor, grid, segments, max_per_position: int | Non
     (floor(rho_i / M) ascending, a_i descending), rho_i being the token's rank by
     score among the segment's tokens at the same cell (h, w): every cell gives its
     best M tokens before any cell gives more. Ties go to the lower token index.
-    Returns [N] long.
+    Runs on the scores' device with no host sync: stable sorts, and gathers with
+    index_select (advanced indexing is parallelised on CPUs and stalls on busy cores).
+    Returns [N] long on the scores' device.
     """
     t, h, w = grid
     n = t * h * w
     if scores.shape != (n,):
         raise AdaTPInputError(f"scores must be [{n}] for grid {grid}, got {tuple(scores.shape)}")
-    seg = segment_ids(grid, segments)
-    by_score = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
+    dev = scores.device
+    seg = segment_ids(grid, segments, dev)
+    by_score = torch.sort(scores.float(), descending=True, stable=True).indices
     keys = []  # sort keys over the score-ordered tokens
     if max_per_position is not None:
         cell = by_score % (h * w)
-        rho = _grouped_rank(seg[by_score] * (h * w) + cell)
+        rho = _grouped_rank(seg.index_select(0, by_score) * (h * w) + cell)
         keys.append(rho // max_per_position)
-    keys.append(seg[by_score])
-    perm = torch.arange(n)
+    keys.append(seg.index_select(0, by_score))
+    perm = torch.arange(n, device=dev)
     for key in keys:  # least significant first; stable sorts keep the score order
-        perm = perm[torch.sort(key[perm], stable=True).indices]
-    return by_score[perm]
+        perm = perm.index_select(0, torch.sort(key.index_select(0, perm), stable=True).indices)
+    return by_score.index_select(0, perm)
 
 
 def check_max_per_position(m) -> int:
@@ -103,24 +111,28 @@ def global_debias(state: AdaTPState, segment_threshold: float = 0.95,
 
     If LocalDebias already ran, its order is recomputed for the new segments.
     """
-    start = time.perf_counter()
-    segments = segment_frames(state.frame_features, segment_threshold)
-    shares = segment_shares(state.frame_relevance, segments, relevance_boost)
-    order = None
-    if state.max_per_position is not None:
-        order = pick_order(state.scores, state.grid, segments, state.max_per_position)
+    times: dict[str, float] = {}
+    with timed(times, "time_global_debias", state.scores.device):
+        cuts = frame_cuts(state.frame_features, segment_threshold)
+        t = state.grid[0]
+        host = torch.cat([cuts.double(), state.frame_relevance.double().to(cuts.device)]).cpu()  # the one transfer
+        segments = segments_from_cuts(host[:t - 1])
+        shares = segment_shares(host[t - 1:], segments, relevance_boost)
+        order = None
+        if state.max_per_position is not None:
+            order = pick_order(state.scores, state.grid, segments, state.max_per_position)
     return state.evolve(
         segments=segments, shares=shares, order=order, keep=None, budgets=None,
         stats={"segments": len(segments), "segment_threshold": float(segment_threshold),
-               "relevance_boost": float(relevance_boost),
-               "time_global_debias": time.perf_counter() - start},
+               "relevance_boost": float(relevance_boost), **times},
     )
 
 
 def local_debias(state: AdaTPState, max_per_position: int = 1) -> AdaTPState:
     """Order each segment's tokens so that picks spread over spatial positions."""
-    start = time.perf_counter()
     m = check_max_per_position(max_per_position)
-    order = pick_order(state.scores, state.grid, state.segments, m)
+    times: dict[str, float] = {}
+    with timed(times, "time_local_debias", state.scores.device):
+        order = pick_order(state.scores, state.grid, state.segments, m)
     return state.evolve(order=order, max_per_position=m, keep=None, budgets=None,
-                        stats={"max_per_position": m, "time_local_debias": time.perf_counter() - start})
+                        stats={"max_per_position": m, **times})

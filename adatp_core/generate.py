@@ -17,16 +17,19 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import AdaTPInputError
-from .memory import run_guarded
+from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .memory import free_memory, run_guarded
 from .models.base import KVCache
+from .sdpa import plan_free_attention
 from .state import AdaTPState
-from .static_decode import StaticDecoder, StaticKVCache
+from .static_decode import StaticDecoders
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
 MAX_NEW_TOKENS_LIMIT = 8192
-DECODE_MODES = ("default", "static")
+# "auto": static on CUDA (graphs replayed across answers), default elsewhere (on CPU
+# static steps are not faster: there is no launch cost to save).
+DECODE_MODES = ("default", "static", "auto")
 # Stage timings (seconds, in stats) that make up AdaTP's selection and the time to first token,
 # counted from decoded frames: preprocessing, vision, partial prefill, selection, rest of the prefill.
 SELECTION_TIMES = ("time_global_debias", "time_local_debias", "time_prune")
@@ -43,7 +46,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
-    decode_mode: str = "default"  # "static": fixed-shape steps, a CUDA graph on CUDA (greedy only)
+    decode_mode: str = "auto"  # "static": fixed-shape steps, a CUDA graph on CUDA; "auto": static on CUDA only
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -57,8 +60,6 @@ class SamplingConfig:
             raise AdaTPInputError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.decode_mode not in DECODE_MODES:
             raise AdaTPInputError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
-        if self.decode_mode == "static" and self.do_sample:
-            raise AdaTPInputError("static decoding is greedy only; turn do_sample off or use decode_mode default")
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,16 @@ class Answer:
     logits: torch.Tensor | None = None
 
 
+def resolve_decode_mode(mode: str, device) -> str:
+    """The mode that runs: auto is static on CUDA and default elsewhere."""
+    if mode == "auto":
+        return "static" if torch.device(device).type == "cuda" else "default"
+    return mode
+
+
 def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
-    """logits: [V] float32 -> the chosen token id."""
+    """logits: [V] float32 -> the chosen token id. Greedy, or temperature and
+    top-p sampling with ``generator``; all on the logits' device, both decode modes."""
     if not cfg.do_sample:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / cfg.temperature, dim=-1)
@@ -108,7 +117,14 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     if cfg.decode_mode == "static" and adapter.is_split:
         log.warning("static decoding needs the model on one device; decoding step by step instead")
         cfg = replace(cfg, decode_mode="default")
-    run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation")
+    try:
+        run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation")
+    except AdaTPEnvironmentError:  # out of memory: static decoding's kept buffers go too
+        decoders = getattr(model, "static_decoders", None)
+        if decoders is not None:
+            decoders.clear()
+            free_memory()
+        raise
     stats = {**state.stats}
     stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
     stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + run.prefill_seconds
@@ -118,6 +134,8 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         "time_prefill_continue": run.prefill_seconds,
         "time_generate": run.decode_seconds,
         "decode_ms_per_token": 1000 * run.decode_seconds / run.passes if run.passes else 0.0,
+        "decode_mode": run.mode,
+        "time_graph_capture": run.capture_seconds,  # one-time per model and bucket; not in the two above
     })
     text = model.tokenizer.decode(run.tokens, skip_special_tokens=True).strip()
     return Answer(text=text, token_ids=tuple(run.tokens), stats=stats, logits=run.logits)
@@ -131,6 +149,8 @@ class _DecodeRun:
     prefill_seconds: float
     decode_seconds: float
     passes: int
+    mode: str
+    capture_seconds: float
 
 
 def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> _DecodeRun:
@@ -138,26 +158,34 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     adapter = state.model.adapter
     dev = adapter.device
     eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
+    mode = resolve_decode_mode(cfg.decode_mode, dev)
     tokens: list[int] = []
     chosen_logits = []
-    with torch.inference_mode():
+    with torch.inference_mode(), plan_free_attention(dev):
         synchronize(dev)
         start = time.perf_counter()
         positions = state.kept_positions()  # indices go to each tensor's device (a split model has several)
-        hidden = state.hidden[:, positions.to(state.hidden.device)]
-        position_ids = state.position_ids[..., positions.to(state.position_ids.device)]
-        cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=cfg.max_new_tokens)
+        hidden = state.hidden.index_select(1, positions.to(state.hidden.device))
+        position_ids = state.position_ids.index_select(-1, positions.to(state.position_ids.device))
+        reserve = 0 if mode == "static" else cfg.max_new_tokens  # static copies into its own buffers
+        cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=reserve)
         hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers,
                                     inject=state.kept_injection())
         logits = adapter.logits(hidden[:, -1:])[-1]
         del hidden
         static = None
-        if cfg.decode_mode == "static":
-            static = StaticKVCache(cache, cfg.max_new_tokens)
-            step_fn = StaticDecoder(adapter, static, state.position_ids)
+        if mode == "static":
+            decoders = getattr(state.model, "static_decoders", None)
+            if decoders is None:  # a model object without the per-model store: buffers for this answer only
+                decoders = StaticDecoders(max_buckets=1)
+            step_fn = decoders.decoder(adapter, cache, cfg.max_new_tokens, state.position_ids)
+            static = step_fn.cache
+            cache = None
         first_position = adapter.next_position_ids(state.position_ids, 0)  # one host sync, not one per token
         synchronize(dev)
         prefill_done = time.perf_counter()
+        capture_seconds = step_fn.capture() if static is not None else 0.0  # once per model and bucket
+        decode_start = time.perf_counter()
         passes = 0  # decode forward passes
         for step in range(cfg.max_new_tokens):
             token = next_token(logits, cfg, generator)
@@ -172,7 +200,9 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                 break
             pos = first_position + step
             if static is not None:
-                logits = step_fn(token, pos, step).clone()
+                logits = step_fn(token, pos, step)
+                if return_logits:  # on CUDA the graph's output buffer, rewritten by the next step
+                    logits = logits.clone()
             else:
                 ids = torch.tensor([[token]], device=dev)
                 hidden = adapter.run_layers(adapter.embed_tokens(ids), pos, cache, 0, adapter.num_layers)
@@ -183,4 +213,5 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     lengths = cache.lengths() if static is None else static.lengths(passes)
     return _DecodeRun(tokens=tokens, logits=torch.stack(chosen_logits) if return_logits else None,
                       kv_lengths=lengths, prefill_seconds=prefill_done - start,
-                      decode_seconds=end - prefill_done, passes=passes)
+                      decode_seconds=end - decode_start, passes=passes, mode=mode,
+                      capture_seconds=capture_seconds)

@@ -27,7 +27,12 @@ def timings_line(s: dict) -> str:
 
 
 def generation_line(s: dict) -> str:
-    return f"Generation: {s['new_tokens']} tokens, {s['decode_ms_per_token']:.1f} ms/token"
+    line = f"Generation: {s['new_tokens']} tokens, {s['decode_ms_per_token']:.1f} ms/token"
+    if "decode_mode" in s:
+        line += f" ({s['decode_mode']} decoding)"
+    if s.get("time_graph_capture"):  # once per model and cache-size bucket, so on its own
+        line += f"; one-time CUDA graph capture {s['time_graph_capture']:.3f} s"
+    return line
 
 
 def video_line(s: dict) -> str:

@@ -19,6 +19,29 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
+def frame_cuts(features: torch.Tensor, threshold: float = 0.95) -> torch.Tensor:
+    """Where a new segment starts: cos(g_t, g_{t+1}) < threshold.
+
+    features: [T, d] global frame features (normalised here, so any scale works).
+    Returns [T-1] bool on the features' device (no host transfer).
+    """
+    threshold = check_threshold(threshold)
+    if features.ndim != 2 or features.shape[0] < 1:
+        raise AdaTPInputError(f"frame features must be [T, d] with T >= 1, got {tuple(features.shape)}")
+    g = F.normalize(features.float(), dim=-1)
+    similarity = (g[:-1] * g[1:]).sum(dim=-1)  # s_t = cos(g_t, g_{t+1}), [T-1]
+    return similarity < threshold
+
+
+def segments_from_cuts(cuts: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """cuts: [T-1] bool or 0/1 (on the host, ideally) -> ((first, last), ...)
+    inclusive frame ranges covering 0..T-1 in order."""
+    at = cuts.bool().nonzero().squeeze(1).tolist()
+    starts = [0] + [c + 1 for c in at]
+    ends = at + [cuts.shape[0]]
+    return tuple(zip(starts, ends))
+
+
 def segment_frames(features: torch.Tensor, threshold: float = 0.95) -> tuple[tuple[int, int], ...]:
     """Segments of consecutive frames whose neighbours stay similar.
 
@@ -27,12 +50,4 @@ def segment_frames(features: torch.Tensor, threshold: float = 0.95) -> tuple[tup
     Returns ((first, last), ...) inclusive frame ranges covering 0..T-1 in order.
     T = 1 gives one segment.
     """
-    threshold = check_threshold(threshold)
-    if features.ndim != 2 or features.shape[0] < 1:
-        raise AdaTPInputError(f"frame features must be [T, d] with T >= 1, got {tuple(features.shape)}")
-    g = F.normalize(features.float(), dim=-1)
-    similarity = (g[:-1] * g[1:]).sum(dim=-1)  # s_t = cos(g_t, g_{t+1}), [T-1]
-    cuts = (similarity < threshold).nonzero().squeeze(1).tolist()
-    starts = [0] + [c + 1 for c in cuts]
-    ends = [c for c in cuts] + [features.shape[0] - 1]
-    return tuple(zip(starts, ends))
+    return segments_from_cuts(frame_cuts(features, threshold).cpu())

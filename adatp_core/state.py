@@ -26,7 +26,9 @@ class AdaTPState:
       segments: tuple of (first_frame, last_frame) pairs, inclusive; one segment
           spanning the video until GlobalDebias sets them.
       keep: sorted [B] long tensor of kept visual token indices, or None before
-          PruneTokens (None means every token is kept: the vanilla model).
+          PruneTokens (None means every token is kept: the vanilla model). It
+          lives on the scores' device (the model's), like ``order``; compare it
+          there or move it with ``.cpu()``.
       stats: dict with at least tokens_total, tokens_kept and flops_ratio, plus
           the FLOPs figures and per-stage timings in seconds.
 
@@ -75,13 +77,16 @@ class AdaTPState:
 
     def kept_positions(self) -> torch.Tensor:
         """Sorted sequence positions that go on from layer K: every text token,
-        every model extra, and the kept visual tokens. [L'] long."""
+        every model extra, and the kept visual tokens. [L'] long, on the keep
+        set's device (built there without a host sync); the CPU without one."""
         prompt = self.prompt
-        keep_mask = torch.ones(prompt.length, dtype=torch.bool)
-        if self.keep is not None:
-            keep_mask[prompt.visual_positions] = False
-            keep_mask[prompt.visual_positions[self.keep.cpu()]] = True
-        return keep_mask.nonzero().squeeze(1)
+        if self.keep is None:
+            return torch.arange(prompt.length)
+        others = torch.ones(prompt.length, dtype=torch.bool)
+        others[prompt.visual_positions] = False
+        dev = self.keep.device
+        kept_visual = prompt.visual_positions.to(dev, non_blocking=True).index_select(0, self.keep)
+        return torch.sort(torch.cat([others.nonzero().squeeze(1).to(dev, non_blocking=True), kept_visual])).values
 
     def kept_injection(self) -> Injection | None:
         """The injections that the continuation from layer K still applies: those of

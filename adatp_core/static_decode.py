@@ -1,46 +1,72 @@
 """Static decoding: every decode step has the same shapes, so on CUDA the whole
-step (embedding, all layers, head, argmax) is captured once as a CUDA graph and
-replayed per token, removing the per-kernel launch cost that dominates decoding
-at batch 1.
+step (embedding, all layers, head) is captured once as a CUDA graph and replayed
+per token, removing the per-kernel launch cost that dominates decoding at batch 1.
 
 Pruning leaves layers < K with the full prompt and layers >= K with the kept
 tokens only. Each layer keeps its own buffer and its own valid length; a step
 writes the new key/value at ``base_l + step`` (a device-side index) and attends
 over the whole buffer with a per-layer mask of the filled positions. No token
-that the spec keeps is dropped. Greedy only: the chosen tokens equal the default
-mode's (a test checks).
+that the spec keeps is dropped; the chosen tokens equal the default mode's (a
+test checks).
+
+Buffers and graphs outlive one answer. A layer's capacity is its prompt length
+plus the new tokens rounded up to a power of two (a bucket), so the next question
+about a similar video lands in the same bucket: its prefilled cache is copied into
+the same buffers and the same graph is replayed, with no new capture. They are kept
+per loaded model (``StaticDecoders``, held by ``VideoLLM``), a few buckets at most,
+and dropped when the model's weights move (offload) or the model is freed.
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+
 import torch
 
 from .models.base import KVCache
+from .timing import synchronize
+
+MIN_CAPACITY = 256
+MAX_BUCKETS = 2  # buckets kept per model: each holds a whole KV cache
+
+
+def capacity_bucket(needed: int, minimum: int = MIN_CAPACITY) -> int:
+    """The smallest power of two >= max(needed, minimum)."""
+    return 1 << (max(int(needed), minimum) - 1).bit_length()
 
 
 class StaticKVCache:
-    """Fixed-size per-layer buffers taken over from a prefilled ``KVCache``.
+    """Fixed-capacity per-layer key/value buffers, refilled for every answer.
 
-    cache: after the prefill, with room for ``max_new_tokens`` more per layer.
+    shapes: per layer (Hkv, d); capacities: per layer, positions per buffer.
+    ``load`` copies a prefilled ``KVCache`` in; ``update`` is what transformers'
+    attention calls during a step.
     """
 
-    def __init__(self, cache: KVCache, max_new_tokens: int):
-        self.keys, self.values, self.base = [], [], []
-        for i, length in enumerate(cache.lengths()):
-            need = length + max_new_tokens
-            k, v = (t[..., :need, :] for t in cache.buffers(i))
-            if k.shape[-2] < need:  # generate_answer reserves the room; this is a fallback
-                pad = (*k.shape[:-2], need - k.shape[-2], k.shape[-1])
-                k, v = torch.cat([k, k.new_zeros(pad)], dim=-2), torch.cat([v, v.new_zeros(pad)], dim=-2)
-            k[..., length:, :].zero_()  # unwritten slots must be finite: masked probs are 0, and 0 * NaN is NaN
-            v[..., length:, :].zero_()
-            self.keys.append(k)
-            self.values.append(v)
-            self.base.append(length)
-        device = self.keys[0].device
+    def __init__(self, shapes, capacities, dtype: torch.dtype, device: torch.device):
+        # Zeros, not empty: a masked slot must be finite (its prob is 0, and 0 * NaN is NaN).
+        # Slots past a layer's length later hold an earlier answer's keys: finite too.
+        self.keys = [torch.zeros((1, h, c, d), dtype=dtype, device=device) for (h, d), c in zip(shapes, capacities)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.capacities = tuple(capacities)
+        self.base: list[int] = [0] * len(self.keys)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self._base = torch.tensor(self.base, dtype=torch.long, device=device)
-        self._arange = [torch.arange(k.shape[-2], device=device) for k in self.keys]
+        self._base = torch.zeros(len(self.keys), dtype=torch.long, device=device)
+        self._arange = [torch.arange(c, device=device) for c in capacities]
+
+    def load(self, cache: KVCache) -> None:
+        """Copy the prefilled ``cache`` in (each layer's filled part)."""
+        lengths = cache.lengths()
+        for i, n in enumerate(lengths):
+            if n > self.capacities[i]:
+                raise ValueError(f"layer {i} holds {n} positions, more than its capacity {self.capacities[i]}")
+            k, v = cache.layer(i)
+            self.keys[i][..., :n, :].copy_(k)
+            self.values[i][..., :n, :].copy_(v)
+        self.base = list(lengths)
+        self._base.copy_(torch.tensor(lengths, dtype=torch.long), non_blocking=True)
+        self.step.zero_()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         index = self._base[layer_idx:layer_idx + 1] + self.step
@@ -57,17 +83,21 @@ class StaticKVCache:
 
 
 class StaticDecoder:
-    """One greedy decode step with fixed shapes; a CUDA graph of it on CUDA."""
+    """One decode step with fixed shapes over a ``StaticKVCache``; a CUDA graph of
+    it on CUDA, captured once (``capture``) and replayed for every token of every
+    answer that uses this decoder."""
 
-    def __init__(self, adapter, cache: StaticKVCache, position_ids: torch.Tensor, use_graph: bool | None = None):
+    def __init__(self, adapter, cache: StaticKVCache, position_shape: tuple[int, ...], position_dtype=torch.long,
+                 use_graph: bool | None = None):
         self.adapter = adapter
         self.cache = cache
         dev = adapter.device
         self.token = torch.zeros((1, 1), dtype=torch.long, device=dev)
-        self.position = torch.zeros((*position_ids.shape[:-1], 1), dtype=position_ids.dtype, device=dev)
+        self.position = torch.zeros((*position_shape, 1), dtype=position_dtype, device=dev)
         self.use_graph = dev.type == "cuda" if use_graph is None else use_graph
         self.graph = None
         self.out = None
+        self.capture_seconds = 0.0
 
     def _step(self) -> torch.Tensor:
         hidden = self.adapter.embed_tokens(self.token)
@@ -75,21 +105,87 @@ class StaticDecoder:
                                          masks=self.cache.masks())
         return self.adapter.logits(hidden)[-1]
 
+    def capture(self) -> float:
+        """Capture the step as a CUDA graph if not done yet. Returns the seconds it took (0 if none).
+
+        The warm-up step writes one slot (``base + step``) that the first real
+        step overwrites before anything reads it.
+        """
+        if not self.use_graph or self.graph is not None:
+            return 0.0
+        dev = self.adapter.device
+        synchronize(dev)
+        start = time.perf_counter()
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocations, lazy inits)
+            self._step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.out = self._step()
+        self.graph = graph
+        synchronize(dev)
+        self.capture_seconds = time.perf_counter() - start
+        return self.capture_seconds
+
     def __call__(self, token: int, position: torch.Tensor, step: int) -> torch.Tensor:
-        """Feed ``token`` at ``position`` as decode step ``step``; returns logits [V] float32."""
+        """Feed ``token`` at ``position`` as decode step ``step``; returns logits [V] float32
+        (on CUDA the graph's output buffer: clone it to keep it past the next step)."""
         self.token.fill_(token)
         self.position.copy_(position)
         self.cache.step.fill_(step)
         if not self.use_graph:
             return self._step()
-        if self.graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph (allocations, lazy inits)
-                self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._step()
+        self.capture()
         self.graph.replay()
         return self.out
+
+
+def _weights_fingerprint(adapter) -> tuple:
+    """Where the weights are: a captured graph reads them at these addresses."""
+    model = adapter.model
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+
+
+class StaticDecoders:
+    """The static decoders of one loaded model, one per capacity bucket, most
+    recently used last. At most ``max_buckets`` are kept (each holds a whole KV
+    cache). Held by the model's ``VideoLLM``, so it goes when the model goes."""
+
+    def __init__(self, max_buckets: int = MAX_BUCKETS):
+        self.max_buckets = max_buckets
+        self._decoders: OrderedDict = OrderedDict()
+        self._fingerprint = None
+
+    def __len__(self) -> int:
+        return len(self._decoders)
+
+    def clear(self) -> None:
+        """Drop every buffer and graph (the weights moved, or memory is wanted back)."""
+        self._decoders.clear()
+        self._fingerprint = None
+
+    def decoder(self, adapter, cache: KVCache, max_new_tokens: int, position_ids: torch.Tensor) -> StaticDecoder:
+        """A decoder whose buffers hold ``cache`` (copied in) with room for
+        ``max_new_tokens`` more positions per layer; reused when a bucket fits."""
+        fingerprint = _weights_fingerprint(adapter)
+        if fingerprint != self._fingerprint:
+            self.clear()
+            self._fingerprint = fingerprint
+        shapes, capacities = [], []
+        for i, n in enumerate(cache.lengths()):
+            k, _ = cache.layer(i)
+            shapes.append((k.shape[1], k.shape[-1]))
+            capacities.append(capacity_bucket(n + max_new_tokens))
+        dtype = cache.layer(0)[0].dtype
+        key = (tuple(shapes), tuple(capacities), dtype, tuple(position_ids.shape[:-1]), position_ids.dtype)
+        decoder = self._decoders.pop(key, None)
+        if decoder is None:
+            while len(self._decoders) >= self.max_buckets:
+                self._decoders.popitem(last=False)  # least recently used
+            decoder = StaticDecoder(adapter, StaticKVCache(shapes, capacities, dtype, adapter.device),
+                                    tuple(position_ids.shape[:-1]), position_ids.dtype)
+        self._decoders[key] = decoder
+        decoder.cache.load(cache)
+        return decoder

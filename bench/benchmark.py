@@ -14,8 +14,15 @@ Methods, side by side on one machine and one model:
 For each: video decode, preprocessing, vision encoder, the prefill split into its
 stages (layers < K with the scores, AdaTP's selection, the rest of the prefill),
 time to first token, decode ms per token, peak memory, and FLOPs in both
-conventions. Weights are random (models of real shapes built from configs), so
-no accuracy is recorded. Prints a table and writes JSON.
+conventions. Every row also gives TTFT and ms/token for questions whose prompt
+length no earlier run in the process used (what a user asking a new question
+sees), beside the warm figures.
+Below the table, per frame count ("micro" in the JSON): AdaTP's selection repeated
+(median and worst), the pooling as one matmul against apply_pooling, static
+decoding's one-time graph capture (first answer, then a new question in the same
+bucket), and a --caption-tokens caption end to end, AdaTP against stock generate.
+Weights are random (models of real shapes built from configs), so no accuracy is
+recorded. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -48,6 +55,18 @@ from adatp_core.timing import synchronize  # noqa: E402
 from adatp_core.video import load_video  # noqa: E402
 
 QUESTION = "What happens in this video? Describe the main events."
+_fresh = iter(range(1, 1 << 30))
+
+
+def fresh_question() -> str:
+    """QUESTION made longer by one more word than any earlier call in this process:
+    a prompt length (and so key lengths) that no earlier run has seen, as when a user
+    asks a new question. Warm runs reuse QUESTION, whose shapes the warm-up saw."""
+    return QUESTION + " Please" + " answer" * next(_fresh) + "."
+# Figures also measured with a question (prompt length) new to the process, beside the warm ones.
+NEW_QUESTION_FIELDS = {"ttft_s": "ttft_new_question_s", "llm_prefill_s": "llm_prefill_new_question_s",
+                       "decode_ms_per_token": "decode_ms_per_token_new_question",
+                       "prompt_tokens": "prompt_tokens_new_question"}
 METHODS = ("stock", "adatp_k2", "adatp_k2_static", "adatp_k0", "fastv_k2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,12 +117,12 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def run_adatp(model, frames, method: str, retention: float, new_tokens: int) -> dict:
+def run_adatp(model, frames, method: str, retention: float, new_tokens: int, question: str = QUESTION) -> dict:
     layer = 0 if method.startswith("adatp_k0") else 2
     query = "last" if method == "fastv_k2" else "text"
     dev = model.compute_device
     with PeakMemory(dev) as mem:
-        state = extract_attention(model, frames, QUESTION, layer=layer, query=query)
+        state = extract_attention(model, frames, question, layer=layer, query=query)
         if method.startswith("adatp"):
             state = local_debias(global_debias(state))
         state = prune_tokens(state, retention)
@@ -151,7 +170,7 @@ class StepTimer:
         return scores
 
 
-def run_stock(model, frames, new_tokens: int) -> dict:
+def run_stock(model, frames, new_tokens: int, question: str = QUESTION) -> dict:
     """transformers' own path, each part timed directly: get_video_features, the
     language model's forward over the whole prompt (the stock full prefill), and
     one generate() whose steps a logits processor timestamps (decode ms/token,
@@ -161,7 +180,7 @@ def run_stock(model, frames, new_tokens: int) -> dict:
     adapter, hf, dev = model.adapter, model.model, model.compute_device
     (pixels, preprocess) = timed(lambda: adapter.preprocess(frames), dev)
     n = adapter.visual_tokens_for(frames.shape[0])
-    prompt = adapter.build_prompt(QUESTION, n)
+    prompt = adapter.build_prompt(question, n)
     ids = prompt.input_ids[None].to(dev)
     mask = torch.ones_like(ids)
     timer = StepTimer(dev)
@@ -193,6 +212,100 @@ def run_stock(model, frames, new_tokens: int) -> dict:
         "flops_total_T": flops["flops_total_vanilla_T"], "flops_total_ratio": 1.0,
         "flops_vision_T": flops["flops_vision_T"], "prompt_tokens": prompt.length,
     }
+
+
+def micro_row(figure: str, frames: int, times_s: list[float], note: str = "") -> dict:
+    """One line of the micro-benchmark table: median and worst of repeated timings, in ms."""
+    return {"figure": figure, "frames": frames, "median_ms": 1000 * statistics.median(times_s),
+            "max_ms": 1000 * max(times_s), "runs": len(times_s), "note": note}
+
+
+def bench_selection(model, frames, repeats: int = 20) -> dict:
+    """AdaTP's whole selection (segments, shares, local order, budgets, keep set) on one
+    state, repeated: the selection must be fast on every run, not only on average."""
+    state = extract_attention(model, frames, QUESTION, layer=2)
+    dev = model.compute_device
+
+    def select():
+        return prune_tokens(local_debias(global_debias(state)), 0.25)
+
+    select()
+    times = [timed(select, dev)[1] for _ in range(repeats)]
+    return micro_row("selection (global+local debias, prune; R=0.25)", frames.shape[0], times,
+                     f"{state.num_visual} visual tokens")
+
+
+def bench_pooling(model, frames: int, repeats: int = 10) -> list[dict]:
+    """The 27x27 -> 14x14 pooling of ``frames`` frames of projected patches: AdaTP's one
+    matmul against transformers' apply_pooling (a bilinear resize kernel)."""
+    adapter, dev = model.adapter, model.compute_device
+    mm = model.model.model
+    d = model.model.config.text_config.hidden_size
+    feats = torch.randn(frames, adapter.patch_grid ** 2, d, device=dev, dtype=model.dtype)
+    rows = []
+    for name, fn in (("pooling, one matmul (AdaTP)", adapter.pool), ("pooling, apply_pooling (stock)", mm.apply_pooling)):
+        with torch.inference_mode():
+            fn(feats)
+            times = [timed(lambda: fn(feats), dev)[1] for _ in range(repeats)]
+        rows.append(micro_row(name, frames, times, f"[{frames}, {adapter.patch_grid ** 2}, {d}] {model.dtype}"))
+    return rows
+
+
+def bench_capture(model, frames, new_tokens: int) -> list[dict]:
+    """Static decoding's one-time CUDA graph capture: for a model's first answer in a
+    capacity bucket, then for a new question in the same bucket (reused: zero)."""
+    model.static_decoders.clear()
+    rows = []
+    for label, question in (("first answer", QUESTION), ("next question, same bucket", fresh_question())):
+        state = prune_tokens(local_debias(global_debias(extract_attention(model, frames, question))), 0.25)
+        answer = generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True, decode_mode="static"))
+        note = "no graph off CUDA" if model.compute_device.type != "cuda" else f"{new_tokens} tokens, R=0.25"
+        rows.append(micro_row(f"static graph capture ({label})", frames.shape[0], [answer.stats["time_graph_capture"]],
+                              note))
+    return rows
+
+
+CAPTION = "Describe this video in detail."
+
+
+def bench_caption(model, frames, new_tokens: int, repeats: int) -> list[dict]:
+    """End to end, from decoded frames to the caption's text, ``new_tokens`` tokens
+    (EOS ignored): AdaTP (K=2, R=0.25, the default decode mode) against stock generate()."""
+    from transformers import GenerationConfig
+
+    adapter, hf, dev = model.adapter, model.model, model.compute_device
+
+    def adatp():
+        state = extract_attention(model, frames, CAPTION)
+        state = prune_tokens(local_debias(global_debias(state)), 0.25)
+        return generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)).text
+
+    def stock():
+        pixels = adapter.preprocess(frames)
+        prompt = adapter.build_prompt(CAPTION, adapter.visual_tokens_for(frames.shape[0]))
+        ids = prompt.input_ids[None].to(dev)
+        gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels[None],
+                              generation_config=gen)
+        return model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    rows = []
+    for name, fn in (("caption end to end, AdaTP K=2 R=0.25", adatp), ("caption end to end, stock generate", stock)):
+        fn()
+        times = [timed(fn, dev)[1] for _ in range(repeats)]
+        rows.append(micro_row(name, frames.shape[0], times, f"{new_tokens} new tokens"))
+    return rows
+
+
+def print_micro(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print()
+    print("micro | frames | median ms | max ms | runs | note")
+    for r in rows:
+        print(f"{r['figure']} | {r['frames']} | {r['median_ms']:.3f} | {r['max_ms']:.3f} | {r['runs']} | {r['note']}")
 
 
 def bench_video(path: Path, frames: int, device) -> dict:
@@ -230,10 +343,11 @@ def print_table(rows: list[dict]) -> None:
             ("kept", "tokens_kept", None), ("vision s", "vision_s", 1), ("<K+scores s", "layers_below_k_s", 1),
             ("select ms", "selection_s", 1000), ("rest s", "prefill_rest_s", 1), ("LLM prefill s", "llm_prefill_s", 1),
             ("TTFT s", "ttft_s", 1), ("ms/tok", "decode_ms_per_token", 1), ("peak GiB", "peak_bytes", 2**-30),
-            ("FLOPs lit", "flops_ratio_fastvid", 1), ("FLOPs all", "flops_total_ratio", 1)]
+            ("FLOPs lit", "flops_ratio_fastvid", 1), ("FLOPs all", "flops_total_ratio", 1),
+            ("TTFT new-q s", "ttft_new_question_s", 1), ("ms/tok new-q", "decode_ms_per_token_new_question", 1)]
     print(" | ".join(name for name, _, _ in cols))
     for r in rows:
-        print(" | ".join(str(r[k]) if s is None else fmt(r[k], s) for _, k, s in cols))
+        print(" | ".join(str(r[k]) if s is None else fmt(r.get(k), s) for _, k, s in cols))
 
 
 def main(argv=None) -> int:
@@ -246,6 +360,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median); one warm-up first")
+    p.add_argument("--caption-tokens", type=int, default=128,
+                   help="length of the end-to-end caption row, AdaTP against stock (0: skip it)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -259,21 +375,33 @@ def main(argv=None) -> int:
     if not video.exists():  # 40 s at 24 fps, 640x360, four scenes
         write_video(video, scene_frames(960, 640, 360, scenes=4), fps=24)
 
-    rows = []
+    rows, micro = [], []
     for n_frames in [int(x) for x in args.frames.split(",")]:
         decode = bench_video(video, n_frames, device)
         frames, _ = load_video(video, n_frames)
+        micro.append(bench_selection(model, frames))
+        micro += bench_pooling(model, n_frames)
+        if any(m.endswith("_static") for m in methods):
+            micro += bench_capture(model, frames, args.new_tokens)
+        if args.caption_tokens:
+            micro += bench_caption(model, frames, args.caption_tokens, args.repeats)
         for method in methods:
             retentions = [1.0] if method == "stock" else [float(x) for x in args.retentions.split(",")]
             for r in retentions:
-                fn = (lambda: run_stock(model, frames, args.new_tokens)) if method == "stock" else \
-                    (lambda: run_adatp(model, frames, method, r, args.new_tokens))
+                def fn(question=QUESTION):
+                    if method == "stock":
+                        return run_stock(model, frames, args.new_tokens, question)
+                    return run_adatp(model, frames, method, r, args.new_tokens, question)
+
                 fn()  # warm-up
                 row = median_rows([fn() for _ in range(args.repeats)])
+                fresh = median_rows([fn(fresh_question()) for _ in range(args.repeats)])
+                row.update({new: fresh[key] for key, new in NEW_QUESTION_FIELDS.items()})
                 row.update({"frames": n_frames, "method": method, "retention": r, **decode})
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("frames", "method", "retention", "ttft_s")}), file=sys.stderr)
     print_table(rows)
+    print_micro(micro)
     meta = {"shape": args.shape, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -281,7 +409,7 @@ def main(argv=None) -> int:
             "new_tokens": args.new_tokens, "repeats": args.repeats, "command": " ".join(sys.argv)}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "micro": micro}, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -18,6 +18,8 @@ COLUMNS = (
     ("LLM prefill s", "llm_prefill_s", "{:.3f}"), ("TTFT s", "ttft_s", "{:.3f}"),
     ("decode ms/token", "decode_ms_per_token", "{:.1f}"), ("peak GiB", "peak_bytes", "gib"),
     ("FLOPs, FastVID conv.", "flops_ratio_fastvid", "pct"), ("FLOPs, whole prefill", "flops_total_ratio", "pct"),
+    ("TTFT s, new question", "ttft_new_question_s", "{:.3f}"),
+    ("decode ms/token, new question", "decode_ms_per_token_new_question", "{:.1f}"),
 )
 
 
@@ -54,7 +56,18 @@ def table(data: dict) -> str:
             else:
                 cells.append(cell(r, key, style))
         lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + micro_table(data.get("micro", []))
+
+
+def micro_table(rows: list[dict]) -> str:
+    """The repeated micro-measurements (selection, pooling, graph capture, caption)."""
+    if not rows:
+        return ""
+    lines = ["", "| figure | frames | median ms | worst ms | runs | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['figure']} | {r['frames']} | {r['median_ms']:.3f} | {r['max_ms']:.3f} | {r['runs']} "
+                     f"| {r['note']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv) -> int:

@@ -89,3 +89,45 @@ def stop_at_from_pretrained(monkeypatch) -> dict:
 
     monkeypatch.setattr(transformers.LlavaOnevisionForConditionalGeneration, "from_pretrained", from_pretrained)
     return seen
+
+
+# Tests that touch devices run on every device present: CPU always, CUDA when it
+# is there (skipped otherwise). Use the ``device`` fixture, never a literal "cuda".
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny_on(tiny_dir, tiny):
+    """The tiny model loaded on a given device (float32), each device loaded once.
+    Module-scoped, so that a module that swaps ``tiny_dir``/``tiny`` (qwen_fixtures) gets its own."""
+    from adatp_core.models.loader import load_video_llm
+
+    models = {"cpu": tiny}
+
+    def on(device):
+        key = str(torch.device(device))
+        if key not in models:
+            models[key] = load_video_llm(tiny_dir, device=key, dtype="float32")
+        return models[key]
+
+    return on
+
+
+@pytest.fixture(scope="module")
+def stock_on(tiny_dir, stock):
+    """The stock reference model on a given device (float32, plain sdpa)."""
+    models = {"cpu": stock}
+
+    def on(device):
+        key = str(torch.device(device))
+        if key not in models:
+            models[key] = _stock(tiny_dir, "sdpa").to(key)
+        return models[key]
+
+    return on

@@ -17,12 +17,12 @@ def stock_video_kwargs(llm, prompt, frames) -> dict:
     pixels = adapter.preprocess(frames, prompt.plan)
     if not hasattr(adapter, "grid_thw"):  # LLaVA-OneVision
         return {"pixel_values_videos": pixels[None]}
-    types = torch.zeros(1, prompt.length, dtype=torch.int)
+    types = torch.zeros(1, prompt.length, dtype=torch.int, device=adapter.device)
     types[0, prompt.visual_positions] = 2
     kwargs = {"pixel_values_videos": pixels, "video_grid_thw": adapter.grid_thw(prompt.plan),
               "mm_token_type_ids": types}
     if llm.model.config.model_type == "qwen2_5_vl":
-        kwargs["second_per_grid_ts"] = torch.tensor([prompt.plan.seconds_per_step()])
+        kwargs["second_per_grid_ts"] = torch.tensor([prompt.plan.seconds_per_step()], device=adapter.device)
     return kwargs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import QUESTION
@@ -53,3 +54,61 @@ def test_special_tokens_in_the_question_stay_text(tiny):
     assert int((prompt.input_ids == ad.video_token_id).sum()) == 196 + 1
     im_end = ad.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert int((prompt.input_ids == im_end).sum()) == 1  # only the template's own
+
+
+def _stock_pooling(features, grid):
+    """transformers' own apply_pooling, for a SigLIP whose patch grid is grid x grid."""
+    import types
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    vc = types.SimpleNamespace(image_size=grid * 14, patch_size=14)
+    return LlavaOnevisionModel.apply_pooling(types.SimpleNamespace(config=types.SimpleNamespace(vision_config=vc)),
+                                             features)
+
+
+@pytest.mark.parametrize("grid", [27, 24, 13, 5, 2, 1])
+def test_pooling_matrix_equals_apply_pooling_float32(grid, device):
+    from adatp_core.models.llava_onevision import bilinear_pool_matrix, pool_weights, pool_with_matrix
+
+    out = -(-grid // 2)
+    matrix = bilinear_pool_matrix((grid, grid), (out, out))
+    assert matrix.shape == (out * out, grid * grid)
+    torch.testing.assert_close(matrix.sum(dim=1), torch.ones(out * out, dtype=torch.float64))  # rows are averages
+    x = torch.randn(3, grid * grid, 40, generator=torch.Generator().manual_seed(grid)).to(device)
+    ours = pool_with_matrix(x, pool_weights(matrix, device, torch.float32))
+    ref = _stock_pooling(x, grid)
+    assert ours.shape == ref.shape == (3, out * out, 40)
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grid", [27, 13, 5])
+def test_pooling_matrix_within_low_precision_rounding(grid, dtype, device):
+    """In bf16/fp16 ours rounds a nearly exact resize once: within half an ulp of
+    the float64 result, plus the error of its weights (kept to about twice the
+    dtype's precision) over the summed magnitudes, and within one ulp of
+    apply_pooling where no cancellation occurs."""
+    from adatp_core.models.llava_onevision import bilinear_pool_matrix, pool_weights, pool_with_matrix
+
+    out = -(-grid // 2)
+    matrix = bilinear_pool_matrix((grid, grid), (out, out))
+    x = (4 * torch.randn(2, grid * grid, 64, generator=torch.Generator().manual_seed(7))).to(device, dtype)
+    ours = pool_with_matrix(x, pool_weights(matrix, device, dtype)).double()
+    ref = _stock_pooling(x, grid).double()
+    exact = _stock_pooling(x.double(), grid)
+    magnitude = _stock_pooling(x.double().abs(), grid)  # sum of |w x| per output
+    eps = torch.finfo(dtype).eps
+    assert ((ours - exact).abs() <= 0.5 * eps * exact.abs() + eps ** 2 * magnitude).all()
+    assert ((ours - ref).abs() <= eps * exact.abs() + 4 * eps ** 2 * magnitude).all()
+    naive = torch.matmul(matrix.to(device, dtype), x).double()  # one rounded weight matrix is worse
+    assert (naive - exact).abs().max() > (ours - exact).abs().max()
+
+
+def test_adapter_pools_with_a_cached_matrix(tiny, device):
+    ad = tiny.adapter
+    x = torch.randn(2, ad.patch_grid ** 2, 8).to(device)
+    first = ad.pool(x)
+    assert (first - _stock_pooling(x, ad.patch_grid)).abs().max().item() < 1e-5
+    cached = dict(ad._pool_cache)
+    assert torch.equal(ad.pool(x), first) and ad._pool_cache.keys() == cached.keys()

@@ -18,17 +18,26 @@ def test_benchmark_harness_runs_and_writes_json(tiny_dir, monkeypatch, tmp_path,
     monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
     out = tmp_path / "r.json"
     assert benchmark.main(["--shape", "tiny", "--device", "cpu", "--frames", "4", "--retentions", "0.25",
-                           "--repeats", "1", "--new-tokens", "3", "--out", str(out)]) == 0
+                           "--repeats", "1", "--new-tokens", "3", "--caption-tokens", "3", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     methods = {r["method"] for r in data["rows"]}
     assert methods == {"stock", "adatp_k2", "adatp_k2_static", "adatp_k0", "fastv_k2"}
     for row in data["rows"]:
         assert row["ttft_s"] > 0 and row["decode_ms_per_token"] > 0 and row["tokens_total"] == 4 * 196
         assert row["tokens_kept"] == (4 * 196 if row["method"] == "stock" else 196)
-    assert "frames | method" in capsys.readouterr().out
+    for row in data["rows"]:
+        assert row["ttft_new_question_s"] > 0 and row["prompt_tokens_new_question"] > row["prompt_tokens"]
+    figures = [m["figure"] for m in data["micro"]]
+    assert figures[0].startswith("selection") and data["micro"][0]["frames"] == 4
+    assert any(f.startswith("pooling, one matmul") for f in figures)
+    assert any(f.startswith("static graph capture") for f in figures)
+    assert sum(f.startswith("caption end to end") for f in figures) == 2
+    printed = capsys.readouterr().out
+    assert "frames | method" in printed and "TTFT new-q s" in printed and "micro | frames" in printed
     import report
 
     assert "| 4 | adatp_k2 | 0.25 | 196 / 784 |" in report.table(data)
+    assert "| static graph capture (first answer) | 4 |" in report.table(data)
 
 
 def test_accuracy_harness_plumbing(tiny_dir, tmp_path):

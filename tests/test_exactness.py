@@ -32,25 +32,31 @@ def states(tiny, frames):
 
 
 @pytest.mark.parametrize("layer", [0, 2])
-def test_retention_one_reproduces_stock_generate(tiny, stock, frames, states, layer):
-    state = prune_tokens(states[layer], retention=1.0)
+def test_retention_one_reproduces_stock_generate(tiny_on, stock_on, frames, states, device, layer):
+    """On every device present, against stock generate on the same device (the
+    default decode mode: static CUDA graphs on CUDA)."""
+    model, stock = tiny_on(device), stock_on(device)
+    if device.type == "cpu":
+        state = prune_tokens(states[layer], retention=1.0)
+    else:
+        state = prune_tokens(extract_attention(model, frames, QUESTION, layer=layer), retention=1.0)
     assert state.keep.numel() == state.num_visual
     ours = generate_answer(state, SamplingConfig(max_new_tokens=STEPS), return_logits=True)
 
-    ids = state.prompt.input_ids[None]
+    ids = state.prompt.input_ids[None].to(device)
     with torch.inference_mode():
         out = stock.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             **stock_video_kwargs(tiny, state.prompt, frames),
+                             **stock_video_kwargs(model, state.prompt, frames),
                              max_new_tokens=STEPS, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
-    eos = set(tiny.adapter.eos_token_ids)
+    eos = set(model.adapter.eos_token_ids)
     stock_tokens = [t for t in out.sequences[0, ids.shape[1]:].tolist() if t not in eos]
     assert list(ours.token_ids) == stock_tokens
     assert len(set(stock_tokens)) > 1, "the tiny model repeats one token: the test would prove little"
-    stock_logits = torch.cat(out.logits).float()[: ours.logits.shape[0]]
+    stock_logits = torch.cat(out.logits).float()[: ours.logits.shape[0]].to(ours.logits.device)
     assert ours.logits.shape[0] == STEPS
     err = (ours.logits - stock_logits).abs().max().item()
-    print(f"{tiny.model.config.model_type} K={layer}: max logit error vs stock generate() {err:.3g}")
+    print(f"{model.model.config.model_type} K={layer}: max logit error vs stock generate() {err:.3g}")
     assert err < TOL, f"max logit error {err}"
 
 
@@ -88,7 +94,7 @@ def test_random_keep_sets_match_masked_reference(tiny, stock, frames, states, la
     n = prompt_ids.shape[0]
     ref_steps = ref[n - 1: n - 1 + ours.logits.shape[0]]
     err = (ours.logits - ref_steps).abs().max().item()
-    print(f"{tiny.model.config.model_type} K={layer} seed={seed}: max logit error vs masked reference {err:.3g}")
+    print(f"{model.model.config.model_type} K={layer} seed={seed}: max logit error vs masked reference {err:.3g}")
     assert err < masked_tolerance, f"max logit error {err} (prefill + {ours.logits.shape[0] - 1} decode steps)"
     # and pruning really changed the model's output, so the comparison has teeth
     vanilla = masked_logits(stock, full, torch.tensor([], dtype=torch.long), layer, **extra)[n - 1]
@@ -102,7 +108,7 @@ def test_scores_match_eager_attention(tiny, stock_eager, frames, states, layer, 
     ids = state.prompt.input_ids[None]
     with torch.inference_mode():
         out = stock_eager(input_ids=ids, attention_mask=torch.ones_like(ids),
-                          **stock_video_kwargs(tiny, state.prompt, frames), output_attentions=True)
+                          **stock_video_kwargs(model, state.prompt, frames), output_attentions=True)
     probs = out.attentions[layer - 1][0]  # [H, L, L] at layer index K-1
     rows = slice(state.prompt.after_video, None) if query == "text" else slice(-1, None)
     expected = probs[:, rows][:, :, state.prompt.visual_positions].mean(dim=(0, 1))

@@ -140,3 +140,39 @@ def test_select_takes_first_budget_of_each_segment():
     order = torch.tensor([2, 0, 1, 5, 3, 4])
     keep = select_tokens(order, [3, 3], (2, 1))
     assert keep.tolist() == [0, 2, 5]
+
+
+# -- on the scores' device ----------------------------------------------------------------
+def _random_selection_case(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    grid = (6, 4, 5)
+    scores = torch.randint(0, 5, (6 * 4 * 5,), generator=gen).float()  # many ties
+    segments = ((0, 1), (2, 4), (5, 5))
+    return grid, scores, segments
+
+
+@pytest.mark.parametrize("m", [None, 1, 2])
+def test_selection_on_the_scores_device_equals_cpu(device, m):
+    grid, scores, segments = _random_selection_case()
+    sizes = [(last - first + 1) * 20 for first, last in segments]
+    budgets = allocate_budgets(37, [0.5, 0.3, 0.2], sizes)
+    order = pick_order(scores.to(device), grid, segments, m)
+    keep = select_tokens(order, sizes, budgets)
+    assert order.device.type == keep.device.type == device.type
+    expected = pick_order(scores, grid, segments, m)
+    assert torch.equal(order.cpu(), expected)
+    assert torch.equal(keep.cpu(), select_tokens(expected, sizes, budgets))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_selection_never_waits_for_the_device():
+    """No host sync in the pick order and the keep set (CUDA's sync debug mode raises on one)."""
+    grid, scores, segments = _random_selection_case()
+    scores = scores.cuda()
+    sizes = [(last - first + 1) * 20 for first, last in segments]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        select_tokens(pick_order(scores, grid, segments, 1), sizes, (10, 20, 7))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

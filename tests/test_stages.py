@@ -135,5 +135,19 @@ def test_static_decoding_matches_default(tiny, frames, layer, retention):
     assert static.token_ids == default.token_ids and len(default.token_ids) == 10
     assert (static.logits - default.logits).abs().max().item() < 1e-5
     assert static.stats["kv_lengths"] == default.stats["kv_lengths"]
-    with pytest.raises(ValueError, match="greedy only"):
-        SamplingConfig(do_sample=True, decode_mode="static")
+    assert (static.stats["decode_mode"], default.stats["decode_mode"]) == ("static", "default")
+
+
+def test_keep_set_lives_on_the_scores_device(tiny_on, frames, device):
+    """The whole selection runs where the scores are, and the keep set stays there."""
+    s = extract_attention(tiny_on(device), frames, QUESTION, layer=2)
+    assert s.scores.device.type == device.type
+    for pruned in (prune_tokens(s, 0.25), prune_tokens(local_debias(global_debias(s, 0.5)), 0.25)):
+        assert pruned.keep.device == s.scores.device
+        positions = pruned.kept_positions()
+        assert positions.device == s.scores.device
+        assert positions.numel() == s.prompt.length - s.num_visual + pruned.keep.numel()
+        assert torch.equal(positions, torch.sort(positions).values)
+    assert torch.equal(prune_tokens(s, 0.25).keep, _fastv(s.scores, 0.25))
+    answer = generate_answer(prune_tokens(s, 0.25), SamplingConfig(max_new_tokens=3, ignore_eos=True))
+    assert len(answer.token_ids) == 3

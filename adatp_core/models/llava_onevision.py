@@ -19,6 +19,45 @@ from .base import Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
 from .chat import read_chat_template, split_template, tokenize_question
 from .preprocess import PreprocessConfig, preprocess_frames
 
+
+def bilinear_pool_matrix(in_size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
+    """The bilinear resize ``in_size -> out_size`` (align_corners False, no
+    antialias: transformers' ``apply_pooling``) as a matrix.
+
+    Resizing is linear, so resizing every channel of an [h, w] map is one product
+    ``P @ x`` with x: [h*w, C] row-major. P is built by resizing the identity basis
+    with the same ``F.interpolate`` call, in float64. Returns P: [h'*w', h*w] float64.
+    """
+    h, w = in_size
+    basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
+    resized = F.interpolate(basis, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return resized.reshape(h * w, -1).t().contiguous()
+
+
+def pool_with_matrix(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Apply a pooling matrix to every frame in one batched matmul.
+
+    features: [T, P, C]. weights: [P', P], or [P', 2P] for low-precision dtypes:
+    the float64 matrix split into a high and a low part of the features' dtype
+    (``pool_weights``), so the weights keep ~16 significant bits while the product
+    still accumulates in float32 and rounds once. Returns [T, P', C].
+    """
+    if weights.shape[1] == 2 * features.shape[1]:
+        features = torch.cat([features, features], dim=1)
+    return torch.matmul(weights, features)
+
+
+def pool_weights(matrix: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """``matrix`` [P', P] float64 as the weights ``pool_with_matrix`` takes on
+    ``device`` in ``dtype``: [P', P], or [P', 2P] (high | low parts) when ``dtype``
+    has fewer than 24 significant bits."""
+    if torch.finfo(dtype).bits >= 32:
+        return matrix.to(device=device, dtype=dtype)
+    high = matrix.to(dtype)
+    low = (matrix - high.double()).to(dtype)
+    return torch.cat([high, low], dim=1).to(device)
+
+
 class LlavaOnevisionAdapter(VideoLLMAdapter):
     model_types = ("llava_onevision",)
     model_class = "LlavaOnevisionForConditionalGeneration"
@@ -37,6 +76,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         self.patch_grid = vc.image_size // vc.patch_size  # 27
         self.pooled_grid = -(-self.patch_grid // 2)  # ceil(27 / 2) = 14
         self._template_parts = split_template(tokenizer, self.chat_template, "<video>")
+        self._pool_cache: dict = {}  # (grid, device, dtype) -> pooling weights
 
     # -- model parts ----------------------------------------------------------------
     @property
@@ -96,6 +136,21 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
 
         return vision_flops(self.vision_shape(), len(prompt.visual_positions) // self.tokens_per_frame)
 
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """transformers' ``apply_pooling`` (bilinear 27x27 -> 14x14) as one matmul.
+
+        features: [t, 27*27, D] projected patches -> [t, 14*14, D]. A resize kernel
+        over thousands of channels is memory-bound and slow on GPUs; the same
+        linear map as a [196, 729] matrix is a small GEMM. The matrix is built
+        once per (grid, device, dtype) and kept on this adapter.
+        """
+        key = (self.patch_grid, self.pooled_grid, features.device, features.dtype)
+        weights = self._pool_cache.get(key)
+        if weights is None:
+            matrix = bilinear_pool_matrix((self.patch_grid,) * 2, (self.pooled_grid,) * 2)
+            weights = self._pool_cache[key] = pool_weights(matrix, features.device, features.dtype)
+        return pool_with_matrix(features, weights)
+
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, plan: VideoPlan | None = None) -> Encoded:
         """pixels [T, 3, 384, 384] -> visual tokens [T*196, D] and per-frame features."""
@@ -104,7 +159,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         for i in range(0, pixels.shape[0], self.vision_chunk):
             feats = self._selected_vision_features(pixels[i:i + self.vision_chunk])
             frame_features.append(F.normalize(feats.float().mean(dim=1), dim=-1))
-            projected = mm.apply_pooling(mm.multi_modal_projector(feats))
+            projected = self.pool(mm.multi_modal_projector(feats))
             visual.append(projected.reshape(-1, projected.shape[-1]))
         t = pixels.shape[0]
         return Encoded(

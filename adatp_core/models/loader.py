@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from .attention_hook import register_attention, wrapped_attention_name
+from ..static_decode import StaticDecoders
 from .base import VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .placement import SPLIT_DEVICE, check_split_device, split_device_map
@@ -53,6 +54,8 @@ class VideoLLM:
     attention: str
     offload_device: torch.device | None = None  # None: keep the model loaded
     quantization: str | None = None  # a QUANTIZED_DTYPES choice (dtype is then the compute dtype)
+    # Static decoding's buffers and CUDA graphs, reused across answers (static_decode.py).
+    static_decoders: StaticDecoders = field(default_factory=StaticDecoders, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -74,6 +77,7 @@ def release(llm: VideoLLM) -> bool:
     """Offload the weights if the model's policy says so. Returns whether it did."""
     if llm.offload_device is None or llm.device == llm.offload_device:
         return False
+    llm.static_decoders.clear()  # their KV buffers live on the compute device
     llm.model.to(llm.offload_device)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
