@@ -94,7 +94,7 @@ def test_random_keep_sets_match_masked_reference(tiny, stock, frames, states, la
     n = prompt_ids.shape[0]
     ref_steps = ref[n - 1: n - 1 + ours.logits.shape[0]]
     err = (ours.logits - ref_steps).abs().max().item()
-    print(f"{model.model.config.model_type} K={layer} seed={seed}: max logit error vs masked reference {err:.3g}")
+    print(f"{tiny.model.config.model_type} K={layer} seed={seed}: max logit error vs masked reference {err:.3g}")
     assert err < masked_tolerance, f"max logit error {err} (prefill + {ours.logits.shape[0] - 1} decode steps)"
     # and pruning really changed the model's output, so the comparison has teeth
     vanilla = masked_logits(stock, full, torch.tensor([], dtype=torch.long), layer, **extra)[n - 1]
@@ -108,7 +108,7 @@ def test_scores_match_eager_attention(tiny, stock_eager, frames, states, layer, 
     ids = state.prompt.input_ids[None]
     with torch.inference_mode():
         out = stock_eager(input_ids=ids, attention_mask=torch.ones_like(ids),
-                          **stock_video_kwargs(model, state.prompt, frames), output_attentions=True)
+                          **stock_video_kwargs(tiny, state.prompt, frames), output_attentions=True)
     probs = out.attentions[layer - 1][0]  # [H, L, L] at layer index K-1
     rows = slice(state.prompt.after_video, None) if query == "text" else slice(-1, None)
     expected = probs[:, rows][:, :, state.prompt.visual_positions].mean(dim=(0, 1))
