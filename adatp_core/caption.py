@@ -24,7 +24,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,38 +56,39 @@ class ClipResult:
         return self.error is None
 
 
-def _decode(path: str, cfg: PipelineConfig):
-    """Worker-process entry: uint8 frames and info, or the clip's AdaTPInputError."""
-    start = time.perf_counter()
-    frames, info = read_video(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
-    return frames, info, time.perf_counter() - start
-
-
 class DecodeAhead:
     """Decodes ``paths`` in order, up to ``depth`` clips ahead of the consumer, in
     ``workers`` processes (0: in the consumer's process, when asked for).
 
-    Iterating yields (path, get) with get() -> (frames uint8 [T, H, W, 3], info,
-    decode seconds), raising the clip's error. A worker that dies (a decoder
-    crash) fails only the clip it was decoding; the pool is restarted.
+    processes False runs the workers as threads: decord still decodes in its own
+    child process (decode_worker.py), and a host application whose main script
+    must not be re-imported by spawned workers (ComfyUI's main.py) stays safe.
+    Iterating yields (path, get) with get() -> (frames uint8 [T, H, W, 3], info),
+    raising the clip's error. A worker that dies (a decoder crash) fails only
+    the clip it was decoding; the pool is restarted.
     """
 
-    def __init__(self, paths: Iterable, cfg: PipelineConfig, workers: int = 2, depth: int | None = None):
+    def __init__(self, paths: Iterable, cfg: PipelineConfig, workers: int = 2, depth: int | None = None,
+                 processes: bool = True):
         if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
             raise AdaTPInputError(f"decode workers must be an integer from 0 to {MAX_WORKERS}, got {workers!r}")
         self.paths = [str(p) for p in paths]
-        self.cfg = cfg
+        # Plain arguments: a worker process then imports video.py alone (no torch).
+        self.args = (cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
         self.workers = workers
+        self.processes = processes
         self.depth = max(1, depth if depth is not None else workers + 1)
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool = None
         self.pending: deque[tuple[str, Future]] = deque()
 
     def _start_pool(self) -> None:
-        # spawn: never fork a process that holds a model and torch's threads.
-        self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        if self.processes:  # spawn: never fork a process that holds a model and torch's threads
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        else:
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="adatp-decode")
 
     def _submit(self, path: str) -> None:
-        self.pending.append((path, self.pool.submit(_decode, path, self.cfg)))
+        self.pending.append((path, self.pool.submit(read_video, path, *self.args)))
 
     def __enter__(self):
         if self.workers:
@@ -106,7 +107,7 @@ class DecodeAhead:
     def __iter__(self) -> Iterator[tuple[str, Callable]]:
         if not self.workers:
             for path in self.paths:
-                yield path, (lambda p=path: _decode(p, self.cfg))
+                yield path, (lambda p=path: read_video(p, *self.args))
             return
         queue = deque(self.paths)
         while queue or self.pending:
@@ -143,23 +144,23 @@ def clip_stats(stats: dict) -> dict:
 
 
 def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: PipelineConfig | None = None,
-                   workers: int = 2) -> Iterator[ClipResult]:
+                   workers: int = 2, processes: bool = True) -> Iterator[ClipResult]:
     """Caption each video in ``videos`` (paths) with ``run_pipeline``; one result per clip, in order.
 
     A clip that cannot be used (corrupt, empty, too short: AdaTPInputError) gives
     a result with ``error`` set; any other exception is the model failing and
-    ends the iteration by propagating. Stats also hold ``time_decode`` (in the
-    worker), ``time_wait`` (the model waiting for frames) and ``time_model``.
+    ends the iteration by propagating. Stats also hold ``time_wait`` (the model
+    waiting for frames) and ``time_model``. workers, processes: see DecodeAhead.
     """
     cfg = cfg or PipelineConfig()
     if not isinstance(prompt, str) or not prompt.strip():
         raise AdaTPInputError("the caption prompt is empty; write an instruction such as "
                               f"{DEFAULT_PROMPT!r}.")
-    with DecodeAhead(videos, cfg, workers) as ahead:
+    with DecodeAhead(videos, cfg, workers, processes=processes) as ahead:
         for path, get in ahead:
             wait_start = time.perf_counter()
             try:
-                frames, _info, decode_seconds = get()
+                frames, _info = get()
             except AdaTPInputError as exc:
                 yield ClipResult(path, None, error=str(exc))
                 continue
@@ -170,8 +171,7 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
                 yield ClipResult(path, None, error=str(exc))
                 continue
             done = time.perf_counter()
-            stats = {**clip_stats(result.stats), "time_decode": round(decode_seconds, 4),
-                     "time_wait": round(model_start - wait_start, 4), "time_model": round(done - model_start, 4)}
+            stats = {**clip_stats(result.stats), "time_wait": round(model_start - wait_start, 4), "time_model": round(done - model_start, 4)}
             yield ClipResult(path, result.answer.text.strip(), stats)
 
 
@@ -234,6 +234,7 @@ class CaptionJob:
     recursive: bool = False
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     workers: int = 2
+    processes: bool = True  # decode workers: processes, or threads (see DecodeAhead)
 
     def __post_init__(self):
         folder = Path(self.folder).expanduser()
@@ -367,7 +368,7 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
     sink = open(manifest, "a", encoding="utf-8") if manifest is not None else None
     start = time.perf_counter()
     try:
-        results = caption_videos(model, todo, job.prompt, job.pipeline, job.workers)
+        results = caption_videos(model, todo, job.prompt, job.pipeline, job.workers, job.processes)
         while True:
             try:
                 result = next(results, None)

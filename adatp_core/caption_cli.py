@@ -53,9 +53,13 @@ class Distributed:
         self.state = None
         self.index, self.count = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
             from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
 
-            self.state = PartialState()
+            # --cpu, or a machine without CUDA: processes talk over gloo.
+            cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+            self.state = PartialState(cpu=cpu)
             self.index, self.count = self.state.process_index, self.state.num_processes
 
     @property
