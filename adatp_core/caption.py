@@ -29,9 +29,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .attention import QUERY_MODES, check_question
 from .errors import AdaTPInputError
 from .pipeline import PipelineConfig, run_pipeline
-from .video import VIDEO_EXTENSIONS, frames_to_image, read_video
+from .prune import check_retention
+from .video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, frames_to_image, read_video
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,21 @@ def clip_stats(stats: dict) -> dict:
     }
 
 
+def check_settings(model, prompt: str, cfg: PipelineConfig) -> None:
+    """Settings that would fail every clip fail once, before any clip is decoded."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise AdaTPInputError(f"the caption prompt is empty; write an instruction such as {DEFAULT_PROMPT!r}.")
+    check_question(prompt)
+    n = cfg.num_frames
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_FRAMES:
+        raise AdaTPInputError(f"frames must be an integer from 1 to {MAX_FRAMES}, got {n!r} (32 is usual)")
+    if cfg.sampling not in SAMPLING_MODES or cfg.query not in QUERY_MODES:
+        raise AdaTPInputError(f"sampling must be one of {SAMPLING_MODES} and query one of {QUERY_MODES}")
+    if cfg.retention is not None:
+        check_retention(cfg.retention)
+    model.adapter.check_layer(int(cfg.layer))
+
+
 def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: PipelineConfig | None = None,
                    workers: int = 2, processes: bool = True) -> Iterator[ClipResult]:
     """Caption each video in ``videos`` (paths) with ``run_pipeline``; one result per clip, in order.
@@ -153,9 +170,7 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
     waiting for frames) and ``time_model``. workers, processes: see DecodeAhead.
     """
     cfg = cfg or PipelineConfig()
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise AdaTPInputError("the caption prompt is empty; write an instruction such as "
-                              f"{DEFAULT_PROMPT!r}.")
+    check_settings(model, prompt, cfg)
     with DecodeAhead(videos, cfg, workers, processes=processes) as ahead:
         for path, get in ahead:
             wait_start = time.perf_counter()
@@ -347,6 +362,7 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
     A model failure stops the run and is reported in ``model_error``.
     """
     index, count = shard
+    check_settings(model, job.prompt, job.pipeline)
     clips = find_clips(job.folder, job.recursive, [job.out] if job.out is not None else [])[index::count]
     summary = CaptionSummary(found=len(clips))
     todo, targets, claimed = [], {}, {}

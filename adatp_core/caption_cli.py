@@ -130,8 +130,12 @@ def main(argv=None) -> int:
     def on_clip(rel, result, _summary) -> None:
         progress["bar"].update(rel if result.ok else f"{rel} (failed)")
 
-    summary = caption_folder(model, job, (dist.index, dist.count), dist.shard_manifest(manifest),
-                             on_clip=on_clip, on_plan=on_plan)
+    try:
+        summary = caption_folder(model, job, (dist.index, dist.count), dist.shard_manifest(manifest),
+                                 on_clip=on_clip, on_plan=on_plan)
+    except AdaTPInputError as exc:  # settings that fit no clip (frames, layer, retention, prompt)
+        print(f"{label}error: {exc}", file=sys.stderr)
+        return 2
     summary = dist.gather(summary)
     if dist.main:
         if manifest is not None and dist.count > 1:
