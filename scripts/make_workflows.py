@@ -130,15 +130,16 @@ CAPTION_FOLDER = {
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, NODE_WIDTH = 30, 20, 20, 140
 TITLE_CHAR, LABEL_CHAR = 14 * 0.6, 12 * 0.6  # litegraph's text width estimate (font size * 0.6 a character)
 WIDGET_PADDING = 104  # BaseWidget.minValueWidth 42 + 2 * (margin 15 + arrowMargin 6 + arrowWidth 10)
-MULTILINE_HEIGHT = 64  # a multiline STRING's text box (DOM widget) at its minimum
+MULTILINE_HEIGHT = 50  # a multiline STRING's text box (DOM widget) at its minimum
 # The text box that web/adatp_display.js adds after a run: up to 24 rows of 15 px, at least 420 wide.
 DISPLAY_ROWS, DISPLAY_LINE, DISPLAY_WIDTH = 24, 15, 420
-# The nodes that get that box: the web extension's list, and ComfyUI's Preview Any (its own text box).
-TEXT_NODES = (*json.loads(re.search(r"TEXT_NODES = Object\.freeze\((\[.*?\])\)",
-                                    (PACK_DIR / "web" / "adatp_display.js").read_text()).group(1)), "PreviewAny")
-# Room for what a node shows beyond its widgets: the video preview, the images.
-MIN_SIZES = {"AdaTP_ExtractAttention": [360, 0], "AdaTP_LoadVideo": [340, 420], "PreviewImage": [420, 300],
-             "AdaTP_PreviewTokens": [340, 0]}
+# The nodes that get that box: the web extension's list.
+TEXT_NODES = tuple(json.loads(re.search(r"TEXT_NODES = Object\.freeze\((\[.*?\])\)",
+                                        (PACK_DIR / "web" / "adatp_display.js").read_text()).group(1)))
+# Room for what a node shows beyond its widgets: Load Video's video preview (the frontend computes
+# 450 x 552 at 450 wide with the sample video), the images, Preview Any's text box (it scrolls).
+MIN_SIZES = {"AdaTP_ExtractAttention": [360, 0], "AdaTP_LoadVideo": [450, 560], "PreviewImage": [420, 300],
+             "AdaTP_PreviewTokens": [340, 0], "PreviewAny": [420, 300]}
 DISPLAY_NAMES = {"PreviewImage": "Preview Image", "PreviewAny": "Preview Any", "SaveImage": "Save Image"}
 LEFT, TOP, GAP_X, GAP_Y = 40, 60, 60, 50
 
