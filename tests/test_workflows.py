@@ -18,7 +18,6 @@ def env(tiny_dir, tmp_path_factory):
     pack = load_pack()
     bridge = pack_module("nodes.comfy_bridge")
     bridge.HEADLESS.output_dir = tmp_path_factory.mktemp("out")
-    bridge.HEADLESS.input_dir = tmp_path_factory.mktemp("input")  # Caption Folder writes beside the clips
     return pack, pack_module("nodes.headless")
 
 
@@ -135,10 +134,11 @@ def test_runner_script(env, capsys):
     assert run_workflow.main([str(ROOT / "README.md")]) == 2
 
 
-def test_caption_folder_workflow_runs_as_shipped(env):
+def test_caption_folder_workflow_runs_as_shipped(env, tmp_path, monkeypatch):
     """The pack's sample folder is made in the input directory and captioned; a rerun skips it."""
     pack, headless = env
     bridge = pack_module("nodes.comfy_bridge")
+    monkeypatch.setattr(bridge.HEADLESS, "input_dir", tmp_path)
     path = ROOT / "workflows" / "caption_folder.json"
     result = headless.run_workflow(path, pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
     captions, summary = result.outputs[2]
