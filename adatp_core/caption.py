@@ -176,8 +176,9 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
             wait_start = time.perf_counter()
             try:
                 frames, _info = get()
-            except AdaTPInputError as exc:
-                yield ClipResult(path, None, error=str(exc))
+            except Exception as exc:  # noqa: BLE001  whatever stops one clip's decoding fails that clip only
+                error = str(exc) if isinstance(exc, AdaTPInputError) else f"{exc.__class__.__name__}: {exc}"
+                yield ClipResult(path, None, error=error)
                 continue
             model_start = time.perf_counter()
             try:
@@ -280,7 +281,6 @@ class CaptionSummary:
     failed: list = field(default_factory=list)  # (path, reason)
     captions: dict = field(default_factory=dict)
     model_error: str | None = None
-    interrupted: bool = False
     seconds: float = 0.0
     model_seconds: float = 0.0
 
@@ -301,8 +301,7 @@ class CaptionSummary:
     def to_dict(self) -> dict:
         return {"found": self.found, "done": self.done, "skipped": self.skipped,
                 "failed": [list(f) for f in self.failed], "captions": self.captions,
-                "model_error": self.model_error, "interrupted": self.interrupted,
-                "seconds": self.seconds, "model_seconds": self.model_seconds}
+                "model_error": self.model_error, "seconds": self.seconds, "model_seconds": self.model_seconds}
 
     @classmethod
     def merge(cls, parts: Iterable[dict]) -> CaptionSummary:
@@ -315,7 +314,6 @@ class CaptionSummary:
             total.failed += [tuple(f) for f in p["failed"]]
             total.captions.update(p["captions"])
             total.model_error = total.model_error or p["model_error"]
-            total.interrupted = total.interrupted or p["interrupted"]
             total.seconds = max(total.seconds, p["seconds"])
             total.model_seconds += p["model_seconds"]
         total.captions = dict(sorted(total.captions.items()))
@@ -330,8 +328,6 @@ class CaptionSummary:
                          f"{100 * busy:.0f}% of the time (the rest it waited for decoding)")
         for path, reason in self.failed:
             lines.append(f"  failed: {path}: {reason}")
-        if self.interrupted:
-            lines.append("Interrupted: the clips captioned so far are kept; run again to continue.")
         if self.model_error:
             lines.append(f"The model failed, run stopped: {self.model_error}")
         elif not self.captions:
@@ -412,8 +408,7 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
             if on_clip is not None:
                 try:
                     on_clip(rel, result, summary)
-                except BaseException:
-                    summary.interrupted = True
+                except BaseException:  # an interrupt: stop decoding ahead, keep what is written
                     results.close()
                     raise
     finally:

@@ -136,6 +136,10 @@ def main(argv=None) -> int:
     except AdaTPInputError as exc:  # settings that fit no clip (frames, layer, retention, prompt)
         print(f"{label}error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n{label}interrupted: the captions written so far are kept; run the same command again "
+              "to continue.", file=sys.stderr)
+        return 130
     summary = dist.gather(summary)
     if dist.main:
         if manifest is not None and dist.count > 1:
