@@ -3,6 +3,7 @@
     python -m adatp_core                       # built-in tiny model, sample video
     python -m adatp_core --model models/LLM/llava-onevision-qwen2-7b-ov-hf \\
         --video clip.mp4 --question "What is the person doing?"
+    python -m adatp_core caption DIR           # a caption .txt beside every clip (caption_cli.py)
 """
 
 from __future__ import annotations
@@ -14,15 +15,25 @@ import sys
 import time
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .generate import DECODE_MODES
 from .report import stats_text
 
 DEFAULT_QUESTION = "What happens in this video?"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m adatp_core", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m adatp_core", description=__doc__.splitlines()[0],
+                                epilog="Caption a folder of clips: python -m adatp_core caption --help")
     p.add_argument("--video", help="video file (default: the pack's sample video)")
     p.add_argument("--question", default=DEFAULT_QUESTION)
+    add_model_arguments(p, max_new_tokens=32)
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The model and AdaTP options, shared with ``caption`` (caption_cli.py)."""
     p.add_argument("--model", help="local model folder (default: the built-in tiny random model)")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
     p.add_argument("--retention", type=float, default=0.25, help="fraction of visual tokens kept (default 0.25)")
@@ -31,14 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vanilla", action="store_true", help="no pruning: the stock model")
     p.add_argument("--no-global-debias", action="store_true", help="leave out GlobalDebias")
     p.add_argument("--no-local-debias", action="store_true", help="leave out LocalDebias")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--decode-mode", choices=("default", "static"), default="default",
-                   help="static: fixed-shape decode steps, a CUDA graph on CUDA (greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+                   help="static: fixed-shape decode steps, CUDA graphs on CUDA reused across answers; "
+                        "auto (default): static on CUDA, default elsewhere")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", action="store_true", help="print every figure as JSON")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
+
+
+def pipeline_config(args):
+    """PipelineConfig from the options of ``add_model_arguments``."""
+    from .generate import SamplingConfig
+    from .pipeline import PipelineConfig
+
+    return PipelineConfig(
+        num_frames=args.frames, layer=args.layer, query=args.query,
+        retention=None if args.vanilla else args.retention,
+        global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
+        generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode),
+    )
 
 
 def format_report(result, load_seconds: float, wall: float) -> str:
@@ -46,32 +68,36 @@ def format_report(result, load_seconds: float, wall: float) -> str:
             f"model load {load_seconds:.2f} s; wall {wall:.2f} s")
 
 
+def load_model(folder, device: str = "auto", dtype: str = "auto"):
+    """A local model folder, or the built-in tiny random model when ``folder`` is None."""
+    from transformers.utils import logging as hf_logging
+
+    from .models.loader import load_video_llm
+    from .models.tiny import TINY_MODEL_NAME, ensure_tiny_model
+
+    hf_logging.disable_progress_bar()  # this process's output is the report
+    if folder:
+        return load_video_llm(folder, device=device, dtype=dtype)
+    return load_video_llm(ensure_tiny_model(), device=device, dtype=dtype, name=TINY_MODEL_NAME)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["caption"]:
+        from .caption_cli import main as caption_main
+
+        return caption_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     wall_start = time.perf_counter()
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # this process's output is the report
-        from .generate import SamplingConfig
-        from .models.loader import load_video_llm
-        from .models.tiny import TINY_MODEL_NAME, ensure_tiny_model
-        from .pipeline import PipelineConfig, run_pipeline
+        from .pipeline import run_pipeline
         from .samples import sample_video
 
         load_start = time.perf_counter()
-        if args.model:
-            model = load_video_llm(args.model, device=args.device, dtype=args.dtype)
-        else:
-            model = load_video_llm(ensure_tiny_model(), device=args.device, dtype=args.dtype, name=TINY_MODEL_NAME)
+        model = load_model(args.model, args.device, args.dtype)
         load_seconds = time.perf_counter() - load_start
-        cfg = PipelineConfig(
-            num_frames=args.frames, layer=args.layer, query=args.query,
-            retention=None if args.vanilla else args.retention,
-            global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
-            generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode),
-        )
+        cfg = pipeline_config(args)
         result = run_pipeline(model, args.video or sample_video(), args.question, cfg)
     except (AdaTPInputError, AdaTPEnvironmentError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -114,8 +114,9 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     generator = None
     if cfg.do_sample:
         generator = torch.Generator(device=adapter.output_device).manual_seed(cfg.seed)  # beside the logits
-    if cfg.decode_mode == "static" and adapter.is_split:
-        log.warning("static decoding needs the model on one device; decoding step by step instead")
+    if adapter.is_split and resolve_decode_mode(cfg.decode_mode, adapter.device) == "static":
+        if cfg.decode_mode == "static":
+            log.warning("static decoding needs the model on one device; decoding step by step instead")
         cfg = replace(cfg, decode_mode="default")
     try:
         run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation")

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 
@@ -343,12 +342,12 @@ def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | N
         f"{Path(path).name} could not be decoded ({'; '.join(errors)}); re-export it as MP4 (H.264).")
 
 
-def load_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
+def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
                start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
                backend: str = "auto", on_frame: Callable[[int], None] | None = None):
-    """Sample and decode a video. Returns (frames, info).
+    """Sample and decode a video. Returns (uint8 [T, H, W, 3] numpy frames, VideoInfo).
 
-    frames: [T, H, W, 3] float32 in 0..1 (ComfyUI IMAGE), longest side <= max_side.
+    Needs no torch, so decode-ahead worker processes start fast (caption.py).
     """
     probe = probe_video(path)
     times = sample_times(probe, num_frames, sampling, fps, start_time, end_time)
@@ -356,4 +355,22 @@ def load_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float
     info = VideoInfo(path=str(path), fps=probe.fps, duration=probe.duration,
                      frame_count=probe.frame_count, width=probe.width, height=probe.height,
                      timestamps=tuple(stamps), backend=used, frames_decoded=decoded)
-    return torch.from_numpy(frames).float().div_(255.0), info
+    return frames, info
+
+
+def frames_to_image(frames: np.ndarray):
+    """uint8 [T, H, W, 3] -> float32 torch [T, H, W, 3] in 0..1 (ComfyUI IMAGE)."""
+    import torch
+
+    return torch.from_numpy(frames).float().div_(255.0)
+
+
+def load_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
+               start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
+               backend: str = "auto", on_frame: Callable[[int], None] | None = None):
+    """Sample and decode a video. Returns (frames, info).
+
+    frames: [T, H, W, 3] float32 in 0..1 (ComfyUI IMAGE), longest side <= max_side.
+    """
+    frames, info = read_video(path, num_frames, sampling, fps, start_time, end_time, max_side, backend, on_frame)
+    return frames_to_image(frames), info

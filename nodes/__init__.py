@@ -4,6 +4,7 @@ Each node validates, calls one core function, and wraps the result. Input names
 and their order are the workflow file format: never rename or reorder them.
 """
 
+from .caption_folder import AdaTP_CaptionFolder
 from .extract_attention import AdaTP_ExtractAttention
 from .generate_answer import AdaTP_GenerateAnswer
 from .global_debias import AdaTP_GlobalDebias
@@ -15,7 +16,7 @@ from .prune_tokens import AdaTP_PruneTokens
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     AdaTP_LoadVideoLLM, AdaTP_LoadVideo, AdaTP_ExtractAttention, AdaTP_GlobalDebias,
-    AdaTP_LocalDebias, AdaTP_PruneTokens, AdaTP_GenerateAnswer, AdaTP_PreviewTokens,
+    AdaTP_LocalDebias, AdaTP_PruneTokens, AdaTP_GenerateAnswer, AdaTP_PreviewTokens, AdaTP_CaptionFolder,
 )}
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +28,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AdaTP_PruneTokens": "AdaTP Prune Tokens",
     "AdaTP_GenerateAnswer": "AdaTP Generate Answer",
     "AdaTP_PreviewTokens": "AdaTP Preview Tokens",
+    "AdaTP_CaptionFolder": "AdaTP Caption Folder",
 }

@@ -37,26 +37,38 @@ def list_videos() -> list[str]:
     return [SAMPLE_NAME, *sorted(files - {SAMPLE_NAME})]
 
 
+def input_path(name: str, what: str) -> tuple[Path, str]:
+    """(the path that ``name`` means inside the input directory, symlinks resolved;
+    the name without ComfyUI's " [input]" annotation).
+
+    Refuses '..', absolute paths elsewhere, NUL bytes and URLs without opening
+    anything; ``what`` names the thing in messages ("video", "folder").
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise AdaTPInputError(f"the {what} name is empty or contains a NUL byte; pick a {what} from the list.")
+    if "://" in name:
+        raise AdaTPInputError(f"{name!r} is a URL; download the {what} into ComfyUI's input folder first.")
+    if name.endswith(" [input]"):
+        name = name[: -len(" [input]")]
+    root = bridge.input_directory().resolve()
+    path = (root / name).resolve()
+    if os.path.commonpath([root, path]) != str(root):
+        raise AdaTPInputError(f"{name!r} points outside the input directory; put the {what} in {root}.")
+    return path, name
+
+
 def resolve_video(name: str) -> Path:
     """The file a combo value names, inside the input directory (symlinks resolved).
 
     The sample's name falls back to the pack's own copy. Refuses '..', absolute
     paths elsewhere, NUL bytes and URLs without opening anything.
     """
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise AdaTPInputError("the video name is empty or contains a NUL byte; pick a file from the list.")
-    if "://" in name:
-        raise AdaTPInputError(f"{name!r} is a URL; download the video into ComfyUI's input folder first.")
-    if name.endswith(" [input]"):
-        name = name[: -len(" [input]")]
-    root = bridge.input_directory().resolve()
-    path = (root / name).resolve()
-    if os.path.commonpath([root, path]) != str(root):
-        raise AdaTPInputError(f"{name!r} points outside the input directory; put the video in {root}.")
+    path, name = input_path(name, "video")
     if not path.is_file():
         if name == SAMPLE_NAME:
             return SAMPLE_VIDEO
-        raise AdaTPInputError(f"video {name!r} is not in {root}; upload it or pick one from the list.")
+        raise AdaTPInputError(f"video {name!r} is not in {bridge.input_directory().resolve()}; "
+                              "upload it or pick one from the list.")
     return path
 
 

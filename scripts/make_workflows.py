@@ -5,12 +5,18 @@ Widget values are laid out from each node's INPUT_TYPES, so the files always
 match the nodes. Run it after changing a node's defaults:
 
     python scripts/make_workflows.py
+
+Nodes are laid out in columns from their real size in ComfyUI's frontend
+(``node_size``: litegraph's computeSize from the node's sockets and widgets,
+plus the text that the pack's web extension shows after a run), so no two
+nodes overlap, whatever an answer's length.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -23,21 +29,23 @@ QUESTION = "What happens in this video?"
 CAPTION = ("Describe this video in detail: the setting, every object and person, what moves and how, "
            "and the order in which things happen.")
 
-# (id, type, position, widget overrides); links: (from id, output name, to id, input name)
+# (id, type, column, widget overrides); a column's nodes stack top to bottom in this order.
+# "align": {id: other id} starts a node no higher than another one (a branch beside its twin).
+# links: (from id, output name, to id, input name)
 QA = {
     "note": "AdaTP video QA: load a model and a video, extract attention at layer K, debias globally "
             "(segments) and locally (positions), keep 25% of the visual tokens, answer. Preview Tokens "
             "shows what was kept. Bypass a debias node (Ctrl+B) to see what it does.",
     "nodes": [
-        (1, "AdaTP_LoadVideoLLM", (40, 60), {}),
-        (2, "AdaTP_LoadVideo", (40, 330), {}),
-        (3, "AdaTP_ExtractAttention", (420, 60), {"question": QUESTION}),
-        (4, "AdaTP_GlobalDebias", (820, 60), {}),
-        (5, "AdaTP_LocalDebias", (820, 220), {}),
-        (6, "AdaTP_PruneTokens", (1180, 60), {}),
-        (7, "AdaTP_GenerateAnswer", (1620, 60), {"max_new_tokens": 64}),
-        (8, "AdaTP_PreviewTokens", (1180, 330), {}),
-        (9, "PreviewImage", (1180, 470), {}),
+        (1, "AdaTP_LoadVideoLLM", 0, {}),
+        (2, "AdaTP_LoadVideo", 0, {}),
+        (3, "AdaTP_ExtractAttention", 1, {"question": QUESTION}),
+        (4, "AdaTP_GlobalDebias", 2, {}),
+        (5, "AdaTP_LocalDebias", 2, {}),
+        (6, "AdaTP_PruneTokens", 3, {}),
+        (7, "AdaTP_GenerateAnswer", 4, {"max_new_tokens": 64}),
+        (8, "AdaTP_PreviewTokens", 3, {}),
+        (9, "PreviewImage", 3, {}),
     ],
     "links": [
         (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
@@ -51,15 +59,16 @@ VANILLA_VS_ADATP = {
             "the vanilla model (no pruning), the bottom branch AdaTP at 25% retention. Compare the "
             "answers and the stats lines (tokens kept, FLOPs, time to first token).",
     "nodes": [
-        (1, "AdaTP_LoadVideoLLM", (40, 60), {}),
-        (2, "AdaTP_LoadVideo", (40, 330), {}),
-        (3, "AdaTP_ExtractAttention", (420, 60), {"question": QUESTION}),
-        (4, "AdaTP_GenerateAnswer", (1180, 40), {"max_new_tokens": 64}),
-        (5, "AdaTP_GlobalDebias", (820, 360), {}),
-        (6, "AdaTP_LocalDebias", (820, 540), {}),
-        (7, "AdaTP_PruneTokens", (1180, 400), {}),
-        (8, "AdaTP_GenerateAnswer", (1560, 400), {"max_new_tokens": 64}),
+        (1, "AdaTP_LoadVideoLLM", 0, {}),
+        (2, "AdaTP_LoadVideo", 0, {}),
+        (3, "AdaTP_ExtractAttention", 1, {"question": QUESTION}),
+        (4, "AdaTP_GenerateAnswer", 2, {"max_new_tokens": 64}),
+        (5, "AdaTP_GlobalDebias", 2, {}),
+        (6, "AdaTP_LocalDebias", 2, {}),
+        (7, "AdaTP_PruneTokens", 3, {}),
+        (8, "AdaTP_GenerateAnswer", 4, {"max_new_tokens": 64}),
     ],
+    "align": {7: 5, 8: 5},  # the AdaTP branch runs below the vanilla answer
     "titles": {4: "Vanilla: Generate Answer", 8: "AdaTP: Generate Answer"},
     "links": [
         (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
@@ -71,13 +80,13 @@ CAPTION_FLOW = {
     "note": "Detailed video captioning with AdaTP: a captioning instruction instead of a question, and "
             "longer generation. 32 frames, 25% of the visual tokens kept.",
     "nodes": [
-        (1, "AdaTP_LoadVideoLLM", (40, 60), {}),
-        (2, "AdaTP_LoadVideo", (40, 330), {}),
-        (3, "AdaTP_ExtractAttention", (420, 60), {"question": CAPTION}),
-        (4, "AdaTP_GlobalDebias", (820, 60), {}),
-        (5, "AdaTP_LocalDebias", (820, 220), {}),
-        (6, "AdaTP_PruneTokens", (1180, 60), {}),
-        (7, "AdaTP_GenerateAnswer", (1560, 60), {"max_new_tokens": 384}),
+        (1, "AdaTP_LoadVideoLLM", 0, {}),
+        (2, "AdaTP_LoadVideo", 0, {}),
+        (3, "AdaTP_ExtractAttention", 1, {"question": CAPTION}),
+        (4, "AdaTP_GlobalDebias", 2, {}),
+        (5, "AdaTP_LocalDebias", 2, {}),
+        (6, "AdaTP_PruneTokens", 3, {}),
+        (7, "AdaTP_GenerateAnswer", 4, {"max_new_tokens": 384}),
     ],
     "links": [
         (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
@@ -90,13 +99,13 @@ FASTV = {
             "layer K-1 attention over the whole video. Compare its Preview Tokens with AdaTP's: the "
             "kept tokens crowd into the last frames and the same positions.",
     "nodes": [
-        (1, "AdaTP_LoadVideoLLM", (40, 60), {}),
-        (2, "AdaTP_LoadVideo", (40, 330), {}),
-        (3, "AdaTP_ExtractAttention", (420, 60), {"question": QUESTION, "query": "last"}),
-        (4, "AdaTP_PruneTokens", (820, 60), {}),
-        (5, "AdaTP_GenerateAnswer", (1180, 60), {"max_new_tokens": 64}),
-        (6, "AdaTP_PreviewTokens", (820, 330), {}),
-        (7, "PreviewImage", (820, 470), {}),
+        (1, "AdaTP_LoadVideoLLM", 0, {}),
+        (2, "AdaTP_LoadVideo", 0, {}),
+        (3, "AdaTP_ExtractAttention", 1, {"question": QUESTION, "query": "last"}),
+        (4, "AdaTP_PruneTokens", 2, {}),
+        (5, "AdaTP_GenerateAnswer", 3, {"max_new_tokens": 64}),
+        (6, "AdaTP_PreviewTokens", 2, {}),
+        (7, "PreviewImage", 2, {}),
     ],
     "links": [
         (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
@@ -104,15 +113,89 @@ FASTV = {
     ],
 }
 
-# Room for the multiline question and for the text that the web extension shows.
-SIZES = {"AdaTP_ExtractAttention": [360, 260], "AdaTP_GenerateAnswer": [420, 380],
-         "AdaTP_PruneTokens": [400, 220], "AdaTP_LoadVideo": [340, 420], "PreviewImage": [420, 300]}
+CAPTION_FOLDER = {
+    "note": "Caption a folder of clips for video LoRA training: every clip in ComfyUI's input folder "
+            "adatp_caption_samples (the pack's sample video; type your own folder, or an absolute path) gets "
+            "a .txt beside it with prefix + caption + suffix. Clips that already have one are skipped unless "
+            "overwrite is on, so a stopped run continues. Preview Any lists the captions.",
+    "nodes": [
+        (1, "AdaTP_LoadVideoLLM", 0, {}),
+        (2, "AdaTP_CaptionFolder", 1, {}),
+        (3, "PreviewAny", 2, {}),
+    ],
+    "links": [(1, "model", 2, "model"), (2, "captions", 3, "source")],
+}
+
+# litegraph's constants (ComfyUI frontend): title bar, a socket row, a widget row.
+TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, NODE_WIDTH = 30, 20, 20, 140
+TITLE_CHAR, LABEL_CHAR = 14 * 0.6, 12 * 0.6  # litegraph's text width estimate (font size * 0.6 a character)
+WIDGET_PADDING = 104  # BaseWidget.minValueWidth 42 + 2 * (margin 15 + arrowMargin 6 + arrowWidth 10)
+MULTILINE_HEIGHT = 50  # a multiline STRING's text box (DOM widget) at its minimum
+# The text box that web/adatp_display.js adds after a run: up to 24 rows of 15 px, at least 420 wide.
+DISPLAY_ROWS, DISPLAY_LINE, DISPLAY_WIDTH = 24, 15, 420
+# The nodes that get that box: the web extension's list.
+TEXT_NODES = tuple(json.loads(re.search(r"TEXT_NODES = Object\.freeze\((\[.*?\])\)",
+                                        (PACK_DIR / "web" / "adatp_display.js").read_text()).group(1)))
+# Room for what a node shows beyond its widgets: Load Video's video preview (the frontend computes
+# 450 x 552 at 450 wide with the sample video), the images, Preview Any's text box (it scrolls).
+MIN_SIZES = {"AdaTP_ExtractAttention": [360, 0], "AdaTP_LoadVideo": [450, 560], "PreviewImage": [420, 300],
+             "AdaTP_PreviewTokens": [340, 0], "PreviewAny": [420, 300]}
+DISPLAY_NAMES = {"PreviewImage": "Preview Image", "PreviewAny": "Preview Any", "SaveImage": "Save Image"}
+LEFT, TOP, GAP_X, GAP_Y = 40, 60, 60, 50
+
+
+def node_size(cls, kind: str, title: str, headless, after_run: bool = False) -> list[int]:
+    """[width, height] of a node's body (the title bar is above it) in ComfyUI's
+    frontend, as litegraph's LGraphNode.computeSize works it out: socket rows,
+    then each widget's height + 4, + 8, + 6; widths from the title and the
+    labels. after_run: with the text box that a text node shows after a run,
+    at its tallest (the layout leaves room for it)."""
+    spec = dict(headless._inputs(cls))
+    sockets = [n for n, s in spec.items() if not headless.is_widget(s)]
+    slots = headless.widget_slots(cls)
+    outputs = list(getattr(cls, "RETURN_NAMES", getattr(cls, "RETURN_TYPES", ())))
+    heights = []
+    for name, extra in slots:
+        opts = spec[name][1] if extra is None and len(spec[name]) > 1 else {}
+        heights.append(MULTILINE_HEIGHT if opts.get("multiline") else WIDGET_HEIGHT)
+    if kind in TEXT_NODES and after_run:
+        heights.append(MULTILINE_HEIGHT)
+    height = max(len(sockets), len(outputs), 1) * SLOT_HEIGHT
+    height += (sum(h + 4 for h in heights) + 8 if heights else 0) + 6
+    labels = lambda names: max((len(n) * LABEL_CHAR for n in names), default=0)  # noqa: E731
+    width = max(TITLE_HEIGHT * 1.33 + len(title) * TITLE_CHAR,
+                labels(sockets) + labels(outputs) + 2 * SLOT_HEIGHT + (5 if sockets and outputs else 0),
+                labels([n for n, _ in slots]) + WIDGET_PADDING if slots else 0,
+                NODE_WIDTH * (1.5 if slots else 1))
+    if kind in TEXT_NODES and after_run:
+        width = max(width, DISPLAY_WIDTH)
+        height += DISPLAY_ROWS * DISPLAY_LINE
+    low = MIN_SIZES.get(kind, [0, 0])
+    return [int(-(-max(width, low[0]) // 10) * 10), int(-(-max(height, low[1]) // 10) * 10)]
+
+
+def layout(flow: dict, sizes: dict) -> dict:
+    """{id: [x, y]}: columns left to right, each as wide as its widest node; a column's
+    nodes stacked in order with their title bars, no higher than an "align" partner."""
+    pos, x = {}, LEFT
+    align = flow.get("align", {})
+    for col in sorted({c for _, _, c, _ in flow["nodes"]}):
+        ids = [nid for nid, _, c, _ in flow["nodes"] if c == col]
+        y = TOP
+        for nid in ids:
+            y = max(y, pos[align[nid]][1]) if nid in align else y
+            pos[nid] = [x, y]
+            y += sizes[nid][1] + TITLE_HEIGHT + GAP_Y
+        x += max(sizes[nid][0] for nid in ids) + GAP_X
+    return pos
+
 
 WORKFLOWS = {
     "adatp_video_qa.json": QA,
     "vanilla_vs_adatp.json": VANILLA_VS_ADATP,
     "video_caption.json": CAPTION_FLOW,
     "fastv_baseline.json": FASTV,
+    "caption_folder.json": CAPTION_FOLDER,
 }
 
 
@@ -132,16 +215,23 @@ def widget_values(cls, headless, overrides: dict) -> list:
     return values
 
 
-def build(flow: dict, mappings: dict, headless) -> dict:
+def title_of(kind: str, flow: dict, nid: int, display_names: dict) -> str:
+    return flow.get("titles", {}).get(nid) or display_names.get(kind) or DISPLAY_NAMES.get(kind, kind)
+
+
+def build(flow: dict, mappings: dict, headless, display_names: dict | None = None) -> dict:
     classes = {**headless.CORE_DISPLAY_NODES, **mappings}
+    titles = {nid: title_of(kind, flow, nid, display_names or {}) for nid, kind, _, _ in flow["nodes"]}
+    sizes = {nid: node_size(classes[kind], kind, titles[nid], headless) for nid, kind, _, _ in flow["nodes"]}
+    room = {nid: node_size(classes[kind], kind, titles[nid], headless, after_run=True)
+            for nid, kind, _, _ in flow["nodes"]}
+    positions = layout(flow, room)
     nodes, links = {}, []
-    for order, (nid, kind, pos, overrides) in enumerate(flow["nodes"]):
+    for order, (nid, kind, _, overrides) in enumerate(flow["nodes"]):
         cls = classes[kind]
         sockets = [(n, s) for n, s in headless._inputs(cls) if not headless.is_widget(s)]
-        slots = headless.widget_slots(cls)
         nodes[nid] = {
-            "id": nid, "type": kind, "pos": list(pos),
-            "size": SIZES.get(kind, [340, 60 + 26 * (len(sockets) + len(slots))]),
+            "id": nid, "type": kind, "pos": positions[nid], "size": sizes[nid],
             "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": n, "type": s[0], "link": None} for n, s in sockets],
             "outputs": [{"name": name, "type": t, "links": [], "slot_index": i}
@@ -160,8 +250,10 @@ def build(flow: dict, mappings: dict, headless) -> dict:
         nodes[dst]["inputs"][dst_slot]["link"] = link_id
         links.append([link_id, src, src_slot, dst, dst_slot, kind])
     note_id = max(nodes) + 1
+    bottom = max(positions[nid][1] + room[nid][1] for nid in nodes)
     all_nodes = list(nodes.values()) + [{
-        "id": note_id, "type": "Note", "pos": [40, 880], "size": [700, 110], "flags": {}, "order": len(nodes),
+        "id": note_id, "type": "Note", "pos": [LEFT, bottom + GAP_Y + TITLE_HEIGHT], "size": [700, 110],
+        "flags": {}, "order": len(nodes),
         "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [flow["note"]],
         "color": "#432", "bgcolor": "#653"}]
     return {
@@ -177,7 +269,7 @@ def main() -> int:
     headless = importlib.import_module(f"{PACK_NAME}.nodes.headless")
     OUT.mkdir(exist_ok=True)
     for name, flow in WORKFLOWS.items():
-        data = build(flow, pack.NODE_CLASS_MAPPINGS, headless)
+        data = build(flow, pack.NODE_CLASS_MAPPINGS, headless, pack.NODE_DISPLAY_NAME_MAPPINGS)
         headless.Workflow(json.loads(json.dumps(data)), pack.NODE_CLASS_MAPPINGS)  # must pass its own checks
         (OUT / name).write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {OUT / name}")

@@ -25,8 +25,8 @@ def _load(name):
     return json.loads((ROOT / "workflows" / name).read_text())
 
 
-def test_the_four_workflows_ship():
-    assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "fastv_baseline.json",
+def test_the_five_workflows_ship():
+    assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "caption_folder.json", "fastv_baseline.json",
                                            "vanilla_vs_adatp.json", "video_caption.json"]
 
 
@@ -41,9 +41,12 @@ def test_links_match_node_definitions(env, path):
         assert classes[src_node["type"]].RETURN_TYPES[src_slot] == kind
         assert src_node["outputs"][src_slot]["type"] == kind and link_id in src_node["outputs"][src_slot]["links"]
         inp = dst_node["inputs"][dst_slot]
-        assert inp["link"] == link_id and inp["type"] == kind
+        assert inp["link"] == link_id and inp["type"] in (kind, "*")  # "*": Preview Any takes anything
     by_type = {n["type"] for n in data["nodes"]}
-    assert {"AdaTP_LoadVideoLLM", "AdaTP_LoadVideo", "AdaTP_ExtractAttention", "AdaTP_GenerateAnswer"} <= by_type
+    if path.name == "caption_folder.json":
+        assert {"AdaTP_LoadVideoLLM", "AdaTP_CaptionFolder", "PreviewAny"} <= by_type
+    else:
+        assert {"AdaTP_LoadVideoLLM", "AdaTP_LoadVideo", "AdaTP_ExtractAttention", "AdaTP_GenerateAnswer"} <= by_type
     loaders = [n for n in data["nodes"] if n["type"] == "AdaTP_LoadVideoLLM"]
     assert loaders[0]["widgets_values"][0] == "adatp-tiny (built-in, random weights)"
 
@@ -51,6 +54,8 @@ def test_links_match_node_definitions(env, path):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_every_workflow_runs_headless(env, path):
     pack, headless = env
+    if path.name == "caption_folder.json":  # it writes captions: run in a fresh input directory below
+        pytest.skip("run in test_caption_folder_workflow_runs_on_the_sample_folder")
     result = headless.run_workflow(path, pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
     texts = [t for _, t in result.texts()]
     answers = [r for nid, r in result.outputs.items()
@@ -127,3 +132,77 @@ def test_runner_script(env, capsys):
     out = capsys.readouterr().out
     assert "Generation: 3 tokens" in out and "image: " in out
     assert run_workflow.main([str(ROOT / "README.md")]) == 2
+
+
+def test_caption_folder_workflow_runs_on_the_sample_folder(env, tmp_path, monkeypatch):
+    """The pack's sample folder is made in the input directory and captioned; a rerun skips it.
+    (Shorter captions than shipped, for speed; scripts/check_comfyui_server.py runs it as shipped.)"""
+    pack, headless = env
+    bridge = pack_module("nodes.comfy_bridge")
+    monkeypatch.setattr(bridge.HEADLESS, "input_dir", tmp_path)
+    path = ROOT / "workflows" / "caption_folder.json"
+    short = {(2, "max_new_tokens"): 16}
+    result = headless.run_workflow(path, pack.NODE_CLASS_MAPPINGS, short, log=lambda m: None)
+    captions, summary = result.outputs[2]
+    caption = (bridge.HEADLESS.input_dir / "adatp_caption_samples" / "adatp_sample_video.txt").read_text()
+    assert captions == [caption] and caption
+    assert summary.startswith("Captioned 1 clip(s), skipped 0 already captioned, failed 0, of 1 found.")
+    assert result.ui[3]["text"] == [json.dumps(captions)]  # Preview Any shows the list
+    again = headless.run_workflow(path, pack.NODE_CLASS_MAPPINGS, short, log=lambda m: None)
+    assert again.outputs[2][0] == [caption] and "skipped 1 already captioned" in again.outputs[2][1]
+
+
+def _boxes(data, make_workflows, pack, headless):
+    """Each node's rectangle in ComfyUI's frontend, title bar included, at its largest
+    (after a run, when a text node shows its answer), from make_workflows' sizes."""
+    classes = {**headless.CORE_DISPLAY_NODES, **pack.NODE_CLASS_MAPPINGS}
+    boxes = {}
+    for node in data["nodes"]:
+        w, h = node["size"]
+        if node["type"] in classes:
+            title = node.get("title") or pack.NODE_DISPLAY_NAME_MAPPINGS.get(node["type"]) \
+                or make_workflows.DISPLAY_NAMES[node["type"]]
+            real = make_workflows.node_size(classes[node["type"]], node["type"], title, headless, after_run=True)
+            assert node["size"][0] >= make_workflows.node_size(classes[node["type"]], node["type"], title,
+                                                               headless)[0]
+            w, h = max(w, real[0]), max(h, real[1])
+        x, y = node["pos"]
+        boxes[node["id"]] = (x, y - make_workflows.TITLE_HEIGHT, x + w, y + h)
+    return boxes
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_no_two_nodes_overlap_at_their_real_size(env, path):
+    import make_workflows
+
+    pack, headless = env
+    boxes = _boxes(json.loads(path.read_text()), make_workflows, pack, headless)
+    ids = sorted(boxes)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"{path.name}: nodes {a} and {b} overlap"
+
+
+def test_node_sizes_follow_litegraph(env):
+    """computeSize's arithmetic on two nodes, worked by hand."""
+    import make_workflows as mw
+
+    pack, headless = env
+    local = pack.NODE_CLASS_MAPPINGS["AdaTP_LocalDebias"]
+    # one socket row (state in, state out) + one widget (20 + 4) + 8 + 6 = 58 -> 60
+    assert mw.node_size(local, "AdaTP_LocalDebias", "AdaTP Local Debias", headless) == [220, 60]
+    answer = pack.NODE_CLASS_MAPPINGS["AdaTP_GenerateAnswer"]
+    before = mw.node_size(answer, "AdaTP_GenerateAnswer", "x", headless)
+    after = mw.node_size(answer, "AdaTP_GenerateAnswer", "x", headless, after_run=True)
+    # 2 output rows + 6 widgets (seed's control included) = 40 + 6 * 24 + 8 + 6 = 198 -> 200
+    assert before[1] == 200 and after[1] >= 200 + mw.MULTILINE_HEIGHT + 4 + 24 * 15 and after[0] >= 420
+
+
+def test_shipped_workflows_are_what_make_workflows_writes(env):
+    import make_workflows
+
+    pack, headless = env
+    for name, flow in make_workflows.WORKFLOWS.items():
+        built = make_workflows.build(flow, pack.NODE_CLASS_MAPPINGS, headless, pack.NODE_DISPLAY_NAME_MAPPINGS)
+        assert json.loads(json.dumps(built)) == _load(name), f"{name}: run python scripts/make_workflows.py"

@@ -31,7 +31,7 @@ test("Prune Tokens shows its stats; odd payloads never throw", () => {
   assert.equal(displayText("AdaTP_PruneTokens", undefined), "");
   assert.equal(displayText("AdaTP_PruneTokens", "single"), "single");
   assert.equal(displayText("AdaTP_PruneTokens", [{ a: 1 }]), '{"a":1}');
-  assert.deepEqual(TEXT_NODES, ["AdaTP_GenerateAnswer", "AdaTP_PruneTokens"]);
+  assert.deepEqual(TEXT_NODES, ["AdaTP_GenerateAnswer", "AdaTP_PruneTokens", "AdaTP_CaptionFolder"]);
 });
 
 test("the text box grows with the text and is clamped", () => {

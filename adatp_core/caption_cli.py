@@ -1,0 +1,148 @@
+"""Caption a folder of clips: one .txt per clip, for video LoRA training sets.
+
+    python -m adatp_core caption clips/ --prefix "mytrigger, " --manifest clips.jsonl
+    accelerate launch -m adatp_core caption clips/     # one shard of the clips per process
+
+clip.mp4 gets clip.txt beside it (or at the same relative path under --out).
+A clip that already has its .txt is skipped unless --overwrite, so a stopped
+run continues where it stopped. Exit status: 0 when at least one clip has a
+caption, 1 when none could be captioned, 2 for bad options or a model failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .caption import DEFAULT_PROMPT, CaptionJob, CaptionSummary, ProgressLine, caption_folder
+from .cli import add_model_arguments, load_model, pipeline_config
+from .errors import AdaTPEnvironmentError, AdaTPInputError
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m adatp_core caption", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("folder", type=Path, help="the folder of clips")
+    p.add_argument("--out", type=Path, help="write captions under this folder, mirroring the clips' subfolders "
+                                            "(default: beside each clip)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the captioning instruction")
+    p.add_argument("--prefix", default="", help="text put before every caption (a trigger word)")
+    p.add_argument("--suffix", default="", help="text put after every caption")
+    p.add_argument("--overwrite", action="store_true", help="caption clips that already have a .txt again")
+    p.add_argument("--recursive", action="store_true", help="include clips in subfolders")
+    p.add_argument("--manifest", type=Path, help="append one JSON line per clip to this file")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes that run ahead of the model "
+                                                          "(default 2; 0 decodes in this process)")
+    add_model_arguments(p, max_new_tokens=256)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+class Distributed:
+    """This process's place under ``accelerate launch`` (or torchrun); one process otherwise."""
+
+    def __init__(self):
+        self.state = None
+        self.index, self.count = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
+
+            # --cpu, or a machine without CUDA: processes talk over gloo.
+            cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+            self.state = PartialState(cpu=cpu)
+            self.index, self.count = self.state.process_index, self.state.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.index == 0
+
+    def device(self, choice: str) -> str:
+        return str(self.state.device) if self.state is not None and choice == "auto" else choice
+
+    def shard_manifest(self, manifest: Path | None) -> Path | None:
+        if manifest is None or self.count == 1:
+            return manifest
+        return shard_path(manifest, self.index, self.count)
+
+    def gather(self, summary: CaptionSummary) -> CaptionSummary:
+        """Every process's summary merged, after every process has finished."""
+        if self.state is None:
+            return summary
+        from accelerate.utils import gather_object
+
+        self.state.wait_for_everyone()
+        return CaptionSummary.merge(gather_object([summary.to_dict()]))
+
+
+def shard_path(manifest: Path, index: int, count: int) -> Path:
+    return manifest.with_name(f"{manifest.name}.part{index}-of-{count}")
+
+
+def merge_manifest(manifest: Path, shards: list[Path]) -> int:
+    """Append the shards' lines to ``manifest`` in clip order, then delete the shards."""
+    records = []
+    for shard in shards:
+        if shard.exists():
+            records += [line for line in shard.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records.sort(key=lambda line: json.loads(line)["path"])
+    with open(manifest, "a", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in records)
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+    return len(records)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    dist = Distributed()
+    label = f"[{dist.index + 1}/{dist.count}] " if dist.count > 1 else ""
+    manifest = args.manifest.expanduser().resolve() if args.manifest else None
+    try:
+        job = CaptionJob(folder=args.folder, out=args.out, prompt=args.prompt, prefix=args.prefix,
+                         suffix=args.suffix, overwrite=args.overwrite, recursive=args.recursive,
+                         pipeline=pipeline_config(args), workers=args.workers)
+        if manifest is not None:
+            manifest.parent.mkdir(parents=True, exist_ok=True)
+        load_start = time.perf_counter()
+        model = load_model(args.model, dist.device(args.device), args.dtype)
+        log.info("model loaded in %.1f s", time.perf_counter() - load_start)
+    except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
+        print(f"{label}error: {exc}", file=sys.stderr)
+        return 2
+    progress = {}
+
+    def on_plan(total: int) -> None:
+        progress["bar"] = ProgressLine(total, label)
+        if not total:
+            print(f"{label}nothing to caption", file=sys.stderr)
+
+    def on_clip(rel, result, _summary) -> None:
+        progress["bar"].update(rel if result.ok else f"{rel} (failed)")
+
+    try:
+        summary = caption_folder(model, job, (dist.index, dist.count), dist.shard_manifest(manifest),
+                                 on_clip=on_clip, on_plan=on_plan)
+    except AdaTPInputError as exc:  # settings that fit no clip (frames, layer, retention, prompt)
+        print(f"{label}error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{label}interrupted: the captions written so far are kept; run the same command again "
+              "to continue.", file=sys.stderr)
+        return 130
+    summary = dist.gather(summary)
+    if dist.main:
+        if manifest is not None and dist.count > 1:
+            merge_manifest(manifest, [shard_path(manifest, i, dist.count) for i in range(dist.count)])
+        print(summary.text(dist.count))
+    return summary.exit_code()

@@ -1,0 +1,121 @@
+"""AdaTP Caption Folder: a caption .txt beside every clip of a folder (video LoRA datasets)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..adatp_core.caption import DEFAULT_PROMPT, CaptionJob, caption_folder
+from ..adatp_core.errors import AdaTPInputError
+from ..adatp_core.generate import SamplingConfig
+from ..adatp_core.models.loader import activate, release
+from ..adatp_core.pipeline import PipelineConfig
+from ..adatp_core.samples import SAMPLE_VIDEO
+from ..adatp_core.video import MAX_FRAMES
+from . import comfy_bridge as bridge
+from .load_video import SAMPLE_NAME, input_path
+
+SAMPLE_FOLDER = "adatp_caption_samples"
+DECODE_WORKERS = 2
+
+
+def ensure_sample_folder(folder: Path) -> None:
+    """The shipped workflow's folder: the pack's sample video in a folder of its own."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / SAMPLE_NAME).exists():
+            shutil.copyfile(SAMPLE_VIDEO, folder / SAMPLE_NAME)
+    except OSError as exc:
+        raise AdaTPInputError(f"cannot create the sample folder {folder} ({exc}); type a folder of your clips.") from exc
+
+
+def resolve_folder(name: str) -> Path:
+    """A folder under ComfyUI's input directory (the Load Video rules: no '..', no
+    symlink out), or an absolute path that the user typed."""
+    if isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).expanduser().is_absolute():
+        path = Path(name.strip()).expanduser().resolve()
+    else:
+        path, name = input_path(name.strip() if isinstance(name, str) else name, "folder")
+        if name == SAMPLE_FOLDER and not path.exists():
+            ensure_sample_folder(path)
+    if not path.is_dir():
+        raise AdaTPInputError(f"clip folder {name!r} does not exist ({path}); give a folder under ComfyUI's "
+                              "input directory or an absolute path.")
+    return path
+
+
+class AdaTP_CaptionFolder:
+    DESCRIPTION = ("Captions every video clip in a folder with AdaTP and writes clip.txt beside clip.mp4 "
+                   "(prefix + caption + suffix, for video LoRA training). Clips that already have a .txt are "
+                   "skipped unless overwrite is on, so a stopped run continues where it stopped. Frames of the "
+                   "next clips are decoded while the model works. Cancel stops between clips and keeps what "
+                   "is written.")
+    CATEGORY = "AdaTP"
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("captions", "summary")
+    OUTPUT_IS_LIST = (True, False)
+    OUTPUT_TOOLTIPS = ("Every clip's caption (written now or found), one list item per clip, in file order.",
+                       "Clips captioned, skipped and failed (with reasons), clips per minute.")
+    OUTPUT_NODE = True
+    FUNCTION = "caption"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("ADATP_MODEL", {"tooltip": "From Load Video LLM."}),
+            "folder": ("STRING", {"default": SAMPLE_FOLDER, "tooltip": "A folder under ComfyUI's input directory, "
+                                  "or an absolute path. adatp_caption_samples holds the pack's sample video."}),
+            "prompt": ("STRING", {"multiline": True, "default": DEFAULT_PROMPT,
+                                  "tooltip": "The captioning instruction given with every clip."}),
+            "prefix": ("STRING", {"default": "", "tooltip": "Put before every caption: a trigger word, "
+                                                           "for example 'mystyle, '."}),
+            "suffix": ("STRING", {"default": "", "tooltip": "Put after every caption."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Caption clips that already have a .txt "
+                                                                   "again. Off: skip them (resume)."}),
+            "recursive": ("BOOLEAN", {"default": False, "tooltip": "Include clips in subfolders; each .txt goes "
+                                                                   "beside its clip."}),
+            "frames": ("INT", {"default": 32, "min": 1, "max": MAX_FRAMES,
+                               "tooltip": "Frames sampled uniformly from each clip."}),
+            "retention": ("FLOAT", {"default": 0.25, "min": 0.01, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Fraction of visual tokens kept (1.0: the vanilla model)."}),
+            "layer": ("INT", {"default": 2, "min": 0, "max": 128, "tooltip": "K: prune after this many LLM "
+                                                                             "layers (0: before the LLM)."}),
+        }, "optional": {
+            "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 8192,
+                                       "tooltip": "The longest caption, in tokens."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder):
+        try:
+            resolve_folder(folder)
+        except AdaTPInputError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, **_):
+        return float("nan")  # the folder's contents may change between runs
+
+    def caption(self, model, folder, prompt, prefix, suffix, overwrite, recursive, frames, retention, layer,
+                max_new_tokens=256):
+        cfg = PipelineConfig(num_frames=frames, layer=layer, retention=retention,
+                             generation=SamplingConfig(max_new_tokens=max_new_tokens))
+        job = CaptionJob(folder=resolve_folder(folder), prompt=prompt, prefix=prefix, suffix=suffix,
+                         overwrite=overwrite, recursive=recursive, pipeline=cfg, workers=DECODE_WORKERS,
+                         processes=False)  # threads: spawned processes would re-import ComfyUI's main.py
+        progress = {}
+        bridge.check_interrupt()
+        activate(model)
+        try:
+            summary = caption_folder(
+                model, job, on_plan=lambda n: progress.setdefault("bar", bridge.Progress(n)),
+                on_clip=lambda *_: progress["bar"].step())
+        finally:
+            if release(model):
+                bridge.soft_empty_cache()
+        text = summary.text()
+        if summary.model_error:
+            raise RuntimeError(text)
+        captions = list(summary.captions.values())
+        return {"ui": {"text": [text]}, "result": (captions, text)}
