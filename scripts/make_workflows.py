@@ -48,7 +48,7 @@ QA = {
         (9, "PreviewImage", 3, {}),
     ],
     "links": [
-        (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
+        (1, "model", 3, "model"), (2, "frames", 3, "frames"), (2, "video_info", 3, "video_info"), (3, "state", 4, "state"),
         (4, "state", 5, "state"), (5, "state", 6, "state"), (6, "state", 7, "state"),
         (6, "state", 8, "state"), (2, "frames", 8, "frames"), (8, "image", 9, "images"),
     ],
@@ -71,7 +71,7 @@ VANILLA_VS_ADATP = {
     "align": {7: 5, 8: 5},  # the AdaTP branch runs below the vanilla answer
     "titles": {4: "Vanilla: Generate Answer", 8: "AdaTP: Generate Answer"},
     "links": [
-        (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
+        (1, "model", 3, "model"), (2, "frames", 3, "frames"), (2, "video_info", 3, "video_info"), (3, "state", 4, "state"),
         (3, "state", 5, "state"), (5, "state", 6, "state"), (6, "state", 7, "state"), (7, "state", 8, "state"),
     ],
 }
@@ -89,7 +89,7 @@ CAPTION_FLOW = {
         (7, "AdaTP_GenerateAnswer", 4, {"max_new_tokens": 384}),
     ],
     "links": [
-        (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
+        (1, "model", 3, "model"), (2, "frames", 3, "frames"), (2, "video_info", 3, "video_info"), (3, "state", 4, "state"),
         (4, "state", 5, "state"), (5, "state", 6, "state"), (6, "state", 7, "state"),
     ],
 }
@@ -108,7 +108,7 @@ FASTV = {
         (7, "PreviewImage", 2, {}),
     ],
     "links": [
-        (1, "model", 3, "model"), (2, "frames", 3, "frames"), (3, "state", 4, "state"),
+        (1, "model", 3, "model"), (2, "frames", 3, "frames"), (2, "video_info", 3, "video_info"), (3, "state", 4, "state"),
         (4, "state", 5, "state"), (4, "state", 6, "state"), (2, "frames", 6, "frames"), (6, "image", 7, "images"),
     ],
 }
