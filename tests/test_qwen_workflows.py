@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from pack import ROOT, load_pack, pack_module
+from test_workflows import bypass_gives_fastv
 
 from adatp_core.models.tiny_qwen import TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME
 
@@ -75,21 +76,8 @@ def test_without_video_info_the_stats_say_times_are_assumed(env):
 
 
 def test_bypassing_both_debias_nodes_gives_fastv_on_qwen(env):
-    pack, headless = env
     data = _on_qwen(json.loads((ROOT / "workflows" / "adatp_video_qa.json").read_text()), TINY_QWEN3_VL_NAME)
-    keep = {}
-    for label, mode in (("adatp", 0), ("bypassed", 4)):
-        wf = copy.deepcopy(data)
-        for node in wf["nodes"]:
-            if node["type"] in ("AdaTP_GlobalDebias", "AdaTP_LocalDebias"):
-                node["mode"] = mode
-        result = headless.run_workflow(wf, pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
-        prune_id = next(n["id"] for n in wf["nodes"] if n["type"] == "AdaTP_PruneTokens")
-        keep[label] = result.outputs[prune_id][0]
-    state = keep["bypassed"]
-    fastv = torch.sort(torch.sort(state.scores, descending=True, stable=True).indices[:state.keep.numel()]).values
-    assert torch.equal(state.keep, fastv)
-    assert not torch.equal(keep["adatp"].keep, state.keep)
+    bypass_gives_fastv(*env, data)
 
 
 @pytest.mark.parametrize("model_name", [TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME], ids=["qwen2.5-vl", "qwen3-vl"])
