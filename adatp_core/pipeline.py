@@ -32,6 +32,7 @@ class PipelineConfig:
     end_time: float = 0.0
     layer: int = 2
     query: str = "text"
+    max_pixels: int = 0  # pixel budget per frame for Qwen models (0: the default)
     global_debias: bool = True
     segment_threshold: float = 0.95
     relevance_boost: float = 1.0
@@ -71,7 +72,8 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
     else:
         with timed(times, "time_video_decode"):
             frames, info = load_video(video, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
-    state = extract_attention(model, frames, question, cfg.layer, cfg.query)
+    state = extract_attention(model, frames, question, cfg.layer, cfg.query, video_info=info,
+                              max_pixels=cfg.max_pixels)
     state = select(state, cfg)
     answer = generate_answer(state, cfg.generation, on_token=on_token)
     stats = {**answer.stats, **times}

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shapes import build  # noqa: E402
+from shapes import SHAPES, TINY, build, stock_inputs, stock_prefill, stock_vision  # noqa: E402
 
 from adatp_core.attention import extract_attention  # noqa: E402
 from adatp_core.debias import global_debias, local_debias  # noqa: E402
@@ -178,26 +178,21 @@ def run_stock(model, frames, new_tokens: int, question: str = QUESTION) -> dict:
     from transformers import LogitsProcessorList
 
     adapter, hf, dev = model.adapter, model.model, model.compute_device
-    (pixels, preprocess) = timed(lambda: adapter.preprocess(frames), dev)
-    n = adapter.visual_tokens_for(frames.shape[0])
-    prompt = adapter.build_prompt(question, n)
+    plan = adapter.plan_video(*frames.shape[:3])
+    (pixels, preprocess) = timed(lambda: adapter.preprocess(frames, plan), dev)
+    n = plan.num_tokens
+    prompt = adapter.build_prompt(question, plan)
     ids = prompt.input_ids[None].to(dev)
     mask = torch.ones_like(ids)
+    video = stock_inputs(model, prompt, pixels)
     timer = StepTimer(dev)
     with torch.inference_mode(), PeakMemory(dev) as mem:
-        feats, vision = timed(lambda: hf.model.get_video_features(pixels[None], return_dict=True).pooler_output, dev)
-        feats = feats.reshape(-1, feats.shape[-1])
-        if feats.shape[0] == n:  # transformers < 5.2x appends the newline in forward()
-            feats = torch.cat([feats, hf.model.image_newline[None].to(feats)])
-        embeds = hf.model.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter((ids == hf.config.video_token_id)[..., None].expand_as(embeds),
-                                       feats.to(embeds.dtype))
-        _, prefill = timed(lambda: hf.lm_head(hf.model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, use_cache=True).last_hidden_state[:, -1:]), dev)
-        del embeds, feats
+        (feats, deepstack), vision = timed(lambda: stock_vision(model, video), dev)
+        _, prefill = timed(lambda: stock_prefill(model, prompt, ids, mask, feats, deepstack), dev)
+        del feats, deepstack
         synchronize(dev)
         start = time.perf_counter()
-        hf.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels[None],
+        hf.generate(input_ids=ids, attention_mask=mask, **video,
                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                     logits_processor=LogitsProcessorList([timer]))
     steps = len(timer.times) - 1
@@ -352,7 +347,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="tiny", choices=("tiny", "0.5b", "7b"))
+    p.add_argument("--shape", default="tiny", choices=(*TINY, *SHAPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     p.add_argument("--frames", default="32,64,128")

@@ -2,7 +2,8 @@
 
 Weights are random, so nothing here measures accuracy; speed and memory do not
 depend on the weights' values. The tokenizer, chat template and preprocessing
-come from the built-in tiny model's folder (its token ids fit every vocabulary).
+come from the built-in tiny model of the same family (its token ids fit every
+vocabulary). Also the stock transformers path of each family, for the baseline.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adatp_core.models.attention_hook import register_attention, wrapped_attention_name  # noqa: E402
-from adatp_core.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
-from adatp_core.models.loader import VideoLLM, load_video_llm  # noqa: E402
+from adatp_core.models.loader import ADAPTERS, VideoLLM, load_video_llm  # noqa: E402
 from adatp_core.models.tiny import ensure_tiny_model  # noqa: E402
+from adatp_core.models.tiny_qwen import ensure_tiny_qwen2_5_vl, ensure_tiny_qwen3_vl  # noqa: E402
 
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                      image_size=384, patch_size=14, vision_use_head=False)
@@ -29,6 +30,7 @@ class Shape:
     name: str
     text: dict
     vision: dict
+    family: str = "llava_onevision"
 
 
 SHAPES = {
@@ -40,33 +42,110 @@ SHAPES = {
                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                     tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=32768),
                 SIGLIP_SO400M),
+    # Qwen/Qwen2.5-VL-7B-Instruct: window-attention ViT (1280 wide, 32 blocks) + Qwen2-7B-like LLM.
+    "qwen2.5-vl-7b": Shape("Qwen2.5-VL-7B", dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+        dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+             tokens_per_second=2, hidden_act="silu"), family="qwen2_5_vl"),
+    # Qwen/Qwen3-VL-8B-Instruct: 27-block ViT with DeepStack from blocks 8, 16, 24 + Qwen3-8B-like LLM.
+    "qwen3-vl-8b": Shape("Qwen3-VL-8B", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                         "mrope_interleaved": True}),
+        dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+             deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"), family="qwen3_vl"),
 }
+TINY = {"tiny": ensure_tiny_model, "tiny-qwen2.5-vl": ensure_tiny_qwen2_5_vl, "tiny-qwen3-vl": ensure_tiny_qwen3_vl}
+TINY_OF = {"llava_onevision": ensure_tiny_model, "qwen2_5_vl": ensure_tiny_qwen2_5_vl, "qwen3_vl": ensure_tiny_qwen3_vl}
+
+
+def _config(spec: Shape, tokenizer):
+    import transformers
+
+    if spec.family == "llava_onevision":
+        return transformers.LlavaOnevisionConfig(
+            vision_config=transformers.SiglipVisionConfig(**spec.vision),
+            text_config=transformers.Qwen2Config(**spec.text),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            vision_feature_layer=-1, vision_feature_select_strategy="full")
+    c = tokenizer.convert_tokens_to_ids
+    config_class = {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen3_vl": transformers.Qwen3VLConfig}[spec.family]
+    return config_class(vision_config=spec.vision, text_config=spec.text, tie_word_embeddings=False,
+                        image_token_id=c("<|image_pad|>"), video_token_id=c("<|video_pad|>"),
+                        vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"))
 
 
 def build(shape: str, device: str, dtype: torch.dtype, attention: str = "sdpa") -> VideoLLM:
-    """The tiny model (loaded from its folder), or a random model of a real shape."""
-    folder = ensure_tiny_model()
-    if shape == "tiny":
-        return load_video_llm(folder, device=device, dtype=dtype, attention=attention)
-    from transformers import (AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              Qwen2Config, SiglipVisionConfig)
+    """A built-in tiny model (loaded from its folder), or a random model of a real shape."""
+    if shape in TINY:
+        return load_video_llm(TINY[shape](), device=device, dtype=dtype, attention=attention)
+    import transformers
+    from transformers import AutoTokenizer
 
     spec = SHAPES[shape]
+    folder = TINY_OF[spec.family]()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**spec.vision), text_config=Qwen2Config(**spec.text),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1, vision_feature_select_strategy="full")
+    config = _config(spec, tokenizer)
+    adapter_class = ADAPTERS[config.model_type]
     register_attention(attention)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaOnevisionForConditionalGeneration._from_config(
+        model = getattr(transformers, adapter_class.model_class)._from_config(
             config, dtype=dtype,
             attn_implementation={"text_config": wrapped_attention_name(attention), "vision_config": attention,
                                  "": attention}).eval()
     model.generation_config.eos_token_id = None  # random weights: always generate the full length
     model.generation_config.pad_token_id = 0
-    adapter = LlavaOnevisionAdapter(model, tokenizer, folder)
+    adapter = adapter_class(model, tokenizer, folder)
     return VideoLLM(model=model, tokenizer=tokenizer, adapter=adapter, name=spec.name, path=str(folder),
                     compute_device=torch.device(device), dtype=dtype, attention=attention)
+
+
+def stock_inputs(model: VideoLLM, prompt, pixels) -> dict:
+    """The video keyword arguments of the stock forward/generate for this prompt."""
+    adapter = model.adapter
+    if not hasattr(adapter, "grid_thw"):  # LLaVA-OneVision
+        return {"pixel_values_videos": pixels[None]}
+    types = torch.zeros(1, prompt.length, dtype=torch.int, device=adapter.device)
+    types[0, prompt.visual_positions.to(adapter.device)] = 2
+    kwargs = {"pixel_values_videos": pixels, "video_grid_thw": adapter.grid_thw(prompt.plan),
+              "mm_token_type_ids": types}
+    if model.model.config.model_type == "qwen2_5_vl":
+        kwargs["second_per_grid_ts"] = torch.tensor([prompt.plan.seconds_per_step()])
+    return kwargs
+
+
+def stock_vision(model: VideoLLM, kwargs: dict):
+    """The stock get_video_features: (features [N(+1), D], DeepStack features or None)."""
+    hf = model.model
+    if "video_grid_thw" not in kwargs:
+        feats = hf.model.get_video_features(kwargs["pixel_values_videos"], return_dict=True).pooler_output
+        return feats.reshape(-1, feats.shape[-1]), None
+    out = hf.model.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"], return_dict=True)
+    deepstack = getattr(out, "deepstack_features", None)
+    if deepstack:
+        deepstack = [torch.cat(f) if isinstance(f, (list, tuple)) else f for f in deepstack]
+    return torch.cat(out.pooler_output), deepstack
+
+
+def stock_prefill(model: VideoLLM, prompt, ids, mask, feats, deepstack):
+    """The stock language model's forward over the whole prompt; returns the last logits."""
+    hf = model.model
+    if feats.shape[0] == len(prompt.visual_positions) and len(prompt.extra_positions):
+        feats = torch.cat([feats, hf.model.image_newline[None].to(feats)])  # transformers < 5.2x (LLaVA-OV)
+    embeds = hf.model.get_input_embeddings()(ids)
+    video = (ids == hf.config.video_token_id)[..., None]
+    embeds = embeds.masked_scatter(video.expand_as(embeds), feats.to(embeds.dtype))
+    extra = {}
+    if prompt.plan is not None and hasattr(model.adapter, "grid_thw"):
+        extra["position_ids"] = model.adapter.position_ids(prompt)
+        if deepstack:
+            extra.update(visual_pos_masks=video[..., 0], deepstack_visual_embeds=deepstack)
+    hidden = hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **extra)
+    return hf.lm_head(hidden.last_hidden_state[:, -1:])

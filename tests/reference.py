@@ -96,3 +96,21 @@ def masked_logits(model, embeds: torch.Tensor, dropped: torch.Tensor, layer: int
             visual[0, visual_positions] = True
             hidden = tm._deepstack_process(hidden, visual, deepstack[i])
     return model.lm_head(tm.norm(hidden))[0].float()
+
+
+def masked_reference(stock, llm, state, frames, token_ids, keep: torch.Tensor):
+    """(masked, vanilla): logits [L + n, V] of the state's prompt followed by ``token_ids``
+    through the stock model, with the visual tokens outside ``keep`` masked as keys at
+    layers >= the state's K (masked), and with nothing masked (vanilla)."""
+    prompt = state.prompt
+    dropped_visual = torch.ones(state.num_visual, dtype=torch.bool)
+    dropped_visual[keep] = False
+    with torch.inference_mode():
+        tokens = torch.tensor(token_ids, dtype=torch.long)
+        embeds, pos, deepstack = stock_inputs(stock, prompt, stock_video_kwargs(llm, prompt, frames),
+                                              new_tokens=len(tokens))
+        full = torch.cat([embeds, stock.model.get_input_embeddings()(tokens)[None]], dim=1)
+        extra = dict(pos=pos, deepstack=deepstack, visual_positions=prompt.visual_positions)
+        masked = masked_logits(stock, full, prompt.visual_positions[dropped_visual], state.layer, **extra)
+        vanilla = masked_logits(stock, full, torch.tensor([], dtype=torch.long), state.layer, **extra)
+    return masked, vanilla

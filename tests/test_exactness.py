@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import QUESTION
-from reference import masked_logits, stock_inputs, stock_video_kwargs
+from reference import masked_reference, stock_video_kwargs
 
 from adatp_core.attention import extract_attention
 from adatp_core.generate import SamplingConfig, generate_answer
@@ -80,25 +80,14 @@ def test_random_keep_sets_match_masked_reference(tiny, stock, frames, states, la
     assert len(ours.token_ids) >= 5, "need at least 5 decode steps to compare"
 
     # Reference: the full prompt plus the generated tokens, dropped keys masked.
-    prompt_ids = state.prompt.input_ids
-    dropped_visual = torch.ones(state.num_visual, dtype=torch.bool)
-    dropped_visual[keep] = False
-    dropped = state.prompt.visual_positions[dropped_visual]
-    with torch.inference_mode():
-        tokens = torch.tensor(ours.token_ids, dtype=torch.long)
-        embeds, pos, deepstack = stock_inputs(stock, state.prompt, stock_video_kwargs(tiny, state.prompt, frames),
-                                              new_tokens=len(tokens))
-        full = torch.cat([embeds, stock.model.get_input_embeddings()(tokens)[None]], dim=1)
-        extra = dict(pos=pos, deepstack=deepstack, visual_positions=state.prompt.visual_positions)
-        ref = masked_logits(stock, full, dropped, layer, **extra)
-    n = prompt_ids.shape[0]
+    ref, vanilla = masked_reference(stock, tiny, state, frames, ours.token_ids, keep)
+    n = state.prompt.length
     ref_steps = ref[n - 1: n - 1 + ours.logits.shape[0]]
     err = (ours.logits - ref_steps).abs().max().item()
     print(f"{tiny.model.config.model_type} K={layer} seed={seed}: max logit error vs masked reference {err:.3g}")
     assert err < masked_tolerance, f"max logit error {err} (prefill + {ours.logits.shape[0] - 1} decode steps)"
     # and pruning really changed the model's output, so the comparison has teeth
-    vanilla = masked_logits(stock, full, torch.tensor([], dtype=torch.long), layer, **extra)[n - 1]
-    assert (vanilla - ours.logits[0]).abs().max().item() > 1e-3
+    assert (vanilla[n - 1] - ours.logits[0]).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("layer", [1, 2, 3])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import QUESTION
 from qwen_fixtures import *  # noqa: F401,F403  (tiny, stock, frames: the Qwen models)
-from reference import masked_logits, stock_inputs, stock_video_kwargs
+from reference import masked_reference
 from test_exactness import *  # noqa: F401,F403  (the same tests)
 
 from adatp_core.attention import extract_attention
@@ -36,16 +36,7 @@ def test_keep_sets_in_float64_at_every_k(family, tiny_dir, frames, layer):
     keep = torch.sort(torch.randperm(state.num_visual, generator=torch.Generator().manual_seed(layer))
                       [: state.num_visual // 3]).values
     ours = generate_answer(state.evolve(keep=keep), SamplingConfig(max_new_tokens=6), return_logits=True)
-    dropped_visual = torch.ones(state.num_visual, dtype=torch.bool)
-    dropped_visual[keep] = False
-    with torch.inference_mode():
-        tokens = torch.tensor(ours.token_ids, dtype=torch.long)
-        embeds, pos, deepstack = stock_inputs(stock, state.prompt, stock_video_kwargs(ours_llm, state.prompt, frames),
-                                              new_tokens=len(tokens))
-        full = torch.cat([embeds, stock.model.get_input_embeddings()(tokens)[None]], dim=1)
-        extra = dict(pos=pos, deepstack=deepstack, visual_positions=state.prompt.visual_positions)
-        ref = masked_logits(stock, full, state.prompt.visual_positions[dropped_visual], layer, **extra)
-        vanilla = masked_logits(stock, full, torch.tensor([], dtype=torch.long), layer, **extra)
+    ref, vanilla = masked_reference(stock, ours_llm, state, frames, ours.token_ids, keep)
     n = state.prompt.length
     steps = ours.logits.shape[0]
     assert steps >= 4

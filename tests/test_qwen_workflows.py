@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from pack import ROOT, load_pack, pack_module
+from test_workflows import bypass_gives_fastv
 
 from adatp_core.models.tiny_qwen import TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME
 
@@ -75,18 +76,45 @@ def test_without_video_info_the_stats_say_times_are_assumed(env):
 
 
 def test_bypassing_both_debias_nodes_gives_fastv_on_qwen(env):
-    pack, headless = env
     data = _on_qwen(json.loads((ROOT / "workflows" / "adatp_video_qa.json").read_text()), TINY_QWEN3_VL_NAME)
-    keep = {}
-    for label, mode in (("adatp", 0), ("bypassed", 4)):
-        wf = copy.deepcopy(data)
-        for node in wf["nodes"]:
-            if node["type"] in ("AdaTP_GlobalDebias", "AdaTP_LocalDebias"):
-                node["mode"] = mode
-        result = headless.run_workflow(wf, pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
-        prune_id = next(n["id"] for n in wf["nodes"] if n["type"] == "AdaTP_PruneTokens")
-        keep[label] = result.outputs[prune_id][0]
-    state = keep["bypassed"]
-    fastv = torch.sort(torch.sort(state.scores, descending=True, stable=True).indices[:state.keep.numel()]).values
-    assert torch.equal(state.keep, fastv)
-    assert not torch.equal(keep["adatp"].keep, state.keep)
+    bypass_gives_fastv(*env, data)
+
+
+@pytest.mark.parametrize("model_name", [TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME], ids=["qwen2.5-vl", "qwen3-vl"])
+def test_spec_invariants_through_the_nodes(env, model_name):
+    """Grid of temporal patches, budgets, segment coverage, no repeated cell after Local Debias,
+    branch safety, keep-all = vanilla and Preview Tokens, node by node on a tiny Qwen model."""
+    pack, _ = env
+    m = pack.NODE_CLASS_MAPPINGS
+    model = m["AdaTP_LoadVideoLLM"]().load(model_name, "float32", "sdpa", "cpu", True)[0]
+    frames, info = m["AdaTP_LoadVideo"]().load("adatp_sample_video.mp4", 7, "uniform", 1.0, 0.0, 0.0)
+    state = m["AdaTP_ExtractAttention"]().extract(model, frames, "What moves?", 2, "text", info, 160 * 160)[0]
+    t, h, w = state.grid
+    assert t == 4 and not state.stats["frame_times_assumed"]  # 7 frames: 4 temporal patches, the last padded
+    forced = m["AdaTP_GlobalDebias"]().debias(state, 1.0, 1.0)[0]  # every temporal patch its own segment
+    assert forced.segments == tuple((i, i) for i in range(t))
+    debiased = m["AdaTP_LocalDebias"]().debias(forced, 1)[0]
+    out = m["AdaTP_PruneTokens"]().prune(debiased, 0.3)
+    pruned = out["result"][0]
+    assert sum(pruned.budgets) == pruned.keep.numel() == round(0.3 * t * h * w)
+    for (first, last), b in zip(pruned.segments, pruned.budgets):
+        lo, hi = first * h * w, (last + 1) * h * w
+        kept = pruned.keep[(pruned.keep >= lo) & (pruned.keep < hi)]
+        assert kept.numel() == b <= (last - first + 1) * h * w
+        if b <= h * w:
+            assert (kept % (h * w)).unique().numel() == b
+    natural = m["AdaTP_GlobalDebias"]().debias(state, 0.95, 1.0)[0]
+    covered = [f for a, b in natural.segments for f in range(a, b + 1)]
+    assert covered == list(range(t))
+    gen = m["AdaTP_GenerateAnswer"]()
+    args = (8, False, 1.0, 1.0, 0)
+    full = m["AdaTP_PruneTokens"]().prune(state, 1.0)["result"][0]
+    assert gen.generate(full, *args)["result"][0] == gen.generate(state, *args)["result"][0]  # keep-all = vanilla
+    first = gen.generate(pruned, *args)["result"][0]
+    gen.generate(full, *args)
+    assert gen.generate(pruned, *args)["result"][0] == first  # branches do not affect each other
+    assert state.keep is None and debiased.keep is None
+    image = m["AdaTP_PreviewTokens"]().preview(pruned, frames)[0]  # 7 frames -> one picture per patch
+    assert image.ndim == 4 and image.shape[-1] == 3
+    with pytest.raises(ValueError, match="frames"):
+        m["AdaTP_PreviewTokens"]().preview(pruned, frames[:2])

@@ -73,10 +73,10 @@ def test_every_workflow_runs_headless(env, path):
         assert "Describe this video in detail" in _load(path.name)["nodes"][2]["widgets_values"][0]
 
 
-def test_bypassing_both_debias_nodes_gives_fastv(env):
-    """Swapping stages: bypass Global and Local Debias in the AdaTP workflow -> FastV's keep set."""
-    pack, headless = env
-    data = _load("adatp_video_qa.json")
+def bypass_gives_fastv(pack, headless, data) -> None:
+    """Run ``data`` with and without Global and Local Debias bypassed: bypassed, the keep set is FastV's."""
+    import torch
+
     keep = {}
     for label, mode in (("adatp", 0), ("bypassed", 4)):
         wf = copy.deepcopy(data)
@@ -86,13 +86,16 @@ def test_bypassing_both_debias_nodes_gives_fastv(env):
         result = headless.run_workflow(wf, pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
         prune_id = next(n["id"] for n in wf["nodes"] if n["type"] == "AdaTP_PruneTokens")
         keep[label] = result.outputs[prune_id][0]
-    import torch
-
     state = keep["bypassed"]
     b = state.keep.numel()
     fastv = torch.sort(torch.sort(state.scores, descending=True, stable=True).indices[:b]).values
     assert torch.equal(state.keep, fastv)
     assert not torch.equal(keep["adatp"].keep, state.keep)
+
+
+def test_bypassing_both_debias_nodes_gives_fastv(env):
+    """Swapping stages: bypass Global and Local Debias in the AdaTP workflow -> FastV's keep set."""
+    bypass_gives_fastv(*env, _load("adatp_video_qa.json"))
 
 
 def _broken(edit):

@@ -223,11 +223,12 @@ def _cache_argument(layer: torch.nn.Module) -> str:
 
 
 class VideoLLMAdapter:
-    """Base of the per-family adapters; see llava_onevision.py for the first one.
+    """Base of the per-family adapters (llava_onevision.py, qwen2_5_vl.py, qwen3_vl.py).
 
-    Subclasses set ``model_types`` and implement ``preprocess``, ``encode`` and
-    ``build_prompt``; ``text_model`` must return a transformers decoder with
-    ``embed_tokens``, ``layers``, ``norm`` and ``rotary_emb``.
+    Subclasses set ``model_types`` and ``model_class`` and implement ``plan_video``,
+    ``preprocess``, ``encode``, ``build_prompt`` and ``vision_flops`` (and
+    ``position_ids`` for M-RoPE); ``text_model`` must return a transformers decoder
+    with ``embed_tokens``, ``layers``, ``norm`` and ``rotary_emb``.
     """
 
     model_types: tuple[str, ...] = ()

@@ -1,0 +1,59 @@
+"""The benchmark runs the Qwen shapes (figures are not checked: speed belongs in bench/)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from pack import ROOT
+from qwen_fixtures import qwen_cache  # noqa: F401
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_benchmark_runs_a_tiny_qwen_shape(monkeypatch, tmp_path, qwen_cache):  # noqa: F811
+    import benchmark
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(qwen_cache))
+    out = tmp_path / "r.json"
+    assert benchmark.main(["--shape", "tiny-qwen3-vl", "--device", "cpu", "--frames", "4", "--retentions", "0.5",
+                           "--methods", "stock,adatp_k2", "--repeats", "1", "--new-tokens", "3",
+                           "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"stock", "adatp_k2"}
+    total = rows[0]["tokens_total"]
+    assert all(r["tokens_total"] == total for r in rows) and total % 2 == 0  # 4 frames: 2 temporal patches
+    assert next(r for r in rows if r["method"] == "adatp_k2")["tokens_kept"] == total // 2
+
+
+@pytest.mark.parametrize("shape, vision_tflops", [("qwen2.5-vl-7b", (20, 23)), ("qwen3-vl-8b", (10, 15))])
+def test_real_shapes_build_and_account(shape, vision_tflops, monkeypatch, qwen_cache):  # noqa: F811
+    """The 7B/8B shapes build (on the meta device: no memory) and their FLOPs at 32 frames
+    of 448x448 are in range: Qwen2.5-VL-7B's tower is about 21 TFLOP (issue 8)."""
+    from shapes import build
+
+    from adatp_core.flops import flops_summary
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(qwen_cache))
+    model = build(shape, "meta", torch.bfloat16)
+    plan = model.adapter.plan_video(32, 448, 448)
+    prompt = model.adapter.build_prompt("What happens?", plan)
+    stats = flops_summary(model, prompt, keep_count=plan.num_tokens // 4, layer=2)
+    lo, hi = vision_tflops
+    assert lo < stats["flops_vision_T"] < hi
+    assert 0.25 < stats["flops_ratio"] < 0.30  # FastVID convention at R = 0.25, K = 2
+    assert stats["flops_total_ratio"] > stats["flops_ratio"]  # the vision tower is not pruned
+
+
+def test_flops_table_script(capsys, monkeypatch, qwen_cache):  # noqa: F811
+    import flops_table
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(qwen_cache))
+    assert flops_table.main(["--frames", "8", "--size", "640x360"]) == 0
+    out = capsys.readouterr().out
+    from shapes import SHAPES
+
+    assert out.count("\n| ") == len(SHAPES)  # one row per shape after the header
+    assert "| Qwen2.5-VL-7B | 4x12x21 | 1008 |" in out and "| Qwen3-VL-8B | 4x10x18 | 720 |" in out
