@@ -21,6 +21,7 @@ from ..errors import AdaTPInputError
 from .base import Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
 from .chat import read_chat_template, split_template, tokenize_question
 from .preprocess import PreprocessConfig, QwenPreprocessConfig, patchify_video, preprocess_frames, qwen_resize_target
+from .qwen_vision import vision_forward
 
 # AdaTP's default pixel budget per frame: 448x448. With 32 frames that is 4,096
 # video tokens for Qwen2.5-VL (3,136 for Qwen3-VL), which fits a 7B/8B model in
@@ -32,6 +33,8 @@ VIDEO_PAD = "<|video_pad|>"
 class Qwen2_5_VLAdapter(VideoLLMAdapter):
     model_types = ("qwen2_5_vl",)
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    unquantized_modules = ("model.visual", "lm_head")
+    input_modules = ("model.visual", "model.language_model.embed_tokens")
     whole_video_budget = False  # Qwen2.5-VL's max_pixels bounds each frame
     processor_defaults = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
                           "image_mean": [0.48145466, 0.4578275, 0.40821073],
@@ -93,9 +96,10 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         return torch.tensor([[t, h * m, w * m]], dtype=torch.long, device=self.device)
 
     def _vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
-        """The stock vision tower: (merged tokens [N, D], pre-merger patches [P, d_v],
-        deepstack features, one [N, D] per DeepStack layer; empty for Qwen2.5-VL)."""
-        out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw)
+        """The vision tower, its attention batched (qwen_vision.py, the stock output):
+        (merged tokens [N, D], pre-merger patches [P, d_v], deepstack features, one
+        [N, D] per DeepStack layer; empty for Qwen2.5-VL)."""
+        out = vision_forward(self.visual, pixel_values.type(self.visual.dtype), grid_thw)
         return out.pooler_output, out.last_hidden_state, tuple(getattr(out, "deepstack_features", None) or ())
 
     @torch.inference_mode()
