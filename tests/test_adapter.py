@@ -82,9 +82,10 @@ def test_pooling_matrix_equals_apply_pooling_float32(grid, device):
     assert (ours - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("split", [True, False])  # high | low weights of the dtype (CUDA's default), or float32
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grid", [27, 13, 5])
-def test_pooling_matrix_within_low_precision_rounding(grid, dtype, device):
+def test_pooling_matrix_within_low_precision_rounding(grid, dtype, split, device):
     """In bf16/fp16 ours rounds a nearly exact resize once: within half an ulp of
     the float64 result, plus the error of its weights (kept to about twice the
     dtype's precision) over the summed magnitudes, and within one ulp of
@@ -94,7 +95,11 @@ def test_pooling_matrix_within_low_precision_rounding(grid, dtype, device):
     out = -(-grid // 2)
     matrix = bilinear_pool_matrix((grid, grid), (out, out))
     x = (4 * torch.randn(2, grid * grid, 64, generator=torch.Generator().manual_seed(7))).to(device, dtype)
-    ours = pool_with_matrix(x, pool_weights(matrix, device, dtype)).double()
+    weights = pool_weights(matrix, device, dtype, split=split)
+    assert weights.shape[1] == (2 if split else 1) * grid * grid
+    ours = pool_with_matrix(x, weights)
+    assert ours.dtype == dtype
+    ours = ours.double()
     ref = _stock_pooling(x, grid).double()
     exact = _stock_pooling(x.double(), grid)
     magnitude = _stock_pooling(x.double().abs(), grid)  # sum of |w x| per output

@@ -37,22 +37,30 @@ def bilinear_pool_matrix(in_size: tuple[int, int], out_size: tuple[int, int]) ->
 def pool_with_matrix(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Apply a pooling matrix to every frame in one batched matmul.
 
-    features: [T, P, C]. weights: [P', P], or [P', 2P] for low-precision dtypes:
-    the float64 matrix split into a high and a low part of the features' dtype
-    (``pool_weights``), so the weights keep ~16 significant bits while the product
-    still accumulates in float32 and rounds once. Returns [T, P', C].
+    features: [T, P, C]. weights, as from ``pool_weights``: [P', P] of the
+    features' dtype or of float32 (the features are then multiplied in float32
+    and rounded back once), or [P', 2P] (high | low parts of the features' dtype:
+    weights with ~16 significant bits, accumulated in float32, rounded once).
+    Returns [T, P', C] in the features' dtype.
     """
     if weights.shape[1] == 2 * features.shape[1]:
-        features = torch.cat([features, features], dim=1)
+        return torch.matmul(weights, torch.cat([features, features], dim=1))
+    if weights.dtype != features.dtype:
+        return torch.matmul(weights, features.to(weights.dtype)).to(features.dtype)
     return torch.matmul(weights, features)
 
 
-def pool_weights(matrix: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
-    """``matrix`` [P', P] float64 as the weights ``pool_with_matrix`` takes on
-    ``device`` in ``dtype``: [P', P], or [P', 2P] (high | low parts) when ``dtype``
-    has fewer than 24 significant bits."""
+def pool_weights(matrix: torch.Tensor, device, dtype: torch.dtype, split: bool | None = None) -> torch.Tensor:
+    """``matrix`` [P', P] float64 as the weights ``pool_with_matrix`` takes for
+    features of ``dtype`` on ``device``. For dtypes with fewer than 24 significant
+    bits: with ``split`` a [P', 2P] high | low split in ``dtype`` (a tensor-core GEMM),
+    else float32 weights. ``split`` None: split on CUDA only (CPUs multiply bf16 far
+    slower than float32)."""
+    device = torch.device(device)
     if torch.finfo(dtype).bits >= 32:
         return matrix.to(device=device, dtype=dtype)
+    if not (device.type == "cuda" if split is None else split):
+        return matrix.to(device=device, dtype=torch.float32)
     high = matrix.to(dtype)
     low = (matrix - high.double()).to(dtype)
     return torch.cat([high, low], dim=1).to(device)
