@@ -36,6 +36,8 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     """The model and AdaTP options, shared with ``caption`` (caption_cli.py)."""
     p.add_argument("--model", help="local model folder (default: the built-in tiny random model)")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
+    p.add_argument("--max-pixels", type=int, default=0,
+                   help="Qwen models: pixel budget per frame (default 0: 448x448); LLaVA-OV ignores it")
     p.add_argument("--retention", type=float, default=0.25, help="fraction of visual tokens kept (default 0.25)")
     p.add_argument("--layer", type=int, default=2, help="prune after K LLM layers (0: before the LLM)")
     p.add_argument("--query", choices=("text", "last"), default="text")
@@ -56,7 +58,7 @@ def pipeline_config(args):
     from .pipeline import PipelineConfig
 
     return PipelineConfig(
-        num_frames=args.frames, layer=args.layer, query=args.query,
+        num_frames=args.frames, layer=args.layer, query=args.query, max_pixels=args.max_pixels,
         retention=None if args.vanilla else args.retention,
         global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
         generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode),

@@ -232,8 +232,11 @@ def bench_selection(model, frames, repeats: int = 20) -> dict:
 
 def bench_pooling(model, frames: int, repeats: int = 10) -> list[dict]:
     """The 27x27 -> 14x14 pooling of ``frames`` frames of projected patches: AdaTP's one
-    matmul against transformers' apply_pooling (a bilinear resize kernel)."""
+    matmul against transformers' apply_pooling (a bilinear resize kernel). Families
+    without pooling (Qwen: a 2x2 merger in the vision tower) give no rows."""
     adapter, dev = model.adapter, model.compute_device
+    if not hasattr(adapter, "pool"):
+        return []
     mm = model.model.model
     d = model.model.config.text_config.hidden_size
     feats = torch.randn(frames, adapter.patch_grid ** 2, d, device=dev, dtype=model.dtype)
@@ -276,14 +279,14 @@ def bench_caption(model, frames, new_tokens: int, repeats: int) -> list[dict]:
         return generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)).text
 
     def stock():
-        pixels = adapter.preprocess(frames)
-        prompt = adapter.build_prompt(CAPTION, adapter.visual_tokens_for(frames.shape[0]))
+        plan = adapter.plan_video(*frames.shape[:3])
+        prompt = adapter.build_prompt(CAPTION, plan)
+        video = stock_inputs(model, prompt, adapter.preprocess(frames, plan))
         ids = prompt.input_ids[None].to(dev)
         gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                pad_token_id=0, eos_token_id=None)
         with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels[None],
-                              generation_config=gen)
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **video, generation_config=gen)
         return model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     rows = []

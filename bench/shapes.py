@@ -117,7 +117,7 @@ def stock_inputs(model: VideoLLM, prompt, pixels) -> dict:
     kwargs = {"pixel_values_videos": pixels, "video_grid_thw": adapter.grid_thw(prompt.plan),
               "mm_token_type_ids": types}
     if model.model.config.model_type == "qwen2_5_vl":
-        kwargs["second_per_grid_ts"] = torch.tensor([prompt.plan.seconds_per_step()])
+        kwargs["second_per_grid_ts"] = torch.tensor([prompt.plan.seconds_per_step()], device=adapter.device)
     return kwargs
 
 

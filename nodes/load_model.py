@@ -59,7 +59,7 @@ def resolve_model(name: str, download: bool = False) -> Path:
         if folder is None and not download:
             raise AdaTPInputError(f"{entry.repo_id} is not downloaded yet.")
         return folder or bridge.download(entry.repo_id)
-    if not name or "\\" in name or name.startswith(".") or "\x00" in name:
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
         raise AdaTPInputError(f"model {name!r} is not a folder name under models/LLM; pick one from the list.")
     folder = local_folder(name)
     if folder is not None:

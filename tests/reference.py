@@ -7,23 +7,20 @@ KVCache, no kept-position gather, no position-id handling)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from shapes import stock_inputs as bench_stock_inputs  # noqa: E402
 
 
 def stock_video_kwargs(llm, prompt, frames) -> dict:
     """What the stock model's forward/generate takes for this prompt's video: the
-    pixels and, for Qwen, the grid, the token types and the seconds per temporal patch."""
-    adapter = llm.adapter
-    pixels = adapter.preprocess(frames, prompt.plan)
-    if not hasattr(adapter, "grid_thw"):  # LLaVA-OneVision
-        return {"pixel_values_videos": pixels[None]}
-    types = torch.zeros(1, prompt.length, dtype=torch.int, device=adapter.device)
-    types[0, prompt.visual_positions] = 2
-    kwargs = {"pixel_values_videos": pixels, "video_grid_thw": adapter.grid_thw(prompt.plan),
-              "mm_token_type_ids": types}
-    if llm.model.config.model_type == "qwen2_5_vl":
-        kwargs["second_per_grid_ts"] = torch.tensor([prompt.plan.seconds_per_step()], device=adapter.device)
-    return kwargs
+    pixels and, for Qwen, the grid, the token types and the seconds per temporal patch
+    (the benchmark's stock baseline builds the same, bench/shapes.py)."""
+    return bench_stock_inputs(llm, prompt, llm.adapter.preprocess(frames, prompt.plan))
 
 
 def stock_inputs(model, prompt, kwargs, new_tokens: int = 0):

@@ -31,3 +31,10 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tiny_dir, monkeypatch, capsy
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["--frames", "4", "--retention", "1.5"]) == 2
     assert "retention" in capsys.readouterr().err
+
+
+def test_max_pixels_reaches_the_pipeline():
+    from adatp_core.cli import build_parser, pipeline_config
+
+    assert pipeline_config(build_parser().parse_args([])).max_pixels == 0
+    assert pipeline_config(build_parser().parse_args(["--max-pixels", "50176"])).max_pixels == 50176

@@ -13,7 +13,8 @@ from test_workflows import bypass_gives_fastv
 
 from adatp_core.models.tiny_qwen import TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME
 
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+# The question-answering workflows (Caption Folder has no Extract Attention; test_caption.py covers it).
+WORKFLOWS = sorted(p for p in (ROOT / "workflows").glob("*.json") if "AdaTP_ExtractAttention" in p.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +32,24 @@ def monkeypatch_module():
 
 
 def _on_qwen(data: dict, model: str, frames: int = 8, link_info: bool = True) -> dict:
-    """The workflow with the Qwen tiny model, fewer frames, and every Load Video's
-    video_info linked to the Extract Attention nodes its frames go to."""
+    """The workflow with the Qwen tiny model and fewer frames. The shipped workflows link
+    Load Video's video_info to Extract Attention; ``link_info=False`` unplugs it."""
     wf = copy.deepcopy(data)
     nodes = {n["id"]: n for n in wf["nodes"]}
-    next_link = max(link[0] for link in wf["links"]) + 1
     for node in wf["nodes"]:
         if node["type"] == "AdaTP_LoadVideoLLM":
             node["widgets_values"][0] = model
         if node["type"] == "AdaTP_LoadVideo":
             node["widgets_values"][1] = frames
+    info_links = [link for link in wf["links"]
+                  if link[5] == "ADATP_VIDEO_INFO" and nodes[link[3]]["type"] == "AdaTP_ExtractAttention"]
+    extracts = [n for n in wf["nodes"] if n["type"] == "AdaTP_ExtractAttention"]
+    assert len(info_links) == len(extracts) > 0, "a shipped workflow does not connect video_info"
     if not link_info:
-        return wf
-    for src, _slot, dst, dst_slot, kind in [link[1:6] for link in wf["links"]]:
-        if kind == "IMAGE" and nodes[src]["type"] == "AdaTP_LoadVideo" and nodes[dst]["type"] == "AdaTP_ExtractAttention":
-            wf["links"].append([next_link, src, 1, dst, 2, "ADATP_VIDEO_INFO"])
-            nodes[src]["outputs"][1]["links"] = [*(nodes[src]["outputs"][1].get("links") or []), next_link]
-            nodes[dst]["inputs"].append({"name": "video_info", "type": "ADATP_VIDEO_INFO", "link": next_link})
-            next_link += 1
-    wf["last_link_id"] = next_link - 1
+        for link_id, src, src_slot, dst, dst_slot, _ in info_links:
+            wf["links"].remove([link_id, src, src_slot, dst, dst_slot, "ADATP_VIDEO_INFO"])
+            nodes[src]["outputs"][src_slot]["links"].remove(link_id)
+            nodes[dst]["inputs"][dst_slot]["link"] = None
     return wf
 
 
