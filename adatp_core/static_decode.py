@@ -122,7 +122,9 @@ class StaticDecoder:
             self._step()
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls from other threads (ComfyUI's server asking for memory
+        # figures) must not invalidate the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.out = self._step()
         self.graph = graph
         synchronize(dev)
