@@ -19,6 +19,7 @@ and dropped when the model's weights move (offload) or the model is freed.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 
@@ -26,6 +27,8 @@ import torch
 
 from .models.base import KVCache
 from .timing import synchronize
+
+log = logging.getLogger(__name__)
 
 MIN_CAPACITY = 256
 MAX_BUCKETS = 2  # buckets kept per model: each holds a whole KV cache
@@ -109,13 +112,26 @@ class StaticDecoder:
         """Capture the step as a CUDA graph if not done yet. Returns the seconds it took (0 if none).
 
         The warm-up step writes one slot (``base + step``) that the first real
-        step overwrites before anything reads it.
+        step overwrites before anything reads it. If capturing fails (a kernel that
+        cannot be captured, a driver that refuses), this decoder runs its fixed-shape
+        steps without a graph from then on: slower, never wrong.
         """
         if not self.use_graph or self.graph is not None:
             return 0.0
         dev = self.adapter.device
         synchronize(dev)
         start = time.perf_counter()
+        try:
+            self.graph, self.out = self._capture_graph(dev)
+        except RuntimeError as exc:
+            log.warning("CUDA graph capture failed (%s); decoding with fixed shapes but without a graph", exc)
+            self.use_graph, self.graph, self.out = False, None, None
+        synchronize(dev)
+        self.capture_seconds = time.perf_counter() - start
+        return self.capture_seconds
+
+    def _capture_graph(self, dev):
+        """(graph, its output buffer) of one step, captured on ``dev``."""
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up outside the graph (allocations, lazy inits)
@@ -125,11 +141,8 @@ class StaticDecoder:
         # thread_local: CUDA calls from other threads (ComfyUI's server asking for memory
         # figures) must not invalidate the capture.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.out = self._step()
-        self.graph = graph
-        synchronize(dev)
-        self.capture_seconds = time.perf_counter() - start
-        return self.capture_seconds
+            out = self._step()
+        return graph, out
 
     def __call__(self, token: int, position: torch.Tensor, step: int) -> torch.Tensor:
         """Feed ``token`` at ``position`` as decode step ``step``; returns logits [V] float32

@@ -116,3 +116,34 @@ def test_capture_time_is_reported_on_its_own():
     stats = {"new_tokens": 5, "decode_ms_per_token": 2.0, "decode_mode": "static", "time_graph_capture": 0.0}
     assert generation_line(stats) == "Generation: 5 tokens, 2.0 ms/token (static decoding)"
     assert generation_line({**stats, "time_graph_capture": 0.25}).endswith("; one-time CUDA graph capture 0.250 s")
+
+
+def test_a_failed_graph_capture_falls_back_to_steps_without_a_graph(tiny, frames, monkeypatch, caplog):
+    """A capture that fails (here forced, on CPU) leaves a decoder that runs its
+    fixed-shape steps without a graph and still chooses the default path's tokens."""
+    from adatp_core import static_decode
+
+    def refuse(self, dev):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "_capture_graph", refuse)
+    monkeypatch.setattr(static_decode.StaticDecoder, "__init__", _init_with_graph(static_decode.StaticDecoder.__init__))
+    tiny.static_decoders.clear()
+    s = _state(tiny, frames, QUESTION)
+    cfg = dict(max_new_tokens=6, ignore_eos=True)
+    default = generate_answer(s, SamplingConfig(**cfg, decode_mode="default"), return_logits=True)
+    with caplog.at_level("WARNING"):
+        static = generate_answer(s, SamplingConfig(**cfg, decode_mode="static"), return_logits=True)
+    assert "CUDA graph capture failed" in caplog.text
+    (decoder,) = tiny.static_decoders._decoders.values()
+    assert decoder.use_graph is False and decoder.graph is None
+    assert static.token_ids == default.token_ids
+    assert (static.logits - default.logits).abs().max().item() < 1e-5
+    tiny.static_decoders.clear()
+
+
+def _init_with_graph(init):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.use_graph = True  # as on CUDA
+    return wrapped
