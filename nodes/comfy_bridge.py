@@ -165,9 +165,10 @@ class _WeightsHolder(torch.nn.Module):
     """What the patcher holds: the transformers model, under a module that accepts the
     ``device`` attribute ComfyUI sets (a transformers model's ``device`` is read-only)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, static_decoders):
         super().__init__()
         self.llm = model
+        self.static_decoders = static_decoders  # the VideoLLM's (static_decode.StaticDecoders)
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
@@ -203,6 +204,11 @@ def _patcher_class():
                 self.model.model_loaded_weight_memory = self.model_size()
                 self.model.current_weight_patches_uuid = self.patches_uuid
 
+            def detach(self, unpatch_all=True):
+                # Static decoding's buffers and CUDA graphs are sized for this model: free them with it.
+                self.model.static_decoders.clear()
+                return super().detach(unpatch_all)
+
             def partially_unload(self, device_to, memory_to_free=0):
                 freed = self.loaded_size()
                 self.detach()
@@ -220,7 +226,7 @@ def manage(llm) -> None:
         log.info("%s is split over devices or quantized: ComfyUI's model management does not move it; "
                  "it is freed when its Load Video LLM output is (Free memory, or a new model)", llm.name)
         return
-    holder = _WeightsHolder(llm.model)
+    holder = _WeightsHolder(llm.model, llm.static_decoders)
     holder.device = llm.device
     patcher = _patcher_class()(holder, load_device=llm.compute_device, offload_device=offload_device(),
                                size=_weights_bytes(llm.model))

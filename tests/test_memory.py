@@ -92,3 +92,16 @@ def test_dropping_the_output_frees_the_model(comfy):
     assert ref() is None
     comfy.cleanup_models()
     assert comfy.current_loaded_models == []
+
+
+def test_unloading_also_frees_static_decoding_buffers(comfy, frames):
+    """Static decoding keeps per-model buffers (and CUDA graphs) between answers;
+    "Unload models" frees them with the weights."""
+    from adatp_core.generate import SamplingConfig, generate_answer
+
+    llm = load(keep_loaded=True)
+    state = nodes()["AdaTP_ExtractAttention"]().extract(llm, frames[:2], "What moves?", 2, "text")[0]
+    generate_answer(state, SamplingConfig(max_new_tokens=3, decode_mode="static"))
+    assert len(llm.static_decoders) == 1
+    comfy.unload_all_models()
+    assert len(llm.static_decoders) == 0 and devices(llm) == {"meta"}
