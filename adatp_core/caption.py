@@ -175,14 +175,14 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
         for path, get in ahead:
             wait_start = time.perf_counter()
             try:
-                frames, _info = get()
+                frames, info = get()
             except Exception as exc:  # noqa: BLE001  whatever stops one clip's decoding fails that clip only
                 error = str(exc) if isinstance(exc, AdaTPInputError) else f"{exc.__class__.__name__}: {exc}"
                 yield ClipResult(path, None, error=error)
                 continue
             model_start = time.perf_counter()
             try:
-                result = run_pipeline(model, frames_to_image(frames), prompt, cfg)
+                result = run_pipeline(model, frames_to_image(frames), prompt, cfg, video_info=info)
             except AdaTPInputError as exc:  # e.g. a clip too long for the model's context
                 yield ClipResult(path, None, error=str(exc))
                 continue

@@ -62,11 +62,12 @@ def select(state: AdaTPState, cfg: PipelineConfig) -> AdaTPState:
 
 
 def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | None = None,
-                 on_token=None) -> PipelineResult:
-    """Answer ``question`` about ``video`` (a path, or frames [T, H, W, 3])."""
+                 on_token=None, video_info=None) -> PipelineResult:
+    """Answer ``question`` about ``video`` (a path, or frames [T, H, W, 3] decoded
+    elsewhere, with their ``video_info`` when known: Qwen models use the frame times)."""
     cfg = cfg or PipelineConfig()
     times: dict[str, float] = {}
-    info = None
+    info = video_info
     if isinstance(video, torch.Tensor):
         frames = video
     else:

@@ -303,3 +303,20 @@ def test_sample_folder_is_made_in_the_input_directory(tmp_path, monkeypatch):
     assert path == (tmp_path / mod.SAMPLE_FOLDER).resolve() and (path / "adatp_sample_video.mp4").is_file()
     with pytest.raises(ValueError, match="does not exist"):
         mod.resolve_folder("no_such_folder")
+
+
+def test_the_decoded_clips_frame_times_reach_the_model(tiny, folder, monkeypatch):
+    """Qwen models place frames in time: each clip's video_info (its sampled frames'
+    times) goes with its frames into the pipeline, so no time is assumed."""
+    seen = []
+    real = cap.run_pipeline
+
+    def spy(model, frames, prompt, cfg, **kw):
+        seen.append(kw.get("video_info"))
+        return real(model, frames, prompt, cfg, **kw)
+
+    monkeypatch.setattr(cap, "run_pipeline", spy)
+    results = list(cap.caption_videos(tiny, [folder / "a.mp4"], "Describe.", CFG, workers=1))
+    assert results[0].error is None
+    (info,) = seen
+    assert info is not None and len(info.timestamps) == 2 and info.timestamps[1] > info.timestamps[0]
