@@ -83,6 +83,12 @@ class Distributed:
         self.state.wait_for_everyone()
         return CaptionSummary.merge(gather_object([summary.to_dict()]))
 
+    def close(self) -> None:
+        """Destroy the process group before the interpreter exits: a gloo group left to the
+        exit handlers can abort the process ("terminate called without an active exception")."""
+        if self.state is not None:
+            self.state.destroy_process_group()
+
 
 def shard_path(manifest: Path, index: int, count: int) -> Path:
     return manifest.with_name(f"{manifest.name}.part{index}-of-{count}")
@@ -106,6 +112,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     dist = Distributed()
+    try:
+        return run(args, dist)
+    finally:
+        dist.close()
+
+
+def run(args: argparse.Namespace, dist: Distributed) -> int:
+    """Caption the folder as this process's share of the clips; the exit status."""
     label = f"[{dist.index + 1}/{dist.count}] " if dist.count > 1 else ""
     manifest = args.manifest.expanduser().resolve() if args.manifest else None
     try:

@@ -126,7 +126,13 @@ async def run_prompt(url: str, prompt: dict, node: str, timeout: float, interrup
                     status = event["type"]
                     if status == "execution_error":
                         progress.append(("error", data.get("exception_message", "")[:2000]))
-    history = call(url, f"/history/{pid}").get(pid, {})
+    # ComfyUI sends execution_success before its queue worker stores the history entry.
+    history, end = {}, time.time() + 30
+    while time.time() < end:
+        history = (call(url, f"/history/{pid}") or {}).get(pid, {})
+        if history.get("status", {}).get("completed") is not None:
+            break
+        await asyncio.sleep(0.2)
     return {"progress": progress, "status": status, "outputs": history.get("outputs", {})}
 
 

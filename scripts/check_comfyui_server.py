@@ -3,12 +3,16 @@
 
 Start ComfyUI with the pack in custom_nodes/, then:
 
-    python scripts/check_comfyui_server.py --url http://127.0.0.1:8188
+    python scripts/check_comfyui_server.py --url http://127.0.0.1:8188 \
+        [--models "adatp-tiny-qwen2.5-vl (built-in, random weights)" ...]
 
-It checks that every AdaTP node is in /object_info with the expected inputs,
-converts each shipped workflow to API format, queues it with POST /prompt,
-waits for it in /history, and prints each node's text output (answer, stats)
-and images. Exit status 0 only if every workflow ran without an error.
+It checks that every AdaTP node is in /object_info with the expected inputs
+(required and optional, in order), converts each shipped workflow to API
+format, queues it with POST /prompt, waits for it in /history, and prints each
+node's text output (answer, stats) and images. --models runs every workflow
+again with Load Video LLM switched to each named model (Caption Folder then
+overwrites, so the model really captions). Exit status 0 only if every run
+ended without an error.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8188")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--models", nargs="*", default=[], metavar="NAME",
+                   help="also run each workflow with Load Video LLM set to these entries of its list")
     args = p.parse_args(argv)
     pack = load_pack()
     headless = importlib.import_module(f"{PACK_NAME}.nodes.headless")
@@ -45,21 +51,38 @@ def main(argv=None) -> int:
     ok = True
     for key, cls in pack.NODE_CLASS_MAPPINGS.items():
         served = info.get(key)
-        expected = list(cls.INPUT_TYPES()["required"])
-        if served is None or list(served["input"]["required"]) != expected:
+        types = cls.INPUT_TYPES()
+        expected = {kind: list(types.get(kind, {})) for kind in ("required", "optional")}
+        order = (served or {}).get("input_order", {})
+        if served is None or {kind: order.get(kind, []) for kind in expected} != expected:
             print(f"FAIL /object_info: {key}")
             ok = False
         else:
             print(f"ok   /object_info: {key} ({served['display_name']}, category {served['category']})")
 
+    listed = info.get("AdaTP_LoadVideoLLM", {}).get("input", {}).get("required", {}).get("model", [[]])[0]
+    for name in args.models:
+        if name not in listed:
+            print(f"FAIL --models: {name!r} is not in Load Video LLM's list {listed}")
+            ok = False
     client = str(uuid.uuid4())
-    for path in sorted((PACK_DIR / "workflows").glob("*.json")):
+    runs = [(path, None) for path in sorted((PACK_DIR / "workflows").glob("*.json"))]
+    runs += [(path, name) for name in args.models if name in listed for path, _ in runs]
+    for path, model in runs:
         prompt = headless.Workflow(json.loads(path.read_text()), pack.NODE_CLASS_MAPPINGS).to_api()
+        label = path.name
+        if model is not None:
+            label = f"{path.name} with {model}"
+            for node in prompt.values():
+                if node["class_type"] == "AdaTP_LoadVideoLLM":
+                    node["inputs"]["model"] = model
+                elif node["class_type"] == "AdaTP_CaptionFolder":
+                    node["inputs"]["overwrite"] = True
         start = time.time()
         try:
             queued = call(args.url, "/prompt", {"prompt": prompt, "client_id": client})
         except urllib.error.HTTPError as exc:
-            print(f"FAIL {path.name}: POST /prompt refused: {exc.read().decode()[:500]}")
+            print(f"FAIL {label}: POST /prompt refused: {exc.read().decode()[:500]}")
             ok = False
             continue
         pid = queued["prompt_id"]
@@ -71,10 +94,10 @@ def main(argv=None) -> int:
             time.sleep(0.5)
         status = (entry or {}).get("status", {})
         if status.get("status_str") != "success":
-            print(f"FAIL {path.name}: {json.dumps(status)[:800]}")
+            print(f"FAIL {label}: {json.dumps(status)[:800]}")
             ok = False
             continue
-        print(f"ok   {path.name}: ran in {time.time() - start:.1f} s")
+        print(f"ok   {label}: ran in {time.time() - start:.1f} s")
         for nid, out in sorted(entry["outputs"].items(), key=lambda kv: int(kv[0])):
             for text in out.get("text", []):
                 print(f"     node {nid} text: {text[:160]!r}")
