@@ -108,14 +108,25 @@ def merge_manifest(manifest: Path, shards: list[Path]) -> int:
     return len(records)
 
 
-def main(argv=None) -> int:
+def main(argv=None, as_program: bool = False) -> int:
+    """The caption command. ``as_program``: this process is ``python -m adatp_core``
+    and ends when this returns (see below)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     dist = Distributed()
     try:
-        return run(args, dist)
+        code = run(args, dist)
     finally:
         dist.close()
+    if as_program and dist.count > 1:
+        # Every caption and manifest line is written (atomically) and merged by now. Under
+        # accelerate launch, the interpreter's teardown of torch's distributed threads now
+        # and then aborts a rank ("terminate called without an active exception"), which
+        # would turn a finished run into a failed launch: end the process here instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def run(args: argparse.Namespace, dist: Distributed) -> int:

@@ -84,11 +84,12 @@ def load_model(folder, device: str = "auto", dtype: str = "auto"):
 
 
 def main(argv=None) -> int:
+    as_program = argv is None  # python -m adatp_core, not a call from Python
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["caption"]:
         from .caption_cli import main as caption_main
 
-        return caption_main(argv[1:])
+        return caption_main(argv[1:], as_program=as_program)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     wall_start = time.perf_counter()
