@@ -266,11 +266,6 @@ class VideoLLMAdapter:
     def encode(self, pixels: torch.Tensor, plan: VideoPlan | None = None) -> Encoded:
         raise NotImplementedError
 
-    def visual_tokens_for(self, num_frames: int) -> int:
-        """N, the number of prunable visual tokens for ``num_frames`` frames
-        (fixed-resolution families; see plan_video for the general case)."""
-        raise NotImplementedError
-
     def build_prompt(self, question: str, video) -> Prompt:
         """video: a VideoPlan (or, for fixed-resolution families, a token count)."""
         raise NotImplementedError

@@ -178,9 +178,6 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         )
 
     # -- prompt ---------------------------------------------------------------------
-    def visual_tokens_for(self, num_frames: int) -> int:
-        return num_frames * self.tokens_per_frame
-
     def tokenize_question(self, question: str) -> list[int]:
         return tokenize_question(self.tokenizer, question)
 

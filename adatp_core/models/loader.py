@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
-from .attention_hook import register_attention, wrapped_attention_name
 from ..static_decode import StaticDecoders
+from .attention_hook import register_attention, wrapped_attention_name
 from .base import VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .placement import SPLIT_DEVICE, check_split_device, split_device_map
