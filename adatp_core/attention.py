@@ -15,7 +15,8 @@ from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .flops import flops_summary
 from .memory import run_guarded
-from .models.base import AttentionProbe, Injection, KVCache
+from .cache import KVCache
+from .models.base import AttentionProbe, Injection
 from .models.loader import VideoLLM
 from .sdpa import plan_free_attention
 from .state import AdaTPState

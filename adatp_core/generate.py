@@ -19,7 +19,7 @@ import torch
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .memory import free_memory, run_guarded
-from .models.base import KVCache
+from .cache import KVCache
 from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .static_decode import StaticDecoders

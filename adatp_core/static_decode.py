@@ -25,64 +25,12 @@ from collections import OrderedDict
 
 import torch
 
-from .models.base import KVCache
+from .cache import KVCache, StaticKVCache, capacity_bucket
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
 
-MIN_CAPACITY = 256
 MAX_BUCKETS = 2  # buckets kept per model: each holds a whole KV cache
-
-
-def capacity_bucket(needed: int, minimum: int = MIN_CAPACITY) -> int:
-    """The smallest power of two >= max(needed, minimum)."""
-    return 1 << (max(int(needed), minimum) - 1).bit_length()
-
-
-class StaticKVCache:
-    """Fixed-capacity per-layer key/value buffers, refilled for every answer.
-
-    shapes: per layer (Hkv, d); capacities: per layer, positions per buffer.
-    ``load`` copies a prefilled ``KVCache`` in; ``update`` is what transformers'
-    attention calls during a step.
-    """
-
-    def __init__(self, shapes, capacities, dtype: torch.dtype, device: torch.device):
-        # Zeros, not empty: a masked slot must be finite (its prob is 0, and 0 * NaN is NaN).
-        # Slots past a layer's length later hold an earlier answer's keys: finite too.
-        self.keys = [torch.zeros((1, h, c, d), dtype=dtype, device=device) for (h, d), c in zip(shapes, capacities)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
-        self.capacities = tuple(capacities)
-        self.base: list[int] = [0] * len(self.keys)
-        self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self._base = torch.zeros(len(self.keys), dtype=torch.long, device=device)
-        self._arange = [torch.arange(c, device=device) for c in capacities]
-
-    def load(self, cache: KVCache) -> None:
-        """Copy the prefilled ``cache`` in (each layer's filled part)."""
-        lengths = cache.lengths()
-        for i, n in enumerate(lengths):
-            if n > self.capacities[i]:
-                raise ValueError(f"layer {i} holds {n} positions, more than its capacity {self.capacities[i]}")
-            k, v = cache.layer(i)
-            self.keys[i][..., :n, :].copy_(k)
-            self.values[i][..., :n, :].copy_(v)
-        self.base = list(lengths)
-        self._base.copy_(torch.tensor(lengths, dtype=torch.long), non_blocking=True)
-        self.step.zero_()
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        index = self._base[layer_idx:layer_idx + 1] + self.step
-        self.keys[layer_idx].index_copy_(2, index, key_states)
-        self.values[layer_idx].index_copy_(2, index, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def masks(self) -> list[torch.Tensor]:
-        """Per layer, [1, 1, 1, capacity] bool: the positions filled after this step's write."""
-        return [(ar <= self._base[i] + self.step)[None, None, None, :] for i, ar in enumerate(self._arange)]
-
-    def lengths(self, steps_done: int) -> tuple[int, ...]:
-        return tuple(b + steps_done for b in self.base)
 
 
 class StaticDecoder:

@@ -127,65 +127,6 @@ class Prompt:
         return int(self.input_ids.shape[0])
 
 
-class KVCache:
-    """Key/value buffers for one generation, one per decoder layer.
-
-    Layers may hold different lengths: after pruning at layer K, layers < K keep
-    the full prompt and layers >= K only the kept tokens. Buffers are allocated
-    once with room for the whole generation and written in place, so decoding
-    does not re-copy the cache at every token. Implements the ``update`` method
-    that transformers' attention modules call.
-
-    past: per-layer (key [B, Hkv, S, d], value [B, Hkv, S, d]) to start from;
-        they are copied, never modified, so one state can feed many generations.
-    reserve: extra positions to allocate beyond each layer's first fill.
-    """
-
-    def __init__(self, num_layers: int, past=(), reserve: int = 0):
-        self.reserve = int(reserve)
-        self._keys: list[torch.Tensor | None] = [None] * num_layers
-        self._values: list[torch.Tensor | None] = [None] * num_layers
-        self._lengths = [0] * num_layers
-        for i, (k, v) in enumerate(past):
-            self.update(k, v, i)
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        n = key_states.shape[-2]
-        length = self._lengths[layer_idx]
-        buf_k = self._keys[layer_idx]
-        if buf_k is None or length + n > buf_k.shape[-2]:
-            capacity = length + n + self.reserve
-            new_k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
-            new_v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
-            if length:
-                new_k[..., :length, :] = buf_k[..., :length, :]
-                new_v[..., :length, :] = self._values[layer_idx][..., :length, :]
-            self._keys[layer_idx], self._values[layer_idx] = new_k, new_v
-        self._keys[layer_idx][..., length:length + n, :] = key_states
-        self._values[layer_idx][..., length:length + n, :] = value_states
-        self._lengths[layer_idx] = length + n
-        return self.layer(layer_idx)
-
-    def layer(self, layer_idx: int):
-        """(key, value) views of one layer's filled part."""
-        n = self._lengths[layer_idx]
-        return self._keys[layer_idx][..., :n, :], self._values[layer_idx][..., :n, :]
-
-    def lengths(self) -> tuple[int, ...]:
-        return tuple(self._lengths)
-
-    def buffers(self, layer_idx: int):
-        """(key, value) whole buffers of one layer, filled part first, then the reserve."""
-        return self._keys[layer_idx], self._values[layer_idx]
-
-    def export(self, num_layers: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """(key, value) of layers [0, num_layers), for storing in a state.
-
-        Views, not copies: export only from a cache that is then dropped.
-        """
-        return tuple(self.layer(i) for i in range(num_layers))
-
-
 @dataclass
 class AttentionProbe:
     """Per-call request for text->visual attention at one layer (see attention.py).
