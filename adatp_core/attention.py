@@ -132,7 +132,8 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     times: dict[str, float] = {}
     with plan_free_attention(adapter.device):  # no per-shape cuDNN plans (see sdpa.py)
         encoded, hidden, past_kv, scores, relevance, position_ids = run_guarded(
-            lambda: _prefill(adapter, frames, prompt, layer, query, times), "vision encoding and prefill")
+            lambda: _prefill(adapter, frames, prompt, layer, query, times), "vision encoding and prefill",
+            model=model)
     t, h, w = encoded.grid
     stats = {
         "frames": n_frames, "tokens_total": t * h * w, "tokens_kept": t * h * w,

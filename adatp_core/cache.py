@@ -100,8 +100,8 @@ class StaticKVCache:
     """
 
     def __init__(self, shapes, capacities, dtype: torch.dtype, device: torch.device):
-        # Zeros, not empty: a masked slot must be finite (its prob is 0, and 0 * NaN is NaN).
-        # Slots past a layer's length later hold an earlier answer's keys: finite too.
+        # Zeros, not empty: a masked slot must be finite. The mask adds -inf to its score, but
+        # NaN + -inf is NaN, and a 0 probability times a NaN value is NaN. ``load`` zeroes them again.
         self.keys = [torch.zeros((1, h, c, d), dtype=dtype, device=device) for (h, d), c in zip(shapes, capacities)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.capacities = tuple(capacities)
@@ -111,7 +111,9 @@ class StaticKVCache:
         self._arange = [torch.arange(c, device=device) for c in capacities]
 
     def load(self, cache: KVCache) -> None:
-        """Copy the prefilled ``cache`` in (each layer's filled part)."""
+        """Copy the prefilled ``cache`` in (each layer's filled part) and zero the rest:
+        an earlier answer's slots may hold a non-finite value (an fp16 overflow), which
+        the mask cannot hide (see ``__init__``) and would poison every later answer."""
         lengths = cache.lengths()
         for i, n in enumerate(lengths):
             if n > self.capacities[i]:
@@ -119,6 +121,8 @@ class StaticKVCache:
             k, v = cache.layer(i)
             self.keys[i][..., :n, :].copy_(k)
             self.values[i][..., :n, :].copy_(v)
+            self.keys[i][..., n:, :].zero_()
+            self.values[i][..., n:, :].zero_()
         self.base = list(lengths)
         self._base.copy_(torch.tensor(lengths, dtype=torch.long), non_blocking=True)
         self.step.zero_()

@@ -17,18 +17,19 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import AdaTPEnvironmentError, AdaTPInputError
-from .memory import free_memory, run_guarded
+from .errors import AdaTPInputError
+from .memory import run_guarded
 from .cache import KVCache
 from .sdpa import plan_free_attention
 from .state import AdaTPState
-from .static_decode import StaticDecoders
+from .static_decode import StaticDecoders, static_pays_off
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
 MAX_NEW_TOKENS_LIMIT = 8192
-# "auto": static on CUDA (graphs replayed across answers), default elsewhere (on CPU
-# static steps are not faster: there is no launch cost to save).
+# "auto": static on CUDA (graphs replayed across answers) while the cache is short enough for
+# static steps to pay off (static_decode.static_pays_off), default elsewhere (on CPU static steps
+# are not faster: there is no launch cost to save).
 DECODE_MODES = ("default", "static", "auto")
 # Stage timings (seconds, in stats) that make up AdaTP's selection and the time to first token,
 # counted from decoded frames: preprocessing, vision, partial prefill, selection, rest of the prefill.
@@ -90,7 +91,7 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
     if cfg.top_p < 1.0:
         sorted_probs, idx = torch.sort(probs, descending=True)
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= cfg.top_p
-        sorted_probs[outside] = 0.0
+        sorted_probs.masked_fill_(outside, 0.0)  # not sorted_probs[outside] = 0: a bool index syncs on CUDA
         probs = torch.zeros_like(probs).scatter_(0, idx, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -118,14 +119,8 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         if cfg.decode_mode == "static":
             log.warning("static decoding needs the model on one device; decoding step by step instead")
         cfg = replace(cfg, decode_mode="default")
-    try:
-        run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation")
-    except AdaTPEnvironmentError:  # out of memory: static decoding's kept buffers go too
-        decoders = getattr(model, "static_decoders", None)
-        if decoders is not None:
-            decoders.clear()
-            free_memory()
-        raise
+    # Out of memory: static decoding's kept buffers go too (run_guarded drops them).
+    run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation", model=model)
     stats = {**state.stats}
     stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
     stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + run.prefill_seconds
@@ -137,6 +132,7 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         "decode_ms_per_token": 1000 * run.decode_seconds / run.passes if run.passes else 0.0,
         "decode_mode": run.mode,
         "time_graph_capture": run.capture_seconds,  # one-time per model and bucket; not in the two above
+        "static_graph": run.graph_note,  # static mode: captured, reused, or why there is none
     })
     text = model.tokenizer.decode(run.tokens, skip_special_tokens=True).strip()
     return Answer(text=text, token_ids=tuple(run.tokens), stats=stats, logits=run.logits)
@@ -152,6 +148,7 @@ class _DecodeRun:
     passes: int
     mode: str
     capture_seconds: float
+    graph_note: str = ""
 
 
 def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> _DecodeRun:
@@ -166,6 +163,10 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
         synchronize(dev)
         start = time.perf_counter()
         positions = state.kept_positions()  # indices go to each tensor's device (a split model has several)
+        if cfg.decode_mode == "auto" and mode == "static":  # static pays off at short caches only
+            lengths = [state.prompt.length] * state.layer + [len(positions)] * (adapter.num_layers - state.layer)
+            if not static_pays_off(lengths, cfg.max_new_tokens):
+                mode = "default"
         hidden = state.hidden.index_select(1, positions.to(state.hidden.device))
         position_ids = state.position_ids.index_select(-1, positions.to(state.position_ids.device))
         reserve = 0 if mode == "static" else cfg.max_new_tokens  # static copies into its own buffers
@@ -186,6 +187,7 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
         synchronize(dev)
         prefill_done = time.perf_counter()
         capture_seconds = step_fn.capture() if static is not None else 0.0  # once per model and bucket
+        graph_note = step_fn.graph_note if static is not None else ""
         decode_start = time.perf_counter()
         passes = 0  # decode forward passes
         for step in range(cfg.max_new_tokens):
@@ -215,4 +217,4 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     return _DecodeRun(tokens=tokens, logits=torch.stack(chosen_logits) if return_logits else None,
                       kv_lengths=lengths, prefill_seconds=prefill_done - start,
                       decode_seconds=end - decode_start, passes=passes, mode=mode,
-                      capture_seconds=capture_seconds)
+                      capture_seconds=capture_seconds, graph_note=graph_note)

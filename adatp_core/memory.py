@@ -27,12 +27,13 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE) -> T:
+def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model=None) -> T:
     """Run ``fn``; turn running out of memory into AdaTPEnvironmentError.
 
     The error is raised after the original exception (whose traceback holds
     every tensor of the failed stage) is gone and memory has been collected, so
     nothing of the failed run stays allocated and a smaller run can follow.
+    model: a VideoLLM whose kept static-decoding buffers and graphs are dropped too.
     """
     try:
         return fn()
@@ -40,5 +41,8 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE) -> T:
         if not is_out_of_memory(exc):
             raise
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    decoders = getattr(model, "static_decoders", None)
+    if decoders is not None:  # a whole KV cache per bucket: what the next, smaller run needs back
+        decoders.clear()
     free_memory()
     raise AdaTPEnvironmentError(f"out of memory during {stage} ({detail}); {advice}.")

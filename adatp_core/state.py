@@ -93,10 +93,15 @@ class AdaTPState:
         layers >= K, on the kept visual tokens only (rows of ``kept_positions``)."""
         if len(self.injections) <= self.layer:
             return None
-        keep = self.keep.cpu() if self.keep is not None else torch.arange(self.num_visual)
-        rows = torch.searchsorted(self.kept_positions(), self.prompt.visual_positions[keep])
+        positions = self.kept_positions()  # on the keep set's device (the CPU without one)
+        dev = positions.device
+        keep = self.keep if self.keep is not None else torch.arange(self.num_visual, device=dev)
+        # Both sides of searchsorted on one device: the keep set's, with no host sync.
+        visual = self.prompt.visual_positions.to(dev, non_blocking=True).index_select(0, keep)
+        rows = torch.searchsorted(positions, visual)
         device = self.injections[0].device
-        return Injection(rows.to(device), tuple(f[keep.to(device)] for f in self.injections))
+        keep = keep.to(device, non_blocking=True)
+        return Injection(rows.to(device), tuple(f.index_select(0, keep) for f in self.injections))
 
     def evolve(self, stats: dict | None = None, **changes) -> "AdaTPState":
         """A new state with ``changes`` and the stats merged (input untouched)."""

@@ -26,11 +26,31 @@ from collections import OrderedDict
 import torch
 
 from .cache import KVCache, StaticKVCache, capacity_bucket
+from .memory import is_out_of_memory
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
 
 MAX_BUCKETS = 2  # buckets kept per model: each holds a whole KV cache
+
+# Auto mode decodes with static steps only while the layers' mean capacity is at most this many
+# positions. Why a limit: a static step attends over its whole capacity with a bool mask, so
+# transformers' sdpa expands K/V to every query head (no GQA with a mask on CUDA), and the
+# memory-efficient kernel runs one thread block per query head over the whole buffer, without
+# split-KV. Its cost grows with the capacity at the bandwidth of ~H blocks (a few dozen of an
+# H100's 132 SMs), about 10 ns per position and layer at head_dim 128 in bf16: ~2.5 ms per token
+# for a 28-layer model at 8192 positions, about what the graph saves in launches at batch 1.
+# The default steps use flash with split-KV and GQA, whose cost at that length is a fraction of a
+# millisecond. So: static (the graph wins) up to 8192, default beyond. An estimate from the kernels,
+# to be checked with bench/decode_modes.py on a GPU (1k, 8k, 32k cached tokens).
+STATIC_AUTO_MAX_CAPACITY = 8192
+
+
+def static_pays_off(lengths, max_new_tokens: int) -> bool:
+    """Whether auto mode should decode with static steps, for a cache whose layers
+    hold ``lengths`` positions before ``max_new_tokens`` more (see STATIC_AUTO_MAX_CAPACITY)."""
+    capacities = [capacity_bucket(n + max_new_tokens) for n in lengths]
+    return sum(capacities) <= STATIC_AUTO_MAX_CAPACITY * len(capacities)
 
 
 class StaticDecoder:
@@ -45,10 +65,19 @@ class StaticDecoder:
         dev = adapter.device
         self.token = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.position = torch.zeros((*position_shape, 1), dtype=position_dtype, device=dev)
-        self.use_graph = dev.type == "cuda" if use_graph is None else use_graph
         self.graph = None
         self.out = None
+        self.stream = None  # this graph's own capture stream (see capture_graph)
         self.capture_seconds = 0.0
+        if use_graph is None:
+            blocker = graph_blocker(adapter) if dev.type == "cuda" else "not on CUDA"
+            if blocker is not None and dev.type == "cuda":
+                log.info("static decoding without a CUDA graph: %s", blocker)
+            use_graph = blocker is None
+            self.graph_note = "none: " + blocker if blocker is not None else "not captured yet"
+        else:
+            self.graph_note = "not captured yet" if use_graph else "none"
+        self.use_graph = use_graph
 
     def _step(self) -> torch.Tensor:
         hidden = self.adapter.embed_tokens(self.token)
@@ -61,36 +90,32 @@ class StaticDecoder:
 
         The warm-up step writes one slot (``base + step``) that the first real
         step overwrites before anything reads it. If capturing fails (a kernel that
-        cannot be captured, a driver that refuses), this decoder runs its fixed-shape
-        steps without a graph from then on: slower, never wrong.
+        cannot be captured, a driver that refuses), the thread's stream and the
+        allocator are put back (``capture_graph``) and this decoder runs its
+        fixed-shape steps without a graph from then on: slower, never wrong. Running
+        out of memory while capturing is raised (generate_answer turns it into the
+        pack's out-of-memory error and drops every kept buffer), not hidden.
         """
+        if self.graph is not None:
+            self.graph_note = "reused"
         if not self.use_graph or self.graph is not None:
             return 0.0
         dev = self.adapter.device
         synchronize(dev)
         start = time.perf_counter()
         try:
-            self.graph, self.out = self._capture_graph(dev)
+            self.graph, self.out, self.stream = capture_graph(self._step, dev)
+            self.graph_note = "captured"
         except RuntimeError as exc:
-            log.warning("CUDA graph capture failed (%s); decoding with fixed shapes but without a graph", exc)
             self.use_graph, self.graph, self.out = False, None, None
+            if is_out_of_memory(exc):
+                self.graph_note = "failed: out of memory"
+                raise
+            log.warning("CUDA graph capture failed (%s); decoding with fixed shapes but without a graph", exc)
+            self.graph_note = f"failed: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__}"
         synchronize(dev)
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds
-
-    def _capture_graph(self, dev):
-        """(graph, its output buffer) of one step, captured on ``dev``."""
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up outside the graph (allocations, lazy inits)
-            self._step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls from other threads (ComfyUI's server asking for memory
-        # figures) must not invalidate the capture.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = self._step()
-        return graph, out
 
     def __call__(self, token: int, position: torch.Tensor, step: int) -> torch.Tensor:
         """Feed ``token`` at ``position`` as decode step ``step``; returns logits [V] float32
@@ -101,8 +126,100 @@ class StaticDecoder:
         if not self.use_graph:
             return self._step()
         self.capture()
+        if self.graph is None:  # the capture failed just now
+            return self._step()
         self.graph.replay()
         return self.out
+
+
+def graph_blocker(adapter) -> str | None:
+    """Why the decode step of ``adapter``'s model must not be captured as a CUDA
+    graph, or None. Capturing these would fail every time (and, before the capture
+    was made safe, leave the thread on the capture stream):
+    - bitsandbytes 8-bit layers: LLM.int8() asks ``outliers.any()`` on the host;
+    - a model split over devices, or with layers offloaded to CPU memory or disk
+      (accelerate's hooks move weights during the forward).
+    """
+    model = adapter.model
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            return "bnb-8bit layers synchronise with the host at every step"
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "offload", False):
+            return "some layers are offloaded to CPU memory"
+    if adapter.is_split:
+        return "the model is split over devices"
+    return None
+
+
+def capture_graph(fn, device) -> tuple:
+    """(graph, output, stream) of ``fn()`` captured as a CUDA graph on ``device``, on a
+    new stream of its own (keep it as long as the graph).
+
+    Unlike ``torch.cuda.graph``:
+    - the capture runs under ``torch.cuda.device(device)``: torch's capture belongs
+      to the current device, so a model on another GPU would record an empty graph;
+    - the stream is the graph's own, never torch's shared default capture stream:
+      cuBLAS workspaces are kept per stream, and on torch builds with pytorch#193402
+      (2.11 and later, until its fix) destroying one graph frees the workspace of every
+      graph captured on the same stream, so an evicted bucket would leave the others
+      pointing at freed memory;
+    - when the capture fails (an op that synchronises with the host, running out of
+      memory), the thread goes back to its previous stream and the allocator stops
+      allocating to the graph's pool before the error is raised. torch's context
+      manager leaves both behind when ``capture_end`` raises, and every later
+      ``empty_cache`` then fails.
+    """
+    device = torch.device(device)
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device=device)
+        previous = torch.cuda.current_stream(device)
+        stream.wait_stream(previous)
+        torch.cuda.set_stream(stream)
+        try:
+            fn()  # warm-up on the capture stream, outside the graph (lazy inits, workspaces)
+            graph = torch.cuda.CUDAGraph()
+            pool = torch.cuda.graph_pool_handle()  # known here, so a failed capture can give it back
+            # thread_local: CUDA calls from other threads (ComfyUI's server asking for memory
+            # figures) must not invalidate the capture.
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            except BaseException:
+                _abandon_capture(graph, device, pool)
+                raise
+            try:
+                graph.capture_end()
+            except BaseException:
+                _give_back_pool(device, pool)
+                raise
+        finally:
+            torch.cuda.set_stream(previous)
+            previous.wait_stream(stream)  # what ran on the capture stream comes before what follows
+    return graph, out, stream
+
+
+def _abandon_capture(graph, device: torch.device, pool) -> None:
+    """End a capture whose body raised: the capture must end on its stream, and the
+    allocator must stop sending this thread's allocations to the graph's pool."""
+    try:
+        graph.capture_end()  # raises when the capture was invalidated (the usual case)
+    except RuntimeError as exc:
+        log.debug("ending the failed capture: %s", exc)
+        _give_back_pool(device, pool)
+    else:
+        graph.reset()  # a complete graph of a failed step: drop it (and its pool)
+
+
+def _give_back_pool(device: torch.device, pool) -> None:
+    """What ``capture_end`` does after a successful capture and skips when it raises:
+    the allocator stops allocating to ``pool``, which is then released."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        try:
+            getattr(torch._C, name)(index, pool)
+        except (RuntimeError, AttributeError) as exc:  # already done by capture_end, or an older torch
+            log.debug("%s: %s", name, exc)
 
 
 def _weights_fingerprint(adapter) -> tuple:

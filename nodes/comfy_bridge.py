@@ -91,10 +91,15 @@ def output_directory() -> Path:
 
 
 def compute_device(choice: str) -> str | torch.device:
-    """"auto" means ComfyUI's device inside ComfyUI, else CUDA when available."""
+    """"auto" means ComfyUI's device inside ComfyUI, else CUDA when available. Always an
+    indexed device ("cuda" is the current GPU, cuda:N): ComfyUI's model management
+    matches models to devices by equality, and cuda != cuda:0. The split choice
+    (placement.SPLIT_DEVICE) passes through."""
+    if choice == loader.SPLIT_DEVICE:
+        return choice
     if choice == "auto" and model_management is not None:
-        return model_management.get_torch_device()
-    return choice
+        return loader.resolve_device(model_management.get_torch_device())
+    return loader.resolve_device(choice)
 
 
 def offload_device() -> torch.device:
@@ -105,7 +110,7 @@ def offload_device() -> torch.device:
 
 def make_room(num_bytes: int, device) -> None:
     """Ask ComfyUI to unload its own models until ``num_bytes`` fit on ``device``."""
-    device = torch.device(device)
+    device = loader.resolve_device(device)
     if model_management is not None and device.type != "cpu":
         model_management.free_memory(num_bytes, device)
 

@@ -96,8 +96,10 @@ class AdaTP_LoadVideoLLM:
                                               "ones, float32 on CPU. bnb-4bit / bnb-8bit: the LLM quantized with "
                                               "bitsandbytes (NVIDIA GPU and the bitsandbytes package needed), "
                                               "about 1/3 / 1/2 of the memory; the vision tower stays 16-bit."}),
-            "attention": (list(ATTENTIONS), {"default": "sdpa", "tooltip": "Attention kernel. sdpa works "
-                                                                           "everywhere; flash_attention_2 needs the flash-attn package."}),
+            "attention": (list(ATTENTIONS), {"default": "sdpa", "tooltip": "Attention kernel: PyTorch's SDPA "
+                                                                           "(its built-in FlashAttention-2 kernel where it applies). "
+                                                                           "flash_attention_2 is kept for older workflows and runs "
+                                                                           "as sdpa."}),
             "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: ComfyUI's device (the GPU when "
                                                                      "there is one). multi-gpu: split a model too "
                                                                      "large for one card over all GPUs (stays loaded)."}),
@@ -119,7 +121,7 @@ class AdaTP_LoadVideoLLM:
     def load(self, model, dtype, attention, device, keep_loaded):
         folder = resolve_model(model, download=True)
         dev = bridge.compute_device(device)
-        room_on = "cuda:0" if dev == SPLIT_DEVICE else dev if dev != "auto" else "cpu"  # split: its first GPU
+        room_on = "cuda:0" if dev == SPLIT_DEVICE else dev  # split: its first GPU; else an indexed device
         bridge.make_room(weights_bytes(folder), room_on)
         llm = load_video_llm(folder, device=dev, dtype=dtype, attention=attention,
                              name=TINY_MODEL_NAME if model == BUILTIN_TINY else folder.name,

@@ -73,6 +73,7 @@ def fake_cuda(monkeypatch):
     """torch believes two bf16-capable CUDA GPUs are present (nothing may run on them)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
 
 

@@ -160,5 +160,5 @@ def test_model_list_has_the_builtin_and_local_folders(pack, tiny_dir, tmp_path):
 def test_bridge_degrades_without_comfyui(pack):
     bridge = pack_module("nodes.comfy_bridge")
     assert not bridge.in_comfyui()
-    assert bridge.compute_device("auto") == "auto"
+    assert bridge.compute_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu", 0 if torch.cuda.is_available() else None)
     bridge.Progress(3).step()  # no-op bar, no interrupt pending

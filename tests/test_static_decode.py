@@ -123,10 +123,10 @@ def test_a_failed_graph_capture_falls_back_to_steps_without_a_graph(tiny, frames
     fixed-shape steps without a graph and still chooses the default path's tokens."""
     from adatp_core import static_decode
 
-    def refuse(self, dev):
+    def refuse(fn, dev):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(static_decode.StaticDecoder, "_capture_graph", refuse)
+    monkeypatch.setattr(static_decode, "capture_graph", refuse)
     monkeypatch.setattr(static_decode.StaticDecoder, "__init__", _init_with_graph(static_decode.StaticDecoder.__init__))
     tiny.static_decoders.clear()
     s = _state(tiny, frames, QUESTION)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AdaTPEnvironmentError, AdaTPInputError
+from ..errors import AdaTPInputError
 
 _PREFIX = "adatp_"
 
@@ -72,11 +72,8 @@ def register_attention(base: str = "sdpa") -> str:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if base == "flash_attention_2":
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is None:
-            raise AdaTPEnvironmentError("attention flash_attention_2 needs the flash-attn package; use sdpa")
+    if "flash" in base:  # transformers sends such names to its hub-kernel loader (loader.attention_kernel)
+        raise AdaTPInputError(f"attention {base!r} cannot be wrapped; use sdpa")
     if base not in ALL_ATTENTION_FUNCTIONS:
         raise AdaTPInputError(f"unknown attention {base!r}")
     name = wrapped_attention_name(base)

@@ -34,6 +34,8 @@ ADAPTERS: dict[str, type[VideoLLMAdapter]] = {
 SUPPORTED_MODEL_TYPES = tuple(sorted(ADAPTERS))
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The attention choices a saved workflow may hold. Every one runs PyTorch's SDPA (see
+# ``attention_kernel``): "flash_attention_2" stays accepted so that old workflows load.
 ATTENTIONS = ("sdpa", "flash_attention_2")
 
 
@@ -176,17 +178,40 @@ def _check_weights(folder: Path) -> None:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device to load on, always indexed on CUDA ("cuda" is the current GPU,
+    cuda:N): ComfyUI's model management compares devices, and cuda != cuda:0."""
     if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise AdaTPInputError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AdaTPEnvironmentError("device cuda was asked for but no CUDA GPU is available; use cpu")
+        dev = device
+    elif device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise AdaTPInputError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdaTPEnvironmentError("device cuda was asked for but no CUDA GPU is available; use cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (Ampere and later). Pre-Ampere
+    GPUs (T4, V100, RTX 20xx) only emulate it: slow GEMMs, and SDPA falls back to the
+    math kernel, O(L^2) memory in prefill. ``torch.cuda.is_bf16_supported()`` counts
+    emulation unless told not to (older torch has no such argument), and it asks
+    about the current GPU only."""
+    if torch.version.hip:
+        return bool(torch.cuda.is_bf16_supported())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index == torch.cuda.current_device():
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # an older torch: ask the compute capability, as it does
+            pass
+    return tuple(torch.cuda.get_device_capability(index)) >= (8, 0)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -194,11 +219,52 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return dtype
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32
     if dtype not in DTYPES:
         raise AdaTPInputError(f"unknown dtype {dtype!r}; use auto, {', '.join((*DTYPES, *QUANTIZED_DTYPES))}")
     return DTYPES[dtype]
+
+
+def attention_kernel(choice: str) -> str:
+    """The attention implementation that runs for an ATTENTIONS choice: always "sdpa".
+
+    "flash_attention_2" cannot run through AdaTP's wrapper: transformers sends any
+    implementation name containing "flash" to its hub-kernel loader, not to the
+    installed flash-attn, and static decoding's 4-D bool mask would reach flash's
+    unpadding path, whose host sync fails a CUDA graph capture. PyTorch's SDPA already
+    runs its own FlashAttention-2 kernel where it applies (prefill and default
+    decoding in fp16/bf16 on Ampere and later); static steps use its memory-efficient
+    kernel (sdpa.py). A saved workflow holding flash_attention_2 loads, with a log line.
+    """
+    if choice not in ATTENTIONS:
+        raise AdaTPInputError(f"unknown attention {choice!r}; use one of {', '.join(ATTENTIONS)}")
+    if choice != "sdpa":
+        log.warning("attention %s runs as sdpa (PyTorch's SDPA, which uses its built-in FlashAttention-2 "
+                    "kernel where it applies); the flash-attn package is not used", choice)
+    return "sdpa"
+
+
+# Words in a from_pretrained error that point at the files, not at the environment.
+_WEIGHT_ERROR_WORDS = ("safetensors", "size mismatch", "shape", "checkpoint", "header", "deserializ",
+                       "weight", "incomplete", "truncated", "no such file", "corrupt")
+
+
+def _load_error(folder: Path, exc: BaseException) -> Exception:
+    """The pack's error for a failed from_pretrained: damaged or incomplete weights
+    (download them again), or anything else (transformers, bitsandbytes, an attention
+    implementation, the driver), which downloading again would not fix."""
+    detail = f"{type(exc).__name__}: {str(exc)[:300]}"
+    text = str(exc).lower()
+    if isinstance(exc, (SafetensorError, OSError)) or any(word in text for word in _WEIGHT_ERROR_WORDS):
+        return AdaTPInputError(f"the weights in {folder} cannot be loaded ({detail}); "
+                               "the download may be incomplete or damaged: download them again.")
+    import transformers
+
+    return AdaTPEnvironmentError(
+        f"transformers {transformers.__version__} cannot build {folder.name} ({detail}). This is not a "
+        "problem with the downloaded files: check the installed transformers, torch and bitsandbytes "
+        "versions against the pack's requirements, or pick dtype auto and attention sdpa.")
 
 
 def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
@@ -207,13 +273,12 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
 
     folder: a directory with config.json, model*.safetensors, the tokenizer, a
         chat template and a video preprocessor config.
-    attention: the kernel for every layer ("sdpa" or "flash_attention_2"); the
-        text model gets AdaTP's wrapper of it, which can score one layer per call.
+    attention: an ATTENTIONS choice. Every layer runs PyTorch's SDPA (``attention_kernel``);
+        the text model gets AdaTP's wrapper of it, which can score one layer per call.
     offload_device: where ``release`` moves the weights between runs (None: keep loaded).
     """
     folder, config = check_model_folder(folder)
-    if attention not in ATTENTIONS:
-        raise AdaTPInputError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")
+    kernel = attention_kernel(attention)
     split = isinstance(device, str) and device == SPLIT_DEVICE  # over every GPU; dev is the first
     dev = check_split_device() if split else resolve_device(device)
     adapter_cls = ADAPTERS[config["model_type"]]
@@ -232,7 +297,7 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise AdaTPInputError(f"the tokenizer in {folder} cannot be loaded ({exc}); download it again.") from exc
-    register_attention(attention)
+    register_attention(kernel)
     model_cls = getattr(transformers, adapter_cls.model_class)
     device_map = {"": dev} if dev.type == "cuda" else None
     if split:
@@ -246,17 +311,15 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
         model = model_cls.from_pretrained(
             folder, local_files_only=True, trust_remote_code=False, use_safetensors=True,
             dtype=torch_dtype, device_map=device_map,
-            attn_implementation={"text_config": wrapped_attention_name(attention),
-                                 "vision_config": attention, "": attention},
+            attn_implementation={"text_config": wrapped_attention_name(kernel),
+                                 "vision_config": kernel, "": kernel},
             quantization_config=quantization,
         )
     except torch.OutOfMemoryError as exc:
         raise AdaTPEnvironmentError(
             f"not enough {dev.type} memory to load {folder.name}; free memory or use a smaller model") from exc
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise AdaTPInputError(
-            f"the weights in {folder} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}); "
-            "the download may be incomplete or damaged: download them again.") from exc
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError, SafetensorError) as exc:
+        raise _load_error(folder, exc) from exc
     if device_map is None:  # else placed already (and bitsandbytes refuses some moves)
         model = model.to(dev)
     model.eval()
@@ -264,6 +327,6 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     log.info("loaded %s on %s as %s", folder.name, SPLIT_DEVICE if split else dev,
              dtype if quantization is not None else torch_dtype)
     return VideoLLM(model=model, tokenizer=tokenizer, adapter=adapter, name=name or folder.name,
-                    path=str(folder), compute_device=dev, dtype=torch_dtype, attention=attention,
+                    path=str(folder), compute_device=dev, dtype=torch_dtype, attention=kernel,
                     offload_device=torch.device(offload_device) if offload_device is not None else None,
                     quantization=dtype if quantization is not None else None)

@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 
 SPLIT_DEVICE = "multi-gpu"
 ADVICE = "use a smaller model, or dtype bnb-4bit to quarter the weights"
+# What to suggest when even the chosen bitsandbytes width does not fit, by bit width.
+QUANTIZED_ADVICE = {8: "use a smaller model, or dtype bnb-4bit to halve the weights again",
+                    4: "use a smaller model, or more or larger GPUs"}
+# transformers keeps 10% of each GPU free when it quantizes with bitsandbytes (buffers made
+# while quantizing); the map is planned with the same margin.
+QUANTIZED_MEMORY_SHARE = 0.9
 
 
 def check_split_device() -> torch.device:
@@ -60,10 +66,14 @@ def split_device_map(model_cls, config, dtype: torch.dtype, keep_together: tuple
         None measures the free memory. Refuses a map that would need the disk.
     """
     from accelerate import infer_auto_device_map, init_empty_weights
-    from accelerate.utils import get_balanced_memory
+    from accelerate.utils import get_balanced_memory, get_max_memory
 
     with init_empty_weights():
         empty = model_cls(config)
+    dtype, special_dtypes = quantized_sizes(empty, dtype, quantization)
+    if quantization is not None:
+        max_memory = {k: v if k == "cpu" else int(v * QUANTIZED_MEMORY_SHARE)
+                      for k, v in get_max_memory(max_memory).items()}
     no_split = set(empty._no_split_modules or ())
     for name in keep_together:  # keep each whole module unsplit, whatever the class says
         try:
@@ -71,13 +81,43 @@ def split_device_map(model_cls, config, dtype: torch.dtype, keep_together: tuple
         except AttributeError:  # a parameter (LLaVA-OV's image_newline), placed by pin_together
             pass
     budget = get_balanced_memory(empty, max_memory=max_memory, no_split_module_classes=sorted(no_split),
-                                 dtype=dtype)
+                                 dtype=dtype, special_dtypes=special_dtypes)
     device_map = infer_auto_device_map(empty, max_memory=budget, no_split_module_classes=sorted(no_split),
-                                       dtype=dtype)
+                                       dtype=dtype, special_dtypes=special_dtypes)
     spilled = {v for v in device_map.values() if v in ("cpu", "disk")}
     if "disk" in spilled or (spilled and quantization is not None):
         why = "" if quantization is None else " (quantized layers cannot wait in CPU memory)"
-        raise AdaTPEnvironmentError(f"the model does not fit in the GPUs' memory{why}; {ADVICE}.")
+        advice = ADVICE if quantization is None else QUANTIZED_ADVICE[_bits(quantization)]
+        raise AdaTPEnvironmentError(f"the model does not fit in the GPUs' memory{why}; {advice}.")
     if spilled:
         log.warning("the model does not fit in the GPUs: some layers wait in CPU memory and run slowly")
     return pin_together(device_map, keep_together)
+
+
+def _bits(quantization) -> int:
+    return 4 if getattr(quantization, "load_in_4bit", False) else 8
+
+
+def quantized_sizes(model: torch.nn.Module, dtype: torch.dtype, quantization):
+    """(dtype, special_dtypes) with which accelerate sizes ``model``'s parameters.
+
+    Without quantization: everything at ``dtype``. With bitsandbytes (a
+    BitsAndBytesConfig): the weights of the Linear layers that get quantized at 4 or
+    8 bits, and every other parameter (biases, norms, embeddings, the modules in
+    ``llm_int8_skip_modules``: the vision side and lm_head) at the compute ``dtype``.
+    Sizing all at ``dtype`` would count a 4-bit model four times over.
+    """
+    if quantization is None:
+        return dtype, None
+    from accelerate.utils import CustomDtype
+
+    low = CustomDtype.INT4 if _bits(quantization) == 4 else torch.int8
+    skip = tuple(getattr(quantization, "llm_int8_skip_modules", None) or ())
+    special = {}
+    for module_name, module in model.named_modules():
+        quantized = isinstance(module, torch.nn.Linear) and not any(
+            module_name == s or module_name.startswith(s + ".") for s in skip)
+        for param_name, _ in module.named_parameters(recurse=False):
+            if not (quantized and param_name == "weight"):
+                special[f"{module_name}.{param_name}" if module_name else param_name] = dtype
+    return low, special
