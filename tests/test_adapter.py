@@ -104,8 +104,17 @@ def test_pooling_matrix_within_low_precision_rounding(grid, dtype, split, device
     exact = _stock_pooling(x.double(), grid)
     magnitude = _stock_pooling(x.double().abs(), grid)  # sum of |w x| per output
     eps = torch.finfo(dtype).eps
-    assert ((ours - exact).abs() <= 0.5 * eps * exact.abs() + eps ** 2 * magnitude).all()
-    assert ((ours - ref).abs() <= eps * exact.abs() + 4 * eps ** 2 * magnitude).all()
+    slack = 0.0
+    if device.type == "cuda":
+        # cuBLAS may split the reduction over P (split-K) and, by torch's default
+        # (allow_{bf16,fp16}_reduced_precision_reduction), round each partial sum to the
+        # dtype before adding them up: one more rounding of each partial, at most
+        # eps/2 * sum of its |w x|, so eps/2 * magnitude in all; and the float32
+        # accumulation of P terms in another order adds at most P * 2^-24 * magnitude.
+        terms = weights.shape[1]
+        slack = (0.5 * eps + terms * 2.0 ** -24) * magnitude
+    assert ((ours - exact).abs() <= 0.5 * eps * exact.abs() + eps ** 2 * magnitude + slack).all()
+    assert ((ours - ref).abs() <= eps * exact.abs() + 4 * eps ** 2 * magnitude + slack).all()
     naive = torch.matmul(matrix.to(device, dtype), x).double()  # one rounded weight matrix is worse
     assert (naive - exact).abs().max() > (ours - exact).abs().max()
 

@@ -61,3 +61,17 @@ def test_accuracy_harness_plumbing(tiny_dir, tmp_path):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"video": "v.mp4", "question": "q"}))
         accuracy.read_items(bad)
+
+
+def test_decode_modes_bench_runs_and_writes_json(tiny_dir, monkeypatch, tmp_path, capsys):
+    import decode_modes
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
+    out = tmp_path / "modes.json"
+    assert decode_modes.main(["--shape", "tiny", "--device", "cpu", "--cached", "64,300", "--tokens", "2",
+                              "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["cached_tokens"] for r in rows] == [64, 300]
+    assert all(r["default_ms_per_token"] > 0 and r["static_ms_per_token"] > 0 for r in rows)
+    assert all(r["auto_picks"] == "default" for r in rows)  # no graph to gain off CUDA
+    assert "| cached tokens | default ms/token | static ms/token |" in capsys.readouterr().out

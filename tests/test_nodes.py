@@ -160,5 +160,7 @@ def test_model_list_has_the_builtin_and_local_folders(pack, tiny_dir, tmp_path):
 def test_bridge_degrades_without_comfyui(pack):
     bridge = pack_module("nodes.comfy_bridge")
     assert not bridge.in_comfyui()
-    assert bridge.compute_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu", 0 if torch.cuda.is_available() else None)
+    gpu = torch.cuda.is_available()
+    assert bridge.compute_device("auto") == (torch.device("cuda", torch.cuda.current_device()) if gpu
+                                             else torch.device("cpu"))  # indexed, as ComfyUI's bookkeeping needs
     bridge.Progress(3).step()  # no-op bar, no interrupt pending

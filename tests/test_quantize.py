@@ -71,7 +71,7 @@ def test_loader_asks_transformers_for_bitsandbytes(unreadable_weights, fake_cuda
     with pytest.raises(LoaderStopped):
         load_video_llm(unreadable_weights, device="cuda", dtype=choice)
     cfg = seen["quantization_config"]
-    assert seen["dtype"] == torch.bfloat16 and seen["device_map"] == {"": torch.device("cuda")}
+    assert seen["dtype"] == torch.bfloat16 and seen["device_map"] == {"": torch.device("cuda", 0)}  # indexed
     if choice == "bnb-4bit":
         assert cfg.load_in_4bit and not cfg.load_in_8bit
         assert cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_compute_dtype == torch.bfloat16

@@ -1,0 +1,190 @@
+"""Issue 18's checks that only a GPU can show (the CPU halves are in tests/test_cuda_paths.py).
+
+Collected by the normal ``pytest tests`` run; every test skips cleanly without CUDA
+(the multi-GPU one without a second GPU). On a GPU machine:
+
+    python -m pytest -q -p no:cacheprovider tests/gpu
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+from conftest import QUESTION
+
+from adatp_core.attention import extract_attention
+from adatp_core.debias import global_debias, local_debias
+from adatp_core.generate import SamplingConfig, generate_answer, next_token
+from adatp_core.prune import prune_tokens
+from adatp_core.static_decode import capture_graph
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _state(model, frames, layer=2, retention=0.25):
+    return prune_tokens(local_debias(global_debias(extract_attention(model, frames, QUESTION, layer=layer))),
+                        retention)
+
+
+def _answers(model, state, tokens=8):
+    cfg = dict(max_new_tokens=tokens, ignore_eos=True)
+    default = generate_answer(state, SamplingConfig(**cfg, decode_mode="default"), return_logits=True)
+    static = generate_answer(state, SamplingConfig(**cfg, decode_mode="static"), return_logits=True)
+    return default, static
+
+
+def _same(default, static, tol=1e-4):
+    assert static.token_ids == default.token_ids
+    assert (static.logits - default.logits).abs().max().item() < tol
+
+
+@pytest.fixture(scope="module")
+def qwen3_on_cuda(tmp_path_factory):
+    from adatp_core.models.loader import load_video_llm
+    from adatp_core.models.tiny_qwen import ensure_tiny_qwen3_vl
+
+    return load_video_llm(ensure_tiny_qwen3_vl(tmp_path_factory.mktemp("gpu-qwen3")), device="cuda",
+                          dtype="float32")
+
+
+# 1. Qwen3-VL on CUDA, pruned at K < 3 (its DeepStack layers): kept_injection on one device.
+def test_qwen3_vl_pruned_below_its_deepstack_layers_answers_on_cuda(qwen3_on_cuda, frames):
+    state = _state(qwen3_on_cuda, frames, layer=2)
+    assert state.keep.device.type == "cuda" and state.kept_injection() is not None
+    default, static = _answers(qwen3_on_cuda, state)
+    _same(default, static)
+
+
+# 4. A failed capture (a real host sync inside it) leaves the thread and the allocator usable.
+def test_a_real_in_capture_sync_fails_cleanly_and_the_next_capture_works():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    x = torch.randn(64, 64, device=dev)
+    before = torch.cuda.current_stream(dev)
+
+    def syncs():
+        y = x @ x
+        if y.sum().item() > 0:  # .item() inside a capture: cudaErrorStreamCaptureUnsupported
+            y = y + 1
+        return y
+
+    with pytest.raises(RuntimeError):
+        capture_graph(syncs, dev)
+    assert torch.cuda.current_stream(dev) == before  # not left on the capture stream
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()  # fails an internal assert while the allocator thinks a capture is underway
+    graph, out, _ = capture_graph(lambda: x @ x + 1, dev)
+    x.copy_(torch.randn(64, 64, device=dev))
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    torch.testing.assert_close(out, x @ x + 1)
+
+
+# 3. Dropping one graph leaves the others' cuBLAS workspaces alone (pytorch#193402).
+def test_dropping_one_graph_leaves_the_others_working():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    a = torch.randn(4096, 640, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(640, 640, device=dev, dtype=torch.bfloat16)
+    keep, keep_out, _ = capture_graph(lambda: a @ b, dev)
+    for _ in range(3):  # captured, replayed and destroyed, as LRU eviction does
+        other, _, _ = capture_graph(lambda: (a @ b).relu() @ b, dev)
+        other.replay()
+        del other
+        gc.collect()
+        torch.cuda.empty_cache()
+    for _ in range(5):
+        keep.replay()
+    torch.cuda.synchronize(dev)  # an illegal memory access surfaces here
+    torch.testing.assert_close(keep_out, a @ b)
+
+
+def test_evicted_buckets_leave_the_kept_one_answering(tiny_on, frames):
+    model = tiny_on("cuda")
+    model.static_decoders.clear()
+    first = _state(model, frames)
+    _same(*_answers(model, first))
+    for n in (1, 2):  # smaller videos, new buckets: the oldest goes (two kept)
+        _same(*_answers(model, _state(model, frames[:n], retention=1.0 if n == 2 else 0.25)))
+    _same(*_answers(model, first))
+
+
+# 5. A model on a GPU other than the current one records a real graph.
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_static_decoding_on_a_non_current_gpu(tiny_dir, frames):
+    from adatp_core.models.loader import load_video_llm
+
+    assert torch.cuda.current_device() == 0
+    model = load_video_llm(tiny_dir, device="cuda:1", dtype="float32")
+    default, static = _answers(model, _state(model, frames))
+    _same(default, static)
+    assert static.stats["static_graph"] == "captured"
+    assert len(set(static.token_ids)) > 1  # an empty graph repeats the first token
+
+
+# 7 and 8. dtype auto and the device index on this GPU.
+def test_dtype_auto_and_device_index_on_this_gpu():
+    from adatp_core.models.loader import resolve_device, resolve_dtype
+
+    dev = resolve_device("cuda")
+    assert dev.index == torch.cuda.current_device()
+    native = torch.cuda.get_device_capability(dev) >= (8, 0)
+    assert resolve_dtype("auto", dev) == (torch.bfloat16 if native else torch.float16)
+
+
+# 2. A saved workflow's flash_attention_2 loads and answers on CUDA (as sdpa), with graphs.
+def test_flash_attention_2_choice_answers_on_cuda(tiny_dir, frames):
+    from adatp_core.models.loader import load_video_llm
+
+    model = load_video_llm(tiny_dir, device="cuda", dtype="float32", attention="flash_attention_2")
+    default, static = _answers(model, _state(model, frames))
+    assert static.token_ids == default.token_ids
+    assert static.stats["static_graph"] == "captured"
+
+
+# 4. bnb-8bit is never captured (its int8 matmul syncs with the host), and still answers.
+def test_bnb_8bit_decodes_statically_without_a_graph(tiny_dir, frames):
+    pytest.importorskip("bitsandbytes")
+    from adatp_core.models.loader import load_video_llm
+
+    model = load_video_llm(tiny_dir, device="cuda", dtype="bnb-8bit")
+    default, static = _answers(model, _state(model, frames), tokens=4)
+    assert static.stats["static_graph"].startswith("none: bnb-8bit")
+    assert static.token_ids == default.token_ids
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.cuda.empty_cache()
+
+
+# 10. Reused buffers poisoned with NaN: the graph's next answer is clean.
+def test_a_poisoned_bucket_answers_cleanly_on_cuda(tiny_on, frames):
+    model = tiny_on("cuda")
+    model.static_decoders.clear()
+    state = _state(model, frames)
+    default, _ = _answers(model, state)
+    (decoder,) = model.static_decoders._decoders.values()
+    with torch.inference_mode():
+        for buffer in (*decoder.cache.keys, *decoder.cache.values):
+            buffer.fill_(float("nan"))
+    _, static = _answers(model, state)
+    assert torch.isfinite(static.logits).all()
+    _same(default, static)
+
+
+# 10. Top-p sampling adds no host sync to the one that reads the chosen token.
+def test_top_p_adds_no_host_sync():
+    logits = torch.randn(32000, device="cuda") * 3
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def syncs(top_p):
+        cfg = SamplingConfig(do_sample=True, temperature=0.8, top_p=top_p)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                next_token(logits, cfg, generator)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in seen)
+
+    assert syncs(0.7) == syncs(1.0)
