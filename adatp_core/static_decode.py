@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+import weakref
+from collections import Counter, OrderedDict
 
 import torch
 
@@ -159,11 +160,11 @@ def capture_graph(fn, device) -> tuple:
     Unlike ``torch.cuda.graph``:
     - the capture runs under ``torch.cuda.device(device)``: torch's capture belongs
       to the current device, so a model on another GPU would record an empty graph;
-    - the stream is the graph's own, never torch's shared default capture stream:
-      cuBLAS workspaces are kept per stream, and on torch builds with pytorch#193402
-      (2.11 and later, until its fix) destroying one graph frees the workspace of every
-      graph captured on the same stream, so an evicted bucket would leave the others
-      pointing at freed memory;
+    - the stream is the graph's own (``_private_stream``), never torch's shared default
+      capture stream: cuBLAS workspaces are kept per stream, and on torch builds with
+      pytorch#193402 (2.11 and later, until its fix) destroying one graph frees the
+      workspace of every graph captured on the same stream, so an evicted bucket would
+      leave the others pointing at freed memory;
     - when the capture fails (an op that synchronises with the host, running out of
       memory), the thread goes back to its previous stream and the allocator stops
       allocating to the graph's pool before the error is raised. torch's context
@@ -172,7 +173,7 @@ def capture_graph(fn, device) -> tuple:
     """
     device = torch.device(device)
     with torch.cuda.device(device):
-        stream = torch.cuda.Stream(device=device)
+        stream = _private_stream(device)
         previous = torch.cuda.current_stream(device)
         stream.wait_stream(previous)
         torch.cuda.set_stream(stream)
@@ -182,7 +183,11 @@ def capture_graph(fn, device) -> tuple:
             pool = torch.cuda.graph_pool_handle()  # known here, so a failed capture can give it back
             # thread_local: CUDA calls from other threads (ComfyUI's server asking for memory
             # figures) must not invalidate the capture.
-            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            except BaseException:
+                _give_back_pool(device, pool)
+                raise
             try:
                 out = fn()
             except BaseException:
@@ -196,7 +201,32 @@ def capture_graph(fn, device) -> tuple:
         finally:
             torch.cuda.set_stream(previous)
             previous.wait_stream(stream)  # what ran on the capture stream comes before what follows
+    key = _stream_key(stream)
+    _GRAPH_STREAMS[key] += 1
+    weakref.finalize(graph, _GRAPH_STREAMS.subtract, [key])  # free for another graph once this one is gone
     return graph, out, stream
+
+
+# Streams that live graphs of this process were captured on, with their counts. torch hands
+# out streams from a small pool (32 per device and priority, round robin), so a new Stream is
+# not always a new stream: one that a live graph was captured on is skipped.
+_GRAPH_STREAMS: Counter = Counter()
+
+
+def _stream_key(stream) -> tuple:
+    return stream.device_index, stream.stream_id
+
+
+def _private_stream(device: torch.device):
+    """A stream of ``device`` that no live graph of this process was captured on."""
+    tries = 0
+    for priority in (0, -1):  # torch's pools: normal, then high priority
+        for _ in range(64):
+            stream = torch.cuda.Stream(device=device, priority=priority)
+            tries += 1
+            if _GRAPH_STREAMS[_stream_key(stream)] <= 0:
+                return stream
+    raise RuntimeError(f"no CUDA stream free of live graphs after {tries} tries")
 
 
 def _abandon_capture(graph, device: torch.device, pool) -> None:

@@ -121,8 +121,12 @@ class _FakeCuda:
         fake = self
 
         class Stream:
-            def __init__(self, device=None):
-                self.device = device
+            made = 0
+
+            def __init__(self, device=None, priority=0):
+                self.device_index = 0
+                self.stream_id = Stream.made % 3  # torch hands out pooled streams round robin
+                Stream.made += 1
 
             def wait_stream(self, other):
                 fake.calls.append("wait")
@@ -200,8 +204,20 @@ def test_capture_runs_on_the_models_device_and_its_own_stream(fake_cuda_graphs):
     assert begin[3] == "thread_local"
     assert out == "logits" and isinstance(stream, fake.Stream) and stream is not fake.default
     assert fake.current() == "default-stream" and not fake.allocating_to_pool
-    graph2, _, stream2 = static_decode.capture_graph(fake.body, torch.device("cuda", 1))
-    assert stream2 is not stream  # one stream per graph (pytorch#193402)
+    import gc
+
+    second = static_decode.capture_graph(fake.body, torch.device("cuda", 1))
+    third = static_decode.capture_graph(fake.body, torch.device("cuda", 1))
+    assert len({stream.stream_id, second[2].stream_id, third[2].stream_id}) == 3
+    freed = third[2].stream_id
+    del third
+    gc.collect()
+    # The pool wraps around to the first two streams: live graphs were captured on them, so they are skipped.
+    fourth = static_decode.capture_graph(fake.body, torch.device("cuda", 1))
+    assert fourth[2].stream_id == freed
+    del graph, second, fourth
+    gc.collect()
+    assert not +static_decode._GRAPH_STREAMS  # every dropped graph freed its stream
 
 
 def test_a_failed_capture_puts_the_stream_and_allocator_back(fake_cuda_graphs):
