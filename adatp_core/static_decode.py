@@ -161,10 +161,12 @@ def capture_graph(fn, device) -> tuple:
     - the capture runs under ``torch.cuda.device(device)``: torch's capture belongs
       to the current device, so a model on another GPU would record an empty graph;
     - the stream is the graph's own (``_private_stream``), never torch's shared default
-      capture stream: cuBLAS workspaces are kept per stream, and on torch builds with
-      pytorch#193402 (2.11 and later, until its fix) destroying one graph frees the
-      workspace of every graph captured on the same stream, so an evicted bucket would
-      leave the others pointing at freed memory;
+      capture stream: cuBLAS keeps one workspace per (handle, stream), and since
+      pytorch#175276 (February 2026, so torch 2.11 onwards; still open as pytorch#193402
+      in September 2026, treat 2.11-2.13 as affected) destroying a graph frees the
+      workspaces of its stream, which every other graph captured on that stream still
+      uses: an evicted bucket would leave the others replaying into freed memory. The
+      warm-up runs on the same stream first, so the workspace exists before the capture;
     - when the capture fails (an op that synchronises with the host, running out of
       memory), the thread goes back to its previous stream and the allocator stops
       allocating to the graph's pool before the error is raised. torch's context
