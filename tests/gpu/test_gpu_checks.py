@@ -103,11 +103,15 @@ def test_dropping_one_graph_leaves_the_others_working():
 def test_evicted_buckets_leave_the_kept_one_answering(tiny_on, frames):
     model = tiny_on("cuda")
     model.static_decoders.clear()
-    first = _state(model, frames)
-    _same(*_answers(model, first))
-    for n in (1, 2):  # smaller videos, new buckets: the oldest goes (two kept)
-        _same(*_answers(model, _state(model, frames[:n], retention=1.0 if n == 2 else 0.25)))
-    _same(*_answers(model, first))
+    one, two, four = (_state(model, frames[:1]), _state(model, frames[:2], retention=1.0), _state(model, frames))
+    _same(*_answers(model, one))
+    _same(*_answers(model, two))  # two buckets, two graphs
+    _same(*_answers(model, four))  # a third bucket: the oldest graph (one's) is destroyed
+    assert len(model.static_decoders) == 2
+    _, static = _answers(model, two)  # replays the graph captured before the destroyed one
+    assert static.stats["static_graph"] == "reused"
+    torch.cuda.synchronize()
+    _same(*_answers(model, two))
 
 
 # 5. A model on a GPU other than the current one records a real graph.
