@@ -113,7 +113,8 @@ class StaticDecoder:
                 self.graph_note = "failed: out of memory"
                 raise
             log.warning("CUDA graph capture failed (%s); decoding with fixed shapes but without a graph", exc)
-            self.graph_note = f"failed: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__}"
+            first_line = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+            self.graph_note = f"failed: {first_line}"
         synchronize(dev)
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shapes import SHAPES, TINY, build  # noqa: E402
 
-from adatp_core.cache import KVCache  # noqa: E402
+from adatp_core.cache import KVCache, capacity_bucket  # noqa: E402
 from adatp_core.sdpa import plan_free_attention  # noqa: E402
 from adatp_core.static_decode import STATIC_AUTO_MAX_CAPACITY, StaticDecoders, static_pays_off  # noqa: E402
 from adatp_core.timing import synchronize  # noqa: E402
@@ -96,7 +96,7 @@ def measure(model, cached: int, tokens: int, repeats: int) -> dict:
         default = sorted(_default_ms(adapter, past, position_ids, tokens) for _ in range(repeats))
         static_runs = [_static_ms(adapter, past, position_ids, tokens) for _ in range(repeats)]
     static = sorted(ms for ms, _ in static_runs)
-    return {"cached_tokens": cached, "new_tokens": tokens,
+    return {"cached_tokens": cached, "new_tokens": tokens, "static_capacity": capacity_bucket(cached + tokens),
             "default_ms_per_token": default[len(default) // 2],
             "static_ms_per_token": static[len(static) // 2],
             "capture_s": max(c for _, c in static_runs),
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="tiny", choices=(*TINY, *SHAPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
-    p.add_argument("--cached", default="1024,8192,32768", help="cached tokens per layer, comma-separated")
-    p.add_argument("--tokens", type=int, default=32, help="decode steps timed per run")
+    p.add_argument("--cached", default="1000,8000,32000", help="cached tokens per layer, comma-separated")
+    p.add_argument("--tokens", type=int, default=16, help="decode steps timed per run (and static's room for them)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -121,10 +121,12 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"{args.shape} on {gpu}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}; "
           f"auto is static up to a mean capacity of {STATIC_AUTO_MAX_CAPACITY} positions")
-    print("| cached tokens | default ms/token | static ms/token | static/default | capture s | auto picks |")
-    print("|---|---|---|---|---|---|")
+    print("| cached tokens | static capacity | default ms/token | static ms/token | static/default | capture s "
+          "| auto picks |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['cached_tokens']} | {r['default_ms_per_token']:.2f} | {r['static_ms_per_token']:.2f} | "
+        print(f"| {r['cached_tokens']} | {r['static_capacity']} | {r['default_ms_per_token']:.2f} | "
+              f"{r['static_ms_per_token']:.2f} | "
               f"{r['static_ms_per_token'] / r['default_ms_per_token']:.2f} | {r['capture_s']:.3f} | {r['auto_picks']} |")
     if args.out is not None:
         args.out.write_text(json.dumps({"shape": args.shape, "device": gpu, "dtype": str(dtype),

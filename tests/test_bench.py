@@ -74,4 +74,4 @@ def test_decode_modes_bench_runs_and_writes_json(tiny_dir, monkeypatch, tmp_path
     assert [r["cached_tokens"] for r in rows] == [64, 300]
     assert all(r["default_ms_per_token"] > 0 and r["static_ms_per_token"] > 0 for r in rows)
     assert all(r["auto_picks"] == "default" for r in rows)  # no graph to gain off CUDA
-    assert "| cached tokens | default ms/token | static ms/token |" in capsys.readouterr().out
+    assert "| cached tokens | static capacity | default ms/token | static ms/token |" in capsys.readouterr().out
