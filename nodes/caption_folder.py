@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -9,13 +11,18 @@ from ..adatp_core.caption import DEFAULT_PROMPT, CaptionJob, caption_folder
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.generate import SamplingConfig
 from ..adatp_core.models.loader import activate, release
+from ..adatp_core.paths import check_inside, inside, resolved
 from ..adatp_core.pipeline import PipelineConfig
 from ..adatp_core.samples import SAMPLE_VIDEO
 from ..adatp_core.video import MAX_FRAMES
 from . import comfy_bridge as bridge
 from .load_video import SAMPLE_NAME, input_path
 
+log = logging.getLogger(__name__)
+
 SAMPLE_FOLDER = "adatp_caption_samples"
+ROOTS_ENV = "ADATP_CAPTION_ROOTS"  # extra folders a server owner allows (os.pathsep-separated)
+ROOTS_KEY = "adatp_caption"  # the same as a key in ComfyUI's extra_model_paths.yaml
 DECODE_WORKERS = 2
 
 
@@ -29,19 +36,46 @@ def ensure_sample_folder(folder: Path) -> None:
         raise AdaTPInputError(f"cannot create the sample folder {folder} ({exc}); type a folder of your clips.") from exc
 
 
+def caption_roots() -> list[Path]:
+    """The folders Caption Folder may read and write: ComfyUI's input directory, then
+    the server owner's extra roots (an ``adatp_caption:`` key in extra_model_paths.yaml,
+    and ADATP_CAPTION_ROOTS, absolute paths separated by os.pathsep). Never a node input.
+    A file-system root or a relative path is ignored with a warning."""
+    extra = []
+    if bridge.folder_paths is not None:
+        try:
+            extra += bridge.folder_paths.get_folder_paths(ROOTS_KEY)
+        except KeyError:
+            pass
+    extra += [p for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    roots = [bridge.input_directory()]
+    for entry in extra:
+        path = Path(entry.strip()).expanduser()
+        if not path.is_absolute() or path == Path(path.anchor):
+            log.warning("ignoring caption root %r: give an absolute folder that is not a file-system root", entry)
+            continue
+        roots.append(path)
+    return roots
+
+
 def resolve_folder(name: str) -> Path:
     """A folder under ComfyUI's input directory (the Load Video rules: no '..', no
-    symlink out), or an absolute path that the user typed."""
+    symlink out), or an absolute path inside one of ``caption_roots()``."""
     if isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).expanduser().is_absolute():
-        path = Path(name.strip()).expanduser().resolve()
+        path = check_inside(caption_roots(), name.strip(), "node", shown=name.strip())
     else:
         path, name = input_path(name.strip() if isinstance(name, str) else name, "folder")
         if name == SAMPLE_FOLDER and not path.exists():
             ensure_sample_folder(path)
     if not path.is_dir():
         raise AdaTPInputError(f"clip folder {name!r} does not exist ({path}); give a folder under ComfyUI's "
-                              "input directory or an absolute path.")
+                              f"input directory or an absolute path inside {ROOTS_ENV}'s folders.")
     return path
+
+
+def root_of(path: Path) -> Path:
+    """The caption root that holds ``path`` (resolve_folder has checked there is one)."""
+    return next(r for r in caption_roots() if inside(resolved(r), path))
 
 
 class AdaTP_CaptionFolder:
@@ -64,7 +98,8 @@ class AdaTP_CaptionFolder:
         return {"required": {
             "model": ("ADATP_MODEL", {"tooltip": "From Load Video LLM."}),
             "folder": ("STRING", {"default": SAMPLE_FOLDER, "tooltip": "A folder under ComfyUI's input directory, "
-                                  "or an absolute path. adatp_caption_samples holds the pack's sample video."}),
+                                  "or an absolute path inside a folder the server owner allowed (README). "
+                                  "adatp_caption_samples holds the pack's sample video."}),
             "prompt": ("STRING", {"multiline": True, "default": DEFAULT_PROMPT,
                                   "tooltip": "The captioning instruction given with every clip."}),
             "prefix": ("STRING", {"default": "", "tooltip": "Put before every caption: a trigger word, "
@@ -101,9 +136,10 @@ class AdaTP_CaptionFolder:
                 max_new_tokens=256):
         cfg = PipelineConfig(num_frames=frames, layer=layer, retention=retention,
                              generation=SamplingConfig(max_new_tokens=max_new_tokens))
-        job = CaptionJob(folder=resolve_folder(folder), prompt=prompt, prefix=prefix, suffix=suffix,
+        path = resolve_folder(folder)
+        job = CaptionJob(folder=path, prompt=prompt, prefix=prefix, suffix=suffix,
                          overwrite=overwrite, recursive=recursive, pipeline=cfg, workers=DECODE_WORKERS,
-                         processes=False)  # threads: spawned processes would re-import ComfyUI's main.py
+                         processes=False, root=root_of(path))  # threads: spawned processes would re-import ComfyUI's main.py
         progress = {}
         bridge.check_interrupt()
         activate(model)
