@@ -421,6 +421,15 @@ def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | N
         f"{Path(path).name} could not be decoded ({'; '.join(errors)}); re-export it as MP4 (H.264).")
 
 
+def _identity(path) -> tuple | None:
+    """What changes when a file is replaced or rewritten (None: it does not exist)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
                start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
                backend: str = "auto", on_frame: Callable[[int], None] | None = None):
@@ -428,9 +437,12 @@ def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float
 
     Needs no torch, so decode-ahead worker processes start fast (caption.py).
     """
+    before = _identity(path)
     probe = probe_video(path)
     times = sample_times(probe, num_frames, sampling, fps, start_time, end_time)
     frames, stamps, used, decoded = decode_frames(path, times, probe, max_side, backend, on_frame)
+    if _identity(path) != before:  # replaced after the probe: the decoder may have read anything
+        raise AdaTPInputError(f"{Path(path).name} changed while it was being read; run again.")
     info = VideoInfo(path=str(path), fps=probe.fps, duration=probe.duration,
                      frame_count=probe.frame_count, width=probe.width, height=probe.height,
                      timestamps=tuple(stamps), backend=used, frames_decoded=decoded)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_FOLDER = "adatp_caption_samples"
 ROOTS_ENV = "ADATP_CAPTION_ROOTS"  # extra folders a server owner allows (os.pathsep-separated)
-ROOTS_KEY = "adatp_caption"  # the same as a key in ComfyUI's extra_model_paths.yaml
+ROOTS_FILE = bridge.PACK_DIR / "caption_roots.txt"  # the same, one folder a line (not in git)
 DECODE_WORKERS = 2
 
 
@@ -37,20 +37,23 @@ def ensure_sample_folder(folder: Path) -> None:
 
 
 def caption_roots() -> list[Path]:
-    """The folders Caption Folder may read and write: ComfyUI's input directory, then
-    the server owner's extra roots (an ``adatp_caption:`` key in extra_model_paths.yaml,
-    and ADATP_CAPTION_ROOTS, absolute paths separated by os.pathsep). Never a node input.
+    """The folders Caption Folder may read and write: ComfyUI's input directory, then the
+    server owner's extra roots: ADATP_CAPTION_ROOTS (absolute folders separated by
+    os.pathsep) and the lines of caption_roots.txt in the pack's folder. Never a node
+    input, a ComfyUI setting or anything under the user folder: clients can change those.
     A file-system root or a relative path is ignored with a warning."""
-    extra = []
-    if bridge.folder_paths is not None:
-        try:
-            extra += bridge.folder_paths.get_folder_paths(ROOTS_KEY)
-        except KeyError:
-            pass
-    extra += [p for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    extra = os.environ.get(ROOTS_ENV, "").split(os.pathsep)
+    try:
+        extra += [line.split("#", 1)[0] for line in ROOTS_FILE.read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("cannot read %s (%s); only the input directory is allowed", ROOTS_FILE, exc)
     roots = [bridge.input_directory()]
-    for entry in extra:
-        path = Path(entry.strip()).expanduser()
+    for entry in (e.strip() for e in extra):
+        if not entry:
+            continue
+        path = Path(entry).expanduser()
         if not path.is_absolute() or path == Path(path.anchor):
             log.warning("ignoring caption root %r: give an absolute folder that is not a file-system root", entry)
             continue
@@ -69,7 +72,7 @@ def resolve_folder(name: str) -> Path:
             ensure_sample_folder(path)
     if not path.is_dir():
         raise AdaTPInputError(f"clip folder {name!r} does not exist ({path}); give a folder under ComfyUI's "
-                              f"input directory or an absolute path inside {ROOTS_ENV}'s folders.")
+                              "input directory or an absolute path inside a folder the server owner allowed.")
     return path
 
 

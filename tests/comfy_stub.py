@@ -133,15 +133,10 @@ def make_comfy(load_device: torch.device, offload_device: torch.device):
 
 
 def make_folder_paths(base):
-    """A folder_paths module for one test: input/output/temp under ``base``, a models
-    folder, ``add_model_folder_path``/``get_folder_paths`` (KeyError for an unknown
-    name), and ``load_extra_path_config`` reading an extra_model_paths.yaml the way
-    ComfyUI's utils/extra_config.py does (a base_path per section, each other key a
-    folder name mapped to one path or several, one a line; relative paths are taken
-    from the yaml file's folder). Written from ComfyUI's behaviour, not copied from it."""
+    """A folder_paths module for one test: input/output/temp folders and models_dir under
+    ``base``, ``add_model_folder_path`` and ``get_folder_paths`` (KeyError for a name never
+    added), as ComfyUI's folder_paths behaves. Written from its behaviour, not copied from it."""
     import os
-
-    import yaml
 
     fp = types.ModuleType("folder_paths")
     base = os.path.abspath(str(base))
@@ -160,27 +155,6 @@ def make_folder_paths(base):
     def get_folder_paths(name):
         return list(fp.folder_names_and_paths[name][0])
 
-    def load_extra_path_config(yaml_path):
-        here = os.path.dirname(os.path.abspath(yaml_path))
-        with open(yaml_path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
-        for section in config.values():
-            if not section:
-                continue
-            section = dict(section)
-            section_base = section.pop("base_path", None)
-            if section_base:
-                section_base = os.path.expanduser(os.path.expandvars(section_base))
-                section_base = section_base if os.path.isabs(section_base) else os.path.join(here, section_base)
-            default = section.pop("is_default", False)
-            for name, value in section.items():
-                for line in str(value).split("\n"):
-                    if line:
-                        root = section_base or here
-                        path = line if os.path.isabs(line) and not section_base else os.path.join(root, line)
-                        add_model_folder_path(name, os.path.normpath(path), default)
-
     fp.add_model_folder_path = add_model_folder_path
     fp.get_folder_paths = get_folder_paths
-    fp.load_extra_path_config = load_extra_path_config
     return fp

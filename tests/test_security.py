@@ -48,6 +48,7 @@ def server(tmp_path, monkeypatch, clip_bytes):
     fp = make_folder_paths(tmp_path / "comfy")
     monkeypatch.setattr(bridge, "folder_paths", fp)
     monkeypatch.delenv("ADATP_CAPTION_ROOTS", raising=False)
+    monkeypatch.setattr(pack_module("nodes.caption_folder"), "ROOTS_FILE", tmp_path / "no_roots.txt")
     inp = Path(fp.get_input_directory())
     (inp / "set").mkdir(parents=True)
     (inp / "set" / "a.mp4").write_bytes(clip_bytes)
@@ -100,10 +101,11 @@ def test_server_owner_allows_more_roots_never_a_node_input(server, tmp_path, mon
     assert node.VALIDATE_INPUTS(str(outside)) is True
     assert node.VALIDATE_INPUTS("/") is not True and node.VALIDATE_INPUTS(str(tmp_path)) is not True  # "/" ignored
     monkeypatch.delenv("ADATP_CAPTION_ROOTS")
-    # ComfyUI's own config file: an adatp_caption key in extra_model_paths.yaml.
-    yaml_path = tmp_path / "extra_model_paths.yaml"
-    yaml_path.write_text(f"datasets:\n    base_path: {tmp_path}\n    adatp_caption: private\n")
-    fp.load_extra_path_config(str(yaml_path))
+    assert node.VALIDATE_INPUTS(str(outside)) is not True
+    # Or a file in the pack's folder, which no client can write.
+    roots_file = tmp_path / "caption_roots.txt"
+    roots_file.write_text(f"# datasets\n\n{outside}  # the private set\nrelative\n")
+    monkeypatch.setattr(mod, "ROOTS_FILE", roots_file)
     assert node.VALIDATE_INPUTS(str(outside)) is True
     assert mod.root_of(mod.resolve_folder(str(outside))) == outside
     # The node's inputs are unchanged: no input names a root.
@@ -182,6 +184,23 @@ def test_ffmpeg_itself_refuses_a_playlist_demuxer(playlists):
         vid.open_video(playlists / "abs.m3u8")
     with vid.open_video(playlists / "set" / "a.mp4") as container:
         assert "mp4" in container.format.name
+
+
+def test_a_file_replaced_after_the_probe_gives_no_frames(playlists, monkeypatch):
+    """The decord child reopens the file by name: if an upload replaced it after the
+    probe, whatever was decoded is discarded."""
+    clip = playlists / "swap.mp4"
+    shutil.copy(playlists / "set" / "a.mp4", clip)
+    real = vid.decode_frames
+
+    def swap_then_decode(path, *args, **kwargs):
+        out = real(path, *args, **kwargs)
+        shutil.copy(playlists / "renamed.mp4", clip)  # ComfyUI's upload with overwrite: same inode
+        return out
+
+    monkeypatch.setattr(vid, "decode_frames", swap_then_decode)
+    with pytest.raises(AdaTPInputError, match="changed while it was being read"):
+        vid.read_video(clip, 2)
 
 
 # ---------------------------------------------------------------------------------------
