@@ -47,8 +47,9 @@ def inside(root, path, pathmod=os.path) -> bool:
 
 
 def resolved(path) -> Path:
-    """``path`` made absolute with every symlink resolved (missing parts kept as typed)."""
-    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+    """``path`` made absolute with every symlink resolved, each '..' applied after the link
+    before it, as the OS does (missing parts kept as typed)."""
+    return Path(path).expanduser().resolve()
 
 
 def check_inside(roots, path, what: str, shown: str | None = None) -> Path:

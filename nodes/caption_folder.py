@@ -64,7 +64,10 @@ def caption_roots() -> list[Path]:
 def resolve_folder(name: str) -> Path:
     """A folder under ComfyUI's input directory (the Load Video rules: no '..', no
     symlink out), or an absolute path inside one of ``caption_roots()``."""
-    if isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).expanduser().is_absolute():
+    if isinstance(name, str) and name.strip().startswith("~"):  # the same answer for every user name
+        raise AdaTPInputError(f"{name.strip()!r}: '~' is not expanded here; give a folder under ComfyUI's input "
+                              "directory or an absolute path inside a folder the server owner allowed.")
+    if isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).is_absolute():
         path = check_inside(caption_roots(), name.strip(), "node", shown=name.strip())
     else:
         path, name = input_path(name.strip() if isinstance(name, str) else name, "folder")

@@ -70,10 +70,12 @@ def test_caption_folder_refuses_paths_outside_the_input_folder(server, tmp_path)
     fp, inp, outside = server
     (inp / "out_link").symlink_to(outside, target_is_directory=True)
     node = caption_node()
-    for name in [str(outside), "/", "~", str(tmp_path / "no_such_dir"), "../../private", "out_link",
-                 str(inp / "out_link"), str(inp / ".." / "..")]:
+    for name in [str(outside), "/", str(tmp_path / "no_such_dir"), "../../private", "out_link",
+                 str(inp / "out_link"), str(inp / ".." / ".."), str(inp / "out_link" / ".." / "input")]:
         message = node.VALIDATE_INPUTS(name)
         assert message is not True and "outside" in message, name
+    for name in ["~", "~/", "~root", "~no_such_user_xyz/x"]:  # user names are not probed either
+        assert "'~' is not expanded" in node.VALIDATE_INPUTS(name)
     # The same answer whether an outside folder exists or not: no probing of the server's disk.
     assert (node.VALIDATE_INPUTS(str(outside)).replace(str(outside), "X")
             == node.VALIDATE_INPUTS(str(tmp_path / "nope")).replace(str(tmp_path / "nope"), "X"))
