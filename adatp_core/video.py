@@ -43,8 +43,9 @@ IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gi
 # PyAV opens with this list as FFmpeg's format_whitelist, and decord only sees a file after that probe.
 CONTAINER_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "mpegts", "mpeg",
                      "gif", "asf", "flv")
-# Still-image pipes may be opened only to say "a still image" (they read the one file).
-_OPENABLE_FORMATS = CONTAINER_FORMATS + tuple(f for f in IMAGE_FORMATS if f != "image2")
+# Raster still-image pipes may be opened only to say "a still image" (they read the one file).
+# mov's external references (drefs) stay off, FFmpeg's default.
+_OPENABLE_FORMATS = CONTAINER_FORMATS + tuple(f for f in IMAGE_FORMATS if f not in ("image2", "svg_pipe"))
 # Probe-time limits, checked before any frame is decoded (docs/ROBUSTNESS.md).
 MAX_DURATION = 24 * 3600.0  # seconds
 MAX_FRAME_COUNT = 24 * 3600 * 240  # a day at 240 fps
@@ -107,6 +108,19 @@ def open_video(path):
     return open_container(str(path), container_options={"format_whitelist": ",".join(_OPENABLE_FORMATS)})
 
 
+def names_other_files(head: bytes) -> bool:
+    """True when a file's first bytes would let some FFmpeg (decord bundles its own, older one)
+    probe it as a demuxer that opens files or URLs named inside it: hls (#EXTM3U at the start),
+    concat (ffconcat), sdp (a "c=IN IP" line), dash and imf (XML), all read as text up to the
+    first NUL byte, after an ID3v2 tag, which FFmpeg skips when it probes."""
+    if head.startswith(b"ID3"):  # no video container starts with an ID3 tag; FFmpeg probes what follows
+        return True
+    text = head.split(b"\x00", 1)[0].removeprefix(b"\xef\xbb\xbf")
+    lower = text.lower()
+    return (text.startswith((b"#EXTM3U", b"ffconcat")) or b"<mpd" in lower or b"<compositionplaylist" in lower
+            or any(line.lstrip().startswith(b"c=in ip") for line in lower.splitlines()))
+
+
 def check_video_file(path) -> None:
     """What the pack accepts before FFmpeg sees a file: one of VIDEO_EXTENSIONS, and
     not a text file (playlists, concat lists, DASH or IMF manifests and SDP files are
@@ -120,6 +134,9 @@ def check_video_file(path) -> None:
             head = f.read(_SNIFF_BYTES)
     except OSError as exc:
         raise AdaTPInputError(f"video {path.name} cannot be opened ({exc.strerror or exc}); check the file.") from exc
+    if names_other_files(head):
+        raise AdaTPInputError(f"{path.name} starts as a playlist or manifest that names other files (HLS, "
+                              "concat, SDP, DASH), not a video; only self-contained video files are read.")
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
@@ -391,6 +408,23 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
     return np.stack(out), stamps, decoded
 
 
+def check_decodable(path, probe: VideoProbe) -> None:
+    """The checks of ``probe_video`` that a decoder relies on, for callers that bring their
+    own probe: extension, not text, an allowed container (opened with the whitelist) and
+    the limits. Raises AdaTPInputError; decodes nothing."""
+    import av
+
+    name = Path(path).name
+    check_video_file(path)
+    try:
+        with open_video(path) as container:
+            check_container(container.format.name, name)
+    except av.error.FFmpegError as exc:
+        raise AdaTPInputError(f"{name} cannot be read as a video, or its format is not one the pack reads "
+                              f"({exc}); re-export it as MP4 (H.264).") from exc
+    check_limits(probe, name)
+
+
 def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | None = 1024,
                   backend: str = "auto", on_frame: Callable[[int], None] | None = None):
     """Decode the frames on screen at ``times``.
@@ -399,6 +433,7 @@ def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | N
     """
     if backend not in BACKENDS:
         raise AdaTPInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_decodable(path, probe)
     size = output_size(probe.width, probe.height, max_side)
     order = ["decord", "pyav"] if backend == "auto" else [backend]
     errors = []

@@ -48,7 +48,7 @@ def server(tmp_path, monkeypatch, clip_bytes):
     fp = make_folder_paths(tmp_path / "comfy")
     monkeypatch.setattr(bridge, "folder_paths", fp)
     monkeypatch.delenv("ADATP_CAPTION_ROOTS", raising=False)
-    monkeypatch.setattr(pack_module("nodes.caption_folder"), "ROOTS_FILE", tmp_path / "no_roots.txt")
+    monkeypatch.setattr(pack_module("nodes.caption_folder"), "ROOTS_FILE", tmp_path / "no_roots.txt", raising=False)
     inp = Path(fp.get_input_directory())
     (inp / "set").mkdir(parents=True)
     (inp / "set" / "a.mp4").write_bytes(clip_bytes)
@@ -154,10 +154,17 @@ def playlists(server, tmp_path):
     (inp / "rel.m3u8").write_text(f"{head}{os.path.relpath(ts, inp)}\n#EXT-X-ENDLIST\n")
     (inp / "renamed.mp4").write_text(f"{head}{ts}\n#EXT-X-ENDLIST\n")
     (inp / "concat.mp4").write_text(f"ffconcat version 1.0\nfile '{outside / 'secret.mp4'}'\n")
+    # A polyglot: the playlist, a NUL byte, then a real MPEG-TS clip of other content. PyAV's FFmpeg
+    # probes it as mpegts (an allowed container); decord's older FFmpeg as hls, and decodes the
+    # outside clip.
+    inner = write_video(inp / "inner.ts", scene_frames(8, 64, 48, scenes=3)[::-1].copy(), fps=4.0)
+    (inp / "poly.mp4").write_bytes(f"{head}{ts}\n#EXT-X-ENDLIST\n#".encode() + b"\x00" * 8 + b"\n"
+                                   + inner.read_bytes())
+    (inp / "id3.mp4").write_bytes(b"ID3\x04\x00\x00\x00\x00\x00\x00" + (inp / "poly.mp4").read_bytes())
     return inp
 
 
-@pytest.mark.parametrize("name", ["abs.m3u8", "rel.m3u8", "renamed.mp4", "concat.mp4"])
+@pytest.mark.parametrize("name", ["abs.m3u8", "rel.m3u8", "renamed.mp4", "concat.mp4", "poly.mp4", "id3.mp4"])
 def test_a_playlist_upload_never_decodes_outside_files(playlists, name, monkeypatch):
     node = pack_module("nodes.load_video").AdaTP_LoadVideo
     if name.endswith(".m3u8"):  # ComfyUI's list check, which VALIDATE_INPUTS turns off, done by the node
@@ -166,8 +173,32 @@ def test_a_playlist_upload_never_decodes_outside_files(playlists, name, monkeypa
     with pytest.raises(ValueError):
         node().load(name, 4, "uniform", 1.0, 0.0, 0.0)
     for backend in ("decord", "pyav"):  # the core refuses too (the CLI and other callers)
-        with pytest.raises(AdaTPInputError, match="not a video file|text file|cannot be read|format"):
+        with pytest.raises(AdaTPInputError, match="not a video file|text file|cannot be read|format|manifest"):
             vid.read_video(playlists / name, 4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav", "auto"])
+def test_the_decoders_check_the_file_themselves(playlists, backend, monkeypatch):
+    """A caller that brings its own probe still cannot hand a playlist to a decoder."""
+    probe = vid.probe_video(playlists / "set" / "a.mp4")
+    monkeypatch.setattr(vid, "_decode_decord", lambda *a, **k: pytest.fail("decord started"))
+    monkeypatch.setattr(vid, "_decode_pyav", lambda *a, **k: pytest.fail("PyAV decoded"))
+    for name in ("abs.m3u8", "renamed.mp4", "concat.mp4", "poly.mp4", "id3.mp4"):
+        with pytest.raises(AdaTPInputError):
+            vid.decode_frames(playlists / name, [0.0], probe, backend=backend)
+
+
+@pytest.mark.parametrize("head, refused", [
+    (b"#EXTM3U\n#EXT-X-TARGETDURATION:2\n", True), (b"\xef\xbb\xbf#EXTM3U\n\x00", True),
+    (b"ffconcat version 1.0\nfile x\n\x00\x01", True), (b"v=0\no=- 0 0 IN IP4 1.2.3.4\nc=IN IP4 1.2.3.4\n\x00", True),
+    (b'<?xml version="1.0"?><MPD xmlns="urn:mpeg:dash"', True), (b"ID3\x04\x00\x00\x00\x00\x00\x00", True),
+    (b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00", False), (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01", False),
+    (b"RIFF\x24\x10\x00\x00AVI LIST", False), (b"\x47\x40\x00\x10\x00\x00\xb0\x0d", False),
+    (b"GIF89a\x40\x00\x30\x00", False), (b"\x00\x00\x01\xba\x44", False),
+])
+def test_manifest_signatures(head, refused):
+    """What some FFmpeg would probe as a demuxer that opens other files; real containers pass."""
+    assert vid.names_other_files(head) is refused
 
 
 def test_only_allowed_containers_are_opened():
