@@ -62,11 +62,12 @@ def check_inside(roots, path, what: str, shown: str | None = None) -> Path:
     exists or not, so that it tells a client nothing about the server's files.
     """
     typed = Path(os.path.abspath(Path(path).expanduser()))
-    real = resolved(path)
     for root in roots:
         forms = (Path(os.path.abspath(Path(root).expanduser())), resolved(root))
-        if any(inside(r, typed) for r in forms) and inside(forms[1], real):
-            return real
+        # The typed path first, without touching the disk: an outside path (a UNC path on Windows
+        # would connect to its server) is never opened or resolved.
+        if any(inside(r, typed) for r in forms) and inside(forms[1], resolved(path)):
+            return resolved(path)
     places = ", ".join(str(r) for r in roots) or "(none)"
     raise AdaTPInputError(f"{shown if shown is not None else str(path)!r} points outside the folders this {what} "
                           f"may use ({places}); put it there.")

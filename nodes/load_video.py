@@ -52,7 +52,8 @@ def input_path(name: str, what: str) -> tuple[Path, str]:
     if name.endswith(" [input]"):
         name = name[: -len(" [input]")]
     root = bridge.input_directory().resolve()
-    path = (root / name).resolve()
+    typed = Path(os.path.abspath(root / name))  # checked before anything outside is touched (UNC on Windows)
+    path = typed.resolve() if inside(root, typed) else typed
     if not inside(root, path):  # another drive (Windows) is outside too, not a bare ValueError
         raise AdaTPInputError(f"{name!r} points outside the input directory; put the {what} in {root}.")
     return path, name

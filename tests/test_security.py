@@ -430,6 +430,23 @@ def test_windows_model_names_are_refused(name):
         pack_module("nodes.load_model").resolve_model(name)
 
 
+def test_outside_paths_are_refused_before_they_are_resolved(server, monkeypatch):
+    """Nothing outside is touched (on Windows, resolving \\\\host\\share connects to the host)."""
+    fp, inp, outside = server
+    touched = []
+    real_resolve = Path.resolve
+
+    def spy(self, strict=False):
+        touched.append(str(self))
+        return real_resolve(self, strict)
+
+    monkeypatch.setattr(Path, "resolve", spy)
+    for name in [str(outside / "x"), "//host/share/x"]:
+        assert caption_node().VALIDATE_INPUTS(name) is not True
+    assert pack_module("nodes.load_video").AdaTP_LoadVideo.VALIDATE_INPUTS("../private/secret.mp4") is not True
+    assert not [t for t in touched if "private" in t or "host" in t], touched
+
+
 def test_paths_on_another_drive_are_outside_not_an_exception(monkeypatch, tmp_path):
     assert not paths.inside("C:\\ComfyUI\\input", "D:\\secret.mp4", ntpath)
     assert paths.inside("C:\\ComfyUI\\input", "c:\\comfyui\\INPUT\\clip.mp4", ntpath)
