@@ -145,7 +145,8 @@ class AdaTP_CaptionFolder:
         path = resolve_folder(folder)
         job = CaptionJob(folder=path, prompt=prompt, prefix=prefix, suffix=suffix,
                          overwrite=overwrite, recursive=recursive, pipeline=cfg, workers=DECODE_WORKERS,
-                         processes=False, root=root_of(path))  # threads: spawned processes would re-import ComfyUI's main.py
+                         processes=False,  # threads: spawned processes would re-import ComfyUI's main.py
+                         root=root_of(path))
         progress = {}
         bridge.check_interrupt()
         activate(model)
