@@ -104,8 +104,12 @@ def open_container(path, mode: str = "r", **kwargs):
 def open_video(path):
     """Open a video for reading with only ``CONTAINER_FORMATS`` (and still-image pipes)
     allowed: FFmpeg refuses any other demuxer before it reads a header, so a playlist
-    never opens the files it names. Raises av.error.FFmpegError as av.open does."""
-    return open_container(str(path), container_options={"format_whitelist": ",".join(_OPENABLE_FORMATS)})
+    never opens the files it names. No frame larger than MAX_PIXELS is decoded.
+    Raises av.error.FFmpegError as av.open does."""
+    # max_pixels: the decoders that FFmpeg runs while probing refuse a larger frame, so an
+    # 8192x8192 file is refused by check_limits from its header, without decoding a full frame.
+    return open_container(str(path), container_options={"format_whitelist": ",".join(_OPENABLE_FORMATS)},
+                          options={"max_pixels": str(MAX_PIXELS)})
 
 
 def names_other_files(head: bytes) -> bool:

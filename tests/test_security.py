@@ -259,17 +259,18 @@ def long_mkv(path: Path, seconds: int = 10_000_000) -> Path:
     return path
 
 
-def run_limited(code: str, limit_mb: int = 600) -> subprocess.CompletedProcess:
+def run_limited(code: str, limit_mb: int | None = 600) -> subprocess.CompletedProcess:
     """Run ``code`` in a child whose data segment is capped (RLIMIT_DATA) at about
-    ``limit_mb`` MB more than the interpreter with numpy and PyAV loaded uses."""
+    ``limit_mb`` MB more than the interpreter with numpy and PyAV loaded uses (None: no cap)."""
     script = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
         import numpy, av
         from adatp_core import video as vid
         used = int(open("/proc/self/statm").read().split()[5]) * resource.getpagesize()
-        cap = used + {limit_mb} * 2**20
-        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+        cap = used + ({limit_mb} or 0) * 2**20
+        if {limit_mb is not None}:
+            resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     """) + textwrap.dedent(code)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
 
@@ -337,6 +338,22 @@ def test_an_8192_square_video_is_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(vid, "decode_frames", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(AdaTPInputError, match="8192x8192, larger than"):
         vid.read_video(path, 4)
+    if sys.platform.startswith("linux"):  # not even the probe decodes a 100 MB frame (peak RSS growth)
+        result = run_limited(f"""
+            def status(key):
+                return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+
+            open("/proc/self/clear_refs", "w").write("5")  # peak RSS := RSS now
+            before = status("VmRSS:")
+            try:
+                vid.read_video({str(path)!r}, 4, backend="pyav")
+            except vid.AdaTPInputError as exc:
+                print("REFUSED", exc)
+            print("GROWTH_KB", status("VmHWM:") - before)
+        """, limit_mb=None)
+        assert "REFUSED" in result.stdout and "larger than" in result.stdout, result.stderr[-2000:]
+        growth = int(result.stdout.split("GROWTH_KB")[1])
+        assert growth < 50_000, growth  # an 8192x8192 frame alone is 100 MB (yuv420p) to 200 MB (rgb)
 
 
 # ---------------------------------------------------------------------------------------
