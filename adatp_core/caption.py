@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .attention import QUERY_MODES, check_question
 from .errors import AdaTPInputError
+from .paths import confined
 from .pipeline import PipelineConfig, run_pipeline
 from .prune import check_retention
 from .video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, frames_to_image, read_video
@@ -197,9 +198,10 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def find_clips(folder, recursive: bool = False, exclude: Iterable = ()) -> list[Path]:
+def find_clips(folder, recursive: bool = False, exclude: Iterable = (), root=None) -> list[Path]:
     """Video files in ``folder`` (and its subfolders when ``recursive``), sorted by
-    relative path. Hidden files and folders, and anything under ``exclude``, are skipped."""
+    relative path. Hidden files and folders, anything under ``exclude``, and with a
+    ``root`` (the node) any clip that resolves outside it, are skipped."""
     folder = Path(folder)
     skip = [Path(e).resolve() for e in exclude]
     found = []
@@ -209,6 +211,9 @@ def find_clips(folder, recursive: bool = False, exclude: Iterable = ()) -> list[
             continue
         real = path.resolve()
         if any(real == s or s in real.parents for s in skip):
+            continue
+        if not confined(root, path):
+            log.warning("skipping %s: it or its folder is a link out of %s", rel.as_posix(), root)
             continue
         found.append(path)
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
@@ -251,6 +256,7 @@ class CaptionJob:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     workers: int = 2
     processes: bool = True  # decode workers: processes, or threads (see DecodeAhead)
+    root: Path | None = None  # every clip must resolve inside it (the node); None: any path (the CLI)
 
     def __post_init__(self):
         folder = Path(self.folder).expanduser()
@@ -359,7 +365,7 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
     """
     index, count = shard
     check_settings(model, job.prompt, job.pipeline)
-    clips = find_clips(job.folder, job.recursive, [job.out] if job.out is not None else [])[index::count]
+    clips = find_clips(job.folder, job.recursive, [job.out] if job.out is not None else [], job.root)[index::count]
     summary = CaptionSummary(found=len(clips))
     todo, targets, claimed = [], {}, {}
     for clip in clips:

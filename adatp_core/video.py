@@ -38,6 +38,20 @@ DECODE_TIMEOUT = 300.0  # seconds before a stuck decoder child is killed
 # Containers that hold a still image, not a video (an image renamed .mp4).
 IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gif_pipe", "tiff_pipe",
                  "ppm_pipe", "pgm_pipe", "svg_pipe", "j2k_pipe", "qoi_pipe", "dpx_pipe", "exr_pipe")
+# FFmpeg demuxers that read one self-contained file. Demuxers that open other files or URLs named
+# inside the file (hls, dash, concat, imf, sdp...) or sequences of files (image2) are never on it:
+# PyAV opens with this list as FFmpeg's format_whitelist, and decord only sees a file after that probe.
+CONTAINER_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "mpegts", "mpeg",
+                     "gif", "asf", "flv")
+# Raster still-image pipes may be opened only to say "a still image" (they read the one file).
+# mov's external references (drefs) stay off, FFmpeg's default.
+_OPENABLE_FORMATS = CONTAINER_FORMATS + tuple(f for f in IMAGE_FORMATS if f not in ("image2", "svg_pipe"))
+# Probe-time limits, checked before any frame is decoded (docs/ROBUSTNESS.md).
+MAX_DURATION = 24 * 3600.0  # seconds
+MAX_FRAME_COUNT = 24 * 3600 * 240  # a day at 240 fps
+MAX_PIXELS = 8192 * 4320  # width x height of one frame (DCI 8K)
+MAX_SIDE = 8192  # pixels, the longer side
+_SNIFF_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,7 @@ class VideoInfo:
     frames_decoded: int | None = None  # how many frames the decoder decoded (None: not known)
 
 
-def open_container(path, mode: str = "r"):
+def open_container(path, mode: str = "r", **kwargs):
     """``av.open(path, mode)`` that tolerates badly encoded metadata on every PyAV from 12 on.
 
     PyAV 12-18 decode (and encode) metadata tags strictly unless told otherwise
@@ -80,11 +94,94 @@ def open_container(path, mode: str = "r"):
     import av
 
     try:
-        return av.open(path, mode, metadata_errors="surrogateescape")
+        return av.open(path, mode, metadata_errors="surrogateescape", **kwargs)
     except TypeError as exc:
         if "metadata_errors" not in str(exc):
             raise
-    return av.open(path, mode)
+    return av.open(path, mode, **kwargs)
+
+
+def open_video(path):
+    """Open a video for reading with only ``CONTAINER_FORMATS`` (and still-image pipes)
+    allowed: FFmpeg refuses any other demuxer before it reads a header, so a playlist
+    never opens the files it names. No frame larger than MAX_PIXELS is decoded.
+    Raises av.error.FFmpegError as av.open does."""
+    # max_pixels: the decoders that FFmpeg runs while probing refuse a larger frame, so an
+    # 8192x8192 file is refused by check_limits from its header, without decoding a full frame.
+    return open_container(str(path), container_options={"format_whitelist": ",".join(_OPENABLE_FORMATS)},
+                          options={"max_pixels": str(MAX_PIXELS)})
+
+
+def names_other_files(head: bytes) -> bool:
+    """True when a file's first bytes would let some FFmpeg (decord bundles its own, older one)
+    probe it as a demuxer that opens files or URLs named inside it: hls (#EXTM3U at the start),
+    concat (ffconcat), sdp (a "c=IN IP" line), dash and imf (XML), all read as text up to the
+    first NUL byte, after an ID3v2 tag, which FFmpeg skips when it probes."""
+    if head.startswith(b"ID3"):  # no video container starts with an ID3 tag; FFmpeg probes what follows
+        return True
+    text = head.split(b"\x00", 1)[0].removeprefix(b"\xef\xbb\xbf")
+    lower = text.lower()
+    return (text.startswith((b"#EXTM3U", b"ffconcat")) or b"<mpd" in lower or b"<compositionplaylist" in lower
+            or any(line.lstrip().startswith(b"c=in ip") for line in lower.splitlines()))
+
+
+def check_video_file(path) -> None:
+    """What the pack accepts before FFmpeg sees a file: one of VIDEO_EXTENSIONS, and
+    not a text file (playlists, concat lists, DASH or IMF manifests and SDP files are
+    text that names other files or URLs). Raises AdaTPInputError."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_EXTENSIONS:
+        raise AdaTPInputError(f"{path.name} is not a video file the pack reads (extensions: "
+                              f"{', '.join(VIDEO_EXTENSIONS)}); re-export it as MP4 (H.264).")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise AdaTPInputError(f"video {path.name} cannot be opened ({exc.strerror or exc}); check the file.") from exc
+    if names_other_files(head):
+        raise AdaTPInputError(f"{path.name} starts as a playlist or manifest that names other files (HLS, "
+                              "concat, SDP, DASH), not a video; only self-contained video files are read.")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        if len(head) < _SNIFF_BYTES:
+            return
+        try:  # a multi-byte character cut at the end of the sample
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return
+    if head and all(c.isprintable() or c in "\t\r\n" for c in text):
+        raise AdaTPInputError(f"{path.name} is a text file (a playlist or a list of files?), it cannot be read "
+                              "as a video; only self-contained video files are read. Re-export it as MP4 (H.264).")
+
+
+def check_container(format_name: str, name: str) -> None:
+    """Refuse a probed container whose FFmpeg demuxer is not in CONTAINER_FORMATS."""
+    formats = set((format_name or "").split(","))
+    if formats & set(IMAGE_FORMATS):
+        raise AdaTPInputError(f"{name} is a still image, not a video; choose a video file.")
+    if not formats & set(CONTAINER_FORMATS):
+        raise AdaTPInputError(f"{name} is in the {format_name or 'unknown'} format, which the pack does not read "
+                              f"(playlists and manifests are refused); re-export it as MP4 (H.264).")
+
+
+def check_limits(probe: VideoProbe, name: str) -> None:
+    """Refuse a probe beyond the documented limits (duration, frame count, frame size, first
+    timestamp) before anything is decoded or any sample time is computed."""
+    if not all(math.isfinite(v) for v in (probe.fps, probe.duration, probe.start_time)):
+        raise AdaTPInputError(f"{name}: its frame rate, duration or start time is not a number; re-export it.")
+    if probe.duration > MAX_DURATION or abs(probe.start_time) > MAX_DURATION:
+        raise AdaTPInputError(
+            f"{name} says it lasts {probe.duration:.0f} s (starting at {probe.start_time:.0f} s), longer than the "
+            f"pack's limit of {MAX_DURATION:.0f} s; cut it into shorter clips or re-export it (its timestamps may "
+            "be damaged).")
+    if probe.frame_count > MAX_FRAME_COUNT:
+        raise AdaTPInputError(f"{name} says it has {probe.frame_count} frames, more than the pack's limit of "
+                              f"{MAX_FRAME_COUNT}; cut it into shorter clips.")
+    if max(probe.width, probe.height) > MAX_SIDE or probe.width * probe.height > MAX_PIXELS:
+        raise AdaTPInputError(
+            f"{name} is {probe.width}x{probe.height}, larger than the pack's limit ({MAX_SIDE} px a side, "
+            f"{MAX_PIXELS} pixels a frame); scale it down (to 1920x1080 for example) before loading it.")
 
 
 def probe_video(path) -> VideoProbe:
@@ -99,11 +196,10 @@ def probe_video(path) -> VideoProbe:
         raise AdaTPInputError(f"video {path} does not exist; check the file name.")
     if path.stat().st_size == 0:
         raise AdaTPInputError(f"video {path.name} is empty (0 bytes); copy the file again.")
+    check_video_file(path)
     try:
-        with open_container(str(path)) as container:
-            formats = set((container.format.name or "").split(","))
-            if formats & set(IMAGE_FORMATS):
-                raise AdaTPInputError(f"{path.name} is a still image, not a video; choose a video file.")
+        with open_video(path) as container:
+            check_container(container.format.name, path.name)
             if not container.streams.video:
                 raise AdaTPInputError(f"{path.name} has no video stream (audio or data only); choose a video file.")
             stream = container.streams.video[0]
@@ -127,6 +223,11 @@ def probe_video(path) -> VideoProbe:
                                height=int(ctx.height or 0), codec=ctx.name or "?", start_time=start)
     except AdaTPInputError:
         raise
+    except av.error.ArgumentError as exc:  # EINVAL at open: FFmpeg's format_whitelist refused the demuxer
+        raise AdaTPInputError(
+            f"{path.name} cannot be read as a video: its format is not one the pack reads (mp4, mov, mkv, webm, "
+            f"avi, mpeg-ts, mpeg, gif, wmv, flv; playlists and manifests are refused) ({exc}). "
+            "Re-export it as MP4 (H.264).") from exc
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise AdaTPInputError(
             f"{path.name} cannot be read as a video ({exc.__class__.__name__}: {exc}); it may be "
@@ -135,6 +236,7 @@ def probe_video(path) -> VideoProbe:
         raise AdaTPInputError(f"{path.name}: the video stream has no frame size; re-export it as MP4 (H.264).")
     if probe.fps <= 0 or probe.duration <= 0:
         raise AdaTPInputError(f"{path.name}: no frame rate or duration could be read; re-export it as MP4 (H.264).")
+    check_limits(probe, path.name)
     return probe
 
 
@@ -173,12 +275,10 @@ def sample_times(probe: VideoProbe, num_frames: int = 32, sampling: str = "unifo
         return [round(i) / probe.fps for i in np.linspace(first, last, n)] if n > 1 else [first / probe.fps]
     if not math.isfinite(fps) or fps <= 0:
         raise AdaTPInputError(f"fps must be > 0 for fps sampling, got {fps}")
+    # Only the kept candidates are computed: a file that claims a huge duration costs nothing here.
     count = int(math.floor((end - start_time) * fps + _EPS)) + 1
-    times = [start_time + k / fps for k in range(count)]
-    if len(times) > num_frames:
-        pick = np.linspace(0, len(times) - 1, num_frames).round().astype(int)
-        times = [times[i] for i in pick]
-    return times
+    picks = range(count) if count <= num_frames else np.linspace(0, count - 1, num_frames).round().astype(int)
+    return [start_time + int(k) / fps for k in picks]
 
 
 def output_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -274,7 +374,7 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
 
     out, stamps = [], []
     try:
-        container = open_container(path)
+        container = open_video(path)
     except av.error.FFmpegError as exc:
         raise AdaTPInputError(f"PyAV cannot open {Path(path).name}: {exc}") from exc
     with container:
@@ -312,6 +412,23 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
     return np.stack(out), stamps, decoded
 
 
+def check_decodable(path, probe: VideoProbe) -> None:
+    """The checks of ``probe_video`` that a decoder relies on, for callers that bring their
+    own probe: extension, not text, an allowed container (opened with the whitelist) and
+    the limits. Raises AdaTPInputError; decodes nothing."""
+    import av
+
+    name = Path(path).name
+    check_video_file(path)
+    try:
+        with open_video(path) as container:
+            check_container(container.format.name, name)
+    except av.error.FFmpegError as exc:
+        raise AdaTPInputError(f"{name} cannot be read as a video, or its format is not one the pack reads "
+                              f"({exc}); re-export it as MP4 (H.264).") from exc
+    check_limits(probe, name)
+
+
 def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | None = 1024,
                   backend: str = "auto", on_frame: Callable[[int], None] | None = None):
     """Decode the frames on screen at ``times``.
@@ -320,6 +437,7 @@ def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | N
     """
     if backend not in BACKENDS:
         raise AdaTPInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_decodable(path, probe)
     size = output_size(probe.width, probe.height, max_side)
     order = ["decord", "pyav"] if backend == "auto" else [backend]
     errors = []
@@ -342,6 +460,15 @@ def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | N
         f"{Path(path).name} could not be decoded ({'; '.join(errors)}); re-export it as MP4 (H.264).")
 
 
+def _identity(path) -> tuple | None:
+    """What changes when a file is replaced or rewritten (None: it does not exist)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
                start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
                backend: str = "auto", on_frame: Callable[[int], None] | None = None):
@@ -349,9 +476,12 @@ def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float
 
     Needs no torch, so decode-ahead worker processes start fast (caption.py).
     """
+    before = _identity(path)
     probe = probe_video(path)
     times = sample_times(probe, num_frames, sampling, fps, start_time, end_time)
     frames, stamps, used, decoded = decode_frames(path, times, probe, max_side, backend, on_frame)
+    if _identity(path) != before:  # replaced after the probe: the decoder may have read anything
+        raise AdaTPInputError(f"{Path(path).name} changed while it was being read; run again.")
     info = VideoInfo(path=str(path), fps=probe.fps, duration=probe.duration,
                      frame_count=probe.frame_count, width=probe.width, height=probe.height,
                      timestamps=tuple(stamps), backend=used, frames_decoded=decoded)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -9,13 +11,18 @@ from ..adatp_core.caption import DEFAULT_PROMPT, CaptionJob, caption_folder
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.generate import SamplingConfig
 from ..adatp_core.models.loader import activate, release
+from ..adatp_core.paths import check_inside, inside, resolved
 from ..adatp_core.pipeline import PipelineConfig
 from ..adatp_core.samples import SAMPLE_VIDEO
 from ..adatp_core.video import MAX_FRAMES
 from . import comfy_bridge as bridge
 from .load_video import SAMPLE_NAME, input_path
 
+log = logging.getLogger(__name__)
+
 SAMPLE_FOLDER = "adatp_caption_samples"
+ROOTS_ENV = "ADATP_CAPTION_ROOTS"  # extra folders a server owner allows (os.pathsep-separated)
+ROOTS_FILE = bridge.PACK_DIR / "caption_roots.txt"  # the same, one folder a line (not in git)
 DECODE_WORKERS = 2
 
 
@@ -29,19 +36,52 @@ def ensure_sample_folder(folder: Path) -> None:
         raise AdaTPInputError(f"cannot create the sample folder {folder} ({exc}); type a folder of your clips.") from exc
 
 
+def caption_roots() -> list[Path]:
+    """The folders Caption Folder may read and write: ComfyUI's input directory, then the
+    server owner's extra roots: ADATP_CAPTION_ROOTS (absolute folders separated by
+    os.pathsep) and the lines of caption_roots.txt in the pack's folder. Never a node
+    input, a ComfyUI setting or anything under the user folder: clients can change those.
+    A file-system root or a relative path is ignored with a warning."""
+    extra = os.environ.get(ROOTS_ENV, "").split(os.pathsep)
+    try:
+        extra += [line.split("#", 1)[0] for line in ROOTS_FILE.read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("cannot read %s (%s); only the input directory is allowed", ROOTS_FILE, exc)
+    roots = [bridge.input_directory()]
+    for entry in (e.strip() for e in extra):
+        if not entry:
+            continue
+        path = Path(entry).expanduser()
+        if not path.is_absolute() or path == Path(path.anchor):
+            log.warning("ignoring caption root %r: give an absolute folder that is not a file-system root", entry)
+            continue
+        roots.append(path)
+    return roots
+
+
 def resolve_folder(name: str) -> Path:
     """A folder under ComfyUI's input directory (the Load Video rules: no '..', no
-    symlink out), or an absolute path that the user typed."""
-    if isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).expanduser().is_absolute():
-        path = Path(name.strip()).expanduser().resolve()
+    symlink out), or an absolute path inside one of ``caption_roots()``."""
+    if isinstance(name, str) and name.strip().startswith("~"):  # the same answer for every user name
+        raise AdaTPInputError(f"{name.strip()!r}: '~' is not expanded here; give a folder under ComfyUI's input "
+                              "directory or an absolute path inside a folder the server owner allowed.")
+    if isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).is_absolute():
+        path = check_inside(caption_roots(), name.strip(), "node", shown=name.strip())
     else:
         path, name = input_path(name.strip() if isinstance(name, str) else name, "folder")
         if name == SAMPLE_FOLDER and not path.exists():
             ensure_sample_folder(path)
     if not path.is_dir():
         raise AdaTPInputError(f"clip folder {name!r} does not exist ({path}); give a folder under ComfyUI's "
-                              "input directory or an absolute path.")
+                              "input directory or an absolute path inside a folder the server owner allowed.")
     return path
+
+
+def root_of(path: Path) -> Path:
+    """The caption root that holds ``path`` (resolve_folder has checked there is one)."""
+    return next(r for r in caption_roots() if inside(resolved(r), path))
 
 
 class AdaTP_CaptionFolder:
@@ -64,7 +104,8 @@ class AdaTP_CaptionFolder:
         return {"required": {
             "model": ("ADATP_MODEL", {"tooltip": "From Load Video LLM."}),
             "folder": ("STRING", {"default": SAMPLE_FOLDER, "tooltip": "A folder under ComfyUI's input directory, "
-                                  "or an absolute path. adatp_caption_samples holds the pack's sample video."}),
+                                  "or an absolute path inside a folder the server owner allowed (README). "
+                                  "adatp_caption_samples holds the pack's sample video."}),
             "prompt": ("STRING", {"multiline": True, "default": DEFAULT_PROMPT,
                                   "tooltip": "The captioning instruction given with every clip."}),
             "prefix": ("STRING", {"default": "", "tooltip": "Put before every caption: a trigger word, "
@@ -101,9 +142,11 @@ class AdaTP_CaptionFolder:
                 max_new_tokens=256):
         cfg = PipelineConfig(num_frames=frames, layer=layer, retention=retention,
                              generation=SamplingConfig(max_new_tokens=max_new_tokens))
-        job = CaptionJob(folder=resolve_folder(folder), prompt=prompt, prefix=prefix, suffix=suffix,
+        path = resolve_folder(folder)
+        job = CaptionJob(folder=path, prompt=prompt, prefix=prefix, suffix=suffix,
                          overwrite=overwrite, recursive=recursive, pipeline=cfg, workers=DECODE_WORKERS,
-                         processes=False)  # threads: spawned processes would re-import ComfyUI's main.py
+                         processes=False,  # threads: spawned processes would re-import ComfyUI's main.py
+                         root=root_of(path))
         progress = {}
         bridge.check_interrupt()
         activate(model)

@@ -15,6 +15,7 @@ from ..adatp_core.models.quantize import QUANTIZED_DTYPES
 from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from ..adatp_core.models.tiny_qwen import (TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME, ensure_tiny_qwen2_5_vl,
                                           ensure_tiny_qwen3_vl)
+from ..adatp_core.paths import bare_name
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def resolve_model(name: str, download: bool = False) -> Path:
         if folder is None and not download:
             raise AdaTPInputError(f"{entry.repo_id} is not downloaded yet.")
         return folder or bridge.download(entry.repo_id)
-    if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+    if not bare_name(name) or name.startswith("."):  # no '/', '\\', ':' (C:name on Windows), '..' or NUL
         raise AdaTPInputError(f"model {name!r} is not a folder name under models/LLM; pick one from the list.")
     folder = local_folder(name)
     if folder is not None:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
+from ..adatp_core.paths import inside
 from ..adatp_core.samples import SAMPLE_VIDEO
 from ..adatp_core.video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
 from . import comfy_bridge as bridge
@@ -51,8 +52,9 @@ def input_path(name: str, what: str) -> tuple[Path, str]:
     if name.endswith(" [input]"):
         name = name[: -len(" [input]")]
     root = bridge.input_directory().resolve()
-    path = (root / name).resolve()
-    if os.path.commonpath([root, path]) != str(root):
+    typed = Path(os.path.abspath(root / name))  # checked before anything outside is touched (UNC on Windows)
+    path = typed.resolve() if inside(root, typed) else typed
+    if not inside(root, path):  # another drive (Windows) is outside too, not a bare ValueError
         raise AdaTPInputError(f"{name!r} points outside the input directory; put the {what} in {root}.")
     return path, name
 
@@ -64,6 +66,11 @@ def resolve_video(name: str) -> Path:
     paths elsewhere, NUL bytes and URLs without opening anything.
     """
     path, name = input_path(name, "video")
+    # ComfyUI skips its "value not in list" check for inputs that VALIDATE_INPUTS names: the list
+    # holds only video files in the input folder, so the same rule is applied here.
+    if Path(name).suffix.lower() not in VIDEO_EXTENSIONS or path.suffix.lower() not in VIDEO_EXTENSIONS:
+        raise AdaTPInputError(f"{name!r} is not a video file ({', '.join(VIDEO_EXTENSIONS)}); upload a video "
+                              "or pick one from the list.")
     if not path.is_file():
         if name == SAMPLE_NAME:
             return SAMPLE_VIDEO

@@ -130,3 +130,31 @@ def make_comfy(load_device: torch.device, offload_device: torch.device):
     mm.throw_exception_if_processing_interrupted = lambda: None
     mp.ModelPatcher = ModelPatcher
     return mm, mp
+
+
+def make_folder_paths(base):
+    """A folder_paths module for one test: input/output/temp folders and models_dir under
+    ``base``, ``add_model_folder_path`` and ``get_folder_paths`` (KeyError for a name never
+    added), as ComfyUI's folder_paths behaves. Written from its behaviour, not copied from it."""
+    import os
+
+    fp = types.ModuleType("folder_paths")
+    base = os.path.abspath(str(base))
+    fp.models_dir = os.path.join(base, "models")
+    fp.folder_names_and_paths = {}
+    fp.get_input_directory = lambda: os.path.join(base, "input")
+    fp.get_output_directory = lambda: os.path.join(base, "output")
+    fp.get_temp_directory = lambda: os.path.join(base, "temp")
+
+    def add_model_folder_path(name, path, is_default=False):
+        paths, _ = fp.folder_names_and_paths.setdefault(name, ([], set()))
+        if path in paths:
+            paths.remove(path)
+        paths.insert(0, path) if is_default else paths.append(path)
+
+    def get_folder_paths(name):
+        return list(fp.folder_names_and_paths[name][0])
+
+    fp.add_model_folder_path = add_model_folder_path
+    fp.get_folder_paths = get_folder_paths
+    return fp

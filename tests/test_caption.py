@@ -267,7 +267,9 @@ def test_node_lists_the_same_captions_as_the_cli(tiny, tiny_dir, folder, tmp_pat
     cli_captions = [(folder / rel).with_suffix(".txt").read_text()
                     for rel in ["a.mp4", "done.mp4", *GOOD[1:]]]
     assert node.VALIDATE_INPUTS("../clips") != True  # noqa: E712  (outside the input directory)
-    assert node.VALIDATE_INPUTS(str(folder)) is True  # an absolute path that the user typed
+    assert node.VALIDATE_INPUTS(str(folder)) != True  # noqa: E712  (an absolute path outside the input folder)
+    monkeypatch.setenv("ADATP_CAPTION_ROOTS", str(folder.parent))  # unless the server owner allows it
+    assert node.VALIDATE_INPUTS(str(folder)) is True
     out = node().caption(tiny, "set", cap.DEFAULT_PROMPT, "", "", True, True, 2, 0.25, 2, max_new_tokens=3)
     captions, summary = out["result"]
     assert captions == cli_captions

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
+from ..paths import bare_name
 from .loader import PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ ALLOWED_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "*.tiktoken", "merges.
                     "tokenizer.model", "spiece.model")
 MARKER_FILE = "config.json"  # a folder with it is a (complete) model folder
 DISK_MARGIN = 64 * 1024 * 1024
+MIN_FREE_ENV = "ADATP_MIN_FREE_GB"  # free disk space a catalog download must leave, in GB
 NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "ssl", "socket")
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -109,7 +111,24 @@ def _hub_settings() -> dict:
 
 
 def wanted_file(name: str) -> bool:
-    return "/" not in name and any(fnmatch(name, p) for p in ALLOWED_PATTERNS)
+    """A top-level file the download fetches: a bare name (no '/', '\\', ':', '..', drive or
+    UNC prefix, whatever huggingface_hub checks itself) matching ALLOWED_PATTERNS."""
+    return bare_name(name) and any(fnmatch(name, p) for p in ALLOWED_PATTERNS)
+
+
+def disk_floor() -> int:
+    """Bytes to leave free after a catalog download: ADATP_MIN_FREE_GB (a server owner's
+    setting, read at call time), or DISK_MARGIN (64 MiB) when unset."""
+    value = os.environ.get(MIN_FREE_ENV, "").strip()
+    if not value:
+        return DISK_MARGIN
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = float("nan")
+    if not gb >= 0 or gb == float("inf"):
+        raise AdaTPEnvironmentError(f"{MIN_FREE_ENV}={value!r} is not a number of GB >= 0; fix or unset it.")
+    return max(DISK_MARGIN, int(gb * 1e9))
 
 
 def select_files(repo_id: str, files: list[RemoteFile]) -> tuple[RemoteFile, ...]:
@@ -289,7 +308,7 @@ def _network_message(repo_id: str, final: Path, manual: str, exc: BaseException)
 
 def _check_space(root: Path, partial: Path, plan: DownloadPlan) -> None:
     have = sum((partial / f.name).stat().st_size for f in plan.files if (partial / f.name).is_file())
-    need = plan.total_bytes - have + DISK_MARGIN
+    need = plan.total_bytes - have + disk_floor()
     probe = root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
+from ..paths import bare_name
 from ..static_decode import StaticDecoders
 from .attention_hook import register_attention, wrapped_attention_name
 from .base import VideoLLMAdapter
@@ -158,8 +160,15 @@ def _check_weights(folder: Path) -> None:
     if index.is_file():
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError) as exc:
             raise AdaTPInputError(f"{index} is damaged ({exc}); download it again.") from exc
+        # Only plain *.safetensors names in this folder: no path, no '..', no drive, no pickle.
+        bad = sorted(repr(s) for s in shards if not (bare_name(s) and s.endswith(".safetensors")))
+        if bad:
+            raise AdaTPInputError(
+                f"the weight index {index} names {', '.join(bad[:3])}: every weight_map entry must be the name "
+                "of a .safetensors file in the model folder itself (no path, no pickle weights). "
+                "Download the model again from its Hugging Face repository.")
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
             raise AdaTPInputError(
@@ -256,7 +265,7 @@ def _load_error(folder: Path, exc: BaseException) -> Exception:
     implementation, the driver), which downloading again would not fix."""
     detail = f"{type(exc).__name__}: {str(exc)[:300]}"
     text = str(exc).lower()
-    if isinstance(exc, (SafetensorError, OSError)) or any(word in text for word in _WEIGHT_ERROR_WORDS):
+    if isinstance(exc, (SafetensorError, OSError, pickle.UnpicklingError)) or any(word in text for word in _WEIGHT_ERROR_WORDS):
         return AdaTPInputError(f"the weights in {folder} cannot be loaded ({detail}); "
                                "the download may be incomplete or damaged: download them again.")
     import transformers
@@ -318,7 +327,7 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     except torch.OutOfMemoryError as exc:
         raise AdaTPEnvironmentError(
             f"not enough {dev.type} memory to load {folder.name}; free memory or use a smaller model") from exc
-    except (OSError, ValueError, RuntimeError, KeyError, ImportError, SafetensorError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError, SafetensorError, pickle.UnpicklingError) as exc:
         raise _load_error(folder, exc) from exc
     if device_map is None:  # else placed already (and bitsandbytes refuses some moves)
         model = model.to(dev)

@@ -1,0 +1,83 @@
+"""Path checks for names and folders that a remote client controls.
+
+A ComfyUI server may be on a network: every node input is a stranger's input.
+These helpers answer two questions without opening anything:
+
+- ``bare_name``: is a name one plain file or folder name (no separator, no
+  ``..``, no drive, nothing that another OS would read as a path)? Used for
+  model names, weight-index entries and downloaded file names.
+- ``inside`` / ``check_inside``: is a path inside a root after resolving
+  symlinks? Used for Load Video, Caption Folder and every clip it lists.
+
+Both take the ``os.path`` flavour as an argument so that Windows rules
+(``ntpath``) are tested on any OS.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import AdaTPInputError
+
+# Characters that make a name more than one name somewhere: separators of POSIX and Windows, the
+# drive/stream colon (C:name, name:stream), and NUL.
+_PATH_CHARS = ("/", "\\", ":", "\x00")
+
+
+def bare_name(name, pathmod=os.path) -> bool:
+    """True when ``name`` is a single plain name: not empty, no '/', '\\', ':' or NUL, no '..',
+    no drive or UNC prefix, and not '.'."""
+    if not isinstance(name, str) or not name.strip() or name == "." or ".." in name:
+        return False
+    if any(c in name for c in _PATH_CHARS):
+        return False
+    drive, _ = pathmod.splitdrive(name)
+    return not drive and not pathmod.isabs(name)
+
+
+def inside(root, path, pathmod=os.path) -> bool:
+    """True when ``path`` is ``root`` or below it. Both must already be absolute and resolved
+    (symlinks followed); paths on different drives are simply not inside (no ValueError)."""
+    root, path = str(root), str(path)
+    try:
+        return pathmod.commonpath([root, path]) == pathmod.commonpath([root])
+    except ValueError:  # different drives on Windows, or a relative path mixed with an absolute one
+        return False
+
+
+def resolved(path) -> Path:
+    """``path`` made absolute with every symlink resolved, each '..' applied after the link
+    before it, as the OS does (missing parts kept as typed)."""
+    return Path(path).expanduser().resolve()
+
+
+def check_inside(roots, path, what: str, shown: str | None = None) -> Path:
+    """``path`` resolved, if it lies inside one of ``roots``; else AdaTPInputError.
+
+    ComfyUI's own check (commonpath of the absolute paths) and the same check after
+    resolving symlinks must both pass: a typed path outside every root is refused
+    even when it is a symlink into one. The message names ``shown`` (what the user
+    typed), never the resolved target, and is the same whether an outside path
+    exists or not, so that it tells a client nothing about the server's files.
+    """
+    typed = Path(os.path.abspath(Path(path).expanduser()))
+    for root in roots:
+        forms = (Path(os.path.abspath(Path(root).expanduser())), resolved(root))
+        # The typed path first, without touching the disk: an outside path (a UNC path on Windows
+        # would connect to its server) is never opened or resolved.
+        if any(inside(r, typed) for r in forms) and inside(forms[1], resolved(path)):
+            return resolved(path)
+    places = ", ".join(str(r) for r in roots) or "(none)"
+    raise AdaTPInputError(f"{shown if shown is not None else str(path)!r} points outside the folders this {what} "
+                          f"may use ({places}); put it there.")
+
+
+def confined(root, path) -> bool:
+    """True when ``root`` is None (the CLI: any path) or when ``path`` and the folder
+    that holds it both resolve inside ``root`` (a clip and the caption written beside it)."""
+    if root is None:
+        return True
+    real_root = resolved(root)
+    path = Path(path)
+    return inside(real_root, resolved(path)) and inside(real_root, resolved(path.parent))
