@@ -543,7 +543,7 @@ def run_doctor(device="auto", dtype="auto", only: tuple[str, ...] | None = None,
                on_check: Callable[[Check], None] | None = None) -> Report:
     """Run every check on ``device`` in ``dtype`` ("auto": what Load Video LLM would pick).
 
-    only: family labels to run (default: every built-in tiny model).
+    only: family labels to run, any case (default: every built-in tiny model).
     on_check(check) is called after each check; it may raise (an interrupt) to stop.
     Raises AdaTPInputError / AdaTPEnvironmentError for a device or dtype that cannot be used.
     """
@@ -554,13 +554,14 @@ def run_doctor(device="auto", dtype="auto", only: tuple[str, ...] | None = None,
     torch_dtype = resolve_dtype(dtype, dev)
     env = environment(dev, torch_dtype)
     table = families()
-    unknown = sorted(set(only or ()) - set(table))
+    wanted = {f.lower() for f in only} if only else {label.lower() for label in table}
+    unknown = sorted(wanted - {label.lower() for label in table})
     if unknown:
         raise AdaTPInputError(f"unknown model families {unknown}; use some of {', '.join(table)}")
     frames = _frames()
     checks: list[Check] = []
     for label, (build, name) in table.items():
-        if only and label not in only:
+        if label.lower() not in wanted:
             continue
         fam = _Family(label, build, name)
         _run_family(fam, dev, torch_dtype, frames, on_check)
@@ -579,6 +580,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: what Load Video LLM picks on the device (bfloat16 or float16 on CUDA)")
+    p.add_argument("--family", action="append", metavar="NAME",
+                   help="check only this built-in family (LLaVA-OV, Qwen2.5-VL, Qwen3-VL); repeatable")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -588,7 +591,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # this process's output is the report
     try:
-        report = run_doctor(args.device, args.dtype)
+        report = run_doctor(args.device, args.dtype, only=tuple(args.family or ()) or None)
     except (AdaTPInputError, AdaTPEnvironmentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
