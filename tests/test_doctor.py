@@ -93,3 +93,51 @@ def test_tokens_compare_exactly_or_part_only_at_a_near_tie():
     assert not ok and "differ at step 1" in detail
     # One path stopped (EOS) where the other went on.
     assert not compare_tokens((1,), _logits([[0, 5, 0], [9, 0, 0]]), (1, 2), None, torch.float32)[0]
+
+
+def test_selection_syncs_are_located_and_only_global_debias_transfer_is_allowed(monkeypatch):
+    """CUDA's sync-debug warnings (faked here at chosen lines) become locations; one sync in
+    global_debias is its designed transfer, anything else (or a second one) is reported."""
+    import contextlib
+    import inspect
+    import warnings
+
+    from adatp_core import debias, prune
+
+    _, first = inspect.getsourcelines(debias.global_debias)
+    _, prune_line = inspect.getsourcelines(prune.prune_tokens)
+    places = []
+
+    def select(state, cfg):
+        for filename, line in places:
+            warnings.warn_explicit("called a synchronizing CUDA operation", UserWarning, filename, line)
+        return state
+
+    monkeypatch.setattr(doctor, "sync_debug", lambda mode: contextlib.nullcontext())
+    monkeypatch.setattr(doctor, "select", select)
+    for sync_places, designed, others in (
+            ([], 0, 0),
+            ([(debias.__file__, first + 5)], 1, 0),
+            ([(debias.__file__, first + 5), (debias.__file__, first + 6)], 1, 1),
+            ([(debias.__file__, first + 5), (prune.__file__, prune_line + 3)], 1, 1),
+            ([(debias.__file__, first - 3)], 0, 1)):  # debias.py, but outside global_debias
+        places[:] = sync_places
+        selected, where = doctor.selection_syncs("state", None)
+        assert selected == "state" and len(where) == len(sync_places)
+        got = doctor._designed_transfer(where)
+        assert (len(got[0]), len(got[1])) == (designed, others), sync_places
+
+
+def test_the_sdpa_spy_reports_the_kernel_each_call_runs_with():
+    """Grouped-query calls (enable_gqa, as transformers makes them) included: each call is
+    counted under the kernel SDPA picks for it, here on the CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, kv = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    spy = doctor.SdpaSpy()
+    with torch.inference_mode(), spy:
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+        with sdpa_kernel([SDPBackend.MATH]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+        torch.matmul(q, q.transpose(-1, -2))  # not attention: not counted
+    assert dict(spy.counts) == {"FLASH_ATTENTION": 1, "MATH": 1}
