@@ -205,7 +205,7 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
         detail = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
         if cfg.decode_mode == "static":
             raise AdaTPEnvironmentError(
-                f"static decoding failed on {adapter.device} ({detail}); set decode_mode to default "
+                f"static decoding failed on {adapter.device} ({detail}); set decode_mode=default "
                 "(or auto, which falls back to default decoding by itself)") from exc
         reason = (f"static decoding failed ({detail}); this answer restarted in default decoding, "
                   "which auto mode keeps until the model is reloaded")

@@ -152,6 +152,6 @@ def test_errors_of_the_token_callback_propagate_unchanged(model, frames, auto_is
 def test_explicit_static_mode_reports_the_failure_and_the_setting_that_avoids_it(model, frames, monkeypatch):
     state = _state(model, frames)
     Failure(monkeypatch, static_decode.StaticDecoder, "__call__", RuntimeError("replay failed"), 1)
-    with pytest.raises(AdaTPEnvironmentError, match="static decoding failed.*replay failed.*decode_mode to default"):
+    with pytest.raises(AdaTPEnvironmentError, match="static decoding failed.*replay failed.*decode_mode=default"):
         generate_answer(state, SamplingConfig(max_new_tokens=STEPS, ignore_eos=True, decode_mode="static"))
     assert model.adapter.fallbacks == {}
