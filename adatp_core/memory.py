@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from .errors import AdaTPEnvironmentError, AdaTPInterrupted
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 
 T = TypeVar("T")
 OOM_ADVICE = "use fewer frames, a lower retention, a smaller K, or keep_loaded off for other models"
@@ -33,9 +33,11 @@ def fallback_allowed(exc: BaseException) -> bool:
 
     Any ordinary error may, since the plain path recomputes the whole result. Running out
     of memory may not (it is reported as such, with what to lower), nor an interrupt (the
-    user asked to stop), nor anything that is not an ``Exception`` (SystemExit, ...).
+    user asked to stop), nor bad input (the plain path would refuse it too), nor anything
+    that is not an ``Exception`` (SystemExit, ...).
     """
-    return isinstance(exc, Exception) and not is_out_of_memory(exc) and not is_interrupt(exc)
+    return (isinstance(exc, Exception) and not isinstance(exc, AdaTPInputError)
+            and not is_out_of_memory(exc) and not is_interrupt(exc))
 
 
 def free_memory() -> None:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT
 
 from adatp_core import doctor, static_decode
 from adatp_core.cli import main
@@ -141,3 +142,8 @@ def test_the_sdpa_spy_reports_the_kernel_each_call_runs_with():
             torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool))
         torch.matmul(q, q.transpose(-1, -2))  # not attention: not counted
     assert dict(spy.counts) == {"FLASH_ATTENTION": 1, "MATH": 1}
+
+
+def test_ci_runs_the_doctor_on_the_cpu_after_the_tests():
+    run = (ROOT / ".ci" / "run").read_text()
+    assert run.index("bash scripts/test.sh") < run.index("python -m adatp_core doctor --device cpu")

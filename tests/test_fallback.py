@@ -14,7 +14,7 @@ from conftest import QUESTION
 from adatp_core import generate, static_decode
 from adatp_core.attention import extract_attention
 from adatp_core.debias import global_debias, local_debias
-from adatp_core.errors import AdaTPEnvironmentError, AdaTPInterrupted
+from adatp_core.errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 from adatp_core.generate import SamplingConfig, generate_answer
 from adatp_core.models.base import FALLBACK_STATIC_DECODING
 from adatp_core.prune import prune_tokens
@@ -120,8 +120,9 @@ def test_sampled_answers_restart_with_a_fresh_generator(model, frames, monkeypat
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                                   AdaTPInterrupted("interrupted"), KeyboardInterrupt()],
-                         ids=["out-of-memory", "interrupt", "ctrl-c"])
+                                   AdaTPInterrupted("interrupted"), KeyboardInterrupt(),
+                                   AdaTPInputError("bad input")],
+                         ids=["out-of-memory", "interrupt", "ctrl-c", "bad-input"])
 def test_out_of_memory_and_interrupts_are_never_retried(model, frames, monkeypatch, auto_is_static, error):
     state = _state(model, frames)
     Failure(monkeypatch, static_decode.StaticDecoder, "__call__", error, 2)
