@@ -16,7 +16,7 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .flops import flops_summary
 from .memory import run_guarded
 from .cache import KVCache
-from .models.base import AttentionProbe, Injection
+from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
 from .models.loader import VideoLLM
 from .sdpa import plan_free_attention
 from .state import AdaTPState
@@ -143,6 +143,8 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
         **times,
     }
+    if FALLBACK_BATCHED_VISION in adapter.fallbacks:  # this model's batched vision path failed
+        stats[FALLBACK_BATCHED_VISION] = adapter.fallbacks[FALLBACK_BATCHED_VISION]
     return AdaTPState(
         model=model, question=question, prompt=prompt, layer=layer, query_mode=query,
         grid=encoded.grid, hidden=hidden, past_kv=past_kv, position_ids=position_ids,

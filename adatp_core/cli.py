@@ -4,6 +4,7 @@
     python -m adatp_core --model models/LLM/llava-onevision-qwen2-7b-ov-hf \\
         --video clip.mp4 --question "What is the person doing?"
     python -m adatp_core caption DIR           # a caption .txt beside every clip (caption_cli.py)
+    python -m adatp_core doctor                # self-check on this machine's device (doctor.py)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ DEFAULT_QUESTION = "What happens in this video?"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adatp_core", description=__doc__.splitlines()[0],
-                                epilog="Caption a folder of clips: python -m adatp_core caption --help")
+                                epilog="Caption a folder of clips: python -m adatp_core caption --help; "
+                                       "check this machine: python -m adatp_core doctor")
     p.add_argument("--video", help="video file (default: the pack's sample video)")
     p.add_argument("--question", default=DEFAULT_QUESTION)
     add_model_arguments(p, max_new_tokens=32)
@@ -90,6 +92,10 @@ def main(argv=None) -> int:
         from .caption_cli import main as caption_main
 
         return caption_main(argv[1:], as_program=as_program)
+    if argv[:1] == ["doctor"]:
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     wall_start = time.perf_counter()

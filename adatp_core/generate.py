@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import AdaTPInputError
-from .memory import run_guarded
+from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .memory import fallback_allowed, run_guarded
 from .cache import KVCache
+from .models.base import FALLBACK_STATIC_DECODING
 from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .static_decode import StaticDecoders, static_pays_off
@@ -112,15 +113,15 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         raise AdaTPInputError(
             f"prompt ({state.prompt.length} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
             f"the model's context of {limit}; lower max_new_tokens or use fewer frames.")
-    generator = None
-    if cfg.do_sample:
-        generator = torch.Generator(device=adapter.output_device).manual_seed(cfg.seed)  # beside the logits
     if adapter.is_split and resolve_decode_mode(cfg.decode_mode, adapter.device) == "static":
         if cfg.decode_mode == "static":
             log.warning("static decoding needs the model on one device; decoding step by step instead")
         cfg = replace(cfg, decode_mode="default")
+    fallback = adapter.fallbacks.get(FALLBACK_STATIC_DECODING) if cfg.decode_mode == "auto" else None
+    if fallback is not None:  # static decoding failed on this model before: auto stays default
+        cfg = replace(cfg, decode_mode="default")
     # Out of memory: static decoding's kept buffers go too (run_guarded drops them).
-    run = run_guarded(lambda: _decode(state, cfg, generator, on_token, return_logits), "generation", model=model)
+    run = run_guarded(lambda: _decode_or_fall_back(state, cfg, on_token, return_logits), "generation", model=model)
     stats = {**state.stats}
     stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
     stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + run.prefill_seconds
@@ -134,6 +135,9 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         "time_graph_capture": run.capture_seconds,  # one-time per model and bucket; not in the two above
         "static_graph": run.graph_note,  # static mode: captured, reused, or why there is none
     })
+    if run.fallback or fallback:
+        stats[FALLBACK_STATIC_DECODING] = run.fallback or fallback
+        stats["time_to_first_token"] += run.fallback_seconds  # the failed static attempt, waited for too
     text = model.tokenizer.decode(run.tokens, skip_special_tokens=True).strip()
     return Answer(text=text, token_ids=tuple(run.tokens), stats=stats, logits=run.logits)
 
@@ -149,6 +153,67 @@ class _DecodeRun:
     mode: str
     capture_seconds: float
     graph_note: str = ""
+    fallback: str | None = None  # why static decoding gave way to default decoding in this answer
+    fallback_seconds: float = 0.0  # spent in the failed static attempt
+
+
+def _generator(cfg: SamplingConfig, adapter) -> torch.Generator | None:
+    """A fresh sampling generator beside the logits (None when greedy)."""
+    if not cfg.do_sample:
+        return None
+    return torch.Generator(device=adapter.output_device).manual_seed(cfg.seed)
+
+
+class _TokenCallback:
+    """``on_token``, remembering whether it raised: its errors (ComfyUI's Cancel) are never retried."""
+
+    def __init__(self, fn: Callable[[int, int], None]):
+        self.fn = fn
+        self.raised = False
+
+    def __call__(self, step: int, token: int) -> None:
+        try:
+            self.fn(step, token)
+        except BaseException:
+            self.raised = True
+            raise
+
+
+def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool) -> _DecodeRun:
+    """``_decode``; if static decoding raises anywhere (buffers, capture, a replay, the tokens
+    it yields) in auto mode, the answer restarts in default mode from the prefilled state,
+    with a fresh generator: the same answer as default decoding. This model then decodes
+    auto answers in default mode until it is reloaded (``adapter.fallbacks``).
+
+    Not retried: errors in ``on_token``, running out of memory and interrupts
+    (memory.fallback_allowed). With decode_mode "static" asked for explicitly, the error is
+    raised as AdaTPEnvironmentError naming the setting that avoids it. After a fallback,
+    ``on_token`` is called again from step 0.
+    """
+    adapter = state.model.adapter
+    callback = _TokenCallback(on_token) if on_token is not None else None
+    start = time.perf_counter()
+    try:
+        return _decode(state, cfg, _generator(cfg, adapter), callback, return_logits)
+    except Exception as exc:
+        static = resolve_decode_mode(cfg.decode_mode, adapter.device) == "static"
+        if not static or (callback is not None and callback.raised) or not fallback_allowed(exc):
+            raise
+        detail = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+        if cfg.decode_mode == "static":
+            raise AdaTPEnvironmentError(
+                f"static decoding failed on {adapter.device} ({detail}); set decode_mode=default "
+                "(or auto, which falls back to default decoding by itself)") from exc
+        reason = (f"static decoding failed ({detail}); this answer restarted in default decoding, "
+                  "which auto mode keeps until the model is reloaded")
+        log.warning("%s", reason, exc_info=True)
+    adapter.fallbacks[FALLBACK_STATIC_DECODING] = reason
+    decoders = getattr(state.model, "static_decoders", None)
+    if decoders is not None:
+        decoders.clear()  # the failed run's buffers and graph are never reused
+    failed_seconds = time.perf_counter() - start
+    run = _decode(state, replace(cfg, decode_mode="default"), _generator(cfg, adapter), on_token, return_logits)
+    return replace(run, fallback=reason, fallback_seconds=failed_seconds)
 
 
 def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> _DecodeRun:

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from .errors import AdaTPEnvironmentError
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 
 T = TypeVar("T")
 OOM_ADVICE = "use fewer frames, a lower retention, a smaller K, or keep_loaded off for other models"
@@ -19,6 +19,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """The user asked to stop: Ctrl-C, AdaTP's interrupt, or ComfyUI's
+    InterruptProcessingException (matched by name: the core never imports ComfyUI)."""
+    return isinstance(exc, (KeyboardInterrupt, AdaTPInterrupted)) or "Interrupt" in type(exc).__name__
+
+
+def fallback_allowed(exc: BaseException) -> bool:
+    """Whether a fast path that raised ``exc`` may be redone on its plain path (static
+    decoding -> default decoding, the batched Qwen vision tower -> the stock one).
+
+    Any ordinary error may, since the plain path recomputes the whole result. Running out
+    of memory may not (it is reported as such, with what to lower), nor an interrupt (the
+    user asked to stop), nor bad input (the plain path would refuse it too), nor anything
+    that is not an ``Exception`` (SystemExit, ...).
+    """
+    return (isinstance(exc, Exception) and not isinstance(exc, AdaTPInputError)
+            and not is_out_of_memory(exc) and not is_interrupt(exc))
 
 
 def free_memory() -> None:

@@ -52,4 +52,5 @@ def stats_text(s: dict) -> str:
         lines.append(generation_line(s))
     if "frame_size" in s:
         lines.append(video_line(s))
+    lines += [f"Fallback: {s[key]}" for key in sorted(s) if key.startswith("fallback_")]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adatp_core.models.attention_hook import register_attention, wrapped_attention_name  # noqa: E402
 from adatp_core.models.loader import ADAPTERS, VideoLLM, load_video_llm  # noqa: E402
+from adatp_core.models.stock import stock_video_inputs as stock_inputs  # noqa: E402,F401  (moved to the core)
 from adatp_core.models.tiny import ensure_tiny_model  # noqa: E402
 from adatp_core.models.tiny_qwen import ensure_tiny_qwen2_5_vl, ensure_tiny_qwen3_vl  # noqa: E402
 
@@ -105,20 +106,6 @@ def build(shape: str, device: str, dtype: torch.dtype, attention: str = "sdpa") 
     adapter = adapter_class(model, tokenizer, folder)
     return VideoLLM(model=model, tokenizer=tokenizer, adapter=adapter, name=spec.name, path=str(folder),
                     compute_device=torch.device(device), dtype=dtype, attention=attention)
-
-
-def stock_inputs(model: VideoLLM, prompt, pixels) -> dict:
-    """The video keyword arguments of the stock forward/generate for this prompt."""
-    adapter = model.adapter
-    if not hasattr(adapter, "grid_thw"):  # LLaVA-OneVision
-        return {"pixel_values_videos": pixels[None]}
-    types = torch.zeros(1, prompt.length, dtype=torch.int, device=adapter.device)
-    types[0, prompt.visual_positions.to(adapter.device)] = 2
-    kwargs = {"pixel_values_videos": pixels, "video_grid_thw": adapter.grid_thw(prompt.plan),
-              "mm_token_type_ids": types}
-    if model.model.config.model_type == "qwen2_5_vl":
-        kwargs["second_per_grid_ts"] = torch.tensor([prompt.plan.seconds_per_step()], device=adapter.device)
-    return kwargs
 
 
 def stock_vision(model: VideoLLM, kwargs: dict):

@@ -13,10 +13,12 @@ from .load_video import AdaTP_LoadVideo
 from .local_debias import AdaTP_LocalDebias
 from .preview_tokens import AdaTP_PreviewTokens
 from .prune_tokens import AdaTP_PruneTokens
+from .self_check import AdaTP_SelfCheck
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     AdaTP_LoadVideoLLM, AdaTP_LoadVideo, AdaTP_ExtractAttention, AdaTP_GlobalDebias,
     AdaTP_LocalDebias, AdaTP_PruneTokens, AdaTP_GenerateAnswer, AdaTP_PreviewTokens, AdaTP_CaptionFolder,
+    AdaTP_SelfCheck,
 )}
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -29,4 +31,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AdaTP_GenerateAnswer": "AdaTP Generate Answer",
     "AdaTP_PreviewTokens": "AdaTP Preview Tokens",
     "AdaTP_CaptionFolder": "AdaTP Caption Folder",
+    "AdaTP_SelfCheck": "AdaTP Self Check",
 }

@@ -126,6 +126,15 @@ CAPTION_FOLDER = {
     "links": [(1, "model", 2, "model"), (2, "captions", 3, "source")],
 }
 
+SELF_CHECK = {
+    "note": "Does the pack work on this machine? Self Check runs the built-in tiny models (nothing is "
+            "downloaded) on ComfyUI's device and shows a table: each fast path against the plain one, "
+            "pass, fail or skip, and for a failure the setting that avoids it. Run it before downloading "
+            "a real model.",
+    "nodes": [(1, "AdaTP_SelfCheck", 0, {})],
+    "links": [],
+}
+
 # litegraph's constants (ComfyUI frontend): title bar, a socket row, a widget row.
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, NODE_WIDTH = 30, 20, 20, 140
 TITLE_CHAR, LABEL_CHAR = 14 * 0.6, 12 * 0.6  # litegraph's text width estimate (font size * 0.6 a character)
@@ -196,6 +205,7 @@ WORKFLOWS = {
     "video_caption.json": CAPTION_FLOW,
     "fastv_baseline.json": FASTV,
     "caption_folder.json": CAPTION_FOLDER,
+    "self_check.json": SELF_CHECK,
 }
 
 

@@ -23,13 +23,14 @@ CONTRACT = {
     "AdaTP_PreviewTokens": ["state", "frames"],
     "AdaTP_CaptionFolder": ["model", "folder", "prompt", "prefix", "suffix", "overwrite", "recursive", "frames",
                             "retention", "layer"],
+    "AdaTP_SelfCheck": ["device", "dtype"],
 }
 RETURNS = {
     "AdaTP_LoadVideoLLM": ("ADATP_MODEL",), "AdaTP_LoadVideo": ("IMAGE", "ADATP_VIDEO_INFO"),
     "AdaTP_ExtractAttention": ("ADATP_STATE",), "AdaTP_GlobalDebias": ("ADATP_STATE",),
     "AdaTP_LocalDebias": ("ADATP_STATE",), "AdaTP_PruneTokens": ("ADATP_STATE", "STRING"),
     "AdaTP_GenerateAnswer": ("STRING", "STRING"), "AdaTP_PreviewTokens": ("IMAGE",),
-    "AdaTP_CaptionFolder": ("STRING", "STRING"),
+    "AdaTP_CaptionFolder": ("STRING", "STRING"), "AdaTP_SelfCheck": ("STRING",),
 }
 DEFAULTS = {("AdaTP_LoadVideo", "num_frames"): 32, ("AdaTP_ExtractAttention", "layer"): 2,
             ("AdaTP_GlobalDebias", "segment_threshold"): 0.95, ("AdaTP_GlobalDebias", "relevance_boost"): 1.0,
@@ -70,7 +71,7 @@ def test_pack_imports_beside_comfyuis_own_nodes_module(tmp_path):
         "sys.modules['nodes'] = types.ModuleType('nodes')  # ComfyUI's own\n"
         f"spec = importlib.util.spec_from_file_location('/x/custom_nodes/comfyui-adatp_x_1', r'{ROOT / '__init__.py'}')\n"
         "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 9 and sys.modules['nodes'].__dict__.get('NODE_CLASS_MAPPINGS') is None\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 10 and sys.modules['nodes'].__dict__.get('NODE_CLASS_MAPPINGS') is None\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
@@ -164,3 +165,23 @@ def test_bridge_degrades_without_comfyui(pack):
     assert bridge.compute_device("auto") == (torch.device("cuda", torch.cuda.current_device()) if gpu
                                              else torch.device("cpu"))  # indexed, as ComfyUI's bookkeeping needs
     bridge.Progress(3).step()  # no-op bar, no interrupt pending
+
+
+def test_self_check_shows_the_doctors_table_on_the_node(pack, monkeypatch):
+    """The node runs the doctor (here on the tiny LLaVA-OV only, to keep the test short)."""
+    doctor = pack_module("adatp_core.doctor")
+    bridge = pack_module("nodes.comfy_bridge")
+    errors = pack_module("adatp_core.errors")
+    llava = {"LLaVA-OV": doctor.families()["LLaVA-OV"]}
+    monkeypatch.setattr(doctor, "families", lambda: llava)
+    node = pack.NODE_CLASS_MAPPINGS["AdaTP_SelfCheck"]()
+    bridge.HEADLESS.interrupt.set()
+    with pytest.raises(errors.AdaTPInterrupted):
+        node.check("cpu", "auto")
+    out = node.check("cpu", "auto")
+    (text,) = out["result"]
+    assert out["ui"]["text"] == [text]
+    assert "SDPA kernels" in text and "LLaVA-OV" in text and "no CUDA graphs on cpu" in text
+    assert text.splitlines()[-1].startswith("all checks passed")
+    assert pack.NODE_CLASS_MAPPINGS["AdaTP_SelfCheck"].IS_CHANGED(device="cpu", dtype="auto") != \
+        pack.NODE_CLASS_MAPPINGS["AdaTP_SelfCheck"].IS_CHANGED(device="cpu", dtype="auto")  # nan: always runs

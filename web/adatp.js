@@ -1,11 +1,12 @@
 // The AdaTP ComfyUI extension: shows the answer and stats that Generate Answer
-// and Prune Tokens return (the stock frontend shows no text outputs), and gives
-// AdaTP nodes a recognisable colour. The logic lives in adatp_display.js.
+// and Prune Tokens return, and Self Check's table (the stock frontend shows no text
+// outputs), and gives AdaTP nodes a recognisable colour. The logic lives in adatp_display.js.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 import {
   DISPLAY_WIDGET,
   NODE_COLORS,
+  TABLE_NODES,
   TEXT_NODES,
   displayRows,
   displaySize,
@@ -21,6 +22,11 @@ function showText(node, text) {
     if (widget.inputEl) {
       widget.inputEl.readOnly = true;
       widget.inputEl.style.opacity = "0.9";
+      if (TABLE_NODES.includes(node.comfyClass)) {
+        widget.inputEl.style.fontFamily = "monospace";
+        widget.inputEl.style.whiteSpace = "pre";
+        widget.inputEl.wrap = "off";
+      }
     }
   }
   widget.value = text;

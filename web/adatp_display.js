@@ -4,7 +4,9 @@
 export const ADATP_PREFIX = "AdaTP_";
 export const DISPLAY_WIDGET = "adatp_display";
 // Nodes whose returned text the stock frontend would not show.
-export const TEXT_NODES = Object.freeze(["AdaTP_GenerateAnswer", "AdaTP_PruneTokens", "AdaTP_CaptionFolder"]);
+export const TEXT_NODES = Object.freeze(["AdaTP_GenerateAnswer", "AdaTP_PruneTokens", "AdaTP_CaptionFolder", "AdaTP_SelfCheck"]);
+// Nodes whose text is a table: shown in a fixed-width font, without wrapping, so columns line up.
+export const TABLE_NODES = Object.freeze(["AdaTP_SelfCheck"]);
 // A recognisable deep teal for every AdaTP node (title bar, body).
 export const NODE_COLORS = Object.freeze({ color: "#1f4a52", bgcolor: "#16353b" });
 
@@ -20,7 +22,7 @@ function asLines(text) {
 
 // The text shown under a node after it ran. `text` is message.text from the
 // node's {"ui": {"text": [...]}}: [answer, stats] for Generate Answer, [stats]
-// for Prune Tokens, [summary] for Caption Folder.
+// for Prune Tokens, [summary] for Caption Folder, [report] for Self Check.
 export function displayText(nodeType, text) {
   const items = asLines(text);
   if (nodeType === "AdaTP_GenerateAnswer" && items.length >= 2) {

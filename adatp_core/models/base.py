@@ -163,6 +163,11 @@ def _cache_argument(layer: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+# Keys of ``VideoLLMAdapter.fallbacks`` (also the stats keys that report them).
+FALLBACK_STATIC_DECODING = "fallback_static_decoding"
+FALLBACK_BATCHED_VISION = "fallback_batched_vision"
+
+
 class VideoLLMAdapter:
     """Base of the per-family adapters (llava_onevision.py, qwen2_5_vl.py, qwen3_vl.py).
 
@@ -184,6 +189,9 @@ class VideoLLMAdapter:
         self.model = model
         self.tokenizer = tokenizer
         self._cache_arg = _cache_argument(self.text_model.layers[0])
+        # Fast paths that failed on this model and stay off until it is reloaded (a new adapter):
+        # name (FALLBACK_STATIC_DECODING, FALLBACK_BATCHED_VISION) -> what failed, for the stats.
+        self.fallbacks: dict[str, str] = {}
 
     # -- the family-specific part -------------------------------------------------
     @property

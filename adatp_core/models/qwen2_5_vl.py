@@ -12,13 +12,15 @@ from the sampled frames' times.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
-from .base import Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
+from ..memory import fallback_allowed
+from .base import FALLBACK_BATCHED_VISION, Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
 from .chat import read_chat_template, split_template, tokenize_question
 from .preprocess import PreprocessConfig, QwenPreprocessConfig, patchify_video, preprocess_frames, qwen_resize_target
 from .qwen_vision import vision_forward
@@ -28,6 +30,12 @@ from .qwen_vision import vision_forward
 # bf16 on a 24 GB card with room for the vision tower's activations.
 DEFAULT_MAX_PIXELS = 448 * 448
 VIDEO_PAD = "<|video_pad|>"
+log = logging.getLogger(__name__)
+
+
+def _vision_outputs(out):
+    """(merged tokens, pre-merger patches, DeepStack features) of a vision tower's output."""
+    return out.pooler_output, out.last_hidden_state, tuple(getattr(out, "deepstack_features", None) or ())
 
 
 class Qwen2_5_VLAdapter(VideoLLMAdapter):
@@ -98,9 +106,24 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     def _vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         """The vision tower, its attention batched (qwen_vision.py, the stock output):
         (merged tokens [N, D], pre-merger patches [P, d_v], deepstack features, one
-        [N, D] per DeepStack layer; empty for Qwen2.5-VL)."""
-        out = vision_forward(self.visual, pixel_values.type(self.visual.dtype), grid_thw)
-        return out.pooler_output, out.last_hidden_state, tuple(getattr(out, "deepstack_features", None) or ())
+        [N, D] per DeepStack layer; empty for Qwen2.5-VL).
+
+        If the batched path raises (a kernel this device lacks, a transformers change), the
+        stock tower recomputes the whole output, and this model keeps the stock tower until
+        it is reloaded (``fallbacks``; the stats say so). Running out of memory and
+        interrupts are not retried (memory.fallback_allowed)."""
+        pixel_values = pixel_values.type(self.visual.dtype)
+        if FALLBACK_BATCHED_VISION not in self.fallbacks:
+            try:
+                return _vision_outputs(vision_forward(self.visual, pixel_values, grid_thw))
+            except Exception as exc:
+                if not fallback_allowed(exc):
+                    raise
+                self.fallbacks[FALLBACK_BATCHED_VISION] = (
+                    f"batched vision attention failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                    "the stock vision tower runs until the model is reloaded")
+                log.warning("%s", self.fallbacks[FALLBACK_BATCHED_VISION], exc_info=True)
+        return _vision_outputs(self.visual(pixel_values, grid_thw=grid_thw))
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, plan: VideoPlan | None = None) -> Encoded:

@@ -3,6 +3,7 @@ import { test } from "node:test";
 
 import {
   NODE_COLORS,
+  TABLE_NODES,
   TEXT_NODES,
   displayRows,
   displaySize,
@@ -31,7 +32,14 @@ test("Prune Tokens shows its stats; odd payloads never throw", () => {
   assert.equal(displayText("AdaTP_PruneTokens", undefined), "");
   assert.equal(displayText("AdaTP_PruneTokens", "single"), "single");
   assert.equal(displayText("AdaTP_PruneTokens", [{ a: 1 }]), '{"a":1}');
-  assert.deepEqual(TEXT_NODES, ["AdaTP_GenerateAnswer", "AdaTP_PruneTokens", "AdaTP_CaptionFolder"]);
+  assert.deepEqual(TEXT_NODES, ["AdaTP_GenerateAnswer", "AdaTP_PruneTokens", "AdaTP_CaptionFolder", "AdaTP_SelfCheck"]);
+});
+
+test("Self Check shows its report as it came, as a table", () => {
+  const report = "torch  2.13\n\nfamily  check  result\nLLaVA-OV  figures  pass";
+  assert.equal(displayText("AdaTP_SelfCheck", [report]), report);
+  assert.deepEqual(TABLE_NODES, ["AdaTP_SelfCheck"]);
+  assert.ok(TABLE_NODES.every((n) => TEXT_NODES.includes(n)));
 });
 
 test("the text box grows with the text and is clamped", () => {
