@@ -35,7 +35,7 @@ def test_links_match_node_definitions(env, path):
     pack, headless = env
     data = json.loads(path.read_text())
     wf = headless.Workflow(data, pack.NODE_CLASS_MAPPINGS)  # raises on any mismatch
-    classes = {**headless.CORE_DISPLAY_NODES, **pack.NODE_CLASS_MAPPINGS}
+    classes = {**headless.CORE_NODES, **pack.NODE_CLASS_MAPPINGS}
     for link_id, src, src_slot, dst, dst_slot, kind in data["links"]:
         src_node, dst_node = wf.nodes[src], wf.nodes[dst]
         assert classes[src_node["type"]].RETURN_TYPES[src_slot] == kind
@@ -158,7 +158,7 @@ def test_caption_folder_workflow_runs_on_the_sample_folder(env, tmp_path, monkey
 def _boxes(data, make_workflows, pack, headless):
     """Each node's rectangle in ComfyUI's frontend, title bar included, at its largest
     (after a run, when a text node shows its answer), from make_workflows' sizes."""
-    classes = {**headless.CORE_DISPLAY_NODES, **pack.NODE_CLASS_MAPPINGS}
+    classes = {**headless.CORE_NODES, **pack.NODE_CLASS_MAPPINGS}
     boxes = {}
     for node in data["nodes"]:
         w, h = node["size"]
