@@ -25,9 +25,9 @@ def _load(name):
     return json.loads((ROOT / "workflows" / name).read_text())
 
 
-def test_the_five_workflows_ship():
+def test_the_six_workflows_ship():
     assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "caption_folder.json", "fastv_baseline.json",
-                                           "vanilla_vs_adatp.json", "video_caption.json"]
+                                           "generated_video_qa.json", "vanilla_vs_adatp.json", "video_caption.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -45,6 +45,8 @@ def test_links_match_node_definitions(env, path):
     by_type = {n["type"] for n in data["nodes"]}
     if path.name == "caption_folder.json":
         assert {"AdaTP_LoadVideoLLM", "AdaTP_CaptionFolder", "PreviewAny"} <= by_type
+    elif path.name == "generated_video_qa.json":  # core Load Video's VIDEO into Sample Video
+        assert {"LoadVideo", "AdaTP_SampleVideo", "AdaTP_ExtractAttention", "AdaTP_GenerateAnswer"} <= by_type
     else:
         assert {"AdaTP_LoadVideoLLM", "AdaTP_LoadVideo", "AdaTP_ExtractAttention", "AdaTP_GenerateAnswer"} <= by_type
     loaders = [n for n in data["nodes"] if n["type"] == "AdaTP_LoadVideoLLM"]
@@ -69,6 +71,10 @@ def test_every_workflow_runs_headless(env, path):
         assert len(stats) == 2
         assert any("Tokens kept: 6272 of 6272" in s for s in stats)
         assert any("Tokens kept: 1568 of 6272" in s for s in stats)
+    if path.name == "generated_video_qa.json":  # Sample Video decoded the sample's frames and gave their times
+        frames, info = result.outputs[3]
+        assert frames.shape[0] == 32 and len(info.timestamps) == 32 and info.backend in ("decord", "pyav")
+        assert any("frame times from the video" in t for t in texts)
     if path.name == "video_caption.json":
         assert "Describe this video in detail" in _load(path.name)["nodes"][2]["widgets_values"][0]
 
