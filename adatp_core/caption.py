@@ -251,6 +251,7 @@ class CaptionJob:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     workers: int = 2
     processes: bool = True  # decode workers: processes, or threads (see DecodeAhead)
+    save: bool = True  # write each caption's .txt (False: only return and log the captions)
 
     def __post_init__(self):
         folder = Path(self.folder).expanduser()
@@ -393,7 +394,8 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
             rel, target = targets[result.path]
             if result.ok:
                 text = job.text(result.caption)
-                write_atomic(target, text)
+                if job.save:
+                    write_atomic(target, text)
                 summary.done.append(rel)
                 summary.captions[rel] = text
                 summary.model_seconds += result.stats["time_model"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -29,10 +30,27 @@ def ensure_sample_folder(folder: Path) -> None:
         raise AdaTPInputError(f"cannot create the sample folder {folder} ({exc}); type a folder of your clips.") from exc
 
 
+OUTPUT_MARK = " [output]"  # ComfyUI's annotation for a name in the output folder ("video [output]")
+
+
+def output_folder(name: str) -> Path:
+    """``NAME [output]``: a folder under ComfyUI's output directory, where Save Video writes
+    its clips (its default prefix video/ComfyUI puts them in ``video [output]``); no '..' or
+    symlink out of it."""
+    root = bridge.output_directory().resolve()
+    path = (root / name[: -len(OUTPUT_MARK)].strip()).resolve()
+    if os.path.commonpath([root, path]) != str(root):
+        raise AdaTPInputError(f"{name!r} points outside ComfyUI's output directory {root}.")
+    return path
+
+
 def resolve_folder(name: str) -> Path:
     """A folder under ComfyUI's input directory (the Load Video rules: no '..', no
-    symlink out), or an absolute path that the user typed."""
-    if isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).expanduser().is_absolute():
+    symlink out), ``NAME [output]`` under its output directory, or an absolute path
+    that the user typed."""
+    if isinstance(name, str) and "\x00" not in name and name.strip().endswith(OUTPUT_MARK):
+        path = output_folder(name.strip())
+    elif isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).expanduser().is_absolute():
         path = Path(name.strip()).expanduser().resolve()
     else:
         path, name = input_path(name.strip() if isinstance(name, str) else name, "folder")
@@ -64,7 +82,9 @@ class AdaTP_CaptionFolder:
         return {"required": {
             "model": ("ADATP_MODEL", {"tooltip": "From Load Video LLM."}),
             "folder": ("STRING", {"default": SAMPLE_FOLDER, "tooltip": "A folder under ComfyUI's input directory, "
-                                  "or an absolute path. adatp_caption_samples holds the pack's sample video."}),
+                                  "NAME [output] for one under its output directory (Save Video's clips: "
+                                  "video [output]), or an absolute path. adatp_caption_samples holds the pack's "
+                                  "sample video."}),
             "prompt": ("STRING", {"multiline": True, "default": DEFAULT_PROMPT,
                                   "tooltip": "The captioning instruction given with every clip."}),
             "prefix": ("STRING", {"default": "", "tooltip": "Put before every caption: a trigger word, "
@@ -83,6 +103,10 @@ class AdaTP_CaptionFolder:
         }, "optional": {
             "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 8192,
                                        "tooltip": "The longest caption, in tokens."}),
+            "save_caption": ("BOOLEAN", {"default": True, "tooltip": "Write each caption as clip.txt beside its "
+                                         "clip. For clips made in ComfyUI, point folder at Save Video's folder "
+                                         "('video [output]'): the captions land beside them in the output folder. "
+                                         "Off: only output the captions, write nothing."}),
         }}
 
     @classmethod
@@ -98,12 +122,13 @@ class AdaTP_CaptionFolder:
         return float("nan")  # the folder's contents may change between runs
 
     def caption(self, model, folder, prompt, prefix, suffix, overwrite, recursive, frames, retention, layer,
-                max_new_tokens=256):
+                max_new_tokens=256, save_caption=True):
         cfg = PipelineConfig(num_frames=frames, layer=layer, retention=retention,
                              generation=SamplingConfig(max_new_tokens=max_new_tokens))
         job = CaptionJob(folder=resolve_folder(folder), prompt=prompt, prefix=prefix, suffix=suffix,
                          overwrite=overwrite, recursive=recursive, pipeline=cfg, workers=DECODE_WORKERS,
-                         processes=False)  # threads: spawned processes would re-import ComfyUI's main.py
+                         processes=False,  # threads: spawned processes would re-import ComfyUI's main.py
+                         save=save_caption)
         progress = {}
         bridge.check_interrupt()
         activate(model)
