@@ -39,11 +39,15 @@ def _owner(video, method: str) -> str | None:
     return next((k.__name__ for k in type(video).__mro__ if method in vars(k)), None)
 
 
+def _is_components(video) -> bool:
+    return any(k.__name__ == "VideoFromComponents" for k in type(video).__mro__)
+
+
 def held_in_memory(video) -> bool:
     """True for a VIDEO whose frames are a tensor (VideoFromComponents), or that has no stream
     of its own: VideoInput's default get_stream_source would encode every frame to make one.
     Also true while a video has edits (a crop) that its stream does not contain yet."""
-    if any(k.__name__ == "VideoFromComponents" for k in type(video).__mro__):
+    if _is_components(video):
         return True
     if _owner(video, "get_stream_source") in (None, "VideoInput"):
         return True
@@ -115,6 +119,9 @@ def sample_video(video, num_frames, sampling, fps, start_time, end_time, on_fram
                                           on_frame=on_frame, clip=tuple(clip))
                 return frames, replace(info, path=label)
         log.info("the VIDEO is a crop of its file: sampling its decoded frames")
+    elif _owner(video, "get_stream_source") is None and not _is_components(video):  # ComfyUI 0.3.30 to 0.3.4x
+        log.warning("this ComfyUI's %s has no stream source: decoding all of its frames (update ComfyUI "
+                    "to decode only the sampled ones)", type(video).__name__)
     components = _read("its frames", video.get_components)
     return sample_frames(getattr(components, "images", None), getattr(components, "frame_rate", None),
                          num_frames, sampling, fps, start_time, end_time)
