@@ -257,6 +257,7 @@ class CaptionJob:
     workers: int = 2
     processes: bool = True  # decode workers: processes, or threads (see DecodeAhead)
     root: Path | None = None  # every clip must resolve inside it (the node); None: any path (the CLI)
+    save: bool = True  # write each caption's .txt (False: only return and log the captions)
 
     def __post_init__(self):
         folder = Path(self.folder).expanduser()
@@ -399,7 +400,8 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
             rel, target = targets[result.path]
             if result.ok:
                 text = job.text(result.caption)
-                write_atomic(target, text)
+                if job.save:
+                    write_atomic(target, text)
                 summary.done.append(rel)
                 summary.captions[rel] = text
                 summary.model_seconds += result.stats["time_model"]

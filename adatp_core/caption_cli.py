@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="caption clips that already have a .txt again")
     p.add_argument("--recursive", action="store_true", help="include clips in subfolders")
     p.add_argument("--manifest", type=Path, help="append one JSON line per clip to this file")
+    p.add_argument("--no-save", dest="save", action="store_false",
+                   help="write no .txt files: the captions go to --manifest only (a trial run)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes that run ahead of the model "
                                                           "(default 2; 0 decodes in this process)")
     add_model_arguments(p, max_new_tokens=256)
@@ -134,9 +136,11 @@ def run(args: argparse.Namespace, dist: Distributed) -> int:
     label = f"[{dist.index + 1}/{dist.count}] " if dist.count > 1 else ""
     manifest = args.manifest.expanduser().resolve() if args.manifest else None
     try:
+        if not args.save and manifest is None:
+            raise AdaTPInputError("--no-save writes no caption files: give --manifest FILE.jsonl to keep the captions")
         job = CaptionJob(folder=args.folder, out=args.out, prompt=args.prompt, prefix=args.prefix,
                          suffix=args.suffix, overwrite=args.overwrite, recursive=args.recursive,
-                         pipeline=pipeline_config(args), workers=args.workers)
+                         pipeline=pipeline_config(args), workers=args.workers, save=args.save)
         if manifest is not None:
             manifest.parent.mkdir(parents=True, exist_ok=True)
         load_start = time.perf_counter()

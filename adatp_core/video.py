@@ -469,22 +469,55 @@ def _identity(path) -> tuple | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def clip_window(probe: VideoProbe, start_time: float, end_time: float,
+                clip: tuple[float, float]) -> tuple[float, float, float]:
+    """(start, end, clip length) in the file's seconds for a window given in a clip's seconds.
+
+    clip (start, duration): the part of the file that the video is (a trimmed
+    ComfyUI VIDEO); duration 0 means until the end of the file, (0, 0) the whole
+    file. end_time 0 means the end of the clip. The clip's last instant is left
+    out, as ComfyUI's trim does (a frame starting exactly at the cut is not in it).
+    """
+    clip_start, clip_duration = (float(v) for v in clip)
+    if not (math.isfinite(clip_start) and math.isfinite(clip_duration)) or clip_start < 0 or clip_duration < 0:
+        raise AdaTPInputError(f"the video's trim window {clip} is not a pair of seconds >= 0")
+    length = probe.duration - clip_start
+    if clip_duration > 0:
+        length = min(length, clip_duration)
+    if (clip_start, clip_duration) == (0.0, 0.0):
+        return start_time, end_time, probe.duration
+    if length <= 0:
+        raise AdaTPInputError(f"the video is trimmed to start at {clip_start:.2f}s, after the end of its "
+                              f"{probe.duration:.2f}s file; trim it again inside the video.")
+    ends = [clip_start + end_time] if end_time > 0 else []
+    if clip_duration > 0:
+        ends.append(clip_start + clip_duration - 0.5 / probe.fps)
+    return clip_start + start_time, min(ends, default=0.0), length
+
+
 def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
                start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
-               backend: str = "auto", on_frame: Callable[[int], None] | None = None):
+               backend: str = "auto", on_frame: Callable[[int], None] | None = None,
+               clip: tuple[float, float] = (0.0, 0.0)):
     """Sample and decode a video. Returns (uint8 [T, H, W, 3] numpy frames, VideoInfo).
 
+    clip: the (start, duration) of the file that the video is, for a trimmed
+    ComfyUI VIDEO (see clip_window); start_time, end_time and the returned
+    timestamps are then seconds from the clip's start.
     Needs no torch, so decode-ahead worker processes start fast (caption.py).
     """
     before = _identity(path)
     probe = probe_video(path)
-    times = sample_times(probe, num_frames, sampling, fps, start_time, end_time)
+    start, end, length = clip_window(probe, start_time, end_time, clip)
+    times = sample_times(probe, num_frames, sampling, fps, start, end)
     frames, stamps, used, decoded = decode_frames(path, times, probe, max_side, backend, on_frame)
     if _identity(path) != before:  # replaced after the probe: the decoder may have read anything
         raise AdaTPInputError(f"{Path(path).name} changed while it was being read; run again.")
-    info = VideoInfo(path=str(path), fps=probe.fps, duration=probe.duration,
-                     frame_count=probe.frame_count, width=probe.width, height=probe.height,
-                     timestamps=tuple(stamps), backend=used, frames_decoded=decoded)
+    offset = float(clip[0])
+    count = probe.frame_count if length == probe.duration else int(round(length * probe.fps))
+    info = VideoInfo(path=str(path), fps=probe.fps, duration=length,
+                     frame_count=count, width=probe.width, height=probe.height,
+                     timestamps=tuple(max(t - offset, 0.0) for t in stamps), backend=used, frames_decoded=decoded)
     return frames, info
 
 
@@ -497,10 +530,75 @@ def frames_to_image(frames: np.ndarray):
 
 def load_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
                start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
-               backend: str = "auto", on_frame: Callable[[int], None] | None = None):
+               backend: str = "auto", on_frame: Callable[[int], None] | None = None,
+               clip: tuple[float, float] = (0.0, 0.0)):
     """Sample and decode a video. Returns (frames, info).
 
     frames: [T, H, W, 3] float32 in 0..1 (ComfyUI IMAGE), longest side <= max_side.
     """
-    frames, info = read_video(path, num_frames, sampling, fps, start_time, end_time, max_side, backend, on_frame)
+    frames, info = read_video(path, num_frames, sampling, fps, start_time, end_time, max_side, backend, on_frame,
+                              clip)
     return frames_to_image(frames), info
+
+
+def _check_frames(images, what: str):
+    """images: [T, H, W, C>=3] (ComfyUI IMAGE). Returns it, or raises AdaTPInputError."""
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) != 4 or shape[-1] < 3 or min(shape[1:3], default=0) < 1:
+        raise AdaTPInputError(f"{what} must be frames of shape [T, H, W, 3] (a ComfyUI IMAGE batch), got shape "
+                              f"{list(shape) if shape else type(images).__name__}; connect a video or an image batch.")
+    if shape[0] < 1:
+        raise AdaTPInputError(f"{what} has no frames; check the node that made it.")
+    return images
+
+
+def _check_rate(rate, what: str) -> float:
+    try:
+        value = float(rate)
+    except (TypeError, ValueError, ZeroDivisionError):
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise AdaTPInputError(f"{what} must be a number of frames per second > 0, got {rate!r}")
+    return value
+
+
+def frames_info(images, fps: float, start_time: float = 0.0) -> VideoInfo:
+    """ADATP_VIDEO_INFO for frames taken every 1/fps seconds from start_time (any loader's IMAGE batch).
+
+    images: [T, H, W, 3]. Frame i is at start_time + i / fps.
+    """
+    images = _check_frames(images, "frames")
+    rate = _check_rate(fps, "fps")
+    if not math.isfinite(start_time) or start_time < 0:
+        raise AdaTPInputError(f"start_time must be a number of seconds >= 0, got {start_time}")
+    t, h, w = (int(v) for v in images.shape[:3])
+    return VideoInfo(path="", fps=rate, duration=t / rate, frame_count=t, width=w, height=h,
+                     timestamps=tuple(start_time + i / rate for i in range(t)), backend="frames", frames_decoded=0)
+
+
+def sample_frames(images, frame_rate, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
+                  start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024):
+    """Sample a video that is already frames in memory (a ComfyUI VIDEO made by Create Video).
+
+    images: [N, H, W, 3] float 0..1, frame i shown from i / frame_rate seconds.
+    The same times as load_video on a constant-rate file of these frames
+    (sample_times, and the frame on screen at each time); only the sampled
+    frames are copied. Returns (frames [T, h, w, 3] float32 CPU, VideoInfo).
+    """
+    import torch
+
+    images = _check_frames(images if isinstance(images, torch.Tensor) else torch.as_tensor(images), "the video's frames")
+    rate = _check_rate(frame_rate, "the video's frame rate")
+    n, h, w = (int(v) for v in images.shape[:3])
+    probe = VideoProbe(fps=rate, duration=n / rate, frame_count=n, width=w, height=h, codec="frames", start_time=0.0)
+    times = sample_times(probe, num_frames, sampling, fps, start_time, end_time)
+    index = [min(int(math.floor(t * rate + _EPS)), n - 1) for t in times]
+    frames = images[torch.as_tensor(index, dtype=torch.long, device=images.device), ..., :3]
+    frames = frames.to(device="cpu", dtype=torch.float32)
+    size = output_size(w, h, max_side)
+    if size != (w, h):
+        frames = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2), size=(size[1], size[0]), mode="bilinear",
+                                                 antialias=True, align_corners=False).permute(0, 2, 3, 1).clamp_(0, 1)
+    info = VideoInfo(path="", fps=rate, duration=probe.duration, frame_count=n, width=w, height=h,
+                     timestamps=tuple(i / rate for i in index), backend="memory", frames_decoded=0)
+    return frames.contiguous(), info

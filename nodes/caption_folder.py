@@ -36,11 +36,15 @@ def ensure_sample_folder(folder: Path) -> None:
         raise AdaTPInputError(f"cannot create the sample folder {folder} ({exc}); type a folder of your clips.") from exc
 
 
+OUTPUT_MARK = " [output]"  # ComfyUI's annotation for a name in the output folder ("video [output]")
+
+
 def caption_roots() -> list[Path]:
-    """The folders Caption Folder may read and write: ComfyUI's input directory, then the
-    server owner's extra roots: ADATP_CAPTION_ROOTS (absolute folders separated by
-    os.pathsep) and the lines of caption_roots.txt in the pack's folder. Never a node
-    input, a ComfyUI setting or anything under the user folder: clients can change those.
+    """The folders Caption Folder may read and write: ComfyUI's input and output
+    directories (Save Video's clips are in the output one), then the server owner's extra
+    roots: ADATP_CAPTION_ROOTS (absolute folders separated by os.pathsep) and the lines of
+    caption_roots.txt in the pack's folder. Never a node input, a ComfyUI setting or anything
+    under the user folder: clients can change those.
     A file-system root or a relative path is ignored with a warning."""
     extra = os.environ.get(ROOTS_ENV, "").split(os.pathsep)
     try:
@@ -49,7 +53,7 @@ def caption_roots() -> list[Path]:
         pass
     except (OSError, UnicodeDecodeError) as exc:
         log.warning("cannot read %s (%s); only the input directory is allowed", ROOTS_FILE, exc)
-    roots = [bridge.input_directory()]
+    roots = [bridge.input_directory(), bridge.output_directory()]
     for entry in (e.strip() for e in extra):
         if not entry:
             continue
@@ -63,11 +67,15 @@ def caption_roots() -> list[Path]:
 
 def resolve_folder(name: str) -> Path:
     """A folder under ComfyUI's input directory (the Load Video rules: no '..', no
-    symlink out), or an absolute path inside one of ``caption_roots()``."""
+    symlink out), ``NAME [output]`` under its output directory (Save Video's clips), or an
+    absolute path inside one of ``caption_roots()``."""
     if isinstance(name, str) and name.strip().startswith("~"):  # the same answer for every user name
         raise AdaTPInputError(f"{name.strip()!r}: '~' is not expanded here; give a folder under ComfyUI's input "
                               "directory or an absolute path inside a folder the server owner allowed.")
-    if isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).is_absolute():
+    if isinstance(name, str) and "\x00" not in name and name.strip().endswith(OUTPUT_MARK):
+        sub = name.strip()[: -len(OUTPUT_MARK)].strip()
+        path = check_inside([bridge.output_directory()], bridge.output_directory() / sub, "node", shown=name.strip())
+    elif isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).is_absolute():
         path = check_inside(caption_roots(), name.strip(), "node", shown=name.strip())
     else:
         path, name = input_path(name.strip() if isinstance(name, str) else name, "folder")
@@ -104,8 +112,9 @@ class AdaTP_CaptionFolder:
         return {"required": {
             "model": ("ADATP_MODEL", {"tooltip": "From Load Video LLM."}),
             "folder": ("STRING", {"default": SAMPLE_FOLDER, "tooltip": "A folder under ComfyUI's input directory, "
-                                  "or an absolute path inside a folder the server owner allowed (README). "
-                                  "adatp_caption_samples holds the pack's sample video."}),
+                                  "NAME [output] for one under its output directory (Save Video's clips: "
+                                  "video [output]), or an absolute path inside a folder the server owner allowed "
+                                  "(README). adatp_caption_samples holds the pack's sample video."}),
             "prompt": ("STRING", {"multiline": True, "default": DEFAULT_PROMPT,
                                   "tooltip": "The captioning instruction given with every clip."}),
             "prefix": ("STRING", {"default": "", "tooltip": "Put before every caption: a trigger word, "
@@ -124,6 +133,10 @@ class AdaTP_CaptionFolder:
         }, "optional": {
             "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 8192,
                                        "tooltip": "The longest caption, in tokens."}),
+            "save_caption": ("BOOLEAN", {"default": True, "tooltip": "Write each caption as clip.txt beside its "
+                                         "clip. For clips made in ComfyUI, point folder at Save Video's folder "
+                                         "('video [output]'): the captions land beside them in the output folder. "
+                                         "Off: only output the captions, write nothing."}),
         }}
 
     @classmethod
@@ -139,14 +152,14 @@ class AdaTP_CaptionFolder:
         return float("nan")  # the folder's contents may change between runs
 
     def caption(self, model, folder, prompt, prefix, suffix, overwrite, recursive, frames, retention, layer,
-                max_new_tokens=256):
+                max_new_tokens=256, save_caption=True):
         cfg = PipelineConfig(num_frames=frames, layer=layer, retention=retention,
                              generation=SamplingConfig(max_new_tokens=max_new_tokens))
         path = resolve_folder(folder)
         job = CaptionJob(folder=path, prompt=prompt, prefix=prefix, suffix=suffix,
                          overwrite=overwrite, recursive=recursive, pipeline=cfg, workers=DECODE_WORKERS,
                          processes=False,  # threads: spawned processes would re-import ComfyUI's main.py
-                         root=root_of(path))
+                         root=root_of(path), save=save_caption)
         progress = {}
         bridge.check_interrupt()
         activate(model)

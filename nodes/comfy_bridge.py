@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -52,6 +53,7 @@ class HeadlessSettings:
     def __init__(self):
         self.input_dir: Path = Path.cwd() / "input"
         self.output_dir: Path = Path.cwd() / "output"
+        self.temp_dir: Path = Path(tempfile.gettempdir())
         self.model_dirs: list[Path] = [Path.cwd() / "models" / LLM_FOLDER]
         self.interrupt = threading.Event()
 
@@ -88,6 +90,24 @@ def output_directory() -> Path:
     if folder_paths is not None:
         return Path(folder_paths.get_output_directory())
     return HEADLESS.output_dir
+
+
+def temp_directory() -> Path:
+    if folder_paths is not None:
+        return Path(folder_paths.get_temp_directory())
+    return HEADLESS.temp_dir
+
+
+def has_video_type() -> bool:
+    """Whether this ComfyUI has the VIDEO type (0.3.30 and later: core Load Video, Create Video,
+    Save Video). Outside ComfyUI (tests, the headless runner) it is the runner's stand-in."""
+    if folder_paths is None:
+        return True
+    try:
+        from comfy_api.input import VideoInput  # type: ignore  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def compute_device(choice: str) -> str | torch.device:

@@ -95,7 +95,62 @@ class PreviewAny:
         return {"ui": {"text": [source if isinstance(source, str) else json.dumps(source, default=str)]}}
 
 
+class VideoFromFile:
+    """A stand-in for ComfyUI's VideoFromFile (comfy_api.input_impl), as far as the pack uses it:
+    a VIDEO backed by a path or a BytesIO, whose frames are decoded only when asked for."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def get_stream_source(self):
+        if hasattr(self._file, "seek"):
+            self._file.seek(0)
+        return self._file
+
+    def get_dimensions(self) -> tuple[int, int]:
+        from ..adatp_core.video import open_container
+
+        with open_container(self.get_stream_source()) as container:
+            stream = container.streams.video[0]
+            return stream.width, stream.height
+
+    def get_components(self):
+        """Every frame, [T, H, W, 3] float 0..1, and the average frame rate (as ComfyUI's does)."""
+        from fractions import Fraction
+        from types import SimpleNamespace
+
+        from ..adatp_core.video import open_container
+
+        with open_container(self.get_stream_source()) as container:
+            stream = container.streams.video[0]
+            frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+            rate = Fraction(stream.average_rate) if stream.average_rate else Fraction(1)
+        images = torch.stack(frames).float() / 255 if frames else torch.zeros(0, 0, 0, 3)
+        return SimpleNamespace(images=images, frame_rate=rate, audio=None, metadata=None)
+
+
+class LoadVideo:
+    """Core Load Video: a video from the input folder as a VIDEO (a VideoFromFile stand-in)."""
+
+    FUNCTION = "load"
+    RETURN_TYPES = ("VIDEO",)
+    RETURN_NAMES = ("VIDEO",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .load_video import list_videos
+
+        return {"required": {"file": (list_videos(), {"video_upload": True})}}
+
+    def load(self, file):
+        from .load_video import resolve_video
+
+        return (VideoFromFile(str(resolve_video(file))),)
+
+
 CORE_DISPLAY_NODES = {"PreviewImage": PreviewImage, "SaveImage": SaveImage, "PreviewAny": PreviewAny}
+# Core nodes that shipped workflows start from, run by stand-ins when ComfyUI is absent.
+CORE_NODES = {**CORE_DISPLAY_NODES, "LoadVideo": LoadVideo}
 
 
 def _inputs(cls) -> list[tuple[str, tuple]]:
@@ -159,7 +214,7 @@ class Workflow:
         if not isinstance(data, dict) or "nodes" not in data:
             raise WorkflowError("this is not a UI-format ComfyUI workflow (no 'nodes'); "
                                 "save it with Workflow > Save, not Export (API)")
-        self.mappings = {**CORE_DISPLAY_NODES, **mappings}
+        self.mappings = {**CORE_NODES, **mappings}
         self.nodes = {int(n["id"]): n for n in data["nodes"] if n.get("type") not in VIRTUAL_NODES}
         self.links = {}
         for link in data.get("links", []):

@@ -135,6 +135,28 @@ SELF_CHECK = {
     "links": [],
 }
 
+GENERATED_VIDEO_QA = {
+    "note": "Ask about a clip made in ComfyUI: any VIDEO (core Load Video here; Create Video after a video "
+            "model, or an API node's output) goes into AdaTP Sample Video, which decodes only the sampled frames "
+            "(a video held as frames is sampled in memory) and gives their times to Extract Attention. Replace "
+            "Load Video by your generation's Create Video to ask about what you just made.",
+    "nodes": [
+        (1, "AdaTP_LoadVideoLLM", 0, {}),
+        (2, "LoadVideo", 0, {"file": "adatp_sample_video.mp4"}),
+        (3, "AdaTP_SampleVideo", 1, {}),
+        (4, "AdaTP_ExtractAttention", 2, {"question": QUESTION}),
+        (5, "AdaTP_GlobalDebias", 3, {}),
+        (6, "AdaTP_LocalDebias", 3, {}),
+        (7, "AdaTP_PruneTokens", 4, {}),
+        (8, "AdaTP_GenerateAnswer", 5, {"max_new_tokens": 64}),
+    ],
+    "links": [
+        (1, "model", 4, "model"), (2, "VIDEO", 3, "video"), (3, "frames", 4, "frames"),
+        (3, "video_info", 4, "video_info"), (4, "state", 5, "state"), (5, "state", 6, "state"),
+        (6, "state", 7, "state"), (7, "state", 8, "state"),
+    ],
+}
+
 # litegraph's constants (ComfyUI frontend): title bar, a socket row, a widget row.
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, NODE_WIDTH = 30, 20, 20, 140
 TITLE_CHAR, LABEL_CHAR = 14 * 0.6, 12 * 0.6  # litegraph's text width estimate (font size * 0.6 a character)
@@ -147,9 +169,11 @@ TEXT_NODES = tuple(json.loads(re.search(r"TEXT_NODES = Object\.freeze\((\[.*?\])
                                         (PACK_DIR / "web" / "adatp_display.js").read_text()).group(1)))
 # Room for what a node shows beyond its widgets: Load Video's video preview (the frontend computes
 # 450 x 552 at 450 wide with the sample video), the images, Preview Any's text box (it scrolls).
-MIN_SIZES = {"AdaTP_ExtractAttention": [360, 0], "AdaTP_LoadVideo": [450, 560], "PreviewImage": [420, 300],
+MIN_SIZES = {"AdaTP_ExtractAttention": [360, 0], "AdaTP_LoadVideo": [450, 560], "LoadVideo": [450, 560],
+             "PreviewImage": [420, 300],
              "AdaTP_PreviewTokens": [340, 0], "PreviewAny": [420, 300]}
-DISPLAY_NAMES = {"PreviewImage": "Preview Image", "PreviewAny": "Preview Any", "SaveImage": "Save Image"}
+DISPLAY_NAMES = {"PreviewImage": "Preview Image", "PreviewAny": "Preview Any", "SaveImage": "Save Image",
+                 "LoadVideo": "Load Video"}
 LEFT, TOP, GAP_X, GAP_Y = 40, 60, 60, 50
 
 
@@ -206,6 +230,7 @@ WORKFLOWS = {
     "fastv_baseline.json": FASTV,
     "caption_folder.json": CAPTION_FOLDER,
     "self_check.json": SELF_CHECK,
+    "generated_video_qa.json": GENERATED_VIDEO_QA,
 }
 
 
@@ -230,7 +255,7 @@ def title_of(kind: str, flow: dict, nid: int, display_names: dict) -> str:
 
 
 def build(flow: dict, mappings: dict, headless, display_names: dict | None = None) -> dict:
-    classes = {**headless.CORE_DISPLAY_NODES, **mappings}
+    classes = {**headless.CORE_NODES, **mappings}
     titles = {nid: title_of(kind, flow, nid, display_names or {}) for nid, kind, _, _ in flow["nodes"]}
     sizes = {nid: node_size(classes[kind], kind, titles[nid], headless) for nid, kind, _, _ in flow["nodes"]}
     room = {nid: node_size(classes[kind], kind, titles[nid], headless, after_run=True)

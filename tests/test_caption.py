@@ -322,3 +322,38 @@ def test_the_decoded_clips_frame_times_reach_the_model(tiny, folder, monkeypatch
     assert results[0].error is None
     (info,) = seen
     assert info is not None and len(info.timestamps) == 2 and info.timestamps[1] > info.timestamps[0]
+
+
+def test_captions_beside_save_videos_clips_and_save_caption_off(tiny, clip_bytes, tmp_path, monkeypatch):
+    """Clips made in ComfyUI: Save Video writes output/video/ComfyUI_00001_.mp4; Caption Folder on
+    'video [output]' writes each caption beside its clip there. save_caption off writes nothing."""
+    bridge = pack_module("nodes.comfy_bridge")
+    mod = pack_module("nodes.caption_folder")
+    monkeypatch.setattr(bridge.HEADLESS, "output_dir", tmp_path / "output")
+    saved = tmp_path / "output" / "video"
+    saved.mkdir(parents=True)
+    for k in (1, 2):
+        (saved / f"ComfyUI_{k:05}_.mp4").write_bytes(clip_bytes)
+    settings = (cap.DEFAULT_PROMPT, "", "", False, False, 2, 0.25, 2)
+    out = mod.AdaTP_CaptionFolder().caption(tiny, "video [output]", *settings, max_new_tokens=3, save_caption=False)
+    captions, summary = out["result"]
+    assert len(captions) == 2 and all(captions) and "Captioned 2 clip(s)" in summary
+    assert txt_files(saved) == {}, "save_caption off wrote a file"
+    out = mod.AdaTP_CaptionFolder().caption(tiny, "video [output]", *settings, max_new_tokens=3)
+    assert txt_files(saved) == {"ComfyUI_00001_.txt": out["result"][0][0], "ComfyUI_00002_.txt": out["result"][0][1]}
+    for bad in ("../video [output]", "/etc [output]", "missing [output]"):
+        assert mod.AdaTP_CaptionFolder.VALIDATE_INPUTS(bad) != True, bad  # noqa: E712
+    assert mod.AdaTP_CaptionFolder.INPUT_TYPES()["optional"].popitem()[0] == "save_caption"  # appended last
+
+
+def test_cli_no_save_keeps_captions_in_the_manifest_only(tiny_dir, folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
+    before = txt_files(folder)
+    manifest = tmp_path / "m.jsonl"
+    assert cli_main(["caption", str(folder), *SETTINGS, "--no-save", "--manifest", str(manifest)]) == 0
+    assert txt_files(folder) == before
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["path"] for r in lines if "caption" in r] == ["a.mp4"] and lines[0]["caption"]
+    capsys.readouterr()
+    assert cli_main(["caption", str(folder), *SETTINGS, "--no-save"]) == 2
+    assert "--manifest" in capsys.readouterr().err

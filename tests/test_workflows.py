@@ -27,7 +27,8 @@ def _load(name):
 
 def test_the_workflows_ship():
     assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "caption_folder.json", "fastv_baseline.json",
-                                           "self_check.json", "vanilla_vs_adatp.json", "video_caption.json"]
+                                           "generated_video_qa.json", "self_check.json", "vanilla_vs_adatp.json",
+                                           "video_caption.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -35,7 +36,7 @@ def test_links_match_node_definitions(env, path):
     pack, headless = env
     data = json.loads(path.read_text())
     wf = headless.Workflow(data, pack.NODE_CLASS_MAPPINGS)  # raises on any mismatch
-    classes = {**headless.CORE_DISPLAY_NODES, **pack.NODE_CLASS_MAPPINGS}
+    classes = {**headless.CORE_NODES, **pack.NODE_CLASS_MAPPINGS}
     for link_id, src, src_slot, dst, dst_slot, kind in data["links"]:
         src_node, dst_node = wf.nodes[src], wf.nodes[dst]
         assert classes[src_node["type"]].RETURN_TYPES[src_slot] == kind
@@ -48,6 +49,8 @@ def test_links_match_node_definitions(env, path):
         return
     if path.name == "caption_folder.json":
         assert {"AdaTP_LoadVideoLLM", "AdaTP_CaptionFolder", "PreviewAny"} <= by_type
+    elif path.name == "generated_video_qa.json":  # core Load Video's VIDEO into Sample Video
+        assert {"LoadVideo", "AdaTP_SampleVideo", "AdaTP_ExtractAttention", "AdaTP_GenerateAnswer"} <= by_type
     else:
         assert {"AdaTP_LoadVideoLLM", "AdaTP_LoadVideo", "AdaTP_ExtractAttention", "AdaTP_GenerateAnswer"} <= by_type
     loaders = [n for n in data["nodes"] if n["type"] == "AdaTP_LoadVideoLLM"]
@@ -74,6 +77,10 @@ def test_every_workflow_runs_headless(env, path):
         assert len(stats) == 2
         assert any("Tokens kept: 6272 of 6272" in s for s in stats)
         assert any("Tokens kept: 1568 of 6272" in s for s in stats)
+    if path.name == "generated_video_qa.json":  # Sample Video decoded the sample's frames and gave their times
+        frames, info = result.outputs[3]
+        assert frames.shape[0] == 32 and len(info.timestamps) == 32 and info.backend in ("decord", "pyav")
+        assert any("frame times from the video" in t for t in texts)
     if path.name == "video_caption.json":
         assert "Describe this video in detail" in _load(path.name)["nodes"][2]["widgets_values"][0]
 
@@ -163,7 +170,7 @@ def test_caption_folder_workflow_runs_on_the_sample_folder(env, tmp_path, monkey
 def _boxes(data, make_workflows, pack, headless):
     """Each node's rectangle in ComfyUI's frontend, title bar included, at its largest
     (after a run, when a text node shows its answer), from make_workflows' sizes."""
-    classes = {**headless.CORE_DISPLAY_NODES, **pack.NODE_CLASS_MAPPINGS}
+    classes = {**headless.CORE_NODES, **pack.NODE_CLASS_MAPPINGS}
     boxes = {}
     for node in data["nodes"]:
         w, h = node["size"]
