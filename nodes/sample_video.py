@@ -76,7 +76,8 @@ def stream_file(source):
     folder = bridge.temp_directory()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="adatp_video_", dir=folder)
+        # A video extension: the decoders take only those; FFmpeg then probes the bytes themselves.
+        fd, name = tempfile.mkstemp(prefix="adatp_video_", suffix=".mp4", dir=folder)
     except OSError as exc:
         raise AdaTPEnvironmentError(f"cannot create a file in ComfyUI's temp folder {folder} ({exc}); "
                                     "free disk space or fix its permissions.") from exc
