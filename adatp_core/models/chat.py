@@ -11,21 +11,56 @@ _VIDEO_SENTINEL = "\x00ADATP_VIDEO\x00"
 _QUESTION_SENTINEL = "\x00ADATP_QUESTION\x00"
 
 
-def read_chat_template(folder: Path, tokenizer) -> str:
-    """The processor's chat template (chat_template.json or .jinja), else the tokenizer's."""
+def _json_field(path: Path, key: str):
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _default_template(value) -> str | None:
+    """A template string, or the "default" one of a list of named templates."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return _default_template(named.get("default"))
+    return None
+
+
+def folder_chat_template(folder: Path) -> str | None:
+    """The chat template saved in a model folder, or None.
+
+    In transformers 5.24's order: chat_template.json (the legacy processor file), then
+    chat_template.jinja (what ``processor.save_pretrained`` writes since 4.5x), then a
+    "chat_template" left inside processor_config.json, then the tokenizer's
+    (tokenizer_config.json).
+    """
     folder = Path(folder)
     js = folder / "chat_template.json"
-    if js.is_file():
-        template = json.loads(js.read_text()).get("chat_template")
-        if template:
-            return template
+    if js.is_file() and (template := _default_template(_json_field(js, "chat_template"))):
+        return template
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
+        try:
+            if template := jinja.read_text(encoding="utf-8"):
+                return template
+        except (OSError, UnicodeDecodeError):
+            pass
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        if (folder / name).is_file() and (template := _default_template(_json_field(folder / name, "chat_template"))):
+            return template
+    return None
+
+
+def read_chat_template(folder: Path, tokenizer) -> str:
+    """The folder's chat template (``folder_chat_template``), else the tokenizer's."""
+    template = folder_chat_template(folder) or _default_template(getattr(tokenizer, "chat_template", None))
+    if template:
+        return template
     raise AdaTPInputError(
-        f"{folder} has no chat template (chat_template.json); copy it from the model's "
+        f"{folder} has no chat template (chat_template.jinja or chat_template.json); copy it from the model's "
         "Hugging Face repository into the folder."
     )
 

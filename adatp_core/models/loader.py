@@ -19,9 +19,10 @@ from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from ..static_decode import StaticDecoders
 from .attention_hook import register_attention, wrapped_attention_name
 from .base import VideoLLMAdapter
+from .chat import folder_chat_template
 from .llava_onevision import LlavaOnevisionAdapter
 from .placement import SPLIT_DEVICE, check_split_device, split_device_map
-from .preprocess import PREPROCESSOR_FILES
+from .preprocess import read_video_processor_config
 from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
@@ -131,24 +132,12 @@ def check_model_folder(folder) -> tuple[Path, dict]:
         raise AdaTPInputError(
             f"{folder} has no tokenizer (tokenizer.json); copy the tokenizer files from the "
             "model's Hugging Face repository into the folder.")
-    if not any((folder / name).is_file() for name in PREPROCESSOR_FILES):
+    read_video_processor_config(folder)  # raises, naming the files it looked for
+    if folder_chat_template(folder) is None:
         raise AdaTPInputError(
-            f"{folder} has no {' or '.join(PREPROCESSOR_FILES)}; copy it from the model's "
-            "Hugging Face repository into the folder.")
-    if not _has_chat_template(folder):
-        raise AdaTPInputError(
-            f"{folder} has no chat template (chat_template.json); copy it from the model's "
-            "Hugging Face repository into the folder.")
+            f"{folder} has no chat template (chat_template.jinja or chat_template.json); copy it from the "
+            "model's Hugging Face repository into the folder.")
     return folder, config
-
-
-def _has_chat_template(folder: Path) -> bool:
-    if (folder / "chat_template.json").is_file() or (folder / "chat_template.jinja").is_file():
-        return True
-    try:
-        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
 
 
 def _check_weights(folder: Path) -> None:

@@ -115,10 +115,10 @@ def build_tiny_qwen3_vl(tokenizer, seed: int = 0):
     return finish_tiny_model(Qwen3VLForConditionalGeneration(config).eval(), tokenizer)
 
 
-def _writer(build, template, preprocessor):
+def _writer(build, template, preprocessor, layout: str = "separate"):
     def write(folder: Path) -> None:
         tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS, _NAMED)
-        save_model_folder(build(tokenizer), tokenizer, folder, template, preprocessor)
+        save_model_folder(build(tokenizer), tokenizer, folder, template, preprocessor, layout=layout)
 
     return write
 
