@@ -4,6 +4,7 @@
     python -m adatp_core --model models/LLM/llava-onevision-qwen2-7b-ov-hf \\
         --video clip.mp4 --question "What is the person doing?"
     python -m adatp_core caption DIR           # a caption .txt beside every clip (caption_cli.py)
+    python -m adatp_core models                # the models --model takes (models/names.py)
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """The model and AdaTP options, shared with ``caption`` (caption_cli.py)."""
-    p.add_argument("--model", help="local model folder (default: the built-in tiny random model)")
+    p.add_argument("--model", help="a model folder, a built-in model (adatp-tiny-qwen3-vl), a folder name under "
+                                   "models/LLM, or a catalog repository id (downloaded on first use); "
+                                   "'python -m adatp_core models' lists them (default: the built-in tiny model)")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
     p.add_argument("--max-pixels", type=int, default=0,
                    help="Qwen models: pixel budget per frame (default 0: 448x448); LLaVA-OV ignores it")
@@ -70,17 +73,16 @@ def format_report(result, load_seconds: float, wall: float) -> str:
             f"model load {load_seconds:.2f} s; wall {wall:.2f} s")
 
 
-def load_model(folder, device: str = "auto", dtype: str = "auto"):
-    """A local model folder, or the built-in tiny random model when ``folder`` is None."""
+def load_model(name, device: str = "auto", dtype: str = "auto"):
+    """The model ``name`` stands for (models/names.py), the built-in tiny model when None."""
     from transformers.utils import logging as hf_logging
 
     from .models.loader import load_video_llm
-    from .models.tiny import TINY_MODEL_NAME, ensure_tiny_model
+    from .models.names import BUILTIN_TINY, resolve_model_name
 
     hf_logging.disable_progress_bar()  # this process's output is the report
-    if folder:
-        return load_video_llm(folder, device=device, dtype=dtype)
-    return load_video_llm(ensure_tiny_model(), device=device, dtype=dtype, name=TINY_MODEL_NAME)
+    resolved = resolve_model_name(name or BUILTIN_TINY)
+    return load_video_llm(resolved.folder, device=device, dtype=dtype, name=resolved.name)
 
 
 def main(argv=None) -> int:
@@ -90,6 +92,10 @@ def main(argv=None) -> int:
         from .caption_cli import main as caption_main
 
         return caption_main(argv[1:], as_program=as_program)
+    if argv[:1] == ["models"]:
+        from .models.names import models_main
+
+        return models_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     wall_start = time.perf_counter()

@@ -192,14 +192,22 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
                    name: str | None = None, offload_device=None) -> VideoLLM:
-    """Load a local model folder safely. See the module docstring for the policy.
+    """Load a model safely. See the module docstring for the policy.
 
     folder: a directory with config.json, model*.safetensors, the tokenizer, a
-        chat template and a video preprocessor config.
+        chat template and a video preprocessor config; or a model name (names.py):
+        a built-in tiny model, a folder under a models root, or a catalog repository
+        id, downloaded on first use with the node's rules (the only download done here,
+        and only when named so).
     attention: the kernel for every layer ("sdpa" or "flash_attention_2"); the
         text model gets AdaTP's wrapper of it, which can score one layer per call.
     offload_device: where ``release`` moves the weights between runs (None: keep loaded).
     """
+    if not (isinstance(folder, Path) or Path(str(folder)).expanduser().is_dir()):
+        from .names import resolve_model_name
+
+        resolved = resolve_model_name(str(folder))
+        folder, name = resolved.folder, name or resolved.name
     folder, config = check_model_folder(folder)
     if attention not in ATTENTIONS:
         raise AdaTPInputError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 TINY_MODEL_NAME = "adatp-tiny-llava-onevision (built-in, random weights)"
 # Bump when anything below changes, so that stale caches are rebuilt.
 TINY_MODEL_VERSION = 2
+TINY_MODEL_FOLDER = f"tiny-llava-onevision-v{TINY_MODEL_VERSION}"  # under the cache
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
@@ -204,7 +205,7 @@ def write_processor_files(folder: Path, chat_template: str, video_preprocessor: 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     """Return the folder of the built-in tiny model, building it on first use."""
-    return ensure_built(cache_dir, f"tiny-llava-onevision-v{TINY_MODEL_VERSION}", write_tiny_folder)
+    return ensure_built(cache_dir, TINY_MODEL_FOLDER, write_tiny_folder)
 
 
 def write_tiny_folder(folder: Path) -> None:
