@@ -111,6 +111,25 @@ class SamplingConfig:
         return out
 
 
+# Nodes' widgets always hold a value, so the new optional inputs have one that means
+# "the model's": repetition_penalty 0 (a real penalty is > 0) and top_k -1 (0 is "off").
+# do_sample, temperature and top_p are Generate Answer's older widgets: their values are
+# the workflow's (a saved workflow keeps its behaviour), never replaced by the model's.
+WIDGET_MODEL_PENALTY = 0.0
+WIDGET_MODEL_TOP_K = -1
+
+
+def widget_settings(repetition_penalty: float = WIDGET_MODEL_PENALTY, top_k: int = WIDGET_MODEL_TOP_K) -> dict:
+    """SamplingConfig fields from the nodes' repetition_penalty and top_k widgets: None
+    (the model's) for the "model" values, else the value."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < WIDGET_MODEL_TOP_K:
+        raise AdaTPInputError(f"top_k must be -1 (the model's), 0 (off) or a positive integer, got {top_k!r}")
+    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty >= WIDGET_MODEL_PENALTY:
+        raise AdaTPInputError(f"repetition_penalty must be 0 (the model's) or > 0, got {repetition_penalty!r}")
+    return {"repetition_penalty": None if repetition_penalty == WIDGET_MODEL_PENALTY else float(repetition_penalty),
+            "top_k": None if top_k == WIDGET_MODEL_TOP_K else top_k}
+
+
 def _coerce(name: str, value):
     if name == "do_sample":
         return bool(value)
@@ -200,4 +219,18 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
 
 
 __all__ = ["DECODE_MODES", "HF_DEFAULTS", "MAX_NEW_TOKENS_LIMIT", "SamplingConfig", "TokenChooser",
-           "apply_repetition_penalty", "choose", "next_token", "settings_text", "warp"]
+           "apply_repetition_penalty", "choose", "next_token", "settings_text", "warp", "widget_settings",
+           "WIDGET_MODEL_PENALTY", "WIDGET_MODEL_TOP_K", "WIDGETS"]
+
+
+# The two optional inputs that Generate Answer and Caption Folder append last (ComfyUI specs).
+WIDGETS = {
+    "repetition_penalty": ("FLOAT", {
+        "default": WIDGET_MODEL_PENALTY, "min": 0.0, "max": 3.0, "step": 0.01,
+        "tooltip": "0: the model's (its generation_config.json, e.g. 1.05 for Qwen2.5-VL; 1.0 when it sets none). "
+                   "1.0: no penalty. Above 1 discourages tokens already in the prompt or answer (fewer loops)."}),
+    "top_k": ("INT", {
+        "default": WIDGET_MODEL_TOP_K, "min": -1, "max": 1000,
+        "tooltip": "Sampling only. -1: the model's (generation_config.json, else 50). 0: off. "
+                   "N: draw from the N most likely tokens."}),
+}

@@ -156,3 +156,37 @@ def test_chooser_matches_transformers_processors(device):
         assert torch.isfinite(expected[0, token]).item()  # drawn from what transformers keeps
         history.append(int(token))
     assert chooser.seen[: vocab].nonzero().squeeze(1).tolist() == sorted(set(history))
+
+
+def test_nodes_take_the_models_settings_unless_overridden(cache, tmp_path, frames):
+    """Generate Answer's and Caption Folder's new optional inputs: 0 / -1 (their defaults,
+    and what a workflow saved before them gets) mean the model's; other values override.
+    Both show the settings in effect."""
+    from pack import pack_module
+
+    from adatp_core.samples import sample_video
+
+    folder = with_generation_config(ensure_tiny_qwen3_vl(cache), tmp_path / "q3", SAMPLING)
+    llm = load_video_llm(folder, device="cpu", dtype="float32")
+    state = extract_attention(llm, frames, QUESTION, layer=2)
+    node = pack_module("nodes.generate_answer").AdaTP_GenerateAnswer
+    assert list(node.INPUT_TYPES()["optional"]) == ["repetition_penalty", "top_k"]
+    stats = node().generate(state, 2, False, 1.0, 1.0, 0)["result"][1]  # a workflow saved before the inputs
+    assert "greedy, repetition_penalty 1.3" in stats
+    stats = node().generate(state, 2, True, 1.0, 1.0, 5, repetition_penalty=1.0, top_k=-1)["result"][1]
+    assert "sampling (seed 5): temperature 1, top_k 20, top_p 1, repetition_penalty 1" in stats
+    stats = node().generate(state, 2, True, 0.5, 0.9, 5, repetition_penalty=0.0, top_k=0)["result"][1]
+    assert "sampling (seed 5): temperature 0.5, top_k 0, top_p 0.9, repetition_penalty 1.3" in stats
+    with pytest.raises(ValueError, match="top_k"):  # the pack's own AdaTPInputError
+        node().generate(state, 2, False, 1.0, 1.0, 0, top_k=-2)
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    shutil.copy(sample_video(), clips / "a.mp4")
+    caption = pack_module("nodes.caption_folder").AdaTP_CaptionFolder
+    assert list(caption.INPUT_TYPES()["optional"])[-2:] == ["repetition_penalty", "top_k"]
+    run = caption().caption(llm, str(clips), "Describe.", "", "", True, False, 2, 0.5, 2, max_new_tokens=2)
+    assert "sampling (seed 0): temperature 0.7, top_k 20, top_p 0.8, repetition_penalty 1.3" in run["result"][1]
+    run = caption().caption(llm, str(clips), "Describe.", "", "", True, False, 2, 0.5, 2, max_new_tokens=2,
+                            repetition_penalty=1.05, top_k=4)
+    assert "temperature 0.7, top_k 4, top_p 0.8, repetition_penalty 1.05" in run["result"][1]
