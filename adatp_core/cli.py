@@ -48,6 +48,17 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--no-global-debias", action="store_true", help="leave out GlobalDebias")
     p.add_argument("--no-local-debias", action="store_true", help="leave out LocalDebias")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    # Unset (None): the model's generation_config.json, else transformers' default (sampling.py).
+    sample = p.add_mutually_exclusive_group()
+    sample.add_argument("--do-sample", dest="do_sample", action="store_const", const=True, default=None,
+                        help="sample (default: as the model's generation_config.json says; greedy if it says nothing)")
+    sample.add_argument("--greedy", dest="do_sample", action="store_const", const=False, help="never sample")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else 1.0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's, else 1.0)")
+    p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens, 0: off (default: the model's, else 50)")
+    p.add_argument("--repetition-penalty", type=float,
+                   help="above 1 discourages tokens already in the prompt or answer (default: the model's, else 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
                    help="static: fixed-shape decode steps, CUDA graphs on CUDA reused across answers; "
                         "auto (default): static on CUDA, default elsewhere")
@@ -64,7 +75,9 @@ def pipeline_config(args):
         num_frames=args.frames, layer=args.layer, query=args.query, max_pixels=args.max_pixels,
         retention=None if args.vanilla else args.retention,
         global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
-        generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode),
+        generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode,
+                                  do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed),
     )
 
 

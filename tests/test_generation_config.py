@@ -190,3 +190,21 @@ def test_nodes_take_the_models_settings_unless_overridden(cache, tmp_path, frame
     run = caption().caption(llm, str(clips), "Describe.", "", "", True, False, 2, 0.5, 2, max_new_tokens=2,
                             repetition_penalty=1.05, top_k=4)
     assert "temperature 0.7, top_k 4, top_p 0.8, repetition_penalty 1.05" in run["result"][1]
+
+
+def test_command_line_settings(cache, tmp_path, capsys, monkeypatch):
+    """--model with a folder whose generation config samples; the options override it."""
+    from adatp_core import cli
+
+    folder = with_generation_config(ensure_tiny_qwen3_vl(cache), tmp_path / "q3", SAMPLING)
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(cache))
+    base = ["--model", str(folder), "--frames", "2", "--max-new-tokens", "2", "--device", "cpu", "--json"]
+    assert cli.main(base) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"] == {**SAMPLING, "seed": 0}
+    assert cli.main([*base, "--greedy", "--repetition-penalty", "1.0"]) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"] == {"do_sample": False, "repetition_penalty": 1.0}
+    assert cli.main([*base, "--top-k", "3", "--temperature", "1.5", "--top-p", "0.5", "--seed", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"] == {
+        "do_sample": True, "temperature": 1.5, "top_k": 3, "top_p": 0.5, "repetition_penalty": 1.3, "seed": 4}
+    assert cli.main([*base[:-1], "--top-k", "-3"]) == 2
+    assert "top_k must be an integer >= 0" in capsys.readouterr().err
