@@ -55,7 +55,8 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     sample.add_argument("--greedy", dest="do_sample", action="store_const", const=False, help="never sample")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else 1.0)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's, else 1.0)")
-    p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens, 0: off (default: the model's, else 50)")
+    p.add_argument("--top-k", type=int,
+                   help="sample from the k likeliest tokens, 0: off (default: the model's, else 50)")
     p.add_argument("--repetition-penalty", type=float,
                    help="above 1 discourages tokens already in the prompt or answer (default: the model's, else 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
