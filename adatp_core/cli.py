@@ -95,8 +95,21 @@ def load_model(name, device: str = "auto", dtype: str = "auto"):
     from .models.names import BUILTIN_TINY, resolve_model_name
 
     hf_logging.disable_progress_bar()  # this process's output is the report
-    resolved = resolve_model_name(name or BUILTIN_TINY)
+    resolved = resolve_model_name(name or BUILTIN_TINY, on_progress=_download_progress())
     return load_video_llm(resolved.folder, device=device, dtype=dtype, name=resolved.name)
+
+
+def _download_progress():
+    """A catalog download's progress on stderr, at most once a second (the report stays on stdout)."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or done == total:
+            last[0] = now
+            print(f"downloading: {done / 1e9:.2f} of {total / 1e9:.2f} GB", file=sys.stderr, flush=True)
+
+    return report
 
 
 def main(argv=None) -> int:
