@@ -5,6 +5,7 @@
         --video clip.mp4 --question "What is the person doing?"
     python -m adatp_core caption DIR           # a caption .txt beside every clip (caption_cli.py)
     python -m adatp_core doctor                # self-check on this machine's device (doctor.py)
+    python -m adatp_core models                # the models --model takes (models/names.py)
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """The model and AdaTP options, shared with ``caption`` (caption_cli.py)."""
-    p.add_argument("--model", help="local model folder (default: the built-in tiny random model)")
+    p.add_argument("--model", help="a model folder, a built-in model (adatp-tiny-qwen3-vl), a folder name under "
+                                   "models/LLM, or a catalog repository id (downloaded on first use); "
+                                   "'python -m adatp_core models' lists them (default: the built-in tiny model)")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
     p.add_argument("--max-pixels", type=int, default=0,
                    help="Qwen models: pixel budget per frame (default 0: 448x448); LLaVA-OV ignores it")
@@ -47,6 +50,18 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--no-global-debias", action="store_true", help="leave out GlobalDebias")
     p.add_argument("--no-local-debias", action="store_true", help="leave out LocalDebias")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    # Unset (None): the model's generation_config.json, else transformers' default (sampling.py).
+    sample = p.add_mutually_exclusive_group()
+    sample.add_argument("--do-sample", dest="do_sample", action="store_const", const=True, default=None,
+                        help="sample (default: as the model's generation_config.json says; greedy if it says nothing)")
+    sample.add_argument("--greedy", dest="do_sample", action="store_const", const=False, help="never sample")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else 1.0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's, else 1.0)")
+    p.add_argument("--top-k", type=int,
+                   help="sample from the k likeliest tokens, 0: off (default: the model's, else 50)")
+    p.add_argument("--repetition-penalty", type=float,
+                   help="above 1 discourages tokens already in the prompt or answer (default: the model's, else 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
                    help="static: fixed-shape decode steps, CUDA graphs on CUDA reused across answers; "
                         "auto (default): static on CUDA, default elsewhere")
@@ -63,7 +78,9 @@ def pipeline_config(args):
         num_frames=args.frames, layer=args.layer, query=args.query, max_pixels=args.max_pixels,
         retention=None if args.vanilla else args.retention,
         global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
-        generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode),
+        generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode,
+                                  do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed),
     )
 
 
@@ -72,17 +89,29 @@ def format_report(result, load_seconds: float, wall: float) -> str:
             f"model load {load_seconds:.2f} s; wall {wall:.2f} s")
 
 
-def load_model(folder, device: str = "auto", dtype: str = "auto"):
-    """A local model folder, or the built-in tiny random model when ``folder`` is None."""
+def load_model(name, device: str = "auto", dtype: str = "auto"):
+    """The model ``name`` stands for (models/names.py), the built-in tiny model when None."""
     from transformers.utils import logging as hf_logging
 
     from .models.loader import load_video_llm
-    from .models.tiny import TINY_MODEL_NAME, ensure_tiny_model
+    from .models.names import BUILTIN_TINY, resolve_model_name
 
     hf_logging.disable_progress_bar()  # this process's output is the report
-    if folder:
-        return load_video_llm(folder, device=device, dtype=dtype)
-    return load_video_llm(ensure_tiny_model(), device=device, dtype=dtype, name=TINY_MODEL_NAME)
+    resolved = resolve_model_name(name or BUILTIN_TINY, on_progress=_download_progress())
+    return load_video_llm(resolved.folder, device=device, dtype=dtype, name=resolved.name)
+
+
+def _download_progress():
+    """A catalog download's progress on stderr, at most once a second (the report stays on stdout)."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or done == total:
+            last[0] = now
+            print(f"downloading: {done / 1e9:.2f} of {total / 1e9:.2f} GB", file=sys.stderr, flush=True)
+
+    return report
 
 
 def main(argv=None) -> int:
@@ -96,6 +125,10 @@ def main(argv=None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main(argv[1:])
+    if argv[:1] == ["models"]:
+        from .models.names import models_main
+
+        return models_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     wall_start = time.perf_counter()

@@ -10,7 +10,6 @@ that is the vanilla model, exactly.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,6 +18,8 @@ import torch
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .memory import fallback_allowed, run_guarded
+# The sampling code's home is sampling.py; these names stay importable from here.
+from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
 from .cache import KVCache
 from .models.base import FALLBACK_STATIC_DECODING
 from .sdpa import plan_free_attention
@@ -27,41 +28,10 @@ from .static_decode import StaticDecoders, static_pays_off
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
-MAX_NEW_TOKENS_LIMIT = 8192
-# "auto": static on CUDA (graphs replayed across answers) while the cache is short enough for
-# static steps to pay off (static_decode.static_pays_off), default elsewhere (on CPU static steps
-# are not faster: there is no launch cost to save).
-DECODE_MODES = ("default", "static", "auto")
 # Stage timings (seconds, in stats) that make up AdaTP's selection and the time to first token,
 # counted from decoded frames: preprocessing, vision, partial prefill, selection, rest of the prefill.
 SELECTION_TIMES = ("time_global_debias", "time_local_debias", "time_prune")
 PREFILL_TIMES = ("time_preprocess", "time_vision", "time_attention") + SELECTION_TIMES
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How the next token is chosen. Greedy unless do_sample."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
-    decode_mode: str = "auto"  # "static": fixed-shape steps, a CUDA graph on CUDA; "auto": static on CUDA only
-
-    def __post_init__(self):
-        n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
-            raise AdaTPInputError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {n!r}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise AdaTPInputError(f"temperature must be > 0, got {self.temperature} (1.0 is neutral)")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise AdaTPInputError(f"top_p must be in (0, 1], got {self.top_p} (1.0 keeps every token)")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise AdaTPInputError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if self.decode_mode not in DECODE_MODES:
-            raise AdaTPInputError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -83,20 +53,6 @@ def resolve_decode_mode(mode: str, device) -> str:
     return mode
 
 
-def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
-    """logits: [V] float32 -> the chosen token id. Greedy, or temperature and
-    top-p sampling with ``generator``; all on the logits' device, both decode modes."""
-    if not cfg.do_sample:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_probs, idx = torch.sort(probs, descending=True)
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= cfg.top_p
-        sorted_probs.masked_fill_(outside, 0.0)  # not sorted_probs[outside] = 0: a bool index syncs on CUDA
-        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
                     on_token: Callable[[int, int], None] | None = None,
                     return_logits: bool = False) -> Answer:
@@ -105,9 +61,10 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     on_token(step, token_id) is called after each generated token; it may raise
     (ComfyUI's interrupt) to stop generation.
     """
-    cfg = sampling or SamplingConfig()
     model = state.model
     adapter = model.adapter
+    # unset settings: the model's generation_config.json, else transformers' defaults (sampling.py)
+    cfg = (sampling or SamplingConfig()).resolve(getattr(adapter.model, "generation_config", None))
     limit = getattr(adapter.text_model.config, "max_position_embeddings", None)
     if limit is not None and state.prompt.length + cfg.max_new_tokens > limit:
         raise AdaTPInputError(
@@ -134,6 +91,7 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         "decode_mode": run.mode,
         "time_graph_capture": run.capture_seconds,  # one-time per model and bucket; not in the two above
         "static_graph": run.graph_note,  # static mode: captured, reused, or why there is none
+        "sampling": cfg.settings(),  # the settings in effect, the model's defaults filled in
     })
     if run.fallback or fallback:
         stats[FALLBACK_STATIC_DECODING] = run.fallback or fallback
@@ -224,6 +182,7 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     mode = resolve_decode_mode(cfg.decode_mode, dev)
     tokens: list[int] = []
     chosen_logits = []
+    chooser = TokenChooser(cfg, state.prompt.input_ids, generator)  # penalises the prompt's ids too
     with torch.inference_mode(), plan_free_attention(dev):
         synchronize(dev)
         start = time.perf_counter()
@@ -256,7 +215,7 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
         decode_start = time.perf_counter()
         passes = 0  # decode forward passes
         for step in range(cfg.max_new_tokens):
-            token = next_token(logits, cfg, generator)
+            token = int(chooser(logits))
             if return_logits:
                 chosen_logits.append(logits)
             if token in eos:

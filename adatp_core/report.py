@@ -32,6 +32,10 @@ def generation_line(s: dict) -> str:
         line += f" ({s['decode_mode']} decoding)"
     if s.get("time_graph_capture"):  # once per model and cache-size bucket, so on its own
         line += f"; one-time CUDA graph capture {s['time_graph_capture']:.3f} s"
+    if "sampling" in s:  # the settings in effect, the model's generation_config filled in
+        from .sampling import settings_text
+
+        line += f"; {settings_text(s['sampling'])}"
     return line
 
 

@@ -87,7 +87,8 @@ def evaluate(model, items: list[dict], configs: dict[str, PipelineConfig], frame
             key = (cfg.layer, cfg.query)
             if key not in by_query:
                 by_query[key] = extract_attention(model, clip, question, cfg.layer, cfg.query)
-            answer = generate_answer(select(by_query[key], cfg), SamplingConfig(max_new_tokens=max_new_tokens))
+            answer = generate_answer(select(by_query[key], cfg),
+                                     SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False))
             totals[name]["seconds"] += time.perf_counter() - start
             guess = predicted_letter(answer.text) if item.get("options") else answer.text.strip()
             totals[name]["answered"] += 1

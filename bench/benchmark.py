@@ -127,7 +127,8 @@ def run_adatp(model, frames, method: str, retention: float, new_tokens: int, que
             state = local_debias(global_debias(state))
         state = prune_tokens(state, retention)
         mode = "static" if method.endswith("_static") else "default"
-        answer = generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True, decode_mode=mode))
+        answer = generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True,
+                                                       decode_mode=mode))
     s = answer.stats
     plain = plain_prefill_seconds(model, state, layer) if layer > 0 else 0.0
     prefill = s["time_attention"] + s["time_selection"] + s["time_prefill_continue"]
@@ -256,7 +257,8 @@ def bench_capture(model, frames, new_tokens: int) -> list[dict]:
     rows = []
     for label, question in (("first answer", QUESTION), ("next question, same bucket", fresh_question())):
         state = prune_tokens(local_debias(global_debias(extract_attention(model, frames, question))), 0.25)
-        answer = generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True, decode_mode="static"))
+        answer = generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True,
+                                                       decode_mode="static"))
         note = "no graph off CUDA" if model.compute_device.type != "cuda" else f"{new_tokens} tokens, R=0.25"
         rows.append(micro_row(f"static graph capture ({label})", frames.shape[0], [answer.stats["time_graph_capture"]],
                               note))
@@ -276,7 +278,7 @@ def bench_caption(model, frames, new_tokens: int, repeats: int) -> list[dict]:
     def adatp():
         state = extract_attention(model, frames, CAPTION)
         state = prune_tokens(local_debias(global_debias(state)), 0.25)
-        return generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)).text
+        return generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)).text
 
     def stock():
         plan = adapter.plan_video(*frames.shape[:3])

@@ -43,7 +43,7 @@ def main() -> int:
              for a in ("sdpa", "eager")}
     frames = torch.from_numpy(scene_frames(num_frames=4, width=128, height=96, scenes=2)).float() / 255
     pixels = ours.adapter.preprocess(frames)
-    cfg = SamplingConfig(max_new_tokens=STEPS)
+    cfg = SamplingConfig(max_new_tokens=STEPS, do_sample=False)  # as the stock call; the penalty: the model's, for both
     for layer in (0, 2):
         state = extract_attention(ours, frames, QUESTION, layer=layer)
         ids = state.prompt.input_ids[None]

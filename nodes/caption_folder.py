@@ -14,6 +14,7 @@ from ..adatp_core.models.loader import activate, release
 from ..adatp_core.paths import check_inside, inside, resolved
 from ..adatp_core.pipeline import PipelineConfig
 from ..adatp_core.samples import SAMPLE_VIDEO
+from ..adatp_core.sampling import WIDGETS, settings_text, widget_settings
 from ..adatp_core.video import MAX_FRAMES
 from . import comfy_bridge as bridge
 from .load_video import SAMPLE_NAME, input_path
@@ -133,6 +134,7 @@ class AdaTP_CaptionFolder:
         }, "optional": {
             "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 8192,
                                        "tooltip": "The longest caption, in tokens."}),
+            **WIDGETS,  # repetition_penalty, top_k: the model's unless set; sampling as the model says
             "save_caption": ("BOOLEAN", {"default": True, "tooltip": "Write each caption as clip.txt beside its "
                                          "clip. For clips made in ComfyUI, point folder at Save Video's folder "
                                          "('video [output]'): the captions land beside them in the output folder. "
@@ -152,9 +154,9 @@ class AdaTP_CaptionFolder:
         return float("nan")  # the folder's contents may change between runs
 
     def caption(self, model, folder, prompt, prefix, suffix, overwrite, recursive, frames, retention, layer,
-                max_new_tokens=256, save_caption=True):
-        cfg = PipelineConfig(num_frames=frames, layer=layer, retention=retention,
-                             generation=SamplingConfig(max_new_tokens=max_new_tokens))
+                max_new_tokens=256, repetition_penalty=0.0, top_k=-1, save_caption=True):
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, **widget_settings(repetition_penalty, top_k))
+        cfg = PipelineConfig(num_frames=frames, layer=layer, retention=retention, generation=sampling)
         path = resolve_folder(folder)
         job = CaptionJob(folder=path, prompt=prompt, prefix=prefix, suffix=suffix,
                          overwrite=overwrite, recursive=recursive, pipeline=cfg, workers=DECODE_WORKERS,
@@ -170,7 +172,8 @@ class AdaTP_CaptionFolder:
         finally:
             if release(model):
                 bridge.soft_empty_cache()
-        text = summary.text()
+        effective = sampling.resolve(getattr(model.model, "generation_config", None)).settings()
+        text = f"{summary.text()}\nGeneration: {settings_text(effective)} (unset: the model's generation_config.json)"
         if summary.model_error:
             raise RuntimeError(text)
         captions = list(summary.captions.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..adatp_core.generate import SamplingConfig, generate_answer
 from ..adatp_core.report import stats_text
+from ..adatp_core.sampling import WIDGETS, widget_settings
 from . import comfy_bridge as bridge
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
@@ -34,11 +35,11 @@ class AdaTP_GenerateAnswer:
                                 "tooltip": "Nucleus sampling mass (do_sample only)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
                              "tooltip": "Sampling seed (do_sample only)."}),
-        }}
+        }, "optional": dict(WIDGETS)}  # repetition_penalty, top_k: the model's unless set (sampling.py)
 
-    def generate(self, state, max_new_tokens, do_sample, temperature, top_p, seed):
+    def generate(self, state, max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty=0.0, top_k=-1):
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_p=top_p, seed=seed)
+                             top_p=top_p, seed=seed, **widget_settings(repetition_penalty, top_k))
         progress = bridge.Progress(max_new_tokens)
         bridge.check_interrupt()
         bridge.activate(state.model)

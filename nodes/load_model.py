@@ -9,6 +9,7 @@ from pathlib import Path
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.models.catalog import DOWNLOAD_MARK, catalog, entry_from_label
 from ..adatp_core.models.download import is_model_folder
+from ..adatp_core.models import names
 from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
 from ..adatp_core.models.placement import SPLIT_DEVICE
 from ..adatp_core.models.quantize import QUANTIZED_DTYPES
@@ -20,7 +21,7 @@ from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TINY = "adatp-tiny (built-in, random weights)"
+BUILTIN_TINY = names.BUILTIN_TINY  # the command line takes the same names (models/names.py)
 # The other built-in tiny models, by their name in the list.
 BUILTIN_TINY_QWEN = {TINY_QWEN2_5_VL_NAME: ensure_tiny_qwen2_5_vl, TINY_QWEN3_VL_NAME: ensure_tiny_qwen3_vl}
 DEVICES = ("auto", "cuda", "cpu", SPLIT_DEVICE)

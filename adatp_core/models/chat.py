@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import AdaTPInputError
 
@@ -11,29 +12,94 @@ _VIDEO_SENTINEL = "\x00ADATP_VIDEO\x00"
 _QUESTION_SENTINEL = "\x00ADATP_QUESTION\x00"
 
 
-def read_chat_template(folder: Path, tokenizer) -> str:
-    """The processor's chat template (chat_template.json or .jinja), else the tokenizer's."""
+def _json_field(path: Path, key: str):
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _default_template(value) -> str | None:
+    """A template string, or the "default" one of a list of named templates."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return _default_template(named.get("default"))
+    return None
+
+
+def folder_chat_template(folder: Path) -> str | None:
+    """The chat template saved in a model folder, or None.
+
+    In transformers 5.24's order: chat_template.json (the legacy processor file), then
+    chat_template.jinja (what ``processor.save_pretrained`` writes since 4.5x), then a
+    "chat_template" left inside processor_config.json, then the tokenizer's
+    (tokenizer_config.json).
+    """
     folder = Path(folder)
     js = folder / "chat_template.json"
-    if js.is_file():
-        template = json.loads(js.read_text()).get("chat_template")
-        if template:
-            return template
+    if js.is_file() and (template := _default_template(_json_field(js, "chat_template"))):
+        return template
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
+        try:
+            if template := jinja.read_text(encoding="utf-8"):
+                return template
+        except (OSError, UnicodeDecodeError):
+            pass
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        if (folder / name).is_file() and (template := _default_template(_json_field(folder / name, "chat_template"))):
+            return template
+    return None
+
+
+def read_chat_template(folder: Path, tokenizer) -> str:
+    """The folder's chat template (``folder_chat_template``), else the tokenizer's."""
+    template = folder_chat_template(folder) or _default_template(getattr(tokenizer, "chat_template", None))
+    if template:
+        return template
     raise AdaTPInputError(
-        f"{folder} has no chat template (chat_template.json); copy it from the model's "
+        f"{folder} has no chat template (chat_template.jinja or chat_template.json); copy it from the model's "
         "Hugging Face repository into the folder."
     )
 
 
-def split_template(tokenizer, chat_template: str, video_text: str) -> tuple[list[int], list[int], list[int]]:
-    """Render one user turn (a video, then the question) with sentinels and return the
-    token ids of the literal text before the video, between video and question, and
-    after the question (the generation prompt included).
+class TemplateParts(NamedTuple):
+    """One user turn's template around the video and the question.
+
+    before, middle, after: token ids of the template text before the video, between the
+    video and the question, after the question (the generation prompt included).
+    lead, trail: the template text that touches the question with no special token in
+    between (LLaVA-OV's newline after <video>). It is tokenized together with the
+    question (``question_tokens``), as the processor tokenizes the whole rendered string:
+    byte-level BPE merges across that seam (a question that starts with a newline gives
+    "ĊĊ", not "Ċ", "Ċ"). ``middle`` and ``after`` hold the rest, so they do not depend
+    on the question.
+    """
+
+    before: list[int]
+    middle: list[int]
+    after: list[int]
+    lead: str = ""
+    trail: str = ""
+
+
+def _added_token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
+    """(start, end) of every added token's text in ``text`` (where the tokenizer splits first)."""
+    spans = []
+    for token in getattr(tokenizer, "get_added_vocab", dict)():
+        start = text.find(token)
+        while token and start >= 0:
+            spans.append((start, start + len(token)))
+            start = text.find(token, start + 1)
+    return spans
+
+
+def split_template(tokenizer, chat_template: str, video_text: str) -> TemplateParts:
+    """Render one user turn (a video, then the question) with sentinels and split it
+    into ``TemplateParts``.
 
     video_text: what the template writes for the video's placeholder (LLaVA-OV: "<video>";
         Qwen: "<|video_pad|>", inside its <|vision_start|>...<|vision_end|>).
@@ -51,7 +117,31 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> tuple[list
     middle, after = rest.split(_QUESTION_SENTINEL)
     if not before:
         raise AdaTPInputError("unexpected chat template layout")
-    return tuple(tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle, after))
+    cut_middle = max((end for _, end in _added_token_spans(tokenizer, middle)), default=0)
+    cut_after = min((start for start, _ in _added_token_spans(tokenizer, after)), default=len(after))
+    ids = [tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle[:cut_middle],
+                                                                                after[cut_after:])]
+    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after])
+
+
+def question_tokens(tokenizer, parts: TemplateParts, question: str) -> tuple[list[int], int, int]:
+    """(ids of lead + question + trail, tokenized as one string, and the [start, end) of
+    the tokens that hold the question's text). Special-token text in the question
+    (<video>, <|im_end|>) is split into ordinary tokens, so it can never create a
+    placeholder. A token that spans the seam counts as the question's."""
+    text = parts.lead + question + parts.trail
+    q0, q1 = len(parts.lead), len(parts.lead) + len(question)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError, ValueError):  # a slow tokenizer: no offsets
+        lead, q, trail = (tokenize_question(tokenizer, t) if t else [] for t in (parts.lead, question, parts.trail))
+        return lead + q + trail, len(lead), len(lead) + len(q)
+    inside = [i for i, (a, b) in enumerate(offsets) if a < q1 and b > q0]
+    if not inside:  # an empty question: where it would be
+        at = sum(1 for a, b in offsets if b <= q0)
+        return list(enc["input_ids"]), at, at
+    return list(enc["input_ids"]), inside[0], inside[-1] + 1
 
 
 def tokenize_question(tokenizer, question: str) -> list[int]:

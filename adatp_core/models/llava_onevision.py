@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
 from .base import Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
-from .chat import read_chat_template, split_template, tokenize_question
+from .chat import question_tokens, read_chat_template, split_template, tokenize_question
 from .preprocess import PreprocessConfig, preprocess_frames
 
 
@@ -187,8 +187,8 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         video: a VideoPlan, or the number of visual tokens N."""
         plan = video if isinstance(video, VideoPlan) else None
         num_video_tokens = plan.num_tokens if plan is not None else int(video)
-        before, middle, after = self._template_parts
-        q = self.tokenize_question(question)
+        before, middle, after = self._template_parts[:3]
+        q, q_from, q_to = question_tokens(self.tokenizer, self._template_parts, question)
         n_total = num_video_tokens + 1  # + the newline
         ids = before + [self.video_token_id] * n_total + middle + q + after
         start = len(before)
@@ -197,7 +197,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
             input_ids=torch.tensor(ids, dtype=torch.long),
             visual_positions=torch.arange(start, start + num_video_tokens),
             extra_positions=torch.tensor([start + num_video_tokens]),
-            question=(q_start, q_start + len(q)),
+            question=(q_start + q_from, q_start + q_to),
             after_video=start + n_total,
             plan=plan,
         )

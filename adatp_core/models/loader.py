@@ -21,9 +21,10 @@ from ..paths import bare_name
 from ..static_decode import StaticDecoders
 from .attention_hook import register_attention, wrapped_attention_name
 from .base import VideoLLMAdapter
+from .chat import folder_chat_template
 from .llava_onevision import LlavaOnevisionAdapter
 from .placement import SPLIT_DEVICE, check_split_device, split_device_map
-from .preprocess import PREPROCESSOR_FILES
+from .preprocess import read_video_processor_config
 from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
@@ -135,24 +136,12 @@ def check_model_folder(folder) -> tuple[Path, dict]:
         raise AdaTPInputError(
             f"{folder} has no tokenizer (tokenizer.json); copy the tokenizer files from the "
             "model's Hugging Face repository into the folder.")
-    if not any((folder / name).is_file() for name in PREPROCESSOR_FILES):
+    read_video_processor_config(folder)  # raises, naming the files it looked for
+    if folder_chat_template(folder) is None:
         raise AdaTPInputError(
-            f"{folder} has no {' or '.join(PREPROCESSOR_FILES)}; copy it from the model's "
-            "Hugging Face repository into the folder.")
-    if not _has_chat_template(folder):
-        raise AdaTPInputError(
-            f"{folder} has no chat template (chat_template.json); copy it from the model's "
-            "Hugging Face repository into the folder.")
+            f"{folder} has no chat template (chat_template.jinja or chat_template.json); copy it from the "
+            "model's Hugging Face repository into the folder.")
     return folder, config
-
-
-def _has_chat_template(folder: Path) -> bool:
-    if (folder / "chat_template.json").is_file() or (folder / "chat_template.jinja").is_file():
-        return True
-    try:
-        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
 
 
 def _check_weights(folder: Path) -> None:
@@ -278,14 +267,22 @@ def _load_error(folder: Path, exc: BaseException) -> Exception:
 
 def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
                    name: str | None = None, offload_device=None) -> VideoLLM:
-    """Load a local model folder safely. See the module docstring for the policy.
+    """Load a model safely. See the module docstring for the policy.
 
     folder: a directory with config.json, model*.safetensors, the tokenizer, a
-        chat template and a video preprocessor config.
+        chat template and a video preprocessor config; or a model name (names.py):
+        a built-in tiny model, a folder under a models root, or a catalog repository
+        id, downloaded on first use with the node's rules (the only download done here,
+        and only when named so).
     attention: an ATTENTIONS choice. Every layer runs PyTorch's SDPA (``attention_kernel``);
         the text model gets AdaTP's wrapper of it, which can score one layer per call.
     offload_device: where ``release`` moves the weights between runs (None: keep loaded).
     """
+    if not (isinstance(folder, Path) or Path(str(folder)).expanduser().is_dir()):
+        from .names import resolve_model_name
+
+        resolved = resolve_model_name(str(folder))
+        folder, name = resolved.folder, name or resolved.name
     folder, config = check_model_folder(folder)
     kernel = attention_kernel(attention)
     split = isinstance(device, str) and device == SPLIT_DEVICE  # over every GPU; dev is the first

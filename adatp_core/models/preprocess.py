@@ -20,7 +20,54 @@ from ..errors import AdaTPInputError
 
 # PIL resampling codes used in HF preprocessor configs.
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}
+# Where a folder keeps its video processor's settings, in transformers' order of
+# preference: transformers 5 saves every sub-processor nested in processor_config.json
+# (its "video_processor" entry); older folders have the separate files.
+PROCESSOR_FILE = "processor_config.json"
 PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdaTPInputError(f"{path} cannot be read as JSON ({exc}); download it again.") from exc
+    if not isinstance(data, dict):
+        raise AdaTPInputError(f"{path} does not hold a JSON object; download it again.")
+    return data
+
+
+def read_video_processor_config(folder: Path) -> tuple[dict, Path]:
+    """(settings, the file they came from) of a model folder's video processor.
+
+    The order is transformers 5.24's (``get_video_processor_dict``): the "video_processor"
+    entry of processor_config.json, then video_preprocessor_config.json, then
+    preprocessor_config.json; last, the "image_processor" entry of processor_config.json
+    (a folder saved with only an image processor: the same resize and normalisation).
+    """
+    folder = Path(folder)
+    nested_path = folder / PROCESSOR_FILE
+    nested = _read_json(nested_path) if nested_path.is_file() else {}
+    if isinstance(nested.get("video_processor"), dict):
+        return nested["video_processor"], nested_path
+    for name in PREPROCESSOR_FILES:
+        path = folder / name
+        if path.is_file():
+            return _read_json(path), path
+    if isinstance(nested.get("image_processor"), dict):
+        return nested["image_processor"], nested_path
+    raise AdaTPInputError(
+        f"{folder} has no video processor settings ({PROCESSOR_FILE} with a video_processor entry, or "
+        f"{' or '.join(PREPROCESSOR_FILES)}); copy them from the model's Hugging Face repository into the folder.")
+
+
+def has_video_processor_config(folder: Path) -> bool:
+    """Whether ``read_video_processor_config`` finds settings (without raising)."""
+    try:
+        read_video_processor_config(folder)
+    except AdaTPInputError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -42,15 +89,9 @@ class PreprocessConfig:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "PreprocessConfig":
-        """Read the video processor config of a model folder (the video one first)."""
-        for name in PREPROCESSOR_FILES:
-            path = Path(folder) / name
-            if path.is_file():
-                return cls.from_dict(json.loads(path.read_text()), source=path)
-        raise AdaTPInputError(
-            f"{folder} has no {' or '.join(PREPROCESSOR_FILES)}; copy it from the model's "
-            "Hugging Face repository into the folder."
-        )
+        """Read the video processor config of a model folder (``read_video_processor_config``)."""
+        cfg, path = read_video_processor_config(folder)
+        return cls.from_dict(cfg, source=path)
 
     @classmethod
     def from_dict(cls, cfg: dict, source="config") -> "PreprocessConfig":
@@ -144,16 +185,9 @@ class QwenPreprocessConfig:
 
     @classmethod
     def from_folder(cls, folder: Path, whole_video: bool, defaults: dict) -> "QwenPreprocessConfig":
-        """Read a Qwen model folder's video processor config (the video one first)."""
-        for name in PREPROCESSOR_FILES:
-            path = Path(folder) / name
-            if path.is_file():
-                cfg = {**defaults, **json.loads(path.read_text())}
-                break
-        else:
-            raise AdaTPInputError(
-                f"{folder} has no {' or '.join(PREPROCESSOR_FILES)}; copy it from the model's "
-                "Hugging Face repository into the folder.")
+        """Read a Qwen model folder's video processor config (``read_video_processor_config``)."""
+        found, path = read_video_processor_config(folder)
+        cfg = {**defaults, **found}
         size = dict(cfg.get("size") or {})
         min_pixels = cfg.get("min_pixels") or size.get("shortest_edge")
         max_pixels = cfg.get("max_pixels") or size.get("longest_edge")

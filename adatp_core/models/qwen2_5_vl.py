@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import AdaTPInputError
 from ..memory import fallback_allowed
 from .base import FALLBACK_BATCHED_VISION, Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
-from .chat import read_chat_template, split_template, tokenize_question
+from .chat import question_tokens, read_chat_template, split_template, tokenize_question
 from .preprocess import PreprocessConfig, QwenPreprocessConfig, patchify_video, preprocess_frames, qwen_resize_target
 from .qwen_vision import vision_forward
 
@@ -171,8 +171,8 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         """[before] [video] [middle] [question] [after], the video as ``video_tokens``."""
         if not isinstance(video, VideoPlan):
             raise AdaTPInputError("Qwen prompts need a video plan (plan_video), not a token count")
-        before, middle, after = self._template_parts
-        q = self.tokenize_question(question)
+        before, middle, after = self._template_parts[:3]
+        q, q_from, q_to = question_tokens(self.tokenizer, self._template_parts, question)
         vid = self.video_tokens(video)
         ids = torch.tensor(before + vid + middle + q + after, dtype=torch.long)
         in_video = torch.zeros(len(ids), dtype=torch.bool)
@@ -180,7 +180,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         visual_positions = ((ids == self.video_token_id) & in_video).nonzero().squeeze(1)
         q_start = len(before) + len(vid) + len(middle)
         return Prompt(input_ids=ids, visual_positions=visual_positions,
-                      extra_positions=torch.zeros(0, dtype=torch.long), question=(q_start, q_start + len(q)),
+                      extra_positions=torch.zeros(0, dtype=torch.long), question=(q_start + q_from, q_start + q_to),
                       after_video=int(visual_positions[-1]) + 1, plan=video)
 
     def _rope_kwargs(self, plan: VideoPlan) -> dict:

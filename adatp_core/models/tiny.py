@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 TINY_MODEL_NAME = "adatp-tiny-llava-onevision (built-in, random weights)"
 # Bump when anything below changes, so that stale caches are rebuilt.
 TINY_MODEL_VERSION = 2
+TINY_MODEL_FOLDER = f"tiny-llava-onevision-v{TINY_MODEL_VERSION}"  # under the cache
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
@@ -159,20 +160,52 @@ def finish_tiny_model(model, tokenizer):
     return model
 
 
+# The image processor class that goes with each video processor (transformers 5.24).
+_IMAGE_PROCESSOR = {"LlavaOnevisionVideoProcessor": "LlavaOnevisionImageProcessor",
+                    "Qwen2VLVideoProcessor": "Qwen2VLImageProcessor", "Qwen3VLVideoProcessor": "Qwen2VLImageProcessor"}
+LAYOUTS = ("separate", "transformers5")
+
+
 def save_model_folder(model, tokenizer, folder: Path, chat_template: str = LLAVA_ONEVISION_CHAT_TEMPLATE,
-                      video_preprocessor: dict = LLAVA_ONEVISION_VIDEO_PREPROCESSOR) -> None:
+                      video_preprocessor: dict = LLAVA_ONEVISION_VIDEO_PREPROCESSOR, layout: str = "separate") -> None:
     """Write a model folder laid out like the Hugging Face repos': safetensors,
-    tokenizer, processor chat template and video preprocessor config."""
+    tokenizer, processor chat template and video preprocessor config.
+
+    layout "separate": chat_template.json and video_preprocessor_config.json, as the
+    catalog's repositories have them. "transformers5": what transformers 5.24's
+    ``processor.save_pretrained`` writes: processor_config.json with the image and
+    video processors nested in it, and chat_template.jinja.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2))
-    (folder / "video_preprocessor_config.json").write_text(json.dumps(video_preprocessor, indent=2))
+    write_processor_files(folder, chat_template, video_preprocessor, layout)
+
+
+def write_processor_files(folder: Path, chat_template: str, video_preprocessor: dict, layout: str) -> None:
+    """The chat template and video processor files of ``save_model_folder``'s ``layout``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "separate":
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2))
+        (folder / "video_preprocessor_config.json").write_text(json.dumps(video_preprocessor, indent=2))
+        return
+    video = {k: v for k, v in video_preprocessor.items() if k != "processor_class"}
+    image = {k: v for k, v in video.items() if k not in ("video_processor_type", "do_sample_frames", "fps",
+                                                         "min_frames", "max_frames", "max_video_tokens")}
+    image["image_processor_type"] = _IMAGE_PROCESSOR[video["video_processor_type"]]
+    processor = {"image_processor": image, "processor_class": video_preprocessor["processor_class"],
+                 "video_processor": video}
+    if video["video_processor_type"] == "LlavaOnevisionVideoProcessor":
+        processor.update(image_token="<image>", video_token="<video>", num_image_tokens=None,
+                         vision_feature_select_strategy=None)
+    (folder / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+    (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     """Return the folder of the built-in tiny model, building it on first use."""
-    return ensure_built(cache_dir, f"tiny-llava-onevision-v{TINY_MODEL_VERSION}", write_tiny_folder)
+    return ensure_built(cache_dir, TINY_MODEL_FOLDER, write_tiny_folder)
 
 
 def write_tiny_folder(folder: Path) -> None:

@@ -16,6 +16,8 @@ from .tiny import build_tokenizer, ensure_built, finish_tiny_model, save_model_f
 TINY_QWEN2_5_VL_NAME = "adatp-tiny-qwen2.5-vl (built-in, random weights)"
 TINY_QWEN3_VL_NAME = "adatp-tiny-qwen3-vl (built-in, random weights)"
 TINY_QWEN_VERSION = 1
+TINY_QWEN2_5_VL_FOLDER = f"tiny-qwen2.5-vl-v{TINY_QWEN_VERSION}"  # under the cache
+TINY_QWEN3_VL_FOLDER = f"tiny-qwen3-vl-v{TINY_QWEN_VERSION}"
 
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>")
@@ -115,19 +117,19 @@ def build_tiny_qwen3_vl(tokenizer, seed: int = 0):
     return finish_tiny_model(Qwen3VLForConditionalGeneration(config).eval(), tokenizer)
 
 
-def _writer(build, template, preprocessor):
+def _writer(build, template, preprocessor, layout: str = "separate"):
     def write(folder: Path) -> None:
         tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS, _NAMED)
-        save_model_folder(build(tokenizer), tokenizer, folder, template, preprocessor)
+        save_model_folder(build(tokenizer), tokenizer, folder, template, preprocessor, layout=layout)
 
     return write
 
 
 def ensure_tiny_qwen2_5_vl(cache_dir: Path | None = None) -> Path:
-    return ensure_built(cache_dir, f"tiny-qwen2.5-vl-v{TINY_QWEN_VERSION}",
+    return ensure_built(cache_dir, TINY_QWEN2_5_VL_FOLDER,
                         _writer(build_tiny_qwen2_5_vl, QWEN2_5_VL_CHAT_TEMPLATE, QWEN2_5_VL_VIDEO_PREPROCESSOR))
 
 
 def ensure_tiny_qwen3_vl(cache_dir: Path | None = None) -> Path:
-    return ensure_built(cache_dir, f"tiny-qwen3-vl-v{TINY_QWEN_VERSION}",
+    return ensure_built(cache_dir, TINY_QWEN3_VL_FOLDER,
                         _writer(build_tiny_qwen3_vl, QWEN3_VL_CHAT_TEMPLATE, QWEN3_VL_VIDEO_PREPROCESSOR))
