@@ -878,9 +878,9 @@ def plan_folder(job: CaptionJob, shard: tuple[int, int] = (0, 1)) -> FolderPlan:
             unwritable[folder] = why
     if unwritable and len(unwritable) == len({t.parent for _, t in targets.values()}):
         folder, why = next(iter(unwritable.items()))
-        raise OptionError("out", f"cannot write captions in {shown(str(folder))} ({why})"
-                                 f"{f' nor {len(unwritable) - 1} other folder(s)' if len(unwritable) > 1 else ''}; "
-                                 "make it writable, or give --out a writable folder.")
+        more = f" nor {len(unwritable) - 1} other folder(s)" if len(unwritable) > 1 else ""
+        raise OptionError("out", f"cannot write captions in {shown(str(folder))} ({why}){more}; "
+                                 "make it writable, or write the captions to a writable folder (--out).")
     for clip in list(todo):
         rel, target = targets[str(clip)]
         if target.parent in unwritable:

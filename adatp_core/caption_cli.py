@@ -163,8 +163,7 @@ def run(args: argparse.Namespace, dist: Distributed) -> int:
                          pipeline=pipeline_config(args), workers=args.workers)
         check_options(job.prompt, job.pipeline, job.workers)
         if manifest is not None:
-            check_manifest(manifest)
-            check_manifest(dist.shard_manifest(manifest))
+            check_manifest(manifest)  # each process's shard goes beside it
         plan = plan_folder(job, (dist.index, dist.count))  # listing and writability, before the model
     except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
         print(f"{label}error: {option_message(exc, args)}", file=sys.stderr)
