@@ -175,6 +175,11 @@ def run(args: argparse.Namespace, dist: Distributed) -> int:
     except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
         print(f"{label}error: {shown(str(exc))}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001  anything else (memory, a library's own error): said, not a traceback
+        log.debug("model load failed", exc_info=True)
+        print(f"{label}error: the model could not be loaded: {exc.__class__.__name__}: {shown(str(exc))}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\n{label}interrupted while loading the model; nothing was written.", file=sys.stderr)
         return 130

@@ -217,8 +217,8 @@ def test_a_killed_run_leaves_whole_captions_and_its_rerun_completes(tiny_dir, tm
     written = txt_files(root)
     assert 2 <= len(written) < len(names), "the run was not stopped halfway"
     assert len(set(written.values())) == 1 and next(iter(written.values()))  # whole, identical captions
-    code, out, _ = _run(cmd, 180, env=env)
-    assert code == 0 and f"skipped {len(written)} already captioned" in out
+    code, out, err = _run(cmd, 180, env=env)
+    assert code == 0 and f"skipped {len(written)} already captioned" in out, err[-3000:]
     final = txt_files(root)
     assert sorted(final) == [n.replace(".mp4", ".txt") for n in names]
     assert set(final.values()) == set(written.values())

@@ -429,3 +429,14 @@ def test_a_folder_with_everything_at_once(tiny_dir, tmp_path, clip_bytes):
     text = outs[0][0].decode("utf-8") + outs[1][0].decode("utf-8")
     assert "folder skipped (1)" in text and "sub/loop" in text
     assert not [p for p in root.rglob("*") if p.name.startswith(".")]  # no temporary file or claim left
+
+
+def test_a_model_that_fails_to_load_is_reported_not_a_traceback(cli, tmp_path, clip_bytes, monkeypatch):
+    root = make(tmp_path / "d", clip_bytes, "a.mp4")
+
+    def broken(*_a, **_k):
+        raise RuntimeError("unable to mmap 1024 bytes: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(caption_cli, "load_model", broken)
+    code, _, err = cli(root, *SETTINGS)
+    assert code == 2 and "the model could not be loaded: RuntimeError: unable to mmap" in err
