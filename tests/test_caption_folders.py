@@ -440,3 +440,27 @@ def test_a_model_that_fails_to_load_is_reported_not_a_traceback(cli, tmp_path, c
     monkeypatch.setattr(caption_cli, "load_model", broken)
     code, _, err = cli(root, *SETTINGS)
     assert code == 2 and "the model could not be loaded: RuntimeError: unable to mmap" in err
+
+
+def test_writes_and_reads_never_go_through_a_planted_link(tiny, tmp_path, clip_bytes, monkeypatch):
+    """Issue 22, item 4: predictable temporary names and links at the caption's place."""
+    root = make(tmp_path / "d", clip_bytes, "a.mp4", "b.mp4", "c.mp4")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a secret")
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    for name in ("a", "b", "c"):  # the old temporary names, and the claim's
+        (root / f".{name}.txt.4242.tmp").symlink_to(victim)
+        cap.ClipClaim(root / f"{name}.txt").path.symlink_to(victim)
+    (root / "b.txt").symlink_to(secret)  # an existing caption that points out of the folder
+    summary = cap.caption_folder(tiny, job(root))
+    assert victim.read_text() == "precious" and secret.read_text() == "a secret"
+    assert summary.skipped == ["b.mp4"] and "a secret" not in summary.captions.values()
+    assert "a symbolic link out of the folder" in dict(summary.unread)["b.mp4"]
+    assert [f[0] for f in summary.failed] == ["a.mp4", "c.mp4"]  # a planted claim fails its clip only
+    for name in ("a", "b", "c"):
+        cap.ClipClaim(root / f"{name}.txt").path.unlink()
+    summary = cap.caption_folder(tiny, job(root, overwrite=True))
+    assert summary.done == ["a.mp4", "b.mp4", "c.mp4"] and victim.read_text() == "precious"
+    assert not (root / "b.txt").is_symlink() and secret.read_text() == "a secret"  # the link was replaced
