@@ -269,8 +269,12 @@ def shown(text: str) -> str:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").encode(
-            "utf-8", "backslashreplace").decode("utf-8")
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the name's own bytes
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (broken text, not a name)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def name_record(rel: str) -> dict:
@@ -591,13 +595,22 @@ class Manifest:
             return
         locked = _lock_blocking(self.fd)
         try:
-            size = os.fstat(self.fd).st_size
-            if size and os.pread(self.fd, 1, size - 1) != b"\n":
+            if self._last_byte() not in (b"", b"\n"):
                 data = b"\n" + data
             os.write(self.fd, data)
         finally:
             if locked:
                 _unlock(self.fd)
+
+    def _last_byte(self) -> bytes:
+        size = os.fstat(self.fd).st_size
+        if not size:
+            return b""
+        if hasattr(os, "pread"):
+            return os.pread(self.fd, 1, size - 1)
+        with open(self.path, "rb") as f:  # Windows
+            f.seek(size - 1)
+            return f.read(1)
 
     def close(self) -> None:
         if self.fd is not None:
