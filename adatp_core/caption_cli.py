@@ -7,6 +7,10 @@ clip.mp4 gets clip.txt beside it (or at the same relative path under --out).
 A clip that already has its .txt is skipped unless --overwrite, so a stopped
 run continues where it stopped. Exit status: 0 when at least one clip has a
 caption, 1 when none could be captioned, 2 for bad options or a model failure.
+
+Every option, the output folders and the manifest are checked before the model
+loads. Two runs on one folder share the work: each clip is claimed before the
+model takes it, and a caption another run wrote is kept unless --overwrite.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from .caption import DEFAULT_PROMPT, CaptionJob, CaptionSummary, ProgressLine, caption_folder
+from .caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, Manifest, ProgressLine, caption_folder,
+                      check_manifest, check_options, plan_folder, shown)
 from .cli import add_model_arguments, load_model, pipeline_config
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 
@@ -103,8 +108,11 @@ def merge_manifest(manifest: Path, shards: list[Path]) -> int:
         if shard.exists():
             records += [line for line in shard.read_text(encoding="utf-8").splitlines() if line.strip()]
     records.sort(key=lambda line: json.loads(line)["path"])
-    with open(manifest, "a", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in records)
+    sink = Manifest(manifest)  # a newline first if the manifest's last line lacks one
+    try:
+        sink.write_lines(records)
+    finally:
+        sink.close()
     for shard in shards:
         shard.unlink(missing_ok=True)
     return len(records)
@@ -131,6 +139,22 @@ def main(argv=None, as_program: bool = False) -> int:
     return code
 
 
+OPTIONS = {"prompt": "--prompt", "frames": "--frames", "query": "--query", "retention": "--retention",
+           "layer": "--layer", "max_pixels": "--max-pixels", "workers": "--workers", "prefix": "--prefix",
+           "suffix": "--suffix", "out": "--out", "manifest": "--manifest"}
+
+
+def option_message(exc: Exception, args: argparse.Namespace) -> str:
+    """The error, led by the option it is about (an output-folder problem without --out
+    is about the clip folder)."""
+    text = shown(str(exc))
+    option = getattr(exc, "option", None)
+    if option == "out" and args.out is None:
+        return text
+    name = OPTIONS.get(option)
+    return f"{name}: {text}" if name and not text.startswith(name) else text
+
+
 def run(args: argparse.Namespace, dist: Distributed) -> int:
     """Caption the folder as this process's share of the clips; the exit status."""
     label = f"[{dist.index + 1}/{dist.count}] " if dist.count > 1 else ""
@@ -141,14 +165,28 @@ def run(args: argparse.Namespace, dist: Distributed) -> int:
         job = CaptionJob(folder=args.folder, out=args.out, prompt=args.prompt, prefix=args.prefix,
                          suffix=args.suffix, overwrite=args.overwrite, recursive=args.recursive,
                          pipeline=pipeline_config(args), workers=args.workers, save=args.save)
+        check_options(job.prompt, job.pipeline, job.workers)
         if manifest is not None:
-            manifest.parent.mkdir(parents=True, exist_ok=True)
+            check_manifest(manifest)  # each process's shard goes beside it
+        plan = plan_folder(job, (dist.index, dist.count))  # listing and writability, before the model
+    except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
+        print(f"{label}error: {option_message(exc, args)}", file=sys.stderr)
+        return 2
+    try:
         load_start = time.perf_counter()
         model = load_model(args.model, dist.device(args.device), args.dtype)
         log.info("model loaded in %.1f s", time.perf_counter() - load_start)
     except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
-        print(f"{label}error: {exc}", file=sys.stderr)
+        print(f"{label}error: {shown(str(exc))}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001  anything else (memory, a library's own error): said, not a traceback
+        log.debug("model load failed", exc_info=True)
+        print(f"{label}error: the model could not be loaded: {exc.__class__.__name__}: {shown(str(exc))}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{label}interrupted while loading the model; nothing was written.", file=sys.stderr)
+        return 130
     progress = {}
 
     def on_plan(total: int) -> None:
@@ -157,13 +195,14 @@ def run(args: argparse.Namespace, dist: Distributed) -> int:
             print(f"{label}nothing to caption", file=sys.stderr)
 
     def on_clip(rel, result, _summary) -> None:
-        progress["bar"].update(rel if result.ok else f"{rel} (failed)")
+        state = "" if result.ok else " (failed)" if result.error else " (another run has it)"
+        progress["bar"].update(shown(rel) + state)
 
     try:
         summary = caption_folder(model, job, (dist.index, dist.count), dist.shard_manifest(manifest),
-                                 on_clip=on_clip, on_plan=on_plan)
-    except AdaTPInputError as exc:  # settings that fit no clip (frames, layer, retention, prompt)
-        print(f"{label}error: {exc}", file=sys.stderr)
+                                 on_clip=on_clip, on_plan=on_plan, plan=plan)
+    except AdaTPInputError as exc:  # settings that fit no clip (the model's depth for --layer)
+        print(f"{label}error: {option_message(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\n{label}interrupted: the captions written so far are kept; run the same command again "

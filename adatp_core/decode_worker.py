@@ -10,15 +10,58 @@ Reply on stdout: one JSON header line {"count", "height", "width",
 "timestamps"}, then ``count`` frames of height*width*3 uint8 bytes each, written
 one at a time so the caller can report progress and stop early. Failures go to
 stderr with exit status 3.
+
+The child ends when its parent ends, however the parent ends (SIGKILL
+included): ``end_with_parent`` polls the parent's pid from a daemon thread.
+The same module gives the caption decode pool its watcher
+(``watch_parent_process``), so no decoder outlives the run that started it.
 """
 
 import json
+import os
 import sys
+import threading
+import time
 
 EPS = 1e-6
+PARENT_POLL_S = 0.2
+
+
+def end_with_parent(poll: float = PARENT_POLL_S) -> None:
+    """Exit this process once its parent is gone (the parent id changes when it dies:
+    the process is re-parented to init or a subreaper). Portable; a daemon thread."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="adatp-parent-watch", daemon=True).start()
+
+
+def watch_parent_process() -> None:
+    """A multiprocessing worker's initializer: exit when the process that started it
+    ends. Spawned children hold a sentinel that becomes ready when the parent dies;
+    elsewhere (fork) the parent id is polled."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is None or getattr(parent, "sentinel", None) is None:
+        end_with_parent()
+        return
+
+    def watch():
+        from multiprocessing.connection import wait
+
+        wait([parent.sentinel])
+        os._exit(3)
+
+    threading.Thread(target=watch, name="adatp-parent-watch", daemon=True).start()
 
 
 def main(argv) -> int:
+    end_with_parent()
     request = json.loads(argv[1])
     import numpy as np
 
