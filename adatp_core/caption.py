@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .attention import QUERY_MODES, check_question
+from .batching import check_batch_size, decode_together
 from .errors import AdaTPInputError
-from .pipeline import PipelineConfig, run_pipeline
+from .pipeline import PipelineConfig, prefill, run_pipeline
 from .prune import check_retention
 from .video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, frames_to_image, read_video
 
@@ -161,16 +162,22 @@ def check_settings(model, prompt: str, cfg: PipelineConfig) -> None:
 
 
 def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: PipelineConfig | None = None,
-                   workers: int = 2, processes: bool = True) -> Iterator[ClipResult]:
+                   workers: int = 2, processes: bool = True, batch_size: int = 1,
+                   on_step: Callable[[], None] | None = None) -> Iterator[ClipResult]:
     """Caption each video in ``videos`` (paths) with ``run_pipeline``; one result per clip, in order.
 
     A clip that cannot be used (corrupt, empty, too short: AdaTPInputError) gives
     a result with ``error`` set; any other exception is the model failing and
     ends the iteration by propagating. Stats also hold ``time_wait`` (the model
     waiting for frames) and ``time_model``. workers, processes: see DecodeAhead.
+    batch_size: clips decoded together (batching.py; 0: auto). on_step() runs
+    between decode steps and may raise (Cancel).
     """
     cfg = cfg or PipelineConfig()
     check_settings(model, prompt, cfg)
+    if check_batch_size(batch_size) != 1:
+        yield from _caption_together(model, videos, prompt, cfg, workers, processes, batch_size, on_step)
+        return
     with DecodeAhead(videos, cfg, workers, processes=processes) as ahead:
         for path, get in ahead:
             wait_start = time.perf_counter()
@@ -189,6 +196,54 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
             done = time.perf_counter()
             stats = {**clip_stats(result.stats), "time_wait": round(model_start - wait_start, 4), "time_model": round(done - model_start, 4)}
             yield ClipResult(path, result.answer.text.strip(), stats)
+
+
+def _caption_together(model, videos, prompt, cfg, workers, processes, batch_size, on_step) -> Iterator[ClipResult]:
+    """caption_videos with clips decoded together: each clip prefilled alone, then joining the batch."""
+    times: dict[str, tuple[float, float]] = {}  # path: (waited for frames, prefill seconds)
+    order: deque[str] = deque()  # clips taken in, not yet yielded
+    ready: dict[str, ClipResult] = {}  # finished out of order
+
+    def clips(ahead):
+        for path, get in ahead:
+            order.append(path)
+            yield path, lambda path=path, get=get: prefill_clip(path, get)
+
+    def prefill_clip(path, get):
+        wait_start = time.perf_counter()
+        try:
+            frames, info = get()
+        except Exception as exc:  # noqa: BLE001  whatever stops one clip's decoding fails that clip only
+            raise AdaTPInputError(str(exc) if isinstance(exc, AdaTPInputError)
+                                  else f"{exc.__class__.__name__}: {exc}") from exc
+        model_start = time.perf_counter()
+        state = prefill(model, frames_to_image(frames), prompt, cfg, video_info=info)
+        times[path] = (model_start - wait_start, time.perf_counter() - model_start)
+        return state
+
+    def result(done) -> ClipResult:
+        if done.error is not None:
+            return ClipResult(done.key, None, error=done.error)
+        wait, seconds = times.pop(done.key)
+        stats = {**clip_stats(done.answer.stats), "time_wait": round(wait, 4),
+                 "time_model": round(seconds + done.answer.stats["time_decode_share"], 4),
+                 "batch_size": done.answer.stats["batch_size"]}
+        return ClipResult(done.key, done.answer.text.strip(), stats)
+
+    # Results go out in clip order, as at batch 1: a clip that finishes early waits for the
+    # clips before it (at most a batch's worth). If the run stops (Cancel, a model failure),
+    # the finished ones still go out first, to be written.
+    with DecodeAhead(videos, cfg, workers, processes=processes) as ahead:
+        try:
+            for done in decode_together(model, cfg.generation, clips(ahead), batch_size, on_step):
+                ready[done.key] = result(done)
+                while order and order[0] in ready:
+                    yield ready.pop(order.popleft())
+        except (Exception, KeyboardInterrupt):
+            for path in order:
+                if path in ready:
+                    yield ready.pop(path)
+            raise
 
 
 # --- folder jobs --------------------------------------------------------------------------------
@@ -251,6 +306,7 @@ class CaptionJob:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     workers: int = 2
     processes: bool = True  # decode workers: processes, or threads (see DecodeAhead)
+    batch_size: int = 1  # clips decoded together (0: auto, see batching.py)
 
     def __post_init__(self):
         folder = Path(self.folder).expanduser()
@@ -262,6 +318,7 @@ class CaptionJob:
             if out.exists() and not out.is_dir():
                 raise AdaTPInputError(f"--out {out} is a file; give a folder for the captions.")
             object.__setattr__(self, "out", out)
+        check_batch_size(self.batch_size)
         for name in ("prefix", "suffix"):
             if not isinstance(getattr(self, name), str):
                 raise AdaTPInputError(f"{name} must be text, got {getattr(self, name)!r}")
@@ -283,6 +340,7 @@ class CaptionSummary:
     model_error: str | None = None
     seconds: float = 0.0
     model_seconds: float = 0.0
+    batch_size: int = 1  # clips decoded together (the number auto chose, when auto)
 
     @property
     def busy_fraction(self) -> float:
@@ -301,7 +359,8 @@ class CaptionSummary:
     def to_dict(self) -> dict:
         return {"found": self.found, "done": self.done, "skipped": self.skipped,
                 "failed": [list(f) for f in self.failed], "captions": self.captions,
-                "model_error": self.model_error, "seconds": self.seconds, "model_seconds": self.model_seconds}
+                "model_error": self.model_error, "seconds": self.seconds, "model_seconds": self.model_seconds,
+                "batch_size": self.batch_size}
 
     @classmethod
     def merge(cls, parts: Iterable[dict]) -> CaptionSummary:
@@ -316,6 +375,7 @@ class CaptionSummary:
             total.model_error = total.model_error or p["model_error"]
             total.seconds = max(total.seconds, p["seconds"])
             total.model_seconds += p["model_seconds"]
+            total.batch_size = max(total.batch_size, p.get("batch_size", 1))
         total.captions = dict(sorted(total.captions.items()))
         return total
 
@@ -326,6 +386,8 @@ class CaptionSummary:
             busy = self.model_seconds / (self.seconds * processes) if self.seconds > 0 else 0.0
             lines.append(f"{self.clips_per_minute:.1f} clips/min over {self.seconds:.1f} s; model busy "
                          f"{100 * busy:.0f}% of the time (the rest it waited for decoding)")
+            if self.batch_size != 1:
+                lines.append(f"Decoded up to {self.batch_size} clips together.")
         for path, reason in self.failed:
             lines.append(f"  failed: {path}: {reason}")
         if self.model_error:
@@ -347,14 +409,16 @@ def manifest_line(path: str, result: ClipResult | None, text: str | None = None,
 
 def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), manifest: Path | None = None,
                    on_clip: Callable[[str, ClipResult | None, CaptionSummary], None] | None = None,
-                   on_plan: Callable[[int], None] | None = None) -> CaptionSummary:
+                   on_plan: Callable[[int], None] | None = None,
+                   on_step: Callable[[], None] | None = None) -> CaptionSummary:
     """Caption the clips of ``job`` that have no caption yet (all with overwrite).
 
     shard (index, count): this process takes every count-th clip from index.
     manifest: a JSONL file to append one line per clip to (captioned or failed).
     on_plan(n) is called with the number of clips to caption; on_clip(path,
     result, summary) after each clip is written, and may raise to stop
-    between clips (an interrupt): what is written stays written.
+    between clips (an interrupt): what is written stays written. on_step() runs
+    between decode steps when clips are decoded together, and may raise likewise.
     A model failure stops the run and is reported in ``model_error``.
     """
     index, count = shard
@@ -380,11 +444,23 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
     sink = open(manifest, "a", encoding="utf-8") if manifest is not None else None
     start = time.perf_counter()
     try:
-        results = caption_videos(model, todo, job.prompt, job.pipeline, job.workers, job.processes)
+        stopped = []
+
+        def step() -> None:
+            try:
+                on_step()
+            except BaseException as exc:
+                stopped.append(exc)
+                raise
+
+        results = caption_videos(model, todo, job.prompt, job.pipeline, job.workers, job.processes,
+                                 job.batch_size, step if on_step is not None else None)
         while True:
             try:
                 result = next(results, None)
             except Exception as exc:  # the model (or the machine) failed, not one clip
+                if stopped:  # an interrupt between decode steps, not a failure
+                    raise
                 log.exception("captioning stopped")
                 summary.model_error = f"{exc.__class__.__name__}: {exc}"
                 break
@@ -397,6 +473,7 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
                 summary.done.append(rel)
                 summary.captions[rel] = text
                 summary.model_seconds += result.stats["time_model"]
+                summary.batch_size = result.stats.get("batch_size", summary.batch_size)
                 line = manifest_line(rel, result, text)
             else:
                 summary.failed.append((rel, result.error))

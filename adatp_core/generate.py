@@ -19,7 +19,7 @@ import torch
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .memory import free_memory, run_guarded
-from .cache import KVCache
+from .decode import continue_prefill, decode_step
 from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .static_decode import StaticDecoders
@@ -106,14 +106,8 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     cfg = sampling or SamplingConfig()
     model = state.model
     adapter = model.adapter
-    limit = getattr(adapter.text_model.config, "max_position_embeddings", None)
-    if limit is not None and state.prompt.length + cfg.max_new_tokens > limit:
-        raise AdaTPInputError(
-            f"prompt ({state.prompt.length} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
-            f"the model's context of {limit}; lower max_new_tokens or use fewer frames.")
-    generator = None
-    if cfg.do_sample:
-        generator = torch.Generator(device=adapter.output_device).manual_seed(cfg.seed)  # beside the logits
+    check_room(state, cfg)
+    generator = sampling_generator(adapter, cfg)
     if adapter.is_split and resolve_decode_mode(cfg.decode_mode, adapter.device) == "static":
         if cfg.decode_mode == "static":
             log.warning("static decoding needs the model on one device; decoding step by step instead")
@@ -126,6 +120,28 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
             decoders.clear()
             free_memory()
         raise
+    return answer_from_run(state, run)
+
+
+def check_room(state: AdaTPState, cfg: SamplingConfig) -> None:
+    """Refuse a prompt that leaves no room for max_new_tokens in the model's context."""
+    limit = getattr(state.model.adapter.text_model.config, "max_position_embeddings", None)
+    if limit is not None and state.prompt.length + cfg.max_new_tokens > limit:
+        raise AdaTPInputError(
+            f"prompt ({state.prompt.length} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
+            f"the model's context of {limit}; lower max_new_tokens or use fewer frames.")
+
+
+def sampling_generator(adapter, cfg: SamplingConfig) -> torch.Generator | None:
+    """The answer's own random generator, seeded, beside the logits (None when greedy)."""
+    if not cfg.do_sample:
+        return None
+    return torch.Generator(device=adapter.output_device).manual_seed(cfg.seed)
+
+
+def answer_from_run(state: AdaTPState, run: DecodeRun) -> Answer:
+    """The answer and its stats (the state's, plus the generation's figures)."""
+    model = state.model
     stats = {**state.stats}
     stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
     stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + run.prefill_seconds
@@ -143,7 +159,9 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
 
 
 @dataclass
-class _DecodeRun:
+class DecodeRun:
+    """What one answer's decoding did (generate_answer; batching.py for rows decoded together)."""
+
     tokens: list
     logits: torch.Tensor | None
     kv_lengths: tuple
@@ -154,7 +172,7 @@ class _DecodeRun:
     capture_seconds: float
 
 
-def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> _DecodeRun:
+def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> DecodeRun:
     """The continuation from layer K and the decoding loop (see generate_answer)."""
     adapter = state.model.adapter
     dev = adapter.device
@@ -165,15 +183,8 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     with torch.inference_mode(), plan_free_attention(dev):
         synchronize(dev)
         start = time.perf_counter()
-        positions = state.kept_positions()  # indices go to each tensor's device (a split model has several)
-        hidden = state.hidden.index_select(1, positions.to(state.hidden.device))
-        position_ids = state.position_ids.index_select(-1, positions.to(state.position_ids.device))
         reserve = 0 if mode == "static" else cfg.max_new_tokens  # static copies into its own buffers
-        cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=reserve)
-        hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers,
-                                    inject=state.kept_injection())
-        logits = adapter.logits(hidden[:, -1:])[-1]
-        del hidden
+        cache, logits = continue_prefill(state, reserve)
         static = None
         if mode == "static":
             decoders = getattr(state.model, "static_decoders", None)
@@ -205,14 +216,12 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                 if return_logits:  # on CUDA the graph's output buffer, rewritten by the next step
                     logits = logits.clone()
             else:
-                ids = torch.tensor([[token]], device=dev)
-                hidden = adapter.run_layers(adapter.embed_tokens(ids), pos, cache, 0, adapter.num_layers)
-                logits = adapter.logits(hidden)[-1]
+                logits = decode_step(adapter, torch.tensor([token], device=dev), pos, cache)[0]
             passes += 1
         synchronize(dev)
         end = time.perf_counter()
     lengths = cache.lengths() if static is None else static.lengths(passes)
-    return _DecodeRun(tokens=tokens, logits=torch.stack(chosen_logits) if return_logits else None,
+    return DecodeRun(tokens=tokens, logits=torch.stack(chosen_logits) if return_logits else None,
                       kv_lengths=lengths, prefill_seconds=prefill_done - start,
                       decode_seconds=end - decode_start, passes=passes, mode=mode,
                       capture_seconds=capture_seconds)
