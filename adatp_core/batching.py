@@ -14,6 +14,11 @@ device is busy throughout: with prefill work while a slot fills, with the batch'
 step otherwise; the other rows wait for one prefill, which costs them about as
 many steps as the prefill takes, once per clip.
 
+Static mode (the decode mode "static", and "auto" on CUDA): the same buffers are
+read at their whole capacity and the rows in power-of-two batch buckets
+(``StaticRowsStep``), so a step's shapes depend on (batch bucket, capacity
+bucket) only; on CUDA each is one graph, captured once and replayed across clips.
+
 Faults: a clip whose prefill fails (bad input, out of memory) fails alone. Out of
 memory in a step halves the rows a step runs at once and runs the step again in
 halves over the same cache (lengths advance only after a step has run), so no
@@ -38,7 +43,7 @@ from .cache import RowsKVCache
 from .decode import continue_prefill, decode_step, row_positions
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, next_token,
-                       sampling_generator)
+                       resolve_decode_mode, sampling_generator)
 from .memory import run_guarded
 from .sdpa import plan_free_attention
 from .state import AdaTPState
@@ -75,6 +80,78 @@ def auto_batch_size(device, per_row: int) -> int:
         return CPU_BATCH_SIZE
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(MAX_AUTO_BATCH, int(AUTO_MEMORY_SHARE * free) // max(per_row, 1)))
+
+
+class StaticRowsStep:
+    """Fixed-shape decode steps over rows [0, n) of a ``RowsKVCache``, for static mode.
+
+    n is rounded up to a batch bucket (a power of two, at most the slots) and every
+    layer is read at its capacity (a capacity bucket), so the step's shapes depend on
+    (batch bucket, capacities) only. On CUDA each such step is captured once as a
+    CUDA graph and replayed for every step of every clip that lands in it; elsewhere
+    the same fixed-shape step runs without a graph (same tokens as the default mode).
+    Graphs go when the buffers are reallocated (a joining clip needed more room).
+    """
+
+    def __init__(self, adapter, cache: RowsKVCache, position_template: torch.Tensor):
+        self.adapter, self.cache = adapter, cache
+        self.axes = position_template.shape[:-2]  # () or (3,) for M-RoPE
+        self.dtype = position_template.dtype
+        self.use_graph = adapter.device.type == "cuda"
+        self.entries: dict = {}
+        self.capture_seconds = 0.0
+
+    def _key(self, bucket: int) -> tuple:
+        c = self.cache
+        return bucket, tuple(c.capacity(i) for i in range(c.num_layers)), c.keys[0].data_ptr()
+
+    def _step(self, entry) -> torch.Tensor:
+        window = self.cache.window(0, entry["bucket"], static=True)
+        return decode_step(self.adapter, entry["tokens"], entry["positions"], window, window.masks())
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [n], positions [n, 1] (or [3, n, 1]) -> logits [n, V] (a copy)."""
+        n = tokens.shape[0]
+        bucket = min(self.cache.slots, 1 << (n - 1).bit_length())
+        key = self._key(bucket)
+        entry = self.entries.get(key)
+        if entry is None:
+            if self.entries and next(iter(self.entries))[1:] != key[1:]:
+                self.entries.clear()  # the buffers moved: their graphs read the old ones
+            dev = self.adapter.device
+            entry = self.entries[key] = {
+                "bucket": bucket, "graph": None, "out": None,
+                "tokens": torch.zeros(bucket, dtype=torch.long, device=dev),
+                "positions": torch.zeros((*self.axes, bucket, 1), dtype=self.dtype, device=dev)}
+        entry["tokens"][:n].copy_(tokens)
+        entry["positions"][..., :n, :].copy_(positions)
+        if not self.use_graph:
+            return self._step(entry)[:n]
+        if entry["graph"] is None:
+            self._capture(entry)
+        if entry["graph"] is None:  # capture failed: fixed shapes without a graph
+            return self._step(entry)[:n]
+        entry["graph"].replay()
+        return entry["out"][:n].clone()
+
+    def _capture(self, entry) -> None:
+        dev = self.adapter.device
+        start = time.perf_counter()
+        try:  # warm-up on a side stream, then the capture (as static_decode.py does for one answer)
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self._step(entry)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = self._step(entry)
+            entry["graph"], entry["out"] = graph, out
+        except RuntimeError as exc:
+            log.warning("CUDA graph capture of a batched step failed (%s); stepping without a graph", exc)
+            self.use_graph = False
+        synchronize(dev)
+        self.capture_seconds += time.perf_counter() - start
 
 
 @dataclass
@@ -118,6 +195,9 @@ class DecodeBatch:
         self.size = batch_size  # slots; fixed at the first join when auto
         self.limit = batch_size  # rows one step runs at once (halved on out of memory)
         self.eos = set() if sampling.ignore_eos else set(self.adapter.eos_token_ids)
+        mode = resolve_decode_mode(sampling.decode_mode, self.adapter.device)
+        self.mode = "default" if self.adapter.is_split else mode  # static needs the model on one device
+        self.static: StaticRowsStep | None = None
         self.cache: RowsKVCache | None = None
         self.rows: list[Row] = []
         self.waiting = None  # (row, its batch-1 cache): prefilled, not yet in the batch
@@ -148,6 +228,8 @@ class DecodeBatch:
                 log.info("decoding up to %d clips together (auto)", self.size)
             self.limit = self.size
             self.cache = RowsKVCache(self.adapter.num_layers, self.size)
+            if self.mode == "static":
+                self.static = StaticRowsStep(self.adapter, self.cache, state.position_ids)
         if self._choose([row]):
             return [self._finish(row, tuple(cache.lengths()))]
         self.waiting = (row, cache)
@@ -234,10 +316,13 @@ class DecodeBatch:
             tokens = torch.tensor([row.tokens[-1] for row in part], device=dev)
             positions = row_positions([row.first for row in part], [len(row.tokens) - 1 for row in part],
                                       part[0].state.position_ids, dev)
-            window = self.cache.window(start, stop)
-            logits = decode_step(self.adapter, tokens, positions, window, window.masks())
+            if self.static is not None and start == 0 and stop == len(self.rows):
+                logits = self.static(tokens, positions)
+            else:  # default mode, or a part of the rows after running out of memory
+                window = self.cache.window(start, stop)
+                logits = decode_step(self.adapter, tokens, positions, window, window.masks())
             synchronize(dev)
-        window.advance()
+        self.cache.advance(start, stop)
         return logits
 
     def _choose(self, rows: list[Row]) -> list[int]:
@@ -261,7 +346,8 @@ class DecodeBatch:
         decode_seconds = time.perf_counter() - row.joined - row.prefill_seconds
         run = DecodeRun(tokens=row.tokens, logits=None, kv_lengths=kv_lengths,
                         prefill_seconds=row.prefill_seconds, decode_seconds=max(decode_seconds, 0.0),
-                        passes=row.passes, mode="default", capture_seconds=0.0)
+                        passes=row.passes, mode=self.mode,
+                        capture_seconds=self.static.capture_seconds if self.static is not None else 0.0)
         answer = answer_from_run(row.state, run)
         answer.stats.update({"time_decode_share": row.busy_seconds, "batch_size": self.size})
         return Finished(row.key, answer)

@@ -224,21 +224,35 @@ class RowsKVCache:
         self.lengths.pop()
         self.rows -= 1
 
-    def window(self, start: int, stop: int) -> "RowsWindow":
-        return RowsWindow(self, start, stop)
+    def window(self, start: int, stop: int, static: bool = False) -> "RowsWindow":
+        return RowsWindow(self, start, stop, static)
+
+    def advance(self, start: int, stop: int) -> None:
+        """A step over rows [start, stop) has run: each holds one more position per layer."""
+        self._lengths[start:stop] += 1
+        for r in range(start, stop):
+            self.lengths[r] = [n + 1 for n in self.lengths[r]]
 
 
 class RowsWindow:
     """One decode step's view of rows [start, stop) of a ``RowsKVCache``: what
-    transformers' attention calls ``update`` on (key/value [stop - start, Hkv, 1, d])."""
+    transformers' attention calls ``update`` on (key/value [stop - start, Hkv, 1, d]).
 
-    def __init__(self, cache: RowsKVCache, start: int, stop: int):
-        if not 0 <= start < stop <= cache.rows:
+    static: fixed shapes for CUDA graphs. Every layer is read at its whole capacity
+    (the mask hides what a row has not filled), the lengths are read on the device
+    only, and the window may reach past the rows in use into free slots (a batch
+    bucket): those compute on stale but finite keys and are never read back.
+    """
+
+    def __init__(self, cache: RowsKVCache, start: int, stop: int, static: bool = False):
+        if not 0 <= start < stop <= (cache.slots if static else cache.rows):
             raise ValueError(f"rows [{start}, {stop}) are not in use ({cache.rows} rows)")
         self.cache, self.start, self.stop = cache, start, stop
-        rows = cache.lengths[start:stop]
-        # Per layer, the window's longest row after this step's write.
-        self.spans = [max(r[i] for r in rows) + 1 for i in range(cache.num_layers)]
+        if static:
+            self.spans = [cache.capacity(i) for i in range(cache.num_layers)]
+        else:  # per layer, the window's longest row after this step's write
+            rows = cache.lengths[start:stop]
+            self.spans = [max(r[i] for r in rows) + 1 for i in range(cache.num_layers)]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         c, a, b = self.cache, self.start, self.stop
@@ -259,7 +273,4 @@ class RowsWindow:
 
     def advance(self) -> None:
         """The step has run: every row of the window holds one more position per layer."""
-        c = self.cache
-        c._lengths[self.start:self.stop] += 1
-        for r in range(self.start, self.stop):
-            c.lengths[r] = [n + 1 for n in c.lengths[r]]
+        self.cache.advance(self.start, self.stop)

@@ -79,6 +79,15 @@ def test_greedy_rows_equal_batch_one_token_for_token(tiny, states, early_eos, ba
     assert all(a.stats["batch_size"] == batch_size for a in answers)
 
 
+def test_static_rows_equal_batch_one(tiny, states, early_eos):
+    """Static mode across the batch (fixed-shape steps in batch and capacity buckets; a CUDA
+    graph each on CUDA, none here) chooses batch 1's tokens too, bucket rows included."""
+    static = SamplingConfig(max_new_tokens=GREEDY.max_new_tokens, decode_mode="static")
+    answers = together(tiny, states, static, 3)
+    assert [a.token_ids for a in answers] == [a.token_ids for a in early_eos]
+    assert {a.stats["decode_mode"] for a in answers} == {"static"}
+
+
 def test_sampled_rows_equal_batch_one_with_the_same_seed(tiny, states):
     """Each row samples with its own generator, seeded as batch 1 seeds it."""
     reference = [generate_answer(s, SAMPLED).token_ids for s in states]
@@ -236,3 +245,30 @@ def test_batch_size_option_and_node_input():
     node = pack_module("nodes.caption_folder").AdaTP_CaptionFolder
     optional = node.INPUT_TYPES()["optional"]
     assert list(optional)[-1] == "batch_size" and optional["batch_size"][1]["default"] == 0
+
+
+def test_static_batch_on_each_device_reuses_its_graphs(tiny_on, device, monkeypatch):
+    """On CUDA (skipped without one): batched static steps are CUDA graphs, one per
+    (batch bucket, capacity bucket), captured once and replayed for later clips; the
+    tokens are batch 1's default-mode tokens."""
+    model = tiny_on(device)
+    states = clip_states(model)[:3]
+    cfg = SamplingConfig(max_new_tokens=8, ignore_eos=True, decode_mode="default")
+    reference = [generate_answer(s, cfg).token_ids for s in states]
+    made = []
+    real = batching.StaticRowsStep.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(batching.StaticRowsStep, "__init__", spy)
+    static = SamplingConfig(max_new_tokens=8, ignore_eos=True, decode_mode="static")
+    assert [a.token_ids for a in together(model, states, static, 2)] == reference
+    (step,) = made
+    graphs = [e["graph"] for e in step.entries.values()]
+    if device.type == "cuda":
+        assert step.use_graph and all(g is not None for g in graphs)
+        assert len(graphs) <= 2  # buckets of 2 rows and 1 row, reused by the third clip
+    else:
+        assert graphs and all(g is None for g in graphs)
