@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_SIZE = 256
 MAX_AUTO_BATCH = 64  # auto never picks more rows than this
-CPU_BATCH_SIZE = 8  # auto on the CPU: the fastest measured (bench/caption_throughput.py, RESULTS.md)
+CPU_BATCH_SIZE = 4  # auto on the CPU: the fastest measured (bench/caption_throughput.py, RESULTS.md)
 AUTO_MEMORY_SHARE = 0.6  # auto gives the batch's caches this share of the device's free memory
 
 
