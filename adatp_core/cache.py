@@ -5,7 +5,7 @@ Which tokens a layer remembers is decided here and nowhere else:
   tokens, so each layer has its own length;
 - linear-attention layers (Qwen3.5) will hold a fixed-size state, not keys/values;
 - static decoding holds fixed-capacity buffers that CUDA graphs write into;
-- batched decoding will hold B rows of different lengths, with a mask per row;
+- batched decoding holds B rows of different lengths, with a mask per row;
 - the video prefix cache will hold the question-independent part of a prefill,
   frozen: copied into a new cache, never written.
 
@@ -14,6 +14,12 @@ The kinds and forms here:
   in and never written, so one prefilled state (a frozen prefix) feeds many answers.
 - ``StaticKVCache``: the same per-layer keys/values in fixed-capacity buffers with
   a device-side step counter, for static decoding and its CUDA graphs.
+- ``RowsKVCache``: the batched-rows form, for captions decoded together. Up to
+  ``slots`` rows (one clip each) packed at the front of per-layer buffers
+  [slots, Hkv, capacity, d]; every row has its own length per layer (layers < K
+  the clip's full prompt, layers >= K its kept tokens, plus what it decoded) and
+  attends through a mask of its own filled positions. ``window(a, b)`` is the
+  view that one decode step over rows [a, b) writes into.
 
 Both implement ``update(key, value, layer_idx)``, the method transformers'
 attention modules call. Shapes: key/value [B, Hkv, S, d].
@@ -139,3 +145,136 @@ class StaticKVCache:
 
     def lengths(self, steps_done: int) -> tuple[int, ...]:
         return tuple(b + steps_done for b in self.base)
+
+
+class RowsKVCache:
+    """Rows of different clips decoded together, one row per clip (the batched-rows form).
+
+    Layout: per layer l, key/value buffers [slots, Hkv_l, C_l, d_l], zero-filled
+    (a masked slot must be finite). The ``rows`` clips in use sit in rows
+    [0, rows); ``add`` puts a clip's prefilled ``KVCache`` in row ``rows`` and
+    ``remove`` moves the last row into the freed one, so a step runs over one
+    contiguous block. Row r's layer l holds ``lengths[r][l]`` positions: exactly
+    the positions it would hold alone (the full prompt below K, the kept tokens
+    from K, then its generated tokens), so with its mask each row computes what
+    batch 1 computes.
+
+    A decode step over rows [a, b) goes through ``window(a, b)``: its ``update``
+    writes row r's new key/value at position ``lengths[r][l]`` and returns the
+    buffers cut to the window's longest row; ``masks()`` gives, per layer,
+    [b - a, 1, 1, n_l] bool of the positions each row may attend to (its filled
+    part and this step's token). Lengths advance only when the step has run
+    (``advance``): a step that fails (out of memory) can be run again.
+    Capacities grow (to a power of two) when a joining clip needs more.
+    """
+
+    def __init__(self, num_layers: int, slots: int):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.num_layers = num_layers
+        self.slots = int(slots)
+        self.rows = 0
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths: list[list[int]] = []  # host copy, per row in use, per layer
+        self._lengths: torch.Tensor | None = None  # [slots, num_layers] long, on the buffers' device
+
+    def capacity(self, layer_idx: int) -> int:
+        buf = self.keys[layer_idx]
+        return 0 if buf is None else buf.shape[-2]
+
+    def _allocate(self, layer_idx: int, like: torch.Tensor, capacity: int) -> None:
+        """(Re)allocate one layer's buffers with ``capacity`` positions, keeping the rows in use."""
+        shape = (self.slots, like.shape[1], capacity, like.shape[-1])
+        new_k = like.new_zeros(shape)
+        new_v = torch.zeros_like(new_k)
+        old = self.capacity(layer_idx)
+        if old:
+            new_k[:self.rows, :, :old] = self.keys[layer_idx][:self.rows]
+            new_v[:self.rows, :, :old] = self.values[layer_idx][:self.rows]
+        self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
+
+    def add(self, cache: KVCache, room: int) -> int:
+        """Put a prefilled batch-1 ``cache`` in the next free row, with ``room`` positions
+        to grow by per layer; returns the row. Raises ValueError when every slot is in use."""
+        if self.rows >= self.slots:
+            raise ValueError(f"all {self.slots} rows are in use")
+        lengths = list(cache.lengths())
+        row = self.rows
+        for i, n in enumerate(lengths):
+            k, v = cache.layer(i)
+            if self.capacity(i) < n + room:
+                self._allocate(i, k, capacity_bucket(n + room, minimum=64))
+            self.keys[i][row, :, :n] = k[0]
+            self.values[i][row, :, :n] = v[0]
+        if self._lengths is None:
+            self._lengths = torch.zeros((self.slots, self.num_layers), dtype=torch.long, device=self.keys[0].device)
+        self._lengths[row] = torch.tensor(lengths, dtype=torch.long)
+        self.lengths.append(lengths)
+        self.rows += 1
+        return row
+
+    def remove(self, row: int) -> None:
+        """Free ``row``: the last row in use moves into it (its filled part only)."""
+        last = self.rows - 1
+        if not 0 <= row <= last:
+            raise ValueError(f"row {row} is not in use ({self.rows} rows)")
+        if row != last:
+            for i, n in enumerate(self.lengths[last]):
+                self.keys[i][row, :, :n] = self.keys[i][last, :, :n]
+                self.values[i][row, :, :n] = self.values[i][last, :, :n]
+            self._lengths[row] = self._lengths[last]
+            self.lengths[row] = self.lengths[last]
+        self.lengths.pop()
+        self.rows -= 1
+
+    def window(self, start: int, stop: int, static: bool = False) -> "RowsWindow":
+        return RowsWindow(self, start, stop, static)
+
+    def advance(self, start: int, stop: int) -> None:
+        """A step over rows [start, stop) has run: each holds one more position per layer."""
+        self._lengths[start:stop] += 1
+        for r in range(start, stop):
+            self.lengths[r] = [n + 1 for n in self.lengths[r]]
+
+
+class RowsWindow:
+    """One decode step's view of rows [start, stop) of a ``RowsKVCache``: what
+    transformers' attention calls ``update`` on (key/value [stop - start, Hkv, 1, d]).
+
+    static: fixed shapes for CUDA graphs. Every layer is read at its whole capacity
+    (the mask hides what a row has not filled), the lengths are read on the device
+    only, and the window may reach past the rows in use into free slots (a batch
+    bucket): those compute on stale but finite keys and are never read back.
+    """
+
+    def __init__(self, cache: RowsKVCache, start: int, stop: int, static: bool = False):
+        if not 0 <= start < stop <= (cache.slots if static else cache.rows):
+            raise ValueError(f"rows [{start}, {stop}) are not in use ({cache.rows} rows)")
+        self.cache, self.start, self.stop = cache, start, stop
+        if static:
+            self.spans = [cache.capacity(i) for i in range(cache.num_layers)]
+        else:  # per layer, the window's longest row after this step's write
+            rows = cache.lengths[start:stop]
+            self.spans = [max(r[i] for r in rows) + 1 for i in range(cache.num_layers)]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        c, a, b = self.cache, self.start, self.stop
+        index = c._lengths[a:b, layer_idx].view(-1, 1, 1, 1).expand(-1, key_states.shape[1], 1, key_states.shape[-1])
+        c.keys[layer_idx][a:b].scatter_(2, index, key_states)
+        c.values[layer_idx][a:b].scatter_(2, index, value_states)
+        n = self.spans[layer_idx]
+        return c.keys[layer_idx][a:b, :, :n], c.values[layer_idx][a:b, :, :n]
+
+    def masks(self) -> list[torch.Tensor]:
+        """Per layer, [rows, 1, 1, n_l] bool: each row's filled positions and this step's token."""
+        c, a, b = self.cache, self.start, self.stop
+        out = []
+        for i, n in enumerate(self.spans):
+            ar = torch.arange(n, device=c._lengths.device)
+            out.append((ar[None, :] <= c._lengths[a:b, i, None])[:, None, None, :])
+        return out
+
+    def advance(self) -> None:
+        """The step has run: every row of the window holds one more position per layer."""
+        self.cache.advance(self.start, self.stop)

@@ -37,9 +37,10 @@ from pathlib import Path
 
 from .attention import QUERY_MODES, _check_max_pixels, check_question
 from .decode_worker import watch_parent_process
+from .batching import check_batch_size, decode_together
 from .errors import AdaTPInputError
 from .paths import confined
-from .pipeline import PipelineConfig, run_pipeline
+from .pipeline import PipelineConfig, prefill, run_pipeline
 from .prune import check_retention
 from .video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, frames_to_image, read_video
 
@@ -217,7 +218,8 @@ def check_settings(model, prompt: str, cfg: PipelineConfig) -> None:
 
 def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: PipelineConfig | None = None,
                    workers: int = 2, processes: bool = True,
-                   claim: Callable[[str], str | None] | None = None) -> Iterator[ClipResult]:
+                   claim: Callable[[str], str | None] | None = None, batch_size: int = 1,
+                   on_step: Callable[[], None] | None = None) -> Iterator[ClipResult]:
     """Caption each video in ``videos`` (paths) with ``run_pipeline``; one result per clip, in order.
 
     A clip that cannot be used (corrupt, empty, too short: AdaTPInputError) gives
@@ -227,9 +229,14 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
     claim(path), when given, runs just before a decoded clip goes to the model: it
     returns None to go on, or why the clip is left alone (a ``skipped`` result);
     an AdaTPInputError from it fails that clip.
+    batch_size: clips decoded together (batching.py; 0: auto). on_step() runs
+    between decode steps and may raise (Cancel).
     """
     cfg = cfg or PipelineConfig()
     check_settings(model, prompt, cfg)
+    if check_batch_size(batch_size) != 1:
+        yield from _caption_together(model, videos, prompt, cfg, workers, processes, claim, batch_size, on_step)
+        return
     with DecodeAhead(videos, cfg, workers, processes=processes) as ahead:
         for path, get in ahead:
             wait_start = time.perf_counter()
@@ -239,15 +246,10 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
                 error = str(exc) if isinstance(exc, AdaTPInputError) else f"{exc.__class__.__name__}: {exc}"
                 yield ClipResult(path, None, error=error)
                 continue
-            if claim is not None:
-                try:
-                    why = claim(path)
-                except AdaTPInputError as exc:
-                    yield ClipResult(path, None, error=str(exc))
-                    continue
-                if why is not None:
-                    yield ClipResult(path, None, skipped=why)
-                    continue
+            left = _claimed(claim, path)
+            if left is not None:
+                yield left
+                continue
             model_start = time.perf_counter()
             try:
                 result = run_pipeline(model, frames_to_image(frames), prompt, cfg, video_info=info)
@@ -257,6 +259,76 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
             done = time.perf_counter()
             stats = {**clip_stats(result.stats), "time_wait": round(model_start - wait_start, 4), "time_model": round(done - model_start, 4)}
             yield ClipResult(path, result.answer.text.strip(), stats)
+
+
+def _claimed(claim, path) -> ClipResult | None:
+    """None when ``claim`` (caption_videos) lets the clip go to the model; else its result."""
+    if claim is None:
+        return None
+    try:
+        why = claim(path)
+    except AdaTPInputError as exc:
+        return ClipResult(path, None, error=str(exc))
+    return None if why is None else ClipResult(path, None, skipped=why)
+
+
+def _caption_together(model, videos, prompt, cfg, workers, processes, claim, batch_size,
+                      on_step) -> Iterator[ClipResult]:
+    """caption_videos with clips decoded together: each clip prefilled alone, then joining the batch.
+    A clip is claimed when the batch takes it in (before its frames are waited for)."""
+    times: dict[str, tuple[float, float]] = {}  # path: (waited for frames, prefill seconds)
+    order: deque[str] = deque()  # clips taken in, not yet yielded
+    ready: dict[str, ClipResult] = {}  # finished out of order, or left alone at their claim
+
+    def clips(ahead):
+        for path, get in ahead:
+            order.append(path)
+            left = _claimed(claim, path)
+            if left is not None:
+                ready[path] = left
+                continue
+            yield path, lambda path=path, get=get: prefill_clip(path, get)
+
+    def prefill_clip(path, get):
+        wait_start = time.perf_counter()
+        try:
+            frames, info = get()
+        except Exception as exc:  # noqa: BLE001  whatever stops one clip's decoding fails that clip only
+            raise AdaTPInputError(str(exc) if isinstance(exc, AdaTPInputError)
+                                  else f"{exc.__class__.__name__}: {exc}") from exc
+        model_start = time.perf_counter()
+        state = prefill(model, frames_to_image(frames), prompt, cfg, video_info=info)
+        times[path] = (model_start - wait_start, time.perf_counter() - model_start)
+        return state
+
+    def result(done) -> ClipResult:
+        if done.error is not None:
+            times.pop(done.key, None)
+            return ClipResult(done.key, None, error=done.error)
+        wait, seconds = times.pop(done.key)
+        stats = {**clip_stats(done.answer.stats), "time_wait": round(wait, 4),
+                 "time_model": round(seconds + done.answer.stats["time_decode_share"], 4),
+                 "batch_size": done.answer.stats["batch_size"]}
+        return ClipResult(done.key, done.answer.text.strip(), stats)
+
+    def in_order():
+        while order and order[0] in ready:
+            yield ready.pop(order.popleft())
+
+    # Results go out in clip order, as at batch 1: a clip that finishes early waits for the
+    # clips before it (at most a batch's worth). If the run stops (Cancel, a model failure),
+    # the finished ones still go out first, to be written (and their claims released).
+    with DecodeAhead(videos, cfg, workers, processes=processes) as ahead:
+        try:
+            for done in decode_together(model, cfg.generation, clips(ahead), batch_size, on_step):
+                ready[done.key] = result(done)
+                yield from in_order()
+            yield from in_order()
+        except (Exception, KeyboardInterrupt):
+            for path in order:
+                if path in ready:
+                    yield ready.pop(path)
+            raise
 
 
 # --- names: any bytes ---------------------------------------------------------------------------
@@ -660,6 +732,7 @@ class CaptionJob:
     processes: bool = True  # decode workers: processes, or threads (see DecodeAhead)
     root: Path | None = None  # every clip must resolve inside it (the node); None: any path (the CLI)
     save: bool = True  # write each caption's .txt (False: only return and log the captions)
+    batch_size: int = 1  # clips decoded together (0: auto, see batching.py)
 
     def __post_init__(self):
         folder = Path(self.folder).expanduser()
@@ -671,6 +744,7 @@ class CaptionJob:
             object.__setattr__(self, "out", check_out_folder(Path(self.out).expanduser(), folder))
         for name in ("prefix", "suffix"):
             _valid_text(getattr(self, name), name)
+        check_batch_size(self.batch_size)
 
     def text(self, caption: str) -> str:
         return f"{self.prefix}{caption}{self.suffix}"
@@ -717,6 +791,7 @@ class CaptionSummary:
     folders: list = field(default_factory=list)  # (path, why)
     write_error: str | None = None
     manifest: str | None = None
+    batch_size: int = 1  # clips decoded together (the number auto chose, when auto)
 
     @property
     def busy_fraction(self) -> float:
@@ -738,7 +813,7 @@ class CaptionSummary:
                 "model_error": self.model_error, "seconds": self.seconds, "model_seconds": self.model_seconds,
                 "unread": [list(f) for f in self.unread], "others": self.others,
                 "folders": [list(f) for f in self.folders], "write_error": self.write_error,
-                "manifest": self.manifest}
+                "manifest": self.manifest, "batch_size": self.batch_size}
 
     @classmethod
     def merge(cls, parts: Iterable[dict]) -> CaptionSummary:
@@ -758,6 +833,7 @@ class CaptionSummary:
             total.folders += [tuple(f) for f in p.get("folders", []) if tuple(f) not in total.folders]
             total.write_error = total.write_error or p.get("write_error")
             total.manifest = total.manifest or p.get("manifest")
+            total.batch_size = max(total.batch_size, p.get("batch_size", 1))
         total.captions = dict(sorted(total.captions.items()))
         return total
 
@@ -772,6 +848,8 @@ class CaptionSummary:
             busy = self.model_seconds / (self.seconds * processes) if self.seconds > 0 else 0.0
             lines.append(f"{self.clips_per_minute:.1f} clips/min over {self.seconds:.1f} s; model busy "
                          f"{100 * busy:.0f}% of the time (the rest it waited for decoding)")
+            if self.batch_size != 1:
+                lines.append(f"Decoded up to {self.batch_size} clips together.")
         for title, entries in (("failed", self.failed), ("kept, not read", self.unread),
                                ("folder skipped", self.folders)):
             lines += grouped(title, entries, names)
@@ -916,7 +994,8 @@ def plan_folder(job: CaptionJob, shard: tuple[int, int] = (0, 1)) -> FolderPlan:
 
 def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), manifest: Path | None = None,
                    on_clip: Callable[[str, ClipResult | None, CaptionSummary], None] | None = None,
-                   on_plan: Callable[[int], None] | None = None, plan: FolderPlan | None = None) -> CaptionSummary:
+                   on_plan: Callable[[int], None] | None = None, plan: FolderPlan | None = None,
+                   on_step: Callable[[], None] | None = None) -> CaptionSummary:
     """Caption the clips of ``job`` that have no caption yet (all with overwrite).
 
     shard (index, count): this process takes every count-th clip from index.
@@ -924,7 +1003,8 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
     plan: from plan_folder, when the caller planned before loading the model.
     on_plan(n) is called with the number of clips to caption; on_clip(path,
     result, summary) after each clip is written, and may raise to stop
-    between clips (an interrupt): what is written stays written.
+    between clips (an interrupt): what is written stays written. on_step() runs
+    between decode steps when clips are decoded together, and may raise likewise.
     Each clip is claimed (ClipClaim) just before the model takes it, so two runs
     on one folder never caption the same clip; a caption another run wrote
     meanwhile is kept unless ``job.overwrite``.
@@ -960,11 +1040,23 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
     try:
         if sink is not None:
             sink.write_lines([json.dumps(r, ensure_ascii=False) for r in plan.records])
-        results = caption_videos(model, plan.todo, job.prompt, job.pipeline, job.workers, job.processes, claim)
+        stopped = []
+
+        def step() -> None:
+            try:
+                on_step()
+            except BaseException as exc:
+                stopped.append(exc)
+                raise
+
+        results = caption_videos(model, plan.todo, job.prompt, job.pipeline, job.workers, job.processes, claim,
+                                 job.batch_size, step if on_step is not None else None)
         while True:
             try:
                 result = next(results, None)
             except Exception as exc:  # the model (or the machine) failed, not one clip
+                if stopped:  # an interrupt between decode steps, not a failure
+                    raise
                 log.exception("captioning stopped")
                 summary.model_error = f"{exc.__class__.__name__}: {shown(str(exc))}"
                 break
@@ -993,6 +1085,7 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
                         summary.done.append(rel)
                         summary.captions[rel] = text
                         summary.model_seconds += result.stats["time_model"]
+                        summary.batch_size = result.stats.get("batch_size", summary.batch_size)
                         record = manifest_record(rel, result, text)
                 else:
                     summary.failed.append((rel, result.error))

@@ -20,7 +20,7 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .memory import fallback_allowed, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
-from .cache import KVCache
+from .decode import continue_prefill, decode_step
 from .models.base import FALLBACK_STATIC_DECODING
 from .sdpa import plan_free_attention
 from .state import AdaTPState
@@ -63,13 +63,8 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     """
     model = state.model
     adapter = model.adapter
-    # unset settings: the model's generation_config.json, else transformers' defaults (sampling.py)
-    cfg = (sampling or SamplingConfig()).resolve(getattr(adapter.model, "generation_config", None))
-    limit = getattr(adapter.text_model.config, "max_position_embeddings", None)
-    if limit is not None and state.prompt.length + cfg.max_new_tokens > limit:
-        raise AdaTPInputError(
-            f"prompt ({state.prompt.length} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
-            f"the model's context of {limit}; lower max_new_tokens or use fewer frames.")
+    cfg = resolved_sampling(adapter, sampling)
+    check_room(state, cfg)
     if adapter.is_split and resolve_decode_mode(cfg.decode_mode, adapter.device) == "static":
         if cfg.decode_mode == "static":
             log.warning("static decoding needs the model on one device; decoding step by step instead")
@@ -79,6 +74,36 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         cfg = replace(cfg, decode_mode="default")
     # Out of memory: static decoding's kept buffers go too (run_guarded drops them).
     run = run_guarded(lambda: _decode_or_fall_back(state, cfg, on_token, return_logits), "generation", model=model)
+    if fallback is not None and run.fallback is None:
+        run = replace(run, fallback=fallback)
+    return answer_from_run(state, run, cfg)
+
+
+def resolved_sampling(adapter, sampling: SamplingConfig | None) -> SamplingConfig:
+    """Every unset setting filled in: the model's generation_config.json, else transformers'
+    defaults (sampling.py)."""
+    return (sampling or SamplingConfig()).resolve(getattr(adapter.model, "generation_config", None))
+
+
+def check_room(state: AdaTPState, cfg: SamplingConfig) -> None:
+    """Refuse a prompt that leaves no room for max_new_tokens in the model's context."""
+    limit = getattr(state.model.adapter.text_model.config, "max_position_embeddings", None)
+    if limit is not None and state.prompt.length + cfg.max_new_tokens > limit:
+        raise AdaTPInputError(
+            f"prompt ({state.prompt.length} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
+            f"the model's context of {limit}; lower max_new_tokens or use fewer frames.")
+
+
+def sampling_generator(adapter, cfg: SamplingConfig) -> torch.Generator | None:
+    """The answer's own random generator, seeded, beside the logits (None when greedy)."""
+    if not cfg.do_sample:
+        return None
+    return torch.Generator(device=adapter.output_device).manual_seed(cfg.seed)
+
+
+def answer_from_run(state: AdaTPState, run: DecodeRun, cfg: SamplingConfig) -> Answer:
+    """The answer and its stats (the state's, plus the generation's figures)."""
+    model = state.model
     stats = {**state.stats}
     stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
     stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + run.prefill_seconds
@@ -93,15 +118,17 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         "static_graph": run.graph_note,  # static mode: captured, reused, or why there is none
         "sampling": cfg.settings(),  # the settings in effect, the model's defaults filled in
     })
-    if run.fallback or fallback:
-        stats[FALLBACK_STATIC_DECODING] = run.fallback or fallback
+    if run.fallback:
+        stats[FALLBACK_STATIC_DECODING] = run.fallback
         stats["time_to_first_token"] += run.fallback_seconds  # the failed static attempt, waited for too
     text = model.tokenizer.decode(run.tokens, skip_special_tokens=True).strip()
     return Answer(text=text, token_ids=tuple(run.tokens), stats=stats, logits=run.logits)
 
 
 @dataclass
-class _DecodeRun:
+class DecodeRun:
+    """What one answer's decoding did (generate_answer; batching.py for rows decoded together)."""
+
     tokens: list
     logits: torch.Tensor | None
     kv_lengths: tuple
@@ -113,13 +140,6 @@ class _DecodeRun:
     graph_note: str = ""
     fallback: str | None = None  # why static decoding gave way to default decoding in this answer
     fallback_seconds: float = 0.0  # spent in the failed static attempt
-
-
-def _generator(cfg: SamplingConfig, adapter) -> torch.Generator | None:
-    """A fresh sampling generator beside the logits (None when greedy)."""
-    if not cfg.do_sample:
-        return None
-    return torch.Generator(device=adapter.output_device).manual_seed(cfg.seed)
 
 
 class _TokenCallback:
@@ -137,7 +157,7 @@ class _TokenCallback:
             raise
 
 
-def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool) -> _DecodeRun:
+def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool) -> DecodeRun:
     """``_decode``; if static decoding raises anywhere (buffers, capture, a replay, the tokens
     it yields) in auto mode, the answer restarts in default mode from the prefilled state,
     with a fresh generator: the same answer as default decoding. This model then decodes
@@ -152,7 +172,7 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
     callback = _TokenCallback(on_token) if on_token is not None else None
     start = time.perf_counter()
     try:
-        return _decode(state, cfg, _generator(cfg, adapter), callback, return_logits)
+        return _decode(state, cfg, sampling_generator(adapter, cfg), callback, return_logits)
     except Exception as exc:
         static = resolve_decode_mode(cfg.decode_mode, adapter.device) == "static"
         if not static or (callback is not None and callback.raised) or not fallback_allowed(exc):
@@ -170,11 +190,11 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
     if decoders is not None:
         decoders.clear()  # the failed run's buffers and graph are never reused
     failed_seconds = time.perf_counter() - start
-    run = _decode(state, replace(cfg, decode_mode="default"), _generator(cfg, adapter), on_token, return_logits)
+    run = _decode(state, replace(cfg, decode_mode="default"), sampling_generator(adapter, cfg), on_token, return_logits)
     return replace(run, fallback=reason, fallback_seconds=failed_seconds)
 
 
-def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> _DecodeRun:
+def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> DecodeRun:
     """The continuation from layer K and the decoding loop (see generate_answer)."""
     adapter = state.model.adapter
     dev = adapter.device
@@ -186,19 +206,13 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     with torch.inference_mode(), plan_free_attention(dev):
         synchronize(dev)
         start = time.perf_counter()
-        positions = state.kept_positions()  # indices go to each tensor's device (a split model has several)
         if cfg.decode_mode == "auto" and mode == "static":  # static pays off at short caches only
-            lengths = [state.prompt.length] * state.layer + [len(positions)] * (adapter.num_layers - state.layer)
+            kept = len(state.kept_positions())
+            lengths = [state.prompt.length] * state.layer + [kept] * (adapter.num_layers - state.layer)
             if not static_pays_off(lengths, cfg.max_new_tokens):
                 mode = "default"
-        hidden = state.hidden.index_select(1, positions.to(state.hidden.device))
-        position_ids = state.position_ids.index_select(-1, positions.to(state.position_ids.device))
         reserve = 0 if mode == "static" else cfg.max_new_tokens  # static copies into its own buffers
-        cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=reserve)
-        hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers,
-                                    inject=state.kept_injection())
-        logits = adapter.logits(hidden[:, -1:])[-1]
-        del hidden
+        cache, logits = continue_prefill(state, reserve)
         static = None
         if mode == "static":
             decoders = getattr(state.model, "static_decoders", None)
@@ -231,14 +245,12 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                 if return_logits:  # on CUDA the graph's output buffer, rewritten by the next step
                     logits = logits.clone()
             else:
-                ids = torch.tensor([[token]], device=dev)
-                hidden = adapter.run_layers(adapter.embed_tokens(ids), pos, cache, 0, adapter.num_layers)
-                logits = adapter.logits(hidden)[-1]
+                logits = decode_step(adapter, torch.tensor([token], device=dev), pos, cache)[0]
             passes += 1
         synchronize(dev)
         end = time.perf_counter()
     lengths = cache.lengths() if static is None else static.lengths(passes)
-    return _DecodeRun(tokens=tokens, logits=torch.stack(chosen_logits) if return_logits else None,
+    return DecodeRun(tokens=tokens, logits=torch.stack(chosen_logits) if return_logits else None,
                       kv_lengths=lengths, prefill_seconds=prefill_done - start,
                       decode_seconds=end - decode_start, passes=passes, mode=mode,
                       capture_seconds=capture_seconds, graph_note=graph_note)

@@ -61,6 +61,13 @@ def select(state: AdaTPState, cfg: PipelineConfig) -> AdaTPState:
     return prune_tokens(state, cfg.retention)
 
 
+def prefill(model: VideoLLM, frames: torch.Tensor, question: str, cfg: PipelineConfig, video_info=None) -> AdaTPState:
+    """Every stage before GenerateAnswer: the partial prefill, then the selection."""
+    state = extract_attention(model, frames, question, cfg.layer, cfg.query, video_info=video_info,
+                              max_pixels=cfg.max_pixels)
+    return select(state, cfg)
+
+
 def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | None = None,
                  on_token=None, video_info=None) -> PipelineResult:
     """Answer ``question`` about ``video`` (a path, or frames [T, H, W, 3] decoded
@@ -73,9 +80,7 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
     else:
         with timed(times, "time_video_decode"):
             frames, info = load_video(video, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
-    state = extract_attention(model, frames, question, cfg.layer, cfg.query, video_info=info,
-                              max_pixels=cfg.max_pixels)
-    state = select(state, cfg)
+    state = prefill(model, frames, question, cfg, info)
     answer = generate_answer(state, cfg.generation, on_token=on_token)
     stats = {**answer.stats, **times}
     return PipelineResult(answer=answer, state=state, video=info, stats=stats)

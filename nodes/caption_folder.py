@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..adatp_core.batching import MAX_BATCH_SIZE
 from ..adatp_core.caption import DEFAULT_PROMPT, CaptionJob, caption_folder
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.generate import SamplingConfig
@@ -97,8 +98,8 @@ class AdaTP_CaptionFolder:
     DESCRIPTION = ("Captions every video clip in a folder with AdaTP and writes clip.txt beside clip.mp4 "
                    "(prefix + caption + suffix, for video LoRA training). Clips that already have a .txt are "
                    "skipped unless overwrite is on, so a stopped run continues where it stopped. Frames of the "
-                   "next clips are decoded while the model works. Cancel stops between clips and keeps what "
-                   "is written.")
+                   "next clips are decoded while the model works, and up to batch_size captions are decoded "
+                   "together. Cancel stops between steps and keeps what is written.")
     CATEGORY = "AdaTP"
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("captions", "summary")
@@ -139,6 +140,10 @@ class AdaTP_CaptionFolder:
                                          "clip. For clips made in ComfyUI, point folder at Save Video's folder "
                                          "('video [output]'): the captions land beside them in the output folder. "
                                          "Off: only output the captions, write nothing."}),
+            "batch_size": ("INT", {"default": 0, "min": 0, "max": MAX_BATCH_SIZE,
+                                   "tooltip": "Clips decoded together: many times the clips per minute on a "
+                                              "GPU, the same captions. 0: auto (from free memory); 1: one at a "
+                                              "time."}),
         }}
 
     @classmethod
@@ -154,21 +159,21 @@ class AdaTP_CaptionFolder:
         return float("nan")  # the folder's contents may change between runs
 
     def caption(self, model, folder, prompt, prefix, suffix, overwrite, recursive, frames, retention, layer,
-                max_new_tokens=256, repetition_penalty=0.0, top_k=-1, save_caption=True):
+                max_new_tokens=256, repetition_penalty=0.0, top_k=-1, save_caption=True, batch_size=0):
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, **widget_settings(repetition_penalty, top_k))
         cfg = PipelineConfig(num_frames=frames, layer=layer, retention=retention, generation=sampling)
         path = resolve_folder(folder)
         job = CaptionJob(folder=path, prompt=prompt, prefix=prefix, suffix=suffix,
                          overwrite=overwrite, recursive=recursive, pipeline=cfg, workers=DECODE_WORKERS,
                          processes=False,  # threads: spawned processes would re-import ComfyUI's main.py
-                         root=root_of(path), save=save_caption)
+                         root=root_of(path), save=save_caption, batch_size=batch_size)
         progress = {}
         bridge.check_interrupt()
         activate(model)
         try:
             summary = caption_folder(
                 model, job, on_plan=lambda n: progress.setdefault("bar", bridge.Progress(n)),
-                on_clip=lambda *_: progress["bar"].step())
+                on_clip=lambda *_: progress["bar"].step(), on_step=bridge.check_interrupt)
         finally:
             if release(model):
                 bridge.soft_empty_cache()

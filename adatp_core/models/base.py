@@ -305,8 +305,15 @@ class VideoLLMAdapter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, S, D] after the last layer -> float32 logits [S, V]."""
+        return self._head(hidden)[0]
+
+    def last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, D] after the last layer -> float32 logits [B, V] of each row's last position."""
+        return self._head(hidden[:, -1:])[:, 0]
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.text_model.norm(hidden.to(module_device(self.text_model.norm)))
-        return self.model.lm_head(hidden.to(self.output_device))[0].float()
+        return self.model.lm_head(hidden.to(self.output_device)).float()
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
