@@ -2,6 +2,7 @@
 
     python -m adatp_core caption clips/ --prefix "mytrigger, " --manifest clips.jsonl
     accelerate launch -m adatp_core caption clips/     # one shard of the clips per process
+    python -m adatp_core caption ComfyUI/output/video  # clips made in ComfyUI (Save Video's folder)
 
 clip.mp4 gets clip.txt beside it (or at the same relative path under --out).
 A clip that already has its .txt is skipped unless --overwrite, so a stopped

@@ -41,6 +41,8 @@ def _on_qwen(data: dict, model: str, frames: int = 8, link_info: bool = True) ->
             node["widgets_values"][0] = model
         if node["type"] == "AdaTP_LoadVideo":
             node["widgets_values"][1] = frames
+        if node["type"] == "AdaTP_SampleVideo":  # generated_video_qa.json: core Load Video's VIDEO
+            node["widgets_values"][0] = frames
     info_links = [link for link in wf["links"]
                   if link[5] == "ADATP_VIDEO_INFO" and nodes[link[3]]["type"] == "AdaTP_ExtractAttention"]
     extracts = [n for n in wf["nodes"] if n["type"] == "AdaTP_ExtractAttention"]
