@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 import torch
 
-from .cache import KVCache, StaticKVCache, capacity_bucket
+from .cache import KVCache, StaticKVCache, capacity_bucket, weights_fingerprint
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,8 @@ class StaticDecoder:
 
 
 def _weights_fingerprint(adapter) -> tuple:
-    """Where the weights are: a captured graph reads them at these addresses."""
-    model = adapter.model
-    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    """Where the weights are: a captured graph reads them at these addresses (cache.py)."""
+    return weights_fingerprint(adapter.model)
 
 
 class StaticDecoders:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
 from .base import Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
-from .chat import read_chat_template, split_template, tokenize_question
+from .chat import read_chat_template, split_template, tokenize_question, video_prefix_refusal
 from .preprocess import PreprocessConfig, QwenPreprocessConfig, patchify_video, preprocess_frames, qwen_resize_target
 from .qwen_vision import vision_forward
 
@@ -55,6 +55,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         self.chat_template = read_chat_template(self.folder, tokenizer)
         self.video_token_id = int(model.config.video_token_id)
         self._template_parts = split_template(tokenizer, self.chat_template, VIDEO_PAD)
+        self.prefix_refusal = video_prefix_refusal(tokenizer, self.chat_template, VIDEO_PAD)
 
     # -- model parts ----------------------------------------------------------------
     @property
