@@ -142,11 +142,11 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
                 hidden, past_kv, scores = torch.cat([prefix.hidden, question], dim=1), (), relevance
             else:
                 probe = _probe(prompt, layer, query, p)
-                cache = prefix.cache(adapter.num_layers)
+                n = prompt.length - p
+                cache = prefix.cache(adapter.num_layers, reserve=n)  # one copy, room for the question
                 masks = None
                 if not _aligns_causal_to_the_end(adapter):
-                    devices = [module_device(adapter.text_model.layers[i]) for i in range(layer)]
-                    masks = prefix.masks(prompt.length - p, devices)
+                    masks = prefix.masks(n, [module_device(adapter.text_model.layers[i]) for i in range(layer)])
                 hidden = adapter.run_layers(question, position_ids[..., p:], cache, 0, layer, probe=probe,
                                             masks=masks)
                 hidden = torch.cat([prefix.hidden, hidden.to(prefix.hidden.device)], dim=1)
