@@ -27,7 +27,7 @@ def _load(name):
 
 def test_the_five_workflows_ship():
     assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "caption_folder.json", "fastv_baseline.json",
-                                           "vanilla_vs_adatp.json", "video_caption.json"]
+                                           "two_questions.json", "vanilla_vs_adatp.json", "video_caption.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -69,6 +69,11 @@ def test_every_workflow_runs_headless(env, path):
         assert len(stats) == 2
         assert any("Tokens kept: 6272 of 6272" in s for s in stats)
         assert any("Tokens kept: 1568 of 6272" in s for s in stats)
+    if path.name == "two_questions.json":  # the second Extract Attention reuses the first's video prefix
+        prefix = [t.splitlines()[-1] for t in texts if "Generation:" in t]
+        assert [line.split(";")[0] for line in prefix] == [
+            "Video prefix: computed and kept for the next question",
+            "Video prefix: reused from an earlier question (no vision, layers < K over the question only)"]
     if path.name == "video_caption.json":
         assert "Describe this video in detail" in _load(path.name)["nodes"][2]["widgets_values"][0]
 
