@@ -15,8 +15,8 @@ from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .flops import flops_summary
 from .memory import run_guarded
-from .cache import KVCache
-from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
+from .cache import FrozenPrefix, KVCache, frames_digest
+from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection, module_device
 from .models.loader import VideoLLM
 from .sdpa import plan_free_attention
 from .state import AdaTPState
@@ -49,15 +49,34 @@ def _check_frames(frames) -> torch.Tensor:
     return frames
 
 
+def _encode(adapter, frames, prompt, times: dict):
+    with timed(times, "time_preprocess", adapter.device):
+        pixels = adapter.preprocess(frames, prompt.plan)
+    with timed(times, "time_vision", adapter.device):
+        return adapter.encode(pixels, prompt.plan)
+
+
+def _probe(prompt, layer: int, query: str, first: int) -> AttentionProbe:
+    """The layer K-1 probe for a forward call over positions [first, L)."""
+    if query == "text":
+        rows = torch.arange(prompt.after_video - first, prompt.length - first)
+    else:
+        rows = torch.tensor([prompt.length - 1 - first])
+    return AttentionProbe(layer - 1, rows, prompt.visual_positions)
+
+
+def _probe_scores(probe: AttentionProbe, dev) -> torch.Tensor:
+    if probe.scores is None:
+        raise AdaTPEnvironmentError("the attention probe was not called; load the model with AdaTP's loader")
+    return probe.scores.to(dev)  # layer K-1 may sit on another GPU of a split model
+
+
 def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
-    """Vision encoder, prompt assembly, layers 0..K-1 and the scores (see extract_attention)."""
+    """Vision encoder, prompt assembly, layers 0..K-1 and the scores in one pass over the
+    whole prompt (see extract_attention): the path when no prefix is reused."""
     dev = adapter.device
     with torch.inference_mode():
-        with timed(times, "time_preprocess", dev):
-            pixels = adapter.preprocess(frames, prompt.plan)
-        with timed(times, "time_vision", dev):
-            encoded = adapter.encode(pixels, prompt.plan)
-        del pixels
+        encoded = _encode(adapter, frames, prompt, times)
         with timed(times, "time_attention", dev):
             embeds = adapter.assemble(prompt, encoded)
             position_ids = adapter.position_ids(prompt)
@@ -65,19 +84,77 @@ def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
             relevance = text_relevance(encoded.visual, embeds[0, q_start:q_end])
             if layer == 0:
                 return encoded, embeds, (), relevance, relevance, position_ids
-            if query == "text":
-                rows = torch.arange(prompt.after_video, prompt.length)
-            else:
-                rows = torch.tensor([prompt.length - 1])
-            probe = AttentionProbe(layer - 1, rows, prompt.visual_positions)
+            probe = _probe(prompt, layer, query, 0)
             cache = KVCache(adapter.num_layers)
             inject = Injection(prompt.visual_positions, encoded.injections) if encoded.injections else None
             hidden = adapter.run_layers(embeds, position_ids, cache, 0, layer, probe=probe, inject=inject)
-            if probe.scores is None:
-                raise AdaTPEnvironmentError(
-                    "the attention probe was not called; load the model with AdaTP's loader")
-            # Layer K-1 may sit on another GPU of a split model; selection happens on the input device.
-            return encoded, hidden, cache.export(layer), probe.scores.to(dev), relevance, position_ids
+            return encoded, hidden, cache.export(layer), _probe_scores(probe, dev), relevance, position_ids
+
+
+def _video_prefix(adapter, prompt, encoded, layer: int, position_ids) -> FrozenPrefix:
+    """Layers 0..K-1 over the positions before the question's text, [0, after_video)."""
+    p = prompt.after_video
+    embeds = adapter.assemble(prompt, encoded)[:, :p].clone()
+    if layer == 0:
+        return FrozenPrefix(encoded, (), embeds)
+    cache = KVCache(adapter.num_layers)
+    inject = Injection(prompt.visual_positions, encoded.injections) if encoded.injections else None
+    hidden = adapter.run_layers(embeds, position_ids[..., :p], cache, 0, layer, inject=inject)
+    return FrozenPrefix(encoded, cache.export(layer), hidden)
+
+
+def _aligns_causal_to_the_end(adapter) -> bool:
+    """flash-attn aligns its causal mask to the bottom right by itself (and takes no 4-D mask)."""
+    return "flash" in str(getattr(adapter.text_model.config, "_attn_implementation", ""))
+
+
+def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: dict, key_parts: tuple):
+    """``_prefill``'s results in two parts: the video's prefix (from the model's store when
+    these frames were seen with these settings, else computed and stored), then the
+    question's own tokens [after_video, L) through layers < K, attending to the prefix.
+    Returns _prefill's tuple and the prefix's stats."""
+    adapter, store = model.adapter, model.prefix_cache
+    dev = adapter.device
+    p = prompt.after_video
+    with torch.inference_mode():
+        with timed(times, "time_prefix_key"):
+            store.check_weights(adapter.model)
+            key = (frames_digest(frames), *key_parts, layer, tuple(prompt.input_ids[:p].tolist()))
+            prefix = store.get(key)
+        status = "hit" if prefix is not None else "miss"
+        times.setdefault("time_preprocess", 0.0)
+        times.setdefault("time_vision", 0.0)
+        with timed(times, "time_attention", dev):
+            position_ids = adapter.position_ids(prompt)
+        if prefix is None:
+            encoded = _encode(adapter, frames, prompt, times)
+            with timed(times, "time_attention", dev):
+                prefix = _video_prefix(adapter, prompt, encoded, layer, position_ids)
+            not_kept = store.put(key, prefix)
+            if not_kept:
+                status = f"miss ({not_kept})"
+        with timed(times, "time_question", dev):
+            encoded = prefix.encoded
+            question = adapter.embed_tokens(prompt.input_ids[p:]).unsqueeze(0)
+            q_start, q_end = prompt.question
+            relevance = text_relevance(encoded.visual, question[0, q_start - p:q_end - p])
+            if layer == 0:
+                hidden, past_kv, scores = torch.cat([prefix.hidden, question], dim=1), (), relevance
+            else:
+                probe = _probe(prompt, layer, query, p)
+                n = prompt.length - p
+                cache = prefix.cache(adapter.num_layers, reserve=n)  # one copy, room for the question
+                masks = None
+                if not _aligns_causal_to_the_end(adapter):
+                    masks = prefix.masks(n, [module_device(adapter.text_model.layers[i]) for i in range(layer)])
+                hidden = adapter.run_layers(question, position_ids[..., p:], cache, 0, layer, probe=probe,
+                                            masks=masks)
+                hidden = torch.cat([prefix.hidden, hidden.to(prefix.hidden.device)], dim=1)
+                past_kv, scores = cache.export(layer), _probe_scores(probe, dev)
+        times["time_attention"] += times["time_question"]
+    stats = {"prefix_cache": status, "prefix_tokens": p, "prefix_cache_entries": len(store),
+             "prefix_cache_mib": round(store.nbytes / 2**20, 1)}
+    return (encoded, hidden, past_kv, scores, relevance, position_ids), stats
 
 
 def _check_max_pixels(max_pixels) -> int | None:
@@ -99,8 +176,18 @@ def _frame_times(video_info, n_frames: int):
     return times
 
 
+def _prefix_refusal(model, reuse_prefix: bool) -> str | None:
+    """Why this call runs the whole prompt in one pass (None: the video's prefix is reused)."""
+    if not reuse_prefix:
+        return "not asked for"
+    if getattr(model, "prefix_cache", None) is None:
+        return "this model object has no prefix store"
+    return model.adapter.prefix_refusal
+
+
 def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, layer: int = 2,
-                      query: str = "text", video_info=None, max_pixels: int | None = None) -> AdaTPState:
+                      query: str = "text", video_info=None, max_pixels: int | None = None,
+                      reuse_prefix: bool = True) -> AdaTPState:
     """Encode the video, run LLM layers 0..K-1 once, and score the visual tokens.
 
     frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE).
@@ -111,6 +198,14 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         assumed to be at transformers' default rate, and the stats say so.
     max_pixels: pixel budget per frame for dynamic-resolution models (Qwen);
         None or 0: the family's default. Fixed-resolution models ignore it.
+    reuse_prefix: keep this video's question-independent part (the encoded video, and
+        layers < K over every position before the question's text) in the model's
+        ``prefix_cache``, and reuse it when the same frames come again with the same
+        settings: a new question then runs only its own tokens. Exact: the key is the
+        frames' bytes, the video plan (size, grid, frame times), K, the pixel budget,
+        the dtype and the prefix's token ids. False: one pass over the whole prompt.
+        stats["prefix_cache"] says hit, miss or off (and why); stats["time_question"]
+        is the question's own part, stats["time_prefix_key"] the hashing.
     Returns a state holding the layer-K input hidden states, the KV cache of
     layers < K, the original position ids and the scores.
     """
@@ -122,18 +217,30 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     layer = int(layer)
     adapter.check_layer(layer)
     n_frames, height, width = (int(x) for x in frames.shape[:3])
+    max_pixels = _check_max_pixels(max_pixels)
     plan = adapter.plan_video(n_frames, height, width, times=_frame_times(video_info, n_frames),
-                              max_pixels=_check_max_pixels(max_pixels))
+                              max_pixels=max_pixels)
     prompt = adapter.build_prompt(question, plan)
     if prompt.question[1] == prompt.question[0]:
         raise AdaTPInputError("the question has no tokens; type a question about the video")
     adapter.check_context(prompt)
 
     times: dict[str, float] = {}
+    refusal = _prefix_refusal(model, reuse_prefix)
+    prefix_stats = {"prefix_cache": f"off ({refusal})"} if refusal else {}
+
+    def prefill():
+        nonlocal prefix_stats
+        if refusal:
+            return _prefill(adapter, frames, prompt, layer, query, times)
+        out, prefix_stats = _prefill_with_prefix(model, frames, prompt, layer, query, times,
+                                                 (plan, max_pixels, adapter.dtype))
+        return out
+
     with plan_free_attention(adapter.device):  # no per-shape cuDNN plans (see sdpa.py)
+        # Out of memory: the model's kept static buffers and video prefixes go too (run_guarded).
         encoded, hidden, past_kv, scores, relevance, position_ids = run_guarded(
-            lambda: _prefill(adapter, frames, prompt, layer, query, times), "vision encoding and prefill",
-            model=model)
+            prefill, "vision encoding and prefill", model=model)
     t, h, w = encoded.grid
     stats = {
         "frames": n_frames, "tokens_total": t * h * w, "tokens_kept": t * h * w,
@@ -141,7 +248,7 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         "frame_size": f"{plan.size[1]}x{plan.size[0]}", "tokens_per_frame": h * w / plan.frames_per_step,
         "frames_per_step": plan.frames_per_step, "frame_times_assumed": plan.times_assumed,
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
-        **times,
+        **times, **prefix_stats,
     }
     if FALLBACK_BATCHED_VISION in adapter.fallbacks:  # this model's batched vision path failed
         stats[FALLBACK_BATCHED_VISION] = adapter.fallbacks[FALLBACK_BATCHED_VISION]

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .attention import QUERY_MODES, _check_max_pixels, check_question
@@ -232,7 +232,8 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
     batch_size: clips decoded together (batching.py; 0: auto). on_step() runs
     between decode steps and may raise (Cancel).
     """
-    cfg = cfg or PipelineConfig()
+    # Each clip is seen once: keeping its video prefix for a next question would only take memory.
+    cfg = replace(cfg or PipelineConfig(), reuse_prefix=False)
     check_settings(model, prompt, cfg)
     if check_batch_size(batch_size) != 1:
         yield from _caption_together(model, videos, prompt, cfg, workers, processes, claim, batch_size, on_step)

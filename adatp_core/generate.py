@@ -29,9 +29,10 @@ from .timing import synchronize
 
 log = logging.getLogger(__name__)
 # Stage timings (seconds, in stats) that make up AdaTP's selection and the time to first token,
-# counted from decoded frames: preprocessing, vision, partial prefill, selection, rest of the prefill.
+# counted from decoded frames: the video prefix's key (hashing the frames), preprocessing, vision, partial
+# prefill, selection, rest of the prefill.
 SELECTION_TIMES = ("time_global_debias", "time_local_debias", "time_prune")
-PREFILL_TIMES = ("time_preprocess", "time_vision", "time_attention") + SELECTION_TIMES
+PREFILL_TIMES = ("time_prefix_key", "time_preprocess", "time_vision", "time_attention") + SELECTION_TIMES
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
     The error is raised after the original exception (whose traceback holds
     every tensor of the failed stage) is gone and memory has been collected, so
     nothing of the failed run stays allocated and a smaller run can follow.
-    model: a VideoLLM whose kept static-decoding buffers and graphs are dropped too.
+    model: a VideoLLM whose kept static-decoding buffers and graphs, and kept video
+        prefixes, are dropped too.
     """
     try:
         return fn()
@@ -60,8 +61,8 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
         if not is_out_of_memory(exc):
             raise
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-    decoders = getattr(model, "static_decoders", None)
-    if decoders is not None:  # a whole KV cache per bucket: what the next, smaller run needs back
-        decoders.clear()
+    for kept in (getattr(model, "static_decoders", None), getattr(model, "prefix_cache", None)):
+        if kept is not None:  # whole KV caches: what the next, smaller run needs back
+            kept.clear()
     free_memory()
     raise AdaTPEnvironmentError(f"out of memory during {stage} ({detail}); {advice}.")

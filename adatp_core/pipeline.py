@@ -40,6 +40,7 @@ class PipelineConfig:
     max_per_position: int = 1
     retention: float | None = 0.25
     generation: SamplingConfig = field(default_factory=SamplingConfig)
+    reuse_prefix: bool = True  # keep the video's prefix for the next question (attention.py)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def select(state: AdaTPState, cfg: PipelineConfig) -> AdaTPState:
 def prefill(model: VideoLLM, frames: torch.Tensor, question: str, cfg: PipelineConfig, video_info=None) -> AdaTPState:
     """Every stage before GenerateAnswer: the partial prefill, then the selection."""
     state = extract_attention(model, frames, question, cfg.layer, cfg.query, video_info=video_info,
-                              max_pixels=cfg.max_pixels)
+                              max_pixels=cfg.max_pixels, reuse_prefix=cfg.reuse_prefix)
     return select(state, cfg)
 
 

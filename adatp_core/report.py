@@ -47,6 +47,21 @@ def video_line(s: dict) -> str:
             f"{step}; {times}")
 
 
+def prefix_line(s: dict) -> str:
+    """Whether the video's prefix (vision and layers < K before the question) came from the cache."""
+    status = s["prefix_cache"]
+    if status == "hit":
+        head = "reused from an earlier question (no vision, layers < K over the question only)"
+    elif status.startswith("miss"):
+        head = "computed and " + ("kept for the next question" if status == "miss" else status[6:-1])
+    else:
+        head = status
+    line = f"Video prefix: {head}"
+    if "time_question" in s:
+        line += f"; the question's own part {s['time_question']:.3f} s, hashing the frames {s['time_prefix_key']:.3f} s"
+    return line
+
+
 def stats_text(s: dict) -> str:
     """Every line that the stats support, one per line (nodes' stats output)."""
     lines = [tokens_line(s), flops_line(s)]
@@ -57,4 +72,6 @@ def stats_text(s: dict) -> str:
     if "frame_size" in s:
         lines.append(video_line(s))
     lines += [f"Fallback: {s[key]}" for key in sorted(s) if key.startswith("fallback_")]
+    if "prefix_cache" in s:
+        lines.append(prefix_line(s))
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from .cache import KVCache, StaticKVCache, capacity_bucket
+from .cache import KVCache, StaticKVCache, capacity_bucket, weights_fingerprint
 from .memory import is_out_of_memory
 from .timing import synchronize
 
@@ -256,9 +256,8 @@ def _give_back_pool(device: torch.device, pool) -> None:
 
 
 def _weights_fingerprint(adapter) -> tuple:
-    """Where the weights are: a captured graph reads them at these addresses."""
-    model = adapter.model
-    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    """Where the weights are: a captured graph reads them at these addresses (cache.py)."""
+    return weights_fingerprint(adapter.model)
 
 
 class StaticDecoders:

@@ -121,6 +121,7 @@ def run_adatp(model, frames, method: str, retention: float, new_tokens: int, que
     layer = 0 if method.startswith("adatp_k0") else 2
     query = "last" if method == "fastv_k2" else "text"
     dev = model.compute_device
+    model.prefix_cache.clear()  # a first question about this video (bench/prefix_reuse.py times the next)
     with PeakMemory(dev) as mem:
         state = extract_attention(model, frames, question, layer=layer, query=query)
         if method.startswith("adatp"):
@@ -276,6 +277,7 @@ def bench_caption(model, frames, new_tokens: int, repeats: int) -> list[dict]:
     adapter, hf, dev = model.adapter, model.model, model.compute_device
 
     def adatp():
+        model.prefix_cache.clear()  # every caption of a folder is of a new clip
         state = extract_attention(model, frames, CAPTION)
         state = prune_tokens(local_debias(global_debias(state)), 0.25)
         return generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)).text

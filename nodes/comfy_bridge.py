@@ -190,10 +190,11 @@ class _WeightsHolder(torch.nn.Module):
     """What the patcher holds: the transformers model, under a module that accepts the
     ``device`` attribute ComfyUI sets (a transformers model's ``device`` is read-only)."""
 
-    def __init__(self, model: torch.nn.Module, static_decoders):
+    def __init__(self, model: torch.nn.Module, static_decoders, prefix_cache=None):
         super().__init__()
         self.llm = model
         self.static_decoders = static_decoders  # the VideoLLM's (static_decode.StaticDecoders)
+        self.prefix_cache = prefix_cache  # the VideoLLM's (cache.PrefixStore)
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
@@ -232,6 +233,8 @@ def _patcher_class():
             def detach(self, unpatch_all=True):
                 # Static decoding's buffers and CUDA graphs are sized for this model: free them with it.
                 self.model.static_decoders.clear()
+                if self.model.prefix_cache is not None:  # videos' prefixes: on the compute device too
+                    self.model.prefix_cache.clear()
                 return super().detach(unpatch_all)
 
             def partially_unload(self, device_to, memory_to_free=0):
@@ -251,7 +254,7 @@ def manage(llm) -> None:
         log.info("%s is split over devices or quantized: ComfyUI's model management does not move it; "
                  "it is freed when its Load Video LLM output is (Free memory, or a new model)", llm.name)
         return
-    holder = _WeightsHolder(llm.model, llm.static_decoders)
+    holder = _WeightsHolder(llm.model, llm.static_decoders, llm.prefix_cache)
     holder.device = llm.device
     patcher = _patcher_class()(holder, load_device=llm.compute_device, offload_device=offload_device(),
                                size=_weights_bytes(llm.model))

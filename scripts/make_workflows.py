@@ -4,7 +4,8 @@
 Widget values are laid out from each node's INPUT_TYPES, so the files always
 match the nodes. Run it after changing a node's defaults:
 
-    python scripts/make_workflows.py
+    python scripts/make_workflows.py                      # every workflow
+    python scripts/make_workflows.py two_questions.json   # only the ones named
 
 Nodes are laid out in columns from their real size in ComfyUI's frontend
 (``node_size``: litegraph's computeSize from the node's sockets and widgets,
@@ -110,6 +111,37 @@ FASTV = {
     "links": [
         (1, "model", 3, "model"), (2, "frames", 3, "frames"), (2, "video_info", 3, "video_info"), (3, "state", 4, "state"),
         (4, "state", 5, "state"), (4, "state", 6, "state"), (2, "frames", 6, "frames"), (6, "image", 7, "images"),
+    ],
+}
+
+FOLLOW_UP = "What changes between the first and the last frames?"
+TWO_QUESTIONS = {
+    "note": "Two questions about one video: two Extract Attention nodes share Load Video. The video is "
+            "encoded once: the Extract Attention that runs second reuses the video's prefix (the vision "
+            "encoder and layers < K over the video) and runs only its question's tokens; its stats say "
+            "\"Video prefix: reused\". Change a question and Run again: only that question's part runs.",
+    "nodes": [
+        (1, "AdaTP_LoadVideoLLM", 0, {}),
+        (2, "AdaTP_LoadVideo", 0, {}),
+        (3, "AdaTP_ExtractAttention", 1, {"question": QUESTION}),
+        (4, "AdaTP_ExtractAttention", 1, {"question": FOLLOW_UP}),
+        (5, "AdaTP_GlobalDebias", 2, {}),
+        (6, "AdaTP_GlobalDebias", 2, {}),
+        (7, "AdaTP_LocalDebias", 3, {}),
+        (8, "AdaTP_LocalDebias", 3, {}),
+        (9, "AdaTP_PruneTokens", 4, {}),
+        (10, "AdaTP_PruneTokens", 4, {}),
+        (11, "AdaTP_GenerateAnswer", 5, {"max_new_tokens": 64}),
+        (12, "AdaTP_GenerateAnswer", 6, {"max_new_tokens": 64}),
+    ],
+    "align": {6: 4, 8: 4, 10: 4},
+    "titles": {3: "Question 1: Extract Attention", 4: "Question 2: Extract Attention",
+               11: "Question 1: Generate Answer", 12: "Question 2: Generate Answer"},
+    "links": [
+        (1, "model", 3, "model"), (2, "frames", 3, "frames"), (2, "video_info", 3, "video_info"),
+        (1, "model", 4, "model"), (2, "frames", 4, "frames"), (2, "video_info", 4, "video_info"),
+        (3, "state", 5, "state"), (5, "state", 7, "state"), (7, "state", 9, "state"), (9, "state", 11, "state"),
+        (4, "state", 6, "state"), (6, "state", 8, "state"), (8, "state", 10, "state"), (10, "state", 12, "state"),
     ],
 }
 
@@ -231,6 +263,7 @@ WORKFLOWS = {
     "caption_folder.json": CAPTION_FOLDER,
     "self_check.json": SELF_CHECK,
     "generated_video_qa.json": GENERATED_VIDEO_QA,
+    "two_questions.json": TWO_QUESTIONS,
 }
 
 
@@ -303,7 +336,10 @@ def main() -> int:
     pack = load_pack()
     headless = importlib.import_module(f"{PACK_NAME}.nodes.headless")
     OUT.mkdir(exist_ok=True)
+    only = set(sys.argv[1:])  # file names to write (default: every workflow)
     for name, flow in WORKFLOWS.items():
+        if only and name not in only:
+            continue
         data = build(flow, pack.NODE_CLASS_MAPPINGS, headless, pack.NODE_DISPLAY_NAME_MAPPINGS)
         headless.Workflow(json.loads(json.dumps(data)), pack.NODE_CLASS_MAPPINGS)  # must pass its own checks
         (OUT / name).write_text(json.dumps(data, indent=2) + "\n")

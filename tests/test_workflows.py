@@ -27,8 +27,8 @@ def _load(name):
 
 def test_the_workflows_ship():
     assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "caption_folder.json", "fastv_baseline.json",
-                                           "generated_video_qa.json", "self_check.json", "vanilla_vs_adatp.json",
-                                           "video_caption.json"]
+                                           "generated_video_qa.json", "self_check.json", "two_questions.json",
+                                           "vanilla_vs_adatp.json", "video_caption.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -81,6 +81,11 @@ def test_every_workflow_runs_headless(env, path):
         frames, info = result.outputs[3]
         assert frames.shape[0] == 32 and len(info.timestamps) == 32 and info.backend in ("decord", "pyav")
         assert any("frame times from the video" in t for t in texts)
+    if path.name == "two_questions.json":  # the second Extract Attention reuses the first's video prefix
+        prefix = [t.splitlines()[-1] for t in texts if "Generation:" in t]
+        assert [line.split(";")[0] for line in prefix] == [
+            "Video prefix: computed and kept for the next question",
+            "Video prefix: reused from an earlier question (no vision, layers < K over the question only)"]
     if path.name == "video_caption.json":
         assert "Describe this video in detail" in _load(path.name)["nodes"][2]["widgets_values"][0]
 

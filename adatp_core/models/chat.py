@@ -148,3 +148,28 @@ def tokenize_question(tokenizer, question: str) -> list[int]:
     """The question's own tokens. Special-token text in it (<video>, <|im_end|>)
     is split into ordinary tokens, so it can never create a placeholder."""
     return tokenizer(question, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+PROBE_QUESTIONS = ("Why?", "Describe every person, object and event in this clip, in order of appearance.")
+
+
+def video_prefix_refusal(tokenizer, chat_template: str, video_text: str) -> str | None:
+    """Why a new question could not reuse a video's prefix with this template (None: it can).
+
+    Renders one user turn with two different questions, tokenizes each rendering whole,
+    and compares the token ids up to and including the video's placeholder: they must
+    be identical for the prefix to be question-independent.
+    """
+    video_id = tokenizer.convert_tokens_to_ids(video_text)
+    heads = []
+    for question in PROBE_QUESTIONS:
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        rendered = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if video_id not in ids:
+            return f"the chat template does not write {video_text} as one token"
+        heads.append(ids[:ids.index(video_id) + 1])
+    if heads[0] != heads[1]:
+        return "the chat template puts question-dependent tokens before the video"
+    return None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
 from .base import Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
-from .chat import question_tokens, read_chat_template, split_template, tokenize_question
+from .chat import question_tokens, read_chat_template, split_template, tokenize_question, video_prefix_refusal
 from .preprocess import PreprocessConfig, preprocess_frames
 
 
@@ -84,6 +84,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         self.patch_grid = vc.image_size // vc.patch_size  # 27
         self.pooled_grid = -(-self.patch_grid // 2)  # ceil(27 / 2) = 14
         self._template_parts = split_template(tokenizer, self.chat_template, "<video>")
+        self.prefix_refusal = video_prefix_refusal(tokenizer, self.chat_template, "<video>")
         self._pool_cache: dict = {}  # (grid, device, dtype) -> pooling weights
 
     # -- model parts ----------------------------------------------------------------

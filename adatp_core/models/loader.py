@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from ..paths import bare_name
+from ..cache import PrefixStore
 from ..static_decode import StaticDecoders
 from .attention_hook import register_attention, wrapped_attention_name
 from .base import VideoLLMAdapter
@@ -61,6 +62,8 @@ class VideoLLM:
     quantization: str | None = None  # a QUANTIZED_DTYPES choice (dtype is then the compute dtype)
     # Static decoding's buffers and CUDA graphs, reused across answers (static_decode.py).
     static_decoders: StaticDecoders = field(default_factory=StaticDecoders, repr=False)
+    # Videos' question-independent prefills, reused by the next question (cache.py, attention.py).
+    prefix_cache: PrefixStore = field(default_factory=PrefixStore, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -83,6 +86,7 @@ def release(llm: VideoLLM) -> bool:
     if llm.offload_device is None or llm.device == llm.offload_device:
         return False
     llm.static_decoders.clear()  # their KV buffers live on the compute device
+    llm.prefix_cache.clear()
     llm.model.to(llm.offload_device)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import AdaTPInputError
 from ..memory import fallback_allowed
 from .base import FALLBACK_BATCHED_VISION, Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
-from .chat import question_tokens, read_chat_template, split_template, tokenize_question
+from .chat import question_tokens, read_chat_template, split_template, tokenize_question, video_prefix_refusal
 from .preprocess import PreprocessConfig, QwenPreprocessConfig, patchify_video, preprocess_frames, qwen_resize_target
 from .qwen_vision import vision_forward
 
@@ -63,6 +63,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         self.chat_template = read_chat_template(self.folder, tokenizer)
         self.video_token_id = int(model.config.video_token_id)
         self._template_parts = split_template(tokenizer, self.chat_template, VIDEO_PAD)
+        self.prefix_refusal = video_prefix_refusal(tokenizer, self.chat_template, VIDEO_PAD)
 
     # -- model parts ----------------------------------------------------------------
     @property
