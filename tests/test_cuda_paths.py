@@ -447,10 +447,11 @@ def test_extract_attention_out_of_memory_drops_the_static_buffers(tiny_dir, fram
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    assert len(model.prefix_cache) == 1  # the answer's video prefix is kept for a next question
     monkeypatch.setattr(model.adapter, "encode", oom)
     with pytest.raises(AdaTPEnvironmentError, match="out of memory during vision encoding"):
-        extract_attention(model, frames[:2], QUESTION)
-    assert len(model.static_decoders) == 0
+        extract_attention(model, frames[2:], QUESTION)  # other frames: the prefix misses, the video is encoded
+    assert len(model.static_decoders) == 0 and len(model.prefix_cache) == 0
 
 
 def _old_top_p(logits, cfg, generator):
@@ -475,7 +476,8 @@ def test_top_p_has_no_boolean_index_and_draws_the_same_tokens():
             self.names.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    cfg = SamplingConfig(do_sample=True, temperature=0.8, top_p=0.7)
+    # top_k off and no penalty: unset, they would take transformers' defaults (top_k 50), which the old code lacked
+    cfg = SamplingConfig(do_sample=True, temperature=0.8, top_p=0.7, top_k=0, repetition_penalty=1.0)
     for seed in range(20):
         logits = torch.randn(500, generator=torch.Generator().manual_seed(seed)) * 3
         ours = next_token(logits, cfg, torch.Generator().manual_seed(seed))

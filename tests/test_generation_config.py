@@ -159,7 +159,7 @@ def test_chooser_matches_transformers_processors(device):
     assert chooser.seen[: vocab].nonzero().squeeze(1).tolist() == sorted(set(history))
 
 
-def test_nodes_take_the_models_settings_unless_overridden(cache, tmp_path, frames):
+def test_nodes_take_the_models_settings_unless_overridden(cache, tmp_path, frames, monkeypatch):
     """Generate Answer's and Caption Folder's new optional inputs: 0 / -1 (their defaults,
     and what a workflow saved before them gets) mean the model's; other values override.
     Both show the settings in effect."""
@@ -184,8 +184,9 @@ def test_nodes_take_the_models_settings_unless_overridden(cache, tmp_path, frame
     clips = tmp_path / "clips"
     clips.mkdir()
     shutil.copy(sample_video(), clips / "a.mp4")
+    monkeypatch.setenv("ADATP_CAPTION_ROOTS", str(tmp_path))  # the node reads only from folders it is allowed
     caption = pack_module("nodes.caption_folder").AdaTP_CaptionFolder
-    assert list(caption.INPUT_TYPES()["optional"])[-2:] == ["repetition_penalty", "top_k"]
+    assert list(caption.INPUT_TYPES()["optional"])[1:3] == ["repetition_penalty", "top_k"]  # after max_new_tokens
     run = caption().caption(llm, str(clips), "Describe.", "", "", True, False, 2, 0.5, 2, max_new_tokens=2)
     assert "sampling (seed 0): temperature 0.7, top_k 20, top_p 0.8, repetition_penalty 1.3" in run["result"][1]
     run = caption().caption(llm, str(clips), "Describe.", "", "", True, False, 2, 0.5, 2, max_new_tokens=2,

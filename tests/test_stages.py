@@ -124,8 +124,15 @@ def test_on_token_can_interrupt(state):
     assert len(generate_answer(state, SamplingConfig(max_new_tokens=4)).token_ids) == 4
 
 
+@pytest.fixture(scope="module")
+def static_tolerance():
+    """Static steps attend over a power-of-two buffer with a mask: the same terms, summed in
+    another order in float32."""
+    return 1e-5
+
+
 @pytest.mark.parametrize("layer, retention", [(2, 0.25), (0, 0.25), (2, 1.0), (1, 0.05)])
-def test_static_decoding_matches_default(tiny, frames, layer, retention):
+def test_static_decoding_matches_default(tiny, frames, layer, retention, static_tolerance):
     """The fixed-shape decode (per-layer buffers and masks; a CUDA graph on GPUs)
     chooses the same greedy tokens, with the same logits, as the default mode."""
     s = prune_tokens(local_debias(global_debias(extract_attention(tiny, frames, QUESTION, layer=layer))), retention)
@@ -133,7 +140,7 @@ def test_static_decoding_matches_default(tiny, frames, layer, retention):
     static = generate_answer(s, SamplingConfig(max_new_tokens=10, ignore_eos=True, decode_mode="static"),
                              return_logits=True)
     assert static.token_ids == default.token_ids and len(default.token_ids) == 10
-    assert (static.logits - default.logits).abs().max().item() < 1e-5
+    assert (static.logits - default.logits).abs().max().item() < static_tolerance
     assert static.stats["kv_lengths"] == default.stats["kv_lengths"]
     assert (static.stats["decode_mode"], default.stats["decode_mode"]) == ("static", "default")
 
