@@ -3,6 +3,7 @@ FastV equivalence, no repeated cell after Local Debias, branch safety, static de
 
 from __future__ import annotations
 
+import pytest
 from qwen_fixtures import *  # noqa: F401,F403  (tiny, frames: the Qwen models)
 from test_stages import *  # noqa: F401,F403  (the same tests)
 
