@@ -81,8 +81,15 @@ def main(argv) -> int:
         targets = np.asarray(request["times"], dtype=np.float64) + EPS
         idx = np.clip(np.searchsorted(starts, targets, side="right") - 1, 0, n - 1).tolist()
         out = sys.stdout.buffer
+        shape = None
         for k, i in enumerate(idx):
             frame = np.ascontiguousarray(reader[i].asnumpy(), dtype=np.uint8)
+            # decord 0.6 returns (H, W, 6) for some frame widths (12, 16, 48...): rows of
+            # another layout that would reach the model garbled. PyAV decodes those instead.
+            if frame.ndim != 3 or frame.shape[2] != 3 or (shape is not None and frame.shape != shape):
+                print(f"decord returned frames of shape {frame.shape}, not (height, width, 3)", file=sys.stderr)
+                return 3
+            shape = frame.shape
             if k == 0:
                 header = {"count": len(idx), "height": frame.shape[0], "width": frame.shape[1],
                           "timestamps": [float(starts[j]) for j in idx]}

@@ -332,6 +332,9 @@ def _decode_decord(path: str, times: list[float], size: tuple[int, int], probe: 
                     if on_frame is not None:
                         on_frame(k)
                 stamps = info["timestamps"]
+                if frames is not None and proc.stdout.read(1):  # more bytes than the frames: not our layout
+                    frames = None
+                    proc.kill()
             code = proc.wait(timeout=timeout)
         finally:
             watchdog.cancel()

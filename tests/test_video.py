@@ -158,3 +158,17 @@ def test_video_with_non_utf8_metadata_is_readable(tmp_path):
             container.mux(packet)
     frames, info = load_video(path, 4, backend="pyav")
     assert frames.shape == (4, 48, 64, 3) and info.frame_count == 8
+
+
+@pytest.mark.parametrize("width", [16, 48])
+def test_narrow_frames_reach_the_model_as_pyav_decodes_them(tmp_path, width):
+    """decord 0.6 returns (H, W, 6) arrays for some frame widths; read as (H, W, 3) rows they were
+    garbled frames, silently. The worker refuses any frame that is not (H, W, 3) and the parent
+    any bytes past the frames, so PyAV decodes such a clip (and every backend agrees)."""
+    pytest.importorskip("decord")
+    rng = np.random.default_rng(0)
+    path = write_video(tmp_path / f"narrow_{width}.mp4",
+                       rng.integers(0, 256, (6, 100, width, 3), dtype=np.uint8), fps=6.0)
+    auto, info = load_video(path, 2)
+    pyav, _ = load_video(path, 2, backend="pyav")
+    assert auto.shape == pyav.shape and torch.equal(auto, pyav), info.backend
