@@ -650,6 +650,9 @@ def check_manifest(path: Path) -> None:
     if path.is_dir():
         refuse("is a folder; give a file name, for example "
                f"{shown(str(path / 'captions.jsonl'))}.")
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
+        refuse(f"is named like a video; JSON lines would be appended to it. Give a name such as "
+               f"{shown(str(path.with_suffix('.jsonl')))}.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _CLOEXEC, 0o666))
@@ -1019,6 +1022,13 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
     sink = Manifest(manifest) if manifest is not None else None
     summary.manifest = str(manifest) if manifest is not None else None
     held: dict[str, ClipClaim] = {}
+    begun = time.time()  # with overwrite, a caption newer than this is another run's of this same job
+
+    def written_since_we_began(target: Path) -> bool:
+        try:
+            return os.lstat(target).st_mtime >= begun
+        except OSError:
+            return False
 
     def claim(path: str) -> str | None:
         target = targets[path][1]
@@ -1029,7 +1039,7 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
             raise AdaTPInputError(f"cannot write in {shown(str(target.parent))} ({exc.strerror})") from exc
         if not got:
             return "another run is captioning it now"
-        if not job.overwrite and os.path.lexists(target):
+        if os.path.lexists(target) and (not job.overwrite or written_since_we_began(target)):
             lock.release()
             return "another run captioned it meanwhile"
         held[path] = lock
@@ -1038,9 +1048,20 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
     if on_plan is not None:
         on_plan(len(plan.todo))
     start = time.perf_counter()
+
+    def log_records(records: list) -> None:
+        """Append to the manifest; a failed write (a full disk) stops the run like a failed caption write."""
+        if sink is None or not records or summary.write_error:
+            return
+        try:
+            sink.write_lines([json.dumps(r, ensure_ascii=False) for r in records])
+        except OSError as exc:
+            summary.write_error = f"cannot write the manifest {shown(str(manifest))} ({exc.strerror or exc})"
+
     try:
-        if sink is not None:
-            sink.write_lines([json.dumps(r, ensure_ascii=False) for r in plan.records])
+        log_records(plan.records)
+        if summary.write_error:
+            return summary
         stopped = []
 
         def step() -> None:
@@ -1095,8 +1116,8 @@ def caption_folder(model, job: CaptionJob, shard: tuple[int, int] = (0, 1), mani
                 lock = held.pop(result.path, None)
                 if lock is not None:
                     lock.release()
-            if sink is not None and record is not None:
-                sink.write(record)
+            if record is not None:
+                log_records([record])
             summary.seconds = time.perf_counter() - start
             if summary.write_error:
                 results.close()

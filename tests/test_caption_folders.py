@@ -267,6 +267,32 @@ def test_a_clip_another_run_holds_or_captioned_meanwhile_is_left_alone(tiny, tmp
     assert not list(root.glob(".adatp-claim-*"))  # claims go with their run
 
 
+def test_with_overwrite_a_caption_another_run_wrote_meanwhile_is_kept(tiny, tmp_path, clip_bytes):
+    """Two --overwrite runs at once: the one that comes second to a clip finds a caption newer than
+    its own start, written by the other run of the same job, and leaves it (a clip captioned once)."""
+    root = make(tmp_path / "d", clip_bytes, "a.mp4", "b.mp4")
+    (root / "a.txt").write_text("from last week")
+    os.utime(root / "a.txt", (1e9, 1e9))
+
+    def other_run(_n):  # after this run began, before it reaches b.mp4
+        (root / "b.txt").write_text("by the other run")
+
+    summary = cap.caption_folder(tiny, job(root, overwrite=True), on_plan=other_run)
+    assert summary.done == ["a.mp4"] and summary.others == ["b.mp4"]
+    assert (root / "a.txt").read_text() != "from last week"  # overwritten: older than the run
+    assert (root / "b.txt").read_text() == "by the other run"
+
+
+def test_a_manifest_named_like_a_video_or_that_cannot_be_written(tiny, tmp_path, clip_bytes):
+    root = make(tmp_path / "d", clip_bytes, "a.mp4")
+    with pytest.raises(ValueError, match="named like a video"):
+        cap.check_manifest(root / "a.mp4")
+    assert (root / "a.mp4").read_bytes() == clip_bytes
+    summary = cap.caption_folder(tiny, job(root), manifest=Path("/dev/full"))
+    assert summary.write_error and "manifest" in summary.write_error and summary.exit_code() == 2
+    assert "Writing failed, run stopped" in summary.text()
+
+
 def test_two_runs_at_once_caption_each_clip_once(tiny_dir, tmp_path, clip_bytes):
     names = [f"c{k:02d}.mp4" for k in range(10)]
     root = make(tmp_path / "d", clip_bytes, *names)
