@@ -594,10 +594,14 @@ def run_doctor(device="auto", dtype="auto", only: tuple[str, ...] | None = None,
     torch_dtype = resolve_dtype(dtype, dev)
     env = environment(dev, torch_dtype)
     table = families()
-    wanted = {f.lower() for f in only} if only else {label.lower() for label in table}
+    # a label (LLaVA-OV) or the model_type the README's family table names (llava_onevision)
+    aliases = {"llava_onevision": "llava-ov", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+    wanted = ({aliases.get(f.lower(), f.lower()) for f in only} if only
+              else {label.lower() for label in table})
     unknown = sorted(wanted - {label.lower() for label in table})
     if unknown:
-        raise AdaTPInputError(f"unknown model families {unknown}; use some of {', '.join(table)}")
+        raise AdaTPInputError(f"unknown model families {unknown}; use some of {', '.join(table)} "
+                              f"(or {', '.join(aliases)})")
     frames = _frames()
     checks: list[Check] = []
     for label, (build, name) in table.items():

@@ -192,6 +192,9 @@ def probe_video(path) -> VideoProbe:
     import av
 
     path = Path(path)
+    if path.is_dir():
+        raise AdaTPInputError(f"video {path} is a folder; give a video file (to caption a folder of clips, "
+                              "use the caption command or Caption Folder).")
     if not path.is_file():
         raise AdaTPInputError(f"video {path} does not exist; check the file name.")
     if path.stat().st_size == 0:

@@ -147,3 +147,15 @@ def test_the_sdpa_spy_reports_the_kernel_each_call_runs_with():
 def test_ci_runs_the_doctor_on_the_cpu_after_the_tests():
     run = (ROOT / ".ci" / "run").read_text()
     assert run.index("bash scripts/test.sh") < run.index("python -m adatp_core doctor --device cpu")
+
+
+def test_families_by_their_model_type_and_devices_that_are_absent():
+    """The README's family column names model types; an absent MPS or XPU device is the
+    environment's error (exit 2), not a failed check."""
+    from adatp_core.doctor import main as doctor_main
+
+    assert doctor_main(["--device", "cpu", "--family", "bogus_family"]) == 2
+    assert doctor_main(["--device", "cpu", "--family", "llava_onevision"]) == 0
+    if not torch.backends.mps.is_available():
+        assert doctor_main(["--device", "mps"]) == 2
+    assert doctor_main(["--device", "meta"]) == 2

@@ -172,3 +172,8 @@ def test_narrow_frames_reach_the_model_as_pyav_decodes_them(tmp_path, width):
     auto, info = load_video(path, 2)
     pyav, _ = load_video(path, 2, backend="pyav")
     assert auto.shape == pyav.shape and torch.equal(auto, pyav), info.backend
+
+
+def test_a_folder_given_as_the_video_is_named_a_folder(tmp_path):
+    with pytest.raises(AdaTPInputError, match="is a folder"):
+        probe_video(tmp_path)

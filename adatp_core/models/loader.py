@@ -190,7 +190,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         try:
             dev = torch.device(device)
         except RuntimeError as exc:
-            raise AdaTPInputError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+            raise AdaTPInputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise AdaTPInputError(f"device {device!r} cannot run a model; use auto, cpu, cuda, cuda:N or mps")
+    for kind, name in (("mps", "Apple MPS"), ("xpu", "Intel XPU")):
+        backend = getattr(torch.backends, kind, None) if kind == "mps" else getattr(torch, kind, None)
+        if dev.type == kind and not (backend is not None and backend.is_available()):
+            raise AdaTPEnvironmentError(f"device {kind} was asked for but no {name} device is available; use cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise AdaTPEnvironmentError("device cuda was asked for but no CUDA GPU is available; use cpu")
