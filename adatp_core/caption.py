@@ -748,7 +748,10 @@ class CaptionJob:
             object.__setattr__(self, "out", check_out_folder(Path(self.out).expanduser(), folder))
         for name in ("prefix", "suffix"):
             _valid_text(getattr(self, name), name)
-        check_batch_size(self.batch_size)
+        try:
+            check_batch_size(self.batch_size)
+        except AdaTPInputError as exc:
+            raise OptionError("batch_size", str(exc)) from None
 
     def text(self, caption: str) -> str:
         return f"{self.prefix}{caption}{self.suffix}"
@@ -873,7 +876,7 @@ def _reason_key(rel: str, reason: str) -> str:
     """A failure's reason with the clip's own name taken out, so clips failing for
     the same reason group together."""
     for name in sorted({rel, Path(rel).name}, key=len, reverse=True):
-        if name:
+        if Path(name).suffix:  # a clip's name; a folder's ("loop") could be any word of the reason
             reason = reason.replace(name, "<clip>")
     return shown(reason)
 

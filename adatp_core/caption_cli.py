@@ -145,7 +145,7 @@ def main(argv=None, as_program: bool = False) -> int:
 
 OPTIONS = {"prompt": "--prompt", "frames": "--frames", "query": "--query", "retention": "--retention",
            "layer": "--layer", "max_pixels": "--max-pixels", "workers": "--workers", "prefix": "--prefix",
-           "suffix": "--suffix", "out": "--out", "manifest": "--manifest"}
+           "suffix": "--suffix", "out": "--out", "manifest": "--manifest", "batch_size": "--batch-size"}
 
 
 def option_message(exc: Exception, args: argparse.Namespace) -> str:
