@@ -231,10 +231,14 @@ def _patcher_class():
                 self.model.current_weight_patches_uuid = self.patches_uuid
 
             def detach(self, unpatch_all=True):
-                # Static decoding's buffers and CUDA graphs are sized for this model: free them with it.
-                self.model.static_decoders.clear()
-                if self.model.prefix_cache is not None:  # videos' prefixes: on the compute device too
-                    self.model.prefix_cache.clear()
+                # Static decoding's buffers and CUDA graphs are sized for this model, and the videos'
+                # prefixes sit on its compute device: free them when the weights go. ComfyUI also
+                # detaches a loaded model with unpatch_all=False before every load_models_gpu of it
+                # (it is its own clone); the weights stay, and so does what was kept for them.
+                if unpatch_all:
+                    self.model.static_decoders.clear()
+                    if self.model.prefix_cache is not None:
+                        self.model.prefix_cache.clear()
                 return super().detach(unpatch_all)
 
             def partially_unload(self, device_to, memory_to_free=0):

@@ -115,6 +115,9 @@ def make_comfy(load_device: torch.device, offload_device: torch.device):
             record = LoadedModel(patcher)
             if record in mm.current_loaded_models:
                 record = mm.current_loaded_models.pop(mm.current_loaded_models.index(record))
+                # As ComfyUI does (model_management.load_models_gpu): a loaded model is its own
+                # clone, detached without unpatching before it is loaded again, on every call.
+                record.model.detach(unpatch_all=False)
             record.model_load()
             mm.current_loaded_models.insert(0, record)
 

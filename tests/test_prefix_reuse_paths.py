@@ -98,3 +98,20 @@ def test_dispatched_split_model_answers_a_second_question_exactly(tiny_dir, tiny
         ours = generate_answer(prune_tokens(local_debias(global_debias(state)), 0.25), cfg)
         theirs = generate_answer(prune_tokens(local_debias(global_debias(ref)), 0.25), cfg)
         assert ours.token_ids == theirs.token_ids
+
+
+def test_a_new_run_keeps_the_prefix_and_the_static_buffers(comfy, frames):  # noqa: F811
+    """ComfyUI detaches a loaded model (unpatch_all=False) before every load_models_gpu of it, so
+    each node's activate did, and that dropped the prefix and the decode graphs on every Run: the
+    second question never hit in a real server. Only a real unload drops them."""
+    llm = load(keep_loaded=True)
+    m = nodes()
+    state = m["AdaTP_ExtractAttention"]().extract(llm, frames[:2], "What moves?", 2, "text")[0]
+    m["AdaTP_GenerateAnswer"]().generate(state, 2, False, 1.0, 1.0, 0)
+    generate_answer(state, SamplingConfig(max_new_tokens=2, decode_mode="static"))  # buffers kept per model
+    assert len(llm.static_decoders) == 1
+    again = m["AdaTP_ExtractAttention"]().extract(llm, frames[:2], "What is red?", 2, "text")[0]
+    assert again.stats["prefix_cache"] == "hit" and len(llm.prefix_cache) == 1
+    assert len(llm.static_decoders) == 1
+    comfy.unload_all_models()
+    assert len(llm.prefix_cache) == 0 and len(llm.static_decoders) == 0
