@@ -39,7 +39,7 @@ from .attention import QUERY_MODES, _check_max_pixels, check_question
 from .decode_worker import watch_parent_process
 from .batching import check_batch_size, decode_together
 from .errors import AdaTPInputError
-from .paths import confined
+from .paths import confined, inside
 from .pipeline import PipelineConfig, prefill, run_pipeline
 from .prune import check_retention
 from .video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, frames_to_image, read_video
@@ -385,7 +385,8 @@ class Listing:
 
 
 def _under(path: str, roots: list[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+    """Whether the resolved ``path`` is one of ``roots`` (resolved) or below one."""
+    return any(inside(r, path) for r in roots)
 
 
 def scan_folder(folder, recursive: bool = False, exclude: Iterable = (), root=None) -> Listing:
@@ -531,10 +532,6 @@ def name_limit(folder: Path) -> int:
     return 255
 
 
-def _inside(path: str, root: Path) -> bool:
-    return _under(path, [os.path.realpath(root)])
-
-
 def read_caption_text(path: Path) -> tuple[str | None, str | None]:
     """(text, None), or (None, why it is not read): not a regular file, too large,
     not UTF-8. Opened without following a link and without blocking on a FIFO."""
@@ -575,7 +572,7 @@ def existing_caption(target: Path, root: Path) -> tuple[str, str | None]:
             return "folder", "a link to a folder"
         if not os.path.exists(real):
             return "unread", "a broken symbolic link"
-        if not _inside(real, root):
+        if not inside(os.path.realpath(root), real):
             return "unread", "a symbolic link out of the folder"
     elif stat.S_ISDIR(st.st_mode):
         return "folder", "a folder"
@@ -669,9 +666,6 @@ class Manifest:
         check_manifest(path)
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _CLOEXEC, 0o666)
-
-    def write(self, record: dict) -> None:
-        self.write_lines([json.dumps(record, ensure_ascii=False)])
 
     def write_lines(self, lines: list[str]) -> None:
         data = "".join(line + "\n" for line in lines).encode("utf-8")
