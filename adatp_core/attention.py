@@ -91,15 +91,26 @@ def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
             return encoded, hidden, cache.export(layer), _probe_scores(probe, dev), relevance, position_ids
 
 
-def _video_prefix(adapter, prompt, encoded, layer: int, position_ids) -> FrozenPrefix:
-    """Layers 0..K-1 over the positions before the question's text, [0, after_video)."""
-    p = prompt.after_video
+def _injection(prompt, encoded, start: int, stop: int) -> Injection | None:
+    """DeepStack's features for the visual rows among positions [start, stop), as rows of a
+    forward call over those positions (None when there are none)."""
+    if not encoded.injections:
+        return None
+    inside = (prompt.visual_positions >= start) & (prompt.visual_positions < stop)
+    if not bool(inside.any()):
+        return None
+    rows = prompt.visual_positions[inside] - start
+    return Injection(rows, tuple(f[inside.to(f.device)] for f in encoded.injections))
+
+
+def _video_prefix(adapter, prompt, encoded, layer: int, position_ids, p: int) -> FrozenPrefix:
+    """Layers 0..K-1 over the question-independent positions [0, p) (``prefix_length``)."""
     embeds = adapter.assemble(prompt, encoded)[:, :p].clone()
     if layer == 0:
         return FrozenPrefix(encoded, (), embeds)
     cache = KVCache(adapter.num_layers)
-    inject = Injection(prompt.visual_positions, encoded.injections) if encoded.injections else None
-    hidden = adapter.run_layers(embeds, position_ids[..., :p], cache, 0, layer, inject=inject)
+    hidden = adapter.run_layers(embeds, position_ids[..., :p], cache, 0, layer,
+                                inject=_injection(prompt, encoded, 0, p))
     return FrozenPrefix(encoded, cache.export(layer), hidden)
 
 
@@ -111,11 +122,12 @@ def _aligns_causal_to_the_end(adapter) -> bool:
 def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: dict, key_parts: tuple):
     """``_prefill``'s results in two parts: the video's prefix (from the model's store when
     these frames were seen with these settings, else computed and stored), then the
-    question's own tokens [after_video, L) through layers < K, attending to the prefix.
+    rest [p, L) through layers < K, attending to the prefix. p is the adapter's
+    ``prefix_length``: where the question's text starts (after_video), or before it.
     Returns _prefill's tuple and the prefix's stats."""
     adapter, store = model.adapter, model.prefix_cache
     dev = adapter.device
-    p = prompt.after_video
+    p = adapter.prefix_length(prompt)
     with torch.inference_mode():
         with timed(times, "time_prefix_key"):
             store.check_weights(adapter.model)
@@ -129,13 +141,16 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
         if prefix is None:
             encoded = _encode(adapter, frames, prompt, times)
             with timed(times, "time_attention", dev):
-                prefix = _video_prefix(adapter, prompt, encoded, layer, position_ids)
+                prefix = _video_prefix(adapter, prompt, encoded, layer, position_ids, p)
             not_kept = store.put(key, prefix)
             if not_kept:
                 status = f"miss ({not_kept})"
         with timed(times, "time_question", dev):
             encoded = prefix.encoded
-            question = adapter.embed_tokens(prompt.input_ids[p:]).unsqueeze(0)
+            if p == prompt.after_video:  # the question's part is text: no video to scatter in
+                question = adapter.embed_tokens(prompt.input_ids[p:]).unsqueeze(0)
+            else:
+                question = adapter.assemble(prompt, encoded)[:, p:]
             q_start, q_end = prompt.question
             relevance = text_relevance(encoded.visual, question[0, q_start - p:q_end - p])
             if layer == 0:
@@ -148,7 +163,7 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
                 if not _aligns_causal_to_the_end(adapter):
                     masks = prefix.masks(n, [module_device(adapter.text_model.layers[i]) for i in range(layer)])
                 hidden = adapter.run_layers(question, position_ids[..., p:], cache, 0, layer, probe=probe,
-                                            masks=masks)
+                                            masks=masks, inject=_injection(prompt, encoded, p, prompt.length))
                 hidden = torch.cat([prefix.hidden, hidden.to(prefix.hidden.device)], dim=1)
                 past_kv, scores = cache.export(layer), _probe_scores(probe, dev)
         times["time_attention"] += times["time_question"]
@@ -174,6 +189,22 @@ def _frame_times(video_info, n_frames: int):
                     len(times), n_frames)
         return None
     return times
+
+
+def _valid_text(valid: tuple[int, ...], num_layers: int) -> str:
+    return f"0 to {num_layers - 1}" if len(valid) == num_layers else ", ".join(map(str, valid))
+
+
+def layer_stats(adapter, asked: int, layer: int, moved: str | None) -> dict:
+    """Where the scores came from, and the Ks this model takes (hybrid models skip
+    linear-attention layers: ``VideoLLMAdapter.resolve_layer``)."""
+    stats = {"score_layer": f"layer {layer - 1} ({adapter.layer_kinds[layer - 1].replace('_', ' ')})" if layer
+             else "text relevance before the LLM (K=0)",
+             "layers_valid": _valid_text(adapter.valid_layers(), adapter.num_layers),
+             "layer_default": adapter.default_layer()}
+    if moved:
+        stats.update(layer_asked=asked, layer_moved=moved)
+    return stats
 
 
 def _prefix_refusal(model, reuse_prefix: bool) -> str | None:
@@ -214,8 +245,8 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     frames = _check_frames(frames)
     if query not in QUERY_MODES:
         raise AdaTPInputError(f"query must be one of {QUERY_MODES}, got {query!r}")
-    layer = int(layer)
-    adapter.check_layer(layer)
+    asked = int(layer)
+    layer, moved = adapter.resolve_layer(asked)  # hybrid models: K-1 must be a full-attention layer
     n_frames, height, width = (int(x) for x in frames.shape[:3])
     max_pixels = _check_max_pixels(max_pixels)
     plan = adapter.plan_video(n_frames, height, width, times=_frame_times(video_info, n_frames),
@@ -244,7 +275,7 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     t, h, w = encoded.grid
     stats = {
         "frames": n_frames, "tokens_total": t * h * w, "tokens_kept": t * h * w,
-        "layer": layer, "query": query, "prompt_tokens": prompt.length,
+        "layer": layer, **layer_stats(adapter, asked, layer, moved), "query": query, "prompt_tokens": prompt.length,
         "frame_size": f"{plan.size[1]}x{plan.size[0]}", "tokens_per_frame": h * w / plan.frames_per_step,
         "frames_per_step": plan.frames_per_step, "frame_times_assumed": plan.times_assumed,
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import RowsKVCache
+from .cache import LinearState, RowsKVCache
 from .decode import continue_prefill, decode_step, row_positions
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
@@ -68,7 +68,11 @@ def row_bytes(cache, max_new_tokens: int) -> int:
     """Bytes one clip's keys and values take in a batch: every layer's length plus its new tokens."""
     total = 0
     for i, n in enumerate(cache.lengths()):
-        k, _ = cache.layer(i)
+        entry = cache.entry(i)
+        if isinstance(entry, LinearState):  # a fixed size, however long
+            total += sum(t[0].numel() * t.element_size() for t in (entry.conv, entry.recurrent))
+            continue
+        k, _ = entry
         total += 2 * (n + max_new_tokens) * k.shape[1] * k.shape[-1] * k.element_size()
     return total
 
@@ -104,7 +108,7 @@ class StaticRowsStep:
 
     def _key(self, bucket: int) -> tuple:
         c = self.cache
-        return bucket, tuple(c.capacity(i) for i in range(c.num_layers)), c.keys[0].data_ptr()
+        return bucket, c.signature()
 
     def _step(self, entry) -> torch.Tensor:
         window = self.cache.window(0, entry["bucket"], static=True)

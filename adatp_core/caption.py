@@ -211,7 +211,7 @@ def check_settings(model, prompt: str, cfg: PipelineConfig) -> None:
     """Settings that would fail every clip fail once, before any clip is decoded."""
     check_options(prompt, cfg)
     try:
-        model.adapter.check_layer(int(cfg.layer))
+        model.adapter.resolve_layer(int(cfg.layer))
     except AdaTPInputError as exc:
         raise OptionError("layer", str(exc)) from exc
 

@@ -285,18 +285,15 @@ class StaticDecoders:
         if fingerprint != self._fingerprint:
             self.clear()
             self._fingerprint = fingerprint
-        shapes, capacities = [], []
-        for i, n in enumerate(cache.lengths()):
-            k, _ = cache.layer(i)
-            shapes.append((k.shape[1], k.shape[-1]))
-            capacities.append(capacity_bucket(n + max_new_tokens))
-        dtype = cache.layer(0)[0].dtype
-        key = (tuple(shapes), tuple(capacities), dtype, tuple(position_ids.shape[:-1]), position_ids.dtype)
+        layouts = tuple(cache.layout(i) for i in range(len(cache.lengths())))
+        capacities = tuple(0 if layout[0] == "linear" else capacity_bucket(n + max_new_tokens)
+                           for layout, n in zip(layouts, cache.lengths()))
+        key = (layouts, capacities, tuple(position_ids.shape[:-1]), position_ids.dtype)
         decoder = self._decoders.pop(key, None)
         if decoder is None:
             while len(self._decoders) >= self.max_buckets:
                 self._decoders.popitem(last=False)  # least recently used
-            decoder = StaticDecoder(adapter, StaticKVCache(shapes, capacities, dtype, adapter.device),
+            decoder = StaticDecoder(adapter, StaticKVCache(layouts, capacities, adapter.device),
                                     tuple(position_ids.shape[:-1]), position_ids.dtype)
         self._decoders[key] = decoder
         decoder.cache.load(cache)

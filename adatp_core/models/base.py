@@ -191,6 +191,7 @@ class VideoLLMAdapter:
         self.model = model
         self.tokenizer = tokenizer
         self._cache_arg = _cache_argument(self.text_model.layers[0])
+        self._linear_layers = frozenset(i for i, kind in enumerate(self.layer_kinds) if kind == "linear_attention")
         # Fast paths that failed on this model and stay off until it is reloaded (a new adapter):
         # name (FALLBACK_STATIC_DECODING, FALLBACK_BATCHED_VISION) -> what failed, for the stats.
         self.fallbacks: dict[str, str] = {}
@@ -272,6 +273,62 @@ class VideoLLMAdapter:
         return torch.full((*position_ids.shape[:-1], 1), nxt, dtype=position_ids.dtype,
                           device=position_ids.device)
 
+    # -- layer kinds (hybrid models: some layers are linear attention) -----------
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Each decoder layer's kind, from the text config's ``layer_types`` where it has
+        one ("full_attention", "sliding_attention", "linear_attention", ...), else
+        "full_attention" for every layer. Never a hard-coded pattern."""
+        kinds = getattr(self.text_model.config, "layer_types", None)
+        if kinds is None or len(kinds) != self.num_layers:
+            return ("full_attention",) * self.num_layers
+        return tuple(kinds)
+
+    def is_linear_layer(self, i: int) -> bool:
+        """Whether layer i is linear attention (a recurrent state, no softmax probabilities)."""
+        return i in self._linear_layers
+
+    def valid_layers(self) -> tuple[int, ...]:
+        """The Ks that AdaTP can use: 0 (prune before the LLM, by text relevance) and every
+        K in [1, num_layers) whose layer K-1 has softmax attention to score with."""
+        return (0, *(k for k in range(1, self.num_layers) if not self.is_linear_layer(k - 1)))
+
+    def default_layer(self, asked: int = 2) -> int:
+        """The K that the spec's default K = 2 (or ``asked``) becomes on this model."""
+        return self.resolve_layer(asked)[0]
+
+    def resolve_layer(self, layer: int) -> tuple[int, str | None]:
+        """(the K that runs, why it is not the K asked for; None when it is).
+
+        A K whose layer K-1 is linear attention moves up to the next valid K (the spec's
+        hybrid rule), so a shared workflow with K = 2 keeps working on Qwen3.5. Raises
+        when K is out of range or no valid K is at or above it."""
+        self.check_layer(layer)
+        valid = self.valid_layers()
+        if layer in valid:
+            return layer, None
+        above = [k for k in valid if k > layer]
+        if not above:
+            raise AdaTPInputError(
+                f"layer K={layer} cannot be used on this model: layer {layer - 1} is linear attention "
+                f"(no attention scores), and no full-attention layer follows before the last layer. "
+                f"Choose K from {', '.join(map(str, valid))}.")
+        return above[0], (f"K={layer} moved to K={above[0]}: layer {layer - 1} is linear attention, which has "
+                          f"no attention scores; the scores come from layer {above[0] - 1}, the next "
+                          f"full-attention layer")
+
+    # The chunk of the chunked gated delta rule (transformers' torch_chunk_gated_delta_rule and
+    # flash-linear-attention both use 64): linear-attention layers fold tokens in per chunk.
+    LINEAR_CHUNK = 64
+
+    def prefix_length(self, prompt: Prompt) -> int:
+        """How many leading positions a reused video prefix holds: every position before the
+        question's text (``after_video``); with linear-attention layers, that rounded down to
+        a whole number of chunks, so the prefix and the rest fold into the recurrent state in
+        the very chunks one pass over the prompt uses, and reuse gives the same numbers."""
+        p = prompt.after_video
+        return p - p % self.LINEAR_CHUNK if self._linear_layers else p
+
     def run_layers(self, hidden, position_ids, cache, start: int, stop: int,
                    probe: AttentionProbe | None = None, masks=None,
                    inject: Injection | None = None) -> torch.Tensor:
@@ -296,7 +353,9 @@ class VideoLLMAdapter:
             kwargs = {self._cache_arg: cache}
             if probe is not None and probe.layer == i:
                 kwargs["adatp_probe"] = probe
-            out = tm.layers[i](hidden, attention_mask=None if masks is None else masks[i],
+            # A linear-attention layer takes a 2-D padding mask only; rows here carry no padding.
+            mask = None if masks is None or self.is_linear_layer(i) else masks[i]
+            out = tm.layers[i](hidden, attention_mask=mask,
                                position_ids=position_ids, position_embeddings=position_embeddings,
                                use_cache=True, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out

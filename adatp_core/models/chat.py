@@ -8,6 +8,11 @@ from typing import NamedTuple
 
 from ..errors import AdaTPInputError
 
+# Passed to every chat template: Qwen3.5 and Qwen3 think by default, and the template's own
+# switch (an empty thinking block after the assistant's turn starts) is how answers come
+# without one. Templates that do not know the variable ignore it.
+TEMPLATE_KWARGS = {"enable_thinking": False}
+
 _VIDEO_SENTINEL = "\x00ADATP_VIDEO\x00"
 _QUESTION_SENTINEL = "\x00ADATP_QUESTION\x00"
 
@@ -107,7 +112,8 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
     messages = [{"role": "user", "content": [
         {"type": "video"}, {"type": "text", "text": _QUESTION_SENTINEL}]}]
     rendered = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True,
+        **TEMPLATE_KWARGS)
     rendered = rendered.replace(video_text, _VIDEO_SENTINEL, 1)
     if rendered.count(_VIDEO_SENTINEL) != 1 or rendered.count(_QUESTION_SENTINEL) != 1:
         raise AdaTPInputError(
@@ -165,7 +171,8 @@ def video_prefix_refusal(tokenizer, chat_template: str, video_text: str) -> str 
     for question in PROBE_QUESTIONS:
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         rendered = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True,
+        **TEMPLATE_KWARGS)
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
         if video_id not in ids:
             return f"the chat template does not write {video_text} as one token"

@@ -28,12 +28,14 @@ from .placement import SPLIT_DEVICE, check_split_device, split_device_map
 from .preprocess import read_video_processor_config
 from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter, Qwen3VLMoeAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
 log = logging.getLogger(__name__)
 
 ADAPTERS: dict[str, type[VideoLLMAdapter]] = {
-    t: cls for cls in (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter) for t in cls.model_types
+    t: cls for cls in (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3_5Adapter,
+                          Qwen3_5MoeAdapter, Qwen3VLMoeAdapter) for t in cls.model_types
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(ADAPTERS))
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

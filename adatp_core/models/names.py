@@ -30,8 +30,10 @@ from pathlib import Path
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from .catalog import DOWNLOAD_MARK, catalog, entry_from_label, find_entry
 from .tiny import TINY_MODEL_FOLDER, TINY_MODEL_NAME, default_cache_dir, ensure_tiny_model
-from .tiny_qwen import (TINY_QWEN2_5_VL_FOLDER, TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_FOLDER, TINY_QWEN3_VL_NAME,
-                        ensure_tiny_qwen2_5_vl, ensure_tiny_qwen3_vl)
+from .tiny_qwen import (TINY_QWEN2_5_VL_FOLDER, TINY_QWEN2_5_VL_NAME, TINY_QWEN3_5_FOLDER, TINY_QWEN3_5_MOE_FOLDER,
+                        TINY_QWEN3_5_MOE_NAME, TINY_QWEN3_5_NAME, TINY_QWEN3_VL_FOLDER, TINY_QWEN3_VL_MOE_FOLDER,
+                        TINY_QWEN3_VL_MOE_NAME, TINY_QWEN3_VL_NAME, ensure_tiny_qwen2_5_vl, ensure_tiny_qwen3_5,
+                        ensure_tiny_qwen3_5_moe, ensure_tiny_qwen3_vl, ensure_tiny_qwen3_vl_moe)
 
 MODEL_DIRS_ENV = "ADATP_MODEL_DIRS"
 PACK_DIR = Path(__file__).resolve().parents[2]
@@ -43,6 +45,9 @@ BUILTINS = {
     BUILTIN_TINY: (ensure_tiny_model, TINY_MODEL_NAME, TINY_MODEL_FOLDER),
     TINY_QWEN2_5_VL_NAME: (ensure_tiny_qwen2_5_vl, TINY_QWEN2_5_VL_NAME, TINY_QWEN2_5_VL_FOLDER),
     TINY_QWEN3_VL_NAME: (ensure_tiny_qwen3_vl, TINY_QWEN3_VL_NAME, TINY_QWEN3_VL_FOLDER),
+    TINY_QWEN3_5_NAME: (ensure_tiny_qwen3_5, TINY_QWEN3_5_NAME, TINY_QWEN3_5_FOLDER),
+    TINY_QWEN3_5_MOE_NAME: (ensure_tiny_qwen3_5_moe, TINY_QWEN3_5_MOE_NAME, TINY_QWEN3_5_MOE_FOLDER),
+    TINY_QWEN3_VL_MOE_NAME: (ensure_tiny_qwen3_vl_moe, TINY_QWEN3_VL_MOE_NAME, TINY_QWEN3_VL_MOE_FOLDER),
 }
 _SUFFIX = re.compile(r"^(?P<base>\S+)\s+\(built-in\b[^)]*\)$")
 

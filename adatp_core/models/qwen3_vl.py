@@ -53,4 +53,4 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
                            patches=patches, patch_dim=3 * vc.temporal_patch_size * vc.patch_size ** 2,
                            projector_out=vc.out_hidden_size, projector_tokens=patches // (m * m),
                            projector_in=vc.hidden_size * m * m,
-                           projectors=1 + len(vc.deepstack_visual_indexes))
+                           projectors=1 + len(getattr(vc, "deepstack_visual_indexes", None) or ()))

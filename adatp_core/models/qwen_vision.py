@@ -140,9 +140,10 @@ def _qwen3_forward(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
 
     frames = padded_segments(get_vision_cu_seqlens(grid_thw), hidden.device)
     deepstack = []
+    deepstack_layers = getattr(visual, "deepstack_visual_indexes", ())  # none in Qwen3.5's tower
     for layer, blk in enumerate(visual.blocks):
         hidden = _block(blk, hidden, cos, sin, frames)
-        if layer in visual.deepstack_visual_indexes:
+        if layer in deepstack_layers:
             deepstack.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(layer)](hidden))
 
     return BaseModelOutputWithDeepstackFeatures(
@@ -161,10 +162,14 @@ def vision_forward(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
     forward, since calling its submodules directly would skip the hooks that move the weights.
     """
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
-    if not isinstance(visual, (Qwen2_5_VisionTransformerPretrainedModel, Qwen3VLVisionModel)):
-        raise TypeError(f"vision_forward supports the Qwen2.5-VL and Qwen3-VL vision towers, "
+    qwen3_towers = (Qwen3VLVisionModel, Qwen3VLMoeVisionModel, Qwen3_5VisionModel, Qwen3_5MoeVisionModel)
+    if not isinstance(visual, (Qwen2_5_VisionTransformerPretrainedModel, *qwen3_towers)):
+        raise TypeError(f"vision_forward supports the Qwen2.5-VL, Qwen3-VL and Qwen3.5 vision towers, "
                         f"not {type(visual).__name__}; call the module itself instead.")
     if any(hasattr(module, "_hf_hook") for module in visual.modules()):
         log.info("Vision tower has accelerate hooks (device_map offload): using transformers' own forward.")
