@@ -207,12 +207,15 @@ def layer_stats(adapter, asked: int, layer: int, moved: str | None) -> dict:
     return stats
 
 
-def _prefix_refusal(model, reuse_prefix: bool) -> str | None:
+def _prefix_refusal(model, reuse_prefix: bool, prompt) -> str | None:
     """Why this call runs the whole prompt in one pass (None: the video's prefix is reused)."""
     if not reuse_prefix:
         return "not asked for"
     if getattr(model, "prefix_cache", None) is None:
         return "this model object has no prefix store"
+    if model.adapter.prefix_length(prompt) == 0:
+        return (f"the video's part ({prompt.after_video} tokens) is shorter than one chunk of the "
+                f"linear-attention layers ({model.adapter.LINEAR_CHUNK} tokens)")
     return model.adapter.prefix_refusal
 
 
@@ -257,7 +260,7 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     adapter.check_context(prompt)
 
     times: dict[str, float] = {}
-    refusal = _prefix_refusal(model, reuse_prefix)
+    refusal = _prefix_refusal(model, reuse_prefix, prompt)
     prefix_stats = {"prefix_cache": f"off ({refusal})"} if refusal else {}
 
     def prefill():

@@ -358,12 +358,14 @@ class _Family:
 def families() -> dict[str, tuple[Callable, str]]:
     """The built-in tiny models: label -> (folder builder, model name)."""
     from .models.tiny import TINY_MODEL_NAME, ensure_tiny_model
-    from .models.tiny_qwen import (TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME, ensure_tiny_qwen2_5_vl,
-                                   ensure_tiny_qwen3_vl)
+    from .models import tiny_qwen as q
 
     return {"LLaVA-OV": (ensure_tiny_model, TINY_MODEL_NAME),
-            "Qwen2.5-VL": (ensure_tiny_qwen2_5_vl, TINY_QWEN2_5_VL_NAME),
-            "Qwen3-VL": (ensure_tiny_qwen3_vl, TINY_QWEN3_VL_NAME)}
+            "Qwen2.5-VL": (q.ensure_tiny_qwen2_5_vl, q.TINY_QWEN2_5_VL_NAME),
+            "Qwen3-VL": (q.ensure_tiny_qwen3_vl, q.TINY_QWEN3_VL_NAME),
+            "Qwen3.5": (q.ensure_tiny_qwen3_5, q.TINY_QWEN3_5_NAME),
+            "Qwen3.5-MoE": (q.ensure_tiny_qwen3_5_moe, q.TINY_QWEN3_5_MOE_NAME),
+            "Qwen3-VL-MoE": (q.ensure_tiny_qwen3_vl_moe, q.TINY_QWEN3_VL_MOE_NAME)}
 
 
 def _frames() -> torch.Tensor:
@@ -595,7 +597,8 @@ def run_doctor(device="auto", dtype="auto", only: tuple[str, ...] | None = None,
     env = environment(dev, torch_dtype)
     table = families()
     # a label (LLaVA-OV) or the model_type the README's family table names (llava_onevision)
-    aliases = {"llava_onevision": "llava-ov", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+    aliases = {"llava_onevision": "llava-ov", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl",
+               "qwen3_5": "qwen3.5", "qwen3_5_moe": "qwen3.5-moe", "qwen3_vl_moe": "qwen3-vl-moe"}
     wanted = ({aliases.get(f.lower(), f.lower()) for f in only} if only
               else {label.lower() for label in table})
     unknown = sorted(wanted - {label.lower() for label in table})
@@ -625,7 +628,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: what Load Video LLM picks on the device (bfloat16 or float16 on CUDA)")
     p.add_argument("--family", action="append", metavar="NAME",
-                   help="check only this built-in family (LLaVA-OV, Qwen2.5-VL, Qwen3-VL); repeatable")
+                   help="check only this built-in family (LLaVA-OV, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen3.5-MoE, "
+                        "Qwen3-VL-MoE); repeatable")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)

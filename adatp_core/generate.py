@@ -209,8 +209,9 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
         start = time.perf_counter()
         if cfg.decode_mode == "auto" and mode == "static":  # static pays off at short caches only
             kept = len(state.kept_positions())
-            lengths = [state.prompt.length] * state.layer + [kept] * (adapter.num_layers - state.layer)
-            if not static_pays_off(lengths, cfg.max_new_tokens):
+            lengths = [state.prompt.length if i < state.layer else kept for i in range(adapter.num_layers)
+                       if not adapter.is_linear_layer(i)]  # a linear layer's state has no capacity
+            if lengths and not static_pays_off(lengths, cfg.max_new_tokens):
                 mode = "default"
         reserve = 0 if mode == "static" else cfg.max_new_tokens  # static copies into its own buffers
         cache, logits = continue_prefill(state, reserve)

@@ -20,7 +20,8 @@ from adatp_core.models.attention_hook import register_attention, wrapped_attenti
 from adatp_core.models.loader import ADAPTERS, VideoLLM, load_video_llm  # noqa: E402
 from adatp_core.models.stock import stock_video_inputs as stock_inputs  # noqa: E402,F401  (moved to the core)
 from adatp_core.models.tiny import ensure_tiny_model  # noqa: E402
-from adatp_core.models.tiny_qwen import ensure_tiny_qwen2_5_vl, ensure_tiny_qwen3_vl  # noqa: E402
+from adatp_core.models.tiny_qwen import (ensure_tiny_qwen2_5_vl, ensure_tiny_qwen3_5,  # noqa: E402
+                                        ensure_tiny_qwen3_5_moe, ensure_tiny_qwen3_vl, ensure_tiny_qwen3_vl_moe)
 
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                      image_size=384, patch_size=14, vision_use_head=False)
@@ -61,8 +62,12 @@ SHAPES = {
              spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
              deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"), family="qwen3_vl"),
 }
-TINY = {"tiny": ensure_tiny_model, "tiny-qwen2.5-vl": ensure_tiny_qwen2_5_vl, "tiny-qwen3-vl": ensure_tiny_qwen3_vl}
-TINY_OF = {"llava_onevision": ensure_tiny_model, "qwen2_5_vl": ensure_tiny_qwen2_5_vl, "qwen3_vl": ensure_tiny_qwen3_vl}
+TINY = {"tiny": ensure_tiny_model, "tiny-qwen2.5-vl": ensure_tiny_qwen2_5_vl, "tiny-qwen3-vl": ensure_tiny_qwen3_vl,
+        "tiny-qwen3.5": ensure_tiny_qwen3_5, "tiny-qwen3.5-moe": ensure_tiny_qwen3_5_moe,
+        "tiny-qwen3-vl-moe": ensure_tiny_qwen3_vl_moe}
+TINY_OF = {"llava_onevision": ensure_tiny_model, "qwen2_5_vl": ensure_tiny_qwen2_5_vl, "qwen3_vl": ensure_tiny_qwen3_vl,
+           "qwen3_5": ensure_tiny_qwen3_5, "qwen3_5_moe": ensure_tiny_qwen3_5_moe,
+           "qwen3_vl_moe": ensure_tiny_qwen3_vl_moe}
 
 
 def _config(spec: Shape, tokenizer):

@@ -14,8 +14,6 @@ from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
 from ..adatp_core.models.placement import SPLIT_DEVICE
 from ..adatp_core.models.quantize import QUANTIZED_DTYPES
 from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
-from ..adatp_core.models.tiny_qwen import (TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME, ensure_tiny_qwen2_5_vl,
-                                          ensure_tiny_qwen3_vl)
 from ..adatp_core.paths import bare_name
 from . import comfy_bridge as bridge
 
@@ -23,7 +21,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_TINY = names.BUILTIN_TINY  # the command line takes the same names (models/names.py)
 # The other built-in tiny models, by their name in the list.
-BUILTIN_TINY_QWEN = {TINY_QWEN2_5_VL_NAME: ensure_tiny_qwen2_5_vl, TINY_QWEN3_VL_NAME: ensure_tiny_qwen3_vl}
+BUILTIN_TINY_QWEN = {name: build for name, (build, _, _) in names.BUILTINS.items() if name != BUILTIN_TINY}
 DEVICES = ("auto", "cuda", "cpu", SPLIT_DEVICE)
 
 

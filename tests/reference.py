@@ -111,3 +111,77 @@ def masked_reference(stock, llm, state, frames, token_ids, keep: torch.Tensor):
         masked = masked_logits(stock, full, prompt.visual_positions[dropped_visual], state.layer, **extra)
         vanilla = masked_logits(stock, full, torch.tensor([], dtype=torch.long), state.layer, **extra)
     return masked, vanilla
+
+
+
+def subsequence_generation(model, embeds: torch.Tensor, kept: torch.Tensor, layer: int, pos, new_embeds,
+                           new_pos, deepstack=(), visual_positions=None, visual_kept=None) -> torch.Tensor:
+    """Logits [1 + n, V]: transformers' own decoder layers and own cache (``DynamicCache``, which
+    holds a linear-attention layer's conv and recurrent states) doing what the spec defines as
+    pruning at layer K, then n decode steps the way stock ``generate()`` takes them:
+    - prefill: layers < K over the FULL prompt, layers >= K over its ``kept`` rows only, in
+      order, at their original position ids (a linear layer's convolution and recurrence run
+      over the kept subsequence; a full-attention layer holds the kept keys);
+    - each decode step: one token through every layer, with that cache.
+    Row 0 is the prompt's last position, row j the step after feeding ``new_embeds[:, j - 1]``.
+    It shares nothing with adatp_core's caches, gathers or masks.
+
+    embeds: [1, L, D]; kept: [m] long, sorted rows of ``embeds``; pos: position ids [3, 1, L].
+    new_embeds: [1, n, D]; new_pos: [3, 1, n]. deepstack: Qwen3-VL's features, added at
+    ``visual_positions`` (all of them below K, the ``visual_kept`` ones from K on)."""
+    from transformers import DynamicCache
+
+    from adatp_core.models.base import _cache_argument
+
+    tm = model.model.language_model
+    cache_arg = _cache_argument(tm.layers[0])
+    cache = DynamicCache(config=tm.config)
+
+    def visual_mask(rows, length):
+        mask = torch.zeros(1, length, dtype=torch.bool)
+        mask[0, rows] = True
+        return mask
+
+    def run(hidden, positions, layers, prefill: bool):
+        pe = tm.rotary_emb(hidden, positions)
+        for i in layers:
+            if prefill and i == layer:  # from K on: the kept rows only
+                hidden, positions = hidden[:, kept], positions[..., kept]
+                pe = tm.rotary_emb(hidden, positions)
+            out = tm.layers[i](hidden, attention_mask=None, position_ids=positions, position_embeddings=pe,
+                               use_cache=True, **{cache_arg: cache})
+            hidden = out[0] if isinstance(out, tuple) else out
+            if prefill and i < len(deepstack):
+                if i < layer:
+                    hidden = tm._deepstack_process(hidden, visual_mask(visual_positions, hidden.shape[1]),
+                                                   deepstack[i])
+                else:
+                    rows = torch.searchsorted(kept, visual_positions[visual_kept])
+                    hidden = tm._deepstack_process(hidden, visual_mask(rows, hidden.shape[1]),
+                                                   deepstack[i][visual_kept])
+        if prefill and layer >= len(tm.layers):
+            hidden = hidden[:, kept]
+        return model.lm_head(tm.norm(hidden[:, -1:]))[0].float()
+
+    logits = [run(embeds, pos, range(len(tm.layers)), prefill=True)]
+    for j in range(new_embeds.shape[1]):
+        logits.append(run(new_embeds[:, j:j + 1], new_pos[..., j:j + 1], range(len(tm.layers)), prefill=False))
+    return torch.cat(logits)
+
+
+def subsequence_reference(stock, llm, state, frames, token_ids, keep: torch.Tensor) -> torch.Tensor:
+    """``subsequence_generation`` for the state's prompt pruned to ``keep`` at the state's K,
+    feeding ``token_ids`` but the last: logits [len(token_ids), V], one per generated token."""
+    prompt = state.prompt
+    with torch.inference_mode():
+        tokens = torch.tensor(token_ids[:-1], dtype=torch.long)
+        embeds, pos, deepstack = stock_inputs(stock, prompt, stock_video_kwargs(llm, prompt, frames),
+                                              new_tokens=len(tokens))
+        length = embeds.shape[1]
+        visual = torch.zeros(length, dtype=torch.bool)
+        visual[prompt.visual_positions] = True
+        visual[prompt.visual_positions[keep]] = False
+        kept = (~visual).nonzero().squeeze(1)
+        return subsequence_generation(stock, embeds, kept, state.layer, pos[..., :length],
+                                      stock.model.get_input_embeddings()(tokens)[None], pos[..., length:],
+                                      deepstack, visual_positions=prompt.visual_positions, visual_kept=keep)

@@ -11,7 +11,11 @@ import torch
 from pack import ROOT, load_pack, pack_module
 from test_workflows import bypass_gives_fastv
 
-from adatp_core.models.tiny_qwen import TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME
+from adatp_core.models.tiny_qwen import (TINY_QWEN2_5_VL_NAME, TINY_QWEN3_5_MOE_NAME, TINY_QWEN3_5_NAME,
+                                        TINY_QWEN3_VL_MOE_NAME, TINY_QWEN3_VL_NAME)
+
+MODELS = {"qwen2.5-vl": TINY_QWEN2_5_VL_NAME, "qwen3-vl": TINY_QWEN3_VL_NAME, "qwen3.5": TINY_QWEN3_5_NAME,
+          "qwen3.5-moe": TINY_QWEN3_5_MOE_NAME, "qwen3-vl-moe": TINY_QWEN3_VL_MOE_NAME}
 
 # The question-answering workflows (Caption Folder has no Extract Attention; test_caption.py covers it).
 WORKFLOWS = sorted(p for p in (ROOT / "workflows").glob("*.json") if "AdaTP_ExtractAttention" in p.read_text())
@@ -55,7 +59,7 @@ def _on_qwen(data: dict, model: str, frames: int = 8, link_info: bool = True) ->
     return wf
 
 
-@pytest.mark.parametrize("model", [TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME], ids=["qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflows_run_on_qwen(env, path, model):
     pack, headless = env
@@ -82,7 +86,7 @@ def test_bypassing_both_debias_nodes_gives_fastv_on_qwen(env):
     bypass_gives_fastv(*env, data)
 
 
-@pytest.mark.parametrize("model_name", [TINY_QWEN2_5_VL_NAME, TINY_QWEN3_VL_NAME], ids=["qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("model_name", MODELS.values(), ids=MODELS.keys())
 def test_spec_invariants_through_the_nodes(env, model_name):
     """Grid of temporal patches, budgets, segment coverage, no repeated cell after Local Debias,
     branch safety, keep-all = vanilla and Preview Tokens, node by node on a tiny Qwen model."""
@@ -93,6 +97,7 @@ def test_spec_invariants_through_the_nodes(env, model_name):
     state = m["AdaTP_ExtractAttention"]().extract(model, frames, "What moves?", 2, "text", info, 160 * 160)[0]
     t, h, w = state.grid
     assert t == 4 and not state.stats["frame_times_assumed"]  # 7 frames: 4 temporal patches, the last padded
+    assert state.layer == model.adapter.default_layer()  # K = 2, moved to 4 on the hybrid models
     forced = m["AdaTP_GlobalDebias"]().debias(state, 1.0, 1.0)[0]  # every temporal patch its own segment
     assert forced.segments == tuple((i, i) for i in range(t))
     debiased = m["AdaTP_LocalDebias"]().debias(forced, 1)[0]
