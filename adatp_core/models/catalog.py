@@ -66,6 +66,27 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry("Qwen/Qwen3-VL-2B-Instruct", "qwen3_vl", 4.3, 6.0, 3.0),
     CatalogEntry("Qwen/Qwen3-VL-4B-Instruct", "qwen3_vl", 8.9, 10.5, 4.5),
     CatalogEntry("Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl", 17.5, 19.5, 7.5),
+    # Qwen3.5 / Qwen3.6 (hybrid Gated DeltaNet + gated attention) and the Qwen3-VL MoE.
+    # GPU memory: transformers' parameters x 2 bytes (4-bit: nf4 for every nn.Linear weight outside
+    # model.visual and lm_head, the rest at bf16), + 1.5 GB; tests/test_catalog_estimates.py recomputes
+    # them from the configs on the meta device. Disk: the Qwen3.5/3.6 checkpoints also hold a
+    # multi-token-prediction layer (mtp.*) that transformers skips, so disk can exceed the bf16 weights.
+    # Disk estimated from the parameter count (+ MTP), no file list found:
+    CatalogEntry("Qwen/Qwen3.5-0.8B", "qwen3_5", 1.8, 3.2, 2.5),
+    # Disk estimated as above; the 2B's vision tower is assumed to be the 4B's (its config was not found):
+    CatalogEntry("Qwen/Qwen3.5-2B", "qwen3_5", 4.6, 5.9, 3.9),
+    # Disk read: shards of 5,329,398,688 + 3,990,429,408 bytes.
+    CatalogEntry("Qwen/Qwen3.5-4B", "qwen3_5", 9.3, 10.6, 5.2),
+    # Disk read: Hugging Face file list, 4 shards of 5.28 + 5.34 + 5.37 + 3.33 GB.
+    CatalogEntry("Qwen/Qwen3.5-9B", "qwen3_5", 19.3, 20.3, 10.0),
+    # MoE: transformers 5 stores the experts as fused 3-D parameters, which bitsandbytes does not
+    # quantize (it replaces nn.Linear layers only), so 4-bit saves only the attention and shared-expert
+    # projections: about 2 GB of 70. Disk estimated from the parameter count (+ MTP); third-party
+    # cards give 72 GB (67 GiB) for the bf16 checkpoint.
+    CatalogEntry("Qwen/Qwen3.5-35B-A3B", "qwen3_5_moe", 71.9, 71.7, 69.6),
+    CatalogEntry("Qwen/Qwen3.6-35B-A3B", "qwen3_5_moe", 71.9, 71.7, 69.6),  # same shapes as Qwen3.5-35B-A3B
+    # Disk read: 13 shards, 31,070,754,032 bf16 parameters. 4-bit: experts stay bf16, as above.
+    CatalogEntry("Qwen/Qwen3-VL-30B-A3B-Instruct", "qwen3_vl_moe", 62.1, 63.6, 62.3),
 )
 
 
