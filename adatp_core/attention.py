@@ -17,6 +17,7 @@ from .flops import flops_summary
 from .memory import run_guarded
 from .cache import FrozenPrefix, KVCache, frames_digest
 from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection, module_device
+from .models.linear_kernels import kernels_line
 from .models.loader import VideoLLM
 from .sdpa import plan_free_attention
 from .state import AdaTPState
@@ -204,6 +205,8 @@ def layer_stats(adapter, asked: int, layer: int, moved: str | None) -> dict:
              "layer_default": adapter.default_layer()}
     if moved:
         stats.update(layer_asked=asked, layer_moved=moved)
+    if adapter.linear_attention:
+        stats["linear_kernels"] = kernels_line()
     return stats
 
 

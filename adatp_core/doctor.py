@@ -49,6 +49,7 @@ from .attention import extract_attention
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import SamplingConfig, generate_answer
 from .memory import free_memory, is_interrupt
+from .models.linear_kernels import kernels_line
 from .models.loader import VideoLLM, load_video_llm, resolve_device, resolve_dtype
 from .models.stock import stock_video_inputs
 from .pipeline import PipelineConfig, select
@@ -200,6 +201,7 @@ def environment(dev: torch.device, dtype: torch.dtype) -> dict:
         "PyAV": _version("av"),
         "decord": _version("decord"),
         "bitsandbytes": _version("bitsandbytes", load=False),
+        "Gated DeltaNet kernels": kernels_line(),
         **_device_lines(dev),
         "dtype": str(dtype).removeprefix("torch."),
     }

@@ -102,3 +102,21 @@ def test_the_report_imports_nothing_heavy():
             "print([m for m in ('torch', 'transformers', 'fla', 'causal_conv1d', 'kernels') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_linear_attention_model_off_cuda_with_cuda_only_kernels_is_refused_before_loading(monkeypatch, tmp_path):
+    """transformers runs fla / causal-conv1d on any device once they import; on the CPU that fails
+    deep in Triton. The loader refuses it first, with what to do; the plain PyTorch code loads."""
+    from adatp_core.errors import AdaTPEnvironmentError
+    from adatp_core.models import linear_kernels
+    from adatp_core.models.loader import load_video_llm
+    from adatp_core.models.tiny_qwen import ensure_tiny_qwen3_5
+
+    folder = ensure_tiny_qwen3_5(tmp_path)
+    fast = dict(linear_kernels.linear_attention_kernels(), gated_delta_rule="fla", cuda_only=True)
+    monkeypatch.setattr(linear_kernels, "linear_attention_kernels", lambda: fast)
+    with pytest.raises(AdaTPEnvironmentError, match="need CUDA.*Pick a CUDA device"):
+        load_video_llm(folder, device="cpu", dtype="float32")
+    monkeypatch.undo()
+    assert load_video_llm(folder, device="cpu", dtype="float32").adapter.linear_attention
+    assert "PyTorch" in linear_kernels.kernels_line()

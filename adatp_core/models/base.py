@@ -184,6 +184,8 @@ class VideoLLMAdapter:
     # Modules and parameters that the adapter calls piece by piece before the decoder layers (the
     # vision side, the token embeddings): a model split over GPUs keeps them together on the first.
     input_modules: tuple[str, ...] = ()
+    # Whether the LLM has linear-attention layers (Gated DeltaNet), whose kernels loader.py checks.
+    linear_attention: bool = False
     # Why a new question cannot reuse a video's prefix (chat.video_prefix_refusal); None: it can.
     prefix_refusal: str | None = "this model family does not check its chat template for prefix reuse"
 

@@ -109,3 +109,28 @@ def linear_attention_kernels() -> dict:
             f"chunks), and about {TORCH_FALLBACK_BYTES_PER_TOKEN // 1000} kB of float32 intermediates per "
             "prompt token in each linear-attention layer while it runs (~2 GB for a 10,000-token video prompt)")
     return report
+
+
+def kernels_line(report: dict | None = None) -> str:
+    """One line for the stats and the self-check: what runs the Gated DeltaNet layers."""
+    report = report if report is not None else linear_attention_kernels()
+    if report["fast"]:
+        return "flash-linear-attention + causal-conv1d (CUDA)"
+    parts = [f"{part.replace('_', ' ')}: {'PyTorch' if report[part] == 'torch' else report[part]}"
+             for part in KERNEL_FUNCTIONS]
+    return "; ".join(parts) + " (faster on CUDA: " + " and ".join(INSTALL_COMMANDS) + ")"
+
+
+def check_device(device_type: str, report: dict | None = None) -> None:
+    """Refuse a linear-attention model off CUDA when transformers would run a CUDA-only kernel
+    on it (it does not check the device; the run would fail deep inside Triton)."""
+    from ..errors import AdaTPEnvironmentError
+
+    report = report if report is not None else linear_attention_kernels()
+    if device_type != "cuda" and report["cuda_only"]:
+        used = [p for p in ("gated_delta_rule", "causal_conv1d") if report[p] != "torch"]
+        raise AdaTPEnvironmentError(
+            f"this model's linear-attention layers would run {' and '.join(report[p] for p in used)}, "
+            f"which need CUDA, on {device_type}: transformers uses them whenever they are installed. "
+            "Pick a CUDA device, or run the CPU from a Python without flash-linear-attention and "
+            "causal-conv1d.")

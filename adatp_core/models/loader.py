@@ -28,6 +28,7 @@ from .placement import SPLIT_DEVICE, check_split_device, split_device_map
 from .preprocess import read_video_processor_config
 from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .linear_kernels import check_device as check_linear_kernels
 from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter, Qwen3VLMoeAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
@@ -307,6 +308,8 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
         quantization = bitsandbytes_config(dtype, torch_dtype, adapter_cls.unquantized_modules)
     else:
         torch_dtype = resolve_dtype(dtype, dev)
+    if adapter_cls.linear_attention:  # before any weight is read
+        check_linear_kernels(dev.type)
 
     import transformers
     from transformers import AutoTokenizer

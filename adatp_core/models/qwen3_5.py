@@ -36,6 +36,7 @@ MOE_ROUTERS = ("mlp.gate", "mlp.shared_expert_gate")
 class Qwen3_5Adapter(Qwen3VLAdapter):
     model_types = ("qwen3_5",)
     model_class = "Qwen3_5ForConditionalGeneration"
+    linear_attention = True
 
 
 class Qwen3_5MoeAdapter(Qwen3_5Adapter):

@@ -192,3 +192,24 @@ def test_top_p_adds_no_host_sync():
         return sum("synchroniz" in str(w.message) for w in seen)
 
     assert syncs(0.7) == syncs(1.0)
+
+
+# Issue 21: the hybrid Qwen3.5 (linear-attention states in the static buffers and the CUDA graph,
+# the fast kernels when installed) and the MoE models on CUDA.
+@pytest.mark.parametrize("build", ["ensure_tiny_qwen3_5", "ensure_tiny_qwen3_5_moe", "ensure_tiny_qwen3_vl_moe"])
+def test_hybrid_and_moe_models_decode_the_same_with_and_without_graphs(build, tmp_path, frames):
+    from adatp_core.batching import decode_together
+    from adatp_core.models import tiny_qwen
+    from adatp_core.models.loader import load_video_llm
+
+    model = load_video_llm(getattr(tiny_qwen, build)(tmp_path), device="cuda", dtype="float32")
+    state = _state(model, frames, layer=model.adapter.default_layer())
+    default, static = _answers(model, state)
+    _same(default, static)
+    assert static.stats.get("static_graph") in ("captured", "reused"), static.stats
+    again = generate_answer(state, SamplingConfig(max_new_tokens=8, ignore_eos=True, decode_mode="static"))
+    assert again.token_ids == static.token_ids  # the graph replayed over the reloaded states
+    rows = {f.key: f.answer for f in decode_together(
+        model, SamplingConfig(max_new_tokens=8, ignore_eos=True, decode_mode="static"),
+        [(i, lambda: state) for i in range(3)], 2)}
+    assert all(rows[i].token_ids == default.token_ids for i in range(3))
