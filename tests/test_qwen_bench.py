@@ -88,3 +88,23 @@ def test_hybrid_and_moe_shapes_build_and_account(shape, monkeypatch, qwen_cache)
     stats = flops_summary(model, prompt, keep_count=plan.num_tokens // 4, layer=layer)
     assert 10 < stats["flops_vision_T"] < 14
     assert 0.2 < stats["flops_ratio"] < 0.35 < stats["flops_total_ratio"]
+
+
+def test_flops_table_compares_layers_and_memory(capsys, monkeypatch, qwen_cache):  # noqa: F811
+    import flops_table
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(qwen_cache))
+    assert flops_table.main(["--frames", "8", "--size", "640x360", "--compare-layers", "2,4", "--memory"]) == 0
+    out = capsys.readouterr().out
+    assert "they use the next full-attention layer: Qwen3.5-9B K = 4, Qwen3.6-35B-A3B K = 4." in out
+    compare, memory = out.split("FLOPs at each K")[1].split("Cache after the prefill")
+    hybrid = next(line for line in compare.splitlines() if line.startswith("| Qwen3.5-9B |")).split(" | ")
+    assert hybrid[1].endswith("*") and not hybrid[2].endswith("*")  # K = 2 would score at a linear layer
+    dense = next(line for line in compare.splitlines() if line.startswith("| LLaVA-OV-7B |"))
+    assert "*" not in dense
+    cells = next(line for line in memory.splitlines() if line.startswith("| Qwen3.5-9B |")).split(" | ")
+    assert cells[1] == "4" and cells[2].split(" + ")[1] == cells[3].split(" + ")[1] != "0.0 MiB"  # states stay
+    assert "| LLaVA-OV-7B | 2 |" in memory
+    with pytest.raises(SystemExit):
+        flops_table.main(["--compare-layers", "two"])
+    assert "give layers as integers" in capsys.readouterr().err
