@@ -30,7 +30,6 @@ layer from ``text_config.layer_types`` and the MoE fields (``LLMShape.from_confi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 TERA = 1e12
@@ -284,7 +283,6 @@ def cache_bytes(llm: LLMShape, n_full: int, n_kept: int, layer: int, kv_bytes: i
         conv, recurrent = llm.linear.state_elements()
         state = (llm.layers - len(llm.full_attention_layers())) * (conv * conv_bytes + recurrent * state_bytes)
     return {"kv": kv, "state": state, "total": kv + state}
-
 
 
 def flops_summary(model, prompt, keep_count: int, layer: int) -> dict:
