@@ -183,6 +183,8 @@ def scoring_layer(shape: LLMShape, layer: int) -> int:
     linear attention moves up to the next K that qualifies. K = 0 stays 0."""
     if layer <= 0:
         return 0
+    if layer > shape.layers:
+        raise ValueError(f"K = {layer} is past the model's {shape.layers} layers")
     for k in range(layer, shape.layers + 1):
         if shape.kind(k - 1) == FULL_ATTENTION:
             return k

@@ -61,7 +61,12 @@ def main(argv=None) -> int:
         llm = LLMShape.from_config(model.adapter.text_model.config)
         n = plan.num_tokens
         keep = max(1, round(args.retention * n))
-        layer = scoring_layer(llm, args.layer)
+        try:
+            layer = scoring_layer(llm, args.layer)
+        except ValueError as e:
+            p.error(f"--layer {args.layer} on {spec.name}: {e}")
+        if args.compare_layers and max(args.compare_layers) > llm.layers:
+            p.error(f"--compare-layers {max(args.compare_layers)} is past {spec.name}'s {llm.layers} layers")
         if layer != args.layer:
             moved.append(f"{spec.name} K = {layer}")
         s = flops_summary(model, prompt, keep_count=keep, layer=layer)
@@ -91,10 +96,10 @@ def _compare(rows, layers: list[int]) -> None:
         cells = [f"{100 * s['flops_ratio']:.1f}% / {100 * s['flops_total_ratio']:.1f}%"
                  + ("*" if k > 0 and llm.kind(k - 1) != FULL_ATTENTION else "") for k, s in zip(layers, stats)]
         first, last = stats[0], stats[-1]
-        extra = (f"+{last['flops_video_llm_T'] - first['flops_video_llm_T']:.2f} T "
-                 f"(+{100 * (last['flops_video_llm_T'] / first['flops_video_llm_T'] - 1):.1f}%) / "
-                 f"+{last['flops_total_T'] - first['flops_total_T']:.2f} T "
-                 f"(+{100 * (last['flops_total_T'] / first['flops_total_T'] - 1):.1f}%)")
+        extra = (f"{last['flops_video_llm_T'] - first['flops_video_llm_T']:+.2f} T "
+                 f"({100 * (last['flops_video_llm_T'] / first['flops_video_llm_T'] - 1):+.1f}%) / "
+                 f"{last['flops_total_T'] - first['flops_total_T']:+.2f} T "
+                 f"({100 * (last['flops_total_T'] / first['flops_total_T'] - 1):+.1f}%)")
         print(f"| {spec.name} | " + " | ".join(cells) + f" | {extra} |")
 
 

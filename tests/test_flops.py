@@ -193,6 +193,8 @@ def test_layer_types_are_read_from_the_config():
     assert [scoring_layer(shape, k) for k in range(5)] == [0, 1, 4, 4, 4]
     with pytest.raises(ValueError, match="no full-attention layer"):
         scoring_layer(shape, 5)  # layer 4 is the last, and linear
+    with pytest.raises(ValueError, match="past the model's 5 layers"):
+        scoring_layer(shape, 6)
     default = LLMShape.from_config(small_qwen3_5(layer_types=None, num_hidden_layers=8))
     assert default.full_attention_layers() == [3, 7] and scoring_layer(default, 2) == 4
 
