@@ -26,6 +26,17 @@ from adatp_core.models.tiny_qwen import (ensure_tiny_qwen2_5_vl, ensure_tiny_qwe
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                      image_size=384, patch_size=14, vision_use_head=False)
 
+# Qwen3.5/3.6 (config.json of Qwen/Qwen3.5-9B and Qwen/Qwen3.6-35B-A3B): the linear-attention fields,
+# the layer pattern (full_attention_interval 4), partial M-RoPE, and the vision tower (no DeepStack).
+HYBRID_4 = ["linear_attention"] * 3 + ["full_attention"]
+GATED_DELTANET = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_num_key_heads=16,
+                      linear_num_value_heads=32, linear_value_head_dim=128)
+QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                "mrope_section": [11, 11, 10], "mrope_interleaved": True}
+QWEN3_5_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                      deepstack_visual_indexes=[], hidden_act="gelu_pytorch_tanh")
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -61,6 +72,30 @@ SHAPES = {
         dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
              spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
              deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"), family="qwen3_vl"),
+    # Qwen/Qwen3.5-9B: hybrid LLM (3 Gated DeltaNet layers, then 1 gated full-attention layer, x8) and
+    # Qwen3-VL's 27-block ViT without DeepStack.
+    "qwen3.5-9b": Shape("Qwen3.5-9B", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=256, vocab_size=248320, max_position_embeddings=262144,
+        layer_types=HYBRID_4 * 8, **GATED_DELTANET, rope_parameters=QWEN3_5_ROPE),
+        dict(QWEN3_5_VISION, out_hidden_size=4096), family="qwen3_5"),
+    # Qwen/Qwen3.6-35B-A3B (the architecture of Qwen3.5-35B-A3B): the hybrid LLM with MoE MLPs in every
+    # layer (256 experts of 512, top 8, and a shared expert of 512).
+    "qwen3.6-35b-a3b": Shape("Qwen3.6-35B-A3B", dict(
+        hidden_size=2048, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+        vocab_size=248320, max_position_embeddings=262144, layer_types=HYBRID_4 * 10, **GATED_DELTANET,
+        num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+        rope_parameters=QWEN3_5_ROPE), dict(QWEN3_5_VISION, out_hidden_size=2048), family="qwen3_5_moe"),
+    # Qwen/Qwen3-VL-30B-A3B-Instruct: Qwen3-VL with a Qwen3-30B-A3B-like MoE LLM (128 experts of 768, top 8).
+    "qwen3-vl-30b-a3b": Shape("Qwen3-VL-30B-A3B", dict(
+        hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[],
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                         "mrope_interleaved": True}),
+        dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048, patch_size=16,
+             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+             deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"), family="qwen3_vl_moe"),
 }
 TINY = {"tiny": ensure_tiny_model, "tiny-qwen2.5-vl": ensure_tiny_qwen2_5_vl, "tiny-qwen3-vl": ensure_tiny_qwen3_vl,
         "tiny-qwen3.5": ensure_tiny_qwen3_5, "tiny-qwen3.5-moe": ensure_tiny_qwen3_5_moe,
@@ -81,7 +116,9 @@ def _config(spec: Shape, tokenizer):
             video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
             vision_feature_layer=-1, vision_feature_select_strategy="full")
     c = tokenizer.convert_tokens_to_ids
-    config_class = {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen3_vl": transformers.Qwen3VLConfig}[spec.family]
+    config_class = {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen3_vl": transformers.Qwen3VLConfig,
+                    "qwen3_5": transformers.Qwen3_5Config, "qwen3_5_moe": transformers.Qwen3_5MoeConfig,
+                    "qwen3_vl_moe": transformers.Qwen3VLMoeConfig}[spec.family]
     return config_class(vision_config=spec.vision, text_config=spec.text, tie_word_embeddings=False,
                         image_token_id=c("<|image_pad|>"), video_token_id=c("<|video_pad|>"),
                         vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"))

@@ -22,11 +22,13 @@ from adatp_core.models import names
 from adatp_core.models.catalog import CATALOG
 from adatp_core.models.download import DownloadError
 from adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
-from adatp_core.models.tiny_qwen import TINY_QWEN3_VL_NAME, ensure_tiny_qwen2_5_vl, ensure_tiny_qwen3_vl
+from adatp_core.models.tiny_qwen import (TINY_QWEN3_VL_NAME, ensure_tiny_qwen2_5_vl, ensure_tiny_qwen3_5,
+                                        ensure_tiny_qwen3_5_moe, ensure_tiny_qwen3_vl, ensure_tiny_qwen3_vl_moe)
 
 EXTRA_REPO = "adatp-test/tiny-qwen3-vl-v5"
 BUILDERS = {"llava_onevision": ensure_tiny_model, "qwen2_5_vl": ensure_tiny_qwen2_5_vl,
-            "qwen3_vl": ensure_tiny_qwen3_vl}
+            "qwen3_vl": ensure_tiny_qwen3_vl, "qwen3_5": ensure_tiny_qwen3_5, "qwen3_5_moe": ensure_tiny_qwen3_5_moe,
+            "qwen3_vl_moe": ensure_tiny_qwen3_vl_moe}
 RUN = ["--frames", "2", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32", "--json"]
 
 
@@ -82,7 +84,7 @@ def run_cli(capsys, *argv) -> dict:
 
 def test_cli_runs_every_name_that_load_video_llm_lists(env, capsys):
     listed = listed_names()
-    assert len(listed) == 3 + 1 + len(CATALOG) + 1  # built-in, local, catalog, the extra entry
+    assert len(listed) == len(names.BUILTINS) + 1 + len(CATALOG) + 1  # built-in, local, catalog, the extra entry
     for name in listed:
         report = run_cli(capsys, "--model", name, *RUN)
         assert report["new_tokens"] >= 1 or report["answer"] == "", name

@@ -155,8 +155,9 @@ def test_model_list_has_the_builtin_and_local_folders(pack, tiny_dir, tmp_path):
         bridge.HEADLESS.model_dirs = [tmp_path]
         models = pack.NODE_CLASS_MAPPINGS["AdaTP_LoadVideoLLM"].INPUT_TYPES()["required"]["model"][0]
         catalog = pack_module("adatp_core.models.catalog").catalog()
-        assert models == ["adatp-tiny (built-in, random weights)", "adatp-tiny-qwen2.5-vl (built-in, random weights)",
-                          "adatp-tiny-qwen3-vl (built-in, random weights)", "my-llava", *(e.label for e in catalog)]
+        builtins = [f"adatp-tiny{suffix} (built-in, random weights)" for suffix in
+                    ("", "-qwen2.5-vl", "-qwen3-vl", "-qwen3.5", "-qwen3.5-moe", "-qwen3-vl-moe")]
+        assert models == [*builtins, "my-llava", *(e.label for e in catalog)]
     finally:
         bridge.HEADLESS.model_dirs = saved
 

@@ -57,3 +57,54 @@ def test_flops_table_script(capsys, monkeypatch, qwen_cache):  # noqa: F811
 
     assert out.count("\n| ") == len(SHAPES)  # one row per shape after the header
     assert "| Qwen2.5-VL-7B | 4x12x21 | 1008 |" in out and "| Qwen3-VL-8B | 4x10x18 | 720 |" in out
+
+
+@pytest.mark.parametrize("shape", ["qwen3.5-9b", "qwen3.6-35b-a3b", "qwen3-vl-30b-a3b"])
+def test_hybrid_and_moe_shapes_build_and_account(shape, monkeypatch, qwen_cache):  # noqa: F811
+    """Qwen3.5-9B, Qwen3.6-35B-A3B and Qwen3-VL-30B-A3B build on the meta device; the FLOPs count
+    every weight a token meets (all of the dense model's, about 3B of the A3B models' with their
+    embeddings), hybrid K = 2 moves up to the first full-attention layer, and at 32 frames the
+    vision tower (Qwen3-VL's, 27 blocks) costs about 12 TFLOP."""
+    from shapes import build
+
+    from adatp_core.flops import LLMShape, flops_summary
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(qwen_cache))
+    model = build(shape, "meta", torch.bfloat16)
+    text = model.adapter.text_model
+    llm = LLMShape.from_config(text.config)
+    counted = sum(llm.layer_params(i) for i in range(llm.layers))
+    if llm.moe is None:
+        weights = sum(p.numel() for p in text.layers.parameters() if p.dim() >= 2)
+        assert counted == weights
+    else:
+        assert 3.0e9 < counted + 2 * llm.hidden * llm.vocab < 3.6e9  # "A3B": about 3B active parameters
+    hybrid = shape.startswith("qwen3.")
+    assert llm.full_attention_layers() == (list(range(3, llm.layers, 4)) if hybrid else list(range(llm.layers)))
+    layer = model.adapter.default_layer()
+    assert layer == (4 if hybrid else 2)
+    plan = model.adapter.plan_video(32, 448, 448)
+    prompt = model.adapter.build_prompt("What happens?", plan)
+    stats = flops_summary(model, prompt, keep_count=plan.num_tokens // 4, layer=layer)
+    assert 10 < stats["flops_vision_T"] < 14
+    assert 0.2 < stats["flops_ratio"] < 0.35 < stats["flops_total_ratio"]
+
+
+def test_flops_table_compares_layers_and_memory(capsys, monkeypatch, qwen_cache):  # noqa: F811
+    import flops_table
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(qwen_cache))
+    assert flops_table.main(["--frames", "8", "--size", "640x360", "--compare-layers", "2,4", "--memory"]) == 0
+    out = capsys.readouterr().out
+    assert "they use the next full-attention layer: Qwen3.5-9B K = 4, Qwen3.6-35B-A3B K = 4." in out
+    compare, memory = out.split("FLOPs at each K")[1].split("Cache after the prefill")
+    hybrid = next(line for line in compare.splitlines() if line.startswith("| Qwen3.5-9B |")).split(" | ")
+    assert hybrid[1].endswith("*") and not hybrid[2].endswith("*")  # K = 2 would score at a linear layer
+    dense = next(line for line in compare.splitlines() if line.startswith("| LLaVA-OV-7B |"))
+    assert "*" not in dense
+    cells = next(line for line in memory.splitlines() if line.startswith("| Qwen3.5-9B |")).split(" | ")
+    assert cells[1] == "4" and cells[2].split(" + ")[1] == cells[3].split(" + ")[1] != "0.0 MiB"  # states stay
+    assert "| LLaVA-OV-7B | 2 |" in memory
+    with pytest.raises(SystemExit):
+        flops_table.main(["--compare-layers", "two"])
+    assert "give layers as integers" in capsys.readouterr().err
