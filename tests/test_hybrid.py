@@ -218,3 +218,36 @@ def test_multi_gpu_placement_splits_by_whole_layers(tiny_dir, tiny):
     assert layers and all(k.count(".") == 3 or k == "model.language_model.layers" for k in layers)
     assert set(device_map.values()) == {0, 1}  # (the tiny Qwen3-VL-MoE's layers all fit beside the tower)
     assert device_map["model.visual"] == 0 and device_map["model.language_model.embed_tokens"] == 0
+
+
+def test_the_template_trims_the_question_as_the_real_one_does(tiny):
+    """Qwen3.5's template trims the user's content, so trailing whitespace never reaches the model."""
+    if tiny.model.config.model_type == "qwen3_vl_moe":
+        pytest.skip("Qwen3-VL's template does not trim")
+    plan = tiny.adapter.plan_video(4, 64, 64)
+    padded, plain = (tiny.adapter.build_prompt(q, plan) for q in ("Why? \n ", "Why?"))
+    assert torch.equal(padded.input_ids, plain.input_ids) and padded.question == plain.question
+    assert not tiny.adapter.always_thinks
+
+
+def test_a_template_that_always_thinks_is_named_in_the_stats(tiny_dir, tmp_path, frames):
+    """A "-Thinking" template opens <think> whatever enable_thinking says: nothing is cut out of
+    the answer, and the stats say why it starts with thinking."""
+    import shutil
+
+    from adatp_core.models.loader import load_video_llm
+
+    folder = tmp_path / "thinking"
+    shutil.copytree(tiny_dir, folder)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "chat_template.jinja").write_text(
+        "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}"
+        "{%- for item in message.content %}{%- if item.type == 'video' %}"
+        "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}{%- else %}{{- item.text }}{%- endif %}{%- endfor %}"
+        "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}"
+        "{%- endif %}")
+    model = load_video_llm(folder, device="cpu", dtype="float32")
+    assert model.adapter.always_thinks
+    state = extract_attention(model, frames, QUESTION, layer=0)
+    assert "always opens a thinking block" in state.stats["thinking"]

@@ -184,6 +184,9 @@ class VideoLLMAdapter:
     # Modules and parameters that the adapter calls piece by piece before the decoder layers (the
     # vision side, the token embeddings): a model split over GPUs keeps them together on the first.
     input_modules: tuple[str, ...] = ()
+    # Whether the chat template opens a thinking block that enable_thinking=False does not close
+    # (a "-Thinking" model): its answers then start with the model's thinking.
+    always_thinks: bool = False
     # Whether the LLM has linear-attention layers (Gated DeltaNet), whose kernels loader.py checks.
     linear_attention: bool = False
     # Why a new question cannot reuse a video's prefix (chat.video_prefix_refusal); None: it can.

@@ -89,6 +89,8 @@ class TemplateParts(NamedTuple):
     after: list[int]
     lead: str = ""
     trail: str = ""
+    trims: bool = False  # the template trims the user's content (Qwen3.5's ``|trim``)
+    thinks: bool = False  # the generation prompt opens a thinking block that no switch closes
 
 
 def _added_token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
@@ -102,6 +104,17 @@ def _added_token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
     return spans
 
 
+def _render(tokenizer, chat_template: str, question: str) -> str:
+    """One user turn (a video, then ``question``) and the generation prompt, as text."""
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=True, **TEMPLATE_KWARGS)
+    except Exception as exc:  # jinja2's TemplateError, raise_exception() in the template
+        raise AdaTPInputError(f"this model's chat template cannot render a question about a video ({exc}); "
+                              "use the chat template of the model's Hugging Face repository") from exc
+
+
 def split_template(tokenizer, chat_template: str, video_text: str) -> TemplateParts:
     """Render one user turn (a video, then the question) with sentinels and split it
     into ``TemplateParts``.
@@ -109,11 +122,7 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
     video_text: what the template writes for the video's placeholder (LLaVA-OV: "<video>";
         Qwen: "<|video_pad|>", inside its <|vision_start|>...<|vision_end|>).
     """
-    messages = [{"role": "user", "content": [
-        {"type": "video"}, {"type": "text", "text": _QUESTION_SENTINEL}]}]
-    rendered = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True,
-        **TEMPLATE_KWARGS)
+    rendered = _render(tokenizer, chat_template, _QUESTION_SENTINEL)
     rendered = rendered.replace(video_text, _VIDEO_SENTINEL, 1)
     if rendered.count(_VIDEO_SENTINEL) != 1 or rendered.count(_QUESTION_SENTINEL) != 1:
         raise AdaTPInputError(
@@ -127,7 +136,10 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
     cut_after = min((start for start, _ in _added_token_spans(tokenizer, after)), default=len(after))
     ids = [tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle[:cut_middle],
                                                                                 after[cut_after:])]
-    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after])
+    trims = _QUESTION_SENTINEL + " " not in _render(tokenizer, chat_template, _QUESTION_SENTINEL + " ")
+    opened, closed = after.rfind("<think>"), after.rfind("</think>")
+    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trims=trims,
+                         thinks=opened > closed)
 
 
 def question_tokens(tokenizer, parts: TemplateParts, question: str) -> tuple[list[int], int, int]:
@@ -135,6 +147,8 @@ def question_tokens(tokenizer, parts: TemplateParts, question: str) -> tuple[lis
     the tokens that hold the question's text). Special-token text in the question
     (<video>, <|im_end|>) is split into ordinary tokens, so it can never create a
     placeholder. A token that spans the seam counts as the question's."""
+    if parts.trims:  # what the template does to the question, which ends the user's content
+        question = question.rstrip()
     text = parts.lead + question + parts.trail
     q0, q1 = len(parts.lead), len(parts.lead) + len(question)
     try:
@@ -169,10 +183,7 @@ def video_prefix_refusal(tokenizer, chat_template: str, video_text: str) -> str 
     video_id = tokenizer.convert_tokens_to_ids(video_text)
     heads = []
     for question in PROBE_QUESTIONS:
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        rendered = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True,
-        **TEMPLATE_KWARGS)
+        rendered = _render(tokenizer, chat_template, question)
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
         if video_id not in ids:
             return f"the chat template does not write {video_text} as one token"

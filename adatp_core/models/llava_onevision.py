@@ -84,6 +84,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         self.patch_grid = vc.image_size // vc.patch_size  # 27
         self.pooled_grid = -(-self.patch_grid // 2)  # ceil(27 / 2) = 14
         self._template_parts = split_template(tokenizer, self.chat_template, "<video>")
+        self.always_thinks = self._template_parts.thinks
         self.prefix_refusal = video_prefix_refusal(tokenizer, self.chat_template, "<video>")
         self._pool_cache: dict = {}  # (grid, device, dtype) -> pooling weights
 

@@ -63,6 +63,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         self.chat_template = read_chat_template(self.folder, tokenizer)
         self.video_token_id = int(model.config.video_token_id)
         self._template_parts = split_template(tokenizer, self.chat_template, VIDEO_PAD)
+        self.always_thinks = self._template_parts.thinks
         self.prefix_refusal = video_prefix_refusal(tokenizer, self.chat_template, VIDEO_PAD)
 
     # -- model parts ----------------------------------------------------------------
