@@ -11,8 +11,16 @@ TIMINGS = (
 
 def tokens_line(s: dict) -> str:
     total, kept = s["tokens_total"], s["tokens_kept"]
-    return (f"Tokens kept: {kept} of {total} visual tokens ({100 * kept / total:.1f}%), "
+    line = (f"Tokens kept: {kept} of {total} visual tokens ({100 * kept / total:.1f}%), "
             f"{s.get('segments', 1)} segment(s), K={s['layer']}")
+    if "score_layer" in s:
+        line += f", scores from {s['score_layer']}"
+    return line
+
+
+def layer_line(s: dict) -> str:
+    """Why K is not the K asked for (hybrid models), and the Ks this model takes."""
+    return f"Layer: {s['layer_moved']}. Valid K here: {s['layers_valid']}."
 
 
 def flops_line(s: dict) -> str:
@@ -65,6 +73,11 @@ def prefix_line(s: dict) -> str:
 def stats_text(s: dict) -> str:
     """Every line that the stats support, one per line (nodes' stats output)."""
     lines = [tokens_line(s), flops_line(s)]
+    if "layer_moved" in s:
+        lines.append(layer_line(s))
+    for key, label in (("linear_kernels", "Linear-attention layers run"), ("thinking", "Thinking")):
+        if key in s:
+            lines.append(f"{label}: {s[key]}")
     if any(key in s for _, key in TIMINGS):
         lines.append(timings_line(s))
     if "new_tokens" in s:

@@ -114,6 +114,12 @@ def test_a_k_on_a_linear_layer_moves_up_and_the_stats_say_so(tiny, frames):
     assert "K=2 moved to K=4" in moved.stats["layer_moved"] and "layer 1 is linear attention" in moved.stats["layer_moved"]
     assert moved.stats["score_layer"] == "layer 3 (full attention)"
     assert moved.stats["layers_valid"] == "0, 4, 6" and moved.stats["layer_default"] == 4
+    from adatp_core.report import stats_text
+
+    text = stats_text(moved.stats)  # what the node's stats output shows
+    assert "K=4, scores from layer 3 (full attention)" in text
+    assert "Layer: K=2 moved to K=4" in text and "Valid K here: 0, 4, 6." in text
+    assert "Linear-attention layers run: gated delta rule: PyTorch" in text
     assert extract_attention(tiny, frames, QUESTION, layer=5).layer == 6
     same = extract_attention(tiny, frames, QUESTION, layer=4)
     assert same.layer == 4 and "layer_moved" not in same.stats
