@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import SHAPES, build  # noqa: E402
+import types  # noqa: E402
+
+from shapes import SHAPES, TINY, build  # noqa: E402
 
 from adatp_core.errors import AdaTPInputError  # noqa: E402
 from adatp_core.flops import FULL_ATTENTION, LLMShape, cache_bytes, flops_summary  # noqa: E402
@@ -50,13 +52,20 @@ def main(argv=None) -> int:
                    help="also a table of the FLOPs ratios at each K given (e.g. 2,4)")
     p.add_argument("--memory", action="store_true",
                    help="also a table of the KV cache plus linear-attention states, stock against AdaTP")
+    p.add_argument("--shapes", default=",".join(SHAPES), metavar="NAME,NAME",
+                   help=f"which shapes (default: every real shape); also the built-in tiny ones: {', '.join(TINY)}")
     args = p.parse_args(argv)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES and s not in TINY]
+    if unknown or not shapes:
+        p.error(f"--shapes: unknown {unknown}; choose from {', '.join((*SHAPES, *TINY))}")
     width, height = (int(x) for x in args.size.split("x"))
     print("| shape | token grid | video tokens | FastVID conv.: vanilla -> AdaTP | whole prefill: vanilla -> AdaTP "
           "| vision tower |\n|---|---|---|---|---|---|")
     rows, moved = [], []
-    for key, spec in SHAPES.items():
-        model = build(key, "meta", torch.bfloat16)
+    for key in shapes:  # real shapes on the meta device, the tiny ones as they are (float32, CPU)
+        spec = SHAPES[key] if key in SHAPES else types.SimpleNamespace(name=key)
+        model = build(key, "meta", torch.bfloat16) if key in SHAPES else build(key, "cpu", torch.float32)
         plan = model.adapter.plan_video(args.frames, height, width)
         prompt = model.adapter.build_prompt(QUESTION, plan)
         llm = LLMShape.from_config(model.adapter.text_model.config)

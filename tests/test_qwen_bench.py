@@ -108,3 +108,10 @@ def test_flops_table_compares_layers_and_memory(capsys, monkeypatch, qwen_cache)
     with pytest.raises(SystemExit):
         flops_table.main(["--compare-layers", "two"])
     assert "give layers as integers" in capsys.readouterr().err
+    # the built-in tiny shapes too (the "tiny and meta shapes"), K moved on the hybrid one
+    assert flops_table.main(["--frames", "4", "--shapes", "tiny-qwen3.5,tiny-qwen3-vl-moe", "--compare-layers", "2,4"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-qwen3.5 K = 4" in out and "| tiny-qwen3-vl-moe |" in out
+    with pytest.raises(SystemExit):
+        flops_table.main(["--shapes", "nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err
