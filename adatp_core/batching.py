@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import LinearState, RowsKVCache
+from . import static_decode
+from .cache import LinearState, RowsKVCache, linear_states_restored
 from .decode import continue_prefill, decode_step, row_positions
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
@@ -140,18 +141,15 @@ class StaticRowsStep:
         return entry["out"][:n].clone()
 
     def _capture(self, entry) -> None:
+        """The step as a CUDA graph, captured as one answer's is (static_decode.capture_graph: its
+        own stream, kept with the graph; the warm-up's advance of every row's linear-attention
+        states undone)."""
         dev = self.adapter.device
         start = time.perf_counter()
-        try:  # warm-up on a side stream, then the capture (as static_decode.py does for one answer)
-            side = torch.cuda.Stream(device=dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                self._step(entry)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self._step(entry)
-            entry["graph"], entry["out"] = graph, out
+        try:
+            with linear_states_restored(self.cache.linear):
+                entry["graph"], entry["out"], entry["stream"] = static_decode.capture_graph(
+                    lambda: self._step(entry), dev)
         except RuntimeError as exc:
             log.warning("CUDA graph capture of a batched step failed (%s); stepping without a graph", exc)
             self.use_graph = False

@@ -40,6 +40,7 @@ the kept tokens, plus the generated ones.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -77,6 +78,22 @@ def fold_conv(previous: torch.Tensor | None, new: torch.Tensor, kernel: int) -> 
     else:
         full = torch.cat([previous.to(new.dtype), new], dim=-1)
     return full, full[..., -kernel:]
+
+
+@contextlib.contextmanager
+def linear_states_restored(linear: dict):
+    """Put every linear-attention state of ``linear`` (layer -> (conv, recurrent) buffers) back
+    as it was on leaving. A CUDA graph's warm-up runs the step once for real: that rewrites
+    the key/value slot the first real step rewrites again (harmless), but it would fold the
+    warm-up's token into every conv and recurrent state, which the first replay then folds in
+    a second time. In place: the graph reads these very buffers."""
+    saved = [(conv.clone(), recurrent.clone()) for conv, recurrent in linear.values()]
+    try:
+        yield
+    finally:
+        for (conv, recurrent), (c, r) in zip(linear.values(), saved):
+            conv.copy_(c)
+            recurrent.copy_(r)
 
 
 class _LinearLayers:

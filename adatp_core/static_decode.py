@@ -26,7 +26,7 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from .cache import KVCache, StaticKVCache, capacity_bucket, weights_fingerprint
+from .cache import KVCache, StaticKVCache, capacity_bucket, linear_states_restored, weights_fingerprint
 from .memory import is_out_of_memory
 from .timing import synchronize
 
@@ -90,7 +90,8 @@ class StaticDecoder:
         """Capture the step as a CUDA graph if not done yet. Returns the seconds it took (0 if none).
 
         The warm-up step writes one slot (``base + step``) that the first real
-        step overwrites before anything reads it. If capturing fails (a kernel that
+        step overwrites before anything reads it; linear-attention states, which a
+        step advances, are put back after it (``linear_states_restored``). If capturing fails (a kernel that
         cannot be captured, a driver that refuses), the thread's stream and the
         allocator are put back (``capture_graph``) and this decoder runs its
         fixed-shape steps without a graph from then on: slower, never wrong. Running
@@ -105,7 +106,8 @@ class StaticDecoder:
         synchronize(dev)
         start = time.perf_counter()
         try:
-            self.graph, self.out, self.stream = capture_graph(self._step, dev)
+            with linear_states_restored(self.cache.linear):  # the warm-up must not advance them
+                self.graph, self.out, self.stream = capture_graph(self._step, dev)
             self.graph_note = "captured"
         except RuntimeError as exc:
             self.use_graph, self.graph, self.out = False, None, None

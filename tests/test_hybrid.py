@@ -257,3 +257,55 @@ def test_a_template_that_always_thinks_is_named_in_the_stats(tiny_dir, tmp_path,
     assert model.adapter.always_thinks
     state = extract_attention(model, frames, QUESTION, layer=0)
     assert "always opens a thinking block" in state.stats["thinking"]
+
+
+class _ReplayedStep:
+    """A CUDA graph as the CPU can play it: the capture records ``fn`` without running it,
+    and every replay runs it into the captured output."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def _capture_like_cuda(fn, device):
+    warm = fn()  # the warm-up runs the step for real, as capture_graph's does
+    out = torch.empty_like(warm)
+    return _ReplayedStep(fn, out), out, None
+
+
+def test_a_graph_warm_up_leaves_the_linear_states_as_they_were(tiny, frames, monkeypatch):
+    """Capturing a static step runs it once before recording it. That rewrites a key/value slot
+    that the first real step rewrites anyway, but a linear-attention layer's conv and recurrent
+    states would take the warm-up's token in, and the replay would take it in again: the
+    states are put back after the warm-up, for one answer and for rows decoded together."""
+    from adatp_core import batching, static_decode
+
+    monkeypatch.setattr(static_decode, "capture_graph", _capture_like_cuda)
+    real_init, real_rows_init = static_decode.StaticDecoder.__init__, batching.StaticRowsStep.__init__
+
+    def decoder_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.use_graph = True  # as on CUDA
+
+    def rows_init(self, *args, **kwargs):
+        real_rows_init(self, *args, **kwargs)
+        self.use_graph = True
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "__init__", decoder_init)
+    monkeypatch.setattr(batching.StaticRowsStep, "__init__", rows_init)
+    tiny.static_decoders.clear()
+    state = prune_tokens(extract_attention(tiny, frames, QUESTION, layer=tiny.adapter.default_layer()), 0.25)
+    cfg = dict(max_new_tokens=6, ignore_eos=True)
+    default = generate_answer(state, SamplingConfig(**cfg, decode_mode="default"), return_logits=True)
+    for _ in range(2):  # captured, then replayed for a second answer
+        static = generate_answer(state, SamplingConfig(**cfg, decode_mode="static"), return_logits=True)
+        assert static.stats["static_graph"] in ("captured", "reused")
+        assert static.token_ids == default.token_ids
+        assert (static.logits - default.logits).abs().max().item() < 3e-5
+    rows = {f.key: f.answer for f in batching.decode_together(
+        tiny, SamplingConfig(**cfg, decode_mode="static"), [(i, lambda: state) for i in range(3)], 2)}
+    assert [rows[i].token_ids for i in range(3)] == [default.token_ids] * 3
+    tiny.static_decoders.clear()
