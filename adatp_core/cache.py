@@ -570,7 +570,9 @@ class FrozenPrefix:
 
     encoded: the family's ``Encoded`` (visual tokens [N, D], extras, frame features [T, d_v],
         DeepStack features); the relevance and the preview use it too.
-    key_values: per layer < K, (key [1, Hkv, P, d], value [1, Hkv, P, d]), each on its layer's device.
+    key_values: per layer < K, (key [1, Hkv, P, d], value [1, Hkv, P, d]), or a linear-attention
+        layer's ``LinearState`` after the P positions, each on its layer's device. With linear
+        layers P is a whole number of the delta rule's chunks (``VideoLLMAdapter.prefix_length``).
     hidden: [1, P, D] input hidden states of layer K (the input embeddings when K = 0).
     """
 
