@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from hybrid_fixtures import HYBRID_BUILDERS
 from qwen_fixtures import BUILDERS, qwen_cache  # noqa: F401
 
 from adatp_core.models.preprocess import PreprocessConfig, QwenPreprocessConfig, patchify_video, qwen_resize_target
@@ -58,7 +59,7 @@ def test_patchify_layout_and_odd_frame_padding():
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
                     reason="the HF video processors need torchvision (not on CI)")
-@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("family", sorted({**BUILDERS, **HYBRID_BUILDERS}))
 @pytest.mark.parametrize("frames, size, budget", [(4, (240, 320), 448 * 448), (5, (720, 1280), 448 * 448),
                                                   (3, (97, 131), 256 * 28 * 28), (6, (1080, 1920), 640 * 360)])
 def test_matches_hf_video_processor(family, qwen_cache, frames, size, budget):  # noqa: F811
@@ -66,15 +67,15 @@ def test_matches_hf_video_processor(family, qwen_cache, frames, size, budget):  
 
     from adatp_core.models.loader import load_video_llm
 
-    llm = load_video_llm(BUILDERS[family](qwen_cache), device="cpu", dtype="float32")
-    processor_cls = getattr(transformers, {"qwen2_5_vl": "Qwen2VLVideoProcessor",
-                                           "qwen3_vl": "Qwen3VLVideoProcessor"}[family])
-    cfg = {"qwen2_5_vl": QWEN2_5_VL_VIDEO_PREPROCESSOR, "qwen3_vl": QWEN3_VL_VIDEO_PREPROCESSOR}[family]
+    llm = load_video_llm({**BUILDERS, **HYBRID_BUILDERS}[family](qwen_cache), device="cpu", dtype="float32")
+    qwen2 = family == "qwen2_5_vl"  # the others (Qwen3-VL, its MoE, Qwen3.5/3.6) take Qwen3-VL's processor
+    processor_cls = getattr(transformers, "Qwen2VLVideoProcessor" if qwen2 else "Qwen3VLVideoProcessor")
+    cfg = QWEN2_5_VL_VIDEO_PREPROCESSOR if qwen2 else QWEN3_VL_VIDEO_PREPROCESSOR
     processor = processor_cls(**{k: v for k, v in cfg.items() if k not in ("video_processor_type", "processor_class")})
     gen = torch.Generator().manual_seed(frames)
     u8 = torch.randint(0, 256, (frames, *size, 3), dtype=torch.uint8, generator=gen)
     u8 = (u8.float() * 0.2 + torch.linspace(0, 200, size[1]).view(1, 1, -1, 1)).clamp(0, 255).to(torch.uint8)
-    total = budget * frames if family == "qwen3_vl" else budget
+    total = budget if qwen2 else budget * frames
     hf = processor(videos=[u8.numpy()], size={"shortest_edge": cfg["size"]["shortest_edge"], "longest_edge": total},
                    do_sample_frames=False, cap_pixels_per_frame=False, return_tensors="pt")
     plan = llm.adapter.plan_video(frames, *size, max_pixels=budget)
