@@ -63,11 +63,11 @@ def test_retention_one_is_stock_generate_at_every_valid_k(tiny, stock, frames):
         assert err < TOL
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_keep_sets_match_the_kept_subsequence_reference(tiny, stock, frames, seed):
-    """At every valid K > 0 and at K = 0: the prefill and 8 decode steps against transformers'
-    own layers >= K run on the kept subsequence (the linear layers' convolution and recurrence
-    over the kept tokens only, in order)."""
+def test_random_keep_sets_match_the_kept_subsequence_reference(tiny, stock, frames):
+    """At every valid K (K = 0 included), a random keep set of its own: the prefill and 8 decode
+    steps against transformers' own layers >= K run on the kept subsequence (the linear layers'
+    convolution and recurrence over the kept tokens only, in order)."""
+    seed = 0
     for layer in tiny.adapter.valid_layers():
         state = extract_attention(tiny, frames, QUESTION, layer=layer)
         gen = torch.Generator().manual_seed(seed * 100 + layer)

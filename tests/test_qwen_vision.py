@@ -102,7 +102,7 @@ def test_padded_segments_layout():
 
 
 def test_rejects_other_towers():
-    with pytest.raises(TypeError, match="Qwen2.5-VL and Qwen3-VL"):
+    with pytest.raises(TypeError, match="Qwen2.5-VL, Qwen3-VL and Qwen3.5"):
         vision_forward(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.tensor([[1, 1, 1]]))
 
 
