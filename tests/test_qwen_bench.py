@@ -108,3 +108,17 @@ def test_flops_table_compares_layers_and_memory(capsys, monkeypatch, qwen_cache)
     with pytest.raises(SystemExit):
         flops_table.main(["--compare-layers", "two"])
     assert "give layers as integers" in capsys.readouterr().err
+
+
+def test_decode_modes_bench_runs_a_hybrid_shape(monkeypatch, tmp_path, capsys, qwen_cache):  # noqa: F811
+    """Qwen3.5's linear-attention layers get a linear state, not keys and values (it raised
+    KeyError: 0 in the static cache), and auto's choice counts the attention layers only."""
+    import decode_modes
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(qwen_cache))
+    out = tmp_path / "modes.json"
+    assert decode_modes.main(["--shape", "tiny-qwen3.5", "--device", "cpu", "--cached", "70", "--tokens", "2",
+                              "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["cached_tokens"] for r in rows] == [70]
+    assert all(r["default_ms_per_token"] > 0 and r["static_ms_per_token"] > 0 for r in rows)
