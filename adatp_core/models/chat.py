@@ -15,6 +15,7 @@ TEMPLATE_KWARGS = {"enable_thinking": False}
 
 _VIDEO_SENTINEL = "\x00ADATP_VIDEO\x00"
 _QUESTION_SENTINEL = "\x00ADATP_QUESTION\x00"
+_TRAILING_PROBE = " \n"  # whitespace after the question: kept, or trimmed by the template
 
 
 def _json_field(path: Path, key: str):
@@ -82,6 +83,8 @@ class TemplateParts(NamedTuple):
     byte-level BPE merges across that seam (a question that starts with a newline gives
     "ĊĊ", not "Ċ", "Ċ"). ``middle`` and ``after`` hold the rest, so they do not depend
     on the question.
+    trim: the template drops whitespace at the end of the question (Qwen3.5 renders the
+    user's content through ``|trim``); ``question_tokens`` drops it too.
     """
 
     before: list[int]
@@ -89,6 +92,7 @@ class TemplateParts(NamedTuple):
     after: list[int]
     lead: str = ""
     trail: str = ""
+    trim: bool = False  # the template strips whitespace at the end of the user's turn (Qwen3.5's |trim)
 
 
 def _added_token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
@@ -109,11 +113,14 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
     video_text: what the template writes for the video's placeholder (LLaVA-OV: "<video>";
         Qwen: "<|video_pad|>", inside its <|vision_start|>...<|vision_end|>).
     """
-    messages = [{"role": "user", "content": [
-        {"type": "video"}, {"type": "text", "text": _QUESTION_SENTINEL}]}]
-    rendered = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True,
-        **TEMPLATE_KWARGS)
+    def render(question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True,
+            **TEMPLATE_KWARGS)
+
+    rendered = render(_QUESTION_SENTINEL)
+    trim = _QUESTION_SENTINEL + _TRAILING_PROBE not in render(_QUESTION_SENTINEL + _TRAILING_PROBE)
     rendered = rendered.replace(video_text, _VIDEO_SENTINEL, 1)
     if rendered.count(_VIDEO_SENTINEL) != 1 or rendered.count(_QUESTION_SENTINEL) != 1:
         raise AdaTPInputError(
@@ -127,7 +134,7 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
     cut_after = min((start for start, _ in _added_token_spans(tokenizer, after)), default=len(after))
     ids = [tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle[:cut_middle],
                                                                                 after[cut_after:])]
-    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after])
+    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trim=trim)
 
 
 def question_tokens(tokenizer, parts: TemplateParts, question: str) -> tuple[list[int], int, int]:
@@ -135,6 +142,8 @@ def question_tokens(tokenizer, parts: TemplateParts, question: str) -> tuple[lis
     the tokens that hold the question's text). Special-token text in the question
     (<video>, <|im_end|>) is split into ordinary tokens, so it can never create a
     placeholder. A token that spans the seam counts as the question's."""
+    if parts.trim:  # what the template itself does to the question's end
+        question = question.rstrip()
     text = parts.lead + question + parts.trail
     q0, q1 = len(parts.lead), len(parts.lead) + len(question)
     try:
