@@ -124,6 +124,19 @@ def test_a_k_on_a_linear_layer_moves_up_and_the_stats_say_so(tiny, frames):
         extract_attention(tiny, frames, QUESTION, layer=7)
 
 
+def test_a_k_out_of_range_names_the_ks_this_model_takes(tiny):
+    """K = 8 on the 8-layer hybrid: the error lists 0, 4, 6, not "0 to 7, 2 is the default"
+    (K = 2 and 7 are not what runs there)."""
+    adapter = tiny.adapter
+    for layer in (adapter.num_layers, 100, -1):
+        with pytest.raises(AdaTPInputError, match=f"outside this model's {adapter.num_layers} decoder layers") as err:
+            adapter.resolve_layer(layer)
+        if _hybrid(tiny):
+            assert "choose K from 0, 4, 6" in str(err.value) and "2 is the default" not in str(err.value)
+        else:
+            assert f"between 0 (prune before the LLM) and {adapter.num_layers - 1} (2 is" in str(err.value)
+
+
 def test_each_layer_remembers_the_full_prompt_below_k_and_the_kept_tokens_from_k(tiny, frames):
     """The spec's cache layout holds for both kinds of layer: a linear layer below K has folded
     in the whole prompt, one from K on only the kept tokens (kv_lengths counts both)."""
