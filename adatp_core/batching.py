@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import LinearState, RowsKVCache
+from .cache import LinearState, RowsKVCache, linear_states_kept
 from .decode import continue_prefill, decode_step, row_positions
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
@@ -143,14 +143,15 @@ class StaticRowsStep:
         dev = self.adapter.device
         start = time.perf_counter()
         try:  # warm-up on a side stream, then the capture (as static_decode.py does for one answer)
-            side = torch.cuda.Stream(device=dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                self._step(entry)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self._step(entry)
+            with linear_states_kept(self.cache):  # the warm-up step must not advance them
+                side = torch.cuda.Stream(device=dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    self._step(entry)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    out = self._step(entry)
             entry["graph"], entry["out"] = graph, out
         except RuntimeError as exc:
             log.warning("CUDA graph capture of a batched step failed (%s); stepping without a graph", exc)

@@ -41,6 +41,7 @@ the kept tokens, plus the generated ones.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -215,6 +216,25 @@ class KVCache(_LinearLayers):
         Views, not copies: export only from a cache that is then dropped.
         """
         return tuple(self.entry(i) for i in range(num_layers))
+
+
+@contextmanager
+def linear_states_kept(cache):
+    """Put every linear-attention state of a fixed-buffer form (``StaticKVCache``,
+    ``RowsKVCache``: ``cache.linear``, layer -> (conv, recurrent)) back as it was on entry,
+    in place (a captured graph reads these very buffers), even when the block raises.
+
+    For a CUDA graph capture: its warm-up step runs, and would fold the step's token into
+    every linear state a second time when the graph replays the step (or when the step
+    runs again without a graph after a failed capture). Key/value slots need nothing: the
+    real step writes the slot that the warm-up wrote before anything reads it."""
+    saved = [(conv.clone(), recurrent.clone()) for conv, recurrent in cache.linear.values()]
+    try:
+        yield
+    finally:
+        for (conv, recurrent), (old_conv, old_recurrent) in zip(cache.linear.values(), saved):
+            conv.copy_(old_conv)
+            recurrent.copy_(old_recurrent)
 
 
 MIN_CAPACITY = 256

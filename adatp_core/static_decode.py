@@ -26,7 +26,7 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from .cache import KVCache, StaticKVCache, capacity_bucket, weights_fingerprint
+from .cache import KVCache, StaticKVCache, capacity_bucket, linear_states_kept, weights_fingerprint
 from .memory import is_out_of_memory
 from .timing import synchronize
 
@@ -105,7 +105,8 @@ class StaticDecoder:
         synchronize(dev)
         start = time.perf_counter()
         try:
-            self.graph, self.out, self.stream = capture_graph(self._step, dev)
+            with linear_states_kept(self.cache):  # the warm-up step must not advance them
+                self.graph, self.out, self.stream = capture_graph(self._step, dev)
             self.graph_note = "captured"
         except RuntimeError as exc:
             self.use_graph, self.graph, self.out = False, None, None

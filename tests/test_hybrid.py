@@ -231,3 +231,46 @@ def test_multi_gpu_placement_splits_by_whole_layers(tiny_dir, tiny):
     assert layers and all(k.count(".") == 3 or k == "model.language_model.layers" for k in layers)
     assert set(device_map.values()) == {0, 1}  # (the tiny Qwen3-VL-MoE's layers all fit beside the tower)
     assert device_map["model.visual"] == 0 and device_map["model.language_model.embed_tokens"] == 0
+
+
+class _GraphOnTheCpu:
+    """A CUDA graph's semantics where there is none: capturing records the step without running
+    it, replaying runs it (static_decode.capture_graph's warm-up step does run)."""
+
+    def __init__(self, step, out):
+        self.step, self.out = step, out
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+
+def test_a_graph_capture_leaves_the_linear_states_as_they_were(tiny, frames, monkeypatch):
+    """The capture's warm-up step ran the step once more: each linear layer's conv and recurrent
+    state took the first decode token in twice, so the first static answer on CUDA (auto's pick
+    for short caches) went astray after one token. A failed capture then stepping without a
+    graph did the same."""
+    from adatp_core import static_decode
+
+    if not _hybrid(tiny):
+        pytest.skip("no linear-attention state to fold twice")
+
+    def capture(step, device):
+        out = step().clone()  # the warm-up runs; the capture itself runs nothing
+        return _GraphOnTheCpu(step, out), out, None
+
+    real_init = static_decode.StaticDecoder.__init__
+    monkeypatch.setattr(static_decode.StaticDecoder, "__init__",
+                        lambda self, *a, use_graph=None, **k: real_init(self, *a, use_graph=True, **k))
+    state = prune_tokens(extract_attention(tiny, frames, QUESTION, layer=tiny.adapter.default_layer()),
+                         retention=0.5)
+    default = generate_answer(state, SamplingConfig(max_new_tokens=STEPS, ignore_eos=True, decode_mode="default"),
+                              return_logits=True)
+    for fake in (capture, lambda step, device: (step(), (_ for _ in ()).throw(RuntimeError("capture refused")))):
+        tiny.static_decoders.clear()
+        monkeypatch.setattr(static_decode, "capture_graph", fake)
+        static = generate_answer(state, SamplingConfig(max_new_tokens=STEPS, ignore_eos=True, decode_mode="static"),
+                                 return_logits=True)
+        assert static.stats["static_graph"] in ("captured", "failed: capture refused")
+        assert static.token_ids == default.token_ids
+        assert (static.logits - default.logits).abs().max().item() < TOL
+    tiny.static_decoders.clear()
