@@ -318,7 +318,10 @@ class DecodeBatch:
         """Logits [stop - start, V] of one step over rows [start, stop); lengths advance after it ran."""
         dev = self.adapter.device
         part = self.rows[start:stop]
-        with torch.inference_mode(), plan_free_attention(dev):
+        # A step that fails (out of memory) runs again in halves: its linear states must not
+        # have taken the token in already (the key/value slots are simply written again).
+        with torch.inference_mode(), plan_free_attention(dev), \
+                linear_states_kept(self.cache, slice(start, stop), only_on_error=True):
             tokens = torch.tensor([row.tokens[-1] for row in part], device=dev)
             positions = row_positions([row.first for row in part], [len(row.tokens) - 1 for row in part],
                                       part[0].state.position_ids, dev)

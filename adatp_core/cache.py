@@ -219,22 +219,33 @@ class KVCache(_LinearLayers):
 
 
 @contextmanager
-def linear_states_kept(cache):
-    """Put every linear-attention state of a fixed-buffer form (``StaticKVCache``,
-    ``RowsKVCache``: ``cache.linear``, layer -> (conv, recurrent)) back as it was on entry,
-    in place (a captured graph reads these very buffers), even when the block raises.
+def linear_states_kept(cache, rows: slice = slice(None), only_on_error: bool = False):
+    """Put the linear-attention states of a fixed-buffer form (``StaticKVCache``,
+    ``RowsKVCache``: ``cache.linear``, layer -> (conv, recurrent), rows first) back as they
+    were on entry, in place (a captured graph reads these very buffers): after the block, or
+    ``only_on_error`` when it raises. ``rows``: the batch rows to keep (all by default).
 
-    For a CUDA graph capture: its warm-up step runs, and would fold the step's token into
-    every linear state a second time when the graph replays the step (or when the step
-    runs again without a graph after a failed capture). Key/value slots need nothing: the
-    real step writes the slot that the warm-up wrote before anything reads it."""
-    saved = [(conv.clone(), recurrent.clone()) for conv, recurrent in cache.linear.values()]
+    Key/value slots need nothing of the sort: a step writes its token's slot, and running the
+    step again writes the same slot. A linear layer folds the token into its state in place,
+    so a step that runs twice would fold it twice:
+    - a CUDA graph capture's warm-up step runs, then the graph replays the step (or the step
+      runs without a graph after a failed capture);
+    - a batched step that runs out of memory in a late layer runs again in halves, after the
+      earlier layers had updated their states."""
+    saved = [(conv[rows].clone(), recurrent[rows].clone()) for conv, recurrent in cache.linear.values()]
+
+    def restore():
+        for (conv, recurrent), (old_conv, old_recurrent) in zip(cache.linear.values(), saved):
+            conv[rows].copy_(old_conv)
+            recurrent[rows].copy_(old_recurrent)
+
     try:
         yield
-    finally:
-        for (conv, recurrent), (old_conv, old_recurrent) in zip(cache.linear.values(), saved):
-            conv.copy_(old_conv)
-            recurrent.copy_(old_recurrent)
+    except BaseException:
+        restore()
+        raise
+    if not only_on_error:
+        restore()
 
 
 MIN_CAPACITY = 256
