@@ -145,3 +145,18 @@ def test_qwen3_5_prompt_tokens_match_its_trimming_template(qwen3_5, question):
     _, tail = around_video(prompt.input_ids.tolist(), llm.adapter.video_token_id)
     _, hf_tail = around_video(llm.tokenizer(text, add_special_tokens=False)["input_ids"], llm.adapter.video_token_id)
     assert tail[1:] == hf_tail  # Qwen3-VL's processor closes each temporal patch with its own <|vision_end|>
+
+
+@pytest.mark.parametrize("template, detail", [
+    ("{%- if messages[0].role != 'system' %}{{ raise_exception('System message must be first.') }}{%- endif %}",
+     "System message must be first"),
+    ("{% if %}", "TemplateSyntaxError")])
+def test_a_template_that_raises_is_a_clear_error(qwen3_5, template, detail):
+    """Qwen3.5's template has raise_exception branches; a template that raises, or cannot be
+    parsed, is the folder's bad input (it escaped as jinja2's own exception and a traceback)."""
+    from adatp_core.errors import AdaTPInputError
+    from adatp_core.models.chat import split_template, video_prefix_refusal
+
+    for call in (split_template, video_prefix_refusal):
+        with pytest.raises(AdaTPInputError, match=f"chat template cannot render.*{detail}.*Hugging Face"):
+            call(qwen3_5.tokenizer, template, "<|video_pad|>")

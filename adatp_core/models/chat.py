@@ -106,6 +106,23 @@ def _added_token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
     return spans
 
 
+def render_user_turn(tokenizer, chat_template: str, question: str) -> str:
+    """The template's text for one user turn (a video, then ``question``) and the generation
+    prompt. A template that raises (its own ``raise_exception``, a syntax error) is bad input
+    of the model folder: AdaTPInputError, with what to do."""
+    import jinja2
+
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=True, **TEMPLATE_KWARGS)
+    except jinja2.TemplateError as exc:
+        raise AdaTPInputError(
+            f"this model's chat template cannot render a question about a video ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); use the chat template (chat_template.jinja or chat_template.json) of the "
+            "model's Hugging Face repository") from exc
+
+
 def split_template(tokenizer, chat_template: str, video_text: str) -> TemplateParts:
     """Render one user turn (a video, then the question) with sentinels and split it
     into ``TemplateParts``.
@@ -114,10 +131,7 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
         Qwen: "<|video_pad|>", inside its <|vision_start|>...<|vision_end|>).
     """
     def render(question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True,
-            **TEMPLATE_KWARGS)
+        return render_user_turn(tokenizer, chat_template, question)
 
     rendered = render(_QUESTION_SENTINEL)
     trim = _QUESTION_SENTINEL + _TRAILING_PROBE not in render(_QUESTION_SENTINEL + _TRAILING_PROBE)
@@ -178,11 +192,7 @@ def video_prefix_refusal(tokenizer, chat_template: str, video_text: str) -> str 
     video_id = tokenizer.convert_tokens_to_ids(video_text)
     heads = []
     for question in PROBE_QUESTIONS:
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        rendered = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True,
-        **TEMPLATE_KWARGS)
-        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(render_user_turn(tokenizer, chat_template, question), add_special_tokens=False)["input_ids"]
         if video_id not in ids:
             return f"the chat template does not write {video_text} as one token"
         heads.append(ids[:ids.index(video_id) + 1])
