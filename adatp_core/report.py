@@ -11,8 +11,11 @@ TIMINGS = (
 
 def tokens_line(s: dict) -> str:
     total, kept = s["tokens_total"], s["tokens_kept"]
+    # A hybrid model moves a K whose layer K-1 is linear attention up (a shared workflow's K = 2):
+    # the nodes' stats text says so, not only the stats dict.
+    moved = f" (K={s['layer_asked']} moved up: scores from {s['score_layer']})" if "layer_moved" in s else ""
     return (f"Tokens kept: {kept} of {total} visual tokens ({100 * kept / total:.1f}%), "
-            f"{s.get('segments', 1)} segment(s), K={s['layer']}")
+            f"{s.get('segments', 1)} segment(s), K={s['layer']}{moved}")
 
 
 def flops_line(s: dict) -> str:

@@ -124,6 +124,20 @@ def test_a_k_on_a_linear_layer_moves_up_and_the_stats_say_so(tiny, frames):
         extract_attention(tiny, frames, QUESTION, layer=7)
 
 
+def test_the_stats_text_says_that_k_moved(tiny, frames):
+    """The nodes' stats output (Prune Tokens, Generate Answer) and the CLI print stats_text: a
+    shared workflow's K = 2 on Qwen3.5 shows K=4 and why, not a bare K=4."""
+    from adatp_core.report import stats_text
+
+    state = prune_tokens(extract_attention(tiny, frames, QUESTION, layer=2), retention=0.5)
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=1))
+    for text in (stats_text(state.stats), stats_text(answer.stats)):
+        if _hybrid(tiny):
+            assert "K=4 (K=2 moved up: scores from layer 3 (full attention))" in text
+        else:
+            assert "K=2\n" in text and "moved" not in text
+
+
 def test_a_k_out_of_range_names_the_ks_this_model_takes(tiny):
     """K = 8 on the 8-layer hybrid: the error lists 0, 4, 6, not "0 to 7, 2 is the default"
     (K = 2 and 7 are not what runs there)."""
