@@ -138,6 +138,22 @@ def test_the_stats_text_says_that_k_moved(tiny, frames):
             assert "K=2\n" in text and "moved" not in text
 
 
+def test_captioning_a_folder_says_once_that_k_moved(tiny, caplog):
+    """Caption Folder / `caption --layer 2` on Qwen3.5 runs K = 4: the run says so before the
+    first clip (it was silent; only each clip's stats dict knew)."""
+    import logging
+
+    from adatp_core.caption import caption_videos
+    from adatp_core.pipeline import PipelineConfig
+
+    with caplog.at_level(logging.WARNING, logger="adatp_core.caption"):
+        assert list(caption_videos(tiny, [], "Describe the video.", PipelineConfig(layer=2), workers=0)) == []
+    said = [r.getMessage() for r in caplog.records if r.name == "adatp_core.caption"]
+    assert said == (["layer: " + tiny.adapter.resolve_layer(2)[1]] if _hybrid(tiny) else [])
+    if _hybrid(tiny):
+        assert "K=2 moved to K=4" in said[0]
+
+
 def test_a_k_out_of_range_names_the_ks_this_model_takes(tiny):
     """K = 8 on the 8-layer hybrid: the error lists 0, 4, 6, not "0 to 7, 2 is the default"
     (K = 2 and 7 are not what runs there)."""
