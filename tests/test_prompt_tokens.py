@@ -160,3 +160,21 @@ def test_a_template_that_raises_is_a_clear_error(qwen3_5, template, detail):
     for call in (split_template, video_prefix_refusal):
         with pytest.raises(AdaTPInputError, match=f"chat template cannot render.*{detail}.*Hugging Face"):
             call(qwen3_5.tokenizer, template, "<|video_pad|>")
+
+
+def test_a_thinking_template_that_cannot_be_switched_off_is_said(qwen3_5, caplog):
+    """Qwen3-VL-*-Thinking appends <think> whatever enable_thinking says: answers then start with
+    the model's reasoning, and the pack said nothing. Qwen3.5's own template (switched off) is quiet."""
+    import logging
+
+    from adatp_core.models.chat import split_template
+    from adatp_core.models.tiny_qwen import QWEN3_5_CHAT_TEMPLATE, QWEN3_VL_CHAT_TEMPLATE
+
+    thinking = QWEN3_VL_CHAT_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}",
+                                              "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    assert thinking != QWEN3_VL_CHAT_TEMPLATE
+    for template, warned in ((QWEN3_5_CHAT_TEMPLATE, False), (QWEN3_VL_CHAT_TEMPLATE, False), (thinking, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="adatp_core.models.chat"):
+            split_template(qwen3_5.tokenizer, template, "<|video_pad|>")
+        assert any("-Thinking model" in r.getMessage() for r in caplog.records) == warned

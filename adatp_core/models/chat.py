@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import AdaTPInputError
+
+log = logging.getLogger(__name__)
 
 # Passed to every chat template: Qwen3.5 and Qwen3 think by default, and the template's own
 # switch (an empty thinking block after the assistant's turn starts) is how answers come
@@ -146,6 +149,10 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
         raise AdaTPInputError("unexpected chat template layout")
     cut_middle = max((end for _, end in _added_token_spans(tokenizer, middle)), default=0)
     cut_after = min((start for start, _ in _added_token_spans(tokenizer, after)), default=len(after))
+    if after.rstrip().endswith("<think>"):  # a -Thinking model: its template has no switch to turn it off
+        log.warning("this model's chat template opens a thinking block that enable_thinking=False does not "
+                    "close (a -Thinking model): answers and captions start with the model's reasoning. "
+                    "Use the model's -Instruct version for plain answers.")
     ids = [tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle[:cut_middle],
                                                                                 after[cut_after:])]
     return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trim=trim)
