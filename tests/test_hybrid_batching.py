@@ -36,3 +36,68 @@ def test_out_of_memory_inside_a_step_rolls_back_the_linear_states(tiny, states, 
     monkeypatch.undo()
     assert max(sizes) > 2  # the failure really came in the middle of a step
     assert [a.token_ids for a in answers] == [generate_answer(s, GREEDY).token_ids for s in states]
+
+
+def test_a_batched_graph_capture_leaves_the_linear_states_as_they_were(tiny, states, monkeypatch):
+    """StaticRowsStep's capture runs the step once as a warm-up, then the graph replays it: every
+    row's linear states took the step's token in twice. CUDA's semantics here on the CPU: the
+    capture records without running (its run is undone), the replay runs."""
+    import contextlib
+
+    import torch
+    from test_batching import together
+
+    from adatp_core import batching
+    from adatp_core.generate import SamplingConfig, generate_answer
+
+    capturing = []
+
+    class Graph:
+        def replay(self):
+            self.out.copy_(self.step())
+
+    @contextlib.contextmanager
+    def graph(g, **kwargs):
+        capturing.append(g)
+        yield
+        capturing.pop()
+        g.undo()
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    real_step = batching.StaticRowsStep._step
+
+    def step(self, entry):
+        if not capturing:
+            return real_step(self, entry)
+        g = capturing[-1]
+        saved = [(c.clone(), r.clone()) for c, r in self.cache.linear.values()]
+
+        def undo():  # what the capture ran did not run
+            for (c, r), (c0, r0) in zip(self.cache.linear.values(), saved):
+                c.copy_(c0)
+                r.copy_(r0)
+
+        g.step, g.undo = (lambda: real_step(self, entry)), undo
+        g.out = real_step(self, entry)
+        return g.out
+
+    real_init = batching.StaticRowsStep.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.use_graph = True
+
+    monkeypatch.setattr(batching.StaticRowsStep, "__init__", init)
+    monkeypatch.setattr(batching.StaticRowsStep, "_step", step)
+    for name, value in {"Stream": lambda device=None: Stream(), "current_stream": lambda device=None: Stream(),
+                        "stream": lambda s: contextlib.nullcontext(), "CUDAGraph": Graph, "graph": graph}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    cfg = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="static")
+    answers = together(tiny, states[:3], cfg, 3)
+    monkeypatch.undo()
+    reference = [generate_answer(s, SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="default")).token_ids
+                 for s in states[:3]]
+    assert [a.token_ids for a in answers] == reference
