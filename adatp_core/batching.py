@@ -32,6 +32,7 @@ generator when sampling. DeepStack (Qwen3-VL) only touches the prefill.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import static_decode
-from .cache import LinearState, RowsKVCache, linear_states_restored
+from .cache import LinearState, RowsKVCache, linear_states_kept
 from .decode import continue_prefill, decode_step, row_positions
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
@@ -147,7 +148,7 @@ class StaticRowsStep:
         dev = self.adapter.device
         start = time.perf_counter()
         try:
-            with linear_states_restored(self.cache.linear):
+            with linear_states_kept(self.cache):  # the warm-up step must not advance them
                 entry["graph"], entry["out"], entry["stream"] = static_decode.capture_graph(
                     lambda: self._step(entry), dev)
         except RuntimeError as exc:
@@ -315,7 +316,13 @@ class DecodeBatch:
         """Logits [stop - start, V] of one step over rows [start, stop); lengths advance after it ran."""
         dev = self.adapter.device
         part = self.rows[start:stop]
-        with torch.inference_mode(), plan_free_attention(dev):
+        # A step over several rows that fails (out of memory) runs again in halves: its linear
+        # states must not have taken the token in already (the key/value slots are simply written
+        # again). That costs a copy of those rows' states per step (hybrid models only; ~48 MiB
+        # per row for a 9B); one row that fails is not run again, so it needs none.
+        keep = (linear_states_kept(self.cache, slice(start, stop), only_on_error=True) if stop - start > 1
+                else contextlib.nullcontext())
+        with torch.inference_mode(), plan_free_attention(dev), keep:
             tokens = torch.tensor([row.tokens[-1] for row in part], device=dev)
             positions = row_positions([row.first for row in part], [len(row.tokens) - 1 for row in part],
                                       part[0].state.position_ids, dev)

@@ -40,8 +40,8 @@ the kept tokens, plus the generated ones.
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -78,22 +78,6 @@ def fold_conv(previous: torch.Tensor | None, new: torch.Tensor, kernel: int) -> 
     else:
         full = torch.cat([previous.to(new.dtype), new], dim=-1)
     return full, full[..., -kernel:]
-
-
-@contextlib.contextmanager
-def linear_states_restored(linear: dict):
-    """Put every linear-attention state of ``linear`` (layer -> (conv, recurrent) buffers) back
-    as it was on leaving. A CUDA graph's warm-up runs the step once for real: that rewrites
-    the key/value slot the first real step rewrites again (harmless), but it would fold the
-    warm-up's token into every conv and recurrent state, which the first replay then folds in
-    a second time. In place: the graph reads these very buffers."""
-    saved = [(conv.clone(), recurrent.clone()) for conv, recurrent in linear.values()]
-    try:
-        yield
-    finally:
-        for (conv, recurrent), (c, r) in zip(linear.values(), saved):
-            conv.copy_(c)
-            recurrent.copy_(r)
 
 
 class _LinearLayers:
@@ -232,6 +216,36 @@ class KVCache(_LinearLayers):
         Views, not copies: export only from a cache that is then dropped.
         """
         return tuple(self.entry(i) for i in range(num_layers))
+
+
+@contextmanager
+def linear_states_kept(cache, rows: slice = slice(None), only_on_error: bool = False):
+    """Put the linear-attention states of a fixed-buffer form (``StaticKVCache``,
+    ``RowsKVCache``: ``cache.linear``, layer -> (conv, recurrent), rows first) back as they
+    were on entry, in place (a captured graph reads these very buffers): after the block, or
+    ``only_on_error`` when it raises. ``rows``: the batch rows to keep (all by default).
+
+    Key/value slots need nothing of the sort: a step writes its token's slot, and running the
+    step again writes the same slot. A linear layer folds the token into its state in place,
+    so a step that runs twice would fold it twice:
+    - a CUDA graph capture's warm-up step runs, then the graph replays the step (or the step
+      runs without a graph after a failed capture);
+    - a batched step that runs out of memory in a late layer runs again in halves, after the
+      earlier layers had updated their states."""
+    saved = [(conv[rows].clone(), recurrent[rows].clone()) for conv, recurrent in cache.linear.values()]
+
+    def restore():
+        for (conv, recurrent), (old_conv, old_recurrent) in zip(cache.linear.values(), saved):
+            conv[rows].copy_(old_conv)
+            recurrent[rows].copy_(old_recurrent)
+
+    try:
+        yield
+    except BaseException:
+        restore()
+        raise
+    if not only_on_error:
+        restore()
 
 
 MIN_CAPACITY = 256

@@ -235,6 +235,9 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
     # Each clip is seen once: keeping its video prefix for a next question would only take memory.
     cfg = replace(cfg or PipelineConfig(), reuse_prefix=False)
     check_settings(model, prompt, cfg)
+    moved = model.adapter.resolve_layer(int(cfg.layer))[1]
+    if moved:  # a hybrid model: said once for the run (each clip's stats say it too)
+        log.warning("layer: %s", moved)
     if check_batch_size(batch_size) != 1:
         yield from _caption_together(model, videos, prompt, cfg, workers, processes, claim, batch_size, on_step)
         return

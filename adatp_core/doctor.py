@@ -49,7 +49,7 @@ from .attention import extract_attention
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import SamplingConfig, generate_answer
 from .memory import free_memory, is_interrupt
-from .models.linear_kernels import kernels_line
+from .models.linear_kernels import TRANSFORMERS_MODULES, kernels_line
 from .models.loader import VideoLLM, load_video_llm, resolve_device, resolve_dtype
 from .models.stock import stock_video_inputs
 from .pipeline import PipelineConfig, select
@@ -193,6 +193,14 @@ def sdpa_backends(dev: torch.device, dtype: torch.dtype) -> dict[str, bool]:
     return offered
 
 
+def _kernels_line() -> str:
+    """``kernels_line`` as transformers decides it: its Qwen3.5 module imported first (a kernel
+    package that is installed but fails to import is not used; find_spec alone would say it is)."""
+    with contextlib.suppress(Exception):
+        importlib.import_module(TRANSFORMERS_MODULES[0])
+    return kernels_line()
+
+
 def environment(dev: torch.device, dtype: torch.dtype) -> dict:
     env = {
         "python": f"{sys.version.split()[0]} ({platform.system()} {platform.machine()})",
@@ -201,7 +209,7 @@ def environment(dev: torch.device, dtype: torch.dtype) -> dict:
         "PyAV": _version("av"),
         "decord": _version("decord"),
         "bitsandbytes": _version("bitsandbytes", load=False),
-        "Gated DeltaNet kernels": kernels_line(),
+        "Gated DeltaNet kernels": _kernels_line(),
         **_device_lines(dev),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -551,7 +559,8 @@ def _run_family(fam: _Family, dev: torch.device, dtype: torch.dtype, frames, on_
     except Exception as exc:
         if is_interrupt(exc):
             raise
-        fam.add("load", FAIL, f"the built-in tiny model does not load ({_error(exc)}); try --dtype float32")
+        advice = "" if isinstance(exc, (AdaTPEnvironmentError, AdaTPInputError)) else "; try --dtype float32"
+        fam.add("load", FAIL, f"the built-in tiny model does not load ({_error(exc)}){advice}")
         return
     spy = SdpaSpy()
     steps = [lambda: _check_keep_all(fam, llm, frames),

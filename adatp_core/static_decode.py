@@ -26,7 +26,7 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from .cache import KVCache, StaticKVCache, capacity_bucket, linear_states_restored, weights_fingerprint
+from .cache import KVCache, StaticKVCache, capacity_bucket, linear_states_kept, weights_fingerprint
 from .memory import is_out_of_memory
 from .timing import synchronize
 
@@ -91,7 +91,7 @@ class StaticDecoder:
 
         The warm-up step writes one slot (``base + step``) that the first real
         step overwrites before anything reads it; linear-attention states, which a
-        step advances, are put back after it (``linear_states_restored``). If capturing fails (a kernel that
+        step advances, are put back after it (``cache.linear_states_kept``). If capturing fails (a kernel that
         cannot be captured, a driver that refuses), the thread's stream and the
         allocator are put back (``capture_graph``) and this decoder runs its
         fixed-shape steps without a graph from then on: slower, never wrong. Running
@@ -106,7 +106,7 @@ class StaticDecoder:
         synchronize(dev)
         start = time.perf_counter()
         try:
-            with linear_states_restored(self.cache.linear):  # the warm-up must not advance them
+            with linear_states_kept(self.cache):  # the warm-up must not advance them
                 self.graph, self.out, self.stream = capture_graph(self._step, dev)
             self.graph_note = "captured"
         except RuntimeError as exc:

@@ -131,6 +131,7 @@ def run_adatp(model, frames, method: str, retention: float, new_tokens: int, que
         answer = generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True,
                                                        decode_mode=mode))
     s = answer.stats
+    layer = state.layer  # the K that ran: a hybrid model moves K = 2 up to a full-attention layer K-1
     plain = plain_prefill_seconds(model, state, layer) if layer > 0 else 0.0
     prefill = s["time_attention"] + s["time_selection"] + s["time_prefill_continue"]
     return {
@@ -142,7 +143,7 @@ def run_adatp(model, frames, method: str, retention: float, new_tokens: int, que
         "peak_extra_bytes": mem.extra_bytes, "tokens_kept": s["tokens_kept"], "tokens_total": s["tokens_total"],
         "flops_ratio_fastvid": s["flops_ratio"], "flops_video_llm_T": s["flops_video_llm_T"],
         "flops_total_T": s["flops_total_T"], "flops_total_ratio": s["flops_total_ratio"],
-        "flops_vision_T": s["flops_vision_T"], "prompt_tokens": s["prompt_tokens"],
+        "flops_vision_T": s["flops_vision_T"], "prompt_tokens": s["prompt_tokens"], "layer": layer,
     }
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shapes import SHAPES, TINY, build  # noqa: E402
 
-from adatp_core.cache import KVCache, capacity_bucket  # noqa: E402
+from adatp_core.cache import KVCache, LinearState, capacity_bucket  # noqa: E402
 from adatp_core.sdpa import plan_free_attention  # noqa: E402
 from adatp_core.static_decode import STATIC_AUTO_MAX_CAPACITY, StaticDecoders, static_pays_off  # noqa: E402
 from adatp_core.timing import synchronize  # noqa: E402
@@ -40,14 +40,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _past(adapter, cached: int, dtype: torch.dtype, seed: int = 0):
-    """Per layer, random (key, value) [1, Hkv, cached, d] on the layer's device."""
+    """Per layer, random (key, value) [1, Hkv, cached, d] on the layer's device; a hybrid
+    model's linear-attention layers get a random ``LinearState`` (its fixed size, ``cached``
+    tokens folded in)."""
     cfg = adapter.text_model.config
     hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     gen = torch.Generator(device="cpu").manual_seed(seed)
     k = torch.randn(1, hkv, cached, d, generator=gen).to(adapter.device, dtype)
     v = torch.randn(1, hkv, cached, d, generator=gen).to(adapter.device, dtype)
-    return tuple((k, v) for _ in range(adapter.num_layers))  # copied in by each cache: shared is fine
+    linear = None
+    if any(adapter.is_linear_layer(i) for i in range(adapter.num_layers)):
+        dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        channels = 2 * cfg.linear_num_key_heads * dk + cfg.linear_num_value_heads * dv
+        conv = torch.randn(1, channels, cfg.linear_conv_kernel_dim, generator=gen).to(adapter.device, dtype)
+        recurrent = 0.1 * torch.randn(1, cfg.linear_num_value_heads, dk, dv, generator=gen)
+        linear = LinearState(conv, recurrent.to(adapter.device, dtype), cached)
+    # copied in by each cache: shared is fine
+    return tuple(linear if adapter.is_linear_layer(i) else (k, v) for i in range(adapter.num_layers))
 
 
 def _position_ids(adapter, cached: int) -> torch.Tensor:
@@ -101,7 +111,8 @@ def measure(model, cached: int, tokens: int, repeats: int) -> dict:
             "static_ms_per_token": static[len(static) // 2],
             "capture_s": max(c for _, c in static_runs),
             "auto_picks": "static" if adapter.device.type == "cuda" and static_pays_off(
-                [cached] * adapter.num_layers, tokens) else "default"}
+                [cached] * sum(not adapter.is_linear_layer(i) for i in range(adapter.num_layers)), tokens)
+            else "default"}
 
 
 def main(argv=None) -> int:

@@ -159,3 +159,34 @@ def test_families_by_their_model_type_and_devices_that_are_absent():
     if not torch.backends.mps.is_available():
         assert doctor_main(["--device", "mps"]) == 2
     assert doctor_main(["--device", "meta"]) == 2
+
+
+def test_the_kernels_line_says_what_transformers_runs_not_what_is_installed(tmp_path):
+    """An fla that is installed but fails to import (no Triton) leaves transformers' PyTorch
+    delta rule: the doctor's environment says so (it said fla, from find_spec)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "fla").mkdir()
+    (tmp_path / "fla" / "__init__.py").write_text("raise ImportError('No module named triton')\n")
+    code = ("import torch; from adatp_core.doctor import environment; "
+            "print(environment(torch.device('cpu'), torch.float32)['Gated DeltaNet kernels'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, cwd=str(ROOT))
+    assert out.stdout.startswith("gated delta rule: PyTorch"), out.stdout + out.stderr[-500:]
+
+
+def test_a_model_refused_by_the_loader_gets_the_loaders_advice_only(monkeypatch):
+    """The loader's own errors say what to do (here: the CUDA-only kernels); "try --dtype float32"
+    is for anything else, and was appended to every failed load."""
+    from adatp_core.errors import AdaTPEnvironmentError
+
+    def refuse(*args, **kwargs):
+        raise AdaTPEnvironmentError("this model's linear-attention layers would run fla, which need CUDA")
+
+    monkeypatch.setattr(doctor, "load_video_llm", refuse)
+    fam = doctor._Family("Qwen3.5", lambda: "folder", "name")
+    doctor._run_family(fam, torch.device("cpu"), torch.float32, None, lambda check: None)
+    assert [c.name for c in fam.checks] == ["load"] and fam.checks[0].status == FAIL
+    assert "need CUDA" in fam.checks[0].detail and "--dtype" not in fam.checks[0].detail

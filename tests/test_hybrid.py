@@ -130,6 +130,49 @@ def test_a_k_on_a_linear_layer_moves_up_and_the_stats_say_so(tiny, frames):
         extract_attention(tiny, frames, QUESTION, layer=7)
 
 
+def test_the_stats_text_says_that_k_moved(tiny, frames):
+    """The nodes' stats output (Prune Tokens, Generate Answer) and the CLI print stats_text: a
+    shared workflow's K = 2 on Qwen3.5 shows K=4 and why, not a bare K=4."""
+    from adatp_core.report import stats_text
+
+    state = prune_tokens(extract_attention(tiny, frames, QUESTION, layer=2), retention=0.5)
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=1))
+    for text in (stats_text(state.stats), stats_text(answer.stats)):
+        if _hybrid(tiny):
+            assert "K=4, scores from layer 3 (full attention)" in text and "Layer: K=2 moved to K=4" in text
+        else:
+            assert "K=2, scores from layer 1 (full attention)" in text and "moved" not in text
+
+
+def test_captioning_a_folder_says_once_that_k_moved(tiny, caplog):
+    """Caption Folder / `caption --layer 2` on Qwen3.5 runs K = 4: the run says so before the
+    first clip (it was silent; only each clip's stats dict knew)."""
+    import logging
+
+    from adatp_core.caption import caption_videos
+    from adatp_core.pipeline import PipelineConfig
+
+    with caplog.at_level(logging.WARNING, logger="adatp_core.caption"):
+        assert list(caption_videos(tiny, [], "Describe the video.", PipelineConfig(layer=2), workers=0)) == []
+    said = [r.getMessage() for r in caplog.records if r.name == "adatp_core.caption"]
+    assert said == (["layer: " + tiny.adapter.resolve_layer(2)[1]] if _hybrid(tiny) else [])
+    if _hybrid(tiny):
+        assert "K=2 moved to K=4" in said[0]
+
+
+def test_a_k_out_of_range_names_the_ks_this_model_takes(tiny):
+    """K = 8 on the 8-layer hybrid: the error lists 0, 4, 6, not "0 to 7, 2 is the default"
+    (K = 2 and 7 are not what runs there)."""
+    adapter = tiny.adapter
+    for layer in (adapter.num_layers, 100, -1):
+        with pytest.raises(AdaTPInputError, match=f"outside this model's {adapter.num_layers} decoder layers") as err:
+            adapter.resolve_layer(layer)
+        if _hybrid(tiny):
+            assert "choose K from 0, 4, 6" in str(err.value) and "2 is the default" not in str(err.value)
+        else:
+            assert f"between 0 (prune before the LLM) and {adapter.num_layers - 1} (2 is" in str(err.value)
+
+
 def test_each_layer_remembers_the_full_prompt_below_k_and_the_kept_tokens_from_k(tiny, frames):
     """The spec's cache layout holds for both kinds of layer: a linear layer below K has folded
     in the whole prompt, one from K on only the kept tokens (kv_lengths counts both)."""
@@ -308,4 +351,44 @@ def test_a_graph_warm_up_leaves_the_linear_states_as_they_were(tiny, frames, mon
     rows = {f.key: f.answer for f in batching.decode_together(
         tiny, SamplingConfig(**cfg, decode_mode="static"), [(i, lambda: state) for i in range(3)], 2)}
     assert [rows[i].token_ids for i in range(3)] == [default.token_ids] * 3
+class _GraphOnTheCpu:
+    """A CUDA graph's semantics where there is none: capturing records the step without running
+    it, replaying runs it (static_decode.capture_graph's warm-up step does run)."""
+
+    def __init__(self, step, out):
+        self.step, self.out = step, out
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+
+def test_a_graph_capture_leaves_the_linear_states_as_they_were(tiny, frames, monkeypatch):
+    """The capture's warm-up step ran the step once more: each linear layer's conv and recurrent
+    state took the first decode token in twice, so the first static answer on CUDA (auto's pick
+    for short caches) went astray after one token. A failed capture then stepping without a
+    graph did the same."""
+    from adatp_core import static_decode
+
+    if not _hybrid(tiny):
+        pytest.skip("no linear-attention state to fold twice")
+
+    def capture(step, device):
+        out = step().clone()  # the warm-up runs; the capture itself runs nothing
+        return _GraphOnTheCpu(step, out), out, None
+
+    real_init = static_decode.StaticDecoder.__init__
+    monkeypatch.setattr(static_decode.StaticDecoder, "__init__",
+                        lambda self, *a, use_graph=None, **k: real_init(self, *a, use_graph=True, **k))
+    state = prune_tokens(extract_attention(tiny, frames, QUESTION, layer=tiny.adapter.default_layer()),
+                         retention=0.5)
+    default = generate_answer(state, SamplingConfig(max_new_tokens=STEPS, ignore_eos=True, decode_mode="default"),
+                              return_logits=True)
+    for fake in (capture, lambda step, device: (step(), (_ for _ in ()).throw(RuntimeError("capture refused")))):
+        tiny.static_decoders.clear()
+        monkeypatch.setattr(static_decode, "capture_graph", fake)
+        static = generate_answer(state, SamplingConfig(max_new_tokens=STEPS, ignore_eos=True, decode_mode="static"),
+                                 return_logits=True)
+        assert static.stats["static_graph"] in ("captured", "failed: capture refused")
+        assert static.token_ids == default.token_ids
+        assert (static.logits - default.logits).abs().max().item() < TOL
     tiny.static_decoders.clear()

@@ -8,11 +8,13 @@ import functools
 import importlib.machinery
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import types
 
 import pytest
+from pack import ROOT
 
 from adatp_core.models import linear_kernels as lk
 
@@ -120,3 +122,30 @@ def test_a_linear_attention_model_off_cuda_with_cuda_only_kernels_is_refused_bef
     monkeypatch.undo()
     assert load_video_llm(folder, device="cpu", dtype="float32").adapter.linear_attention
     assert "PyTorch" in linear_kernels.kernels_line()
+
+
+def test_a_kernel_package_that_fails_to_import_does_not_refuse_the_cpu(tmp_path):
+    """transformers tries ``import fla`` and runs its PyTorch code when that raises (fla installed
+    without Triton: a CPU-only or macOS Python). The loader asks the imported transformers class,
+    not find_spec, so such a Python loads on the CPU; an fla that imports is still refused there."""
+    from adatp_core.models.tiny_qwen import ensure_tiny_qwen3_5
+
+    folder = ensure_tiny_qwen3_5(tmp_path / "cache")
+    code = ("import sys; from adatp_core.models.loader import load_video_llm; from adatp_core.errors import "
+            "AdaTPEnvironmentError\ntry:\n    load_video_llm(sys.argv[1], device='cpu', dtype='float32')\n"
+            "    print('loaded')\nexcept AdaTPEnvironmentError as exc:\n    print('refused', exc)")
+    results = {}
+    for kind, init in (("broken", "raise ImportError('No module named triton')\n"), ("working", "")):
+        fla = tmp_path / kind / "fla"
+        (fla / "ops" / "gated_delta_rule").mkdir(parents=True)
+        (fla / "__init__.py").write_text(init)
+        (fla / "ops" / "__init__.py").write_text("")
+        (fla / "ops" / "gated_delta_rule" / "__init__.py").write_text(
+            "def chunk_gated_delta_rule(*a, **k):\n    raise RuntimeError('Triton needs CUDA')\n"
+            "fused_recurrent_gated_delta_rule = chunk_gated_delta_rule\n")
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path / kind}{os.pathsep}{ROOT}"}
+        out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                             timeout=300, env=env, cwd=str(ROOT))
+        results[kind] = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
+    assert results["broken"] == "loaded"
+    assert results["working"].startswith("refused") and "fla" in results["working"]

@@ -123,3 +123,58 @@ def test_llava_prompt_equals_the_hf_processor(cache, question):
     hf = processor(text=text, videos=[frames.numpy()], return_tensors="pt")["input_ids"][0]
     ours = llm.adapter.build_prompt(question, llm.adapter.plan_video(4, 96, 128)).input_ids
     assert ours.tolist() == hf.tolist()
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(cache):
+    """The tiny Qwen3.5: its template renders the user's content through |trim, as Qwen3.5's does."""
+    from adatp_core.models.tiny_qwen import ensure_tiny_qwen3_5
+
+    return load_video_llm(ensure_tiny_qwen3_5(cache), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("question", [q for q in QUESTIONS if q.strip()])
+def test_qwen3_5_prompt_tokens_match_its_trimming_template(qwen3_5, question):
+    """The template drops whitespace at the question's end (a ComfyUI text box's last newline):
+    the prompt does too, as the processor's rendering of the whole turn gives it."""
+    llm = qwen3_5
+    prompt = llm.adapter.build_prompt(question, llm.adapter.plan_video(4, 96, 128))
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = llm.tokenizer.apply_chat_template(messages, chat_template=llm.adapter.chat_template, tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=False)
+    _, tail = around_video(prompt.input_ids.tolist(), llm.adapter.video_token_id)
+    _, hf_tail = around_video(llm.tokenizer(text, add_special_tokens=False)["input_ids"], llm.adapter.video_token_id)
+    assert tail[1:] == hf_tail  # Qwen3-VL's processor closes each temporal patch with its own <|vision_end|>
+
+
+@pytest.mark.parametrize("template, detail", [
+    ("{%- if messages[0].role != 'system' %}{{ raise_exception('System message must be first.') }}{%- endif %}",
+     "System message must be first"),
+    ("{% if %}", "TemplateSyntaxError")])
+def test_a_template_that_raises_is_a_clear_error(qwen3_5, template, detail):
+    """Qwen3.5's template has raise_exception branches; a template that raises, or cannot be
+    parsed, is the folder's bad input (it escaped as jinja2's own exception and a traceback)."""
+    from adatp_core.errors import AdaTPInputError
+    from adatp_core.models.chat import split_template, video_prefix_refusal
+
+    for call in (split_template, video_prefix_refusal):
+        with pytest.raises(AdaTPInputError, match=f"chat template cannot render.*{detail}.*Hugging Face"):
+            call(qwen3_5.tokenizer, template, "<|video_pad|>")
+
+
+def test_a_thinking_template_that_cannot_be_switched_off_is_said(qwen3_5, caplog):
+    """Qwen3-VL-*-Thinking appends <think> whatever enable_thinking says: answers then start with
+    the model's reasoning, and the pack said nothing. Qwen3.5's own template (switched off) is quiet."""
+    import logging
+
+    from adatp_core.models.chat import split_template
+    from adatp_core.models.tiny_qwen import QWEN3_5_CHAT_TEMPLATE, QWEN3_VL_CHAT_TEMPLATE
+
+    thinking = QWEN3_VL_CHAT_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}",
+                                              "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    assert thinking != QWEN3_VL_CHAT_TEMPLATE
+    for template, warned in ((QWEN3_5_CHAT_TEMPLATE, False), (QWEN3_VL_CHAT_TEMPLATE, False), (thinking, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="adatp_core.models.chat"):
+            split_template(qwen3_5.tokenizer, template, "<|video_pad|>")
+        assert any("-Thinking model" in r.getMessage() for r in caplog.records) == warned

@@ -115,3 +115,35 @@ def test_flops_table_compares_layers_and_memory(capsys, monkeypatch, qwen_cache)
     with pytest.raises(SystemExit):
         flops_table.main(["--shapes", "nope"])
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_decode_modes_bench_runs_a_hybrid_shape(monkeypatch, tmp_path, capsys, qwen_cache):  # noqa: F811
+    """Qwen3.5's linear-attention layers get a linear state, not keys and values (it raised
+    KeyError: 0 in the static cache), and auto's choice counts the attention layers only."""
+    import decode_modes
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(qwen_cache))
+    out = tmp_path / "modes.json"
+    assert decode_modes.main(["--shape", "tiny-qwen3.5", "--device", "cpu", "--cached", "70", "--tokens", "2",
+                              "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["cached_tokens"] for r in rows] == [70]
+    assert all(r["default_ms_per_token"] > 0 and r["static_ms_per_token"] > 0 for r in rows)
+
+
+def test_benchmark_times_the_k_that_ran_on_a_hybrid_shape(monkeypatch, tmp_path, qwen_cache):  # noqa: F811
+    """adatp_k2 on Qwen3.5 runs K = 4: the baseline for the cost of the scores (layers < K without
+    the probe) must run 4 layers too, not 2 (the scores looked twice as dear as they are)."""
+    import benchmark
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(qwen_cache))
+    seen = []
+    real = benchmark.plain_prefill_seconds
+    monkeypatch.setattr(benchmark, "plain_prefill_seconds",
+                        lambda model, state, layer: seen.append((layer, state.layer)) or real(model, state, layer))
+    out = tmp_path / "r.json"
+    assert benchmark.main(["--shape", "tiny-qwen3.5", "--device", "cpu", "--frames", "4", "--retentions", "0.5",
+                           "--methods", "adatp_k2", "--repeats", "1", "--new-tokens", "2",
+                           "--caption-tokens", "0", "--out", str(out)]) == 0
+    assert seen and all(layer == ran == 4 for layer, ran in seen)
+    assert {r["layer"] for r in json.loads(out.read_text())["rows"] if r["method"] == "adatp_k2"} == {4}

@@ -400,7 +400,11 @@ class VideoLLMAdapter:
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
-            raise AdaTPInputError(
-                f"layer K={layer} is outside this model's {self.num_layers} decoder layers; "
-                f"choose K between 0 (prune before the LLM) and {self.num_layers - 1} (2 is the default)."
-            )
+            if self._linear_layers:  # hybrid: only some Ks score at a full-attention layer
+                choose = (f"choose K from {', '.join(map(str, self.valid_layers()))} (0 prunes before the LLM; "
+                          "the others score at a full-attention layer K-1)")
+            else:
+                choose = (f"choose K between 0 (prune before the LLM) and {self.num_layers - 1} "
+                          "(2 is the default)")
+            raise AdaTPInputError(f"layer K={layer} is outside this model's {self.num_layers} decoder layers; "
+                                  f"{choose}.")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import AdaTPInputError
+
+log = logging.getLogger(__name__)
 
 # Passed to every chat template: Qwen3.5 and Qwen3 think by default, and the template's own
 # switch (an empty thinking block after the assistant's turn starts) is how answers come
@@ -15,6 +18,7 @@ TEMPLATE_KWARGS = {"enable_thinking": False}
 
 _VIDEO_SENTINEL = "\x00ADATP_VIDEO\x00"
 _QUESTION_SENTINEL = "\x00ADATP_QUESTION\x00"
+_TRAILING_PROBE = " \n"  # whitespace after the question: kept, or trimmed by the template
 
 
 def _json_field(path: Path, key: str):
@@ -82,6 +86,8 @@ class TemplateParts(NamedTuple):
     byte-level BPE merges across that seam (a question that starts with a newline gives
     "ĊĊ", not "Ċ", "Ċ"). ``middle`` and ``after`` hold the rest, so they do not depend
     on the question.
+    trim: the template drops whitespace at the end of the question (Qwen3.5 renders the
+    user's content through ``|trim``); ``question_tokens`` drops it too.
     """
 
     before: list[int]
@@ -89,7 +95,7 @@ class TemplateParts(NamedTuple):
     after: list[int]
     lead: str = ""
     trail: str = ""
-    trims: bool = False  # the template trims the user's content (Qwen3.5's ``|trim``)
+    trim: bool = False  # the template strips whitespace at the end of the user's turn (Qwen3.5's |trim)
     thinks: bool = False  # the generation prompt opens a thinking block that no switch closes
 
 
@@ -104,15 +110,21 @@ def _added_token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _render(tokenizer, chat_template: str, question: str) -> str:
-    """One user turn (a video, then ``question``) and the generation prompt, as text."""
+def render_user_turn(tokenizer, chat_template: str, question: str) -> str:
+    """The template's text for one user turn (a video, then ``question``) and the generation
+    prompt. A template that raises (its own ``raise_exception``, a syntax error) is bad input
+    of the model folder: AdaTPInputError, with what to do."""
+    import jinja2
+
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     try:
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=True, **TEMPLATE_KWARGS)
-    except Exception as exc:  # jinja2's TemplateError, raise_exception() in the template
-        raise AdaTPInputError(f"this model's chat template cannot render a question about a video ({exc}); "
-                              "use the chat template of the model's Hugging Face repository") from exc
+    except jinja2.TemplateError as exc:
+        raise AdaTPInputError(
+            f"this model's chat template cannot render a question about a video ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); use the chat template (chat_template.jinja or chat_template.json) of the "
+            "model's Hugging Face repository") from exc
 
 
 def split_template(tokenizer, chat_template: str, video_text: str) -> TemplateParts:
@@ -122,7 +134,8 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
     video_text: what the template writes for the video's placeholder (LLaVA-OV: "<video>";
         Qwen: "<|video_pad|>", inside its <|vision_start|>...<|vision_end|>).
     """
-    rendered = _render(tokenizer, chat_template, _QUESTION_SENTINEL)
+    opened, closed = after.rfind("<think>"), after.rfind("</think>")
+    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trim=trim, thinks=opened > closed)
     rendered = rendered.replace(video_text, _VIDEO_SENTINEL, 1)
     if rendered.count(_VIDEO_SENTINEL) != 1 or rendered.count(_QUESTION_SENTINEL) != 1:
         raise AdaTPInputError(
@@ -134,12 +147,13 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
         raise AdaTPInputError("unexpected chat template layout")
     cut_middle = max((end for _, end in _added_token_spans(tokenizer, middle)), default=0)
     cut_after = min((start for start, _ in _added_token_spans(tokenizer, after)), default=len(after))
+    if after.rstrip().endswith("<think>"):  # a -Thinking model: its template has no switch to turn it off
+        log.warning("this model's chat template opens a thinking block that enable_thinking=False does not "
+                    "close (a -Thinking model): answers and captions start with the model's reasoning. "
+                    "Use the model's -Instruct version for plain answers.")
     ids = [tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle[:cut_middle],
                                                                                 after[cut_after:])]
-    trims = _QUESTION_SENTINEL + " " not in _render(tokenizer, chat_template, _QUESTION_SENTINEL + " ")
-    opened, closed = after.rfind("<think>"), after.rfind("</think>")
-    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trims=trims,
-                         thinks=opened > closed)
+    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trim=trim)
 
 
 def question_tokens(tokenizer, parts: TemplateParts, question: str) -> tuple[list[int], int, int]:
@@ -147,7 +161,7 @@ def question_tokens(tokenizer, parts: TemplateParts, question: str) -> tuple[lis
     the tokens that hold the question's text). Special-token text in the question
     (<video>, <|im_end|>) is split into ordinary tokens, so it can never create a
     placeholder. A token that spans the seam counts as the question's."""
-    if parts.trims:  # what the template does to the question, which ends the user's content
+    if parts.trim:  # what the template itself does to the question's end
         question = question.rstrip()
     text = parts.lead + question + parts.trail
     q0, q1 = len(parts.lead), len(parts.lead) + len(question)
@@ -183,8 +197,7 @@ def video_prefix_refusal(tokenizer, chat_template: str, video_text: str) -> str 
     video_id = tokenizer.convert_tokens_to_ids(video_text)
     heads = []
     for question in PROBE_QUESTIONS:
-        rendered = _render(tokenizer, chat_template, question)
-        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(render_user_turn(tokenizer, chat_template, question), add_special_tokens=False)["input_ids"]
         if video_id not in ids:
             return f"the chat template does not write {video_text} as one token"
         heads.append(ids[:ids.index(video_id) + 1])

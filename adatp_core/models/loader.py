@@ -308,18 +308,18 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
         quantization = bitsandbytes_config(dtype, torch_dtype, adapter_cls.unquantized_modules)
     else:
         torch_dtype = resolve_dtype(dtype, dev)
-    if adapter_cls.linear_attention:  # before any weight is read
-        check_linear_kernels(dev.type)
-
     import transformers
     from transformers import AutoTokenizer
+
+    model_cls = getattr(transformers, adapter_cls.model_class)
+    if adapter_cls.linear_attention:  # before any weight is read, from what the imported class runs:
+        check_linear_kernels(dev.type)  # a kernel package that fails to import is not used
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise AdaTPInputError(f"the tokenizer in {folder} cannot be loaded ({exc}); download it again.") from exc
     register_attention(kernel)
-    model_cls = getattr(transformers, adapter_cls.model_class)
     device_map = {"": dev} if dev.type == "cuda" else None
     if split:
         model_config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
