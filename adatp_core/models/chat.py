@@ -134,8 +134,11 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
     video_text: what the template writes for the video's placeholder (LLaVA-OV: "<video>";
         Qwen: "<|video_pad|>", inside its <|vision_start|>...<|vision_end|>).
     """
-    opened, closed = after.rfind("<think>"), after.rfind("</think>")
-    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trim=trim, thinks=opened > closed)
+    def render(question: str) -> str:
+        return render_user_turn(tokenizer, chat_template, question)
+
+    rendered = render(_QUESTION_SENTINEL)
+    trim = _QUESTION_SENTINEL + _TRAILING_PROBE not in render(_QUESTION_SENTINEL + _TRAILING_PROBE)
     rendered = rendered.replace(video_text, _VIDEO_SENTINEL, 1)
     if rendered.count(_VIDEO_SENTINEL) != 1 or rendered.count(_QUESTION_SENTINEL) != 1:
         raise AdaTPInputError(
@@ -153,7 +156,8 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
                     "Use the model's -Instruct version for plain answers.")
     ids = [tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle[:cut_middle],
                                                                                 after[cut_after:])]
-    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trim=trim)
+    opened, closed = after.rfind("<think>"), after.rfind("</think>")
+    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trim=trim, thinks=opened > closed)
 
 
 def question_tokens(tokenizer, parts: TemplateParts, question: str) -> tuple[list[int], int, int]:
