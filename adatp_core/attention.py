@@ -87,8 +87,8 @@ def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
                 return encoded, embeds, (), relevance, relevance, position_ids
             probe = _probe(prompt, layer, query, 0)
             cache = KVCache(adapter.num_layers)
-            inject = Injection(prompt.visual_positions, encoded.injections) if encoded.injections else None
-            hidden = adapter.run_layers(embeds, position_ids, cache, 0, layer, probe=probe, inject=inject)
+            hidden = adapter.run_layers(embeds, position_ids, cache, 0, layer, probe=probe,
+                                        inject=_injection(prompt, encoded, 0, prompt.length))
             return encoded, hidden, cache.export(layer), _probe_scores(probe, dev), relevance, position_ids
 
 
@@ -98,6 +98,8 @@ def _injection(prompt, encoded, start: int, stop: int) -> Injection | None:
     if not encoded.injections:
         return None
     inside = (prompt.visual_positions >= start) & (prompt.visual_positions < stop)
+    if bool(inside.all()):  # every visual row (the whole prompt, or a prefix holding the video): no copy
+        return Injection(prompt.visual_positions - start, encoded.injections)
     if not bool(inside.any()):
         return None
     rows = prompt.visual_positions[inside] - start

@@ -149,9 +149,6 @@ class KVCache(_LinearLayers):
             else:
                 self.update(*entry, i)
 
-    def is_linear(self, layer_idx: int) -> bool:
-        return layer_idx in self._linear
-
     def _linear_views(self, layer_idx: int):
         state = self._linear.get(layer_idx)
         return None if state is None or state[1] is None else state

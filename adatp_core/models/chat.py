@@ -150,14 +150,15 @@ def split_template(tokenizer, chat_template: str, video_text: str) -> TemplatePa
         raise AdaTPInputError("unexpected chat template layout")
     cut_middle = max((end for _, end in _added_token_spans(tokenizer, middle)), default=0)
     cut_after = min((start for start, _ in _added_token_spans(tokenizer, after)), default=len(after))
-    if after.rstrip().endswith("<think>"):  # a -Thinking model: its template has no switch to turn it off
+    opened, closed = after.rfind("<think>"), after.rfind("</think>")
+    thinks = opened > closed  # a -Thinking model: its template has no switch to turn it off
+    if thinks:
         log.warning("this model's chat template opens a thinking block that enable_thinking=False does not "
                     "close (a -Thinking model): answers and captions start with the model's reasoning. "
                     "Use the model's -Instruct version for plain answers.")
     ids = [tokenizer(part, add_special_tokens=False)["input_ids"] for part in (before, middle[:cut_middle],
                                                                                 after[cut_after:])]
-    opened, closed = after.rfind("<think>"), after.rfind("</think>")
-    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trim=trim, thinks=opened > closed)
+    return TemplateParts(*ids, lead=middle[cut_middle:], trail=after[:cut_after], trim=trim, thinks=thinks)
 
 
 def question_tokens(tokenizer, parts: TemplateParts, question: str) -> tuple[list[int], int, int]:

@@ -128,9 +128,9 @@ def check_device(device_type: str, report: dict | None = None) -> None:
 
     report = report if report is not None else linear_attention_kernels()
     if device_type != "cuda" and report["cuda_only"]:
-        used = [p for p in ("gated_delta_rule", "causal_conv1d") if report[p] != "torch"]
+        used = [part for part in KERNEL_FUNCTIONS if report[part] != "torch"]
         raise AdaTPEnvironmentError(
-            f"this model's linear-attention layers would run {' and '.join(report[p] for p in used)}, "
+            f"this model's linear-attention layers would run {' and '.join(report[part] for part in used)}, "
             f"which need CUDA, on {device_type}: transformers uses them whenever they are installed. "
             "Pick a CUDA device, or run the CPU from a Python without flash-linear-attention and "
             "causal-conv1d.")

@@ -118,35 +118,26 @@ def _ids(tokenizer) -> dict:
 def build_tiny_qwen2_5_vl(tokenizer, seed: int = 0):
     """A random 2-block Qwen2.5-VL vision tower (window attention in block 0, full in block 1,
     window 112 px = 4x4 merged tokens) + a 4-layer text model, float32."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=[1], tokens_per_second=2, initializer_range=0.2)
     text = _text_config(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                                     "mrope_section": [2, 3, 3]})
-    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_ids(tokenizer))
-    config.initializer_range = 0.2
-    torch.manual_seed(seed)
-    return finish_tiny_model(Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer)
+    return _build("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", tokenizer, text, vision, seed)
 
 
 def build_tiny_qwen3_vl(tokenizer, seed: int = 0):
     """A random 3-block Qwen3-VL vision tower with DeepStack features from every block
     (added after LLM layers 0, 1 and 2) + a 4-layer text model, float32."""
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    return _build("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", tokenizer, _qwen3_vl_text(tokenizer),
+                  _qwen3_vision(deepstack_visual_indexes=[0, 1, 2]), seed)
 
-    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                  deepstack_visual_indexes=[0, 1, 2], initializer_range=0.2)
-    text = _text_config(tokenizer, head_dim=16, rope_parameters={
-        "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
-    config = Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_ids(tokenizer))
-    config.initializer_range = 0.2
-    torch.manual_seed(seed)
-    return finish_tiny_model(Qwen3VLForConditionalGeneration(config).eval(), tokenizer)
+
+def _qwen3_vl_text(tokenizer, **extra) -> dict:
+    """Qwen3-VL's 4-layer text model: head_dim 16, interleaved M-RoPE (sections 2+3+3)."""
+    return _text_config(tokenizer, head_dim=16, rope_parameters={
+        "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        **extra)
 
 
 def _qwen3_vision(**extra) -> dict:
@@ -208,9 +199,8 @@ def build_tiny_qwen3_5_moe(tokenizer, seed: int = 0):
 
 def build_tiny_qwen3_vl_moe(tokenizer, seed: int = 0):
     """As ``build_tiny_qwen3_vl`` with a routed-expert MLP in every layer."""
-    text = _text_config(tokenizer, head_dim=16, decoder_sparse_step=1, **_moe(), rope_parameters={
-        "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
-    return _build("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", tokenizer, text,
+    return _build("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", tokenizer,
+                  _qwen3_vl_text(tokenizer, decoder_sparse_step=1, **_moe()),
                   _qwen3_vision(deepstack_visual_indexes=[0, 1, 2]), seed)
 
 
