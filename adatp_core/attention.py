@@ -1,6 +1,6 @@
 """Step 2: text->visual attention at layer K-1, from a partial prefill.
 
-The score comes from the attention function itself (models/attention_hook.py):
+The score comes from the attention function itself (hf/attention_hook.py):
 a per-call ``AttentionProbe`` asks one layer's attention call to score the query
 rows on the visual keys, with the rotated queries and keys that the layer uses.
 """
@@ -15,9 +15,12 @@ from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .flops import flops_summary
 from .memory import run_guarded
-from .cache import FrozenPrefix, KVCache, frames_digest
-from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection, module_device
-from .models.linear_kernels import kernels_line
+from .hf.cache import KVCache
+from .prefix_cache import FrozenPrefix, frames_digest
+from .hf.attention_hook import aligns_causal_to_the_end
+from .hf.layers import module_device
+from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
+from .hf.kernels import kernels_line
 from .models.loader import VideoLLM
 from .sdpa import plan_free_attention
 from .state import AdaTPState
@@ -117,11 +120,6 @@ def _video_prefix(adapter, prompt, encoded, layer: int, position_ids, p: int) ->
     return FrozenPrefix(encoded, cache.export(layer), hidden)
 
 
-def _aligns_causal_to_the_end(adapter) -> bool:
-    """flash-attn aligns its causal mask to the bottom right by itself (and takes no 4-D mask)."""
-    return "flash" in str(getattr(adapter.text_model.config, "_attn_implementation", ""))
-
-
 def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: dict, key_parts: tuple):
     """``_prefill``'s results in two parts: the video's prefix (from the model's store when
     these frames were seen with these settings, else computed and stored), then the
@@ -163,7 +161,7 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
                 n = prompt.length - p
                 cache = prefix.cache(adapter.num_layers, reserve=n)  # one copy, room for the question
                 masks = None
-                if not _aligns_causal_to_the_end(adapter):
+                if not aligns_causal_to_the_end(adapter.text_model.config):
                     masks = prefix.masks(n, [module_device(adapter.text_model.layers[i]) for i in range(layer)])
                 hidden = adapter.run_layers(question, position_ids[..., p:], cache, 0, layer, probe=probe,
                                             masks=masks, inject=_injection(prompt, encoded, p, prompt.length))

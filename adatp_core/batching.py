@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import static_decode
-from .cache import LinearState, RowsKVCache, linear_states_kept
+from .hf.cache import LinearState, RowsKVCache, linear_states_kept
 from .decode import continue_prefill, decode_step, row_positions
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import KVCache
+from .hf.cache import KVCache
 from .state import AdaTPState
 
 

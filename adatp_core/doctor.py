@@ -49,7 +49,7 @@ from .attention import extract_attention
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import SamplingConfig, generate_answer
 from .memory import free_memory, is_interrupt
-from .models.linear_kernels import TRANSFORMERS_MODULES, kernels_line
+from .hf.kernels import TRANSFORMERS_MODULES, kernels_line
 from .models.loader import VideoLLM, load_video_llm, resolve_device, resolve_dtype
 from .models.stock import stock_video_inputs
 from .pipeline import PipelineConfig, select
@@ -528,7 +528,7 @@ def _peak_rss_mib() -> float:
 
 def _check_vision(fam: _Family, llm: VideoLLM, frames) -> None:
     """Qwen: the batched vision attention (qwen_vision.py) against the stock tower."""
-    from .models.qwen_vision import vision_forward
+    from .hf.vision import vision_forward
 
     adapter = llm.adapter
     plan = adapter.plan_video(*(int(x) for x in frames.shape[:3]))

@@ -26,7 +26,8 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from .cache import KVCache, StaticKVCache, capacity_bucket, linear_states_kept, weights_fingerprint
+from .hf.cache import KVCache, StaticKVCache, capacity_bucket, linear_states_kept
+from .prefix_cache import weights_fingerprint
 from .memory import is_out_of_memory
 from .timing import synchronize
 
@@ -258,7 +259,7 @@ def _give_back_pool(device: torch.device, pool) -> None:
 
 
 def _weights_fingerprint(adapter) -> tuple:
-    """Where the weights are: a captured graph reads them at these addresses (cache.py)."""
+    """Where the weights are: a captured graph reads them at these addresses (prefix_cache.py)."""
     return weights_fingerprint(adapter.model)
 
 

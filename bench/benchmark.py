@@ -48,7 +48,7 @@ from adatp_core.attention import extract_attention  # noqa: E402
 from adatp_core.debias import global_debias, local_debias  # noqa: E402
 from adatp_core.flops import flops_summary  # noqa: E402
 from adatp_core.generate import SamplingConfig, generate_answer  # noqa: E402
-from adatp_core.cache import KVCache  # noqa: E402
+from adatp_core.hf.cache import KVCache  # noqa: E402
 from adatp_core.prune import prune_tokens  # noqa: E402
 from adatp_core.samples import scene_frames, write_video  # noqa: E402
 from adatp_core.timing import synchronize  # noqa: E402

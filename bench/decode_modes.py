@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shapes import SHAPES, TINY, build  # noqa: E402
 
-from adatp_core.cache import KVCache, LinearState, capacity_bucket  # noqa: E402
+from adatp_core.hf.cache import KVCache, LinearState, capacity_bucket  # noqa: E402
 from adatp_core.sdpa import plan_free_attention  # noqa: E402
 from adatp_core.static_decode import STATIC_AUTO_MAX_CAPACITY, StaticDecoders, static_pays_off  # noqa: E402
 from adatp_core.timing import synchronize  # noqa: E402

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shapes import SHAPES, TINY, build  # noqa: E402
 
 from adatp_core.attention import extract_attention  # noqa: E402
-from adatp_core.cache import frames_digest  # noqa: E402
+from adatp_core.prefix_cache import frames_digest  # noqa: E402
 from adatp_core.debias import global_debias, local_debias  # noqa: E402
 from adatp_core.generate import SamplingConfig, generate_answer  # noqa: E402
 from adatp_core.prune import prune_tokens  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adatp_core.models.attention_hook import register_attention, wrapped_attention_name  # noqa: E402
+from adatp_core.hf.attention_hook import register_attention, wrapped_attention_name  # noqa: E402
 from adatp_core.models.loader import ADAPTERS, VideoLLM, load_video_llm  # noqa: E402
 from adatp_core.models.stock import stock_video_inputs as stock_inputs  # noqa: E402,F401  (moved to the core)
 from adatp_core.models.tiny import ensure_tiny_model  # noqa: E402

@@ -6,7 +6,7 @@
 
 Stock is ``visual(pixel_values, grid_thw=grid_thw)`` with sdpa, which calls attention
 once per window (Qwen2.5-VL) or frame, in a Python loop; batched is
-``adatp_core.models.qwen_vision.vision_forward`` (one attention call per layer).
+``adatp_core.hf.vision.vision_forward`` (one attention call per layer).
 Random weights of real shapes; a square video of --size pixels. One warm-up run
 each, then the median of --repeats rounds (stock and batched alternate). Prints one line per (shape, frames):
 ``vision_attention shape=... attention_calls=STOCK/BATCHED stock_s=... batched_s=... speedup=...x
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers.vision_utils import get_vision_window_index  # noqa: E402
 
-from adatp_core.models.qwen_vision import vision_forward  # noqa: E402
+from adatp_core.hf.vision import vision_forward  # noqa: E402
 from adatp_core.timing import synchronize  # noqa: E402
 
 QWEN2_5_VL_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,

@@ -66,7 +66,7 @@ def masked_logits(model, embeds: torch.Tensor, dropped: torch.Tensor, layer: int
 
     pos: position ids (default 0..L-1). deepstack: Qwen3-VL's features, added at
     ``visual_positions`` after the first layers by the stock text model's own code."""
-    from adatp_core.models.base import _cache_argument
+    from adatp_core.hf.layers import cache_argument
 
     tm = model.model.language_model
     length = embeds.shape[1]
@@ -83,7 +83,7 @@ def masked_logits(model, embeds: torch.Tensor, dropped: torch.Tensor, layer: int
     masks = (additive(causal), additive(pruned))
     hidden = embeds
     pe = tm.rotary_emb(hidden, pos)
-    cache_arg = _cache_argument(tm.layers[0])
+    cache_arg = cache_argument(tm.layers[0])
     for i, block in enumerate(tm.layers):
         out = block(hidden, attention_mask=masks[i >= layer], position_ids=pos, position_embeddings=pe,
                     **{cache_arg: None})
@@ -131,10 +131,10 @@ def subsequence_generation(model, embeds: torch.Tensor, kept: torch.Tensor, laye
     ``visual_positions`` (all of them below K, the ``visual_kept`` ones from K on)."""
     from transformers import DynamicCache
 
-    from adatp_core.models.base import _cache_argument
+    from adatp_core.hf.layers import cache_argument
 
     tm = model.model.language_model
-    cache_arg = _cache_argument(tm.layers[0])
+    cache_arg = cache_argument(tm.layers[0])
     cache = DynamicCache(config=tm.config)
 
     def visual_mask(rows, length):

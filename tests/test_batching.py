@@ -15,7 +15,7 @@ from pack import pack_module
 
 from adatp_core import batching
 from adatp_core import caption as cap
-from adatp_core.cache import KVCache, RowsKVCache
+from adatp_core.hf.cache import KVCache, RowsKVCache
 from adatp_core.caption_cli import build_parser
 from adatp_core.errors import AdaTPInputError, AdaTPInterrupted
 from adatp_core.generate import SamplingConfig, generate_answer

@@ -77,7 +77,7 @@ def test_flash_attention_2_in_a_saved_workflow_loads_and_runs_as_sdpa(tiny_dir, 
 
 
 def test_a_flash_name_is_never_registered():
-    from adatp_core.models.attention_hook import register_attention
+    from adatp_core.hf.attention_hook import register_attention
 
     with pytest.raises(AdaTPInputError, match="cannot be wrapped"):
         register_attention("flash_attention_2")

@@ -16,7 +16,7 @@ from hybrid_fixtures import *  # noqa: F401,F403  (family, tiny, stock, stock_ea
 from reference import stock_video_kwargs, subsequence_reference
 
 from adatp_core.attention import extract_attention
-from adatp_core.cache import LinearState
+from adatp_core.hf.cache import LinearState
 from adatp_core.errors import AdaTPInputError
 from adatp_core.generate import SamplingConfig, generate_answer
 from adatp_core.prune import prune_tokens

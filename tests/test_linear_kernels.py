@@ -16,7 +16,7 @@ import types
 import pytest
 from pack import ROOT
 
-from adatp_core.models import linear_kernels as lk
+from adatp_core.hf import kernels as lk
 
 
 def _fake_specs(monkeypatch, installed: set[str]):
@@ -100,7 +100,7 @@ def test_a_fast_choice_made_by_transformers_is_reported(monkeypatch, no_transfor
 
 
 def test_the_report_imports_nothing_heavy():
-    code = ("import sys, adatp_core.models.linear_kernels as k; k.linear_attention_kernels(); "
+    code = ("import sys, adatp_core.hf.kernels as k; k.linear_attention_kernels(); "
             "print([m for m in ('torch', 'transformers', 'fla', 'causal_conv1d', 'kernels') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
@@ -110,7 +110,7 @@ def test_a_linear_attention_model_off_cuda_with_cuda_only_kernels_is_refused_bef
     """transformers runs fla / causal-conv1d on any device once they import; on the CPU that fails
     deep in Triton. The loader refuses it first, with what to do; the plain PyTorch code loads."""
     from adatp_core.errors import AdaTPEnvironmentError
-    from adatp_core.models import linear_kernels
+    from adatp_core.hf import kernels as linear_kernels
     from adatp_core.models.loader import load_video_llm
     from adatp_core.models.tiny_qwen import ensure_tiny_qwen3_5
 

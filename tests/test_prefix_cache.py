@@ -123,7 +123,7 @@ def test_only_identical_frames_and_settings_hit(model, frames):
 def test_memory_stays_within_budget_after_50_videos(model):
     """50 different videos: the store never holds more than its entries and bytes; a prefix
     larger than the whole budget is computed, used, and not kept (the stats say so)."""
-    from adatp_core.cache import PrefixStore, tensor_bytes
+    from adatp_core.prefix_cache import PrefixStore, tensor_bytes
 
     saved = model.prefix_cache
     gen = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from qwen_fixtures import *  # noqa: F401,F403  (tiny, stock, frames on each Qwen family)
 
-from adatp_core.models import qwen_vision
+from adatp_core.hf import vision as qwen_vision
 
 
 def _resolve(model, name):

@@ -7,7 +7,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
-from adatp_core.models.qwen_vision import padded_segments, vision_forward
+from adatp_core.hf.vision import padded_segments, vision_forward
 
 # Real patch and window sizes (14 px patches, 112 px windows = 4x4 merged tokens), tiny widths.
 # initializer_range 0.05 keeps outputs ~10 (float32 error ~5e-7) while attention stays peaked
@@ -123,7 +123,7 @@ def test_benchmark_script_runs(capsys):
 
 
 def test_accelerate_hooked_tower_runs_its_own_forward(monkeypatch):
-    import adatp_core.models.qwen_vision as qwen_vision
+    import adatp_core.hf.vision as qwen_vision
 
     model = build("qwen2_5")
     model.blocks[1]._hf_hook = object()  # what accelerate's dispatch leaves on offloaded modules

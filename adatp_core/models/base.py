@@ -9,12 +9,12 @@ a family only describes its vision side and its prompt.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import AdaTPInputError
+from ..hf.layers import cache_argument, module_device, run_decoder_layers
 
 
 # Frame rate assumed when no frame times are given: what transformers' video
@@ -141,28 +141,6 @@ class AttentionProbe:
     scores: torch.Tensor | None = field(default=None)
 
 
-def module_device(module: torch.nn.Module) -> torch.device:
-    """Where ``module`` computes: accelerate's execution device when a device map
-    dispatched it (its weights may then wait on the CPU or disk), else the device
-    of its first parameter or buffer. A model split over several GPUs has one per layer."""
-    hook = getattr(module, "_hf_hook", None)
-    execution = getattr(hook, "execution_device", None)
-    if execution is not None:
-        return torch.device(execution)
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    raise AdaTPInputError(f"{type(module).__name__} has no weights to tell its device")
-
-
-def _cache_argument(layer: torch.nn.Module) -> str:
-    """transformers renamed the decoder layers' cache argument: past_key_values
-    (<= 5.17) became cache (5.2x). Ask the signature instead of the version."""
-    params = inspect.signature(layer.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 # Keys of ``VideoLLMAdapter.fallbacks`` (also the stats keys that report them).
 FALLBACK_STATIC_DECODING = "fallback_static_decoding"
 FALLBACK_BATCHED_VISION = "fallback_batched_vision"
@@ -195,7 +173,7 @@ class VideoLLMAdapter:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self._cache_arg = _cache_argument(self.text_model.layers[0])
+        self._cache_arg = cache_argument(self.text_model.layers[0])
         self._linear_layers = frozenset(i for i, kind in enumerate(self.layer_kinds) if kind == "linear_attention")
         # Fast paths that failed on this model and stay off until it is reloaded (a new adapter):
         # name (FALLBACK_STATIC_DECODING, FALLBACK_BATCHED_VISION) -> what failed, for the stats.
@@ -347,27 +325,8 @@ class VideoLLMAdapter:
         ``inject`` adds per-layer features to some rows after the first layers
         (Qwen3-VL's DeepStack), the way the stock text model does.
         """
-        tm = self.text_model
-        position_embeddings = tm.rotary_emb(hidden, position_ids)
-        for i in range(start, stop):
-            dev = module_device(tm.layers[i])  # a split model changes device between layers
-            if hidden.device != dev:
-                hidden = hidden.to(dev)
-                position_ids = position_ids.to(dev)
-                position_embeddings = tuple(t.to(dev) for t in position_embeddings)
-            kwargs = {self._cache_arg: cache}
-            if probe is not None and probe.layer == i:
-                kwargs["adatp_probe"] = probe
-            # A linear-attention layer takes a 2-D padding mask only; rows here carry no padding.
-            mask = None if masks is None or self.is_linear_layer(i) else masks[i]
-            out = tm.layers[i](hidden, attention_mask=mask,
-                               position_ids=position_ids, position_embeddings=position_embeddings,
-                               use_cache=True, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            if inject is not None and i < len(inject.features):
-                hidden = hidden.clone()
-                hidden[0, inject.rows] = hidden[0, inject.rows] + inject.features[i].to(hidden.device, hidden.dtype)
-        return hidden
+        return run_decoder_layers(self.text_model, hidden, position_ids, cache, start, stop, self._cache_arg,
+                                  linear_layers=self._linear_layers, probe=probe, masks=masks, inject=inject)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, S, D] after the last layer -> float32 logits [S, V]."""

@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from ..paths import bare_name
-from ..cache import PrefixStore
+from ..prefix_cache import PrefixStore
 from ..static_decode import StaticDecoders
-from .attention_hook import register_attention, wrapped_attention_name
+from ..hf.attention_hook import register_attention, wrapped_attention_name
 from .base import VideoLLMAdapter
 from .chat import folder_chat_template
 from .llava_onevision import LlavaOnevisionAdapter
@@ -28,7 +28,7 @@ from .placement import SPLIT_DEVICE, check_split_device, split_device_map
 from .preprocess import read_video_processor_config
 from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
 from .qwen2_5_vl import Qwen2_5_VLAdapter
-from .linear_kernels import check_device as check_linear_kernels
+from ..hf.kernels import check_device as check_linear_kernels
 from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter, Qwen3VLMoeAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
@@ -65,7 +65,7 @@ class VideoLLM:
     quantization: str | None = None  # a QUANTIZED_DTYPES choice (dtype is then the compute dtype)
     # Static decoding's buffers and CUDA graphs, reused across answers (static_decode.py).
     static_decoders: StaticDecoders = field(default_factory=StaticDecoders, repr=False)
-    # Videos' question-independent prefills, reused by the next question (cache.py, attention.py).
+    # Videos' question-independent prefills, reused by the next question (prefix_cache.py, attention.py).
     prefix_cache: PrefixStore = field(default_factory=PrefixStore, repr=False)
 
     @property

@@ -23,7 +23,7 @@ from ..memory import fallback_allowed
 from .base import FALLBACK_BATCHED_VISION, Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
 from .chat import question_tokens, read_chat_template, split_template, tokenize_question, video_prefix_refusal
 from .preprocess import PreprocessConfig, QwenPreprocessConfig, patchify_video, preprocess_frames, qwen_resize_target
-from .qwen_vision import vision_forward
+from ..hf.vision import vision_forward
 
 # AdaTP's default pixel budget per frame: 448x448. With 32 frames that is 4,096
 # video tokens for Qwen2.5-VL (3,136 for Qwen3-VL), which fits a 7B/8B model in

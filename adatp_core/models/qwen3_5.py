@@ -12,7 +12,7 @@ softmax) or "full_attention" (gated output, partial M-RoPE). What that changes f
 is family-neutral and lives elsewhere:
 - the scores come from a full-attention layer K-1; a K whose layer K-1 is linear moves up
   (``VideoLLMAdapter.resolve_layer``), so the default K = 2 becomes 4 at the usual interval of 4;
-- a linear layer's past is a ``LinearState`` in cache.py; from K on it has taken in the kept
+- a linear layer's past is a ``LinearState`` in hf/cache.py; from K on it has taken in the kept
   tokens only, in their original order.
 
 MoE layers route each token on its own (router softmax, top-k, renormalised), so pruning

@@ -5,7 +5,7 @@ The wrapper receives the queries and keys already rotated (RoPE or M-RoPE) and
 joined with the cache. When a per-call ``AttentionProbe`` asks for it, it scores
 the probe's query rows on the visual keys, then runs the stock kernel (sdpa by
 default) unchanged. Memory is O(heads * |Q| * L); no full attention matrix is
-ever formed. It lives in models/ because the loader registers it.
+ever formed. The loader registers it (``register_attention``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ import torch
 from ..errors import AdaTPInputError
 
 _PREFIX = "adatp_"
+
+
+def aligns_causal_to_the_end(config) -> bool:
+    """Whether the text model's attention aligns its causal mask to the bottom right by itself
+    (flash-attn does, and takes no 4-D mask), read from transformers' private
+    ``_attn_implementation`` (set by ``from_pretrained``'s ``attn_implementation``)."""
+    return "flash" in str(getattr(config, "_attn_implementation", ""))
 
 
 def wrapped_attention_name(base: str) -> str:
