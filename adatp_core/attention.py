@@ -89,7 +89,7 @@ def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
             if layer == 0:
                 return encoded, embeds, (), relevance, relevance, position_ids
             probe = _probe(prompt, layer, query, 0)
-            cache = KVCache(adapter.num_layers)
+            cache = KVCache(adapter.layer_kinds)
             hidden = adapter.run_layers(embeds, position_ids, cache, 0, layer, probe=probe,
                                         inject=_injection(prompt, encoded, 0, prompt.length))
             return encoded, hidden, cache.export(layer), _probe_scores(probe, dev), relevance, position_ids
@@ -114,7 +114,7 @@ def _video_prefix(adapter, prompt, encoded, layer: int, position_ids, p: int) ->
     embeds = adapter.assemble(prompt, encoded)[:, :p].clone()
     if layer == 0:
         return FrozenPrefix(encoded, (), embeds)
-    cache = KVCache(adapter.num_layers)
+    cache = KVCache(adapter.layer_kinds)
     hidden = adapter.run_layers(embeds, position_ids[..., :p], cache, 0, layer,
                                 inject=_injection(prompt, encoded, 0, p))
     return FrozenPrefix(encoded, cache.export(layer), hidden)
@@ -159,7 +159,7 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
             else:
                 probe = _probe(prompt, layer, query, p)
                 n = prompt.length - p
-                cache = prefix.cache(adapter.num_layers, reserve=n)  # one copy, room for the question
+                cache = prefix.cache(adapter.layer_kinds, reserve=n)  # one copy, room for the question
                 masks = None
                 if not aligns_causal_to_the_end(adapter.text_model.config):
                     masks = prefix.masks(n, [module_device(adapter.text_model.layers[i]) for i in range(layer)])

@@ -26,7 +26,7 @@ def continue_prefill(state: AdaTPState, reserve: int) -> tuple[KVCache, torch.Te
     positions = state.kept_positions()  # indices go to each tensor's device (a split model has several)
     hidden = state.hidden.index_select(1, positions.to(state.hidden.device))
     position_ids = state.position_ids.index_select(-1, positions.to(state.position_ids.device))
-    cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=reserve)
+    cache = KVCache(adapter.layer_kinds, past=state.past_kv, reserve=reserve)
     hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers,
                                 inject=state.kept_injection())
     return cache, adapter.last_logits(hidden)[0]

@@ -109,9 +109,10 @@ class FrozenPrefix:
     def length(self) -> int:
         return int(self.hidden.shape[1])
 
-    def cache(self, num_layers: int, reserve: int = 0) -> KVCache:
-        """A new KVCache holding a copy of the prefix at layers < K, with room for ``reserve`` more."""
-        return KVCache(num_layers, past=self.key_values, reserve=reserve)
+    def cache(self, layer_kinds, reserve: int = 0) -> KVCache:
+        """A new KVCache (``KVCache``'s ``layers``: the model's layer kinds) holding a copy of the
+        prefix at layers < K, with room for ``reserve`` more."""
+        return KVCache(layer_kinds, past=self.key_values, reserve=reserve)
 
     def masks(self, n: int, devices) -> list[torch.Tensor]:
         """Per layer < K, [1, 1, n, P + n] bool (True: attend): n new tokens after the prefix,

@@ -155,7 +155,7 @@ def plain_prefill_seconds(model, state, layer: int) -> float:
     def run():
         with torch.inference_mode():  # values do not change the cost: any [1, L, D] input will do
             hidden = state.hidden.new_zeros(state.hidden.shape)
-            return adapter.run_layers(hidden, state.position_ids, KVCache(adapter.num_layers), 0, layer)
+            return adapter.run_layers(hidden, state.position_ids, KVCache(adapter.layer_kinds), 0, layer)
 
     run()
     return timed(run, model.compute_device)[1]

@@ -68,7 +68,7 @@ def _position_ids(adapter, cached: int) -> torch.Tensor:
 
 
 def _default_ms(adapter, past, position_ids, tokens: int) -> float:
-    cache = KVCache(adapter.num_layers, past=past, reserve=tokens)
+    cache = KVCache(adapter.layer_kinds, past=past, reserve=tokens)
     first = adapter.next_position_ids(position_ids, 0)
     ids = torch.zeros((1, 1), dtype=torch.long, device=adapter.device)
     synchronize(adapter.device)
@@ -83,7 +83,7 @@ def _default_ms(adapter, past, position_ids, tokens: int) -> float:
 def _static_ms(adapter, past, position_ids, tokens: int) -> tuple[float, float]:
     """(ms per token, capture seconds) with a fresh decoder store."""
     decoders = StaticDecoders(max_buckets=1)
-    step_fn = decoders.decoder(adapter, KVCache(adapter.num_layers, past=past), tokens, position_ids)
+    step_fn = decoders.decoder(adapter, KVCache(adapter.layer_kinds, past=past), tokens, position_ids)
     capture = step_fn.capture()
     first = adapter.next_position_ids(position_ids, 0)
     token = 0

@@ -66,7 +66,7 @@ def test_layers_receive_hidden_states_and_fill_caches_on_their_device(split, fra
     pruned = prune_tokens(local_debias(global_debias(state)), 0.25)
     positions = pruned.kept_positions()
     hidden = state.hidden[:, positions]
-    cache = KVCache(adapter.num_layers, past=state.past_kv, reserve=4)
+    cache = KVCache(adapter.layer_kinds, past=state.past_kv, reserve=4)
     out = adapter.run_layers(hidden, state.position_ids[..., positions], cache, 2, adapter.num_layers)
     assert out.device.type == "meta" and out.shape == hidden.shape
     assert [cache.layer(i)[0].device.type for i in range(adapter.num_layers)] == ["cpu", "cpu", "meta", "meta"]

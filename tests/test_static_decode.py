@@ -51,7 +51,7 @@ def test_two_questions_reuse_one_bucket_and_match_default(tiny_on, frames, devic
         assert static.stats["kv_lengths"] == default.stats["kv_lengths"]
         assert len(model.static_decoders) == 1
         (decoder,) = model.static_decoders._decoders.values()
-        seen.append((s.prompt.length, decoder, decoder.cache.keys[0].data_ptr(), static.stats["time_graph_capture"]))
+        seen.append((s.prompt.length, decoder, decoder.cache.layers[0].keys.data_ptr(), static.stats["time_graph_capture"]))
     (len1, dec1, ptr1, _), (len2, dec2, ptr2, capture2) = seen
     assert len1 != len2  # a new prompt length ...
     assert dec1 is dec2 and ptr1 == ptr2  # ... and the same buffers

@@ -1,4 +1,5 @@
-"""Where a layer's past is held: the one home for every cache the pack uses.
+"""Where a layer's past is held: the one home for every cache form the pack uses, each built on
+transformers' own ``Cache`` and per-layer classes.
 
 Which tokens a layer remembers is decided here and nowhere else:
 - pruning at layer K: layers < K hold the full prompt, layers >= K only the kept
@@ -8,34 +9,47 @@ Which tokens a layer remembers is decided here and nowhere else:
   (``LinearState``). From K on they have taken in only the kept tokens, in order;
 - static decoding holds fixed-capacity buffers that CUDA graphs write into;
 - batched decoding holds B rows of different lengths, with a mask per row;
-- the video prefix cache holds the question-independent part of a prefill,
-  frozen: copied into a new cache, never written.
+- the video prefix cache (``prefix_cache.py``) holds the question-independent part of a
+  prefill, frozen: copied into a new ``KVCache`` per question, never written.
+
+Built on transformers, not imitating it. transformers' decoder layers call methods on the cache
+they are given, and it adds such calls in minor releases (5.25: ``get_recurrent_states_to_keep``
+and ``increase_count``; 5.17 reads ``has_previous_state`` and ``layers[i].conv_states``). So every
+form handed to a decoder layer is a ``transformers.cache_utils.Cache`` whose ``layers`` are
+transformers' per-layer classes, specialised only where the pack differs:
+- ``KVLayer`` is a ``DynamicLayer`` whose keys/values are views of a buffer with room to grow (no
+  re-copy of the cache at every decoded token); crop, reorder, offload or reset, which replace
+  ``keys``, simply make it take a new buffer at its next update;
+- ``LinearLayer`` is transformers' ``LinearAttentionLayer`` unchanged (conv fold, recurrent copy,
+  ``has_previous_state``, whatever a release adds) plus a host-side count of the tokens folded in
+  (``lengths``), and it can hold views of the pack's buffers (a static buffer, one batch row), which
+  transformers then updates in place;
+- ``StaticKVLayer`` and ``RowsKVLayer`` are ``CacheLayerMixin``s of their own: transformers'
+  ``StaticLayer`` writes every layer at one shared ``cumulative_length``, but after pruning each layer
+  has its own length (``base_l + step``, on the device, for graphs), and batched rows have one
+  length per row and layer (a scatter per row). Everything else (``get_conv_state``,
+  ``has_previous_state``, ``get_recurrent_states_to_keep``, ``increase_count`` ...) is the
+  ``Cache`` container's own.
+``RowsKVCache`` (the rows' storage) and ``FrozenPrefix`` are never handed to transformers: their
+windows and copies are. tests/test_cache_protocol.py reads the installed modeling files for every
+call made on a cache and checks that each form here answers it.
 
 The kinds and forms here:
-- ``KVCache``: attention keys/values per layer, growing, batch 1. ``past`` is copied
-  in and never written, so one prefilled state (a frozen prefix) feeds many answers.
-- ``StaticKVCache``: the same per-layer keys/values in fixed-capacity buffers with
-  a device-side step counter, for static decoding and its CUDA graphs.
-- ``RowsKVCache``: the batched-rows form, for captions decoded together. Up to
-  ``slots`` rows (one clip each) packed at the front of per-layer buffers
-  [slots, Hkv, capacity, d]; every row has its own length per layer (layers < K
-  the clip's full prompt, layers >= K its kept tokens, plus what it decoded) and
-  attends through a mask of its own filled positions. ``window(a, b)`` is the
-  view that one decode step over rows [a, b) writes into.
-- ``FrozenPrefix``: layers < K's keys/values, the layer-K input and the encoded video
-  for the positions before a question; ``PrefixStore`` keeps a few per loaded model,
-  keyed by exactly what was computed, bounded in entries and bytes.
+- ``KVCache``: per layer a ``KVLayer`` or a ``LinearLayer``, growing, any batch (1 in practice).
+  ``past`` is copied in and never written, so one prefilled state (a frozen prefix) feeds many answers.
+- ``StaticKVCache``: the same per-layer pasts in fixed-capacity buffers with a device-side step
+  counter, for static decoding and its CUDA graphs.
+- ``RowsKVCache``: the batched-rows storage, for captions decoded together. Up to ``slots`` rows
+  (one clip each) packed at the front of per-layer buffers [slots, Hkv, capacity, d]; every row has
+  its own length per layer (layers < K the clip's full prompt, layers >= K its kept tokens, plus
+  what it decoded) and attends through a mask of its own filled positions. ``window(a, b)`` is the
+  ``Cache`` that one decode step over rows [a, b) writes into.
 
-Every form implements what transformers' layers call: ``update(key, value, layer_idx)``
-for attention layers (key/value [B, Hkv, S, d]), and for linear-attention layers
-``get_conv_state`` / ``update_conv_state`` (conv [B, C, k]), ``get_recurrent_state`` /
-``update_recurrent_state`` (recurrent [B, Hv, dk, dv]) and ``is_recording_past``. A
-layer's kind is what it was filled with: nothing here branches on the model family.
-
-``lengths()`` counts, per layer, the positions a layer has taken in: the keys/values it
-holds for an attention layer, the tokens folded into its state for a linear one. So the
-spec's invariants read the same on every kind: layers < K the full prompt, layers >= K
-the kept tokens, plus the generated ones.
+``lengths()`` counts, per layer, the positions a layer has taken in: the keys/values it holds for
+an attention layer, the tokens folded into its state for a linear one. So the spec's invariants
+read the same on every kind: layers < K the full prompt, layers >= K the kept tokens, plus the
+generated ones. A layer's kind comes from the model's ``layer_types`` (``KVCache``'s ``layers``)
+or from what fills it (a ``LinearState`` past); nothing here branches on the model family.
 """
 
 from __future__ import annotations
@@ -44,6 +58,9 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, LinearAttentionLayer
+
+LINEAR_ATTENTION = "linear_attention"  # the layer kind in a text config's ``layer_types``
 
 
 class LinearState(NamedTuple):
@@ -65,146 +82,240 @@ class LinearState(NamedTuple):
                 tuple(self.recurrent.shape[1:]), self.recurrent.dtype)
 
 
-def fold_conv(previous: torch.Tensor | None, new: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the convolution's input, the new conv state) for ``new`` [B, C, n] after ``previous``
-    [B, C, k] (None: the first tokens). The input is ``previous`` then ``new``; without a
-    previous state it is ``new`` alone, left-padded with zeros to k when shorter (what
-    transformers' LinearAttentionLayer returns). The state is its last k columns."""
-    if previous is None:
-        full = new
-        if full.shape[-1] < kernel:
-            full = torch.nn.functional.pad(full, (kernel - full.shape[-1], 0))
-    else:
-        full = torch.cat([previous.to(new.dtype), new], dim=-1)
-    return full, full[..., -kernel:]
+# ----- per-layer forms -------------------------------------------------------------------------
 
 
-class _LinearLayers:
-    """The linear-attention half of a cache form: what transformers' Gated DeltaNet layers
-    call. A form gives ``_linear_views(layer_idx)`` (conv, recurrent), or None before the
-    layer's first tokens, and ``_set_linear(layer_idx, conv, recurrent, tokens)``.
+class KVLayer(DynamicLayer):
+    """transformers' ``DynamicLayer`` whose ``keys``/``values`` [B, Hkv, S, d] are the filled part of
+    buffers allocated with ``reserve`` extra positions, written in place: decoding does not re-copy
+    the cache at every token, as ``DynamicLayer``'s concatenation does.
 
-    Decoding one token with a state, the layer updates the conv state in place and never
-    calls ``update_conv_state``; ``update_recurrent_state`` is called on every pass, so it
-    counts that pass's token when ``update_conv_state`` did not."""
-
-    def _linear_views(self, layer_idx: int):
-        raise NotImplementedError
-
-    def _set_linear(self, layer_idx: int, conv, recurrent, tokens: int) -> None:
-        raise NotImplementedError
-
-    def is_recording_past(self, layer_idx: int) -> bool:
-        return False
-
-    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
-        views = self._linear_views(layer_idx)
-        return None if views is None else views[0]
-
-    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
-        views = self._linear_views(layer_idx)
-        return None if views is None else views[1]
-
-    def update_conv_state(self, conv_states, layer_idx: int, state_idx: int = 0, conv_kernel_size=None, **kwargs):
-        views = self._linear_views(layer_idx)
-        kernel = conv_kernel_size or (views[0].shape[-1] if views is not None else conv_states.shape[-1])
-        full, state = fold_conv(None if views is None else views[0], conv_states, kernel)
-        self._set_linear(layer_idx, state, None, conv_states.shape[-1])
-        self._conv_counted = layer_idx
-        return full
-
-    def update_recurrent_state(self, recurrent_states, layer_idx: int, state_idx: int = 0, **kwargs):
-        counted = getattr(self, "_conv_counted", None) == layer_idx
-        self._conv_counted = None
-        self._set_linear(layer_idx, None, recurrent_states, 0 if counted else 1)
-        return self._linear_views(layer_idx)[1]
-
-
-class KVCache(_LinearLayers):
-    """Key/value buffers for one generation, one per decoder layer (and the fixed-size
-    state of each linear-attention layer, ``LinearState``).
-
-    Layers may hold different lengths: after pruning at layer K, layers < K keep
-    the full prompt and layers >= K only the kept tokens. Buffers are allocated
-    once with room for the whole generation and written in place, so decoding
-    does not re-copy the cache at every token. Implements the ``update`` method
-    that transformers' attention modules call.
-
-    past: per-layer (key [B, Hkv, S, d], value [B, Hkv, S, d]), or a ``LinearState``, to
-        start from; they are copied, never modified, so one state can feed many generations.
-    reserve: extra positions to allocate beyond each layer's first fill.
+    past: (key, value) to start from, copied (never written).
     """
 
-    def __init__(self, num_layers: int, past=(), reserve: int = 0):
+    def __init__(self, reserve: int = 0, past=None):
+        super().__init__()
         self.reserve = int(reserve)
-        self._keys: list[torch.Tensor | None] = [None] * num_layers
-        self._values: list[torch.Tensor | None] = [None] * num_layers
-        self._lengths = [0] * num_layers
-        self._linear: dict[int, list] = {}  # layer -> [conv, recurrent], linear-attention layers only
-        for i, entry in enumerate(past):
-            if isinstance(entry, LinearState):
-                self._linear[i] = [entry.conv.clone(), entry.recurrent.clone()]
-                self._lengths[i] = entry.length
-            else:
-                self.update(*entry, i)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        if past is not None:
+            self.update(*past)
 
-    def _linear_views(self, layer_idx: int):
-        state = self._linear.get(layer_idx)
-        return None if state is None or state[1] is None else state
+    def _writable(self, room: int) -> bool:
+        """Whether ``keys`` still starts our buffer with ``room`` positions free after it. A crop
+        keeps it (a shorter view of the same buffer); a reorder, offload or reset replaces it."""
+        if self._buffers is None or not self.is_initialized or self.keys is None:
+            return False
+        buf = self._buffers[0]
+        return (self.keys.data_ptr() == buf.data_ptr() and self.keys.device == buf.device
+                and self.keys.shape[:-2] == buf.shape[:-2] and self.keys.shape[-2] + room <= buf.shape[-2])
 
-    def _set_linear(self, layer_idx: int, conv, recurrent, tokens: int) -> None:
-        state = self._linear.setdefault(layer_idx, [None, None])
-        if conv is not None:
-            state[0] = conv.clone()  # a view of the conv input, which is not kept
-        if recurrent is not None:
-            state[1] = recurrent
-        self._lengths[layer_idx] += tokens
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[-2]
-        length = self._lengths[layer_idx]
-        buf_k = self._keys[layer_idx]
-        if buf_k is None or length + n > buf_k.shape[-2]:
+        length = self.get_seq_length()
+        if not self._writable(n):
             capacity = length + n + self.reserve
             new_k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
             new_v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
             if length:
-                new_k[..., :length, :] = buf_k[..., :length, :]
-                new_v[..., :length, :] = self._values[layer_idx][..., :length, :]
-            self._keys[layer_idx], self._values[layer_idx] = new_k, new_v
-        self._keys[layer_idx][..., length:length + n, :] = key_states
-        self._values[layer_idx][..., length:length + n, :] = value_states
-        self._lengths[layer_idx] = length + n
-        return self.layer(layer_idx)
+                new_k[..., :length, :] = self.keys
+                new_v[..., :length, :] = self.values
+            self._buffers = (new_k, new_v)
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+        buf_k, buf_v = self._buffers
+        buf_k[..., length:length + n, :] = key_states
+        buf_v[..., length:length + n, :] = value_states
+        self.keys, self.values = buf_k[..., :length + n, :], buf_v[..., :length + n, :]
+        return self.keys, self.values
+
+    def layout(self) -> tuple:
+        return ("kv", self.keys.shape[1], self.keys.shape[-1], self.keys.dtype)
+
+
+class LinearLayer(LinearAttentionLayer):
+    """transformers' ``LinearAttentionLayer`` (a conv state [B, C, k] and a recurrent state
+    [B, Hv, dk, dv]) plus ``length``, the tokens folded in, counted on the host.
+
+    The count: a prefill calls ``update_conv_state`` with its n tokens. A one-token decode step
+    updates the conv state in place, then calls ``increase_count`` (5.25) or nothing (5.17-5.24),
+    then ``update_recurrent_state``, which counts the token when neither call did.
+
+    past: a ``LinearState`` to start from, copied (never written).
+    """
+
+    def __init__(self, past: LinearState | None = None):
+        super().__init__()
+        self.length = 0
+        self._counted = False
+        if past is not None:
+            self.hold(past.conv.clone(), past.recurrent.clone(), past.length)
+
+    def hold(self, conv: torch.Tensor, recurrent: torch.Tensor, length: int) -> "LinearLayer":
+        """Take ``conv`` and ``recurrent`` themselves (no copy) as the layer's states after ``length``
+        tokens: transformers then reads them and updates them in place (a static buffer, the rows
+        of a batch). Sets what ``lazy_initialization`` and a first update would have set."""
+        self.conv_states[0], self.recurrent_states[0] = conv, recurrent
+        self.is_conv_states_initialized[0] = self.is_recurrent_states_initialized[0] = True
+        self.has_previous_state[0] = True
+        self.conv_kernel_size[0] = conv.shape[-1]
+        self.device, self.dtype = conv.device, conv.dtype
+        self.length = int(length)
+        return self
+
+    def update_conv_state(self, conv_states, state_idx: int = 0, *args, **kwargs):
+        if state_idx == 0:
+            self.length += conv_states.shape[-1]
+            self._counted = True
+        return super().update_conv_state(conv_states, state_idx, *args, **kwargs)
+
+    def increase_count(self, state_idx: int = 0, *args, **kwargs):
+        if state_idx == 0:
+            self.length += 1
+            self._counted = True
+        parent = getattr(super(), "increase_count", None)  # 5.25 on: transformers' own count too
+        if parent is not None:
+            parent(state_idx, *args, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states, state_idx: int = 0, *args, **kwargs):
+        if state_idx == 0:
+            if not self._counted:
+                self.length += 1
+            self._counted = False
+        return super().update_recurrent_state(recurrent_states, state_idx, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def state(self) -> LinearState:
+        """The layer's past: its own tensors (a decode step writes them in place)."""
+        return LinearState(self.conv_states[0], self.recurrent_states[0], self.length)
+
+    def layout(self) -> tuple:
+        return self.state().layout()
+
+
+class _FixedLayer(CacheLayerMixin):
+    """A key/value layer over buffers that the pack allocated (nothing to initialise lazily);
+    keys/values: the whole buffers, which the mask cuts to what each row holds."""
+
+    is_compileable = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+class StaticKVLayer(_FixedLayer):
+    """One attention layer of a ``StaticKVCache``: a decode step writes its token at
+    ``base[layer] + step`` (device tensors: the same graph serves every answer) and attends
+    over the whole buffer [1, Hkv, capacity, d] through ``StaticKVCache.masks``."""
+
+    def __init__(self, keys, values, layer_idx: int, owner: "StaticKVCache"):
+        super().__init__(keys, values)
+        self.layer_idx, self.owner = layer_idx, owner
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        o = self.owner
+        index = o._base[self.layer_idx:self.layer_idx + 1] + o.step
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """The positions loaded (the steps since are counted on the device only)."""
+        return self.owner.base[self.layer_idx]
+
+
+class RowsKVLayer(_FixedLayer):
+    """One attention layer of a ``RowsWindow``: rows [a, b) of the ``RowsKVCache``'s buffers; a
+    step writes row r's key/value at that row's own length, and returns the buffers cut to the
+    window's span (its longest row after the write, or the whole capacity when static)."""
+
+    def __init__(self, window: "RowsWindow", layer_idx: int):
+        c, a, b = window.cache, window.start, window.stop
+        super().__init__(c.keys[layer_idx][a:b], c.values[layer_idx][a:b])
+        self.window, self.layer_idx = window, layer_idx
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        w, i = self.window, self.layer_idx
+        lengths = w.cache._lengths[w.start:w.stop, i]
+        index = lengths.view(-1, 1, 1, 1).expand(-1, key_states.shape[1], 1, key_states.shape[-1])
+        self.keys.scatter_(2, index, key_states)
+        self.values.scatter_(2, index, value_states)
+        n = w.spans[i]
+        return self.keys[:, :, :n], self.values[:, :, :n]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.window.spans[self.layer_idx], 0
+
+    def get_seq_length(self) -> int:
+        """The window's longest row before this step."""
+        return self.window.spans[self.layer_idx] - 1
+
+
+# ----- the forms --------------------------------------------------------------------------------
+
+
+class KVCache(Cache):
+    """The past of one generation, one transformers layer object per decoder layer: a ``KVLayer``
+    for an attention layer, a ``LinearLayer`` for a linear-attention one.
+
+    Layers may hold different lengths: after pruning at layer K, layers < K keep
+    the full prompt and layers >= K only the kept tokens. Buffers are allocated
+    once with room for the whole generation and written in place.
+
+    layers: the model's layer kinds (``VideoLLMAdapter.layer_kinds``), or a number of
+        attention layers.
+    past: per layer, (key [B, Hkv, S, d], value [B, Hkv, S, d]), or a ``LinearState``, to
+        start from; they are copied, never modified, so one state can feed many generations.
+    reserve: extra positions to allocate beyond each attention layer's first fill.
+    """
+
+    def __init__(self, layers, past=(), reserve: int = 0):
+        kinds = ("full_attention",) * layers if isinstance(layers, int) else tuple(layers)
+        past = tuple(past)
+        if len(past) > len(kinds):
+            raise ValueError(f"{len(past)} layers of past for a cache of {len(kinds)} layers")
+        made = []
+        for i, kind in enumerate(kinds):
+            entry = past[i] if i < len(past) else None
+            if isinstance(entry, LinearState) or (entry is None and kind == LINEAR_ATTENTION):
+                made.append(LinearLayer(entry))
+            else:
+                made.append(KVLayer(reserve, entry))
+        super().__init__(layers=made)
+        self.reserve = int(reserve)
 
     def layer(self, layer_idx: int):
         """(key, value) views of one attention layer's filled part."""
-        n = self._lengths[layer_idx]
-        return self._keys[layer_idx][..., :n, :], self._values[layer_idx][..., :n, :]
+        layer = self.layers[layer_idx]
+        return layer.keys, layer.values
 
     def entry(self, layer_idx: int):
         """One layer's past: (key, value) views of an attention layer's filled part, or
         a linear-attention layer's ``LinearState`` (its own tensors, which a decode step
         writes in place)."""
-        if layer_idx in self._linear:
-            conv, recurrent = self._linear[layer_idx]
-            return LinearState(conv, recurrent, self._lengths[layer_idx])
-        return self.layer(layer_idx)
+        layer = self.layers[layer_idx]
+        return layer.state() if isinstance(layer, LinearLayer) else (layer.keys, layer.values)
 
     def layout(self, layer_idx: int) -> tuple:
         """What fixed buffers for this layer look like: ("kv", Hkv, d, dtype) or
         ``LinearState.layout``."""
-        if layer_idx in self._linear:
-            return self.entry(layer_idx).layout()
-        k = self._keys[layer_idx]
-        return ("kv", k.shape[1], k.shape[-1], k.dtype)
+        return self.layers[layer_idx].layout()
 
     def lengths(self) -> tuple[int, ...]:
-        return tuple(self._lengths)
-
-    def buffers(self, layer_idx: int):
-        """(key, value) whole buffers of one layer, filled part first, then the reserve."""
-        return self._keys[layer_idx], self._values[layer_idx]
+        return tuple(int(layer.get_seq_length()) for layer in self.layers)
 
     def export(self, num_layers: int) -> tuple:
         """``entry`` of layers [0, num_layers), for storing in a state.
@@ -252,36 +363,40 @@ def capacity_bucket(needed: int, minimum: int = MIN_CAPACITY) -> int:
     return 1 << (max(int(needed), minimum) - 1).bit_length()
 
 
-class StaticKVCache(_LinearLayers):
-    """Fixed-capacity per-layer buffers, refilled for every answer.
+
+
+class StaticKVCache(Cache):
+    """Fixed-capacity per-layer buffers, refilled for every answer (static decoding).
 
     layouts: per layer, ``KVCache.layout`` of the prefilled cache: ("kv", Hkv, d, dtype)
-        gets key/value buffers [1, Hkv, capacity, d]; a linear-attention layout gets its
-        conv [1, C, k] and recurrent [1, Hv, dk, dv] buffers, which a step updates in place.
+        gets key/value buffers [1, Hkv, capacity, d] (a ``StaticKVLayer``); a linear-attention
+        layout gets its conv [1, C, k] and recurrent [1, Hv, dk, dv] buffers, held by a
+        ``LinearLayer`` that a step updates in place.
     capacities: per layer, positions per key/value buffer (ignored for linear layers).
-    ``load`` copies a prefilled ``KVCache`` in; ``update`` is what transformers'
-    attention calls during a step.
+    ``load`` copies a prefilled ``KVCache`` in; ``linear`` maps each linear layer to its
+    (conv, recurrent) buffers (``linear_states_kept``).
     """
 
     def __init__(self, layouts, capacities, device: torch.device):
         # Zeros, not empty: a masked slot must be finite. The mask adds -inf to its score, but
         # NaN + -inf is NaN, and a 0 probability times a NaN value is NaN. ``load`` zeroes them again.
-        self.keys: list = [None] * len(layouts)
-        self.values: list = [None] * len(layouts)
+        self.base: list[int] = [0] * len(layouts)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self._base = torch.zeros(len(layouts), dtype=torch.long, device=device)
         self.linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        made = []
         for i, (layout, c) in enumerate(zip(layouts, capacities)):
             if layout[0] == "linear":
                 _, conv_shape, conv_dtype, rec_shape, rec_dtype = layout
                 self.linear[i] = (torch.zeros((1, *conv_shape), dtype=conv_dtype, device=device),
                                   torch.zeros((1, *rec_shape), dtype=rec_dtype, device=device))
+                made.append(LinearLayer().hold(*self.linear[i], 0))
             else:
                 _, h, d, dtype = layout
-                self.keys[i] = torch.zeros((1, h, c, d), dtype=dtype, device=device)
-                self.values[i] = torch.zeros_like(self.keys[i])
+                keys = torch.zeros((1, h, c, d), dtype=dtype, device=device)
+                made.append(StaticKVLayer(keys, torch.zeros_like(keys), i, self))
+        super().__init__(layers=made)
         self.capacities = tuple(capacities)
-        self.base: list[int] = [0] * len(layouts)
-        self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self._base = torch.zeros(len(layouts), dtype=torch.long, device=device)
         self._arange = [None if i in self.linear else torch.arange(c, device=device)
                         for i, c in enumerate(capacities)]
 
@@ -291,39 +406,23 @@ class StaticKVCache(_LinearLayers):
         the mask cannot hide (see ``__init__``) and would poison every later answer."""
         lengths = cache.lengths()
         for i, n in enumerate(lengths):
+            layer = self.layers[i]
             if i in self.linear:
                 state = cache.entry(i)
                 self.linear[i][0].copy_(state.conv)
                 self.linear[i][1].copy_(state.recurrent)
+                layer.length = n
                 continue
             if n > self.capacities[i]:
                 raise ValueError(f"layer {i} holds {n} positions, more than its capacity {self.capacities[i]}")
             k, v = cache.layer(i)
-            self.keys[i][..., :n, :].copy_(k)
-            self.values[i][..., :n, :].copy_(v)
-            self.keys[i][..., n:, :].zero_()
-            self.values[i][..., n:, :].zero_()
+            layer.keys[..., :n, :].copy_(k)
+            layer.values[..., :n, :].copy_(v)
+            layer.keys[..., n:, :].zero_()
+            layer.values[..., n:, :].zero_()
         self.base = list(lengths)
         self._base.copy_(torch.tensor(lengths, dtype=torch.long), non_blocking=True)
         self.step.zero_()
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        index = self._base[layer_idx:layer_idx + 1] + self.step
-        self.keys[layer_idx].index_copy_(2, index, key_states)
-        self.values[layer_idx].index_copy_(2, index, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def _linear_views(self, layer_idx: int):
-        return self.linear[layer_idx]
-
-    def _set_linear(self, layer_idx: int, conv, recurrent, tokens: int) -> None:
-        # In place: a captured graph reads and writes these very buffers. The step counter,
-        # not ``tokens``, says how far every layer has come.
-        conv_buf, rec_buf = self.linear[layer_idx]
-        if conv is not None:
-            conv_buf.copy_(conv)
-        if recurrent is not None:
-            rec_buf.copy_(recurrent)
 
     def masks(self) -> list:
         """Per layer, [1, 1, 1, capacity] bool: the positions filled after this step's write
@@ -336,7 +435,9 @@ class StaticKVCache(_LinearLayers):
 
 
 class RowsKVCache:
-    """Rows of different clips decoded together, one row per clip (the batched-rows form).
+    """Rows of different clips decoded together, one row per clip (the batched-rows storage).
+
+    Not a transformers ``Cache`` itself: a decode step is handed ``window(a, b)``, which is one.
 
     Layout: per attention layer l, key/value buffers [slots, Hkv_l, C_l, d_l], zero-filled
     (a masked slot must be finite); per linear-attention layer, conv [slots, C, k] and
@@ -446,11 +547,11 @@ class RowsKVCache:
             self.lengths[r] = [n + 1 for n in self.lengths[r]]
 
 
-class RowsWindow(_LinearLayers):
-    """One decode step's view of rows [start, stop) of a ``RowsKVCache``: what
-    transformers' attention calls ``update`` on (key/value [stop - start, Hkv, 1, d]),
-    and what its linear-attention layers read and update in place (rows [start, stop)
-    of their conv and recurrent buffers; the step counts in ``advance``).
+class RowsWindow(Cache):
+    """One decode step's view of rows [start, stop) of a ``RowsKVCache``: the ``Cache`` that
+    transformers' layers update (key/value [stop - start, Hkv, 1, d] through ``RowsKVLayer``;
+    a linear-attention layer's conv and recurrent buffers, rows [start, stop), held by a
+    ``LinearLayer`` and updated in place; the step counts in ``advance``).
 
     static: fixed shapes for CUDA graphs. Every layer is read at its whole capacity
     (the mask hides what a row has not filled), the lengths are read on the device
@@ -467,24 +568,14 @@ class RowsWindow(_LinearLayers):
         else:  # per layer, the window's longest row after this step's write
             rows = cache.lengths[start:stop]
             self.spans = [max(r[i] for r in rows) + 1 for i in range(cache.num_layers)]
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        c, a, b = self.cache, self.start, self.stop
-        index = c._lengths[a:b, layer_idx].view(-1, 1, 1, 1).expand(-1, key_states.shape[1], 1, key_states.shape[-1])
-        c.keys[layer_idx][a:b].scatter_(2, index, key_states)
-        c.values[layer_idx][a:b].scatter_(2, index, value_states)
-        n = self.spans[layer_idx]
-        return c.keys[layer_idx][a:b, :, :n], c.values[layer_idx][a:b, :, :n]
-
-    def _linear_views(self, layer_idx: int):
-        conv, recurrent = self.cache.linear[layer_idx]
-        return conv[self.start:self.stop], recurrent[self.start:self.stop]
-
-    def _set_linear(self, layer_idx: int, conv, recurrent, tokens: int) -> None:
-        views = self._linear_views(layer_idx)
-        for view, new in zip(views, (conv, recurrent)):
-            if new is not None:
-                view.copy_(new)
+        made = []
+        for i in range(cache.num_layers):
+            if i in cache.linear:
+                conv, recurrent = cache.linear[i]
+                made.append(LinearLayer().hold(conv[start:stop], recurrent[start:stop], self.spans[i] - 1))
+            else:
+                made.append(RowsKVLayer(self, i))
+        super().__init__(layers=made)
 
     def masks(self) -> list:
         """Per layer, [rows, 1, 1, n_l] bool: each row's filled positions and this step's token
