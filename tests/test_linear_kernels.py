@@ -76,7 +76,8 @@ def test_each_package_switches_its_own_part_on_every_device_before_5_25(monkeypa
     _fake_specs(monkeypatch, {"fla"})
     report = lk.linear_attention_kernels("cpu")
     assert (report["gated_delta_rule"], report["causal_conv1d"]) == ("fla", "torch")
-    assert report["cuda_only"] and not report["fast"] and not report["device_checked"] and "torch_fallback" not in report
+    assert report["cuda_only"] and not report["fast"] and not report["device_checked"]
+    assert "torch_fallback" not in report
     _fake_specs(monkeypatch, {"fla", "causal_conv1d", "kernels"})
     report = lk.linear_attention_kernels()
     assert (report["gated_delta_rule"], report["causal_conv1d"]) == ("fla", "causal_conv1d") and report["fast"]
@@ -255,7 +256,8 @@ def test_only_an_explicit_use_hub_kernels_opts_the_pack_in(monkeypatch, value, r
 def test_the_hub_plan_names_why_and_where_the_code_would_come_from(monkeypatch, no_transformers_qwen):
     _fake_specs(monkeypatch, {"kernels"})
     _release(monkeypatch, (5, 25))
-    assert lk.hub_kernels_plan("cuda") == (False, "the pack loads models with use_kernels=False (USE_HUB_KERNELS=1 opts in)")
+    not_asked = "the pack loads models with use_kernels=False (USE_HUB_KERNELS=1 opts in)"
+    assert lk.hub_kernels_plan("cuda") == (False, not_asked)
     monkeypatch.setenv("USE_HUB_KERNELS", "0")
     assert lk.hub_kernels_plan("cuda") == (False, "USE_HUB_KERNELS=0 turns hub kernels off")
     monkeypatch.setenv("USE_HUB_KERNELS", "1")
@@ -428,7 +430,8 @@ def test_an_offline_fetch_on_cuda_falls_back_through_the_real_kernels_package(tm
             "'_kernel_repo' in f.__dict__ for f in m.__dict__.get('_kernel_funcs', {}).values())]\n"
             "ids = torch.tensor([[1, 2, 3]])\n"
             "with torch.no_grad():\n    llm.model(input_ids=ids)\n"
-            "import json; print(json.dumps([opened, replaced, linear_attention_kernels('cpu', llm.model)['download'], line]))")
+            "download = linear_attention_kernels('cpu', llm.model)['download']\n"
+            "import json; print(json.dumps([opened, replaced, download, line]))")
     env = {"USE_HUB_KERNELS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "KERNELS_CACHE": str(tmp_path / "kernels")}
     last = _run(code, folder, env)

@@ -81,6 +81,7 @@ TORCH_FALLBACK_BYTES_PER_TOKEN = 200_000
 
 
 def _importable(name: str) -> bool:
+    """Whether ``name`` can be found for import (nothing is imported)."""
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):  # a broken parent package, or a module without a spec
@@ -88,6 +89,7 @@ def _importable(name: str) -> bool:
 
 
 def _version(distributions: tuple[str, ...]) -> str | None:
+    """The installed version of the first of ``distributions`` that is installed; None if none is."""
     for dist in distributions:
         try:
             return importlib.metadata.version(dist)
@@ -325,12 +327,17 @@ def _part_text(report: dict, part: str) -> str:
     return runs
 
 
+def _parts_text(report: dict, separator: str) -> str:
+    """Each part and the code that runs it, e.g. "gated delta rule: fla; causal conv1d: PyTorch"."""
+    return separator.join(f"{part.replace('_', ' ')}: {_part_text(report, part)}" for part in KERNEL_FUNCTIONS)
+
+
 def kernels_line(report: dict | None = None, *, model=None, device_type: str | None = None) -> str:
     """One line for the stats and the self-check: what runs the Gated DeltaNet layers, and whether
     code was or would be fetched from the Hub. ``report`` defaults to ``linear_attention_kernels``
     for ``device_type`` and ``model``."""
     report = report if report is not None else linear_attention_kernels(device_type, model)
-    line = "; ".join(f"{part.replace('_', ' ')}: {_part_text(report, part)}" for part in KERNEL_FUNCTIONS)
+    line = _parts_text(report, "; ")
     if "torch" in (report[part] for part in KERNEL_FUNCTIONS):
         line += " (faster on CUDA: " + " and ".join(INSTALL_COMMANDS) + ")"
     hub = {"happened": "hub code loaded", "possible": "hub kernels " + report["hub_kernels"],
@@ -368,7 +375,7 @@ def load_hub_kernels(model, device_type: str) -> str | None:
     from ..memory import fallback_allowed
 
     planned, why = hub_kernels_plan(device_type)
-    if not planned or not hasattr(model, "reset_kernels"):
+    if not planned or not hasattr(model, "reset_kernels"):  # reset_kernels: transformers 5.25+
         return None
     try:
         model.set_use_kernels(True)
@@ -378,7 +385,7 @@ def load_hub_kernels(model, device_type: str) -> str | None:
         model.reset_kernels()  # a layer kernelized before the failure runs its own code again
         runs = linear_attention_kernels(device_type, model)
         line = (f"hub kernels could not be loaded ({type(exc).__name__}: {str(exc)[:300]}); the linear layers run "
-                + ", ".join(f"{part.replace('_', ' ')}: {_part_text(runs, part)}" for part in KERNEL_FUNCTIONS)
+                + _parts_text(runs, ", ")
                 + ". To use hub kernels offline, load once online first; to stop trying, unset USE_HUB_KERNELS")
         log.warning(line)
         return line
