@@ -206,7 +206,7 @@ def layer_stats(adapter, asked: int, layer: int, moved: str | None) -> dict:
     if moved:
         stats.update(layer_asked=asked, layer_moved=moved)
     if adapter.linear_attention:
-        stats["linear_kernels"] = kernels_line()
+        stats["linear_kernels"] = kernels_line(model=adapter.model)
     if adapter.always_thinks:
         stats["thinking"] = ("this model's chat template always opens a thinking block (no enable_thinking "
                              "switch): its answers start with its thinking; use the Instruct model for plain answers")

@@ -193,12 +193,13 @@ def sdpa_backends(dev: torch.device, dtype: torch.dtype) -> dict[str, bool]:
     return offered
 
 
-def _kernels_line() -> str:
-    """``kernels_line`` as transformers decides it: its Qwen3.5 module imported first (a kernel
-    package that is installed but fails to import is not used; find_spec alone would say it is)."""
+def _kernels_line(device_type: str) -> str:
+    """``kernels_line`` on ``device_type`` as transformers decides it: its Qwen3.5 module imported
+    first (a kernel package that is installed but fails to import is not used; find_spec alone would
+    say it is). Returns the line."""
     with contextlib.suppress(Exception):
         importlib.import_module(TRANSFORMERS_MODULES[0])
-    return kernels_line()
+    return kernels_line(device_type=device_type)
 
 
 def environment(dev: torch.device, dtype: torch.dtype) -> dict:
@@ -209,7 +210,7 @@ def environment(dev: torch.device, dtype: torch.dtype) -> dict:
         "PyAV": _version("av"),
         "decord": _version("decord"),
         "bitsandbytes": _version("bitsandbytes", load=False),
-        "Gated DeltaNet kernels": _kernels_line(),
+        "Gated DeltaNet kernels": _kernels_line(dev.type),
         **_device_lines(dev),
         "dtype": str(dtype).removeprefix("torch."),
     }

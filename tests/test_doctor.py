@@ -163,7 +163,9 @@ def test_families_by_their_model_type_and_devices_that_are_absent():
 
 def test_the_kernels_line_says_what_transformers_runs_not_what_is_installed(tmp_path):
     """An fla that is installed but fails to import (no Triton) leaves transformers' PyTorch
-    delta rule: the doctor's environment says so (it said fla, from find_spec)."""
+    delta rule: the doctor's environment says so (it said fla, from find_spec), on transformers 5.25's
+    kernels Func modules as on 5.17/5.24's plain wrappers; and, with no owner opt-in, that nothing
+    is fetched from the Hub."""
     import os
     import subprocess
     import sys
@@ -173,8 +175,10 @@ def test_the_kernels_line_says_what_transformers_runs_not_what_is_installed(tmp_
     code = ("import torch; from adatp_core.doctor import environment; "
             "print(environment(torch.device('cpu'), torch.float32)['Gated DeltaNet kernels'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, cwd=str(ROOT))
+                         env={**{k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"},
+                              "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, cwd=str(ROOT))
     assert out.stdout.startswith("gated delta rule: PyTorch"), out.stdout + out.stderr[-500:]
+    assert out.stdout.strip().endswith("; nothing fetched from the Hub"), out.stdout
 
 
 def test_a_model_refused_by_the_loader_gets_the_loaders_advice_only(monkeypatch):

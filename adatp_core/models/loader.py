@@ -28,6 +28,7 @@ from .placement import SPLIT_DEVICE, check_split_device, split_device_map
 from .preprocess import read_video_processor_config
 from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from ..hf.kernels import FROM_PRETRAINED_KWARGS, load_hub_kernels
 from ..hf.kernels import check_device as check_linear_kernels
 from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter, Qwen3VLMoeAdapter
 from .qwen3_vl import Qwen3VLAdapter
@@ -334,7 +335,7 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
             dtype=torch_dtype, device_map=device_map,
             attn_implementation={"text_config": wrapped_attention_name(kernel),
                                  "vision_config": kernel, "": kernel},
-            quantization_config=quantization,
+            quantization_config=quantization, **FROM_PRETRAINED_KWARGS,  # no code fetched at load
         )
     except torch.OutOfMemoryError as exc:
         raise AdaTPEnvironmentError(
@@ -344,6 +345,7 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     if device_map is None:  # else placed already (and bitsandbytes refuses some moves)
         model = model.to(dev)
     model.eval()
+    load_hub_kernels(model, dev.type)  # only where the server owner opted in (hf/kernels.py)
     adapter = adapter_cls(model, tokenizer, folder)
     log.info("loaded %s on %s as %s", folder.name, SPLIT_DEVICE if split else dev,
              dtype if quantization is not None else torch_dtype)
