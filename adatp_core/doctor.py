@@ -46,9 +46,10 @@ import torch.overrides
 
 from . import static_decode
 from .attention import extract_attention
-from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
 from .generate import SamplingConfig, generate_answer
 from .memory import free_memory, is_interrupt
+from .hf import versions
 from .hf.kernels import TRANSFORMERS_MODULES, kernels_line
 from .models.loader import VideoLLM, load_video_llm, resolve_device, resolve_dtype
 from .models.stock import stock_video_inputs
@@ -100,10 +101,14 @@ class Report:
         return "\n".join(lines)
 
     def summary(self) -> str:
+        """The last line: the verdict and the counts; on a failure, what it means for the installed
+        transformers (this command is the check to run after upgrading it)."""
         counts = Counter(c.status for c in self.checks)
         verdict = "all checks passed" if self.ok else "SOME CHECKS FAILED: see each failure's detail"
-        return (f"{verdict} ({counts[PASS]} pass, {counts[FAIL]} fail, {counts[SKIP]} skip) "
-                f"in {self.seconds:.1f} s")
+        line = f"{verdict} ({counts[PASS]} pass, {counts[FAIL]} fail, {counts[SKIP]} skip) in {self.seconds:.1f} s"
+        if self.ok:
+            return line
+        return f"{line}. {upgrade_advice()}"
 
     def text(self) -> str:
         width = max(len(k) for k in self.environment)
@@ -113,6 +118,22 @@ class Report:
     def as_dict(self) -> dict:
         return {"ok": self.ok, "seconds": self.seconds, "environment": self.environment,
                 "checks": [vars(c) for c in self.checks]}
+
+
+def upgrade_advice(version: str | None = None) -> str:
+    """What a failed self-check means for the installed transformers: `python -m adatp_core doctor`
+    is the check to run after upgrading transformers, and the tested release is the way back."""
+    version = version or versions.installed()
+    kind = versions.support(version)
+    where = {versions.NEWER: f"is newer than the newest tested ({versions.NEWEST_TESTED})",
+             versions.OLDER: f"is older than the minimum ({versions.MINIMUM})",
+             versions.TESTED: f"is within the tested range ({versions.MINIMUM} to {versions.NEWEST_TESTED})"}[kind]
+    back = (f"if the failures came with a transformers upgrade, install the newest tested release "
+            f"({versions.install_command()}) and run it again"
+            if kind != versions.TESTED else "failures here are the pack's or this installation's: report them "
+                                            "with this report")
+    return (f"`{versions.DOCTOR}` is the check to run after upgrading transformers; transformers {version} {where}; "
+            f"{back}.")
 
 
 # ----- environment ---------------------------------------------------------------------------
@@ -207,6 +228,7 @@ def environment(dev: torch.device, dtype: torch.dtype) -> dict:
         "python": f"{sys.version.split()[0]} ({platform.system()} {platform.machine()})",
         "torch": f"{torch.__version__} ({_torch_build()})",
         "transformers": _version("transformers"),
+        "transformers tested": versions.describe(),
         "PyAV": _version("av"),
         "decord": _version("decord"),
         "bitsandbytes": _version("bitsandbytes", load=False),
@@ -387,6 +409,10 @@ def _frames() -> torch.Tensor:
 
 
 def _error(exc: BaseException) -> str:
+    """An exception's type and first line, for a table line. transformers' own failure is shown as its
+    original error: the versions and what to do are in the environment block and the last line."""
+    if isinstance(exc, AdaTPTransformersError) and exc.__cause__ is not None:
+        return f"{_error(exc.__cause__)}, inside transformers"
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
 
 

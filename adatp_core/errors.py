@@ -16,5 +16,11 @@ class AdaTPEnvironmentError(RuntimeError):
     """The machine or installation cannot do what was asked."""
 
 
+class AdaTPTransformersError(AdaTPEnvironmentError):
+    """transformers' own code failed while a model family ran (hf/versions.py's
+    ``transformers_boundary``): most likely a release the pack was not tested with. Every
+    clip or question would fail the same way, so it is not retried as running out of memory is."""
+
+
 class AdaTPInterrupted(RuntimeError):
     """The user interrupted a run (ComfyUI's Cancel button or Ctrl-C)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
 from .memory import fallback_allowed, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
@@ -180,9 +180,11 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
             raise
         detail = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
         if cfg.decode_mode == "static":
-            raise AdaTPEnvironmentError(
-                f"static decoding failed on {adapter.device} ({detail}); set decode_mode=default "
-                "(or auto, which falls back to default decoding by itself)") from exc
+            # transformers' own failure keeps its class and whole message (the versions, what to do)
+            kind, detail = ((AdaTPTransformersError, str(exc)) if isinstance(exc, AdaTPTransformersError)
+                            else (AdaTPEnvironmentError, detail))
+            raise kind(f"static decoding failed on {adapter.device} ({detail}); set decode_mode=default "
+                       "(or auto, which falls back to default decoding by itself)") from exc
         reason = (f"static decoding failed ({detail}); this answer restarted in default decoding, "
                   "which auto mode keeps until the model is reloaded")
         log.warning("%s", reason, exc_info=True)

@@ -117,7 +117,14 @@ def test_gated_full_attention_layer_against_a_hand_count():
 def test_linear_layer_matches_transformers_flop_counter():
     """Run transformers' own Gated DeltaNet (torch fallback) under PyTorch's FLOP counter: its
     matrix products are the formula's, except the triangular solves (which the counter does not
-    count) and the conv's K-1 padded outputs (which transformers computes and drops)."""
+    count) and the conv's K-1 padded outputs (which transformers computes and drops).
+
+    The weights are frozen (requires_grad off), as in inference. Since 5.25 the conv runs as a
+    hub-kernel module (``use_kernel_func_from_hub_with_fallback``) that takes
+    ``conv1d.weight.squeeze(1)`` as an argument; the counter's module tracker hooks the autograd
+    graph of every argument that requires grad, and a view made under no_grad has none
+    ("Expected gradient function to be set"). Frozen weights give it nothing to hook and
+    change no FLOP."""
     from torch.utils.flop_counter import FlopCounterMode
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
@@ -125,7 +132,7 @@ def test_linear_layer_matches_transformers_flop_counter():
     shape = LLMShape.from_config(cfg)
     lin = shape.linear
     torch.manual_seed(0)
-    layer = Qwen3_5GatedDeltaNet(cfg, 1)
+    layer = Qwen3_5GatedDeltaNet(cfg, 1).requires_grad_(False)
     n = 2 * lin.chunk
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         layer(torch.randn(1, n, cfg.hidden_size))

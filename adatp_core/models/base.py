@@ -173,6 +173,8 @@ class VideoLLMAdapter:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        # The model_type, which errors raised inside transformers name (hf/versions.py).
+        self.family: str = model.config.model_type
         self._cache_arg = cache_argument(self.text_model.layers[0])
         self._linear_layers = frozenset(i for i, kind in enumerate(self.layer_kinds) if kind == "linear_attention")
         # Fast paths that failed on this model and stay off until it is reloaded (a new adapter):
@@ -326,7 +328,8 @@ class VideoLLMAdapter:
         (Qwen3-VL's DeepStack), the way the stock text model does.
         """
         return run_decoder_layers(self.text_model, hidden, position_ids, cache, start, stop, self._cache_arg,
-                                  linear_layers=self._linear_layers, probe=probe, masks=masks, inject=inject)
+                                  linear_layers=self._linear_layers, probe=probe, masks=masks, inject=inject,
+                                  family=self.family)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, S, D] after the last layer -> float32 logits [S, V]."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
+from ..hf.versions import transformers_boundary
 from .base import Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
 from .chat import question_tokens, read_chat_template, split_template, tokenize_question, video_prefix_refusal
 from .preprocess import PreprocessConfig, preprocess_frames
@@ -166,11 +167,12 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         """pixels [T, 3, 384, 384] -> visual tokens [T*196, D] and per-frame features."""
         mm = self.model.model
         visual, frame_features = [], []
-        for i in range(0, pixels.shape[0], self.vision_chunk):
-            feats = self._selected_vision_features(pixels[i:i + self.vision_chunk])
-            frame_features.append(F.normalize(feats.float().mean(dim=1), dim=-1))
-            projected = self.pool(mm.multi_modal_projector(feats))
-            visual.append(projected.reshape(-1, projected.shape[-1]))
+        with transformers_boundary(self.family, "the vision tower"):
+            for i in range(0, pixels.shape[0], self.vision_chunk):
+                feats = self._selected_vision_features(pixels[i:i + self.vision_chunk])
+                frame_features.append(F.normalize(feats.float().mean(dim=1), dim=-1))
+                projected = self.pool(mm.multi_modal_projector(feats))
+                visual.append(projected.reshape(-1, projected.shape[-1]))
         t = pixels.shape[0]
         return Encoded(
             visual=torch.cat(visual),

@@ -21,6 +21,8 @@ from ..paths import bare_name
 from ..prefix_cache import PrefixStore
 from ..static_decode import StaticDecoders
 from ..hf.attention_hook import register_attention, wrapped_attention_name
+from ..hf.versions import DOCTOR, UNEXPECTED, raised_in_transformers, tested_range, transformers_error, warn_if_untested
+from ..hf.versions import installed as installed_transformers
 from .base import VideoLLMAdapter
 from .chat import folder_chat_template
 from .llava_onevision import LlavaOnevisionAdapter
@@ -262,21 +264,30 @@ _WEIGHT_ERROR_WORDS = ("safetensors", "size mismatch", "shape", "checkpoint", "h
                        "weight", "incomplete", "truncated", "no such file", "corrupt")
 
 
-def _load_error(folder: Path, exc: BaseException) -> Exception:
+# Errors of code, never of the downloaded files: from from_pretrained they count only when
+# transformers' own code raised them (versions.raised_in_transformers); elsewhere they are bugs, raised as they are.
+_CODE_ERRORS = (AttributeError, TypeError, NotImplementedError)
+
+
+def _load_error(folder: Path, family: str, exc: BaseException) -> Exception:
     """The pack's error for a failed from_pretrained: damaged or incomplete weights
-    (download them again), or anything else (transformers, bitsandbytes, an attention
-    implementation, the driver), which downloading again would not fix."""
+    (download them again); transformers' own code failing (versions.transformers_error: the
+    family, the installed and tested versions, what to do); or anything else (bitsandbytes,
+    an attention implementation, the driver), which downloading again would not fix either."""
     detail = f"{type(exc).__name__}: {str(exc)[:300]}"
     text = str(exc).lower()
-    if isinstance(exc, (SafetensorError, OSError, pickle.UnpicklingError)) or any(word in text for word in _WEIGHT_ERROR_WORDS):
+    if isinstance(exc, (SafetensorError, OSError, pickle.UnpicklingError)) or (
+            not isinstance(exc, _CODE_ERRORS) and any(word in text for word in _WEIGHT_ERROR_WORDS)):
         return AdaTPInputError(f"the weights in {folder} cannot be loaded ({detail}); "
                                "the download may be incomplete or damaged: download them again.")
-    import transformers
-
+    if isinstance(exc, UNEXPECTED) and raised_in_transformers(exc):
+        return transformers_error(exc, family, f"building the model from {folder.name} (not a problem with "
+                                               "the downloaded files)")
     return AdaTPEnvironmentError(
-        f"transformers {transformers.__version__} cannot build {folder.name} ({detail}). This is not a "
+        f"transformers {installed_transformers()} cannot build {folder.name} ({detail}). This is not a "
         "problem with the downloaded files: check the installed transformers, torch and bitsandbytes "
-        "versions against the pack's requirements, or pick dtype auto and attention sdpa.")
+        f"versions against the pack's requirements (transformers tested: {tested_range()}; run "
+        f"`{DOCTOR}`), or pick dtype auto and attention sdpa.")
 
 
 def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
@@ -302,6 +313,7 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     split = isinstance(device, str) and device == SPLIT_DEVICE  # over every GPU; dev is the first
     dev = check_split_device() if split else resolve_device(device)
     adapter_cls = ADAPTERS[config["model_type"]]
+    warn_if_untested()  # once per process, outside the tested transformers range
     quantization = None
     if dtype in QUANTIZED_DTYPES:  # refused here, before any weight is read, where it cannot run
         check_bitsandbytes(dtype, dev)
@@ -340,8 +352,10 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     except torch.OutOfMemoryError as exc:
         raise AdaTPEnvironmentError(
             f"not enough {dev.type} memory to load {folder.name}; free memory or use a smaller model") from exc
-    except (OSError, ValueError, RuntimeError, KeyError, ImportError, SafetensorError, pickle.UnpicklingError) as exc:
-        raise _load_error(folder, exc) from exc
+    except (OSError, SafetensorError, pickle.UnpicklingError, RuntimeError, *UNEXPECTED) as exc:
+        if isinstance(exc, _CODE_ERRORS) and not raised_in_transformers(exc):
+            raise
+        raise _load_error(folder, config["model_type"], exc) from exc
     if device_map is None:  # else placed already (and bitsandbytes refuses some moves)
         model = model.to(dev)
     model.eval()

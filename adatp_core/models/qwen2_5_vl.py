@@ -23,6 +23,7 @@ from ..memory import fallback_allowed
 from .base import FALLBACK_BATCHED_VISION, Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
 from .chat import question_tokens, read_chat_template, split_template, tokenize_question, video_prefix_refusal
 from .preprocess import PreprocessConfig, QwenPreprocessConfig, patchify_video, preprocess_frames, qwen_resize_target
+from ..hf.versions import transformers_boundary
 from ..hf.vision import vision_forward
 
 # AdaTP's default pixel budget per frame: 448x448. With 32 frames that is 4,096
@@ -135,7 +136,8 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         Qwen2.5-VL's tower keeps each temporal patch's rows together)."""
         if plan is None:
             raise AdaTPInputError("Qwen models need the video plan to encode; call plan_video first")
-        merged, patches, deepstack = self._vision(pixels, self.grid_thw(plan))
+        with transformers_boundary(self.family, "the vision tower"):
+            merged, patches, deepstack = self._vision(pixels, self.grid_thw(plan))
         steps = plan.grid[0]
         frame_features = F.normalize(patches.float().reshape(steps, -1, patches.shape[-1]).mean(dim=1), dim=-1)
         return Encoded(visual=merged, extras=merged.new_zeros((0, merged.shape[-1])),
@@ -194,7 +196,8 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         ids = prompt.input_ids[None].to(self.device)
         token_types = torch.zeros_like(ids, dtype=torch.int)
         token_types[0, prompt.visual_positions.to(self.device)] = 2  # video
-        position_ids, _ = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=token_types, video_grid_thw=self.grid_thw(prompt.plan),
-            attention_mask=torch.ones_like(ids), **self._rope_kwargs(prompt.plan))
+        with transformers_boundary(self.family, "the position ids (get_rope_index)"):
+            position_ids, _ = self.model.model.get_rope_index(
+                ids, mm_token_type_ids=token_types, video_grid_thw=self.grid_thw(prompt.plan),
+                attention_mask=torch.ones_like(ids), **self._rope_kwargs(prompt.plan))
         return position_ids
