@@ -48,6 +48,19 @@ def test_ci_runs_the_readme_test_command():
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_ci_tests_the_declared_minimum():
+    """CI runs scripts/test_min.sh after the suite. The script reads the minimum from the
+    `transformers>=X` line of requirements.txt (its one home; the test above keeps pyproject.toml in
+    step), so that line must keep that form, and every test file the script names must exist."""
+    assert "bash scripts/test_min.sh" in (ROOT / ".ci" / "run").read_text()
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    declared = [line for line in lines if _name(line) == "transformers"]
+    assert len(declared) == 1 and re.fullmatch(r"transformers>=\d+(\.\d+)*,<\d+", declared[0]), declared
+    script = (ROOT / "scripts" / "test_min.sh").read_text()
+    listed = re.findall(r"tests/test_\w+\.py", script)
+    assert len(listed) >= 10 and all((ROOT / path).is_file() for path in listed), listed
+
+
 def test_core_never_imports_comfyui():
     for path in (ROOT / "adatp_core").rglob("*.py"):
         text = path.read_text()
@@ -56,11 +69,12 @@ def test_core_never_imports_comfyui():
 
 def test_supported_version_ranges():
     """The ranges the README promises: torch 2.11 through 2.15 (current at the time of writing),
-    transformers 5.17 through 5.24, PyAV 12 through 19, Python 3.10 through 3.13."""
+    transformers 5.17 through 5.25 (current on 2026-12-05), PyAV 12 through 19, Python 3.10
+    through 3.13."""
     project = _project()["project"]
     deps = {Requirement(d).name: Requirement(d).specifier for d in project["dependencies"]}
     for name, versions in {"torch": ("2.11.0", "2.13.0", "2.14.1", "2.15.0"),
-                           "transformers": ("5.17.0", "5.24.0"), "av": ("12.0.0", "19.0.2")}.items():
+                           "transformers": ("5.17.0", "5.24.0", "5.25.0"), "av": ("12.0.0", "19.0.2")}.items():
         assert all(deps[name].contains(v) for v in versions), (name, deps[name])
     assert not deps["torch"].contains("2.10.0") and not deps["transformers"].contains("4.57.6")
     python = project["requires-python"]
