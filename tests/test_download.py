@@ -206,18 +206,24 @@ def test_an_unfinished_folder_in_the_way_is_not_overwritten(env, tmp_path):
     assert env.requests == []
 
 
-def test_load_node_lists_downloads_and_then_uses_the_local_copy(env, tmp_path, monkeypatch, tiny_dir):
-    import os
-
+@pytest.fixture
+def catalog_node(env, tmp_path, monkeypatch, tiny_dir):
+    """Load Video LLM with the fake hub's model as an extra catalog entry; returns (the node's
+    module, comfy_bridge, the entry's label). Downloads go to tmp_path/LLM."""
     monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
     extra = tmp_path / "catalog.json"
     extra.write_text(json.dumps([{"repo_id": REPO, "model_type": "llava_onevision", "disk_gb": 0.001,
                                   "vram_bf16_gb": 0.1, "vram_4bit_gb": 0.05}]))
     monkeypatch.setenv("ADATP_EXTRA_CATALOG", str(extra))
     bridge = pack_module("nodes.comfy_bridge")
-    node = pack_module("nodes.load_model")
     monkeypatch.setattr(bridge.HEADLESS, "model_dirs", [tmp_path / "LLM", tmp_path / "other"])
-    label = f"\u2b07 {REPO} (0.0 GB)"
+    return pack_module("nodes.load_model"), bridge, f"\u2b07 {REPO} (0.0 GB)"
+
+
+def test_load_node_lists_downloads_and_then_uses_the_local_copy(env, tmp_path, monkeypatch, catalog_node):
+    import os
+
+    node, bridge, label = catalog_node
     models = node.AdaTP_LoadVideoLLM.INPUT_TYPES()["required"]["model"][0]
     assert models[-1] == label  # extra entries come after the built-in ones
     assert node.AdaTP_LoadVideoLLM.VALIDATE_INPUTS(label) is True and env.requests == []  # no network
@@ -403,3 +409,33 @@ def test_a_slow_stream_is_not_a_stall(env, tmp_path, monkeypatch):
     env.throttle = 0.005  # about 1 s for the 12 MB file, in 10 MB chunks as huggingface_hub reads it
     folder = dl.download_model("adatp-test/big", tmp_path)
     assert (folder / "model.safetensors").read_bytes() == env_repo(env, "adatp-test/big").files["model.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["listing", "file midway"])
+def test_cancel_in_comfyui_stops_a_stalled_download_and_the_next_prompt_runs(env, tmp_path, monkeypatch,
+                                                                             catalog_node, where):
+    """Cancel (POST /interrupt sets ComfyUI's flag from the server's thread) ends the node within a
+    second, as ComfyUI's InterruptProcessingException; the next prompt downloads and loads."""
+    from comfy_stub import make_interrupts
+
+    node, bridge, label = catalog_node
+    mm = make_interrupts()
+    monkeypatch.setattr(bridge, "model_management", mm)
+    stall(env, where)
+    pressed = []
+
+    def press():
+        if env.stalled.wait(30):
+            time.sleep(0.3)
+            pressed.append(time.monotonic())
+            mm.interrupt_current_processing(True)
+
+    threading.Thread(target=press, daemon=True).start()
+    with pytest.raises(mm.InterruptProcessingException):
+        node.AdaTP_LoadVideoLLM().load(label, "float32", "sdpa", "cpu", True)
+    assert pressed and time.monotonic() - pressed[0] < 1.0
+    assert not (tmp_path / "LLM" / "tiny-llava-onevision").exists()
+
+    env.release()
+    llm = node.AdaTP_LoadVideoLLM().load(label, "float32", "sdpa", "cpu", True)[0]
+    assert llm.path == str(tmp_path / "LLM" / "tiny-llava-onevision")
