@@ -63,8 +63,18 @@ class FakeRepo:
         return cls({**files, **(extra or {})}, gated=gated)
 
 
+class _Served:
+    """``with`` support for a server with start() and close()."""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass
-class FakeHub:
+class FakeHub(_Served):
     repos: dict[str, FakeRepo]
     lifetime: float = 300.0
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -132,12 +142,6 @@ class FakeHub:
         self.stalled.set()
         released.wait(self.lifetime)
         h.close_connection = True
-
-    def __enter__(self) -> "FakeHub":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def gets(self, filename: str) -> int:
         """How many GET requests fetched a file (by its path in the repository)."""
@@ -232,11 +236,12 @@ class FakeHub:
             h.wfile.write(chunk[i:i + 65536] if self.throttle else chunk)
 
 
-class SilentListener:
+class SilentListener(_Served):
     """Accepts connections on 127.0.0.1 and never answers (a hung proxy or mirror).
 
-    ``connections`` counts the connections accepted. Stops on ``close()``, at the end of a
-    ``with`` block, or by itself after ``lifetime`` seconds; its connections close then.
+    ``connections`` counts the connections accepted, and ``stalled`` is set at the first (as
+    FakeHub's). Stops on ``close()``, at the end of a ``with`` block, or by itself after
+    ``lifetime`` seconds; its connections close then.
     """
 
     def __init__(self, lifetime: float = 300.0):
@@ -244,6 +249,7 @@ class SilentListener:
         self._sock.settimeout(0.1)
         self._held: list[socket.socket] = []
         self._stop = threading.Event()
+        self.stalled = threading.Event()
         self._deadline = time.monotonic() + lifetime
         self._thread = threading.Thread(target=self._accept, daemon=True)
         host, port = self._sock.getsockname()[:2]
@@ -262,6 +268,7 @@ class SilentListener:
             except OSError:
                 break
             self._held.append(conn)  # kept open, never read from or written to
+            self.stalled.set()
         for conn in self._held:
             conn.close()
 
@@ -273,12 +280,6 @@ class SilentListener:
         self._stop.set()
         self._thread.join()
         self._sock.close()
-
-    def __enter__(self) -> "SilentListener":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def main(argv=None) -> None:
