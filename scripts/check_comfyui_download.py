@@ -9,7 +9,11 @@ script. What it does, all on 127.0.0.1 and in a temporary base directory:
    tests/fake_hub.py, and offers it through ADATP_EXTRA_CATALOG;
 2. starts ComfyUI (``--cpu``, loopback, ``--base-directory`` with the pack
    symlinked into custom_nodes) with HF_ENDPOINT at the fake hub;
-3. checks that Load Video LLM lists "⬇ adatp-test/tiny-llava-onevision (… GB)",
+3. checks that Load Video LLM lists "⬇ adatp-test/tiny-llava-onevision (… GB)";
+   makes the hub stop answering (the listing, then a file midway), queues the
+   workflow with that entry and, behind it, the same workflow on the built-in
+   tiny model, and presses Cancel during the stall: the first prompt must end as
+   interrupted within 2 s and the second must answer;
    queues the shipped video QA workflow with that entry picked on a slowed-down
    hub and presses Cancel (POST /interrupt) during the download; then queues it
    again: the download continues (finished files are not fetched again), with
@@ -18,8 +22,9 @@ script. What it does, all on 127.0.0.1 and in a temporary base directory:
    model management must unload the model and load it back;
 4. stops the hub (the network is gone), restarts ComfyUI, and runs the same
    workflow again: it must answer from models/LLM/tiny-llava-onevision.
-Exit status 0 only if every run answered, the first one with byte progress, the
-unload happened, and the last run made no request to the hub.
+Exit status 0 only if every run answered, Cancel stopped each stalled download
+within 2 s with the prompt behind it answering, the first run with byte progress,
+the unload happened, and the last run made no request to the hub.
 """
 
 from __future__ import annotations
@@ -136,6 +141,41 @@ async def run_prompt(url: str, prompt: dict, node: str, timeout: float, interrup
     return {"progress": progress, "status": status, "outputs": history.get("outputs", {})}
 
 
+async def cancel_a_stall(url: str, stalled: dict, behind: dict, hub, timeout: float) -> dict:
+    """Queue ``stalled`` (its download waits on a hub that stopped answering) and ``behind``
+    after it; press Cancel 1 s into the stall. Returns the statuses of both prompts and the
+    seconds from Cancel to the first one's end."""
+    import aiohttp
+
+    client = str(uuid.uuid4())
+    status, pressed, stopped = {}, None, None
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{url.replace('http', 'ws')}/ws?clientId={client}") as ws:
+            first = call(url, "/prompt", {"prompt": stalled, "client_id": client})["prompt_id"]
+            second = call(url, "/prompt", {"prompt": behind, "client_id": client})["prompt_id"]
+            end = time.time() + timeout
+            while time.time() < end and len(status) < 2:
+                if pressed is None and hub.stalled.is_set():
+                    await asyncio.sleep(1.0)
+                    pressed = time.monotonic()
+                    call(url, "/interrupt", {})
+                try:
+                    msg = await ws.receive(timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                event = json.loads(msg.data)
+                pid = event.get("data", {}).get("prompt_id")
+                if event["type"] in ("execution_success", "execution_error", "execution_interrupted") and \
+                        pid in (first, second):
+                    status[pid] = event["type"]
+                    if pid == first:
+                        stopped = time.monotonic()
+    return {"stalled": status.get(first), "behind": status.get(second),
+            "cancel_seconds": None if pressed is None or stopped is None else stopped - pressed}
+
+
 def wait_for_log(log: Path, text: str, timeout: float) -> bool:
     end = time.time() + timeout
     while time.time() < end:
@@ -160,6 +200,7 @@ def main(argv=None) -> int:
     pack = load_pack()
     headless = importlib.import_module(f"{PACK_NAME}.nodes.headless")
     ensure_tiny_model = importlib.import_module(f"{PACK_NAME}.adatp_core.models.tiny").ensure_tiny_model
+    builtin_tiny = importlib.import_module(f"{PACK_NAME}.adatp_core.models.names").BUILTIN_TINY
 
     base = Path(tempfile.mkdtemp(prefix="adatp-comfy-download-"))
     (base / "custom_nodes").mkdir()
@@ -195,7 +236,25 @@ def main(argv=None) -> int:
         print(f"run 1: model list {listed}")
         check("the catalog entry is listed", label in listed)
 
+        # A hub that stops answering (at the listing, then midway through the weights): Cancel
+        # stops the prompt at once, and the prompt queued behind it runs.
+        behind = json.loads(json.dumps(prompt))
+        behind[load_id]["inputs"]["model"] = builtin_tiny
+        for where in ("listing", "file midway"):
+            if where == "listing":
+                hub.hang.add("GET /api/models/")
+            else:
+                hub.stall_after["model.safetensors"] = 4096
+            result = asyncio.run(cancel_a_stall(server.url, prompt, behind, hub, args.timeout))
+            hub.release()
+            print(f"run S ({where} stalls): {result}")
+            check(f"Cancel stops a download stalled at the {where} within 2 s, and the next prompt runs",
+                  result["stalled"] == "execution_interrupted" and result["behind"] == "execution_success"
+                  and result["cancel_seconds"] is not None and result["cancel_seconds"] < 2.0
+                  and not folder.exists())
+
         # Cancel in the middle of a (slowed down) download, then run again: it must continue.
+        loads_before = server.log.read_text().count("Requested to load _WeightsHolder")  # the runs behind
         hub.throttle = 0.2
         result = asyncio.run(run_prompt(server.url, prompt, load_id, args.timeout, interrupt=True))
         hub.throttle = 0.0
@@ -233,7 +292,7 @@ def main(argv=None) -> int:
             statuses.append(asyncio.run(run_prompt(server.url, again, load_id, args.timeout))["status"])
             if len(statuses) == 1:
                 unloaded = wait_for_log(server.log, "Unloading _WeightsHolder", 60)
-        loads = server.log.read_text().count("Requested to load _WeightsHolder")
+        loads = server.log.read_text().count("Requested to load _WeightsHolder") - loads_before
         print(f"run 1b: POST /free unload_models, two more questions: {statuses}; ComfyUI unloaded the model: "
               f"{unloaded}; it was loaded {loads} times in all")
         check("Unload models unloads it and the next stage loads it back",

@@ -11,6 +11,7 @@ are dropped. Written from ComfyUI's behaviour, not copied from it.
 
 from __future__ import annotations
 
+import threading
 import types
 import uuid
 import weakref
@@ -130,9 +131,41 @@ def make_comfy(load_device: torch.device, offload_device: torch.device):
     mm.get_torch_device = lambda: load_device
     mm.unet_offload_device = lambda: offload_device
     mm.soft_empty_cache = lambda force=False: None
-    mm.throw_exception_if_processing_interrupted = lambda: None
+    make_interrupts(mm)
     mp.ModelPatcher = ModelPatcher
     return mm, mp
+
+
+def make_interrupts(mm=None):
+    """ComfyUI's Cancel flag on ``mm`` (a new comfy.model_management module when None):
+    ``interrupt_current_processing(True)`` is what POST /interrupt calls, from the server's
+    thread; ``throw_exception_if_processing_interrupted`` raises InterruptProcessingException
+    and clears the flag, from whichever thread calls it. Written from its behaviour."""
+    mm = mm or types.ModuleType("comfy.model_management")
+    lock, flag = threading.RLock(), [False]
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def interrupt_current_processing(value=True):
+        with lock:
+            flag[0] = value
+
+    def processing_interrupted():
+        with lock:
+            return flag[0]
+
+    def throw_exception_if_processing_interrupted():
+        with lock:
+            if flag[0]:
+                flag[0] = False
+                raise InterruptProcessingException()
+
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.interrupt_current_processing = interrupt_current_processing
+    mm.processing_interrupted = processing_interrupted
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    return mm
 
 
 def make_folder_paths(base):

@@ -11,12 +11,20 @@ It implements what huggingface_hub calls to download a model repository:
 Every request is logged in ``hub.requests`` as (method, path, range header).
 ``drop_after[file] = n`` makes the next GET of that file send n bytes and drop
 the connection (a network fault in the middle of a file); ``throttle`` slows
-every file body down. The server binds an
+every file body down. Stalls (a proxy, mirror or firewall that hangs):
+``hang`` holds substrings of "METHOD /path": a matching request is read and
+never answered; ``stall_after[file] = n`` makes every GET of that file send its
+headers and n bytes, then nothing. ``stalled`` is set when a stall begins, and
+``release()`` ends the stalls (their connections close). The server binds an
 ephemeral port, and stops on ``close()``, at the end of a ``with`` block, or
 by itself after ``lifetime`` seconds.
 
+``SilentListener`` is the plainest stall: it accepts connections and never
+answers, not even with an HTTP status line.
+
 Run it by hand (used by scripts/check_comfyui_download.py):
     python tests/fake_hub.py --repo adatp-test/tiny-llava-onevision=/path/to/model/folder
+    python tests/fake_hub.py --silent          # accepts, never answers
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import socket
 import sys
 import threading
 import time
@@ -54,16 +63,30 @@ class FakeRepo:
         return cls({**files, **(extra or {})}, gated=gated)
 
 
+class _Served:
+    """``with`` support for a server with start() and close()."""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass
-class FakeHub:
+class FakeHub(_Served):
     repos: dict[str, FakeRepo]
     lifetime: float = 300.0
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     drop_after: dict[str, int] = field(default_factory=dict)
     throttle: float = 0.0  # seconds to wait before each 64 KiB of a file body (a slow network)
+    hang: set[str] = field(default_factory=set)  # substrings of "METHOD /path": never answered
+    stall_after: dict[str, int] = field(default_factory=dict)  # file: bytes sent before the body stalls
 
     def __post_init__(self):
         hub = self
+        self.stalled = threading.Event()  # a stall has begun
+        self._released = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -102,14 +125,23 @@ class FakeHub:
 
     def close(self) -> None:
         self._timer.cancel()
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "FakeHub":
-        return self.start()
+    def release(self) -> None:
+        """End the stalls in progress (their connections close) and stop stalling."""
+        self.hang.clear()
+        self.stall_after.clear()
+        self.stalled.clear()
+        released, self._released = self._released, threading.Event()
+        released.set()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _stall(self, h: BaseHTTPRequestHandler) -> None:
+        released = self._released
+        self.stalled.set()
+        released.wait(self.lifetime)
+        h.close_connection = True
 
     def gets(self, filename: str) -> int:
         """How many GET requests fetched a file (by its path in the repository)."""
@@ -121,6 +153,8 @@ class FakeHub:
         path = unquote(urlsplit(h.path).path)
         with self._lock:
             self.requests.append((h.command, path, h.headers.get("Range")))
+        if any(s in f"{h.command} {path}" for s in list(self.hang)):
+            return self._stall(h)
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             return self._info(h, "/".join(parts[2:4]), body)
@@ -186,6 +220,11 @@ class FakeHub:
             return
         with self._lock:
             drop = self.drop_after.pop(filename, None)
+            stall = self.stall_after.get(filename)
+        if stall is not None:
+            h.wfile.write(chunk[:stall])
+            h.wfile.flush()
+            return self._stall(h)
         if drop is not None and drop < len(chunk):
             h.wfile.write(chunk[:drop])
             h.wfile.flush()
@@ -197,12 +236,68 @@ class FakeHub:
             h.wfile.write(chunk[i:i + 65536] if self.throttle else chunk)
 
 
+class SilentListener(_Served):
+    """Accepts connections on 127.0.0.1 and never answers (a hung proxy or mirror).
+
+    ``connections`` counts the connections accepted, and ``stalled`` is set at the first (as
+    FakeHub's). Stops on ``close()``, at the end of a ``with`` block, or by itself after
+    ``lifetime`` seconds; its connections close then.
+    """
+
+    def __init__(self, lifetime: float = 300.0):
+        self._sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self._sock.settimeout(0.1)
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self.stalled = threading.Event()
+        self._deadline = time.monotonic() + lifetime
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        host, port = self._sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+
+    @property
+    def connections(self) -> int:
+        return len(self._held)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                break
+            self._held.append(conn)  # kept open, never read from or written to
+            self.stalled.set()
+        for conn in self._held:
+            conn.close()
+
+    def start(self) -> "SilentListener":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Serve model folders as a fake Hugging Face Hub.")
-    p.add_argument("--repo", action="append", required=True, help="OWNER/NAME=FOLDER (repeatable)")
+    p.add_argument("--repo", action="append", default=[], help="OWNER/NAME=FOLDER (repeatable)")
+    p.add_argument("--silent", action="store_true", help="accept connections and never answer")
     p.add_argument("--lifetime", type=float, default=600, help="seconds before it stops by itself")
     p.add_argument("--url-file", help="write the hub's URL into this file once it serves")
     args = p.parse_args(argv)
+    if args.silent:
+        listener = SilentListener(lifetime=args.lifetime).start()
+        if args.url_file:
+            Path(args.url_file).write_text(listener.url)
+        print(listener.url, flush=True)
+        listener._thread.join()
+        return
+    if not args.repo:
+        p.error("give --repo OWNER/NAME=FOLDER, or --silent")
     repos = {spec.split("=", 1)[0]: FakeRepo.from_folder(spec.split("=", 1)[1]) for spec in args.repo}
     hub = FakeHub(repos, lifetime=args.lifetime).start()
     if args.url_file:

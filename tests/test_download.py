@@ -4,11 +4,14 @@ over HTTP on 127.0.0.1 (tests/fake_hub.py): no internet needed."""
 from __future__ import annotations
 
 import json
+import re
 import socket
+import threading
+import time
 
 import pytest
 from conftest import QUESTION
-from fake_hub import TOKEN, FakeHub, FakeRepo
+from fake_hub import TOKEN, FakeHub, FakeRepo, SilentListener
 from pack import pack_module
 
 from adatp_core.errors import AdaTPInputError
@@ -41,8 +44,22 @@ def env(hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
+    hub.release()
     hub.requests.clear()
-    return hub
+    yield hub
+    hub.release()  # a stalled request a test left behind ends, and its abandoned worker with it
+    hub.throttle = 0.0
+
+
+@pytest.fixture
+def short_deadlines(monkeypatch):
+    """Deadlines of a few seconds (the real ones are 10 s connect, 30 s read, 40 s and 120 s
+    stalls); returns the longest."""
+    monkeypatch.setattr(dl, "CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(dl, "READ_TIMEOUT", 2.0)
+    monkeypatch.setattr(dl, "STALL_SECONDS", 3.0)
+    monkeypatch.setattr(dl, "STREAM_STALL_SECONDS", 3.0)
+    return 3.0
 
 
 def dead_endpoint() -> str:
@@ -96,26 +113,24 @@ def test_download_then_load_and_answer(env, tmp_path, tiny, tiny_dir, frames):
 
 def test_interrupted_then_resumed(env, tmp_path):
     root = tmp_path / "LLM"
-    state = {"weights_started": False}
-
-    def on_progress(done, total):
-        state["weights_started"] |= done > total // 2  # the weights come last and are most of it
+    env.throttle = 0.05  # the weights (last, most of it) stream for about a second
 
     def check():
-        if state["weights_started"]:
+        if env.gets("model.safetensors"):
             raise Stop()
 
     with pytest.raises(Stop):
-        dl.download_model(REPO, root, on_progress=on_progress, check_interrupt=check)
+        dl.download_model(REPO, root, check_interrupt=check)
     partial = root / ".tiny-llava-onevision.partial"
     assert not (root / "tiny-llava-onevision").exists()  # nothing that looks like a model
     assert (partial / "config.json").is_file() and not (partial / "model.safetensors").exists()
     assert env.gets("model.safetensors") == 1
 
+    env.throttle = 0.0
     folder = dl.download_model(REPO, root)
-    assert (folder / "model.safetensors").stat().st_size == len(env_repo(env).files["model.safetensors"])
+    assert (folder / "model.safetensors").read_bytes() == env_repo(env).files["model.safetensors"]
     assert env.gets("config.json") == 1 and env.gets("tokenizer.json") == 1  # finished files were kept
-    assert env.gets("model.safetensors") == 2 and not partial.exists()
+    assert env.gets("model.safetensors") >= 2 and not partial.exists()
 
 
 def env_repo(hub, repo=REPO):
@@ -191,18 +206,24 @@ def test_an_unfinished_folder_in_the_way_is_not_overwritten(env, tmp_path):
     assert env.requests == []
 
 
-def test_load_node_lists_downloads_and_then_uses_the_local_copy(env, tmp_path, monkeypatch, tiny_dir):
-    import os
-
+@pytest.fixture
+def catalog_node(env, tmp_path, monkeypatch, tiny_dir):
+    """Load Video LLM with the fake hub's model as an extra catalog entry; returns (the node's
+    module, comfy_bridge, the entry's label). Downloads go to tmp_path/LLM."""
     monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
     extra = tmp_path / "catalog.json"
     extra.write_text(json.dumps([{"repo_id": REPO, "model_type": "llava_onevision", "disk_gb": 0.001,
                                   "vram_bf16_gb": 0.1, "vram_4bit_gb": 0.05}]))
     monkeypatch.setenv("ADATP_EXTRA_CATALOG", str(extra))
     bridge = pack_module("nodes.comfy_bridge")
-    node = pack_module("nodes.load_model")
     monkeypatch.setattr(bridge.HEADLESS, "model_dirs", [tmp_path / "LLM", tmp_path / "other"])
-    label = f"\u2b07 {REPO} (0.0 GB)"
+    return pack_module("nodes.load_model"), bridge, f"\u2b07 {REPO} (0.0 GB)"
+
+
+def test_load_node_lists_downloads_and_then_uses_the_local_copy(env, tmp_path, monkeypatch, catalog_node):
+    import os
+
+    node, bridge, label = catalog_node
     models = node.AdaTP_LoadVideoLLM.INPUT_TYPES()["required"]["model"][0]
     assert models[-1] == label  # extra entries come after the built-in ones
     assert node.AdaTP_LoadVideoLLM.VALIDATE_INPUTS(label) is True and env.requests == []  # no network
@@ -233,7 +254,8 @@ def test_readme_shows_the_catalog_and_the_manual_command():
 
 
 def test_an_interruption_swallowed_inside_huggingface_hub_still_stops(env, tmp_path, monkeypatch):
-    """hf_xet calls the progress back from its own code and may swallow what it raises."""
+    """hf_xet calls the progress back from its own code and may swallow what it raises: the
+    abandoned worker's stop signal here. Cancel is seen in the caller's thread all the same."""
     import huggingface_hub
 
     real = huggingface_hub.hf_hub_download
@@ -264,3 +286,156 @@ def test_an_interruption_swallowed_inside_huggingface_hub_still_stops(env, tmp_p
     with pytest.raises(Stop):
         dl.download_model(REPO, tmp_path, on_progress=lambda done, total: pressed.append(1), check_interrupt=check)
     assert not (tmp_path / "tiny-llava-onevision").exists()
+
+
+# ----- deadlines and Cancel on a hub that stalls ----------------------------------------------
+STALLS = {  # where the hub stops answering: what it is set to, and how the error names the step
+    "listing": ({"hang": "GET /api/models/"}, "listing the files of"),
+    "access check": ({"hang": f"HEAD /{REPO}/resolve/"}, "checking access to"),
+    "file midway": ({"stall_after": 4096}, "fetching model.safetensors of"),
+}
+
+
+def stall(hub, where: str) -> str:
+    setting, step = STALLS[where]
+    if "hang" in setting:
+        hub.hang.add(setting["hang"])
+    else:
+        hub.stall_after["model.safetensors"] = setting["stall_after"]
+    return step
+
+
+def assert_explained(message: str, endpoint: str) -> None:
+    assert message.startswith(f"cannot reach the Hugging Face Hub at {endpoint} to download ")
+    for what in ("HF_ENDPOINT", "proxy", "firewall", "HF_HUB_OFFLINE=1", "hf download"):
+        assert what in message, what
+
+
+def test_a_silent_endpoint_is_a_clear_error_within_the_deadline(env, tmp_path, monkeypatch, short_deadlines):
+    """The plainest stall: a listener that accepts and never answers (a hung proxy or mirror)."""
+    with SilentListener(lifetime=60) as silent:
+        monkeypatch.setenv("HF_ENDPOINT", silent.url)
+        start = time.monotonic()
+        with pytest.raises(dl.DownloadError) as err:
+            dl.download_model(REPO, tmp_path / "LLM")
+        elapsed = time.monotonic() - start
+        assert silent.connections >= 1
+    assert elapsed < short_deadlines + 2, elapsed
+    assert_explained(str(err.value), silent.url)
+    # httpx's read timeout on the listing, or the pack's deadline if the thread was slow to start
+    assert re.search(r"(no answer in time|nothing received for 3 s) while listing the files of", str(err.value))
+    assert not (tmp_path / "LLM").exists()
+
+
+def test_the_cli_reports_a_silent_endpoint_and_exits_2(env, tmp_path, monkeypatch, capsys, short_deadlines):
+    from adatp_core import cli
+
+    monkeypatch.setenv("ADATP_MODEL_DIRS", str(tmp_path / "LLM"))
+    with SilentListener(lifetime=60) as silent:
+        monkeypatch.setenv("HF_ENDPOINT", silent.url)
+        start = time.monotonic()
+        code = cli.main(["--model", "Qwen/Qwen3-VL-2B-Instruct"])
+        elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code == 2 and elapsed < short_deadlines + 2, (code, elapsed)
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert_explained(err.removeprefix("error: "), silent.url)
+    assert "Qwen/Qwen3-VL-2B-Instruct" in err and str(tmp_path / "LLM" / "Qwen3-VL-2B-Instruct") in err
+
+
+@pytest.mark.parametrize("where", list(STALLS))
+def test_a_stall_is_given_up_at_the_deadline_and_the_next_run_resumes(env, tmp_path, short_deadlines, where):
+    root = tmp_path / "LLM"
+    step = stall(env, where)
+    start = time.monotonic()
+    with pytest.raises(dl.DownloadError) as err:
+        dl.download_model(REPO, root)
+    elapsed = time.monotonic() - start
+    assert env.stalled.is_set() and elapsed < short_deadlines + 2, elapsed
+    assert_explained(str(err.value), env.url)
+    assert f"{step} {REPO}" in str(err.value)
+    assert not (root / "tiny-llava-onevision").exists()
+    if where == "file midway":  # the files before it are kept
+        assert (root / ".tiny-llava-onevision.partial" / "config.json").is_file()
+
+    env.release()  # the hub answers again: the next run completes
+    folder = dl.download_model(REPO, root)
+    assert (folder / "model.safetensors").read_bytes() == env_repo(env).files["model.safetensors"]
+    assert env.gets("config.json") == 1 and not folder.with_name(".tiny-llava-onevision.partial").exists()
+
+
+def press_cancel_when_stalled(hub, delay: float = 0.3):
+    """A Cancel button pressed ``delay`` s into a stall; returns (check, the time it was pressed)."""
+    pressed: list[float] = []
+    cancel = threading.Event()
+
+    def press():
+        if hub.stalled.wait(30):
+            time.sleep(delay)
+            pressed.append(time.monotonic())
+            cancel.set()
+
+    threading.Thread(target=press, daemon=True).start()
+
+    def check():
+        if cancel.is_set():
+            raise Stop()
+
+    return check, pressed
+
+
+@pytest.mark.parametrize("where", list(STALLS))
+def test_cancel_stops_a_stalled_download_at_once(env, tmp_path, where):
+    """With the real deadlines (40 s): Cancel is seen while the request waits."""
+    root = tmp_path / "LLM"
+    stall(env, where)
+    check, pressed = press_cancel_when_stalled(env)
+    seen = []
+    start = time.monotonic()
+    with pytest.raises(Stop):
+        dl.download_model(REPO, root, check_interrupt=check, on_progress=lambda *a: seen.append(threading.get_ident()))
+    stopped = time.monotonic()
+    assert pressed and stopped - pressed[0] < 1.0 and stopped - start < 10, (stopped - start)
+    assert not (root / "tiny-llava-onevision").exists()
+    assert set(seen) <= {threading.get_ident()}  # progress is reported from the caller's thread
+    if where == "file midway":
+        assert (root / ".tiny-llava-onevision.partial" / "config.json").is_file()
+        assert not (root / ".tiny-llava-onevision.partial" / "model.safetensors").exists()
+
+
+def test_a_slow_stream_is_not_a_stall(env, tmp_path, monkeypatch):
+    """Once a file streams, only a gap between chunks counts, not the time since the request."""
+    monkeypatch.setattr(dl, "STALL_SECONDS", 0.5)
+    env.throttle = 0.005  # about 1 s for the 12 MB file, in 10 MB chunks as huggingface_hub reads it
+    folder = dl.download_model("adatp-test/big", tmp_path)
+    assert (folder / "model.safetensors").read_bytes() == env_repo(env, "adatp-test/big").files["model.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["listing", "file midway"])
+def test_cancel_in_comfyui_stops_a_stalled_download_and_the_next_prompt_runs(env, tmp_path, monkeypatch,
+                                                                             catalog_node, where):
+    """Cancel (POST /interrupt sets ComfyUI's flag from the server's thread) ends the node within a
+    second, as ComfyUI's InterruptProcessingException; the next prompt downloads and loads."""
+    from comfy_stub import make_interrupts
+
+    node, bridge, label = catalog_node
+    mm = make_interrupts()
+    monkeypatch.setattr(bridge, "model_management", mm)
+    stall(env, where)
+    pressed = []
+
+    def press():
+        if env.stalled.wait(30):
+            time.sleep(0.3)
+            pressed.append(time.monotonic())
+            mm.interrupt_current_processing(True)
+
+    threading.Thread(target=press, daemon=True).start()
+    with pytest.raises(mm.InterruptProcessingException):
+        node.AdaTP_LoadVideoLLM().load(label, "float32", "sdpa", "cpu", True)
+    assert pressed and time.monotonic() - pressed[0] < 1.0
+    assert not (tmp_path / "LLM" / "tiny-llava-onevision").exists()
+
+    env.release()
+    llm = node.AdaTP_LoadVideoLLM().load(label, "float32", "sdpa", "cpu", True)[0]
+    assert llm.path == str(tmp_path / "LLM" / "tiny-llava-onevision")

@@ -14,17 +14,30 @@ Only done when a user asks for it (picking a catalog entry); never at import.
 - Resumable: finished files stay in the partial folder and are not fetched
   again; huggingface_hub versions that keep ``.incomplete`` files (1.x) also
   continue a half-fetched file with an HTTP Range request.
-- Progress in bytes and interruption through two callbacks, so that the node
-  can map them to ComfyUI's progress bar and Cancel button.
+- Deadlines: the listing and the access check have a connect timeout
+  (CONNECT_TIMEOUT) and a read timeout (READ_TIMEOUT) of their own; a request
+  with no answer after STALL_SECONDS, and a file whose stream brings no new
+  chunk for STREAM_STALL_SECONDS, are given up, with an error naming the
+  endpoint and what to check. huggingface_hub's client sets no read timeout on
+  the listing and retries a silent server for minutes, and the pack never
+  changes its global client or settings (other packs share them): each blocking
+  call runs in a worker thread that the caller waits for, and abandons at a
+  deadline or on Cancel.
+- Progress in bytes and interruption through two callbacks, both called from
+  the caller's thread (ComfyUI's progress bar and Cancel button): Cancel is
+  seen within POLL_SECONDS, between chunks and while a request waits.
 - Errors say what happened, the target folder, and the exact manual command.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import shutil
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -44,12 +57,33 @@ MARKER_FILE = "config.json"  # a folder with it is a (complete) model folder
 DISK_MARGIN = 64 * 1024 * 1024
 MIN_FREE_ENV = "ADATP_MIN_FREE_GB"  # free disk space a catalog download must leave, in GB
 NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "ssl", "socket")
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the Hub
+READ_TIMEOUT = 30.0  # seconds for an answer to a request
+STALL_SECONDS = CONNECT_TIMEOUT + READ_TIMEOUT  # a request (or a file's first byte) not answered by then: given up
+# While a file streams, huggingface_hub reads it with its own read timeout (HF_HUB_DOWNLOAD_TIMEOUT,
+# 10 s, per socket read), resumes a broken stream with a Range request up to 5 times (about a
+# minute on a silent server), and reports it in 10 MB chunks: no new chunk for this long is given
+# up too (a link slower than about 85 KB/s).
+STREAM_STALL_SECONDS = 120.0
+POLL_SECONDS = 0.1  # how often a waiting download reports progress and checks Cancel
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
 class DownloadError(AdaTPEnvironmentError):
     """The download could not be done (offline, network, access, disk)."""
+
+
+class HubStalled(TimeoutError):
+    """A request got no answer, or a streaming file no new chunk, for ``seconds``."""
+
+    def __init__(self, what: str, seconds: float):
+        super().__init__(f"nothing received for {seconds:g} s while {what}")
+        self.what, self.seconds = what, seconds
+
+
+class _Abandoned(Exception):
+    """Raised inside an abandoned worker at its next chunk, so that it stops writing."""
 
 
 @dataclass(frozen=True)
@@ -152,46 +186,113 @@ def select_files(repo_id: str, files: list[RemoteFile]) -> tuple[RemoteFile, ...
     return wanted
 
 
-def plan_download(repo_id: str) -> DownloadPlan:
-    """List the repository and check access, writing nothing. Network: two requests."""
+def request_timeout() -> tuple[float, float, float, float]:
+    """httpx's (connect, read, write, pool) timeouts for one request of the pack's own
+    (huggingface_hub >= 1.0 sends its requests with httpx)."""
+    return (CONNECT_TIMEOUT, READ_TIMEOUT, READ_TIMEOUT, CONNECT_TIMEOUT)
+
+
+def plan_download(repo_id: str, check_interrupt: Callable[[], None] | None = None) -> DownloadPlan:
+    """List the repository and check access, writing nothing. Network: two requests, each
+    with request_timeout() and given up after STALL_SECONDS; check_interrupt as in download_model."""
     from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 
     hub = _hub_settings()
-    info = HfApi(**hub).model_info(repo_id, files_metadata=True)
+    check = check_interrupt or (lambda: None)
+    info = call_with_deadline(
+        lambda: HfApi(**hub).model_info(repo_id, files_metadata=True, timeout=request_timeout()),
+        f"listing the files of {repo_id}", check)
     listing = [RemoteFile(s.rfilename, s.size) for s in (info.siblings or ())]
     plan = DownloadPlan(repo_id, info.sha, select_files(repo_id, listing))
     # Gated and private repositories list fine but refuse files: find out before writing.
-    get_hf_file_metadata(hf_hub_url(repo_id, MARKER_FILE, revision=plan.commit, endpoint=hub["endpoint"]),
-                         token=hub["token"])
+    url = hf_hub_url(repo_id, MARKER_FILE, revision=plan.commit, endpoint=hub["endpoint"])
+    call_with_deadline(lambda: get_hf_file_metadata(url, token=hub["token"], timeout=request_timeout()),
+                       f"checking access to {repo_id}", check)
     return plan
 
 
-class _ByteProgress:
-    """Bytes done over the whole plan, fed by huggingface_hub's per-file progress bars."""
+def call_with_deadline(fn: Callable[[], object], what: str, check: Callable[[], None],
+                       progress: "_ByteProgress | None" = None):
+    """``fn()`` in a worker thread, waited for in this thread, which calls ``check()`` and
+    reports ``progress`` every POLL_SECONDS.
 
-    def __init__(self, total: int, on_progress: ProgressCallback | None, check_interrupt: Callable[[], None]):
+    Whatever ``check()`` raises is raised at once, and HubStalled after STALL_SECONDS
+    without an answer, or STREAM_STALL_SECONDS without a new chunk once ``progress``
+    streams. Either way the worker is abandoned: a daemon thread, which stops at its
+    next chunk (``progress`` raises there) or when huggingface_hub's own timeouts end
+    its request; it writes only into the partial folder.
+    """
+    box: dict = {}
+    done = threading.Event()
+
+    def work():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the waiting thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    started = time.monotonic()
+    if progress is not None:
+        progress.last_chunk = None
+    threading.Thread(target=work, name="adatp-download", daemon=True).start()
+    try:
+        while not done.wait(POLL_SECONDS):
+            check()
+            last, limit = started, STALL_SECONDS
+            if progress is not None:
+                progress.report()
+                if progress.last_chunk is not None:
+                    last, limit = progress.last_chunk, STREAM_STALL_SECONDS
+            if time.monotonic() - last > limit:
+                raise HubStalled(what if progress is None else progress.describe(what), limit)
+    except BaseException:
+        if progress is not None:
+            progress.abandon()
+        raise
+    if "error" in box:
+        _add_note(box["error"], f"while {what}")
+        raise box["error"]
+    return box.get("value")
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """BaseException.add_note (Python 3.11), which sets ``__notes__``, on 3.10 too."""
+    try:
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+    except (AttributeError, TypeError):  # an exception type that takes no attributes
+        pass
+
+
+class _ByteProgress:
+    """Bytes done over the whole plan, fed by huggingface_hub's per-file progress bars in a
+    worker thread, and reported to ``on_progress`` from the caller's thread."""
+
+    def __init__(self, total: int, on_progress: ProgressCallback | None):
         self.total, self.done, self.current = total, 0, 0
-        self.on_progress, self.check_interrupt = on_progress, check_interrupt
-        self.stopped: BaseException | None = None  # an interruption raised inside huggingface_hub
+        self.on_progress = on_progress
+        self.last_chunk: float | None = None  # time.monotonic() of the current file's last chunk
+        self.reported: tuple[int, int] | None = None
+        self.abandoned = threading.Event()
 
     def report(self) -> None:
-        if self.on_progress is not None:
-            self.on_progress(min(self.done + self.current, self.total), self.total)
+        value = (min(self.done + self.current, self.total), self.total)
+        if self.on_progress is not None and value != self.reported:
+            self.reported = value
+            self.on_progress(*value)
 
-    def advance(self, n) -> None:
-        self.current += int(n or 0)
-        self.report()
-        try:
-            self.check_interrupt()
-        except BaseException as exc:
-            # Xet downloads call back from hf_xet, which may swallow or wrap the exception, and
-            # ComfyUI's check clears its flag as it raises: keep it to raise it again ourselves.
-            self.stopped = exc
-            raise
+    def alive(self) -> None:
+        """A response or a chunk in the worker; raises there once the download is abandoned."""
+        self.last_chunk = time.monotonic()
+        if self.abandoned.is_set():
+            raise _Abandoned()
 
-    def raise_if_stopped(self) -> None:
-        if self.stopped is not None:
-            raise self.stopped
+    def abandon(self) -> None:
+        self.abandoned.set()
+
+    def describe(self, what: str) -> str:
+        return f"{what} ({self.current / 1e6:.1f} MB of it received)" if self.current else what
 
     def file_done(self, size: int) -> None:
         self.done += size
@@ -209,11 +310,12 @@ class _ByteProgress:
                 self.n = kwargs.get("initial") or 0
                 self.total = kwargs.get("total")
                 progress.current = self.n
-                progress.report()
+                progress.alive()
 
             def update(self, n=1):
                 self.n += int(n or 0)
-                progress.advance(n)
+                progress.current += int(n or 0)
+                progress.alive()
 
             def update_transfer(self, n=1):
                 pass
@@ -296,14 +398,28 @@ def _status(exc) -> str:
     return f"HTTP {code}" if code is not None else type(exc).__name__
 
 
-def _network_message(repo_id: str, final: Path, manual: str, exc: BaseException) -> str:
+def hub_endpoint() -> str:
+    """The endpoint downloads go to: HF_ENDPOINT now, else huggingface_hub's."""
     from huggingface_hub import constants
 
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    return (f"cannot reach the Hugging Face Hub at {endpoint} to download {repo_id} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'no details'}). "
-            f"Check the connection (or HF_ENDPOINT for a mirror) and run again; finished files are kept. "
-            f"Target folder: {final}. {manual}")
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def _network_message(repo_id: str, final: Path, manual: str, exc: BaseException) -> str:
+    endpoint = hub_endpoint()
+    step = next((n for n in getattr(exc, "__notes__", ()) if n.startswith("while ")), "while downloading")
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'no details'}"
+    if isinstance(exc, HubStalled):
+        why = str(exc)
+    elif "timeout" in type(exc).__name__.lower() or isinstance(exc, TimeoutError):
+        why = f"no answer in time {step} ({detail})"
+    else:
+        why = f"{detail}, {step}"
+    return (f"cannot reach the Hugging Face Hub at {endpoint} to download {repo_id}: {why}. Check that this "
+            f"machine reaches {endpoint}: HF_ENDPOINT (a mirror; unset it for huggingface.co), the proxy "
+            f"(HTTPS_PROXY, HTTP_PROXY, NO_PROXY) and the firewall; without a network, set HF_HUB_OFFLINE=1 "
+            f"and put the model into the target folder yourself. Finished files are kept: run again to "
+            f"resume. Target folder: {final}. {manual}")
 
 
 def _check_space(root: Path, partial: Path, plan: DownloadPlan) -> None:
@@ -332,9 +448,12 @@ def download_model(repo_id: str, root, *, on_progress: ProgressCallback | None =
     root: a models/LLM folder. Returns the model folder. An existing model
         folder is returned at once, without any network access.
     on_progress(done, total): bytes over the whole download, called often.
-    check_interrupt(): called between chunks and files; whatever it raises
-        stops the download (the finished files are kept for the next run).
-    Raises DownloadError (offline, network, access, disk) or AdaTPInputError
+    check_interrupt(): called every POLL_SECONDS while a request waits or a file
+        streams; whatever it raises stops the download at once (the finished
+        files are kept for the next run, a half-fetched one in the partial
+        folder's incomplete area).
+    on_progress and check_interrupt are called from this thread only.
+    Raises DownloadError (offline, network, stalled, access, disk) or AdaTPInputError
     (the repository has no safetensors weights), both naming the target folder
     and the manual command where it helps.
     """
@@ -352,12 +471,12 @@ def download_model(repo_id: str, root, *, on_progress: ProgressCallback | None =
     check = check_interrupt or (lambda: None)
     partial = partial_folder(final)
     with _explained_errors(repo_id, final):
-        plan = plan_download(repo_id)
+        plan = plan_download(repo_id, check)
         _check_space(root, partial, plan)
         partial.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s (%d files, %.2f GB) into %s", repo_id, len(plan.files), plan.total_bytes / 1e9,
                  final)
-        _fetch(plan, partial, _ByteProgress(plan.total_bytes, on_progress, check), check)
+        _fetch(plan, partial, _ByteProgress(plan.total_bytes, on_progress), check)
         _verify(partial, plan)
         if is_model_folder(final):  # another process finished first
             shutil.rmtree(partial, ignore_errors=True)
@@ -375,10 +494,7 @@ def _fetch(plan: DownloadPlan, partial: Path, progress: _ByteProgress, check: Ca
     # Small files first: the configs are tiny, and the weights then dominate a resumed run.
     for f in sorted(plan.files, key=lambda f: (f.size or 0, f.name)):
         check()
-        try:
-            hf_hub_download(plan.repo_id, f.name, revision=plan.commit, local_dir=partial, tqdm_class=bar, **hub)
-        except Exception:
-            progress.raise_if_stopped()
-            raise
-        progress.raise_if_stopped()
+        fetch = functools.partial(hf_hub_download, plan.repo_id, f.name, revision=plan.commit, local_dir=partial,
+                                  tqdm_class=bar, **hub)
+        call_with_deadline(fetch, f"fetching {f.name} of {plan.repo_id}", check, progress)
         progress.file_done(f.size or 0)
