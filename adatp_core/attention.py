@@ -225,6 +225,18 @@ def _prefix_refusal(model, reuse_prefix: bool, prompt) -> str | None:
     return model.adapter.prefix_refusal
 
 
+def _decode_stats(video_info, n_frames: int) -> dict:
+    """How many of the frames decoded at their own times, and which came from elsewhere
+    ((index, time wanted, time of the frame given)), when Load Video's video_info says."""
+    own = getattr(video_info, "frames_own_time", None) if video_info is not None else None
+    times = getattr(video_info, "timestamps", ())
+    if own is None or len(times) != n_frames:
+        return {}
+    return {"frames_own_time": own,
+            "frames_substituted": [(k, round(want, 3), round(times[k], 3))
+                                   for k, want in getattr(video_info, "frames_substituted", ())]}
+
+
 def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, layer: int = 2,
                       query: str = "text", video_info=None, max_pixels: int | None = None,
                       reuse_prefix: bool = True) -> AdaTPState:
@@ -287,6 +299,7 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         "layer": layer, **layer_stats(adapter, asked, layer, moved), "query": query, "prompt_tokens": prompt.length,
         "frame_size": f"{plan.size[1]}x{plan.size[0]}", "tokens_per_frame": h * w / plan.frames_per_step,
         "frames_per_step": plan.frames_per_step, "frame_times_assumed": plan.times_assumed,
+        **_decode_stats(video_info, n_frames),
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
         **times, **prefix_stats,
     }

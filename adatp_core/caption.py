@@ -145,7 +145,8 @@ class DecodeAhead:
 
 
 def clip_stats(stats: dict) -> dict:
-    """The figures a caption run reports per clip, from a pipeline's stats."""
+    """The figures a caption run reports per clip, from a pipeline's stats (with, for a clip
+    that decoded only in part, how many of its frames are their own and which are not)."""
     ms = stats.get("decode_ms_per_token") or 0.0
     return {
         "tokens_kept": stats["tokens_kept"], "tokens_total": stats["tokens_total"],
@@ -153,6 +154,8 @@ def clip_stats(stats: dict) -> dict:
         "ttft_s": round(stats.get("time_to_first_token", 0.0), 4),
         "tokens_per_s": round(1000.0 / ms, 2) if ms else None,
         "new_tokens": stats.get("new_tokens", 0),
+        **{key: stats[key] for key in ("frames_own_time", "frames_substituted")
+           if stats.get("frames_substituted")},
     }
 
 
