@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .budget import MemoryEstimate, check_memory, frames_bytes
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 from .report import substituted_text
 
@@ -574,6 +575,60 @@ def clip_window(probe: VideoProbe, start_time: float, end_time: float,
     return clip_start + start_time, min(ends, default=0.0), length
 
 
+@dataclass(frozen=True)
+class SamplePlan:
+    """What ``decode_plan`` will decode, known from the probe alone (nothing decoded yet).
+
+    times: seconds in the file of each frame to decode (sample_times).
+    size: (width, height) of each decoded frame (longest side at most max_side).
+    max_side: the longest side frames are decoded at (None: as stored).
+    offset, length: the clip's start in the file and its length, seconds (clip_window).
+    identity: the file's (device, inode, size, mtime) at the probe; a change fails the decode.
+    """
+
+    path: str
+    probe: VideoProbe
+    times: tuple[float, ...]
+    size: tuple[int, int]
+    max_side: int | None = None
+    offset: float = 0.0
+    length: float = 0.0
+    identity: tuple | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.times)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def clip_times(self, times=None) -> tuple[float, ...]:
+        """``times`` (default: the sample times) in seconds from the clip's start, as VideoInfo holds them."""
+        return tuple(max(t - self.offset, 0.0) for t in (self.times if times is None else times))
+
+    def memory(self) -> MemoryEstimate:
+        """Host memory of the decoded frames and of their IMAGE (float32), before decoding."""
+        w, h = self.size
+        decoded, image = frames_bytes(self.num_frames, w, h)
+        shape = f"[{self.num_frames}, {h}, {w}, 3]"
+        return MemoryEstimate(parts=((f"decoded frames {shape} uint8", decoded, "host"),
+                                     (f"the IMAGE {shape} float32", image, "host")), frames=self.num_frames)
+
+
+def plan_sampling(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
+                  start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
+                  clip: tuple[float, float] = (0.0, 0.0)) -> SamplePlan:
+    """Probe ``path`` and choose the frames to decode (read_video's arguments); decodes nothing."""
+    before = _identity(path)
+    probe = probe_video(path)
+    start, end, length = clip_window(probe, start_time, end_time, clip)
+    times = sample_times(probe, num_frames, sampling, fps, start, end)
+    return SamplePlan(path=str(path), probe=probe, times=tuple(times),
+                      size=output_size(probe.width, probe.height, max_side), max_side=max_side,
+                      offset=float(clip[0]), length=length, identity=before)
+
+
 # A clip is refused as damaged when fewer than this share of its sampled frames decode at their
 # own times. Each sampled frame stands for 1/T of the clip's time: with more than a quarter of them
 # copies of other frames the model misses whole events and its answer describes another video,
@@ -603,6 +658,28 @@ def substitution_text(info: VideoInfo, names: int = 3) -> str:
     return substituted_text([(k, want, info.timestamps[k]) for k, want in info.frames_substituted], names)
 
 
+def decode_plan(plan: SamplePlan, backend: str = "auto", on_frame: Callable[[int], None] | None = None):
+    """Decode a SamplePlan's frames. Returns (uint8 [T, H, W, 3] numpy frames, VideoInfo).
+
+    A clip that decodes only in part is refused (check_damage). Needs no torch, so
+    decode-ahead worker processes start fast (caption.py).
+    """
+    probe = plan.probe
+    frames, stamps, used, decoded, own = decode_frames(plan.path, list(plan.times), probe, plan.max_side,
+                                                       backend, on_frame)
+    if _identity(plan.path) != plan.identity:  # replaced after the probe: the decoder may have read anything
+        raise AdaTPInputError(f"{plan.name} changed while it was being read; run again.")
+    count = probe.frame_count if plan.length == probe.duration else int(round(plan.length * probe.fps))
+    wanted = plan.clip_times()
+    info = VideoInfo(path=plan.path, fps=probe.fps, duration=plan.length,
+                     frame_count=count, width=probe.width, height=probe.height,
+                     timestamps=plan.clip_times(stamps), backend=used,
+                     frames_decoded=decoded, frames_own_time=sum(own),
+                     frames_substituted=tuple((k, wanted[k]) for k, ok in enumerate(own) if not ok))
+    check_damage(info, plan.name)
+    return frames, info
+
+
 def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
                start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
                backend: str = "auto", on_frame: Callable[[int], None] | None = None,
@@ -612,25 +689,13 @@ def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float
     clip: the (start, duration) of the file that the video is, for a trimmed
     ComfyUI VIDEO (see clip_window); start_time, end_time and the returned
     timestamps are then seconds from the clip's start.
-    A clip that decodes only in part is refused (check_damage).
-    Needs no torch, so decode-ahead worker processes start fast (caption.py).
+    Before decoding, a plan whose frames (and their IMAGE) would not fit in the host's
+    memory is refused (budget.check_memory); after, a clip that decoded only in part
+    (check_damage).
     """
-    before = _identity(path)
-    probe = probe_video(path)
-    start, end, length = clip_window(probe, start_time, end_time, clip)
-    times = sample_times(probe, num_frames, sampling, fps, start, end)
-    frames, stamps, used, decoded, own = decode_frames(path, times, probe, max_side, backend, on_frame)
-    if _identity(path) != before:  # replaced after the probe: the decoder may have read anything
-        raise AdaTPInputError(f"{Path(path).name} changed while it was being read; run again.")
-    offset = float(clip[0])
-    count = probe.frame_count if length == probe.duration else int(round(length * probe.fps))
-    info = VideoInfo(path=str(path), fps=probe.fps, duration=length,
-                     frame_count=count, width=probe.width, height=probe.height,
-                     timestamps=tuple(max(t - offset, 0.0) for t in stamps), backend=used, frames_decoded=decoded,
-                     frames_own_time=sum(own),
-                     frames_substituted=tuple((k, max(times[k] - offset, 0.0)) for k, ok in enumerate(own) if not ok))
-    check_damage(info, Path(path).name)
-    return frames, info
+    plan = plan_sampling(path, num_frames, sampling, fps, start_time, end_time, max_side, clip)
+    check_memory(plan.memory(), plan.name)
+    return decode_plan(plan, backend, on_frame)
 
 
 def frames_to_image(frames: np.ndarray):
@@ -705,9 +770,14 @@ def sample_frames(images, frame_rate, num_frames: int = 32, sampling: str = "uni
     probe = VideoProbe(fps=rate, duration=n / rate, frame_count=n, width=w, height=h, codec="frames", start_time=0.0)
     times = sample_times(probe, num_frames, sampling, fps, start_time, end_time)
     index = [min(int(math.floor(t * rate + _EPS)), n - 1) for t in times]
+    size = output_size(w, h, max_side)
+    parts = [(f"the sampled frames [{len(index)}, {h}, {w}, 3] float32", frames_bytes(len(index), w, h)[1], "host")]
+    if size != (w, h):
+        parts.append((f"the IMAGE [{len(index)}, {size[1]}, {size[0]}, 3] float32",
+                      frames_bytes(len(index), *size)[1], "host"))
+    check_memory(MemoryEstimate(parts=tuple(parts), frames=len(index)), "the VIDEO")
     frames = images[torch.as_tensor(index, dtype=torch.long, device=images.device), ..., :3]
     frames = frames.to(device="cpu", dtype=torch.float32)
-    size = output_size(w, h, max_side)
     if size != (w, h):
         frames = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2), size=(size[1], size[0]), mode="bilinear",
                                                  antialias=True, align_corners=False).permute(0, 2, 3, 1).clamp_(0, 1)
