@@ -102,10 +102,12 @@ class MemoryEstimate:
         return {f"memory_planned_{w.replace(':', '')}_mb": round(self.bytes_on(w) / 1e6, 1) for w in self.places()}
 
 
-def check_memory(estimate: MemoryEstimate, name: str, available=None, advice: str = "") -> None:
+def check_memory(estimate: MemoryEstimate, name: str, available=None,
+                 advice: str = " (num_frames, --frames)") -> None:
     """Refuse (AdaTPInputError) a run whose estimate on any place is above that place's share
     of the memory available now. available(where) -> bytes or None (unknown: not checked);
-    by default the host's (``available_host_bytes``) and, for a CUDA place, that device's."""
+    by default the host's (``available_host_bytes``) and, for a CUDA place, that device's.
+    advice: what else to change, after "Sample fewer frames"."""
     for where in estimate.places():
         need = estimate.bytes_on(where)
         if available is not None:

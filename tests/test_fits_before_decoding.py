@@ -126,3 +126,11 @@ def test_caption_folder_fails_a_clip_that_cannot_fit_alone_before_decoding(tiny,
     assert summary.done == ["short.mp4"] and [rel for rel, _ in summary.failed] == ["long.mp4"]
     assert "context is 2000" in summary.failed[0][1] and "Nothing was decoded" in summary.failed[0][1]
     assert decoded == ["short.mp4"] and not (folder / "long.txt").exists()
+
+
+def test_available_memory_is_read_without_psutil_too(monkeypatch):
+    import sys
+
+    assert budget.available_host_bytes() > 0
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
+    assert budget.available_host_bytes() > 0  # /proc/meminfo, or os.sysconf
