@@ -8,12 +8,14 @@ rows on the visual keys, with the rotated queries and keys that the layer uses.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
 from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .flops import flops_summary
+from .budget import check_memory
 from .memory import run_guarded
 from .hf.cache import KVCache
 from .prefix_cache import FrozenPrefix, frames_digest
@@ -225,6 +227,68 @@ def _prefix_refusal(model, reuse_prefix: bool, prompt) -> str | None:
     return model.adapter.prefix_refusal
 
 
+def plan_prompt(adapter, question: str, n_frames: int, height: int, width: int, times=None,
+                max_pixels: int | None = None):
+    """The prompt ``extract_attention`` builds for n_frames frames of height x width (a Prompt whose
+    ``plan`` is the video plan), checked against the model's context. Needs no frames: the check
+    before decoding (``check_video_fits``) builds the same prompt from a sampling plan."""
+    plan = adapter.plan_video(n_frames, height, width, times=times, max_pixels=max_pixels)
+    prompt = adapter.build_prompt(question, plan)
+    if prompt.question[1] == prompt.question[0]:
+        raise AdaTPInputError("the question has no tokens; type a question about the video")
+    adapter.check_context(prompt)
+    return prompt
+
+
+def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None = None) -> dict:
+    """Before any frame is decoded: refuse a video whose sampling plan cannot fit.
+
+    sample: a video.SamplePlan (frame count, decoded size and times, from the probe alone).
+    The prompt for each question must fit the model's context (``plan_prompt``), and the
+    decoded frames, their IMAGE and the model's input (pixels [T, 3, h, w] float32 and the
+    prompt's embeddings [L, D], on the model's device) must fit in a share of the memory
+    available now (budget.check_memory). Raises AdaTPInputError naming the clip, the
+    figures and what to change; returns the planned figures for the stats.
+    """
+    adapter = model.adapter
+    max_pixels = _check_max_pixels(max_pixels)
+    width, height = sample.size
+    try:
+        longest = max((plan_prompt(adapter, check_question(q), sample.num_frames, height, width,
+                                   sample.clip_times(), max_pixels) for q in questions),
+                      key=lambda p: p.length)
+    except AdaTPInputError as exc:
+        raise AdaTPInputError(f"{sample.name}: {exc} Nothing was decoded.") from exc
+    plan = longest.plan
+    steps = -(-plan.num_frames // plan.frames_per_step) * plan.frames_per_step
+    hidden = int(adapter.text_model.config.hidden_size)
+    device = adapter.device
+    where = "host" if device.type == "cpu" else str(device)
+    pixels = steps * 3 * plan.size[0] * plan.size[1] * 4
+    embeds = 2 * longest.length * hidden * adapter.dtype.itemsize  # the embeddings and the assembled input
+    estimate = sample.memory()
+    estimate = replace(estimate, parts=estimate.parts + (
+        (f"the model's pixel input [{steps}, 3, {plan.size[0]}, {plan.size[1]}] float32", pixels, where),
+        (f"the prompt's embeddings [{longest.length}, {hidden}]", embeds, where)))
+    smallest = adapter.plan_video(plan.num_frames, height, width, max_pixels=MIN_PIXEL_BUDGET)
+    advice = " (num_frames, --frames)" + (" or a smaller pixel budget (max_pixels, --max-pixels)"
+                                          if smallest.size != plan.size else "")
+    check_memory(estimate, sample.name, advice=advice)
+    return {"prompt_tokens_planned": longest.length, **estimate.figures()}
+
+
+def _decode_stats(video_info, n_frames: int) -> dict:
+    """How many of the frames decoded at their own times, and which came from elsewhere
+    ((index, time wanted, time of the frame given)), when Load Video's video_info says."""
+    own = getattr(video_info, "frames_own_time", None) if video_info is not None else None
+    times = getattr(video_info, "timestamps", ())
+    if own is None or len(times) != n_frames:
+        return {}
+    return {"frames_own_time": own,
+            "frames_substituted": [(k, round(want, 3), round(times[k], 3))
+                                   for k, want in getattr(video_info, "frames_substituted", ())]}
+
+
 def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, layer: int = 2,
                       query: str = "text", video_info=None, max_pixels: int | None = None,
                       reuse_prefix: bool = True) -> AdaTPState:
@@ -258,12 +322,8 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     layer, moved = adapter.resolve_layer(asked)  # hybrid models: K-1 must be a full-attention layer
     n_frames, height, width = (int(x) for x in frames.shape[:3])
     max_pixels = _check_max_pixels(max_pixels)
-    plan = adapter.plan_video(n_frames, height, width, times=_frame_times(video_info, n_frames),
-                              max_pixels=max_pixels)
-    prompt = adapter.build_prompt(question, plan)
-    if prompt.question[1] == prompt.question[0]:
-        raise AdaTPInputError("the question has no tokens; type a question about the video")
-    adapter.check_context(prompt)
+    prompt = plan_prompt(adapter, question, n_frames, height, width, _frame_times(video_info, n_frames), max_pixels)
+    plan = prompt.plan
 
     times: dict[str, float] = {}
     refusal = _prefix_refusal(model, reuse_prefix, prompt)
@@ -287,6 +347,7 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         "layer": layer, **layer_stats(adapter, asked, layer, moved), "query": query, "prompt_tokens": prompt.length,
         "frame_size": f"{plan.size[1]}x{plan.size[0]}", "tokens_per_frame": h * w / plan.frames_per_step,
         "frames_per_step": plan.frames_per_step, "frame_times_assumed": plan.times_assumed,
+        **_decode_stats(video_info, n_frames),
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
         **times, **prefix_stats,
     }

@@ -35,14 +35,16 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .attention import QUERY_MODES, _check_max_pixels, check_question
+from .attention import QUERY_MODES, _check_max_pixels, check_question, check_video_fits
+from .budget import check_memory
 from .decode_worker import watch_parent_process
 from .batching import check_batch_size, decode_together
 from .errors import AdaTPInputError
 from .paths import confined, inside
 from .pipeline import PipelineConfig, prefill, run_pipeline
 from .prune import check_retention
-from .video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, frames_to_image, read_video
+from .video import (MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, SamplePlan, decode_plan, frames_to_image,
+                    plan_sampling)
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +80,19 @@ class DecodeAhead:
     Iterating yields (path, get) with get() -> (frames uint8 [T, H, W, 3], info),
     raising the clip's error. A worker that dies (a decoder crash) fails only
     the clip it was decoding; the pool is restarted.
+    Each clip is probed and its sampling plan checked in this process before it
+    goes to a worker: check(plan) raises to fail the clip undecoded (default:
+    its frames must fit in the host's memory; caption_videos also checks the
+    model's context and input).
     """
 
     def __init__(self, paths: Iterable, cfg: PipelineConfig, workers: int = 2, depth: int | None = None,
-                 processes: bool = True):
+                 processes: bool = True, check: Callable[[SamplePlan], object] | None = None):
         _check_workers(workers)
         self.paths = [str(p) for p in paths]
         # Plain arguments: a worker process then imports video.py alone (no torch).
         self.args = (cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
+        self.check = check or (lambda plan: check_memory(plan.memory(), plan.name))
         self.workers = workers
         self.processes = processes
         self.depth = max(1, depth if depth is not None else workers + 1)
@@ -100,8 +107,20 @@ class DecodeAhead:
         else:
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="adatp-decode")
 
+    def _plan(self, path: str) -> SamplePlan:
+        plan = plan_sampling(path, *self.args)
+        self.check(plan)
+        return plan
+
     def _submit(self, path: str) -> None:
-        self.pending.append((path, self.pool.submit(read_video, path, *self.args)))
+        try:
+            plan = self._plan(path)
+        except Exception as exc:  # noqa: BLE001  whatever stops one clip's plan fails that clip only
+            future = Future()
+            future.set_exception(exc)
+        else:
+            future = self.pool.submit(decode_plan, plan)
+        self.pending.append((path, future))
 
     def __enter__(self):
         if self.workers:
@@ -120,7 +139,7 @@ class DecodeAhead:
     def __iter__(self) -> Iterator[tuple[str, Callable]]:
         if not self.workers:
             for path in self.paths:
-                yield path, (lambda p=path: read_video(p, *self.args))
+                yield path, (lambda p=path: decode_plan(self._plan(p)))
             return
         queue = deque(self.paths)
         while queue or self.pending:
@@ -144,8 +163,15 @@ class DecodeAhead:
                                   "re-export it as MP4 (H.264).") from exc
 
 
+def fits_check(model, prompt: str, cfg: PipelineConfig) -> Callable[[SamplePlan], dict]:
+    """DecodeAhead's check: a clip whose plan cannot fit the model's context or memory fails
+    before it is decoded (check_video_fits)."""
+    return lambda plan: check_video_fits(model, plan, [prompt], cfg.max_pixels)
+
+
 def clip_stats(stats: dict) -> dict:
-    """The figures a caption run reports per clip, from a pipeline's stats."""
+    """The figures a caption run reports per clip, from a pipeline's stats (with, for a clip
+    that decoded only in part, how many of its frames are their own and which are not)."""
     ms = stats.get("decode_ms_per_token") or 0.0
     return {
         "tokens_kept": stats["tokens_kept"], "tokens_total": stats["tokens_total"],
@@ -153,6 +179,8 @@ def clip_stats(stats: dict) -> dict:
         "ttft_s": round(stats.get("time_to_first_token", 0.0), 4),
         "tokens_per_s": round(1000.0 / ms, 2) if ms else None,
         "new_tokens": stats.get("new_tokens", 0),
+        **{key: stats[key] for key in ("frames_own_time", "frames_substituted")
+           if stats.get("frames_substituted")},
     }
 
 
@@ -241,7 +269,7 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
     if check_batch_size(batch_size) != 1:
         yield from _caption_together(model, videos, prompt, cfg, workers, processes, claim, batch_size, on_step)
         return
-    with DecodeAhead(videos, cfg, workers, processes=processes) as ahead:
+    with DecodeAhead(videos, cfg, workers, processes=processes, check=fits_check(model, prompt, cfg)) as ahead:
         for path, get in ahead:
             wait_start = time.perf_counter()
             try:
@@ -322,7 +350,7 @@ def _caption_together(model, videos, prompt, cfg, workers, processes, claim, bat
     # Results go out in clip order, as at batch 1: a clip that finishes early waits for the
     # clips before it (at most a batch's worth). If the run stops (Cancel, a model failure),
     # the finished ones still go out first, to be written (and their claims released).
-    with DecodeAhead(videos, cfg, workers, processes=processes) as ahead:
+    with DecodeAhead(videos, cfg, workers, processes=processes, check=fits_check(model, prompt, cfg)) as ahead:
         try:
             for done in decode_together(model, cfg.generation, clips(ahead), batch_size, on_step):
                 ready[done.key] = result(done)

@@ -148,11 +148,12 @@ def main(argv=None) -> int:
         questions = args.question or [DEFAULT_QUESTION]
         video, info, decode_times = args.video or sample_video(), None, {}
         if len(questions) > 1:  # decode once; the model's prefix cache then encodes the video once
+            from .pipeline import load_checked
             from .timing import timed
-            from .video import load_video
 
             with timed(decode_times, "time_video_decode"):
-                video, info = load_video(video, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
+                video, info, planned = load_checked(model, video, questions, cfg)
+            decode_times.update(planned)
         for i, question in enumerate(questions):
             result = run_pipeline(model, video, question, cfg, video_info=info)
             wall = time.perf_counter() - wall_start

@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import extract_attention
+from .attention import check_video_fits, extract_attention
 from .debias import global_debias, local_debias
 from .generate import Answer, SamplingConfig, generate_answer
 from .models.loader import VideoLLM
 from .prune import prune_tokens
 from .state import AdaTPState
 from .timing import timed
-from .video import VideoInfo, load_video
+from .video import VideoInfo, decode_plan, frames_to_image, plan_sampling
 
 
 @dataclass(frozen=True)
@@ -69,18 +69,29 @@ def prefill(model: VideoLLM, frames: torch.Tensor, question: str, cfg: PipelineC
     return select(state, cfg)
 
 
+def load_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):
+    """Sample and decode the video at ``path`` for ``model``: the sampling plan is checked against the
+    model's context with each question and against memory before any frame is decoded
+    (check_video_fits). Returns (frames [T, H, W, 3] float32, VideoInfo, planned figures)."""
+    sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
+    planned = check_video_fits(model, sample, questions, cfg.max_pixels)
+    frames, info = decode_plan(sample)
+    return frames_to_image(frames), info, planned
+
+
 def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | None = None,
                  on_token=None, video_info=None) -> PipelineResult:
     """Answer ``question`` about ``video`` (a path, or frames [T, H, W, 3] decoded
     elsewhere, with their ``video_info`` when known: Qwen models use the frame times)."""
     cfg = cfg or PipelineConfig()
-    times: dict[str, float] = {}
+    times: dict[str, float] = {}  # and, for a path, what the check before decoding planned
     info = video_info
     if isinstance(video, torch.Tensor):
         frames = video
     else:
         with timed(times, "time_video_decode"):
-            frames, info = load_video(video, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
+            frames, info, planned = load_checked(model, video, [question], cfg)
+        times.update(planned)
     state = prefill(model, frames, question, cfg, info)
     answer = generate_answer(state, cfg.generation, on_token=on_token)
     stats = {**answer.stats, **times}

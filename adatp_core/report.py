@@ -52,7 +52,25 @@ def video_line(s: dict) -> str:
              else "frame times from the video")
     step = f" (temporal patches of {s['frames_per_step']})" if s.get("frames_per_step", 1) > 1 else ""
     return (f"Video: {s['frames']} frames at {s['frame_size']}, {s['tokens_per_frame']:g} tokens per frame"
-            f"{step}; {times}")
+            f"{step}; {times}{own_line(s)}")
+
+
+def own_line(s: dict, names: int = 3) -> str:
+    """How many frames decoded at their own times, and which came from elsewhere (Load Video's
+    video_info; nothing when unknown)."""
+    if "frames_own_time" not in s:
+        return ""
+    own, total, other = s["frames_own_time"], s["frames"], s.get("frames_substituted") or []
+    if not other:
+        return f"; all {total} decoded at their own times"
+    return (f"; DAMAGED CLIP: {own} of {total} decoded at their own times, {len(other)} from elsewhere: "
+            f"{substituted_text(other, names)}")
+
+
+def substituted_text(other, names: int = 3) -> str:
+    """other: (index, time wanted, time of the frame given) of frames that came from elsewhere."""
+    items = [f"#{k + 1} (wanted {want:.2f}s) is the frame at {given:.2f}s" for k, want, given in other[:names]]
+    return ", ".join(items) + (f" and {len(other) - names} more" if len(other) > names else "")
 
 
 def prefix_line(s: dict) -> str:

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .budget import MemoryEstimate, check_memory, frames_bytes
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
+from .report import substituted_text
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,11 @@ MAX_SIDE = 8192  # pixels, the longer side
 _SNIFF_BYTES = 4096
 
 
+class DamagedVideo(AdaTPInputError):
+    """A clip that decodes only in part: too few of its sampled frames at their own times (check_damage),
+    or none at all."""
+
+
 @dataclass(frozen=True)
 class VideoProbe:
     """What the container says about its first video stream."""
@@ -80,6 +87,10 @@ class VideoInfo:
     timestamps: tuple[float, ...]  # of the returned frames, seconds, non-decreasing
     backend: str
     frames_decoded: int | None = None  # how many frames the decoder decoded (None: not known)
+    # How many of the returned frames are the ones on screen at their sample times (None: not known,
+    # frames from another loader), and which are not: (index, the time wanted in seconds).
+    frames_own_time: int | None = None
+    frames_substituted: tuple[tuple[int, float], ...] = ()
 
 
 def open_container(path, mode: str = "r", **kwargs):
@@ -355,67 +366,122 @@ def _decode_decord(path: str, times: list[float], size: tuple[int, int], probe: 
 
 def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: VideoProbe,
                  on_frame: Callable[[int], None] | None, seek_gap: float = 2.0):
-    """For each target time, the frame on screen at that time.
+    """For each target time, the frame on screen at that time, and whether it is that frame.
 
     Seeks when the next target lies further ahead than the longest keyframe
     interval seen so far (``seek_gap`` seconds until one is seen), else decodes
     on: work follows the number of sampled frames, not the video's length.
+    Packets are decoded one at a time: a damaged packet is skipped (its frame is
+    lost), and the frames decoded after it up to the next keyframe are not used
+    (they are built on the lost one). A target whose frame was lost gets the last
+    good frame before it (or the first after it) and counts as not at its own time.
+    Returns (uint8 [T, h, w, 3], timestamps, frames decoded, own: [T] bool).
     """
     import av
 
+    name = Path(path).name
     decoded = 0
     gop = None  # longest keyframe interval observed (seconds), None until one is seen
+    lost: list[float] = []  # times of frames that could not be used (damaged packets, frames built on them)
+    damage = {"packets": 0, "frames": 0, "first": None}
 
-    def timed_frames(container, stream):
+    def note_loss(t: float, exc: Exception | None = None) -> None:
+        lost.append(t)
+        if exc is None:
+            damage["frames"] += 1
+            return
+        damage["packets"] += 1
+        if damage["first"] is None:
+            damage["first"] = (t, f"{exc.__class__.__name__}: {exc}")
+
+    def timed_frames(container, stream, since: float):
         nonlocal decoded, gop
         last_key = None
-        for frame in container.decode(stream):
-            decoded += 1
-            t = (frame.time or 0.0) - probe.start_time
-            if frame.key_frame:
-                if last_key is not None and t > last_key:
-                    gop = max(gop or 0.0, t - last_key)
-                last_key = t
-            yield t, frame
+        last_t = since  # a damaged packet without a time is counted as lost just after the last frame seen
+        built_on_loss = False
+        for packet in container.demux(stream):
+            try:
+                got = packet.decode()
+            except av.error.FFmpegError as exc:  # a damaged packet: skip it, keep decoding
+                when = float(packet.pts * packet.time_base) - probe.start_time if (
+                    packet.pts is not None and packet.time_base) else last_t + _EPS
+                note_loss(when, exc)
+                built_on_loss = True
+                continue
+            for frame in got:
+                decoded += 1
+                t = (frame.time or 0.0) - probe.start_time
+                last_t = t
+                if frame.key_frame:
+                    built_on_loss = False
+                    if last_key is not None and t > last_key:
+                        gop = max(gop or 0.0, t - last_key)
+                    last_key = t
+                if built_on_loss or frame.is_corrupt:
+                    note_loss(t)
+                    continue
+                yield t, frame
 
-    out, stamps = [], []
+    def lost_between(lo: float, hi: float) -> bool:
+        return any(lo < x <= hi for x in lost)
+
+    out, stamps, own = [], [], []
     try:
         container = open_video(path)
     except av.error.FFmpegError as exc:
-        raise AdaTPInputError(f"PyAV cannot open {Path(path).name}: {exc}") from exc
+        raise AdaTPInputError(f"PyAV cannot open {name}: {exc}") from exc
+    frame_time = 1.0 / probe.fps
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         frames = None
-        shown = ahead = None  # (t, frame): last frame at or before the target, first after it
+        shown = ahead = None  # (t, frame): last good frame at or before the target, first after it
         for k, target in enumerate(times):
             seen = ahead or shown
             if frames is None or seen is None or target - seen[0] > (gop or seek_gap):
                 container.seek(int((target + probe.start_time) / stream.time_base), stream=stream,
                                backward=True, any_frame=False)
-                frames, shown, ahead = timed_frames(container, stream), None, None
+                frames, shown, ahead = timed_frames(container, stream, target), None, None
             if ahead is not None and ahead[0] <= target + _EPS:
                 shown, ahead = ahead, None
+            broken = False
             while ahead is None:
                 try:
                     nxt = next(frames, None)
-                except av.error.FFmpegError as exc:  # a damaged packet mid-stream: keep what we have
-                    log.info("PyAV stopped decoding %s at %.2fs: %s", path, target, exc)
-                    nxt = None
+                except av.error.FFmpegError as exc:  # the container cannot be read on: seek for the next target
+                    note_loss(target, exc)
+                    frames, nxt, broken = None, None, True
                 if nxt is None:  # end of stream: the last frame stays on screen
                     break
                 if nxt[0] <= target + _EPS:
                     shown = nxt
                 else:
                     ahead = nxt
-            pick = shown if shown is not None else ahead  # a seek may land just past the target
-            if pick is None:
-                raise AdaTPInputError(f"{Path(path).name} has no decodable frames near {target:.2f}s")
-            out.append(pick[1].to_ndarray(format="rgb24", width=size[0], height=size[1]))
-            stamps.append(pick[0])
+            if shown is not None:  # its own frame, unless a later one up to the target was lost
+                pick, is_own = shown, not broken and not lost_between(shown[0], target + _EPS)
+            elif ahead is not None:  # a seek landed just past the target, or nothing before it decodes
+                pick = ahead
+                is_own = ahead[0] - target <= frame_time + _EPS and not lost_between(target - frame_time, ahead[0])
+            else:
+                pick, is_own = None, False
+            out.append(None if pick is None else pick[1].to_ndarray(format="rgb24", width=size[0], height=size[1]))
+            stamps.append(None if pick is None else pick[0])
+            own.append(is_own)
             if on_frame is not None:
                 on_frame(k)
-    return np.stack(out), stamps, decoded
+    if damage["packets"] or damage["frames"]:
+        where = f" (the first near {damage['first'][0]:.2f}s: {damage['first'][1]})" if damage["first"] else ""
+        built = f"; {damage['frames']} frame(s) built on them were not used" if damage["frames"] else ""
+        log.warning("%s: %d damaged packet(s) skipped%s%s", name, damage["packets"], where, built)
+    have = [k for k, frame in enumerate(out) if frame is not None]
+    if not have:
+        raise DamagedVideo(f"{name} is damaged: none of its {len(times)} sampled frames decodes (the file is "
+                           "corrupt or cut short); re-download the clip or re-export it from the original.")
+    for k in range(len(out)):  # a target nothing was found for: the nearest frame before it, else after it
+        if out[k] is None:
+            src = max((j for j in have if j < k), default=have[0])
+            out[k], stamps[k] = out[src], stamps[src]
+    return np.stack(out), stamps, decoded, own
 
 
 def check_decodable(path, probe: VideoProbe) -> None:
@@ -439,29 +505,37 @@ def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | N
                   backend: str = "auto", on_frame: Callable[[int], None] | None = None):
     """Decode the frames on screen at ``times``.
 
-    Returns (uint8 [T, h, w, 3], timestamps, backend, frames decoded or None when unknown).
+    Returns (uint8 [T, h, w, 3], timestamps, backend, frames decoded or None when unknown,
+    own: [T] bool, whether each frame is the one on screen at its time; see ``_decode_pyav``).
+    decord decodes a frame or fails, so its frames are all their own.
     """
     if backend not in BACKENDS:
         raise AdaTPInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_decodable(path, probe)
     size = output_size(probe.width, probe.height, max_side)
     order = ["decord", "pyav"] if backend == "auto" else [backend]
-    errors = []
+    if backend == "auto" and importlib.util.find_spec("decord") is None:
+        order = ["pyav"]  # not an error: PyAV is the fallback by design
+    errors, damaged = [], None
     for name in order:
         try:
             if name == "decord":
                 if importlib.util.find_spec("decord") is None:
                     raise AdaTPEnvironmentError("decord is not installed")
                 frames, stamps = _decode_decord(str(path), times, size, probe, on_frame)
-                decoded = None
+                decoded, own = None, [True] * len(stamps)
             else:
-                frames, stamps, decoded = _decode_pyav(str(path), times, size, probe, on_frame)
-            return frames, stamps, name, decoded
+                frames, stamps, decoded, own = _decode_pyav(str(path), times, size, probe, on_frame)
+            return frames, stamps, name, decoded, own
         except AdaTPInterrupted:
             raise
         except (AdaTPInputError, AdaTPEnvironmentError, RuntimeError, OSError, ValueError) as exc:
-            log.info("%s could not decode %s: %s", name, path, exc)
+            log.warning("%s could not decode %s: %s", name, path, exc)
             errors.append(f"{name}: {exc}")
+            if isinstance(exc, DamagedVideo):
+                damaged = exc
+    if damaged is not None:  # what PyAV found is the clearest account of the file
+        raise damaged
     raise AdaTPInputError(
         f"{Path(path).name} could not be decoded ({'; '.join(errors)}); re-export it as MP4 (H.264).")
 
@@ -501,6 +575,111 @@ def clip_window(probe: VideoProbe, start_time: float, end_time: float,
     return clip_start + start_time, min(ends, default=0.0), length
 
 
+@dataclass(frozen=True)
+class SamplePlan:
+    """What ``decode_plan`` will decode, known from the probe alone (nothing decoded yet).
+
+    times: seconds in the file of each frame to decode (sample_times).
+    size: (width, height) of each decoded frame (longest side at most max_side).
+    max_side: the longest side frames are decoded at (None: as stored).
+    offset, length: the clip's start in the file and its length, seconds (clip_window).
+    identity: the file's (device, inode, size, mtime) at the probe; a change fails the decode.
+    """
+
+    path: str
+    probe: VideoProbe
+    times: tuple[float, ...]
+    size: tuple[int, int]
+    max_side: int | None = None
+    offset: float = 0.0
+    length: float = 0.0
+    identity: tuple | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.times)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def clip_times(self, times=None) -> tuple[float, ...]:
+        """``times`` (default: the sample times) in seconds from the clip's start, as VideoInfo holds them."""
+        return tuple(max(t - self.offset, 0.0) for t in (self.times if times is None else times))
+
+    def memory(self) -> MemoryEstimate:
+        """Host memory of the decoded frames and of their IMAGE (float32), before decoding."""
+        w, h = self.size
+        decoded, image = frames_bytes(self.num_frames, w, h)
+        shape = f"[{self.num_frames}, {h}, {w}, 3]"
+        return MemoryEstimate(parts=((f"decoded frames {shape} uint8", decoded, "host"),
+                                     (f"the IMAGE {shape} float32", image, "host")), frames=self.num_frames)
+
+
+def plan_sampling(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
+                  start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
+                  clip: tuple[float, float] = (0.0, 0.0)) -> SamplePlan:
+    """Probe ``path`` and choose the frames to decode (read_video's arguments); decodes nothing."""
+    before = _identity(path)
+    probe = probe_video(path)
+    start, end, length = clip_window(probe, start_time, end_time, clip)
+    times = sample_times(probe, num_frames, sampling, fps, start, end)
+    return SamplePlan(path=str(path), probe=probe, times=tuple(times),
+                      size=output_size(probe.width, probe.height, max_side), max_side=max_side,
+                      offset=float(clip[0]), length=length, identity=before)
+
+
+# A clip is refused as damaged when fewer than this share of its sampled frames decode at their
+# own times. Each sampled frame stands for 1/T of the clip's time: with more than a quarter of them
+# copies of other frames the model misses whole events and its answer describes another video,
+# while damage to one keyframe interval of a longer clip costs a frame or two and passes, with a
+# warning and the stats naming those frames (README, "Damaged clips").
+MIN_OWN_SHARE = 0.75
+
+
+def check_damage(info: VideoInfo, name: str) -> None:
+    """Refuse a clip that decoded only in part (fewer than MIN_OWN_SHARE of its sampled frames at
+    their own times), and warn when some frames came from elsewhere. Raises AdaTPInputError."""
+    total, own = len(info.timestamps), info.frames_own_time
+    if own is None or own == total:
+        return
+    which = substitution_text(info)
+    if own < MIN_OWN_SHARE * total:
+        raise DamagedVideo(
+            f"{name} is damaged: only {own} of {total} sampled frames decoded at their own times; the other "
+            f"{total - own} would be copies of other frames ({which}), so an answer would describe another "
+            f"video (below the {100 * MIN_OWN_SHARE:.0f}% the pack requires). Re-download the clip or re-export "
+            "it from the original; or set start_time/end_time to a part that decodes.")
+    log.warning("%s is damaged: %d of %d sampled frames decoded at their own times; %s", name, own, total, which)
+
+
+def substitution_text(info: VideoInfo, names: int = 3) -> str:
+    """Which sampled frames came from elsewhere: '#3 (wanted 2.83s) is the frame at 0.00s, ...'."""
+    return substituted_text([(k, want, info.timestamps[k]) for k, want in info.frames_substituted], names)
+
+
+def decode_plan(plan: SamplePlan, backend: str = "auto", on_frame: Callable[[int], None] | None = None):
+    """Decode a SamplePlan's frames. Returns (uint8 [T, H, W, 3] numpy frames, VideoInfo).
+
+    A clip that decodes only in part is refused (check_damage). Needs no torch, so
+    decode-ahead worker processes start fast (caption.py).
+    """
+    probe = plan.probe
+    frames, stamps, used, decoded, own = decode_frames(plan.path, list(plan.times), probe, plan.max_side,
+                                                       backend, on_frame)
+    if _identity(plan.path) != plan.identity:  # replaced after the probe: the decoder may have read anything
+        raise AdaTPInputError(f"{plan.name} changed while it was being read; run again.")
+    count = probe.frame_count if plan.length == probe.duration else int(round(plan.length * probe.fps))
+    wanted = plan.clip_times()
+    info = VideoInfo(path=plan.path, fps=probe.fps, duration=plan.length,
+                     frame_count=count, width=probe.width, height=probe.height,
+                     timestamps=plan.clip_times(stamps), backend=used,
+                     frames_decoded=decoded, frames_own_time=sum(own),
+                     frames_substituted=tuple((k, wanted[k]) for k, ok in enumerate(own) if not ok))
+    check_damage(info, plan.name)
+    return frames, info
+
+
 def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,
                start_time: float = 0.0, end_time: float = 0.0, max_side: int | None = 1024,
                backend: str = "auto", on_frame: Callable[[int], None] | None = None,
@@ -510,21 +689,13 @@ def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float
     clip: the (start, duration) of the file that the video is, for a trimmed
     ComfyUI VIDEO (see clip_window); start_time, end_time and the returned
     timestamps are then seconds from the clip's start.
-    Needs no torch, so decode-ahead worker processes start fast (caption.py).
+    Before decoding, a plan whose frames (and their IMAGE) would not fit in the host's
+    memory is refused (budget.check_memory); after, a clip that decoded only in part
+    (check_damage).
     """
-    before = _identity(path)
-    probe = probe_video(path)
-    start, end, length = clip_window(probe, start_time, end_time, clip)
-    times = sample_times(probe, num_frames, sampling, fps, start, end)
-    frames, stamps, used, decoded = decode_frames(path, times, probe, max_side, backend, on_frame)
-    if _identity(path) != before:  # replaced after the probe: the decoder may have read anything
-        raise AdaTPInputError(f"{Path(path).name} changed while it was being read; run again.")
-    offset = float(clip[0])
-    count = probe.frame_count if length == probe.duration else int(round(length * probe.fps))
-    info = VideoInfo(path=str(path), fps=probe.fps, duration=length,
-                     frame_count=count, width=probe.width, height=probe.height,
-                     timestamps=tuple(max(t - offset, 0.0) for t in stamps), backend=used, frames_decoded=decoded)
-    return frames, info
+    plan = plan_sampling(path, num_frames, sampling, fps, start_time, end_time, max_side, clip)
+    check_memory(plan.memory(), plan.name)
+    return decode_plan(plan, backend, on_frame)
 
 
 def frames_to_image(frames: np.ndarray):
@@ -599,12 +770,18 @@ def sample_frames(images, frame_rate, num_frames: int = 32, sampling: str = "uni
     probe = VideoProbe(fps=rate, duration=n / rate, frame_count=n, width=w, height=h, codec="frames", start_time=0.0)
     times = sample_times(probe, num_frames, sampling, fps, start_time, end_time)
     index = [min(int(math.floor(t * rate + _EPS)), n - 1) for t in times]
+    size = output_size(w, h, max_side)
+    parts = [(f"the sampled frames [{len(index)}, {h}, {w}, 3] float32", frames_bytes(len(index), w, h)[1], "host")]
+    if size != (w, h):
+        parts.append((f"the IMAGE [{len(index)}, {size[1]}, {size[0]}, 3] float32",
+                      frames_bytes(len(index), *size)[1], "host"))
+    check_memory(MemoryEstimate(parts=tuple(parts), frames=len(index)), "the VIDEO")
     frames = images[torch.as_tensor(index, dtype=torch.long, device=images.device), ..., :3]
     frames = frames.to(device="cpu", dtype=torch.float32)
-    size = output_size(w, h, max_side)
     if size != (w, h):
         frames = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2), size=(size[1], size[0]), mode="bilinear",
                                                  antialias=True, align_corners=False).permute(0, 2, 3, 1).clamp_(0, 1)
     info = VideoInfo(path="", fps=rate, duration=probe.duration, frame_count=n, width=w, height=h,
-                     timestamps=tuple(i / rate for i in index), backend="memory", frames_decoded=0)
+                     timestamps=tuple(i / rate for i in index), backend="memory", frames_decoded=0,
+                     frames_own_time=len(index))
     return frames.contiguous(), info

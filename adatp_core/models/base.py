@@ -355,10 +355,18 @@ class VideoLLMAdapter:
     def check_context(self, prompt: Prompt) -> None:
         """Refuse a prompt longer than the LLM's context, before any GPU work."""
         limit = getattr(self.text_model.config, "max_position_embeddings", None)
-        if limit is not None and prompt.length > limit:
-            raise AdaTPInputError(
-                f"the prompt needs {prompt.length} tokens but this model's context is {limit}; "
-                "use fewer frames or a shorter question.")
+        if limit is None or prompt.length <= limit:
+            return
+        fit, plan = "", prompt.plan
+        if plan is not None and plan.num_frames:
+            per_frame = plan.num_tokens / plan.num_frames
+            n = int((limit - (prompt.length - plan.num_tokens)) // per_frame)
+            n -= n % plan.frames_per_step
+            fit = (f" (about {n} frames fit, at {per_frame:g} tokens a frame)" if n > 0 else
+                   f" (the text alone leaves no room for a frame of {per_frame:g} tokens)")
+        raise AdaTPInputError(
+            f"the prompt needs {prompt.length} tokens but this model's context is {limit}; "
+            f"use fewer frames or a shorter question{fit}.")
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
