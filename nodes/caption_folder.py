@@ -12,7 +12,7 @@ from ..adatp_core.caption import DEFAULT_PROMPT, CaptionJob, caption_folder
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.generate import SamplingConfig
 from ..adatp_core.models.loader import activate, release
-from ..adatp_core.paths import check_inside, inside, resolved
+from ..adatp_core.paths import check_inside, check_name, inside, resolved
 from ..adatp_core.pipeline import PipelineConfig
 from ..adatp_core.samples import SAMPLE_VIDEO
 from ..adatp_core.sampling import WIDGETS, settings_text, widget_settings
@@ -70,17 +70,19 @@ def caption_roots() -> list[Path]:
 def resolve_folder(name: str) -> Path:
     """A folder under ComfyUI's input directory (the Load Video rules: no '..', no
     symlink out), ``NAME [output]`` under its output directory (Save Video's clips), or an
-    absolute path inside one of ``caption_roots()``."""
-    if isinstance(name, str) and name.strip().startswith("~"):  # the same answer for every user name
-        raise AdaTPInputError(f"{name.strip()!r}: '~' is not expanded here; give a folder under ComfyUI's input "
+    absolute path inside one of ``caption_roots()``. Names no file system takes are refused
+    first (paths.check_name), without opening anything."""
+    name = check_name(name, "folder").strip()
+    if name.startswith("~"):  # the same answer for every user name
+        raise AdaTPInputError(f"{name!r}: '~' is not expanded here; give a folder under ComfyUI's input "
                               "directory or an absolute path inside a folder the server owner allowed.")
-    if isinstance(name, str) and "\x00" not in name and name.strip().endswith(OUTPUT_MARK):
-        sub = name.strip()[: -len(OUTPUT_MARK)].strip()
-        path = check_inside([bridge.output_directory()], bridge.output_directory() / sub, "node", shown=name.strip())
-    elif isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).is_absolute():
-        path = check_inside(caption_roots(), name.strip(), "node", shown=name.strip())
+    if "\x00" not in name and name.endswith(OUTPUT_MARK):
+        sub = name[: -len(OUTPUT_MARK)].strip()
+        path = check_inside([bridge.output_directory()], bridge.output_directory() / sub, "node", shown=name)
+    elif name and "\x00" not in name and Path(name).is_absolute():
+        path = check_inside(caption_roots(), name, "node", shown=name)
     else:
-        path, name = input_path(name.strip() if isinstance(name, str) else name, "folder")
+        path, name = input_path(name, "folder")
         if name == SAMPLE_FOLDER and not path.exists():
             ensure_sample_folder(path)
     if not path.is_dir():

@@ -14,7 +14,7 @@ from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
 from ..adatp_core.models.placement import SPLIT_DEVICE
 from ..adatp_core.models.quantize import QUANTIZED_DTYPES
 from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
-from ..adatp_core.paths import bare_name
+from ..adatp_core.paths import bare_name, check_name
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,10 @@ def resolve_model(name: str, download: bool = False) -> Path:
     """The folder of a model named in the combo; only direct children of a models/LLM root.
 
     A catalog entry resolves to its local copy; without one it is downloaded into the
-    first models/LLM root when ``download`` is set (the node runs), else refused.
+    first models/LLM root when ``download`` is set (the node runs), else refused. A name no
+    file system takes is refused first (paths.check_name).
     """
+    name = check_name(name, "model")
     if name == BUILTIN_TINY:
         return ensure_tiny_model()
     if name in BUILTIN_TINY_QWEN:

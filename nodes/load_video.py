@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
-from ..adatp_core.paths import inside
+from ..adatp_core.paths import check_name, inside
 from ..adatp_core.samples import SAMPLE_VIDEO
 from ..adatp_core.video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
 from . import comfy_bridge as bridge
@@ -42,10 +42,12 @@ def input_path(name: str, what: str) -> tuple[Path, str]:
     """(the path that ``name`` means inside the input directory, symlinks resolved;
     the name without ComfyUI's " [input]" annotation).
 
-    Refuses '..', absolute paths elsewhere, NUL bytes and URLs without opening
-    anything; ``what`` names the thing in messages ("video", "folder").
+    Refuses '..', absolute paths elsewhere, NUL bytes, URLs and names no file system
+    takes (paths.check_name) without opening anything; ``what`` names the thing in
+    messages ("video", "folder").
     """
-    if not isinstance(name, str) or not name or "\x00" in name:
+    name = check_name(name, what)
+    if not name or "\x00" in name:
         raise AdaTPInputError(f"the {what} name is empty or contains a NUL byte; pick a {what} from the list.")
     if "://" in name:
         raise AdaTPInputError(f"{name!r} is a URL; download the {what} into ComfyUI's input folder first.")
@@ -53,7 +55,11 @@ def input_path(name: str, what: str) -> tuple[Path, str]:
         name = name[: -len(" [input]")]
     root = bridge.input_directory().resolve()
     typed = Path(os.path.abspath(root / name))  # checked before anything outside is touched (UNC on Windows)
-    path = typed.resolve() if inside(root, typed) else typed
+    try:
+        path = typed.resolve() if inside(root, typed) else typed
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise AdaTPInputError(f"{name!r} is a link that cannot be followed ({exc}); fix the link or pick "
+                              f"another {what}.") from None
     if not inside(root, path):  # another drive (Windows) is outside too, not a bare ValueError
         raise AdaTPInputError(f"{name!r} points outside the input directory; put the {what} in {root}.")
     return path, name
