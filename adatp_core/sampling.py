@@ -160,6 +160,14 @@ def widget_settings(repetition_penalty: float = WIDGET_MODEL_PENALTY, top_k: int
             "top_k": None if top_k == WIDGET_MODEL_TOP_K else top_k}
 
 
+def widget_sampling(repetition_penalty: float = WIDGET_MODEL_PENALTY, top_k: int = WIDGET_MODEL_TOP_K,
+                    **fields) -> SamplingConfig:
+    """The SamplingConfig of a node's widgets (Generate Answer, Caption Folder): ``fields`` as they
+    are, the two optional widgets through ``widget_settings``. The nodes' VALIDATE_INPUTS call it
+    with the values they have, so a node's validation and its run refuse the same values."""
+    return SamplingConfig(**fields, **widget_settings(repetition_penalty, top_k))
+
+
 def _is_number(value) -> bool:
     """A real number that is not a bool (NaN included: the range checks refuse it)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -255,7 +263,7 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
 
 __all__ = ["DECODE_MODES", "HF_DEFAULTS", "MAX_NEW_TOKENS_LIMIT", "MIN_REPETITION_PENALTY", "MIN_TEMPERATURE",
            "SamplingConfig", "TokenChooser", "apply_repetition_penalty", "choose", "next_token", "settings_text",
-           "warp", "widget_settings", "WIDGET_MODEL_PENALTY", "WIDGET_MODEL_TOP_K", "WIDGETS"]
+           "warp", "widget_sampling", "widget_settings", "WIDGET_MODEL_PENALTY", "WIDGET_MODEL_TOP_K", "WIDGETS"]
 
 
 # The two optional inputs that Generate Answer and Caption Folder append last (ComfyUI specs).

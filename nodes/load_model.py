@@ -16,6 +16,7 @@ from ..adatp_core.models.quantize import QUANTIZED_DTYPES
 from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from ..adatp_core.paths import bare_name, check_name
 from . import comfy_bridge as bridge
+from .inputs import checked, validation
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,13 @@ def resolve_model(name: str, download: bool = False) -> Path:
                           "(see the README) and press Refresh.")
 
 
+def _check_model(name: str) -> None:
+    """Load Video LLM's validation: a built-in or a catalog entry is good (a download happens when
+    the node runs); any other name must be a model folder now."""
+    if name not in (BUILTIN_TINY, *BUILTIN_TINY_QWEN) and not (name.startswith(DOWNLOAD_MARK) and entry_from_label(name)):
+        resolve_model(name)
+
+
 def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -112,14 +120,10 @@ class AdaTP_LoadVideoLLM:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model):
-        if model not in (BUILTIN_TINY, *BUILTIN_TINY_QWEN) and not (model.startswith(DOWNLOAD_MARK) and entry_from_label(model)):
-            try:
-                resolve_model(model)
-            except AdaTPInputError as exc:
-                return str(exc)
-        return True
+    def VALIDATE_INPUTS(cls, model=None):
+        return validation(cls, {"model": model}, lambda _, name: _check_model(name))
 
+    @checked
     def load(self, model, dtype, attention, device, keep_loaded):
         folder = resolve_model(model, download=True)
         dev = bridge.compute_device(device)

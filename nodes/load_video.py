@@ -11,6 +11,7 @@ from ..adatp_core.paths import check_name, inside
 from ..adatp_core.samples import SAMPLE_VIDEO
 from ..adatp_core.video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
 from . import comfy_bridge as bridge
+from .inputs import checked, validation
 
 SAMPLE_NAME = "adatp_sample_video.mp4"
 
@@ -112,14 +113,10 @@ class AdaTP_LoadVideo:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, video):
+    def VALIDATE_INPUTS(cls, video=None):
         # Only `video` is named, so ComfyUI still range-checks the others; the core
         # re-checks every value anyway (headless runs skip ComfyUI's checks).
-        try:
-            resolve_video(video)
-        except AdaTPInputError as exc:
-            return str(exc)
-        return True
+        return validation(cls, {"video": video}, lambda _, name: resolve_video(name))
 
     @classmethod
     def IS_CHANGED(cls, video, **_):
@@ -128,6 +125,7 @@ class AdaTP_LoadVideo:
         except (AdaTPInputError, OSError):
             return float("nan")
 
+    @checked
     def load(self, video, num_frames, sampling, fps, start_time, end_time):
         path = resolve_video(video)
         progress = bridge.Progress(num_frames)
