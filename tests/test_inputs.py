@@ -124,6 +124,15 @@ def test_caption_folder_refuses_a_tiny_penalty_before_any_clip(pack, server, tin
     assert sorted(p.name for p in (server / "set").iterdir()) == ["a.mp4"]  # nothing captioned, nothing failed
 
 
+def test_headless_runner_refuses_a_tiny_penalty_before_anything_runs(pack):
+    headless = pack_module("nodes.headless")
+    ran = []
+    with pytest.raises(headless.WorkflowError, match=rf"#5 .*repetition_penalty.*{FLOOR_MESSAGE}"):
+        headless.run_workflow(ROOT / "workflows" / "fastv_baseline.json", pack.NODE_CLASS_MAPPINGS,
+                              {(5, "repetition_penalty"): 1e-40}, log=ran.append)
+    assert ran == []
+
+
 @pytest.mark.parametrize("argv", [
     ["--repetition-penalty", "1e-40", "--do-sample"], ["--repetition-penalty", "1e-40"],
     ["--temperature", "1e-40", "--do-sample"], ["--temperature", "nan"], ["--repetition-penalty", "inf"],
@@ -306,3 +315,21 @@ def test_numbers_from_other_nodes_are_taken_as_pythons(pack):
                                     "overwrite": np.bool_(False)})
     assert out == {"frames": 4, "layer": 2, "retention": 0.5, "overwrite": False}
     assert [type(v) for v in out.values()] == [int, int, float, bool]
+
+
+def test_headless_runner_a_literal_for_a_link(pack):
+    """An override replaces a link as a literal in an API-format prompt does; the node refuses it."""
+    headless = pack_module("nodes.headless")
+    with pytest.raises(ValueError, match=r"input 'state' must be an AdaTP state \(ADATP_STATE\), got str 'x'"):
+        headless.run_workflow(ROOT / "workflows" / "fastv_baseline.json", pack.NODE_CLASS_MAPPINGS,
+                              {(2, "num_frames"): 1, (5, "state"): "x"}, log=lambda m: None)
+
+
+def test_headless_runner_validates_names_before_anything_runs(pack, tmp_path, monkeypatch):
+    headless = pack_module("nodes.headless")
+    monkeypatch.setattr(pack_module("nodes.comfy_bridge").HEADLESS, "input_dir", tmp_path)
+    ran = []
+    with pytest.raises(headless.WorkflowError, match=r"#2 .*: the folder name .* has a part 300 bytes long"):
+        headless.run_workflow(ROOT / "workflows" / "caption_folder.json", pack.NODE_CLASS_MAPPINGS,
+                              {(2, "folder"): "f" * 300}, log=ran.append)
+    assert ran == []
