@@ -141,10 +141,10 @@ def main(argv=None) -> int:
         from .pipeline import run_pipeline
         from .samples import sample_video
 
+        cfg = pipeline_config(args)  # every setting checked before the model loads
         load_start = time.perf_counter()
         model = load_model(args.model, args.device, args.dtype)
         load_seconds = time.perf_counter() - load_start
-        cfg = pipeline_config(args)
         questions = args.question or [DEFAULT_QUESTION]
         video, info, decode_times = args.video or sample_video(), None, {}
         if len(questions) > 1:  # decode once; the model's prefix cache then encodes the video once

@@ -16,13 +16,52 @@ Both take the ``os.path`` flavour as an argument so that Windows rules
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import AdaTPInputError
 
+NAME_MAX_BYTES = 255  # one file or folder name (ext4, XFS, btrfs, APFS; NTFS counts UTF-16 units)
+PATH_MAX_BYTES = 4096  # a whole path (Linux's PATH_MAX)
+SHOWN_CHARS = 60  # of a long name in a message
+
 # Characters that make a name more than one name somewhere: separators of POSIX and Windows, the
 # drive/stream colon (C:name, name:stream), and NUL.
 _PATH_CHARS = ("/", "\\", ":", "\x00")
+
+
+def check_name(name, what: str) -> str:
+    """``name`` (a file or folder name or a path, as a client typed it) if it can name anything
+    at all; else AdaTPInputError saying what is wrong and what to do. Opens nothing.
+
+    Refused: a value that is not text; text that is not valid Unicode (a lone surrogate, which
+    JSON can carry and no file-system encoding takes); a part over 255 bytes or a whole over
+    4096 bytes in UTF-8, which the OS would refuse with "File name too long". Empty names, NUL
+    and what a name may point at are the callers' rules.
+    """
+    if not isinstance(name, str):
+        raise AdaTPInputError(f"the {what} name must be text, got {type(name).__name__} {_short(name)}; "
+                              f"pick a {what} from the list or type its name.")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise AdaTPInputError(f"the {what} name {_short(name)} holds {name[exc.start]!r} (character {exc.start + 1}), "
+                              f"a lone surrogate: not valid Unicode, so it names no file. Retype the name, or "
+                              f"rename the {what} to valid UTF-8.") from None
+    longest = max(re.split(rb"[/\\]", raw), key=len)
+    if len(longest) > NAME_MAX_BYTES:
+        raise AdaTPInputError(f"the {what} name {_short(name)} has a part {len(longest)} bytes long; a file or "
+                              f"folder name may have at most {NAME_MAX_BYTES} bytes. Shorten it.")
+    if len(raw) > PATH_MAX_BYTES:
+        raise AdaTPInputError(f"the {what} name {_short(name)} is {len(raw)} bytes long; a path may have at most "
+                              f"{PATH_MAX_BYTES} bytes. Shorten it.")
+    return name
+
+
+def _short(value) -> str:
+    """repr(value), cut to SHOWN_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...'"
 
 
 def bare_name(name, pathmod=os.path) -> bool:
@@ -62,15 +101,21 @@ def check_inside(roots, path, what: str, shown: str | None = None) -> Path:
     exists or not, so that it tells a client nothing about the server's files.
     """
     typed = Path(os.path.abspath(Path(path).expanduser()))
+    shown = shown if shown is not None else str(path)
     for root in roots:
         forms = (Path(os.path.abspath(Path(root).expanduser())), resolved(root))
         # The typed path first, without touching the disk: an outside path (a UNC path on Windows
         # would connect to its server) is never opened or resolved.
-        if any(inside(r, typed) for r in forms) and inside(forms[1], resolved(path)):
-            return resolved(path)
+        if any(inside(r, typed) for r in forms):
+            try:
+                real = resolved(path)
+            except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+                raise AdaTPInputError(f"{shown!r} is a link that cannot be followed ({exc}); fix the link or "
+                                      f"give another path.") from None
+            if inside(forms[1], real):
+                return real
     places = ", ".join(str(r) for r in roots) or "(none)"
-    raise AdaTPInputError(f"{shown if shown is not None else str(path)!r} points outside the folders this {what} "
-                          f"may use ({places}); put it there.")
+    raise AdaTPInputError(f"{shown!r} points outside the folders this {what} may use ({places}); put it there.")
 
 
 def confined(root, path) -> bool:

@@ -17,6 +17,17 @@ logits_process.py), so that a keep-all answer is token for token the stock one:
   (Stock ``generate(inputs_embeds=...)`` without input_ids would penalise only the new
   tokens; nothing here calls it that way.)
 
+Floors on the two settings that divide the logits (``MIN_TEMPERATURE``,
+``MIN_REPETITION_PENALTY``, both 0.01): a caller's smaller value is refused. At
+0.01 a seen token's logit is already 100 times its own (the answer repeats the
+prompt) and a 0.05 logit lead already wins 99% of draws (greedy in effect); far
+below, float32 logits overflow: 1e-40 makes them inf, so greedy decoding picks a
+seen token every step ("???????") and sampling draws from NaN probabilities.
+transformers only asks for > 0; vLLM raises a temperature under 0.01 to 0.01 and
+decodes greedily under 1e-5, which is what a model's own generation config gets
+here (models built on Qwen2.5-VL ship do_sample with temperature 1e-6, meaning
+"deterministic").
+
 Everything runs on the logits' device. The ids seen so far live in a device-side
 mask (``TokenChooser``), updated from the chosen token's device tensor, so no setting
 adds a host sync per token; the prompt's ids are copied to the device once.
@@ -40,6 +51,11 @@ DECODE_MODES = ("default", "static", "auto")
 # where neither the caller nor the model's generation config sets a value.
 HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 MODEL_SETTINGS = tuple(HF_DEFAULTS)  # the settings a model's generation config may give
+# The floors of the settings that divide the logits (module docstring). 0.01 is Generate Answer's
+# temperature minimum and the repetition_penalty widget's step, so no saved workflow holds less.
+MIN_TEMPERATURE = 1e-2
+MIN_REPETITION_PENALTY = 1e-2
+GREEDY_TEMPERATURE = 1e-5  # a model's generation config temperature below this means greedy decoding
 
 
 @dataclass(frozen=True)
@@ -62,17 +78,23 @@ class SamplingConfig:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
             raise AdaTPInputError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {n!r}")
         t = self.temperature
-        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-            raise AdaTPInputError(f"temperature must be > 0, got {t} (1.0 is neutral)")
+        if t is not None and not (_is_number(t) and MIN_TEMPERATURE <= t < math.inf):
+            raise AdaTPInputError(
+                f"temperature must be a finite number of at least {MIN_TEMPERATURE:g}, got {t!r}: the logits are "
+                "divided by it, so a smaller one overflows them (and is greedy decoding in effect). For deterministic "
+                "answers decode greedily (do_sample off, --greedy); to sample, 0.7 to 1.0 is usual (1.0 is neutral).")
         p = self.top_p
-        if p is not None and not (isinstance(p, (int, float)) and math.isfinite(p) and 0 < p <= 1):
+        if p is not None and not (_is_number(p) and 0 < p <= 1):
             raise AdaTPInputError(f"top_p must be in (0, 1], got {p} (1.0 keeps every token)")
         k = self.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise AdaTPInputError(f"top_k must be an integer >= 0, got {k!r} (0 keeps every token)")
         r = self.repetition_penalty
-        if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
-            raise AdaTPInputError(f"repetition_penalty must be > 0, got {r} (1.0 is none)")
+        if r is not None and not (_is_number(r) and MIN_REPETITION_PENALTY <= r < math.inf):
+            raise AdaTPInputError(
+                f"repetition_penalty must be a finite number of at least {MIN_REPETITION_PENALTY:g}, got {r!r}: the "
+                "logits of tokens already seen are divided by it, so a smaller one overflows them and the answer "
+                "repeats itself. 1.0 is no penalty; 1.05 to 1.3 discourages repeats (on the nodes, 0 is the model's).")
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             raise AdaTPInputError(f"do_sample must be true, false or unset, got {self.do_sample!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -84,13 +106,19 @@ class SamplingConfig:
         """Every unset setting filled in: the model's generation config (a transformers
         ``GenerationConfig``, a dict, or None), else transformers' global default.
         A value the model's config holds that is out of range is ignored (the default
-        applies), so a damaged generation_config.json never stops an answer."""
+        applies), so a damaged generation_config.json never stops an answer. A temperature
+        in [0, MIN_TEMPERATURE) is the model's way to say "deterministic": it is raised to
+        the floor, and below GREEDY_TEMPERATURE it means greedy unless do_sample is set."""
         filled = {}
         for name in MODEL_SETTINGS:
             if getattr(self, name) is not None:
                 continue
             value = (generation_config.get(name) if isinstance(generation_config, dict)
                      else getattr(generation_config, name, None))
+            if name == "temperature" and _is_number(value) and 0 <= value < MIN_TEMPERATURE:
+                if value < GREEDY_TEMPERATURE and self.do_sample is None:
+                    filled["do_sample"] = False
+                value = MIN_TEMPERATURE
             if value is not None:
                 try:
                     replace(self, **{name: _coerce(name, value)})
@@ -125,10 +153,24 @@ def widget_settings(repetition_penalty: float = WIDGET_MODEL_PENALTY, top_k: int
     (the model's) for the "model" values, else the value."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < WIDGET_MODEL_TOP_K:
         raise AdaTPInputError(f"top_k must be -1 (the model's), 0 (off) or a positive integer, got {top_k!r}")
-    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty >= WIDGET_MODEL_PENALTY:
-        raise AdaTPInputError(f"repetition_penalty must be 0 (the model's) or > 0, got {repetition_penalty!r}")
+    if not _is_number(repetition_penalty) or not repetition_penalty >= WIDGET_MODEL_PENALTY:
+        raise AdaTPInputError(f"repetition_penalty must be 0 (the model's) or a number from {MIN_REPETITION_PENALTY:g} "
+                              f"up, got {repetition_penalty!r} (1.0 is no penalty)")
     return {"repetition_penalty": None if repetition_penalty == WIDGET_MODEL_PENALTY else float(repetition_penalty),
             "top_k": None if top_k == WIDGET_MODEL_TOP_K else top_k}
+
+
+def widget_sampling(repetition_penalty: float = WIDGET_MODEL_PENALTY, top_k: int = WIDGET_MODEL_TOP_K,
+                    **fields) -> SamplingConfig:
+    """The SamplingConfig of a node's widgets (Generate Answer, Caption Folder): ``fields`` as they
+    are, the two optional widgets through ``widget_settings``. The nodes' VALIDATE_INPUTS call it
+    with the values they have, so a node's validation and its run refuse the same values."""
+    return SamplingConfig(**fields, **widget_settings(repetition_penalty, top_k))
+
+
+def _is_number(value) -> bool:
+    """A real number that is not a bool (NaN included: the range checks refuse it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _coerce(name: str, value):
@@ -219,9 +261,9 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
     return int(choose(logits.float()[None], replace(cfg, repetition_penalty=1.0), generator)[0])
 
 
-__all__ = ["DECODE_MODES", "HF_DEFAULTS", "MAX_NEW_TOKENS_LIMIT", "SamplingConfig", "TokenChooser",
-           "apply_repetition_penalty", "choose", "next_token", "settings_text", "warp", "widget_settings",
-           "WIDGET_MODEL_PENALTY", "WIDGET_MODEL_TOP_K", "WIDGETS"]
+__all__ = ["DECODE_MODES", "HF_DEFAULTS", "MAX_NEW_TOKENS_LIMIT", "MIN_REPETITION_PENALTY", "MIN_TEMPERATURE",
+           "SamplingConfig", "TokenChooser", "apply_repetition_penalty", "choose", "next_token", "settings_text",
+           "warp", "widget_sampling", "widget_settings", "WIDGET_MODEL_PENALTY", "WIDGET_MODEL_TOP_K", "WIDGETS"]
 
 
 # The two optional inputs that Generate Answer and Caption Folder append last (ComfyUI specs).
@@ -229,7 +271,8 @@ WIDGETS = {
     "repetition_penalty": ("FLOAT", {
         "default": WIDGET_MODEL_PENALTY, "min": 0.0, "max": 3.0, "step": 0.01,
         "tooltip": "0: the model's (its generation_config.json, e.g. 1.05 for Qwen2.5-VL; 1.0 when it sets none). "
-                   "1.0: no penalty. Above 1 discourages tokens already in the prompt or answer (fewer loops)."}),
+                   "1.0: no penalty. Above 1 discourages tokens already in the prompt or answer (fewer loops). "
+                   "Other values start at 0.01: below it the logits it divides overflow."}),
     "top_k": ("INT", {
         "default": WIDGET_MODEL_TOP_K, "min": -1, "max": 1000,
         "tooltip": "Sampling only. -1: the model's (generation_config.json, else 50). 0: off. "

@@ -10,14 +10,14 @@ from pathlib import Path
 from ..adatp_core.batching import MAX_BATCH_SIZE
 from ..adatp_core.caption import DEFAULT_PROMPT, CaptionJob, caption_folder
 from ..adatp_core.errors import AdaTPInputError
-from ..adatp_core.generate import SamplingConfig
 from ..adatp_core.models.loader import activate, release
-from ..adatp_core.paths import check_inside, inside, resolved
+from ..adatp_core.paths import check_inside, check_name, inside, resolved
 from ..adatp_core.pipeline import PipelineConfig
 from ..adatp_core.samples import SAMPLE_VIDEO
-from ..adatp_core.sampling import WIDGETS, settings_text, widget_settings
+from ..adatp_core.sampling import WIDGETS, settings_text, widget_sampling
 from ..adatp_core.video import MAX_FRAMES
 from . import comfy_bridge as bridge
+from .inputs import checked, validation
 from .load_video import SAMPLE_NAME, input_path
 
 log = logging.getLogger(__name__)
@@ -70,17 +70,19 @@ def caption_roots() -> list[Path]:
 def resolve_folder(name: str) -> Path:
     """A folder under ComfyUI's input directory (the Load Video rules: no '..', no
     symlink out), ``NAME [output]`` under its output directory (Save Video's clips), or an
-    absolute path inside one of ``caption_roots()``."""
-    if isinstance(name, str) and name.strip().startswith("~"):  # the same answer for every user name
-        raise AdaTPInputError(f"{name.strip()!r}: '~' is not expanded here; give a folder under ComfyUI's input "
+    absolute path inside one of ``caption_roots()``. Names no file system takes are refused
+    first (paths.check_name), without opening anything."""
+    name = check_name(name, "folder").strip()
+    if name.startswith("~"):  # the same answer for every user name
+        raise AdaTPInputError(f"{name!r}: '~' is not expanded here; give a folder under ComfyUI's input "
                               "directory or an absolute path inside a folder the server owner allowed.")
-    if isinstance(name, str) and "\x00" not in name and name.strip().endswith(OUTPUT_MARK):
-        sub = name.strip()[: -len(OUTPUT_MARK)].strip()
-        path = check_inside([bridge.output_directory()], bridge.output_directory() / sub, "node", shown=name.strip())
-    elif isinstance(name, str) and name.strip() and "\x00" not in name and Path(name.strip()).is_absolute():
-        path = check_inside(caption_roots(), name.strip(), "node", shown=name.strip())
+    if "\x00" not in name and name.endswith(OUTPUT_MARK):
+        sub = name[: -len(OUTPUT_MARK)].strip()
+        path = check_inside([bridge.output_directory()], bridge.output_directory() / sub, "node", shown=name)
+    elif name and "\x00" not in name and Path(name).is_absolute():
+        path = check_inside(caption_roots(), name, "node", shown=name)
     else:
-        path, name = input_path(name.strip() if isinstance(name, str) else name, "folder")
+        path, name = input_path(name, "folder")
         if name == SAMPLE_FOLDER and not path.exists():
             ensure_sample_folder(path)
     if not path.is_dir():
@@ -147,20 +149,22 @@ class AdaTP_CaptionFolder:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder):
-        try:
-            resolve_folder(folder)
-        except AdaTPInputError as exc:
-            return str(exc)
-        return True
+    def VALIDATE_INPUTS(cls, folder=None, repetition_penalty=None):
+        # repetition_penalty: a tiny one passes ComfyUI's range check (0 is the model's); naming it skips
+        # that check, which validation() then makes itself.
+        def check(name, value):
+            return resolve_folder(value) if name == "folder" else widget_sampling(repetition_penalty=value)
+
+        return validation(cls, {"folder": folder, "repetition_penalty": repetition_penalty}, check)
 
     @classmethod
     def IS_CHANGED(cls, **_):
         return float("nan")  # the folder's contents may change between runs
 
+    @checked
     def caption(self, model, folder, prompt, prefix, suffix, overwrite, recursive, frames, retention, layer,
                 max_new_tokens=256, repetition_penalty=0.0, top_k=-1, save_caption=True, batch_size=0):
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, **widget_settings(repetition_penalty, top_k))
+        sampling = widget_sampling(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, top_k=top_k)
         cfg = PipelineConfig(num_frames=frames, layer=layer, retention=retention, generation=sampling)
         path = resolve_folder(folder)
         job = CaptionJob(folder=path, prompt=prompt, prefix=prefix, suffix=suffix,

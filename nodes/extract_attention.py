@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..adatp_core.attention import QUERY_MODES, extract_attention
 from ..adatp_core.models.qwen2_5_vl import DEFAULT_MAX_PIXELS
 from . import comfy_bridge as bridge
+from .inputs import checked
 
 
 class AdaTP_ExtractAttention:
@@ -40,6 +41,7 @@ class AdaTP_ExtractAttention:
                                               "LLaVA-OneVision always uses 384x384."}),
         }}
 
+    @checked
     def extract(self, model, frames, question, layer, query, video_info=None, max_pixels=0):
         bridge.check_interrupt()
         bridge.activate(model)

@@ -4,6 +4,7 @@ Get Video Components), so Qwen models do not assume 24 fps."""
 from __future__ import annotations
 
 from ..adatp_core.video import frames_info
+from .inputs import checked
 
 
 class AdaTP_FrameTimes:
@@ -28,5 +29,6 @@ class AdaTP_FrameTimes:
                                      "tooltip": "Seconds into the video of the first frame (the loader's skip)."}),
         }}
 
+    @checked
     def times(self, frames, fps, start_time=0.0):
         return (frames_info(frames, fps, start_time),)

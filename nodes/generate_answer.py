@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ..adatp_core.generate import SamplingConfig, generate_answer
+from ..adatp_core.generate import generate_answer
 from ..adatp_core.report import stats_text
-from ..adatp_core.sampling import WIDGETS, widget_settings
+from ..adatp_core.sampling import WIDGETS, widget_sampling
 from . import comfy_bridge as bridge
+from .inputs import checked, validation
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -37,9 +38,17 @@ class AdaTP_GenerateAnswer:
                              "tooltip": "Sampling seed (do_sample only)."}),
         }, "optional": dict(WIDGETS)}  # repetition_penalty, top_k: the model's unless set (sampling.py)
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, temperature=None, top_p=None, repetition_penalty=None):
+        # The settings whose NaN (or, for the two that divide the logits, a tiny value) passes ComfyUI's
+        # own range check. Naming them skips that check: validation() makes it, then the core's floors.
+        return validation(cls, {"temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty},
+                          lambda name, value: widget_sampling(**{name: value}))
+
+    @checked
     def generate(self, state, max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty=0.0, top_k=-1):
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_p=top_p, seed=seed, **widget_settings(repetition_penalty, top_k))
+        cfg = widget_sampling(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                              top_p=top_p, seed=seed, repetition_penalty=repetition_penalty, top_k=top_k)
         progress = bridge.Progress(max_new_tokens)
         bridge.check_interrupt()
         bridge.activate(state.model)

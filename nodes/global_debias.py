@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..adatp_core.debias import global_debias
+from .inputs import checked
 
 
 class AdaTP_GlobalDebias:
@@ -27,5 +28,6 @@ class AdaTP_GlobalDebias:
                                                      "(0: by length only)."}),
         }}
 
+    @checked
     def debias(self, state, segment_threshold, relevance_boost):
         return (global_debias(state, segment_threshold, relevance_boost),)

@@ -6,11 +6,15 @@ text; Note and Markdown Note are skipped). Bypassed nodes (mode 4) pass their
 inputs through, as in ComfyUI; muted nodes (mode 2) do not run. Problems with
 the file are reported by ``WorkflowError`` naming the node: an unknown node
 type, a missing or dangling link, a type mismatch, or a widget-count mismatch.
+Before anything runs, each node's VALIDATE_INPUTS gets the literal values it names, as
+ComfyUI's prompt validation does, and a refusal is a ``WorkflowError`` naming the node.
+An override replaces a value or a link, as a literal in an API-format prompt does.
 It can also convert the file to ComfyUI's API format for POST /prompt.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import struct
 import zlib
@@ -347,17 +351,18 @@ def run_workflow(data: dict | str | Path, mappings: dict, overrides: dict | None
             raise WorkflowError(f"{path} cannot be read as a workflow ({exc})") from exc
     wf = Workflow(data, mappings)
     result = RunResult()
-    for nid in wf.execution_order():
+    order = wf.execution_order()
+    literals = {nid: _literals(wf, nid, overrides or {}) for nid in order}
+    for nid in order:
+        _validate(wf, nid, literals[nid])
+    for nid in order:
         node = wf.nodes[nid]
         cls = wf.mappings[node["type"]]
-        widgets, linked = wf.bindings(nid)
-        kwargs = dict(widgets)
-        for (onid, name), value in (overrides or {}).items():
-            if onid == nid:
-                kwargs[name] = value
-        for name, link in linked.items():
-            src, src_slot = wf.links[link][:2]
-            kwargs[name] = result.outputs[src][src_slot]
+        kwargs = dict(literals[nid])
+        for name, link in wf.bindings(nid)[1].items():
+            if name not in kwargs:
+                src, src_slot = wf.links[link][:2]
+                kwargs[name] = result.outputs[src][src_slot]
         if node.get("mode", 0) == MODE_BYPASSED:
             passed = []
             for kind in getattr(cls, "RETURN_TYPES", ()):
@@ -378,3 +383,25 @@ def run_workflow(data: dict | str | Path, mappings: dict, overrides: dict | None
         result.labels[nid] = wf.label(nid)
         log(f"[{nid}] {node['type']}: done")
     return result
+
+
+def _literals(wf: Workflow, nid: int, overrides: dict) -> dict:
+    """A node's literal inputs: its widget values, and the overrides, which replace widget values
+    and links alike (a literal where the API format expects a link)."""
+    values = dict(wf.bindings(nid)[0])
+    values.update({name: value for (onid, name), value in overrides.items() if onid == nid})
+    return values
+
+
+def _validate(wf: Workflow, nid: int, literals: dict) -> None:
+    """ComfyUI's call of VALIDATE_INPUTS: the literal values it names (a link is not passed), and
+    a refusal (anything but True) is the node's error. Bypassed nodes are not in the prompt."""
+    node = wf.nodes[nid]
+    check = getattr(wf.mappings[node["type"]], "VALIDATE_INPUTS", None)
+    if check is None or node.get("mode", 0) == MODE_BYPASSED:
+        return
+    spec = inspect.getfullargspec(check)
+    named = {k: v for k, v in literals.items() if spec.varkw is not None or k in spec.args}
+    answer = check(**named)
+    if answer is not True:
+        raise WorkflowError(f"node {wf.label(nid)}: {answer if isinstance(answer, str) else 'its inputs are refused'}")

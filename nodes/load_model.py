@@ -14,8 +14,9 @@ from ..adatp_core.models.loader import ATTENTIONS, DTYPES, load_video_llm
 from ..adatp_core.models.placement import SPLIT_DEVICE
 from ..adatp_core.models.quantize import QUANTIZED_DTYPES
 from ..adatp_core.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
-from ..adatp_core.paths import bare_name
+from ..adatp_core.paths import bare_name, check_name
 from . import comfy_bridge as bridge
+from .inputs import checked, validation
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,10 @@ def resolve_model(name: str, download: bool = False) -> Path:
     """The folder of a model named in the combo; only direct children of a models/LLM root.
 
     A catalog entry resolves to its local copy; without one it is downloaded into the
-    first models/LLM root when ``download`` is set (the node runs), else refused.
+    first models/LLM root when ``download`` is set (the node runs), else refused. A name no
+    file system takes is refused first (paths.check_name).
     """
+    name = check_name(name, "model")
     if name == BUILTIN_TINY:
         return ensure_tiny_model()
     if name in BUILTIN_TINY_QWEN:
@@ -67,6 +70,13 @@ def resolve_model(name: str, download: bool = False) -> Path:
     roots = ", ".join(str(r) for r in bridge.model_roots())
     raise AdaTPInputError(f"model folder {name!r} was not found under {roots}; download it there "
                           "(see the README) and press Refresh.")
+
+
+def _check_model(name: str) -> None:
+    """Load Video LLM's validation: a built-in or a catalog entry is good (a download happens when
+    the node runs); any other name must be a model folder now."""
+    if name not in (BUILTIN_TINY, *BUILTIN_TINY_QWEN) and not (name.startswith(DOWNLOAD_MARK) and entry_from_label(name)):
+        resolve_model(name)
 
 
 def weights_bytes(folder: Path) -> int:
@@ -110,14 +120,10 @@ class AdaTP_LoadVideoLLM:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model):
-        if model not in (BUILTIN_TINY, *BUILTIN_TINY_QWEN) and not (model.startswith(DOWNLOAD_MARK) and entry_from_label(model)):
-            try:
-                resolve_model(model)
-            except AdaTPInputError as exc:
-                return str(exc)
-        return True
+    def VALIDATE_INPUTS(cls, model=None):
+        return validation(cls, {"model": model}, lambda _, name: _check_model(name))
 
+    @checked
     def load(self, model, dtype, attention, device, keep_loaded):
         folder = resolve_model(model, download=True)
         dev = bridge.compute_device(device)

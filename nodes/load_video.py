@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
-from ..adatp_core.paths import inside
+from ..adatp_core.paths import check_name, inside
 from ..adatp_core.samples import SAMPLE_VIDEO
 from ..adatp_core.video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
 from . import comfy_bridge as bridge
+from .inputs import checked, validation
 
 SAMPLE_NAME = "adatp_sample_video.mp4"
 
@@ -42,10 +43,12 @@ def input_path(name: str, what: str) -> tuple[Path, str]:
     """(the path that ``name`` means inside the input directory, symlinks resolved;
     the name without ComfyUI's " [input]" annotation).
 
-    Refuses '..', absolute paths elsewhere, NUL bytes and URLs without opening
-    anything; ``what`` names the thing in messages ("video", "folder").
+    Refuses '..', absolute paths elsewhere, NUL bytes, URLs and names no file system
+    takes (paths.check_name) without opening anything; ``what`` names the thing in
+    messages ("video", "folder").
     """
-    if not isinstance(name, str) or not name or "\x00" in name:
+    name = check_name(name, what)
+    if not name or "\x00" in name:
         raise AdaTPInputError(f"the {what} name is empty or contains a NUL byte; pick a {what} from the list.")
     if "://" in name:
         raise AdaTPInputError(f"{name!r} is a URL; download the {what} into ComfyUI's input folder first.")
@@ -53,7 +56,11 @@ def input_path(name: str, what: str) -> tuple[Path, str]:
         name = name[: -len(" [input]")]
     root = bridge.input_directory().resolve()
     typed = Path(os.path.abspath(root / name))  # checked before anything outside is touched (UNC on Windows)
-    path = typed.resolve() if inside(root, typed) else typed
+    try:
+        path = typed.resolve() if inside(root, typed) else typed
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise AdaTPInputError(f"{name!r} is a link that cannot be followed ({exc}); fix the link or pick "
+                              f"another {what}.") from None
     if not inside(root, path):  # another drive (Windows) is outside too, not a bare ValueError
         raise AdaTPInputError(f"{name!r} points outside the input directory; put the {what} in {root}.")
     return path, name
@@ -106,14 +113,10 @@ class AdaTP_LoadVideo:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, video):
+    def VALIDATE_INPUTS(cls, video=None):
         # Only `video` is named, so ComfyUI still range-checks the others; the core
         # re-checks every value anyway (headless runs skip ComfyUI's checks).
-        try:
-            resolve_video(video)
-        except AdaTPInputError as exc:
-            return str(exc)
-        return True
+        return validation(cls, {"video": video}, lambda _, name: resolve_video(name))
 
     @classmethod
     def IS_CHANGED(cls, video, **_):
@@ -122,6 +125,7 @@ class AdaTP_LoadVideo:
         except (AdaTPInputError, OSError):
             return float("nan")
 
+    @checked
     def load(self, video, num_frames, sampling, fps, start_time, end_time):
         path = resolve_video(video)
         progress = bridge.Progress(num_frames)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..adatp_core.debias import local_debias
+from .inputs import checked
 
 
 class AdaTP_LocalDebias:
@@ -23,5 +24,6 @@ class AdaTP_LocalDebias:
                                          "tooltip": "M: tokens a position may give per round (1: one each)."}),
         }}
 
+    @checked
     def debias(self, state, max_per_position):
         return (local_debias(state, max_per_position),)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..adatp_core.preview import draw_tokens
+from .inputs import checked
 
 
 class AdaTP_PreviewTokens:
@@ -21,5 +22,6 @@ class AdaTP_PreviewTokens:
             "frames": ("IMAGE", {"tooltip": "The frames that went into Extract Attention."}),
         }}
 
+    @checked
     def preview(self, state, frames):
         return (draw_tokens(state, frames),)

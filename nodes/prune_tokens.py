@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..adatp_core.prune import prune_tokens
 from ..adatp_core.report import flops_line, tokens_line
+from .inputs import checked
 
 
 class AdaTP_PruneTokens:
@@ -25,6 +26,7 @@ class AdaTP_PruneTokens:
                                                "1.0 keeps all)."}),
         }}
 
+    @checked
     def prune(self, state, retention):
         pruned = prune_tokens(state, retention)
         stats = f"{tokens_line(pruned.stats)}\n{flops_line(pruned.stats)}"

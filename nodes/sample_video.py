@@ -25,6 +25,7 @@ from pathlib import Path
 from ..adatp_core.errors import AdaTPEnvironmentError, AdaTPInputError
 from ..adatp_core.video import load_video, probe_video, sample_frames
 from . import comfy_bridge as bridge
+from .inputs import checked
 from .load_video import AdaTP_LoadVideo, ensure_sample_in_input
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class AdaTP_SampleVideo:
             **{name: load[name] for name in ("num_frames", "sampling", "fps", "start_time", "end_time")},
         }}
 
+    @checked
     def sample(self, video, num_frames, sampling, fps, start_time, end_time):
         progress = bridge.Progress(num_frames)
         return sample_video(video, num_frames, sampling, fps, start_time, end_time, on_frame=progress.step)

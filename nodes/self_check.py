@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..adatp_core.doctor import DTYPE_CHOICES, families, run_doctor
 from . import comfy_bridge as bridge
+from .inputs import checked
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
 STEPS_PER_FAMILY = 5  # progress ticks: one per group of checks
@@ -41,6 +42,7 @@ class AdaTP_SelfCheck:
     def IS_CHANGED(cls, **_):
         return float("nan")  # the machine, not the inputs, decides the result: run every time
 
+    @checked
     def check(self, device, dtype):
         bridge.check_interrupt()
         progress = bridge.Progress(STEPS_PER_FAMILY * len(families()))

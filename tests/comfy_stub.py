@@ -194,3 +194,55 @@ def make_folder_paths(base):
     fp.add_model_folder_path = add_model_folder_path
     fp.get_folder_paths = get_folder_paths
     return fp
+
+
+def validate_node(node_class, inputs: dict) -> tuple[list[str], dict]:
+    """What ComfyUI's prompt validation (execution.validate_inputs) does with one node of an
+    API-format prompt, written from its behaviour, not copied from it. ``inputs``: the node's
+    inputs as a client sent them; a value of the form [node_id, slot] is a link.
+
+    Literal INT, FLOAT and STRING values are converted with int(), float() and str(), and
+    nothing else is: a literal in a socket input (ADATP_MODEL, IMAGE...) passes as it is.
+    The widget's min and max and a combo's choices are checked, except for the inputs that
+    VALIDATE_INPUTS names (all of them when it takes **kwargs). VALIDATE_INPUTS then gets the
+    literal values it names (a linked one is left out). Returns (errors, the inputs after
+    conversion): with no errors, ComfyUI calls the node's function with them (links resolved).
+    """
+    import inspect
+
+    spec = node_class.INPUT_TYPES()
+    declared = {**spec.get("required", {}), **spec.get("optional", {})}
+    named, any_name = [], False
+    if hasattr(node_class, "VALIDATE_INPUTS"):
+        argspec = inspect.getfullargspec(node_class.VALIDATE_INPUTS)
+        named, any_name = argspec.args[1:], argspec.varkw is not None
+    errors, values, literals = [], dict(inputs), {}
+    for name, (kind, *rest) in declared.items():
+        if name not in inputs:
+            if name in spec.get("required", {}):
+                errors.append(f"{name}: required input is missing")
+            continue
+        value = inputs[name]
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int):
+            continue  # a link: its type is checked against the other node's output, not here
+        convert = {"INT": int, "FLOAT": float, "STRING": str}.get(kind) if isinstance(kind, str) else None
+        if convert is not None:
+            try:
+                value = convert(value)
+            except Exception as exc:  # noqa: BLE001  ComfyUI reports any failure to convert
+                errors.append(f"{name}: cannot convert {value!r} to {kind} ({exc})")
+                continue
+        values[name] = literals[name] = value
+        options = rest[0] if rest else {}
+        if name not in named and not any_name:
+            if "min" in options and value < options["min"]:
+                errors.append(f"{name}: {value} is smaller than min of {options['min']}")
+            elif "max" in options and value > options["max"]:
+                errors.append(f"{name}: {value} is bigger than max of {options['max']}")
+            elif isinstance(kind, (list, tuple)) and value not in kind:
+                errors.append(f"{name}: {value!r} is not in the list")
+    if named or any_name:
+        answer = node_class.VALIDATE_INPUTS(**{k: v for k, v in literals.items() if any_name or k in named})
+        if answer is not True:
+            errors.append(f"custom validation failed: {answer}")
+    return errors, values

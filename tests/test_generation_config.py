@@ -6,6 +6,7 @@ transformers' logits-processor semantics, so that keeping every token is stock
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -20,7 +21,7 @@ from adatp_core.generate import SamplingConfig, generate_answer
 from adatp_core.models.loader import load_video_llm
 from adatp_core.models.tiny_qwen import ensure_tiny_qwen3_vl
 from adatp_core.prune import prune_tokens
-from adatp_core.sampling import HF_DEFAULTS, TokenChooser, settings_text, warp
+from adatp_core.sampling import HF_DEFAULTS, TokenChooser, apply_repetition_penalty, settings_text, warp
 
 STEPS = 12
 GREEDY = {"repetition_penalty": 1.3, "top_k": 5}  # top_k acts only when sampling
@@ -122,6 +123,38 @@ def test_resolve_order_and_bad_values():
                 {"do_sample": "yes"}, {"repetition_penalty": float("nan")}):
         with pytest.raises(AdaTPInputError):
             SamplingConfig(**bad)
+
+
+def test_floors_on_the_settings_that_divide():
+    """Issue 32: a caller's temperature or repetition penalty under 0.01, or not finite, is refused.
+    Why: 1e-40 overflows the float32 logits it divides (greedy then picks a seen token every step,
+    sampling draws from NaN); at the floor they stay finite. A model's own near-zero temperature
+    means "deterministic": greedy under 1e-5 unless the caller samples, else the floor (vLLM's rule)."""
+    for name in ("temperature", "repetition_penalty"):
+        for bad in (0.0099, 1e-40, 5e-324, 0.0, math.nan, math.inf, -1.0, True):
+            with pytest.raises(AdaTPInputError, match=f"{name} must be a finite number of at least 0.01"):
+                SamplingConfig(**{name: bad})
+        assert getattr(SamplingConfig(**{name: 0.01}), name) == 0.01
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0)) * 30
+    seen = torch.zeros(300, dtype=torch.bool)
+    seen[:10] = True
+    assert torch.isinf(apply_repetition_penalty(logits, seen, 1e-40)).any()
+    floor = SamplingConfig(do_sample=True, temperature=0.01, repetition_penalty=0.01, top_k=0).resolve()
+    chooser = TokenChooser(floor, torch.arange(10), torch.Generator().manual_seed(0))
+    assert torch.isfinite(torch.softmax(warp(chooser._penalise(logits)[None], floor), -1)).all()
+    greedy = TokenChooser(SamplingConfig(do_sample=False, repetition_penalty=0.01).resolve(), torch.arange(10))
+    assert int(greedy(logits)) == int(torch.argmax(apply_repetition_penalty(logits, seen, 0.01)))
+
+    qwen25 = {"do_sample": True, "temperature": 1e-6, "repetition_penalty": 1.05}  # models built on Qwen2.5-VL
+    r = SamplingConfig().resolve(qwen25)
+    assert (r.do_sample, r.temperature, r.repetition_penalty) == (False, 0.01, 1.05)
+    r = SamplingConfig(do_sample=True).resolve(qwen25)
+    assert (r.do_sample, r.temperature) == (True, 0.01)
+    r = SamplingConfig().resolve({"do_sample": True, "temperature": 0.005})
+    assert (r.do_sample, r.temperature) == (True, 0.01)
+    r = SamplingConfig().resolve({"do_sample": True, "temperature": 0.0, "repetition_penalty": 1e-40})
+    assert (r.do_sample, r.repetition_penalty) == (False, 1.0)  # a damaged penalty: the default
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
