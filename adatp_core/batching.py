@@ -43,7 +43,7 @@ import torch
 from . import static_decode
 from .hf.cache import LinearState, RowsKVCache, linear_states_kept
 from .decode import continue_prefill, decode_step, row_positions
-from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
                        resolved_sampling, sampling_generator)
 from .sampling import TokenChooser
@@ -224,6 +224,8 @@ class DecodeBatch:
         try:
             check_room(state, self.cfg)
             row, cache = run_guarded(lambda: self._prefill(key, state), "the prefill")
+        except AdaTPTransformersError:  # every clip would fail alike: the run stops, as at batch 1
+            raise
         except (AdaTPInputError, AdaTPEnvironmentError) as exc:
             return [Finished(key, error=str(exc))]
         if self.cache is None:
@@ -245,6 +247,8 @@ class DecodeBatch:
         row, cache = self.waiting
         try:
             run_guarded(lambda: self.cache.add(cache, self.cfg.max_new_tokens), "joining the batch")
+        except AdaTPTransformersError:  # every clip would fail alike: the run stops, as at batch 1
+            raise
         except AdaTPEnvironmentError as exc:
             if self.rows:
                 self.limit = max(1, len(self.rows))
@@ -278,6 +282,8 @@ class DecodeBatch:
             t0 = time.perf_counter()
             try:
                 logits = run_guarded(lambda: self._run(start, stop), "batched decoding")
+            except AdaTPTransformersError:  # every clip would fail alike: the run stops, as at batch 1
+                raise
             except AdaTPEnvironmentError as exc:
                 if stop - start == 1:
                     failed[start] = str(exc)
@@ -385,6 +391,8 @@ def decode_together(model, sampling: SamplingConfig, clips: Iterable[tuple[objec
             key, prefill = item
             try:
                 state = run_guarded(prefill, "the prefill")
+            except AdaTPTransformersError:  # every clip would fail alike: the run stops, as at batch 1
+                raise
             except (AdaTPInputError, AdaTPEnvironmentError) as exc:
                 yield Finished(key, error=str(exc))
                 continue

@@ -292,11 +292,6 @@ def test_the_node_shows_the_clear_error(tiny_dir, monkeypatch):
     versions_in(text, NEWER)
 
 
-@pytest.mark.xfail(strict=True, reason="batching.py (its owners are rewriting it) takes every AdaTPEnvironmentError "
-                                       "from run_guarded for running out of memory: the clip fails alone and the "
-                                       "next one is tried, where transformers failing should stop the run as it "
-                                       "does at batch 1. Let AdaTPTransformersError propagate there, then drop this "
-                                       "marker.")
 def test_batched_decoding_stops_on_a_transformers_failure(tiny):
     """Every clip would fail the same way: the run stops, as at batch 1 (caption.py's model_error)."""
     from adatp_core.batching import decode_together
