@@ -245,6 +245,15 @@ def test_hub_kernels_loaded_by_other_code_in_the_process_are_named_but_not_claim
     assert "other models: kernels-community/liger-kernels" in lk.kernels_line(report)
 
 
+def test_a_changed_kernels_registry_leaves_the_report_whole(monkeypatch, no_transformers_qwen):
+    """get_loaded_kernels returning objects of another shape, or raising, is no loaded kernel."""
+    _fake_specs(monkeypatch, set())
+    for registry in (lambda: [object()], lambda: 1 / 0):
+        monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_loaded_kernels=registry))
+        report = lk.linear_attention_kernels(model=_kernelized_model("cuda"))
+        assert report["hub_loaded"] in ([], ["?"]) and lk.kernels_line(report)
+
+
 @pytest.mark.parametrize("value, requested", [(None, False), ("YES", True), ("1", True), ("on", True),
                                               ("0", False), ("no", False), ("", False)])
 def test_only_an_explicit_use_hub_kernels_opts_the_pack_in(monkeypatch, value, requested):

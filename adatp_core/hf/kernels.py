@@ -192,12 +192,11 @@ def _process_hub_kernels() -> list[str]:
     registry = getattr(sys.modules.get("kernels"), "get_loaded_kernels", None)
     if registry is None:
         return []
-    try:
-        loaded = registry()
-    except Exception:  # an older or changed kernels: the report never fails on it
+    try:  # an older or changed kernels: the report never fails on it
+        return sorted({str(getattr(getattr(k, "repo_info", None), "repo_id", None)
+                           or getattr(getattr(k, "metadata", None), "name", None) or "?") for k in registry()})
+    except Exception:  # noqa: BLE001
         return []
-    return sorted({getattr(getattr(k, "repo_info", None), "repo_id", None) or getattr(k.metadata, "name", "?")
-                   for k in loaded})
 
 
 def _kernels_usable() -> bool:
