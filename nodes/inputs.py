@@ -175,7 +175,8 @@ def validation(node_class, values: dict, check: Callable[[str, object], object] 
         for name, value in check_inputs(node_class, {k: v for k, v in values.items() if v is not None}).items():
             if check is not None:
                 check(name, value)
-            _in_range(name, value, spec[name][1])
+            if name in spec:  # a hidden input or one a newer ComfyUI adds: nothing declared to check
+                _in_range(name, value, spec[name][1])
     except AdaTPInputError as exc:
         return str(exc)
     return True
