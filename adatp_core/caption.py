@@ -39,7 +39,7 @@ from .attention import QUERY_MODES, _check_max_pixels, check_question, check_vid
 from .budget import check_memory
 from .decode_worker import watch_parent_process
 from .batching import check_batch_size, decode_together
-from .errors import AdaTPInputError
+from .errors import AdaTPInputError, AdaTPTransformersError
 from .paths import confined, inside
 from .pipeline import PipelineConfig, prefill, run_pipeline
 from .prune import check_retention
@@ -78,12 +78,12 @@ class DecodeAhead:
     child process (decode_worker.py), and a host application whose main script
     must not be re-imported by spawned workers (ComfyUI's main.py) stays safe.
     Iterating yields (path, get) with get() -> (frames uint8 [T, H, W, 3], info),
-    raising the clip's error. A worker that dies (a decoder crash) fails only
-    the clip it was decoding; the pool is restarted.
-    Each clip is probed and its sampling plan checked in this process before it
-    goes to a worker: check(plan) raises to fail the clip undecoded (default:
-    its frames must fit in the host's memory; caption_videos also checks the
-    model's context and input).
+    raising the clip's error. A worker that dies (a decoder crash, in the probe or
+    the decoding) fails only the clip it was working on; the pool is restarted.
+    Each clip is probed in a worker, which returns its sampling plan; the plan is
+    checked in this process (check(plan) raises to fail the clip undecoded;
+    default: its frames must fit in the host's memory; caption_videos also checks
+    the model's context and input), and only then decoded, in a worker again.
     """
 
     def __init__(self, paths: Iterable, cfg: PipelineConfig, workers: int = 2, depth: int | None = None,
@@ -97,7 +97,7 @@ class DecodeAhead:
         self.processes = processes
         self.depth = max(1, depth if depth is not None else workers + 1)
         self.pool = None
-        self.pending: deque[tuple[str, Future]] = deque()
+        self.pending: deque[_Ahead] = deque()
 
     def _start_pool(self) -> None:
         if self.processes:  # spawn: never fork a process that holds a model and torch's threads
@@ -107,20 +107,32 @@ class DecodeAhead:
         else:
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="adatp-decode")
 
-    def _plan(self, path: str) -> SamplePlan:
-        plan = plan_sampling(path, *self.args)
-        self.check(plan)
-        return plan
-
     def _submit(self, path: str) -> None:
+        self.pending.append(_Ahead(path, self.pool.submit(plan_sampling, path, *self.args)))
+
+    def _decode_ready(self) -> None:
+        """Every clip whose probe came back is checked here and, when it passes, sent to decode:
+        decoding goes on ahead of the consumer as before the check existed."""
+        for entry in self.pending:
+            if (entry.decoding is None and entry.planned.done()
+                    and not isinstance(entry.planned.exception(), BrokenProcessPool)):  # _result restarts the pool
+                self._start_decoding(entry)
+
+    def _start_decoding(self, entry: _Ahead) -> None:
+        """Check the clip's plan and send it to decode; a plan that fails the check (or a probe that
+        raised) leaves its error in ``entry.decoding``, for get() to raise."""
         try:
-            plan = self._plan(path)
-        except Exception as exc:  # noqa: BLE001  whatever stops one clip's plan fails that clip only
-            future = Future()
-            future.set_exception(exc)
+            plan = entry.planned.result()
+            self.check(plan)
+        except BrokenProcessPool:
+            raise
+        except AdaTPTransformersError:  # the model failing, not the clip: the run stops
+            raise
+        except Exception as exc:  # noqa: BLE001  the probe's or the check's error fails this clip only
+            entry.decoding = Future()
+            entry.decoding.set_exception(exc)
         else:
-            future = self.pool.submit(decode_plan, plan)
-        self.pending.append((path, future))
+            entry.decoding = self.pool.submit(decode_plan, plan)
 
     def __enter__(self):
         if self.workers:
@@ -136,24 +148,33 @@ class DecodeAhead:
             self.pool = None
         self.pending.clear()
 
+    def _inline(self, path: str):
+        plan = plan_sampling(path, *self.args)
+        self.check(plan)
+        return decode_plan(plan)
+
     def __iter__(self) -> Iterator[tuple[str, Callable]]:
         if not self.workers:
             for path in self.paths:
-                yield path, (lambda p=path: decode_plan(self._plan(p)))
+                yield path, (lambda p=path: self._inline(p))
             return
         queue = deque(self.paths)
         while queue or self.pending:
             while queue and len(self.pending) < self.depth:
                 self._submit(queue.popleft())
-            path, future = self.pending.popleft()
-            yield path, lambda f=future: self._result(f)
+            self._decode_ready()
+            entry = self.pending.popleft()
+            yield entry.path, lambda e=entry: self._result(e)
 
-    def _result(self, future: Future):
+    def _result(self, entry: _Ahead):
         try:
-            return future.result()
+            if entry.decoding is None:  # its probe is still running: wait for it here
+                entry.planned.result()
+                self._start_decoding(entry)
+            return entry.decoding.result()
         except BrokenProcessPool as exc:
-            # Every queued clip shared the dead pool: decode them again in a new one.
-            redo = [p for p, _ in self.pending]
+            # Every queued clip shared the dead pool: probe and decode them again in a new one.
+            redo = [e.path for e in self.pending]
             self.pending.clear()
             self.pool.shutdown(wait=False, cancel_futures=True)
             self._start_pool()
@@ -161,6 +182,19 @@ class DecodeAhead:
                 self._submit(p)
             raise AdaTPInputError("the decoder process died on this clip (a decoder crash); "
                                   "re-export it as MP4 (H.264).") from exc
+        finally:
+            if self.pool is not None and self.pending:
+                self._decode_ready()
+
+
+@dataclass
+class _Ahead:
+    """One clip in DecodeAhead: its probe in a worker (planned: a SamplePlan), then, once checked
+    here, its decoding in a worker (None until then)."""
+
+    path: str
+    planned: Future
+    decoding: Future | None = None
 
 
 def fits_check(model, prompt: str, cfg: PipelineConfig) -> Callable[[SamplePlan], dict]:
@@ -274,6 +308,8 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
             wait_start = time.perf_counter()
             try:
                 frames, info = get()
+            except AdaTPTransformersError:  # the model failing in the check, not the clip: the run stops
+                raise
             except Exception as exc:  # noqa: BLE001  whatever stops one clip's decoding fails that clip only
                 error = str(exc) if isinstance(exc, AdaTPInputError) else f"{exc.__class__.__name__}: {exc}"
                 yield ClipResult(path, None, error=error)
@@ -325,6 +361,8 @@ def _caption_together(model, videos, prompt, cfg, workers, processes, claim, bat
         wait_start = time.perf_counter()
         try:
             frames, info = get()
+        except AdaTPTransformersError:  # the model failing in the check, not the clip: the run stops
+            raise
         except Exception as exc:  # noqa: BLE001  whatever stops one clip's decoding fails that clip only
             raise AdaTPInputError(str(exc) if isinstance(exc, AdaTPInputError)
                                   else f"{exc.__class__.__name__}: {exc}") from exc

@@ -134,3 +134,40 @@ def test_available_memory_is_read_without_psutil_too(monkeypatch):
     assert budget.available_host_bytes() > 0
     monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
     assert budget.available_host_bytes() > 0  # /proc/meminfo, or os.sysconf
+
+
+def test_the_probe_runs_in_a_worker_and_the_check_here(clips, monkeypatch):
+    """An untrusted clip's container is opened by a decode worker, never by the consumer (ComfyUI's
+    own thread, or the CLI's process when workers are processes); only the plan comes back to be
+    checked here."""
+    import threading
+
+    probed, checked = [], []
+    real = vid.probe_video
+    monkeypatch.setattr(vid, "probe_video", lambda *a, **k: probed.append(threading.current_thread().name)
+                        or real(*a, **k))
+    paths = [clips["short"], clips["long"], clips["short"]]
+    with cap.DecodeAhead(paths, replace(CFG, num_frames=4), workers=2, processes=False,
+                         check=lambda plan: checked.append(threading.current_thread().name)) as ahead:
+        got = [get()[0].shape[0] for _, get in ahead]
+    assert got == [4, 4, 4]
+    assert len(probed) == 3 and all(name.startswith("adatp-decode") for name in probed), probed
+    assert checked == [threading.current_thread().name] * 3
+
+
+def test_a_transformers_failure_in_the_check_stops_the_run(clips):
+    """The model failing (here in the check) is not one clip's fault: DecodeAhead raises it, where a
+    clip's own error (a probe that fails, a plan too large) fails that clip alone."""
+    from adatp_core.errors import AdaTPTransformersError
+
+    def check(plan):
+        if plan.name == "long.mp4":
+            raise AdaTPTransformersError("model family x: transformers 9.0 failed")
+        raise AdaTPInputError(f"{plan.name}: too large")
+
+    with cap.DecodeAhead([clips["short"], clips["long"]], replace(CFG, num_frames=4), workers=1,
+                         processes=False, check=check) as ahead:
+        with pytest.raises(AdaTPTransformersError):
+            for _, get in ahead:
+                with pytest.raises(AdaTPInputError, match="short.mp4: too large"):
+                    get()
