@@ -50,7 +50,7 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersErr
 from .generate import SamplingConfig, generate_answer
 from .memory import free_memory, is_interrupt
 from .hf import versions
-from .hf.kernels import TRANSFORMERS_MODULES, kernels_line
+from .hf.kernels import kernels_line_as_decided
 from .models.loader import VideoLLM, load_video_llm, resolve_device, resolve_dtype
 from .models.stock import stock_video_inputs
 from .pipeline import PipelineConfig, select
@@ -214,15 +214,6 @@ def sdpa_backends(dev: torch.device, dtype: torch.dtype) -> dict[str, bool]:
     return offered
 
 
-def _kernels_line(device_type: str) -> str:
-    """``kernels_line`` on ``device_type`` as transformers decides it: its Qwen3.5 module imported
-    first (a kernel package that is installed but fails to import is not used; find_spec alone would
-    say it is). Returns the line."""
-    with contextlib.suppress(Exception):
-        importlib.import_module(TRANSFORMERS_MODULES[0])
-    return kernels_line(device_type=device_type)
-
-
 def environment(dev: torch.device, dtype: torch.dtype) -> dict:
     env = {
         "python": f"{sys.version.split()[0]} ({platform.system()} {platform.machine()})",
@@ -232,7 +223,7 @@ def environment(dev: torch.device, dtype: torch.dtype) -> dict:
         "PyAV": _version("av"),
         "decord": _version("decord"),
         "bitsandbytes": _version("bitsandbytes", load=False),
-        "Gated DeltaNet kernels": _kernels_line(dev.type),
+        "Gated DeltaNet kernels": kernels_line_as_decided(dev.type),
         **_device_lines(dev),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -554,7 +545,7 @@ def _peak_rss_mib() -> float:
 
 
 def _check_vision(fam: _Family, llm: VideoLLM, frames) -> None:
-    """Qwen: the batched vision attention (qwen_vision.py) against the stock tower."""
+    """Qwen: the batched vision attention (hf/vision.py) against the stock tower."""
     from .hf.vision import vision_forward
 
     adapter = llm.adapter

@@ -44,6 +44,7 @@ imported transformers module already chose, or else predicts it from what is ins
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -329,6 +330,17 @@ def _part_text(report: dict, part: str) -> str:
 def _parts_text(report: dict, separator: str) -> str:
     """Each part and the code that runs it, e.g. "gated delta rule: fla; causal conv1d: PyTorch"."""
     return separator.join(f"{part.replace('_', ' ')}: {_part_text(report, part)}" for part in KERNEL_FUNCTIONS)
+
+
+def kernels_line_as_decided(device_type: str) -> str:
+    """``kernels_line`` on ``device_type`` as transformers decides it: its Qwen3.5 module imported
+    first (a kernel package that is installed but fails to import is not used; find_spec alone would
+    say it is). Whatever that import raises leaves the prediction from what is installed."""
+    try:
+        importlib.import_module(TRANSFORMERS_MODULES[0])
+    except Exception:  # noqa: BLE001  a transformers without the module, or one that fails to import it
+        pass
+    return kernels_line(device_type=device_type)
 
 
 def kernels_line(report: dict | None = None, *, model=None, device_type: str | None = None) -> str:
