@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The family, cache and exactness tests at the declared minimum transformers, in .venv-min.
-# The minimum is read from one place, the `transformers>=X` line of requirements.txt (a test keeps
-# pyproject.toml in step with it). .venv-min gets torch 2.13.0, then requirements.txt and
+# The minimum is read from the `transformers>=X` line of requirements.txt (tests/test_versions.py
+# keeps it equal to pyproject.toml's and to adatp_core/hf/versions.py's MINIMUM). .venv-min gets torch 2.13.0, then requirements.txt and
 # requirements-dev.txt with transformers pinned to X. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ TESTS=(
     tests/test_stages.py tests/test_qwen_stages.py tests/test_hybrid_stages.py
     tests/test_exactness.py tests/test_qwen_exactness.py tests/test_hybrid.py
     tests/test_static_decode.py tests/test_batching.py tests/test_qwen_batching.py tests/test_hybrid_batching.py
-    tests/test_prefix_cache.py tests/test_qwen_prefix_cache.py tests/test_cache_protocol.py
+    tests/test_prefix_cache.py tests/test_qwen_prefix_cache.py tests/test_cache_protocol.py tests/test_versions.py
     tests/test_nodes.py::test_nodes_chain_and_branch_independently
     tests/test_workflows.py::test_bypassing_both_debias_nodes_gives_fastv
     tests/test_qwen_workflows.py::test_spec_invariants_through_the_nodes

@@ -25,10 +25,9 @@ FLOOR_MESSAGE = "at least 0.01"
 
 @pytest.fixture(scope="module")
 def pack(tiny_dir):
-    import os
-
-    os.environ["ADATP_CACHE_DIR"] = str(tiny_dir.parent)  # the built-in model is already built there
-    return load_pack()
+    with pytest.MonkeyPatch.context() as mp:  # for this module's tests only
+        mp.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))  # the built-in model is already built there
+        yield load_pack()
 
 
 @pytest.fixture

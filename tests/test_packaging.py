@@ -50,8 +50,8 @@ def test_ci_runs_the_readme_test_command():
 
 def test_ci_tests_the_declared_minimum():
     """CI runs scripts/test_min.sh after the suite. The script reads the minimum from the
-    `transformers>=X` line of requirements.txt (its one home; the test above keeps pyproject.toml in
-    step), so that line must keep that form, and every test file the script names must exist."""
+    `transformers>=X` line of requirements.txt (test_versions keeps it equal to pyproject.toml's and
+    to hf/versions.py's MINIMUM), so that line must keep that form, and every test file the script names must exist."""
     assert "bash scripts/test_min.sh" in (ROOT / ".ci" / "run").read_text()
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     declared = [line for line in lines if _name(line) == "transformers"]

@@ -274,7 +274,7 @@ def test_the_node_shows_the_clear_error(tiny_dir, monkeypatch):
     """Extract Attention, as ComfyUI calls it: the node raises the pack's error, whose text ComfyUI shows."""
     from pack import load_pack, pack_module
 
-    os.environ["ADATP_CACHE_DIR"] = str(tiny_dir.parent)  # the built-in model is already built there
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))  # the built-in model is already built there
     nodes = load_pack().NODE_CLASS_MAPPINGS
     errors = pack_module("adatp_core.errors")
     model = nodes["AdaTP_LoadVideoLLM"]().load("adatp-tiny (built-in, random weights)", "float32", "sdpa", "cpu",
@@ -302,3 +302,20 @@ def test_batched_decoding_stops_on_a_transformers_failure(tiny):
 
     with pytest.raises(AdaTPTransformersError):
         list(decode_together(tiny, SamplingConfig(max_new_tokens=2), [("clip", prefill)], batch_size=2))
+
+
+@pytest.mark.parametrize("where", ["_prefill", "_run"])
+def test_a_transformers_failure_in_a_batched_step_stops_the_run(tiny, monkeypatch, where):
+    """The same inside the batch: in the rest of a clip's prefill (join) and in a decode step of
+    several rows, which were taken for out of memory (the step halved, then each row failed alone)."""
+    from test_batching import clip_states
+
+    from adatp_core import batching
+    from adatp_core.generate import SamplingConfig
+
+    states = clip_states(tiny)[:2]
+    monkeypatch.setattr(batching.DecodeBatch, where, raiser(
+        versions.transformers_error(AttributeError(MESSAGE), "llava_onevision", "the decoder layers")))
+    with pytest.raises(AdaTPTransformersError):
+        list(batching.decode_together(tiny, SamplingConfig(max_new_tokens=4), [(i, lambda s=s: s) for i, s in
+                                                                              enumerate(states)], batch_size=2))

@@ -1,8 +1,9 @@
 """The transformers releases the pack is tested with, and what it says when the installed one differs
 or fails.
 
-- ``MINIMUM`` .. ``NEWEST_TESTED`` (tested on ``TESTED_ON``) is the tested range, here and nowhere
-  else; pyproject.toml's lower bound says the same (a test checks it). Every version branch in
+- ``MINIMUM`` .. ``NEWEST_TESTED`` (tested on ``TESTED_ON``) is the tested range. The minimum is
+  written three times, one for each reader: here, requirements.txt's lower bound (pip, and
+  scripts/test_min.sh, which pins it) and pyproject.toml's; test_versions keeps them equal. Every version branch in
   hf/ names, beside it, the releases it serves.
 - At model load (``warn_if_untested``), a transformers newer than the newest tested gets one
   warning per process (not a refusal: a new release usually works, and the doctor checks it),
