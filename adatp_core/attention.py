@@ -282,7 +282,8 @@ def _decode_stats(video_info, n_frames: int) -> dict:
     ((index, time wanted, time of the frame given)), when Load Video's video_info says."""
     own = getattr(video_info, "frames_own_time", None) if video_info is not None else None
     times = getattr(video_info, "timestamps", ())
-    if own is None or len(times) != n_frames:
+    if own is None or len(times) != n_frames or getattr(video_info, "backend", "") == "memory":
+        # frames sampled from a VIDEO already in memory were not decoded: nothing to say of them
         return {}
     return {"frames_own_time": own,
             "frames_substituted": [(k, round(want, 3), round(times[k], 3))

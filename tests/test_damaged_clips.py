@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from comfy_video import VideoFromFile
 from pack import pack_module
 from test_caption import CFG
@@ -128,6 +129,10 @@ def test_the_stats_say_which_frames_came_from_elsewhere(tiny, clips):
     assert "DAMAGED CLIP: 7 of 8 decoded at their own times, 1 from elsewhere: #4 (wanted 2.50s)" in text
     whole = run_pipeline(tiny, clips["clip"], "What happens?", PipelineConfig(num_frames=8))
     assert "all 8 decoded at their own times" in stats_text(whole.stats)
+    # Frames sampled from a VIDEO in memory were never decoded: the stats claim nothing of them.
+    frames, info = vid.sample_frames(torch.rand(16, 48, 64, 3), 8.0, num_frames=8)
+    memory = run_pipeline(tiny, frames, "What happens?", PipelineConfig(num_frames=8), video_info=info)
+    assert "frames_own_time" not in memory.stats and "decoded at their own" not in stats_text(memory.stats)
 
 
 def test_load_video_and_sample_video_refuse_a_damaged_clip(clips, monkeypatch):

@@ -107,7 +107,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         return torch.tensor([[t, h * m, w * m]], dtype=torch.long, device=self.device)
 
     def _vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
-        """The vision tower, its attention batched (qwen_vision.py, the stock output):
+        """The vision tower, its attention batched (hf/vision.py, the stock output):
         (merged tokens [N, D], pre-merger patches [P, d_v], deepstack features, one
         [N, D] per DeepStack layer; empty for Qwen2.5-VL).
 
