@@ -403,6 +403,32 @@ def test_cancel_stops_a_stalled_download_at_once(env, tmp_path, where):
         assert not (root / ".tiny-llava-onevision.partial" / "model.safetensors").exists()
 
 
+def test_the_next_download_waits_for_a_cancelled_one_still_writing(env, tmp_path, monkeypatch):
+    """A cancelled download's worker may still be inside huggingface_hub's request, and would write
+    into the partial folder when the hub answers: the next download of that model waits for it to
+    end (Cancel still works while it waits) instead of writing beside it."""
+    root = tmp_path / "LLM"
+    stall(env, "file midway")
+    check, _ = press_cancel_when_stalled(env)
+    with pytest.raises(Stop):
+        dl.download_model(REPO, root, check_interrupt=check)
+    partial = root / ".tiny-llava-onevision.partial"
+    assert dl._abandoned_workers(partial)  # still waiting on the stalled hub
+    import huggingface_hub
+
+    fetched, real = [], huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: fetched.append(a[1]) or real(*a, **k))
+    later = time.monotonic() + 0.5
+    with pytest.raises(Stop):  # waits, then Cancel: no file fetched meanwhile
+        dl.download_model(REPO, root, check_interrupt=lambda: (_ for _ in ()).throw(Stop())
+                          if time.monotonic() > later else None)
+    assert fetched == []
+    env.release()
+    folder = dl.download_model(REPO, root)
+    assert not dl._abandoned_workers(partial)
+    assert (folder / "model.safetensors").read_bytes() == env_repo(env).files["model.safetensors"]
+
+
 def test_a_slow_stream_is_not_a_stall(env, tmp_path, monkeypatch):
     """Once a file streams, only a gap between chunks counts, not the time since the request."""
     monkeypatch.setattr(dl, "STALL_SECONDS", 0.5)

@@ -211,8 +211,39 @@ def plan_download(repo_id: str, check_interrupt: Callable[[], None] | None = Non
     return plan
 
 
+# Worker threads that a download gave up on (Cancel, a stall) and that may still write into a partial
+# folder: partial folder -> threads. A new download of the same model waits for them to end first.
+_ABANDONED: dict[str, list[threading.Thread]] = {}
+_ABANDONED_LOCK = threading.Lock()
+
+
+def _abandoned_workers(partial: Path) -> list[threading.Thread]:
+    with _ABANDONED_LOCK:
+        alive = [t for t in _ABANDONED.get(str(partial), []) if t.is_alive()]
+        if alive:
+            _ABANDONED[str(partial)] = alive
+        else:
+            _ABANDONED.pop(str(partial), None)
+        return alive
+
+
+def _wait_for_abandoned(partial: Path, repo_id: str, check: Callable[[], None]) -> None:
+    """An earlier download of ``repo_id`` in this process, cancelled or stalled, may still be writing
+    into ``partial`` (its thread stops at its next chunk, or when huggingface_hub's own timeouts end
+    its request). Wait for it, checking Cancel, at most STREAM_STALL_SECONDS; then refuse clearly
+    rather than let two writers share the folder."""
+    deadline = time.monotonic() + STREAM_STALL_SECONDS
+    while _abandoned_workers(partial):
+        check()
+        if time.monotonic() > deadline:
+            raise DownloadError(f"the earlier download of {repo_id}, cancelled or stalled, is still stopping "
+                                f"(its request has not ended after {STREAM_STALL_SECONDS:g} s). Run again in a "
+                                "minute, or restart ComfyUI; the files fetched so far are kept.")
+        time.sleep(POLL_SECONDS)
+
+
 def call_with_deadline(fn: Callable[[], object], what: str, check: Callable[[], None],
-                       progress: "_ByteProgress | None" = None):
+                       progress: "_ByteProgress | None" = None, partial: Path | None = None):
     """``fn()`` in a worker thread, waited for in this thread, which calls ``check()`` and
     reports ``progress`` every POLL_SECONDS.
 
@@ -236,7 +267,8 @@ def call_with_deadline(fn: Callable[[], object], what: str, check: Callable[[], 
     started = time.monotonic()
     if progress is not None:
         progress.last_chunk = None
-    threading.Thread(target=work, name="adatp-download", daemon=True).start()
+    worker = threading.Thread(target=work, name="adatp-download", daemon=True)
+    worker.start()
     try:
         while not done.wait(POLL_SECONDS):
             check()
@@ -250,6 +282,9 @@ def call_with_deadline(fn: Callable[[], object], what: str, check: Callable[[], 
     except BaseException:
         if progress is not None:
             progress.abandon()
+        if partial is not None:  # it may still write there: the next download of this model waits for it
+            with _ABANDONED_LOCK:
+                _ABANDONED.setdefault(str(partial), []).append(worker)
         raise
     if "error" in box:
         _add_note(box["error"], f"while {what}")
@@ -473,6 +508,7 @@ def download_model(repo_id: str, root, *, on_progress: ProgressCallback | None =
     with _explained_errors(repo_id, final):
         plan = plan_download(repo_id, check)
         _check_space(root, partial, plan)
+        _wait_for_abandoned(partial, repo_id, check)
         partial.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s (%d files, %.2f GB) into %s", repo_id, len(plan.files), plan.total_bytes / 1e9,
                  final)
@@ -496,5 +532,5 @@ def _fetch(plan: DownloadPlan, partial: Path, progress: _ByteProgress, check: Ca
         check()
         fetch = functools.partial(hf_hub_download, plan.repo_id, f.name, revision=plan.commit, local_dir=partial,
                                   tqdm_class=bar, **hub)
-        call_with_deadline(fetch, f"fetching {f.name} of {plan.repo_id}", check, progress)
+        call_with_deadline(fetch, f"fetching {f.name} of {plan.repo_id}", check, progress, partial)
         progress.file_done(f.size or 0)
