@@ -67,12 +67,15 @@ def check_batch_size(n) -> int:
 
 
 def row_bytes(cache, max_new_tokens: int) -> int:
-    """Bytes one clip's keys and values take in a batch: every layer's length plus its new tokens."""
+    """Bytes one clip takes in a batch: its keys and values (every layer's length plus its new
+    tokens), and its linear-attention states twice: the states and the copy of them that a step
+    which could run out of memory halfway keeps, as does a graph capture's warm-up
+    (``linear_states_kept``; hybrid models only)."""
     total = 0
     for i, n in enumerate(cache.lengths()):
         entry = cache.entry(i)
-        if isinstance(entry, LinearState):  # a fixed size, however long
-            total += sum(t[0].numel() * t.element_size() for t in (entry.conv, entry.recurrent))
+        if isinstance(entry, LinearState):  # a fixed size, however long, and its snapshot
+            total += 2 * sum(t[0].numel() * t.element_size() for t in (entry.conv, entry.recurrent))
             continue
         k, _ = entry
         total += 2 * (n + max_new_tokens) * k.shape[1] * k.shape[-1] * k.element_size()
@@ -116,10 +119,19 @@ class StaticRowsStep:
         window = self.cache.window(0, entry["bucket"], static=True)
         return decode_step(self.adapter, entry["tokens"], entry["positions"], window, window.masks())
 
+    def _bucket(self, n: int) -> int:
+        return min(self.cache.slots, 1 << (n - 1).bit_length())
+
+    def replays(self, n: int) -> bool:
+        """Whether a step over n rows replays a captured graph. A replay allocates nothing (its
+        output's copy is allocated before it), so it cannot run out of memory halfway through."""
+        entry = self.entries.get(self._key(self._bucket(n)))
+        return self.use_graph and entry is not None and entry["graph"] is not None
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens [n], positions [n, 1] (or [3, n, 1]) -> logits [n, V] (a copy)."""
         n = tokens.shape[0]
-        bucket = min(self.cache.slots, 1 << (n - 1).bit_length())
+        bucket = self._bucket(n)
         key = self._key(bucket)
         entry = self.entries.get(key)
         if entry is None:
@@ -138,8 +150,9 @@ class StaticRowsStep:
             self._capture(entry)
         if entry["graph"] is None:  # capture failed: fixed shapes without a graph
             return self._step(entry)[:n]
+        logits = torch.empty_like(entry["out"][:n])  # before the replay: after it, nothing may fail
         entry["graph"].replay()
-        return entry["out"][:n].clone()
+        return logits.copy_(entry["out"][:n])
 
     def _capture(self, entry) -> None:
         """The step as a CUDA graph, captured as one answer's is (static_decode.capture_graph: its
@@ -325,14 +338,17 @@ class DecodeBatch:
         # A step over several rows that fails (out of memory) runs again in halves: its linear
         # states must not have taken the token in already (the key/value slots are simply written
         # again). That costs a copy of those rows' states per step (hybrid models only; ~48 MiB
-        # per row for a 9B); one row that fails is not run again, so it needs none.
-        keep = (linear_states_kept(self.cache, slice(start, stop), only_on_error=True) if stop - start > 1
+        # per row for a 9B; row_bytes counts it); one row that fails is not run again, so it needs
+        # none, nor does a graph replay, which cannot fail halfway.
+        whole = self.static is not None and start == 0 and stop == len(self.rows)
+        keep = (linear_states_kept(self.cache, slice(start, stop), only_on_error=True)
+                if stop - start > 1 and self.cache.linear and not (whole and self.static.replays(stop - start))
                 else contextlib.nullcontext())
         with torch.inference_mode(), plan_free_attention(dev), keep:
             tokens = torch.tensor([row.tokens[-1] for row in part], device=dev)
             positions = row_positions([row.first for row in part], [len(row.tokens) - 1 for row in part],
                                       part[0].state.position_ids, dev)
-            if self.static is not None and start == 0 and stop == len(self.rows):
+            if whole:
                 logits = self.static(tokens, positions)
             else:  # default mode, or a part of the rows after running out of memory
                 window = self.cache.window(start, stop)
