@@ -23,7 +23,9 @@ Faults: a clip whose prefill fails (bad input, out of memory) fails alone. Out o
 memory in a step halves the rows a step runs at once and runs the step again in
 halves over the same cache (lengths advance only after a step has run), so no
 token is lost or produced twice; new clips then join only up to the halved
-limit. A row that cannot step even alone fails alone.
+limit. A row that cannot step even alone fails alone. Out of memory while capturing
+a static step's graph is out of memory in that step; any other capture failure
+turns graphs off for the batch, with a warning (static_decode's rule too).
 
 Each row decodes exactly what it would alone: its own lengths per layer, a mask
 of its own filled positions, its own position ids (M-RoPE too), its own
@@ -47,7 +49,7 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersErr
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
                        resolved_sampling, sampling_generator)
 from .sampling import TokenChooser
-from .memory import run_guarded
+from .memory import is_out_of_memory, run_guarded
 from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .timing import synchronize
@@ -157,7 +159,9 @@ class StaticRowsStep:
     def _capture(self, entry) -> None:
         """The step as a CUDA graph, captured as one answer's is (static_decode.capture_graph: its
         own stream, kept with the graph; the warm-up's advance of every row's linear-attention
-        states undone)."""
+        states undone). Out of memory is raised, as ``StaticDecoder.capture`` raises it: the batch
+        then runs its rows in halves (``DecodeBatch.step``) and captures again when they run whole.
+        Any other failure turns graphs off for the batch, with a warning that names it."""
         dev = self.adapter.device
         start = time.perf_counter()
         try:
@@ -165,7 +169,10 @@ class StaticRowsStep:
                 entry["graph"], entry["out"], entry["stream"] = static_decode.capture_graph(
                     lambda: self._step(entry), dev)
         except RuntimeError as exc:
-            log.warning("CUDA graph capture of a batched step failed (%s); stepping without a graph", exc)
+            if is_out_of_memory(exc):
+                raise
+            log.warning("CUDA graph capture of a batched step failed (%s: %s); stepping without a graph",
+                        type(exc).__name__, exc)
             self.use_graph = False
         synchronize(dev)
         self.capture_seconds += time.perf_counter() - start
