@@ -121,19 +121,16 @@ class StaticRowsStep:
         window = self.cache.window(0, entry["bucket"], static=True)
         return decode_step(self.adapter, entry["tokens"], entry["positions"], window, window.masks())
 
-    def _bucket(self, n: int) -> int:
-        return min(self.cache.slots, 1 << (n - 1).bit_length())
-
-    def replays(self, n: int) -> bool:
-        """Whether a step over n rows replays a captured graph. A replay allocates nothing (its
-        output's copy is allocated before it), so it cannot run out of memory halfway through."""
-        entry = self.entries.get(self._key(self._bucket(n)))
-        return self.use_graph and entry is not None and entry["graph"] is not None
-
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens [n], positions [n, 1] (or [3, n, 1]) -> logits [n, V] (a copy)."""
+        """tokens [n], positions [n, 1] (or [3, n, 1]) -> logits [n, V] (a copy).
+
+        With graphs on, a step that runs out of memory leaves the rows' linear-attention states as
+        they were, as ``DecodeBatch._run`` needs, without a copy of them per step: a replay allocates
+        nothing (its output's copy is allocated before it), so it cannot fail halfway; a capture
+        keeps its own copy (``_capture``); only a step that runs without a graph after a failed
+        capture takes one."""
         n = tokens.shape[0]
-        bucket = self._bucket(n)
+        bucket = min(self.cache.slots, 1 << (n - 1).bit_length())
         key = self._key(bucket)
         entry = self.entries.get(key)
         if entry is None:
@@ -151,7 +148,8 @@ class StaticRowsStep:
         if entry["graph"] is None:
             self._capture(entry)
         if entry["graph"] is None:  # capture failed: fixed shapes without a graph
-            return self._step(entry)[:n]
+            with linear_states_kept(self.cache, slice(0, n), only_on_error=True):
+                return self._step(entry)[:n]
         logits = torch.empty_like(entry["out"][:n])  # before the replay: after it, nothing may fail
         entry["graph"].replay()
         return logits.copy_(entry["out"][:n])
@@ -346,10 +344,10 @@ class DecodeBatch:
         # states must not have taken the token in already (the key/value slots are simply written
         # again). That costs a copy of those rows' states per step (hybrid models only; ~48 MiB
         # per row for a 9B; row_bytes counts it); one row that fails is not run again, so it needs
-        # none, nor does a graph replay, which cannot fail halfway.
+        # none, nor does a step with graphs on, which keeps the states itself (StaticRowsStep.__call__).
         whole = self.static is not None and start == 0 and stop == len(self.rows)
         keep = (linear_states_kept(self.cache, slice(start, stop), only_on_error=True)
-                if stop - start > 1 and self.cache.linear and not (whole and self.static.replays(stop - start))
+                if stop - start > 1 and self.cache.linear and not (whole and self.static.use_graph)
                 else contextlib.nullcontext())
         with torch.inference_mode(), plan_free_attention(dev), keep:
             tokens = torch.tensor([row.tokens[-1] for row in part], device=dev)
