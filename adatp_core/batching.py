@@ -23,7 +23,9 @@ Faults: a clip whose prefill fails (bad input, out of memory) fails alone. Out o
 memory in a step halves the rows a step runs at once and runs the step again in
 halves over the same cache (lengths advance only after a step has run), so no
 token is lost or produced twice; new clips then join only up to the halved
-limit. A row that cannot step even alone fails alone.
+limit. A row that cannot step even alone fails alone. Out of memory while capturing
+a static step's graph is out of memory in that step; any other capture failure
+turns graphs off for the batch, with a warning (static_decode's rule too).
 
 Each row decodes exactly what it would alone: its own lengths per layer, a mask
 of its own filled positions, its own position ids (M-RoPE too), its own
@@ -47,7 +49,7 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersErr
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
                        resolved_sampling, sampling_generator)
 from .sampling import TokenChooser
-from .memory import run_guarded
+from .memory import is_out_of_memory, run_guarded
 from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .timing import synchronize
@@ -67,12 +69,15 @@ def check_batch_size(n) -> int:
 
 
 def row_bytes(cache, max_new_tokens: int) -> int:
-    """Bytes one clip's keys and values take in a batch: every layer's length plus its new tokens."""
+    """Bytes one clip takes in a batch: its keys and values (every layer's length plus its new
+    tokens), and its linear-attention states twice: the states and the copy of them that a step
+    which could run out of memory halfway keeps, as does a graph capture's warm-up
+    (``linear_states_kept``; hybrid models only)."""
     total = 0
     for i, n in enumerate(cache.lengths()):
         entry = cache.entry(i)
-        if isinstance(entry, LinearState):  # a fixed size, however long
-            total += sum(t[0].numel() * t.element_size() for t in (entry.conv, entry.recurrent))
+        if isinstance(entry, LinearState):  # a fixed size, however long, and its snapshot
+            total += 2 * sum(t[0].numel() * t.element_size() for t in (entry.conv, entry.recurrent))
             continue
         k, _ = entry
         total += 2 * (n + max_new_tokens) * k.shape[1] * k.shape[-1] * k.element_size()
@@ -117,7 +122,13 @@ class StaticRowsStep:
         return decode_step(self.adapter, entry["tokens"], entry["positions"], window, window.masks())
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens [n], positions [n, 1] (or [3, n, 1]) -> logits [n, V] (a copy)."""
+        """tokens [n], positions [n, 1] (or [3, n, 1]) -> logits [n, V] (a copy).
+
+        With graphs on, a step that runs out of memory leaves the rows' linear-attention states as
+        they were, as ``DecodeBatch._run`` needs, without a copy of them per step: a replay allocates
+        nothing (its output's copy is allocated before it), so it cannot fail halfway; a capture
+        keeps its own copy (``_capture``); only a step that runs without a graph after a failed
+        capture takes one."""
         n = tokens.shape[0]
         bucket = min(self.cache.slots, 1 << (n - 1).bit_length())
         key = self._key(bucket)
@@ -137,14 +148,18 @@ class StaticRowsStep:
         if entry["graph"] is None:
             self._capture(entry)
         if entry["graph"] is None:  # capture failed: fixed shapes without a graph
-            return self._step(entry)[:n]
+            with linear_states_kept(self.cache, slice(0, n), only_on_error=True):
+                return self._step(entry)[:n]
+        logits = torch.empty_like(entry["out"][:n])  # before the replay: after it, nothing may fail
         entry["graph"].replay()
-        return entry["out"][:n].clone()
+        return logits.copy_(entry["out"][:n])
 
     def _capture(self, entry) -> None:
         """The step as a CUDA graph, captured as one answer's is (static_decode.capture_graph: its
         own stream, kept with the graph; the warm-up's advance of every row's linear-attention
-        states undone)."""
+        states undone). Out of memory is raised, as ``StaticDecoder.capture`` raises it: the batch
+        then runs its rows in halves (``DecodeBatch.step``) and captures again when they run whole.
+        Any other failure turns graphs off for the batch, with a warning that names it."""
         dev = self.adapter.device
         start = time.perf_counter()
         try:
@@ -152,7 +167,10 @@ class StaticRowsStep:
                 entry["graph"], entry["out"], entry["stream"] = static_decode.capture_graph(
                     lambda: self._step(entry), dev)
         except RuntimeError as exc:
-            log.warning("CUDA graph capture of a batched step failed (%s); stepping without a graph", exc)
+            if is_out_of_memory(exc):
+                raise
+            log.warning("CUDA graph capture of a batched step failed (%s: %s); stepping without a graph",
+                        type(exc).__name__, exc)
             self.use_graph = False
         synchronize(dev)
         self.capture_seconds += time.perf_counter() - start
@@ -325,14 +343,17 @@ class DecodeBatch:
         # A step over several rows that fails (out of memory) runs again in halves: its linear
         # states must not have taken the token in already (the key/value slots are simply written
         # again). That costs a copy of those rows' states per step (hybrid models only; ~48 MiB
-        # per row for a 9B); one row that fails is not run again, so it needs none.
-        keep = (linear_states_kept(self.cache, slice(start, stop), only_on_error=True) if stop - start > 1
+        # per row for a 9B; row_bytes counts it); one row that fails is not run again, so it needs
+        # none, nor does a step with graphs on, which keeps the states itself (StaticRowsStep.__call__).
+        whole = self.static is not None and start == 0 and stop == len(self.rows)
+        keep = (linear_states_kept(self.cache, slice(start, stop), only_on_error=True)
+                if stop - start > 1 and self.cache.linear and not (whole and self.static.use_graph)
                 else contextlib.nullcontext())
         with torch.inference_mode(), plan_free_attention(dev), keep:
             tokens = torch.tensor([row.tokens[-1] for row in part], device=dev)
             positions = row_positions([row.first for row in part], [len(row.tokens) - 1 for row in part],
                                       part[0].state.position_ids, dev)
-            if self.static is not None and start == 0 and stop == len(self.rows):
+            if whole:
                 logits = self.static(tokens, positions)
             else:  # default mode, or a part of the rows after running out of memory
                 window = self.cache.window(start, stop)

@@ -145,6 +145,62 @@ def test_out_of_memory_in_a_step_halves_the_batch_and_loses_nothing(tiny, states
     assert sizes[0] == 5 and max(sizes[1:]) == 2  # 5 -> 2 (halved twice: 5 // 2), then never more
 
 
+def _graphs_on_the_cpu(monkeypatch, error=None):
+    """Batched static steps with CUDA graphs' semantics (the warm-up runs the step, the capture
+    records it, a replay runs it again), failing with ``error`` for buckets of several rows.
+    Returns the StaticRowsSteps made."""
+    from types import SimpleNamespace
+
+    from adatp_core import static_decode
+
+    def capture(fn, device):
+        warm = fn()
+        if error is not None and warm.shape[0] > 1:
+            raise error
+        out = torch.empty_like(warm)
+        return SimpleNamespace(replay=lambda: out.copy_(fn())), out, None
+
+    made = []
+    real = batching.StaticRowsStep.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.use_graph = True  # as on CUDA
+        made.append(self)
+
+    monkeypatch.setattr(static_decode, "capture_graph", capture)
+    monkeypatch.setattr(batching.StaticRowsStep, "__init__", init)
+    return made
+
+
+def test_out_of_memory_in_a_batched_capture_halves_the_batch_and_keeps_graphs(tiny, states, monkeypatch, caplog):
+    """Out of memory while capturing a batched step's graph is out of memory in that step, as for one
+    answer (StaticDecoder.capture): the rows run in halves, and graphs stay on for the buckets that
+    fit. It used to turn graphs off for the whole batch, under a warning that hid the out of memory."""
+    made = _graphs_on_the_cpu(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    cfg = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="static")
+    with caplog.at_level("WARNING", logger="adatp_core.batching"):
+        answers = together(tiny, states, cfg, 3)
+    default = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="default")
+    assert [a.token_ids for a in answers] == [generate_answer(s, default).token_ids for s in states]
+    (step,) = made
+    assert "out of memory decoding 3 rows together" in caplog.text
+    assert "without a graph" not in caplog.text and step.use_graph
+    assert any(e["bucket"] == 1 and e["graph"] is not None for e in step.entries.values())
+
+
+def test_another_batched_capture_failure_steps_without_a_graph_and_names_it(tiny, states, monkeypatch, caplog):
+    made = _graphs_on_the_cpu(monkeypatch, RuntimeError("CUDA error: operation not permitted when stream is capturing"))
+    cfg = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="static")
+    with caplog.at_level("WARNING", logger="adatp_core.batching"):
+        answers = together(tiny, states, cfg, 3)
+    default = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="default")
+    assert [a.token_ids for a in answers] == [generate_answer(s, default).token_ids for s in states]
+    (step,) = made
+    assert not step.use_graph and "out of memory" not in caplog.text
+    assert "RuntimeError: CUDA error: operation not permitted when stream is capturing" in caplog.text
+
+
 def test_rows_cache_form():
     """Rows of different lengths per layer, packed at the front; a removed row's place
     goes to the last row; lengths advance only when a step has run."""

@@ -15,7 +15,8 @@ from conftest import QUESTION, LoaderStopped
 from adatp_core.attention import extract_attention
 from adatp_core.debias import global_debias, local_debias
 from adatp_core.generate import SamplingConfig, generate_answer
-from adatp_core.hf.cache import KVCache
+from adatp_core.decode import continue_prefill, decode_step, row_positions
+from adatp_core.hf.cache import KVCache, RowsKVCache
 from adatp_core.hf.layers import module_device
 from adatp_core.models.loader import load_video_llm
 from adatp_core.prune import prune_tokens
@@ -77,6 +78,29 @@ def test_layers_receive_hidden_states_and_fill_caches_on_their_device(split, fra
     step = adapter.run_layers(adapter.embed_tokens(torch.tensor([[5]])),
                               adapter.next_position_ids(state.position_ids, 0), cache, 0, adapter.num_layers)
     assert step.device.type == "meta" and cache.lengths()[0] == state.prompt.length + 1
+
+
+def test_rows_decoded_together_index_and_mask_each_layer_on_its_device(split, frames):
+    """Captions decoded together on a split model (batched auto is the default there): every
+    attention layer's write index and mask come from the rows' lengths, which must be on that
+    layer's device, not the first layer's; the pre-hook fails a mask from the CPU on the meta layers."""
+    adapter = split.adapter
+    state = prune_tokens(local_debias(global_debias(extract_attention(split, frames, QUESTION, layer=2))), 0.25)
+    rows = RowsKVCache(adapter.num_layers, 3)
+    for _ in range(2):
+        cache, logits = continue_prefill(state, 0)
+        rows.add(cache, 4)
+    assert [rows.keys[i].device.type for i in range(adapter.num_layers)] == ["cpu", "cpu", "meta", "meta"]
+    first = int(state.position_ids.max()) + 1
+    for step in range(2):  # the lengths per device are current at every step
+        window = rows.window(0, 2)
+        masks = window.masks()
+        assert [m.device.type for m in masks] == ["cpu", "cpu", "meta", "meta"]
+        positions = row_positions([first] * 2, [step] * 2, state.position_ids, adapter.device)
+        out = decode_step(adapter, torch.tensor([5, 6]), positions, window, masks)
+        assert out.device.type == "meta" and out.shape == (2, logits.shape[-1])
+        rows.advance(0, 2)
+    assert rows.lengths == [[state.prompt.length + 2] * 2 + [state.kept_positions().numel() + 2] * 2] * 2
 
 
 def _answer(model, frames, decode_mode):

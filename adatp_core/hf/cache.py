@@ -249,7 +249,7 @@ class RowsKVLayer(_FixedLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         w, i = self.window, self.layer_idx
-        lengths = w.cache._lengths[w.start:w.stop, i]
+        lengths = w.lengths_on(self.keys.device)[:, i]
         index = lengths.view(-1, 1, 1, 1).expand(-1, key_states.shape[1], 1, key_states.shape[-1])
         self.keys.scatter_(2, index, key_states)
         self.values.scatter_(2, index, value_states)
@@ -468,7 +468,9 @@ class RowsKVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.lengths: list[list[int]] = []  # host copy, per row in use, per layer
-        self._lengths: torch.Tensor | None = None  # [slots, num_layers] long, on the buffers' device
+        # [slots, num_layers] long, on the first layer's device; a window copies it to every other
+        # device of a split model once per step (``RowsWindow.lengths_on``)
+        self._lengths: torch.Tensor | None = None
 
     def capacity(self, layer_idx: int) -> int:
         buf = self.keys[layer_idx]
@@ -563,6 +565,7 @@ class RowsWindow(Cache):
         if not 0 <= start < stop <= (cache.slots if static else cache.rows):
             raise ValueError(f"rows [{start}, {stop}) are not in use ({cache.rows} rows)")
         self.cache, self.start, self.stop = cache, start, stop
+        self._lengths: dict[torch.device, torch.Tensor] = {}
         if static:
             self.spans = [cache.capacity(i) for i in range(cache.num_layers)]
         else:  # per layer, the window's longest row after this step's write
@@ -577,17 +580,28 @@ class RowsWindow(Cache):
                 made.append(RowsKVLayer(self, i))
         super().__init__(layers=made)
 
+    def lengths_on(self, device: torch.device) -> torch.Tensor:
+        """[stop - start, num_layers] long: the window's rows' lengths on ``device``, where a layer's
+        write index and mask must be. The cache's own on its device (no copy: a captured graph reads
+        it as ``advance`` changes it); on another device of a split model, a copy made once per step,
+        not per layer (split models never capture graphs)."""
+        lengths = self._lengths.get(device)
+        if lengths is None:
+            lengths = self._lengths[device] = self.cache._lengths[self.start:self.stop].to(device)
+        return lengths
+
     def masks(self) -> list:
-        """Per layer, [rows, 1, 1, n_l] bool: each row's filled positions and this step's token
-        (None for a linear-attention layer)."""
-        c, a, b = self.cache, self.start, self.stop
+        """Per layer, [rows, 1, 1, n_l] bool on that layer's device: each row's filled positions and
+        this step's token (None for a linear-attention layer)."""
+        c = self.cache
         out = []
         for i, n in enumerate(self.spans):
             if i in c.linear:
                 out.append(None)
                 continue
-            ar = torch.arange(n, device=c._lengths.device)
-            out.append((ar[None, :] <= c._lengths[a:b, i, None])[:, None, None, :])
+            lengths = self.lengths_on(c.keys[i].device)
+            ar = torch.arange(n, device=lengths.device)
+            out.append((ar[None, :] <= lengths[:, i, None])[:, None, None, :])
         return out
 
     def advance(self) -> None:

@@ -213,3 +213,55 @@ def test_hybrid_and_moe_models_decode_the_same_with_and_without_graphs(build, tm
         model, SamplingConfig(max_new_tokens=8, ignore_eos=True, decode_mode="static"),
         [(i, lambda: state) for i in range(3)], 2)}
     assert all(rows[i].token_ids == default.token_ids for i in range(3))
+
+
+# Issue 27, defect 1: captions decoded together on a model split over two GPUs (each attention
+# layer's write index and mask on its own GPU); the CPU half is tests/test_split_model.py.
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_split_model_batched_captions_equal_batch_one(tiny_dir, frames):
+    from adatp_core.batching import decode_together
+    from adatp_core.models.loader import load_video_llm
+
+    model = load_video_llm(tiny_dir, device="cuda:0", dtype="float32")
+    tm = model.adapter.text_model
+    for module in (*tm.layers[2:], tm.norm, model.model.lm_head):
+        module.to("cuda:1")
+    assert model.adapter.is_split
+    states = [_state(model, frames[:n]) for n in (2, 4, 3)]
+    cfg = SamplingConfig(max_new_tokens=8, ignore_eos=True)  # auto: the default mode on a split model
+    reference = [generate_answer(s, cfg).token_ids for s in states]
+    rows = {f.key: f for f in decode_together(model, cfg, [(i, lambda s=s: s) for i, s in enumerate(states)], 2)}
+    assert all(rows[i].error is None for i in range(3)), [rows[i].error for i in range(3)]
+    assert [rows[i].answer.token_ids for i in range(3)] == reference
+
+
+# Issue 27, defect 3: a batched step that replays a graph keeps no copy of the linear-attention states
+# (only a capture does); the CPU half is tests/test_hybrid_batching.py.
+def test_batched_graph_replays_keep_no_copy_of_the_linear_states(tmp_path, frames, monkeypatch):
+    from adatp_core import batching
+    from adatp_core.models.loader import load_video_llm
+    from adatp_core.models.tiny_qwen import ensure_tiny_qwen3_5
+
+    model = load_video_llm(ensure_tiny_qwen3_5(tmp_path), device="cuda", dtype="float32")
+    states = [_state(model, frames[:n], layer=model.adapter.default_layer()) for n in (2, 4, 3)]
+    cfg = dict(max_new_tokens=12, ignore_eos=True)
+    reference = [generate_answer(s, SamplingConfig(**cfg, decode_mode="default")).token_ids for s in states]
+    kept, made = [], []
+    real_kept, real_init = batching.linear_states_kept, batching.StaticRowsStep.__init__
+
+    def counted(cache, rows=slice(None), only_on_error=False):
+        kept.append("step" if only_on_error else "capture")
+        return real_kept(cache, rows, only_on_error)
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(batching, "linear_states_kept", counted)
+    monkeypatch.setattr(batching.StaticRowsStep, "__init__", init)
+    rows = {f.key: f.answer for f in batching.decode_together(
+        model, SamplingConfig(**cfg, decode_mode="static"), [(i, lambda s=s: s) for i, s in enumerate(states)], 2)}
+    assert [rows[i].token_ids for i in range(3)] == reference
+    (step,) = made
+    assert step.use_graph and any(e["graph"] is not None for e in step.entries.values())
+    assert "capture" in kept and "step" not in kept, kept  # copies only where a bucket is captured
