@@ -223,3 +223,18 @@ def test_a_grown_attention_layer_survives_what_transformers_does_to_its_keys():
     before = cache.layers[0].keys.clone()
     keys, _ = cache.update(k[..., :1, :] + 30, k[..., :1, :] + 30, 0)
     assert keys.flatten().tolist() == [*before.flatten().tolist(), 30]
+
+
+def test_every_form_says_how_many_tokens_it_holds():
+    """get_seq_length, which transformers asks of a cache (and a release may start asking of any
+    form), is the longest row's count before the step, static or not, for both kinds of layer; where
+    the release keeps its own count of a linear layer (5.25's cumulative_length_linear), it agrees."""
+    kinds = (LINEAR_ATTENTION, "full_attention")
+    forms = cache_forms(kinds)
+    rows = forms["RowsWindow"].cache
+    assert [r for r in rows.lengths] == [[S, S], [S, S]]
+    for name in ("KVCache (a whole past)", "StaticKVCache", "RowsWindow", "RowsWindow (static)"):
+        form = forms[name]
+        assert [form.get_seq_length(i) for i in range(len(kinds))] == [S, S], name
+        count = getattr(form.layers[0], "cumulative_length_linear", None)
+        assert count is None or int(count) == S, (name, count)

@@ -159,8 +159,17 @@ class LinearLayer(LinearAttentionLayer):
         self.has_previous_state[0] = True
         self.conv_kernel_size[0] = conv.shape[-1]
         self.device, self.dtype = conv.device, conv.dtype
-        self.length = int(length)
+        self.set_length(length)
         return self
+
+    def set_length(self, length: int) -> None:
+        """The layer holds ``length`` tokens. 5.25 keeps a count of its own (``cumulative_length_linear``,
+        which its update_conv_state and increase_count advance as ours does): set it too, in place (a
+        new tensor on the device would be a host copy inside a graph capture)."""
+        self.length = int(length)
+        count = getattr(self, "cumulative_length_linear", None)
+        if isinstance(count, torch.Tensor):
+            count.fill_(self.length)
 
     def update_conv_state(self, conv_states, state_idx: int = 0, *args, **kwargs):
         if state_idx == 0:
@@ -261,7 +270,7 @@ class RowsKVLayer(_FixedLayer):
 
     def get_seq_length(self) -> int:
         """The window's longest row before this step."""
-        return self.window.spans[self.layer_idx] - 1
+        return self.window.longest[self.layer_idx]
 
 
 # ----- the forms --------------------------------------------------------------------------------
@@ -411,7 +420,7 @@ class StaticKVCache(Cache):
                 state = cache.entry(i)
                 self.linear[i][0].copy_(state.conv)
                 self.linear[i][1].copy_(state.recurrent)
-                layer.length = n
+                layer.set_length(n)
                 continue
             if n > self.capacities[i]:
                 raise ValueError(f"layer {i} holds {n} positions, more than its capacity {self.capacities[i]}")
@@ -566,16 +575,18 @@ class RowsWindow(Cache):
             raise ValueError(f"rows [{start}, {stop}) are not in use ({cache.rows} rows)")
         self.cache, self.start, self.stop = cache, start, stop
         self._lengths: dict[torch.device, torch.Tensor] = {}
+        rows = cache.lengths[start:stop]  # the rows in use (a static bucket may reach past them)
+        # per layer, the window's longest row before this step (what get_seq_length says, both modes)
+        self.longest = [max((r[i] for r in rows), default=0) for i in range(cache.num_layers)]
         if static:
             self.spans = [cache.capacity(i) for i in range(cache.num_layers)]
         else:  # per layer, the window's longest row after this step's write
-            rows = cache.lengths[start:stop]
-            self.spans = [max(r[i] for r in rows) + 1 for i in range(cache.num_layers)]
+            self.spans = [n + 1 for n in self.longest]
         made = []
         for i in range(cache.num_layers):
             if i in cache.linear:
                 conv, recurrent = cache.linear[i]
-                made.append(LinearLayer().hold(conv[start:stop], recurrent[start:stop], self.spans[i] - 1))
+                made.append(LinearLayer().hold(conv[start:stop], recurrent[start:stop], self.longest[i]))
             else:
                 made.append(RowsKVLayer(self, i))
         super().__init__(layers=made)
