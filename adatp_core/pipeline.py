@@ -17,7 +17,7 @@ from .models.loader import VideoLLM
 from .prune import prune_tokens
 from .state import AdaTPState
 from .timing import timed
-from .video import VideoInfo, decode_plan, frames_to_image, plan_sampling
+from .video import ProcessorSampling, VideoInfo, decode_plan, frames_to_image, plan_sampling
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,13 @@ class PipelineConfig:
     global_debias / local_debias False leave those stages out of the graph."""
 
     num_frames: int = 32
-    sampling: str = "uniform"
+    sampling: str | ProcessorSampling = "uniform"  # video.sample_times: a mode, a preset or a processor's
     fps: float = 1.0
     start_time: float = 0.0
     end_time: float = 0.0
     layer: int = 2
     query: str = "text"
-    max_pixels: int = 0  # pixel budget per frame for Qwen models (0: the default)
+    max_pixels: int | str = 0  # pixel budget per frame for Qwen models (0: the pack's default; "model")
     global_debias: bool = True
     segment_threshold: float = 0.95
     relevance_boost: float = 1.0
