@@ -61,6 +61,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".m
 _EPS = 1e-6
 _WORKER = Path(__file__).resolve().parent / "decode_worker.py"
 MAX_FRAMES = 1024
+DECODE_MAX_SIDE = 1024  # frames are decoded at up to this many pixels on the longer side (plan_sampling)
 DECODE_TIMEOUT = 300.0  # seconds before a stuck decoder child is killed
 # Containers that hold a still image, not a video (an image renamed .mp4).
 IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gif_pipe", "tiff_pipe",
