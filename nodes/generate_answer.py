@@ -79,5 +79,6 @@ class AdaTP_GenerateAnswer:
             if bridge.release(state.model):
                 bridge.soft_empty_cache()
         whose = "the model's (generation_config.json)" if settings == MODEL_SETTINGS else "this node's widgets"
-        stats = f"{stats_text(answer.stats)}\nSettings: {whose}"
+        stats = "\n".join(f"{line} (settings: {whose})" if line.startswith("Generation:") else line
+                          for line in stats_text(answer.stats).splitlines())
         return {"ui": {"text": [answer.text, stats]}, "result": (answer.text, stats)}
