@@ -21,7 +21,7 @@ from .hf.cache import KVCache
 from .prefix_cache import FrozenPrefix, frames_digest
 from .hf.attention_hook import aligns_causal_to_the_end
 from .hf.layers import module_device
-from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
+from .models.base import FALLBACK_BATCHED_VISION, MODEL_BUDGET, AttentionProbe, Injection
 from .hf.kernels import kernels_line
 from .models.loader import VideoLLM
 from .sdpa import plan_free_attention
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 QUERY_MODES = ("text", "last")
 MIN_PIXEL_BUDGET = 28 * 28
+MODEL_BUDGET_WIDGET = -1  # Extract Attention's max_pixels widget holds an integer: -1 means MODEL_BUDGET
 MAX_QUESTION_CHARS = 100_000
 
 
@@ -175,12 +176,17 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
     return (encoded, hidden, past_kv, scores, relevance, position_ids), stats
 
 
-def _check_max_pixels(max_pixels) -> int | None:
+def _check_max_pixels(max_pixels) -> int | str | None:
+    """None (0: the pack's default), MODEL_BUDGET ("model", or -1 from a node's widget: the model's
+    video processor's own budget), or pixels per frame."""
     if max_pixels is None or max_pixels == 0:
         return None
+    if max_pixels in (MODEL_BUDGET, MODEL_BUDGET_WIDGET) and not isinstance(max_pixels, bool):
+        return MODEL_BUDGET
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < MIN_PIXEL_BUDGET:
-        raise AdaTPInputError(f"max_pixels must be 0 (the model's default) or an integer of at least "
-                              f"{MIN_PIXEL_BUDGET} pixels per frame, got {max_pixels!r}")
+        raise AdaTPInputError(f"max_pixels must be 0 (the pack's default, 448x448 per frame), 'model' (-1 on the "
+                              f"node: the model's own video budget) or an integer of at least {MIN_PIXEL_BUDGET} "
+                              f"pixels per frame, got {max_pixels!r}")
     return max_pixels
 
 
@@ -347,6 +353,7 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         "frames": n_frames, "tokens_total": t * h * w, "tokens_kept": t * h * w,
         "layer": layer, **layer_stats(adapter, asked, layer, moved), "query": query, "prompt_tokens": prompt.length,
         "frame_size": f"{plan.size[1]}x{plan.size[0]}", "tokens_per_frame": h * w / plan.frames_per_step,
+        "pixel_budget": adapter.budget_text(plan, max_pixels),
         "frames_per_step": plan.frames_per_step, "frame_times_assumed": plan.times_assumed,
         **_decode_stats(video_info, n_frames),
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),

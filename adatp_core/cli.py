@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the question (default: %r); give it several times to ask several questions: "
                         "the video is decoded and encoded once, and each question gets its answer" % DEFAULT_QUESTION)
     add_model_arguments(p, max_new_tokens=32)
+    p.add_argument("--sampling", choices=("uniform", "fps", "model"), default="uniform",
+                   help="uniform (default): --frames evenly spaced frames; fps: one frame every 1/--fps seconds, "
+                        "at most --frames; model: as the model's video processor samples (Qwen3-VL, Qwen3.5, "
+                        "Qwen3.6: 2 frames a second, 4 to 768 frames; --frames not used)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames per second for --sampling fps (default 1)")
     p.add_argument("--json", action="store_true",
                    help="print every figure as JSON (several questions: one object per line, per question)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -46,8 +51,10 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
                                    "models/LLM, or a catalog repository id (downloaded on first use); "
                                    "'python -m adatp_core models' lists them (default: the built-in tiny model)")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
-    p.add_argument("--max-pixels", type=int, default=0,
-                   help="Qwen models: pixel budget per frame (default 0: 448x448); LLaVA-OV ignores it")
+    p.add_argument("--max-pixels", type=pixel_budget, default=0,
+                   help="Qwen models: pixel budget per frame (default 0: the pack's 448x448), or 'model': the "
+                        "model's own video budget, spread over the frames as transformers' processor spreads it; "
+                        "LLaVA-OV ignores it")
     p.add_argument("--retention", type=float, default=0.25, help="fraction of visual tokens kept (default 0.25)")
     p.add_argument("--layer", type=int, default=2, help="prune after K LLM layers (0: before the LLM)")
     p.add_argument("--query", choices=("text", "last"), default="text")
@@ -72,6 +79,16 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
                         "auto (default): static on CUDA, default elsewhere")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+
+
+def pixel_budget(value: str):
+    """--max-pixels: "model", or an integer (checked with the other settings, attention._check_max_pixels)."""
+    if value.strip().lower() == "model":
+        return "model"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither 'model' nor a number of pixels") from None
 
 
 def pipeline_config(args):
@@ -145,6 +162,12 @@ def main(argv=None) -> int:
         load_start = time.perf_counter()
         model = load_model(args.model, args.device, args.dtype)
         load_seconds = time.perf_counter() - load_start
+        if args.sampling == "model":  # the model's video processor's fps and frame limits
+            from .video import ProcessorSampling
+
+            cfg = dataclasses.replace(cfg, sampling=ProcessorSampling(*model.adapter.processor_sampling()))
+        elif args.sampling == "fps":
+            cfg = dataclasses.replace(cfg, sampling="fps", fps=args.fps)
         questions = args.question or [DEFAULT_QUESTION]
         video, info, decode_times = args.video or sample_video(), None, {}
         if len(questions) > 1:  # decode once; the model's prefix cache then encodes the video once

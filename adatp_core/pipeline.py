@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import check_video_fits, extract_attention
+from .attention import MODEL_BUDGET_WIDGET, check_video_fits, extract_attention
 from .debias import global_debias, local_debias
 from .generate import Answer, SamplingConfig, generate_answer
+from .models.base import MODEL_BUDGET
 from .models.loader import VideoLLM
 from .prune import prune_tokens
 from .state import AdaTPState
 from .timing import timed
-from .video import VideoInfo, decode_plan, frames_to_image, plan_sampling
+from .video import DECODE_MAX_SIDE, ProcessorSampling, VideoInfo, decode_plan, frames_to_image, plan_sampling
 
 
 @dataclass(frozen=True)
@@ -26,13 +27,13 @@ class PipelineConfig:
     global_debias / local_debias False leave those stages out of the graph."""
 
     num_frames: int = 32
-    sampling: str = "uniform"
+    sampling: str | ProcessorSampling = "uniform"  # video.sample_times: a mode, a preset or a processor's
     fps: float = 1.0
     start_time: float = 0.0
     end_time: float = 0.0
     layer: int = 2
     query: str = "text"
-    max_pixels: int = 0  # pixel budget per frame for Qwen models (0: the default)
+    max_pixels: int | str = 0  # pixel budget per frame for Qwen models (0: the pack's default; "model")
     global_debias: bool = True
     segment_threshold: float = 0.95
     relevance_boost: float = 1.0
@@ -73,7 +74,10 @@ def load_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):
     """Sample and decode the video at ``path`` for ``model``: the sampling plan is checked against the
     model's context with each question and against memory before any frame is decoded
     (check_video_fits). Returns (frames [T, H, W, 3] float32, VideoInfo, planned figures)."""
-    sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time)
+    # The model's own budget is the processor's on the frames as stored, so they are decoded at full size
+    # (within video.py's limits); otherwise at up to DECODE_MAX_SIDE, which every other budget fits in.
+    max_side = None if cfg.max_pixels in (MODEL_BUDGET, MODEL_BUDGET_WIDGET) else DECODE_MAX_SIDE
+    sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time, max_side)
     planned = check_video_fits(model, sample, questions, cfg.max_pixels)
     frames, info = decode_plan(sample)
     return frames_to_image(frames), info, planned

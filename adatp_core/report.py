@@ -51,7 +51,8 @@ def video_line(s: dict) -> str:
     times = ("frame times assumed at 24 fps (connect Load Video's video_info)" if s["frame_times_assumed"]
              else "frame times from the video")
     step = f" (temporal patches of {s['frames_per_step']})" if s.get("frames_per_step", 1) > 1 else ""
-    return (f"Video: {s['frames']} frames at {s['frame_size']}, {s['tokens_per_frame']:g} tokens per frame"
+    budget = f" (pixel budget: {s['pixel_budget']})" if s.get("pixel_budget") else ""
+    return (f"Video: {s['frames']} frames at {s['frame_size']}{budget}, {s['tokens_per_frame']:g} tokens per frame"
             f"{step}; {times}{own_line(s)}")
 
 

@@ -30,12 +30,38 @@ from .report import substituted_text
 
 log = logging.getLogger(__name__)
 
-SAMPLING_MODES = ("uniform", "fps")
+@dataclass(frozen=True)
+class ProcessorSampling:
+    """How a model's video processor samples a video (transformers' Qwen3-VL ``sample_frames``):
+    ``fps`` frames a second of the clip, at least ``min_frames`` and at most ``max_frames`` (and never
+    more than the clip has), spread evenly from its first frame to its last."""
+
+    fps: float
+    min_frames: int
+    max_frames: int
+
+    def __post_init__(self):
+        if not (math.isfinite(self.fps) and self.fps > 0) or not 1 <= self.min_frames <= self.max_frames:
+            raise AdaTPInputError(f"a video processor's sampling needs fps > 0 and 1 <= min_frames <= max_frames, "
+                                  f"got {self}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.fps:g} fps, {self.min_frames}-{self.max_frames} frames"
+
+
+# The Qwen3-VL video processor's defaults (transformers 5.25), which Qwen3-VL, Qwen3.5 and Qwen3.6 ship:
+# Load Video offers them by name, since it cannot know the model.
+QWEN_VL_SAMPLING = ProcessorSampling(fps=2.0, min_frames=4, max_frames=768)
+QWEN_VL_PRESET = f"Qwen-VL default: {QWEN_VL_SAMPLING.label}"
+PRESETS = {QWEN_VL_PRESET: QWEN_VL_SAMPLING}
+SAMPLING_MODES = ("uniform", "fps", *PRESETS)
 BACKENDS = ("auto", "decord", "pyav")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".gif", ".wmv", ".flv")
 _EPS = 1e-6
 _WORKER = Path(__file__).resolve().parent / "decode_worker.py"
 MAX_FRAMES = 1024
+DECODE_MAX_SIDE = 1024  # frames are decoded at up to this many pixels on the longer side (plan_sampling)
 DECODE_TIMEOUT = 300.0  # seconds before a stuck decoder child is killed
 # Containers that hold a still image, not a video (an image renamed .mp4).
 IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gif_pipe", "tiff_pipe",
@@ -263,9 +289,13 @@ def sample_times(probe: VideoProbe, num_frames: int = 32, sampling: str = "unifo
         every frame is taken once (documented clamp).
     fps: one frame every 1/fps seconds from start; ``num_frames`` caps the count
         (evenly thinned when more would be taken).
+    a ProcessorSampling, or a preset's name (PRESETS): as the model's video processor samples,
+        ``num_frames`` not used: int(seconds x its fps) frames, within its min and max frames and
+        the frames there are, spread as uniform spreads them (transformers' ``sample_frames``).
     end_time 0 means the end of the video.
     """
-    if sampling not in SAMPLING_MODES:
+    sampling = PRESETS.get(sampling, sampling) if isinstance(sampling, str) else sampling
+    if not isinstance(sampling, ProcessorSampling) and sampling not in SAMPLING_MODES:
         raise AdaTPInputError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_FRAMES:
         raise AdaTPInputError(f"num_frames must be an integer from 1 to {MAX_FRAMES}, got {num_frames!r} "
@@ -281,6 +311,10 @@ def sample_times(probe: VideoProbe, num_frames: int = 32, sampling: str = "unifo
             f"start_time {start_time}s / end_time {end_time}s select nothing in a {probe.duration:.2f}s video; "
             "set start_time below end_time and inside the video (end_time 0 = until the end).")
     available = int(math.floor((end - start_time) * probe.fps + _EPS)) + 1
+    if isinstance(sampling, ProcessorSampling):  # the processor's count, then uniform over the frames there are
+        wanted = int(available / probe.fps * sampling.fps)
+        num_frames = min(max(wanted, sampling.min_frames), sampling.max_frames, available, MAX_FRAMES)
+        sampling = "uniform"
     if sampling == "uniform":
         # Evenly spaced frame indices, rounded (LLaVA-OV's np.linspace(...).round()).
         n = min(num_frames, available)

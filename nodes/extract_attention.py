@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..adatp_core.attention import QUERY_MODES, extract_attention
+from ..adatp_core.attention import MODEL_BUDGET_WIDGET, QUERY_MODES, extract_attention
 from ..adatp_core.models.qwen2_5_vl import DEFAULT_MAX_PIXELS
 from . import comfy_bridge as bridge
 from .inputs import checked
@@ -33,11 +33,15 @@ class AdaTP_ExtractAttention:
             "video_info": ("ADATP_VIDEO_INFO", {"tooltip": "From Load Video: the frames' times, which Qwen models "
                                                            "use for time (Qwen2.5-VL positions, Qwen3-VL timestamps). "
                                                            "Without it the frames are assumed at 24 fps."}),
-            "max_pixels": ("INT", {"default": DEFAULT_MAX_PIXELS, "min": 0, "max": 16384 * 16384, "step": 784,
+            "max_pixels": ("INT", {"default": DEFAULT_MAX_PIXELS, "min": MODEL_BUDGET_WIDGET, "max": 16384 * 16384,
+                                   "step": 784,
                                    "tooltip": "Qwen models: each frame is resized to multiples of 28 px (Qwen2.5-VL) "
                                               "or 32 px (Qwen3-VL) within this many pixels. 200704 = 448x448 gives "
                                               "128 tokens per frame on Qwen2.5-VL (4,096 for 32 frames, fine on a "
-                                              "24 GB card); more pixels, more detail and memory. 0: the default. "
+                                              "24 GB card); more pixels, more detail and memory. 0: the pack's "
+                                              "default (448x448). -1: the model's own budget (its video processor: "
+                                              "Qwen3-VL/3.5/3.6 spread 25,165,824 px over the whole video, e.g. "
+                                              "11,520 tokens for 32 frames of 720p). The stats say which ran. "
                                               "LLaVA-OneVision always uses 384x384."}),
         }}
 

@@ -193,6 +193,14 @@ def _default(spec: tuple):
     return spec[0][0] if isinstance(spec[0], (list, tuple)) and spec[0] else None
 
 
+def _saved_default(spec: tuple):
+    """What a workflow saved before this optional widget existed gets: its "saved_default" where the
+    node declares one (the behaviour from before the input; web/adatp.js does the same in ComfyUI),
+    else its default."""
+    opts = spec[1] if len(spec) > 1 else {}
+    return opts["saved_default"] if "saved_default" in opts else _default(spec)
+
+
 def _input_type(spec: tuple) -> str:
     return "COMBO" if isinstance(spec[0], (list, tuple)) else spec[0]
 
@@ -249,7 +257,7 @@ class Workflow:
         missing = slots[len(values):]
         if missing and all(extra is None and name in optional for name, extra in missing):
             # saved before these optional widgets were appended: they take their defaults, as in ComfyUI
-            values = list(values) + [_default(optional[name]) for name, _ in missing]
+            values = list(values) + [_saved_default(optional[name]) for name, _ in missing]
             node["widgets_values"] = values
         if len(values) != len(slots):
             names = ", ".join(name + (f" ({extra})" if extra else "") for name, extra in slots)

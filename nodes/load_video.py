@@ -9,7 +9,7 @@ from pathlib import Path
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.paths import check_name, inside
 from ..adatp_core.samples import SAMPLE_VIDEO
-from ..adatp_core.video import MAX_FRAMES, SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
+from ..adatp_core.video import MAX_FRAMES, QWEN_VL_PRESET, SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
 from . import comfy_bridge as bridge
 from .inputs import checked, validation
 
@@ -100,10 +100,13 @@ class AdaTP_LoadVideo:
         return {"required": {
             "video": (list_videos(), {"video_upload": True, "tooltip": "A video in ComfyUI's input folder "
                                                                      "(upload with the button); adatp_sample_video.mp4 ships with the pack."}),
-            "num_frames": ("INT", {"default": 32, "min": 1, "max": MAX_FRAMES, "tooltip": "Frames to sample (uniform), "
-                                                                                     "or the most frames to take (fps)."}),
-            "sampling": (list(SAMPLING_MODES), {"default": "uniform", "tooltip": "uniform: num_frames evenly "
-                                                                                 "spaced frames; fps: one frame every 1/fps seconds."}),
+            "num_frames": ("INT", {"default": 32, "min": 1, "max": MAX_FRAMES, "tooltip": (
+                "Frames to sample (uniform), or the most frames to take (fps); not used by the Qwen-VL preset.")}),
+            "sampling": (list(SAMPLING_MODES), {"default": "uniform", "tooltip": (
+                "uniform: num_frames evenly spaced frames; fps: one frame every 1/fps seconds. "
+                f"{QWEN_VL_PRESET}: as the video processor of Qwen3-VL, Qwen3.5 and Qwen3.6 samples (2 frames a "
+                "second of the clip, at least 4 and at most 768, evenly spread; num_frames and fps not used). "
+                "Many frames cost many visual tokens: see the README's tables.")}),
             "fps": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 240.0, "step": 0.1,
                               "tooltip": "Frames per second for fps sampling."}),
             "start_time": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1,

@@ -75,6 +75,8 @@ MODELS = {
     "Qwen/Qwen3.5-2B": lambda: _qwen3_5(2048, 24, 6144, 8, 2, 16, True, _vision(24, 1024, 4096, 16, 2048)),
     "Qwen/Qwen3.5-4B": lambda: _qwen3_5(2560, 32, 9216, 16, 4, 32, True, _vision(24, 1024, 4096, 16, 2560)),
     "Qwen/Qwen3.5-9B": lambda: _qwen3_5(4096, 32, 12288, 16, 4, 32, False, _vision(27, 1152, 4304, 16, 4096)),
+    "Qwen/Qwen3.5-27B": lambda: _qwen3_5(5120, 64, 17408, 24, 4, 48, False, _vision(27, 1152, 4304, 16, 5120)),
+    "Qwen/Qwen3.6-27B": lambda: _qwen3_5(5120, 64, 17408, 24, 4, 48, False, _vision(27, 1152, 4304, 16, 5120)),
     "Qwen/Qwen3.5-35B-A3B": _qwen3_5_moe,
     "Qwen/Qwen3.6-35B-A3B": _qwen3_5_moe,
     "Qwen/Qwen3-VL-30B-A3B-Instruct": _qwen3_vl_moe,

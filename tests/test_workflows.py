@@ -216,9 +216,9 @@ def test_node_sizes_follow_litegraph(env):
     answer = pack.NODE_CLASS_MAPPINGS["AdaTP_GenerateAnswer"]
     before = mw.node_size(answer, "AdaTP_GenerateAnswer", "x", headless)
     after = mw.node_size(answer, "AdaTP_GenerateAnswer", "x", headless, after_run=True)
-    # 2 output rows + 8 widgets (seed's control, repetition_penalty and top_k included)
-    # = 40 + 8 * 24 + 8 + 6 = 246 -> 250
-    assert before[1] == 250 and after[1] >= 246 + mw.MULTILINE_HEIGHT + 4 + 24 * 15 and after[0] >= 420
+    # 2 output rows + 9 widgets (seed's control, repetition_penalty, top_k and settings included)
+    # = 40 + 9 * 24 + 8 + 6 = 270 -> 270
+    assert before[1] == 270 and after[1] >= 270 + mw.MULTILINE_HEIGHT + 4 + 24 * 15 and after[0] >= 420
 
 
 def test_shipped_workflows_are_what_make_workflows_writes(env):

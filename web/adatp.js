@@ -12,6 +12,8 @@ import {
   displaySize,
   displayText,
   isAdatpNode,
+  legacyWidgetValues,
+  savedDefaults,
 } from "./adatp_display.js";
 
 function showText(node, text) {
@@ -41,6 +43,31 @@ function showText(node, text) {
 app.registerExtension({
   name: "AdaTP.Display",
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    const defaults = savedDefaults(nodeData);
+    if (Object.keys(defaults).length) {
+      // A workflow saved before an optional widget was appended keeps its old behaviour (README, Workflows).
+      // Set in onConfigure (where the saved values are known) and again once the whole graph is
+      // configured, whichever order a frontend release restores widget values in.
+      const apply = (node) => {
+        for (const [name, value] of Object.entries(node.adatpSavedBefore ?? {})) {
+          const widget = node.widgets?.find((w) => w.name === name);
+          if (widget) widget.value = value;
+        }
+      };
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function (info) {
+        const names = (this.widgets ?? []).map((w) => w.name);
+        this.adatpSavedBefore = legacyWidgetValues(names, info?.widgets_values, defaults);
+        apply(this);
+        return onConfigure?.apply(this, arguments);
+      };
+      const onAfterGraphConfigured = nodeType.prototype.onAfterGraphConfigured;
+      nodeType.prototype.onAfterGraphConfigured = function () {
+        apply(this);
+        delete this.adatpSavedBefore;
+        return onAfterGraphConfigured?.apply(this, arguments);
+      };
+    }
     if (!TEXT_NODES.includes(nodeData.name)) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {

@@ -47,3 +47,31 @@ export function displaySize(current, computed, rows, lineHeight = 15, minWidth =
   const height = Math.max(current[1], computed[1] + rows * lineHeight);
   return [width, height];
 }
+
+// Optional widgets appended to a node after workflows were saved with it: {name: value} of those
+// whose spec names a "saved_default", the value a workflow saved before the widget existed gets
+// (the node's behaviour from before), while a new node gets the spec's "default". nodeData is the
+// node's /object_info entry.
+export function savedDefaults(nodeData) {
+  const optional = nodeData?.input?.optional ?? {};
+  const out = {};
+  for (const [name, spec] of Object.entries(optional)) {
+    const opts = Array.isArray(spec) ? spec[1] : undefined;
+    if (opts && typeof opts === "object" && "saved_default" in opts) out[name] = opts.saved_default;
+  }
+  return out;
+}
+
+// The widget values to set on a node being loaded from a saved workflow: ComfyUI restores widgets
+// by position from `widgetsValues` and leaves the ones past its end at their defaults, so each
+// widget of `defaults` (savedDefaults) whose position `widgetNames` gives lies past the saved values
+// takes its saved_default instead. Returns {name: value}.
+export function legacyWidgetValues(widgetNames, widgetsValues, defaults) {
+  if (!Array.isArray(widgetsValues)) return {};
+  const out = {};
+  for (const [name, value] of Object.entries(defaults)) {
+    const index = widgetNames.indexOf(name);
+    if (index >= widgetsValues.length) out[name] = value;
+  }
+  return out;
+}

@@ -9,12 +9,15 @@ a family only describes its vision side and its prompt.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..errors import AdaTPInputError
 from ..hf.layers import cache_argument, module_device, run_decoder_layers
+from .chat import end_of_turn_id
 
 
 # Frame rate assumed when no frame times are given: what transformers' video
@@ -146,6 +149,12 @@ FALLBACK_STATIC_DECODING = "fallback_static_decoding"
 FALLBACK_BATCHED_VISION = "fallback_batched_vision"
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+# The pixel budget a dynamic-resolution family takes from the model folder's video processor
+# (``plan_video(max_pixels=MODEL_BUDGET)``), instead of the pack's default.
+MODEL_BUDGET = "model"
+
+
 class VideoLLMAdapter:
     """Base of the per-family adapters (llava_onevision.py, qwen2_5_vl.py, qwen3_vl.py).
 
@@ -192,9 +201,21 @@ class VideoLLMAdapter:
 
         times: seconds of each frame (None: assumed at DEFAULT_FPS).
         max_pixels: pixel budget per frame for families with dynamic resolution
-            (None: the family's default); fixed-resolution families ignore it.
+            (None: the pack's default; MODEL_BUDGET: the model's video processor's own budget);
+            fixed-resolution families ignore it.
         """
         raise NotImplementedError
+
+    def budget_text(self, plan: VideoPlan, max_pixels) -> str:
+        """Which pixel budget ``plan`` ran with, for the stats (fixed-resolution families: their size)."""
+        return f"fixed {plan.size[1]}x{plan.size[0]} per frame (this family has no pixel budget)"
+
+    def processor_sampling(self) -> tuple[float, int, int]:
+        """(fps, min_frames, max_frames) with which the model's video processor samples a video.
+        Raises AdaTPInputError for a family whose processor samples nothing itself."""
+        raise AdaTPInputError(
+            f"this model's video processor ({self.family}) does not sample frames itself: transformers gives it "
+            "every frame it is handed; choose uniform or fps sampling (or the Qwen-VL preset)")
 
     def preprocess(self, frames: torch.Tensor, plan: VideoPlan | None = None) -> torch.Tensor:
         """frames: [T, H, W, 3] float 0..1 or uint8 -> model pixel input."""
@@ -345,12 +366,27 @@ class VideoLLMAdapter:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
+        """Where an answer stops: the model's generation config's eos ids, else the tokenizer's.
+
+        A folder without generation_config.json has no stop of its own for the chat (transformers
+        then takes config.json's or the tokenizer's eos, which may be ``<|endoftext|>``), so the
+        chat template's end of the assistant's turn is added (``chat.end_of_turn_id``)."""
         ids = getattr(self.model.generation_config, "eos_token_id", None)
         if ids is None:
             ids = self.tokenizer.eos_token_id
-        if ids is None:
-            return ()
-        return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+        ids = () if ids is None else tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+        folder = getattr(self, "folder", None)
+        if folder is not None and not (Path(folder) / GENERATION_CONFIG_FILE).is_file():
+            turn = self.end_of_turn
+            if turn is not None and turn not in ids:
+                ids += (turn,)
+        return ids
+
+    @functools.cached_property
+    def end_of_turn(self) -> int | None:
+        """The token the chat template ends the assistant's turn with (None: none found)."""
+        template = getattr(self, "chat_template", None)
+        return end_of_turn_id(self.tokenizer, template) if template else None
 
     def check_context(self, prompt: Prompt) -> None:
         """Refuse a prompt longer than the LLM's context, before any GPU work."""

@@ -79,6 +79,10 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry("Qwen/Qwen3.5-4B", "qwen3_5", 9.3, 10.6, 5.2),
     # Disk read: Hugging Face file list, 4 shards of 5.28 + 5.34 + 5.37 + 3.33 GB.
     CatalogEntry("Qwen/Qwen3.5-9B", "qwen3_5", 19.3, 20.3, 10.0),
+    # The dense 27B (64 layers, 5120 wide; Qwen3.6-27B has the same config.json shapes): 27.36 B parameters
+    # on the meta device. Disk estimated from that count + the MTP layer (0.42 B) at bf16, no file list found.
+    CatalogEntry("Qwen/Qwen3.5-27B", "qwen3_5", 55.6, 56.2, 19.7),
+    CatalogEntry("Qwen/Qwen3.6-27B", "qwen3_5", 55.6, 56.2, 19.7),
     # MoE: transformers 5 stores the experts as fused 3-D parameters, which bitsandbytes does not
     # quantize (it replaces nn.Linear layers only), so 4-bit saves only the attention and shared-expert
     # projections: about 2 GB of 70. Disk estimated from the parameter count (+ MTP); third-party

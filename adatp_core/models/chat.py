@@ -11,13 +11,15 @@ from ..errors import AdaTPInputError
 
 log = logging.getLogger(__name__)
 
-# Passed to every chat template: Qwen3.5 and Qwen3 think by default, and the template's own
-# switch (an empty thinking block after the assistant's turn starts) is how answers come
-# without one. Templates that do not know the variable ignore it.
+# Passed to every chat template, so the prompt is the same whatever a template's own default: the
+# larger Qwen3.5 / Qwen3.6 templates (and Qwen3's) think unless told not to, the 0.8B's defaults to
+# thinking off; the switch (an empty thinking block after the assistant's turn starts) is how answers
+# come without one. Templates that do not know the variable ignore it.
 TEMPLATE_KWARGS = {"enable_thinking": False}
 
 _VIDEO_SENTINEL = "\x00ADATP_VIDEO\x00"
 _QUESTION_SENTINEL = "\x00ADATP_QUESTION\x00"
+_ANSWER_SENTINEL = "\x00ADATP_ANSWER\x00"
 _TRAILING_PROBE = " \n"  # whitespace after the question: kept, or trimmed by the template
 
 
@@ -125,6 +127,34 @@ def render_user_turn(tokenizer, chat_template: str, question: str) -> str:
             f"this model's chat template cannot render a question about a video ({type(exc).__name__}: "
             f"{str(exc)[:200]}); use the chat template (chat_template.jinja or chat_template.json) of the "
             "model's Hugging Face repository") from exc
+
+
+def end_of_turn_id(tokenizer, chat_template: str) -> int | None:
+    """The token the template writes right after the assistant's answer (``<|im_end|>`` for every
+    family here), or None when the template ends the turn with plain text or cannot render one.
+
+    A folder without generation_config.json leaves transformers with the tokenizer's eos alone,
+    which for some tokenizers is not the end of the turn (``<|endoftext|>``): stock ``generate()``
+    then runs on to max_new_tokens. The adapters stop here too (``eos_token_ids``)."""
+    import jinja2
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": _ANSWER_SENTINEL}]}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                                 **TEMPLATE_KWARGS)
+    except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        log.debug("the chat template cannot render an assistant's turn (%s)", exc)
+        return None
+    if _ANSWER_SENTINEL not in rendered:
+        return None
+    tail = rendered.split(_ANSWER_SENTINEL, 1)[1]
+    spans = [(start, end) for start, end in _added_token_spans(tokenizer, tail) if not tail[:start].strip()]
+    if not spans:
+        return None
+    start, end = min(spans)
+    token_id = tokenizer.convert_tokens_to_ids(tail[start:end])
+    return int(token_id) if isinstance(token_id, int) and token_id >= 0 else None
 
 
 def split_template(tokenizer, chat_template: str, video_text: str) -> TemplateParts:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
+from ..hf.video_processor import processor_class_defaults
 
 # PIL resampling codes used in HF preprocessor configs.
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}
@@ -168,6 +169,11 @@ class QwenPreprocessConfig:
     min_pixels / max_pixels: the resize budget (``size`` shortest_edge / longest_edge).
     whole_video: True when max_pixels bounds all frames together (Qwen3-VL),
         False when it bounds each frame (Qwen2.5-VL).
+    cap_pixels_per_frame, max_video_tokens: the processor's per-frame cap (qwen-vl-utils'), applied
+        to the model's own budget only, where the installed transformers has the switch and the folder
+        or the release turns it on (``qwen_resize_target``).
+    sampling: (fps, min_frames, max_frames) of a processor that samples frames itself (Qwen3-VL's),
+        else None (Qwen2-VL's processor takes every frame it is given).
     """
 
     normalise: PreprocessConfig
@@ -177,6 +183,9 @@ class QwenPreprocessConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     whole_video: bool = False
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 768
+    sampling: tuple[float, int, int] | None = None
 
     @property
     def factor(self) -> int:
@@ -184,10 +193,21 @@ class QwenPreprocessConfig:
         return self.patch_size * self.merge_size
 
     @classmethod
-    def from_folder(cls, folder: Path, whole_video: bool, defaults: dict) -> "QwenPreprocessConfig":
-        """Read a Qwen model folder's video processor config (``read_video_processor_config``)."""
+    def from_folder(cls, folder: Path, whole_video: bool, defaults: dict,
+                    processor_class: str | None = None) -> "QwenPreprocessConfig":
+        """Read a Qwen model folder's video processor config (``read_video_processor_config``).
+
+        What the folder leaves unset comes from ``defaults``, then from the installed transformers'
+        ``processor_class`` (its fps, frame limits and per-frame cap: hf/video_processor.py)."""
         found, path = read_video_processor_config(folder)
+        installed = processor_class_defaults(processor_class) if processor_class else {}
         cfg = {**defaults, **found}
+        setting = {**installed, **cfg}.get
+        # the cap exists only where the installed release has the switch; None there means off
+        cap = bool(setting("cap_pixels_per_frame")) if "cap_pixels_per_frame" in installed else False
+        fps, sampling = setting("fps"), None
+        if setting("do_sample_frames") and fps:
+            sampling = (float(fps), int(setting("min_frames") or 1), int(setting("max_frames") or 1 << 30))
         size = dict(cfg.get("size") or {})
         min_pixels = cfg.get("min_pixels") or size.get("shortest_edge")
         max_pixels = cfg.get("max_pixels") or size.get("longest_edge")
@@ -197,7 +217,21 @@ class QwenPreprocessConfig:
         return cls(normalise=norm, patch_size=int(cfg.get("patch_size", 14)),
                    temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
                    merge_size=int(cfg.get("merge_size", 2)), min_pixels=int(min_pixels),
-                   max_pixels=int(max_pixels), whole_video=whole_video)
+                   max_pixels=int(max_pixels), whole_video=whole_video, cap_pixels_per_frame=cap,
+                   max_video_tokens=int(setting("max_video_tokens") or 768), sampling=sampling)
+
+    def model_budget(self, num_frames: int) -> int:
+        """The pixel budget the installed transformers' processor gives ``num_frames`` frames: all of
+        them together (Qwen3-VL) or each (Qwen2-VL), after the per-frame cap where it is on
+        (``resize`` of its video processor, 5.25)."""
+        if not self.cap_pixels_per_frame:
+            return self.max_pixels
+        factor, floor = self.factor, int(self.min_pixels * 1.05)
+        if self.whole_video:
+            per_frame = max(min(self.max_video_tokens * factor * factor, self.max_pixels // num_frames), floor)
+            return per_frame * num_frames
+        total = int(self.max_video_tokens * factor * factor * 0.9)
+        return max(min(self.max_pixels, total * self.temporal_patch_size // num_frames), floor)
 
 
 def qwen_resize_target(num_frames: int, height: int, width: int, cfg: QwenPreprocessConfig,
@@ -206,20 +240,20 @@ def qwen_resize_target(num_frames: int, height: int, width: int, cfg: QwenPrepro
     ratio kept, pixel count within [min_pixels, max_pixels] (transformers' ``smart_resize``
     of the Qwen2-VL and Qwen3-VL video processors).
 
-    max_pixels: the budget per frame; None takes the processor's own setting.
+    max_pixels: the budget per frame; None takes the processor's own (``cfg.model_budget``).
     For Qwen3-VL the budget covers the whole video, as its processor does.
     """
     factor = cfg.factor
     if cfg.whole_video:
         t = max(num_frames, cfg.temporal_patch_size)  # the processor refuses fewer frames than a patch
-        budget = cfg.max_pixels if max_pixels is None else max_pixels * num_frames
+        budget = cfg.model_budget(num_frames) if max_pixels is None else max_pixels * num_frames
         if height < factor or width < factor:
             scale = max(factor / height, factor / width)
             height, width = int(height * scale), int(width * scale)
         t_bar = round(t / cfg.temporal_patch_size) * cfg.temporal_patch_size
     else:
         t = t_bar = 1
-        budget = cfg.max_pixels if max_pixels is None else max_pixels
+        budget = cfg.model_budget(num_frames) if max_pixels is None else max_pixels
     if max(height, width) / min(height, width) > 200:
         raise AdaTPInputError(f"frames of {width}x{height} are too elongated (aspect ratio above 200); crop them.")
     h_bar = round(height / factor) * factor

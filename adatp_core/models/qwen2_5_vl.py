@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
 from ..memory import fallback_allowed
-from .base import FALLBACK_BATCHED_VISION, Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
+from .base import FALLBACK_BATCHED_VISION, MODEL_BUDGET, Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
 from .chat import question_tokens, read_chat_template, split_template, tokenize_question, video_prefix_refusal
 from .preprocess import PreprocessConfig, QwenPreprocessConfig, patchify_video, preprocess_frames, qwen_resize_target
 from ..hf.versions import transformers_boundary
@@ -45,6 +45,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     unquantized_modules = ("model.visual", "lm_head")
     input_modules = ("model.visual", "model.language_model.embed_tokens")
     whole_video_budget = False  # Qwen2.5-VL's max_pixels bounds each frame
+    video_processor_class = "Qwen2VLVideoProcessor"  # transformers' class, whose unset settings apply
     processor_defaults = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
                           "image_mean": [0.48145466, 0.4578275, 0.40821073],
                           "image_std": [0.26862954, 0.26130258, 0.27577711]}
@@ -53,7 +54,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         super().__init__(model, tokenizer)
         self.folder = Path(folder)
         self.preprocess_config = QwenPreprocessConfig.from_folder(
-            self.folder, self.whole_video_budget, self.processor_defaults)
+            self.folder, self.whole_video_budget, self.processor_defaults, self.video_processor_class)
         vc = model.config.vision_config
         cfg = self.preprocess_config
         if (cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size) != (
@@ -80,11 +81,29 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     def plan_video(self, num_frames: int, height: int, width: int, times=None,
                    max_pixels: int | None = None) -> VideoPlan:
         cfg = self.preprocess_config
-        h, w = qwen_resize_target(num_frames, height, width, cfg, max_pixels or DEFAULT_MAX_PIXELS)
+        budget = None if max_pixels == MODEL_BUDGET else (max_pixels or DEFAULT_MAX_PIXELS)
+        h, w = qwen_resize_target(num_frames, height, width, cfg, budget)
         steps = -(-num_frames // cfg.temporal_patch_size)
         times, assumed = frame_times(num_frames, times)
         return VideoPlan(num_frames=num_frames, size=(h, w), grid=(steps, h // cfg.factor, w // cfg.factor),
                          frame_times=times, times_assumed=assumed, frames_per_step=cfg.temporal_patch_size)
+
+    def budget_text(self, plan: VideoPlan, max_pixels) -> str:
+        cfg = self.preprocess_config
+        if max_pixels != MODEL_BUDGET:
+            pixels = max_pixels or DEFAULT_MAX_PIXELS
+            whose = "set" if max_pixels else "the pack's default, 448x448"
+            return f"{pixels:,} px per frame ({whose})"
+        budget = cfg.model_budget(plan.num_frames)
+        spread = (f"{budget:,} px over the {plan.num_frames} frames" if cfg.whole_video
+                  else f"{budget:,} px per frame")
+        cap = "per-frame cap on" if cfg.cap_pixels_per_frame else "no per-frame cap"
+        return f"the model's: {spread} (its video processor, {cap})"
+
+    def processor_sampling(self) -> tuple[float, int, int]:
+        if self.preprocess_config.sampling is None:
+            return super().processor_sampling()
+        return self.preprocess_config.sampling
 
     def _plan_for(self, frames: torch.Tensor, plan: VideoPlan | None) -> VideoPlan:
         return plan if plan is not None else self.plan_video(*(int(x) for x in frames.shape[:3]))

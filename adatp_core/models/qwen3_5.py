@@ -20,9 +20,10 @@ changes no other token's routing. 4/8-bit loading leaves the routers, the shared
 gates and the vision side in 16 bits. transformers 5.x holds each layer's experts as fused
 3-D parameters, which bitsandbytes does not quantize: they stay in 16 bits too.
 
-Chat templates: Qwen3.5 thinks by default; chat.py renders every template with
-``enable_thinking=False``, the template's own switch, so answers start after an empty
-thinking block.
+Chat templates: whether a Qwen3.5 / Qwen3.6 template thinks by default depends on the size (the
+0.8B's defaults to off, the larger ones' to on); chat.py renders every template with
+``enable_thinking=False``, the template's own switch, so the prompt is the same either way and
+answers start after an empty thinking block.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     model_types = ("qwen3_vl",)
     model_class = "Qwen3VLForConditionalGeneration"
     whole_video_budget = True
+    video_processor_class = "Qwen3VLVideoProcessor"
     processor_defaults = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
                           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 

@@ -9,6 +9,8 @@ import {
   displaySize,
   displayText,
   isAdatpNode,
+  legacyWidgetValues,
+  savedDefaults,
 } from "../adatp_display.js";
 
 test("AdaTP nodes are recognised by their type prefix", () => {
@@ -52,4 +54,18 @@ test("the text box grows with the text and is clamped", () => {
 test("the node grows to fit the text but never shrinks", () => {
   assert.deepEqual(displaySize([300, 200], [320, 180], 10), [420, 330]);
   assert.deepEqual(displaySize([900, 800], [320, 180], 3), [900, 800]);
+});
+
+test("a workflow saved before an appended widget gets its saved_default; a newer one keeps its value", () => {
+  const nodeData = { input: { required: { seed: ["INT", { default: 0 }] }, optional: {
+    top_k: ["INT", { default: -1 }],
+    settings: [["model", "widgets"], { default: "model", saved_default: "widgets" }],
+  } } };
+  const defaults = savedDefaults(nodeData);
+  assert.deepEqual(defaults, { settings: "widgets" });
+  const names = ["max_new_tokens", "seed", "control_after_generate", "top_k", "settings"];
+  assert.deepEqual(legacyWidgetValues(names, [64, 0, "fixed", -1], defaults), { settings: "widgets" });
+  assert.deepEqual(legacyWidgetValues(names, [64, 0, "fixed", -1, "model"], defaults), {});
+  assert.deepEqual(legacyWidgetValues(names, undefined, defaults), {});
+  assert.deepEqual(savedDefaults({}), {});
 });
