@@ -101,7 +101,8 @@ def test_the_shipped_workflows_stay_valid(pack):
     for path in sorted((ROOT / "workflows").glob("*.json")):
         for saved in json.loads(path.read_text())["nodes"]:
             if saved["type"] == "AdaTP_GenerateAnswer":
-                _, _, temperature, top_p, *_, penalty, _ = saved["widgets_values"]
+                # max_new_tokens, do_sample, temperature, top_p, seed (+ its control), repetition_penalty, ...
+                _, _, temperature, top_p, _, _, penalty, *_ = saved["widgets_values"]
                 assert node("AdaTP_GenerateAnswer").VALIDATE_INPUTS(temperature, top_p, penalty) is True, path.name
             if saved["type"] == "AdaTP_CaptionFolder":
                 penalty = saved["widgets_values"][10]
