@@ -18,7 +18,7 @@ from .flops import flops_summary
 from .budget import check_memory
 from .memory import run_guarded
 from .hf.cache import KVCache
-from .prefix_cache import FrozenPrefix, frames_digest
+from .prefix_cache import FrozenPrefix
 from .hf.attention_hook import aligns_causal_to_the_end
 from .hf.layers import module_device
 from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
@@ -134,7 +134,7 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
     with torch.inference_mode():
         with timed(times, "time_prefix_key"):
             store.check_weights(adapter.model)
-            key = (frames_digest(frames), *key_parts, layer, tuple(prompt.input_ids[:p].tolist()))
+            key = (store.frame_keys(frames), *key_parts, layer, tuple(prompt.input_ids[:p].tolist()))
             prefix = store.get(key)
         status = "hit" if prefix is not None else "miss"
         times.setdefault("time_preprocess", 0.0)
