@@ -317,3 +317,21 @@ def test_frame_keys_forget_dead_tensors_and_keep_a_few():
     gc.collect()
     keys(torch.rand(1, 2, 2, 3))
     assert len(keys._seen) == 1
+
+
+def test_loaded_frames_keep_a_version_counter_in_inference_mode(hashes):
+    """ComfyUI runs Load Video in inference mode; its IMAGE is made outside it, so the same
+    frames on the next Run are keyed without a hash, and a write to them is still seen."""
+    import numpy as np
+
+    from adatp_core.prefix_cache import FrameKeys
+    from adatp_core.video import frames_to_image
+
+    keys = FrameKeys()
+    with torch.inference_mode():
+        image = frames_to_image(np.full((2, 4, 4, 3), 51, np.uint8))
+        assert not image.is_inference()
+        first = keys(image)
+        assert keys(image) == first and len(hashes) == 1
+        image[0].add_(0.1)
+        assert keys(image) != first and len(hashes) == 2
