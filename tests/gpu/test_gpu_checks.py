@@ -213,3 +213,19 @@ def test_hybrid_and_moe_models_decode_the_same_with_and_without_graphs(build, tm
         model, SamplingConfig(max_new_tokens=8, ignore_eos=True, decode_mode="static"),
         [(i, lambda: state) for i in range(3)], 2)}
     assert all(rows[i].token_ids == default.token_ids for i in range(3))
+
+
+def test_frames_on_the_gpu_are_keyed_on_the_gpu(monkeypatch):
+    """Issue 27 defect 6: CUDA frames are hashed where they are (no host copy of the frames),
+    agree with the same digest computed on the CPU, and the same tensor is keyed by identity."""
+    from adatp_core import prefix_cache
+    from adatp_core.prefix_cache import FrameKeys, device_digest, digest_weights
+
+    monkeypatch.setattr(prefix_cache, "host_digest", lambda *a: pytest.fail("GPU frames copied to the host"))
+    frames = torch.rand(8, 720, 1280, 3, device="cuda")
+    keys = FrameKeys(seed=3)
+    first = keys(frames)
+    assert first == "device:" + device_digest(frames.cpu(), digest_weights("cpu", seed=3))
+    assert keys(frames) == first and keys(frames.clone()) == first
+    frames[-1, -1, -1, -1] += 1
+    assert keys(frames) != first
