@@ -306,10 +306,11 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         layers < K over every position before the question's text) in the model's
         ``prefix_cache``, and reuse it when the same frames come again with the same
         settings: a new question then runs only its own tokens. Exact: the key is the
-        frames' bytes, the video plan (size, grid, frame times), K, the pixel budget,
-        the dtype and the prefix's token ids. False: one pass over the whole prompt.
+        frames' bytes (hashed, or the digest of the same unwritten tensor object again:
+        prefix_cache.FrameKeys), the video plan (size, grid, frame times), K, the pixel
+        budget, the dtype and the prefix's token ids. False: one pass over the whole prompt.
         stats["prefix_cache"] says hit, miss or off (and why); stats["time_question"]
-        is the question's own part, stats["time_prefix_key"] the hashing.
+        is the question's own part, stats["time_prefix_key"] the key's.
     Returns a state holding the layer-K input hidden states, the KV cache of
     layers < K, the original position ids and the scores.
     """
