@@ -18,7 +18,7 @@ from .flops import flops_summary
 from .budget import check_memory
 from .memory import run_guarded
 from .hf.cache import KVCache
-from .prefix_cache import FrozenPrefix, frames_digest
+from .prefix_cache import FrozenPrefix
 from .hf.attention_hook import aligns_causal_to_the_end
 from .hf.layers import module_device
 from .models.base import FALLBACK_BATCHED_VISION, MODEL_BUDGET, AttentionProbe, Injection
@@ -135,7 +135,7 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
     with torch.inference_mode():
         with timed(times, "time_prefix_key"):
             store.check_weights(adapter.model)
-            key = (frames_digest(frames), *key_parts, layer, tuple(prompt.input_ids[:p].tolist()))
+            key = (store.frame_keys(frames), *key_parts, layer, tuple(prompt.input_ids[:p].tolist()))
             prefix = store.get(key)
         status = "hit" if prefix is not None else "miss"
         times.setdefault("time_preprocess", 0.0)
@@ -313,10 +313,11 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         layers < K over every position before the question's text) in the model's
         ``prefix_cache``, and reuse it when the same frames come again with the same
         settings: a new question then runs only its own tokens. Exact: the key is the
-        frames' bytes, the video plan (size, grid, frame times), K, the pixel budget,
-        the dtype and the prefix's token ids. False: one pass over the whole prompt.
+        frames' bytes (hashed, or the digest of the same unwritten tensor object again:
+        prefix_cache.FrameKeys), the video plan (size, grid, frame times), K, the pixel
+        budget, the dtype and the prefix's token ids. False: one pass over the whole prompt.
         stats["prefix_cache"] says hit, miss or off (and why); stats["time_question"]
-        is the question's own part, stats["time_prefix_key"] the hashing.
+        is the question's own part, stats["time_prefix_key"] the key's.
     Returns a state holding the layer-K input hidden states, the KV cache of
     layers < K, the original position ids and the scores.
     """

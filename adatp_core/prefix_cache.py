@@ -5,13 +5,20 @@ model and copied into a new cache (``hf.cache.KVCache``) for each question.
   video for the positions before a question;
 - ``PrefixStore``: a few per loaded model, keyed by exactly what was computed, bounded in entries
   and bytes;
+- ``FrameKeys``: the frames' part of that key, reused for the same unwritten tensor, else
+  ``frames_digest`` (SHA-256 on the CPU, ``device_digest`` where the frames are on a GPU);
 - ``weights_fingerprint``: where the weights are and how often they were written (a cached prefix
   and a captured CUDA graph both depend on them).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import secrets
+import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -34,17 +41,30 @@ def weights_fingerprint(model: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), version(t)) for t in (*model.parameters(), *model.buffers()))
 
 
-def frames_digest(frames: torch.Tensor) -> str:
-    """SHA-256 of a frame tensor's bytes, shape and dtype: the video's part of a prefix key.
+def frames_digest(frames: torch.Tensor, weights=None) -> str:
+    """The frames' content digest: the video's part of a prefix key, over every byte, the
+    shape and the dtype. frames: [T, ...] any dtype and device.
 
-    frames: [T, ...] any dtype and device. Each frame is hashed on its own, in threads
-    (hashlib releases the GIL), and the frame digests are hashed together. Cost: one
-    pass over the bytes (bench/prefix_reuse.py prints it for 32 and 128 frames).
+    On the CPU, SHA-256 (``host_digest``). Elsewhere (a GPU), ``device_digest`` reads the
+    bytes where they are and copies only its row sums to the host; ``weights``
+    (``digest_weights``) are its random weights, made on that device (one call's worth
+    when None). The two kinds never equal each other: a CPU copy of GPU frames misses.
     """
-    import hashlib
-    import os
-    from concurrent.futures import ThreadPoolExecutor
+    if frames.device.type == "cpu":
+        return "sha256:" + host_digest(frames)
+    if weights is None:
+        weights = digest_weights(frames.device)
+    return "device:" + device_digest(frames, weights)
 
+
+def host_digest(frames: torch.Tensor) -> str:
+    """SHA-256 of a frame tensor's bytes, shape and dtype, on the host (a device tensor is
+    copied there first).
+
+    Each frame is hashed on its own, in threads (hashlib releases the GIL), and the frame
+    digests are hashed together. Cost: one pass over the bytes (bench/prefix_reuse.py
+    prints it).
+    """
     t = frames.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -64,6 +84,114 @@ def frames_digest(frames: torch.Tensor) -> str:
     for part in parts:
         total.update(part)
     return total.hexdigest()
+
+
+DIGEST_BLOCK = 1 << 20  # bytes per row sum of device_digest
+DIGEST_LANES = 2  # independent weight rows: a changed block goes unseen with probability <= 2**-31 per lane
+DIGEST_CHUNK = 8  # blocks per pass (64 MiB of int64 temporaries per lane)
+
+
+def digest_weights(device, seed: int | None = None) -> torch.Tensor:
+    """[DIGEST_LANES, DIGEST_BLOCK] int64, uniform in [0, 2**31), on ``device``: the weights of
+    ``device_digest``. seed: None draws one from the OS (the digests then compare only within
+    this process, which is all a PrefixStore needs)."""
+    gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else int(seed))
+    return torch.randint(0, 1 << 31, (DIGEST_LANES, DIGEST_BLOCK), generator=gen, dtype=torch.int64).to(device)
+
+
+def device_digest(frames: torch.Tensor, weights: torch.Tensor) -> str:
+    """A digest of every byte of ``frames`` computed where they are: only 16 bytes per MiB
+    reach the host.
+
+    The bytes (b_0 .. b_n-1, each 0..255) are cut into blocks of DIGEST_BLOCK; per block and
+    lane, s = sum_j w_j * b_j in int64, exactly (each term < 2**39, the sum < 2**59: no
+    overflow, so the result does not depend on the device's summation order). The row sums,
+    the byte count, the shape and the dtype are then hashed with SHA-256 on the host.
+
+    Why this is safe as a cache key: two byte strings of equal length that differ in a block
+    give the same s in one lane only if sum_j w_j * d_j = 0 for their nonzero difference d,
+    which for weights drawn uniformly and independently of the frames has probability at most
+    2**-31 (fix every weight but one where d_j != 0: at most one value of it solves the
+    equation). The lanes draw independently: at most 2**-62 per changed block. That is a
+    universal hash, not a cryptographic one: it assumes the frames were not chosen after
+    seeing ``weights``, which never leave the process.
+    """
+    t = frames.detach().contiguous().reshape(-1).view(torch.uint8)  # a copy on the device only if strided
+    n = t.numel()
+    sums = []
+    step = DIGEST_BLOCK * DIGEST_CHUNK
+    for start in range(0, n, step):
+        chunk = t[start:start + step].to(torch.int64)
+        pad = -chunk.numel() % DIGEST_BLOCK
+        if pad:
+            chunk = torch.nn.functional.pad(chunk, (0, pad))
+        chunk = chunk.view(-1, DIGEST_BLOCK)
+        sums.append(torch.stack([(chunk * w).sum(dim=1) for w in weights]))
+    rows = torch.cat(sums, dim=1).cpu() if sums else torch.zeros(0, dtype=torch.int64)
+    total = hashlib.sha256(f"{tuple(frames.shape)}|{frames.dtype}|{n}".encode())
+    total.update(rows.contiguous().numpy().tobytes())
+    return total.hexdigest()
+
+
+def _stamp(frames: torch.Tensor) -> tuple | None:
+    """What a tensor object must still show for its digest to be reused: where its bytes are,
+    its layout, and its version counter (bumped by every in-place write through it or a view of
+    it, inference mode included). None for an inference tensor, which keeps no version counter
+    and so can never vouch for its bytes."""
+    if frames.is_inference():
+        return None
+    try:
+        version = frames._version
+    except RuntimeError:
+        return None
+    return (frames.data_ptr(), tuple(frames.shape), frames.stride(), frames.dtype, frames.device, version)
+
+
+class FrameKeys:
+    """The frames' part of a prefix key, computed only where that is needed.
+
+    The common case is the same IMAGE tensor again: ComfyUI hands a cached node output back
+    unchanged on every Run, and the CLI asks all its questions of one tensor. Such a tensor
+    gets the digest it had, without a pass over its bytes, when it is the same object (a weak
+    reference: a freed tensor whose id or address is reused is another object), at the same
+    address with the same shape, strides, dtype and device, and its version counter has not
+    moved since (no in-place write through it or any view of it).
+
+    Everything else is hashed (``frames_digest``): a copy (it hits through the content), an
+    inference tensor (it has no version counter; frames made in inference mode, as ComfyUI
+    runs every node, by a loader other than the pack's), and a tensor that was written. The
+    version counter is autograd's own record of writes; writes that bypass it (through
+    ``.data``, a NumPy view or DLPack) are not seen, as autograd does not see them.
+    """
+
+    MAX_SEEN = 8
+
+    def __init__(self, seed: int | None = None):
+        self._seed = secrets.randbits(63) if seed is None else int(seed)
+        self._seen: list[tuple] = []  # (weakref to the tensor, its _stamp, its digest), newest last
+        self._weights: dict = {}  # device -> digest_weights
+
+    def __call__(self, frames: torch.Tensor) -> str:
+        stamp = _stamp(frames)
+        self._seen = [e for e in self._seen if e[0]() is not None]
+        if stamp is not None:
+            for ref, seen_stamp, digest in self._seen:
+                if ref() is frames and seen_stamp == stamp:
+                    return digest
+        weights = None
+        if frames.device.type != "cpu":
+            weights = self._weights.get(frames.device)
+            if weights is None:
+                weights = self._weights[frames.device] = digest_weights(frames.device, self._seed)
+        digest = frames_digest(frames, weights)
+        if stamp is not None:
+            self._seen = [e for e in self._seen if e[0]() is not frames][-(self.MAX_SEEN - 1):]
+            self._seen.append((weakref.ref(frames), stamp, digest))
+        return digest
+
+    def drop_weights(self) -> None:
+        """Free the device weights (they are made again, the same, from the seed when needed)."""
+        self._weights.clear()
 
 
 def tensor_bytes(*objs) -> int:
@@ -133,8 +261,8 @@ MAX_PREFIX_BYTES = 1 << 30  # their tensors, all devices together
 
 class PrefixStore:
     """The frozen prefixes of one loaded model, most recently used last, keyed by
-    exactly what was computed (the frames' digest, the video plan, K, the pixel budget,
-    the prefix's token ids). At most ``max_entries`` and ``max_bytes`` are kept; a prefix
+    exactly what was computed (the frames' digest from ``frame_keys``, the video plan, K,
+    the pixel budget, the prefix's token ids). At most ``max_entries`` and ``max_bytes`` are kept; a prefix
     larger than ``max_bytes`` is not kept at all. Held by the model's ``VideoLLM``;
     cleared when its weights move or change (``weights_fingerprint``), on unload or
     offload, and after running out of memory.
@@ -145,6 +273,7 @@ class PrefixStore:
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict = OrderedDict()
         self._fingerprint = None
+        self.frame_keys = FrameKeys()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -156,6 +285,7 @@ class PrefixStore:
     def clear(self) -> None:
         self._entries.clear()
         self._fingerprint = None
+        self.frame_keys.drop_weights()
 
     def check_weights(self, model: torch.nn.Module) -> None:
         """Drop everything if the model's weights moved or changed since the last call."""

@@ -733,10 +733,16 @@ def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float
 
 
 def frames_to_image(frames: np.ndarray):
-    """uint8 [T, H, W, 3] -> float32 torch [T, H, W, 3] in 0..1 (ComfyUI IMAGE)."""
+    """uint8 [T, H, W, 3] -> float32 torch [T, H, W, 3] in 0..1 (ComfyUI IMAGE).
+
+    Made outside inference mode even where the caller is in it (ComfyUI runs every node
+    there): the IMAGE then keeps a version counter, so the prefix cache can key the same
+    unwritten frames by identity on the next Run instead of hashing them (prefix_cache.FrameKeys).
+    """
     import torch
 
-    return torch.from_numpy(frames).float().div_(255.0)
+    with torch.inference_mode(False):
+        return torch.from_numpy(frames).float().div_(255.0)
 
 
 def load_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,

@@ -11,8 +11,9 @@ through layers < K), and the one-pass prefill without the store (reuse_prefix=Fa
 the path before the cache) for reference. TTFT is counted from decoded frames to the
 first token, AdaTP at K=2, R=0.25 (global and local debias). Medians of --repeats runs
 after one warm-up. Then the cost of hashing the frames (the cache's key) at 32 and 128
-frames of each --hash-size. Weights are random (bench/shapes.py). Prints a table,
-writes JSON with --out.
+frames of each --hash-size, and the key of 64 frames 1280x720 on the CPU: hashed, then
+the same tensor again (by identity). Weights are random (bench/shapes.py). Prints a
+table, writes JSON with --out.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shapes import SHAPES, TINY, build  # noqa: E402
 
 from adatp_core.attention import extract_attention  # noqa: E402
-from adatp_core.prefix_cache import frames_digest  # noqa: E402
+from adatp_core.prefix_cache import FrameKeys, frames_digest  # noqa: E402
 from adatp_core.debias import global_debias, local_debias  # noqa: E402
 from adatp_core.generate import SamplingConfig, generate_answer  # noqa: E402
 from adatp_core.prune import prune_tokens  # noqa: E402
@@ -95,6 +96,23 @@ def bench_hash(sizes: list[tuple[int, int]], counts=(32, 128), repeats: int = 3)
     return rows
 
 
+def bench_key(n: int = 64, h: int = 720, w: int = 1280, repeats: int = 3) -> dict:
+    """The prefix key's frames part for n float32 frames on the CPU: the first question (a content
+    hash) and the next ones about the same tensor (keyed by identity, prefix_cache.FrameKeys)."""
+    frames = torch.rand(n, h, w, 3)
+    first, again = [], []
+    for _ in range(repeats):
+        keys = FrameKeys()
+        start = time.perf_counter()
+        keys(frames)
+        first.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        keys(frames)
+        again.append(time.perf_counter() - start)
+    return {"frames": n, "size": f"{w}x{h}", "dtype": "float32", "megabytes": frames.numel() * 4 / 1e6,
+            "first_s": statistics.median(first), "same_tensor_s": statistics.median(again)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny,tiny-qwen2.5-vl,tiny-qwen3-vl",
@@ -121,9 +139,14 @@ def main(argv=None) -> int:
     for r in hashes:
         print(f"  {r['frames']:>4} frames {r['size']:>9} float32: {r['megabytes']:8.1f} MB in {r['hash_s']:.3f} s "
               f"({r['gb_per_s']:.2f} GB/s)")
+    key = bench_key()
+    print(f"\nThe prefix key for {key['frames']} frames {key['size']} float32 on the CPU "
+          f"({key['megabytes']:.0f} MB): {key['first_s']:.3f} s the first time (hashed), "
+          f"{key['same_tensor_s'] * 1e6:.0f} us for the same tensor again")
     if args.out:
         args.out.write_text(json.dumps({"machine": platform.platform(), "cpus": torch.get_num_threads(),
-                                        "torch": torch.__version__, "rows": rows, "hashing": hashes}, indent=2))
+                                        "torch": torch.__version__, "rows": rows, "hashing": hashes,
+                                        "key": key}, indent=2))
     return 0
 
 

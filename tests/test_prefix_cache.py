@@ -197,3 +197,141 @@ def test_stats_line_says_where_the_prefix_came_from(model, frames):
     assert lines[0].startswith("Video prefix: computed and kept for the next question")
     assert lines[1].startswith("Video prefix: reused from an earlier question")
     assert "the question's own part" in lines[1]
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """Every content hash of the frames (prefix_cache.frames_digest), as the frames' shapes (no
+    reference to the frames: one would keep them alive)."""
+    from adatp_core import prefix_cache
+
+    calls, real = [], prefix_cache.frames_digest
+    monkeypatch.setattr(prefix_cache, "frames_digest", lambda f, *a: calls.append(tuple(f.shape)) or real(f, *a))
+    return calls
+
+
+def test_the_same_tensor_again_is_keyed_without_hashing(model, frames, hashes):
+    """The common case (ComfyUI hands a cached IMAGE back on every Run): the same tensor object,
+    unwritten, is keyed by identity. A copy hits through the content hash; a write through the
+    tensor or a view of it, inference mode included (ComfyUI runs nodes there), misses."""
+    model.prefix_cache.clear()
+    video = frames.clone()
+    assert not video.is_inference()
+
+    def status(f, q=QUESTIONS[1]):
+        return extract_attention(model, f, q, 2).stats["prefix_cache"]
+
+    assert status(video, QUESTION) == "miss" and len(hashes) == 1
+    assert [status(video) for _ in range(3)] == ["hit"] * 3 and len(hashes) == 1  # no pass over the bytes
+    assert status(video.clone()) == "hit" and len(hashes) == 2  # another object: its content
+    video[0, 0, 0, 0] += 0.5
+    assert status(video) == "miss" and len(hashes) == 3
+    assert status(video) == "hit" and len(hashes) == 3
+    with torch.inference_mode():
+        video[1].mul_(0.5)  # through a view, in inference mode: the version counter still moves
+    assert status(video) == "miss" and len(hashes) == 4
+    with torch.no_grad():
+        video.copy_(frames)  # written back to the first bytes: hashed, and the first prefix hits
+    assert status(video) == "hit" and len(hashes) == 5
+
+
+def test_inference_tensors_are_hashed_every_time(model, frames, hashes):
+    """An inference tensor keeps no version counter, so it cannot vouch for its bytes: it is
+    hashed on every question, and a write in place misses."""
+    model.prefix_cache.clear()
+    with torch.inference_mode():
+        video = frames.clone()
+    assert video.is_inference()
+    statuses = [extract_attention(model, video, q, 2).stats["prefix_cache"] for q in QUESTIONS[:2]]
+    assert statuses == ["miss", "hit"] and len(hashes) == 2
+    with torch.inference_mode():
+        video[-1, -1, -1, -1] = torch.nextafter(video[-1, -1, -1, -1], torch.tensor(2.0))
+    assert extract_attention(model, video, QUESTIONS[1], 2).stats["prefix_cache"] == "miss"
+    assert len(hashes) == 3
+
+
+def test_a_freed_tensor_whose_id_is_reused_does_not_hit(hashes):
+    """The identity is a weak reference. The worst case: the frames are freed, their bytes are
+    written where no version counter sees it (through NumPy), and a new tensor lands at the
+    same id and address with the same shape, strides, dtype and version. Its stamp is the
+    freed one's, but it is another object: it is hashed, and keyed by its new bytes."""
+    import numpy as np
+
+    from adatp_core.prefix_cache import FrameKeys, _stamp
+
+    keys = FrameKeys()
+    array = np.zeros((4, 8, 8, 3), np.float32)
+    old = torch.from_numpy(array)
+    digest, ident, stamp = keys(old), id(old), _stamp(old)
+    array[...] = 0.5
+    del old  # freed at once (no cycle holds it); nothing is allocated before the pool
+    pool = []  # tensors over the same bytes, until one is given the freed tensor's id
+    for _ in range(10_000):
+        pool.append(torch.from_numpy(array))
+        if id(pool[-1]) == ident:
+            break
+    new = pool[-1]
+    assert id(new) == ident and _stamp(new) == stamp, "no tensor landed at the freed one's id"
+    assert keys(new) != digest and len(hashes) == 2
+    assert keys(new) == keys(torch.full((4, 8, 8, 3), 0.5)) and len(hashes) == 3  # new: no hash; the copy: one
+
+
+def test_the_device_digest_reads_every_byte(monkeypatch):
+    """device_digest (run here on the CPU, with small blocks: chunks, padding): a copy and a
+    strided view of the same values agree; one changed byte anywhere, another frame order,
+    another shape or dtype over the same bytes differ; other weights give other digests."""
+    from adatp_core import prefix_cache
+    from adatp_core.prefix_cache import device_digest, digest_weights
+
+    monkeypatch.setattr(prefix_cache, "DIGEST_BLOCK", 64)
+    monkeypatch.setattr(prefix_cache, "DIGEST_CHUNK", 3)
+    weights = digest_weights("cpu", seed=1)
+    assert weights.shape == (prefix_cache.DIGEST_LANES, 64) and weights.dtype == torch.int64
+    gen = torch.Generator().manual_seed(0)
+    video = torch.rand(3, 5, 7, 3, generator=gen)  # 1,260 bytes: 20 blocks and a partial one
+    digest = device_digest(video, weights)
+    assert device_digest(video.clone(), weights) == digest
+    strided = video.permute(0, 2, 1, 3)
+    assert device_digest(strided, weights) == device_digest(strided.contiguous(), weights)
+    raw = video.view(torch.uint8).reshape(-1)
+    for at in torch.randint(0, raw.numel(), (40,), generator=gen).tolist() + [0, raw.numel() - 1]:
+        changed = raw.clone()
+        changed[at] ^= 1 << (at % 8)
+        assert device_digest(changed.view(torch.float32).view(video.shape), weights) != digest, at
+    assert device_digest(video.flip(0), weights) != digest
+    assert device_digest(video.reshape(3, 7, 5, 3), weights) != digest
+    assert device_digest(video.view(torch.int32), weights) != digest
+    assert device_digest(video, digest_weights("cpu", seed=2)) != digest
+    assert torch.equal(digest_weights("cpu", seed=1), weights)
+
+
+def test_frame_keys_forget_dead_tensors_and_keep_a_few():
+    from adatp_core.prefix_cache import FrameKeys
+
+    keys = FrameKeys()
+    kept = [torch.rand(1, 2, 2, 3) for _ in range(FrameKeys.MAX_SEEN + 3)]
+    for t in kept:
+        keys(t)
+    assert len(keys._seen) == FrameKeys.MAX_SEEN and keys._seen[-1][0]() is kept[-1]
+    del kept, t
+    gc.collect()
+    keys(torch.rand(1, 2, 2, 3))
+    assert len(keys._seen) == 1
+
+
+def test_loaded_frames_keep_a_version_counter_in_inference_mode(hashes):
+    """ComfyUI runs Load Video in inference mode; its IMAGE is made outside it, so the same
+    frames on the next Run are keyed without a hash, and a write to them is still seen."""
+    import numpy as np
+
+    from adatp_core.prefix_cache import FrameKeys
+    from adatp_core.video import frames_to_image
+
+    keys = FrameKeys()
+    with torch.inference_mode():
+        image = frames_to_image(np.full((2, 4, 4, 3), 51, np.uint8))
+        assert not image.is_inference()
+        first = keys(image)
+        assert keys(image) == first and len(hashes) == 1
+        image[0].add_(0.1)
+        assert keys(image) != first and len(hashes) == 2

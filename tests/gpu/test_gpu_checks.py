@@ -265,3 +265,19 @@ def test_batched_graph_replays_keep_no_copy_of_the_linear_states(tmp_path, frame
     (step,) = made
     assert step.use_graph and any(e["graph"] is not None for e in step.entries.values())
     assert "capture" in kept and "step" not in kept, kept  # copies only where a bucket is captured
+
+
+def test_frames_on_the_gpu_are_keyed_on_the_gpu(monkeypatch):
+    """Issue 27 defect 6: CUDA frames are hashed where they are (no host copy of the frames),
+    agree with the same digest computed on the CPU, and the same tensor is keyed by identity."""
+    from adatp_core import prefix_cache
+    from adatp_core.prefix_cache import FrameKeys, device_digest, digest_weights
+
+    monkeypatch.setattr(prefix_cache, "host_digest", lambda *a: pytest.fail("GPU frames copied to the host"))
+    frames = torch.rand(8, 720, 1280, 3, device="cuda")
+    keys = FrameKeys(seed=3)
+    first = keys(frames)
+    assert first == "device:" + device_digest(frames.cpu(), digest_weights("cpu", seed=3))
+    assert keys(frames) == first and keys(frames.clone()) == first
+    frames[-1, -1, -1, -1] += 1
+    assert keys(frames) != first
