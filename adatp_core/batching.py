@@ -42,6 +42,7 @@ import torch
 
 from . import static_decode
 from .hf.cache import LinearState, RowsKVCache, linear_states_kept
+from .hf.sdpa_copy import masked_step_copies_kv, query_groups
 from .decode import continue_prefill, decode_step, row_positions
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
@@ -66,17 +67,27 @@ def check_batch_size(n) -> int:
     return n
 
 
-def row_bytes(cache, max_new_tokens: int) -> int:
-    """Bytes one clip's keys and values take in a batch: every layer's length plus its new tokens."""
-    total = 0
+def row_bytes(cache, max_new_tokens: int, groups=None, copies: bool | None = None) -> int:
+    """Bytes one clip takes in a batch: every layer's keys and values at its length plus its new
+    tokens, and, where the installed transformers copies them per query head in a masked step
+    (``hf/sdpa_copy.py``: 5.17 - 5.22; every batched step passes a mask), the largest layer's copy:
+    it is freed after each layer, so one layer's counts towards the peak.
+
+    groups: per layer, the query heads per key/value head (``query_groups``; none given: no copy
+    counted); copies: whether the release copies (the installed one's answer unless given)."""
+    total = copy = 0
+    copies = masked_step_copies_kv() if copies is None else copies
     for i, n in enumerate(cache.lengths()):
         entry = cache.entry(i)
         if isinstance(entry, LinearState):  # a fixed size, however long
             total += sum(t[0].numel() * t.element_size() for t in (entry.conv, entry.recurrent))
             continue
         k, _ = entry
-        total += 2 * (n + max_new_tokens) * k.shape[1] * k.shape[-1] * k.element_size()
-    return total
+        layer = 2 * (n + max_new_tokens) * k.shape[1] * k.shape[-1] * k.element_size()
+        total += layer
+        if copies and groups is not None and groups[i] > 1:
+            copy = max(copy, layer * groups[i])  # [Hq = Hkv * groups] keys and values
+    return total + copy
 
 
 def auto_batch_size(device, per_row: int) -> int:
@@ -230,7 +241,8 @@ class DecodeBatch:
             return [Finished(key, error=str(exc))]
         if self.cache is None:
             if not self.size:
-                self.size = auto_batch_size(self.adapter.device, row_bytes(cache, self.cfg.max_new_tokens))
+                per_row = row_bytes(cache, self.cfg.max_new_tokens, query_groups(self.adapter.text_model))
+                self.size = auto_batch_size(self.adapter.device, per_row)
                 log.info("decoding up to %d clips together (auto)", self.size)
             self.limit = self.size
             self.cache = RowsKVCache(self.adapter.num_layers, self.size)

@@ -221,6 +221,36 @@ def test_auto_batch_size_on_cuda_follows_free_memory(monkeypatch):
     assert batching.auto_batch_size("cpu", 2**20) == batching.CPU_BATCH_SIZE
 
 
+def test_row_bytes_counts_the_per_head_copy_below_transformers_5_23(tiny, states, monkeypatch):
+    """transformers 5.17 - 5.22 copy every masked step's keys and values to each query head (repeat_kv);
+    5.23 on do not. The estimate counts the copy of the largest layer (freed after each layer) where
+    the installed release makes it (faked both ways), so auto picks fewer rows there."""
+    from importlib import import_module
+
+    from adatp_core.decode import continue_prefill
+    from adatp_core.hf.sdpa_copy import masked_step_copies_kv, query_groups
+
+    with torch.inference_mode():
+        cache, _ = continue_prefill(states[0], 0)
+    groups = query_groups(tiny.adapter.text_model)
+    assert set(groups) == {2}  # the tiny LLM: 4 query heads over 2 key/value heads
+    kv = batching.row_bytes(cache, 16)  # no groups given: no copy
+    largest = max(2 * (n + 16) * k.shape[1] * k.shape[-1] * k.element_size()
+                  for n, (k, _) in zip(cache.lengths(), (cache.entry(i) for i in range(len(cache.lengths())))))
+    transformers = import_module("transformers")
+    for version, copies in (("5.17.0", True), ("5.20.2", True), ("5.22.2", True), ("5.23.0", False),
+                            ("5.25.0", False), ("5.26.0.dev0", False)):
+        monkeypatch.setattr(transformers, "__version__", version)
+        assert masked_step_copies_kv() is copies, version
+        assert batching.row_bytes(cache, 16, groups) == kv + (2 * largest if copies else 0), version
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**24, 2**30))
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    old = batching.auto_batch_size("cuda:0", batching.row_bytes(cache, 4000, groups))
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    new = batching.auto_batch_size("cuda:0", batching.row_bytes(cache, 4000, groups))
+    assert old < new
+
+
 def test_cancel_between_steps_keeps_what_is_written(tiny, clips, tmp_path):
     steps = []
 
