@@ -14,10 +14,14 @@ device is busy throughout: with prefill work while a slot fills, with the batch'
 step otherwise; the other rows wait for one prefill, which costs them about as
 many steps as the prefill takes, once per clip.
 
-Static mode (the decode mode "static", and "auto" on CUDA): the same buffers are
-read at their whole capacity and the rows in power-of-two batch buckets
-(``StaticRowsStep``), so a step's shapes depend on (batch bucket, capacity
-bucket) only; on CUDA each is one graph, captured once and replayed across clips.
+Static mode (the decode mode "static", and "auto" on CUDA where it pays): the same
+buffers are read at their whole capacity and the rows in batch buckets (``row_bucket``:
+1, 2, 4, 8, then multiples of 8), so a step's shapes depend on (batch bucket, capacity
+bucket) only (``StaticRowsStep``); on CUDA each is one graph, captured once and
+replayed across clips. Auto takes a static step only while it pays by the rule that
+one answer uses (``static_decode.static_rows_pay_off``: the attention that padded rows
+and whole capacities add, against the positions a graph's saving pays for), decided
+again whenever a clip joins or leaves; otherwise it steps as the default mode does.
 
 Faults: a clip whose prefill fails (bad input, out of memory) fails alone. Out of
 memory in a step halves the rows a step runs at once and runs the step again in
@@ -44,6 +48,7 @@ import torch
 
 from . import static_decode
 from .hf.cache import LinearState, RowsKVCache, linear_states_kept
+from .hf.sdpa_copy import masked_step_copies_kv, query_groups
 from .decode import continue_prefill, decode_step, row_positions
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
@@ -68,20 +73,37 @@ def check_batch_size(n) -> int:
     return n
 
 
-def row_bytes(cache, max_new_tokens: int) -> int:
-    """Bytes one clip takes in a batch: its keys and values (every layer's length plus its new
-    tokens), and its linear-attention states twice: the states and the copy of them that a step
-    which could run out of memory halfway keeps, as does a graph capture's warm-up
-    (``linear_states_kept``; hybrid models only)."""
-    total = 0
+def row_bytes(cache, max_new_tokens: int, groups=None, copies: bool | None = None) -> int:
+    """Bytes one clip takes in a batch: every layer's keys and values at its length plus its new
+    tokens; its linear-attention states twice: the states and the copy of them that a step which
+    could run out of memory halfway keeps, as does a graph capture's warm-up (``linear_states_kept``;
+    hybrid models only); and, where the installed transformers copies keys and values per query head
+    in a masked step (``hf/sdpa_copy.py``: 5.17 - 5.22; every batched step passes a mask), the largest
+    layer's copy: it is freed after each layer, so one layer's counts towards the peak.
+
+    groups: per layer, the query heads per key/value head (``query_groups``; none given: no copy
+    counted); copies: whether the release copies (the installed one's answer unless given)."""
+    total = copy = 0
+    copies = masked_step_copies_kv() if copies is None else copies
     for i, n in enumerate(cache.lengths()):
         entry = cache.entry(i)
         if isinstance(entry, LinearState):  # a fixed size, however long, and its snapshot
             total += 2 * sum(t[0].numel() * t.element_size() for t in (entry.conv, entry.recurrent))
             continue
         k, _ = entry
-        total += 2 * (n + max_new_tokens) * k.shape[1] * k.shape[-1] * k.element_size()
-    return total
+        layer = 2 * (n + max_new_tokens) * k.shape[1] * k.shape[-1] * k.element_size()
+        total += layer
+        if copies and groups is not None and groups[i] > 1:
+            copy = max(copy, layer * groups[i])  # [Hq = Hkv * groups] keys and values
+    return total + copy
+
+
+def row_bucket(rows: int, slots: int) -> int:
+    """The batch bucket a static step over ``rows`` rows runs at: 1, 2, 4, 8, then the next
+    multiple of 8 (as vLLM's graph sizes), at most ``slots``. Finer than powers of two, so 33 rows
+    pad to 40, not 64; a batch of up to 64 rows has at most 11 buckets (graphs)."""
+    bucket = 1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8
+    return min(slots, bucket)
 
 
 def auto_batch_size(device, per_row: int) -> int:
@@ -97,7 +119,7 @@ def auto_batch_size(device, per_row: int) -> int:
 class StaticRowsStep:
     """Fixed-shape decode steps over rows [0, n) of a ``RowsKVCache``, for static mode.
 
-    n is rounded up to a batch bucket (a power of two, at most the slots) and every
+    n is rounded up to a batch bucket (``row_bucket``, at most the slots) and every
     layer is read at its capacity (a capacity bucket), so the step's shapes depend on
     (batch bucket, capacities) only. On CUDA each such step is captured once as a
     CUDA graph and replayed for every step of every clip that lands in it; elsewhere
@@ -130,7 +152,7 @@ class StaticRowsStep:
         keeps its own copy (``_capture``); only a step that runs without a graph after a failed
         capture takes one."""
         n = tokens.shape[0]
-        bucket = min(self.cache.slots, 1 << (n - 1).bit_length())
+        bucket = row_bucket(n, self.cache.slots)
         key = self._key(bucket)
         entry = self.entries.get(key)
         if entry is None:
@@ -189,6 +211,8 @@ class Row:
     tokens: list = field(default_factory=list)
     joined: float = field(default_factory=time.perf_counter)
     passes: int = 0
+    static_passes: int = 0  # the passes that ran as static steps
+    static_extra: float = 0.0  # their sum of positions per layer read beyond a default step's
     busy_seconds: float = 0.0  # its share of the steps it took part in
 
 
@@ -219,11 +243,17 @@ class DecodeBatch:
         self.eos = set() if self.cfg.ignore_eos else set(self.adapter.eos_token_ids)
         mode = resolve_decode_mode(self.cfg.decode_mode, self.adapter.device)
         self.mode = "default" if self.adapter.is_split else mode  # static needs the model on one device
+        self.auto = self.cfg.decode_mode == "auto"  # static steps only where they pay (static_rows_pay_off)
+        self.break_even = static_decode.static_break_even(self.adapter.device)
+        self._choice: tuple | None = None  # ((rows, joins), static?) for the rows in the batch now
+        self.joins = 0
         self.static: StaticRowsStep | None = None
         self.cache: RowsKVCache | None = None
         self.rows: list[Row] = []
         self.waiting = None  # (row, its batch-1 cache): prefilled, not yet in the batch
         self.steps = 0
+        self.ran_static = False  # whether the last step ran as a static step
+        self.static_extra = 0.0  # the positions per layer it read beyond a default step (static_pays)
         self.busy_seconds = 0.0
 
     @property
@@ -248,7 +278,8 @@ class DecodeBatch:
             return [Finished(key, error=str(exc))]
         if self.cache is None:
             if not self.size:
-                self.size = auto_batch_size(self.adapter.device, row_bytes(cache, self.cfg.max_new_tokens))
+                per_row = row_bytes(cache, self.cfg.max_new_tokens, query_groups(self.adapter.text_model))
+                self.size = auto_batch_size(self.adapter.device, per_row)
                 log.info("decoding up to %d clips together (auto)", self.size)
             self.limit = self.size
             self.cache = RowsKVCache(self.adapter.num_layers, self.size)
@@ -276,6 +307,7 @@ class DecodeBatch:
             return [Finished(row.key, error=str(exc))]
         self.waiting = None
         self.rows.append(row)
+        self.joins += 1
         return []
 
     def _prefill(self, key, state: AdaTPState):
@@ -316,6 +348,8 @@ class DecodeBatch:
             for r, row in enumerate(part):
                 row.logits = logits[r]
                 row.passes += 1
+                row.static_passes += self.ran_static
+                row.static_extra += self.static_extra if self.ran_static else 0.0
                 row.busy_seconds += seconds / len(part)
             ended += [start + r for r in self._choose(part)]
             start = stop
@@ -346,21 +380,40 @@ class DecodeBatch:
         # per row for a 9B; row_bytes counts it); one row that fails is not run again, so it needs
         # none, nor does a step with graphs on, which keeps the states itself (StaticRowsStep.__call__).
         whole = self.static is not None and start == 0 and stop == len(self.rows)
+        self.ran_static = whole and self.static_pays()
         keep = (linear_states_kept(self.cache, slice(start, stop), only_on_error=True)
-                if stop - start > 1 and self.cache.linear and not (whole and self.static.use_graph)
+                if stop - start > 1 and self.cache.linear and not (self.ran_static and self.static.use_graph)
                 else contextlib.nullcontext())
         with torch.inference_mode(), plan_free_attention(dev), keep:
             tokens = torch.tensor([row.tokens[-1] for row in part], device=dev)
             positions = row_positions([row.first for row in part], [len(row.tokens) - 1 for row in part],
                                       part[0].state.position_ids, dev)
-            if whole:
+            if self.ran_static:
                 logits = self.static(tokens, positions)
-            else:  # default mode, or a part of the rows after running out of memory
+            else:  # default mode, auto where static does not pay, or a part of the rows after out of memory
                 window = self.cache.window(start, stop)
                 logits = decode_step(self.adapter, tokens, positions, window, window.masks())
             synchronize(dev)
         self.cache.advance(start, stop)
         return logits
+
+    def static_pays(self) -> bool:
+        """Whether a static step over all rows runs now: always in static mode; in auto, where
+        ``static_rows_pay_off`` says so for these rows (decided when a clip joins or leaves).
+        ``static_extra``: what such a step reads beyond a default one (positions per layer)."""
+        key = (len(self.rows), self.joins)
+        if self._choice is None or self._choice[0] != key:
+            c, n = self.cache, len(self.rows)
+            layers = [i for i in range(c.num_layers) if i not in c.linear]
+            spans = [max(lengths[i] for lengths in c.lengths[:n]) + 1 for i in layers]
+            shape = (n, row_bucket(n, c.slots), [c.capacity(i) for i in layers], spans)
+            extra = static_decode.static_extra_positions(*shape)
+            pays = not self.auto or static_decode.static_rows_pay_off(*shape, self.break_even)
+            log.debug("%s decode mode, %d rows: static steps read %.0f more positions per layer; %s steps",
+                      self.cfg.decode_mode, n, extra, "static" if pays else "default")
+            self._choice = (key, pays, extra)
+        self.static_extra = self._choice[2]
+        return self._choice[1]
 
     def _choose(self, rows: list[Row]) -> list[int]:
         """Choose each row's next token from its logits; the indices (in ``rows``) of rows that ended."""
@@ -383,11 +436,23 @@ class DecodeBatch:
         decode_seconds = time.perf_counter() - row.joined - row.prefill_seconds
         run = DecodeRun(tokens=row.tokens, logits=None, kv_lengths=kv_lengths,
                         prefill_seconds=row.prefill_seconds, decode_seconds=max(decode_seconds, 0.0),
-                        passes=row.passes, mode=self.mode,
+                        passes=row.passes, mode=self._row_mode(row),
                         capture_seconds=self.static.capture_seconds if self.static is not None else 0.0)
         answer = answer_from_run(row.state, run, self.cfg)
-        answer.stats.update({"time_decode_share": row.busy_seconds, "batch_size": self.size})
+        answer.stats.update({"time_decode_share": row.busy_seconds, "batch_size": self.size,
+                             "decode_passes_static": row.static_passes,
+                             "static_extra_positions": row.static_extra / row.static_passes if row.static_passes
+                             else 0.0})
         return Finished(row.key, answer)
+
+    def _row_mode(self, row: Row) -> str:
+        """The mode a row's steps ran in: static or default, or "mixed" where auto changed its
+        choice while the row decoded (rows joined or left); the batch's mode before any step."""
+        if not row.passes:
+            return self.mode
+        if row.static_passes == row.passes:
+            return "static"
+        return "default" if not row.static_passes else "mixed"
 
 
 def decode_together(model, sampling: SamplingConfig, clips: Iterable[tuple[object, Callable[[], AdaTPState]]],

@@ -24,7 +24,7 @@ from .decode import continue_prefill, decode_step
 from .models.base import FALLBACK_STATIC_DECODING
 from .sdpa import plan_free_attention
 from .state import AdaTPState
-from .static_decode import StaticDecoders, static_pays_off
+from .static_decode import StaticDecoders, static_break_even, static_pays_off
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
             kept = len(state.kept_positions())
             lengths = [state.prompt.length if i < state.layer else kept for i in range(adapter.num_layers)
                        if not adapter.is_linear_layer(i)]  # a linear layer's state has no capacity
-            if lengths and not static_pays_off(lengths, cfg.max_new_tokens):
+            if lengths and not static_pays_off(lengths, cfg.max_new_tokens, static_break_even(dev)):
                 mode = "default"
         reserve = 0 if mode == "static" else cfg.max_new_tokens  # static copies into its own buffers
         cache, logits = continue_prefill(state, reserve)

@@ -47,12 +47,57 @@ MAX_BUCKETS = 2  # buckets kept per model: each holds a whole KV cache
 # to be checked with bench/decode_modes.py on a GPU (1k, 8k, 32k cached tokens).
 STATIC_AUTO_MAX_CAPACITY = 8192
 
+# The same break-even, measured on a card: positions per attention layer that a graph's saving pays
+# for, keyed by torch.cuda.get_device_name. A card listed here decides by its own figure; any other
+# keeps the estimate above. Empty: no GPU has been lent since the rule was written. To fill it, run
+# bench/caption_throughput.py with --decode-mode static and --decode-mode default on that card: it
+# prints, per batch size, the static steps' extra positions per layer and both throughputs; the
+# break-even lies between the largest extra at which static won and the smallest at which it lost.
+MEASURED_BREAK_EVEN: dict[str, int] = {}
 
-def static_pays_off(lengths, max_new_tokens: int) -> bool:
-    """Whether auto mode should decode with static steps, for a cache whose layers
-    hold ``lengths`` positions before ``max_new_tokens`` more (see STATIC_AUTO_MAX_CAPACITY)."""
+
+def static_break_even(device=None) -> int:
+    """Positions per attention layer a static step may read beyond the default step's and still pay:
+    the card's measured figure (MEASURED_BREAK_EVEN) where recorded, else STATIC_AUTO_MAX_CAPACITY."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and MEASURED_BREAK_EVEN:
+        return MEASURED_BREAK_EVEN.get(torch.cuda.get_device_name(device), STATIC_AUTO_MAX_CAPACITY)
+    return STATIC_AUTO_MAX_CAPACITY
+
+
+def static_pays_off(lengths, max_new_tokens: int, break_even: int | None = None) -> bool:
+    """Whether auto mode should decode one answer with static steps, for a cache whose layers
+    hold ``lengths`` positions before ``max_new_tokens`` more (see STATIC_AUTO_MAX_CAPACITY): the
+    rows rule at one row, whose default step (no mask: flash with split-KV) the rule counts as free."""
     capacities = [capacity_bucket(n + max_new_tokens) for n in lengths]
-    return sum(capacities) <= STATIC_AUTO_MAX_CAPACITY * len(capacities)
+    return static_rows_pay_off(1, 1, capacities, [0] * len(capacities), break_even)
+
+
+def static_rows_pay_off(rows: int, bucket: int, capacities, spans, break_even: int | None = None) -> bool:
+    """Whether a static step over ``rows`` rows pays: the same rule as one answer's, counting the
+    attention that static mode adds. Per attention layer, a static step reads ``bucket`` rows (the
+    rows rounded up to a batch bucket) at the buffer's whole ``capacity``; the default step reads
+    ``rows`` rows at ``span``, the longest row's filled positions (it passes a mask too, so the
+    same kernel runs). Static pays while the mean extra per layer, sum(bucket * capacity - rows *
+    span) / layers, is at most the break-even (``static_break_even``; STATIC_AUTO_MAX_CAPACITY
+    unless given), the positions a graph's saved launches pay for.
+
+    Why the one answer's estimate is kept for rows until a card is measured: it prices a position
+    at what it costs one row (a few dozen SMs busy), more than in a full batch (every SM busy), so
+    it over-counts the extra, and the extra grows with every padded row and with the buffers'
+    length: many padded rows or long clips choose the default steps. What it cannot see, the
+    graph's saving shrinking as a large batch's step becomes bound by the GPU, is what the
+    measured per-card figure corrects."""
+    budget = STATIC_AUTO_MAX_CAPACITY if break_even is None else break_even
+    return static_extra_positions(rows, bucket, capacities, spans) <= budget
+
+
+def static_extra_positions(rows: int, bucket: int, capacities, spans) -> float:
+    """The positions per attention layer (mean) that a static step over ``rows`` rows reads beyond
+    the default step (see ``static_rows_pay_off``); 0 without an attention layer."""
+    if not capacities:
+        return 0.0
+    return sum(bucket * c - rows * s for c, s in zip(capacities, spans)) / len(capacities)
 
 
 class StaticDecoder:

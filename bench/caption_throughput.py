@@ -5,6 +5,7 @@
         --batch-sizes 1,2,4,8,16 --out bench/results/cpu_caption_tiny.json
     python bench/caption_throughput.py --shape 7b --device cuda --dtype bfloat16 --frames 32 \
         --clips 64 --tokens 128 --batch-sizes 4,8,16,32,64 --out bench/results/h100_caption_7b.json
+    python bench/caption_throughput.py ... --decode-mode static   (then --decode-mode default: side by side)
 
 Rows, on the same clips (frames already decoded, in memory: this measures the
 model, not the video decoder) and the same caption length (EOS ignored):
@@ -16,6 +17,12 @@ and the device-busy share: on CUDA the GPU's utilisation sampled by NVML while
 the row runs (when pynvml is installed), else the share of wall time spent in
 synchronised model calls. Weights are random for the real shapes. Prints a table
 and writes JSON.
+
+--decode-mode (auto, default or static; auto unless given) goes to every AdaTP row.
+The header names it, and a line per AdaTP row says which mode its steps ran in
+(auto chooses per batch: static_decode.static_rows_pay_off) and, for static steps,
+the positions per attention layer they read beyond a default step: run static and
+default on one card to place its break-even (static_decode.MEASURED_BREAK_EVEN).
 """
 
 from __future__ import annotations
@@ -112,9 +119,11 @@ def run_stock(model, clips, tokens: int, busy: Busy) -> int:
     return total
 
 
-def run_adatp(model, clips, tokens: int, batch_size: int, busy: Busy) -> int:
+def run_adatp(model, clips, tokens: int, batch_size: int, busy: Busy, mode: str = "auto", seen=None) -> int:
+    """AdaTP's captions of ``clips``; ``seen`` (a list) gets every answer's stats."""
     cfg = PipelineConfig(num_frames=clips[0].shape[0], retention=0.25,
-                         generation=SamplingConfig(max_new_tokens=tokens, ignore_eos=True))
+                         generation=SamplingConfig(max_new_tokens=tokens, ignore_eos=True, decode_mode=mode))
+    seen = [] if seen is None else seen
     dev = model.compute_device
     if batch_size == 1:
         total = 0
@@ -124,6 +133,7 @@ def run_adatp(model, clips, tokens: int, batch_size: int, busy: Busy) -> int:
             synchronize(dev)
             busy.model_seconds += time.perf_counter() - start
             total += len(answer.token_ids)
+            seen.append(answer.stats)
         return total
     items = [(i, lambda f=frames: prefill(model, f, PROMPT, cfg)) for i, frames in enumerate(clips)]
     total = 0
@@ -132,22 +142,32 @@ def run_adatp(model, clips, tokens: int, batch_size: int, busy: Busy) -> int:
         if done.error:
             raise RuntimeError(done.error)
         total += len(done.answer.token_ids)
+        seen.append(done.answer.stats)
     busy.model_seconds += time.perf_counter() - start  # nothing else runs in between
     return total
 
 
-def measure(name: str, fn, model, clips, tokens: int) -> dict:
+def measure(name: str, fn, model, clips, tokens: int, seen=None) -> dict:
     dev = model.compute_device
     fn(clips[:1], 4, Busy(dev))  # warm-up (lazy inits, kernels); not timed
+    if seen is not None:
+        seen.clear()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     with Busy(dev) as busy:
         new_tokens = fn(clips, tokens, busy)
         synchronize(dev)
+    if seen is not None:  # what the decode mode did (AdaTP rows)
+        row_modes = sorted({s.get("decode_mode", "?") for s in seen})
+        static = [s for s in seen if s.get("decode_passes_static")]
+        extra = (sum(s["static_extra_positions"] * s["decode_passes_static"] for s in static)
+                 / sum(s["decode_passes_static"] for s in static)) if static else None
     share, how = busy.share()
     row = {"method": name, "clips": len(clips), "tokens_per_clip": tokens, "seconds": busy.wall,
            "clips_per_min": 60 * len(clips) / busy.wall, "decoded_tokens_per_s": new_tokens / busy.wall,
            "device_busy_share": share, "busy_measured_by": how}
+    if seen is not None:
+        row.update({"decode_modes_run": row_modes, "static_extra_positions": extra})
     if dev.type == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated(dev)
     return row
@@ -162,6 +182,11 @@ def print_table(rows: list[dict]) -> None:
         vs_stock = f"{r['clips_per_min'] / stock:.2f}" if stock else "-"
         print(f"{r['method']:<10} {r['clips_per_min']:>10.1f} {r['decoded_tokens_per_s']:>10.1f} "
               f"{100 * r['device_busy_share']:>5.0f}% {vs_b1:>11} {vs_stock:>8}")
+    for r in rows:
+        if "decode_modes_run" in r:
+            extra = r["static_extra_positions"]
+            more = f"; static steps read {extra:.0f} positions per attention layer beyond default" if extra else ""
+            print(f"{r['method']}: decode mode ran {'+'.join(r['decode_modes_run'])}{more}")
 
 
 def main(argv=None) -> int:
@@ -174,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=128, help="new tokens per caption (EOS ignored)")
     p.add_argument("--batch-sizes", default="2,4,8,16", help="AdaTP batch sizes besides 1")
     p.add_argument("--no-stock", action="store_true", help="leave out stock generate()")
+    p.add_argument("--decode-mode", default="auto", choices=("auto", "default", "static"),
+                   help="AdaTP's decode mode, one answer and rows alike (auto: static where it pays, on CUDA)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     model = build(args.shape, args.device, DTYPES[args.dtype])
@@ -182,17 +209,20 @@ def main(argv=None) -> int:
     if not args.no_stock:
         rows.append(measure("stock", lambda c, t, b: run_stock(model, c, t, b), model, clips, args.tokens))
     for n in [1] + [int(x) for x in args.batch_sizes.split(",") if x.strip()]:
-        rows.append(measure(f"adatp b{n}", lambda c, t, b, n=n: run_adatp(model, c, t, n, b), model, clips,
-                            args.tokens))
+        seen: list = []
+        run = lambda c, t, b, n=n, s=seen: run_adatp(model, c, t, n, b, args.decode_mode, s)  # noqa: E731
+        rows.append(measure(f"adatp b{n}", run, model, clips, args.tokens, seen))
     print(f"{args.shape}, {args.frames} frames, {args.clips} clips, {args.tokens}-token captions, "
-          f"{args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"decode mode {args.decode_mode}")
     print_table(rows)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "date": str(date.today()), "machine": platform.platform(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "shape": args.shape, "frames": args.frames,
-            "device": args.device, "dtype": args.dtype, "rows": rows}, indent=1) + "\n")
+            "device": args.device, "dtype": args.dtype, "decode_mode": args.decode_mode, "rows": rows},
+            indent=1) + "\n")
     return 0
 
 

@@ -8,6 +8,7 @@ test_qwen_batching.py runs the model-level tests on the tiny Qwen2.5-VL and Qwen
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -275,6 +276,95 @@ def test_auto_batch_size_on_cuda_follows_free_memory(monkeypatch):
     assert batching.auto_batch_size("cuda:0", 2**20) == batching.MAX_AUTO_BATCH
     assert batching.auto_batch_size("cuda:0", 2**40) == 1
     assert batching.auto_batch_size("cpu", 2**20) == batching.CPU_BATCH_SIZE
+
+
+def test_row_bytes_counts_the_per_head_copy_below_transformers_5_23(tiny, states, monkeypatch):
+    """transformers 5.17 - 5.22 copy every masked step's keys and values to each query head (repeat_kv);
+    5.23 on do not. The estimate counts the copy of the largest layer (freed after each layer) where
+    the installed release makes it (faked both ways), so auto picks fewer rows there."""
+    from importlib import import_module
+
+    from adatp_core.decode import continue_prefill
+    from adatp_core.hf.sdpa_copy import masked_step_copies_kv, query_groups
+
+    with torch.inference_mode():
+        cache, _ = continue_prefill(states[0], 0)
+    groups = query_groups(tiny.adapter.text_model)
+    assert set(groups) == {2}  # the tiny LLM: 4 query heads over 2 key/value heads
+    kv = batching.row_bytes(cache, 16)  # no groups given: no copy
+    largest = max(2 * (n + 16) * k.shape[1] * k.shape[-1] * k.element_size()
+                  for n, (k, _) in zip(cache.lengths(), (cache.entry(i) for i in range(len(cache.lengths())))))
+    transformers = import_module("transformers")
+    for version, copies in (("5.17.0", True), ("5.20.2", True), ("5.22.2", True), ("5.23.0", False),
+                            ("5.25.0", False), ("5.26.0.dev0", False)):
+        monkeypatch.setattr(transformers, "__version__", version)
+        assert masked_step_copies_kv() is copies, version
+        assert batching.row_bytes(cache, 16, groups) == kv + (2 * largest if copies else 0), version
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**24, 2**30))
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    old = batching.auto_batch_size("cuda:0", batching.row_bytes(cache, 4000, groups))
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    new = batching.auto_batch_size("cuda:0", batching.row_bytes(cache, 4000, groups))
+    assert old < new
+
+
+def test_static_rows_pay_off_by_the_rule_one_answer_uses():
+    """Issue 27: auto takes static rows only where the attention they add (padded rows, whole
+    capacities) stays within what a graph pays for; at one row it is one answer's rule."""
+    from adatp_core import static_decode as sd
+
+    assert [batching.row_bucket(n, 64) for n in (1, 2, 3, 5, 8, 9, 16, 17, 33, 57, 64)] == \
+        [1, 2, 4, 8, 8, 16, 16, 24, 40, 64, 64]
+    assert batching.row_bucket(33, 36) == 36  # never past the slots
+    for lengths in ([1000] * 28, [6000] * 2 + [1500] * 26, [8192] * 28, [32000] * 28):
+        caps = [sd.capacity_bucket(n + 128) for n in lengths]
+        assert sd.static_pays_off(lengths, 128) == sd.static_rows_pay_off(1, 1, caps, [0] * 28)
+    short = ([1024] * 28, [1000] * 28)  # capacities, longest rows
+    assert sd.static_rows_pay_off(33, batching.row_bucket(33, 64), *short)  # 7 padded rows: pays
+    assert not sd.static_rows_pay_off(33, 64, *short)  # 31 padded rows (powers of two) do not
+    assert not sd.static_rows_pay_off(9, 16, [4096] * 28, [4000] * 28)  # 7 padded rows of a longer buffer
+    assert not sd.static_rows_pay_off(33, 40, [8192] * 28, [6000] * 28)  # long clips: default steps
+    assert sd.static_rows_pay_off(4, 4, [2048] * 28, [1000] * 28)  # every row in use, short
+    assert not sd.static_rows_pay_off(4, 4, [2048] * 28, [1000] * 28, break_even=1024)  # a measured card's figure
+    assert sd.static_break_even("cpu") == sd.STATIC_AUTO_MAX_CAPACITY
+
+
+def test_batched_auto_steps_statically_only_where_it_pays(tiny, states, monkeypatch):
+    """Auto on a (faked) CUDA device: batching.py used to take static steps whatever the rows'
+    lengths and padding. Now it asks static_rows_pay_off for the rows in the batch, whenever a clip
+    joins or leaves: short buffers step statically, and where the rule says no (long contexts, or
+    many padded rows, here by a small break-even) every step is the default one. Same tokens."""
+    cfg = SamplingConfig(max_new_tokens=6, ignore_eos=True)
+    assert cfg.decode_mode == "auto"
+    reference = [generate_answer(s, replace(cfg, decode_mode="default")).token_ids for s in states]
+    monkeypatch.setattr(batching, "resolve_decode_mode", lambda mode, device: "static" if mode == "auto" else mode)
+    asked, static_steps = [], []
+    real_rule, real_call = batching.static_decode.static_rows_pay_off, batching.StaticRowsStep.__call__
+
+    def rule(rows, bucket, capacities, spans, break_even=None):
+        asked.append((rows, bucket))
+        return real_rule(rows, bucket, capacities, spans, break_even)
+
+    def call(self, tokens, positions):
+        static_steps.append(tokens.shape[0])
+        return real_call(self, tokens, positions)
+
+    monkeypatch.setattr(batching.static_decode, "static_rows_pay_off", rule)
+    monkeypatch.setattr(batching.StaticRowsStep, "__call__", call)
+    short = together(tiny, states, cfg, 4)
+    assert [a.token_ids for a in short] == reference
+    assert {a.stats["decode_mode"] for a in short} == {"static"} and static_steps
+    assert asked == [(4, 4), (1, 1)]  # once per set of rows: four clips, then the fifth alone
+    assert all(a.stats["decode_passes_static"] == 5 for a in short)
+
+    asked.clear(), static_steps.clear()
+    monkeypatch.setattr(batching.static_decode, "STATIC_AUTO_MAX_CAPACITY", 16)  # the tiny clips count as long
+    long = together(tiny, states, cfg, 4)
+    assert [a.token_ids for a in long] == reference
+    assert {a.stats["decode_mode"] for a in long} == {"default"} and not static_steps and asked
+    forced = together(tiny, states, replace(cfg, decode_mode="static"), 4)
+    assert [a.token_ids for a in forced] == reference
+    assert {a.stats["decode_mode"] for a in forced} == {"static"}  # an explicit choice is kept
 
 
 def test_cancel_between_steps_keeps_what_is_written(tiny, clips, tmp_path):

@@ -9,5 +9,6 @@ the releases it serves (``versions.py`` lists the tested range).
 - ``layers.py``: the decoder-layer loop (transformers' own layers, one by one);
 - ``attention_hook.py``: AdaTP's attention function, registered through ``AttentionInterface``;
 - ``kernels.py``: which code runs the Gated DeltaNet layers (hub kernel, local package, PyTorch);
-- ``vision.py``: the Qwen vision towers with their attention batched.
+- ``vision.py``: the Qwen vision towers with their attention batched;
+- ``sdpa_copy.py``: what a masked decode step's sdpa attention copies, per release (memory estimates).
 """
