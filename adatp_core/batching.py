@@ -53,7 +53,7 @@ from .decode import continue_prefill, decode_step, row_positions
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
                        resolved_sampling, sampling_generator)
-from .sampling import TokenChooser
+from .sampling import TokenChooser, choose_rows
 from .memory import is_out_of_memory, run_guarded
 from .sdpa import plan_free_attention
 from .state import AdaTPState
@@ -416,11 +416,14 @@ class DecodeBatch:
         return self._choice[1]
 
     def _choose(self, rows: list[Row]) -> list[int]:
-        """Choose each row's next token from its logits; the indices (in ``rows``) of rows that ended."""
-        if self.cfg.do_sample or self.cfg.repetition_penalty != 1.0:  # each row's own history and generator
-            chosen = [int(row.chooser(row.logits)) for row in rows]
-        else:  # one device-to-host copy for all rows
-            chosen = torch.stack([row.logits for row in rows]).argmax(dim=-1).tolist()
+        """Choose each row's next token from its logits; the indices (in ``rows``) of rows that ended.
+        All rows at once on the device, each by its own chooser (``choose_rows``: its penalty history,
+        its generator), with no host sync per row: the one sync is the ``tolist()`` that reads the
+        chosen tokens for the stop checks and the next step's input, once per step (as batch 1's
+        ``int(token)`` is once per token)."""
+        with torch.inference_mode():
+            logits = torch.stack([row.logits for row in rows])
+            chosen = choose_rows([row.chooser for row in rows], logits).tolist()
         ended = []
         for r, (row, token) in enumerate(zip(rows, chosen)):
             row.logits = None

@@ -28,9 +28,14 @@ decodes greedily under 1e-5, which is what a model's own generation config gets
 here (models built on Qwen2.5-VL ship do_sample with temperature 1e-6, meaning
 "deterministic").
 
-Everything runs on the logits' device. The ids seen so far live in a device-side
-mask (``TokenChooser``), updated from the chosen token's device tensor, so no setting
-adds a host sync per token; the prompt's ids are copied to the device once.
+Everything runs on the logits' device, and choosing adds no host sync, whatever the
+settings and however many rows: the ids seen so far live in a device-side mask per
+answer (``TokenChooser``), updated from the chosen tokens' device tensor; the draw is
+the exponential race that ``torch.multinomial`` runs for one sample, without its host
+checks of the probabilities (``draw``); ``choose_rows`` chooses for B answers at once.
+The prompt's ids are copied to the device once per answer. The caller reads the
+chosen tokens to the host once per step (its stop checks need them): one answer's
+``int(token)``, the batch's one ``tolist()``.
 """
 
 from __future__ import annotations
@@ -210,18 +215,36 @@ def warp(scores: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return scores
 
 
-def choose(scores: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generators) -> torch.Tensor:
+    """One categorical draw per row: probs [B, V] (rows sum to 1) -> [B] long, on the probs' device,
+    row b drawn with ``generators[b]`` (its own state; None: torch's default generator).
+
+    The exponential race that ``torch.multinomial(probs, 1)`` runs (ATen Distributions.cpp:
+    argmax(p / q), q ~ Exp(1) drawn over the row), one ``exponential_`` per row from its own
+    generator, so a seed gives the token that multinomial gave, and a row of a batch the token
+    it gets alone. multinomial also checks the probabilities on the host first (two syncs);
+    the floors on temperature and penalty keep them finite here (module docstring)."""
+    q = torch.empty_like(probs)
+    for row, generator in zip(q, generators):
+        row.exponential_(1, generator=generator)
+    return torch.argmax(probs / q, dim=-1)
+
+
+def choose(scores: torch.Tensor, cfg: SamplingConfig, generators) -> torch.Tensor:
     """scores [B, V] float32 (penalised already) -> [B] token ids, on the scores' device:
-    argmax, or a draw after ``warp`` with ``generator``. ``cfg`` must be resolved."""
+    argmax, or a ``draw`` after ``warp`` with ``generators`` (one per row, or one generator for
+    a single row). ``cfg`` must be resolved. No host sync."""
     if not cfg.do_sample:
         return torch.argmax(scores, dim=-1)
-    probs = torch.softmax(warp(scores, cfg), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    if generators is None or isinstance(generators, torch.Generator):
+        generators = [generators] * scores.shape[0]
+    return draw(torch.softmax(warp(scores, cfg), dim=-1), generators)
 
 
 class TokenChooser:
     """Chooses the tokens of one answer: the repetition penalty over the prompt and the
-    tokens chosen so far (a device-side mask, no host sync), then ``choose``.
+    tokens chosen so far (a device-side mask, no host sync), then ``choose``. One answer
+    calls it; a batch of answers calls ``choose_rows`` over theirs (the same tokens).
 
     prompt_ids: the prompt's token ids (any device), or None for none.
     """
@@ -233,25 +256,47 @@ class TokenChooser:
         self.prompt_ids = prompt_ids
         self.seen = None  # [V + 1] bool on the logits' device; the last slot takes ids >= V
 
+    def _history(self, vocab: int, device) -> torch.Tensor:
+        """The seen mask [V + 1], made at the first call (the prompt's one copy to the device)."""
+        if self.seen is None:
+            self.seen = torch.zeros(vocab + 1, dtype=torch.bool, device=device)
+            if self.prompt_ids is not None and self.prompt_ids.numel():
+                ids = self.prompt_ids.reshape(-1).to(device=device, dtype=torch.long)
+                self.seen[ids.clamp(0, vocab)] = True
+        return self.seen
+
     def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
         vocab = logits.shape[-1]
-        if self.seen is None:
-            self.seen = torch.zeros(vocab + 1, dtype=torch.bool, device=logits.device)
-            if self.prompt_ids is not None and self.prompt_ids.numel():
-                ids = self.prompt_ids.reshape(-1).to(device=logits.device, dtype=torch.long)
-                self.seen[ids.clamp(0, vocab)] = True
-        return apply_repetition_penalty(logits, self.seen[:vocab], self.cfg.repetition_penalty)
+        return apply_repetition_penalty(logits, self._history(vocab, logits.device)[:vocab],
+                                        self.cfg.repetition_penalty)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [V] float32 -> the chosen id, a 0-d long tensor on the logits' device."""
-        scores = logits.float()
-        penalty = self.cfg.repetition_penalty != 1.0
-        if penalty:
-            scores = self._penalise(scores)
-        token = choose(scores[None], self.cfg, self.generator)[0]
-        if penalty:
-            self.seen.index_fill_(0, token.clamp(max=self.seen.shape[0] - 1).view(1), True)
-        return token
+        return choose_rows([self], logits[None])[0]
+
+
+def choose_rows(choosers: list[TokenChooser], logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] long on the logits' device: row b's token as ``choosers[b]`` alone
+    chooses it (its penalty history, its generator), all rows at once and with no host sync.
+
+    The penalty is one gather and one scatter: the rows' masks stacked into [B, V + 1], the
+    chosen ids scattered into it, and each chooser's mask then its row of that tensor (a view;
+    the next stack copies it). The draw takes one ``exponential_`` per row from the row's own
+    generator (``draw``). The choosers share one resolved cfg (a batch's)."""
+    cfg = choosers[0].cfg
+    scores = logits.float()
+    penalty = cfg.repetition_penalty != 1.0
+    if penalty:
+        vocab, device = scores.shape[-1], scores.device
+        masks = [c._history(vocab, device) for c in choosers]
+        seen = masks[0][None] if len(masks) == 1 else torch.stack(masks)  # [B, V + 1]
+        scores = apply_repetition_penalty(scores, seen[:, :vocab], cfg.repetition_penalty)
+    tokens = choose(scores, cfg, [c.generator for c in choosers])
+    if penalty:
+        seen.scatter_(1, tokens[:, None], True)  # chosen ids are < V: never the last slot
+        for chooser, row in zip(choosers, seen):
+            chooser.seen = row
+    return tokens
 
 
 def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
@@ -262,8 +307,9 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
 
 
 __all__ = ["DECODE_MODES", "HF_DEFAULTS", "MAX_NEW_TOKENS_LIMIT", "MIN_REPETITION_PENALTY", "MIN_TEMPERATURE",
-           "SamplingConfig", "TokenChooser", "apply_repetition_penalty", "choose", "next_token", "settings_text",
-           "warp", "widget_sampling", "widget_settings", "WIDGET_MODEL_PENALTY", "WIDGET_MODEL_TOP_K", "WIDGETS"]
+           "SamplingConfig", "TokenChooser", "apply_repetition_penalty", "choose", "choose_rows", "draw",
+           "next_token", "settings_text", "warp", "widget_sampling", "widget_settings", "WIDGET_MODEL_PENALTY",
+           "WIDGET_MODEL_TOP_K", "WIDGETS"]
 
 
 # The two optional inputs that Generate Answer and Caption Folder append last (ComfyUI specs).

@@ -28,6 +28,10 @@ CLIPS = [(4, 0.25), (2, 1.0), (6, 0.5), (3, None), (5, 0.1)]
 GREEDY = SamplingConfig(max_new_tokens=10, decode_mode="default")
 SAMPLED = SamplingConfig(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.9, seed=7,
                          decode_mode="default")
+# Qwen2.5-VL's shipped penalty, greedy and with seeded sampling (issue 27), and one strong enough to change tokens.
+PENALISED = {"greedy 1.05": replace(GREEDY, repetition_penalty=1.05),
+             "sampled 1.05": replace(SAMPLED, repetition_penalty=1.05, top_k=20),
+             "greedy 2.0": replace(GREEDY, repetition_penalty=2.0)}
 
 
 def clip_states(model):
@@ -94,6 +98,54 @@ def test_sampled_rows_equal_batch_one_with_the_same_seed(tiny, states):
     reference = [generate_answer(s, SAMPLED).token_ids for s in states]
     assert [a.token_ids for a in together(tiny, states, SAMPLED, 3)] == reference
     assert len(set(reference)) > 1  # the clips really differ
+
+
+@pytest.mark.parametrize("name", sorted(PENALISED))
+def test_penalised_rows_equal_batch_one(tiny, states, name):
+    """With a repetition penalty, greedy or sampled, 4 rows (5 clips: rows leave and join, and
+    move) choose batch 1's tokens: each row's own history (its prompt too) and generator."""
+    sampling = PENALISED[name]
+    reference = [generate_answer(s, sampling).token_ids for s in states]
+    assert [a.token_ids for a in together(tiny, states, sampling, 4)] == reference
+    if name == "greedy 2.0":  # the history really acts (without EOS: early_eos may have made the answers short)
+        free = [replace(cfg, ignore_eos=True) for cfg in (sampling, GREEDY)]
+        assert [generate_answer(s, free[0]).token_ids for s in states] != [generate_answer(s, free[1]).token_ids
+                                                                             for s in states]
+
+
+def test_a_batched_step_reads_the_chosen_tokens_once(tiny, states, monkeypatch):
+    """Issue 27: with a penalty or sampling, each row was chosen alone, int() each (a host sync per
+    row on CUDA) after torch.multinomial (which checks the probabilities on the host). All rows are
+    chosen in one go on the device now; the step reads the tokens to the host once (tolist)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if any(n in name for n in ("_local_scalar_dense", "multinomial", "nonzero", "equal")):
+                reads.append(name)
+            return func(*args, **(kwargs or {}))
+
+    sampling = replace(PENALISED["sampled 1.05"], ignore_eos=True)
+    batch = batching.DecodeBatch(tiny, sampling, 4)
+    for i, s in enumerate(states[:4]):
+        assert batch.join(i, s) == []
+    real, tolist = batch._choose, torch.Tensor.tolist
+    per_step = []
+
+    def spy(rows):
+        with Reads():
+            ended = real(rows)
+        per_step.append((len(rows), reads[:]))
+        reads.clear()
+        return ended
+
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (reads.append("tolist"), tolist(self))[1])
+    batch._choose = spy
+    for _ in range(3):
+        batch.step()
+    assert per_step == [(4, ["tolist"])] * 3
 
 
 def test_rows_logits_match_batch_one(tiny, states):

@@ -21,7 +21,8 @@ from adatp_core.generate import SamplingConfig, generate_answer
 from adatp_core.models.loader import load_video_llm
 from adatp_core.models.tiny_qwen import ensure_tiny_qwen3_vl
 from adatp_core.prune import prune_tokens
-from adatp_core.sampling import HF_DEFAULTS, TokenChooser, apply_repetition_penalty, settings_text, warp
+from adatp_core.sampling import (HF_DEFAULTS, TokenChooser, apply_repetition_penalty, choose_rows, draw,
+                                 settings_text, warp)
 
 STEPS = 12
 GREEDY = {"repetition_penalty": 1.3, "top_k": 5}  # top_k acts only when sampling
@@ -190,6 +191,62 @@ def test_chooser_matches_transformers_processors(device):
         assert torch.isfinite(expected[0, token]).item()  # drawn from what transformers keeps
         history.append(int(token))
     assert chooser.seen[: vocab].nonzero().squeeze(1).tolist() == sorted(set(history))
+
+
+def test_draw_gives_the_tokens_that_multinomial_gave():
+    """The draw without host checks is multinomial's own race (argmax of p / Exp(1)): a seed
+    keeps its tokens, draw after draw from one generator."""
+    for seed in range(12):
+        vocab = (7, 300, 32000)[seed % 3]
+        probs = torch.softmax(torch.randn(1, vocab, generator=torch.Generator().manual_seed(seed)) * 3, -1)
+        old, new = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(4):
+            assert int(draw(probs, [new])[0]) == int(torch.multinomial(probs, 1, generator=old)[0])
+
+
+@pytest.mark.parametrize("settings", [GREEDY, SAMPLING, {"repetition_penalty": 3.0}])
+def test_rows_chosen_together_are_the_rows_chosen_alone(settings):
+    """choose_rows over B answers (each its prompt, history and generator) gives the tokens
+    each TokenChooser gives alone, step after step, rows joining and leaving between steps,
+    with no host read of any kind (issue 27: one int() and a multinomial per row before)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if any(n in name for n in ("_local_scalar_dense", "multinomial", "nonzero", "equal")):
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    cfg = SamplingConfig(**settings).resolve()
+    gen = torch.Generator().manual_seed(0)
+    vocab = 300
+
+    def chooser(i):
+        return TokenChooser(cfg, torch.randint(0, vocab + 20, (30 + i,), generator=torch.Generator().manual_seed(i)),
+                            torch.Generator().manual_seed(100 + i) if cfg.do_sample else None)
+
+    alone = {i: chooser(i) for i in range(6)}
+    together = {i: chooser(i) for i in range(6)}
+    live = [0, 1, 2, 3]
+    for step in range(8):
+        logits = torch.randn(len(live), vocab, generator=gen) * 3
+        expected = [int(alone[i](logits[r])) for r, i in enumerate(live)]
+        with Reads() as reads:
+            tokens = choose_rows([together[i] for i in live], logits)
+        assert reads.names == []
+        assert tokens.tolist() == expected, step
+        if cfg.repetition_penalty != 1.0:  # each chosen id joins its own row's history
+            assert all(bool(together[i].seen[t]) for i, t in zip(live, expected))
+        if step == 3:
+            live = [3, 1, 4]  # rows 0 and 2 left, 4 joined and the rows moved
+        if step == 5:
+            live = [4, 5, 1, 3]
+    assert all(torch.equal(together[i].seen, alone[i].seen) for i in (1, 3, 4))
 
 
 def test_nodes_take_the_models_settings_unless_overridden(cache, tmp_path, frames, monkeypatch):

@@ -4,10 +4,12 @@ token (test_batching.py's model-level tests)."""
 
 from __future__ import annotations
 
-from test_batching import (early_eos, states, test_a_failing_prefill_fails_its_clip_alone,  # noqa: F401
-                           test_greedy_rows_equal_batch_one_token_for_token,
+from test_batching import (early_eos, states, test_a_batched_step_reads_the_chosen_tokens_once,  # noqa: F401
+                           test_a_failing_prefill_fails_its_clip_alone,
                            test_another_batched_capture_failure_steps_without_a_graph_and_names_it,
+                           test_greedy_rows_equal_batch_one_token_for_token,
                            test_out_of_memory_in_a_batched_capture_halves_the_batch_and_keeps_graphs,
+                           test_penalised_rows_equal_batch_one,
                            test_rows_logits_match_batch_one,
                            test_sampled_rows_equal_batch_one_with_the_same_seed,
                            test_static_rows_equal_batch_one)
