@@ -226,30 +226,33 @@ def _graphs_on_the_cpu(monkeypatch, error=None):
     return made
 
 
-def test_out_of_memory_in_a_batched_capture_halves_the_batch_and_keeps_graphs(tiny, states, monkeypatch, caplog):
-    """Out of memory while capturing a batched step's graph is out of memory in that step, as for one
-    answer (StaticDecoder.capture): the rows run in halves, and graphs stay on for the buckets that
-    fit. It used to turn graphs off for the whole batch, under a warning that hid the out of memory."""
-    made = _graphs_on_the_cpu(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+def _static_rows_with_a_failing_capture(tiny, states, monkeypatch, caplog, error):
+    """Three rows decoded together in static mode, graphs faked on the CPU with a first capture that
+    raises ``error``: checks that the tokens are the default mode's; returns the StaticRowsStep."""
+    made = _graphs_on_the_cpu(monkeypatch, error)
     cfg = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="static")
     with caplog.at_level("WARNING", logger="adatp_core.batching"):
         answers = together(tiny, states, cfg, 3)
     default = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="default")
     assert [a.token_ids for a in answers] == [generate_answer(s, default).token_ids for s in states]
     (step,) = made
+    return step
+
+
+def test_out_of_memory_in_a_batched_capture_halves_the_batch_and_keeps_graphs(tiny, states, monkeypatch, caplog):
+    """Out of memory while capturing a batched step's graph is out of memory in that step, as for one
+    answer (StaticDecoder.capture): the rows run in halves, and graphs stay on for the buckets that
+    fit. It used to turn graphs off for the whole batch, under a warning that hid the out of memory."""
+    step = _static_rows_with_a_failing_capture(
+        tiny, states, monkeypatch, caplog, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert "out of memory decoding 3 rows together" in caplog.text
     assert "without a graph" not in caplog.text and step.use_graph
     assert any(e["bucket"] == 1 and e["graph"] is not None for e in step.entries.values())
 
 
 def test_another_batched_capture_failure_steps_without_a_graph_and_names_it(tiny, states, monkeypatch, caplog):
-    made = _graphs_on_the_cpu(monkeypatch, RuntimeError("CUDA error: operation not permitted when stream is capturing"))
-    cfg = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="static")
-    with caplog.at_level("WARNING", logger="adatp_core.batching"):
-        answers = together(tiny, states, cfg, 3)
-    default = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="default")
-    assert [a.token_ids for a in answers] == [generate_answer(s, default).token_ids for s in states]
-    (step,) = made
+    step = _static_rows_with_a_failing_capture(
+        tiny, states, monkeypatch, caplog, RuntimeError("CUDA error: operation not permitted when stream is capturing"))
     assert not step.use_graph and "out of memory" not in caplog.text
     assert "RuntimeError: CUDA error: operation not permitted when stream is capturing" in caplog.text
 
