@@ -15,7 +15,7 @@ estimates only matter on CUDA, and count the copy there, as on the CPU.)
 from __future__ import annotations
 
 import torch
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from . import versions
 
@@ -27,11 +27,8 @@ def masked_step_copies_kv(version: str | None = None) -> bool:
     """Whether a masked one-token sdpa step copies keys and values to every query head
     (5.17 - 5.22: True; 5.23 and later: False). version: the installed one unless given;
     one that cannot be parsed counts as copying (the estimate then errs on the safe side)."""
-    try:
-        release = Version(Version(version or versions.installed()).base_version)
-    except InvalidVersion:
-        return True
-    return release < Version(NO_COPY_FROM)
+    release = versions.release(version)
+    return release is None or release < Version(NO_COPY_FROM)
 
 
 def query_groups(text_model: torch.nn.Module) -> list[int]:

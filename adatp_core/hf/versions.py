@@ -49,18 +49,26 @@ def installed() -> str:
     return importlib.import_module("transformers").__version__
 
 
+def release(version: str | None = None) -> Version | None:
+    """The release ``version`` (default: the installed one) belongs to, or None if it cannot be
+    parsed. A pre-release or local build counts as its release (5.26.0.dev0 is 5.26.0)."""
+    try:
+        return Version(Version(version or installed()).base_version)
+    except InvalidVersion:
+        return None
+
+
 def support(version: str | None = None) -> str:
     """``OLDER`` than the minimum, ``NEWER`` than the newest tested, or ``TESTED`` (within the
     range; an unparsable version counts as tested, as nothing better can be said).
 
     A pre-release or local build counts as its release (5.26.0.dev0 is 5.26.0: newer)."""
-    try:
-        release = Version(Version(version or installed()).base_version)
-    except InvalidVersion:
+    found = release(version)
+    if found is None:
         return TESTED
-    if release < Version(MINIMUM):
+    if found < Version(MINIMUM):
         return OLDER
-    if release > Version(NEWEST_TESTED):
+    if found > Version(NEWEST_TESTED):
         return NEWER
     return TESTED
 
