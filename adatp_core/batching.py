@@ -296,9 +296,7 @@ class DecodeBatch:
         row, cache = self.waiting
         try:
             run_guarded(lambda: self.cache.add(cache, self.cfg.max_new_tokens), "joining the batch")
-        except AdaTPTransformersError:  # every clip would fail alike: the run stops, as at batch 1
-            raise
-        except AdaTPEnvironmentError as exc:
+        except AdaTPEnvironmentError as exc:  # copying into the rows calls no transformers code
             if self.rows:
                 self.limit = max(1, len(self.rows))
                 log.warning("out of memory joining the decode batch; %d rows from now on", self.limit)
