@@ -40,28 +40,30 @@ def check_name(name, what: str) -> str:
     and what a name may point at are the callers' rules.
     """
     if not isinstance(name, str):
-        raise AdaTPInputError(f"the {what} name must be text, got {type(name).__name__} {_short(name)}; "
+        raise AdaTPInputError(f"the {what} name must be text, got {type(name).__name__} {short_repr(name)}; "
                               f"pick a {what} from the list or type its name.")
     try:
         raw = name.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise AdaTPInputError(f"the {what} name {_short(name)} holds {name[exc.start]!r} (character {exc.start + 1}), "
+        raise AdaTPInputError(f"the {what} name {short_repr(name)} holds {name[exc.start]!r} (character {exc.start + 1}), "
                               f"a lone surrogate: not valid Unicode, so it names no file. Retype the name, or "
                               f"rename the {what} to valid UTF-8.") from None
     longest = max(re.split(rb"[/\\]", raw), key=len)
     if len(longest) > NAME_MAX_BYTES:
-        raise AdaTPInputError(f"the {what} name {_short(name)} has a part {len(longest)} bytes long; a file or "
+        raise AdaTPInputError(f"the {what} name {short_repr(name)} has a part {len(longest)} bytes long; a file or "
                               f"folder name may have at most {NAME_MAX_BYTES} bytes. Shorten it.")
     if len(raw) > PATH_MAX_BYTES:
-        raise AdaTPInputError(f"the {what} name {_short(name)} is {len(raw)} bytes long; a path may have at most "
+        raise AdaTPInputError(f"the {what} name {short_repr(name)} is {len(raw)} bytes long; a path may have at most "
                               f"{PATH_MAX_BYTES} bytes. Shorten it.")
     return name
 
 
-def _short(value) -> str:
-    """repr(value), cut to SHOWN_CHARS characters."""
+def short_repr(value) -> str:
+    """repr(value), cut to SHOWN_CHARS characters for a message (a cut string keeps its closing quote)."""
     text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...'"
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return text[:SHOWN_CHARS] + "..." + (text[0] if text[0] in "'\"" else "")
 
 
 def bare_name(name, pathmod=os.path) -> bool:

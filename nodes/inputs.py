@@ -27,11 +27,11 @@ import torch
 
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.models.loader import VideoLLM
+from ..adatp_core.paths import short_repr
 from ..adatp_core.state import AdaTPState
 from ..adatp_core.video import VideoInfo
 
 LINK_HINT = " (in the API format a link is [node_id, output_index], not a value)"
-SHOWN_CHARS = 60
 
 
 def _is_a(value, cls) -> bool:
@@ -73,10 +73,7 @@ def described(value) -> str:
     """What came, in a few words: its type, and its value when that is short to say."""
     if isinstance(value, torch.Tensor):
         return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
-    text = repr(value)
-    if len(text) > SHOWN_CHARS:
-        text = text[:SHOWN_CHARS] + "..."
-    return f"{type(value).__name__} {text}"
+    return f"{type(value).__name__} {short_repr(value)}"
 
 
 def _socket(name: str, kind: str, value):
