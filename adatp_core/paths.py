@@ -93,6 +93,16 @@ def resolved(path) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def followed(path, shown: str, advice: str) -> Path:
+    """``resolved(path)``, or AdaTPInputError when a link on the way cannot be followed (a loop);
+    ``shown`` is the name as the client gave it, ``advice`` what else to do."""
+    try:
+        return resolved(path)
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise AdaTPInputError(f"{shown!r} is a link that cannot be followed ({exc}); fix the link or "
+                              f"{advice}.") from None
+
+
 def check_inside(roots, path, what: str, shown: str | None = None) -> Path:
     """``path`` resolved, if it lies inside one of ``roots``; else AdaTPInputError.
 
@@ -109,11 +119,7 @@ def check_inside(roots, path, what: str, shown: str | None = None) -> Path:
         # The typed path first, without touching the disk: an outside path (a UNC path on Windows
         # would connect to its server) is never opened or resolved.
         if any(inside(r, typed) for r in forms):
-            try:
-                real = resolved(path)
-            except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
-                raise AdaTPInputError(f"{shown!r} is a link that cannot be followed ({exc}); fix the link or "
-                                      f"give another path.") from None
+            real = followed(path, shown, "give another path")
             if inside(forms[1], real):
                 return real
     places = ", ".join(str(r) for r in roots) or "(none)"

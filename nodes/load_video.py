@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..adatp_core.errors import AdaTPInputError
-from ..adatp_core.paths import check_name, inside
+from ..adatp_core.paths import check_name, followed, inside
 from ..adatp_core.samples import SAMPLE_VIDEO
 from ..adatp_core.video import MAX_FRAMES, QWEN_VL_PRESET, SAMPLING_MODES, VIDEO_EXTENSIONS, load_video
 from . import comfy_bridge as bridge
@@ -56,11 +56,7 @@ def input_path(name: str, what: str) -> tuple[Path, str]:
         name = name[: -len(" [input]")]
     root = bridge.input_directory().resolve()
     typed = Path(os.path.abspath(root / name))  # checked before anything outside is touched (UNC on Windows)
-    try:
-        path = typed.resolve() if inside(root, typed) else typed
-    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
-        raise AdaTPInputError(f"{name!r} is a link that cannot be followed ({exc}); fix the link or pick "
-                              f"another {what}.") from None
+    path = followed(typed, name, f"pick another {what}") if inside(root, typed) else typed
     if not inside(root, path):  # another drive (Windows) is outside too, not a bare ValueError
         raise AdaTPInputError(f"{name!r} points outside the input directory; put the {what} in {root}.")
     return path, name
