@@ -8,20 +8,20 @@ rows on the visual keys, with the rotated queries and keys that the layer uses.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 
 from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .fits import check_max_pixels, check_question, plan_prompt
+from .fits import check_video_fits  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .flops import flops_summary
-from .budget import check_memory
 from .memory import run_guarded
 from .hf.cache import KVCache
 from .prefix_cache import FrozenPrefix
 from .hf.attention_hook import aligns_causal_to_the_end
 from .hf.layers import module_device
-from .models.base import FALLBACK_BATCHED_VISION, MODEL_BUDGET, AttentionProbe, Injection
+from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
 from .hf.kernels import kernels_line
 from .models.loader import VideoLLM
 from .sdpa import plan_free_attention
@@ -31,20 +31,6 @@ from .timing import timed
 log = logging.getLogger(__name__)
 
 QUERY_MODES = ("text", "last")
-MIN_PIXEL_BUDGET = 28 * 28
-MODEL_BUDGET_WIDGET = -1  # Extract Attention's max_pixels widget holds an integer: -1 means MODEL_BUDGET
-MAX_QUESTION_CHARS = 100_000
-
-
-def check_question(question) -> str:
-    """The question as the model will see it: non-empty, not absurdly long, and
-    valid UTF-8 (lone surrogates from broken clipboard text become U+FFFD)."""
-    if not isinstance(question, str) or not question.strip():
-        raise AdaTPInputError("the question is empty; type a question about the video")
-    if len(question) > MAX_QUESTION_CHARS:
-        raise AdaTPInputError(f"the question is {len(question)} characters long; the limit is "
-                              f"{MAX_QUESTION_CHARS}. Shorten it.")
-    return question.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _check_frames(frames) -> torch.Tensor:
@@ -176,20 +162,6 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
     return (encoded, hidden, past_kv, scores, relevance, position_ids), stats
 
 
-def _check_max_pixels(max_pixels) -> int | str | None:
-    """None (0: the pack's default), MODEL_BUDGET ("model", or -1 from a node's widget: the model's
-    video processor's own budget), or pixels per frame."""
-    if max_pixels is None or max_pixels == 0:
-        return None
-    if max_pixels in (MODEL_BUDGET, MODEL_BUDGET_WIDGET) and not isinstance(max_pixels, bool):
-        return MODEL_BUDGET
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < MIN_PIXEL_BUDGET:
-        raise AdaTPInputError(f"max_pixels must be 0 (the pack's default, 448x448 per frame), 'model' (-1 on the "
-                              f"node: the model's own video budget) or an integer of at least {MIN_PIXEL_BUDGET} "
-                              f"pixels per frame, got {max_pixels!r}")
-    return max_pixels
-
-
 def _frame_times(video_info, n_frames: int):
     """The frames' times from Load Video's video_info, when it describes these frames."""
     times = getattr(video_info, "timestamps", None) if video_info is not None else None
@@ -231,56 +203,6 @@ def _prefix_refusal(model, reuse_prefix: bool, prompt) -> str | None:
         return (f"the video's part ({prompt.after_video} tokens) is shorter than one chunk of the "
                 f"linear-attention layers ({model.adapter.LINEAR_CHUNK} tokens)")
     return model.adapter.prefix_refusal
-
-
-def plan_prompt(adapter, question: str, n_frames: int, height: int, width: int, times=None,
-                max_pixels: int | None = None):
-    """The prompt ``extract_attention`` builds for n_frames frames of height x width (a Prompt whose
-    ``plan`` is the video plan), checked against the model's context. Needs no frames: the check
-    before decoding (``check_video_fits``) builds the same prompt from a sampling plan."""
-    plan = adapter.plan_video(n_frames, height, width, times=times, max_pixels=max_pixels)
-    prompt = adapter.build_prompt(question, plan)
-    if prompt.question[1] == prompt.question[0]:
-        raise AdaTPInputError("the question has no tokens; type a question about the video")
-    adapter.check_context(prompt)
-    return prompt
-
-
-def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None = None) -> dict:
-    """Before any frame is decoded: refuse a video whose sampling plan cannot fit.
-
-    sample: a video.SamplePlan (frame count, decoded size and times, from the probe alone).
-    The prompt for each question must fit the model's context (``plan_prompt``), and the
-    decoded frames, their IMAGE and the model's input (pixels [T, 3, h, w] float32 and the
-    prompt's embeddings [L, D], on the model's device) must fit in a share of the memory
-    available now (budget.check_memory). Raises AdaTPInputError naming the clip, the
-    figures and what to change; returns the planned figures for the stats.
-    """
-    adapter = model.adapter
-    max_pixels = _check_max_pixels(max_pixels)
-    width, height = sample.size
-    try:
-        longest = max((plan_prompt(adapter, check_question(q), sample.num_frames, height, width,
-                                   sample.clip_times(), max_pixels) for q in questions),
-                      key=lambda p: p.length)
-    except AdaTPInputError as exc:
-        raise AdaTPInputError(f"{sample.name}: {exc} Nothing was decoded.") from exc
-    plan = longest.plan
-    steps = -(-plan.num_frames // plan.frames_per_step) * plan.frames_per_step
-    hidden = int(adapter.text_model.config.hidden_size)
-    device = adapter.device
-    where = "host" if device.type == "cpu" else str(device)
-    pixels = steps * 3 * plan.size[0] * plan.size[1] * 4
-    embeds = 2 * longest.length * hidden * adapter.dtype.itemsize  # the embeddings and the assembled input
-    estimate = sample.memory()
-    estimate = replace(estimate, parts=estimate.parts + (
-        (f"the model's pixel input [{steps}, 3, {plan.size[0]}, {plan.size[1]}] float32", pixels, where),
-        (f"the prompt's embeddings [{longest.length}, {hidden}]", embeds, where)))
-    smallest = adapter.plan_video(plan.num_frames, height, width, max_pixels=MIN_PIXEL_BUDGET)
-    advice = " (num_frames, --frames)" + (" or a smaller pixel budget (max_pixels, --max-pixels)"
-                                          if smallest.size != plan.size else "")
-    check_memory(estimate, sample.name, advice=advice)
-    return {"prompt_tokens_planned": longest.length, **estimate.figures()}
 
 
 def _decode_stats(video_info, n_frames: int) -> dict:
@@ -329,7 +251,7 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     asked = int(layer)
     layer, moved = adapter.resolve_layer(asked)  # hybrid models: K-1 must be a full-attention layer
     n_frames, height, width = (int(x) for x in frames.shape[:3])
-    max_pixels = _check_max_pixels(max_pixels)
+    max_pixels = check_max_pixels(max_pixels)
     prompt = plan_prompt(adapter, question, n_frames, height, width, _frame_times(video_info, n_frames), max_pixels)
     plan = prompt.plan
 

@@ -24,3 +24,11 @@ class AdaTPTransformersError(AdaTPEnvironmentError):
 
 class AdaTPInterrupted(RuntimeError):
     """The user interrupted a run (ComfyUI's Cancel button or Ctrl-C)."""
+
+
+class OptionError(AdaTPInputError):
+    """A setting that fits no clip or question; ``option`` names it (a command line shows its --option)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option

@@ -10,15 +10,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import MODEL_BUDGET_WIDGET, check_video_fits, extract_attention
+from .attention import QUERY_MODES, extract_attention
 from .debias import global_debias, local_debias
+from .errors import AdaTPInputError, OptionError
+from .fits import check_max_pixels, check_video_fits
 from .generate import Answer, SamplingConfig, generate_answer
 from .models.base import MODEL_BUDGET
 from .models.loader import VideoLLM
-from .prune import prune_tokens
+from .prune import check_retention, prune_tokens
 from .state import AdaTPState
 from .timing import timed
-from .video import DECODE_MAX_SIDE, ProcessorSampling, VideoInfo, decode_plan, frames_to_image, plan_sampling
+from .video import (DECODE_MAX_SIDE, MAX_FRAMES, SAMPLING_MODES, ProcessorSampling, VideoInfo, decode_plan,
+                    frames_to_image, plan_sampling)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,43 @@ class PipelineConfig:
     retention: float | None = 0.25
     generation: SamplingConfig = field(default_factory=SamplingConfig)
     reuse_prefix: bool = True  # keep the video's prefix for the next question (attention.py)
+
+
+def check_option(option: str, check, value) -> None:
+    """check(value); the AdaTPInputError it raises becomes an OptionError naming ``option``."""
+    try:
+        check(value)
+    except AdaTPInputError as exc:
+        raise OptionError(option, str(exc)) from exc
+
+
+def _check_frames(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_FRAMES:
+        raise AdaTPInputError(f"frames must be an integer from 1 to {MAX_FRAMES}, got {n!r} (32 is usual)")
+
+
+def _check_layer(layer) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise AdaTPInputError(f"layer must be an integer >= 0, got {layer!r} (2 is usual)")
+
+
+def _check_choice(name: str, choices):
+    def check(value) -> None:
+        if value not in choices:
+            raise AdaTPInputError(f"{name} must be one of {choices}, got {value!r}")
+    return check
+
+
+def check_config(cfg: PipelineConfig) -> None:
+    """The settings that can be checked without the model (frames, sampling, query, retention,
+    layer, pixel budget), so that a bad one stops a run before the model loads. Raises
+    OptionError naming the setting."""
+    for option, check, value in (
+            ("frames", _check_frames, cfg.num_frames), ("sampling", _check_choice("sampling", SAMPLING_MODES), cfg.sampling),
+            ("query", _check_choice("query", QUERY_MODES), cfg.query),
+            ("retention", lambda v: v is None or check_retention(v), cfg.retention),
+            ("layer", _check_layer, cfg.layer), ("max_pixels", check_max_pixels, cfg.max_pixels)):
+        check_option(option, check, value)
 
 
 @dataclass(frozen=True)
@@ -76,7 +116,7 @@ def load_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):
     (check_video_fits). Returns (frames [T, H, W, 3] float32, VideoInfo, planned figures)."""
     # The model's own budget is the processor's on the frames as stored, so they are decoded at full size
     # (within video.py's limits); otherwise at up to DECODE_MAX_SIDE, which every other budget fits in.
-    max_side = None if cfg.max_pixels in (MODEL_BUDGET, MODEL_BUDGET_WIDGET) else DECODE_MAX_SIDE
+    max_side = None if check_max_pixels(cfg.max_pixels) == MODEL_BUDGET else DECODE_MAX_SIDE
     sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time, max_side)
     planned = check_video_fits(model, sample, questions, cfg.max_pixels)
     frames, info = decode_plan(sample)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..adatp_core.attention import MODEL_BUDGET_WIDGET, QUERY_MODES, extract_attention
+from ..adatp_core.attention import QUERY_MODES, extract_attention
+from ..adatp_core.fits import MODEL_BUDGET_WIDGET
 from ..adatp_core.models.qwen2_5_vl import DEFAULT_MAX_PIXELS
 from . import comfy_bridge as bridge
 from .inputs import checked

@@ -1,0 +1,321 @@
+"""The file-system side of captioning, with no torch: names, atomic writes, claims, the manifest.
+
+Everything here works on paths and bytes only, so a process that lists, claims or
+writes captions (a clip job's planner, a test) imports it without the model side.
+- names: any bytes (``shown``, ``name_record``), and where a clip's caption goes;
+- safe writes and reads: never through a planted link, never half a file;
+- claims: two runs on one folder never caption the same clip (``ClipClaim``);
+- the manifest: JSON lines appended whole, even from two runs (``Manifest``).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from ..errors import OptionError
+from ..paths import inside
+from ..video import VIDEO_EXTENSIONS
+
+CAPTION_SUFFIX = ".txt"
+
+
+# --- names: any bytes ---------------------------------------------------------------------------
+# File names are bytes on POSIX; Python holds undecodable bytes as lone surrogates
+# (surrogateescape). Text meant for people or JSON shows such a byte as \xNN, and the
+# manifest adds the exact name in base64 ("path_b64") whenever it is not UTF-8.
+
+def shown(text: str) -> str:
+    """``text`` as valid Unicode: undecodable bytes of a file name become \\xNN."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the name's own bytes
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (broken text, not a name)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def name_record(rel: str) -> dict:
+    """The manifest's fields for a clip's relative path: ``path`` (readable), and
+    ``path_b64`` (the exact bytes) when the name is not valid UTF-8."""
+    record = {"path": shown(rel)}
+    if record["path"] != rel:
+        record["path_b64"] = base64.b64encode(os.fsencode(rel)).decode("ascii")
+    return record
+
+
+def valid_text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise OptionError(name, f"{name} must be text, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise OptionError(name, f"{name} is not valid UTF-8 text (byte {shown(value[exc.start:exc.end])}); "
+                                "type it again in UTF-8.") from None
+    return value
+
+
+def caption_path(clip: Path, folder: Path, out: Path | None = None) -> Path:
+    """clip.mp4 -> clip.txt beside it, or at the same relative path under ``out``."""
+    target = Path(out) / Path(clip).relative_to(folder) if out is not None else Path(clip)
+    return target.with_suffix(CAPTION_SUFFIX)
+
+
+
+# --- safe writes and reads (never through a planted link) ---------------------------------------
+
+MAX_CAPTION_BYTES = 1 << 20  # an existing caption larger than this is counted, not read
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+STOPPING_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # every later write fails too
+
+
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (0o666 less the umask)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
+def make_temp_file(folder: Path) -> tuple[int, Path]:
+    """A new hidden file in ``folder`` with a short random name (it fits any name limit),
+    created with O_EXCL: never an existing file, never through a link."""
+    fd, name = tempfile.mkstemp(prefix=".adatp-", suffix=".tmp", dir=folder)
+    return fd, Path(name)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a new temporary file beside ``path``, then rename it over
+    ``path``: a crash leaves the old file or the new one, never half of one. A link
+    at ``path`` is replaced, never followed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = make_temp_file(path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _file_mode())
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def probe_writable(folder: Path) -> str | None:
+    """None when a file can be created in ``folder`` (made if missing), else why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = make_temp_file(folder)
+        os.close(fd)
+        tmp.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def name_limit(folder: Path) -> int:
+    """The longest file name, in bytes, the file system under ``folder`` takes."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            try:
+                return os.pathconf(parent, "PC_NAME_MAX")
+            except (OSError, ValueError, AttributeError):
+                break
+    return 255
+
+
+def read_caption_text(path: Path) -> tuple[str | None, str | None]:
+    """(text, None), or (None, why it is not read): not a regular file, too large,
+    not UTF-8. Opened without following a link and without blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
+    except OSError as exc:
+        return None, f"cannot be opened ({exc.strerror})"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file"
+        if st.st_size > MAX_CAPTION_BYTES:
+            return None, f"larger than {MAX_CAPTION_BYTES >> 20} MiB"
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_CAPTION_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, "not valid UTF-8 text"
+
+
+def existing_caption(target: Path, root: Path) -> tuple[str, str | None]:
+    """What is at a caption path: ("missing", None), ("folder", why), ("text", the
+    text) or ("unread", why it counts as present but is not read). A link is read
+    only when it resolves to a file inside ``root``."""
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return "missing", None
+    except OSError as exc:
+        return "unread", f"cannot be inspected ({exc.strerror})"
+    real = str(target)
+    if stat.S_ISLNK(st.st_mode):
+        real = os.path.realpath(target)
+        if os.path.isdir(real):
+            return "folder", "a link to a folder"
+        if not os.path.exists(real):
+            return "unread", "a broken symbolic link"
+        if not inside(os.path.realpath(root), real):
+            return "unread", "a symbolic link out of the folder"
+    elif stat.S_ISDIR(st.st_mode):
+        return "folder", "a folder"
+    text, why = read_caption_text(Path(real))
+    return ("text", text) if why is None else ("unread", why)
+
+
+# --- claims: two runs on one folder never caption the same clip ---------------------------------
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (BlockingIOError, PermissionError):
+        return False
+
+
+class ClipClaim:
+    """A lock on one caption, held while its clip is captioned: a hidden file beside
+    the caption (a short fixed-length name) locked with flock. The lock goes when the
+    process ends, however it ends, so a killed run never blocks the next one."""
+
+    def __init__(self, target: Path):
+        digest = hashlib.sha1(os.fsencode(target.name)).hexdigest()[:24]
+        self.path = target.parent / f".adatp-claim-{digest}"
+        self.fd = None
+
+    def acquire(self) -> bool:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
+            if not _try_lock(fd):
+                os.close(fd)
+                return False
+            try:  # the previous holder may have removed the file: hold the one at the path
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return True
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+# --- the manifest -------------------------------------------------------------------------------
+
+def check_manifest(path: Path) -> None:
+    """A manifest path that can be appended to: not a folder, in a folder that can be
+    made and written. Raises OptionError("manifest") naming the path."""
+    def refuse(why):
+        raise OptionError("manifest", f"the manifest {shown(str(path))} {why}")
+
+    if path.is_dir():
+        refuse("is a folder; give a file name, for example "
+               f"{shown(str(path / 'captions.jsonl'))}.")
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
+        refuse(f"is named like a video; JSON lines would be appended to it. Give a name such as "
+               f"{shown(str(path.with_suffix('.jsonl')))}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _CLOEXEC, 0o666))
+    except OSError as exc:
+        refuse(f"cannot be written ({exc.strerror}); choose a file in a writable folder.")
+
+
+class Manifest:
+    """Appends JSON lines to a file. Each line is one write on an O_APPEND descriptor
+    under a lock, after a newline if the file's last line lacks one (a line cut by a
+    crash or another tool), so records never glue together, even from two runs."""
+
+    def __init__(self, path: Path):
+        check_manifest(path)
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _CLOEXEC, 0o666)
+
+    def write_lines(self, lines: list[str]) -> None:
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        if not data:
+            return
+        locked = _lock_blocking(self.fd)
+        try:
+            if self._last_byte() not in (b"", b"\n"):
+                data = b"\n" + data
+            os.write(self.fd, data)
+        finally:
+            if locked:
+                _unlock(self.fd)
+
+    def _last_byte(self) -> bytes:
+        size = os.fstat(self.fd).st_size
+        if not size:
+            return b""
+        if hasattr(os, "pread"):
+            return os.pread(self.fd, 1, size - 1)
+        with open(self.path, "rb") as f:  # Windows
+            f.seek(size - 1)
+            return f.read(1)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_blocking(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return True
+
+
+def _unlock(fd: int) -> None:
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
