@@ -23,7 +23,7 @@ from .hf.attention_hook import aligns_causal_to_the_end
 from .hf.layers import module_device
 from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
 from .hf.kernels import kernels_line
-from .models.loader import VideoLLM
+from .runtime import VideoLLM
 from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .timing import timed

@@ -11,7 +11,7 @@ import time
 
 from transformers.utils import logging as hf_logging
 
-from .generate import DECODE_MODES, SamplingConfig
+from .sampling import DECODE_MODES, SamplingConfig
 from .models.loader import load_video_llm
 from .models.names import BUILTIN_TINY, resolve_model_name
 from .pipeline import PipelineConfig

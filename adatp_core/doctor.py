@@ -51,7 +51,8 @@ from .generate import SamplingConfig, generate_answer
 from .memory import free_memory, is_interrupt
 from .hf import versions
 from .hf.kernels import kernels_line_as_decided
-from .models.loader import VideoLLM, load_video_llm, resolve_device, resolve_dtype
+from .models.loader import load_video_llm, resolve_device, resolve_dtype
+from .runtime import VideoLLM
 from .models.stock import stock_video_inputs
 from .pipeline import PipelineConfig, select
 from .prune import prune_tokens

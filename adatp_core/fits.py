@@ -14,7 +14,7 @@ from dataclasses import replace
 from .budget import check_memory
 from .errors import AdaTPInputError
 from .models.base import MODEL_BUDGET
-from .models.loader import VideoLLM
+from .runtime import VideoLLM
 
 MIN_PIXEL_BUDGET = 28 * 28
 MODEL_BUDGET_WIDGET = -1  # Extract Attention's max_pixels widget holds an integer: -1 means MODEL_BUDGET

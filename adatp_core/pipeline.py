@@ -16,7 +16,7 @@ from .errors import AdaTPInputError, OptionError
 from .fits import check_max_pixels, check_video_fits
 from .generate import Answer, SamplingConfig, generate_answer
 from .models.base import MODEL_BUDGET
-from .models.loader import VideoLLM
+from .runtime import VideoLLM
 from .prune import check_retention, prune_tokens
 from .state import AdaTPState
 from .timing import timed

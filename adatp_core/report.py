@@ -41,7 +41,7 @@ def generation_line(s: dict) -> str:
     if s.get("time_graph_capture"):  # once per model and cache-size bucket, so on its own
         line += f"; one-time CUDA graph capture {s['time_graph_capture']:.3f} s"
     if "sampling" in s:  # the settings in effect, the model's generation_config filled in
-        from .sampling import settings_text
+        from .sampling import settings_text  # torch: video.py imports this module in torch-free decode workers
 
         line += f"; {settings_text(s['sampling'])}"
     return line

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .models.base import Injection, Prompt
-from .models.loader import VideoLLM
+from .runtime import VideoLLM
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..adatp_core.batching import MAX_BATCH_SIZE
 from ..adatp_core.caption import DEFAULT_PROMPT, CaptionJob, caption_folder
 from ..adatp_core.errors import AdaTPInputError
-from ..adatp_core.models.loader import activate, release
+from ..adatp_core.runtime import activate, release
 from ..adatp_core.paths import check_inside, check_name, inside, resolved
 from ..adatp_core.pipeline import PipelineConfig
 from ..adatp_core.samples import SAMPLE_VIDEO

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..adatp_core.errors import AdaTPInterrupted
+from ..adatp_core import runtime
 from ..adatp_core.models import loader
 from ..adatp_core.models.download import download_model
 
@@ -274,14 +275,14 @@ def activate(llm) -> None:
     if patcher is not None:
         model_management.load_models_gpu([patcher])
     else:
-        loader.activate(llm)
+        runtime.activate(llm)
 
 
 def release(llm) -> bool:
     """After an answer: offload the weights if keep_loaded is off. Returns whether it did."""
     patcher = _PATCHERS.get(llm)
     if patcher is None:
-        return loader.release(llm)
+        return runtime.release(llm)
     if llm.offload_device is None or patcher.loaded_size() == 0:
         return False
     patcher.detach()

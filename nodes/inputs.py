@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..adatp_core.errors import AdaTPInputError
-from ..adatp_core.models.loader import VideoLLM
+from ..adatp_core.runtime import VideoLLM
 from ..adatp_core.paths import short_repr
 from ..adatp_core.state import AdaTPState
 from ..adatp_core.video import VideoInfo

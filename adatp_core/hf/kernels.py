@@ -52,6 +52,8 @@ import os
 import re
 import sys
 
+from ..errors import AdaTPEnvironmentError
+
 log = logging.getLogger(__name__)
 
 # import name -> PyPI distributions that provide it (the first is the one to install)
@@ -364,8 +366,6 @@ def check_device(device_type: str, report: dict | None = None) -> None:
     it: 5.17 and 5.24 do not check the device, and the run would fail deep inside Triton. 5.25 runs
     PyTorch for such inputs, and hub kernels are only loaded for CUDA/XPU, so nothing is refused there.
     Returns None; raises AdaTPEnvironmentError with what to do."""
-    from ..errors import AdaTPEnvironmentError
-
     report = report if report is not None else linear_attention_kernels(device_type)
     if device_type != "cuda" and report["cuda_only"]:
         used = [part for part in KERNEL_FUNCTIONS if report[part] not in ("torch", "hub")]
@@ -383,7 +383,7 @@ def load_hub_kernels(model, device_type: str) -> str | None:
     untrusted publisher); a user's interrupt and running out of memory still propagate.
 
     Returns None when nothing was tried, else one line saying what happened (also logged)."""
-    from ..memory import fallback_allowed
+    from ..memory import fallback_allowed  # torch: this module reads what is installed without importing it
 
     planned, why = hub_kernels_plan(device_type)
     if not planned or not hasattr(model, "reset_kernels"):  # reset_kernels: transformers 5.25+

@@ -46,14 +46,13 @@ from typing import Callable
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from ..paths import bare_name
-from .loader import PICKLE_SUFFIXES
+from .files import MARKER_FILE, PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 # Top-level files that a model folder needs: weights, configs, tokenizer, chat template.
 ALLOWED_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "*.tiktoken", "merges.txt", "vocab.txt",
                     "tokenizer.model", "spiece.model")
-MARKER_FILE = "config.json"  # a folder with it is a (complete) model folder
 DISK_MARGIN = 64 * 1024 * 1024
 MIN_FREE_ENV = "ADATP_MIN_FREE_GB"  # free disk space a catalog download must leave, in GB
 NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "ssl", "socket")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
+from ..flops import VisionShape, vision_flops
 from ..hf.versions import transformers_boundary
 from .base import Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
 from .chat import question_tokens, read_chat_template, split_template, tokenize_question, video_prefix_refusal
@@ -134,8 +135,6 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
 
     def vision_shape(self):
         """The vision side's shape, for FLOPs accounting."""
-        from ..flops import VisionShape
-
         vc = self.model.config.vision_config
         layers = self.model.config.vision_feature_layer % (vc.num_hidden_layers + 1)
         return VisionShape(layers=layers, hidden=vc.hidden_size, intermediate=vc.intermediate_size,
@@ -143,8 +142,6 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
                            projector_out=self.model.config.text_config.hidden_size)
 
     def vision_flops(self, prompt: Prompt) -> float:
-        from ..flops import vision_flops
-
         return vision_flops(self.vision_shape(), len(prompt.visual_positions) // self.tokens_per_frame)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:

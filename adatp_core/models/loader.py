@@ -7,182 +7,33 @@ read. Downloading is never done here (see README: it is an explicit user step).
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
-from ..paths import bare_name
-from ..prefix_cache import PrefixStore
-from ..static_decode import StaticDecoders
 from ..hf.attention_hook import register_attention, wrapped_attention_name
-from ..hf.versions import DOCTOR, UNEXPECTED, raised_in_transformers, tested_range, transformers_error, warn_if_untested
-from ..hf.versions import installed as installed_transformers
-from .base import VideoLLMAdapter
-from .chat import folder_chat_template
-from .llava_onevision import LlavaOnevisionAdapter
-from .placement import SPLIT_DEVICE, check_split_device, split_device_map
-from .preprocess import read_video_processor_config
-from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
-from .qwen2_5_vl import Qwen2_5_VLAdapter
 from ..hf.kernels import FROM_PRETRAINED_KWARGS, load_hub_kernels
 from ..hf.kernels import check_device as check_linear_kernels
-from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter, Qwen3VLMoeAdapter
-from .qwen3_vl import Qwen3VLAdapter
+from ..hf.versions import DOCTOR, UNEXPECTED, raised_in_transformers, tested_range, transformers_error, warn_if_untested
+from ..hf.versions import installed as installed_transformers
+from ..runtime import VideoLLM
+from ..runtime import activate, release  # noqa: F401  (their home is runtime.py; they stay importable from here)
+from .folder import ADAPTERS, check_model_folder
+from .folder import SUPPORTED_MODEL_TYPES  # noqa: F401  (its home is folder.py; it stays importable from here)
+from .names import resolve_model_name
+from .placement import SPLIT_DEVICE, check_split_device, split_device_map
+from .quantize import QUANTIZED_DTYPES, bitsandbytes_config, check_bitsandbytes
 
 log = logging.getLogger(__name__)
 
-ADAPTERS: dict[str, type[VideoLLMAdapter]] = {
-    t: cls for cls in (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3_5Adapter,
-                          Qwen3_5MoeAdapter, Qwen3VLMoeAdapter) for t in cls.model_types
-}
-SUPPORTED_MODEL_TYPES = tuple(sorted(ADAPTERS))
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The attention choices a saved workflow may hold. Every one runs PyTorch's SDPA (see
 # ``attention_kernel``): "flash_attention_2" stays accepted so that old workflows load.
 ATTENTIONS = ("sdpa", "flash_attention_2")
-
-
-@dataclass(frozen=True, eq=False)
-class VideoLLM:
-    """A loaded model: what the ADATP_MODEL socket carries.
-
-    Holds no per-query or pruning setting; every stage gets those per call.
-    """
-
-    model: torch.nn.Module
-    tokenizer: object
-    adapter: VideoLLMAdapter
-    name: str
-    path: str
-    compute_device: torch.device
-    dtype: torch.dtype
-    attention: str
-    offload_device: torch.device | None = None  # None: keep the model loaded
-    quantization: str | None = None  # a QUANTIZED_DTYPES choice (dtype is then the compute dtype)
-    # Static decoding's buffers and CUDA graphs, reused across answers (static_decode.py).
-    static_decoders: StaticDecoders = field(default_factory=StaticDecoders, repr=False)
-    # Videos' question-independent prefills, reused by the next question (prefix_cache.py, attention.py).
-    prefix_cache: PrefixStore = field(default_factory=PrefixStore, repr=False)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the weights are now (the compute device, or the offload device)."""
-        return self.adapter.device
-
-    def __repr__(self) -> str:
-        precision = self.quantization or str(self.dtype).removeprefix("torch.")
-        return f"VideoLLM({self.name!r}, {self.compute_device}, {precision})"
-
-
-def activate(llm: VideoLLM) -> None:
-    """Move the weights to the compute device if they were offloaded."""
-    if llm.device != llm.compute_device:
-        llm.model.to(llm.compute_device)
-
-
-def release(llm: VideoLLM) -> bool:
-    """Offload the weights if the model's policy says so. Returns whether it did."""
-    if llm.offload_device is None or llm.device == llm.offload_device:
-        return False
-    llm.static_decoders.clear()  # their KV buffers live on the compute device
-    llm.prefix_cache.clear()
-    llm.model.to(llm.offload_device)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return True
-
-
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise AdaTPInputError(
-            f"{folder} has no config.json; point the loader at a model folder downloaded "
-            "from Hugging Face (for example llava-hf/llava-onevision-qwen2-0.5b-ov-hf).")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdaTPInputError(f"{path} is not valid JSON ({exc}); download it again.") from exc
-    if not isinstance(config, dict):
-        raise AdaTPInputError(f"{path} does not hold a JSON object; download it again.")
-    return config
-
-
-def _contains_auto_map(obj) -> bool:
-    if isinstance(obj, dict):
-        return "auto_map" in obj or any(_contains_auto_map(v) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_contains_auto_map(v) for v in obj)
-    return False
-
-
-def check_model_folder(folder) -> tuple[Path, dict]:
-    """Validate a model folder without reading any weight. Returns (folder, config).
-
-    Raises AdaTPInputError naming what is missing or refused, and what to do.
-    """
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise AdaTPInputError(f"model folder {folder} does not exist; put the model under models/LLM.")
-    config = _read_config(folder)
-    if _contains_auto_map(config):
-        raise AdaTPInputError(
-            f"{folder}/config.json asks for custom code (auto_map); remote code is never run. "
-            f"Use a transformers-native checkpoint of one of: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    model_type = config.get("model_type")
-    if model_type not in ADAPTERS:
-        raise AdaTPInputError(
-            f"model type {model_type!r} in {folder} is not supported; supported types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (for example llava-hf/llava-onevision-qwen2-7b-ov-hf).")
-    _check_weights(folder)
-    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
-    if not has_tokenizer:
-        raise AdaTPInputError(
-            f"{folder} has no tokenizer (tokenizer.json); copy the tokenizer files from the "
-            "model's Hugging Face repository into the folder.")
-    read_video_processor_config(folder)  # raises, naming the files it looked for
-    if folder_chat_template(folder) is None:
-        raise AdaTPInputError(
-            f"{folder} has no chat template (chat_template.jinja or chat_template.json); copy it from the "
-            "model's Hugging Face repository into the folder.")
-    return folder, config
-
-
-def _check_weights(folder: Path) -> None:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError) as exc:
-            raise AdaTPInputError(f"{index} is damaged ({exc}); download it again.") from exc
-        # Only plain *.safetensors names in this folder: no path, no '..', no drive, no pickle.
-        bad = sorted(repr(s) for s in shards if not (bare_name(s) and s.endswith(".safetensors")))
-        if bad:
-            raise AdaTPInputError(
-                f"the weight index {index} names {', '.join(bad[:3])}: every weight_map entry must be the name "
-                "of a .safetensors file in the model folder itself (no path, no pickle weights). "
-                "Download the model again from its Hugging Face repository.")
-        missing = sorted(s for s in shards if not (folder / s).is_file())
-        if missing:
-            raise AdaTPInputError(
-                f"{folder} is missing weight shard(s) {', '.join(missing)}; the download is "
-                "incomplete, download them again.")
-        return
-    if (folder / "model.safetensors").is_file():
-        return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise AdaTPInputError(
-            f"{folder} only has pickle weights ({', '.join(pickles[:3])}); they are never loaded "
-            "because unpickling can run arbitrary code. Download the safetensors version "
-            "(model*.safetensors) of the model.")
-    raise AdaTPInputError(f"{folder} has no model.safetensors weights; download the model again.")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -304,8 +155,6 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
     offload_device: where ``release`` moves the weights between runs (None: keep loaded).
     """
     if not (isinstance(folder, Path) or Path(str(folder)).expanduser().is_dir()):
-        from .names import resolve_model_name
-
         resolved = resolve_model_name(str(folder))
         folder, name = resolved.folder, name or resolved.name
     folder, config = check_model_folder(folder)

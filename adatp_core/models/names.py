@@ -29,6 +29,9 @@ from pathlib import Path
 
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from .catalog import DOWNLOAD_MARK, catalog, entry_from_label, find_entry
+from .download import download_model
+from .files import MARKER_FILE
+from .folder import check_model_folder
 from .tiny import TINY_MODEL_FOLDER, TINY_MODEL_NAME, default_cache_dir, ensure_tiny_model
 from .tiny_qwen import (TINY_QWEN2_5_VL_FOLDER, TINY_QWEN2_5_VL_NAME, TINY_QWEN3_5_FOLDER, TINY_QWEN3_5_MOE_FOLDER,
                         TINY_QWEN3_5_MOE_NAME, TINY_QWEN3_5_NAME, TINY_QWEN3_VL_FOLDER, TINY_QWEN3_VL_MOE_FOLDER,
@@ -83,7 +86,7 @@ def model_roots() -> list[Path]:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file()
+    return (folder / MARKER_FILE).is_file()
 
 
 def local_folder(name: str, roots: list[Path]) -> Path | None:
@@ -133,8 +136,6 @@ def resolve_model_name(name, roots: list[Path] | None = None, download: bool = T
                 raise AdaTPInputError(f"{entry.repo_id} is not downloaded yet.")
             if not roots:
                 raise AdaTPEnvironmentError(f"no models folder to download {entry.repo_id} into; set {MODEL_DIRS_ENV}")
-            from .download import download_model
-
             folder = download_model(entry.repo_id, roots[0], on_progress=on_progress)
         return ResolvedModel(folder, folder.name)
     where = ", ".join(str(r) for r in roots) or "(no models folder)"
@@ -160,8 +161,6 @@ def _folder_gb(folder: Path) -> float:
 
 
 def _folder_state(folder: Path) -> str:
-    from .loader import check_model_folder
-
     try:
         check_model_folder(folder)
     except AdaTPInputError as exc:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AdaTPInputError
+from ..flops import VisionShape, vision_flops
 from ..memory import fallback_allowed
 from .base import FALLBACK_BATCHED_VISION, MODEL_BUDGET, Encoded, Prompt, VideoLLMAdapter, VideoPlan, frame_times
 from .chat import question_tokens, read_chat_template, split_template, tokenize_question, video_prefix_refusal
@@ -165,8 +166,6 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
 
     def vision_shape(self, plan: VideoPlan):
         """The vision side's shape per temporal patch, for FLOPs accounting."""
-        from ..flops import VisionShape
-
         vc = self.model.config.vision_config
         m = vc.spatial_merge_size
         patches = plan.tokens_per_step * m * m
@@ -178,8 +177,6 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                            projector_in=vc.hidden_size * m * m)
 
     def vision_flops(self, prompt: Prompt) -> float:
-        from ..flops import vision_flops
-
         return vision_flops(self.vision_shape(prompt.plan), prompt.plan.grid[0])
 
     # -- prompt ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ As Qwen2.5-VL (qwen2_5_vl.py), with these differences, each read from transforme
 
 from __future__ import annotations
 
+from ..flops import VisionShape
 from .base import VideoPlan
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 
@@ -45,8 +46,6 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     def vision_shape(self, plan: VideoPlan):
         """Full attention in every block; the merger and one DeepStack merger per feature."""
-        from ..flops import VisionShape
-
         vc = self.model.config.vision_config
         m = vc.spatial_merge_size
         patches = plan.tokens_per_step * m * m
