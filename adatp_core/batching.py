@@ -42,7 +42,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -440,11 +440,11 @@ class DecodeBatch:
                         passes=row.passes, mode=self._row_mode(row),
                         capture_seconds=self.static.capture_seconds if self.static is not None else 0.0)
         answer = answer_from_run(row.state, run, self.cfg)
-        answer.stats.update({"time_decode_share": row.busy_seconds, "batch_size": self.size,
-                             "decode_passes_static": row.static_passes,
-                             "static_extra_positions": row.static_extra / row.static_passes if row.static_passes
-                             else 0.0})
-        return Finished(row.key, answer)
+        decoding = replace(answer.decoding, decode_share=row.busy_seconds, batch_size=self.size,
+                           static_passes=row.static_passes,
+                           static_extra=row.static_extra / row.static_passes if row.static_passes else 0.0)
+        answer.stats.update(decoding.as_dict())
+        return Finished(row.key, replace(answer, decoding=decoding))
 
     def _row_mode(self, row: Row) -> str:
         """The mode a row's steps ran in: static or default, or "mixed" where auto changed its

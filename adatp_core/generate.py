@@ -25,7 +25,7 @@ from .models.base import FALLBACK_STATIC_DECODING
 from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .static_decode import StaticDecoders, static_break_even, static_pays_off
-from .timing import synchronize
+from .timing import DecodeStats, synchronize
 
 log = logging.getLogger(__name__)
 # Stage timings (seconds, in stats) that make up AdaTP's selection and the time to first token,
@@ -39,12 +39,14 @@ PREFILL_TIMES = ("time_prefix_key", "time_preprocess", "time_vision", "time_atte
 class Answer:
     """text: the decoded answer. token_ids: the generated ids (EOS excluded).
     stats: the state's stats plus generation figures. logits: [steps, V] float32
-    logits that chose each generated token (only when asked for)."""
+    logits that chose each generated token (only when asked for). decoding: the generation's
+    figures, typed (also in stats, under their keys)."""
 
     text: str
     token_ids: tuple[int, ...]
     stats: dict
     logits: torch.Tensor | None = None
+    decoding: DecodeStats | None = None
 
 
 def resolve_decode_mode(mode: str, device) -> str:
@@ -108,22 +110,16 @@ def answer_from_run(state: AdaTPState, run: DecodeRun, cfg: SamplingConfig) -> A
     stats = {**state.stats}
     stats["time_selection"] = sum(stats.get(k, 0.0) for k in SELECTION_TIMES)
     stats["time_to_first_token"] = sum(stats.get(k, 0.0) for k in PREFILL_TIMES) + run.prefill_seconds
-    stats.update({
-        "new_tokens": len(run.tokens),
-        "kv_lengths": run.kv_lengths,
-        "time_prefill_continue": run.prefill_seconds,
-        "time_generate": run.decode_seconds,
-        "decode_ms_per_token": 1000 * run.decode_seconds / run.passes if run.passes else 0.0,
-        "decode_mode": run.mode,
-        "time_graph_capture": run.capture_seconds,  # one-time per model and bucket; not in the two above
-        "static_graph": run.graph_note,  # static mode: captured, reused, or why there is none
-        "sampling": cfg.settings(),  # the settings in effect, the model's defaults filled in
-    })
+    decoding = DecodeStats(
+        new_tokens=len(run.tokens), kv_lengths=run.kv_lengths, prefill_seconds=run.prefill_seconds,
+        decode_seconds=run.decode_seconds, ms_per_token=1000 * run.decode_seconds / run.passes if run.passes else 0.0,
+        mode=run.mode, capture_seconds=run.capture_seconds, graph_note=run.graph_note, sampling=cfg.settings())
+    stats.update(decoding.as_dict())
     if run.fallback:
         stats[FALLBACK_STATIC_DECODING] = run.fallback
         stats["time_to_first_token"] += run.fallback_seconds  # the failed static attempt, waited for too
     text = model.tokenizer.decode(run.tokens, skip_special_tokens=True).strip()
-    return Answer(text=text, token_ids=tuple(run.tokens), stats=stats, logits=run.logits)
+    return Answer(text=text, token_ids=tuple(run.tokens), stats=stats, logits=run.logits, decoding=decoding)
 
 
 @dataclass

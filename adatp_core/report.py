@@ -35,16 +35,9 @@ def timings_line(s: dict) -> str:
 
 
 def generation_line(s: dict) -> str:
-    line = f"Generation: {s['new_tokens']} tokens, {s['decode_ms_per_token']:.1f} ms/token"
-    if "decode_mode" in s:
-        line += f" ({s['decode_mode']} decoding)"
-    if s.get("time_graph_capture"):  # once per model and cache-size bucket, so on its own
-        line += f"; one-time CUDA graph capture {s['time_graph_capture']:.3f} s"
-    if "sampling" in s:  # the settings in effect, the model's generation_config filled in
-        from .sampling import settings_text  # torch: video.py imports this module in torch-free decode workers
+    from .timing import DecodeStats  # torch: video.py imports this module in torch-free decode workers
 
-        line += f"; {settings_text(s['sampling'])}"
-    return line
+    return DecodeStats.from_dict(s).text()
 
 
 def video_line(s: dict) -> str:

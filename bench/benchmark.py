@@ -130,16 +130,16 @@ def run_adatp(model, frames, method: str, retention: float, new_tokens: int, que
         mode = "static" if method.endswith("_static") else "default"
         answer = generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True,
                                                        decode_mode=mode))
-    s = answer.stats
+    s, decoding = answer.stats, answer.decoding
     layer = state.layer  # the K that ran: a hybrid model moves K = 2 up to a full-attention layer K-1
     plain = plain_prefill_seconds(model, state, layer) if layer > 0 else 0.0
-    prefill = s["time_attention"] + s["time_selection"] + s["time_prefill_continue"]
+    prefill = s["time_attention"] + s["time_selection"] + decoding.prefill_seconds
     return {
         "preprocess_s": s["time_preprocess"], "vision_s": s["time_vision"],
         "layers_below_k_s": s["time_attention"], "plain_layers_below_k_s": plain,
-        "selection_s": s["time_selection"], "prefill_rest_s": s["time_prefill_continue"],
+        "selection_s": s["time_selection"], "prefill_rest_s": decoding.prefill_seconds,
         "llm_prefill_s": prefill, "ttft_s": s["time_to_first_token"],
-        "decode_ms_per_token": s["decode_ms_per_token"], "peak_bytes": mem.peak_bytes,
+        "decode_ms_per_token": decoding.ms_per_token, "peak_bytes": mem.peak_bytes,
         "peak_extra_bytes": mem.extra_bytes, "tokens_kept": s["tokens_kept"], "tokens_total": s["tokens_total"],
         "flops_ratio_fastvid": s["flops_ratio"], "flops_video_llm_T": s["flops_video_llm_T"],
         "flops_total_T": s["flops_total_T"], "flops_total_ratio": s["flops_total_ratio"],
@@ -262,7 +262,7 @@ def bench_capture(model, frames, new_tokens: int) -> list[dict]:
         answer = generate_answer(state, SamplingConfig(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True,
                                                        decode_mode="static"))
         note = "no graph off CUDA" if model.compute_device.type != "cuda" else f"{new_tokens} tokens, R=0.25"
-        rows.append(micro_row(f"static graph capture ({label})", frames.shape[0], [answer.stats["time_graph_capture"]],
+        rows.append(micro_row(f"static graph capture ({label})", frames.shape[0], [answer.decoding.capture_seconds],
                               note))
     return rows
 

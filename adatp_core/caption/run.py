@@ -108,8 +108,8 @@ class FolderRun:
                 else:
                     summary.done.append(rel)
                     summary.captions[rel] = text
-                    summary.model_seconds += result.stats["time_model"]
-                    summary.batch_size = result.stats.get("batch_size", summary.batch_size)
+                    summary.model_seconds += result.times.model
+                    summary.batch_size = result.times.batch_size or summary.batch_size
                     record = manifest_record(rel, result, text)
             else:
                 summary.failed.append((rel, result.error))

@@ -26,8 +26,9 @@ from ..decode_worker import watch_parent_process
 from ..errors import AdaTPInputError, AdaTPTransformersError
 from ..fits import check_question, check_video_fits
 from ..pipeline import PipelineConfig, check_config, check_option, prefill, run_pipeline
+from ..timing import DecodeStats
 from ..video import SamplePlan, decode_plan, frames_to_image, plan_sampling
-from .summary import ClipResult
+from .summary import ClipResult, ClipTimes
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +173,14 @@ def fits_check(model, prompt: str, cfg: PipelineConfig) -> Callable[[SamplePlan]
 def clip_stats(stats: dict) -> dict:
     """The figures a caption run reports per clip, from a pipeline's stats (with, for a clip
     that decoded only in part, how many of its frames are their own and which are not)."""
-    ms = stats.get("decode_ms_per_token") or 0.0
+    decoding = DecodeStats.from_dict(stats)
+    ms = decoding.ms_per_token
     return {
         "tokens_kept": stats["tokens_kept"], "tokens_total": stats["tokens_total"],
         "flops_ratio": round(stats["flops_ratio"], 6),
         "ttft_s": round(stats.get("time_to_first_token", 0.0), 4),
         "tokens_per_s": round(1000.0 / ms, 2) if ms else None,
-        "new_tokens": stats.get("new_tokens", 0),
+        "new_tokens": decoding.new_tokens,
         **{key: stats[key] for key in ("frames_own_time", "frames_substituted")
            if stats.get("frames_substituted")},
     }
@@ -254,8 +256,9 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
                 yield ClipResult(path, None, error=str(exc))
                 continue
             done = time.perf_counter()
-            stats = {**clip_stats(result.stats), "time_wait": round(model_start - wait_start, 4), "time_model": round(done - model_start, 4)}
-            yield ClipResult(path, result.answer.text.strip(), stats)
+            times = ClipTimes(wait=model_start - wait_start, model=done - model_start)
+            yield ClipResult(path, result.answer.text.strip(), {**clip_stats(result.stats), **times.as_dict()},
+                             times=times)
 
 
 def _decoded(get):
@@ -310,10 +313,10 @@ def _caption_together(model, videos, prompt, cfg, workers, processes, claim, bat
             times.pop(done.key, None)
             return ClipResult(done.key, None, error=done.error)
         wait, seconds = times.pop(done.key)
-        stats = {**clip_stats(done.answer.stats), "time_wait": round(wait, 4),
-                 "time_model": round(seconds + done.answer.stats["time_decode_share"], 4),
-                 "batch_size": done.answer.stats["batch_size"]}
-        return ClipResult(done.key, done.answer.text.strip(), stats)
+        decoding = done.answer.decoding
+        clip = ClipTimes(wait=wait, model=seconds + decoding.decode_share, batch_size=decoding.batch_size)
+        return ClipResult(done.key, done.answer.text.strip(), {**clip_stats(done.answer.stats), **clip.as_dict()},
+                          times=clip)
 
     def in_order():
         while order and order[0] in ready:

@@ -15,15 +15,32 @@ from .files import name_record, shown
 
 
 @dataclass(frozen=True)
+class ClipTimes:
+    """Where one captioned clip's time went: waiting for its frames, and in the model (its
+    prefill and decoding, or its share of a batch's decoding); batch_size: the clips decoded
+    together (None: one at a time). ``as_dict``: the manifest's keys for them."""
+
+    wait: float
+    model: float
+    batch_size: int | None = None
+
+    def as_dict(self) -> dict:
+        times = {"time_wait": round(self.wait, 4), "time_model": round(self.model, 4)}
+        return times if self.batch_size is None else {**times, "batch_size": self.batch_size}
+
+
+@dataclass(frozen=True)
 class ClipResult:
     """One clip's outcome. caption: the model's text (None on failure); stats:
-    tokens kept/total, FLOPs ratio, TTFT, tokens/s and timings; error: why it failed."""
+    tokens kept/total, FLOPs ratio, TTFT, tokens/s and timings (the manifest's fields);
+    times: the same timings, typed; error: why it failed."""
 
     path: str
     caption: str | None
     stats: dict = field(default_factory=dict)
     error: str | None = None
     skipped: str | None = None  # not captioned on purpose (another run took it): why
+    times: ClipTimes | None = None
 
     @property
     def ok(self) -> bool:
