@@ -1,13 +1,11 @@
-"""The two model calls of decoding, shared by one answer and by captions decoded together.
+"""Before decoding, shared by one answer and by captions decoded together.
 
 - ``continue_prefill``: one state's continuation from layer K with its kept tokens
   (batch 1, always: each clip is prefilled on its own), giving its cache and the
   logits of its first generated token.
-- ``decode_step``: one decode step for B rows at once (B = 1 for a single answer):
-  each row's token at each row's position, over a cache that holds every row.
+- ``row_positions``: the position ids of rows' next tokens.
 
-generate.py's loop calls both with B = 1; batching.py's scheduler calls
-``decode_step`` over the rows of a ``RowsKVCache``.
+The decode step itself is the step runner's (steps.py: ``decode_step``, ``StepRunner``).
 """
 
 from __future__ import annotations
@@ -30,20 +28,6 @@ def continue_prefill(state: AdaTPState, reserve: int) -> tuple[KVCache, torch.Te
     hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers,
                                 inject=state.kept_injection())
     return cache, adapter.last_logits(hidden)[0]
-
-
-def decode_step(adapter, tokens: torch.Tensor, positions: torch.Tensor, cache, masks=None) -> torch.Tensor:
-    """One decode step of B rows.
-
-    tokens: [B] long, each row's last chosen token.
-    positions: [B, 1] long position ids (M-RoPE: [3, B, 1]).
-    cache: what the layers read and write (a ``KVCache`` for B = 1, a ``RowsWindow``).
-    masks: per layer, [B, 1, 1, n] bool of the positions each row attends to (None: all).
-    Returns float32 logits [B, V].
-    """
-    hidden = adapter.embed_tokens(tokens.view(-1, 1))
-    hidden = adapter.run_layers(hidden, positions, cache, 0, adapter.num_layers, masks=masks)
-    return adapter.last_logits(hidden)
 
 
 def row_positions(first: list[int], steps: list[int], template: torch.Tensor, device) -> torch.Tensor:

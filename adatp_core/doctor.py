@@ -44,9 +44,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.overrides
 
-from . import static_decode
 from .attention import extract_attention
-from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError, is_out_of_memory
 from .generate import SamplingConfig, generate_answer
 from .memory import free_memory, is_interrupt
 from .hf import versions
@@ -267,30 +266,6 @@ class SdpaSpy(torch.overrides.TorchFunctionMode):
             return "unknown"
 
 
-class _LogSpy(logging.Handler):
-    """Warnings that a logger emits while it is attached (a graph capture that failed)."""
-
-    def __init__(self, logger_name: str):
-        super().__init__(logging.WARNING)
-        self.logger = logging.getLogger(logger_name)
-        self.messages: list[str] = []
-        self._level = logging.NOTSET
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        self._level = self.logger.level
-        if not self.logger.isEnabledFor(logging.WARNING):  # a quiet root logger must not hide them
-            self.logger.setLevel(logging.WARNING)
-        self.logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self._level)
-
-
 @contextlib.contextmanager
 def sync_debug(mode: str):
     """Inside this block every CUDA host sync warns ("warn") or raises ("error")
@@ -440,24 +415,25 @@ def _answers(state, steps: int, mode: str):
 
 
 def _check_static(fam: _Family, llm: VideoLLM, frames, dev: torch.device, spy: SdpaSpy) -> None:
-    """Default against static decoding for two questions; the graph captured once, replayed for the second."""
+    """Default against static decoding for two questions; the graph captured once, replayed for the
+    second. What became of the graph is the step runner's ``CaptureStatus`` for each answer."""
     cfg = PipelineConfig()
     static_failed = None
-    results = []
-    with _LogSpy(static_decode.__name__) as logged:  # the pack's own name inside ComfyUI
-        for i, question in enumerate((QUESTION, OTHER_QUESTION)):
-            # The first question's prefill, both decodings and the graph capture run under the SDPA spy.
-            with spy if i == 0 else contextlib.nullcontext():
-                state = select(extract_attention(llm, frames, question, layer=LAYER), cfg)
-                default = _answers(state, NEW_TOKENS, "default")
-                try:
-                    static = _answers(state, NEW_TOKENS, "static")
-                except AdaTPEnvironmentError as exc:
-                    if "out of memory" in str(exc):
-                        raise
-                    static_failed = str(exc)
-                    break
-            results.append((default, static))
+    results, statuses = [], []
+    for i, question in enumerate((QUESTION, OTHER_QUESTION)):
+        # The first question's prefill, both decodings and the graph capture run under the SDPA spy.
+        with spy if i == 0 else contextlib.nullcontext():
+            state = select(extract_attention(llm, frames, question, layer=LAYER), cfg)
+            default = _answers(state, NEW_TOKENS, "default")
+            try:
+                static = _answers(state, NEW_TOKENS, "static")
+            except AdaTPEnvironmentError as exc:
+                if is_out_of_memory(exc):
+                    raise
+                static_failed = str(exc)
+                break
+        results.append((default, static))
+        statuses.append(llm.static_decoders.status)
     if static_failed is not None:
         fam.add("AdaTP default = static decoding", FAIL, static_failed[:400])  # it names decode_mode=default
         fam.add("static graph reused", SKIP, "static decoding failed (line above)")
@@ -470,21 +446,21 @@ def _check_static(fam: _Family, llm: VideoLLM, frames, dev: torch.device, spy: S
     fam.add("AdaTP default = static decoding", PASS if ok else FAIL,
             "; ".join(f"question {i + 1}: {d}" for i, (_, d) in enumerate(details))
             + ("" if ok else f": static decoding chooses other tokens on this device; {AVOID_STATIC}"))
-    (_, first), (_, second) = results
-    capture1, capture2 = first.stats.get("time_graph_capture", 0.0), second.stats.get("time_graph_capture", 0.0)
-    failed = [m for m in logged.messages if "capture failed" in m]
+    first, second = statuses
+    failed = [s for s in statuses if s is not None and s.failed]
     reused = len(llm.static_decoders) == 1
-    if dev.type != "cuda" and reused:
-        fam.add("static graph reused", SKIP, f"no CUDA graphs on {dev.type}: static steps run without a graph "
-                                             f"(the second question reused the first one's buffers)")
-    elif failed:
-        fam.add("static graph reused", FAIL, f"{failed[0][:300]}: decoding is correct but not faster; "
-                                             f"{AVOID_STATIC}")
-    elif capture1 > 0 and capture2 == 0 and reused:
-        fam.add("static graph reused", PASS, f"captured once ({1000 * capture1:.0f} ms), replayed for a second "
+    if failed:
+        fam.add("static graph reused", FAIL, f"CUDA graph capture failed ({failed[0].reason[:300]}): decoding is "
+                                             f"correct but not faster; {AVOID_STATIC}")
+    elif first.outcome == "captured" and second.outcome == "reused" and reused:
+        fam.add("static graph reused", PASS, f"captured once ({1000 * first.seconds:.0f} ms), replayed for a second "
                                              f"question with no new capture")
+    elif first.outcome == second.outcome == "skipped" and reused:
+        why = f"no CUDA graphs on {dev.type}" if dev.type != "cuda" else f"no CUDA graph ({first.reason})"
+        fam.add("static graph reused", SKIP, f"{why}: static steps run without a graph "
+                                             f"(the second question reused the first one's buffers)")
     else:
-        fam.add("static graph reused", FAIL, f"capture times {capture1:.3f} s then {capture2:.3f} s, "
+        fam.add("static graph reused", FAIL, f"graph {first.note}, then {second.note}; "
                                              f"{len(llm.static_decoders)} decoder(s): the buffers or graph were "
                                              f"not reused across questions; {AVOID_STATIC}")
 
@@ -600,7 +576,7 @@ def _run_family(fam: _Family, dev: torch.device, dtype: torch.dtype, frames, on_
                 log.debug("%s: %s failed", fam.label, name, exc_info=True)
                 if len(fam.checks) == done:
                     fam.add(name, FAIL, f"raised {_error(exc)}"
-                            + ("; use fewer frames or a smaller model" if "out of memory" in str(exc) else ""))
+                            + ("; use fewer frames or a smaller model" if is_out_of_memory(exc) else ""))
             if on_check is not None:
                 on_check(fam.checks[-1])
         for key, reason in llm.adapter.fallbacks.items():
