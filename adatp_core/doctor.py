@@ -14,6 +14,8 @@ checks each fast path against the plain one:
 - no cuDNN attention in any step (it builds a plan per new shape: 10x slower decoding);
 - selection (steps 1, 3-5) with no host sync but Global Debias' one designed transfer
   (CUDA sync-debug mode, each sync located by the Python line that waited);
+- two questions decoded together as 2 rows (the one step runner, the decode mode auto picks)
+  against each answered alone: the same tokens;
 - the batched Qwen vision attention against the stock tower;
 - peak memory, time to first token and ms/token.
 
@@ -45,6 +47,7 @@ import torch
 import torch.overrides
 
 from .attention import extract_attention
+from .batching import decode_together
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError, is_out_of_memory
 from .generate import SamplingConfig, generate_answer
 from .memory import free_memory, is_interrupt
@@ -64,6 +67,7 @@ QUESTION = "What is the red square doing in this video?"
 # A second question of another prompt length that lands in the same static-decoding bucket.
 OTHER_QUESTION = "Which colour is the disc, and where does it go after the cut?"
 NEW_TOKENS = 8
+ROWS_CHECK = "2 rows = one at a time"
 LAYER = 2
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 AVOID_STATIC = ("set decode_mode=default (--decode-mode default; ComfyUI's auto mode falls back to it by itself "
@@ -520,6 +524,28 @@ def _peak_rss_mib() -> float:
         return float("nan")
 
 
+def _check_rows(fam: _Family, llm: VideoLLM, frames) -> None:
+    """Two questions decoded together as 2 rows (the step runner, in the mode auto picks here), against
+    each answered alone: the same tokens (or parted at a near tie)."""
+    cfg = PipelineConfig()
+    states = [select(extract_attention(llm, frames, q, layer=LAYER), cfg) for q in (QUESTION, OTHER_QUESTION)]
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    alone = [generate_answer(s, sampling, return_logits=True) for s in states]
+    done = {f.key: f for f in decode_together(llm, sampling, [(i, lambda s=s: s) for i, s in enumerate(states)], 2)}
+    failed = [f.error for f in done.values() if f.error is not None]
+    if failed:
+        fam.add(ROWS_CHECK, FAIL, f"a row failed ({failed[0][:300]}); batch_size 1 (--batch-size 1) avoids it")
+        return
+    results = [compare_tokens(a.token_ids, a.logits, done[i].answer.token_ids, None, llm.dtype)
+               for i, a in enumerate(alone)]
+    modes = "+".join(sorted({done[i].answer.stats["decode_mode"] for i in done}))
+    ok = all(r[0] for r in results)
+    fam.add(ROWS_CHECK, PASS if ok else FAIL,
+            f"{modes} steps; " + "; ".join(f"question {i + 1}: {d}" for i, (_, d) in enumerate(results))
+            + ("" if ok else ": rows decoded together choose other tokens than one answer at a time on this "
+                             "device; batch_size 1 (--batch-size 1) avoids it"))
+
+
 def _check_vision(fam: _Family, llm: VideoLLM, frames) -> None:
     """Qwen: the batched vision attention (hf/vision.py) against the stock tower."""
     from .hf.vision import vision_forward
@@ -560,11 +586,12 @@ def _run_family(fam: _Family, dev: torch.device, dtype: torch.dtype, frames, on_
     steps = [lambda: _check_keep_all(fam, llm, frames),
              lambda: _check_static(fam, llm, frames, dev, spy),
              lambda: _check_sdpa(fam, spy, dev),
-             lambda: _check_selection_and_figures(fam, llm, frames, dev)]
+             lambda: _check_selection_and_figures(fam, llm, frames, dev),
+             lambda: _check_rows(fam, llm, frames)]
     if hasattr(llm.adapter, "grid_thw"):
         steps.append(lambda: _check_vision(fam, llm, frames))
     names = ("keep-all = stock generate()", "AdaTP default = static decoding", "no cuDNN attention",
-             "figures", "batched vision = stock tower")
+             "figures", ROWS_CHECK, "batched vision = stock tower")
     try:
         for name, step in zip(names, steps):
             done = len(fam.checks)
