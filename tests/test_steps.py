@@ -233,3 +233,26 @@ def test_the_doctor_reports_the_capture_status_not_a_log_line(tiny_dir, monkeypa
         assert line.status == FAIL and "capture refused by the driver" in line.detail
     else:
         assert line.status == PASS and "captured once" in line.detail
+
+
+def test_a_row_left_with_non_finite_values_cannot_poison_the_next_clip():
+    """A masked position must be finite (NaN + -inf is NaN): a row's positions past its length are
+    zeroed when a clip takes the row, and when the last row moves into a freed one."""
+    from adatp_core.hf.cache import KVCache
+
+    def clip(n, fill):
+        c = KVCache(1)
+        kv = torch.full((1, 2, n, 4), float(fill))
+        c.update(kv, kv, 0)
+        return c
+
+    rows = RowsKVCache(1, slots=2)
+    rows.add(clip(5, 1), 3)
+    rows.add(clip(2, 2), 3)
+    for buf in (rows.keys[0], rows.values[0]):  # what an fp16 overflow leaves past each row's length
+        buf[0, :, 5:] = float("nan")
+        buf[1, :, 2:] = float("nan")
+    rows.remove(0)  # the 2-position row moves into row 0
+    assert torch.isfinite(rows.keys[0][0]).all() and rows.keys[0][0, 0, :4, 0].tolist() == [2, 2, 0, 0]
+    rows.add(clip(3, 3), 3)  # into row 1, whose positions past 2 held NaN
+    assert torch.isfinite(rows.values[0][1]).all() and rows.values[0][1, 0, :5, 0].tolist() == [3, 3, 3, 0, 0]
