@@ -58,6 +58,7 @@ from .models.stock import stock_video_inputs
 from .pipeline import PipelineConfig, select
 from .prune import prune_tokens
 from .sdpa import plan_free_attention
+from .steps import CaptureStatus
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
@@ -450,8 +451,9 @@ def _check_static(fam: _Family, llm: VideoLLM, frames, dev: torch.device, spy: S
     fam.add("AdaTP default = static decoding", PASS if ok else FAIL,
             "; ".join(f"question {i + 1}: {d}" for i, (_, d) in enumerate(details))
             + ("" if ok else f": static decoding chooses other tokens on this device; {AVOID_STATIC}"))
-    first, second = statuses
-    failed = [s for s in statuses if s is not None and s.failed]
+    none = CaptureStatus("skipped", "no static decoder was kept")  # cannot happen short of a cleared store
+    first, second = (s or none for s in statuses)
+    failed = [s for s in (first, second) if s.failed]
     reused = len(llm.static_decoders) == 1
     if failed:
         fam.add("static graph reused", FAIL, f"CUDA graph capture failed ({failed[0].reason[:300]}): decoding is "
