@@ -12,6 +12,7 @@ from the memory estimate.
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -236,3 +237,22 @@ def test_a_cache_reserves_room_per_layer():
     assert cache.layers[0]._buffers[0].shape[-2] == 4 and cache.layers[1]._buffers[0].shape[-2] == 10
     with pytest.raises(ValueError, match="3 reserves for a cache of 2 layers"):
         KVCache(2, reserve=(1, 2, 3))
+
+
+def test_the_cli_takes_the_chunk_and_the_stats_say_how_the_prefill_ran(tiny_dir, monkeypatch, capsys):
+    """--prefill-chunk reaches the prefill; the report names the calls (and says nothing for a
+    prompt within one chunk)."""
+    from adatp_core import cli
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
+    argv = ["--frames", "2", "--max-new-tokens", "2", "--question", "Who?"]
+    assert cli.main([*argv, "--prefill-chunk", "128", "--json"]) == 0
+    chunked = json.loads(capsys.readouterr().out)
+    assert chunked["prefill_chunk"] == 128 and chunked["prefill_calls"] >= 3
+    assert cli.main([*argv, "--prefill-chunk", "128"]) == 0
+    assert f"Prefill: layers < K in {chunked['prefill_calls']} calls (the video's part in chunks of up to 128 " \
+        "tokens" in capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert "Prefill:" not in capsys.readouterr().out
+    assert cli.main([*argv, "--prefill-chunk", "8"]) == 2
+    assert "prefill_chunk must be 0" in capsys.readouterr().err
