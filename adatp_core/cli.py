@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 
+from .attention import DEFAULT_PREFILL_CHUNK
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .generate import DECODE_MODES
 from .report import stats_text
@@ -58,6 +59,10 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--retention", type=float, default=0.25, help="fraction of visual tokens kept (default 0.25)")
     p.add_argument("--layer", type=int, default=2, help="prune after K LLM layers (0: before the LLM)")
     p.add_argument("--query", choices=("text", "last"), default="text")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"tokens per forward call of the prefill (default {DEFAULT_PREFILL_CHUNK}; 0: the whole prompt in one call): "
+                        "a longer video runs layers < K and the kept tokens from K chunk by chunk, so only one "
+                        "chunk's activations exist at a time; a prompt within one chunk runs as with 0")
     p.add_argument("--vanilla", action="store_true", help="no pruning: the stock model")
     p.add_argument("--no-global-debias", action="store_true", help="leave out GlobalDebias")
     p.add_argument("--no-local-debias", action="store_true", help="leave out LocalDebias")
@@ -98,6 +103,7 @@ def pipeline_config(args):
 
     return PipelineConfig(
         num_frames=args.frames, layer=args.layer, query=args.query, max_pixels=args.max_pixels,
+        prefill_chunk=args.prefill_chunk,
         retention=None if args.vanilla else args.retention,
         global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
         generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode,

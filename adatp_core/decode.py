@@ -18,15 +18,21 @@ from .state import AdaTPState
 
 def continue_prefill(state: AdaTPState, reserve: int) -> tuple[KVCache, torch.Tensor]:
     """Run layers [K, num_layers) on the kept tokens (original positions; the state's
-    layers < K copied in). reserve: positions to allocate beyond the prompt per layer.
+    layers < K copied in), in calls of at most ``state.prefill_chunk`` kept tokens (one call
+    when they fit), each taking only its own kept rows from the state's layer-K input (which
+    may wait on the host). reserve: positions to allocate beyond the prompt per layer.
     Returns (cache of every layer, float32 logits [V] of the first generated token)."""
     adapter = state.model.adapter
     positions = state.kept_positions()  # indices go to each tensor's device (a split model has several)
-    hidden = state.hidden.index_select(1, positions.to(state.hidden.device))
+    rows = positions.to(state.hidden.device)
     position_ids = state.position_ids.index_select(-1, positions.to(state.position_ids.device))
-    cache = KVCache(adapter.layer_kinds, past=state.past_kv, reserve=reserve)
-    hidden = adapter.run_layers(hidden, position_ids, cache, state.layer, adapter.num_layers,
-                                inject=state.kept_injection())
+    n = len(positions)
+    spans = adapter.chunk_spans(0, n, state.prefill_chunk)
+    first = spans[0][1]  # layers >= K take the rest of the kept tokens after their first call
+    reserves = [reserve if i < state.layer else reserve + n - first for i in range(adapter.num_layers)]
+    cache = KVCache(adapter.layer_kinds, past=state.past_kv, reserve=reserves)
+    hidden = adapter.run_chunks(spans, lambda a, b: state.hidden.index_select(1, rows[a:b]), position_ids, cache,
+                                state.layer, adapter.num_layers, inject=state.kept_injection())
     return cache, adapter.last_logits(hidden)[0]
 
 

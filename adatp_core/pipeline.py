@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import MODEL_BUDGET_WIDGET, check_video_fits, extract_attention
+from .attention import DEFAULT_PREFILL_CHUNK, MODEL_BUDGET_WIDGET, check_video_fits, extract_attention
 from .debias import global_debias, local_debias
 from .generate import Answer, SamplingConfig, generate_answer
 from .models.base import MODEL_BUDGET
@@ -42,6 +42,7 @@ class PipelineConfig:
     retention: float | None = 0.25
     generation: SamplingConfig = field(default_factory=SamplingConfig)
     reuse_prefix: bool = True  # keep the video's prefix for the next question (attention.py)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # tokens per forward call of the prefill (0: one call; attention.py)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ def select(state: AdaTPState, cfg: PipelineConfig) -> AdaTPState:
 def prefill(model: VideoLLM, frames: torch.Tensor, question: str, cfg: PipelineConfig, video_info=None) -> AdaTPState:
     """Every stage before GenerateAnswer: the partial prefill, then the selection."""
     state = extract_attention(model, frames, question, cfg.layer, cfg.query, video_info=video_info,
-                              max_pixels=cfg.max_pixels, reuse_prefix=cfg.reuse_prefix)
+                              max_pixels=cfg.max_pixels, reuse_prefix=cfg.reuse_prefix,
+                              prefill_chunk=cfg.prefill_chunk)
     return select(state, cfg)
 
 

@@ -89,6 +89,22 @@ def prefix_line(s: dict) -> str:
     return line
 
 
+def prefill_line(s: dict) -> str | None:
+    """How the prefill ran when the video's part took more than one call, or the rows waited on the
+    host (None otherwise: two calls are the prefix store's prefix and question)."""
+    calls, host = s.get("prefill_calls", 0), s.get("rows_on") == "host" and s.get("rows_reason", "").startswith(
+        ("the device is short", "asked for"))
+    if calls <= 2 and not host:
+        return None
+    parts = []
+    if calls > 2:
+        parts.append(f"layers < K in {calls} calls (the video's part in chunks of up to {s['prefill_chunk']} "
+                     "tokens, then the question), the kept tokens from K in chunks of the same size")
+    if host:
+        parts.append(f"layer K's input rows on the host ({s['rows_reason']})")
+    return "Prefill: " + "; ".join(parts)
+
+
 def stats_text(s: dict) -> str:
     """Every line that the stats support, one per line (nodes' stats output)."""
     lines = [tokens_line(s), flops_line(s)]
@@ -106,4 +122,7 @@ def stats_text(s: dict) -> str:
     lines += [f"Fallback: {s[key]}" for key in sorted(s) if key.startswith("fallback_")]
     if "prefix_cache" in s:
         lines.append(prefix_line(s))
+    prefill = prefill_line(s)
+    if prefill:
+        lines.append(prefill)
     return "\n".join(lines)

@@ -268,23 +268,28 @@ class KVCache(Cache):
         attention layers.
     past: per layer, (key [B, Hkv, S, d], value [B, Hkv, S, d]), or a ``LinearState``, to
         start from; they are copied, never modified, so one state can feed many generations.
-    reserve: extra positions to allocate beyond each attention layer's first fill.
+    reserve: extra positions to allocate beyond each attention layer's first fill: one number
+        for every layer, or one per layer (a chunked prefill fills a layer in several calls, and
+        reserves the rest of the prompt at the first).
     """
 
-    def __init__(self, layers, past=(), reserve: int = 0):
+    def __init__(self, layers, past=(), reserve=0):
         kinds = ("full_attention",) * layers if isinstance(layers, int) else tuple(layers)
         past = tuple(past)
         if len(past) > len(kinds):
             raise ValueError(f"{len(past)} layers of past for a cache of {len(kinds)} layers")
+        reserves = (int(reserve),) * len(kinds) if isinstance(reserve, int) else tuple(int(r) for r in reserve)
+        if len(reserves) != len(kinds):
+            raise ValueError(f"{len(reserves)} reserves for a cache of {len(kinds)} layers")
         made = []
         for i, kind in enumerate(kinds):
             entry = past[i] if i < len(past) else None
             if isinstance(entry, LinearState) or (entry is None and kind == LINEAR_ATTENTION):
                 made.append(LinearLayer(entry))
             else:
-                made.append(KVLayer(reserve, entry))
+                made.append(KVLayer(reserves[i], entry))
         super().__init__(layers=made)
-        self.reserve = int(reserve)
+        self.reserve = max(reserves, default=0)
 
     def layer(self, layer_idx: int):
         """(key, value) views of one attention layer's filled part."""

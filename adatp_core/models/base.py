@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdaTPInputError
+from ..hf.attention_hook import aligns_causal_to_the_end, causal_tail_mask
 from ..hf.layers import cache_argument, module_device, run_decoder_layers
 from .chat import end_of_turn_id
 
@@ -84,6 +85,17 @@ class Injection:
 
     rows: torch.Tensor
     features: tuple[torch.Tensor, ...]
+
+    def window(self, start: int, stop: int) -> "Injection | None":
+        """The injection for a call over rows [start, stop) of these rows: the rows inside, counted
+        from ``start`` (None when none is inside)."""
+        inside = (self.rows >= start) & (self.rows < stop)
+        if bool(inside.all()):  # every row (one call over all of them): no copy of the features
+            return self if start == 0 else Injection(self.rows - start, self.features)
+        if not bool(inside.any()):
+            return None
+        rows = self.rows[inside] - start
+        return Injection(rows, tuple(f[inside.to(f.device)] for f in self.features))
 
 
 @dataclass(frozen=True)
@@ -264,12 +276,19 @@ class VideoLLMAdapter:
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_model.embed_tokens(input_ids.to(self.device))
 
-    def assemble(self, prompt: Prompt, encoded: Encoded) -> torch.Tensor:
-        """inputs_embeds [1, L, D]: text embeddings with the video scattered in."""
-        embeds = self.embed_tokens(prompt.input_ids).clone()
-        embeds[prompt.visual_positions] = encoded.visual.to(embeds.device, embeds.dtype)
-        if len(prompt.extra_positions):
-            embeds[prompt.extra_positions] = encoded.extras.to(embeds.device, embeds.dtype)
+    def assemble(self, prompt: Prompt, encoded: Encoded, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """inputs_embeds [1, stop - start, D] of positions [start, stop) (default: the whole
+        prompt, [1, L, D]): text embeddings with the video scattered in."""
+        stop = prompt.length if stop is None else stop
+        embeds = self.embed_tokens(prompt.input_ids[start:stop]).clone()
+        for positions, values in ((prompt.visual_positions, encoded.visual),
+                                  (prompt.extra_positions, encoded.extras)):
+            if not len(positions):
+                continue
+            if start or stop < prompt.length:
+                inside = (positions >= start) & (positions < stop)
+                positions, values = positions[inside] - start, values[inside.to(values.device)]
+            embeds[positions] = values.to(embeds.device, embeds.dtype)
         return embeds.unsqueeze(0)
 
     def next_position_ids(self, position_ids: torch.Tensor, step: int) -> torch.Tensor:
@@ -334,6 +353,60 @@ class VideoLLMAdapter:
         the very chunks one pass over the prompt uses, and reuse gives the same numbers."""
         p = prompt.after_video
         return p - p % self.LINEAR_CHUNK if self._linear_layers else p
+
+    def chunk_spans(self, start: int, stop: int, chunk: int | None) -> list[tuple[int, int]]:
+        """[start, stop) cut into calls of at most ``chunk`` tokens (one call when chunk is 0 or
+        None, or covers it all). With linear-attention layers the chunk is rounded down to a whole
+        number of the delta rule's chunks (at least one), and ``start`` must sit on that grid: the
+        calls then fold tokens into the recurrent state in the very chunks one call uses."""
+        if not chunk or stop - start <= chunk:
+            return [(start, stop)]
+        if self._linear_layers:
+            chunk = max(self.LINEAR_CHUNK, chunk - chunk % self.LINEAR_CHUNK)
+            if start % self.LINEAR_CHUNK:
+                raise ValueError(f"a chunked call over linear-attention layers must start on their "
+                                 f"{self.LINEAR_CHUNK}-token grid, not at {start}")
+        return [(a, min(a + chunk, stop)) for a in range(start, stop, chunk)]
+
+    def tail_masks(self, past: int, n: int, start: int, stop: int) -> list | None:
+        """Masks for a call of n tokens over layers [start, stop) whose cache holds ``past``
+        positions at those layers (``causal_tail_mask``, one per device; None for linear-attention
+        layers). None when none is needed: an empty cache (sdpa's is_causal is right then) or an
+        attention that aligns the causal mask to the end itself (flash)."""
+        if not past or aligns_causal_to_the_end(self.text_model.config):
+            return None
+        made: dict = {}
+        masks: list = [None] * stop
+        for i in range(start, stop):
+            if i not in self._linear_layers:
+                dev = module_device(self.text_model.layers[i])
+                if dev not in made:
+                    made[dev] = causal_tail_mask(past, n, dev)
+                masks[i] = made[dev]
+        return masks
+
+    def run_chunks(self, spans, rows_of, position_ids, cache, start: int, stop: int,
+                   probe: AttentionProbe | None = None, inject: Injection | None = None,
+                   write=None) -> torch.Tensor:
+        """Run decoder layers [start, stop) over the rows of ``spans`` ((a, b), ascending and
+        contiguous), one call per span, each attending to everything the cache holds and causally
+        within itself: what one ``run_layers`` call over all of them computes, within float
+        tolerance, with one span's activations at a time.
+
+        Positions count from where the cache is empty at these layers: before span (a, b) it holds
+        a positions. rows_of(a, b) -> hidden [1, b - a, D]; position_ids [1, S] (or [3, 1, S]) and
+        ``inject`` rows are in the same count. ``probe``'s query rows are rows of the last span.
+        write(a, b, hidden) takes each span's output. Returns the last span's output.
+        """
+        out = None
+        for i, (a, b) in enumerate(spans):
+            last = i == len(spans) - 1
+            out = self.run_layers(rows_of(a, b), position_ids[..., a:b], cache, start, stop,
+                                  probe=probe if last else None, masks=self.tail_masks(a, b - a, start, stop),
+                                  inject=inject.window(a, b) if inject is not None else None)
+            if write is not None:
+                write(a, b, out)
+        return out
 
     def run_layers(self, hidden, position_ids, cache, start: int, stop: int,
                    probe: AttentionProbe | None = None, masks=None,
