@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import AdaTPInputError
 from .plan import ClipPlan, display_rotation
+from .shots import source_events
 
 log = logging.getLogger(__name__)
 
@@ -168,52 +169,14 @@ class ClipWriter:
 
 
 class Frames:
-    """Decoded source frames in time order, with the damage that interrupted them: iterate for
-    ("frame", t, frame), ("lost", t, message) and ("audio", t, packet) events."""
+    """The source being cut: its container, video and (kept) audio streams; ``events`` are
+    shots.source_events."""
 
     def __init__(self, container, video, audio, start_time: float):
         self.container, self.video, self.audio, self.start_time = container, video, audio, start_time
 
     def events(self, since: float = 0.0):
-        import av
-
-        if since > 0:
-            self.container.seek(int((since + self.start_time) / self.video.time_base), stream=self.video,
-                                backward=True, any_frame=False)
-        streams = [self.video] + ([self.audio] if self.audio is not None else [])
-        packets = self.container.demux(*streams)
-        built_on_loss = False
-        last = since
-        while True:
-            try:
-                packet = next(packets, None)
-            except av.error.FFmpegError as exc:
-                yield "lost", last, f"the source cannot be read on after {last:.2f} s ({exc})"
-                yield "end", last, None
-                return
-            if packet is None:
-                break
-            if packet.stream.type == "audio":
-                if packet.pts is not None and packet.size:
-                    yield "audio", float(packet.pts * packet.time_base) - self.start_time, packet
-                continue
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError as exc:
-                built_on_loss = True
-                yield "lost", last, f"damaged data near {last:.2f} s ({exc})"
-                continue
-            for frame in frames:
-                if frame.key_frame:
-                    built_on_loss = False
-                if frame.time is None:
-                    continue
-                t = frame.time - self.start_time
-                if built_on_loss or frame.is_corrupt:
-                    yield "lost", t, f"damaged data near {t:.2f} s"
-                    continue
-                last = t
-                yield "frame", t, frame
+        return source_events(self.container, self.video, self.audio, self.start_time, since)
 
 
 class Converter:
@@ -346,6 +309,8 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
                             _fail(writers.pop(i), i, report, item)
                     continue
                 if kind == "end":
+                    for i, w in list(writers.items()):
+                        _fail(writers.pop(i), i, report, item)
                     break
                 # a new frame at t: the frame before it is on screen for every target before t
                 while pending and pending[0][1].start + _EPS < t:

@@ -170,6 +170,50 @@ def check_threshold(threshold) -> float:
     return float(threshold)
 
 
+def source_events(container, video, audio=None, start_time: float = 0.0, since: float = 0.0):
+    """The decoded frames of ``video`` in time order, and what interrupted them, decoding packet by
+    packet so that damage costs only what it touches: yields ("frame", t, frame), ("lost", t, why)
+    for a damaged packet or a frame decoded on one (up to the next keyframe), ("audio", t, packet)
+    for ``audio``'s packets, and ("end", t, why) when the container cannot be read on. t: seconds
+    from the first frame (``start_time``); ``since`` > 0 seeks to the keyframe before it first."""
+    import av
+
+    if since > 0:
+        container.seek(int((since + start_time) / video.time_base), stream=video, backward=True, any_frame=False)
+    packets = container.demux(*([video] + ([audio] if audio is not None else [])))
+    built_on_loss = False
+    last = since
+    while True:
+        try:
+            packet = next(packets, None)
+        except av.error.FFmpegError as exc:
+            yield "end", last, f"the source cannot be read on after {last:.2f} s ({exc})"
+            return
+        if packet is None:
+            return
+        if packet.stream.type == "audio":
+            if packet.pts is not None and packet.size:
+                yield "audio", float(packet.pts * packet.time_base) - start_time, packet
+            continue
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError as exc:
+            built_on_loss = True
+            yield "lost", last, f"damaged data near {last:.2f} s ({exc})"
+            continue
+        for frame in frames:
+            if frame.key_frame:
+                built_on_loss = False
+            if frame.time is None:
+                continue
+            t = frame.time - start_time
+            if built_on_loss or frame.is_corrupt:
+                yield "lost", t, f"damaged data near {t:.2f} s"
+                continue
+            last = t
+            yield "frame", t, frame
+
+
 def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | None = None):
     """Yield (time from the first frame, tiny RGB uint8 [h, w, 3]) of the frames to analyse:
     at most ANALYSIS_FPS a second. Damaged packets and the frames decoded on them (up to the
@@ -183,7 +227,7 @@ def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | N
     step = 1.0 / ANALYSIS_FPS
     next_t = -math.inf
     next_report = PROGRESS_EVERY
-    damaged, first_damage = 0, None
+    damage = []
     try:
         container = open_video(path)
     except av.error.FFmpegError as exc:
@@ -191,40 +235,20 @@ def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | N
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        built_on_loss = False
-        packets = container.demux(stream)
-        while True:
-            try:
-                packet = next(packets, None)
-            except av.error.FFmpegError as exc:  # the container cannot be read on
-                damaged += 1
-                first_damage = first_damage or str(exc)
-                break
-            if packet is None:
-                break
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError as exc:  # a damaged packet: skip it and what is built on it
-                damaged += 1
-                first_damage = first_damage or str(exc)
-                built_on_loss = True
+        for kind, t, item in source_events(container, stream, start_time=probe.start_time):
+            if kind != "frame":
+                damage.append(item)
                 continue
-            for frame in frames:
-                if frame.key_frame:
-                    built_on_loss = False
-                if built_on_loss or frame.is_corrupt or frame.time is None:
-                    continue
-                t = frame.time - probe.start_time
-                if t < next_t - _EPS:
-                    continue
-                next_t = max(next_t + step, t + step / 2) if math.isfinite(next_t) else t + step
-                yield t, frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
-                if on_progress is not None and t >= next_report:
-                    next_report = t + PROGRESS_EVERY
-                    on_progress(min(t, probe.duration), probe.duration)
-    if damaged:
-        log.warning("%s: %d damaged packet(s) skipped while finding shots (the first: %s)", name, damaged,
-                    first_damage)
+            if t < next_t - _EPS:
+                continue
+            next_t = max(next_t + step, t + step / 2) if math.isfinite(next_t) else t + step
+            yield t, item.to_ndarray(width=size[0], height=size[1], format="rgb24")
+            if on_progress is not None and t >= next_report:
+                next_report = t + PROGRESS_EVERY
+                on_progress(min(t, probe.duration), probe.duration)
+    if damage:
+        log.warning("%s: %d damaged stretch(es) skipped while finding shots (the first: %s)", name, len(damage),
+                    damage[0])
 
 
 def detect_shots(path, *, threshold: float = DEFAULT_THRESHOLD,

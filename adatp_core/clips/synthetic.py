@@ -90,13 +90,14 @@ def shot_plan(shots: int, seconds: float = 4.0, transitions=TRANSITIONS, transit
 def write_synthetic(path, plan: list[tuple[float, str, float]], *, fps: float = 24.0, width: int = 320,
                     height: int = 180, seed: int = 0, codec: str = "libx264", pix_fmt: str = "yuv420p",
                     rotation: int = 0, pts_jitter: bool = False, gop: int | None = None,
-                    preset: str = "ultrafast") -> Truth:
+                    preset: str = "ultrafast", audio: bool = False) -> Truth:
     """Write the shots of ``plan`` (see ``shot_plan``) to ``path``; return where each begins.
 
     A transition of L seconds is centred on the boundary: the outgoing shot's last L/2 seconds
     and the incoming shot's first L/2 seconds are blended (dissolve) or pass through black
     (fade). rotation: display-matrix rotation in degrees (the pixels stay as written).
     pts_jitter: variable frame rate (every third frame comes half a frame late).
+    audio: an AAC sine tone track as long as the video.
     """
     import av
 
@@ -121,6 +122,8 @@ def write_synthetic(path, plan: list[tuple[float, str, float]], *, fps: float = 
         stream.codec_context.time_base = 1 / (rate * jitter_base)
         if rotation:
             stream.set_display_rotation(rotation)
+        sound = container.add_stream("aac", rate=16000) if audio else None
+        sent = 0  # audio samples written
         shot = 0
         for k in range(total):
             while shot + 1 < len(plan) and k >= bounds[shot + 1]:
@@ -146,6 +149,33 @@ def write_synthetic(path, plan: list[tuple[float, str, float]], *, fps: float = 
             frame.pts = k * jitter_base + (1 if pts_jitter and k % 3 == 2 else 0)
             for packet in stream.encode(frame):
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            while sound is not None and sent < (k + 1) / fps * 16000:
+                tone = np.sin(2 * np.pi * 440 * (sent + np.arange(1024)) / 16000).astype(np.float32)[None]
+                chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = 16000, sent
+                sent += 1024
+                for packet in sound.encode(chunk):
+                    container.mux(packet)
+        for s in (stream, sound) if sound is not None else (stream,):
+            for packet in s.encode():
+                container.mux(packet)
     return Truth(path, fps, total / fps, total, tuple(boundaries))
+
+
+def damage(path, at: float, seconds: float = 0.5) -> None:
+    """Overwrite the video packets of ``seconds`` from ``at`` with noise, in place: a corrupt region
+    in the middle of a file, the rest intact."""
+    import av
+
+    spans = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+            if packet.pts is not None and packet.pos is not None and packet.pos >= 0 and \
+                    at <= float(packet.pts * packet.time_base) < at + seconds:
+                spans.append((packet.pos, packet.size))
+    noise = np.random.default_rng(0)
+    with open(path, "r+b") as f:
+        for pos, size in spans:
+            f.seek(pos + min(8, size // 2))
+            f.write(noise.integers(0, 256, max(size - 8, 1), dtype=np.uint8).tobytes())
