@@ -184,6 +184,9 @@ class Converter:
     converted once per source frame whichever clips use it."""
 
     def __init__(self, rotation: int):
+        from av.video.reformatter import VideoReformatter
+
+        self.scaler = VideoReformatter()  # kept: a new one per frame costs more than the scaling
         self.rotation = rotation
         self.key = None
         self.out = None
@@ -195,11 +198,12 @@ class Converter:
         if key != self.key:
             if self.rotation:
                 w, h = (height, width) if self.rotation % 180 else (width, height)
-                rgb = np.rot90(frame.to_ndarray(width=w, height=h, format="rgb24"), k=self.rotation // 90)
-                self.out = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
-                    format="yuv420p")
+                rgb = self.scaler.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA")
+                turned = np.ascontiguousarray(np.rot90(rgb.to_ndarray(), k=self.rotation // 90))
+                self.out = av.VideoFrame.from_ndarray(turned, format="rgb24").reformat(format="yuv420p")
             else:
-                self.out = frame.reformat(width=width, height=height, format="yuv420p")
+                self.out = self.scaler.reformat(frame, width=width, height=height, format="yuv420p",
+                                                interpolation="AREA")
             self.key = key
         return self.out
 

@@ -16,7 +16,8 @@ variation distance and the images' mean absolute difference (both 0 to 1):
   nor does a fade, whose every frame differs from the one before);
 * a **gradual transition** (dissolve, fade through black) changes little from one frame to
   the next, so each frame is also compared with the frame GRADUAL_WINDOW seconds before
-  it. That distance rises above ``threshold`` as the transition starts and falls back
+  it. That distance rises above ``threshold`` as the transition starts and falls back (below
+  GRADUAL_LOW times the threshold: a fade's dark middle would otherwise split it in two)
   GRADUAL_WINDOW seconds after it ends; the middle of that rise, less half the window, is
   the middle of the transition, where the new shot begins. A rise that a hard cut
   explains is not counted twice.
@@ -53,7 +54,8 @@ ANALYSIS_SIDE = 64  # pixels on the long side of an analysed frame
 HIST_BINS = 16  # histogram bins per RGB channel
 CUT_RATIO = 3.0  # a cut's distance is at least this many times the median distance around it
 CUT_CONTEXT = 1.0  # seconds of frame-to-frame distances (centred on the frame) that make that median
-GRADUAL_WINDOW = 1.5  # seconds: a gradual transition up to this long is found
+GRADUAL_WINDOW = 1.0  # seconds between the frames compared for gradual transitions
+GRADUAL_LOW = 0.5  # a rise ends when the windowed distance falls below this fraction of the threshold
 MIN_SHOT = 0.5  # seconds: a change sooner than this after the last one is not a new shot
 PROGRESS_EVERY = 2.0  # source seconds between on_progress calls
 _EPS = 1e-6
@@ -88,8 +90,7 @@ class Features:
 
     def distance(self, other: Features) -> float:
         hist = 0.5 * float(np.abs(self.hist - other.hist).sum()) / 3.0
-        pixels = float(np.abs(self.image - other.image).mean())
-        return 0.5 * (hist + pixels)
+        return 0.5 * (hist + float(np.abs(self.image - other.image).mean()))
 
 
 class Detector:
@@ -132,7 +133,7 @@ class Detector:
                 self._add(t, "cut")
 
     def _gradual(self, f: Features, d: float) -> None:
-        if d >= self.threshold:
+        if d >= (self.threshold if self.rise is None else self.threshold * GRADUAL_LOW):
             self.rise = [f.time, f.time] if self.rise is None else [self.rise[0], f.time]
             return
         if self.rise is None:
@@ -219,11 +220,13 @@ def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | N
     at most ANALYSIS_FPS a second. Damaged packets and the frames decoded on them (up to the
     next keyframe) are skipped; detection goes on after them."""
     import av
+    from av.video.reformatter import VideoReformatter
 
     from ..video import open_video
 
     name = Path(path).name
     size = analysis_size(probe.width, probe.height)
+    scaler = VideoReformatter()  # one for all frames: a new one per frame costs ten times the scaling
     step = 1.0 / ANALYSIS_FPS
     next_t = -math.inf
     next_report = PROGRESS_EVERY
@@ -242,7 +245,8 @@ def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | N
             if t < next_t - _EPS:
                 continue
             next_t = max(next_t + step, t + step / 2) if math.isfinite(next_t) else t + step
-            yield t, item.to_ndarray(width=size[0], height=size[1], format="rgb24")
+            yield t, scaler.reformat(item, width=size[0], height=size[1], format="rgb24",
+                                     interpolation="AREA").to_ndarray()
             if on_progress is not None and t >= next_report:
                 next_report = t + PROGRESS_EVERY
                 on_progress(min(t, probe.duration), probe.duration)

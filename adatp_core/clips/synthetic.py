@@ -43,12 +43,13 @@ class Scene:
     """One shot's look: a texture of two colours (stripes at an angle over soft blobs),
     panned along a path, under a disc that moves across it."""
 
-    def __init__(self, index: int, width: int, height: int, seed: int):
+    def __init__(self, index: int, width: int, height: int, seed: int, motion: float = 1.0, light: float = 0.0):
         rng = np.random.default_rng(seed * 7919 + index)
         hue = (index * 0.618034 + seed * 0.1) % 1.0
         a = np.array(colorsys.hsv_to_rgb(hue, 0.75, 0.9)) * 255
         b = np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.5, 0.35 + 0.3 * rng.random())) * 255
-        self.pan = max(8, width // 4)
+        self.pan = max(8, int(width // 4 * max(1.0, motion)))
+        self.light = light  # brightness swing inside the shot (0.2: +-20 %)
         th, tw = height + self.pan, width + self.pan
         yy, xx = np.mgrid[0:th, 0:tw].astype(np.float32)
         angle = rng.uniform(0, math.pi)
@@ -59,7 +60,7 @@ class Scene:
         mix = (0.6 * stripes + 0.4 * blobs)[..., None]
         self.texture = (a * mix + b * (1 - mix)).astype(np.uint8)
         self.disc = np.array(colorsys.hsv_to_rgb((hue + 0.25) % 1.0, 0.3, 1.0)) * 255
-        self.speed = rng.uniform(0.5, 2.0)  # pixels a frame
+        self.speed = rng.uniform(0.5, 2.0) * motion  # pixels a frame
         self.width, self.height = width, height
         self.yy, self.xx = np.mgrid[0:height, 0:width]
 
@@ -72,6 +73,8 @@ class Scene:
         cy = self.height * (0.5 + 0.3 * math.cos(k * 0.07))
         r = max(4, self.height // 8)
         img[(self.xx - cx) ** 2 + (self.yy - cy) ** 2 < r * r] = self.disc
+        if self.light:
+            img = np.clip(img * (1 + self.light * math.sin(k * 0.04)), 0, 255).astype(np.uint8)
         return img
 
 
@@ -90,19 +93,21 @@ def shot_plan(shots: int, seconds: float = 4.0, transitions=TRANSITIONS, transit
 def write_synthetic(path, plan: list[tuple[float, str, float]], *, fps: float = 24.0, width: int = 320,
                     height: int = 180, seed: int = 0, codec: str = "libx264", pix_fmt: str = "yuv420p",
                     rotation: int = 0, pts_jitter: bool = False, gop: int | None = None,
-                    preset: str = "ultrafast", audio: bool = False) -> Truth:
+                    preset: str = "ultrafast", audio: bool = False, motion: float = 1.0,
+                    light: float = 0.0) -> Truth:
     """Write the shots of ``plan`` (see ``shot_plan``) to ``path``; return where each begins.
 
     A transition of L seconds is centred on the boundary: the outgoing shot's last L/2 seconds
     and the incoming shot's first L/2 seconds are blended (dissolve) or pass through black
     (fade). rotation: display-matrix rotation in degrees (the pixels stay as written).
     pts_jitter: variable frame rate (every third frame comes half a frame late).
-    audio: an AAC sine tone track as long as the video.
+    audio: an AAC sine tone track as long as the video. motion: how fast the camera pans and the
+    disc moves (1: 0.5-2 pixels a frame; 8: a fast pan). light: the brightness swing inside a shot.
     """
     import av
 
     path = Path(path)
-    scenes = [Scene(i, width, height, seed) for i in range(len(plan))]
+    scenes = [Scene(i, width, height, seed, motion, light) for i in range(len(plan))]
     starts = np.cumsum([0.0] + [s for s, _, _ in plan])
     total = int(round(starts[-1] * fps))
     boundaries = []
