@@ -16,7 +16,7 @@ variant, so it runs in a separate interpreter (--sd-python, a venv with ``scened
 
 Speed: source seconds processed per wall-clock second on this machine, for detection and for
 cutting (reencode at 16 fps 4k+1, and stream copy), at --speed-size. Memory: peak resident
-memory (ru_maxrss) of a fresh process that detects (and one that cuts) a flat synthetic source
+memory (VmHWM) of a fresh process that detects (and one that cuts) a flat synthetic source
 of each --minutes length.
 """
 
@@ -78,7 +78,9 @@ if mode == "cut":
         results = cut_clips(path, plans, Path(d))
         out["cut_s"] = time.perf_counter() - start
         out["clips"] = sum(r.path is not None for r in results)
-out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec on Linux)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+out["peak_mib"] = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(out))
 """
 

@@ -181,3 +181,29 @@ def test_a_corrupt_region_fails_only_the_clips_it_touches(tmp_path):
     results = cut_clips(src, plans, tmp_path / "out")
     assert [r.error is None for r in results] == [True, False, True]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["after.mp4", "before.mp4"]
+
+
+def test_the_source_is_decoded_once_for_all_its_clips(numbered, tmp_path, monkeypatch):
+    import adatp_core.clips.cut as cut
+
+    passes = []
+    real = cut.source_events
+    monkeypatch.setattr(cut, "source_events", lambda *a, **k: passes.append(a[-1]) or real(*a, **k))
+    plans = [plan(numbered, s, 9, name=f"p{s}") for s in (0.0, 0.7, 1.4, 2.1, 2.8)]
+    assert all(r.error is None for r in cut_clips(numbered, plans, tmp_path))
+    assert passes == [0.0]
+
+
+def test_a_long_stretch_without_clips_is_skipped_by_a_seek(numbered, tmp_path, monkeypatch):
+    import adatp_core.clips.cut as cut
+
+    passes = []
+    real = cut.source_events
+    monkeypatch.setattr(cut, "source_events", lambda *a, **k: passes.append(a[-1]) or real(*a, **k))
+    monkeypatch.setattr(cut, "SEEK_GAP", 1.0)
+    plans = [plan(numbered, 0.2, 5, name="a"), plan(numbered, 3.0, 9, name="b")]
+    results = cut_clips(numbered, plans, tmp_path)
+    assert passes == [0.0, 3.0]
+    for p, r in zip(plans, results):
+        want = [int(np.floor((p.start + k / p.fps) * 24 + 1e-6)) for k in range(p.frames)]
+        assert np.abs(np.array(levels(reopen(r.path)[0])) - want).max() <= 1

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 CUT_MODES = ("reencode", "copy")
 ENCODERS = ("libx264", "libopenh264")  # the first one this PyAV has encodes the clips
-PRESET = "fast"  # libx264's speed / size trade (quality is set by crf)
+PRESET = "veryfast"  # libx264 speed / size trade (quality is set by crf); twice "fast"'s speed on this CPU
 SEEK_GAP = 20.0  # seconds with no clip before the next one: seek there rather than decode through
 AUDIO_KEEP = 2.0  # seconds of audio packets held back for a clip that has not started yet
 _EPS = 1e-6
@@ -334,9 +334,9 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
                         _finish(writers.pop(i), i, report)
                 prev = (t, item)
                 last_t = t
-                if not writers and pending and pending[0][1].start - t > SEEK_GAP:
-                    restart = pending[0][1].start  # nothing to cut for a while: seek there
-                    break
+                if not writers and pending and pending[0][1].start - t > SEEK_GAP and pending[0][1].start > since:
+                    restart = pending[0][1].start  # nothing to cut for a while: seek there (once: a seek
+                    break  # can land far before it, at the keyframe before)
             if restart is not None:
                 since, prev = restart, None
                 continue
