@@ -92,19 +92,21 @@ VARIANTS = ((1, 0.0, 0.5), (1, 0.0, 1.0), (1, 0.0, 1.5), (6, 0.0, 1.0), (12, 0.2
 def accuracy_set(work: Path, videos: int, shots: int, size: tuple[int, int]) -> list:
     """Synthetic videos (cached in ``work``): shots of 2 to 4 s whose transitions cycle cut,
     dissolve, fade; slow and fast camera motion, steady and swinging light, transitions of 0.5
-    to 1.5 s (VARIANTS), at 24, 25 and 30 fps."""
+    to 1.5 s (VARIANTS), at 24, 25 and 30 fps; a one-frame flash in every third shot."""
     truths = []
     for i in range(videos):
         motion, light, length = VARIANTS[i % len(VARIANTS)]
         plan = shot_plan(shots, 3.0, transition_seconds=length, seed=100 + i)
-        path = work / f"acc_{i}_{shots}_{size[0]}x{size[1]}_{motion}_{light}_{length}.mp4"
+        starts = [sum(s for s, _, _ in plan[:k]) for k in range(len(plan))]
+        flashes = tuple(starts[k] + plan[k][0] / 2 for k in range(1, len(plan), 3))  # not shot changes
+        path = work / f"acc_{i}_{shots}_{size[0]}x{size[1]}_{motion}_{light}_{length}_f.mp4"
         meta = path.with_suffix(".json")
         if path.is_file() and meta.is_file():
             d = json.loads(meta.read_text())
             truths.append(dict(d, boundaries=[Boundary(**b) for b in d["boundaries"]]))
             continue
         t = write_synthetic(path, plan, width=size[0], height=size[1], seed=100 + i, fps=(24.0, 25.0, 30.0)[i % 3],
-                            motion=motion, light=light)
+                            motion=motion, light=light, flashes=flashes)
         d = {"path": str(path), "fps": t.fps, "duration": t.duration,
              "boundaries": [b.__dict__ for b in t.boundaries]}
         meta.write_text(json.dumps(d))

@@ -79,3 +79,10 @@ def test_a_corrupt_region_is_skipped_and_cuts_after_it_are_found(tmp_path):
     shots = detect_shots(truth.path)
     assert any(abs(s.start - later.time) <= 2 / truth.fps for s in shots), shots
     assert shots[-1].end == pytest.approx(truth.duration, abs=1e-3)
+
+
+def test_a_flash_is_not_a_cut(tmp_path):
+    plan = shot_plan(2, 3.0, transitions=("cut",), seed=4)
+    truth = write_synthetic(tmp_path / "flash.mp4", plan, width=96, height=64, seed=4, flashes=(1.0, 4.5))
+    shots = detect_shots(truth.path)
+    assert len(shots) == 2 and abs(shots[1].start - truth.boundaries[0].time) <= 2 / truth.fps, shots

@@ -13,7 +13,8 @@ variation distance and the images' mean absolute difference (both 0 to 1):
 * a **hard cut** is a frame whose distance to the frame before is at least ``threshold``
   and at least CUT_RATIO times the median of that distance over the frames around it
   (CUT_CONTEXT seconds: motion raises that median, so fast motion does not read as cuts,
-  nor does a fade, whose every frame differs from the one before);
+  nor does a fade, whose every frame differs from the one before), and whose picture
+  FLASH_SECONDS later is not back to the one FLASH_SECONDS before it (a flash is not a cut);
 * a **gradual transition** (dissolve, fade through black) changes little from one frame to
   the next, so each frame is also compared with the frame GRADUAL_WINDOW seconds before
   it. That distance rises above ``threshold`` as the transition starts and falls back (below
@@ -59,6 +60,7 @@ CUT_RATIO = 3.0  # a cut's distance is at least this many times the median dista
 CUT_CONTEXT = 1.0  # seconds of frame-to-frame distances (centred on the frame) that make that median
 GRADUAL_WINDOW = 1.0  # seconds between the frames compared for gradual transitions
 GRADUAL_LOW = 0.5  # a rise ends when the windowed distance falls below this fraction of the threshold
+FLASH_SECONDS = 0.25  # a change undone this soon after (a flash) is not a cut
 MIN_SHOT = 0.5  # seconds: a change sooner than this after the last one is not a new shot
 PROGRESS_EVERY = 2.0  # source seconds between on_progress calls
 _EPS = 1e-6
@@ -131,9 +133,22 @@ class Detector:
             self.decided = t
             others = [y for u, y in self.recent if u != t and abs(u - t) <= half + _EPS]
             level = float(np.median(others)) if others else 0.0
-            if x >= self.threshold and x >= CUT_RATIO * level:
+            if x >= self.threshold and x >= CUT_RATIO * level and not self._transient(t):
                 self.cuts.append(t)
                 self._add(t, "cut")
+
+    def _transient(self, t: float) -> bool:
+        """Whether the picture FLASH_SECONDS after t is back to the one FLASH_SECONDS before it (a
+        flash, a frame or two of something passing in front): changes, but not of shot."""
+        before = after = None
+        for w in self.window:
+            if w.time <= t - FLASH_SECONDS + _EPS or before is None:
+                before = w
+            if w.time >= t + FLASH_SECONDS - _EPS:
+                after = w
+                break
+        return (before is not None and after is not None and before.time < t
+                and before.distance(after) < self.threshold * GRADUAL_LOW)
 
     def _gradual(self, f: Features, d: float) -> None:
         if d >= (self.threshold if self.rise is None else self.threshold * GRADUAL_LOW):

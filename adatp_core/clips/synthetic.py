@@ -94,7 +94,7 @@ def write_synthetic(path, plan: list[tuple[float, str, float]], *, fps: float = 
                     height: int = 180, seed: int = 0, codec: str = "libx264", pix_fmt: str = "yuv420p",
                     rotation: int = 0, pts_jitter: bool = False, gop: int | None = None,
                     preset: str = "ultrafast", audio: bool = False, motion: float = 1.0,
-                    light: float = 0.0) -> Truth:
+                    light: float = 0.0, flashes: tuple[float, ...] = ()) -> Truth:
     """Write the shots of ``plan`` (see ``shot_plan``) to ``path``; return where each begins.
 
     A transition of L seconds is centred on the boundary: the outgoing shot's last L/2 seconds
@@ -103,6 +103,7 @@ def write_synthetic(path, plan: list[tuple[float, str, float]], *, fps: float = 
     pts_jitter: variable frame rate (every third frame comes half a frame late).
     audio: an AAC sine tone track as long as the video. motion: how fast the camera pans and the
     disc moves (1: 0.5-2 pixels a frame; 8: a fast pan). light: the brightness swing inside a shot.
+    flashes: times (seconds) of single blown-out frames (a camera flash), which are not shot changes.
     """
     import av
 
@@ -150,6 +151,8 @@ def write_synthetic(path, plan: list[tuple[float, str, float]], *, fps: float = 
                     img = outgoing * (1 - w) + incoming * w
                 else:  # fade out to black then in
                     img = img * abs(2 * w - 1)
+            if any(k == int(round(f * fps)) for f in flashes):
+                img = img * 0.3 + 180
             frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
             frame.pts = k * jitter_base + (1 if pts_jitter and k % 3 == 2 else 0)
             for packet in stream.encode(frame):
