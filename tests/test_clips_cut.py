@@ -207,3 +207,28 @@ def test_a_long_stretch_without_clips_is_skipped_by_a_seek(numbered, tmp_path, m
     for p, r in zip(plans, results):
         want = [int(np.floor((p.start + k / p.fps) * 24 + 1e-6)) for k in range(p.frames)]
         assert np.abs(np.array(levels(reopen(r.path)[0])) - want).max() <= 1
+
+
+def test_audio_that_mp4_cannot_hold_is_a_clear_error(tmp_path):
+    import av
+
+    src = tmp_path / "pcm.mkv"
+    frames = np.zeros((24, 48, 64, 3), np.uint8)
+    with av.open(str(src), "w") as c:
+        v = c.add_stream("libx264", rate=24)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = c.add_stream("pcm_s16le", rate=8000)
+        for i, img in enumerate(frames):
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+            chunk = av.AudioFrame.from_ndarray(np.zeros((1, 333), np.int16), format="s16", layout="mono")
+            chunk.sample_rate, chunk.pts = 8000, i * 333
+            for p in a.encode(chunk):
+                c.mux(p)
+        for s in (v, a):
+            for p in s.encode():
+                c.mux(p)
+    with pytest.raises(AdaTPInputError, match="pcm_s16le"):
+        cut_clips(src, [plan(src, 0.0, 5)], tmp_path / "out", keep_audio=True)
+    r, = cut_clips(src, [plan(src, 0.0, 5)], tmp_path / "out")  # without the audio: cut
+    assert r.error is None and reopen(r.path)[4] == ["video"]

@@ -86,3 +86,21 @@ def test_a_flash_is_not_a_cut(tmp_path):
     truth = write_synthetic(tmp_path / "flash.mp4", plan, width=96, height=64, seed=4, flashes=(1.0, 4.5))
     shots = detect_shots(truth.path)
     assert len(shots) == 2 and abs(shots[1].start - truth.boundaries[0].time) <= 2 / truth.fps, shots
+
+
+def test_the_bench_scores_cuts_within_two_frames_and_dissolves_within_half_a_second():
+    import importlib.util
+
+    from pack import ROOT
+
+    from adatp_core.clips.synthetic import Boundary
+
+    spec = importlib.util.spec_from_file_location("bench_shots", ROOT / "bench" / "shots.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    truth = [{"path": "v", "fps": 25.0, "boundaries": [Boundary(2.0, "cut"), Boundary(5.0, "dissolve", 1.0),
+                                                       Boundary(9.0, "fade", 1.0)]}]
+    got = bench.score(truth, {"v": [2.08, 5.45, 7.0]})  # cut 2 frames late: found; fade: missed; 7.0: extra
+    assert got == {"recall_cut": 1.0, "recall_dissolve": 1.0, "recall_fade": 0.0, "precision": 2 / 3,
+                   "detections": 3, "truths": 3}
+    assert bench.score(truth, {"v": [2.09, 5.6]})["recall_cut"] == 0.0  # 2.25 frames: not found

@@ -37,6 +37,7 @@ from .shots import source_events
 log = logging.getLogger(__name__)
 
 CUT_MODES = ("reencode", "copy")
+MP4_AUDIO = ("aac", "mp3", "ac3", "eac3", "opus", "alac", "flac")  # audio codecs copied into MP4 as they are
 ENCODERS = ("libx264", "libopenh264")  # the first one this PyAV has encodes the clips
 PRESET = "veryfast"  # libx264 speed / size trade (quality is set by crf); twice "fast"'s speed on this CPU
 SEEK_GAP = 20.0  # seconds with no clip before the next one: seek there rather than decode through
@@ -104,7 +105,7 @@ class ClipWriter:
         self.tmp = temp_file(out_dir, plan)
         self.k = 0  # frames written (reencode)
         self.offset = None  # copy: the first packet's dts, in the video stream's time base
-        self.start_t = plan.start  # copy: the source time of its first keyframe
+        self.start_t = plan.start  # the source time of its first frame (copy: of its first keyframe)
         self.encoding = video_template is None
         self.audio = None
         self.container = open_container(str(self.tmp), "w", format="mp4")
@@ -254,6 +255,10 @@ def cut_clips(source: Path, plans: list[ClipPlan], out_dir: Path, *, mode: str =
             video = container.streams.video[0]
             video.thread_type = "AUTO"
             audio = container.streams.audio[0] if keep_audio and container.streams.audio else None
+            codec = audio.codec_context.name if audio is not None else None
+            if audio is not None and codec not in MP4_AUDIO:
+                raise AdaTPInputError(f"{source.name}: its audio ({codec}) cannot be copied into an MP4 clip "
+                                      f"(MP4 takes {', '.join(MP4_AUDIO)}); cut it without keeping the audio.")
             frames = Frames(container, video, audio, probe.start_time)
             if mode == "copy":
                 _copy(frames, todo, out_dir, report)
@@ -280,9 +285,9 @@ def _finish(writer: ClipWriter, i: int, report) -> None:
 
 def _route_audio(writers: dict, t: float, packet, start_time: float) -> None:
     """Copy an audio packet (at source time t) into the open clips whose time range holds it."""
-    for writer in writers.values():
-        if writer.audio is not None and writer.plan.start - _EPS <= t < writer.plan.end:
-            writer.add_packet(packet, writer.audio, round((writer.plan.start + start_time) / packet.time_base))
+    for writer in writers.values():  # from the clip's first frame (copy: its first keyframe)
+        if writer.audio is not None and writer.start_t - _EPS <= t < writer.plan.end:
+            writer.add_packet(packet, writer.audio, round((writer.start_t + start_time) / packet.time_base))
 
 
 def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, rotation: int,
