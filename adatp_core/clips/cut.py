@@ -228,7 +228,8 @@ def cut_clips(source: Path, plans: list[ClipPlan], out_dir: Path, *, mode: str =
         raise AdaTPInputError(f"the cut mode must be one of {CUT_MODES} (reencode: exact frames; copy: fast, cut "
                               f"at keyframes), got {mode!r}")
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
-        raise AdaTPInputError(f"crf must be a whole number from 0 (lossless) to 51 (18: visually lossless), got {crf!r}")
+        raise AdaTPInputError(f"crf must be a whole number from 0 (lossless) to 51 (18: visually lossless), "
+                              f"got {crf!r}")
     source, out_dir = Path(source), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[int, CutResult] = {}
