@@ -104,3 +104,9 @@ def test_the_bench_scores_cuts_within_two_frames_and_dissolves_within_half_a_sec
     assert got == {"recall_cut": 1.0, "recall_dissolve": 1.0, "recall_fade": 0.0, "precision": 2 / 3,
                    "detections": 3, "truths": 3}
     assert bench.score(truth, {"v": [2.09, 5.6]})["recall_cut"] == 0.0  # 2.25 frames: not found
+
+
+def test_fast_motion_and_changing_light_are_not_shot_changes(tmp_path):
+    truth = write_synthetic(tmp_path / "busy.mp4", [(12.0, "start", 0.0)], width=96, height=64, seed=6,
+                            motion=12, light=0.4)
+    assert len(detect_shots(truth.path)) == 1

@@ -17,7 +17,8 @@ variation distance and the images' mean absolute difference (both 0 to 1):
   FLASH_SECONDS later is not back to the one FLASH_SECONDS before it (a flash is not a cut);
 * a **gradual transition** (dissolve, fade through black) changes little from one frame to
   the next, so each frame is also compared with the frame GRADUAL_WINDOW seconds before
-  it. That distance rises above ``threshold`` as the transition starts and falls back (below
+  it, both with their exposure evened out (a change of light is not a change of shot; a
+  black frame stays black, so a fade through black still counts). That distance rises above ``threshold`` as the transition starts and falls back (below
   GRADUAL_LOW times the threshold: a fade's dark middle would otherwise split it in two)
   GRADUAL_WINDOW seconds after it ends; the middle of that rise, less half the window, is
   the middle of the transition, where the new shot begins. A rise that a hard cut
@@ -56,6 +57,8 @@ DEFAULT_THRESHOLD = 0.3
 ANALYSIS_FPS = 30.0  # frames analysed a second at most (a faster source has frames skipped)
 ANALYSIS_SIDE = 64  # pixels on the long side of an analysed frame
 HIST_BINS = 16  # histogram bins per RGB channel
+EVEN_MEAN = 110.0  # gradual transitions compare frames scaled to this mean level (0-255)
+BLACK_MEAN = 8.0  # a frame darker than this on average is black (not scaled)
 CUT_RATIO = 3.0  # a cut's distance is at least this many times the median distance around it
 CUT_CONTEXT = 1.0  # seconds of frame-to-frame distances (centred on the frame) that make that median
 GRADUAL_WINDOW = 1.0  # seconds between the frames compared for gradual transitions
@@ -82,20 +85,32 @@ def analysis_size(width: int, height: int) -> tuple[int, int]:
 
 
 class Features:
-    """What is kept of one analysed frame: its time, colour histogram and tiny image."""
+    """What is kept of one analysed frame: its time, and its colour histogram and tiny image as
+    they are and with the exposure evened out (scaled to a mean of EVEN_MEAN; a black frame
+    stays black)."""
 
-    __slots__ = ("time", "hist", "image")
+    __slots__ = ("time", "hist", "image", "even_hist", "even_image")
 
     def __init__(self, time: float, rgb: np.ndarray):
         self.time = time
-        self.image = rgb.astype(np.float32) / 255.0
+        self.image, self.hist = self._describe(rgb)
+        mean = float(rgb.mean())
+        if mean >= BLACK_MEAN:
+            rgb = np.clip(rgb.astype(np.float32) * (EVEN_MEAN / mean), 0, 255).astype(np.uint8)
+        self.even_image, self.even_hist = self._describe(rgb)
+
+    @staticmethod
+    def _describe(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         flat = (rgb.reshape(-1, 3) // (256 // HIST_BINS)).astype(np.int64)
         counts = np.stack([np.bincount(flat[:, c], minlength=HIST_BINS) for c in range(3)])
-        self.hist = counts.astype(np.float32) / flat.shape[0]
+        return rgb.astype(np.float32) / 255.0, counts.astype(np.float32) / flat.shape[0]
 
-    def distance(self, other: Features) -> float:
-        hist = 0.5 * float(np.abs(self.hist - other.hist).sum()) / 3.0
-        return 0.5 * (hist + float(np.abs(self.image - other.image).mean()))
+    def distance(self, other: Features, even: bool = False) -> float:
+        """0 (the same picture) to 1; ``even``: with the exposure evened out, so a change of light
+        (a lamp, the camera's exposure) does not count, but a fade to black still does."""
+        a, b = (self.even_hist, other.even_hist) if even else (self.hist, other.hist)
+        x, y = (self.even_image, other.even_image) if even else (self.image, other.image)
+        return 0.5 * (0.5 * float(np.abs(a - b).sum()) / 3.0 + float(np.abs(x - y).mean()))
 
 
 class Detector:
@@ -115,7 +130,7 @@ class Detector:
             self._hard(f, f.distance(self.window[-1]))
         while self.window and self.window[0].time < f.time - GRADUAL_WINDOW - _EPS:
             old = self.window.popleft()
-            self._gradual(f, f.distance(old) if f.time - old.time <= GRADUAL_WINDOW + 0.5 else 0.0)
+            self._gradual(f, f.distance(old, even=True) if f.time - old.time <= GRADUAL_WINDOW + 0.5 else 0.0)
         self.window.append(f)
 
     def _hard(self, f: Features | None, d: float) -> None:
@@ -133,13 +148,14 @@ class Detector:
             self.decided = t
             others = [y for u, y in self.recent if u != t and abs(u - t) <= half + _EPS]
             level = float(np.median(others)) if others else 0.0
-            if x >= self.threshold and x >= CUT_RATIO * level and not self._transient(t):
+            if x >= self.threshold and x >= CUT_RATIO * level and not self._transient(t, x):
                 self.cuts.append(t)
                 self._add(t, "cut")
 
-    def _transient(self, t: float) -> bool:
+    def _transient(self, t: float, jump: float) -> bool:
         """Whether the picture FLASH_SECONDS after t is back to the one FLASH_SECONDS before it (a
-        flash, a frame or two of something passing in front): changes, but not of shot."""
+        flash, a frame or two of something passing in front): nearer each other than half the
+        ``jump`` at t. A change, but not of shot."""
         before = after = None
         for w in self.window:
             if w.time <= t - FLASH_SECONDS + _EPS or before is None:
@@ -148,7 +164,7 @@ class Detector:
                 after = w
                 break
         return (before is not None and after is not None and before.time < t
-                and before.distance(after) < self.threshold * GRADUAL_LOW)
+                and before.distance(after) < jump / 2)
 
     def _gradual(self, f: Features, d: float) -> None:
         if d >= (self.threshold if self.rise is None else self.threshold * GRADUAL_LOW):
