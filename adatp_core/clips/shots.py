@@ -31,10 +31,11 @@ ComfyUI venv that gets a second OpenCV variant (``opencv-python`` beside
 ``opencv-contrib-python`` or ``-headless``) can no longer ``import cv2``. Both were measured
 on the same synthetic videos with known cut times (bench/shots.py; bench/RESULTS.md, "Issue
 29"): 90 transitions with slow and fast camera motion, and flashes. Recall of cuts / dissolves /
-fades and precision: this detector 1.00 / 1.00 / 1.00, 0.98; PySceneDetect 0.7.2 at its
+fades and precision: this detector 1.00 / 0.97 / 1.00, 0.99; PySceneDetect 0.7.2 at its
 defaults: content 0.53 / 0.17 / 0.50, 0.49; adaptive 0.33 / 0.00 / 0.00, 0.56; histogram
 0.90 / 0.10 / 1.00, 0.49 (the set was made by the same hand as this detector: optimistic for
-it). Speed on 720p: 33 source seconds a second here, 17-29 for PySceneDetect. So the pack
+it). Speed on 720p is about the same (21 source seconds a second here, 19-27 for
+PySceneDetect). So the pack
 detects on PyAV frames and needs no new dependency.
 """
 
