@@ -35,8 +35,7 @@ fades and precision: this detector 1.00 / 0.97 / 1.00, 0.99; PySceneDetect 0.7.2
 defaults: content 0.53 / 0.17 / 0.50, 0.49; adaptive 0.33 / 0.00 / 0.00, 0.56; histogram
 0.90 / 0.10 / 1.00, 0.49 (the set was made by the same hand as this detector: optimistic for
 it). Speed on 720p is about the same (21 source seconds a second here, 19-27 for
-PySceneDetect). So the pack
-detects on PyAV frames and needs no new dependency.
+PySceneDetect). So the pack detects on PyAV frames and needs no new dependency.
 """
 
 from __future__ import annotations
