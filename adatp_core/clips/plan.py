@@ -5,7 +5,8 @@ source is cut by timestamps, never by frame indices: clip frame k is the source 
 screen at ``start + k / fps``.
 
 Lengths: a clip of ``n`` frames at ``fps`` lasts ``n / fps`` seconds (what a player shows),
-and that lies in [min_seconds, max_seconds]. So Wan's 81 frames at 16 fps (5.06 s) need a
+that lies in [min_seconds, max_seconds], and [start, start + n / fps] lies inside its shot.
+A target fps above the source's repeats source frames (each clip frame is the one on screen). So Wan's 81 frames at 16 fps (5.06 s) need a
 max_seconds of at least 5.0625; with 5.0 the largest 4k+1 count is 77.
 
 Within a shot (less ``trim_frames`` at each end) clips follow each other from the shot's
@@ -128,8 +129,8 @@ def shot_clips(shot: Shot, fps: float, rules: ClipRules) -> list[tuple[float, in
     """(start, frames) of the clips ``rules`` take from ``shot`` at ``fps``."""
     start = shot.start + rules.trim_frames / fps
     end = shot.end - rules.trim_frames / fps
-    # frames whose time start + k/fps falls inside [start, end)
-    available = max(0, math.ceil((end - start) * fps - _EPS))
+    # frames whose whole time [start + k/fps, start + (k+1)/fps) lies inside the shot
+    available = max(0, math.floor((end - start) * fps + _EPS))
     least = max(1, math.ceil(rules.min_seconds * fps - _EPS))
     most = snap(int(math.floor(rules.max_seconds * fps + _EPS)), rules.frames)
     if available < least:
