@@ -232,3 +232,20 @@ def test_audio_that_mp4_cannot_hold_is_a_clear_error(tmp_path):
         cut_clips(src, [plan(src, 0.0, 5)], tmp_path / "out", keep_audio=True)
     r, = cut_clips(src, [plan(src, 0.0, 5)], tmp_path / "out")  # without the audio: cut
     assert r.error is None and reopen(r.path)[4] == ["video"]
+
+
+def test_a_clip_that_cannot_be_written_fails_alone(numbered, tmp_path, monkeypatch):
+    import adatp_core.clips.cut as cut
+
+    real = cut.ClipWriter.add_frame
+
+    def full(self, frame):
+        if self.plan.name == "b" and self.k == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, frame)
+
+    monkeypatch.setattr(cut.ClipWriter, "add_frame", full)
+    results = cut_clips(numbered, [plan(numbered, 0.0, 9, name="a"), plan(numbered, 0.1, 9, name="b"),
+                                   plan(numbered, 1.0, 9, name="c")], tmp_path)
+    assert [r.error is None for r in results] == [True, False, True] and "No space" in results[1].error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "c.mp4"]

@@ -293,6 +293,8 @@ def _route_audio(writers: dict, t: float, packet, start_time: float) -> None:
 
 def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, rotation: int,
               frame_time: float) -> None:
+    import av
+
     encoder = encoder_name()
     convert = Converter(rotation)
     pending = deque(todo)
@@ -325,17 +327,25 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
                 # a new frame at t: the frame before it is on screen for every target before t
                 while pending and pending[0][1].start + _EPS < t:
                     i, plan = pending.popleft()
-                    w = writers[i] = ClipWriter(plan, out_dir, encoder=encoder, crf=crf,
-                                                audio_template=frames.audio)
-                    for at, packet in held:
-                        _route_audio({i: w}, at, packet, frames.start_time)
+                    try:
+                        w = writers[i] = ClipWriter(plan, out_dir, encoder=encoder, crf=crf,
+                                                    audio_template=frames.audio)
+                        for at, packet in held:
+                            _route_audio({i: w}, at, packet, frames.start_time)
+                    except (OSError, av.error.FFmpegError) as exc:  # this clip cannot be written (disk full...)
+                        if i in writers:
+                            writers.pop(i).abort()
+                        report(i, CutResult(plan, None, False, f"the clip cannot be written ({exc})"))
                 for i, w in list(writers.items()):
-                    while not w.done and w.target + _EPS < t:
-                        if prev is None or prev[0] > w.target + frame_time:
-                            _fail(writers.pop(i), i, report, f"no frame of the source at {w.target:.2f} s "
-                                                             "(damaged or missing data there)")
-                            break
-                        w.add_frame(convert(prev[1], w.plan.width, w.plan.height))
+                    try:
+                        while not w.done and w.target + _EPS < t:
+                            if prev is None or prev[0] > w.target + frame_time:
+                                _fail(writers.pop(i), i, report, f"no frame of the source at {w.target:.2f} s "
+                                                                 "(damaged or missing data there)")
+                                break
+                            w.add_frame(convert(prev[1], w.plan.width, w.plan.height))
+                    except (OSError, av.error.FFmpegError) as exc:
+                        _fail(writers.pop(i), i, report, f"the clip cannot be written ({exc})")
                     if i in writers and w.done:
                         _finish(writers.pop(i), i, report)
                 prev = (t, item)
