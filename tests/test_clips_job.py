@@ -176,6 +176,20 @@ def test_the_cli_end_to_end_then_dry_run_and_rerun(cli, tmp_path, short):
     assert code == 0 and len(cli.loads) == 1 and "0 cut now" in text and "all up to date" in text
 
 
+def test_a_model_that_cannot_load_keeps_the_clips_and_says_why(cli, tmp_path, one_shot, monkeypatch):
+    from adatp_core.errors import AdaTPEnvironmentError
+
+    def broken(*_a, **_k):
+        raise AdaTPEnvironmentError("the model folder holds no weights; download it again")
+
+    monkeypatch.setattr(clips_cli, "load_model", broken)
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    code, out, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "set", *SETTINGS)
+    assert code == 2 and "error: the model folder holds no weights" in err and "Traceback" not in err
+    assert "Stopped: the model folder holds no weights" in out
+    assert len(list((tmp_path / "set" / "videos").glob("*.mp4"))) == 1  # cut, kept for the next run
+
+
 def test_bad_options_stop_before_anything_is_read(cli, tmp_path, footage):
     (tmp_path / "long.mp4").write_bytes(footage)
     code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--min-seconds", "3", "--max-seconds", "2")

@@ -148,7 +148,8 @@ class Progress:
         bar = self.bars.get(stage)
         if bar is None or bar.total != total:
             bar = self.bars[stage] = ProgressLine(int(total), f"{self.label}{stage}: ")
-        bar.update(shown(name))
+        if done:  # 0: the stage begins
+            bar.update(shown(name))
 
 
 def gather(dist: Distributed, summary: ClipsSummary) -> ClipsSummary:
@@ -182,17 +183,17 @@ def run(args, dist: Distributed) -> int:
 
     try:
         summary = run_clips(model, job, (dist.index, dist.count), progress, layouts=dist.count == 1)
-    except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
-        print(f"{label}error: {message(exc, args)}", file=sys.stderr)
-        return 2
     except (KeyboardInterrupt, AdaTPInterrupted):
         print(f"\n{label}interrupted: the clips and captions written so far are kept; run the same command "
               "again to continue.", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001  the model failed to load: said, not a traceback
+    except Exception as exc:  # noqa: BLE001  the model failed to load, a disk failed: said, not a traceback
         log.debug("clips job failed", exc_info=True)
-        print(f"{label}error: {exc.__class__.__name__}: {shown(str(exc))}", file=sys.stderr)
-        return 2
+        known = isinstance(exc, (AdaTPInputError, AdaTPEnvironmentError, OSError))
+        why = message(exc, args) if known else f"{exc.__class__.__name__}: {shown(str(exc))}"
+        print(f"{label}error: {why}", file=sys.stderr)
+        # The other processes wait for this one's summary: it goes to them with the error in it.
+        summary = ClipsSummary(error=f"{label}{why}")
     summary = gather(dist, summary)
     if dist.main:
         if dist.count > 1:

@@ -415,6 +415,8 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
     todo = {id(p): [c for c in p.clips if not clip_path(job, c).exists()] for p in plan.sources}
     total = sum(len(v) for v in todo.values())
     done = 0
+    if on_event is not None and total:
+        on_event("cut", 0, total, "")
     for p in plan.sources:
         summary.clips_existing += len(p.clips) - len(todo[id(p)])
 
@@ -506,6 +508,7 @@ class ClipsSummary:
     caption: dict = field(default_factory=lambda: CaptionSummary().to_dict())
     outputs: list = field(default_factory=list)  # files the layouts wrote this run
     output_error: str | None = None
+    error: str | None = None  # the run stopped (the model could not be loaded, a disk failed)
 
     def captions(self) -> CaptionSummary:
         return CaptionSummary.merge([self.caption])
@@ -525,13 +528,14 @@ class ClipsSummary:
             total.seconds = max(total.seconds, p["seconds"])
             total.outputs += p["outputs"]
             total.output_error = total.output_error or p["output_error"]
+            total.error = "; ".join(e for e in (total.error, p.get("error")) if e) or None
         total.caption = CaptionSummary.merge([p["caption"] for p in parts]).to_dict()
         return total
 
     def exit_code(self) -> int:
         """0, unless the model, the disk or the layouts failed (2), or no clip has a caption (1)."""
         caption = self.captions()
-        if caption.model_error or caption.write_error or self.output_error:
+        if caption.model_error or caption.write_error or self.output_error or self.error:
             return 2
         if self.clips_planned and not (caption.captions or caption.skipped or caption.done):
             return 1
@@ -549,6 +553,8 @@ class ClipsSummary:
         lines += grouped("source failed", self.failed_sources)
         lines += grouped("clip failed", self.clips_failed)
         lines.append(self.captions().text(processes))
+        if self.error:
+            lines.append(f"Stopped: {self.error}")
         if self.output_error:
             lines.append(f"Writing the layouts failed: {self.output_error}")
         else:
@@ -625,6 +631,8 @@ def run_clips(model, job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: E
             if not hasattr(model, "adapter") and callable(model):
                 model = model()
             done = [0]
+            if on_event is not None:
+                on_event("caption", 0, len(folder_plan.todo), "")
 
             def on_clip(rel, _result, _summary):
                 done[0] += 1
