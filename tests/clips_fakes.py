@@ -17,7 +17,7 @@ import numpy as np
 
 
 def install() -> None:
-    if importlib.util.find_spec("adatp_core.clips.shots") is not None:
+    if "adatp_core.clips.shots" in sys.modules or importlib.util.find_spec("adatp_core.clips.shots") is not None:
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from run_workflow import PACK_NAME

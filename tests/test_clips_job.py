@@ -4,6 +4,7 @@ through the CLI (``python -m adatp_core clips``) and the job, on the tiny built-
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -341,3 +342,34 @@ def test_the_node_refuses_bad_sources_and_outputs_with_a_clear_message(comfy):
     assert "empty" in node.VALIDATE_INPUTS(output="")
     assert node.VALIDATE_INPUTS(sources="adatp_clip_samples") is True  # the sample folder is made
     assert (inp / "adatp_clip_samples" / "adatp_sample_video.mp4").is_file()
+
+
+@pytest.mark.distributed
+def test_accelerate_shares_the_sources_and_the_main_process_writes_the_layouts(tiny_dir, tmp_path, short, one_shot):
+    """accelerate launch, 2 CPU processes (gloo), as test_caption's two-process test starts them."""
+    import sys
+
+    from test_caption import _free_port, _run
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate's launcher is not installed")
+    if not (Path(clips_job.__file__).parent / "shots.py").exists():
+        pytest.skip("the spawned processes need the shots branch's modules (tests/clips_fakes.py is in-process)")
+    (tmp_path / "src").mkdir()
+    for name, data in (("a.mp4", short), ("b.mp4", one_shot), ("c.mp4", one_shot)):
+        (tmp_path / "src" / name).write_bytes(data)
+    env = {**os.environ, "ADATP_CACHE_DIR": str(tiny_dir.parent), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "adatp_core", "clips", str(tmp_path / "src"), "--out", str(tmp_path / "set"), "--layout", "all",
+           *SETTINGS]
+    code, out, err = _run(cmd, 240, env=env)
+    assert code == 0, err[-3000:]
+    assert "[1/2]" in err and "[2/2]" in err
+    assert out.count("Sources: 3 (0 failed)") == 1 and "Clips: 4 planned, 4 cut now" in out
+    clips = sorted((tmp_path / "set" / "videos").glob("*.mp4"))
+    assert len(clips) == 4 and all(c.with_suffix(".txt").read_text() for c in clips)
+    assert len((tmp_path / "set" / "clips.jsonl").read_text().splitlines()) == 4
+    assert len(list((tmp_path / "set" / "subtitles").glob("*.srt"))) == 3
