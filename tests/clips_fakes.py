@@ -1,6 +1,8 @@
-"""Throwaway stand-ins for the `shots` helper's modules (adatp_core/clips/{shots,plan,cut}.py),
-installed only while those modules do not exist yet, so the job can be tested against the
-interface in /work/notes/clips_interface.md. Deleted once `shots` is merged."""
+"""Throwaway stand-ins for the `shots` helper's functions (adatp_core/clips/{shots,plan,cut}.py):
+each one installed only while the real one is missing or still the skeleton's
+``raise NotImplementedError``, on the real module and with its real dataclasses where they exist,
+so the job is tested against the interface in /work/notes/clips_interface.md. Deleted once
+`shots` has all of them."""
 
 from __future__ import annotations
 
@@ -16,8 +18,22 @@ from typing import Callable
 import numpy as np
 
 
+def _unimplemented(function) -> bool:
+    import inspect
+
+    try:
+        return "raise NotImplementedError" in inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+
+
+def _real(name: str, key: str):
+    """The real module's class when it has one (the fakes build real dataclasses)."""
+    return getattr(sys.modules[f"adatp_core.clips.{name}"], key)
+
+
 def install() -> None:
-    if "adatp_core.clips.shots" in sys.modules or importlib.util.find_spec("adatp_core.clips.shots") is not None:
+    if getattr(sys.modules.get("adatp_core.clips.shots"), "_fakes_installed", False):
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from run_workflow import PACK_NAME
@@ -57,7 +73,8 @@ def install() -> None:
         bounds = [0.0, *cuts, duration]
         if on_progress:
             on_progress(duration, duration)
-        return [Shot(i, bounds[i], bounds[i + 1], "start" if i == 0 else "cut") for i in range(len(bounds) - 1)]
+        shot = _real("shots", "Shot")
+        return [shot(i, bounds[i], bounds[i + 1], "start" if i == 0 else "cut") for i in range(len(bounds) - 1)]
 
     @dataclass(frozen=True)
     class ClipRules:
@@ -112,7 +129,7 @@ def install() -> None:
                 if n < 1 or (n < rules.min_seconds * fps and not rules.keep_short):
                     break
                 start = first / fps
-                plans.append(ClipPlan(Path(source), shot.index, k, start, n, fps, w, h,
+                plans.append(_real("plan", "ClipPlan")(Path(source), shot.index, k, start, n, fps, w, h,
                                       f"{key}_s{shot.index:03d}_{round(start * 1000):07d}-"
                                       f"{round((start + n / fps) * 1000):07d}"))
                 first, left, k = first + n, left - n, k + 1
@@ -135,7 +152,7 @@ def install() -> None:
         for p in plans:
             target = Path(out_dir) / f"{p.name}.mp4"
             if target.exists():
-                result = CutResult(p, target, True, None)
+                result = _real("cut", "CutResult")(p, target, True, None)
             else:
                 times = [p.start + (i + 0.5) / p.fps for i in range(p.frames)]
                 pick = [max((f for f in decoded if f[0] <= t), key=lambda f: f[0], default=decoded[0])[1]
@@ -144,7 +161,7 @@ def install() -> None:
                 tmp = Path(out_dir) / f".{p.name}.part.mp4"
                 write_video(tmp, frames, fps=p.fps)
                 os.replace(tmp, target)
-                result = CutResult(p, target, False, None)
+                result = _real("cut", "CutResult")(p, target, False, None)
             results.append(result)
             if on_clip:
                 on_clip(result)
@@ -152,9 +169,17 @@ def install() -> None:
 
     for name, values in (("shots", {"Shot": Shot, "detect_shots": detect_shots, "DEFAULT_THRESHOLD": 0.3}),
                          ("plan", {"ClipRules": ClipRules, "ClipPlan": ClipPlan, "plan_clips": plan_clips,
-                                   "source_key": source_key}),
-                         ("cut", {"CutResult": CutResult, "cut_clips": cut_clips})):
-        module = types.ModuleType(f"adatp_core.clips.{name}")
-        module.__dict__.update(values)
-        sys.modules[module.__name__] = module
+                                   "source_key": source_key, "FRAME_RULES": ("4k+1", "8k+1", "any")}),
+                         ("cut", {"CutResult": CutResult, "cut_clips": cut_clips,
+                                  "CUT_MODES": ("reencode", "copy")})):
+        try:
+            module = importlib.import_module(f"adatp_core.clips.{name}")
+        except ModuleNotFoundError:
+            module = types.ModuleType(f"adatp_core.clips.{name}")
+            sys.modules[module.__name__] = module
+        for key, value in values.items():
+            current = getattr(module, key, None)
+            if current is None or (callable(current) and not isinstance(current, type) and _unimplemented(current)):
+                setattr(module, key, value)
+        module._fakes_installed = True
         sys.modules[f"{PACK_NAME}.adatp_core.clips.{name}"] = module  # the pack as ComfyUI imports it

@@ -39,9 +39,9 @@ from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, FolderPlan, O
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
-from .cut import cut_clips
+from .cut import CUT_MODES, cut_clips
 from .outputs import DatasetClip, DatasetSource, write_outputs
-from .plan import ClipPlan, ClipRules, plan_clips, source_key
+from .plan import FRAME_RULES, ClipPlan, ClipRules, plan_clips, source_key
 from .shots import Shot, detect_shots
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,6 @@ CLIP_SUFFIX = ".mp4"
 RECORD_VERSION = 1
 LAYOUTS = ("txt", "finetrainers", "jsonl", "srt", "vtt")
 DEFAULT_LAYOUTS = ("txt", "jsonl", "srt", "vtt")
-CUT_MODES = ("reencode", "copy")
-FRAME_RULES = ("4k+1", "8k+1", "any")
 
 # on_event(stage, done, total, name): stage "shots" (done, total: sources, fractional while a source is
 # analysed), "cut" (clips), "caption" (clips). It may raise to stop between steps (Cancel).
