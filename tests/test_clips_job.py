@@ -263,6 +263,26 @@ def test_processes_share_the_sources(tiny, tmp_path, one_shot):
     assert "Sources: 3 (0 failed)" in total.text()
 
 
+class Cancel(Exception):
+    """ComfyUI's interrupt is an Exception, as a failing source's error is."""
+
+
+@pytest.mark.parametrize("stage", ["shots", "cut", "caption"])
+def test_cancel_in_any_stage_stops_the_job_and_fails_no_source(tiny, tmp_path, short, stage):
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0)
+
+    def on_event(now, done, total, name):
+        if now == stage and done > 0:
+            raise Cancel("cancelled")
+
+    with pytest.raises(Cancel):
+        run_clips(tiny, job, on_event=on_event)
+    summary = run_clips(tiny, job)  # the next run finishes what was left
+    assert summary.exit_code() == 0 and not summary.failed_sources and summary.clips_planned == 2
+    assert len(list(job.clips_dir.glob("*.txt"))) == 2
+
+
 def test_job_settings_are_checked(tmp_path):
     for kwargs, option in [({"rules": ClipRules(min_seconds=3, max_seconds=2)}, "min_seconds"),
                            ({"rules": ClipRules(frames="3k")}, "clip_frames"),

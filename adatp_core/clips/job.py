@@ -31,6 +31,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,40 @@ DEFAULT_LAYOUTS = ("txt", "jsonl", "srt", "vtt")
 # on_event(stage, done, total, name): stage "shots" (done, total: sources, fractional while a source is
 # analysed), "cut" (clips), "caption" (clips). It may raise to stop between steps (Cancel).
 Event = Callable[[str, float, float, str], None]
+
+
+class _Stop(BaseException):
+    """What on_event raised (Cancel: ComfyUI's interrupt is an Exception), carried untouched through
+    the code that fails one source or one clip on an Exception, and raised as it was where the job
+    returns (``_unwrapped``)."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(exc)
+        self.exc = exc
+
+
+def _guarded(on_event: Event | None) -> Event | None:
+    if on_event is None or getattr(on_event, "guarded", False):
+        return on_event
+
+    def call(*args) -> None:
+        try:
+            on_event(*args)
+        except _Stop:
+            raise
+        except BaseException as exc:
+            raise _Stop(exc) from exc
+
+    call.guarded = True
+    return call
+
+
+@contextmanager
+def _unwrapped():
+    try:
+        yield
+    except _Stop as stop:
+        raise stop.exc from None
 
 
 @dataclass(frozen=True)
@@ -331,6 +366,11 @@ def plan_source(job: ClipsJob, source: Source, key: str,
 def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event | None = None,
                  dry_run: bool = False) -> JobPlan:
     """This process's share of the sources, each planned (nothing written when dry_run)."""
+    with _unwrapped():
+        return _plan_sources(job, shard, _guarded(on_event), dry_run)
+
+
+def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None, dry_run: bool) -> JobPlan:
     index, count = shard
     sources, problems = list_sources(job)
     sources, keys, clashes = source_keys(sources)
@@ -609,6 +649,12 @@ def run_clips(model, job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: E
     on_step(): between decode steps (Cancel). layouts False: another process writes them once
     every process has finished (write_layouts). plan: from plan_sources, when already made.
     """
+    with _unwrapped():
+        return _run_clips(model, job, shard, _guarded(on_event), on_step, layouts, plan)
+
+
+def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
+               on_step: Callable[[], None] | None, layouts: bool, plan: JobPlan | None) -> ClipsSummary:
     start = time.perf_counter()
     summary = ClipsSummary()
     if plan is None:
