@@ -56,18 +56,14 @@ def resolve_output(name: str) -> Path:
 
 
 class StageProgress:
-    """ComfyUI's progress bar over the three stages (shots found, clips cut, clips captioned);
-    Cancel is checked at every step."""
+    """ComfyUI's progress bar over the three stages (shots found, clips cut, clips captioned), a
+    third each; Cancel is checked at every step."""
 
     def __init__(self):
-        bar = getattr(bridge, "_ComfyProgressBar", None)
-        self.bar = bar(100 * len(STAGES)) if bar is not None else None
+        self.bar = bridge.Progress(100 * len(STAGES))
 
     def __call__(self, stage: str, done: float, total: float, _name: str) -> None:
-        bridge.check_interrupt()
-        if self.bar is not None and stage in STAGES:
-            value = 100 * STAGES.index(stage) + (100 * done / total if total else 100)
-            self.bar.update_absolute(int(value), 100 * len(STAGES))
+        self.bar.set(int(100 * STAGES.index(stage) + (100 * done / total if total else 100)))
 
 
 class AdaTP_ClipDataset:

@@ -333,7 +333,7 @@ def test_the_node_makes_the_set_with_progress_and_a_rerun_does_nothing(tiny, com
         def __init__(self, total):
             updates.append(("new", total))
 
-        def update_absolute(self, value, total=None):
+        def update_absolute(self, value, total=None, preview=None):
             updates.append((value, total))
 
     monkeypatch.setattr(bridge, "_ComfyProgressBar", Bar)
@@ -347,6 +347,7 @@ def test_the_node_makes_the_set_with_progress_and_a_rerun_does_nothing(tiny, com
     assert (out / "set" / "prompts.txt").is_file() and (out / "set" / "clips.jsonl").is_file()
     assert "Clips: 4 planned, 4 cut now" in summary and result["ui"]["text"] == [summary]
     values = [v for v, _ in updates[1:]]
+    assert {t for _, t in updates[1:]} == {None}
     assert updates[0] == ("new", 300) and values == sorted(values) and values[-1] == 300
     assert any(0 < v < 100 for v in values) and any(100 < v < 200 for v in values)  # shots, then cuts
     again = node().make(*args, layouts="all", caption_frames=2, max_new_tokens=3, batch_size=1)["result"][0]
