@@ -263,6 +263,30 @@ def test_processes_share_the_sources(tiny, tmp_path, one_shot):
     assert "Sources: 3 (0 failed)" in total.text()
 
 
+def test_new_rules_set_the_earlier_clips_aside(tiny, tmp_path, footage, monkeypatch):
+    (tmp_path / "long.mp4").write_bytes(footage)
+    job = ClipsJob(sources=(tmp_path / "long.mp4",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0)
+    run_clips(tiny, job)
+    before = sorted(p.name for p in job.clips_dir.iterdir())
+    assert len(before) == 8  # four clips, four captions
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the shots were detected again for new clip rules")
+
+    monkeypatch.setattr(clips_job, "detect_shots", refuse)
+    longer = ClipsJob(sources=job.sources, out=job.out, rules=ClipRules(min_seconds=MIN_S, max_seconds=3.0, fps=FPS),
+                      pipeline=CFG, workers=0)
+    summary = run_clips(tiny, longer)
+    clips = clips_of(longer)
+    assert [probe_video(c).frame_count for c in clips] == [21, 21] and summary.clips_replaced == 4
+    assert sorted(p.name for p in (job.state_dir / "replaced").iterdir()) == before  # set aside, not deleted
+    assert sorted(p.name for p in job.clips_dir.iterdir()) == sorted([c.name for c in clips] +
+                                                                     [c.stem + ".txt" for c in clips])
+    listed = [json.loads(line)["path"] for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert listed == [f"videos/{c.name}" for c in clips]
+    assert "4 of an earlier plan moved" in summary.text()
+
+
 class Cancel(Exception):
     """ComfyUI's interrupt is an Exception, as a failing source's error is."""
 

@@ -282,6 +282,7 @@ class SourcePlan:
     clips: list = field(default_factory=list)
     error: str | None = None
     reused: bool = False
+    replaced: list = field(default_factory=list)  # an earlier plan's clips that this plan no longer has
 
     @property
     def duration(self) -> float:
@@ -354,6 +355,9 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             plan.shots = detect_shots(source.path, **({} if job.threshold is None else {"threshold": job.threshold}),
                                       on_progress=on_progress)
         plan.clips = plan_clips(source.path, plan.shots, job.rules, source.root)
+        if record is not None:  # the source or the rules changed: the earlier plan's other clips go
+            names = {c.name for c in plan.clips}
+            plan.replaced = [c for c in record_plan(record)[2] if c.name not in names]
     except (AdaTPInterrupted, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001  a bad source fails alone
@@ -361,6 +365,20 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             log.debug("source %s failed", source.name, exc_info=True)
         plan.error = _failure(exc)
     return plan
+
+
+def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
+    """Move an earlier plan's clips (and their captions) out of the set, into OUT/.adatp/replaced:
+    a trainer reading OUT/videos sees only the current plan's clips, and nothing is deleted."""
+    moved = 0
+    aside = job.state_dir / "replaced"
+    for c in clips:
+        for path in (clip_path(job, c), job.caption_dir / f"{c.name}.txt"):
+            if os.path.lexists(path):
+                aside.mkdir(parents=True, exist_ok=True)
+                os.replace(path, aside / path.name)
+                moved += path.suffix == CLIP_SUFFIX
+    return moved
 
 
 def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event | None = None,
@@ -386,6 +404,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
         plan = plan_source(job, source, keys[source.path], progress)
         if plan.error is None and not dry_run:
             write_record(job, plan)
+            set_aside(job, plan.replaced)
         plans.append(plan)
         if on_event is not None:
             on_event("shots", i + 1, len(mine), source.name)
@@ -420,7 +439,8 @@ class JobPlan:
                 lines.append(f"{shown(p.source.name)}: failed: {shown(p.error)}")
                 continue
             lines.append(f"{shown(p.source.name)}: {p.duration:.2f} s, {len(p.shots)} shot(s), "
-                         f"{len(p.clips)} clip(s)")
+                         f"{len(p.clips)} clip(s)" + (f"; {len(p.replaced)} clip(s) of an earlier plan would be "
+                                                      "set aside" if p.replaced else ""))
             by_shot: dict[int, list[ClipPlan]] = {}
             for c in p.clips:
                 by_shot.setdefault(c.shot, []).append(c)
@@ -540,6 +560,7 @@ class ClipsSummary:
     clips_existing: int = 0
     clips_failed: list = field(default_factory=list)  # (name, why)
     shots_without_clip: int = 0
+    clips_replaced: int = 0  # an earlier plan's clips set aside (the source or the rules changed)
     source_seconds: float = 0.0
     detected: int = 0  # sources whose shots were detected this run (the rest came from their records)
     seconds: float = 0.0
@@ -559,7 +580,7 @@ class ClipsSummary:
         total = cls()
         for p in parts:
             for name in ("sources", "shots", "clips_planned", "clips_cut", "clips_existing",
-                         "shots_without_clip", "source_seconds", "detected"):
+                         "shots_without_clip", "source_seconds", "detected", "clips_replaced"):
                 setattr(total, name, getattr(total, name) + p[name])
             total.failed_sources += [tuple(x) for x in p["failed_sources"]]
             total.clips_failed += [tuple(x) for x in p["clips_failed"]]
@@ -587,7 +608,9 @@ class ClipsSummary:
                  f"footage, {self.shots} shot(s) ({self.detected} source(s) analysed now, the rest from an "
                  f"earlier run), {self.shots_without_clip} shot(s) too short for a clip.",
                  f"Clips: {self.clips_planned} planned, {self.clips_cut} cut now, {self.clips_existing} already "
-                 f"there, {len(self.clips_failed)} failed."]
+                 f"there, {len(self.clips_failed)} failed" + (
+                     f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
+                     "the rules changed)" if self.clips_replaced else "") + "."]
         lines += grouped("source failed", self.failed_sources)
         lines += grouped("clip failed", self.clips_failed)
         lines.append(self.captions().text(processes))
@@ -668,6 +691,7 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.shots_without_clip += len({s.index for s in p.shots} - {c.shot for c in p.clips})
         summary.source_seconds += p.duration
         summary.detected += bool(p.shots) and not p.reused
+        summary.clips_replaced += len(p.replaced)
     try:
         cut_sources(job, plan, summary, on_event)
         folder_plan = caption_plan(job, plan)
