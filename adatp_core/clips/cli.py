@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from ..caption import ProgressLine, shown
@@ -137,13 +138,21 @@ class Progress:
     """Progress on stderr: a line per source analysed, then the caption command's bar for the
     clips cut and the clips captioned."""
 
+    EVERY_S = 10.0  # a long source's detection: a line this often
+
     def __init__(self, label: str):
-        self.label, self.bars = label, {}
+        self.label, self.bars, self.said = label, {}, time.monotonic()
 
     def __call__(self, stage: str, done: float, total: float, name: str) -> None:
         if stage == "shots":
+            now = time.monotonic()
             if done == int(done):
                 print(f"{self.label}shots: {int(done)}/{int(total)} sources  {shown(name)}", file=sys.stderr)
+            elif now - self.said >= self.EVERY_S:
+                print(f"{self.label}shots: {shown(name)} {100 * (done - int(done)):.0f}% analysed", file=sys.stderr)
+            else:
+                return
+            self.said = now
             return
         bar = self.bars.get(stage)
         if bar is None or bar.total != total:
