@@ -218,7 +218,8 @@ def test_same_stem_sources_do_not_collide_and_a_non_video_is_reported(tiny, tmp_
                    rules=RULES, layouts=("txt", "jsonl"), pipeline=CFG, workers=0)
     summary = run_clips(tiny, job)
     text = summary.text()
-    assert summary.sources == 3 and summary.exit_code() == 0
+    assert summary.sources == 4 and summary.exit_code() == 0  # the missing one counts (and fails)
+    assert "Sources: 4 (2 failed)" in text
     assert [name for name, _ in summary.failed_sources] == ["a/notes.mp4", str(tmp_path / "missing.mp4")], text
     assert "notes.mp4" in text and "does not exist" in text
     clips = clips_of(job)

@@ -604,9 +604,11 @@ class ClipsSummary:
         from ..caption import grouped
 
         rate = self.source_seconds / self.seconds if self.seconds > 0 else 0.0
+        reused = self.sources - len(self.failed_sources) - self.detected
         lines = [f"Sources: {self.sources} ({len(self.failed_sources)} failed), {self.source_seconds:.1f} s of "
-                 f"footage, {self.shots} shot(s) ({self.detected} source(s) analysed now, the rest from an "
-                 f"earlier run), {self.shots_without_clip} shot(s) too short for a clip.",
+                 f"footage, {self.shots} shot(s) ({self.detected} source(s) analysed now"
+                 + (f", {reused} from an earlier run" if reused > 0 else "")
+                 + f"), {self.shots_without_clip} shot(s) too short for a clip.",
                  f"Clips: {self.clips_planned} planned, {self.clips_cut} cut now, {self.clips_existing} already "
                  f"there, {len(self.clips_failed)} failed" + (
                      f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
@@ -682,7 +684,7 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
     summary = ClipsSummary()
     if plan is None:
         plan = plan_sources(job, shard, on_event)
-    summary.sources = len(plan.sources)
+    summary.sources = len(plan.sources) + len(plan.problems)
     summary.failed_sources = [(p.source.name, p.error) for p in plan.sources if p.error is not None]
     summary.failed_sources += list(plan.problems)
     for p in plan.sources:
