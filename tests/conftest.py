@@ -13,10 +13,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import clips_fakes  # noqa: E402  until the `shots` branch is merged: stand-ins for adatp_core/clips/{shots,plan,cut}
-
-clips_fakes.install()
-
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:

@@ -400,9 +400,6 @@ def test_accelerate_shares_the_sources_and_the_main_process_writes_the_layouts(t
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.exists():
         pytest.skip("accelerate's launcher is not installed")
-    folder = Path(clips_job.__file__).parent
-    if any("raise NotImplementedError" in (folder / f"{m}.py").read_text() for m in ("shots", "plan", "cut")):
-        pytest.skip("the spawned processes need the shots branch's functions (tests/clips_fakes.py is in-process)")
     (tmp_path / "src").mkdir()
     for name, data in (("a.mp4", short), ("b.mp4", one_shot), ("c.mp4", one_shot)):
         (tmp_path / "src" / name).write_bytes(data)
