@@ -89,6 +89,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         plan = plan_sources(job)
         detect_s = time.perf_counter() - start
+        found = [s.start for p in plan.sources for s in p.shots[1:]]
+        tolerance = 2 / args.fps_source  # within 2 frames
+        hits = sum(any(abs(f - c) <= tolerance for f in found) for c in cuts)
         summary = run_clips(model, job, plan=plan)
         wall = time.perf_counter() - start
         caption_s = summary.captions().seconds
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
         rerun_s = time.perf_counter() - again
     source = summary.source_seconds
     figures = {
-        "footage_s": round(source, 2), "size": args.size, "fps_source": args.fps_source, "cuts": len(cuts),
+        "footage_s": round(source, 2), "size": args.size, "fps_source": args.fps_source, "cuts": len(cuts), "cuts_found": hits,
+        "false_cuts": sum(not any(abs(f - c) <= tolerance for c in cuts) for f in found),
         "shots": summary.shots, "clips": summary.clips_planned, "captioned": len(summary.captions().done),
         "model": args.model or "adatp-tiny", "device": args.device, "caption_frames": args.caption_frames,
         "tokens": args.tokens, "model_load_s": round(load_s, 2),
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
         "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
     }
     print(f"footage {source:.1f} s ({args.size} at {args.fps_source:g} fps, {len(cuts)} cuts): "
+          f"{hits} found within 2 frames, {figures['false_cuts']} false; "
           f"{summary.shots} shots, {summary.clips_planned} clips, {len(summary.captions().done)} captioned")
     print(f"whole chain: {wall:.1f} s wall = {source / wall:.2f} source seconds per second "
           f"({60 * summary.clips_planned / wall:.1f} clips/min); model load {load_s:.1f} s not counted")
