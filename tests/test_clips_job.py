@@ -288,6 +288,30 @@ def test_new_rules_set_the_earlier_clips_aside(tiny, tmp_path, footage, monkeypa
     assert "4 of an earlier plan moved" in summary.text()
 
 
+def test_a_source_another_run_is_cutting_is_left_to_it(tiny, tmp_path, short, one_shot):
+    from adatp_core.caption import ClipClaim
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(short)
+    (tmp_path / "src" / "b.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"),
+                   pipeline=CFG, workers=0)
+    key = clips_job.source_key(tmp_path / "src" / "a.mp4", tmp_path / "src")
+    other = ClipClaim(clips_job.record_path(job, key))  # another run holds a.mp4
+    other.path.parent.mkdir(parents=True)
+    assert other.acquire()
+    try:
+        summary = run_clips(tiny, job)
+    finally:
+        other.release()
+    assert summary.elsewhere == ["src/a.mp4"] and summary.sources == 2 and summary.clips_planned == 1
+    assert "1 source(s) left to another run" in summary.text() and summary.exit_code() == 0
+    assert [c.name.startswith(key) for c in clips_of(job)] == [False]
+    assert not list((job.state_dir / "sources").glob(".adatp-claim-*"))  # this run's claims are gone
+    again = run_clips(tiny, job)  # the other run stopped: this one takes a.mp4 now
+    assert again.clips_planned == 3 and len(clips_of(job)) == 3 and not again.elsewhere
+
+
 class Cancel(Exception):
     """ComfyUI's interrupt is an Exception, as a failing source's error is."""
 

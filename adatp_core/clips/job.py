@@ -35,8 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, FolderPlan, OptionError, caption_folder,
-                       existing_caption, plan_folder, scan_folder, shown, write_atomic)
+from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, FolderPlan, OptionError,
+                       caption_folder, existing_caption, plan_folder, scan_folder, shown, write_atomic)
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
@@ -384,23 +384,42 @@ def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
 def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event | None = None,
                  dry_run: bool = False) -> JobPlan:
     """This process's share of the sources, each planned (nothing written when dry_run)."""
+    result = JobPlan([], [])
     with _unwrapped():
-        return _plan_sources(job, shard, _guarded(on_event), dry_run)
+        try:
+            return _plan_sources(job, shard, _guarded(on_event), dry_run, result)
+        except BaseException:
+            result.release()  # stopped halfway: the sources claimed so far are free for the next run
+            raise
 
 
-def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None, dry_run: bool) -> JobPlan:
+def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None, dry_run: bool,
+                  result: JobPlan) -> JobPlan:
     index, count = shard
     sources, problems = list_sources(job)
     sources, keys, clashes = source_keys(sources)
     problems += clashes
     mine = sources[index::count]
     problems = problems[index::count]
-    plans = []
+    result.problems = problems
+    plans = result.sources
     for i, source in enumerate(mine):
         def progress(done, total, i=i, name=source.name):
             if on_event is not None:
                 on_event("shots", i + (min(done / total, 0.999) if total else 0.0), len(mine), name)
 
+        if not dry_run:  # two runs on one output folder: each source is planned and cut by one of them
+            claim = ClipClaim(record_path(job, keys[source.path]))
+            try:
+                claim.path.parent.mkdir(parents=True, exist_ok=True)
+                got = claim.acquire()
+            except OSError as exc:
+                raise OptionError("out", f"cannot write in {shown(str(claim.path.parent))} ({exc.strerror}); "
+                                         "make the output folder writable") from exc
+            if not got:
+                result.elsewhere.append(source.name)
+                continue
+            result.claims.append(claim)
         plan = plan_source(job, source, keys[source.path], progress)
         if plan.error is None and not dry_run:
             write_record(job, plan)
@@ -408,15 +427,24 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
         plans.append(plan)
         if on_event is not None:
             on_event("shots", i + 1, len(mine), source.name)
-    return JobPlan(plans, problems)
+    return result
 
 
 @dataclass
 class JobPlan:
-    """This process's sources, planned, and (name, why) for what could not be a source."""
+    """This process's sources, planned, and (name, why) for what could not be a source.
+    claims: a lock per source this run plans and cuts (none in a dry run), held until its clips
+    are cut (run_clips releases them; ``release`` when cutting is someone else's business)."""
 
     sources: list
     problems: list
+    claims: list = field(default_factory=list)
+    elsewhere: list = field(default_factory=list)  # sources another run is planning or cutting now
+
+    def release(self) -> None:
+        for claim in self.claims:
+            claim.release()
+        self.claims = []
 
     @property
     def clips(self) -> list[ClipPlan]:
@@ -561,6 +589,7 @@ class ClipsSummary:
     clips_failed: list = field(default_factory=list)  # (name, why)
     shots_without_clip: int = 0
     clips_replaced: int = 0  # an earlier plan's clips set aside (the source or the rules changed)
+    elsewhere: list = field(default_factory=list)  # sources another run was planning or cutting
     source_seconds: float = 0.0
     detected: int = 0  # sources whose shots were detected this run (the rest came from their records)
     seconds: float = 0.0
@@ -583,6 +612,7 @@ class ClipsSummary:
                          "shots_without_clip", "source_seconds", "detected", "clips_replaced"):
                 setattr(total, name, getattr(total, name) + p[name])
             total.failed_sources += [tuple(x) for x in p["failed_sources"]]
+            total.elsewhere += p.get("elsewhere", [])
             total.clips_failed += [tuple(x) for x in p["clips_failed"]]
             total.seconds = max(total.seconds, p["seconds"])
             total.outputs += p["outputs"]
@@ -613,6 +643,9 @@ class ClipsSummary:
                  f"there, {len(self.clips_failed)} failed" + (
                      f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
                      "the rules changed)" if self.clips_replaced else "") + "."]
+        if self.elsewhere:
+            lines.append(f"{len(self.elsewhere)} source(s) left to another run on the same output folder now: "
+                         + ", ".join(shown(n) for n in self.elsewhere[:3]) + (" ..." if len(self.elsewhere) > 3 else ""))
         lines += grouped("source failed", self.failed_sources)
         lines += grouped("clip failed", self.clips_failed)
         lines.append(self.captions().text(processes))
@@ -684,7 +717,7 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
     summary = ClipsSummary()
     if plan is None:
         plan = plan_sources(job, shard, on_event)
-    summary.sources = len(plan.sources) + len(plan.problems)
+    summary.sources = len(plan.sources) + len(plan.problems) + len(plan.elsewhere)
     summary.failed_sources = [(p.source.name, p.error) for p in plan.sources if p.error is not None]
     summary.failed_sources += list(plan.problems)
     for p in plan.sources:
@@ -694,8 +727,12 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.source_seconds += p.duration
         summary.detected += bool(p.shots) and not p.reused
         summary.clips_replaced += len(p.replaced)
+    summary.elsewhere = list(plan.elsewhere)
     try:
-        cut_sources(job, plan, summary, on_event)
+        try:
+            cut_sources(job, plan, summary, on_event)
+        finally:
+            plan.release()
         folder_plan = caption_plan(job, plan)
         if folder_plan.todo:
             if not hasattr(model, "adapter") and callable(model):
