@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adatp_core.clips.job import CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, run_clips
+from ..adatp_core.clips.job import (CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, parse_layouts,
+                                     run_clips)
 from ..adatp_core.clips.plan import ClipRules
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.models.loader import activate, release
@@ -135,15 +136,11 @@ class AdaTP_ClipDataset:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, sources=None, output=None, repetition_penalty=None):
-        def check(name, value):
-            if name == "sources":
-                return resolve_sources(value)
-            if name == "output":
-                return resolve_output(value)
-            return widget_sampling(repetition_penalty=value)
-
-        return validation(cls, {"sources": sources, "output": output, "repetition_penalty": repetition_penalty}, check)
+    def VALIDATE_INPUTS(cls, sources=None, output=None, layouts=None, repetition_penalty=None):
+        checks = {"sources": resolve_sources, "output": resolve_output, "layouts": parse_layouts,
+                  "repetition_penalty": lambda value: widget_sampling(repetition_penalty=value)}
+        return validation(cls, {"sources": sources, "output": output, "layouts": layouts,
+                                 "repetition_penalty": repetition_penalty}, lambda name, value: checks[name](value))
 
     @classmethod
     def IS_CHANGED(cls, **_):
@@ -158,10 +155,9 @@ class AdaTP_ClipDataset:
         cfg = PipelineConfig(num_frames=caption_frames, layer=layer, retention=retention, generation=sampling)
         rules = ClipRules(min_seconds=min_seconds, max_seconds=max_seconds, fps=fps or None, frames=frames,
                           trim_frames=trim_frames, keep_short=keep_short, max_side=max_side)
-        names = tuple(x.strip().lower() for x in layouts.split(",") if x.strip())
         job = ClipsJob(sources=tuple(resolve_sources(sources)), out=resolve_output(output), rules=rules,
                        threshold=threshold or None, cut=cut, keep_audio=keep_audio, crf=crf,
-                       layouts=LAYOUTS if names == ("all",) else names, recursive=recursive, prompt=prompt,
+                       layouts=parse_layouts(layouts), recursive=recursive, prompt=prompt,
                        prefix=prefix, suffix=suffix, overwrite=overwrite, pipeline=cfg, workers=DECODE_WORKERS,
                        processes=False,  # threads: spawned processes would re-import ComfyUI's main.py
                        batch_size=batch_size, root=bridge.input_directory().resolve(),

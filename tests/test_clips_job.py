@@ -410,6 +410,8 @@ def test_the_node_refuses_bad_sources_and_outputs_with_a_clear_message(comfy):
     assert "not in ComfyUI's input directory" in node.VALIDATE_INPUTS(sources="nope.mp4")
     assert "output directory itself" in node.VALIDATE_INPUTS(output=".")
     assert "empty" in node.VALIDATE_INPUTS(output="")
+    assert "separated by commas" in node.VALIDATE_INPUTS(layouts="txt,csv")
+    assert node.VALIDATE_INPUTS(layouts="all") is True and node.VALIDATE_INPUTS(layouts="jsonl, srt") is True
     assert node.VALIDATE_INPUTS(sources="adatp_clip_samples") is True  # the sample folder is made
     assert (inp / "adatp_clip_samples" / "adatp_sample_video.mp4").is_file()
 

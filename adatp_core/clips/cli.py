@@ -27,8 +27,8 @@ from ..caption import ProgressLine, shown
 from ..caption_cli import Distributed, build_parser as caption_parser, option_message
 from ..cli import add_model_arguments, load_model, pipeline_config
 from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
-from .job import CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, ClipsSummary, plan_sources, \
-    run_clips, write_layouts
+from .job import CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, ClipsSummary, parse_layouts, \
+    plan_sources, run_clips, write_layouts
 from .plan import ClipRules
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,10 @@ def frame_rate(value: str):
 
 
 def layouts(value: str) -> tuple:
-    names = tuple(v.strip().lower() for v in value.split(",") if v.strip())
-    if names == ("all",):
-        return LAYOUTS
-    unknown = [n for n in names if n not in LAYOUTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{value!r}: give some of {', '.join(LAYOUTS)} separated by commas, "
-                                         "or 'all'")
-    return names
+    try:
+        return parse_layouts(value)
+    except AdaTPInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -173,6 +173,17 @@ class ClipsJob:
                           root=self.out_root, batch_size=self.batch_size)
 
 
+def parse_layouts(text: str) -> tuple:
+    """'txt,jsonl' -> ("txt", "jsonl"); 'all' -> every layout. OptionError("layout") for others."""
+    names = tuple(v.strip().lower() for v in str(text).split(",") if v.strip())
+    if names == ("all",):
+        return LAYOUTS
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown or not names:
+        raise OptionError("layout", f"{text!r}: give some of {', '.join(LAYOUTS)} separated by commas, or 'all'")
+    return names
+
+
 def check_rules(rules: ClipRules) -> None:
     """The clip rules, checked before any source is read; OptionError names the rule."""
     def number(name, low, allow_none=False, integer=False):
