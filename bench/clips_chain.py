@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         rerun_s = time.perf_counter() - again
     source = summary.source_seconds
     figures = {
-        "footage_s": round(source, 2), "size": args.size, "fps_source": args.fps_source, "cuts": len(cuts), "cuts_found": hits,
+        "footage_s": round(source, 2), "size": args.size, "fps_source": args.fps_source, "cuts": len(cuts),
+        "cuts_found": hits,
         "false_cuts": sum(not any(abs(f - c) <= tolerance for c in cuts) for f in found),
         "shots": summary.shots, "clips": summary.clips_planned, "captioned": len(summary.captions().done),
         "model": args.model or "adatp-tiny", "device": args.device, "caption_frames": args.caption_frames,

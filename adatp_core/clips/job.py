@@ -655,8 +655,9 @@ class ClipsSummary:
                      f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
                      "the rules changed)" if self.clips_replaced else "") + "."]
         if self.elsewhere:
+            more = " ..." if len(self.elsewhere) > 3 else ""
             lines.append(f"{len(self.elsewhere)} source(s) left to another run on the same output folder now: "
-                         + ", ".join(shown(n) for n in self.elsewhere[:3]) + (" ..." if len(self.elsewhere) > 3 else ""))
+                         + ", ".join(shown(n) for n in self.elsewhere[:3]) + more)
         lines += grouped("source failed", self.failed_sources)
         lines += grouped("clip failed", self.clips_failed)
         lines.append(self.captions().text(processes))
