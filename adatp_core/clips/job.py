@@ -517,7 +517,7 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
     for p in plan.sources:
         summary.clips_existing += len(p.clips) - len(todo[id(p)])
 
-        def on_clip(result, name=p.source.name):
+        def on_clip(result):
             nonlocal done
             done += 1
             if result.error is not None:
