@@ -32,12 +32,14 @@ import numpy as np
 
 from ..errors import AdaTPInputError
 from .plan import ClipPlan, display_rotation
+from .shots import source_events
 
 log = logging.getLogger(__name__)
 
 CUT_MODES = ("reencode", "copy")
+MP4_AUDIO = ("aac", "mp3", "ac3", "eac3", "opus", "alac", "flac")  # audio codecs copied into MP4 as they are
 ENCODERS = ("libx264", "libopenh264")  # the first one this PyAV has encodes the clips
-PRESET = "fast"  # libx264's speed / size trade (quality is set by crf)
+PRESET = "veryfast"  # libx264 speed / size trade (quality is set by crf); twice "fast"'s speed on this CPU
 SEEK_GAP = 20.0  # seconds with no clip before the next one: seek there rather than decode through
 AUDIO_KEEP = 2.0  # seconds of audio packets held back for a clip that has not started yet
 _EPS = 1e-6
@@ -103,7 +105,7 @@ class ClipWriter:
         self.tmp = temp_file(out_dir, plan)
         self.k = 0  # frames written (reencode)
         self.offset = None  # copy: the first packet's dts, in the video stream's time base
-        self.start_t = plan.start  # copy: the source time of its first keyframe
+        self.start_t = plan.start  # the source time of its first frame (copy: of its first keyframe)
         self.encoding = video_template is None
         self.audio = None
         self.container = open_container(str(self.tmp), "w", format="mp4")
@@ -168,52 +170,14 @@ class ClipWriter:
 
 
 class Frames:
-    """Decoded source frames in time order, with the damage that interrupted them: iterate for
-    ("frame", t, frame), ("lost", t, message) and ("audio", t, packet) events."""
+    """The source being cut: its container, video and (kept) audio streams; ``events`` are
+    shots.source_events."""
 
     def __init__(self, container, video, audio, start_time: float):
         self.container, self.video, self.audio, self.start_time = container, video, audio, start_time
 
     def events(self, since: float = 0.0):
-        import av
-
-        if since > 0:
-            self.container.seek(int((since + self.start_time) / self.video.time_base), stream=self.video,
-                                backward=True, any_frame=False)
-        streams = [self.video] + ([self.audio] if self.audio is not None else [])
-        packets = self.container.demux(*streams)
-        built_on_loss = False
-        last = since
-        while True:
-            try:
-                packet = next(packets, None)
-            except av.error.FFmpegError as exc:
-                yield "lost", last, f"the source cannot be read on after {last:.2f} s ({exc})"
-                yield "end", last, None
-                return
-            if packet is None:
-                break
-            if packet.stream.type == "audio":
-                if packet.pts is not None and packet.size:
-                    yield "audio", float(packet.pts * packet.time_base) - self.start_time, packet
-                continue
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError as exc:
-                built_on_loss = True
-                yield "lost", last, f"damaged data near {last:.2f} s ({exc})"
-                continue
-            for frame in frames:
-                if frame.key_frame:
-                    built_on_loss = False
-                if frame.time is None:
-                    continue
-                t = frame.time - self.start_time
-                if built_on_loss or frame.is_corrupt:
-                    yield "lost", t, f"damaged data near {t:.2f} s"
-                    continue
-                last = t
-                yield "frame", t, frame
+        return source_events(self.container, self.video, self.audio, self.start_time, since)
 
 
 class Converter:
@@ -221,6 +185,9 @@ class Converter:
     converted once per source frame whichever clips use it."""
 
     def __init__(self, rotation: int):
+        from av.video.reformatter import VideoReformatter
+
+        self.scaler = VideoReformatter()  # kept: a new one per frame costs more than the scaling
         self.rotation = rotation
         self.key = None
         self.out = None
@@ -232,11 +199,12 @@ class Converter:
         if key != self.key:
             if self.rotation:
                 w, h = (height, width) if self.rotation % 180 else (width, height)
-                rgb = np.rot90(frame.to_ndarray(width=w, height=h, format="rgb24"), k=self.rotation // 90)
-                self.out = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
-                    format="yuv420p")
+                rgb = self.scaler.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA")
+                turned = np.ascontiguousarray(np.rot90(rgb.to_ndarray(), k=self.rotation // 90))
+                self.out = av.VideoFrame.from_ndarray(turned, format="rgb24").reformat(format="yuv420p")
             else:
-                self.out = frame.reformat(width=width, height=height, format="yuv420p")
+                self.out = self.scaler.reformat(frame, width=width, height=height, format="yuv420p",
+                                                interpolation="AREA")
             self.key = key
         return self.out
 
@@ -287,6 +255,10 @@ def cut_clips(source: Path, plans: list[ClipPlan], out_dir: Path, *, mode: str =
             video = container.streams.video[0]
             video.thread_type = "AUTO"
             audio = container.streams.audio[0] if keep_audio and container.streams.audio else None
+            codec = audio.codec_context.name if audio is not None else None
+            if audio is not None and codec not in MP4_AUDIO:
+                raise AdaTPInputError(f"{source.name}: its audio ({codec}) cannot be copied into an MP4 clip "
+                                      f"(MP4 takes {', '.join(MP4_AUDIO)}); cut it without keeping the audio.")
             frames = Frames(container, video, audio, probe.start_time)
             if mode == "copy":
                 _copy(frames, todo, out_dir, report)
@@ -313,9 +285,9 @@ def _finish(writer: ClipWriter, i: int, report) -> None:
 
 def _route_audio(writers: dict, t: float, packet, start_time: float) -> None:
     """Copy an audio packet (at source time t) into the open clips whose time range holds it."""
-    for writer in writers.values():
-        if writer.audio is not None and writer.plan.start - _EPS <= t < writer.plan.end:
-            writer.add_packet(packet, writer.audio, round((writer.plan.start + start_time) / packet.time_base))
+    for writer in writers.values():  # from the clip's first frame (copy: its first keyframe)
+        if writer.audio is not None and writer.start_t - _EPS <= t < writer.plan.end:
+            writer.add_packet(packet, writer.audio, round((writer.start_t + start_time) / packet.time_base))
 
 
 def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, rotation: int,
@@ -346,6 +318,8 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
                             _fail(writers.pop(i), i, report, item)
                     continue
                 if kind == "end":
+                    for i, w in list(writers.items()):
+                        _fail(writers.pop(i), i, report, item)
                     break
                 # a new frame at t: the frame before it is on screen for every target before t
                 while pending and pending[0][1].start + _EPS < t:
@@ -365,9 +339,9 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
                         _finish(writers.pop(i), i, report)
                 prev = (t, item)
                 last_t = t
-                if not writers and pending and pending[0][1].start - t > SEEK_GAP:
-                    restart = pending[0][1].start  # nothing to cut for a while: seek there
-                    break
+                if not writers and pending and pending[0][1].start - t > SEEK_GAP and pending[0][1].start > since:
+                    restart = pending[0][1].start  # nothing to cut for a while: seek there (once: a seek
+                    break  # can land far before it, at the keyframe before)
             if restart is not None:
                 since, prev = restart, None
                 continue
