@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 from ..caption import ProgressLine, shown
-from ..caption_cli import Distributed, build_parser as caption_parser, option_message
-from ..cli import add_model_arguments, load_model, pipeline_config
+# The model options, as the caption command takes them (and from where it takes them).
+from ..caption_cli import Distributed, add_model_arguments, load_model, option_message, pipeline_config
+from ..caption_cli import build_parser as caption_parser
 from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 from .job import CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, ClipsSummary, parse_layouts, \
     plan_sources, run_clips, write_layouts
