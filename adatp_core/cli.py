@@ -5,6 +5,7 @@
         --video clip.mp4 --question "What is the person doing?"
     python -m adatp_core --question "Who?" --question "Where?"   # one video, several answers
     python -m adatp_core caption DIR           # a caption .txt beside every clip (caption_cli.py)
+    python -m adatp_core clips SOURCE --out DIR  # long videos -> shots -> clips -> captions (clips/cli.py)
     python -m adatp_core doctor                # self-check on this machine's device (doctor.py)
     python -m adatp_core models                # the models --model takes (models/names.py)
 """
@@ -149,6 +150,10 @@ def main(argv=None) -> int:
         from .caption_cli import main as caption_main
 
         return caption_main(argv[1:], as_program=as_program)
+    if argv[:1] == ["clips"]:
+        from .clips.cli import main as clips_main
+
+        return clips_main(argv[1:], as_program=as_program)
     if argv[:1] == ["doctor"]:
         from .doctor import main as doctor_main
 
