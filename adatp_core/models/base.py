@@ -178,6 +178,9 @@ class VideoLLMAdapter:
     linear_attention: bool = False
     # Why a new question cannot reuse a video's prefix (chat.video_prefix_refusal); None: it can.
     prefix_refusal: str | None = "this model family does not check its chat template for prefix reuse"
+    # Whether the position ids are M-RoPE's ([3, 1, L], growing with the video's time, not its tokens):
+    # the context is then a limit on the largest position id (check_context).
+    mrope: bool = False
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -388,12 +391,35 @@ class VideoLLMAdapter:
         template = getattr(self, "chat_template", None)
         return end_of_turn_id(self.tokenizer, template) if template else None
 
+    def position_extent(self, prompt: Prompt) -> int:
+        """How many rotary positions the prompt spans: its length for 1-D positions; for M-RoPE
+        (``mrope``) its largest position id + 1, which grows with the video's time, not its tokens."""
+        if not self.mrope:
+            return prompt.length
+        return int(self.position_ids(prompt).max()) + 1
+
     def check_context(self, prompt: Prompt) -> None:
-        """Refuse a prompt longer than the LLM's context, before any GPU work."""
+        """Refuse a prompt beyond the LLM's context, before any GPU work (or any frame is decoded).
+
+        1-D positions (LLaVA-OV): the token count against ``max_position_embeddings``. M-RoPE
+        (Qwen2.5-VL, Qwen3-VL, Qwen3.5, their MoE models): the largest position id, since the limit
+        is on positions and those of a video grow with its frames' time, not with its tokens."""
         limit = getattr(self.text_model.config, "max_position_embeddings", None)
-        if limit is None or prompt.length <= limit:
+        if limit is None or prompt.length <= limit and not self.mrope:
+            return
+        extent = self.position_extent(prompt)
+        if extent <= limit:
             return
         fit, plan = "", prompt.plan
+        if self.mrope:
+            if plan is not None and plan.num_frames:
+                n = int(plan.num_frames * limit // extent)
+                n -= n % plan.frames_per_step
+                fit = f" (about {n} frames fit)" if n > 0 else " (the text alone leaves no room for a frame)"
+            raise AdaTPInputError(
+                f"the prompt's positions reach {extent} ({prompt.length} tokens; this model's M-RoPE positions "
+                f"grow with the video's time) but this model's context is {limit} positions; use fewer frames, "
+                f"a shorter span of the video or a shorter question{fit}.")
         if plan is not None and plan.num_frames:
             per_frame = plan.num_tokens / plan.num_frames
             n = int((limit - (prompt.length - plan.num_tokens)) // per_frame)
