@@ -76,14 +76,19 @@ def prefill(model: VideoLLM, frames: torch.Tensor, question: str, cfg: PipelineC
     return select(state, cfg)
 
 
+def decode_side(max_pixels) -> int | None:
+    """The longest side frames are decoded at for this pixel budget: the model's own budget is the
+    processor's on the frames as stored, so they are decoded at full size (None: within video.py's
+    limits); every other budget fits in DECODE_MAX_SIDE."""
+    return None if max_pixels in (MODEL_BUDGET, MODEL_BUDGET_WIDGET) else DECODE_MAX_SIDE
+
+
 def _checked_plan(model: VideoLLM, path, questions, cfg: PipelineConfig, streamed: bool):
     """The sampling plan of the video at ``path``, checked against the model's context with each
     question and against memory (the run's peak, streamed or not) before any frame is decoded
     (check_video_fits). Returns (SamplePlan, planned figures)."""
-    # The model's own budget is the processor's on the frames as stored, so they are decoded at full size
-    # (within video.py's limits); otherwise at up to DECODE_MAX_SIDE, which every other budget fits in.
-    max_side = None if cfg.max_pixels in (MODEL_BUDGET, MODEL_BUDGET_WIDGET) else DECODE_MAX_SIDE
-    sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time, max_side)
+    sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time,
+                           decode_side(cfg.max_pixels))
     planned = check_video_fits(model, sample, questions, cfg.max_pixels, layer=cfg.layer, retention=cfg.retention,
                                streamed=streamed, chunk_frames=cfg.chunk_frames,
                                max_new_tokens=cfg.generation.max_new_tokens)
