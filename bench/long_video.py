@@ -63,8 +63,10 @@ def make_video(path: Path, seconds: float, fps: float, width: int = 640, height:
     return path
 
 
-def child(mode: str, frames: int, video: str, new_tokens: int) -> dict:
-    """One measurement, in this (fresh) process."""
+def child(mode: str, frames: int, video: str, new_tokens: int, shape: str = "tiny-qwen3-vl", device: str = "cpu",
+          cap_gb: float = 0.0, sampling: str = "uniform", fps: float = 1.0) -> dict:
+    """One measurement, in this (fresh) process. On CUDA, with cap_gb, torch may allocate at most that
+    much of the card (set_per_process_memory_fraction); the peak is then torch's peak allocated."""
     import resource
 
     import torch
@@ -74,28 +76,40 @@ def child(mode: str, frames: int, video: str, new_tokens: int) -> dict:
     from adatp_core.peak_memory import process_peak
 
     torch.set_num_threads(2)
-    folder = ensure_tiny_qwen3_vl()
-    llm = load_video_llm(folder, device="cpu", dtype="float32")
+    cuda = device.startswith("cuda")
+    if cuda and cap_gb:
+        torch.cuda.set_per_process_memory_fraction(cap_gb * GIB / torch.cuda.get_device_properties(0).total_memory)
+    if shape == "tiny-qwen3-vl":
+        folder = ensure_tiny_qwen3_vl()
+        llm = load_video_llm(folder, device=device, dtype="float32")
+    else:
+        from shapes import build
+
+        llm = build(shape, device, torch.bfloat16)
     loaded = process_peak()
     start = time.perf_counter()
-    out = {"mode": mode, "frames": frames}
+    out = {"mode": mode, "frames": frames, "shape": shape, "device": device}
     if mode == "stock":
-        import transformers
-
         from adatp_core.attention import plan_prompt
         from adatp_core.models.stock import stock_video_inputs
         from adatp_core.video import decode_plan, frames_to_image, plan_sampling
 
-        stock = getattr(transformers, llm.adapter.model_class).from_pretrained(
-            folder, local_files_only=True, dtype=torch.float32, attn_implementation="sdpa").eval()
-        sample = plan_sampling(video, frames)
+        if shape == "tiny-qwen3-vl":
+            import transformers
+
+            stock = getattr(transformers, llm.adapter.model_class).from_pretrained(
+                folder, local_files_only=True, dtype=torch.float32, attn_implementation="sdpa").eval()
+        else:  # the same random weights, driven by transformers' own generate()
+            stock = llm.model
+        sample = plan_sampling(video, frames, sampling, fps)
         decoded, info = decode_plan(sample)
         image = frames_to_image(decoded)
         del decoded
-        prompt = plan_prompt(llm.adapter, QUESTION, frames, image.shape[1], image.shape[2], info.timestamps)
+        prompt = plan_prompt(llm.adapter, QUESTION, len(sample.times), image.shape[1], image.shape[2],
+                             info.timestamps)
         with torch.inference_mode():
             kwargs = stock_video_inputs(llm, prompt, llm.adapter.preprocess(image, prompt.plan))
-            ids = prompt.input_ids[None]
+            ids = prompt.input_ids[None].to(llm.adapter.device)
             got = stock.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                  do_sample=False, **kwargs)
         out.update(prompt_tokens=prompt.length, answer=llm.tokenizer.decode(got[0, ids.shape[1]:]))
@@ -103,25 +117,30 @@ def child(mode: str, frames: int, video: str, new_tokens: int) -> dict:
         from adatp_core.generate import SamplingConfig
         from adatp_core.pipeline import PipelineConfig, run_pipeline
 
-        cfg = PipelineConfig(num_frames=frames, stream=mode == "streamed",
+        cfg = PipelineConfig(num_frames=frames, sampling=sampling, fps=fps, stream=mode == "streamed",
                              generation=SamplingConfig(max_new_tokens=new_tokens, do_sample=False))
         result = run_pipeline(llm, video, QUESTION, cfg)
         s = result.stats
+        place = "cuda0" if cuda else "host"
         out.update(prompt_tokens=s.get("prompt_tokens"), answer=result.answer.text,
-                   planned_mb=s.get("memory_planned_peak_host_mb"),
-                   stages_mb={k[len("memory_peak_"):-len("_host_mb")]: v for k, v in s.items()
-                              if k.startswith("memory_peak_") and k.endswith("_host_mb") and k != "memory_peak_host_mb"})
+                   planned_mb=s.get(f"memory_planned_peak_{place}_mb"), ttft=s.get("time_to_first_token"),
+                   stages_mb={k[len("memory_peak_"):-len(f"_{place}_mb")]: v for k, v in s.items()
+                              if k.startswith("memory_peak_") and k.endswith(f"_{place}_mb")
+                              and k != f"memory_peak_{place}_mb"})
     out.update(seconds=round(time.perf_counter() - start, 2), loaded_gib=round(loaded / GIB, 3),
                peak_gib=round(max(process_peak(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / GIB, 3))
+    if cuda:
+        out["cuda_peak_gib"] = round(max(torch.cuda.max_memory_allocated(),
+                                         *(v * 1e6 for v in out.get("stages_mb", {}).values())) / GIB, 3)
     return out
 
 
-def measure(frames_list, modes, video: Path, new_tokens: int, timeout: float) -> list[dict]:
+def measure(frames_list, modes, video: Path, new_tokens: int, timeout: float, extra=()) -> list[dict]:
     rows = []
     for n in frames_list:
         for mode in modes:
             cmd = [sys.executable, __file__, "--child", mode, "--frames", str(n), "--video", str(video),
-                   "--new-tokens", str(new_tokens)]
+                   "--new-tokens", str(new_tokens), *extra]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
                 row = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {
@@ -233,22 +252,32 @@ def main(argv=None) -> int:
     p.add_argument("--frames", default="64,128,256,512,1024")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--video", default=str(ROOT / "bench" / "results" / "long_video.mp4"),
-                   help="made if missing: 20 minutes at 2 fps, 640x360")
+                   help="made if missing: --seconds long at 2 fps, 640x360")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--model-frames", default="64,128,256,512,1024,1800,3600")
     p.add_argument("--model-only", action="store_true")
     p.add_argument("--out")
+    p.add_argument("--shape", default="tiny-qwen3-vl", help="tiny-qwen3-vl, or a real shape of bench/shapes.py "
+                                                            "(random weights in bf16), e.g. qwen3-vl-8b on a GPU")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cap-gb", type=float, default=0.0, help="CUDA: allocate at most this much of the card")
+    p.add_argument("--sampling", default="uniform", choices=("uniform", "fps"))
+    p.add_argument("--fps", type=float, default=1.0, help="with --sampling fps (--frames 0: the whole video)")
+    p.add_argument("--seconds", type=float, default=1200, help="length of the synthetic video made if missing")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    extra = ("--shape", args.shape, "--device", args.device, "--cap-gb", str(args.cap_gb), "--sampling",
+             args.sampling, "--fps", str(args.fps))
     if args.child:
-        print(json.dumps(child(args.child, int(args.frames), args.video, args.new_tokens)), flush=True)
+        print(json.dumps(child(args.child, int(args.frames), args.video, args.new_tokens, args.shape, args.device,
+                               args.cap_gb, args.sampling, args.fps)), flush=True)
         return 0
     measured = []
     if not args.model_only:
-        video = make_video(Path(args.video), seconds=1200, fps=2.0)
+        video = make_video(Path(args.video), seconds=args.seconds, fps=2.0)
         measured = measure([int(x) for x in args.frames.split(",")], args.modes.split(","), video, args.new_tokens,
-                           args.timeout)
+                           args.timeout, extra)
     modelled = model_table([int(x) for x in args.model_frames.split(",")])
     print_tables(measured, modelled)
     if args.out:

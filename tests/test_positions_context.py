@@ -73,3 +73,21 @@ def test_llava_onevision_keeps_the_token_check(tiny, monkeypatch):
     with pytest.raises(AdaTPInputError, match=rf"the prompt needs {prompt.length} tokens but this model's context"):
         plan_prompt(adapter, QUESTION, 4, 96, 128)
     assert torch.equal(adapter.position_ids(prompt)[0], torch.arange(prompt.length))
+
+
+def test_the_answer_has_room_by_positions_too(qwen3, tiny):
+    """generate.check_room: the answer's positions go on from the prompt's largest position id."""
+    from types import SimpleNamespace
+
+    from adatp_core.generate import SamplingConfig, check_room
+
+    limit = qwen3.adapter.text_model.config.max_position_embeddings
+    state = SimpleNamespace(model=qwen3, prompt=SimpleNamespace(length=3 * limit),
+                            position_ids=torch.full((3, 1, 5), limit - 100))
+    check_room(state, SamplingConfig(max_new_tokens=99))
+    with pytest.raises(AdaTPInputError, match=rf"positions up to {limit - 100}\) plus max_new_tokens \(100\)"):
+        check_room(state, SamplingConfig(max_new_tokens=100))
+    small = tiny.adapter.text_model.config.max_position_embeddings
+    flat = SimpleNamespace(model=tiny, prompt=SimpleNamespace(length=small), position_ids=torch.arange(small)[None])
+    with pytest.raises(AdaTPInputError, match=rf"prompt \({small} tokens\) plus max_new_tokens"):
+        check_room(flat, SamplingConfig(max_new_tokens=1))
