@@ -8,14 +8,13 @@ rows on the visual keys, with the rotated queries and keys that the layer uses.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 
 from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .flops import flops_summary
-from .budget import DEVICE_MEMORY_SHARE, available_device_bytes, check_memory, size_text
+from .budget import DEVICE_MEMORY_SHARE, RunPlan, available_device_bytes, check_memory, run_memory, size_text
 from .memory import run_guarded
 from .hf.cache import KVCache
 from .prefix_cache import FrozenPrefix
@@ -24,6 +23,7 @@ from .hf.kernels import kernels_line
 from .models.loader import VideoLLM
 from .sdpa import plan_free_attention
 from .state import AdaTPState
+from .streaming import EncodedVideo
 from .timing import timed
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,18 @@ def _check_frames(frames) -> torch.Tensor:
 
 
 def _encode(adapter, frames, prompt, times: dict):
-    with timed(times, "time_preprocess", adapter.device):
-        pixels = adapter.preprocess(frames, prompt.plan)
-    with timed(times, "time_vision", adapter.device):
-        return adapter.encode(pixels, prompt.plan)
+    """The video's Encoded: a streamed video's (encoded before, streaming.encode_video), or the
+    frames' encoded a chunk at a time (``encode_frames``)."""
+    if isinstance(frames, EncodedVideo):
+        times.setdefault("time_preprocess", 0.0)
+        times.setdefault("time_vision", 0.0)
+        return frames.encoded
+    return adapter.encode_frames(frames, prompt.plan, times)
+
+
+def _frames_key(store, frames):
+    """The frames' part of a prefix key: a streamed video's file and times, or the frames' digest."""
+    return frames.key if isinstance(frames, EncodedVideo) else store.frame_keys(frames)
 
 
 def _probe(prompt, layer: int, query: str, first: int) -> AttentionProbe:
@@ -200,7 +208,7 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
             store.check_weights(adapter.model)
             # A chunked prefix differs from one pass within float tolerance: the chunk is part of what was computed.
             chunked = len(adapter.chunk_spans(0, p, chunk)) > 1
-            key = (store.frame_keys(frames), *key_parts, layer, tuple(prompt.input_ids[:p].tolist()),
+            key = (_frames_key(store, frames), *key_parts, layer, tuple(prompt.input_ids[:p].tolist()),
                    chunk if chunked else 0)
             prefix = store.get(key)
         status = "hit" if prefix is not None else "miss"
@@ -369,16 +377,23 @@ def plan_prompt(adapter, question: str, n_frames: int, height: int, width: int, 
     return prompt
 
 
-def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None = None) -> dict:
+def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None = None, *, layer: int = 2,
+                     retention: float | None = None, streamed: bool = False, chunk_frames: int | None = None,
+                     prefill_chunk: int = 0, max_new_tokens: int = 0) -> dict:
     """Before any frame is decoded: refuse a video whose sampling plan cannot fit.
 
     sample: a video.SamplePlan (frame count, decoded size and times, from the probe alone).
-    The prompt for each question must fit the model's context (``plan_prompt``), and the
-    decoded frames, their IMAGE and the model's input (pixels [T, 3, h, w] float32 and the
-    prompt's embeddings [L, D], on the model's device) must fit in a share of the memory
-    available now (budget.check_memory). Raises AdaTPInputError naming the clip, the
-    figures and what to change; returns the planned figures for the stats.
+    The prompt for each question must fit the model's context (``plan_prompt``: positions for
+    M-RoPE, tokens otherwise), and the run's peak (budget.run_memory: the frames, as one IMAGE or,
+    streamed, a chunk at a time; one chunk's pixels and vision work; the encoded rows, the prompt's
+    embeddings and layer K's input rows; layers < K's keys and values for every token and layers
+    >= K's for the kept ones at ``retention``; one prefill call of ``prefill_chunk`` tokens) must fit
+    in a share of the memory available now, beside the weights already loaded (budget.check_memory).
+    Raises AdaTPInputError naming the clip, the estimate and what to change; returns the planned
+    figures for the stats (memory_planned_*, and memory_plan: each part, by place).
     """
+    from .flops import LLMShape
+
     adapter = model.adapter
     max_pixels = _check_max_pixels(max_pixels)
     width, height = sample.size
@@ -389,21 +404,29 @@ def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None 
     except AdaTPInputError as exc:
         raise AdaTPInputError(f"{sample.name}: {exc} Nothing was decoded.") from exc
     plan = longest.plan
-    steps = -(-plan.num_frames // plan.frames_per_step) * plan.frames_per_step
-    hidden = int(adapter.text_model.config.hidden_size)
+    layer = adapter.resolve_layer(int(layer))[0]
     device = adapter.device
     where = "host" if device.type == "cpu" else str(device)
-    pixels = steps * 3 * plan.size[0] * plan.size[1] * 4
-    embeds = 2 * longest.length * hidden * adapter.dtype.itemsize  # the embeddings and the assembled input
-    estimate = sample.memory()
-    estimate = replace(estimate, parts=estimate.parts + (
-        (f"the model's pixel input [{steps}, 3, {plan.size[0]}, {plan.size[1]}] float32", pixels, where),
-        (f"the prompt's embeddings [{longest.length}, {hidden}]", embeds, where)))
+    weights = sum(t.numel() * t.element_size() for t in (*adapter.model.parameters(), *adapter.model.buffers())
+                  if t.device == device)
+    vision_config = adapter.model.config.vision_config
+    estimate = run_memory(RunPlan(
+        llm=LLMShape.from_config(adapter.text_model.config), vision=adapter.vision_shape(plan),
+        frames=plan.num_frames, decoded=(width, height), pixels=plan.size, prompt_tokens=longest.length,
+        visual_tokens=len(longest.visual_positions), layer=layer, retention=retention, streamed=streamed,
+        chunk_frames=adapter.chunk_frames(plan, chunk_frames), prefill_chunk=prefill_chunk,
+        frames_per_step=plan.frames_per_step, max_new_tokens=max_new_tokens,
+        injections=len(getattr(vision_config, "deepstack_visual_indexes", None) or ()),
+        item=adapter.dtype.itemsize, where=where, weights=weights))
     smallest = adapter.plan_video(plan.num_frames, height, width, max_pixels=MIN_PIXEL_BUDGET)
     advice = " (num_frames, --frames)" + (" or a smaller pixel budget (max_pixels, --max-pixels)"
                                           if smallest.size != plan.size else "")
+    if retention is not None and retention > 0.1:
+        advice += ", a lower retention (--retention)"
+    if not streamed:
+        advice += ", stream the video file (Extract Attention (Video File); the CLI streams unless --no-stream)"
     check_memory(estimate, sample.name, advice=advice)
-    return {"prompt_tokens_planned": longest.length, **estimate.figures()}
+    return {"prompt_tokens_planned": longest.length, **estimate.figures(), "memory_plan": estimate.breakdown()}
 
 
 def _decode_stats(video_info, n_frames: int) -> dict:
@@ -425,7 +448,9 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
                       rows: str = "auto") -> AdaTPState:
     """Encode the video, run LLM layers 0..K-1 once, and score the visual tokens.
 
-    frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE).
+    frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE), encoded a chunk of frames at a
+        time; or a video file already encoded a chunk at a time (streaming.EncodedVideo), whose
+        frames never all existed at once (its VideoInfo stands in for video_info).
     layer: K. K = 0 prunes before the LLM; its scores are the text relevance.
     query: "text" (every text token after the video) or "last" (FastV's choice).
     video_info: Load Video's VideoInfo; its frame times set the model's temporal
@@ -456,7 +481,14 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     """
     adapter = model.adapter
     question = check_question(question)
-    frames = _check_frames(frames)
+    streamed = isinstance(frames, EncodedVideo)
+    if streamed:
+        frames.check_model(adapter)
+        video_info = frames.info if video_info is None else video_info
+        n_frames, (width, height) = frames.num_frames, frames.frame_size
+    else:
+        frames = _check_frames(frames)
+        n_frames, height, width = (int(x) for x in frames.shape[:3])
     if query not in QUERY_MODES:
         raise AdaTPInputError(f"query must be one of {QUERY_MODES}, got {query!r}")
     prefill_chunk = check_prefill_chunk(prefill_chunk)
@@ -464,10 +496,12 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         raise AdaTPInputError(f"rows must be one of {ROWS_PLACES}, got {rows!r}")
     asked = int(layer)
     layer, moved = adapter.resolve_layer(asked)  # hybrid models: K-1 must be a full-attention layer
-    n_frames, height, width = (int(x) for x in frames.shape[:3])
     max_pixels = _check_max_pixels(max_pixels)
     prompt = plan_prompt(adapter, question, n_frames, height, width, _frame_times(video_info, n_frames), max_pixels)
     plan = prompt.plan
+    if streamed and plan != frames.plan:
+        raise AdaTPInputError("this encoded video was encoded with another pixel budget or other frame times than "
+                              "asked for now; encode it again with these settings")
 
     times: dict[str, float] = {}
     refusal = _prefix_refusal(model, reuse_prefix, prompt)
@@ -495,6 +529,7 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         "frame_size": f"{plan.size[1]}x{plan.size[0]}", "tokens_per_frame": h * w / plan.frames_per_step,
         "pixel_budget": adapter.budget_text(plan, max_pixels),
         "frames_per_step": plan.frames_per_step, "frame_times_assumed": plan.times_assumed,
+        "video_streamed": streamed,
         **_decode_stats(video_info, n_frames),
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
         **times, **prefix_stats,

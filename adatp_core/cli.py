@@ -40,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform (default): --frames evenly spaced frames; fps: one frame every 1/--fps seconds, "
                         "at most --frames; model: as the model's video processor samples (Qwen3-VL, Qwen3.5, "
                         "Qwen3.6: 2 frames a second, 4 to 768 frames; --frames not used)")
-    p.add_argument("--fps", type=float, default=1.0, help="frames per second for --sampling fps (default 1)")
+    p.add_argument("--fps", type=float, default=1.0,
+                   help="frames per second for --sampling fps (default 1); with --frames 0, for the whole video "
+                        "(--sampling fps --fps 1 --frames 0: one frame a second of all of it)")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="decode every sampled frame into memory before encoding (default: the video is decoded, "
+                        "preprocessed and encoded a chunk of frames at a time, so long videos fit)")
+    p.add_argument("--chunk-frames", type=int, default=None,
+                   help="frames per vision chunk when streaming (default: the model's, 16)")
     p.add_argument("--json", action="store_true",
                    help="print every figure as JSON (several questions: one object per line, per question)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -52,7 +59,7 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--model", help="a model folder, a built-in model (adatp-tiny-qwen3-vl), a folder name under "
                                    "models/LLM, or a catalog repository id (downloaded on first use); "
                                    "'python -m adatp_core models' lists them (default: the built-in tiny model)")
-    p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
+    p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32); with --sampling fps, the most taken (0: no cap)")
     p.add_argument("--max-pixels", type=pixel_budget, default=0,
                    help="Qwen models: pixel budget per frame (default 0: the pack's 448x448), or 'model': the "
                         "model's own video budget, spread over the frames as transformers' processor spreads it; "
@@ -179,14 +186,21 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, sampling=ProcessorSampling(*model.adapter.processor_sampling()))
         elif args.sampling == "fps":
             cfg = dataclasses.replace(cfg, sampling="fps", fps=args.fps)
+        cfg = dataclasses.replace(cfg, stream=args.stream, chunk_frames=args.chunk_frames)
         questions = args.question or [DEFAULT_QUESTION]
         video, info, decode_times = args.video or sample_video(), None, {}
         if len(questions) > 1:  # decode once; the model's prefix cache then encodes the video once
-            from .pipeline import load_checked
+            from .pipeline import load_checked, stream_checked
             from .timing import timed
 
-            with timed(decode_times, "time_video_decode"):
-                video, info, planned = load_checked(model, video, questions, cfg)
+            if cfg.stream:  # encoded once, a chunk at a time; every question takes the encoded video
+                from .peak_memory import stage_peak
+
+                with stage_peak(decode_times, "encode", model.adapter.device):
+                    video, info, planned = stream_checked(model, video, questions, cfg)
+            else:
+                with timed(decode_times, "time_video_decode"):
+                    video, info, planned = load_checked(model, video, questions, cfg)
             decode_times.update(planned)
         for i, question in enumerate(questions):
             result = run_pipeline(model, video, question, cfg, video_info=info)

@@ -89,11 +89,18 @@ def resolved_sampling(adapter, sampling: SamplingConfig | None) -> SamplingConfi
 
 
 def check_room(state: AdaTPState, cfg: SamplingConfig) -> None:
-    """Refuse a prompt that leaves no room for max_new_tokens in the model's context."""
+    """Refuse a prompt that leaves no room for max_new_tokens in the model's context: the answer's
+    positions go on from the prompt's largest position id (its length for 1-D positions; for M-RoPE,
+    which grows with the video's time, far fewer: VideoLLMAdapter.check_context)."""
     limit = getattr(state.model.adapter.text_model.config, "max_position_embeddings", None)
-    if limit is not None and state.prompt.length + cfg.max_new_tokens > limit:
+    if limit is None:
+        return
+    extent = int(state.position_ids.max()) + 1
+    if extent + cfg.max_new_tokens > limit:
+        what = f"{state.prompt.length} tokens" if extent == state.prompt.length else \
+            f"{state.prompt.length} tokens, positions up to {extent - 1}"
         raise AdaTPInputError(
-            f"prompt ({state.prompt.length} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
+            f"prompt ({what}) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
             f"the model's context of {limit}; lower max_new_tokens or use fewer frames.")
 
 

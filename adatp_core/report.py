@@ -105,6 +105,25 @@ def prefill_line(s: dict) -> str | None:
     return "Prefill: " + "; ".join(parts)
 
 
+MEMORY_STAGES = ("encode", "decode", "prefill", "answer")
+
+
+def memory_line(s: dict) -> str:
+    """Peak memory, measured, by stage ("where it went"), and what was planned before the run."""
+    places = [key[len("memory_peak_"):-len("_mb")] for key in s
+              if key.startswith("memory_peak_") and key.endswith("_mb")
+              and not any(key.startswith(f"memory_peak_{stage}_") for stage in MEMORY_STAGES)]
+    parts = []
+    for place in places:
+        stages = ", ".join(f"{stage} {s[f'memory_peak_{stage}_{place}_mb']:.0f}" for stage in MEMORY_STAGES
+                           if f"memory_peak_{stage}_{place}_mb" in s)
+        planned = s.get(f"memory_planned_peak_{place}_mb")
+        plan = f"; planned {planned:.0f}" if planned is not None else ""
+        parts.append(f"{place} {s[f'memory_peak_{place}_mb']:.0f} MB ({stages}{plan})")
+    streamed = " (frames streamed a chunk at a time)" if s.get("video_streamed") else ""
+    return f"Peak memory{streamed}: " + "; ".join(parts)
+
+
 def stats_text(s: dict) -> str:
     """Every line that the stats support, one per line (nodes' stats output)."""
     lines = [tokens_line(s), flops_line(s)]
@@ -125,4 +144,6 @@ def stats_text(s: dict) -> str:
     prefill = prefill_line(s)
     if prefill:
         lines.append(prefill)
+    if "memory_peak_host_mb" in s:
+        lines.append(memory_line(s))
     return "\n".join(lines)

@@ -59,6 +59,18 @@ class VideoPlan:
         times = list(self.frame_times) + [self.frame_times[-1]] * (-len(self.frame_times) % n)
         return tuple((times[i] + times[i + n - 1]) / 2 for i in range(0, len(times), n))
 
+    def part(self, start: int, stop: int) -> "VideoPlan":
+        """The plan of frames [start, stop) of this video, at the same size: a chunk that the vision
+        side encodes on its own. ``start`` must begin a temporal step (a multiple of frames_per_step);
+        an odd tail is padded as the whole video's is."""
+        if start % self.frames_per_step or not 0 <= start < stop <= self.num_frames:
+            raise ValueError(f"frames [{start}, {stop}) are not a chunk of whole temporal steps of this "
+                             f"{self.num_frames}-frame plan ({self.frames_per_step} frames a step)")
+        n = stop - start
+        return VideoPlan(num_frames=n, size=self.size, grid=(-(-n // self.frames_per_step), *self.grid[1:]),
+                         frame_times=self.frame_times[start:stop], times_assumed=self.times_assumed,
+                         frames_per_step=self.frames_per_step)
+
     def seconds_per_step(self) -> float:
         """Mean spacing of the given frames, times frames_per_step (Qwen2.5-VL's
         second_per_grid_ts); a single frame counts as DEFAULT_FPS."""
@@ -116,6 +128,20 @@ class Encoded:
     frame_features: torch.Tensor
     grid: tuple[int, int, int]
     injections: tuple[torch.Tensor, ...] = ()
+
+
+def join_encoded(parts) -> Encoded:
+    """One Encoded from those of consecutive chunks of a video (``VideoPlan.part``), as one pass
+    over all of its frames gives: rows, frame features and each layer's injections joined in
+    order, the temporal grids added, the extras (the same for every chunk) taken once."""
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return Encoded(visual=torch.cat([p.visual for p in parts]), extras=first.extras,
+                   frame_features=torch.cat([p.frame_features for p in parts]),
+                   grid=(sum(p.grid[0] for p in parts), *first.grid[1:]),
+                   injections=tuple(torch.cat(layer) for layer in zip(*(p.injections for p in parts))))
 
 
 @dataclass(frozen=True)
@@ -190,6 +216,9 @@ class VideoLLMAdapter:
     linear_attention: bool = False
     # Why a new question cannot reuse a video's prefix (chat.video_prefix_refusal); None: it can.
     prefix_refusal: str | None = "this model family does not check its chat template for prefix reuse"
+    # Whether the position ids are M-RoPE's ([3, 1, L], growing with the video's time, not its tokens):
+    # the context is then a limit on the largest position id (check_context).
+    mrope: bool = False
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -235,6 +264,51 @@ class VideoLLMAdapter:
 
     def encode(self, pixels: torch.Tensor, plan: VideoPlan | None = None) -> Encoded:
         raise NotImplementedError
+
+    # Frames the vision side takes at once (encode_chunks): preprocessing and the tower run over
+    # this many frames at a time, so their memory does not grow with the video.
+    FRAMES_PER_CHUNK = 16
+
+    def chunk_frames(self, plan: VideoPlan, chunk: int | None = None) -> int:
+        """Frames per vision chunk: ``chunk`` (default FRAMES_PER_CHUNK) rounded up to whole temporal
+        steps (Qwen: 2 frames a temporal patch), so that every chunk but the last starts a step."""
+        n = max(int(chunk or self.FRAMES_PER_CHUNK), 1)
+        return -(-n // plan.frames_per_step) * plan.frames_per_step
+
+    def encode_chunks(self, chunks, plan: VideoPlan, times: dict | None = None) -> Encoded:
+        """Preprocess and encode a video a chunk of frames at a time: the same Encoded as
+        ``encode(preprocess(all frames))`` within float tolerance, since every family's tower
+        attends within a frame (SigLIP) or a temporal patch (Qwen), never across.
+
+        chunks: iterable of frames [c, H, W, 3] (uint8 or float 0..1; numpy or torch) in order, each c a
+            multiple of ``plan.frames_per_step`` except the last (``chunk_frames``). It may be lazy (a
+            video.FrameStream): one chunk's frames and pixels exist at a time; only the encoded rows
+            of all frames are kept.
+        times: a stats dict that gets time_preprocess and time_vision added.
+        """
+        from ..timing import timed
+
+        times = {} if times is None else times
+        parts, start = [], 0
+        for frames in chunks:
+            frames = torch.as_tensor(frames)
+            part = plan.part(start, start + int(frames.shape[0]))
+            with timed(times, "time_preprocess", self.device):
+                pixels = self.preprocess(frames, part)
+            with timed(times, "time_vision", self.device):
+                parts.append(self.encode(pixels, part))
+            del pixels
+            start += part.num_frames
+        if start != plan.num_frames:
+            raise AdaTPInputError(f"{start} frames were encoded for a plan of {plan.num_frames}; "
+                                  "the video gave fewer frames than it was planned with")
+        return join_encoded(parts)
+
+    def encode_frames(self, frames: torch.Tensor, plan: VideoPlan, times: dict | None = None,
+                      chunk: int | None = None) -> Encoded:
+        """frames [T, H, W, 3] (an IMAGE) -> Encoded, ``chunk_frames`` frames at a time (encode_chunks)."""
+        step = self.chunk_frames(plan, chunk)
+        return self.encode_chunks((frames[i:i + step] for i in range(0, plan.num_frames, step)), plan, times)
 
     def build_prompt(self, question: str, video) -> Prompt:
         """video: a VideoPlan (or, for fixed-resolution families, a token count)."""
@@ -461,12 +535,35 @@ class VideoLLMAdapter:
         template = getattr(self, "chat_template", None)
         return end_of_turn_id(self.tokenizer, template) if template else None
 
+    def position_extent(self, prompt: Prompt) -> int:
+        """How many rotary positions the prompt spans: its length for 1-D positions; for M-RoPE
+        (``mrope``) its largest position id + 1, which grows with the video's time, not its tokens."""
+        if not self.mrope:
+            return prompt.length
+        return int(self.position_ids(prompt).max()) + 1
+
     def check_context(self, prompt: Prompt) -> None:
-        """Refuse a prompt longer than the LLM's context, before any GPU work."""
+        """Refuse a prompt beyond the LLM's context, before any GPU work (or any frame is decoded).
+
+        1-D positions (LLaVA-OV): the token count against ``max_position_embeddings``. M-RoPE
+        (Qwen2.5-VL, Qwen3-VL, Qwen3.5, their MoE models): the largest position id, since the limit
+        is on positions and those of a video grow with its frames' time, not with its tokens."""
         limit = getattr(self.text_model.config, "max_position_embeddings", None)
-        if limit is None or prompt.length <= limit:
+        if limit is None or prompt.length <= limit and not self.mrope:
+            return
+        extent = self.position_extent(prompt)
+        if extent <= limit:
             return
         fit, plan = "", prompt.plan
+        if self.mrope:
+            if plan is not None and plan.num_frames:
+                n = int(plan.num_frames * limit // extent)
+                n -= n % plan.frames_per_step
+                fit = f" (about {n} frames fit)" if n > 0 else " (the text alone leaves no room for a frame)"
+            raise AdaTPInputError(
+                f"the prompt's positions reach {extent} ({prompt.length} tokens; this model's M-RoPE positions "
+                f"grow with the video's time) but this model's context is {limit} positions; use fewer frames, "
+                f"a shorter span of the video or a shorter question{fit}.")
         if plan is not None and plan.num_frames:
             per_frame = plan.num_tokens / plan.num_frames
             n = int((limit - (prompt.length - plan.num_tokens)) // per_frame)

@@ -132,8 +132,9 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
             hidden = hidden[:, 1:]
         return hidden
 
-    def vision_shape(self):
-        """The vision side's shape, for FLOPs accounting."""
+    def vision_shape(self, plan: VideoPlan | None = None):
+        """The vision side's shape per frame, for FLOPs and memory accounting (every frame is 384x384:
+        ``plan`` changes nothing)."""
         from ..flops import VisionShape
 
         vc = self.model.config.vision_config
