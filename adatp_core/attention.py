@@ -16,21 +16,30 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .fits import check_max_pixels, check_question, plan_prompt
 from .fits import check_video_fits  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .flops import flops_summary
+from .budget import DEVICE_MEMORY_SHARE, available_device_bytes, size_text
 from .memory import run_guarded
 from .hf.cache import KVCache
 from .prefix_cache import FrozenPrefix
-from .hf.attention_hook import aligns_causal_to_the_end
-from .hf.layers import module_device
 from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
 from .hf.kernels import kernels_line
 from .runtime import VideoLLM
 from .sdpa import plan_free_attention
 from .state import AdaTPState
+from .streaming import EncodedVideo
 from .timing import timed
 
 log = logging.getLogger(__name__)
 
 QUERY_MODES = ("text", "last")
+# Tokens per forward call of the prefill (layers < K, and from K over the kept tokens). A prompt
+# within one chunk runs in one call, exactly as without chunking; 8192 holds 32 frames of
+# LLaVA-OneVision (6,273 tokens) and 64 frames of Qwen3-VL at 448x448 (about 6,300).
+DEFAULT_PREFILL_CHUNK = 8192
+MIN_PREFILL_CHUNK = 16
+MAX_PREFILL_CHUNK = 1 << 24
+# Where layer K's input rows [L, D] live during the prefill: auto (the device, or the host when
+# the device is short: ``rows_place``), device, or host.
+ROWS_PLACES = ("auto", "device", "host")
 
 
 def _check_frames(frames) -> torch.Tensor:
@@ -43,10 +52,18 @@ def _check_frames(frames) -> torch.Tensor:
 
 
 def _encode(adapter, frames, prompt, times: dict):
-    with timed(times, "time_preprocess", adapter.device):
-        pixels = adapter.preprocess(frames, prompt.plan)
-    with timed(times, "time_vision", adapter.device):
-        return adapter.encode(pixels, prompt.plan)
+    """The video's Encoded: a streamed video's (encoded before, streaming.encode_video), or the
+    frames' encoded a chunk at a time (``encode_frames``)."""
+    if isinstance(frames, EncodedVideo):
+        times.setdefault("time_preprocess", 0.0)
+        times.setdefault("time_vision", 0.0)
+        return frames.encoded
+    return adapter.encode_frames(frames, prompt.plan, times)
+
+
+def _frames_key(store, frames):
+    """The frames' part of a prefix key: a streamed video's file and times, or the frames' digest."""
+    return frames.key if isinstance(frames, EncodedVideo) else store.frame_keys(frames)
 
 
 def _probe(prompt, layer: int, query: str, first: int) -> AttentionProbe:
@@ -64,64 +81,123 @@ def _probe_scores(probe: AttentionProbe, dev) -> torch.Tensor:
     return probe.scores.to(dev)  # layer K-1 may sit on another GPU of a split model
 
 
-def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict):
-    """Vision encoder, prompt assembly, layers 0..K-1 and the scores in one pass over the
-    whole prompt (see extract_attention): the path when no prefix is reused."""
+def check_prefill_chunk(chunk) -> int:
+    """Tokens per forward call of the prefill: 0 (the whole prompt in one call) or at least
+    MIN_PREFILL_CHUNK."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or (chunk != 0 and not
+                                                                   MIN_PREFILL_CHUNK <= chunk <= MAX_PREFILL_CHUNK):
+        raise AdaTPInputError(f"prefill_chunk must be 0 (the whole prompt in one call) or between "
+                              f"{MIN_PREFILL_CHUNK} and {MAX_PREFILL_CHUNK} tokens per call, got {chunk!r}; "
+                              f"{DEFAULT_PREFILL_CHUNK} is the default")
+    return chunk
+
+
+def _prompt_spans(adapter, prompt, chunk: int) -> list[tuple[int, int]]:
+    """The forward calls of layers < K over the prompt: one when it fits in a chunk; else the
+    video's prefix [0, p) in chunks (``chunk_spans``; p = ``prefix_length``), then the rest
+    [p, L) in one call, which holds every query row of the scores."""
+    p = adapter.prefix_length(prompt)
+    if not chunk or prompt.length <= chunk or not p:
+        return [(0, prompt.length)]
+    return adapter.chunk_spans(0, p, chunk) + [(p, prompt.length)]
+
+
+class _Rows:
+    """Layer K's input rows of positions [offset, offset + n), [1, n, D], written span by span
+    where they are to live (``device``; None: where the layers put them). A single span over
+    all of them is kept as it comes, with no copy."""
+
+    def __init__(self, n: int, offset: int = 0, device: torch.device | None = None):
+        self.n, self.offset, self.device = n, offset, device
+        self.tensor: torch.Tensor | None = None
+
+    def write(self, a: int, b: int, hidden: torch.Tensor) -> None:
+        if self.tensor is None and (a, b) == (self.offset, self.offset + self.n) and \
+                self.device in (None, hidden.device):
+            self.tensor = hidden
+            return
+        if self.tensor is None:
+            device = self.device or hidden.device
+            pin = device.type == "cpu" and hidden.device.type == "cuda"  # the copies back run at full speed
+            self.tensor = torch.empty((1, self.n, hidden.shape[-1]), dtype=hidden.dtype, device=device,
+                                      pin_memory=pin)
+        self.tensor[:, a - self.offset:b - self.offset].copy_(hidden)
+
+
+def _visual_injection(prompt, encoded) -> Injection | None:
+    """DeepStack's features at the visual positions (None for families without them)."""
+    return Injection(prompt.visual_positions, encoded.injections) if encoded.injections else None
+
+
+def _layers_below_k(adapter, prompt, encoded, layer: int, position_ids, spans, cache, rows: _Rows,
+                    probe=None) -> None:
+    """Layers 0..K-1 over the prompt's positions in ``spans``, one call each, into ``cache`` (which
+    holds every position before the first span); layer K's input rows go to ``rows``. K = 0: the
+    rows are the input embeddings."""
+    def embeds(a, b):
+        return adapter.assemble(prompt, encoded, a, b)
+
+    if layer == 0:
+        for a, b in spans:
+            rows.write(a, b, embeds(a, b))
+        return
+    adapter.run_chunks(spans, embeds, position_ids, cache, 0, layer, probe=probe,
+                       inject=_visual_injection(prompt, encoded), write=rows.write)
+
+
+def _relevance(adapter, prompt, encoded) -> torch.Tensor:
+    q_start, q_end = prompt.question
+    return text_relevance(encoded.visual, adapter.embed_tokens(prompt.input_ids[q_start:q_end]))
+
+
+def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict, spans, rows_device):
+    """Vision encoder, prompt assembly, layers 0..K-1 and the scores over the whole prompt, in the
+    calls of ``spans`` (``_prompt_spans``: one for a prompt within a chunk), with layer K's input
+    rows on ``rows_device`` (None: the device's): the path when no prefix is reused."""
     dev = adapter.device
     with torch.inference_mode():
         encoded = _encode(adapter, frames, prompt, times)
         with timed(times, "time_attention", dev):
-            embeds = adapter.assemble(prompt, encoded)
             position_ids = adapter.position_ids(prompt)
-            q_start, q_end = prompt.question
-            relevance = text_relevance(encoded.visual, embeds[0, q_start:q_end])
+            relevance = _relevance(adapter, prompt, encoded)
+            rows = _Rows(prompt.length, 0, rows_device)
+            cache = KVCache(adapter.layer_kinds, reserve=prompt.length - spans[0][1])  # room for every call
+            probe = _probe(prompt, layer, query, spans[-1][0]) if layer else None
+            _layers_below_k(adapter, prompt, encoded, layer, position_ids, spans, cache, rows, probe)
             if layer == 0:
-                return encoded, embeds, (), relevance, relevance, position_ids
-            probe = _probe(prompt, layer, query, 0)
-            cache = KVCache(adapter.layer_kinds)
-            hidden = adapter.run_layers(embeds, position_ids, cache, 0, layer, probe=probe,
-                                        inject=_injection(prompt, encoded, 0, prompt.length))
-            return encoded, hidden, cache.export(layer), _probe_scores(probe, dev), relevance, position_ids
+                return encoded, rows.tensor, (), relevance, relevance, position_ids
+            return encoded, rows.tensor, cache.export(layer), _probe_scores(probe, dev), relevance, position_ids
 
 
-def _injection(prompt, encoded, start: int, stop: int) -> Injection | None:
-    """DeepStack's features for the visual rows among positions [start, stop), as rows of a
-    forward call over those positions (None when there are none)."""
-    if not encoded.injections:
-        return None
-    inside = (prompt.visual_positions >= start) & (prompt.visual_positions < stop)
-    if bool(inside.all()):  # every visual row (the whole prompt, or a prefix holding the video): no copy
-        return Injection(prompt.visual_positions - start, encoded.injections)
-    if not bool(inside.any()):
-        return None
-    rows = prompt.visual_positions[inside] - start
-    return Injection(rows, tuple(f[inside.to(f.device)] for f in encoded.injections))
+def _video_prefix(adapter, prompt, encoded, layer: int, position_ids, p: int, chunk: int,
+                  rows_device) -> FrozenPrefix:
+    """Layers 0..K-1 over the question-independent positions [0, p) (``prefix_length``), in
+    chunks (``chunk_spans``), layer K's input rows on ``rows_device`` (None: the device's)."""
+    spans = adapter.chunk_spans(0, p, chunk)
+    rows = _Rows(p, 0, rows_device)
+    cache = KVCache(adapter.layer_kinds, reserve=p - spans[0][1])
+    _layers_below_k(adapter, prompt, encoded, layer, position_ids, spans, cache, rows)
+    return FrozenPrefix(encoded, cache.export(layer) if layer else (), rows.tensor)
 
 
-def _video_prefix(adapter, prompt, encoded, layer: int, position_ids, p: int) -> FrozenPrefix:
-    """Layers 0..K-1 over the question-independent positions [0, p) (``prefix_length``)."""
-    embeds = adapter.assemble(prompt, encoded)[:, :p].clone()
-    if layer == 0:
-        return FrozenPrefix(encoded, (), embeds)
-    cache = KVCache(adapter.layer_kinds)
-    hidden = adapter.run_layers(embeds, position_ids[..., :p], cache, 0, layer,
-                                inject=_injection(prompt, encoded, 0, p))
-    return FrozenPrefix(encoded, cache.export(layer), hidden)
-
-
-def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: dict, key_parts: tuple):
+def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: dict, key_parts: tuple,
+                         chunk: int, rows_device):
     """``_prefill``'s results in two parts: the video's prefix (from the model's store when
-    these frames were seen with these settings, else computed and stored), then the
-    rest [p, L) through layers < K, attending to the prefix. p is the adapter's
+    these frames were seen with these settings, else computed in chunks and stored), then the
+    rest [p, L) through layers < K in one call, attending to the prefix. p is the adapter's
     ``prefix_length``: where the question's text starts (after_video), or before it.
-    Returns _prefill's tuple and the prefix's stats."""
+    Returns _prefill's tuple, the prefix's stats and the number of forward calls made."""
     adapter, store = model.adapter, model.prefix_cache
     dev = adapter.device
     p = adapter.prefix_length(prompt)
+    calls = 1
     with torch.inference_mode():
         with timed(times, "time_prefix_key"):
             store.check_weights(adapter.model)
-            key = (store.frame_keys(frames), *key_parts, layer, tuple(prompt.input_ids[:p].tolist()))
+            # A chunked prefix differs from one pass within float tolerance: the chunk is part of what was computed.
+            chunked = len(adapter.chunk_spans(0, p, chunk)) > 1
+            key = (_frames_key(store, frames), *key_parts, layer, tuple(prompt.input_ids[:p].tolist()),
+                   chunk if chunked else 0)
             prefix = store.get(key)
         status = "hit" if prefix is not None else "miss"
         times.setdefault("time_preprocess", 0.0)
@@ -131,35 +207,92 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
         if prefix is None:
             encoded = _encode(adapter, frames, prompt, times)
             with timed(times, "time_attention", dev):
-                prefix = _video_prefix(adapter, prompt, encoded, layer, position_ids, p)
+                prefix = _video_prefix(adapter, prompt, encoded, layer, position_ids, p, chunk, rows_device)
+            calls += len(adapter.chunk_spans(0, p, chunk))
             not_kept = store.put(key, prefix)
             if not_kept:
                 status = f"miss ({not_kept})"
         with timed(times, "time_question", dev):
             encoded = prefix.encoded
-            if p == prompt.after_video:  # the question's part is text: no video to scatter in
-                question = adapter.embed_tokens(prompt.input_ids[p:]).unsqueeze(0)
-            else:
-                question = adapter.assemble(prompt, encoded)[:, p:]
-            q_start, q_end = prompt.question
-            relevance = text_relevance(encoded.visual, question[0, q_start - p:q_end - p])
+            question = adapter.assemble(prompt, encoded, p, prompt.length)
+            relevance = _relevance(adapter, prompt, encoded)
             if layer == 0:
-                hidden, past_kv, scores = torch.cat([prefix.hidden, question], dim=1), (), relevance
+                hidden, past_kv, scores = torch.cat([prefix.hidden, question.to(prefix.hidden.device)], dim=1), \
+                    (), relevance
             else:
                 probe = _probe(prompt, layer, query, p)
-                n = prompt.length - p
-                cache = prefix.cache(adapter.layer_kinds, reserve=n)  # one copy, room for the question
-                masks = None
-                if not aligns_causal_to_the_end(adapter.text_model.config):
-                    masks = prefix.masks(n, [module_device(adapter.text_model.layers[i]) for i in range(layer)])
-                hidden = adapter.run_layers(question, position_ids[..., p:], cache, 0, layer, probe=probe,
-                                            masks=masks, inject=_injection(prompt, encoded, p, prompt.length))
+                cache = prefix.cache(adapter.layer_kinds, reserve=prompt.length - p)  # one copy, room for the question
+                hidden = adapter.run_chunks([(p, prompt.length)], lambda a, b: question, position_ids, cache, 0, layer,
+                                            probe=probe, inject=_visual_injection(prompt, encoded))
                 hidden = torch.cat([prefix.hidden, hidden.to(prefix.hidden.device)], dim=1)
                 past_kv, scores = cache.export(layer), _probe_scores(probe, dev)
         times["time_attention"] += times["time_question"]
     stats = {"prefix_cache": status, "prefix_tokens": p, "prefix_cache_entries": len(store),
              "prefix_cache_mib": round(store.nbytes / 2**20, 1)}
-    return (encoded, hidden, past_kv, scores, relevance, position_ids), stats
+    return (encoded, hidden, past_kv, scores, relevance, position_ids), stats, calls
+
+
+def prefill_memory_parts(adapter, length: int, layer: int, chunk: int, where: str) -> tuple:
+    """What the prefill of layers < K holds at its peak on ``where``, for a prompt of ``length``
+    tokens in calls of ``chunk`` (0: one call): ((what, bytes, where), ...) as in
+    ``budget.MemoryEstimate``. An estimate from the text config's shapes, not a measurement:
+    - layers < K's keys and values for every token (linear-attention layers: a fixed state, left out);
+    - layer K's input rows [L, D] (``rows_place`` may put them on the host);
+    - one call's working memory: its hidden states and MLP activations, the attention mask of a
+      call over a non-empty cache ([c, L] bool, and sdpa's additive copy of it) with the keys and
+      values copied per query head (transformers does so under a mask), and the scores' rows.
+    """
+    cfg = adapter.text_model.config
+    item = adapter.dtype.itemsize
+    d_model = int(cfg.hidden_size)
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or d_model // heads)
+    inner = max(int(getattr(cfg, "intermediate_size", None) or 0),
+                int(getattr(cfg, "moe_intermediate_size", None) or 0) * int(getattr(cfg, "num_experts_per_tok", 1) or 1))
+    attention_layers = sum(1 for i in range(layer) if not adapter.is_linear_layer(i))
+    c = min(chunk or length, length)
+    masked = c < length  # every call after the first attends to a non-empty cache through a mask
+    working = c * (6 * d_model + 3 * inner) * item
+    if masked:
+        working += c * length * (1 + item) + 2 * heads * head_dim * length * item
+    question = 64  # query rows scored at layer K-1 (the question's tokens; an estimate)
+    working += heads * question * length * 4
+    return ((f"layers < K's keys and values [{attention_layers} x 2 x {kv_heads} x {length} x {head_dim}]",
+             attention_layers * 2 * kv_heads * head_dim * length * item, where),
+            (f"layer K's input rows [{length}, {d_model}]", length * d_model * item, where),
+            (f"one prefill call of {c} tokens", working, where))
+
+
+def rows_place(adapter, length: int, layer: int, chunk: int, rows: str = "auto",
+               available=available_device_bytes) -> tuple[torch.device | None, str]:
+    """(where layer K's input rows live: None for the device's own memory, or the host; why).
+
+    auto: the device, unless the prefill's estimate (``prefill_memory_parts``) is above
+    DEVICE_MEMORY_SHARE of what the device has free now; then the host, and only the kept rows
+    come back for the continuation from K. A CPU model's rows are on the host anyway.
+    available(device) -> free bytes or None (unknown: the device)."""
+    dev = adapter.device
+    if dev.type == "cpu":
+        return None, "the model runs on the host"
+    if rows == "device":
+        return None, "asked for"
+    if rows == "host":
+        return torch.device("cpu"), "asked for"
+    have = available(dev)
+    if have is None:
+        return None, "the device's free memory is unknown"
+    parts = prefill_memory_parts(adapter, length, layer, chunk, str(dev))
+    need, rows_bytes = sum(b for _, b, _ in parts), parts[1][1]
+    limit = int(have * DEVICE_MEMORY_SHARE)
+    if need <= limit:
+        return None, f"the prefill needs about {size_text(need)} of {size_text(have)} free"
+    why = (f"the device is short: the prefill needs about {size_text(need)} of {size_text(have)} free; the rows "
+           f"({size_text(rows_bytes)}) wait on the host and only the kept ones come back")
+    if need - rows_bytes > limit:
+        why += (f"; the rest may still not fit: one call of {min(chunk or length, length)} tokens takes about "
+                f"{size_text(parts[2][1])} (a smaller prefill_chunk takes less)")
+    return torch.device("cpu"), why
 
 
 def _frame_times(video_info, n_frames: int):
@@ -220,10 +353,13 @@ def _decode_stats(video_info, n_frames: int) -> dict:
 
 def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, layer: int = 2,
                       query: str = "text", video_info=None, max_pixels: int | None = None,
-                      reuse_prefix: bool = True) -> AdaTPState:
+                      reuse_prefix: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                      rows: str = "auto") -> AdaTPState:
     """Encode the video, run LLM layers 0..K-1 once, and score the visual tokens.
 
-    frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE).
+    frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE), encoded a chunk of frames at a
+        time; or a video file already encoded a chunk at a time (streaming.EncodedVideo), whose
+        frames never all existed at once (its VideoInfo stands in for video_info).
     layer: K. K = 0 prunes before the LLM; its scores are the text relevance.
     query: "text" (every text token after the video) or "last" (FastV's choice).
     video_info: Load Video's VideoInfo; its frame times set the model's temporal
@@ -240,31 +376,55 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         budget, the dtype and the prefix's token ids. False: one pass over the whole prompt.
         stats["prefix_cache"] says hit, miss or off (and why); stats["time_question"]
         is the question's own part, stats["time_prefix_key"] the key's.
+    prefill_chunk: tokens per forward call (0: the whole prompt in one call). A longer prompt
+        runs layers < K over the video's part chunk by chunk into the cache, then the
+        question in one call (its scores cover every visual key), so only one chunk's
+        activations exist at a time; GenerateAnswer continues from K in chunks of the same
+        size. Linear-attention layers round it down to their 64-token chunks. A prompt within
+        one chunk runs exactly as with 0. stats["prefill_calls"] counts the calls.
+    rows: where layer K's input rows [L, D] wait for the selection: "auto" (the device,
+        or the host when the device is short: ``rows_place``), "device" or "host"; only
+        the kept rows come back. stats["rows_on"] and stats["rows_reason"] say which and why.
     Returns a state holding the layer-K input hidden states, the KV cache of
     layers < K, the original position ids and the scores.
     """
     adapter = model.adapter
     question = check_question(question)
-    frames = _check_frames(frames)
+    streamed = isinstance(frames, EncodedVideo)
+    if streamed:
+        frames.check_model(adapter)
+        video_info = frames.info if video_info is None else video_info
+        n_frames, (width, height) = frames.num_frames, frames.frame_size
+    else:
+        frames = _check_frames(frames)
+        n_frames, height, width = (int(x) for x in frames.shape[:3])
     if query not in QUERY_MODES:
         raise AdaTPInputError(f"query must be one of {QUERY_MODES}, got {query!r}")
+    prefill_chunk = check_prefill_chunk(prefill_chunk)
+    if rows not in ROWS_PLACES:
+        raise AdaTPInputError(f"rows must be one of {ROWS_PLACES}, got {rows!r}")
     asked = int(layer)
     layer, moved = adapter.resolve_layer(asked)  # hybrid models: K-1 must be a full-attention layer
-    n_frames, height, width = (int(x) for x in frames.shape[:3])
     max_pixels = check_max_pixels(max_pixels)
     prompt = plan_prompt(adapter, question, n_frames, height, width, _frame_times(video_info, n_frames), max_pixels)
     plan = prompt.plan
+    if streamed and plan != frames.plan:
+        raise AdaTPInputError("this encoded video was encoded with another pixel budget or other frame times than "
+                              "asked for now; encode it again with these settings")
 
     times: dict[str, float] = {}
     refusal = _prefix_refusal(model, reuse_prefix, prompt)
     prefix_stats = {"prefix_cache": f"off ({refusal})"} if refusal else {}
+    rows_device, rows_reason = rows_place(adapter, prompt.length, layer, prefill_chunk, rows)
+    spans = _prompt_spans(adapter, prompt, prefill_chunk)
+    calls = len(spans)
 
     def prefill():
-        nonlocal prefix_stats
+        nonlocal prefix_stats, calls
         if refusal:
-            return _prefill(adapter, frames, prompt, layer, query, times)
-        out, prefix_stats = _prefill_with_prefix(model, frames, prompt, layer, query, times,
-                                                 (plan, max_pixels, adapter.dtype))
+            return _prefill(adapter, frames, prompt, layer, query, times, spans, rows_device)
+        out, prefix_stats, calls = _prefill_with_prefix(model, frames, prompt, layer, query, times,
+                                                        (plan, max_pixels, adapter.dtype), prefill_chunk, rows_device)
         return out
 
     with plan_free_attention(adapter.device):  # no per-shape cuDNN plans (see sdpa.py)
@@ -278,9 +438,12 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         "frame_size": f"{plan.size[1]}x{plan.size[0]}", "tokens_per_frame": h * w / plan.frames_per_step,
         "pixel_budget": adapter.budget_text(plan, max_pixels),
         "frames_per_step": plan.frames_per_step, "frame_times_assumed": plan.times_assumed,
+        "video_streamed": streamed,
         **_decode_stats(video_info, n_frames),
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
         **times, **prefix_stats,
+        "prefill_chunk": prefill_chunk, "prefill_calls": calls if layer else 0,
+        "rows_on": "host" if hidden.device.type == "cpu" else str(hidden.device), "rows_reason": rows_reason,
     }
     if FALLBACK_BATCHED_VISION in adapter.fallbacks:  # this model's batched vision path failed
         stats[FALLBACK_BATCHED_VISION] = adapter.fallbacks[FALLBACK_BATCHED_VISION]
@@ -290,5 +453,5 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         scores=scores.float(), relevance=relevance,
         frame_relevance=relevance.view(t, -1).mean(dim=1),
         frame_features=encoded.frame_features, segments=((0, t - 1),), stats=stats,
-        injections=encoded.injections,
+        injections=encoded.injections, prefill_chunk=prefill_chunk,
     )

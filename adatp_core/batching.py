@@ -3,7 +3,9 @@
 Each clip is prefilled on its own (vision, layers < K, selection: the stages as
 they are, then ``continue_prefill``). Its cache then joins a running decode batch
 of up to ``batch_size`` rows (``RowsKVCache``), and every decode step advances all
-rows at once through ``decode_step``, the same function one answer uses at B = 1.
+rows at once through the step runner (steps.py), which one answer uses as a batch of one
+row. This module is the scheduler: it decides who joins (the rows cache's ``room`` answer),
+which rows a step runs, and whether it is a static step; the runner decides how it runs.
 A row that ends (EOS or max_new_tokens) leaves at once and its slot goes to the
 next clip, so no row waits for the slowest one.
 
@@ -15,21 +17,25 @@ step otherwise; the other rows wait for one prefill, which costs them about as
 many steps as the prefill takes, once per clip.
 
 Static mode (the decode mode "static", and "auto" on CUDA where it pays): the same
-buffers are read at their whole capacity and the rows in batch buckets (``row_bucket``:
+buffers are read at their whole capacity and the rows in batch buckets (``steps.row_bucket``:
 1, 2, 4, 8, then multiples of 8), so a step's shapes depend on (batch bucket, capacity
-bucket) only (``StaticRowsStep``); on CUDA each is one graph, captured once and
-replayed across clips. Auto takes a static step only while it pays by the rule that
-one answer uses (``static_decode.static_rows_pay_off``: the attention that padded rows
-and whole capacities add, against the positions a graph's saving pays for), decided
-again whenever a clip joins or leaves; otherwise it steps as the default mode does.
+bucket) only; on CUDA each is one graph, captured once and replayed across clips. Auto
+takes a static step only while it pays by the rule that one answer uses
+(``StepRunner.static_choice``: the attention that padded rows and whole capacities add,
+against the positions a graph's saving pays for), decided again whenever a clip joins or
+leaves; otherwise it steps as the default mode does.
 
-Faults: a clip whose prefill fails (bad input, out of memory) fails alone. Out of
-memory in a step halves the rows a step runs at once and runs the step again in
-halves over the same cache (lengths advance only after a step has run), so no
-token is lost or produced twice; new clips then join only up to the halved
-limit. A row that cannot step even alone fails alone. Out of memory while capturing
-a static step's graph is out of memory in that step; any other capture failure
-turns graphs off for the batch, with a warning (static_decode's rule too).
+Joining: a prefilled clip joins when the rows cache answers that there is room (a free
+row, and the memory its buffers must grow by); with other rows running it otherwise waits
+for them to end, and the batch stays at their number; alone, it fails alone.
+
+Faults (errors.is_out_of_memory is the one rule): a clip whose prefill fails (bad input,
+out of memory) fails alone. Out of memory in a step halves the rows a step runs at once
+and runs the step again in halves over the same cache (lengths advance only after a step
+has run), so no token is lost or produced twice; new clips then join only up to the
+halved limit. A row that cannot step even alone fails alone. Out of memory while capturing
+a static step's graph is out of memory in that step (the runner raises it, as for one
+answer); any other capture failure turns graphs off for the batch, with a warning.
 
 Each row decodes exactly what it would alone: its own lengths per layer, a mask
 of its own filled positions, its own position ids (M-RoPE too), its own
@@ -38,7 +44,6 @@ generator when sampling. DeepStack (Qwen3-VL) only touches the prefill.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,17 +51,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import static_decode
-from .hf.cache import LinearState, RowsKVCache, linear_states_kept
+from .hf.cache import LinearState, RowsKVCache
 from .hf.sdpa_copy import masked_step_copies_kv, query_groups
-from .decode import continue_prefill, decode_step, row_positions
-from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
+from .decode import continue_prefill, row_positions
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryError, AdaTPTransformersError
 from .generate import (Answer, DecodeRun, SamplingConfig, answer_from_run, check_room, resolve_decode_mode,
                        resolved_sampling, sampling_generator)
 from .sampling import TokenChooser, choose_rows
-from .memory import is_out_of_memory, run_guarded
+from .memory import OOM_ADVICE, run_guarded
 from .sdpa import plan_free_attention
 from .state import AdaTPState
+from .steps import StepRunner
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
@@ -98,14 +103,6 @@ def row_bytes(cache, max_new_tokens: int, groups=None, copies: bool | None = Non
     return total + copy
 
 
-def row_bucket(rows: int, slots: int) -> int:
-    """The batch bucket a static step over ``rows`` rows runs at: 1, 2, 4, 8, then the next
-    multiple of 8 (as vLLM's graph sizes), at most ``slots``. Finer than powers of two, so 33 rows
-    pad to 40, not 64; a batch of up to 64 rows has at most 11 buckets (graphs)."""
-    bucket = 1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8
-    return min(slots, bucket)
-
-
 def auto_batch_size(device, per_row: int) -> int:
     """Rows to decode together when the user says 0 (auto): on CUDA, as many clips' caches
     as fit in a share of the free memory (capped); on the CPU the fastest measured."""
@@ -114,88 +111,6 @@ def auto_batch_size(device, per_row: int) -> int:
         return CPU_BATCH_SIZE
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(MAX_AUTO_BATCH, int(AUTO_MEMORY_SHARE * free) // max(per_row, 1)))
-
-
-class StaticRowsStep:
-    """Fixed-shape decode steps over rows [0, n) of a ``RowsKVCache``, for static mode.
-
-    n is rounded up to a batch bucket (``row_bucket``, at most the slots) and every
-    layer is read at its capacity (a capacity bucket), so the step's shapes depend on
-    (batch bucket, capacities) only. On CUDA each such step is captured once as a
-    CUDA graph and replayed for every step of every clip that lands in it; elsewhere
-    the same fixed-shape step runs without a graph (same tokens as the default mode).
-    Graphs go when the buffers are reallocated (a joining clip needed more room).
-    """
-
-    def __init__(self, adapter, cache: RowsKVCache, position_template: torch.Tensor):
-        self.adapter, self.cache = adapter, cache
-        self.axes = position_template.shape[:-2]  # () or (3,) for M-RoPE
-        self.dtype = position_template.dtype
-        self.use_graph = adapter.device.type == "cuda"
-        self.entries: dict = {}
-        self.capture_seconds = 0.0
-
-    def _key(self, bucket: int) -> tuple:
-        c = self.cache
-        return bucket, c.signature()
-
-    def _step(self, entry) -> torch.Tensor:
-        window = self.cache.window(0, entry["bucket"], static=True)
-        return decode_step(self.adapter, entry["tokens"], entry["positions"], window, window.masks())
-
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens [n], positions [n, 1] (or [3, n, 1]) -> logits [n, V] (a copy).
-
-        With graphs on, a step that runs out of memory leaves the rows' linear-attention states as
-        they were, as ``DecodeBatch._run`` needs, without a copy of them per step: a replay allocates
-        nothing (its output's copy is allocated before it), so it cannot fail halfway; a capture
-        keeps its own copy (``_capture``); only a step that runs without a graph after a failed
-        capture takes one."""
-        n = tokens.shape[0]
-        bucket = row_bucket(n, self.cache.slots)
-        key = self._key(bucket)
-        entry = self.entries.get(key)
-        if entry is None:
-            if self.entries and next(iter(self.entries))[1:] != key[1:]:
-                self.entries.clear()  # the buffers moved: their graphs read the old ones
-            dev = self.adapter.device
-            entry = self.entries[key] = {
-                "bucket": bucket, "graph": None, "out": None,
-                "tokens": torch.zeros(bucket, dtype=torch.long, device=dev),
-                "positions": torch.zeros((*self.axes, bucket, 1), dtype=self.dtype, device=dev)}
-        entry["tokens"][:n].copy_(tokens)
-        entry["positions"][..., :n, :].copy_(positions)
-        if not self.use_graph:
-            return self._step(entry)[:n]
-        if entry["graph"] is None:
-            self._capture(entry)
-        if entry["graph"] is None:  # capture failed: fixed shapes without a graph
-            with linear_states_kept(self.cache, slice(0, n), only_on_error=True):
-                return self._step(entry)[:n]
-        logits = torch.empty_like(entry["out"][:n])  # before the replay: after it, nothing may fail
-        entry["graph"].replay()
-        return logits.copy_(entry["out"][:n])
-
-    def _capture(self, entry) -> None:
-        """The step as a CUDA graph, captured as one answer's is (static_decode.capture_graph: its
-        own stream, kept with the graph; the warm-up's advance of every row's linear-attention
-        states undone). Out of memory is raised, as ``StaticDecoder.capture`` raises it: the batch
-        then runs its rows in halves (``DecodeBatch.step``) and captures again when they run whole.
-        Any other failure turns graphs off for the batch, with a warning that names it."""
-        dev = self.adapter.device
-        start = time.perf_counter()
-        try:
-            with linear_states_kept(self.cache):  # the warm-up step must not advance them
-                entry["graph"], entry["out"], entry["stream"] = static_decode.capture_graph(
-                    lambda: self._step(entry), dev)
-        except RuntimeError as exc:
-            if is_out_of_memory(exc):
-                raise
-            log.warning("CUDA graph capture of a batched step failed (%s: %s); stepping without a graph",
-                        type(exc).__name__, exc)
-            self.use_graph = False
-        synchronize(dev)
-        self.capture_seconds += time.perf_counter() - start
 
 
 @dataclass
@@ -243,11 +158,10 @@ class DecodeBatch:
         self.eos = set() if self.cfg.ignore_eos else set(self.adapter.eos_token_ids)
         mode = resolve_decode_mode(self.cfg.decode_mode, self.adapter.device)
         self.mode = "default" if self.adapter.is_split else mode  # static needs the model on one device
-        self.auto = self.cfg.decode_mode == "auto"  # static steps only where they pay (static_rows_pay_off)
-        self.break_even = static_decode.static_break_even(self.adapter.device)
-        self._choice: tuple | None = None  # ((rows, joins), static?) for the rows in the batch now
+        self.auto = self.cfg.decode_mode == "auto"  # static steps only where they pay (StepRunner.static_choice)
+        self._choice: tuple | None = None  # ((rows, joins), static?, extra) for the rows in the batch now
         self.joins = 0
-        self.static: StaticRowsStep | None = None
+        self.runner: StepRunner | None = None
         self.cache: RowsKVCache | None = None
         self.rows: list[Row] = []
         self.waiting = None  # (row, its batch-1 cache): prefilled, not yet in the batch
@@ -283,24 +197,28 @@ class DecodeBatch:
                 log.info("decoding up to %d clips together (auto)", self.size)
             self.limit = self.size
             self.cache = RowsKVCache(self.adapter.num_layers, self.size)
-            if self.mode == "static":
-                self.static = StaticRowsStep(self.adapter, self.cache, state.position_ids)
+            self.runner = StepRunner(self.adapter, self.cache, state.position_ids, static=self.mode == "static")
         if self._choose([row]):
             return [self._finish(row, tuple(cache.lengths()))]
         self.waiting = (row, cache)
         return self._admit()
 
     def _admit(self) -> list[Finished]:
-        """Copy the waiting clip's cache into a row. Out of memory there: with other rows
-        running, it waits for them to end (and the batch stays at their number); alone, it fails."""
+        """Give the waiting clip a row if the rows cache says there is room for it (a free row, and
+        the memory its buffers must grow by). No room: with other rows running it waits for them to
+        end, and the batch stays at their number; alone, it fails alone."""
         row, cache = self.waiting
-        try:
-            run_guarded(lambda: self.cache.add(cache, self.cfg.max_new_tokens), "joining the batch")
-        except AdaTPEnvironmentError as exc:  # copying into the rows calls no transformers code
+        room = self.cache.room(cache, self.cfg.max_new_tokens)
+        if not room.fits:
             if self.rows:
                 self.limit = max(1, len(self.rows))
-                log.warning("out of memory joining the decode batch; %d rows from now on", self.limit)
+                log.warning("no memory for another row in the decode batch (%s); %d rows from now on", room, self.limit)
                 return []
+            self.waiting = None
+            return [Finished(row.key, error=f"out of memory joining the decode batch ({room}); {OOM_ADVICE}.")]
+        try:  # the room was there a moment ago; a copy that fails all the same fails this clip alone
+            run_guarded(lambda: self.cache.add(cache, self.cfg.max_new_tokens), "joining the batch")
+        except AdaTPOutOfMemoryError as exc:
             self.waiting = None
             return [Finished(row.key, error=str(exc))]
         self.waiting = None
@@ -330,9 +248,7 @@ class DecodeBatch:
             t0 = time.perf_counter()
             try:
                 logits = run_guarded(lambda: self._run(start, stop), "batched decoding")
-            except AdaTPTransformersError:  # every clip would fail alike: the run stops, as at batch 1
-                raise
-            except AdaTPEnvironmentError as exc:
+            except AdaTPOutOfMemoryError as exc:
                 if stop - start == 1:
                     failed[start] = str(exc)
                     start = stop
@@ -355,7 +271,7 @@ class DecodeBatch:
         out = []
         for index in sorted(set(ended) | set(failed), reverse=True):  # the last row moves into a freed one
             row = self.rows[index]
-            lengths = tuple(self.cache.lengths[index])
+            lengths = self.cache.row_lengths(index)
             if index in failed:
                 out.append(Finished(row.key, error=failed[index]))
             else:
@@ -369,47 +285,27 @@ class DecodeBatch:
         return out
 
     def _run(self, start: int, stop: int) -> torch.Tensor:
-        """Logits [stop - start, V] of one step over rows [start, stop); lengths advance after it ran."""
+        """Logits [stop - start, V] of one step over rows [start, stop); lengths advance after it ran.
+        A static step only over all rows, where it runs (``static_pays``); a part of them after out of
+        memory steps as the default mode does."""
         dev = self.adapter.device
         part = self.rows[start:stop]
-        # A step over several rows that fails (out of memory) runs again in halves: its linear
-        # states must not have taken the token in already (the key/value slots are simply written
-        # again). That costs a copy of those rows' states per step (hybrid models only; ~48 MiB
-        # per row for a 9B; row_bytes counts it); one row that fails is not run again, so it needs
-        # none, nor does a step with graphs on, which keeps the states itself (StaticRowsStep.__call__).
-        whole = self.static is not None and start == 0 and stop == len(self.rows)
-        self.ran_static = whole and self.static_pays()
-        keep = (linear_states_kept(self.cache, slice(start, stop), only_on_error=True)
-                if stop - start > 1 and self.cache.linear and not (self.ran_static and self.static.use_graph)
-                else contextlib.nullcontext())
-        with torch.inference_mode(), plan_free_attention(dev), keep:
+        self.ran_static = self.runner.static and start == 0 and stop == len(self.rows) and self.static_pays()
+        with torch.inference_mode(), plan_free_attention(dev):
             tokens = torch.tensor([row.tokens[-1] for row in part], device=dev)
             positions = row_positions([row.first for row in part], [len(row.tokens) - 1 for row in part],
                                       part[0].state.position_ids, dev)
-            if self.ran_static:
-                logits = self.static(tokens, positions)
-            else:  # default mode, auto where static does not pay, or a part of the rows after out of memory
-                window = self.cache.window(start, stop)
-                logits = decode_step(self.adapter, tokens, positions, window, window.masks())
+            logits = self.runner(tokens, positions, start, static=self.ran_static)
             synchronize(dev)
-        self.cache.advance(start, stop)
         return logits
 
     def static_pays(self) -> bool:
-        """Whether a static step over all rows runs now: always in static mode; in auto, where
-        ``static_rows_pay_off`` says so for these rows (decided when a clip joins or leaves).
+        """Whether a static step over all rows runs now (``StepRunner.static_choice``: always in
+        static mode; in auto where it pays for these rows), decided when a clip joins or leaves.
         ``static_extra``: what such a step reads beyond a default one (positions per layer)."""
         key = (len(self.rows), self.joins)
         if self._choice is None or self._choice[0] != key:
-            c, n = self.cache, len(self.rows)
-            layers = [i for i in range(c.num_layers) if i not in c.linear]
-            spans = [max(lengths[i] for lengths in c.lengths[:n]) + 1 for i in layers]
-            shape = (n, row_bucket(n, c.slots), [c.capacity(i) for i in layers], spans)
-            extra = static_decode.static_extra_positions(*shape)
-            pays = not self.auto or static_decode.static_rows_pay_off(*shape, self.break_even)
-            log.debug("%s decode mode, %d rows: static steps read %.0f more positions per layer; %s steps",
-                      self.cfg.decode_mode, n, extra, "static" if pays else "default")
-            self._choice = (key, pays, extra)
+            self._choice = (key, *self.runner.static_choice(len(self.rows), self.auto))
         self.static_extra = self._choice[2]
         return self._choice[1]
 
@@ -438,7 +334,7 @@ class DecodeBatch:
         run = DecodeRun(tokens=row.tokens, logits=None, kv_lengths=kv_lengths,
                         prefill_seconds=row.prefill_seconds, decode_seconds=max(decode_seconds, 0.0),
                         passes=row.passes, mode=self._row_mode(row),
-                        capture_seconds=self.static.capture_seconds if self.static is not None else 0.0)
+                        capture_seconds=self.runner.capture_seconds)
         answer = answer_from_run(row.state, run, self.cfg)
         decoding = replace(answer.decoding, decode_share=row.busy_seconds, batch_size=self.size,
                            static_passes=row.static_passes,

@@ -79,27 +79,50 @@ def available_device_bytes(device) -> int | None:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """What a run's frames will take, in bytes, before anything is decoded.
+    """What a run will take, in bytes, before anything is decoded.
 
-    parts: (what, bytes, where) with where "host" or a device name.
+    parts: (what, bytes, where) with where "host" or a device name: what grows with the frames.
     frames: the frame count the parts are for (to say how many would fit).
+    fixed: parts of the same form that do not grow with the frames (one chunk's working memory).
+    resident: parts already in memory (the model's weights): in the peak, not in what is still needed.
     """
 
     parts: tuple[tuple[str, int, str], ...]
     frames: int
+    fixed: tuple[tuple[str, int, str], ...] = ()
+    resident: tuple[tuple[str, int, str], ...] = ()
 
     def bytes_on(self, where: str) -> int:
-        return sum(b for _, b, w in self.parts if w == where)
+        """What the run still has to allocate on ``where``."""
+        return sum(b for _, b, w in self.parts + self.fixed if w == where)
+
+    def fixed_on(self, where: str) -> int:
+        return sum(b for _, b, w in self.fixed if w == where)
+
+    def peak_on(self, where: str) -> int:
+        """The run's peak on ``where``: what it allocates and what is there already."""
+        return self.bytes_on(where) + sum(b for _, b, w in self.resident if w == where)
 
     def places(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(w for _, _, w in self.parts))
+        return tuple(dict.fromkeys(w for _, _, w in self.parts + self.fixed + self.resident))
 
     def describe(self, where: str) -> str:
-        return ", ".join(f"{what} {size_text(b)}" for what, b, w in self.parts if w == where)
+        return ", ".join(f"{what} {size_text(b)}" for what, b, w in self.parts + self.fixed if w == where)
 
     def figures(self) -> dict:
-        """For stats: planned bytes per place, in MB."""
-        return {f"memory_planned_{w.replace(':', '')}_mb": round(self.bytes_on(w) / 1e6, 1) for w in self.places()}
+        """For stats: planned bytes per place (and the planned peak, with the weights), in MB."""
+        out = {}
+        for w in self.places():
+            place = w.replace(":", "")
+            out[f"memory_planned_{place}_mb"] = round(self.bytes_on(w) / 1e6, 1)
+            if self.resident or self.fixed:
+                out[f"memory_planned_peak_{place}_mb"] = round(self.peak_on(w) / 1e6, 1)
+        return out
+
+    def breakdown(self) -> dict:
+        """For stats: each part of the planned peak in MB, by place ("where the memory goes")."""
+        return {w: {what: round(b / 1e6, 1) for what, b, place in self.resident + self.parts + self.fixed
+                    if place == w} for w in self.places()}
 
 
 def check_memory(estimate: MemoryEstimate, name: str, available=None,
@@ -122,14 +145,18 @@ def check_memory(estimate: MemoryEstimate, name: str, available=None,
         limit = int(have * share)
         if need <= limit:
             continue
-        per_frame = need / max(estimate.frames, 1)
-        fit = max(int(math.floor(limit / per_frame)), 0) if per_frame else estimate.frames
+        fixed = estimate.fixed_on(where)
+        per_frame = (need - fixed) / max(estimate.frames, 1)
+        fit = max(int(math.floor((limit - fixed) / per_frame)), 0) if per_frame else 0
         memory = "host memory" if where == "host" else f"memory on {where}"
         fits = (f"about {fit} frame(s) would fit" if fit else "not even one frame fits")
+        peak = estimate.peak_on(where)
+        loaded = (f"; the run's peak would be about {size_text(peak)} with the {size_text(peak - need)} "
+                  "already loaded" if peak > need else "")
         raise AdaTPInputError(
             f"{name}: {estimate.frames} frame(s) would need about {size_text(need)} of {memory} "
             f"({estimate.describe(where)}), more than the {100 * share:.0f}% of the {size_text(have)} "
-            f"available now that a run may take; {fits}. Sample fewer frames{advice}, or free memory; "
+            f"available now that a run may take{loaded}; {fits}. Sample fewer frames{advice}, or free memory; "
             "nothing was decoded.")
 
 
@@ -146,3 +173,106 @@ def _device_available(where: str) -> int | None:
     except (RuntimeError, TypeError):
         return None
     return available_device_bytes(device)
+
+
+# -- the run's peak, before any work (issue 30, item 7) ------------------------------------------
+
+# Query rows the scores at layer K-1 take, when the question's length is not known (an estimate).
+SCORED_ROWS = 64
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run's peak memory depends on, known from the sampling plan and the prompt alone.
+
+    llm: flops.LLMShape of the text model; vision: flops.VisionShape of the vision side, per frame
+        (LLaVA-OV) or per temporal patch (Qwen; ``frames_per_step`` 2).
+    frames, decoded: the sampled frames and their decoded (width, height).
+    pixels: (height, width) of the model's input frames.
+    prompt_tokens (L), visual_tokens (N): of the longest prompt; injections: Qwen3-VL's DeepStack
+        rows per visual token (0 elsewhere).
+    layer: K; retention: R (None: no pruning, every token goes on through every layer).
+    streamed: frames decoded a chunk at a time (streaming.py) rather than held as one IMAGE.
+    chunk_frames: frames per vision chunk; prefill_chunk: tokens per prefill call (0: one call).
+    item: bytes per element of the model's dtype; where: the model's place ("host" or a device).
+    weights: bytes of the model's weights there (already loaded).
+    """
+
+    llm: object
+    vision: object
+    frames: int
+    decoded: tuple[int, int]
+    pixels: tuple[int, int]
+    prompt_tokens: int
+    visual_tokens: int
+    layer: int
+    retention: float | None = None
+    streamed: bool = False
+    chunk_frames: int = 16
+    prefill_chunk: int = 0
+    frames_per_step: int = 1
+    injections: int = 0
+    max_new_tokens: int = 0
+    item: int = 2
+    where: str = "host"
+    weights: int = 0
+
+
+def run_memory(run: RunPlan) -> MemoryEstimate:
+    """The run's peak, part by part, before any work: the weights (loaded), the frames (all of them
+    as an IMAGE, or one chunk when streamed), one chunk's pixels and vision working memory, the encoded
+    rows of every visual token, the prompt's embeddings and layer K's input rows [L, D], layers < K's
+    keys and values for every token, layers >= K's for the R·N kept tokens and the text, and one prefill
+    call's working memory. Shapes only: an estimate, not a measurement (bench/long_video.py compares)."""
+    llm, vis, item, where = run.llm, run.vision, run.item, run.where
+    width, height = run.decoded
+    h, w = run.pixels
+    frames = int(run.frames)
+    chunk = min(max(int(run.chunk_frames), 1), frames)
+    steps_chunk = -(-chunk // run.frames_per_step)
+    decoded_chunk, _ = frames_bytes(chunk, width, height)
+    # one chunk's pixels: float32 frames, then the model's input in its dtype (Qwen: padded to whole steps)
+    pixels_chunk = steps_chunk * run.frames_per_step * 3 * h * w * (4 + item)
+    patches = steps_chunk * vis.patches
+    vision_chunk = patches * (6 * vis.hidden + vis.mlp_matrices * vis.intermediate) * item
+    length, n = int(run.prompt_tokens), int(run.visual_tokens)
+    d = llm.hidden
+    per_token = 2 * llm.kv_heads * llm.head_dim * item
+    full = llm.full_attention_layers()
+    below = sum(1 for i in full if i < run.layer)
+    above = len(full) - below
+    kept = n if run.retention is None else int(round(n * run.retention))
+    later = length - n + kept + int(run.max_new_tokens)
+    if run.retention is None:  # nothing is pruned: every layer holds every token
+        below, above = len(full), 0
+    call = min(run.prefill_chunk or length, length)
+    working = call * (6 * d + 3 * max(llm.intermediate, llm.moe.top_k * llm.moe.intermediate
+                                      if llm.moe is not None else 0)) * item
+    state = 0
+    if llm.linear is not None:
+        conv, recurrent = llm.linear.state_elements()
+        state = (llm.layers - len(full)) * (conv * item + recurrent * 4)
+    parts, fixed = [], []
+    if run.streamed:
+        fixed.append((f"one chunk of decoded frames [{chunk}, {height}, {width}, 3] uint8", decoded_chunk, "host"))
+    else:
+        decoded, image = frames_bytes(frames, width, height)
+        parts += [(f"decoded frames [{frames}, {height}, {width}, 3] uint8", decoded, "host"),
+                  (f"the IMAGE [{frames}, {height}, {width}, 3] float32", image, "host")]
+    fixed += [(f"one chunk's pixels [{steps_chunk * run.frames_per_step}, 3, {h}, {w}]", pixels_chunk, where),
+              (f"the vision tower over one chunk ({patches} patches)", vision_chunk, where)]
+    parts += [(f"the encoded rows [{n}, {d}]" + (f" and {run.injections} DeepStack rows each" if run.injections
+                                                   else ""), n * d * item * (1 + run.injections), where),
+              (f"the prompt's embeddings and layer K's input rows [2 x {length}, {d}]", 2 * length * d * item, where),
+              (f"layers < K's keys and values ({below} layers x {length} tokens)", below * length * per_token, where),
+              (f"the scores' rows [{llm.heads} x {SCORED_ROWS} x {length}] float32",
+               llm.heads * SCORED_ROWS * length * 4 if run.layer else 0, where)]
+    if above:
+        parts.append((f"layers >= K's keys and values ({above} layers x {later} tokens: R·N = {kept} kept)",
+                      above * later * per_token, where))
+    one_call = (f"one prefill call's activations ({call} tokens)", working, where)
+    (fixed if call < length else parts).append(one_call)
+    if state:
+        fixed.append(("the linear-attention layers' states", state, where))
+    resident = ((f"the model's weights", int(run.weights), where),) if run.weights else ()
+    return MemoryEstimate(parts=tuple(parts), frames=frames, fixed=tuple(fixed), resident=resident)

@@ -5,6 +5,7 @@
         --video clip.mp4 --question "What is the person doing?"
     python -m adatp_core --question "Who?" --question "Where?"   # one video, several answers
     python -m adatp_core caption DIR           # a caption .txt beside every clip (caption/cli.py)
+    python -m adatp_core clips SOURCE --out DIR  # long videos -> shots -> clips -> captions (clips/cli.py)
     python -m adatp_core doctor                # self-check on this machine's device (doctor.py)
     python -m adatp_core models                # the models --model takes (models/names.py)
 """
@@ -20,10 +21,12 @@ import time
 
 from .caption.cli import main as caption_main
 from .cli_options import add_model_arguments, load_model, pipeline_config
+from .clips.cli import main as clips_main
 from .doctor import main as doctor_main
 from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .models.names import models_main
-from .pipeline import load_checked, run_pipeline
+from .peak_memory import stage_peak
+from .pipeline import load_checked, run_pipeline, stream_checked
 from .report import stats_text
 from .samples import sample_video
 from .timing import timed
@@ -45,7 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform (default): --frames evenly spaced frames; fps: one frame every 1/--fps seconds, "
                         "at most --frames; model: as the model's video processor samples (Qwen3-VL, Qwen3.5, "
                         "Qwen3.6: 2 frames a second, 4 to 768 frames; --frames not used)")
-    p.add_argument("--fps", type=float, default=1.0, help="frames per second for --sampling fps (default 1)")
+    p.add_argument("--fps", type=float, default=1.0,
+                   help="frames per second for --sampling fps (default 1); with --frames 0, for the whole video "
+                        "(--sampling fps --fps 1 --frames 0: one frame a second of all of it)")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="decode every sampled frame into memory before encoding (default: the video is decoded, "
+                        "preprocessed and encoded a chunk of frames at a time, so long videos fit)")
+    p.add_argument("--chunk-frames", type=int, default=None,
+                   help="frames per vision chunk when streaming (default: the model's, 16)")
     p.add_argument("--json", action="store_true",
                    help="print every figure as JSON (several questions: one object per line, per question)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -62,6 +72,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["caption"]:
         return caption_main(argv[1:], as_program=as_program)
+    if argv[:1] == ["clips"]:
+        return clips_main(argv[1:], as_program=as_program)
     if argv[:1] == ["doctor"]:
         return doctor_main(argv[1:])
     if argv[:1] == ["models"]:
@@ -78,11 +90,16 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, sampling=ProcessorSampling(*model.adapter.processor_sampling()))
         elif args.sampling == "fps":
             cfg = dataclasses.replace(cfg, sampling="fps", fps=args.fps)
+        cfg = dataclasses.replace(cfg, stream=args.stream, chunk_frames=args.chunk_frames)
         questions = args.question or [DEFAULT_QUESTION]
         video, info, decode_times = args.video or sample_video(), None, {}
         if len(questions) > 1:  # decode once; the model's prefix cache then encodes the video once
-            with timed(decode_times, "time_video_decode"):
-                video, info, planned = load_checked(model, video, questions, cfg)
+            if cfg.stream:  # encoded once, a chunk at a time; every question takes the encoded video
+                with stage_peak(decode_times, "encode", model.adapter.device):
+                    video, info, planned = stream_checked(model, video, questions, cfg)
+            else:
+                with timed(decode_times, "time_video_decode"):
+                    video, info, planned = load_checked(model, video, questions, cfg)
             decode_times.update(planned)
         for i, question in enumerate(questions):
             result = run_pipeline(model, video, question, cfg, video_info=info)

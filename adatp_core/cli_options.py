@@ -1,6 +1,5 @@
-"""The options both command lines take (``python -m adatp_core`` and its ``caption``
-command): the model and AdaTP settings, and what they build, a PipelineConfig and the
-loaded model.
+"""The options both command lines take (``python -m adatp_core`` and its ``caption`` and ``clips``
+commands): the model and AdaTP settings, and what they build, a PipelineConfig and the loaded model.
 """
 
 from __future__ import annotations
@@ -11,18 +10,19 @@ import time
 
 from transformers.utils import logging as hf_logging
 
-from .sampling import DECODE_MODES, SamplingConfig
+from .attention import DEFAULT_PREFILL_CHUNK
 from .models.loader import load_video_llm
 from .models.names import BUILTIN_TINY, resolve_model_name
 from .pipeline import PipelineConfig
+from .sampling import DECODE_MODES, SamplingConfig
 
 
 def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    """The model and AdaTP options, shared with ``caption`` (caption_cli.py)."""
+    """The model and AdaTP options, shared with ``caption`` (caption/cli.py) and ``clips``."""
     p.add_argument("--model", help="a model folder, a built-in model (adatp-tiny-qwen3-vl), a folder name under "
                                    "models/LLM, or a catalog repository id (downloaded on first use); "
                                    "'python -m adatp_core models' lists them (default: the built-in tiny model)")
-    p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
+    p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32); with --sampling fps, the most taken (0: no cap)")
     p.add_argument("--max-pixels", type=pixel_budget, default=0,
                    help="Qwen models: pixel budget per frame (default 0: the pack's 448x448), or 'model': the "
                         "model's own video budget, spread over the frames as transformers' processor spreads it; "
@@ -30,6 +30,10 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--retention", type=float, default=0.25, help="fraction of visual tokens kept (default 0.25)")
     p.add_argument("--layer", type=int, default=2, help="prune after K LLM layers (0: before the LLM)")
     p.add_argument("--query", choices=("text", "last"), default="text")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"tokens per forward call of the prefill (default {DEFAULT_PREFILL_CHUNK}; 0: the whole prompt in one call): "
+                        "a longer video runs layers < K and the kept tokens from K chunk by chunk, so only one "
+                        "chunk's activations exist at a time; a prompt within one chunk runs as with 0")
     p.add_argument("--vanilla", action="store_true", help="no pruning: the stock model")
     p.add_argument("--no-global-debias", action="store_true", help="leave out GlobalDebias")
     p.add_argument("--no-local-debias", action="store_true", help="leave out LocalDebias")
@@ -67,6 +71,7 @@ def pipeline_config(args):
     """PipelineConfig from the options of ``add_model_arguments``."""
     return PipelineConfig(
         num_frames=args.frames, layer=args.layer, query=args.query, max_pixels=args.max_pixels,
+        prefill_chunk=args.prefill_chunk,
         retention=None if args.vanilla else args.retention,
         global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
         generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode,

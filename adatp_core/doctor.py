@@ -14,6 +14,8 @@ checks each fast path against the plain one:
 - no cuDNN attention in any step (it builds a plan per new shape: 10x slower decoding);
 - selection (steps 1, 3-5) with no host sync but Global Debias' one designed transfer
   (CUDA sync-debug mode, each sync located by the Python line that waited);
+- two questions decoded together as 2 rows (the one step runner, the decode mode auto picks)
+  against each answered alone: the same tokens;
 - the batched Qwen vision attention against the stock tower;
 - peak memory, time to first token and ms/token.
 
@@ -44,9 +46,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.overrides
 
-from . import static_decode
 from .attention import extract_attention
-from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
+from .batching import decode_together
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError, is_out_of_memory
 from .generate import SamplingConfig, generate_answer
 from .memory import free_memory, is_interrupt
 from .hf import versions
@@ -57,6 +59,7 @@ from .models.stock import stock_video_inputs
 from .pipeline import PipelineConfig, select
 from .prune import prune_tokens
 from .sdpa import plan_free_attention
+from .steps import CaptureStatus
 from .timing import synchronize
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ QUESTION = "What is the red square doing in this video?"
 # A second question of another prompt length that lands in the same static-decoding bucket.
 OTHER_QUESTION = "Which colour is the disc, and where does it go after the cut?"
 NEW_TOKENS = 8
+ROWS_CHECK = "2 rows = one at a time"
 LAYER = 2
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 AVOID_STATIC = ("set decode_mode=default (--decode-mode default; ComfyUI's auto mode falls back to it by itself "
@@ -268,30 +272,6 @@ class SdpaSpy(torch.overrides.TorchFunctionMode):
             return "unknown"
 
 
-class _LogSpy(logging.Handler):
-    """Warnings that a logger emits while it is attached (a graph capture that failed)."""
-
-    def __init__(self, logger_name: str):
-        super().__init__(logging.WARNING)
-        self.logger = logging.getLogger(logger_name)
-        self.messages: list[str] = []
-        self._level = logging.NOTSET
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        self._level = self.logger.level
-        if not self.logger.isEnabledFor(logging.WARNING):  # a quiet root logger must not hide them
-            self.logger.setLevel(logging.WARNING)
-        self.logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self._level)
-
-
 @contextlib.contextmanager
 def sync_debug(mode: str):
     """Inside this block every CUDA host sync warns ("warn") or raises ("error")
@@ -441,24 +421,25 @@ def _answers(state, steps: int, mode: str):
 
 
 def _check_static(fam: _Family, llm: VideoLLM, frames, dev: torch.device, spy: SdpaSpy) -> None:
-    """Default against static decoding for two questions; the graph captured once, replayed for the second."""
+    """Default against static decoding for two questions; the graph captured once, replayed for the
+    second. What became of the graph is the step runner's ``CaptureStatus`` for each answer."""
     cfg = PipelineConfig()
     static_failed = None
-    results = []
-    with _LogSpy(static_decode.__name__) as logged:  # the pack's own name inside ComfyUI
-        for i, question in enumerate((QUESTION, OTHER_QUESTION)):
-            # The first question's prefill, both decodings and the graph capture run under the SDPA spy.
-            with spy if i == 0 else contextlib.nullcontext():
-                state = select(extract_attention(llm, frames, question, layer=LAYER), cfg)
-                default = _answers(state, NEW_TOKENS, "default")
-                try:
-                    static = _answers(state, NEW_TOKENS, "static")
-                except AdaTPEnvironmentError as exc:
-                    if "out of memory" in str(exc):
-                        raise
-                    static_failed = str(exc)
-                    break
-            results.append((default, static))
+    results, statuses = [], []
+    for i, question in enumerate((QUESTION, OTHER_QUESTION)):
+        # The first question's prefill, both decodings and the graph capture run under the SDPA spy.
+        with spy if i == 0 else contextlib.nullcontext():
+            state = select(extract_attention(llm, frames, question, layer=LAYER), cfg)
+            default = _answers(state, NEW_TOKENS, "default")
+            try:
+                static = _answers(state, NEW_TOKENS, "static")
+            except AdaTPEnvironmentError as exc:
+                if is_out_of_memory(exc):
+                    raise
+                static_failed = str(exc)
+                break
+        results.append((default, static))
+        statuses.append(llm.static_decoders.status)
     if static_failed is not None:
         fam.add("AdaTP default = static decoding", FAIL, static_failed[:400])  # it names decode_mode=default
         fam.add("static graph reused", SKIP, "static decoding failed (line above)")
@@ -471,21 +452,22 @@ def _check_static(fam: _Family, llm: VideoLLM, frames, dev: torch.device, spy: S
     fam.add("AdaTP default = static decoding", PASS if ok else FAIL,
             "; ".join(f"question {i + 1}: {d}" for i, (_, d) in enumerate(details))
             + ("" if ok else f": static decoding chooses other tokens on this device; {AVOID_STATIC}"))
-    (_, first), (_, second) = results
-    capture1, capture2 = first.stats.get("time_graph_capture", 0.0), second.stats.get("time_graph_capture", 0.0)
-    failed = [m for m in logged.messages if "capture failed" in m]
+    none = CaptureStatus("skipped", "no static decoder was kept")  # cannot happen short of a cleared store
+    first, second = (s or none for s in statuses)
+    failed = [s for s in (first, second) if s.failed]
     reused = len(llm.static_decoders) == 1
-    if dev.type != "cuda" and reused:
-        fam.add("static graph reused", SKIP, f"no CUDA graphs on {dev.type}: static steps run without a graph "
-                                             f"(the second question reused the first one's buffers)")
-    elif failed:
-        fam.add("static graph reused", FAIL, f"{failed[0][:300]}: decoding is correct but not faster; "
-                                             f"{AVOID_STATIC}")
-    elif capture1 > 0 and capture2 == 0 and reused:
-        fam.add("static graph reused", PASS, f"captured once ({1000 * capture1:.0f} ms), replayed for a second "
+    if failed:
+        fam.add("static graph reused", FAIL, f"CUDA graph capture failed ({failed[0].reason[:300]}): decoding is "
+                                             f"correct but not faster; {AVOID_STATIC}")
+    elif first.outcome == "captured" and second.outcome == "reused" and reused:
+        fam.add("static graph reused", PASS, f"captured once ({1000 * first.seconds:.0f} ms), replayed for a second "
                                              f"question with no new capture")
+    elif first.outcome == second.outcome == "skipped" and reused:
+        why = f"no CUDA graphs on {dev.type}" if dev.type != "cuda" else f"no CUDA graph ({first.reason})"
+        fam.add("static graph reused", SKIP, f"{why}: static steps run without a graph "
+                                             f"(the second question reused the first one's buffers)")
     else:
-        fam.add("static graph reused", FAIL, f"capture times {capture1:.3f} s then {capture2:.3f} s, "
+        fam.add("static graph reused", FAIL, f"graph {first.note}, then {second.note}; "
                                              f"{len(llm.static_decoders)} decoder(s): the buffers or graph were "
                                              f"not reused across questions; {AVOID_STATIC}")
 
@@ -545,6 +527,28 @@ def _peak_rss_mib() -> float:
         return float("nan")
 
 
+def _check_rows(fam: _Family, llm: VideoLLM, frames) -> None:
+    """Two questions decoded together as 2 rows (the step runner, in the mode auto picks here), against
+    each answered alone: the same tokens (or parted at a near tie)."""
+    cfg = PipelineConfig()
+    states = [select(extract_attention(llm, frames, q, layer=LAYER), cfg) for q in (QUESTION, OTHER_QUESTION)]
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    alone = [generate_answer(s, sampling, return_logits=True) for s in states]
+    done = {f.key: f for f in decode_together(llm, sampling, [(i, lambda s=s: s) for i, s in enumerate(states)], 2)}
+    failed = [f.error for f in done.values() if f.error is not None]
+    if failed:
+        fam.add(ROWS_CHECK, FAIL, f"a row failed ({failed[0][:300]}); batch_size 1 (--batch-size 1) avoids it")
+        return
+    results = [compare_tokens(a.token_ids, a.logits, done[i].answer.token_ids, None, llm.dtype)
+               for i, a in enumerate(alone)]
+    modes = "+".join(sorted({done[i].answer.stats["decode_mode"] for i in done}))
+    ok = all(r[0] for r in results)
+    fam.add(ROWS_CHECK, PASS if ok else FAIL,
+            f"{modes} steps; " + "; ".join(f"question {i + 1}: {d}" for i, (_, d) in enumerate(results))
+            + ("" if ok else ": rows decoded together choose other tokens than one answer at a time on this "
+                             "device; batch_size 1 (--batch-size 1) avoids it"))
+
+
 def _check_vision(fam: _Family, llm: VideoLLM, frames) -> None:
     """Qwen: the batched vision attention (hf/vision.py) against the stock tower."""
     from .hf.vision import vision_forward
@@ -585,11 +589,12 @@ def _run_family(fam: _Family, dev: torch.device, dtype: torch.dtype, frames, on_
     steps = [lambda: _check_keep_all(fam, llm, frames),
              lambda: _check_static(fam, llm, frames, dev, spy),
              lambda: _check_sdpa(fam, spy, dev),
-             lambda: _check_selection_and_figures(fam, llm, frames, dev)]
+             lambda: _check_selection_and_figures(fam, llm, frames, dev),
+             lambda: _check_rows(fam, llm, frames)]
     if hasattr(llm.adapter, "grid_thw"):
         steps.append(lambda: _check_vision(fam, llm, frames))
     names = ("keep-all = stock generate()", "AdaTP default = static decoding", "no cuDNN attention",
-             "figures", "batched vision = stock tower")
+             "figures", ROWS_CHECK, "batched vision = stock tower")
     try:
         for name, step in zip(names, steps):
             done = len(fam.checks)
@@ -601,7 +606,7 @@ def _run_family(fam: _Family, dev: torch.device, dtype: torch.dtype, frames, on_
                 log.debug("%s: %s failed", fam.label, name, exc_info=True)
                 if len(fam.checks) == done:
                     fam.add(name, FAIL, f"raised {_error(exc)}"
-                            + ("; use fewer frames or a smaller model" if "out of memory" in str(exc) else ""))
+                            + ("; use fewer frames or a smaller model" if is_out_of_memory(exc) else ""))
             if on_check is not None:
                 on_check(fam.checks[-1])
         for key, reason in llm.adapter.fallbacks.items():

@@ -9,10 +9,10 @@ fails before its decoding is paid for.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
-from .budget import check_memory
+from .budget import RunPlan, check_memory, run_memory
 from .errors import AdaTPInputError
+from .flops import LLMShape
 from .models.base import MODEL_BUDGET
 from .runtime import VideoLLM
 
@@ -59,15 +59,20 @@ def plan_prompt(adapter, question: str, n_frames: int, height: int, width: int, 
     return prompt
 
 
-def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None = None) -> dict:
+def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None = None, *, layer: int = 2,
+                     retention: float | None = None, streamed: bool = False, chunk_frames: int | None = None,
+                     prefill_chunk: int = 0, max_new_tokens: int = 0) -> dict:
     """Before any frame is decoded: refuse a video whose sampling plan cannot fit.
 
     sample: a video.SamplePlan (frame count, decoded size and times, from the probe alone).
-    The prompt for each question must fit the model's context (``plan_prompt``), and the
-    decoded frames, their IMAGE and the model's input (pixels [T, 3, h, w] float32 and the
-    prompt's embeddings [L, D], on the model's device) must fit in a share of the memory
-    available now (budget.check_memory). Raises AdaTPInputError naming the clip, the
-    figures and what to change; returns the planned figures for the stats.
+    The prompt for each question must fit the model's context (``plan_prompt``: positions for
+    M-RoPE, tokens otherwise), and the run's peak (budget.run_memory: the frames, as one IMAGE or,
+    streamed, a chunk at a time; one chunk's pixels and vision work; the encoded rows, the prompt's
+    embeddings and layer K's input rows; layers < K's keys and values for every token and layers
+    >= K's for the kept ones at ``retention``; one prefill call of ``prefill_chunk`` tokens) must fit
+    in a share of the memory available now, beside the weights already loaded (budget.check_memory).
+    Raises AdaTPInputError naming the clip, the estimate and what to change; returns the planned
+    figures for the stats (memory_planned_*, and memory_plan: each part, by place).
     """
     adapter = model.adapter
     max_pixels = check_max_pixels(max_pixels)
@@ -79,18 +84,26 @@ def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None 
     except AdaTPInputError as exc:
         raise AdaTPInputError(f"{sample.name}: {exc} Nothing was decoded.") from exc
     plan = longest.plan
-    steps = -(-plan.num_frames // plan.frames_per_step) * plan.frames_per_step
-    hidden = int(adapter.text_model.config.hidden_size)
+    layer = adapter.resolve_layer(int(layer))[0]
     device = adapter.device
     where = "host" if device.type == "cpu" else str(device)
-    pixels = steps * 3 * plan.size[0] * plan.size[1] * 4
-    embeds = 2 * longest.length * hidden * adapter.dtype.itemsize  # the embeddings and the assembled input
-    estimate = sample.memory()
-    estimate = replace(estimate, parts=estimate.parts + (
-        (f"the model's pixel input [{steps}, 3, {plan.size[0]}, {plan.size[1]}] float32", pixels, where),
-        (f"the prompt's embeddings [{longest.length}, {hidden}]", embeds, where)))
+    weights = sum(t.numel() * t.element_size() for t in (*adapter.model.parameters(), *adapter.model.buffers())
+                  if t.device == device)
+    vision_config = adapter.model.config.vision_config
+    estimate = run_memory(RunPlan(
+        llm=LLMShape.from_config(adapter.text_model.config), vision=adapter.vision_shape(plan),
+        frames=plan.num_frames, decoded=(width, height), pixels=plan.size, prompt_tokens=longest.length,
+        visual_tokens=len(longest.visual_positions), layer=layer, retention=retention, streamed=streamed,
+        chunk_frames=adapter.chunk_frames(plan, chunk_frames), prefill_chunk=prefill_chunk,
+        frames_per_step=plan.frames_per_step, max_new_tokens=max_new_tokens,
+        injections=len(getattr(vision_config, "deepstack_visual_indexes", None) or ()),
+        item=adapter.dtype.itemsize, where=where, weights=weights))
     smallest = adapter.plan_video(plan.num_frames, height, width, max_pixels=MIN_PIXEL_BUDGET)
     advice = " (num_frames, --frames)" + (" or a smaller pixel budget (max_pixels, --max-pixels)"
                                           if smallest.size != plan.size else "")
+    if retention is not None and retention > 0.1:
+        advice += ", a lower retention (--retention)"
+    if not streamed:
+        advice += ", stream the video file (Extract Attention (Video File); the CLI streams unless --no-stream)"
     check_memory(estimate, sample.name, advice=advice)
-    return {"prompt_tokens_planned": longest.length, **estimate.figures()}
+    return {"prompt_tokens_planned": longest.length, **estimate.figures(), "memory_plan": estimate.breakdown()}

@@ -20,11 +20,13 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersErr
 from .memory import fallback_allowed, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
-from .decode import continue_prefill, decode_step
+from .decode import continue_prefill
 from .models.base import FALLBACK_STATIC_DECODING
 from .sdpa import plan_free_attention
 from .state import AdaTPState
-from .static_decode import StaticDecoders, static_break_even, static_pays_off
+from .hf.cache import RowsKVCache
+from .static_decode import StaticDecoders
+from .steps import StepRunner, static_pays_for_answer
 from .timing import DecodeStats, synchronize
 
 log = logging.getLogger(__name__)
@@ -89,11 +91,18 @@ def resolved_sampling(adapter, sampling: SamplingConfig | None) -> SamplingConfi
 
 
 def check_room(state: AdaTPState, cfg: SamplingConfig) -> None:
-    """Refuse a prompt that leaves no room for max_new_tokens in the model's context."""
+    """Refuse a prompt that leaves no room for max_new_tokens in the model's context: the answer's
+    positions go on from the prompt's largest position id (its length for 1-D positions; for M-RoPE,
+    which grows with the video's time, far fewer: VideoLLMAdapter.check_context)."""
     limit = getattr(state.model.adapter.text_model.config, "max_position_embeddings", None)
-    if limit is not None and state.prompt.length + cfg.max_new_tokens > limit:
+    if limit is None:
+        return
+    extent = int(state.position_ids.max()) + 1
+    if extent + cfg.max_new_tokens > limit:
+        what = f"{state.prompt.length} tokens" if extent == state.prompt.length else \
+            f"{state.prompt.length} tokens, positions up to {extent - 1}"
         raise AdaTPInputError(
-            f"prompt ({state.prompt.length} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
+            f"prompt ({what}) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
             f"the model's context of {limit}; lower max_new_tokens or use fewer frames.")
 
 
@@ -194,7 +203,8 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
 
 
 def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> DecodeRun:
-    """The continuation from layer K and the decoding loop (see generate_answer)."""
+    """The continuation from layer K and the decoding loop (see generate_answer): one row stepped by
+    the step runner (steps.py), as captions decoded together are."""
     adapter = state.model.adapter
     dev = adapter.device
     eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
@@ -209,27 +219,18 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
             kept = len(state.kept_positions())
             lengths = [state.prompt.length if i < state.layer else kept for i in range(adapter.num_layers)
                        if not adapter.is_linear_layer(i)]  # a linear layer's state has no capacity
-            if lengths and not static_pays_off(lengths, cfg.max_new_tokens, static_break_even(dev)):
+            if not static_pays_for_answer(adapter, lengths, cfg.max_new_tokens):
                 mode = "default"
-        reserve = 0 if mode == "static" else cfg.max_new_tokens  # static copies into its own buffers
-        cache, logits = continue_prefill(state, reserve)
-        static = None
-        if mode == "static":
-            decoders = getattr(state.model, "static_decoders", None)
-            if decoders is None:  # a model object without the per-model store: buffers for this answer only
-                decoders = StaticDecoders(max_buckets=1)
-            step_fn = decoders.decoder(adapter, cache, cfg.max_new_tokens, state.position_ids)
-            static = step_fn.cache
-            cache = None
+        runner, logits = _one_row(state, cfg, mode)
         first_position = adapter.next_position_ids(state.position_ids, 0)  # one host sync, not one per token
         synchronize(dev)
         prefill_done = time.perf_counter()
-        capture_seconds = step_fn.capture() if static is not None else 0.0  # once per model and bucket
-        graph_note = step_fn.graph_note if static is not None else ""
+        graph = runner.capture() if mode == "static" else None  # once per model and bucket
         decode_start = time.perf_counter()
         passes = 0  # decode forward passes
         for step in range(cfg.max_new_tokens):
-            token = int(chooser(logits))
+            chosen = chooser(logits)
+            token = int(chosen)
             if return_logits:
                 chosen_logits.append(logits)
             if token in eos:
@@ -239,18 +240,27 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                 on_token(step, token)
             if step == cfg.max_new_tokens - 1:
                 break
-            pos = first_position + step
-            if static is not None:
-                logits = step_fn(token, pos, step)
-                if return_logits:  # on CUDA the graph's output buffer, rewritten by the next step
-                    logits = logits.clone()
-            else:
-                logits = decode_step(adapter, torch.tensor([token], device=dev), pos, cache)[0]
+            logits = runner(chosen.view(1), first_position + step)[0]  # the runner's copy: kept as it is
             passes += 1
         synchronize(dev)
         end = time.perf_counter()
-    lengths = cache.lengths() if static is None else static.lengths(passes)
     return DecodeRun(tokens=tokens, logits=torch.stack(chosen_logits) if return_logits else None,
-                      kv_lengths=lengths, prefill_seconds=prefill_done - start,
+                      kv_lengths=runner.cache.row_lengths(0), prefill_seconds=prefill_done - start,
                       decode_seconds=end - decode_start, passes=passes, mode=mode,
-                      capture_seconds=capture_seconds, graph_note=graph_note)
+                      capture_seconds=graph.seconds if graph is not None else 0.0,
+                      graph_note=graph.note if graph is not None else "")
+
+
+def _one_row(state: AdaTPState, cfg: SamplingConfig, mode: str) -> tuple[StepRunner, torch.Tensor]:
+    """The prefill's continuation and the runner over its one row, with the first token's logits [V].
+    Default: the row is the prefill's own cache, allocated with room for the new tokens. Static: the
+    prefill is copied into a bucket's buffers kept per model (static_decode.StaticDecoders)."""
+    adapter = state.model.adapter
+    if mode != "static":
+        cache, logits = continue_prefill(state, cfg.max_new_tokens)
+        return StepRunner(adapter, RowsKVCache.holding(cache), state.position_ids), logits
+    cache, logits = continue_prefill(state, 0)
+    decoders = getattr(state.model, "static_decoders", None)
+    if decoders is None:  # a model object without the per-model store: buffers for this answer only
+        decoders = StaticDecoders(max_buckets=1)
+    return decoders.decoder(adapter, cache, cfg.max_new_tokens, state.position_ids), logits

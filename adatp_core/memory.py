@@ -8,17 +8,10 @@ from typing import TypeVar
 
 import torch
 
-from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
+from .errors import AdaTPInputError, AdaTPInterrupted, AdaTPOutOfMemoryError, is_out_of_memory
 
 T = TypeVar("T")
 OOM_ADVICE = "use fewer frames, a lower retention, a smaller K, or keep_loaded off for other models"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def is_interrupt(exc: BaseException) -> bool:
@@ -46,12 +39,24 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def free_bytes(device) -> int | None:
+    """Bytes a new allocation on ``device`` can have now: the CUDA device's free memory plus what
+    torch's allocator holds without using it. None where that is not known (the CPU, MPS): there
+    nothing is refused ahead, and an allocation that fails is the error."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model=None) -> T:
-    """Run ``fn``; turn running out of memory into AdaTPEnvironmentError.
+    """Run ``fn``; turn running out of memory (errors.is_out_of_memory) into AdaTPOutOfMemoryError.
 
     The error is raised after the original exception (whose traceback holds
     every tensor of the failed stage) is gone and memory has been collected, so
-    nothing of the failed run stays allocated and a smaller run can follow.
+    nothing of the failed run stays allocated and a smaller run can follow. An
+    AdaTPOutOfMemoryError from an inner run_guarded keeps its message.
     model: a VideoLLM whose kept static-decoding buffers and graphs, and kept video
         prefixes, are dropped too.
     """
@@ -60,9 +65,13 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, AdaTPOutOfMemoryError):
+            message = str(exc)
+        else:
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            message = f"out of memory during {stage} ({detail}); {advice}."
     for kept in (getattr(model, "static_decoders", None), getattr(model, "prefix_cache", None)):
         if kept is not None:  # whole KV caches: what the next, smaller run needs back
             kept.clear()
     free_memory()
-    raise AdaTPEnvironmentError(f"out of memory during {stage} ({detail}); {advice}.")
+    raise AdaTPOutOfMemoryError(message)

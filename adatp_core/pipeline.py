@@ -10,15 +10,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import QUERY_MODES, extract_attention
+from .attention import DEFAULT_PREFILL_CHUNK, QUERY_MODES, extract_attention
 from .debias import global_debias, local_debias
 from .errors import AdaTPInputError, OptionError
 from .fits import check_max_pixels, check_video_fits
 from .generate import Answer, SamplingConfig, generate_answer
 from .models.base import MODEL_BUDGET
-from .runtime import VideoLLM
+from .peak_memory import stage_peak
 from .prune import check_retention, prune_tokens
+from .runtime import VideoLLM
 from .state import AdaTPState
+from .streaming import EncodedVideo, encode_video
 from .timing import timed
 from .video import (DECODE_MAX_SIDE, MAX_FRAMES, SAMPLING_MODES, ProcessorSampling, VideoInfo, decode_plan,
                     frames_to_image, plan_sampling)
@@ -45,6 +47,11 @@ class PipelineConfig:
     retention: float | None = 0.25
     generation: SamplingConfig = field(default_factory=SamplingConfig)
     reuse_prefix: bool = True  # keep the video's prefix for the next question (attention.py)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # tokens per forward call of the prefill (0: one call; attention.py)
+    # A video file is decoded, preprocessed and encoded a chunk of frames at a time (streaming.py): all its
+    # frames never exist at once. False: decoded into one IMAGE first (what the ComfyUI graph does).
+    stream: bool = True
+    chunk_frames: int | None = None  # frames per vision chunk (None: the adapter's FRAMES_PER_CHUNK)
 
 
 def check_option(option: str, check, value) -> None:
@@ -106,37 +113,71 @@ def select(state: AdaTPState, cfg: PipelineConfig) -> AdaTPState:
 def prefill(model: VideoLLM, frames: torch.Tensor, question: str, cfg: PipelineConfig, video_info=None) -> AdaTPState:
     """Every stage before GenerateAnswer: the partial prefill, then the selection."""
     state = extract_attention(model, frames, question, cfg.layer, cfg.query, video_info=video_info,
-                              max_pixels=cfg.max_pixels, reuse_prefix=cfg.reuse_prefix)
+                              max_pixels=cfg.max_pixels, reuse_prefix=cfg.reuse_prefix,
+                              prefill_chunk=cfg.prefill_chunk)
     return select(state, cfg)
 
 
+def decode_side(max_pixels) -> int | None:
+    """The longest side frames are decoded at for this pixel budget: the model's own budget is the
+    processor's on the frames as stored, so they are decoded at full size (None: within video.py's
+    limits); every other budget fits in DECODE_MAX_SIDE."""
+    return None if check_max_pixels(max_pixels) == MODEL_BUDGET else DECODE_MAX_SIDE
+
+
+def _checked_plan(model: VideoLLM, path, questions, cfg: PipelineConfig, streamed: bool):
+    """The sampling plan of the video at ``path``, checked against the model's context with each
+    question and against memory (the run's peak, streamed or not) before any frame is decoded
+    (check_video_fits). Returns (SamplePlan, planned figures)."""
+    sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time,
+                           decode_side(cfg.max_pixels))
+    planned = check_video_fits(model, sample, questions, cfg.max_pixels, layer=cfg.layer, retention=cfg.retention,
+                               streamed=streamed, chunk_frames=cfg.chunk_frames,
+                               max_new_tokens=cfg.generation.max_new_tokens)
+    return sample, planned
+
+
 def load_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):
-    """Sample and decode the video at ``path`` for ``model``: the sampling plan is checked against the
-    model's context with each question and against memory before any frame is decoded
-    (check_video_fits). Returns (frames [T, H, W, 3] float32, VideoInfo, planned figures)."""
-    # The model's own budget is the processor's on the frames as stored, so they are decoded at full size
-    # (within video.py's limits); otherwise at up to DECODE_MAX_SIDE, which every other budget fits in.
-    max_side = None if check_max_pixels(cfg.max_pixels) == MODEL_BUDGET else DECODE_MAX_SIDE
-    sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time, max_side)
-    planned = check_video_fits(model, sample, questions, cfg.max_pixels)
+    """Sample and decode the video at ``path`` for ``model``, checked before any frame is decoded
+    (_checked_plan). Returns (frames [T, H, W, 3] float32, VideoInfo, planned figures)."""
+    sample, planned = _checked_plan(model, path, questions, cfg, streamed=False)
     frames, info = decode_plan(sample)
     return frames_to_image(frames), info, planned
 
 
+def stream_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):
+    """Sample the video at ``path``, checked before any frame is decoded (_checked_plan), then decode,
+    preprocess and encode it a chunk of frames at a time (streaming.encode_video).
+    Returns (EncodedVideo, VideoInfo, planned figures and the encode's times)."""
+    sample, planned = _checked_plan(model, path, questions, cfg, streamed=True)
+    video = encode_video(model, sample, cfg.max_pixels, cfg.chunk_frames)
+    return video, video.info, {**planned, **video.stats}
+
+
 def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | None = None,
                  on_token=None, video_info=None) -> PipelineResult:
-    """Answer ``question`` about ``video`` (a path, or frames [T, H, W, 3] decoded
-    elsewhere, with their ``video_info`` when known: Qwen models use the frame times)."""
+    """Answer ``question`` about ``video``: a path (streamed a chunk at a time unless ``cfg.stream`` is
+    off), a video already encoded (streaming.EncodedVideo, from stream_checked: a second question
+    encodes nothing again), or frames [T, H, W, 3] decoded elsewhere, with their ``video_info`` when
+    known (Qwen models use the frame times)."""
     cfg = cfg or PipelineConfig()
-    times: dict[str, float] = {}  # and, for a path, what the check before decoding planned
+    times: dict = {}  # and, for a path, what the check before decoding planned, and each stage's peak memory
     info = video_info
-    if isinstance(video, torch.Tensor):
+    device = model.adapter.device
+    if isinstance(video, (torch.Tensor, EncodedVideo)):
         frames = video
+        info = video.info if isinstance(video, EncodedVideo) and info is None else info
+    elif cfg.stream:
+        with stage_peak(times, "encode", device):
+            frames, info, planned = stream_checked(model, video, [question], cfg)
+        times.update(planned)
     else:
-        with timed(times, "time_video_decode"):
+        with stage_peak(times, "decode", device), timed(times, "time_video_decode"):
             frames, info, planned = load_checked(model, video, [question], cfg)
         times.update(planned)
-    state = prefill(model, frames, question, cfg, info)
-    answer = generate_answer(state, cfg.generation, on_token=on_token)
+    with stage_peak(times, "prefill", device):
+        state = prefill(model, frames, question, cfg, info)
+    with stage_peak(times, "answer", device):
+        answer = generate_answer(state, cfg.generation, on_token=on_token)
     stats = {**answer.stats, **times}
     return PipelineResult(answer=answer, state=state, video=info, stats=stats)

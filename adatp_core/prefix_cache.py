@@ -237,22 +237,10 @@ class FrozenPrefix:
     def length(self) -> int:
         return int(self.hidden.shape[1])
 
-    def cache(self, layer_kinds, reserve: int = 0) -> KVCache:
+    def cache(self, layer_kinds, reserve=0) -> KVCache:
         """A new KVCache (``KVCache``'s ``layers``: the model's layer kinds) holding a copy of the
         prefix at layers < K, with room for ``reserve`` more."""
         return KVCache(layer_kinds, past=self.key_values, reserve=reserve)
-
-    def masks(self, n: int, devices) -> list[torch.Tensor]:
-        """Per layer < K, [1, 1, n, P + n] bool (True: attend): n new tokens after the prefix,
-        causal among themselves, each seeing the whole prefix (the causal mask aligned to the
-        bottom right). devices: each layer's device. sdpa needs it: without a mask it aligns
-        is_causal to the top left and would drop the prefix's keys."""
-        p = self.length
-        masks = []
-        for dev in devices:
-            rows = torch.arange(n, device=dev)[:, None] + p
-            masks.append((torch.arange(p + n, device=dev)[None, :] <= rows)[None, None])
-        return masks
 
 
 MAX_PREFIXES = 4  # videos kept per model

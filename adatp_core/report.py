@@ -82,6 +82,41 @@ def prefix_line(s: dict) -> str:
     return line
 
 
+def prefill_line(s: dict) -> str | None:
+    """How the prefill ran when the video's part took more than one call, or the rows waited on the
+    host (None otherwise: two calls are the prefix store's prefix and question)."""
+    calls, host = s.get("prefill_calls", 0), s.get("rows_on") == "host" and s.get("rows_reason", "").startswith(
+        ("the device is short", "asked for"))
+    if calls <= 2 and not host:
+        return None
+    parts = []
+    if calls > 2:
+        parts.append(f"layers < K in {calls} calls (the video's part in chunks of up to {s['prefill_chunk']} "
+                     "tokens, then the question), the kept tokens from K in chunks of the same size")
+    if host:
+        parts.append(f"layer K's input rows on the host ({s['rows_reason']})")
+    return "Prefill: " + "; ".join(parts)
+
+
+MEMORY_STAGES = ("encode", "decode", "prefill", "answer")
+
+
+def memory_line(s: dict) -> str:
+    """Peak memory, measured, by stage ("where it went"), and what was planned before the run."""
+    places = [key[len("memory_peak_"):-len("_mb")] for key in s
+              if key.startswith("memory_peak_") and key.endswith("_mb")
+              and not any(key.startswith(f"memory_peak_{stage}_") for stage in MEMORY_STAGES)]
+    parts = []
+    for place in places:
+        stages = ", ".join(f"{stage} {s[f'memory_peak_{stage}_{place}_mb']:.0f}" for stage in MEMORY_STAGES
+                           if f"memory_peak_{stage}_{place}_mb" in s)
+        planned = s.get(f"memory_planned_peak_{place}_mb")
+        plan = f"; planned {planned:.0f}" if planned is not None else ""
+        parts.append(f"{place} {s[f'memory_peak_{place}_mb']:.0f} MB ({stages}{plan})")
+    streamed = " (frames streamed a chunk at a time)" if s.get("video_streamed") else ""
+    return f"Peak memory{streamed}: " + "; ".join(parts)
+
+
 def stats_text(s: dict) -> str:
     """Every line that the stats support, one per line (nodes' stats output)."""
     lines = [tokens_line(s), flops_line(s)]
@@ -99,4 +134,9 @@ def stats_text(s: dict) -> str:
     lines += [f"Fallback: {s[key]}" for key in sorted(s) if key.startswith("fallback_")]
     if "prefix_cache" in s:
         lines.append(prefix_line(s))
+    prefill = prefill_line(s)
+    if prefill:
+        lines.append(prefill)
+    if "memory_peak_host_mb" in s:
+        lines.append(memory_line(s))
     return "\n".join(lines)

@@ -46,6 +46,8 @@ class AdaTPState:
       budgets: per-segment token budgets chosen by PruneTokens.
       injections: per decoder layer, [N, D] features added to the visual tokens'
           hidden states after that layer (Qwen3-VL's DeepStack); empty for other models.
+      prefill_chunk: tokens per forward call of the continuation from K (0: one call),
+          as ExtractAttention ran layers < K.
     """
 
     model: VideoLLM
@@ -69,6 +71,7 @@ class AdaTPState:
     budgets: tuple[int, ...] | None = None
     stats: dict = field(default_factory=dict)
     injections: tuple = ()
+    prefill_chunk: int = 0
 
     @property
     def num_visual(self) -> int:

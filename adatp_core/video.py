@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,10 @@ BACKENDS = ("auto", "decord", "pyav")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".gif", ".wmv", ".flv")
 _EPS = 1e-6
 _WORKER = Path(__file__).resolve().parent / "decode_worker.py"
-MAX_FRAMES = 1024
+# An absolute cap on the frames one run samples, against hostile input (a widget or a file that asks
+# for millions): 4.5 hours at 1 frame a second. The limit a run meets first is memory: the run's peak
+# is estimated before anything is decoded (attention.check_video_fits, budget.run_memory).
+MAX_FRAMES = 16384
 DECODE_MAX_SIDE = 1024  # frames are decoded at up to this many pixels on the longer side (plan_sampling)
 DECODE_TIMEOUT = 300.0  # seconds before a stuck decoder child is killed
 # Containers that hold a still image, not a video (an image renamed .mp4).
@@ -288,7 +292,8 @@ def sample_times(probe: VideoProbe, num_frames: int = 32, sampling: str = "unifo
         sampling: first and last frame included). If the clip has fewer frames,
         every frame is taken once (documented clamp).
     fps: one frame every 1/fps seconds from start; ``num_frames`` caps the count
-        (evenly thinned when more would be taken).
+        (evenly thinned when more would be taken); 0: no cap but MAX_FRAMES, so fps=1 with
+        num_frames=0 is one frame a second for the whole video.
     a ProcessorSampling, or a preset's name (PRESETS): as the model's video processor samples,
         ``num_frames`` not used: int(seconds x its fps) frames, within its min and max frames and
         the frames there are, spread as uniform spreads them (transformers' ``sample_frames``).
@@ -297,9 +302,11 @@ def sample_times(probe: VideoProbe, num_frames: int = 32, sampling: str = "unifo
     sampling = PRESETS.get(sampling, sampling) if isinstance(sampling, str) else sampling
     if not isinstance(sampling, ProcessorSampling) and sampling not in SAMPLING_MODES:
         raise AdaTPInputError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_FRAMES:
-        raise AdaTPInputError(f"num_frames must be an integer from 1 to {MAX_FRAMES}, got {num_frames!r} "
-                              "(32 is LLaVA-OneVision's usual count)")
+    lowest = 0 if sampling == "fps" else 1  # fps with 0 frames: every 1/fps seconds of the span, up to MAX_FRAMES
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not lowest <= num_frames <= MAX_FRAMES:
+        whole = " (0 with fps sampling: one frame every 1/fps seconds of the whole video)" if lowest == 0 else ""
+        raise AdaTPInputError(f"num_frames must be an integer from {lowest} to {MAX_FRAMES}{whole}, got "
+                              f"{num_frames!r} (32 is LLaVA-OneVision's usual count)")
     for name, value in (("start_time", start_time), ("end_time", end_time)):
         if not math.isfinite(value) or value < 0:
             raise AdaTPInputError(f"{name} must be a number of seconds >= 0, got {value}")
@@ -325,6 +332,12 @@ def sample_times(probe: VideoProbe, num_frames: int = 32, sampling: str = "unifo
         raise AdaTPInputError(f"fps must be > 0 for fps sampling, got {fps}")
     # Only the kept candidates are computed: a file that claims a huge duration costs nothing here.
     count = int(math.floor((end - start_time) * fps + _EPS)) + 1
+    if num_frames == 0:  # the whole span at this rate
+        if count > MAX_FRAMES:
+            raise AdaTPInputError(
+                f"{fps:g} frame(s) a second over {end - start_time:.0f} s are {count} frames, more than the pack's "
+                f"limit of {MAX_FRAMES}; lower fps, set start_time/end_time, or give num_frames to thin them evenly")
+        num_frames = count
     picks = range(count) if count <= num_frames else np.linspace(0, count - 1, num_frames).round().astype(int)
     return [start_time + int(k) / fps for k in picks]
 
@@ -348,13 +361,68 @@ def _read_exact(stream, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _decode_decord(path: str, times: list[float], size: tuple[int, int], probe: VideoProbe,
-                   on_frame: Callable[[int], None] | None, timeout: float | None = None):
-    """decord in a child process (decode_worker.py); see that file for the protocol.
+class _WaitBudget:
+    """Kills a decoder child once the reader has waited ``budget`` seconds for it in all.
 
-    A crash, a hang (killed after ``timeout`` seconds) or a decord error raises
-    AdaTPEnvironmentError, on which the caller falls back to PyAV. ``on_frame``
-    runs after each frame and may raise to stop (the child is killed).
+    Only the time spent waiting on the child counts: while a streamed run encodes the frames it
+    was given, the child blocks on its pipe and its clock stops. One watcher thread per decode."""
+
+    def __init__(self, budget: float, kill: Callable[[], None]):
+        self._left, self._kill, self._since, self._done = budget, kill, None, False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._watch, name="adatp-decode-watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        with self._cv:
+            while not self._done:
+                if self._since is None:
+                    self._cv.wait()
+                    continue
+                left = self._left - (time.monotonic() - self._since)
+                if left <= 0:
+                    self._kill()
+                    return
+                self._cv.wait(left)
+
+    def waiting(self, on: bool) -> None:
+        """Start (on) or stop the clock."""
+        with self._cv:
+            now = time.monotonic()
+            if on:
+                self._since = now
+            elif self._since is not None:
+                self._left -= now - self._since
+                self._since = None
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._done = True
+            self._cv.notify()
+        self._thread.join()
+
+
+@dataclass
+class DecodeReport:
+    """What a decode learns as it yields frames (``iter_frames``): each frame's time and whether it is
+    the one on screen at its sample time, how many frames the decoder decoded (None: not known) and
+    which decoder ran ("decord+pyav" when PyAV took over part way)."""
+
+    stamps: list = field(default_factory=list)
+    own: list = field(default_factory=list)
+    decoded: int | None = 0
+    backend: str = ""
+
+
+def _decode_decord(path: str, times: list[float], size: tuple[int, int], probe: VideoProbe,
+                   on_frame: Callable[[int], None] | None, report: DecodeReport, timeout: float | None = None):
+    """decord in a child process (decode_worker.py; see that file for the protocol): yields
+    uint8 [h, w, 3] frames as the child writes them, and appends their times to ``report``.
+
+    A crash, a hang (killed once the reader has waited ``timeout`` seconds for it in all) or a
+    decord error raises AdaTPEnvironmentError, on which the caller falls back to PyAV. ``on_frame``
+    runs after each frame and may raise to stop (the child is killed), as does closing the generator.
     """
     timeout = DECODE_TIMEOUT if timeout is None else timeout
     request = {"path": path, "width": size[0], "height": size[1], "times": list(times),
@@ -362,45 +430,51 @@ def _decode_decord(path: str, times: list[float], size: tuple[int, int], probe: 
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen([sys.executable, str(_WORKER), json.dumps(request)],
                                 stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
-        watchdog = threading.Timer(timeout, proc.kill)
-        watchdog.start()
+        watchdog = _WaitBudget(timeout, proc.kill)
+        complete = False
         try:
+            watchdog.waiting(True)
             header = proc.stdout.readline()
-            frames = stamps = None
             if header:
                 info = json.loads(header)
-                h, w = info["height"], info["width"]
-                frames = np.empty((info["count"], h, w, 3), dtype=np.uint8)
-                for k in range(info["count"]):
+                h, w, count = info["height"], info["width"], info["count"]
+                stamps = info["timestamps"]
+                for k in range(count):
+                    watchdog.waiting(True)
                     buf = _read_exact(proc.stdout, h * w * 3)
+                    watchdog.waiting(False)
                     if buf is None:
-                        frames = None
                         break
-                    frames[k] = np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3)
+                    report.stamps.append(stamps[k])
+                    report.own.append(True)
+                    yield np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3)
                     if on_frame is not None:
                         on_frame(k)
-                stamps = info["timestamps"]
-                if frames is not None and proc.stdout.read(1):  # more bytes than the frames: not our layout
-                    frames = None
-                    proc.kill()
+                else:
+                    watchdog.waiting(True)
+                    complete = not proc.stdout.read(1)  # more bytes than the frames: not our layout
+            if not complete:
+                proc.kill()
             code = proc.wait(timeout=timeout)
         finally:
-            watchdog.cancel()
+            watchdog.stop()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
-        if frames is None or code != 0:
+        if not complete or code != 0:
             errors.seek(0)
             detail = errors.read().decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
             how = "was killed (crash or timeout)" if code < 0 else f"exited with status {code}"
             raise AdaTPEnvironmentError(f"the decord decoder {how}: {detail[0]}")
-    return frames, stamps
+    report.decoded = None
 
 
 def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: VideoProbe,
-                 on_frame: Callable[[int], None] | None, seek_gap: float = 2.0):
-    """For each target time, the frame on screen at that time, and whether it is that frame.
+                 on_frame: Callable[[int], None] | None, report: DecodeReport, seek_gap: float = 2.0):
+    """For each target time, the frame on screen at that time, and whether it is that frame:
+    yields uint8 [h, w, 3] frames in order, and appends their times and whether each is its own to
+    ``report`` (and the count of frames decoded, in ``report.decoded``).
 
     Seeks when the next target lies further ahead than the longest keyframe
     interval seen so far (``seek_gap`` seconds until one is seen), else decodes
@@ -408,8 +482,8 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
     Packets are decoded one at a time: a damaged packet is skipped (its frame is
     lost), and the frames decoded after it up to the next keyframe are not used
     (they are built on the lost one). A target whose frame was lost gets the last
-    good frame before it (or the first after it) and counts as not at its own time.
-    Returns (uint8 [T, h, w, 3], timestamps, frames decoded, own: [T] bool).
+    good frame before it (or, before the first good frame, that first one; those
+    targets are held until it comes) and counts as not at its own time.
     """
     import av
 
@@ -459,7 +533,8 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
     def lost_between(lo: float, hi: float) -> bool:
         return any(lo < x <= hi for x in lost)
 
-    out, stamps, own = [], [], []
+    good = None  # (time, uint8 frame) of the last target that had a frame
+    waiting: list[bool] = []  # own-time flags of the targets before the first good frame
     try:
         container = open_video(path)
     except av.error.FFmpegError as exc:
@@ -498,24 +573,30 @@ def _decode_pyav(path: str, times: list[float], size: tuple[int, int], probe: Vi
                 is_own = ahead[0] - target <= frame_time + _EPS and not lost_between(target - frame_time, ahead[0])
             else:
                 pick, is_own = None, False
-            out.append(None if pick is None else pick[1].to_ndarray(format="rgb24", width=size[0], height=size[1]))
-            stamps.append(None if pick is None else pick[0])
-            own.append(is_own)
+            report.decoded = decoded
+            if pick is not None:
+                good = (pick[0], pick[1].to_ndarray(format="rgb24", width=size[0], height=size[1]))
+                for flag in waiting:  # the targets before the first good frame get that frame
+                    report.stamps.append(good[0])
+                    report.own.append(flag)
+                    yield good[1]
+                waiting = []
+            if good is None:
+                waiting.append(is_own)
+            else:
+                report.stamps.append(good[0])
+                report.own.append(is_own and pick is not None)
+                yield good[1]
             if on_frame is not None:
                 on_frame(k)
+    report.decoded = decoded
     if damage["packets"] or damage["frames"]:
         where = f" (the first near {damage['first'][0]:.2f}s: {damage['first'][1]})" if damage["first"] else ""
         built = f"; {damage['frames']} frame(s) built on them were not used" if damage["frames"] else ""
         log.warning("%s: %d damaged packet(s) skipped%s%s", name, damage["packets"], where, built)
-    have = [k for k, frame in enumerate(out) if frame is not None]
-    if not have:
+    if good is None:
         raise DamagedVideo(f"{name} is damaged: none of its {len(times)} sampled frames decodes (the file is "
                            "corrupt or cut short); re-download the clip or re-export it from the original.")
-    for k in range(len(out)):  # a target nothing was found for: the nearest frame before it, else after it
-        if out[k] is None:
-            src = max((j for j in have if j < k), default=have[0])
-            out[k], stamps[k] = out[src], stamps[src]
-    return np.stack(out), stamps, decoded, own
 
 
 def check_decodable(path, probe: VideoProbe) -> None:
@@ -535,32 +616,48 @@ def check_decodable(path, probe: VideoProbe) -> None:
     check_limits(probe, name)
 
 
-def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | None = 1024,
-                  backend: str = "auto", on_frame: Callable[[int], None] | None = None):
-    """Decode the frames on screen at ``times``.
+def iter_frames(path, times: list[float], probe: VideoProbe, max_side: int | None = 1024,
+                backend: str = "auto", on_frame: Callable[[int], None] | None = None,
+                report: DecodeReport | None = None, resume: bool = True):
+    """Decode the frames on screen at ``times``, one at a time: yields uint8 [h, w, 3] frames in
+    order, never holding more than the one being handed over (and, after damage at the very start,
+    the targets waiting for the first good frame). ``report`` receives each frame's time, whether it
+    is the one on screen at its time, the frames decoded and the decoder that ran.
 
-    Returns (uint8 [T, h, w, 3], timestamps, backend, frames decoded or None when unknown,
-    own: [T] bool, whether each frame is the one on screen at its time; see ``_decode_pyav``).
-    decord decodes a frame or fails, so its frames are all their own.
+    decord (in a child process) first, PyAV the fallback: when decord fails part way, PyAV decodes
+    the targets it had not yet given (resume), or all of them again (not resume: the frames given so
+    far are then given again, from the first, and ``report`` starts over: a caller that keeps every
+    frame gets PyAV's whole account). decord decodes a frame or fails, so its frames are all their own.
     """
     if backend not in BACKENDS:
         raise AdaTPInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    report = DecodeReport() if report is None else report
     check_decodable(path, probe)
     size = output_size(probe.width, probe.height, max_side)
     order = ["decord", "pyav"] if backend == "auto" else [backend]
     if backend == "auto" and importlib.util.find_spec("decord") is None:
         order = ["pyav"]  # not an error: PyAV is the fallback by design
-    errors, damaged = [], None
+    errors, damaged, used = [], None, []
     for name in order:
+        if not resume:
+            report.stamps.clear()
+            report.own.clear()
+        done = len(report.stamps)
+        rest = list(times[done:])
+
+        def step(k, base=done):
+            if on_frame is not None:
+                on_frame(base + k)
+
         try:
-            if name == "decord":
-                if importlib.util.find_spec("decord") is None:
-                    raise AdaTPEnvironmentError("decord is not installed")
-                frames, stamps = _decode_decord(str(path), times, size, probe, on_frame)
-                decoded, own = None, [True] * len(stamps)
-            else:
-                frames, stamps, decoded, own = _decode_pyav(str(path), times, size, probe, on_frame)
-            return frames, stamps, name, decoded, own
+            if name == "decord" and importlib.util.find_spec("decord") is None:
+                raise AdaTPEnvironmentError("decord is not installed")
+            decoder = _decode_decord if name == "decord" else _decode_pyav
+            yield from decoder(str(path), rest, size, probe, step, report)
+            if used:
+                report.decoded = None  # what the decoder that failed part way decoded is not known
+            report.backend = "+".join(used + [name])
+            return
         except AdaTPInterrupted:
             raise
         except (AdaTPInputError, AdaTPEnvironmentError, RuntimeError, OSError, ValueError) as exc:
@@ -568,10 +665,28 @@ def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | N
             errors.append(f"{name}: {exc}")
             if isinstance(exc, DamagedVideo):
                 damaged = exc
+            if resume and len(report.stamps) > done:
+                used.append(name)
     if damaged is not None:  # what PyAV found is the clearest account of the file
         raise damaged
     raise AdaTPInputError(
         f"{Path(path).name} could not be decoded ({'; '.join(errors)}); re-export it as MP4 (H.264).")
+
+
+def decode_frames(path, times: list[float], probe: VideoProbe, max_side: int | None = 1024,
+                  backend: str = "auto", on_frame: Callable[[int], None] | None = None):
+    """Decode the frames on screen at ``times`` (``iter_frames``) into one array.
+
+    Returns (uint8 [T, h, w, 3], timestamps, backend, frames decoded or None when unknown,
+    own: [T] bool, whether each frame is the one on screen at its time; see ``_decode_pyav``).
+    """
+    report = DecodeReport()
+    frames = None
+    for frame in iter_frames(path, times, probe, max_side, backend, on_frame, report, resume=False):
+        if frames is None:
+            frames = np.empty((len(times), *frame.shape), dtype=np.uint8)
+        frames[len(report.stamps) - 1] = frame
+    return frames, report.stamps, report.backend, report.decoded, report.own
 
 
 def _identity(path) -> tuple | None:
@@ -698,9 +813,15 @@ def decode_plan(plan: SamplePlan, backend: str = "auto", on_frame: Callable[[int
     A clip that decodes only in part is refused (check_damage). Needs no torch, so
     decode-ahead worker processes start fast (caption.py).
     """
-    probe = plan.probe
-    frames, stamps, used, decoded, own = decode_frames(plan.path, list(plan.times), probe, plan.max_side,
+    frames, stamps, used, decoded, own = decode_frames(plan.path, list(plan.times), plan.probe, plan.max_side,
                                                        backend, on_frame)
+    return frames, _decoded_info(plan, stamps, used, decoded, own)
+
+
+def _decoded_info(plan: SamplePlan, stamps, used: str, decoded: int | None, own) -> VideoInfo:
+    """The VideoInfo of a plan's decoded frames, after the checks every decode ends with: the file
+    unchanged since the probe, and not damaged (check_damage)."""
+    probe = plan.probe
     if _identity(plan.path) != plan.identity:  # replaced after the probe: the decoder may have read anything
         raise AdaTPInputError(f"{plan.name} changed while it was being read; run again.")
     count = probe.frame_count if plan.length == probe.duration else int(round(plan.length * probe.fps))
@@ -711,7 +832,53 @@ def decode_plan(plan: SamplePlan, backend: str = "auto", on_frame: Callable[[int
                      frames_decoded=decoded, frames_own_time=sum(own),
                      frames_substituted=tuple((k, wanted[k]) for k, ok in enumerate(own) if not ok))
     check_damage(info, plan.name)
-    return frames, info
+    return info
+
+
+class FrameStream:
+    """A sampling plan's frames, decoded a chunk at a time as they are iterated (``iter_frames``).
+
+    Iterating yields uint8 [c, h, w, 3] numpy chunks of ``chunk`` frames (the last one may be
+    shorter), each a new array: all the frames never exist at once, only the chunk being handed
+    over. After the last chunk, ``info`` is the VideoInfo, with decode_plan's checks (the file
+    unchanged since the probe, not damaged). A stream is iterated once.
+    """
+
+    def __init__(self, plan: SamplePlan, chunk: int = 16, backend: str = "auto",
+                 on_frame: Callable[[int], None] | None = None):
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise AdaTPInputError(f"a frame stream's chunk must be a whole number of frames >= 1, got {chunk!r}")
+        self.plan, self.chunk, self.backend, self.on_frame = plan, chunk, backend, on_frame
+        self._info: VideoInfo | None = None
+        self._started = False
+
+    def __len__(self) -> int:
+        return self.plan.num_frames
+
+    @property
+    def info(self) -> VideoInfo:
+        if self._info is None:
+            raise RuntimeError("the frame stream's VideoInfo is known once every chunk has been read")
+        return self._info
+
+    def __iter__(self):
+        if self._started:
+            raise RuntimeError("a frame stream is read once; make another for a second pass")
+        self._started = True
+        plan, report, buf, n = self.plan, DecodeReport(), None, 0
+        for frame in iter_frames(plan.path, list(plan.times), plan.probe, plan.max_side, self.backend,
+                                 self.on_frame, report):
+            if buf is None:
+                buf = np.empty((min(self.chunk, plan.num_frames - len(report.stamps) + 1), *frame.shape),
+                               dtype=np.uint8)
+            buf[n] = frame
+            n += 1
+            if n == buf.shape[0]:
+                yield buf
+                buf, n = None, 0
+        if buf is not None:  # fewer frames came than planned (cannot happen: every target gets one)
+            yield buf[:n]
+        self._info = _decoded_info(plan, report.stamps, report.backend, report.decoded, report.own)
 
 
 def read_video(path, num_frames: int = 32, sampling: str = "uniform", fps: float = 1.0,

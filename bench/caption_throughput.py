@@ -20,9 +20,9 @@ and writes JSON.
 
 --decode-mode (auto, default or static; auto unless given) goes to every AdaTP row.
 The header names it, and a line per AdaTP row says which mode its steps ran in
-(auto chooses per batch: static_decode.static_rows_pay_off) and, for static steps,
+(auto chooses per batch: steps.static_rows_pay_off) and, for static steps,
 the positions per attention layer they read beyond a default step: run static and
-default on one card to place its break-even (static_decode.MEASURED_BREAK_EVEN).
+default on one card to place its break-even (steps.MEASURED_BREAK_EVEN).
 """
 
 from __future__ import annotations

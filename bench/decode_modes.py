@@ -33,7 +33,8 @@ from shapes import SHAPES, TINY, build  # noqa: E402
 
 from adatp_core.hf.cache import KVCache, LinearState, capacity_bucket  # noqa: E402
 from adatp_core.sdpa import plan_free_attention  # noqa: E402
-from adatp_core.static_decode import STATIC_AUTO_MAX_CAPACITY, StaticDecoders, static_pays_off  # noqa: E402
+from adatp_core.static_decode import StaticDecoders  # noqa: E402
+from adatp_core.steps import STATIC_AUTO_MAX_CAPACITY, static_pays_off  # noqa: E402
 from adatp_core.timing import synchronize  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,13 +85,14 @@ def _static_ms(adapter, past, position_ids, tokens: int) -> tuple[float, float]:
     """(ms per token, capture seconds) with a fresh decoder store."""
     decoders = StaticDecoders(max_buckets=1)
     step_fn = decoders.decoder(adapter, KVCache(adapter.layer_kinds, past=past), tokens, position_ids)
-    capture = step_fn.capture()
+    capture = step_fn.capture().seconds
     first = adapter.next_position_ids(position_ids, 0)
-    token = 0
+    token = torch.zeros(1, dtype=torch.long, device=adapter.device)
     synchronize(adapter.device)
     start = time.perf_counter()
     for step in range(tokens):
-        token = int(step_fn(token, first + step, step).argmax())  # one host read per token, as generation does
+        token = step_fn(token, first + step)[0].argmax().view(1)
+        int(token)  # one host read per token, as generation does
     synchronize(adapter.device)
     ms = 1000 * (time.perf_counter() - start) / tokens
     decoders.clear()

@@ -6,7 +6,9 @@ and their order are the workflow file format: never rename or reorder them.
 
 from . import comfy_bridge
 from .caption_folder import AdaTP_CaptionFolder
+from .clip_dataset import AdaTP_ClipDataset
 from .extract_attention import AdaTP_ExtractAttention
+from .extract_attention_video import AdaTP_ExtractAttentionVideo
 from .frame_times import AdaTP_FrameTimes
 from .generate_answer import AdaTP_GenerateAnswer
 from .global_debias import AdaTP_GlobalDebias
@@ -22,11 +24,12 @@ NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     AdaTP_LoadVideoLLM, AdaTP_LoadVideo, AdaTP_ExtractAttention, AdaTP_GlobalDebias,
     AdaTP_LocalDebias, AdaTP_PruneTokens, AdaTP_GenerateAnswer, AdaTP_PreviewTokens, AdaTP_CaptionFolder,
     AdaTP_SelfCheck,
-    AdaTP_FrameTimes,
+    AdaTP_FrameTimes, AdaTP_ClipDataset,
 )}
 # A ComfyUI older than the VIDEO type (before 0.3.30) gets no Sample Video; the rest works.
 if comfy_bridge.has_video_type():
     NODE_CLASS_MAPPINGS["AdaTP_SampleVideo"] = AdaTP_SampleVideo
+    NODE_CLASS_MAPPINGS["AdaTP_ExtractAttentionVideo"] = AdaTP_ExtractAttentionVideo
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AdaTP_LoadVideoLLM": "AdaTP Load Video LLM",
@@ -41,5 +44,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AdaTP_SelfCheck": "AdaTP Self Check",
     "AdaTP_FrameTimes": "AdaTP Frame Times",
     "AdaTP_SampleVideo": "AdaTP Sample Video",
+    "AdaTP_ClipDataset": "AdaTP Clip Dataset",
+    "AdaTP_ExtractAttentionVideo": "AdaTP Extract Attention (Video File)",
 }
 NODE_DISPLAY_NAME_MAPPINGS = {k: v for k, v in NODE_DISPLAY_NAME_MAPPINGS.items() if k in NODE_CLASS_MAPPINGS}

@@ -163,6 +163,12 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
+    def set(self, value: int) -> None:
+        """Move the bar to ``value`` of its total (progress that is not a count of steps)."""
+        check_interrupt()
+        if self.bar is not None:
+            self.bar.update_absolute(value)
+
 
 def download(repo_id: str) -> Path:
     """Download a catalog repository into the first LLM folder, with ComfyUI's progress bar

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..adatp_core.attention import QUERY_MODES, extract_attention
+from ..adatp_core.attention import (DEFAULT_PREFILL_CHUNK, MAX_PREFILL_CHUNK, QUERY_MODES, extract_attention)
 from ..adatp_core.fits import MODEL_BUDGET_WIDGET
 from ..adatp_core.models.qwen2_5_vl import DEFAULT_MAX_PIXELS
 from . import comfy_bridge as bridge
@@ -44,11 +44,19 @@ class AdaTP_ExtractAttention:
                                               "Qwen3-VL/3.5/3.6 spread 25,165,824 px over the whole video, e.g. "
                                               "11,520 tokens for 32 frames of 720p). The stats say which ran. "
                                               "LLaVA-OneVision always uses 384x384."}),
+            "prefill_chunk": ("INT", {"default": DEFAULT_PREFILL_CHUNK, "min": 0, "max": MAX_PREFILL_CHUNK, "step": 64,
+                                      "tooltip": "Tokens per forward call of the prefill. A longer video runs the "
+                                                 "first K layers, and later the kept tokens, chunk by chunk, so only "
+                                                 "one chunk's activations are in memory at a time: long videos fit. "
+                                                 "Same answer as one call. A video within one chunk runs as before; "
+                                                 "0: the whole prompt in one call. Hybrid models (Qwen3.5) round it "
+                                                 "to multiples of 64."}),
         }}
 
     @checked
-    def extract(self, model, frames, question, layer, query, video_info=None, max_pixels=0):
+    def extract(self, model, frames, question, layer, query, video_info=None, max_pixels=0,
+                prefill_chunk=DEFAULT_PREFILL_CHUNK):
         bridge.check_interrupt()
         bridge.activate(model)
         return (extract_attention(model, frames, question, layer, query, video_info=video_info,
-                                  max_pixels=max_pixels),)
+                                  max_pixels=max_pixels, prefill_chunk=prefill_chunk),)

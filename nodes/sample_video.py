@@ -106,8 +106,11 @@ def _cropped(video, path: Path) -> bool:
     return tuple(int(v) for v in size) != (probe.width, probe.height)
 
 
-def sample_video(video, num_frames, sampling, fps, start_time, end_time, on_frame=None):
-    """(frames [T, H, W, 3] float32, VideoInfo) from a ComfyUI VIDEO; see the module docstring."""
+@contextlib.contextmanager
+def video_file(video):
+    """The file a ComfyUI VIDEO's decoders read: yields (path, label, (trim start, trim duration)), or
+    None when its frames are the way to it (held in memory, no stream of its own, or a crop of its
+    file). A stream of bytes is written to ComfyUI's temp folder and deleted afterwards (stream_file)."""
     if not callable(getattr(video, "get_components", None)):
         raise AdaTPInputError(f"video must be a ComfyUI VIDEO (from Load Video, Create Video or a video model), "
                               f"got {type(video).__name__}.")
@@ -117,13 +120,28 @@ def sample_video(video, num_frames, sampling, fps, start_time, end_time, on_fram
         clip = _read("its trim window", trim) if callable(trim) else (0.0, 0.0)
         with stream_file(source) as (path, label):
             if not _cropped(video, path):
-                frames, info = load_video(path, num_frames, sampling, fps, start_time, end_time,
-                                          on_frame=on_frame, clip=tuple(clip))
-                return frames, replace(info, path=label)
+                yield path, label, tuple(clip)
+                return
         log.info("the VIDEO is a crop of its file: sampling its decoded frames")
     elif _owner(video, "get_stream_source") is None and not _is_components(video):  # ComfyUI 0.3.30 to 0.3.4x
         log.warning("this ComfyUI's %s has no stream source: decoding all of its frames (update ComfyUI "
                     "to decode only the sampled ones)", type(video).__name__)
+    yield None
+
+
+def sample_video(video, num_frames, sampling, fps, start_time, end_time, on_frame=None):
+    """(frames [T, H, W, 3] float32, VideoInfo) from a ComfyUI VIDEO; see the module docstring."""
+    with video_file(video) as found:
+        if found is not None:
+            path, label, clip = found
+            frames, info = load_video(path, num_frames, sampling, fps, start_time, end_time,
+                                      on_frame=on_frame, clip=clip)
+            return frames, replace(info, path=label)
+    return sampled_frames(video, num_frames, sampling, fps, start_time, end_time)
+
+
+def sampled_frames(video, num_frames, sampling, fps, start_time, end_time):
+    """(frames, VideoInfo) sampled from a VIDEO's decoded frames (video_file found no file to read)."""
     components = _read("its frames", video.get_components)
     return sample_frames(getattr(components, "images", None), getattr(components, "frame_rate", None),
                          num_frames, sampling, fps, start_time, end_time)

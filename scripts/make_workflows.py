@@ -158,6 +158,19 @@ CAPTION_FOLDER = {
     "links": [(1, "model", 2, "model"), (2, "captions", 3, "source")],
 }
 
+CLIP_DATASET = {
+    "note": "From long footage to a video training set: Clip Dataset finds the shots of every video in sources "
+            "(ComfyUI's input folder; adatp_clip_samples holds the pack's sample video, three shots), cuts them "
+            "into clips of min to max seconds at fps with 4k+1 frames (Wan; 8k+1 for LTX-Video), captions each "
+            "clip and writes the set to output/adatp_clips: videos/NAME.mp4 + NAME.txt, clips.jsonl and "
+            "subtitles/ (.srt, .vtt). Run it again and only what is missing is done.",
+    "nodes": [
+        (1, "AdaTP_LoadVideoLLM", 0, {}),
+        (2, "AdaTP_ClipDataset", 1, {}),
+    ],
+    "links": [(1, "model", 2, "model")],
+}
+
 SELF_CHECK = {
     "note": "Does the pack work on this machine? Self Check runs the built-in tiny models (nothing is "
             "downloaded) on ComfyUI's device and shows a table: each fast path against the plain one, "
@@ -261,6 +274,7 @@ WORKFLOWS = {
     "video_caption.json": CAPTION_FLOW,
     "fastv_baseline.json": FASTV,
     "caption_folder.json": CAPTION_FOLDER,
+    "clip_dataset.json": CLIP_DATASET,
     "self_check.json": SELF_CHECK,
     "generated_video_qa.json": GENERATED_VIDEO_QA,
     "two_questions.json": TWO_QUESTIONS,

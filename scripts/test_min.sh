@@ -26,6 +26,7 @@ TESTS=(
     tests/test_stages.py tests/test_qwen_stages.py tests/test_hybrid_stages.py
     tests/test_exactness.py tests/test_qwen_exactness.py tests/test_hybrid.py
     tests/test_static_decode.py tests/test_batching.py tests/test_qwen_batching.py tests/test_hybrid_batching.py
+    tests/test_steps.py
     tests/test_prefix_cache.py tests/test_qwen_prefix_cache.py tests/test_cache_protocol.py tests/test_versions.py
     tests/test_nodes.py::test_nodes_chain_and_branch_independently
     tests/test_workflows.py::test_bypassing_both_debias_nodes_gives_fastv

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pack import pack_module
 
-from adatp_core import batching
+from adatp_core import batching, steps
 from adatp_core import caption as cap
 from adatp_core.hf.cache import KVCache, RowsKVCache
 from adatp_core.caption_cli import build_parser
@@ -183,7 +183,7 @@ def test_a_failing_prefill_fails_its_clip_alone(tiny, states):
 
 
 def test_out_of_memory_in_a_step_halves_the_batch_and_loses_nothing(tiny, states, monkeypatch):
-    real = batching.decode_step
+    real = steps.decode_step
     sizes = []
 
     def small_memory(adapter, tokens, *args, **kwargs):
@@ -192,19 +192,31 @@ def test_out_of_memory_in_a_step_halves_the_batch_and_loses_nothing(tiny, states
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         return real(adapter, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(batching, "decode_step", small_memory)
+    monkeypatch.setattr(steps, "decode_step", small_memory)
     answers = together(tiny, states, GREEDY, 5)
     assert [a.token_ids for a in answers] == [generate_answer(s, GREEDY).token_ids for s in states]
     assert sizes[0] == 5 and max(sizes[1:]) == 2  # 5 -> 2 (halved twice: 5 // 2), then never more
 
 
+def static_runners(monkeypatch) -> list:
+    """The static step runners made from now on (the batch's)."""
+    made = []
+    real = steps.StepRunner.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if self.static:
+            made.append(self)
+
+    monkeypatch.setattr(steps.StepRunner, "__init__", init)
+    return made
+
+
 def _graphs_on_the_cpu(monkeypatch, error=None):
     """Batched static steps with CUDA graphs' semantics (the warm-up runs the step, the capture
     records it, a replay runs it again), failing with ``error`` for buckets of several rows.
-    Returns the StaticRowsSteps made."""
+    Returns the static step runners made."""
     from types import SimpleNamespace
-
-    from adatp_core import static_decode
 
     def capture(fn, device):
         warm = fn()
@@ -213,25 +225,17 @@ def _graphs_on_the_cpu(monkeypatch, error=None):
         out = torch.empty_like(warm)
         return SimpleNamespace(replay=lambda: out.copy_(fn())), out, None
 
-    made = []
-    real = batching.StaticRowsStep.__init__
-
-    def init(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        self.use_graph = True  # as on CUDA
-        made.append(self)
-
-    monkeypatch.setattr(static_decode, "capture_graph", capture)
-    monkeypatch.setattr(batching.StaticRowsStep, "__init__", init)
-    return made
+    monkeypatch.setattr(steps, "capture_graph", capture)
+    monkeypatch.setattr(steps, "no_graph_reason", lambda adapter: None)  # as on CUDA
+    return static_runners(monkeypatch)
 
 
 def _static_rows_with_a_failing_capture(tiny, states, monkeypatch, caplog, error):
     """Three rows decoded together in static mode, graphs faked on the CPU with a first capture that
-    raises ``error``: checks that the tokens are the default mode's; returns the StaticRowsStep."""
+    raises ``error``: checks that the tokens are the default mode's; returns the batch's step runner."""
     made = _graphs_on_the_cpu(monkeypatch, error)
     cfg = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="static")
-    with caplog.at_level("WARNING", logger="adatp_core.batching"):
+    with caplog.at_level("WARNING"):
         answers = together(tiny, states, cfg, 3)
     default = SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="default")
     assert [a.token_ids for a in answers] == [generate_answer(s, default).token_ids for s in states]
@@ -241,13 +245,13 @@ def _static_rows_with_a_failing_capture(tiny, states, monkeypatch, caplog, error
 
 def test_out_of_memory_in_a_batched_capture_halves_the_batch_and_keeps_graphs(tiny, states, monkeypatch, caplog):
     """Out of memory while capturing a batched step's graph is out of memory in that step, as for one
-    answer (StaticDecoder.capture): the rows run in halves, and graphs stay on for the buckets that
+    answer (one step runner for both): the rows run in halves, and graphs stay on for the buckets that
     fit. It used to turn graphs off for the whole batch, under a warning that hid the out of memory."""
     step = _static_rows_with_a_failing_capture(
         tiny, states, monkeypatch, caplog, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert "out of memory decoding 3 rows together" in caplog.text
     assert "without a graph" not in caplog.text and step.use_graph
-    assert any(e["bucket"] == 1 and e["graph"] is not None for e in step.entries.values())
+    assert any(e.rows == 1 and e.graph is not None for e in step.entries.values())
 
 
 def test_another_batched_capture_failure_steps_without_a_graph_and_names_it(tiny, states, monkeypatch, caplog):
@@ -255,6 +259,7 @@ def test_another_batched_capture_failure_steps_without_a_graph_and_names_it(tiny
         tiny, states, monkeypatch, caplog, RuntimeError("CUDA error: operation not permitted when stream is capturing"))
     assert not step.use_graph and "out of memory" not in caplog.text
     assert "RuntimeError: CUDA error: operation not permitted when stream is capturing" in caplog.text
+    assert step.status.failed and not step.status.out_of_memory
 
 
 def test_rows_cache_form():
@@ -366,16 +371,16 @@ def test_row_bytes_counts_the_per_head_copy_below_transformers_5_23(tiny, states
 def test_static_rows_pay_off_by_the_rule_one_answer_uses():
     """Issue 27: auto takes static rows only where the attention they add (padded rows, whole
     capacities) stays within what a graph pays for; at one row it is one answer's rule."""
-    from adatp_core import static_decode as sd
+    from adatp_core import steps as sd
 
-    assert [batching.row_bucket(n, 64) for n in (1, 2, 3, 5, 8, 9, 16, 17, 33, 57, 64)] == \
+    assert [sd.row_bucket(n, 64) for n in (1, 2, 3, 5, 8, 9, 16, 17, 33, 57, 64)] == \
         [1, 2, 4, 8, 8, 16, 16, 24, 40, 64, 64]
-    assert batching.row_bucket(33, 36) == 36  # never past the slots
+    assert sd.row_bucket(33, 36) == 36  # never past the slots
     for lengths in ([1000] * 28, [6000] * 2 + [1500] * 26, [8192] * 28, [32000] * 28):
         caps = [sd.capacity_bucket(n + 128) for n in lengths]
         assert sd.static_pays_off(lengths, 128) == sd.static_rows_pay_off(1, 1, caps, [0] * 28)
     short = ([1024] * 28, [1000] * 28)  # capacities, longest rows
-    assert sd.static_rows_pay_off(33, batching.row_bucket(33, 64), *short)  # 7 padded rows: pays
+    assert sd.static_rows_pay_off(33, sd.row_bucket(33, 64), *short)  # 7 padded rows: pays
     assert not sd.static_rows_pay_off(33, 64, *short)  # 31 padded rows (powers of two) do not
     assert not sd.static_rows_pay_off(9, 16, [4096] * 28, [4000] * 28)  # 7 padded rows of a longer buffer
     assert not sd.static_rows_pay_off(33, 40, [8192] * 28, [6000] * 28)  # long clips: default steps
@@ -394,18 +399,18 @@ def test_batched_auto_steps_statically_only_where_it_pays(tiny, states, monkeypa
     reference = [generate_answer(s, replace(cfg, decode_mode="default")).token_ids for s in states]
     monkeypatch.setattr(batching, "resolve_decode_mode", lambda mode, device: "static" if mode == "auto" else mode)
     asked, static_steps = [], []
-    real_rule, real_call = batching.static_decode.static_rows_pay_off, batching.StaticRowsStep.__call__
+    real_rule, real_static = steps.static_rows_pay_off, steps.StepRunner._static
 
     def rule(rows, bucket, capacities, spans, break_even=None):
         asked.append((rows, bucket))
         return real_rule(rows, bucket, capacities, spans, break_even)
 
-    def call(self, tokens, positions):
+    def static(self, tokens, positions):
         static_steps.append(tokens.shape[0])
-        return real_call(self, tokens, positions)
+        return real_static(self, tokens, positions)
 
-    monkeypatch.setattr(batching.static_decode, "static_rows_pay_off", rule)
-    monkeypatch.setattr(batching.StaticRowsStep, "__call__", call)
+    monkeypatch.setattr(steps, "static_rows_pay_off", rule)
+    monkeypatch.setattr(steps.StepRunner, "_static", static)
     short = together(tiny, states, cfg, 4)
     assert [a.token_ids for a in short] == reference
     assert {a.stats["decode_mode"] for a in short} == {"static"} and static_steps
@@ -413,7 +418,7 @@ def test_batched_auto_steps_statically_only_where_it_pays(tiny, states, monkeypa
     assert all(a.stats["decode_passes_static"] == 5 for a in short)
 
     asked.clear(), static_steps.clear()
-    monkeypatch.setattr(batching.static_decode, "STATIC_AUTO_MAX_CAPACITY", 16)  # the tiny clips count as long
+    monkeypatch.setattr(steps, "STATIC_AUTO_MAX_CAPACITY", 16)  # the tiny clips count as long
     long = together(tiny, states, cfg, 4)
     assert [a.token_ids for a in long] == reference
     assert {a.stats["decode_mode"] for a in long} == {"default"} and not static_steps and asked
@@ -456,18 +461,11 @@ def test_static_batch_on_each_device_reuses_its_graphs(tiny_on, device, monkeypa
     states = clip_states(model)[:3]
     cfg = SamplingConfig(max_new_tokens=8, ignore_eos=True, decode_mode="default")
     reference = [generate_answer(s, cfg).token_ids for s in states]
-    made = []
-    real = batching.StaticRowsStep.__init__
-
-    def spy(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(batching.StaticRowsStep, "__init__", spy)
+    made = static_runners(monkeypatch)
     static = SamplingConfig(max_new_tokens=8, ignore_eos=True, decode_mode="static")
     assert [a.token_ids for a in together(model, states, static, 2)] == reference
     (step,) = made
-    graphs = [e["graph"] for e in step.entries.values()]
+    graphs = [e.graph for e in step.entries.values()]
     if device.type == "cuda":
         assert step.use_graph and all(g is not None for g in graphs)
         assert len(graphs) <= 2  # buckets of 2 rows and 1 row, reused by the third clip

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adatp_core.hf.cache import LINEAR_ATTENTION, KVCache, LinearState, RowsKVCache, StaticKVCache
+from adatp_core.hf.cache import LINEAR_ATTENTION, KVCache, LinearState, RowsKVCache
 from adatp_core.models.loader import ADAPTERS
 
 transformers = pytest.importorskip("transformers")
@@ -82,8 +82,9 @@ def cache_forms(kinds) -> dict:
     past = _past(kinds)
     full = KVCache(len(kinds), past=past, reserve=2)
     first_attention = next((i for i, k in enumerate(kinds) if k != LINEAR_ATTENTION), 0)
-    static = StaticKVCache(tuple(full.layout(i) for i in range(len(kinds))), (8,) * len(kinds), torch.device("cpu"))
-    static.load(full)
+    layouts = tuple(full.layout(i) for i in range(len(kinds)))
+    bucket = RowsKVCache.allocated(layouts, (8,) * len(kinds), torch.device("cpu"))  # a kept static bucket
+    bucket.add(full, 0)
     rows = RowsKVCache(len(kinds), slots=2)
     rows.add(full, 4)
     rows.add(KVCache(len(kinds), past=_past(kinds)), 4)
@@ -91,7 +92,8 @@ def cache_forms(kinds) -> dict:
         "KVCache (a prefill)": KVCache(kinds),
         "KVCache (continued from layer K)": KVCache(kinds, past=past[:first_attention + 1]),
         "KVCache (a whole past)": full,
-        "StaticKVCache": static,
+        "RowsWindow (one answer)": RowsKVCache.holding(KVCache(len(kinds), past=_past(kinds), reserve=2)).window(0, 1),
+        "RowsWindow (a static bucket)": bucket.window(0, 1, static=True),
         "RowsWindow": rows.window(0, 2),
         "RowsWindow (static)": rows.window(0, 2, static=True),
     }
@@ -158,10 +160,11 @@ def test_the_fixed_buffers_are_what_transformers_reads_and_writes():
     decode step updates them in place (a captured graph replays on them)."""
     kinds = (LINEAR_ATTENTION, "full_attention")
     forms = cache_forms(kinds)
-    static = forms["StaticKVCache"]
-    assert static.has_previous_state(0)
-    assert _conv(static).data_ptr() == static.linear[0][0].data_ptr()
-    assert _recurrent(static).data_ptr() == static.linear[0][1].data_ptr()
+    for name in ("RowsWindow (one answer)", "RowsWindow (a static bucket)"):
+        one = forms[name]
+        assert one.has_previous_state(0), name
+        assert _conv(one).data_ptr() == one.cache.linear[0][0].data_ptr(), name
+        assert _recurrent(one).data_ptr() == one.cache.linear[0][1].data_ptr(), name
     window = forms["RowsWindow"]
     conv, recurrent = window.cache.linear[0]
     assert window.has_previous_state(0)
@@ -233,7 +236,8 @@ def test_every_form_says_how_many_tokens_it_holds():
     forms = cache_forms(kinds)
     rows = forms["RowsWindow"].cache
     assert [r for r in rows.lengths] == [[S, S], [S, S]]
-    for name in ("KVCache (a whole past)", "StaticKVCache", "RowsWindow", "RowsWindow (static)"):
+    for name in ("KVCache (a whole past)", "RowsWindow (one answer)", "RowsWindow (a static bucket)", "RowsWindow",
+                 "RowsWindow (static)"):
         form = forms[name]
         assert [form.get_seq_length(i) for i in range(len(kinds))] == [S, S], name
         count = getattr(form.layers[0], "cumulative_length_linear", None)

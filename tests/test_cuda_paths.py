@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import QUESTION, LoaderStopped
 
-from adatp_core import static_decode
+from adatp_core import static_decode, steps
 from adatp_core.attention import extract_attention
 from adatp_core.debias import global_debias, local_debias
-from adatp_core.errors import AdaTPEnvironmentError, AdaTPInputError
+from adatp_core.errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryError
 from adatp_core.generate import SamplingConfig, generate_answer, next_token
 from adatp_core.prune import prune_tokens
 
@@ -90,6 +90,9 @@ def test_a_flash_name_is_never_registered():
     (RuntimeError("Error(s) in loading state_dict: size mismatch for lm_head.weight"), AdaTPInputError,
      "download them again"),
     (OSError("Unable to load weights from checkpoint file"), AdaTPInputError, "download them again"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), AdaTPOutOfMemoryError,
+     "not enough cpu memory to load"),
+    (RuntimeError("CUDA error: out of memory"), AdaTPOutOfMemoryError, "not enough cpu memory to load"),  # the driver's
 ])
 def test_load_errors_say_whether_the_files_are_at_fault(tiny_dir, monkeypatch, error, kind, says):
     import transformers
@@ -198,7 +201,7 @@ def fake_cuda_graphs(monkeypatch):
 
 def test_capture_runs_on_the_models_device_and_its_own_stream(fake_cuda_graphs):
     fake = fake_cuda_graphs()
-    graph, out, stream = static_decode.capture_graph(fake.body, torch.device("cuda", 1))
+    graph, out, stream = steps.capture_graph(fake.body, torch.device("cuda", 1))
     begin = next(c for c in fake.calls if c[0] == "begin")
     assert begin[1] == "capture-stream" and begin[2] == ("cuda:1",)  # under torch.cuda.device(cuda:1)
     assert begin[3] == "thread_local"
@@ -206,18 +209,18 @@ def test_capture_runs_on_the_models_device_and_its_own_stream(fake_cuda_graphs):
     assert fake.current() == "default-stream" and not fake.allocating_to_pool
     import gc
 
-    second = static_decode.capture_graph(fake.body, torch.device("cuda", 1))
-    third = static_decode.capture_graph(fake.body, torch.device("cuda", 1))
+    second = steps.capture_graph(fake.body, torch.device("cuda", 1))
+    third = steps.capture_graph(fake.body, torch.device("cuda", 1))
     assert len({stream.stream_id, second[2].stream_id, third[2].stream_id}) == 3
     freed = third[2].stream_id
     del third
     gc.collect()
     # The pool wraps around to the first two streams: live graphs were captured on them, so they are skipped.
-    fourth = static_decode.capture_graph(fake.body, torch.device("cuda", 1))
+    fourth = steps.capture_graph(fake.body, torch.device("cuda", 1))
     assert fourth[2].stream_id == freed
     del graph, second, fourth
     gc.collect()
-    assert not +static_decode._GRAPH_STREAMS  # every dropped graph freed its stream
+    assert not +steps._GRAPH_STREAMS  # every dropped graph freed its stream
 
 
 def test_a_failed_capture_puts_the_stream_and_allocator_back(fake_cuda_graphs):
@@ -226,7 +229,7 @@ def test_a_failed_capture_puts_the_stream_and_allocator_back(fake_cuda_graphs):
     fake = fake_cuda_graphs(body_error=RuntimeError("CUDA error: operation not permitted when stream is capturing"),
                             end_error=RuntimeError("CUDA error: operation failed due to a previous error during capture"))
     with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):  # the first error, not the second
-        static_decode.capture_graph(fake.body, torch.device("cuda", 0))
+        steps.capture_graph(fake.body, torch.device("cuda", 0))
     assert fake.current() == "default-stream"
     assert not fake.allocating_to_pool
     assert ("release_pool", 0, (0, 7)) in fake.calls
@@ -235,7 +238,7 @@ def test_a_failed_capture_puts_the_stream_and_allocator_back(fake_cuda_graphs):
 def test_a_capture_end_failure_puts_the_stream_and_allocator_back(fake_cuda_graphs):
     fake = fake_cuda_graphs(end_error=RuntimeError("CUDA error: capture invalidated"))
     with pytest.raises(RuntimeError, match="capture invalidated"):
-        static_decode.capture_graph(fake.body, torch.device("cuda", 0))
+        steps.capture_graph(fake.body, torch.device("cuda", 0))
     assert fake.current() == "default-stream" and not fake.allocating_to_pool
     assert ("release_pool", 0, (0, 7)) in fake.calls
 
@@ -243,7 +246,7 @@ def test_a_capture_end_failure_puts_the_stream_and_allocator_back(fake_cuda_grap
 def test_a_body_error_with_a_valid_capture_drops_the_graph(fake_cuda_graphs):
     fake = fake_cuda_graphs(body_error=ValueError("a Python error inside the step"))
     with pytest.raises(ValueError):
-        static_decode.capture_graph(fake.body, torch.device("cuda", 0))
+        steps.capture_graph(fake.body, torch.device("cuda", 0))
     assert fake.current() == "default-stream" and "reset" in fake.calls
     assert not any(c[0] == "release_pool" for c in fake.calls if isinstance(c, tuple))  # reset gives it back
 
@@ -259,12 +262,12 @@ def _adapter(model, split=False):
 def test_graphs_are_never_tried_where_capture_must_fail():
     int8 = type("Linear8bitLt", (torch.nn.Linear,), {})
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), int8(2, 2))
-    assert "bnb-8bit" in static_decode.graph_blocker(_adapter(model))
+    assert "bnb-8bit" in steps.graph_blocker(_adapter(model))
     offloaded = torch.nn.Sequential(torch.nn.Linear(2, 2))
     offloaded[0]._hf_hook = type("Hook", (), {"offload": True})()
-    assert "offloaded" in static_decode.graph_blocker(_adapter(offloaded))
-    assert "split" in static_decode.graph_blocker(_adapter(torch.nn.Linear(2, 2), split=True))
-    assert static_decode.graph_blocker(_adapter(torch.nn.Linear(2, 2))) is None
+    assert "offloaded" in steps.graph_blocker(_adapter(offloaded))
+    assert "split" in steps.graph_blocker(_adapter(torch.nn.Linear(2, 2), split=True))
+    assert steps.graph_blocker(_adapter(torch.nn.Linear(2, 2))) is None
 
 
 def test_out_of_memory_during_capture_is_the_packs_error_not_a_silent_fallback(tiny_dir, frames, monkeypatch):
@@ -281,7 +284,7 @@ def test_out_of_memory_during_capture_is_the_packs_error_not_a_silent_fallback(t
         init(self, *args, **kwargs)
         self.use_graph = True  # as on CUDA
 
-    monkeypatch.setattr(static_decode, "capture_graph", oom)
+    monkeypatch.setattr(steps, "capture_graph", oom)
     monkeypatch.setattr(static_decode.StaticDecoder, "__init__", with_graph)
     with pytest.raises(AdaTPEnvironmentError, match="out of memory during generation"):
         generate_answer(_state(model, frames[:2]), SamplingConfig(max_new_tokens=3, decode_mode="static"))
@@ -396,11 +399,11 @@ def test_the_load_node_makes_room_on_the_indexed_device(two_gpus_current_1, monk
 # ----- 9. auto mode: static only while the cache is short ----------------------------------------
 
 def test_auto_mode_picks_by_cached_length():
-    cap = static_decode.STATIC_AUTO_MAX_CAPACITY
-    assert static_decode.static_pays_off([1000] * 28, 128)
-    assert static_decode.static_pays_off([6000] * 2 + [1500] * 26, 128)  # K=2, R=0.25 on 32 frames
-    assert not static_decode.static_pays_off([cap] * 28, 128)  # the bucket doubles past the limit
-    assert not static_decode.static_pays_off([32000] * 28, 128)
+    cap = steps.STATIC_AUTO_MAX_CAPACITY
+    assert steps.static_pays_off([1000] * 28, 128)
+    assert steps.static_pays_off([6000] * 2 + [1500] * 26, 128)  # K=2, R=0.25 on 32 frames
+    assert not steps.static_pays_off([cap] * 28, 128)  # the bucket doubles past the limit
+    assert not steps.static_pays_off([32000] * 28, 128)
 
 
 def test_auto_mode_decodes_long_caches_step_by_step(tiny, frames, monkeypatch):
@@ -410,7 +413,7 @@ def test_auto_mode_decodes_long_caches_step_by_step(tiny, frames, monkeypatch):
     s = _state(tiny, frames[:2])
     short = generate_answer(s, SamplingConfig(max_new_tokens=2, ignore_eos=True))
     assert short.stats["decode_mode"] == "static"
-    monkeypatch.setattr(static_decode, "STATIC_AUTO_MAX_CAPACITY", 128)
+    monkeypatch.setattr(steps, "STATIC_AUTO_MAX_CAPACITY", 128)
     long = generate_answer(s, SamplingConfig(max_new_tokens=2, ignore_eos=True))
     assert long.stats["decode_mode"] == "default" and long.token_ids == short.token_ids
     forced = generate_answer(s, SamplingConfig(max_new_tokens=2, ignore_eos=True, decode_mode="static"))
@@ -429,7 +432,7 @@ def test_a_non_finite_value_in_a_reused_buffer_cannot_poison_the_next_answer(tin
     generate_answer(s, SamplingConfig(**cfg, decode_mode="static"))
     (decoder,) = model.static_decoders._decoders.values()
     with torch.inference_mode():
-        for buffer in (t for layer in decoder.cache.layers for t in (layer.keys, layer.values)):
+        for buffer in (t for t in (*decoder.cache.keys, *decoder.cache.values) if t is not None):
             buffer.fill_(float("nan"))  # what an fp16 overflow in an earlier answer leaves behind
     static = generate_answer(s, SamplingConfig(**cfg, decode_mode="static"), return_logits=True)
     assert torch.isfinite(static.logits).all()

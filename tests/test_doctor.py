@@ -15,7 +15,7 @@ from adatp_core.cli import main
 from adatp_core.doctor import FAIL, PASS, SKIP, compare_tokens, run_doctor
 
 CHECKS = ("keep-all = stock generate()", "AdaTP default = static decoding", "static graph reused",
-          "no cuDNN attention", "selection without host sync", "figures")
+          "no cuDNN attention", "selection without host sync", "figures", "2 rows = one at a time")
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_the_doctor_passes_on_this_cpu_and_skips_what_needs_cuda(built_in, capsy
     assert report.ok
     by_name = {c.name: c for c in report.checks}
     assert tuple(by_name) == CHECKS
-    assert [c.name for c in seen] == [CHECKS[0], CHECKS[2], CHECKS[3], CHECKS[5]]  # the last line of each step
+    assert [c.name for c in seen] == [CHECKS[0], CHECKS[2], CHECKS[3], CHECKS[5], CHECKS[6]]  # each step's last line
     assert by_name["keep-all = stock generate()"].status == PASS
     assert by_name["AdaTP default = static decoding"].status == PASS
     graph = by_name["static graph reused"]
@@ -194,3 +194,21 @@ def test_a_model_refused_by_the_loader_gets_the_loaders_advice_only(monkeypatch)
     doctor._run_family(fam, torch.device("cpu"), torch.float32, None, lambda check: None)
     assert [c.name for c in fam.checks] == ["load"] and fam.checks[0].status == FAIL
     assert "need CUDA" in fam.checks[0].detail and "--dtype" not in fam.checks[0].detail
+
+
+def test_rows_decoded_together_that_part_from_one_at_a_time_fail_their_line(built_in, monkeypatch):
+    """The 2-row line compares each row's tokens with the same question answered alone: a batched
+    step that mixes up its rows (faked: each row gets the other's logits) fails it, with what avoids it."""
+    from adatp_core import steps
+
+    real = steps.StepRunner._default
+
+    def swapped(self, tokens, positions, start, stop):
+        logits = real(self, tokens, positions, start, stop)
+        return logits.flip(0) if stop - start > 1 else logits
+
+    monkeypatch.setattr(steps.StepRunner, "_default", swapped)
+    report = run_doctor("cpu", "auto")
+    line = {c.name: c for c in report.checks}["2 rows = one at a time"]
+    assert line.status == FAIL and "tokens differ" in line.detail and "--batch-size 1" in line.detail
+    assert not report.ok

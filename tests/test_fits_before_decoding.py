@@ -98,10 +98,16 @@ def test_the_models_input_counts_on_its_device(tiny, clips):
 
     plan = vid.plan_sampling(clips["long"], 8)
     figures = check_video_fits(tiny, plan, ["What happens?"])
-    frames_only = plan.memory().bytes_on("host")
-    pixels = 8 * 3 * 384 * 384 * 4
-    assert figures["memory_planned_host_mb"] * 1e6 == pytest.approx(
-        frames_only + pixels + 2 * figures["prompt_tokens_planned"] * 64 * 4, rel=1e-3, abs=1e5)
+    parts = figures["memory_plan"]["host"]  # each part of the run's peak, in MB (budget.run_memory)
+    assert parts["decoded frames [8, 48, 64, 3] uint8"] * 1e6 + parts["the IMAGE [8, 48, 64, 3] float32"] * 1e6 \
+        == pytest.approx(plan.memory().bytes_on("host"), abs=1e5)
+    assert parts["one chunk's pixels [8, 3, 384, 384]"] * 1e6 == pytest.approx(8 * 3 * 384 * 384 * (4 + 4), abs=1e5)
+    length = figures["prompt_tokens_planned"]
+    assert parts[f"the prompt's embeddings and layer K's input rows [2 x {length}, 64]"] * 1e6 == pytest.approx(
+        2 * length * 64 * 4, abs=1e5)
+    weights = parts.pop("the model's weights")
+    assert figures["memory_planned_host_mb"] == pytest.approx(sum(parts.values()), abs=0.5)
+    assert figures["memory_planned_peak_host_mb"] == pytest.approx(sum(parts.values()) + weights, abs=0.5)
     estimate = budget.MemoryEstimate(parts=(("frames", 10, "host"), ("the model's pixel input", 9 * 2**30, "cuda:0")),
                                      frames=8)
     with pytest.raises(AdaTPInputError, match=r"memory on cuda:0 \(the model's pixel input 9.66 GB\).*90% of the "

@@ -324,21 +324,10 @@ def test_a_graph_warm_up_leaves_the_linear_states_as_they_were(tiny, frames, mon
     that the first real step rewrites anyway, but a linear-attention layer's conv and recurrent
     states would take the warm-up's token in, and the replay would take it in again: the
     states are put back after the warm-up, for one answer and for rows decoded together."""
-    from adatp_core import batching, static_decode
+    from adatp_core import batching, steps
 
-    monkeypatch.setattr(static_decode, "capture_graph", _capture_like_cuda)
-    real_init, real_rows_init = static_decode.StaticDecoder.__init__, batching.StaticRowsStep.__init__
-
-    def decoder_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        self.use_graph = True  # as on CUDA
-
-    def rows_init(self, *args, **kwargs):
-        real_rows_init(self, *args, **kwargs)
-        self.use_graph = True
-
-    monkeypatch.setattr(static_decode.StaticDecoder, "__init__", decoder_init)
-    monkeypatch.setattr(batching.StaticRowsStep, "__init__", rows_init)
+    monkeypatch.setattr(steps, "capture_graph", _capture_like_cuda)
+    monkeypatch.setattr(steps, "no_graph_reason", lambda adapter: None)  # as on CUDA: one answer and rows alike
     tiny.static_decoders.clear()
     state = prune_tokens(extract_attention(tiny, frames, QUESTION, layer=tiny.adapter.default_layer()), 0.25)
     cfg = dict(max_new_tokens=6, ignore_eos=True)
@@ -367,7 +356,7 @@ def test_a_graph_capture_leaves_the_linear_states_as_they_were(tiny, frames, mon
     state took the first decode token in twice, so the first static answer on CUDA (auto's pick
     for short caches) went astray after one token. A failed capture then stepping without a
     graph did the same."""
-    from adatp_core import static_decode
+    from adatp_core import static_decode, steps
 
     if not _hybrid(tiny):
         pytest.skip("no linear-attention state to fold twice")
@@ -385,7 +374,7 @@ def test_a_graph_capture_leaves_the_linear_states_as_they_were(tiny, frames, mon
                               return_logits=True)
     for fake in (capture, lambda step, device: (step(), (_ for _ in ()).throw(RuntimeError("capture refused")))):
         tiny.static_decoders.clear()
-        monkeypatch.setattr(static_decode, "capture_graph", fake)
+        monkeypatch.setattr(steps, "capture_graph", fake)
         static = generate_answer(state, SamplingConfig(max_new_tokens=STEPS, ignore_eos=True, decode_mode="static"),
                                  return_logits=True)
         assert static.stats["static_graph"] in ("captured", "failed: capture refused")

@@ -54,7 +54,7 @@ def test_graph_replays_keep_no_copy_of_the_linear_states(tiny, states, monkeypat
     from test_batching import together
     from test_hybrid import _capture_like_cuda
 
-    from adatp_core import batching, static_decode
+    from adatp_core import steps
     from adatp_core.generate import SamplingConfig, generate_answer
 
     kept, replays = [], []
@@ -65,19 +65,15 @@ def test_graph_replays_keep_no_copy_of_the_linear_states(tiny, states, monkeypat
         graph.replay = lambda: (replays.append(True), replay())
         return graph, out, stream
 
-    monkeypatch.setattr(static_decode, "capture_graph", capture)
-    real_init, real_kept = batching.StaticRowsStep.__init__, batching.linear_states_kept
-
-    def rows_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        self.use_graph = True  # as on CUDA
+    monkeypatch.setattr(steps, "capture_graph", capture)
+    monkeypatch.setattr(steps, "no_graph_reason", lambda adapter: None)  # as on CUDA
+    real_kept = steps.linear_states_kept
 
     def counted(cache, rows=slice(None), only_on_error=False):
         kept.append("step" if only_on_error else "capture")
         return real_kept(cache, rows, only_on_error)
 
-    monkeypatch.setattr(batching.StaticRowsStep, "__init__", rows_init)
-    monkeypatch.setattr(batching, "linear_states_kept", counted)
+    monkeypatch.setattr(steps, "linear_states_kept", counted)
     cfg = dict(max_new_tokens=6, ignore_eos=True)
     answers = together(tiny, states, SamplingConfig(**cfg, decode_mode="static"), 2)
     monkeypatch.undo()

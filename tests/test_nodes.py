@@ -26,6 +26,10 @@ CONTRACT = {
     "AdaTP_SelfCheck": ["device", "dtype"],
     "AdaTP_SampleVideo": ["video", "num_frames", "sampling", "fps", "start_time", "end_time"],
     "AdaTP_FrameTimes": ["frames", "fps"],
+    "AdaTP_ClipDataset": ["model", "sources", "output", "prompt", "prefix", "min_seconds", "max_seconds", "fps",
+                          "frames"],
+    "AdaTP_ExtractAttentionVideo": ["model", "video", "question", "layer", "query", "num_frames", "sampling", "fps",
+                                    "start_time", "end_time"],
 }
 RETURNS = {
     "AdaTP_LoadVideoLLM": ("ADATP_MODEL",), "AdaTP_LoadVideo": ("IMAGE", "ADATP_VIDEO_INFO"),
@@ -34,7 +38,8 @@ RETURNS = {
     "AdaTP_GenerateAnswer": ("STRING", "STRING"), "AdaTP_PreviewTokens": ("IMAGE",),
     "AdaTP_CaptionFolder": ("STRING", "STRING"), "AdaTP_SelfCheck": ("STRING",),
     "AdaTP_CaptionFolder": ("STRING", "STRING"), "AdaTP_SampleVideo": ("IMAGE", "ADATP_VIDEO_INFO"),
-    "AdaTP_FrameTimes": ("ADATP_VIDEO_INFO",),
+    "AdaTP_FrameTimes": ("ADATP_VIDEO_INFO",), "AdaTP_ClipDataset": ("STRING",),
+    "AdaTP_FrameTimes": ("ADATP_VIDEO_INFO",), "AdaTP_ExtractAttentionVideo": ("ADATP_STATE", "ADATP_VIDEO_INFO"),
 }
 DEFAULTS = {("AdaTP_LoadVideo", "num_frames"): 32, ("AdaTP_SampleVideo", "num_frames"): 32, ("AdaTP_ExtractAttention", "layer"): 2,
             ("AdaTP_GlobalDebias", "segment_threshold"): 0.95, ("AdaTP_GlobalDebias", "relevance_boost"): 1.0,
@@ -75,7 +80,7 @@ def test_pack_imports_beside_comfyuis_own_nodes_module(tmp_path):
         "sys.modules['nodes'] = types.ModuleType('nodes')  # ComfyUI's own\n"
         f"spec = importlib.util.spec_from_file_location('/x/custom_nodes/comfyui-adatp_x_1', r'{ROOT / '__init__.py'}')\n"
         "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 12 and sys.modules['nodes'].__dict__.get('NODE_CLASS_MAPPINGS') is None\n"
+        f"assert len(m.NODE_CLASS_MAPPINGS) == {len(CONTRACT)} and sys.modules['nodes'].__dict__.get('NODE_CLASS_MAPPINGS') is None\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

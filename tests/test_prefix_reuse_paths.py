@@ -23,8 +23,8 @@ def test_cli_asks_several_questions_of_one_decoded_video(tiny_dir, monkeypatch, 
 
     monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
     decodes = []
-    real = pipeline.decode_plan  # every path the CLI decodes goes through load_checked's decode_plan
-    monkeypatch.setattr(pipeline, "decode_plan", lambda *a, **k: decodes.append(a) or real(*a, **k))
+    real = pipeline.encode_video  # the CLI streams every path through stream_checked's encode_video
+    monkeypatch.setattr(pipeline, "encode_video", lambda *a, **k: decodes.append(a) or real(*a, **k))
     argv = ["--frames", "4", "--max-new-tokens", "3", "--json", "--question", "Who?",
             "--question", "Where does the red square go?", "--question", "Who?"]
     assert cli.main(argv) == 0

@@ -223,5 +223,6 @@ def test_pack_loads_on_a_comfyui_without_the_video_type(tmp_path, comfyui):
     names, times = out.stdout.strip().splitlines()
     listed = names.split()
     assert listed[0] == "True" and ("AdaTP_SampleVideo" in listed) == (comfyui == "video")
-    assert len(listed[1:]) == (12 if comfyui == "video" else 11) and "AdaTP_FrameTimes" in listed
+    assert ("AdaTP_ExtractAttentionVideo" in listed) == (comfyui == "video")
+    assert len(listed[1:]) == (14 if comfyui == "video" else 12) and "AdaTP_FrameTimes" in listed
     assert times == "(0.0, 0.5)"

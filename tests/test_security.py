@@ -487,3 +487,52 @@ def test_caption_job_without_a_root_is_the_cli(tmp_path, clip_bytes, tiny):
         max_new_tokens=2)), workers=0)
     assert job.root is None
     assert cap.caption_folder(tiny, job).done == ["x.mp4"]
+
+
+# ---------------------------------------------------------------------------------------
+# Clip Dataset (issue 29): sources only under input/, the set only under output/
+# ---------------------------------------------------------------------------------------
+def clip_node():
+    return pack_module("nodes.clip_dataset").AdaTP_ClipDataset
+
+
+def test_clip_dataset_refuses_sources_and_outputs_outside(server, tmp_path, tiny):
+    fp, inp, outside = server
+    out = Path(fp.get_output_directory())
+    (inp / "out_link").symlink_to(outside, target_is_directory=True)
+    (inp / "secret_link.mp4").symlink_to(outside / "secret.mp4")
+    node = clip_node()
+    for name in [str(outside), str(outside / "secret.mp4"), "/", "../../private", "out_link", "secret_link.mp4",
+                 "set\n../../private", str(inp / "out_link"), "http://example.com/a.mp4"]:
+        message = node.VALIDATE_INPUTS(sources=name)
+        assert message is not True and ("outside" in message or "URL" in message), name
+        if "link" in name:
+            assert str(outside) not in message, name  # a link's target is never named
+    for name in [str(outside), "../x", "../../private", str(tmp_path), "/tmp", str(inp)]:
+        message = node.VALIDATE_INPUTS(output=name)
+        assert message is not True and "outside" in message, name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "to_private").symlink_to(outside, target_is_directory=True)
+    assert "outside" in node.VALIDATE_INPUTS(output="to_private")
+    assert node.VALIDATE_INPUTS(sources="set", output="my_set") is True
+    (out / "my_set").mkdir()
+    (out / "my_set" / "videos").symlink_to(outside, target_is_directory=True)  # clips would land outside
+    with pytest.raises(ValueError, match="leads outside"):
+        clip_node()().make(tiny, "set", "my_set", "Describe.", "", 0.1, 1.0, 4.0, "any")
+
+
+def test_clip_dataset_reads_and_writes_nothing_outside(server, tiny):
+    fp, inp, outside = server
+    (inp / "set" / "leak.mp4").symlink_to(outside / "secret.mp4")  # listed from inside, lying outside
+    node = clip_node()
+    before = sorted(p.name for p in outside.iterdir())
+    with pytest.raises(ValueError, match="outside"):
+        node().make(tiny, str(outside), "set", "Describe.", "PWNED ", 0.1, 1.0, 4.0, "any", max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside"):
+        node().make(tiny, "set", str(outside), "Describe.", "PWNED ", 0.1, 1.0, 4.0, "any", max_new_tokens=2)
+    summary = node().make(tiny, "set", "my_set", "Describe.", "", 0.1, 1.0, 4.0, "any", caption_frames=2,
+                          max_new_tokens=2, batch_size=1)["result"][0]
+    assert sorted(p.name for p in outside.iterdir()) == before and (outside / "secret.txt").read_text() == "SECRET"
+    assert "leak" not in summary and "secret" not in summary
+    made = list((Path(fp.get_output_directory()) / "my_set" / "videos").glob("*.mp4"))
+    assert made and "Sources: 1 (0 failed)" in summary  # a.mp4 only: the link out was not listed

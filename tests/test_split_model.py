@@ -15,7 +15,8 @@ from conftest import QUESTION, LoaderStopped
 from adatp_core.attention import extract_attention
 from adatp_core.debias import global_debias, local_debias
 from adatp_core.generate import SamplingConfig, generate_answer
-from adatp_core.decode import continue_prefill, decode_step, row_positions
+from adatp_core.decode import continue_prefill, row_positions
+from adatp_core.steps import decode_step
 from adatp_core.hf.cache import KVCache, RowsKVCache
 from adatp_core.hf.layers import module_device
 from adatp_core.models.loader import load_video_llm

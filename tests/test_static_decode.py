@@ -51,7 +51,7 @@ def test_two_questions_reuse_one_bucket_and_match_default(tiny_on, frames, devic
         assert static.stats["kv_lengths"] == default.stats["kv_lengths"]
         assert len(model.static_decoders) == 1
         (decoder,) = model.static_decoders._decoders.values()
-        seen.append((s.prompt.length, decoder, decoder.cache.layers[0].keys.data_ptr(), static.stats["time_graph_capture"]))
+        seen.append((s.prompt.length, decoder, decoder.cache.keys[0].data_ptr(), static.stats["time_graph_capture"]))
     (len1, dec1, ptr1, _), (len2, dec2, ptr2, capture2) = seen
     assert len1 != len2  # a new prompt length ...
     assert dec1 is dec2 and ptr1 == ptr2  # ... and the same buffers
@@ -121,12 +121,12 @@ def test_capture_time_is_reported_on_its_own():
 def test_a_failed_graph_capture_falls_back_to_steps_without_a_graph(tiny, frames, monkeypatch, caplog):
     """A capture that fails (here forced, on CPU) leaves a decoder that runs its
     fixed-shape steps without a graph and still chooses the default path's tokens."""
-    from adatp_core import static_decode
+    from adatp_core import static_decode, steps
 
     def refuse(fn, dev):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(static_decode, "capture_graph", refuse)
+    monkeypatch.setattr(steps, "capture_graph", refuse)
     monkeypatch.setattr(static_decode.StaticDecoder, "__init__", _init_with_graph(static_decode.StaticDecoder.__init__))
     tiny.static_decoders.clear()
     s = _state(tiny, frames, QUESTION)
@@ -136,7 +136,9 @@ def test_a_failed_graph_capture_falls_back_to_steps_without_a_graph(tiny, frames
         static = generate_answer(s, SamplingConfig(**cfg, decode_mode="static"), return_logits=True)
     assert "CUDA graph capture failed" in caplog.text
     (decoder,) = tiny.static_decoders._decoders.values()
-    assert decoder.use_graph is False and decoder.graph is None
+    assert decoder.use_graph is False and all(e.graph is None for e in decoder.entries.values())
+    assert decoder.status.failed and decoder.status.reason == "operation not permitted when stream is capturing"
+    assert static.stats["static_graph"] == "failed: operation not permitted when stream is capturing"
     assert static.token_ids == default.token_ids
     assert (static.logits - default.logits).abs().max().item() < 1e-5
     tiny.static_decoders.clear()

@@ -26,7 +26,8 @@ def _load(name):
 
 
 def test_the_workflows_ship():
-    assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "caption_folder.json", "fastv_baseline.json",
+    assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "caption_folder.json", "clip_dataset.json",
+                                           "fastv_baseline.json",
                                            "generated_video_qa.json", "self_check.json", "two_questions.json",
                                            "vanilla_vs_adatp.json", "video_caption.json"]
 
@@ -49,6 +50,8 @@ def test_links_match_node_definitions(env, path):
         return
     if path.name == "caption_folder.json":
         assert {"AdaTP_LoadVideoLLM", "AdaTP_CaptionFolder", "PreviewAny"} <= by_type
+    elif path.name == "clip_dataset.json":
+        assert {"AdaTP_LoadVideoLLM", "AdaTP_ClipDataset"} <= by_type
     elif path.name == "generated_video_qa.json":  # core Load Video's VIDEO into Sample Video
         assert {"LoadVideo", "AdaTP_SampleVideo", "AdaTP_ExtractAttention", "AdaTP_GenerateAnswer"} <= by_type
     else:
@@ -62,6 +65,8 @@ def test_every_workflow_runs_headless(env, path):
     pack, headless = env
     if path.name == "caption_folder.json":  # it writes captions: run in a fresh input directory below
         pytest.skip("run in test_caption_folder_workflow_runs_on_the_sample_folder")
+    if path.name == "clip_dataset.json":  # it writes a training set: run in fresh folders below
+        pytest.skip("run in test_clip_dataset_workflow_makes_a_set_from_the_sample")
     if path.name == "self_check.json":  # every tiny family: minutes on this CPU
         pytest.skip("its node runs in test_nodes.py::test_self_check_shows_the_doctors_table_on_the_node")
     result = headless.run_workflow(path, pack.NODE_CLASS_MAPPINGS, log=lambda m: None)
@@ -171,6 +176,28 @@ def test_caption_folder_workflow_runs_on_the_sample_folder(env, tmp_path, monkey
     assert result.ui[3]["text"] == [json.dumps(captions)]  # Preview Any shows the list
     again = headless.run_workflow(path, pack.NODE_CLASS_MAPPINGS, short, log=lambda m: None)
     assert again.outputs[2][0] == [caption] and "skipped 1 already captioned" in again.outputs[2][1]
+
+
+def test_clip_dataset_workflow_makes_a_set_from_the_sample(env, tmp_path, monkeypatch):
+    """The sample video (three 4 s shots) in input/adatp_clip_samples becomes three 61-frame clips
+    at 16 fps in output/adatp_clips, each captioned; a rerun does nothing. (Short captions and few
+    frames per caption, for speed.)"""
+    pack, headless = env
+    bridge = pack_module("nodes.comfy_bridge")
+    monkeypatch.setattr(bridge.HEADLESS, "input_dir", tmp_path / "input")
+    monkeypatch.setattr(bridge.HEADLESS, "output_dir", tmp_path / "output")
+    path = ROOT / "workflows" / "clip_dataset.json"
+    short = {(2, "max_new_tokens"): 4, (2, "caption_frames"): 4}
+    (summary,) = headless.run_workflow(path, pack.NODE_CLASS_MAPPINGS, short, log=lambda m: None).outputs[2]
+    out = tmp_path / "output" / "adatp_clips"
+    clips = sorted((out / "videos").glob("*.mp4"))
+    assert "Clips: 3 planned, 3 cut now" in summary and len(clips) == 3, summary
+    assert all(c.with_suffix(".txt").read_text() for c in clips)
+    records = [json.loads(line) for line in (out / "clips.jsonl").read_text().splitlines()]
+    assert [(r["frames"], r["fps"]) for r in records] == [(61, 16.0)] * 3
+    assert len(list((out / "subtitles").glob("*.srt"))) == 1
+    (again,) = headless.run_workflow(path, pack.NODE_CLASS_MAPPINGS, short, log=lambda m: None).outputs[2]
+    assert "0 cut now" in again and "all up to date" in again
 
 
 def _boxes(data, make_workflows, pack, headless):

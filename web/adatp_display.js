@@ -4,7 +4,7 @@
 export const ADATP_PREFIX = "AdaTP_";
 export const DISPLAY_WIDGET = "adatp_display";
 // Nodes whose returned text the stock frontend would not show.
-export const TEXT_NODES = Object.freeze(["AdaTP_GenerateAnswer", "AdaTP_PruneTokens", "AdaTP_CaptionFolder", "AdaTP_SelfCheck"]);
+export const TEXT_NODES = Object.freeze(["AdaTP_GenerateAnswer", "AdaTP_PruneTokens", "AdaTP_CaptionFolder", "AdaTP_SelfCheck", "AdaTP_ClipDataset"]);
 // Nodes whose text is a table: shown in a fixed-width font, without wrapping, so columns line up.
 export const TABLE_NODES = Object.freeze(["AdaTP_SelfCheck"]);
 // A recognisable deep teal for every AdaTP node (title bar, body).

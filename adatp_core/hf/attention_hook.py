@@ -24,6 +24,15 @@ def aligns_causal_to_the_end(config) -> bool:
     return "flash" in str(getattr(config, "_attn_implementation", ""))
 
 
+def causal_tail_mask(past: int, n: int, device) -> torch.Tensor:
+    """[1, 1, n, past + n] bool (True: attend): n new tokens after ``past`` cached ones, causal among
+    themselves, each seeing every cached key (the causal mask aligned to the bottom right). sdpa
+    needs it for a call over a non-empty cache: without a mask it aligns is_causal to the top left
+    and would drop the cached keys. Costs n * (past + n) bytes."""
+    rows = torch.arange(n, device=device)[:, None] + past
+    return (torch.arange(past + n, device=device)[None, :] <= rows)[None, None]
+
+
 def wrapped_attention_name(base: str) -> str:
     """Name under which AdaTP's wrapper of ``base`` is registered."""
     return _PREFIX + base

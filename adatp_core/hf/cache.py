@@ -7,8 +7,9 @@ Which tokens a layer remembers is decided here and nowhere else:
 - linear-attention layers (Qwen3.5's Gated DeltaNet) hold a fixed-size state, not
   keys/values: the last k inputs of their causal convolution and a recurrent state
   (``LinearState``). From K on they have taken in only the kept tokens, in order;
-- static decoding holds fixed-capacity buffers that CUDA graphs write into;
-- batched decoding holds B rows of different lengths, with a mask per row;
+- decoding holds rows of different lengths, with a mask per row: B clips decoded together, or
+  one answer as a batch of one row; static decoding reads them at fixed capacities that CUDA
+  graphs write into;
 - the video prefix cache (``prefix_cache.py``) holds the question-independent part of a
   prefill, frozen: copied into a new ``KVCache`` per question, never written.
 
@@ -24,10 +25,9 @@ transformers' per-layer classes, specialised only where the pack differs:
   ``has_previous_state``, whatever a release adds) plus a host-side count of the tokens folded in
   (``lengths``), and it can hold views of the pack's buffers (a static buffer, one batch row), which
   transformers then updates in place;
-- ``StaticKVLayer`` and ``RowsKVLayer`` are ``CacheLayerMixin``s of their own: transformers'
-  ``StaticLayer`` writes every layer at one shared ``cumulative_length``, but after pruning each layer
-  has its own length (``base_l + step``, on the device, for graphs), and batched rows have one
-  length per row and layer (a scatter per row). Everything else (``get_conv_state``,
+- ``RowsKVLayer`` is a ``CacheLayerMixin`` of its own: transformers' ``StaticLayer`` writes every
+  layer at one shared ``cumulative_length``, but after pruning each layer has its own length, and
+  rows have one length per row and layer (a scatter per row, at device-side lengths, for graphs). Everything else (``get_conv_state``,
   ``has_previous_state``, ``get_recurrent_states_to_keep``, ``increase_count`` ...) is the
   ``Cache`` container's own.
 ``RowsKVCache`` (the rows' storage) and ``FrozenPrefix`` are never handed to transformers: their
@@ -37,9 +37,8 @@ call made on a cache and checks that each form here answers it.
 The kinds and forms here:
 - ``KVCache``: per layer a ``KVLayer`` or a ``LinearLayer``, growing, any batch (1 in practice).
   ``past`` is copied in and never written, so one prefilled state (a frozen prefix) feeds many answers.
-- ``StaticKVCache``: the same per-layer pasts in fixed-capacity buffers with a device-side step
-  counter, for static decoding and its CUDA graphs.
-- ``RowsKVCache``: the batched-rows storage, for captions decoded together. Up to ``slots`` rows
+- ``RowsKVCache``: the rows that decoding steps (steps.py): captions decoded together, or one
+  answer in one row (its prefilled ``KVCache``'s own buffers, or a static bucket's). Up to ``slots`` rows
   (one clip each) packed at the front of per-layer buffers [slots, Hkv, capacity, d]; every row has
   its own length per layer (layers < K the clip's full prompt, layers >= K its kept tokens, plus
   what it decoded) and attends through a mask of its own filled positions. ``window(a, b)`` is the
@@ -59,6 +58,8 @@ from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, LinearAttentionLayer
+
+from ..memory import free_bytes
 
 LINEAR_ATTENTION = "linear_attention"  # the layer kind in a text config's ``layer_types``
 
@@ -225,27 +226,6 @@ class _FixedLayer(CacheLayerMixin):
         return self.keys.shape[-2]
 
 
-class StaticKVLayer(_FixedLayer):
-    """One attention layer of a ``StaticKVCache``: a decode step writes its token at
-    ``base[layer] + step`` (device tensors: the same graph serves every answer) and attends
-    over the whole buffer [1, Hkv, capacity, d] through ``StaticKVCache.masks``."""
-
-    def __init__(self, keys, values, layer_idx: int, owner: "StaticKVCache"):
-        super().__init__(keys, values)
-        self.layer_idx, self.owner = layer_idx, owner
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        o = self.owner
-        index = o._base[self.layer_idx:self.layer_idx + 1] + o.step
-        self.keys.index_copy_(2, index, key_states)
-        self.values.index_copy_(2, index, value_states)
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        """The positions loaded (the steps since are counted on the device only)."""
-        return self.owner.base[self.layer_idx]
-
-
 class RowsKVLayer(_FixedLayer):
     """One attention layer of a ``RowsWindow``: rows [a, b) of the ``RowsKVCache``'s buffers; a
     step writes row r's key/value at that row's own length, and returns the buffers cut to the
@@ -288,23 +268,28 @@ class KVCache(Cache):
         attention layers.
     past: per layer, (key [B, Hkv, S, d], value [B, Hkv, S, d]), or a ``LinearState``, to
         start from; they are copied, never modified, so one state can feed many generations.
-    reserve: extra positions to allocate beyond each attention layer's first fill.
+    reserve: extra positions to allocate beyond each attention layer's first fill: one number
+        for every layer, or one per layer (a chunked prefill fills a layer in several calls, and
+        reserves the rest of the prompt at the first).
     """
 
-    def __init__(self, layers, past=(), reserve: int = 0):
+    def __init__(self, layers, past=(), reserve=0):
         kinds = ("full_attention",) * layers if isinstance(layers, int) else tuple(layers)
         past = tuple(past)
         if len(past) > len(kinds):
             raise ValueError(f"{len(past)} layers of past for a cache of {len(kinds)} layers")
+        reserves = (int(reserve),) * len(kinds) if isinstance(reserve, int) else tuple(int(r) for r in reserve)
+        if len(reserves) != len(kinds):
+            raise ValueError(f"{len(reserves)} reserves for a cache of {len(kinds)} layers")
         made = []
         for i, kind in enumerate(kinds):
             entry = past[i] if i < len(past) else None
             if isinstance(entry, LinearState) or (entry is None and kind == LINEAR_ATTENTION):
                 made.append(LinearLayer(entry))
             else:
-                made.append(KVLayer(reserve, entry))
+                made.append(KVLayer(reserves[i], entry))
         super().__init__(layers=made)
-        self.reserve = int(reserve)
+        self.reserve = max(reserves, default=0)
 
     def layer(self, layer_idx: int):
         """(key, value) views of one attention layer's filled part."""
@@ -336,9 +321,8 @@ class KVCache(Cache):
 
 @contextmanager
 def linear_states_kept(cache, rows: slice = slice(None), only_on_error: bool = False):
-    """Put the linear-attention states of a fixed-buffer form (``StaticKVCache``,
-    ``RowsKVCache``: ``cache.linear``, layer -> (conv, recurrent), rows first) back as they
-    were on entry, in place (a captured graph reads these very buffers): after the block, or
+    """Put the linear-attention states of a ``RowsKVCache`` (``cache.linear``, layer -> (conv,
+    recurrent), rows first) back as they were on entry, in place (a captured graph reads these very buffers): after the block, or
     ``only_on_error`` when it raises. ``rows``: the batch rows to keep (all by default).
 
     Key/value slots need nothing of the sort: a step writes its token's slot, and running the
@@ -372,86 +356,40 @@ def capacity_bucket(needed: int, minimum: int = MIN_CAPACITY) -> int:
     return 1 << (max(int(needed), minimum) - 1).bit_length()
 
 
+ROWS_MIN_CAPACITY = 64  # the smallest capacity a growing rows buffer takes
 
 
-class StaticKVCache(Cache):
-    """Fixed-capacity per-layer buffers, refilled for every answer (static decoding).
+class Room(NamedTuple):
+    """``RowsKVCache.room``'s answer for one prefilled cache: whether it can have a row now.
 
-    layouts: per layer, ``KVCache.layout`` of the prefilled cache: ("kv", Hkv, d, dtype)
-        gets key/value buffers [1, Hkv, capacity, d] (a ``StaticKVLayer``); a linear-attention
-        layout gets its conv [1, C, k] and recurrent [1, Hv, dk, dv] buffers, held by a
-        ``LinearLayer`` that a step updates in place.
-    capacities: per layer, positions per key/value buffer (ignored for linear layers).
-    ``load`` copies a prefilled ``KVCache`` in; ``linear`` maps each linear layer to its
-    (conv, recurrent) buffers (``linear_states_kept``).
-    """
+    row: a slot is free. needs: per device whose buffers must grow to hold it, (device, bytes the
+    growth allocates, bytes free there or None where that is not known: the CPU)."""
 
-    def __init__(self, layouts, capacities, device: torch.device):
-        # Zeros, not empty: a masked slot must be finite. The mask adds -inf to its score, but
-        # NaN + -inf is NaN, and a 0 probability times a NaN value is NaN. ``load`` zeroes them again.
-        self.base: list[int] = [0] * len(layouts)
-        self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self._base = torch.zeros(len(layouts), dtype=torch.long, device=device)
-        self.linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        made = []
-        for i, (layout, c) in enumerate(zip(layouts, capacities)):
-            if layout[0] == "linear":
-                _, conv_shape, conv_dtype, rec_shape, rec_dtype = layout
-                self.linear[i] = (torch.zeros((1, *conv_shape), dtype=conv_dtype, device=device),
-                                  torch.zeros((1, *rec_shape), dtype=rec_dtype, device=device))
-                made.append(LinearLayer().hold(*self.linear[i], 0))
-            else:
-                _, h, d, dtype = layout
-                keys = torch.zeros((1, h, c, d), dtype=dtype, device=device)
-                made.append(StaticKVLayer(keys, torch.zeros_like(keys), i, self))
-        super().__init__(layers=made)
-        self.capacities = tuple(capacities)
-        self._arange = [None if i in self.linear else torch.arange(c, device=device)
-                        for i, c in enumerate(capacities)]
+    row: bool
+    needs: tuple = ()
 
-    def load(self, cache: KVCache) -> None:
-        """Copy the prefilled ``cache`` in (each layer's filled part) and zero the rest:
-        an earlier answer's slots may hold a non-finite value (an fp16 overflow), which
-        the mask cannot hide (see ``__init__``) and would poison every later answer."""
-        lengths = cache.lengths()
-        for i, n in enumerate(lengths):
-            layer = self.layers[i]
-            if i in self.linear:
-                state = cache.entry(i)
-                self.linear[i][0].copy_(state.conv)
-                self.linear[i][1].copy_(state.recurrent)
-                layer.set_length(n)
-                continue
-            if n > self.capacities[i]:
-                raise ValueError(f"layer {i} holds {n} positions, more than its capacity {self.capacities[i]}")
-            k, v = cache.layer(i)
-            layer.keys[..., :n, :].copy_(k)
-            layer.values[..., :n, :].copy_(v)
-            layer.keys[..., n:, :].zero_()
-            layer.values[..., n:, :].zero_()
-        self.base = list(lengths)
-        self._base.copy_(torch.tensor(lengths, dtype=torch.long), non_blocking=True)
-        self.step.zero_()
+    @property
+    def fits(self) -> bool:
+        return self.row and all(free is None or grow <= free for _, grow, free in self.needs)
 
-    def masks(self) -> list:
-        """Per layer, [1, 1, 1, capacity] bool: the positions filled after this step's write
-        (None for a linear-attention layer, which has no positions to mask)."""
-        return [None if ar is None else (ar <= self._base[i] + self.step)[None, None, None, :]
-                for i, ar in enumerate(self._arange)]
-
-    def lengths(self, steps_done: int) -> tuple[int, ...]:
-        return tuple(b + steps_done for b in self.base)
+    def __str__(self) -> str:
+        if not self.row:
+            return "every row is in use"
+        short = [f"{grow / 2**20:.0f} MiB more on {device}, {free / 2**20:.0f} MiB free" for device, grow, free in
+                 self.needs if free is not None and grow > free]
+        return "; ".join(short) if short else "room"
 
 
 class RowsKVCache:
-    """Rows of different clips decoded together, one row per clip (the batched-rows storage).
+    """The rows that decode steps run over (steps.py), one row per clip or answer: captions decoded
+    together, or one answer as a batch of one row.
 
     Not a transformers ``Cache`` itself: a decode step is handed ``window(a, b)``, which is one.
 
     Layout: per attention layer l, key/value buffers [slots, Hkv_l, C_l, d_l], zero-filled
     (a masked slot must be finite); per linear-attention layer, conv [slots, C, k] and
-    recurrent [slots, Hv, dk, dv] buffers (``linear``), one row's state per row. The ``rows`` clips in use sit in rows
-    [0, rows); ``add`` puts a clip's prefilled ``KVCache`` in row ``rows`` and
+    recurrent [slots, Hv, dk, dv] buffers (``linear``), one row's state per row. The ``rows`` in
+    use sit in rows [0, rows); ``add`` puts a clip's prefilled ``KVCache`` in row ``rows`` and
     ``remove`` moves the last row into the freed one, so a step runs over one
     contiguous block. Row r's layer l holds ``lengths[r][l]`` positions: exactly
     the positions it would hold alone (the full prompt below K, the kept tokens
@@ -464,7 +402,11 @@ class RowsKVCache:
     [b - a, 1, 1, n_l] bool of the positions each row may attend to (its filled
     part and this step's token). Lengths advance only when the step has run
     (``advance``): a step that fails (out of memory) can be run again.
-    Capacities grow (to a power of two) when a joining clip needs more.
+
+    Capacities grow (to a power of two) when a joining clip needs more; ``room`` answers, before
+    ``add``, whether a clip can join (a free row, and the memory that growth takes), so the
+    scheduler decides who joins. Two other ways to make one: ``allocated`` (fixed capacities,
+    static decoding's kept buckets) and ``holding`` (one answer's prefilled cache itself, no copy).
     """
 
     def __init__(self, num_layers: int, slots: int):
@@ -480,18 +422,80 @@ class RowsKVCache:
         # [slots, num_layers] long, on the first layer's device; a window copies it to every other
         # device of a split model once per step (``RowsWindow.lengths_on``)
         self._lengths: torch.Tensor | None = None
+        self.zeroed = True  # whether what no row has filled is zeros (static windows read it)
+        self._signature: tuple | None = None
+
+    @classmethod
+    def allocated(cls, layouts, capacities, device, slots: int = 1) -> "RowsKVCache":
+        """Rows whose buffers are allocated now, zeroed, at fixed ``capacities`` per layer (static
+        decoding's kept buckets); ``layouts``: per layer, ``KVCache.layout`` of what will fill it."""
+        self = cls(len(layouts), slots)
+        for i, (layout, capacity) in enumerate(zip(layouts, capacities)):
+            if layout[0] == "linear":
+                _, conv_shape, conv_dtype, rec_shape, rec_dtype = layout
+                self.linear[i] = (torch.zeros((slots, *conv_shape), dtype=conv_dtype, device=device),
+                                  torch.zeros((slots, *rec_shape), dtype=rec_dtype, device=device))
+            else:
+                _, heads, dim, dtype = layout
+                self.keys[i] = torch.zeros((slots, heads, capacity, dim), dtype=dtype, device=device)
+                self.values[i] = torch.zeros_like(self.keys[i])
+        self._lengths = torch.zeros((slots, len(layouts)), dtype=torch.long, device=device)
+        return self
+
+    @classmethod
+    def holding(cls, cache: KVCache) -> "RowsKVCache":
+        """One row that is ``cache`` itself: each layer's buffers as the prefill allocated them
+        (with its ``reserve`` to grow into), no copy. For default steps only: past each layer's
+        length nothing was written, and a static window, which reads whole buffers, refuses it."""
+        self = cls(len(cache.layers), 1)
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, LinearLayer):
+                state = layer.state()
+                self.linear[i] = (state.conv, state.recurrent)
+            elif layer._writable(0):
+                self.keys[i], self.values[i] = layer._buffers
+            else:  # a layer whose keys are not its buffers' front (never the case after a prefill)
+                self._allocate(i, layer.keys, layer.keys.shape[-2] + cache.reserve)
+                n = layer.keys.shape[-2]
+                self.keys[i][0, :, :n], self.values[i][0, :, :n] = layer.keys[0], layer.values[0]
+        lengths = list(cache.lengths())
+        self._lengths = torch.tensor([lengths], dtype=torch.long).to(self._first_buffer().device)
+        self.lengths, self.rows, self.zeroed = [lengths], 1, False
+        return self
+
+    def _first_buffer(self) -> torch.Tensor:
+        return next(b for b in (*self.keys, *(c for c, _ in self.linear.values())) if b is not None)
 
     def capacity(self, layer_idx: int) -> int:
         buf = self.keys[layer_idx]
         return 0 if buf is None else buf.shape[-2]
 
+    def attention_layers(self) -> list[int]:
+        """The layers that hold keys and values (not linear-attention states)."""
+        return [i for i in range(self.num_layers) if i not in self.linear]
+
+    def row_lengths(self, row: int) -> tuple[int, ...]:
+        """The positions row ``row`` holds per layer."""
+        return tuple(self.lengths[row])
+
+    def spans(self, rows: int) -> list[int]:
+        """Per attention layer, what a default step over rows [0, rows) reads: the longest row's
+        filled positions and the step's own."""
+        return [max(lengths[i] for lengths in self.lengths[:rows]) + 1 for i in self.attention_layers()]
+
     def signature(self) -> tuple:
         """Where every buffer is and how large: a captured step reads these very buffers."""
-        return tuple((self.capacity(i), (self.keys[i] if i not in self.linear else self.linear[i][0]).data_ptr())
-                     for i in range(self.num_layers))
+        if self._signature is None:
+            self._signature = tuple(
+                (self.capacity(i), (self.keys[i] if i not in self.linear else self.linear[i][0]).data_ptr())
+                for i in range(self.num_layers))
+        return self._signature
 
     def _allocate(self, layer_idx: int, like: torch.Tensor, capacity: int) -> None:
-        """(Re)allocate one layer's buffers with ``capacity`` positions, keeping the rows in use."""
+        """(Re)allocate one layer's buffers with ``capacity`` positions, keeping the rows in use
+        (with none in use, the old buffers go first)."""
+        if not self.rows:
+            self.keys[layer_idx] = self.values[layer_idx] = None
         shape = (self.slots, like.shape[1], capacity, like.shape[-1])
         new_k = like.new_zeros(shape)
         new_v = torch.zeros_like(new_k)
@@ -500,10 +504,33 @@ class RowsKVCache:
             new_k[:self.rows, :, :old] = self.keys[layer_idx][:self.rows]
             new_v[:self.rows, :, :old] = self.values[layer_idx][:self.rows]
         self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
+        self._signature = None
+
+    def room(self, cache: KVCache, room: int) -> Room:
+        """Whether a prefilled batch-1 ``cache`` can have a row, with ``room`` positions to grow by
+        per layer: a free row, and the memory its buffers must grow by to hold it (while the rows in
+        use are copied over, the old and the new buffers are both held). An answer, not an error:
+        the scheduler decides what follows."""
+        grow: dict = {}
+        for i, n in enumerate(cache.lengths()):
+            entry = cache.entry(i)
+            if isinstance(entry, LinearState):
+                if i not in self.linear:
+                    size = self.slots * sum(t[0].numel() * t.element_size() for t in (entry.conv, entry.recurrent))
+                    grow[entry.conv.device] = grow.get(entry.conv.device, 0) + size
+                continue
+            k = entry[0]
+            if self.capacity(i) < n + room:
+                capacity = capacity_bucket(n + room, minimum=ROWS_MIN_CAPACITY)
+                size = 2 * self.slots * k.shape[1] * capacity * k.shape[-1] * k.element_size()
+                grow[k.device] = grow.get(k.device, 0) + size
+        return Room(self.rows < self.slots, tuple((str(d), size, free_bytes(d)) for d, size in grow.items()))
 
     def add(self, cache: KVCache, room: int) -> int:
-        """Put a prefilled batch-1 ``cache`` in the next free row, with ``room`` positions
-        to grow by per layer; returns the row. Raises ValueError when every slot is in use."""
+        """Put a prefilled batch-1 ``cache`` in the next free row, with ``room`` positions to grow
+        by per layer; returns the row. The rest of the row's buffers is zeroed: an earlier row's
+        values there may not be finite (an fp16 overflow), and a mask cannot hide a NaN. Raises
+        ValueError when every slot is in use (ask ``room`` first)."""
         if self.rows >= self.slots:
             raise ValueError(f"all {self.slots} rows are in use")
         lengths = list(cache.lengths())
@@ -514,24 +541,27 @@ class RowsKVCache:
                 if i not in self.linear:
                     self.linear[i] = (entry.conv.new_zeros((self.slots, *entry.conv.shape[1:])),
                                       entry.recurrent.new_zeros((self.slots, *entry.recurrent.shape[1:])))
+                    self._signature = None
                 self.linear[i][0][row] = entry.conv[0]
                 self.linear[i][1][row] = entry.recurrent[0]
                 continue
             k, v = entry
             if self.capacity(i) < n + room:
-                self._allocate(i, k, capacity_bucket(n + room, minimum=64))
+                self._allocate(i, k, capacity_bucket(n + room, minimum=ROWS_MIN_CAPACITY))
             self.keys[i][row, :, :n] = k[0]
             self.values[i][row, :, :n] = v[0]
+            self.keys[i][row, :, n:] = 0
+            self.values[i][row, :, n:] = 0
         if self._lengths is None:
-            device = next(b for b in (*self.keys, *(c for c, _ in self.linear.values())) if b is not None).device
-            self._lengths = torch.zeros((self.slots, self.num_layers), dtype=torch.long, device=device)
+            self._lengths = torch.zeros((self.slots, self.num_layers), dtype=torch.long,
+                                        device=self._first_buffer().device)
         self._lengths[row] = torch.tensor(lengths, dtype=torch.long)
         self.lengths.append(lengths)
         self.rows += 1
         return row
 
     def remove(self, row: int) -> None:
-        """Free ``row``: the last row in use moves into it (its filled part only)."""
+        """Free ``row``: the last row in use moves into it (its filled part; the rest zeroed)."""
         last = self.rows - 1
         if not 0 <= row <= last:
             raise ValueError(f"row {row} is not in use ({self.rows} rows)")
@@ -541,14 +571,21 @@ class RowsKVCache:
                     for buf in self.linear[i]:
                         buf[row] = buf[last]
                     continue
-                self.keys[i][row, :, :n] = self.keys[i][last, :, :n]
-                self.values[i][row, :, :n] = self.values[i][last, :, :n]
+                for buf in (self.keys[i], self.values[i]):
+                    buf[row, :, :n] = buf[last, :, :n]
+                    buf[row, :, n:] = 0
             self._lengths[row] = self._lengths[last]
             self.lengths[row] = self.lengths[last]
         self.lengths.pop()
         self.rows -= 1
 
+    def clear(self) -> None:
+        """Free every row; the buffers stay for the next ones."""
+        self.rows, self.lengths = 0, []
+
     def window(self, start: int, stop: int, static: bool = False) -> "RowsWindow":
+        if static and not self.zeroed:
+            raise ValueError("these rows hold a prefill's own buffers, which a static step cannot read whole")
         return RowsWindow(self, start, stop, static)
 
     def advance(self, start: int, stop: int) -> None:

@@ -24,8 +24,8 @@ import os
 
 from packaging.version import InvalidVersion, Version
 
-from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
-from ..memory import is_interrupt, is_out_of_memory
+from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError, is_out_of_memory
+from ..memory import is_interrupt
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdaTPInputError
+from ..hf.attention_hook import aligns_causal_to_the_end, causal_tail_mask
 from ..hf.layers import cache_argument, module_device, run_decoder_layers
 from .chat import end_of_turn_id
 
@@ -58,6 +59,18 @@ class VideoPlan:
         times = list(self.frame_times) + [self.frame_times[-1]] * (-len(self.frame_times) % n)
         return tuple((times[i] + times[i + n - 1]) / 2 for i in range(0, len(times), n))
 
+    def part(self, start: int, stop: int) -> "VideoPlan":
+        """The plan of frames [start, stop) of this video, at the same size: a chunk that the vision
+        side encodes on its own. ``start`` must begin a temporal step (a multiple of frames_per_step);
+        an odd tail is padded as the whole video's is."""
+        if start % self.frames_per_step or not 0 <= start < stop <= self.num_frames:
+            raise ValueError(f"frames [{start}, {stop}) are not a chunk of whole temporal steps of this "
+                             f"{self.num_frames}-frame plan ({self.frames_per_step} frames a step)")
+        n = stop - start
+        return VideoPlan(num_frames=n, size=self.size, grid=(-(-n // self.frames_per_step), *self.grid[1:]),
+                         frame_times=self.frame_times[start:stop], times_assumed=self.times_assumed,
+                         frames_per_step=self.frames_per_step)
+
     def seconds_per_step(self) -> float:
         """Mean spacing of the given frames, times frames_per_step (Qwen2.5-VL's
         second_per_grid_ts); a single frame counts as DEFAULT_FPS."""
@@ -85,6 +98,17 @@ class Injection:
     rows: torch.Tensor
     features: tuple[torch.Tensor, ...]
 
+    def window(self, start: int, stop: int) -> "Injection | None":
+        """The injection for a call over rows [start, stop) of these rows: the rows inside, counted
+        from ``start`` (None when none is inside)."""
+        inside = (self.rows >= start) & (self.rows < stop)
+        if bool(inside.all()):  # every row (one call over all of them): no copy of the features
+            return self if start == 0 else Injection(self.rows - start, self.features)
+        if not bool(inside.any()):
+            return None
+        rows = self.rows[inside] - start
+        return Injection(rows, tuple(f[inside.to(f.device)] for f in self.features))
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -104,6 +128,20 @@ class Encoded:
     frame_features: torch.Tensor
     grid: tuple[int, int, int]
     injections: tuple[torch.Tensor, ...] = ()
+
+
+def join_encoded(parts) -> Encoded:
+    """One Encoded from those of consecutive chunks of a video (``VideoPlan.part``), as one pass
+    over all of its frames gives: rows, frame features and each layer's injections joined in
+    order, the temporal grids added, the extras (the same for every chunk) taken once."""
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return Encoded(visual=torch.cat([p.visual for p in parts]), extras=first.extras,
+                   frame_features=torch.cat([p.frame_features for p in parts]),
+                   grid=(sum(p.grid[0] for p in parts), *first.grid[1:]),
+                   injections=tuple(torch.cat(layer) for layer in zip(*(p.injections for p in parts))))
 
 
 @dataclass(frozen=True)
@@ -178,6 +216,9 @@ class VideoLLMAdapter:
     linear_attention: bool = False
     # Why a new question cannot reuse a video's prefix (chat.video_prefix_refusal); None: it can.
     prefix_refusal: str | None = "this model family does not check its chat template for prefix reuse"
+    # Whether the position ids are M-RoPE's ([3, 1, L], growing with the video's time, not its tokens):
+    # the context is then a limit on the largest position id (check_context).
+    mrope: bool = False
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -224,6 +265,51 @@ class VideoLLMAdapter:
     def encode(self, pixels: torch.Tensor, plan: VideoPlan | None = None) -> Encoded:
         raise NotImplementedError
 
+    # Frames the vision side takes at once (encode_chunks): preprocessing and the tower run over
+    # this many frames at a time, so their memory does not grow with the video.
+    FRAMES_PER_CHUNK = 16
+
+    def chunk_frames(self, plan: VideoPlan, chunk: int | None = None) -> int:
+        """Frames per vision chunk: ``chunk`` (default FRAMES_PER_CHUNK) rounded up to whole temporal
+        steps (Qwen: 2 frames a temporal patch), so that every chunk but the last starts a step."""
+        n = max(int(chunk or self.FRAMES_PER_CHUNK), 1)
+        return -(-n // plan.frames_per_step) * plan.frames_per_step
+
+    def encode_chunks(self, chunks, plan: VideoPlan, times: dict | None = None) -> Encoded:
+        """Preprocess and encode a video a chunk of frames at a time: the same Encoded as
+        ``encode(preprocess(all frames))`` within float tolerance, since every family's tower
+        attends within a frame (SigLIP) or a temporal patch (Qwen), never across.
+
+        chunks: iterable of frames [c, H, W, 3] (uint8 or float 0..1; numpy or torch) in order, each c a
+            multiple of ``plan.frames_per_step`` except the last (``chunk_frames``). It may be lazy (a
+            video.FrameStream): one chunk's frames and pixels exist at a time; only the encoded rows
+            of all frames are kept.
+        times: a stats dict that gets time_preprocess and time_vision added.
+        """
+        from ..timing import timed
+
+        times = {} if times is None else times
+        parts, start = [], 0
+        for frames in chunks:
+            frames = torch.as_tensor(frames)
+            part = plan.part(start, start + int(frames.shape[0]))
+            with timed(times, "time_preprocess", self.device):
+                pixels = self.preprocess(frames, part)
+            with timed(times, "time_vision", self.device):
+                parts.append(self.encode(pixels, part))
+            del pixels
+            start += part.num_frames
+        if start != plan.num_frames:
+            raise AdaTPInputError(f"{start} frames were encoded for a plan of {plan.num_frames}; "
+                                  "the video gave fewer frames than it was planned with")
+        return join_encoded(parts)
+
+    def encode_frames(self, frames: torch.Tensor, plan: VideoPlan, times: dict | None = None,
+                      chunk: int | None = None) -> Encoded:
+        """frames [T, H, W, 3] (an IMAGE) -> Encoded, ``chunk_frames`` frames at a time (encode_chunks)."""
+        step = self.chunk_frames(plan, chunk)
+        return self.encode_chunks((frames[i:i + step] for i in range(0, plan.num_frames, step)), plan, times)
+
     def build_prompt(self, question: str, video) -> Prompt:
         """video: a VideoPlan (or, for fixed-resolution families, a token count)."""
         raise NotImplementedError
@@ -264,12 +350,19 @@ class VideoLLMAdapter:
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_model.embed_tokens(input_ids.to(self.device))
 
-    def assemble(self, prompt: Prompt, encoded: Encoded) -> torch.Tensor:
-        """inputs_embeds [1, L, D]: text embeddings with the video scattered in."""
-        embeds = self.embed_tokens(prompt.input_ids).clone()
-        embeds[prompt.visual_positions] = encoded.visual.to(embeds.device, embeds.dtype)
-        if len(prompt.extra_positions):
-            embeds[prompt.extra_positions] = encoded.extras.to(embeds.device, embeds.dtype)
+    def assemble(self, prompt: Prompt, encoded: Encoded, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """inputs_embeds [1, stop - start, D] of positions [start, stop) (default: the whole
+        prompt, [1, L, D]): text embeddings with the video scattered in."""
+        stop = prompt.length if stop is None else stop
+        embeds = self.embed_tokens(prompt.input_ids[start:stop]).clone()
+        for positions, values in ((prompt.visual_positions, encoded.visual),
+                                  (prompt.extra_positions, encoded.extras)):
+            if not len(positions):
+                continue
+            if start or stop < prompt.length:
+                inside = (positions >= start) & (positions < stop)
+                positions, values = positions[inside] - start, values[inside.to(values.device)]
+            embeds[positions] = values.to(embeds.device, embeds.dtype)
         return embeds.unsqueeze(0)
 
     def next_position_ids(self, position_ids: torch.Tensor, step: int) -> torch.Tensor:
@@ -335,6 +428,60 @@ class VideoLLMAdapter:
         p = prompt.after_video
         return p - p % self.LINEAR_CHUNK if self._linear_layers else p
 
+    def chunk_spans(self, start: int, stop: int, chunk: int | None) -> list[tuple[int, int]]:
+        """[start, stop) cut into calls of at most ``chunk`` tokens (one call when chunk is 0 or
+        None, or covers it all). With linear-attention layers the chunk is rounded down to a whole
+        number of the delta rule's chunks (at least one), and ``start`` must sit on that grid: the
+        calls then fold tokens into the recurrent state in the very chunks one call uses."""
+        if not chunk or stop - start <= chunk:
+            return [(start, stop)]
+        if self._linear_layers:
+            chunk = max(self.LINEAR_CHUNK, chunk - chunk % self.LINEAR_CHUNK)
+            if start % self.LINEAR_CHUNK:
+                raise ValueError(f"a chunked call over linear-attention layers must start on their "
+                                 f"{self.LINEAR_CHUNK}-token grid, not at {start}")
+        return [(a, min(a + chunk, stop)) for a in range(start, stop, chunk)]
+
+    def tail_masks(self, past: int, n: int, start: int, stop: int) -> list | None:
+        """Masks for a call of n tokens over layers [start, stop) whose cache holds ``past``
+        positions at those layers (``causal_tail_mask``, one per device; None for linear-attention
+        layers). None when none is needed: an empty cache (sdpa's is_causal is right then) or an
+        attention that aligns the causal mask to the end itself (flash)."""
+        if not past or aligns_causal_to_the_end(self.text_model.config):
+            return None
+        made: dict = {}
+        masks: list = [None] * stop
+        for i in range(start, stop):
+            if i not in self._linear_layers:
+                dev = module_device(self.text_model.layers[i])
+                if dev not in made:
+                    made[dev] = causal_tail_mask(past, n, dev)
+                masks[i] = made[dev]
+        return masks
+
+    def run_chunks(self, spans, rows_of, position_ids, cache, start: int, stop: int,
+                   probe: AttentionProbe | None = None, inject: Injection | None = None,
+                   write=None) -> torch.Tensor:
+        """Run decoder layers [start, stop) over the rows of ``spans`` ((a, b), ascending and
+        contiguous), one call per span, each attending to everything the cache holds and causally
+        within itself: what one ``run_layers`` call over all of them computes, within float
+        tolerance, with one span's activations at a time.
+
+        Positions count from where the cache is empty at these layers: before span (a, b) it holds
+        a positions. rows_of(a, b) -> hidden [1, b - a, D]; position_ids [1, S] (or [3, 1, S]) and
+        ``inject`` rows are in the same count. ``probe``'s query rows are rows of the last span.
+        write(a, b, hidden) takes each span's output. Returns the last span's output.
+        """
+        out = None
+        for i, (a, b) in enumerate(spans):
+            last = i == len(spans) - 1
+            out = self.run_layers(rows_of(a, b), position_ids[..., a:b], cache, start, stop,
+                                  probe=probe if last else None, masks=self.tail_masks(a, b - a, start, stop),
+                                  inject=inject.window(a, b) if inject is not None else None)
+            if write is not None:
+                write(a, b, out)
+        return out
+
     def run_layers(self, hidden, position_ids, cache, start: int, stop: int,
                    probe: AttentionProbe | None = None, masks=None,
                    inject: Injection | None = None) -> torch.Tensor:
@@ -388,12 +535,35 @@ class VideoLLMAdapter:
         template = getattr(self, "chat_template", None)
         return end_of_turn_id(self.tokenizer, template) if template else None
 
+    def position_extent(self, prompt: Prompt) -> int:
+        """How many rotary positions the prompt spans: its length for 1-D positions; for M-RoPE
+        (``mrope``) its largest position id + 1, which grows with the video's time, not its tokens."""
+        if not self.mrope:
+            return prompt.length
+        return int(self.position_ids(prompt).max()) + 1
+
     def check_context(self, prompt: Prompt) -> None:
-        """Refuse a prompt longer than the LLM's context, before any GPU work."""
+        """Refuse a prompt beyond the LLM's context, before any GPU work (or any frame is decoded).
+
+        1-D positions (LLaVA-OV): the token count against ``max_position_embeddings``. M-RoPE
+        (Qwen2.5-VL, Qwen3-VL, Qwen3.5, their MoE models): the largest position id, since the limit
+        is on positions and those of a video grow with its frames' time, not with its tokens."""
         limit = getattr(self.text_model.config, "max_position_embeddings", None)
-        if limit is None or prompt.length <= limit:
+        if limit is None or prompt.length <= limit and not self.mrope:
+            return
+        extent = self.position_extent(prompt)
+        if extent <= limit:
             return
         fit, plan = "", prompt.plan
+        if self.mrope:
+            if plan is not None and plan.num_frames:
+                n = int(plan.num_frames * limit // extent)
+                n -= n % plan.frames_per_step
+                fit = f" (about {n} frames fit)" if n > 0 else " (the text alone leaves no room for a frame)"
+            raise AdaTPInputError(
+                f"the prompt's positions reach {extent} ({prompt.length} tokens; this model's M-RoPE positions "
+                f"grow with the video's time) but this model's context is {limit} positions; use fewer frames, "
+                f"a shorter span of the video or a shorter question{fit}.")
         if plan is not None and plan.num_frames:
             per_frame = plan.num_tokens / plan.num_frames
             n = int((limit - (prompt.length - plan.num_tokens)) // per_frame)

@@ -133,8 +133,9 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
             hidden = hidden[:, 1:]
         return hidden
 
-    def vision_shape(self):
-        """The vision side's shape, for FLOPs accounting."""
+    def vision_shape(self, plan: VideoPlan | None = None):
+        """The vision side's shape per frame, for FLOPs and memory accounting (every frame is 384x384:
+        ``plan`` changes nothing)."""
         vc = self.model.config.vision_config
         layers = self.model.config.vision_feature_layer % (vc.num_hidden_layers + 1)
         return VisionShape(layers=layers, hidden=vc.hidden_size, intermediate=vc.intermediate_size,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..errors import AdaTPEnvironmentError, AdaTPInputError
+from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryError, is_out_of_memory
 from ..hf.attention_hook import register_attention, wrapped_attention_name
 from ..hf.kernels import FROM_PRETRAINED_KWARGS, load_hub_kernels
 from ..hf.kernels import check_device as check_linear_kernels
@@ -198,10 +198,10 @@ def load_video_llm(folder, device="auto", dtype="auto", attention: str = "sdpa",
                                  "vision_config": kernel, "": kernel},
             quantization_config=quantization, **FROM_PRETRAINED_KWARGS,  # no code fetched at load
         )
-    except torch.OutOfMemoryError as exc:
-        raise AdaTPEnvironmentError(
-            f"not enough {dev.type} memory to load {folder.name}; free memory or use a smaller model") from exc
     except (OSError, SafetensorError, pickle.UnpicklingError, RuntimeError, *UNEXPECTED) as exc:
+        if is_out_of_memory(exc):  # torch.OutOfMemoryError, and the driver's "CUDA error: out of memory"
+            raise AdaTPOutOfMemoryError(
+                f"not enough {dev.type} memory to load {folder.name}; free memory or use a smaller model") from exc
         if isinstance(exc, _CODE_ERRORS) and not raised_in_transformers(exc):
             raise
         raise _load_error(folder, config["model_type"], exc) from exc

@@ -46,6 +46,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     unquantized_modules = ("model.visual", "lm_head")
     input_modules = ("model.visual", "model.language_model.embed_tokens")
     whole_video_budget = False  # Qwen2.5-VL's max_pixels bounds each frame
+    mrope = True  # the context bounds the largest position id (check_context)
     video_processor_class = "Qwen2VLVideoProcessor"  # transformers' class, whose unset settings apply
     processor_defaults = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
                           "image_mean": [0.48145466, 0.4578275, 0.40821073],

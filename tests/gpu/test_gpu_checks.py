@@ -18,7 +18,7 @@ from adatp_core.attention import extract_attention
 from adatp_core.debias import global_debias, local_debias
 from adatp_core.generate import SamplingConfig, generate_answer
 from adatp_core.prune import prune_tokens
-from adatp_core.static_decode import capture_graph
+from adatp_core.steps import capture_graph
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -167,7 +167,7 @@ def test_a_poisoned_bucket_answers_cleanly_on_cuda(tiny_on, frames):
     default, _ = _answers(model, state)
     (decoder,) = model.static_decoders._decoders.values()
     with torch.inference_mode():
-        for buffer in (t for layer in decoder.cache.layers for t in (layer.keys, layer.values)):
+        for buffer in (t for t in (*decoder.cache.keys, *decoder.cache.values) if t is not None):
             buffer.fill_(float("nan"))
     _, static = _answers(model, state)
     assert torch.isfinite(static.logits).all()
@@ -249,7 +249,7 @@ def test_split_model_batched_captions_equal_batch_one(tiny_dir, frames):
 # Issue 27, defect 3: a batched step that replays a graph keeps no copy of the linear-attention states
 # (only a capture does); the CPU half is tests/test_hybrid_batching.py.
 def test_batched_graph_replays_keep_no_copy_of_the_linear_states(tmp_path, frames, monkeypatch):
-    from adatp_core import batching
+    from adatp_core import batching, steps
     from adatp_core.models.loader import load_video_llm
     from adatp_core.models.tiny_qwen import ensure_tiny_qwen3_5
 
@@ -258,7 +258,7 @@ def test_batched_graph_replays_keep_no_copy_of_the_linear_states(tmp_path, frame
     cfg = dict(max_new_tokens=12, ignore_eos=True)
     reference = [generate_answer(s, SamplingConfig(**cfg, decode_mode="default")).token_ids for s in states]
     kept, made = [], []
-    real_kept, real_init = batching.linear_states_kept, batching.StaticRowsStep.__init__
+    real_kept, real_init = steps.linear_states_kept, steps.StepRunner.__init__
 
     def counted(cache, rows=slice(None), only_on_error=False):
         kept.append("step" if only_on_error else "capture")
@@ -266,15 +266,16 @@ def test_batched_graph_replays_keep_no_copy_of_the_linear_states(tmp_path, frame
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        made.append(self)
+        if self.static:
+            made.append(self)
 
-    monkeypatch.setattr(batching, "linear_states_kept", counted)
-    monkeypatch.setattr(batching.StaticRowsStep, "__init__", init)
+    monkeypatch.setattr(steps, "linear_states_kept", counted)
+    monkeypatch.setattr(steps.StepRunner, "__init__", init)
     rows = {f.key: f.answer for f in batching.decode_together(
         model, SamplingConfig(**cfg, decode_mode="static"), [(i, lambda s=s: s) for i, s in enumerate(states)], 2)}
     assert [rows[i].token_ids for i in range(3)] == reference
     (step,) = made
-    assert step.use_graph and any(e["graph"] is not None for e in step.entries.values())
+    assert step.use_graph and any(e.graph is not None for e in step.entries.values())
     assert "capture" in kept and "step" not in kept, kept  # copies only where a bucket is captured
 
 

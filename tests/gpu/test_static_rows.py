@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from adatp_core.batching import decode_together, row_bucket
+from adatp_core.batching import decode_together
+from adatp_core.steps import row_bucket
 from adatp_core.generate import SamplingConfig
 from adatp_core.pipeline import PipelineConfig, prefill
 

@@ -34,7 +34,13 @@ test("Prune Tokens shows its stats; odd payloads never throw", () => {
   assert.equal(displayText("AdaTP_PruneTokens", undefined), "");
   assert.equal(displayText("AdaTP_PruneTokens", "single"), "single");
   assert.equal(displayText("AdaTP_PruneTokens", [{ a: 1 }]), '{"a":1}');
-  assert.deepEqual(TEXT_NODES, ["AdaTP_GenerateAnswer", "AdaTP_PruneTokens", "AdaTP_CaptionFolder", "AdaTP_SelfCheck"]);
+  assert.deepEqual(TEXT_NODES, ["AdaTP_GenerateAnswer", "AdaTP_PruneTokens", "AdaTP_CaptionFolder", "AdaTP_SelfCheck",
+    "AdaTP_ClipDataset"]);
+});
+
+test("Clip Dataset shows its summary as it came", () => {
+  const summary = "Sources: 1 (0 failed)\nClips: 3 planned, 3 cut now";
+  assert.equal(displayText("AdaTP_ClipDataset", [summary]), summary);
 });
 
 test("Self Check shows its report as it came, as a table", () => {

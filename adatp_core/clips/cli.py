@@ -1,0 +1,226 @@
+"""From long footage to a training set: shots, clips cut to the trainers' rules, captions.
+
+    python -m adatp_core clips films/ --out dataset/ --fps 16 --frames 4k+1 --max-seconds 5
+    python -m adatp_core clips a.mp4 b.mkv --out dataset/ --dry-run   # the plan: no cut, no model
+    accelerate launch -m adatp_core clips films/ --out dataset/         # the sources shared out
+
+Each source's shots are found, cut into clips of --min-seconds to --max-seconds at --fps
+with --frames counts (4k+1: Wan, HunyuanVideo; 8k+1: LTX-Video), written to OUT/videos,
+captioned with the caption command's options, and listed in the --layout files:
+txt (NAME.txt beside each clip), finetrainers (prompts.txt + videos.txt), jsonl
+(clips.jsonl) and srt / vtt (OUT/subtitles: each source's shots with their captions).
+A rerun skips what is done: shots kept per source, clips and captions already there.
+Exit status: 0 when the clips have captions, 1 when none could be made, 2 for bad
+options or a model or disk failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ..caption.cli import Distributed, ProgressLine, option_message
+from ..caption.cli import build_parser as caption_parser
+from ..caption.files import shown
+from ..cli_options import add_model_arguments, load_model, pipeline_config  # the model options, as caption takes them
+from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
+from .job import CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, ClipsSummary, parse_layouts, \
+    plan_sources, run_clips, write_layouts
+from .plan import ClipRules
+
+log = logging.getLogger(__name__)
+
+# The caption command's own options, taken from its parser (one definition for both commands).
+CAPTION_OPTIONS = ("prompt", "prefix", "suffix", "overwrite", "workers", "batch_size")
+OPTIONS = {"min_seconds": "--min-seconds", "max_seconds": "--max-seconds", "fps": "--fps", "clip_frames": "--frames",
+           "frames": "--caption-frames",
+           "trim_frames": "--trim-frames", "max_side": "--max-side", "threshold": "--threshold", "cut": "--cut",
+           "crf": "--crf", "layout": "--layout", "out": "--out", "sources": "SOURCE"}
+
+
+def borrow(parser: argparse.ArgumentParser, source: argparse.ArgumentParser, dests) -> None:
+    """Add ``source``'s options for ``dests`` to ``parser``, as argparse's parents= adds a
+    parent's (the same action objects)."""
+    for action in source._actions:
+        if action.dest in dests:
+            parser._add_action(action)
+
+
+def frame_rate(value: str):
+    if value.strip().lower() == "source":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a frame rate nor 'source'") from None
+
+
+def layouts(value: str) -> tuple:
+    try:
+        return parse_layouts(value)
+    except AdaTPInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ClipRules()
+    p = argparse.ArgumentParser(prog="python -m adatp_core clips", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve",
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="videos, or folders of videos")
+    p.add_argument("--out", type=Path, required=True, help="the dataset folder (clips go to OUT/videos)")
+    p.add_argument("--recursive", action="store_true", help="include videos in subfolders of a SOURCE folder")
+    rules = p.add_argument_group("clips")
+    rules.add_argument("--min-seconds", type=float, default=defaults.min_seconds,
+                       help=f"shortest clip (default {defaults.min_seconds:g}); a shorter shot is dropped "
+                            "unless --keep-short")
+    rules.add_argument("--max-seconds", type=float, default=defaults.max_seconds,
+                       help=f"longest clip (default {defaults.max_seconds:g}); a longer shot gives several")
+    rules.add_argument("--fps", type=frame_rate, default=defaults.fps,
+                       help=f"the clips' frame rate, or 'source' (default {defaults.fps:g})")
+    rules.add_argument("--trim-frames", type=int, default=defaults.trim_frames,
+                       help="frames dropped at each end of a shot, so transition frames stay out (default 0)")
+    rules.add_argument("--keep-short", action="store_true", help="keep a shot shorter than --min-seconds as one clip")
+    rules.add_argument("--max-side", type=int, default=defaults.max_side,
+                       help="cap the long side at this many pixels, aspect kept, even sizes (default 0: keep)")
+    rules.add_argument("--threshold", type=float, help="shot detection threshold: lower finds more cuts "
+                                                       "(default: the detector's)")
+    rules.add_argument("--cut", choices=CUT_MODES, default="reencode",
+                       help="reencode (default): exact frames, H.264 yuv420p; copy: stream copy at keyframes, fast")
+    rules.add_argument("--keep-audio", action="store_true", help="keep the audio (default: dropped)")
+    rules.add_argument("--crf", type=int, default=18, help="H.264 quality for reencode, 0-51 (default 18)")
+    rules.add_argument("--layout", type=layouts, default=DEFAULT_LAYOUTS,
+                       help=f"what to write, separated by commas: {', '.join(LAYOUTS)}, or all "
+                            f"(default {','.join(DEFAULT_LAYOUTS)})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (shots, clips, durations, frame counts); cut nothing, load no model")
+    p.add_argument("--json", action="store_true", help="print the plan or the summary as JSON")
+    caption = p.add_argument_group("captions")
+    borrow(caption, caption_parser(), CAPTION_OPTIONS)
+    add_model_arguments(caption, max_new_tokens=256)
+    # The caption command's --frames (frames sampled per clip) is --caption-frames here: --frames is the rule.
+    rules.add_argument("--frames", dest="clip_frames", choices=FRAME_RULES, default=defaults.frames,
+                       help=f"frame counts the trainer takes (default {defaults.frames}: Wan, HunyuanVideo; "
+                            "8k+1: LTX-Video); each clip gets the largest count that fits its shot")
+    caption.add_argument("--caption-frames", dest="frames", type=int, default=32,
+                         help="frames sampled from each clip for its caption (the caption command's --frames; "
+                              "default 32)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def make_job(args) -> ClipsJob:
+    rules = ClipRules(min_seconds=args.min_seconds, max_seconds=args.max_seconds, fps=args.fps,
+                      frames=args.clip_frames, trim_frames=args.trim_frames, keep_short=args.keep_short,
+                      max_side=args.max_side)
+    return ClipsJob(sources=tuple(args.sources), out=args.out, rules=rules, threshold=args.threshold, cut=args.cut,
+                    keep_audio=args.keep_audio, crf=args.crf, layouts=args.layout, recursive=args.recursive,
+                    prompt=args.prompt, prefix=args.prefix, suffix=args.suffix, overwrite=args.overwrite,
+                    pipeline=pipeline_config(args), workers=args.workers, batch_size=args.batch_size)
+
+
+def message(exc: Exception, args) -> str:
+    option = getattr(exc, "option", None)
+    text = shown(str(exc))
+    if option in OPTIONS and not text.startswith(OPTIONS[option]):
+        return f"{OPTIONS[option]}: {text}"
+    return option_message(exc, args)
+
+
+class Progress:
+    """Progress on stderr: a line per source analysed, then the caption command's bar for the
+    clips cut and the clips captioned."""
+
+    EVERY_S = 10.0  # a long source's detection: a line this often
+
+    def __init__(self, label: str):
+        self.label, self.bars, self.said = label, {}, time.monotonic()
+
+    def __call__(self, stage: str, done: float, total: float, name: str) -> None:
+        if stage == "shots":
+            now = time.monotonic()
+            if done == int(done):
+                print(f"{self.label}shots: {int(done)}/{int(total)} sources  {shown(name)}", file=sys.stderr)
+            elif now - self.said >= self.EVERY_S:
+                print(f"{self.label}shots: {shown(name)} {100 * (done - int(done)):.0f}% analysed", file=sys.stderr)
+            else:
+                return
+            self.said = now
+            return
+        bar = self.bars.get(stage)
+        if bar is None or bar.total != total:
+            bar = self.bars[stage] = ProgressLine(int(total), f"{self.label}{stage}: ")
+        if done:  # 0: the stage begins
+            bar.update(shown(name))
+
+
+def gather(dist: Distributed, summary: ClipsSummary) -> ClipsSummary:
+    """Every process's summary merged, once every process has finished."""
+    if dist.state is None:
+        return summary
+    from accelerate.utils import gather_object
+
+    dist.state.wait_for_everyone()
+    return ClipsSummary.merge(gather_object([summary.to_dict()]))
+
+
+def run(args, dist: Distributed) -> int:
+    label = f"[{dist.index + 1}/{dist.count}] " if dist.count > 1 else ""
+    try:
+        job = make_job(args)
+        from ..caption import check_options
+
+        check_options(job.prompt, job.pipeline, job.workers)
+    except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
+        print(f"{label}error: {message(exc, args)}", file=sys.stderr)
+        return 2
+    progress = Progress(label)
+    if args.dry_run:
+        plan = plan_sources(job, (dist.index, dist.count), progress, dry_run=True)
+        print(json.dumps(plan.to_dict(), indent=1, ensure_ascii=False) if args.json else plan.text())
+        return 0 if plan.clips or not (plan.problems or any(p.error for p in plan.sources)) else 1
+
+    def model():
+        return load_model(args.model, dist.device(args.device), args.dtype)
+
+    try:
+        summary = run_clips(model, job, (dist.index, dist.count), progress, layouts=dist.count == 1)
+    except (KeyboardInterrupt, AdaTPInterrupted):
+        print(f"\n{label}interrupted: the clips and captions written so far are kept; run the same command "
+              "again to continue.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  the model failed to load, a disk failed: said, not a traceback
+        log.debug("clips job failed", exc_info=True)
+        known = isinstance(exc, (AdaTPInputError, AdaTPEnvironmentError, OSError))
+        why = message(exc, args) if known else f"{exc.__class__.__name__}: {shown(str(exc))}"
+        print(f"{label}error: {why}", file=sys.stderr)
+        # The other processes wait for this one's summary: it goes to them with the error in it.
+        summary = ClipsSummary(error=f"{label}{why}")
+    summary = gather(dist, summary)
+    if dist.main:
+        if dist.count > 1:
+            write_layouts(job, summary)
+        print(json.dumps(summary.to_dict(), indent=1, ensure_ascii=False) if args.json
+              else summary.text(dist.count))
+    return summary.exit_code()
+
+
+def main(argv=None, as_program: bool = False) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    dist = Distributed()
+    try:
+        code = run(args, dist)
+    finally:
+        dist.close()
+    if as_program and dist.count > 1:  # as the caption command: skip torch's distributed teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import os
+
+        os._exit(code)
+    return code

@@ -1,0 +1,769 @@
+"""From long footage to a training set: sources -> shots -> clips -> captions -> outputs.
+
+``ClipsJob`` says what to do (sources, the output folder, the clip rules, the cut,
+the caption settings and the layouts); ``run_clips`` does it for this process's
+share of the sources and returns a ``ClipsSummary``. The steps:
+
+1. **plan** (``plan_sources``): each source's shots (``detect_shots``) and clips
+   (``plan_clips``). The plan is kept per source in ``OUT/.adatp/sources/KEY.json``
+   with the source's size and time and the rules, so a rerun on an unchanged source
+   with the same rules detects nothing again. ``--dry-run`` stops here and writes
+   nothing.
+2. **cut** (``cut_clips``): the clips that are not in ``OUT/videos`` yet, each
+   written under a temporary name and renamed (never half a clip).
+3. **caption**: the caption run over ``OUT/videos`` (``caption_folder``: claims,
+   locks, atomic writes and its summary), limited to this job's clips; a clip with a
+   caption is skipped, and no model loads when nothing is left to caption.
+4. **outputs** (outputs.py): the layouts, from every source's plan and captions,
+   each file written only when its text changes, so a rerun writes nothing.
+
+Under ``accelerate launch`` (or torchrun) each process takes every n-th source of
+the sorted list, as the caption command takes every n-th clip; the first process
+writes the layouts once every process has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, FolderPlan, OptionError,
+                       caption_folder, existing_caption, plan_folder, scan_folder, shown, write_atomic)
+from ..errors import AdaTPInputError, AdaTPInterrupted
+from ..paths import inside, resolved
+from ..pipeline import PipelineConfig
+from .cut import CUT_MODES, cut_clips
+from .outputs import DatasetClip, DatasetSource, write_outputs
+from .plan import FRAME_RULES, ClipPlan, ClipRules, plan_clips, source_key
+from .shots import Shot, detect_shots
+
+log = logging.getLogger(__name__)
+
+CLIPS_FOLDER = "videos"  # OUT/videos: the clips (finetrainers' videos.txt lists them as videos/NAME.mp4)
+STATE_FOLDER = ".adatp"  # OUT/.adatp: per-source plans, and the captions when no .txt layout is asked for
+CLIP_SUFFIX = ".mp4"
+RECORD_VERSION = 1
+LAYOUTS = ("txt", "finetrainers", "jsonl", "srt", "vtt")
+DEFAULT_LAYOUTS = ("txt", "jsonl", "srt", "vtt")
+
+# on_event(stage, done, total, name): stage "shots" (done, total: sources, fractional while a source is
+# analysed), "cut" (clips), "caption" (clips). It may raise to stop between steps (Cancel).
+Event = Callable[[str, float, float, str], None]
+
+
+class _Stop(BaseException):
+    """What on_event raised (Cancel: ComfyUI's interrupt is an Exception), carried untouched through
+    the code that fails one source or one clip on an Exception, and raised as it was where the job
+    returns (``_unwrapped``)."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(exc)
+        self.exc = exc
+
+
+def _guarded(on_event: Event | None) -> Event | None:
+    if on_event is None or getattr(on_event, "guarded", False):
+        return on_event
+
+    def call(*args) -> None:
+        try:
+            on_event(*args)
+        except _Stop:
+            raise
+        except BaseException as exc:
+            raise _Stop(exc) from exc
+
+    call.guarded = True
+    return call
+
+
+@contextmanager
+def _unwrapped():
+    try:
+        yield
+    except _Stop as stop:
+        raise stop.exc from None
+
+
+@dataclass(frozen=True)
+class ClipsJob:
+    """A clips job. sources: files or folders (folders listed like the caption command's,
+    with ``recursive``). out: the dataset folder. threshold: None for detect_shots' default.
+    The caption fields are CaptionJob's. root: every source found in a folder must resolve
+    inside it, and out_root every clip and caption (the node); None: any path (the CLI)."""
+
+    sources: tuple
+    out: Path
+    rules: ClipRules = field(default_factory=ClipRules)
+    threshold: float | None = None
+    cut: str = "reencode"
+    keep_audio: bool = False
+    crf: int = 18
+    layouts: tuple = DEFAULT_LAYOUTS
+    recursive: bool = False
+    prompt: str = DEFAULT_PROMPT
+    prefix: str = ""
+    suffix: str = ""
+    overwrite: bool = False
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    workers: int = 2
+    processes: bool = True
+    batch_size: int = 1
+    root: Path | None = None
+    out_root: Path | None = None  # the clips and captions must resolve inside it (the node); None: any
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", tuple(Path(s).expanduser() for s in self.sources))
+        object.__setattr__(self, "out", Path(self.out).expanduser())
+        if not self.sources:
+            raise OptionError("sources", "no sources: give one or more videos or folders of videos")
+        layouts = tuple(dict.fromkeys(self.layouts))
+        unknown = [x for x in layouts if x not in LAYOUTS]
+        if unknown or not layouts:
+            raise OptionError("layout", f"layouts must be some of {', '.join(LAYOUTS)}, got {list(self.layouts)!r}")
+        object.__setattr__(self, "layouts", layouts)
+        if self.cut not in CUT_MODES:
+            raise OptionError("cut", f"cut must be one of {CUT_MODES}, got {self.cut!r}")
+        if isinstance(self.crf, bool) or not isinstance(self.crf, int) or not 0 <= self.crf <= 51:
+            raise OptionError("crf", f"crf must be an integer from 0 (lossless) to 51, got {self.crf!r} (18 is "
+                                     "visually lossless, 23 is x264's default)")
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and self.threshold > 0):
+            raise OptionError("threshold", f"threshold must be a number above 0, got {self.threshold!r}")
+        check_rules(self.rules)
+        for parent in (self.out, *self.out.parents):
+            if parent.exists() or parent.is_symlink():
+                if not parent.is_dir():
+                    raise OptionError("out", f"{shown(str(parent))} is a file, not a folder; give a folder "
+                                             "for the clips.")
+                break
+        if self.out_root is not None:  # the node: nothing under the output folder may lead out of its root
+            for folder in (self.out, self.clips_dir, self.state_dir, self.caption_dir):
+                if not inside(resolved(self.out_root), resolved(folder)):
+                    raise OptionError("out", f"{shown(str(folder))} leads outside {shown(str(self.out_root))} "
+                                             "(a link); remove the link or choose another output folder.")
+
+    @property
+    def clips_dir(self) -> Path:
+        return self.out / CLIPS_FOLDER
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out / STATE_FOLDER
+
+    @property
+    def caption_dir(self) -> Path:
+        """Where each clip's caption (NAME.txt) is kept: beside the clip with the txt layout,
+        else in the state folder (the other layouts are written from it)."""
+        return self.clips_dir if "txt" in self.layouts else self.state_dir / "captions"
+
+    def caption_job(self) -> CaptionJob:
+        """The caption run over the clips folder, with this job's caption settings."""
+        self.clips_dir.mkdir(parents=True, exist_ok=True)
+        return CaptionJob(folder=self.clips_dir, out=None if "txt" in self.layouts else self.caption_dir,
+                          prompt=self.prompt, prefix=self.prefix, suffix=self.suffix, overwrite=self.overwrite,
+                          pipeline=self.pipeline, workers=self.workers, processes=self.processes,
+                          root=self.out_root, batch_size=self.batch_size)
+
+
+def parse_layouts(text: str) -> tuple:
+    """'txt,jsonl' -> ("txt", "jsonl"); 'all' -> every layout. OptionError("layout") for others."""
+    names = tuple(v.strip().lower() for v in str(text).split(",") if v.strip())
+    if names == ("all",):
+        return LAYOUTS
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown or not names:
+        raise OptionError("layout", f"{text!r}: give some of {', '.join(LAYOUTS)} separated by commas, or 'all'")
+    return names
+
+
+def check_rules(rules: ClipRules) -> None:
+    """The clip rules, checked before any source is read; OptionError names the rule."""
+    def number(name, low, allow_none=False, integer=False):
+        value = getattr(rules, name)
+        if value is None and allow_none:
+            return
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value != value or value < low:
+            raise OptionError(name, f"{name.replace('_', '-')} must be {'an integer' if integer else 'a number'} "
+                                    f">= {low}, got {value!r}")
+
+    number("min_seconds", 0)
+    number("max_seconds", 0)
+    if not rules.max_seconds > 0:
+        raise OptionError("max_seconds", f"max-seconds must be above 0, got {rules.max_seconds!r}")
+    if rules.min_seconds > rules.max_seconds:
+        raise OptionError("min_seconds", f"min-seconds ({rules.min_seconds}) is above max-seconds "
+                                         f"({rules.max_seconds}); no clip could obey both")
+    number("fps", 0, allow_none=True)
+    if rules.fps is not None and not rules.fps > 0:
+        raise OptionError("fps", f"fps must be above 0 (or the source's rate), got {rules.fps!r}")
+    if rules.frames not in FRAME_RULES:
+        raise OptionError("clip_frames", f"frames must be one of {FRAME_RULES}, got {rules.frames!r}")
+    number("trim_frames", 0, integer=True)
+    number("max_side", 0, integer=True)
+    if 0 < rules.max_side < 16:
+        raise OptionError("max_side", f"max-side must be 0 (keep the size) or at least 16, got {rules.max_side}")
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """One source video. root: the folder it was found in (None: given as a file);
+    name: how it is shown (the folder's name and the path below it, or the path given)."""
+
+    path: Path
+    root: Path | None
+    name: str
+
+
+def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]]]:
+    """Every source video of the job, in a fixed order (the same in every process), and
+    (name, why) for what was given but cannot be a source. A folder is listed as the caption
+    command lists one (hidden names skipped; the output folder left out)."""
+    sources, problems, seen = [], [], set()
+    for given in job.sources:
+        if given.is_dir():
+            try:
+                listing = scan_folder(given, job.recursive, [job.out], job.root)
+            except AdaTPInputError as exc:
+                problems.append((str(given), str(exc)))
+                continue
+            found = [Source(p, given, f"{given.name}/{p.relative_to(given).as_posix()}") for p in listing.clips]
+            problems += [(f"{given.name}/{rel}", why) for rel, why in listing.problems]
+            problems += [(f"{given.name}/{rel}", why) for rel, why in listing.folders]
+            if not found and not listing.problems:
+                problems.append((str(given), "holds no video files" + ("" if job.recursive else
+                                                                       " (add --recursive for subfolders)")))
+        elif given.exists():
+            found = [Source(given, None, str(given))]
+        else:
+            problems.append((str(given), "does not exist; check the path"))
+            continue
+        for source in found:
+            real = os.path.realpath(source.path)
+            if real not in seen:  # the same file given twice (or through a link) is one source
+                seen.add(real)
+                sources.append(source)
+    return sources, problems
+
+
+def source_keys(sources: list[Source]) -> tuple[list[Source], dict[Path, str], list[tuple[str, str]]]:
+    """Each source's key (the stem of its clips' names), and (name, why) for a source whose key
+    another source has too. Keys come from the path below the folder a source was found in;
+    two with the same key are keyed by their whole paths instead (their root becomes None, and
+    plan_clips names their clips by that key)."""
+    sources = list(sources)
+    keys = [source_key(s.path, s.root) for s in sources]
+    problems: list[tuple[str, str]] = []
+    for attempt in range(2):
+        counts = Counter(keys)
+        clashing = [i for i, key in enumerate(keys) if counts[key] > 1]
+        if not clashing:
+            break
+        for i in clashing:
+            if attempt == 0:
+                sources[i] = dataclasses.replace(sources[i], path=Path(os.path.realpath(sources[i].path)), root=None)
+                keys[i] = source_key(sources[i].path, None)
+            else:
+                problems.append((sources[i].name, f"its clip names ({keys[i]}) would be another source's too; "
+                                                  "rename it"))
+    kept = [i for i in range(len(sources)) if not any(name == sources[i].name for name, _ in problems)]
+    return [sources[i] for i in kept], {sources[i].path: keys[i] for i in kept}, problems
+
+
+# --- plans, kept per source ---------------------------------------------------------------------
+
+@dataclass
+class SourcePlan:
+    """One source's shots and clips (or why it has none). reused: the shots came from an
+    earlier run's record (nothing was detected this time)."""
+
+    source: Source
+    key: str
+    shots: list = field(default_factory=list)
+    clips: list = field(default_factory=list)
+    error: str | None = None
+    reused: bool = False
+    replaced: list = field(default_factory=list)  # an earlier plan's clips that this plan no longer has
+
+    @property
+    def duration(self) -> float:
+        return self.shots[-1].end if self.shots else 0.0
+
+
+def record_path(job: ClipsJob, key: str) -> Path:
+    return job.state_dir / "sources" / f"{key}.json"
+
+
+def _identity(path: Path) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _plain(obj) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(obj).items()}
+
+
+def read_record(job: ClipsJob, key: str) -> dict | None:
+    """An earlier run's record of this source, or None (none, unreadable, another version)."""
+    try:
+        record = json.loads(record_path(job, key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
+
+
+def record_plan(record: dict) -> tuple[str, list[Shot], list[ClipPlan]]:
+    """(source path, shots, clips) of a record."""
+    shots = [Shot(**s) for s in record["shots"]]
+    clips = [ClipPlan(**{**c, "source": Path(c["source"])}) for c in record["clips"]]
+    return record["source"], shots, clips
+
+
+def write_record(job: ClipsJob, plan: SourcePlan) -> None:
+    record = {"version": RECORD_VERSION, "source": str(plan.source.path), "name": plan.source.name,
+              **_identity(plan.source.path), "threshold": job.threshold, "rules": _plain(job.rules),
+              "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips]}
+    text = json.dumps(record, indent=1, ensure_ascii=False) + "\n"
+    path = record_path(job, plan.key)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except OSError:
+        pass
+    write_atomic(path, text)
+
+
+def _failure(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, AdaTPInputError) else f"{exc.__class__.__name__}: {exc}"
+
+
+def plan_source(job: ClipsJob, source: Source, key: str,
+                on_progress: Callable[[float, float], None] | None = None) -> SourcePlan:
+    """This source's shots and clips: from its record when the source and the settings are
+    unchanged, else detected and planned. A source that cannot be read gives a plan with error."""
+    plan = SourcePlan(source, key)
+    try:
+        record = read_record(job, key)
+        same_file = record is not None and record.get("source") == str(source.path) \
+            and {k: record.get(k) for k in ("size", "mtime_ns")} == _identity(source.path)
+        if same_file and record.get("threshold") == job.threshold:
+            _, plan.shots, clips = record_plan(record)
+            plan.reused = True
+            if record.get("rules") == _plain(job.rules):
+                plan.clips = clips
+                return plan
+        else:
+            plan.shots = detect_shots(source.path, **({} if job.threshold is None else {"threshold": job.threshold}),
+                                      on_progress=on_progress)
+        plan.clips = plan_clips(source.path, plan.shots, job.rules, source.root)
+        if record is not None:  # the source or the rules changed: the earlier plan's other clips go
+            names = {c.name for c in plan.clips}
+            plan.replaced = [c for c in record_plan(record)[2] if c.name not in names]
+    except (AdaTPInterrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001  a bad source fails alone
+        if not isinstance(exc, AdaTPInputError):
+            log.debug("source %s failed", source.name, exc_info=True)
+        plan.error = _failure(exc)
+    return plan
+
+
+def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
+    """Move an earlier plan's clips (and their captions) out of the set, into OUT/.adatp/replaced:
+    a trainer reading OUT/videos sees only the current plan's clips, and nothing is deleted."""
+    moved = 0
+    aside = job.state_dir / "replaced"
+    for c in clips:
+        for path in (clip_path(job, c), job.caption_dir / f"{c.name}.txt"):
+            if os.path.lexists(path):
+                aside.mkdir(parents=True, exist_ok=True)
+                os.replace(path, aside / path.name)
+                moved += path.suffix == CLIP_SUFFIX
+    return moved
+
+
+def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event | None = None,
+                 dry_run: bool = False) -> JobPlan:
+    """This process's share of the sources, each planned (nothing written when dry_run)."""
+    result = JobPlan([], [])
+    with _unwrapped():
+        try:
+            return _plan_sources(job, shard, _guarded(on_event), dry_run, result)
+        except BaseException:
+            result.release()  # stopped halfway: the sources claimed so far are free for the next run
+            raise
+
+
+def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None, dry_run: bool,
+                  result: JobPlan) -> JobPlan:
+    index, count = shard
+    sources, problems = list_sources(job)
+    sources, keys, clashes = source_keys(sources)
+    problems += clashes
+    mine = sources[index::count]
+    problems = problems[index::count]
+    result.problems = problems
+    plans = result.sources
+    for i, source in enumerate(mine):
+        def progress(done, total, i=i, name=source.name):
+            if on_event is not None:
+                on_event("shots", i + (min(done / total, 0.999) if total else 0.0), len(mine), name)
+
+        if not dry_run:  # two runs on one output folder: each source is planned and cut by one of them
+            claim = ClipClaim(record_path(job, keys[source.path]))
+            try:
+                claim.path.parent.mkdir(parents=True, exist_ok=True)
+                got = claim.acquire()
+            except OSError as exc:
+                raise OptionError("out", f"cannot write in {shown(str(claim.path.parent))} ({exc.strerror}); "
+                                         "make the output folder writable") from exc
+            if not got:
+                result.elsewhere.append(source.name)
+                continue
+            result.claims.append(claim)
+        plan = plan_source(job, source, keys[source.path], progress)
+        if plan.error is None and not dry_run:
+            write_record(job, plan)
+            set_aside(job, plan.replaced)
+        plans.append(plan)
+        if on_event is not None:
+            on_event("shots", i + 1, len(mine), source.name)
+    return result
+
+
+@dataclass
+class JobPlan:
+    """This process's sources, planned, and (name, why) for what could not be a source.
+    claims: a lock per source this run plans and cuts (none in a dry run), held until its clips
+    are cut (run_clips releases them; ``release`` when cutting is someone else's business)."""
+
+    sources: list
+    problems: list
+    claims: list = field(default_factory=list)
+    elsewhere: list = field(default_factory=list)  # sources another run is planning or cutting now
+
+    def release(self) -> None:
+        for claim in self.claims:
+            claim.release()
+        self.claims = []
+
+    @property
+    def clips(self) -> list[ClipPlan]:
+        return [c for p in self.sources for c in p.clips]
+
+    def to_dict(self) -> dict:
+        return {"sources": [{"source": p.source.name, "path": str(p.source.path), "key": p.key,
+                             "error": p.error, "duration": round(p.duration, 3),
+                             "shots": [_plain(s) for s in p.shots],
+                             "clips": [{**_plain(c), "end": round(c.end, 6), "seconds": round(c.frames / c.fps, 6)}
+                                       for c in p.clips]}
+                            for p in self.sources],
+                "problems": [list(x) for x in self.problems]}
+
+    def text(self) -> str:
+        """The plan for people: per source its shots and the clips each gives."""
+        lines = []
+        for p in self.sources:
+            if p.error is not None:
+                lines.append(f"{shown(p.source.name)}: failed: {shown(p.error)}")
+                continue
+            lines.append(f"{shown(p.source.name)}: {p.duration:.2f} s, {len(p.shots)} shot(s), "
+                         f"{len(p.clips)} clip(s)" + (f"; {len(p.replaced)} clip(s) of an earlier plan would be "
+                                                      "set aside" if p.replaced else ""))
+            by_shot: dict[int, list[ClipPlan]] = {}
+            for c in p.clips:
+                by_shot.setdefault(c.shot, []).append(c)
+            for s in p.shots:
+                clips = by_shot.get(s.index, [])
+                lines.append(f"  shot {s.index}: {s.start:.2f}-{s.end:.2f} s ({s.end - s.start:.2f} s, "
+                             f"{s.transition}): {len(clips) or 'no'} clip(s)")
+                for c in clips:
+                    lines.append(f"    {shown(c.name)}{CLIP_SUFFIX}: {c.start:.2f}-{c.end:.2f} s, "
+                                 f"{c.frames} frames at {c.fps:g} fps, {c.width}x{c.height}")
+        for name, why in self.problems:
+            lines.append(f"{shown(name)}: skipped: {shown(why)}")
+        clips = self.clips
+        seconds = sum(c.frames / c.fps for c in clips)
+        lines.append(f"{len(self.sources)} source(s), {sum(len(p.shots) for p in self.sources)} shot(s), "
+                     f"{len(clips)} clip(s), {seconds:.1f} s of clips, {sum(c.frames for c in clips)} frames.")
+        return "\n".join(lines)
+
+
+# --- cutting ------------------------------------------------------------------------------------
+
+def clip_path(job: ClipsJob, clip: ClipPlan) -> Path:
+    return job.clips_dir / f"{clip.name}{CLIP_SUFFIX}"
+
+
+def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: Event | None = None) -> None:
+    """Cut every planned clip that is not in the clips folder yet, source by source (each
+    source decoded once for all its clips)."""
+    job.clips_dir.mkdir(parents=True, exist_ok=True)
+    todo = {id(p): [c for c in p.clips if not clip_path(job, c).exists()] for p in plan.sources}
+    total = sum(len(v) for v in todo.values())
+    done = 0
+    if on_event is not None and total:
+        on_event("cut", 0, total, "")
+    for p in plan.sources:
+        summary.clips_existing += len(p.clips) - len(todo[id(p)])
+
+        def on_clip(result):
+            nonlocal done
+            done += 1
+            if result.error is not None:
+                summary.clips_failed.append((f"{result.plan.name}{CLIP_SUFFIX}", result.error))
+            elif result.skipped:
+                summary.clips_existing += 1
+            else:
+                summary.clips_cut += 1
+            if on_event is not None:
+                on_event("cut", done, total, result.plan.name)
+
+        if not todo[id(p)]:
+            continue
+        try:
+            cut_clips(p.source.path, todo[id(p)], job.clips_dir, mode=job.cut, keep_audio=job.keep_audio,
+                      crf=job.crf, on_clip=on_clip)
+        except (AdaTPInterrupted, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001  the source failing while it is cut: its other clips stay
+            summary.failed_sources.append((p.source.name, f"cutting stopped: {_failure(exc)}"))
+
+
+# --- captions -----------------------------------------------------------------------------------
+
+def adopt_captions(job: ClipsJob, names: list[str]) -> int:
+    """A clip captioned by an earlier run with other layouts has its caption in the other place
+    (beside the clip, or in the state folder): copy it, so the clip is not captioned again."""
+    other = job.state_dir / "captions" if "txt" in job.layouts else job.clips_dir
+    copied = 0
+    for name in names:
+        target = job.caption_dir / f"{name}.txt"
+        if os.path.lexists(target) or not os.path.lexists(other / f"{name}.txt"):
+            continue
+        kind, text = existing_caption(other / f"{name}.txt", job.out)
+        if kind == "text":
+            write_atomic(target, text)
+            copied += 1
+    return copied
+
+
+def only(plan: FolderPlan, folder: Path, wanted: set[str]) -> FolderPlan:
+    """The caption plan of ``folder`` cut down to the clips named in ``wanted`` (relative paths):
+    this job's clips, not whatever else the folder holds."""
+    def rel(clip) -> str:
+        return Path(clip).relative_to(folder).as_posix()
+
+    s = plan.summary
+    summary = dataclasses.replace(
+        s, found=0, skipped=[r for r in s.skipped if r in wanted], failed=[f for f in s.failed if f[0] in wanted],
+        captions={r: t for r, t in s.captions.items() if r in wanted},
+        unread=[u for u in s.unread if u[0] in wanted], done=[], others=[])
+    clips = [c for c in plan.clips if rel(c) in wanted]
+    summary.found = len(clips) + len([f for f in summary.failed if f[0] not in {rel(c) for c in clips}])
+    todo = [c for c in plan.todo if rel(c) in wanted]
+    targets = {k: v for k, v in plan.targets.items() if v[0] in wanted}
+    records = [r for r in plan.records if r.get("path") in wanted]
+    return FolderPlan(clips, todo, targets, summary, records)
+
+
+def caption_plan(job: ClipsJob, plan: JobPlan) -> FolderPlan:
+    """The caption run's plan for this job's clips that exist (cut now or earlier)."""
+    names = [c.name for c in plan.clips if clip_path(job, c).exists()]
+    adopt_captions(job, names)
+    cjob = job.caption_job()
+    return only(plan_folder(cjob), cjob.folder, {f"{n}{CLIP_SUFFIX}" for n in names})
+
+
+# --- the summary --------------------------------------------------------------------------------
+
+@dataclass
+class ClipsSummary:
+    """What a clips run did: sources, shots, clips cut, the caption run's summary, the layouts."""
+
+    sources: int = 0
+    failed_sources: list = field(default_factory=list)  # (name, why)
+    shots: int = 0
+    clips_planned: int = 0
+    clips_cut: int = 0
+    clips_existing: int = 0
+    clips_failed: list = field(default_factory=list)  # (name, why)
+    shots_without_clip: int = 0
+    clips_replaced: int = 0  # an earlier plan's clips set aside (the source or the rules changed)
+    elsewhere: list = field(default_factory=list)  # sources another run was planning or cutting
+    source_seconds: float = 0.0
+    detected: int = 0  # sources whose shots were detected this run (the rest came from their records)
+    seconds: float = 0.0
+    caption: dict = field(default_factory=lambda: CaptionSummary().to_dict())
+    outputs: list = field(default_factory=list)  # files the layouts wrote this run
+    output_error: str | None = None
+    error: str | None = None  # the run stopped (the model could not be loaded, a disk failed)
+
+    def captions(self) -> CaptionSummary:
+        return CaptionSummary.merge([self.caption])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def merge(cls, parts: list[dict]) -> ClipsSummary:
+        total = cls()
+        for p in parts:
+            for name in ("sources", "shots", "clips_planned", "clips_cut", "clips_existing",
+                         "shots_without_clip", "source_seconds", "detected", "clips_replaced"):
+                setattr(total, name, getattr(total, name) + p[name])
+            total.failed_sources += [tuple(x) for x in p["failed_sources"]]
+            total.elsewhere += p.get("elsewhere", [])
+            total.clips_failed += [tuple(x) for x in p["clips_failed"]]
+            total.seconds = max(total.seconds, p["seconds"])
+            total.outputs += p["outputs"]
+            total.output_error = total.output_error or p["output_error"]
+            total.error = "; ".join(e for e in (total.error, p.get("error")) if e) or None
+        total.caption = CaptionSummary.merge([p["caption"] for p in parts]).to_dict()
+        return total
+
+    def exit_code(self) -> int:
+        """0, unless the model, the disk or the layouts failed (2), or no clip has a caption (1)."""
+        caption = self.captions()
+        if caption.model_error or caption.write_error or self.output_error or self.error:
+            return 2
+        if self.clips_planned and not (caption.captions or caption.skipped or caption.done):
+            return 1
+        return 0 if self.clips_planned or not self.failed_sources else 1
+
+    def text(self, processes: int = 1) -> str:
+        from ..caption import grouped
+
+        rate = self.source_seconds / self.seconds if self.seconds > 0 else 0.0
+        reused = self.sources - len(self.failed_sources) - self.detected
+        lines = [f"Sources: {self.sources} ({len(self.failed_sources)} failed), {self.source_seconds:.1f} s of "
+                 f"footage, {self.shots} shot(s) ({self.detected} source(s) analysed now"
+                 + (f", {reused} from an earlier run" if reused > 0 else "")
+                 + f"), {self.shots_without_clip} shot(s) too short for a clip.",
+                 f"Clips: {self.clips_planned} planned, {self.clips_cut} cut now, {self.clips_existing} already "
+                 f"there, {len(self.clips_failed)} failed" + (
+                     f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
+                     "the rules changed)" if self.clips_replaced else "") + "."]
+        if self.elsewhere:
+            more = " ..." if len(self.elsewhere) > 3 else ""
+            lines.append(f"{len(self.elsewhere)} source(s) left to another run on the same output folder now: "
+                         + ", ".join(shown(n) for n in self.elsewhere[:3]) + more)
+        lines += grouped("source failed", self.failed_sources)
+        lines += grouped("clip failed", self.clips_failed)
+        lines.append(self.captions().text(processes))
+        if self.error:
+            lines.append(f"Stopped: {self.error}")
+        if self.output_error:
+            lines.append(f"Writing the layouts failed: {self.output_error}")
+        else:
+            lines.append(f"Layouts: {len(self.outputs)} file(s) written" + (
+                "" if self.outputs else " (all up to date)") + ".")
+        if self.seconds > 0 and (self.detected or self.clips_cut or self.captions().done):
+            lines.append(f"{self.seconds:.1f} s in all, {rate:.2f} source seconds a second.")
+        return "\n".join(lines)
+
+
+# --- the dataset: every source planned into this output folder ---------------------------------
+
+def dataset(job: ClipsJob) -> list[DatasetSource]:
+    """Every source with a record in the output folder (this run's and earlier runs'), with its
+    clips that are on disk and their captions: what the layouts list."""
+    entries = []
+    for record_file in sorted((job.state_dir / "sources").glob("*.json")):
+        record = read_record(job, record_file.stem)
+        if record is None:
+            continue
+        try:
+            source, shots, plans = record_plan(record)
+        except (KeyError, TypeError, ValueError):
+            log.warning("skipping %s: not a record this version wrote", record_file)
+            continue
+        clips = []
+        for c in plans:
+            path = clip_path(job, c)
+            if not path.is_file():
+                continue
+            kind, text = existing_caption(job.caption_dir / f"{c.name}.txt", job.out)
+            clips.append(DatasetClip(c, path, text if kind == "text" else None))
+        entries.append(DatasetSource(record.get("name", source), source, record_file.stem, shots, clips))
+    return entries
+
+
+def write_layouts(job: ClipsJob, summary: ClipsSummary) -> None:
+    """The layouts from the whole dataset; what was written (or why not) goes into ``summary``."""
+    try:
+        summary.outputs = [str(p) for p in write_outputs(job.out, dataset(job), job.layouts)]
+    except OSError as exc:
+        summary.output_error = f"{shown(str(exc.filename or job.out))} ({exc.strerror or exc})"
+
+
+# --- the whole job ------------------------------------------------------------------------------
+
+def run_clips(model, job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event | None = None,
+              on_step: Callable[[], None] | None = None, layouts: bool = True,
+              plan: JobPlan | None = None) -> ClipsSummary:
+    """Plan, cut and caption this process's share of ``job``, then (layouts) write the layouts.
+
+    model: a loaded Video LLM, or a function that loads one: it is called only when some clip
+    needs a caption, so a rerun with nothing left to do loads no model. on_event: see Event.
+    on_step(): between decode steps (Cancel). layouts False: another process writes them once
+    every process has finished (write_layouts). plan: from plan_sources, when already made.
+    """
+    with _unwrapped():
+        return _run_clips(model, job, shard, _guarded(on_event), on_step, layouts, plan)
+
+
+def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
+               on_step: Callable[[], None] | None, layouts: bool, plan: JobPlan | None) -> ClipsSummary:
+    start = time.perf_counter()
+    summary = ClipsSummary()
+    if plan is None:
+        plan = plan_sources(job, shard, on_event)
+    summary.sources = len(plan.sources) + len(plan.problems) + len(plan.elsewhere)
+    summary.failed_sources = [(p.source.name, p.error) for p in plan.sources if p.error is not None]
+    summary.failed_sources += list(plan.problems)
+    for p in plan.sources:
+        summary.shots += len(p.shots)
+        summary.clips_planned += len(p.clips)
+        summary.shots_without_clip += len({s.index for s in p.shots} - {c.shot for c in p.clips})
+        summary.source_seconds += p.duration
+        summary.detected += bool(p.shots) and not p.reused
+        summary.clips_replaced += len(p.replaced)
+    summary.elsewhere = list(plan.elsewhere)
+    try:
+        try:
+            cut_sources(job, plan, summary, on_event)
+        finally:
+            plan.release()
+        folder_plan = caption_plan(job, plan)
+        if folder_plan.todo:
+            if not hasattr(model, "adapter") and callable(model):
+                model = model()
+            done = [0]
+            if on_event is not None:
+                on_event("caption", 0, len(folder_plan.todo), "")
+
+            def on_clip(rel, _result, _summary):
+                done[0] += 1
+                if on_event is not None:
+                    on_event("caption", done[0], len(folder_plan.todo), rel)
+
+            captions = caption_folder(model, job.caption_job(), plan=folder_plan, on_clip=on_clip, on_step=on_step)
+        else:
+            captions = folder_plan.summary
+        summary.caption = captions.to_dict()
+        if layouts:
+            write_layouts(job, summary)
+    finally:
+        summary.seconds = time.perf_counter() - start
+    return summary

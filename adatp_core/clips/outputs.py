@@ -1,0 +1,128 @@
+"""The training-set layouts a clips job writes, chosen by name (``--layout``):
+
+- ``txt``: ``videos/NAME.txt`` beside each ``videos/NAME.mp4`` (musubi-tuner, diffusion-pipe,
+  ai-toolkit, SimpleTuner). The caption run itself writes these; nothing more to do here.
+- ``finetrainers``: ``prompts.txt`` and ``videos.txt``, line n of one for line n of the other
+  (``videos/NAME.mp4``, relative to the output folder, finetrainers' data_root).
+- ``jsonl``: ``clips.jsonl``, one object per captioned clip: ``video_path`` and ``caption``
+  (musubi-tuner's JSONL dataset), then ``path`` (relative), ``source``, ``shot``, ``clip``,
+  ``start``, ``end`` (seconds on the source), ``frames``, ``fps``, ``width``, ``height``.
+- ``srt`` / ``vtt``: ``subtitles/KEY.srt`` and ``.vtt`` per source: one cue per shot that has a
+  captioned clip, spanning the shot, with its clips' captions (chapters, scene descriptions).
+
+Every file is written atomically (caption's write_atomic) and only when its text changes, so a
+rerun that changes nothing writes nothing. Only clips with a caption are listed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..caption import write_atomic
+
+JSONL_NAME = "clips.jsonl"
+PROMPTS_NAME, VIDEOS_NAME = "prompts.txt", "videos.txt"
+SUBTITLES_FOLDER = "subtitles"
+
+
+@dataclass(frozen=True)
+class DatasetClip:
+    """One clip on disk: its plan (a ClipPlan), its file, its caption (None: none yet)."""
+
+    plan: object
+    path: Path
+    caption: str | None
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """One source of the dataset: how it is shown, its path, its key, its shots, its clips."""
+
+    name: str
+    path: str
+    key: str
+    shots: list
+    clips: list
+
+
+def one_line(text: str) -> str:
+    """A caption on one line (line-based formats): every run of white space becomes one space."""
+    return " ".join(text.split())
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` atomically unless it already holds exactly that; True if written."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(text.encode("utf-8")) + 1) == text.encode("utf-8"):
+                return False
+    except OSError:
+        pass
+    write_atomic(path, text)
+    return True
+
+
+def clip_record(out: Path, clip: DatasetClip, source: DatasetSource) -> dict:
+    p = clip.plan
+    return {"video_path": str(Path(os.path.abspath(clip.path))), "caption": clip.caption,
+            "path": clip.path.relative_to(out).as_posix(), "source": source.path, "shot": p.shot, "clip": p.index,
+            "start": round(p.start, 6), "end": round(p.end, 6), "frames": p.frames, "fps": p.fps,
+            "width": p.width, "height": p.height}
+
+
+def jsonl_text(out: Path, sources: list[DatasetSource]) -> str:
+    return "".join(json.dumps(clip_record(out, c, s), ensure_ascii=False) + "\n"
+                   for s in sources for c in s.clips if c.caption is not None)
+
+
+def finetrainers_texts(out: Path, sources: list[DatasetSource]) -> tuple[str, str]:
+    clips = [c for s in sources for c in s.clips if c.caption is not None]
+    return ("".join(one_line(c.caption) + "\n" for c in clips),
+            "".join(c.path.relative_to(out).as_posix() + "\n" for c in clips))
+
+
+def timestamp(seconds: float, mark: str) -> str:
+    """HH:MM:SS,mmm (SRT, mark ",") or HH:MM:SS.mmm (WebVTT, mark ".")."""
+    ms = max(0, round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{mark}{ms:03d}"
+
+
+def cues(source: DatasetSource) -> list[tuple[float, float, str]]:
+    """(start, end, text) per shot with a captioned clip: the shot's span, its clips' captions
+    one a line (a blank line would end the cue)."""
+    by_shot: dict[int, list[str]] = {}
+    for c in source.clips:
+        if c.caption is not None and one_line(c.caption):
+            by_shot.setdefault(c.plan.shot, []).append(one_line(c.caption))
+    return [(s.start, s.end, "\n".join(by_shot[s.index])) for s in source.shots if s.index in by_shot]
+
+
+def srt_text(source: DatasetSource) -> str:
+    return "".join(f"{i}\n{timestamp(a, ',')} --> {timestamp(b, ',')}\n{text.replace('-->', '->')}\n\n"
+                   for i, (a, b, text) in enumerate(cues(source), start=1))
+
+
+def vtt_text(source: DatasetSource) -> str:
+    body = "".join(f"shot-{i}\n{timestamp(a, '.')} --> {timestamp(b, '.')}\n{text.replace('-->', '->')}\n\n"
+                   for i, (a, b, text) in enumerate(cues(source), start=1))
+    return "WEBVTT\n\n" + body
+
+
+def write_outputs(out: Path, sources: list[DatasetSource], layouts) -> list[Path]:
+    """Write ``layouts`` for ``sources`` under ``out``; the files written (changed) this time."""
+    files: dict[Path, str] = {}
+    if "jsonl" in layouts:
+        files[out / JSONL_NAME] = jsonl_text(out, sources)
+    if "finetrainers" in layouts:
+        files[out / PROMPTS_NAME], files[out / VIDEOS_NAME] = finetrainers_texts(out, sources)
+    for kind, text_of in (("srt", srt_text), ("vtt", vtt_text)):
+        if kind in layouts:
+            for s in sources:
+                files[out / SUBTITLES_FOLDER / f"{s.key}.{kind}"] = text_of(s)
+    return [path for path, text in files.items() if write_if_changed(path, text)]

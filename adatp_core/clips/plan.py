@@ -1,0 +1,169 @@
+"""From shots to training clips: lengths, frame counts, sizes and names.
+
+Times are seconds on the source's timeline (from its first frame), so a variable-frame-rate
+source is cut by timestamps, never by frame indices: clip frame k is the source frame on
+screen at ``start + k / fps``.
+
+Lengths: a clip of ``n`` frames at ``fps`` lasts ``n / fps`` seconds (what a player shows),
+that lies in [min_seconds, max_seconds], and [start, start + n / fps] lies inside its shot.
+A target fps above the source's repeats source frames (each clip frame is the one on screen). So Wan's 81 frames at 16 fps (5.06 s) need a
+max_seconds of at least 5.0625; with 5.0 the largest 4k+1 count is 77.
+
+Within a shot (less ``trim_frames`` at each end) clips follow each other from the shot's
+start, each with the largest allowed count that fits what is left and max_seconds; what is
+left at the end, shorter than min_seconds, is not used. A shot shorter than min_seconds
+gives no clip, or with ``keep_short`` one clip of the largest allowed count that fits it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AdaTPInputError
+from .shots import Shot
+
+FRAME_RULES = ("4k+1", "8k+1", "any")
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ClipRules:
+    """What a trainer wants of its clips."""
+
+    min_seconds: float = 1.0
+    max_seconds: float = 5.0
+    fps: float | None = 16.0  # None: the source's rate
+    frames: str = "4k+1"  # "4k+1" | "8k+1" | "any"
+    trim_frames: int = 0  # dropped at each end of a shot (at the target fps)
+    keep_short: bool = False  # a shot shorter than min_seconds: dropped, or kept as one clip
+    max_side: int = 0  # 0: keep the size; else cap the long side, even dimensions
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """One clip to cut: ``frames`` frames at ``fps`` from ``start`` on the source timeline."""
+
+    source: Path
+    shot: int
+    index: int  # clip index within the shot
+    start: float  # seconds on the source timeline
+    frames: int  # frame count at `fps`, obeying the rules
+    fps: float
+    width: int
+    height: int
+    name: str  # deterministic file stem: source key, shot, time range; no extension
+
+    @property
+    def end(self) -> float:
+        return self.start + self.frames / self.fps
+
+
+def snap(n: int, frames: str) -> int:
+    """The largest count <= n that ``frames`` allows (0 when none)."""
+    if n < 1:
+        return 0
+    step = {"4k+1": 4, "8k+1": 8}.get(frames, 1)
+    return n - (n - 1) % step
+
+
+def clip_size(width: int, height: int, rotation: int, max_side: int) -> tuple[int, int]:
+    """The clips' (width, height): as displayed (a 90 or 270 degree rotation swaps the sides),
+    the long side capped at max_side with the aspect kept, both even (yuv420p needs that)."""
+    if rotation % 180 == 90:
+        width, height = height, width
+    if max_side and max(width, height) > max_side:
+        scale = max_side / max(width, height)
+        width, height = round(width * scale / 2) * 2, round(height * scale / 2) * 2
+    else:  # an odd side loses one pixel (scaled, not cropped)
+        width, height = width // 2 * 2, height // 2 * 2
+    return max(2, width), max(2, height)
+
+
+def display_rotation(path) -> int:
+    """The rotation (degrees counterclockwise, 0/90/180/270) a player applies to the video's frames,
+    from its first frame's display matrix (0 when none or unreadable)."""
+    import av
+
+    from ..video import open_video
+
+    try:
+        with open_video(path) as container:
+            stream = container.streams.video[0]
+            for frame in container.decode(stream):
+                return int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4 * 90
+    except (av.error.FFmpegError, IndexError, ValueError):
+        pass
+    return 0
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def source_key(source: Path, root: Path | None) -> str:
+    """A deterministic file-name stem for a source: its stem (made safe for file names) and a
+    short hash of its path relative to ``root`` (the folder it was found in), or of its resolved
+    path when root is None. Two sources with the same stem in different folders differ; a
+    folder moved whole keeps its keys."""
+    source = Path(source)
+    if root is not None:
+        try:
+            where = Path(source).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            where = source.resolve().as_posix()
+    else:
+        where = source.resolve().as_posix()
+    stem = _UNSAFE.sub("_", source.stem).strip("._-")[:60] or "video"
+    return f"{stem}-{hashlib.sha1(where.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+def clip_name(key: str, shot: int, start: float, end: float) -> str:
+    """``KEY_s0003_12.500-17.563``: the source key, the shot and the time range (ms)."""
+    return f"{key}_s{shot:04d}_{start:.3f}-{end:.3f}"
+
+
+def shot_clips(shot: Shot, fps: float, rules: ClipRules) -> list[tuple[float, int]]:
+    """(start, frames) of the clips ``rules`` take from ``shot`` at ``fps``."""
+    start = shot.start + rules.trim_frames / fps
+    end = shot.end - rules.trim_frames / fps
+    # frames whose whole time [start + k/fps, start + (k+1)/fps) lies inside the shot
+    available = max(0, math.floor((end - start) * fps + _EPS))
+    least = max(1, math.ceil(rules.min_seconds * fps - _EPS))
+    most = snap(int(math.floor(rules.max_seconds * fps + _EPS)), rules.frames)
+    if available < least:
+        n = snap(min(available, most), rules.frames)
+        return [(start, n)] if rules.keep_short and n >= 1 else []
+    out = []
+    while True:
+        n = snap(min(available, most), rules.frames)
+        if n < least or n < 1:
+            break
+        out.append((start, n))
+        start += n / fps
+        available -= n
+    return out
+
+
+def plan_clips(source: Path, shots: list[Shot], rules: ClipRules, root: Path | None = None) -> list[ClipPlan]:
+    """The clips of ``source`` that ``rules`` allow in ``shots``, in time order. Probes the source
+    (size, frame rate, rotation); raises AdaTPInputError for a source that is not a video. The rules
+    are checked by the caller (clips job's check_rules, which names the option at fault)."""
+    from ..video import probe_video
+
+    source = Path(source)
+    probe = probe_video(source)
+    fps = float(rules.fps) if rules.fps is not None else probe.fps
+    if not (math.isfinite(fps) and fps > 0) or rules.frames not in FRAME_RULES:  # the job checks rules first
+        raise AdaTPInputError(f"clip rules need fps > 0 and frames in {FRAME_RULES}, got {rules}")
+    width, height = clip_size(probe.width, probe.height, display_rotation(source), rules.max_side)
+    key = source_key(source, root)
+    plans = []
+    for shot in sorted(shots, key=lambda s: s.start):
+        for i, (start, n) in enumerate(shot_clips(shot, fps, rules)):
+            start = round(start, 6)
+            plans.append(ClipPlan(source=source, shot=shot.index, index=i, start=start, frames=n, fps=fps,
+                                  width=width, height=height, name=clip_name(key, shot.index, start, start + n / fps)))
+    return plans

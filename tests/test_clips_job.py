@@ -1,0 +1,445 @@
+"""Issue 29, the back half: long footage -> shots -> clips -> captions -> the trainers' layouts,
+through the CLI (``python -m adatp_core clips``) and the job, on the tiny built-in model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from pack import pack_module
+
+from adatp_core.cli import main as cli_main
+from adatp_core.clips import cli as clips_cli
+from adatp_core.clips import job as clips_job
+from adatp_core.clips.job import ClipsJob, run_clips, write_layouts
+from adatp_core.clips.plan import ClipRules
+from adatp_core.errors import AdaTPInputError
+from adatp_core.generate import SamplingConfig
+from adatp_core.pipeline import PipelineConfig
+from adatp_core.samples import scene_frames, write_video
+from adatp_core.video import probe_video
+
+FPS, MIN_S, MAX_S = 8.0, 1.0, 2.0
+RULES = ClipRules(min_seconds=MIN_S, max_seconds=MAX_S, fps=FPS, frames="4k+1")
+SETTINGS = ["--fps", str(FPS), "--min-seconds", str(MIN_S), "--max-seconds", str(MAX_S), "--caption-frames", "2",
+            "--max-new-tokens", "3", "--workers", "0", "--batch-size", "1"]
+CFG = PipelineConfig(num_frames=2, generation=SamplingConfig(max_new_tokens=3))
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory) -> bytes:
+    """6 s at 8 fps: two 3 s shots with a hard cut; each gives two clips (13 + 9 frames)."""
+    path = tmp_path_factory.mktemp("footage") / "long.mp4"
+    return write_video(path, scene_frames(48, 64, 48, scenes=2), fps=FPS).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory) -> bytes:
+    """4 s: two 2 s shots, a clip each (few clips: the tiny model takes a second or two a clip here)."""
+    path = tmp_path_factory.mktemp("short") / "short.mp4"
+    return write_video(path, scene_frames(32, 64, 48, scenes=2), fps=FPS).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def one_shot(tmp_path_factory) -> bytes:
+    """2 s, no cut: one clip."""
+    path = tmp_path_factory.mktemp("one") / "one.mp4"
+    return write_video(path, scene_frames(16, 64, 48, scenes=1), fps=FPS).read_bytes()
+
+
+@pytest.fixture
+def cli(tiny, monkeypatch, capsys):
+    """The clips command with the session's tiny model in place of loading one; records loads."""
+    loads = []
+
+    def load(*_a, **_k):
+        loads.append(1)
+        return tiny
+
+    monkeypatch.setattr(clips_cli, "load_model", load)
+
+    def run(*argv):
+        code = cli_main(["clips", *map(str, argv)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    run.loads = loads
+    return run
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, footage, tiny):
+    """One finished job (every layout) over a folder with the footage, for the tests that read it."""
+    root = tmp_path_factory.mktemp("made")
+    (root / "src").mkdir()
+    (root / "src" / "long.mp4").write_bytes(footage)
+    job = ClipsJob(sources=(root / "src",), out=root / "set", rules=RULES, layouts=clips_job.LAYOUTS,
+                   prefix="trig, ", pipeline=CFG, workers=0)
+    summary = run_clips(tiny, job)
+    return job, summary
+
+
+def files(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def clips_of(job) -> list[Path]:
+    return sorted(job.clips_dir.glob("*.mp4"))
+
+
+def test_every_clip_obeys_the_rules_and_has_a_caption(made):
+    job, summary = made
+    assert summary.exit_code() == 0 and not summary.failed_sources and not summary.clips_failed
+    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
+    plans = {c["name"]: c for c in record["clips"]}
+    clips = clips_of(job)
+    assert len(clips) == len(plans) == summary.clips_planned == 4
+    assert sorted(c["frames"] for c in plans.values()) == [9, 9, 13, 13]
+    for clip in clips:
+        plan = plans[clip.stem]
+        probe = probe_video(clip)
+        assert plan["frames"] % 4 == 1, plan
+        assert MIN_S - 1e-6 <= plan["frames"] / FPS <= MAX_S + 1e-6, plan
+        assert abs(probe.fps - FPS) < 1e-3 and probe.frame_count == plan["frames"], (probe, plan)
+        shot = record["shots"][plan["shot"]]
+        assert shot["start"] - 1e-6 <= plan["start"] and plan["start"] + plan["frames"] / FPS <= shot["end"] + 1e-6
+        caption = clip.with_suffix(".txt").read_text()
+        assert caption.startswith("trig, ") and len(caption) > len("trig, ")
+    assert len({c.stem for c in clips}) == len(clips)
+    assert "Captioned" in summary.text() and summary.captions().done
+
+
+def test_each_layout_is_right(made):
+    job, _ = made
+    clips = clips_of(job)
+    captions = {c.name: c.with_suffix(".txt").read_text() for c in clips}
+    # finetrainers: line n of prompts.txt captions the clip on line n of videos.txt
+    videos = (job.out / "videos.txt").read_text().splitlines()
+    prompts = (job.out / "prompts.txt").read_text().splitlines()
+    assert sorted(videos) == sorted(f"videos/{c.name}" for c in clips) and len(prompts) == len(videos)
+    for video, prompt in zip(videos, prompts):
+        assert (job.out / video).is_file() and prompt == " ".join(captions[Path(video).name].split())
+    # JSONL: musubi-tuner's video_path and caption, then where the clip came from
+    records = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert [Path(r["video_path"]).name for r in records] == [Path(v).name for v in videos]
+    for r in records:
+        assert Path(r["video_path"]).is_absolute() and Path(r["video_path"]).is_file()
+        assert r["caption"] == captions[Path(r["video_path"]).name]
+        assert r["source"].endswith("long.mp4") and r["fps"] == FPS and (r["width"], r["height"]) == (64, 48)
+        assert r["end"] == pytest.approx(r["start"] + r["frames"] / r["fps"]) and r["shot"] >= 0
+    # subtitles: one cue per shot, spanning it, with the captions of its clips
+    key = next((job.state_dir / "sources").glob("*.json")).stem
+    srt = (job.out / "subtitles" / f"{key}.srt").read_text()
+    vtt = (job.out / "subtitles" / f"{key}.vtt").read_text()
+    assert vtt.startswith("WEBVTT\n\n")
+    spans = re.findall(r"(\d\d:\d\d:\d\d),(\d{3}) --> (\d\d:\d\d:\d\d),(\d{3})", srt)
+    assert spans == [("00:00:00", "000", "00:00:03", "000"), ("00:00:03", "000", "00:00:06", "000")]
+    assert len(re.findall(r"\d\d:\d\d:\d\d\.\d{3} --> ", vtt)) == 2
+    for r in records:
+        assert " ".join(r["caption"].split()) in srt and " ".join(r["caption"].split()) in vtt
+
+
+def test_a_rerun_does_nothing(made, monkeypatch):
+    job, _ = made
+    before = files(job.out)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a rerun detected shots, cut a clip or loaded the model")
+
+    monkeypatch.setattr(clips_job, "detect_shots", refuse)
+    monkeypatch.setattr(clips_job, "cut_clips", refuse)
+    summary = run_clips(refuse, job)
+    assert files(job.out) == before
+    assert (summary.detected, summary.clips_cut, summary.outputs) == (0, 0, [])
+    assert summary.clips_existing == summary.clips_planned and not summary.captions().done
+    assert "all up to date" in summary.text() and summary.exit_code() == 0
+
+
+def test_the_cli_end_to_end_then_dry_run_and_rerun(cli, tmp_path, short):
+    (tmp_path / "long.mp4").write_bytes(short)
+    out = tmp_path / "dry"
+    code, plan, _ = cli(tmp_path / "long.mp4", "--out", out, "--dry-run", *SETTINGS)
+    assert code == 0 and not out.exists() and not cli.loads  # nothing written, no model
+    assert re.search(r"shot 0: 0\.00-2\.00 s", plan) and "13 frames at 8 fps, 64x48" in plan
+    code, out_json, _ = cli(tmp_path / "long.mp4", "--out", out, "--dry-run", "--json", *SETTINGS)
+    planned = json.loads(out_json)["sources"][0]
+    assert code == 0 and not out.exists() and all(c["frames"] % 4 == 1 for c in planned["clips"])
+    code, text, _ = cli(tmp_path / "long.mp4", "--out", tmp_path / "set", "--layout", "txt,jsonl", *SETTINGS)
+    assert code == 0 and len(cli.loads) == 1, text
+    assert sorted(p.name for p in (tmp_path / "set" / "videos").glob("*.mp4")) == \
+        sorted(f"{c['name']}.mp4" for c in planned["clips"])
+    assert not (tmp_path / "set" / "prompts.txt").exists() and not (tmp_path / "set" / "subtitles").exists()
+    code, text, _ = cli(tmp_path / "long.mp4", "--out", tmp_path / "set", "--layout", "txt,jsonl", *SETTINGS)
+    assert code == 0 and len(cli.loads) == 1 and "0 cut now" in text and "all up to date" in text
+
+
+def test_a_model_that_cannot_load_keeps_the_clips_and_says_why(cli, tmp_path, one_shot, monkeypatch):
+    from adatp_core.errors import AdaTPEnvironmentError
+
+    def broken(*_a, **_k):
+        raise AdaTPEnvironmentError("the model folder holds no weights; download it again")
+
+    monkeypatch.setattr(clips_cli, "load_model", broken)
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    code, out, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "set", *SETTINGS)
+    assert code == 2 and "error: the model folder holds no weights" in err and "Traceback" not in err
+    assert "Stopped: the model folder holds no weights" in out
+    assert len(list((tmp_path / "set" / "videos").glob("*.mp4"))) == 1  # cut, kept for the next run
+
+
+def test_bad_options_stop_before_anything_is_read(cli, tmp_path, footage):
+    (tmp_path / "long.mp4").write_bytes(footage)
+    code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--min-seconds", "3", "--max-seconds", "2")
+    assert code == 2 and "--min-seconds" in err and not (tmp_path / "o").exists()
+    code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--crf", "99")
+    assert code == 2 and "--crf" in err
+    code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--caption-frames", "0")
+    assert code == 2 and "--caption-frames" in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "file" / "o")
+    assert code == 2 and "is a file" in err
+    with pytest.raises(SystemExit):
+        clips_cli.build_parser().parse_args([str(tmp_path), "--out", "o", "--frames", "5k+1"])
+    with pytest.raises(SystemExit):
+        clips_cli.build_parser().parse_args([str(tmp_path), "--out", "o", "--layout", "txt,nope"])
+    assert not cli.loads
+
+
+def test_same_stem_sources_do_not_collide_and_a_non_video_is_reported(tiny, tmp_path, short):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "take.mp4").write_bytes(short)
+    (tmp_path / "a" / "notes.mp4").write_text("not a video at all")
+    job = ClipsJob(sources=(tmp_path / "a", tmp_path / "b", tmp_path / "missing.mp4"), out=tmp_path / "set",
+                   rules=RULES, layouts=("txt", "jsonl"), pipeline=CFG, workers=0)
+    summary = run_clips(tiny, job)
+    text = summary.text()
+    assert summary.sources == 4 and summary.exit_code() == 0  # the missing one counts (and fails)
+    assert "Sources: 4 (2 failed)" in text
+    assert [name for name, _ in summary.failed_sources] == ["a/notes.mp4", str(tmp_path / "missing.mp4")], text
+    assert "notes.mp4" in text and "does not exist" in text
+    clips = clips_of(job)
+    keys = {json.loads(p.read_text())["source"]: p.stem for p in (job.state_dir / "sources").glob("*.json")}
+    assert len(keys) == 2 and len(set(keys.values())) == 2  # the two takes, keyed apart
+    assert len(clips) == summary.clips_planned == 4
+    for key in keys.values():
+        assert sum(c.name.startswith(key) for c in clips) == summary.clips_planned // 2
+    assert all(c.with_suffix(".txt").read_text() for c in clips)
+    assert len((job.out / "clips.jsonl").read_text().splitlines()) == len(clips)
+
+
+def test_layouts_without_txt_keep_captions_aside_and_a_switch_needs_no_model(tiny, tmp_path, one_shot):
+    (tmp_path / "long.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "long.mp4",), out=tmp_path / "set", rules=RULES,
+                   layouts=("finetrainers",), pipeline=CFG, workers=0)
+    run_clips(tiny, job)
+    assert not list(job.clips_dir.glob("*.txt")) and len(list((job.state_dir / "captions").glob("*.txt"))) == 1
+    assert (job.out / "prompts.txt").read_text().count("\n") == len(clips_of(job))
+
+    def refuse():
+        raise AssertionError("the captions of the earlier run were not reused")
+
+    txt = ClipsJob(sources=job.sources, out=job.out, rules=RULES, layouts=("txt",), pipeline=CFG, workers=0)
+    summary = run_clips(refuse, txt)
+    assert len(list(job.clips_dir.glob("*.txt"))) == len(clips_of(job)) and not summary.captions().done
+
+
+def test_processes_share_the_sources(tiny, tmp_path, one_shot):
+    """Under accelerate each process takes every n-th source; the first writes the layouts after."""
+    for name in ("one", "two", "three"):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{name}.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"),
+                   pipeline=CFG, workers=0)
+    parts = [run_clips(tiny, job, shard=(i, 2), layouts=False) for i in range(2)]
+    assert [p.sources for p in parts] == [2, 1] and not (job.out / "clips.jsonl").exists()
+    total = clips_job.ClipsSummary.merge([p.to_dict() for p in parts])
+    write_layouts(job, total)
+    assert total.sources == 3 and total.captions().found == total.clips_planned == len(clips_of(job)) == 3
+    assert len((job.out / "clips.jsonl").read_text().splitlines()) == len(clips_of(job))
+    assert "Sources: 3 (0 failed)" in total.text()
+
+
+def test_new_rules_set_the_earlier_clips_aside(tiny, tmp_path, footage, monkeypatch):
+    (tmp_path / "long.mp4").write_bytes(footage)
+    job = ClipsJob(sources=(tmp_path / "long.mp4",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0)
+    run_clips(tiny, job)
+    before = sorted(p.name for p in job.clips_dir.iterdir())
+    assert len(before) == 8  # four clips, four captions
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the shots were detected again for new clip rules")
+
+    monkeypatch.setattr(clips_job, "detect_shots", refuse)
+    longer = ClipsJob(sources=job.sources, out=job.out, rules=ClipRules(min_seconds=MIN_S, max_seconds=3.0, fps=FPS),
+                      pipeline=CFG, workers=0)
+    summary = run_clips(tiny, longer)
+    clips = clips_of(longer)
+    assert [probe_video(c).frame_count for c in clips] == [21, 21] and summary.clips_replaced == 4
+    assert sorted(p.name for p in (job.state_dir / "replaced").iterdir()) == before  # set aside, not deleted
+    assert sorted(p.name for p in job.clips_dir.iterdir()) == sorted([c.name for c in clips] +
+                                                                     [c.stem + ".txt" for c in clips])
+    listed = [json.loads(line)["path"] for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert listed == [f"videos/{c.name}" for c in clips]
+    assert "4 of an earlier plan moved" in summary.text()
+
+
+def test_a_source_another_run_is_cutting_is_left_to_it(tiny, tmp_path, short, one_shot):
+    from adatp_core.caption import ClipClaim
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(short)
+    (tmp_path / "src" / "b.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"),
+                   pipeline=CFG, workers=0)
+    key = clips_job.source_key(tmp_path / "src" / "a.mp4", tmp_path / "src")
+    other = ClipClaim(clips_job.record_path(job, key))  # another run holds a.mp4
+    other.path.parent.mkdir(parents=True)
+    assert other.acquire()
+    try:
+        summary = run_clips(tiny, job)
+    finally:
+        other.release()
+    assert summary.elsewhere == ["src/a.mp4"] and summary.sources == 2 and summary.clips_planned == 1
+    assert "1 source(s) left to another run" in summary.text() and summary.exit_code() == 0
+    assert [c.name.startswith(key) for c in clips_of(job)] == [False]
+    assert not list((job.state_dir / "sources").glob(".adatp-claim-*"))  # this run's claims are gone
+    again = run_clips(tiny, job)  # the other run stopped: this one takes a.mp4 now
+    assert again.clips_planned == 3 and len(clips_of(job)) == 3 and not again.elsewhere
+
+
+class Cancel(Exception):
+    """ComfyUI's interrupt is an Exception, as a failing source's error is."""
+
+
+@pytest.mark.parametrize("stage", ["shots", "cut", "caption"])
+def test_cancel_in_any_stage_stops_the_job_and_fails_no_source(tiny, tmp_path, short, stage):
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0)
+
+    def on_event(now, done, total, name):
+        if now == stage and done > 0:
+            raise Cancel("cancelled")
+
+    with pytest.raises(Cancel):
+        run_clips(tiny, job, on_event=on_event)
+    summary = run_clips(tiny, job)  # the next run finishes what was left
+    assert summary.exit_code() == 0 and not summary.failed_sources and summary.clips_planned == 2
+    assert len(list(job.clips_dir.glob("*.txt"))) == 2
+
+
+def test_job_settings_are_checked(tmp_path):
+    for kwargs, option in [({"rules": ClipRules(min_seconds=3, max_seconds=2)}, "min_seconds"),
+                           ({"rules": ClipRules(frames="3k")}, "clip_frames"),
+                           ({"rules": ClipRules(max_side=7)}, "max_side"),
+                           ({"rules": ClipRules(fps=0.0)}, "fps"),
+                           ({"cut": "fast"}, "cut"), ({"crf": 52}, "crf"), ({"layouts": ("txt", "csv")}, "layout"),
+                           ({"threshold": -1}, "threshold"), ({"sources": ()}, "sources")]:
+        with pytest.raises(AdaTPInputError) as info:
+            ClipsJob(**{"sources": (tmp_path,), "out": tmp_path / "o", **kwargs})
+        assert info.value.option == option, kwargs
+
+
+def test_outputs_write_only_what_changed(tmp_path):
+    from adatp_core.clips import outputs
+
+    path = tmp_path / "x.txt"
+    assert outputs.write_if_changed(path, "a\n") and not outputs.write_if_changed(path, "a\n")
+    assert outputs.write_if_changed(path, "a\nb\n") and path.read_text() == "a\nb\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adatp-")]  # no temporary left
+    assert outputs.timestamp(3725.5, ",") == "01:02:05,500" and outputs.timestamp(0.0004, ".") == "00:00:00.000"
+
+
+# --- the node ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    """ComfyUI's input and output folders (the headless bridge's)."""
+    bridge = pack_module("nodes.comfy_bridge")
+    monkeypatch.setattr(bridge.HEADLESS, "input_dir", tmp_path / "input")
+    monkeypatch.setattr(bridge.HEADLESS, "output_dir", tmp_path / "output")
+    (tmp_path / "input").mkdir()
+    (tmp_path / "output").mkdir()
+    return bridge, tmp_path / "input", tmp_path / "output"
+
+
+def clip_node():
+    return pack_module("nodes.clip_dataset").AdaTP_ClipDataset
+
+
+def test_the_node_makes_the_set_with_progress_and_a_rerun_does_nothing(tiny, comfy, short, monkeypatch):
+    bridge, inp, out = comfy
+    (inp / "films").mkdir()
+    (inp / "films" / "a.mp4").write_bytes(short)
+    (inp / "b.mp4").write_bytes(short)
+    updates = []
+
+    class Bar:  # comfy.utils.ProgressBar's interface
+        def __init__(self, total):
+            updates.append(("new", total))
+
+        def update_absolute(self, value, total=None, preview=None):
+            updates.append((value, total))
+
+    monkeypatch.setattr(bridge, "_ComfyProgressBar", Bar)
+    node = clip_node()
+    assert node.VALIDATE_INPUTS(sources="films\nb.mp4", output="set") is True
+    args = (tiny, "films\nb.mp4", "set", "Describe.", "trig, ", MIN_S, MAX_S, FPS, "4k+1")
+    result = node().make(*args, layouts="all", caption_frames=2, max_new_tokens=3, batch_size=1)
+    (summary,) = result["result"]
+    clips = sorted((out / "set" / "videos").glob("*.mp4"))
+    assert len(clips) == 4 and all(c.with_suffix(".txt").read_text().startswith("trig, ") for c in clips)
+    assert (out / "set" / "prompts.txt").is_file() and (out / "set" / "clips.jsonl").is_file()
+    assert "Clips: 4 planned, 4 cut now" in summary and result["ui"]["text"] == [summary]
+    values = [v for v, _ in updates[1:]]
+    assert {t for _, t in updates[1:]} == {None}
+    assert updates[0] == ("new", 300) and values == sorted(values) and values[-1] == 300
+    assert any(0 < v < 100 for v in values) and any(100 < v < 200 for v in values)  # shots, then cuts
+    again = node().make(*args, layouts="all", caption_frames=2, max_new_tokens=3, batch_size=1)["result"][0]
+    assert "0 cut now" in again and "all up to date" in again and "Captioned 0 clip(s)" in again
+
+
+def test_the_node_refuses_bad_sources_and_outputs_with_a_clear_message(comfy):
+    bridge, inp, out = comfy
+    node = clip_node()
+    assert "no sources" in node.VALIDATE_INPUTS(sources=" \n ")
+    assert "not in ComfyUI's input directory" in node.VALIDATE_INPUTS(sources="nope.mp4")
+    assert "output directory itself" in node.VALIDATE_INPUTS(output=".")
+    assert "empty" in node.VALIDATE_INPUTS(output="")
+    assert "separated by commas" in node.VALIDATE_INPUTS(layouts="txt,csv")
+    assert node.VALIDATE_INPUTS(layouts="all") is True and node.VALIDATE_INPUTS(layouts="jsonl, srt") is True
+    assert node.VALIDATE_INPUTS(sources="adatp_clip_samples") is True  # the sample folder is made
+    assert (inp / "adatp_clip_samples" / "adatp_sample_video.mp4").is_file()
+
+
+@pytest.mark.distributed
+def test_accelerate_shares_the_sources_and_the_main_process_writes_the_layouts(tiny_dir, tmp_path, short, one_shot):
+    """accelerate launch, 2 CPU processes (gloo), as test_caption's two-process test starts them."""
+    import sys
+
+    from test_caption import _free_port, _run
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate's launcher is not installed")
+    (tmp_path / "src").mkdir()
+    for name, data in (("a.mp4", short), ("b.mp4", one_shot), ("c.mp4", one_shot)):
+        (tmp_path / "src" / name).write_bytes(data)
+    env = {**os.environ, "ADATP_CACHE_DIR": str(tiny_dir.parent), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "adatp_core", "clips", str(tmp_path / "src"), "--out", str(tmp_path / "set"), "--layout", "all",
+           *SETTINGS]
+    code, out, err = _run(cmd, 240, env=env)
+    assert code == 0, err[-3000:]
+    assert "[1/2]" in err and "[2/2]" in err
+    assert out.count("Sources: 3 (0 failed)") == 1 and "Clips: 4 planned, 4 cut now" in out
+    clips = sorted((tmp_path / "set" / "videos").glob("*.mp4"))
+    assert len(clips) == 4 and all(c.with_suffix(".txt").read_text() for c in clips)
+    assert len((tmp_path / "set" / "clips.jsonl").read_text().splitlines()) == 4
+    assert len(list((tmp_path / "set" / "subtitles").glob("*.srt"))) == 3
