@@ -46,16 +46,32 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *(n for part in _parts(load=True) for n in vars(part) if not n.startswith("_"))})
 
 
+_ORIGINALS: dict = {}  # name -> the parts' own object, while the package holds another in its place
+
+
 class _Package(types.ModuleType):
     def __setattr__(self, name: str, value) -> None:
         old = vars(self).get(name, _MISSING)
         if old is _MISSING and not name.startswith("_") and not isinstance(value, types.ModuleType):
             old = next((vars(p)[name] for p in _parts(load=False) if name in vars(p)), _MISSING)
+            if old is not _MISSING:
+                _ORIGINALS.setdefault(name, old)
         super().__setattr__(name, value)
         if old is not _MISSING and not isinstance(value, types.ModuleType):
             for part in _parts(load=False):
                 if vars(part).get(name, _MISSING) is old:
                     setattr(part, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        """Deleting a name set here (monkeypatch's undo of a name the package only looked up) puts
+        the parts' own object back in every part that took the replacement."""
+        current = vars(self).get(name, _MISSING)
+        super().__delattr__(name)
+        original = _ORIGINALS.pop(name, _MISSING)
+        if original is not _MISSING and current is not _MISSING:
+            for part in _parts(load=False):
+                if vars(part).get(name, _MISSING) is current:
+                    setattr(part, name, original)
 
 
 sys.modules[__name__].__class__ = _Package
