@@ -134,3 +134,9 @@ def confined(root, path) -> bool:
     real_root = resolved(root)
     path = Path(path)
     return inside(real_root, resolved(path)) and inside(real_root, resolved(path.parent))
+
+
+def default_cache_dir() -> Path:
+    """Where built-in assets go: $ADATP_CACHE_DIR, else ~/.cache/comfyui-adatp."""
+    env = os.environ.get("ADATP_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "comfyui-adatp"

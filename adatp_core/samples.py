@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .paths import default_cache_dir
+
 SAMPLE_VIDEO = Path(__file__).resolve().parent.parent / "assets" / "sample_video.mp4"
 
 
@@ -75,8 +77,6 @@ def sample_video() -> Path:
     is written into the cache folder on first use."""
     if SAMPLE_VIDEO.is_file():
         return SAMPLE_VIDEO
-    from .models.tiny import default_cache_dir
-
     path = default_cache_dir() / SAMPLE_VIDEO.name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

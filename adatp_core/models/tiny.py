@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from ..paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,6 @@ first then after before finally begins ends while during small large bright dark
 describe detail happening happens question answer yes no maybe number count two
 three four five camera zoom pan cut slowly quickly square circle line shape color
 """
-
-
-def default_cache_dir() -> Path:
-    """Where built-in assets go: $ADATP_CACHE_DIR, else ~/.cache/comfyui-adatp."""
-    env = os.environ.get("ADATP_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "comfyui-adatp"
 
 
 def build_tokenizer(special_tokens=SPECIAL_TOKENS, named_tokens=None):
