@@ -132,7 +132,7 @@ def _checked_plan(model: VideoLLM, path, questions, cfg: PipelineConfig, streame
     sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time,
                            decode_side(cfg.max_pixels))
     planned = check_video_fits(model, sample, questions, cfg.max_pixels, layer=cfg.layer, retention=cfg.retention,
-                               streamed=streamed, chunk_frames=cfg.chunk_frames,
+                               streamed=streamed, chunk_frames=cfg.chunk_frames, prefill_chunk=cfg.prefill_chunk,
                                max_new_tokens=cfg.generation.max_new_tokens)
     return sample, planned
 

@@ -64,7 +64,7 @@ def make_video(path: Path, seconds: float, fps: float, width: int = 640, height:
 
 
 def child(mode: str, frames: int, video: str, new_tokens: int, shape: str = "tiny-qwen3-vl", device: str = "cpu",
-          cap_gb: float = 0.0, sampling: str = "uniform", fps: float = 1.0) -> dict:
+          cap_gb: float = 0.0, sampling: str = "uniform", fps: float = 1.0, prefill_chunk: int | None = None) -> dict:
     """One measurement, in this (fresh) process. On CUDA, with cap_gb, torch may allocate at most that
     much of the card (set_per_process_memory_fraction); the peak is then torch's peak allocated."""
     import resource
@@ -114,11 +114,15 @@ def child(mode: str, frames: int, video: str, new_tokens: int, shape: str = "tin
                                  do_sample=False, **kwargs)
         out.update(prompt_tokens=prompt.length, answer=llm.tokenizer.decode(got[0, ids.shape[1]:]))
     else:
+        from dataclasses import replace
+
         from adatp_core.generate import SamplingConfig
         from adatp_core.pipeline import PipelineConfig, run_pipeline
 
         cfg = PipelineConfig(num_frames=frames, sampling=sampling, fps=fps, stream=mode == "streamed",
                              generation=SamplingConfig(max_new_tokens=new_tokens, do_sample=False))
+        if prefill_chunk is not None:
+            cfg = replace(cfg, prefill_chunk=prefill_chunk)
         result = run_pipeline(llm, video, QUESTION, cfg)
         s = result.stats
         place = "cuda0" if cuda else "host"
@@ -265,13 +269,15 @@ def main(argv=None) -> int:
     p.add_argument("--sampling", default="uniform", choices=("uniform", "fps"))
     p.add_argument("--fps", type=float, default=1.0, help="with --sampling fps (--frames 0: the whole video)")
     p.add_argument("--seconds", type=float, default=1200, help="length of the synthetic video made if missing")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="AdaTP's prefill chunk (default: the pipeline's)")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     extra = ("--shape", args.shape, "--device", args.device, "--cap-gb", str(args.cap_gb), "--sampling",
-             args.sampling, "--fps", str(args.fps))
+             args.sampling, "--fps", str(args.fps),
+             *(("--prefill-chunk", str(args.prefill_chunk)) if args.prefill_chunk is not None else ()))
     if args.child:
         print(json.dumps(child(args.child, int(args.frames), args.video, args.new_tokens, args.shape, args.device,
-                               args.cap_gb, args.sampling, args.fps)), flush=True)
+                               args.cap_gb, args.sampling, args.fps, args.prefill_chunk)), flush=True)
         return 0
     measured = []
     if not args.model_only:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..adatp_core.attention import check_video_fits, extract_attention
+from ..adatp_core.attention import DEFAULT_PREFILL_CHUNK, check_video_fits, extract_attention
 from ..adatp_core.peak_memory import stage_peak
 from ..adatp_core.pipeline import decode_side
 from ..adatp_core.streaming import encode_video
@@ -33,7 +33,8 @@ def extract_from_video(model, video, question, layer, query, num_frames, samplin
         if found is not None:
             path, label, clip = found
             sample = plan_sampling(path, num_frames, sampling, fps, start_time, end_time, decode_side(max_pixels), clip)
-            planned = check_video_fits(model, sample, [question], max_pixels, layer=layer, streamed=True)
+            planned = check_video_fits(model, sample, [question], max_pixels, layer=layer, streamed=True,
+                                       prefill_chunk=DEFAULT_PREFILL_CHUNK)
             with stage_peak(stats, "encode", device):
                 encoded = encode_video(model, sample, max_pixels, on_frame=on_frame)
             with stage_peak(stats, "prefill", device):
