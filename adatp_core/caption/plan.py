@@ -23,7 +23,7 @@ from .files import caption_path, existing_caption, name_limit, probe_writable, s
 from .stream import DEFAULT_PROMPT
 from .summary import CaptionSummary, manifest_record
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "adatp_core.caption", the name the one-module caption.py logged under
 
 
 # --- listing ------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .plan import CaptionJob, FolderPlan, plan_folder
 from .stream import caption_videos, check_settings
 from .summary import CaptionSummary, ClipResult, manifest_record
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "adatp_core.caption", the name the one-module caption.py logged under
 
 
 class FolderRun:

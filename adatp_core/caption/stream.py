@@ -30,7 +30,7 @@ from ..timing import DecodeStats
 from ..video import SamplePlan, decode_plan, frames_to_image, plan_sampling
 from .summary import ClipResult, ClipTimes
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "adatp_core.caption", the name the one-module caption.py logged under
 
 DEFAULT_PROMPT = ("Describe this video in detail: the setting, every object and person, what moves and how, "
                   "and the order in which things happen.")
