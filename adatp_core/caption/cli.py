@@ -127,8 +127,13 @@ def merge_manifest(manifest: Path, shards: list[Path]) -> int:
 
 def main(argv=None, as_program: bool = False) -> int:
     """The caption command. ``as_program``: this process is ``python -m adatp_core``
-    and ends when this returns (see below)."""
-    args = build_parser().parse_args(argv)
+    and ends when this returns (see run_distributed)."""
+    return run_distributed(run, build_parser().parse_args(argv), as_program)
+
+
+def run_distributed(run, args: argparse.Namespace, as_program: bool) -> int:
+    """run(args, Distributed()) for a command that shares its work under ``accelerate launch``
+    (caption, clips): logging as --verbose says, the process group closed after the run."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     dist = Distributed()
     try:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..caption.cli import Distributed, ProgressLine, option_message
+from ..caption.cli import Distributed, ProgressLine, option_message, run_distributed
 from ..caption.cli import build_parser as caption_parser
 from ..caption.files import shown
 from ..cli_options import add_model_arguments, load_model, pipeline_config  # the model options, as caption takes them
@@ -210,17 +210,4 @@ def run(args, dist: Distributed) -> int:
 
 
 def main(argv=None, as_program: bool = False) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    dist = Distributed()
-    try:
-        code = run(args, dist)
-    finally:
-        dist.close()
-    if as_program and dist.count > 1:  # as the caption command: skip torch's distributed teardown
-        sys.stdout.flush()
-        sys.stderr.flush()
-        import os
-
-        os._exit(code)
-    return code
+    return run_distributed(run, build_parser().parse_args(argv), as_program)
