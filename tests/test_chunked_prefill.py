@@ -126,6 +126,54 @@ def test_a_chunked_prefill_gives_what_one_call_gives(llm, video, one_pass, chunk
     assert len(from_k) > 1 or chunk >= kept
 
 
+def test_a_tail_call_in_blocks_gives_what_one_call_gives(llm, video, one_pass, monkeypatch):
+    """A call over a non-empty cache attends through a TailCausal, not a [chunk, prompt] mask: with a
+    mask budget of one byte its queries run in blocks of MIN_TAIL_ROWS (24 here: a last block
+    shorter), and the results are one call's."""
+    from adatp_core.hf import attention_hook
+
+    monkeypatch.setattr(attention_hook, "TAIL_MASK_BYTES", 1)
+    monkeypatch.setattr(attention_hook, "MIN_TAIL_ROWS", 24)
+    blocks, real = [], attention_hook.TailCausal.attend
+
+    def spy(self, query, *args):
+        blocks.append((query.shape[2], self.rows(query.element_size())))
+        return real(self, query, *args)
+
+    monkeypatch.setattr(attention_hook.TailCausal, "attend", spy)
+    layer = llm.adapter.default_layer()
+    state = extract_attention(llm, video, QUESTION, layer=layer, reuse_prefix=False, prefill_chunk=128)
+    assert blocks and all(rows == min(n, attention_hook.MIN_TAIL_ROWS) for n, rows in blocks)
+    assert any(n > rows and n % rows for n, rows in blocks)  # several blocks, the last one shorter
+    _same_as_one_pass(state, one_pass)
+
+
+@pytest.mark.parametrize("past, n, mask_bytes", [(100, 37, 1), (5, 70, 64 * 75 * 4), (3, 200, 1 << 20), (1, 1, 1)])
+def test_a_tail_mask_attends_as_the_dense_mask_within_its_budget(past, n, mask_bytes):
+    """TailCausal.attend against transformers' sdpa under the bool mask it stands in for (keys and
+    values copied per query head there, shared here); its additive mask stays within the budget
+    (at least MIN_TAIL_ROWS rows); a kernel other than sdpa gets the dense mask."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from adatp_core.hf.attention_hook import MIN_TAIL_ROWS, TailCausal, _wrapper, causal_tail_mask
+
+    gen = torch.Generator().manual_seed(past + n)
+    q = torch.randn(1, 4, n, 16, generator=gen)
+    k, v = torch.randn(2, 1, 2, past + n, 16, generator=gen)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, scaling=0.25)
+    ref, _ = sdpa_attention_forward(module, q, k, v, causal_tail_mask(past, n, "cpu"), scaling=0.25)
+    tail = TailCausal(past, n, mask_bytes)
+    got, _ = _wrapper(sdpa_attention_forward, sdpa_attention_forward)(module, q, k, v, tail, scaling=0.25)
+    assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-6
+    bias = tail.bias(torch.float32, "cpu")
+    assert bias.shape == (min(n, max(MIN_TAIL_ROWS, mask_bytes // ((past + n) * 4))), past + n)
+    seen = []
+    _wrapper(lambda module, q, k, v, mask, **kw: seen.append(mask), sdpa_attention_forward)(module, q, k, v, tail)
+    assert torch.equal(seen[0], causal_tail_mask(past, n, "cpu"))
+
+
 def test_the_chunks_cut_frame_groups_and_sit_on_the_linear_grid(llm, video, one_pass):
     """A boundary falls inside a frame's tokens (LLaVA-OV) or a temporal patch's (Qwen: two frames
     per patch). On a hybrid model every boundary is on the linear layers' 64-token grid: a chunk

@@ -28,9 +28,82 @@ def causal_tail_mask(past: int, n: int, device) -> torch.Tensor:
     """[1, 1, n, past + n] bool (True: attend): n new tokens after ``past`` cached ones, causal among
     themselves, each seeing every cached key (the causal mask aligned to the bottom right). sdpa
     needs it for a call over a non-empty cache: without a mask it aligns is_causal to the top left
-    and would drop the cached keys. Costs n * (past + n) bytes."""
+    and would drop the cached keys. Costs n * (past + n) bytes (``TailCausal`` stands in for it)."""
     rows = torch.arange(n, device=device)[:, None] + past
     return (torch.arange(past + n, device=device)[None, :] <= rows)[None, None]
+
+
+# A call over a non-empty cache runs its queries in blocks whose additive mask [rows, past + n]
+# takes at most this many bytes (``TailCausal``), at least MIN_TAIL_ROWS rows at a time.
+TAIL_MASK_BYTES = 16 << 20
+MIN_TAIL_ROWS = 32
+
+
+class TailCausal:
+    """The attention mask of a call of ``n`` new tokens after ``past`` cached ones (what
+    ``causal_tail_mask`` builds), without a [n, past + n] tensor: handed to the decoder layers in
+    place of the mask, it reaches AdaTP's attention wrapper, which runs sdpa over the call's
+    queries in blocks of ``rows(item)`` (``attend``). Block [j, e) attends to keys [0, past + e)
+    through a view of one [rows, past + n] additive mask, zero but for the causal triangle in its
+    last ``rows`` columns (any trailing view of it is the next block's mask); grouped-query heads
+    share their keys (enable_gqa) instead of being copied per query head. A wrapped kernel other
+    than sdpa gets the bool mask (``dense``).
+
+    Each query row sees the same keys as under the dense mask, so the result is the same within
+    float tolerance (a softmax over the same scores). The mask costs mask_bytes at most (a block
+    keeps at least MIN_TAIL_ROWS rows), made once per dtype and device and shared by the layers;
+    the dense mask and sdpa's additive copy of it cost n * (past + n) * (1 + item) bytes, and
+    transformers' copy of the keys and values per query head 2 * heads * head_dim * (past + n) * item.
+    """
+
+    adatp_tail_causal = True  # what AdaTP's wrapper asks of a mask (``_wrapper``)
+
+    def __init__(self, past: int, n: int, mask_bytes: int | None = None):
+        self.past, self.n = past, n
+        self.mask_bytes = TAIL_MASK_BYTES if mask_bytes is None else mask_bytes
+        self._bias: dict = {}
+
+    @property
+    def width(self) -> int:
+        return self.past + self.n
+
+    def rows(self, item: int) -> int:
+        """Query rows per block for a mask of ``item`` bytes an element."""
+        return min(self.n, max(MIN_TAIL_ROWS, self.mask_bytes // (self.width * item)))
+
+    def dense(self, device) -> torch.Tensor:
+        return causal_tail_mask(self.past, self.n, device)
+
+    def bias(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """[rows, past + n] additive mask: 0, and -inf above the diagonal of its last ``rows`` columns."""
+        key = (dtype, torch.device(device))
+        if key not in self._bias:
+            rows = self.rows(torch.empty((), dtype=dtype).element_size())
+            bias = torch.zeros((rows, self.width), dtype=dtype, device=device)
+            above = torch.ones((rows, rows), dtype=torch.bool, device=device).triu_(1)
+            bias[:, self.width - rows:].masked_fill_(above, float("-inf"))
+            self._bias[key] = bias
+        return self._bias[key]
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+               groups: int) -> torch.Tensor:
+        """sdpa of query [B, H, n, d] on key, value [B, H / groups, past + n, d] under this mask, block by
+        block; returns [B, n, H, dv] as transformers' sdpa_attention_forward does."""
+        b, h, n, _ = query.shape
+        width = key.shape[2]
+        if (n, width) != (self.n, self.width):
+            raise ValueError(f"a tail mask of {self.n} queries over {self.width} keys met {n} over {width}")
+        bias = self.bias(query.dtype, query.device)
+        rows = bias.shape[0]
+        out = query.new_empty((b, n, h, value.shape[-1]))
+        for j in range(0, n, rows):
+            e = min(j + rows, n)
+            seen = self.past + e  # keys [0, past + e): the cache and the call's tokens up to the block's last
+            part = torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, j:e], key[:, :, :seen], value[:, :, :seen], attn_mask=bias[rows - (e - j):, width - seen:],
+                scale=scale, enable_gqa=groups > 1)
+            out[:, j:e] = part.transpose(1, 2)
+        return out
 
 
 def wrapped_attention_name(base: str) -> str:
@@ -48,23 +121,30 @@ def query_attention_scores(query: torch.Tensor, key: torch.Tensor, rows: torch.T
     rows: [Q] long, indices into the S query tokens.
     columns: [N] long, key positions to report.
     Returns [N] float32: the probability on each column, averaged over heads and rows.
+    One KV group at a time: the float32 probabilities of its H / Hkv heads [H / Hkv, Q, Lk], and
+    its keys in float32, exist at once, never every head's (at 100k keys those are the prefill's
+    largest tensors after the rows).
     """
     h, hkv = query.shape[1], key.shape[1]
     s, lk, d = query.shape[2], key.shape[2], query.shape[3]
     rows = rows.to(query.device)
     q = query[0, :, rows].float()  # [H, Q, d]
-    k = key[0].float()  # [Hkv, Lk, d]
-    n_q = q.shape[1]
-    q = q.reshape(hkv, (h // hkv) * n_q, d)  # heads of one KV group share its keys
-    logits = torch.matmul(q, k.transpose(1, 2)).mul_(scaling).view(h, n_q, lk)
+    n_q, group = q.shape[1], h // hkv
+    q = q.reshape(hkv, group * n_q, d)  # heads of one KV group share its keys
     key_pos = torch.arange(lk, device=query.device)
-    row_pos = rows + (lk - s)
-    logits.masked_fill_(key_pos[None, None, :] > row_pos[None, :, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return probs[:, :, columns.to(query.device)].mean(dim=(0, 1))
+    future = key_pos[None, :] > (rows + (lk - s))[:, None]  # [Q, Lk]: keys after each row (causal)
+    total = torch.zeros(lk, dtype=torch.float32, device=query.device)
+    for g in range(hkv):
+        logits = torch.matmul(q[g], key[0, g].float().t()).mul_(scaling).view(group, n_q, lk)
+        logits.masked_fill_(future, float("-inf"))
+        total += torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+        del logits
+    return total[columns.to(query.device)] / (h * n_q)
 
 
-def _wrapper(base_fn):
+def _wrapper(base_fn, sdpa):
+    """AdaTP's attention around ``base_fn`` (``sdpa``: transformers' sdpa function, which a
+    ``TailCausal`` mask replaces with its own blocked sdpa calls)."""
     def attention(module, query, key, value, attention_mask, adatp_probe=None, **kwargs):
         if adatp_probe is not None:
             adatp_probe.scores = query_attention_scores(
@@ -73,6 +153,13 @@ def _wrapper(base_fn):
         # RoPE is already applied; position ids would only make flash kernels
         # mistake pruned (gapped) positions for packed sequences.
         kwargs.pop("position_ids", None)
+        # Asked by attribute, not class: the pack may be imported twice under two names (ComfyUI's
+        # custom node and adatp_core), and the wrapper registered first serves both.
+        if getattr(attention_mask, "adatp_tail_causal", False):
+            if base_fn is sdpa and kwargs.get("sliding_window") is None and not kwargs.get("dropout"):
+                return attention_mask.attend(query, key, value, kwargs.get("scaling") or module.scaling,
+                                             getattr(module, "num_key_value_groups", 1)), None
+            attention_mask = attention_mask.dense(query.device)
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"adatp_{base_fn.__name__}"
@@ -94,6 +181,7 @@ def register_attention(base: str = "sdpa") -> str:
         raise AdaTPInputError(f"unknown attention {base!r}")
     name = wrapped_attention_name(base)
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _wrapper(ALL_ATTENTION_FUNCTIONS[base]))  # looked up once, not per call
+        AttentionInterface.register(name, _wrapper(ALL_ATTENTION_FUNCTIONS[base],
+                                                   ALL_ATTENTION_FUNCTIONS["sdpa"]))  # looked up once, not per call
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name

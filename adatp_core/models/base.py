@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdaTPInputError
-from ..hf.attention_hook import aligns_causal_to_the_end, causal_tail_mask
+from ..hf.attention_hook import TailCausal, aligns_causal_to_the_end
 from ..hf.layers import cache_argument, module_device, run_decoder_layers
 from .chat import end_of_turn_id
 
@@ -444,20 +444,14 @@ class VideoLLMAdapter:
 
     def tail_masks(self, past: int, n: int, start: int, stop: int) -> list | None:
         """Masks for a call of n tokens over layers [start, stop) whose cache holds ``past``
-        positions at those layers (``causal_tail_mask``, one per device; None for linear-attention
-        layers). None when none is needed: an empty cache (sdpa's is_causal is right then) or an
-        attention that aligns the causal mask to the end itself (flash)."""
+        positions at those layers: one ``TailCausal`` (no [n, past + n] tensor; AdaTP's sdpa wrapper
+        runs the queries in blocks) shared by the attention layers, None for linear-attention layers.
+        None when none is needed: an empty cache (sdpa's is_causal is right then) or an attention
+        that aligns the causal mask to the end itself (flash)."""
         if not past or aligns_causal_to_the_end(self.text_model.config):
             return None
-        made: dict = {}
-        masks: list = [None] * stop
-        for i in range(start, stop):
-            if i not in self._linear_layers:
-                dev = module_device(self.text_model.layers[i])
-                if dev not in made:
-                    made[dev] = causal_tail_mask(past, n, dev)
-                masks[i] = made[dev]
-        return masks
+        tail = TailCausal(past, n)
+        return [None if i < start or i in self._linear_layers else tail for i in range(stop)]
 
     def run_chunks(self, spans, rows_of, position_ids, cache, start: int, stop: int,
                    probe: AttentionProbe | None = None, inject: Injection | None = None,
