@@ -86,6 +86,24 @@ def test_join_of_one_part_is_that_part(model):
     assert join_encoded([enc]) is enc
 
 
+def test_a_join_into_planned_buffers_equals_the_join_of_all_parts(model):
+    """join_encoded with the plan's token count copies each part as it comes (a generator's parts are
+    let go): the same Encoded as joining the list; fewer frames than planned give what they gave."""
+    adapter = model.adapter
+    frames = torch.from_numpy(scene_frames(num_frames=7, width=96, height=64, scenes=2)).float() / 255
+    plan = adapter.plan_video(7, 64, 96)
+    step = adapter.chunk_frames(plan, 2)
+    parts = [adapter.encode(adapter.preprocess(frames[i:i + step], plan.part(i, min(i + step, 7))),
+                            plan.part(i, min(i + step, 7))) for i in range(0, 7, step)]
+    joined = join_encoded(iter(parts), plan.num_tokens)
+    assert torch.equal(joined.visual, join_encoded(parts).visual) and joined.visual.shape[0] == plan.num_tokens
+    assert_same_encoding(join_encoded(parts), joined)
+    short = join_encoded(iter(parts[:2]), plan.num_tokens)
+    assert_same_encoding(join_encoded(parts[:2]), short)
+    with pytest.raises(ValueError, match="more visual rows than the 1 planned"):
+        join_encoded(iter(parts), 1)
+
+
 def test_streamed_file_equals_one_pass_over_its_frames(model, clip):
     """From the file, a chunk at a time: the same rows as the decoded IMAGE encoded at once, the same
     frame account, and Extract Attention keeps the same tokens with the same scores and hidden states."""

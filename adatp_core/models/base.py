@@ -130,18 +130,52 @@ class Encoded:
     injections: tuple[torch.Tensor, ...] = ()
 
 
-def join_encoded(parts) -> Encoded:
+def join_encoded(parts, rows: int | None = None) -> Encoded:
     """One Encoded from those of consecutive chunks of a video (``VideoPlan.part``), as one pass
     over all of its frames gives: rows, frame features and each layer's injections joined in
-    order, the temporal grids added, the extras (the same for every chunk) taken once."""
-    parts = list(parts)
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    return Encoded(visual=torch.cat([p.visual for p in parts]), extras=first.extras,
-                   frame_features=torch.cat([p.frame_features for p in parts]),
-                   grid=(sum(p.grid[0] for p in parts), *first.grid[1:]),
-                   injections=tuple(torch.cat(layer) for layer in zip(*(p.injections for p in parts))))
+    order, the temporal grids added, the extras (the same for every chunk) taken once.
+
+    rows: the video's token count (``VideoPlan.num_tokens``), when known: ``parts`` may then be
+    a generator, and each part's rows are copied into buffers of that many rows as it comes and
+    the part let go, so the chunks' rows and the joined rows never all exist at once (at a
+    thousand frames those rows, with DeepStack's, are the encode's largest tensors)."""
+    parts = iter(parts)
+    first = next(parts)
+    second = next(parts, None)
+    if second is None:
+        return first
+    if rows is None:
+        parts = [first, second, *parts]
+        return Encoded(visual=torch.cat([p.visual for p in parts]), extras=first.extras,
+                       frame_features=torch.cat([p.frame_features for p in parts]),
+                       grid=(sum(p.grid[0] for p in parts), *first.grid[1:]),
+                       injections=tuple(torch.cat(layer) for layer in zip(*(p.injections for p in parts))))
+    extras, grid = first.extras, first.grid
+    visual = first.visual.new_empty((rows, first.visual.shape[-1]))
+    injections = tuple(f.new_empty((rows, f.shape[-1])) for f in first.injections)
+    features, steps, at = [], 0, 0
+    for part in (first, second):
+        at, steps = _write_part(part, visual, injections, features, at, steps)
+    del first, second, part
+    for part in parts:
+        at, steps = _write_part(part, visual, injections, features, at, steps)
+        del part
+    if at < rows:  # fewer frames came than planned: what they gave (the caller says so)
+        visual, injections = visual[:at], tuple(f[:at] for f in injections)
+    return Encoded(visual=visual, extras=extras, frame_features=torch.cat(features), grid=(steps, *grid[1:]),
+                   injections=injections)
+
+
+def _write_part(part: Encoded, visual, injections, features: list, at: int, steps: int) -> tuple[int, int]:
+    """join_encoded's copy of one part's rows to [at, at + n) of the buffers."""
+    n = part.visual.shape[0]
+    if at + n > visual.shape[0]:
+        raise ValueError(f"the chunks gave more visual rows than the {visual.shape[0]} planned")
+    visual[at:at + n] = part.visual
+    for buffer, rows in zip(injections, part.injections, strict=True):
+        buffer[at:at + n] = rows
+    features.append(part.frame_features)
+    return at + n, steps + part.grid[0]
 
 
 @dataclass(frozen=True)
@@ -289,20 +323,31 @@ class VideoLLMAdapter:
         from ..timing import timed
 
         times = {} if times is None else times
-        parts, start = [], 0
-        for frames in chunks:
-            frames = torch.as_tensor(frames)
-            part = plan.part(start, start + int(frames.shape[0]))
-            with timed(times, "time_preprocess", self.device):
-                pixels = self.preprocess(frames, part)
-            with timed(times, "time_vision", self.device):
-                parts.append(self.encode(pixels, part))
-            del pixels
-            start += part.num_frames
+        start = 0
+
+        def parts():
+            nonlocal start
+            for frames in chunks:
+                frames = torch.as_tensor(frames)
+                part = plan.part(start, start + int(frames.shape[0]))
+                with timed(times, "time_preprocess", self.device):
+                    pixels = self.preprocess(frames, part)
+                del frames
+                with timed(times, "time_vision", self.device):
+                    encoded = self.encode(pixels, part)
+                del pixels
+                start += part.num_frames
+                yield encoded
+                del encoded
+
+        try:
+            joined = join_encoded(parts(), plan.num_tokens)
+        except StopIteration:  # no chunk came
+            joined = None
         if start != plan.num_frames:
             raise AdaTPInputError(f"{start} frames were encoded for a plan of {plan.num_frames}; "
                                   "the video gave fewer frames than it was planned with")
-        return join_encoded(parts)
+        return joined
 
     def encode_frames(self, frames: torch.Tensor, plan: VideoPlan, times: dict | None = None,
                       chunk: int | None = None) -> Encoded:
