@@ -104,7 +104,9 @@ class AdaTPState:
         rows = torch.searchsorted(positions, visual)
         device = self.injections[0].device
         keep = keep.to(device, non_blocking=True)
-        return Injection(rows.to(device), tuple(f.index_select(0, keep) for f in self.injections))
+        # Layers < K ran already: their features are not gathered (None), only those of layers >= K.
+        return Injection(rows.to(device), tuple(f.index_select(0, keep) if i >= self.layer else None
+                                                for i, f in enumerate(self.injections)))
 
     def evolve(self, stats: dict | None = None, **changes) -> "AdaTPState":
         """A new state with ``changes`` and the stats merged (input untouched)."""

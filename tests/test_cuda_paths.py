@@ -51,7 +51,8 @@ def test_kept_injection_stays_on_the_keep_sets_device(monkeypatch):
     monkeypatch.setattr(state_module.torch, "searchsorted", spy)
     injection = state.kept_injection()
     assert seen == [(dev, dev)]
-    assert injection.rows.device == dev and injection.features[0].shape == (4, 8)
+    assert injection.rows.device == dev and injection.features[1].shape == (4, 8)
+    assert injection.features[0] is None  # layer 0 < K ran already: its features are not gathered
     # The same state on the CPU gives the rows of the kept visual tokens among the kept positions.
     cpu = state.evolve(keep=keep.new_tensor([0, 3, 4, 9], device="cpu"),
                        injections=tuple(torch.arange(12.0)[:, None].expand(12, 8) for _ in range(2)))

@@ -87,7 +87,7 @@ def _run(tm, hidden, position_ids, cache, start, stop, cache_arg, linear_layers,
                            position_ids=position_ids, position_embeddings=position_embeddings,
                            use_cache=True, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out  # a tensor in 5.17-5.25; a tuple in transformers 4
-        if inject is not None and i < len(inject.features):
+        if inject is not None and i < len(inject.features) and inject.features[i] is not None:
             hidden = hidden.clone()
             hidden[0, inject.rows] = hidden[0, inject.rows] + inject.features[i].to(hidden.device, hidden.dtype)
     return hidden

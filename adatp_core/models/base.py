@@ -92,7 +92,7 @@ class Injection:
     (Qwen3-VL's DeepStack): after layer i < len(features), hidden[:, rows] += features[i].
 
     rows: [n] long, rows of the hidden states passed to ``run_layers``.
-    features: per layer, [n, D].
+    features: per layer, [n, D], or None for a layer the call does not run (layers < K after them).
     """
 
     rows: torch.Tensor
@@ -107,7 +107,7 @@ class Injection:
         if not bool(inside.any()):
             return None
         rows = self.rows[inside] - start
-        return Injection(rows, tuple(f[inside.to(f.device)] for f in self.features))
+        return Injection(rows, tuple(None if f is None else f[inside.to(f.device)] for f in self.features))
 
 
 @dataclass(frozen=True)
