@@ -8,6 +8,7 @@ rows on the visual keys, with the rotated queries and keys that the layer uses.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -129,6 +130,16 @@ def _visual_injection(prompt, encoded) -> Injection | None:
     return Injection(prompt.visual_positions, encoded.injections) if encoded.injections else None
 
 
+def below_k_released(encoded, layer: int, done: int, prompt):
+    """``encoded`` without the DeepStack features of layers < K (None in their place) when layers < K
+    have run over every visual position already (all of them before ``done``): a state continues
+    from K, and a reused prefix runs layers < K only over positions from ``done`` on. At a thousand
+    frames those features are as large as the visual rows themselves, per layer."""
+    if not encoded.injections or layer == 0 or int(prompt.visual_positions[-1]) >= done:
+        return encoded
+    return replace(encoded, injections=tuple(None if i < layer else f for i, f in enumerate(encoded.injections)))
+
+
 def _layers_below_k(adapter, prompt, encoded, layer: int, position_ids, spans, cache, rows: _Rows,
                     probe=None) -> None:
     """Layers 0..K-1 over the prompt's positions in ``spans``, one call each, into ``cache`` (which
@@ -177,7 +188,7 @@ def _video_prefix(adapter, prompt, encoded, layer: int, position_ids, p: int, ch
     rows = _Rows(p, 0, rows_device)
     cache = KVCache(adapter.layer_kinds, reserve=p - spans[0][1])
     _layers_below_k(adapter, prompt, encoded, layer, position_ids, spans, cache, rows)
-    return FrozenPrefix(encoded, cache.export(layer) if layer else (), rows.tensor)
+    return FrozenPrefix(below_k_released(encoded, layer, p, prompt), cache.export(layer) if layer else (), rows.tensor)
 
 
 def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: dict, key_parts: tuple,
@@ -453,5 +464,5 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         scores=scores.float(), relevance=relevance,
         frame_relevance=relevance.view(t, -1).mean(dim=1),
         frame_features=encoded.frame_features, segments=((0, t - 1),), stats=stats,
-        injections=encoded.injections, prefill_chunk=prefill_chunk,
+        injections=below_k_released(encoded, layer, prompt.length, prompt).injections, prefill_chunk=prefill_chunk,
     )

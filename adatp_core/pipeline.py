@@ -177,6 +177,7 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
         times.update(planned)
     with stage_peak(times, "prefill", device):
         state = prefill(model, frames, question, cfg, info)
+    del frames  # decoded or encoded here: the state (and the prefix store) keep what the answer needs
     with stage_peak(times, "answer", device):
         answer = generate_answer(state, cfg.generation, on_token=on_token)
     stats = {**answer.stats, **times}

@@ -102,9 +102,10 @@ class AdaTPState:
         # Both sides of searchsorted on one device: the keep set's, with no host sync.
         visual = self.prompt.visual_positions.to(dev, non_blocking=True).index_select(0, keep)
         rows = torch.searchsorted(positions, visual)
-        device = self.injections[0].device
+        device = self.injections[self.layer].device
         keep = keep.to(device, non_blocking=True)
-        # Layers < K ran already: their features are not gathered (None), only those of layers >= K.
+        # Layers < K ran already: their features are not gathered (None; the state may hold None there
+        # too: ``attention.below_k_released``), only those of layers >= K.
         return Injection(rows.to(device), tuple(f.index_select(0, keep) if i >= self.layer else None
                                                 for i, f in enumerate(self.injections)))
 

@@ -225,6 +225,22 @@ def test_a_second_question_reuses_a_chunked_prefix(llm, video, one_pass, monkeyp
     store.clear()
 
 
+def test_deepstack_features_below_k_are_let_go_after_the_prefill(llm, video, one_pass):
+    """Layers < K ran over every visual token: the state and the stored prefix keep only the DeepStack
+    features of layers >= K (None below; families without DeepStack have none), and a second question
+    over the stored prefix still gives one call's numbers."""
+    store = llm.prefix_cache
+    store.clear()
+    layer = llm.adapter.default_layer()
+    first = extract_attention(llm, video, "Why?", layer=layer, prefill_chunk=64)
+    (prefix,) = store._entries.values()
+    for held in (first.injections, prefix.encoded.injections):
+        assert all(f is None for f in held[:layer]) and all(isinstance(f, torch.Tensor) for f in held[layer:])
+    assert bool(first.injections) == (llm.adapter.family in ("qwen3_vl", "qwen3_vl_moe"))
+    _same_as_one_pass(extract_attention(llm, video, QUESTION, layer=layer, prefill_chunk=64), one_pass)
+    store.clear()
+
+
 def test_rows_wait_on_the_host_when_the_device_is_short():
     """rows_place reads the prefill's estimate against the device's free memory."""
     config = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
