@@ -90,8 +90,11 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, sampling=ProcessorSampling(*model.adapter.processor_sampling()))
         elif args.sampling == "fps":
             cfg = dataclasses.replace(cfg, sampling="fps", fps=args.fps)
-        cfg = dataclasses.replace(cfg, stream=args.stream, chunk_frames=args.chunk_frames)
         questions = args.question or [DEFAULT_QUESTION]
+        # The video's prefix is kept for the next question: with one question there is none in this process
+        # (the prefill runs the same calls either way; only what it keeps differs: attention.extract_attention).
+        cfg = dataclasses.replace(cfg, stream=args.stream, chunk_frames=args.chunk_frames,
+                                  reuse_prefix=len(questions) > 1)
         video, info, decode_times = args.video or sample_video(), None, {}
         if len(questions) > 1:  # decode once; the model's prefix cache then encodes the video once
             if cfg.stream:  # encoded once, a chunk at a time; every question takes the encoded video

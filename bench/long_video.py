@@ -64,9 +64,12 @@ def make_video(path: Path, seconds: float, fps: float, width: int = 640, height:
 
 
 def child(mode: str, frames: int, video: str, new_tokens: int, shape: str = "tiny-qwen3-vl", device: str = "cpu",
-          cap_gb: float = 0.0, sampling: str = "uniform", fps: float = 1.0, prefill_chunk: int | None = None) -> dict:
+          cap_gb: float = 0.0, sampling: str = "uniform", fps: float = 1.0, prefill_chunk: int | None = None,
+          keep_prefix: bool = False) -> dict:
     """One measurement, in this (fresh) process. On CUDA, with cap_gb, torch may allocate at most that
-    much of the card (set_per_process_memory_fraction); the peak is then torch's peak allocated."""
+    much of the card (set_per_process_memory_fraction); the peak is then torch's peak allocated.
+    AdaTP keeps the video's prefix for a next question only with keep_prefix (the CLI does so for
+    several questions; one question, as here, keeps nothing)."""
     import resource
 
     import torch
@@ -120,13 +123,14 @@ def child(mode: str, frames: int, video: str, new_tokens: int, shape: str = "tin
         from adatp_core.pipeline import PipelineConfig, run_pipeline
 
         cfg = PipelineConfig(num_frames=frames, sampling=sampling, fps=fps, stream=mode == "streamed",
-                             generation=SamplingConfig(max_new_tokens=new_tokens, do_sample=False))
+                             generation=SamplingConfig(max_new_tokens=new_tokens, do_sample=False),
+                             reuse_prefix=keep_prefix)
         if prefill_chunk is not None:
             cfg = replace(cfg, prefill_chunk=prefill_chunk)
         result = run_pipeline(llm, video, QUESTION, cfg)
         s = result.stats
         place = "cuda0" if cuda else "host"
-        out.update(prompt_tokens=s.get("prompt_tokens"), answer=result.answer.text,
+        out.update(prompt_tokens=s.get("prompt_tokens"), answer=result.answer.text, prefix_cache=s.get("prefix_cache"),
                    planned_mb=s.get(f"memory_planned_peak_{place}_mb"), ttft=s.get("time_to_first_token"),
                    stages_mb={k[len("memory_peak_"):-len(f"_{place}_mb")]: v for k, v in s.items()
                               if k.startswith("memory_peak_") and k.endswith(f"_{place}_mb")
@@ -270,14 +274,19 @@ def main(argv=None) -> int:
     p.add_argument("--fps", type=float, default=1.0, help="with --sampling fps (--frames 0: the whole video)")
     p.add_argument("--seconds", type=float, default=1200, help="length of the synthetic video made if missing")
     p.add_argument("--prefill-chunk", type=int, default=None, help="AdaTP's prefill chunk (default: the pipeline's)")
+    p.add_argument("--keep-prefix", action="store_true",
+                   help="AdaTP keeps the video's prefix for a next question (the CLI's several questions); "
+                        "default: one question, as the CLI asks it, keeps nothing")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     extra = ("--shape", args.shape, "--device", args.device, "--cap-gb", str(args.cap_gb), "--sampling",
              args.sampling, "--fps", str(args.fps),
-             *(("--prefill-chunk", str(args.prefill_chunk)) if args.prefill_chunk is not None else ()))
+             *(("--prefill-chunk", str(args.prefill_chunk)) if args.prefill_chunk is not None else ()),
+             *(("--keep-prefix",) if args.keep_prefix else ()))
     if args.child:
         print(json.dumps(child(args.child, int(args.frames), args.video, args.new_tokens, args.shape, args.device,
-                               args.cap_gb, args.sampling, args.fps, args.prefill_chunk)), flush=True)
+                               args.cap_gb, args.sampling, args.fps, args.prefill_chunk, args.keep_prefix)),
+              flush=True)
         return 0
     measured = []
     if not args.model_only:

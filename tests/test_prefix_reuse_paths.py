@@ -38,6 +38,10 @@ def test_cli_asks_several_questions_of_one_decoded_video(tiny_dir, monkeypatch, 
     out = capsys.readouterr().out
     assert out.startswith("Question: Who?\nAnswer: ") and "\n\nQuestion: Why?\nAnswer: " in out
     assert out.count("Video prefix: reused") == 1
+    # One question: nothing is kept for a next one that this process will not ask.
+    assert cli.main(["--frames", "4", "--max-new-tokens", "3", "--question", "Who?", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["prefix_cache"] == "off (not asked for)" and one["answer"] == objects[0]["answer"]
 
 
 def test_two_extract_nodes_share_one_video_and_unload_drops_it(comfy, frames):  # noqa: F811
