@@ -17,7 +17,7 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .fits import check_max_pixels, check_question, plan_prompt
 from .fits import check_video_fits  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .flops import flops_summary
-from .budget import DEVICE_MEMORY_SHARE, available_device_bytes, size_text
+from .budget import DEVICE_MEMORY_SHARE, available_device_bytes, prefill_parts, size_text
 from .memory import run_guarded
 from .hf.cache import KVCache
 from .prefix_cache import FrozenPrefix
@@ -245,16 +245,10 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
 
 def prefill_memory_parts(adapter, length: int, layer: int, chunk: int, where: str) -> tuple:
     """What the prefill of layers < K holds at its peak on ``where``, for a prompt of ``length``
-    tokens in calls of ``chunk`` (0: one call): ((what, bytes, where), ...) as in
-    ``budget.MemoryEstimate``. An estimate from the text config's shapes, not a measurement:
-    - layers < K's keys and values for every token (linear-attention layers: a fixed state, left out);
-    - layer K's input rows [L, D] (``rows_place`` may put them on the host);
-    - one call's working memory: its hidden states and MLP activations, the attention mask of a
-      call over a non-empty cache ([c, L] bool, and sdpa's additive copy of it) with the keys and
-      values copied per query head (transformers does so under a mask), and the scores' rows.
-    """
+    tokens in calls of ``chunk`` (0: one call): budget.prefill_parts (the model run_memory uses too)
+    with the text config's shapes: ((what, bytes, where), ...) for layers < K's keys and values, layer
+    K's input rows [L, D], one call's working memory and the scores' rows."""
     cfg = adapter.text_model.config
-    item = adapter.dtype.itemsize
     d_model = int(cfg.hidden_size)
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
@@ -262,17 +256,8 @@ def prefill_memory_parts(adapter, length: int, layer: int, chunk: int, where: st
     inner = max(int(getattr(cfg, "intermediate_size", None) or 0),
                 int(getattr(cfg, "moe_intermediate_size", None) or 0) * int(getattr(cfg, "num_experts_per_tok", 1) or 1))
     attention_layers = sum(1 for i in range(layer) if not adapter.is_linear_layer(i))
-    c = min(chunk or length, length)
-    masked = c < length  # every call after the first attends to a non-empty cache through a mask
-    working = c * (6 * d_model + 3 * inner) * item
-    if masked:
-        working += c * length * (1 + item) + 2 * heads * head_dim * length * item
-    question = 64  # query rows scored at layer K-1 (the question's tokens; an estimate)
-    working += heads * question * length * 4
-    return ((f"layers < K's keys and values [{attention_layers} x 2 x {kv_heads} x {length} x {head_dim}]",
-             attention_layers * 2 * kv_heads * head_dim * length * item, where),
-            (f"layer K's input rows [{length}, {d_model}]", length * d_model * item, where),
-            (f"one prefill call of {c} tokens", working, where))
+    return prefill_parts(length, attention_layers, kv_heads, head_dim, heads, d_model, inner, chunk,
+                         adapter.dtype.itemsize, where, scored=bool(layer))
 
 
 def rows_place(adapter, length: int, layer: int, chunk: int, rows: str = "auto",

@@ -179,6 +179,45 @@ def _device_available(where: str) -> int | None:
 
 # Query rows the scores at layer K-1 take, when the question's length is not known (an estimate).
 SCORED_ROWS = 64
+# A prefill call over a non-empty cache runs its queries in blocks whose additive mask [rows, past + n]
+# takes at most TAIL_MASK_BYTES, at least MIN_TAIL_ROWS rows at a time (hf/attention_hook.TailCausal).
+TAIL_MASK_BYTES = 16 << 20
+MIN_TAIL_ROWS = 32
+
+
+def tail_mask_rows(n: int, width: int, item: int, mask_bytes: int | None = None) -> int:
+    """Query rows per block of a call of n tokens over ``width`` keys, for a mask of ``item`` bytes an
+    element within ``mask_bytes`` (default TAIL_MASK_BYTES)."""
+    budget = TAIL_MASK_BYTES if mask_bytes is None else mask_bytes
+    return min(n, max(MIN_TAIL_ROWS, budget // (width * item)))
+
+
+def prefill_parts(length: int, attention_layers: int, kv_heads: int, head_dim: int, heads: int, d_model: int,
+                  inner: int, chunk: int, item: int, where: str, scored: bool = True) -> tuple:
+    """What the prefill of layers < K holds at its peak on ``where``, for a prompt of ``length`` tokens in
+    calls of ``chunk`` (0: one call): ((what, bytes, where), ...), one model for run_memory and for
+    attention.rows_place:
+    - layers < K's keys and values for every token (``attention_layers`` of them; linear-attention
+      layers hold a fixed state, counted elsewhere);
+    - layer K's input rows [L, D] (with the prompt's embeddings beside them when one call takes it all);
+    - one call's working memory: its hidden states and MLP activations (``inner`` wide), and for a call
+      over a non-empty cache its blocked causal mask (``tail_mask_rows`` x L);
+    - the scores at layer K-1 (``scored``): one KV group's float32 logits and probabilities
+      [heads / kv_heads x SCORED_ROWS x L] at a time.
+    An estimate from the shapes, not a measurement (bench/long_video.py measures)."""
+    c = min(chunk or length, length)
+    group = max(heads // max(kv_heads, 1), 1)
+    working = c * (6 * d_model + 3 * inner) * item
+    if c < length:  # every call after the first attends to a non-empty cache
+        working += tail_mask_rows(c, length, item) * length * item
+    scores = 2 * group * SCORED_ROWS * length * 4 if scored else 0
+    rows = (1 if c < length else 2) * length * d_model * item
+    return ((f"layers < K's keys and values ({attention_layers} layers x {length} tokens)",
+             attention_layers * 2 * kv_heads * head_dim * length * item, where),
+            (f"layer K's input rows [{length}, {d_model}]" if c < length else
+             f"the prompt's embeddings and layer K's input rows [2 x {length}, {d_model}]", rows, where),
+            (f"one prefill call's activations ({c} tokens)", working, where),
+            (f"the scores' rows [{group} x {SCORED_ROWS} x {length}] float32, one KV group at a time", scores, where))
 
 
 @dataclass(frozen=True)
@@ -245,9 +284,9 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
     later = length - n + kept + int(run.max_new_tokens)
     if run.retention is None:  # nothing is pruned: every layer holds every token
         below, above = len(full), 0
-    call = min(run.prefill_chunk or length, length)
-    working = call * (6 * d + 3 * max(llm.intermediate, llm.moe.top_k * llm.moe.intermediate
-                                      if llm.moe is not None else 0)) * item
+    inner = max(llm.intermediate, llm.moe.top_k * llm.moe.intermediate if llm.moe is not None else 0)
+    kv_below, rows, one_call, scores = prefill_parts(length, below, llm.kv_heads, llm.head_dim, llm.heads, d, inner,
+                                                    run.prefill_chunk, item, where, scored=bool(run.layer))
     state = 0
     if llm.linear is not None:
         conv, recurrent = llm.linear.state_elements()
@@ -263,15 +302,11 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
               (f"the vision tower over one chunk ({patches} patches)", vision_chunk, where)]
     parts += [(f"the encoded rows [{n}, {d}]" + (f" and {run.injections} DeepStack rows each" if run.injections
                                                    else ""), n * d * item * (1 + run.injections), where),
-              (f"the prompt's embeddings and layer K's input rows [2 x {length}, {d}]", 2 * length * d * item, where),
-              (f"layers < K's keys and values ({below} layers x {length} tokens)", below * length * per_token, where),
-              (f"the scores' rows [{llm.heads} x {SCORED_ROWS} x {length}] float32",
-               llm.heads * SCORED_ROWS * length * 4 if run.layer else 0, where)]
+              rows, kv_below, scores]
     if above:
         parts.append((f"layers >= K's keys and values ({above} layers x {later} tokens: R·N = {kept} kept)",
                       above * later * per_token, where))
-    one_call = (f"one prefill call's activations ({call} tokens)", working, where)
-    (fixed if call < length else parts).append(one_call)
+    (fixed if min(run.prefill_chunk or length, length) < length else parts).append(one_call)
     if state:
         fixed.append(("the linear-attention layers' states", state, where))
     resident = ((f"the model's weights", int(run.weights), where),) if run.weights else ()

@@ -125,16 +125,22 @@ def decode_side(max_pixels) -> int | None:
     return None if check_max_pixels(max_pixels) == MODEL_BUDGET else DECODE_MAX_SIDE
 
 
+def check_fits(model: VideoLLM, sample, questions, cfg: PipelineConfig, streamed: bool) -> dict:
+    """check_video_fits with every setting of ``cfg`` that the run's peak depends on (K, retention, the
+    vision and prefill chunks, the answer's length): the planned figures, or AdaTPInputError before
+    any frame is decoded."""
+    return check_video_fits(model, sample, questions, cfg.max_pixels, layer=cfg.layer, retention=cfg.retention,
+                            streamed=streamed, chunk_frames=cfg.chunk_frames, prefill_chunk=cfg.prefill_chunk,
+                            max_new_tokens=cfg.generation.max_new_tokens)
+
+
 def _checked_plan(model: VideoLLM, path, questions, cfg: PipelineConfig, streamed: bool):
     """The sampling plan of the video at ``path``, checked against the model's context with each
     question and against memory (the run's peak, streamed or not) before any frame is decoded
     (check_video_fits). Returns (SamplePlan, planned figures)."""
     sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time,
                            decode_side(cfg.max_pixels))
-    planned = check_video_fits(model, sample, questions, cfg.max_pixels, layer=cfg.layer, retention=cfg.retention,
-                               streamed=streamed, chunk_frames=cfg.chunk_frames, prefill_chunk=cfg.prefill_chunk,
-                               max_new_tokens=cfg.generation.max_new_tokens)
-    return sample, planned
+    return sample, check_fits(model, sample, questions, cfg, streamed)
 
 
 def load_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):

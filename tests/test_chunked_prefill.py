@@ -130,10 +130,11 @@ def test_a_tail_call_in_blocks_gives_what_one_call_gives(llm, video, one_pass, m
     """A call over a non-empty cache attends through a TailCausal, not a [chunk, prompt] mask: with a
     mask budget of one byte its queries run in blocks of MIN_TAIL_ROWS (24 here: a last block
     shorter), and the results are one call's."""
+    from adatp_core import budget
     from adatp_core.hf import attention_hook
 
-    monkeypatch.setattr(attention_hook, "TAIL_MASK_BYTES", 1)
-    monkeypatch.setattr(attention_hook, "MIN_TAIL_ROWS", 24)
+    monkeypatch.setattr(budget, "TAIL_MASK_BYTES", 1)
+    monkeypatch.setattr(budget, "MIN_TAIL_ROWS", 24)
     blocks, real = [], attention_hook.TailCausal.attend
 
     def spy(self, query, *args):
@@ -143,7 +144,7 @@ def test_a_tail_call_in_blocks_gives_what_one_call_gives(llm, video, one_pass, m
     monkeypatch.setattr(attention_hook.TailCausal, "attend", spy)
     layer = llm.adapter.default_layer()
     state = extract_attention(llm, video, QUESTION, layer=layer, reuse_prefix=False, prefill_chunk=128)
-    assert blocks and all(rows == min(n, attention_hook.MIN_TAIL_ROWS) for n, rows in blocks)
+    assert blocks and all(rows == min(n, budget.MIN_TAIL_ROWS) for n, rows in blocks)
     assert any(n > rows and n % rows for n, rows in blocks)  # several blocks, the last one shorter
     _same_as_one_pass(state, one_pass)
 
@@ -157,7 +158,8 @@ def test_a_tail_mask_attends_as_the_dense_mask_within_its_budget(past, n, mask_b
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from adatp_core.hf.attention_hook import MIN_TAIL_ROWS, TailCausal, _wrapper, causal_tail_mask
+    from adatp_core.budget import MIN_TAIL_ROWS
+    from adatp_core.hf.attention_hook import TailCausal, _wrapper, causal_tail_mask
 
     gen = torch.Generator().manual_seed(past + n)
     q = torch.randn(1, 4, n, 16, generator=gen)
@@ -251,15 +253,17 @@ def test_rows_wait_on_the_host_when_the_device_is_short():
     rows_bytes = length * 4096 * 2
     where, why = rows_place(adapter, length, 2, 8192, available=lambda dev: 64 << 30)
     assert where is None and "of 68.72 GB free" in why
-    where, why = rows_place(adapter, length, 2, 8192, available=lambda dev: 4 << 30)
+    # about 2.9 GB: keys and values and rows 0.82 GB each, a call of 8192 tokens 1.0 GB, the scores 0.2 GB
+    where, why = rows_place(adapter, length, 2, 8192, available=lambda dev: 2 << 30)
     assert where == torch.device("cpu") and "the device is short" in why and f"rows ({size_text(rows_bytes)})" in why
-    assert "a smaller prefill_chunk takes less" in why  # 4 GB cannot hold one call of 8192 tokens either
+    assert "a smaller prefill_chunk takes less" in why  # 2 GB cannot hold one call of 8192 tokens either
     assert rows_place(adapter, length, 2, 8192, available=lambda dev: None)[0] is None
     assert rows_place(adapter, length, 2, 8192, "host", available=lambda dev: 64 << 30)[0] == torch.device("cpu")
     assert rows_place(adapter, length, 2, 8192, "device", available=lambda dev: 1)[0] is None
     # the estimate grows with the chunk: a smaller chunk can keep the rows on the device
-    assert rows_place(adapter, length, 2, 512, available=lambda dev: 6 << 30)[0] is None
-    where, why = rows_place(adapter, length, 2, 2048, available=lambda dev: 5_000_000_000)
+    assert rows_place(adapter, length, 2, 8192, available=lambda dev: 2_500_000_000)[0] == torch.device("cpu")
+    assert rows_place(adapter, length, 2, 512, available=lambda dev: 2_500_000_000)[0] is None
+    where, why = rows_place(adapter, length, 2, 2048, available=lambda dev: 2_000_000_000)
     assert where == torch.device("cpu") and "smaller prefill_chunk" not in why
     cpu = SimpleNamespace(**{**vars(adapter), "device": torch.device("cpu")})
     assert rows_place(cpu, length, 2, 8192, "host") == (None, "the model runs on the host")

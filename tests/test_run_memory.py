@@ -88,3 +88,37 @@ def test_one_frame_a_second_for_the_whole_video():
     times = vid.sample_times(probe, 0, "fps", fps=1.0)
     assert len(times) == 1800 and times[:3] == [0.0, 1.0, 2.0] and times[-1] == 1799.0
     assert len(vid.sample_times(probe, 32, "fps", fps=1.0)) == 32  # a count still thins them evenly
+
+
+def test_the_estimate_and_the_rows_place_count_the_prefill_alike(qwen3):
+    """One model of the prefill (budget.prefill_parts): the run's estimate holds the very parts that
+    attention.rows_place weighs, and a chunked call's mask is one block's (TailCausal), not [chunk, L]."""
+    from adatp_core.attention import prefill_memory_parts
+
+    figures = planned(qwen3, 256, streamed=True, prefill_chunk=8192)
+    length = figures["prompt_tokens_planned"]
+    plan = figures["memory_plan"]["host"]
+    parts = prefill_memory_parts(qwen3.adapter, length, 2, 8192, "host")
+    assert len(parts) == 4
+    for what, size, where in parts:
+        assert where == "host" and plan[what] == round(size / 1e6, 1)
+    call = dict((what, size) for what, size, _ in parts)["one prefill call's activations (8192 tokens)"]
+    assert call < 8192 * length  # a [chunk, L] bool mask alone would be more
+
+
+def test_captions_check_each_clip_with_the_runs_settings(qwen3, monkeypatch):
+    """A caption run's check before decoding a clip weighs its own K, retention, chunks and answer length
+    (it had the defaults: no pruning, K=2), its frames decoded as one IMAGE."""
+    from adatp_core import pipeline
+    from adatp_core.caption.stream import fits_check
+    from adatp_core.generate import SamplingConfig
+
+    cfg = pipeline.PipelineConfig(layer=3, retention=0.5, prefill_chunk=4096, chunk_frames=8,
+                                  generation=SamplingConfig(max_new_tokens=40))
+    figures = fits_check(qwen3, QUESTION, cfg)(sample_plan(64))
+    assert any(what.startswith("layers < K's keys and values (3 layers") for what in figures["memory_plan"]["host"])
+    seen = {}
+    monkeypatch.setattr(pipeline, "check_video_fits", lambda *a, **k: seen.update(k) or {})
+    fits_check(qwen3, QUESTION, cfg)(sample_plan(64))
+    assert seen == {"layer": 3, "retention": 0.5, "streamed": False, "chunk_frames": 8, "prefill_chunk": 4096,
+                    "max_new_tokens": 40}

@@ -24,8 +24,8 @@ from ..batching import check_batch_size, decode_together
 from ..budget import check_memory
 from ..decode_worker import watch_parent_process
 from ..errors import AdaTPInputError, AdaTPTransformersError
-from ..fits import check_question, check_video_fits
-from ..pipeline import PipelineConfig, check_config, check_option, prefill, run_pipeline
+from ..fits import check_question
+from ..pipeline import PipelineConfig, check_config, check_fits, check_option, prefill, run_pipeline
 from ..timing import DecodeStats
 from ..video import SamplePlan, decode_plan, frames_to_image, plan_sampling
 from .summary import ClipResult, ClipTimes
@@ -166,8 +166,9 @@ class _Ahead:
 
 def fits_check(model, prompt: str, cfg: PipelineConfig) -> Callable[[SamplePlan], dict]:
     """DecodeAhead's check: a clip whose plan cannot fit the model's context or memory fails
-    before it is decoded (check_video_fits)."""
-    return lambda plan: check_video_fits(model, plan, [prompt], cfg.max_pixels)
+    before it is decoded (pipeline.check_fits: the run's K, retention and chunks; its frames come
+    decoded as one IMAGE)."""
+    return lambda plan: check_fits(model, plan, [prompt], cfg, streamed=False)
 
 
 def clip_stats(stats: dict) -> dict:

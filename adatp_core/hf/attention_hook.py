@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..budget import tail_mask_rows
 from ..errors import AdaTPInputError
 
 _PREFIX = "adatp_"
@@ -33,12 +34,6 @@ def causal_tail_mask(past: int, n: int, device) -> torch.Tensor:
     return (torch.arange(past + n, device=device)[None, :] <= rows)[None, None]
 
 
-# A call over a non-empty cache runs its queries in blocks whose additive mask [rows, past + n]
-# takes at most this many bytes (``TailCausal``), at least MIN_TAIL_ROWS rows at a time.
-TAIL_MASK_BYTES = 16 << 20
-MIN_TAIL_ROWS = 32
-
-
 class TailCausal:
     """The attention mask of a call of ``n`` new tokens after ``past`` cached ones (what
     ``causal_tail_mask`` builds), without a [n, past + n] tensor: handed to the decoder layers in
@@ -50,8 +45,8 @@ class TailCausal:
     than sdpa gets the bool mask (``dense``).
 
     Each query row sees the same keys as under the dense mask, so the result is the same within
-    float tolerance (a softmax over the same scores). The mask costs mask_bytes at most (a block
-    keeps at least MIN_TAIL_ROWS rows), made once per dtype and device and shared by the layers;
+    float tolerance (a softmax over the same scores). The mask costs mask_bytes (budget.TAIL_MASK_BYTES) at most (a block
+    keeps at least budget.MIN_TAIL_ROWS rows), made once per dtype and device and shared by the layers;
     the dense mask and sdpa's additive copy of it cost n * (past + n) * (1 + item) bytes, and
     transformers' copy of the keys and values per query head 2 * heads * head_dim * (past + n) * item.
     """
@@ -60,7 +55,7 @@ class TailCausal:
 
     def __init__(self, past: int, n: int, mask_bytes: int | None = None):
         self.past, self.n = past, n
-        self.mask_bytes = TAIL_MASK_BYTES if mask_bytes is None else mask_bytes
+        self.mask_bytes = mask_bytes  # None: budget.TAIL_MASK_BYTES
         self._bias: dict = {}
 
     @property
@@ -68,8 +63,8 @@ class TailCausal:
         return self.past + self.n
 
     def rows(self, item: int) -> int:
-        """Query rows per block for a mask of ``item`` bytes an element."""
-        return min(self.n, max(MIN_TAIL_ROWS, self.mask_bytes // (self.width * item)))
+        """Query rows per block for a mask of ``item`` bytes an element (budget.tail_mask_rows)."""
+        return tail_mask_rows(self.n, self.width, item, self.mask_bytes)
 
     def dense(self, device) -> torch.Tensor:
         return causal_tail_mask(self.past, self.n, device)
