@@ -3,6 +3,7 @@ through the CLI (``python -m adatp_core clips``) and the job, on the tiny built-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -443,3 +444,38 @@ def test_accelerate_shares_the_sources_and_the_main_process_writes_the_layouts(t
     assert len(clips) == 4 and all(c.with_suffix(".txt").read_text() for c in clips)
     assert len((tmp_path / "set" / "clips.jsonl").read_text().splitlines()) == 4
     assert len(list((tmp_path / "set" / "subtitles").glob("*.srt"))) == 3
+
+
+def cut_only(job):
+    """Plan and cut ``job`` (no captions, no model): the summary of the cut."""
+    summary = clips_job.ClipsSummary()
+    plan = clips_job.plan_sources(job)
+    try:
+        clips_job.cut_sources(job, plan, summary)
+    finally:
+        plan.release()
+    return summary
+
+
+def test_clips_made_under_other_rules_or_cut_settings_are_cut_again_under_the_same_names(tmp_path, short):
+    """Names hold the key, the shot and the time range only: a clip planned otherwise under the same
+    name (a smaller max_side, another fps over the same span, another crf) is set aside and cut again."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    rules = ClipRules(min_seconds=MIN_S, max_seconds=MAX_S, fps=FPS, frames="any")
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=rules)
+    assert cut_only(job).clips_cut == 2
+    names = [c.name for c in clips_of(job)]
+    assert {(p.width, p.height, p.fps, p.frame_count) for p in map(probe_video, clips_of(job))} == {(64, 48, 8.0, 16)}
+
+    def again(**changes):
+        new = dataclasses.replace(job, **changes)
+        summary = cut_only(new)
+        assert [c.name for c in clips_of(job)] == names  # the same names ...
+        assert (summary.clips_cut, summary.clips_existing) == (2, 0)  # ... cut again, none kept
+        return {(p.width, p.height, p.fps, p.frame_count) for p in map(probe_video, clips_of(job))}
+
+    assert again(rules=dataclasses.replace(rules, max_side=32)) == {(32, 24, 8.0, 16)}
+    assert again(rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS)) == {(32, 24, 16.0, 32)}
+    assert again(rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS), crf=30) == {(32, 24, 16.0, 32)}
+    assert cut_only(dataclasses.replace(job, rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS),
+                                        crf=30)).clips_existing == 2  # unchanged: nothing cut

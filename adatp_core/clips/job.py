@@ -329,9 +329,28 @@ def record_plan(record: dict) -> tuple[str, list[Shot], list[ClipPlan]]:
     return record["source"], shots, clips
 
 
+def cut_settings(job: ClipsJob) -> dict:
+    """What the cut settings make of a clip's file (crf only matters when re-encoding)."""
+    return {"mode": job.cut, "crf": job.crf if job.cut == "reencode" else None, "keep_audio": job.keep_audio}
+
+
+PLAN_FIELDS = ("start", "frames", "fps", "width", "height")  # what a clip's file holds, beside its name
+
+
+def stale_clips(earlier: list[ClipPlan], now: list[ClipPlan], same_source: bool, same_cut: bool) -> list[ClipPlan]:
+    """The earlier plan's clips whose files the current plan cannot keep: a name it no longer has,
+    or one it plans otherwise (other frames, rate or size under the same name), or every one when
+    the source or the cut settings changed."""
+    if not (same_source and same_cut):
+        return list(earlier)
+    planned = {c.name: tuple(getattr(c, f) for f in PLAN_FIELDS) for c in now}
+    return [c for c in earlier if planned.get(c.name) != tuple(getattr(c, f) for f in PLAN_FIELDS)]
+
+
 def write_record(job: ClipsJob, plan: SourcePlan) -> None:
     record = {"version": RECORD_VERSION, "source": str(plan.source.path), "name": plan.source.name,
               **_identity(plan.source.path), "threshold": job.threshold, "rules": _plain(job.rules),
+              "cut": cut_settings(job),
               "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips]}
     text = json.dumps(record, indent=1, ensure_ascii=False) + "\n"
     path = record_path(job, plan.key)
@@ -356,19 +375,19 @@ def plan_source(job: ClipsJob, source: Source, key: str,
         record = read_record(job, key)
         same_file = record is not None and record.get("source") == str(source.path) \
             and {k: record.get(k) for k in ("size", "mtime_ns")} == _identity(source.path)
+        same_cut = record is not None and record.get("cut") == cut_settings(job)
         if same_file and record.get("threshold") == job.threshold:
             _, plan.shots, clips = record_plan(record)
             plan.reused = True
-            if record.get("rules") == _plain(job.rules):
+            if record.get("rules") == _plain(job.rules) and same_cut:
                 plan.clips = clips
                 return plan
         else:
             plan.shots = detect_shots(source.path, **({} if job.threshold is None else {"threshold": job.threshold}),
                                       on_progress=on_progress)
         plan.clips = plan_clips(source.path, plan.shots, job.rules, source.root)
-        if record is not None:  # the source or the rules changed: the earlier plan's other clips go
-            names = {c.name for c in plan.clips}
-            plan.replaced = [c for c in record_plan(record)[2] if c.name not in names]
+        if record is not None:  # the source, the rules or the cut changed: the clips made otherwise go
+            plan.replaced = stale_clips(record_plan(record)[2], plan.clips, same_file, same_cut)
     except (AdaTPInterrupted, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001  a bad source fails alone
@@ -653,7 +672,7 @@ class ClipsSummary:
                  f"Clips: {self.clips_planned} planned, {self.clips_cut} cut now, {self.clips_existing} already "
                  f"there, {len(self.clips_failed)} failed" + (
                      f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
-                     "the rules changed)" if self.clips_replaced else "") + "."]
+                     "the rules or the cut changed)" if self.clips_replaced else "") + "."]
         if self.elsewhere:
             more = " ..." if len(self.elsewhere) > 3 else ""
             lines.append(f"{len(self.elsewhere)} source(s) left to another run on the same output folder now: "
