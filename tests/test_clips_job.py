@@ -479,3 +479,32 @@ def test_clips_made_under_other_rules_or_cut_settings_are_cut_again_under_the_sa
     assert again(rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS), crf=30) == {(32, 24, 16.0, 32)}
     assert cut_only(dataclasses.replace(job, rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS),
                                         crf=30)).clips_existing == 2  # unchanged: nothing cut
+
+
+def test_set_aside_keeps_every_replaced_clip_and_goes_before_the_record(tmp_path, short, monkeypatch):
+    (tmp_path / "short.mp4").write_bytes(short)
+    rules = ClipRules(min_seconds=MIN_S, max_seconds=MAX_S, fps=FPS, frames="any")
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=rules)
+    cut_only(job)
+    first = {p.name: p.read_bytes() for p in clips_of(job)}
+    (job.clips_dir / f"{next(iter(first))[:-4]}.txt").write_text("a caption")
+    smaller = dataclasses.replace(job, rules=dataclasses.replace(rules, max_side=32))
+    cut_only(smaller)
+    cut_only(job)  # back: the same names set aside a second time
+    aside = job.state_dir / "replaced"
+    assert sorted(p.name for p in aside.iterdir()) == sorted(
+        [*first, *(n[:-4] + ".2.mp4" for n in first), next(iter(first))[:-4] + ".txt"])
+    assert {n: (aside / n).read_bytes() for n in first} == first  # nothing overwritten
+
+    # killed between the two steps: had the new record been written first, the old clips would stay
+    # for good (the record says they are the new ones); they go first, and the next run moves them
+    def killed(*_a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clips_job, "set_aside", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cut_only(smaller)
+    monkeypatch.undo()
+    summary = cut_only(smaller)
+    assert summary.clips_cut == 2
+    assert {(p.width, p.height) for p in map(probe_video, clips_of(job))} == {(32, 24)}

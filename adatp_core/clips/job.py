@@ -399,16 +399,28 @@ def plan_source(job: ClipsJob, source: Source, key: str,
 
 def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
     """Move an earlier plan's clips (and their captions) out of the set, into OUT/.adatp/replaced:
-    a trainer reading OUT/videos sees only the current plan's clips, and nothing is deleted."""
+    a trainer reading OUT/videos sees only the current plan's clips, and nothing is deleted: a name
+    already set aside (the same clip replaced twice) gets a number, NAME.2.mp4 with NAME.2.txt."""
     moved = 0
     aside = job.state_dir / "replaced"
     for c in clips:
-        for path in (clip_path(job, c), job.caption_dir / f"{c.name}.txt"):
-            if os.path.lexists(path):
-                aside.mkdir(parents=True, exist_ok=True)
-                os.replace(path, aside / path.name)
-                moved += path.suffix == CLIP_SUFFIX
+        pair = [p for p in (clip_path(job, c), job.caption_dir / f"{c.name}.txt") if os.path.lexists(p)]
+        if not pair:
+            continue
+        aside.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while any(os.path.lexists(aside / free_name(p.name, n)) for p in pair):
+            n += 1
+        for path in pair:
+            os.replace(path, aside / free_name(path.name, n))
+            moved += path.suffix == CLIP_SUFFIX
     return moved
+
+
+def free_name(name: str, n: int) -> str:
+    """NAME.mp4 for n 1, NAME.n.mp4 for n > 1."""
+    stem, dot, ext = name.rpartition(".")
+    return name if n == 1 else f"{stem}.{n}{dot}{ext}"
 
 
 def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event | None = None,
@@ -451,9 +463,9 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
                 continue
             result.claims.append(claim)
         plan = plan_source(job, source, keys[source.path], progress)
-        if plan.error is None and not dry_run:
+        if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
+            set_aside(job, plan.replaced)  # the old record, which the next run compares again
             write_record(job, plan)
-            set_aside(job, plan.replaced)
         plans.append(plan)
         if on_event is not None:
             on_event("shots", i + 1, len(mine), source.name)
