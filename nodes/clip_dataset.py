@@ -114,7 +114,7 @@ class AdaTP_ClipDataset:
             "max_side": ("INT", {"default": rules.max_side, "min": 0, "max": 8192, "step": 2,
                                  "tooltip": "Cap the long side at this many pixels (aspect kept, even sizes); 0 "
                                             "keeps the size."}),
-            "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+            "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                     "tooltip": "Shot detection threshold: lower finds more cuts. 0: the detector's "
                                                "default."}),
             "cut": (list(CUT_MODES), {"default": "reencode",

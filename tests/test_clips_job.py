@@ -334,15 +334,26 @@ def test_cancel_in_any_stage_stops_the_job_and_fails_no_source(tiny, tmp_path, s
 
 
 def test_job_settings_are_checked(tmp_path):
-    for kwargs, option in [({"rules": ClipRules(min_seconds=3, max_seconds=2)}, "min_seconds"),
-                           ({"rules": ClipRules(frames="3k")}, "clip_frames"),
-                           ({"rules": ClipRules(max_side=7)}, "max_side"),
-                           ({"rules": ClipRules(fps=0.0)}, "fps"),
+    for kwargs, option in [({"rules": dict(min_seconds=3, max_seconds=2)}, "min_seconds"),
+                           ({"rules": dict(frames="3k")}, "clip_frames"),
+                           ({"rules": dict(max_side=7)}, "max_side"),
+                           ({"rules": dict(trim_frames=1.5)}, "trim_frames"),
+                           ({"rules": dict(fps=0.0)}, "fps"),
+                           ({"rules": dict(max_seconds=float("inf"))}, "max_seconds"),
                            ({"cut": "fast"}, "cut"), ({"crf": 52}, "crf"), ({"layouts": ("txt", "csv")}, "layout"),
-                           ({"threshold": -1}, "threshold"), ({"sources": ()}, "sources")]:
-        with pytest.raises(AdaTPInputError) as info:
+                           ({"threshold": -1}, "threshold"), ({"threshold": 1.5}, "threshold"),
+                           ({"sources": ()}, "sources")]:
+        with pytest.raises(AdaTPInputError) as info:  # the rules check themselves, where they are made
+            if "rules" in kwargs:
+                kwargs = {**kwargs, "rules": ClipRules(**kwargs["rules"])}
             ClipsJob(**{"sources": (tmp_path,), "out": tmp_path / "o", **kwargs})
         assert info.value.option == option, kwargs
+    from adatp_core.clips.cut import cut_clips
+
+    for kwargs, option in [({"mode": "fast"}, "cut"), ({"crf": -1}, "crf")]:  # the cutter's own check is the same
+        with pytest.raises(AdaTPInputError) as info:
+            cut_clips(tmp_path / "x.mp4", [], tmp_path, **kwargs)
+        assert info.value.option == option
 
 
 def test_outputs_write_only_what_changed(tmp_path):
@@ -415,6 +426,8 @@ def test_the_node_refuses_bad_sources_and_outputs_with_a_clear_message(comfy):
     assert node.VALIDATE_INPUTS(layouts="all") is True and node.VALIDATE_INPUTS(layouts="jsonl, srt") is True
     assert node.VALIDATE_INPUTS(sources="adatp_clip_samples") is True  # the sample folder is made
     assert (inp / "adatp_clip_samples" / "adatp_sample_video.mp4").is_file()
+    required = node.INPUT_TYPES()["required"] | node.INPUT_TYPES().get("optional", {})
+    assert required["threshold"][1]["max"] == 1.0  # the detector takes at most 1
 
 
 @pytest.mark.distributed

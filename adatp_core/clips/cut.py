@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AdaTPInputError
+from ..errors import AdaTPInputError, OptionError
 from .plan import ClipPlan, display_rotation
 from .shots import source_events
 
@@ -53,6 +53,16 @@ class CutResult:
     path: Path | None  # the written clip (.mp4), None on failure
     skipped: bool  # already there from an earlier run
     error: str | None
+
+
+def check_cut(mode: str, crf: int) -> None:
+    """The cut settings; OptionError names the one at fault."""
+    if mode not in CUT_MODES:
+        raise OptionError("cut", f"the cut mode must be one of {CUT_MODES} (reencode: exact frames; copy: fast, "
+                                 f"cut at keyframes), got {mode!r}")
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise OptionError("crf", f"crf must be a whole number from 0 (lossless) to 51 (18: visually lossless, "
+                                 f"23: x264's default), got {crf!r}")
 
 
 def clip_file(out_dir: Path, plan: ClipPlan) -> Path:
@@ -218,18 +228,13 @@ def cut_clips(source: Path, plans: list[ClipPlan], out_dir: Path, *, mode: str =
     Each clip goes to a temp file in out_dir then is renamed (never a half-written clip). A clip
     whose file exists is skipped. keep_audio: the source's audio in the clip's time range is copied
     too. Returns one CutResult per plan, in the order of ``plans``; on_clip(result) runs as each is
-    done. Raises AdaTPInputError for a bad mode or crf, or a source that is not a video; a clip
+    done. Raises OptionError for a bad mode or crf, AdaTPInputError for or a source that is not a video; a clip
     that cannot be cut (a damaged region, the source ending early) is a failed result."""
     import av
 
     from ..video import open_video, probe_video
 
-    if mode not in CUT_MODES:
-        raise AdaTPInputError(f"the cut mode must be one of {CUT_MODES} (reencode: exact frames; copy: fast, cut "
-                              f"at keyframes), got {mode!r}")
-    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
-        raise AdaTPInputError(f"crf must be a whole number from 0 (lossless) to 51 (18: visually lossless), "
-                              f"got {crf!r}")
+    check_cut(mode, crf)
     source, out_dir = Path(source), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[int, CutResult] = {}

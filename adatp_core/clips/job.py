@@ -40,10 +40,10 @@ from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, Fo
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
-from .cut import CUT_MODES, cut_clips
+from .cut import CUT_MODES, check_cut, cut_clips
 from .outputs import DatasetClip, DatasetSource, write_outputs
 from .plan import FRAME_RULES, ClipPlan, ClipRules, plan_clips, source_key
-from .shots import Shot, detect_shots
+from .shots import Shot, check_threshold, detect_shots
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,9 @@ class ClipsJob:
         if unknown or not layouts:
             raise OptionError("layout", f"layouts must be some of {', '.join(LAYOUTS)}, got {list(self.layouts)!r}")
         object.__setattr__(self, "layouts", layouts)
-        if self.cut not in CUT_MODES:
-            raise OptionError("cut", f"cut must be one of {CUT_MODES}, got {self.cut!r}")
-        if isinstance(self.crf, bool) or not isinstance(self.crf, int) or not 0 <= self.crf <= 51:
-            raise OptionError("crf", f"crf must be an integer from 0 (lossless) to 51, got {self.crf!r} (18 is "
-                                     "visually lossless, 23 is x264's default)")
-        if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and self.threshold > 0):
-            raise OptionError("threshold", f"threshold must be a number above 0, got {self.threshold!r}")
-        check_rules(self.rules)
+        check_cut(self.cut, self.crf)
+        if self.threshold is not None:
+            check_threshold(self.threshold)
         for parent in (self.out, *self.out.parents):
             if parent.exists() or parent.is_symlink():
                 if not parent.is_dir():
@@ -182,35 +177,6 @@ def parse_layouts(text: str) -> tuple:
     if unknown or not names:
         raise OptionError("layout", f"{text!r}: give some of {', '.join(LAYOUTS)} separated by commas, or 'all'")
     return names
-
-
-def check_rules(rules: ClipRules) -> None:
-    """The clip rules, checked before any source is read; OptionError names the rule."""
-    def number(name, low, allow_none=False, integer=False):
-        value = getattr(rules, name)
-        if value is None and allow_none:
-            return
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value != value or value < low:
-            raise OptionError(name, f"{name.replace('_', '-')} must be {'an integer' if integer else 'a number'} "
-                                    f">= {low}, got {value!r}")
-
-    number("min_seconds", 0)
-    number("max_seconds", 0)
-    if not rules.max_seconds > 0:
-        raise OptionError("max_seconds", f"max-seconds must be above 0, got {rules.max_seconds!r}")
-    if rules.min_seconds > rules.max_seconds:
-        raise OptionError("min_seconds", f"min-seconds ({rules.min_seconds}) is above max-seconds "
-                                         f"({rules.max_seconds}); no clip could obey both")
-    number("fps", 0, allow_none=True)
-    if rules.fps is not None and not rules.fps > 0:
-        raise OptionError("fps", f"fps must be above 0 (or the source's rate), got {rules.fps!r}")
-    if rules.frames not in FRAME_RULES:
-        raise OptionError("clip_frames", f"frames must be one of {FRAME_RULES}, got {rules.frames!r}")
-    number("trim_frames", 0, integer=True)
-    number("max_side", 0, integer=True)
-    if 0 < rules.max_side < 16:
-        raise OptionError("max_side", f"max-side must be 0 (keep the size) or at least 16, got {rules.max_side}")
 
 
 # --- sources ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import AdaTPInputError
+from ..errors import AdaTPInputError, OptionError
 from .shots import Shot
 
 FRAME_RULES = ("4k+1", "8k+1", "any")
@@ -41,6 +41,35 @@ class ClipRules:
     trim_frames: int = 0  # dropped at each end of a shot (at the target fps)
     keep_short: bool = False  # a shot shorter than min_seconds: dropped, or kept as one clip
     max_side: int = 0  # 0: keep the size; else cap the long side, even dimensions
+
+    def __post_init__(self):
+        """Each rule checked here, once; OptionError names the rule at fault (the CLI's --option)."""
+        def number(name, low, integer=False):
+            value = getattr(self, name)
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value < low:
+                kind = "a whole number" if integer else "a number"
+                raise OptionError(name, f"{name.replace('_', '-')} must be {kind} >= {low}, got {value!r}")
+
+        number("min_seconds", 0)
+        number("max_seconds", 0)
+        if not self.max_seconds > 0:
+            raise OptionError("max_seconds", f"max-seconds must be above 0, got {self.max_seconds!r}")
+        if self.min_seconds > self.max_seconds:
+            raise OptionError("min_seconds", f"min-seconds ({self.min_seconds}) is above max-seconds "
+                                             f"({self.max_seconds}); no clip could obey both")
+        if self.fps is not None:
+            number("fps", 0)
+            if not self.fps > 0:
+                raise OptionError("fps", f"fps must be above 0 (or None: the source's rate), got {self.fps!r}")
+        if self.frames not in FRAME_RULES:
+            raise OptionError("clip_frames", f"frames must be one of {FRAME_RULES}, got {self.frames!r}")
+        number("trim_frames", 0, integer=True)
+        number("max_side", 0, integer=True)
+        if 0 < self.max_side < 16:
+            raise OptionError("max_side", f"max-side must be 0 (keep the size) or at least 16, got {self.max_side}")
+        if not isinstance(self.keep_short, bool):
+            raise OptionError("keep_short", f"keep-short must be True or False, got {self.keep_short!r}")
 
 
 @dataclass(frozen=True)
@@ -149,15 +178,15 @@ def shot_clips(shot: Shot, fps: float, rules: ClipRules) -> list[tuple[float, in
 
 def plan_clips(source: Path, shots: list[Shot], rules: ClipRules, root: Path | None = None) -> list[ClipPlan]:
     """The clips of ``source`` that ``rules`` allow in ``shots``, in time order. Probes the source
-    (size, frame rate, rotation); raises AdaTPInputError for a source that is not a video. The rules
-    are checked by the caller (clips job's check_rules, which names the option at fault)."""
+    (size, frame rate, rotation); raises AdaTPInputError for a source that is not a video (ClipRules
+    checked the rules)."""
     from ..video import probe_video
 
     source = Path(source)
     probe = probe_video(source)
     fps = float(rules.fps) if rules.fps is not None else probe.fps
-    if not (math.isfinite(fps) and fps > 0) or rules.frames not in FRAME_RULES:  # the job checks rules first
-        raise AdaTPInputError(f"clip rules need fps > 0 and frames in {FRAME_RULES}, got {rules}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise AdaTPInputError(f"{source.name} has no frame rate; give the clips one (fps)")
     width, height = clip_size(probe.width, probe.height, display_rotation(source), rules.max_side)
     key = source_key(source, root)
     plans = []
