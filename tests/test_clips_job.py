@@ -23,7 +23,7 @@ from adatp_core.pipeline import PipelineConfig
 from adatp_core.samples import scene_frames, write_video
 from adatp_core.video import probe_video
 
-FPS, MIN_S, MAX_S = 8.0, 1.0, 2.0
+FPS, MIN_S, MAX_S = 8.0, 1.0, 1.5
 RULES = ClipRules(min_seconds=MIN_S, max_seconds=MAX_S, fps=FPS, frames="4k+1")
 SETTINGS = ["--fps", str(FPS), "--min-seconds", str(MIN_S), "--max-seconds", str(MAX_S), "--caption-frames", "2",
             "--max-new-tokens", "3", "--workers", "0", "--batch-size", "1"]
@@ -104,7 +104,7 @@ def test_every_clip_obeys_the_rules_and_has_a_caption(made):
         plan = plans[clip.stem]
         probe = probe_video(clip)
         assert plan["frames"] % 4 == 1, plan
-        assert MIN_S - 1e-6 <= plan["frames"] / FPS <= MAX_S + 1e-6, plan
+        assert MIN_S - 1e-6 <= (plan["frames"] - 1) / FPS <= MAX_S + 1e-6, plan  # first frame to last
         assert abs(probe.fps - FPS) < 1e-3 and probe.frame_count == plan["frames"], (probe, plan)
         shot = record["shots"][plan["shot"]]
         assert shot["start"] - 1e-6 <= plan["start"] and plan["start"] + plan["frames"] / FPS <= shot["end"] + 1e-6
@@ -474,7 +474,7 @@ def test_clips_made_under_other_rules_or_cut_settings_are_cut_again_under_the_sa
     """Names hold the key, the shot and the time range only: a clip planned otherwise under the same
     name (a smaller max_side, another fps over the same span, another crf) is set aside and cut again."""
     (tmp_path / "short.mp4").write_bytes(short)
-    rules = ClipRules(min_seconds=MIN_S, max_seconds=MAX_S, fps=FPS, frames="any")
+    rules = ClipRules(min_seconds=MIN_S, max_seconds=2.0, fps=FPS, frames="any")  # 2 s shots: a clip each
     job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=rules)
     assert cut_only(job).clips_cut == 2
     names = [c.name for c in clips_of(job)]
@@ -496,7 +496,7 @@ def test_clips_made_under_other_rules_or_cut_settings_are_cut_again_under_the_sa
 
 def test_set_aside_keeps_every_replaced_clip_and_goes_before_the_record(tmp_path, short, monkeypatch):
     (tmp_path / "short.mp4").write_bytes(short)
-    rules = ClipRules(min_seconds=MIN_S, max_seconds=MAX_S, fps=FPS, frames="any")
+    rules = ClipRules(min_seconds=MIN_S, max_seconds=2.0, fps=FPS, frames="any")  # 2 s shots: a clip each
     job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=rules)
     cut_only(job)
     first = {p.name: p.read_bytes() for p in clips_of(job)}

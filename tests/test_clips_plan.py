@@ -31,13 +31,29 @@ def test_every_clip_obeys_min_max_and_the_frame_rule():
         for length in (0.5, 1.4, 1.6, 3.9, 4.2, 9.0, 17.3):
             for start, n in shot_clips(Shot(0, 2.0, 2.0 + length, "cut"), 24.0, rules):
                 assert (n - 1) % step == 0
-                assert 1.5 - 1e-9 <= n / 24 <= 4.0 + 1e-9
+                assert 1.5 - 1e-9 <= (n - 1) / 24 <= 4.0 + 1e-9  # first frame to last
                 assert 2.0 <= start and start + n / 24 <= 2.0 + length + 1e-9  # the clip inside the shot
 
 
 def test_hunyuan_129_frames_at_24_fps():
     rules = ClipRules(min_seconds=1.0, max_seconds=129 / 24, fps=24.0)
     assert shot_clips(Shot(0, 0.0, 6.0, "start"), 24.0, rules) == [(0.0, 129)]
+
+
+def test_a_length_runs_from_the_first_frame_to_the_last_as_the_trainers_count():
+    """Wan: 81 frames = 5 s at 16 fps; HunyuanVideo: 129 frames = (129 - 1) / 24 = 5.333 s at 24 fps."""
+    long_shot = Shot(0, 0.0, 20.0, "start")
+    assert shot_clips(long_shot, 16.0, ClipRules(max_seconds=5.0, fps=16.0))[0] == (0.0, 81)
+    assert shot_clips(long_shot, 24.0, ClipRules(max_seconds=5.0, fps=24.0))[0] == (0.0, 121)
+    assert shot_clips(long_shot, 24.0, ClipRules(max_seconds=5.34, fps=24.0))[0] == (0.0, 129)  # README's flag
+    assert shot_clips(long_shot, 24.0, ClipRules(max_seconds=5.34, fps=24.0, frames="8k+1"))[0] == (0.0, 129)
+    # min_seconds too: 1 s at 16 fps is 17 frames, so a shot of 16.5 frames gives none
+    assert shot_clips(Shot(0, 0.0, 16.5 / 16, "start"), 16.0, ClipRules(min_seconds=1.0, frames="any")) == []
+    assert shot_clips(Shot(0, 0.0, 17.5 / 16, "start"), 16.0, ClipRules(min_seconds=1.0, frames="any")) == [(0.0, 17)]
+    # the span a clip takes from the source (its end in names and manifests) is n / fps
+    src = Path("/x/a.mp4")
+    plan = ClipPlan(src, 0, 0, 0.0, 81, 16.0, 64, 48, "a")
+    assert plan.end == pytest.approx(81 / 16)
 
 
 def test_short_shots_are_dropped_or_kept():
@@ -63,7 +79,8 @@ def test_sizes_are_even_and_capped_keeping_the_aspect():
 
 def test_plan_clips_probes_size_rate_and_rotation(tmp_path):
     src = write_synthetic(tmp_path / "portrait.mp4", [(3.0, "start", 0.0)], width=96, height=64, rotation=90).path
-    plans = plan_clips(src, [Shot(0, 0.0, 3.0, "start")], ClipRules(max_seconds=1.0, fps=None, frames="any"))
+    rules = ClipRules(min_seconds=0.5, max_seconds=23 / 24, fps=None, frames="any")  # 24 frames: 23/24 s long
+    plans = plan_clips(src, [Shot(0, 0.0, 3.0, "start")], rules)
     assert [(p.width, p.height, p.fps, p.frames) for p in plans] == [(64, 96, 24.0, 24)] * 3
     assert [p.index for p in plans] == [0, 1, 2] and all(p.source == src and p.shot == 0 for p in plans)
     assert plans[1].start == pytest.approx(1.0) and plans[1].end == pytest.approx(2.0)

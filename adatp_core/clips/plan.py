@@ -4,10 +4,14 @@ Times are seconds on the source's timeline (from its first frame), so a variable
 source is cut by timestamps, never by frame indices: clip frame k is the source frame on
 screen at ``start + k / fps``.
 
-Lengths: a clip of ``n`` frames at ``fps`` lasts ``n / fps`` seconds (what a player shows),
-that lies in [min_seconds, max_seconds], and [start, start + n / fps] lies inside its shot.
-A target fps above the source's repeats source frames (each clip frame is the one on screen). So Wan's 81 frames at 16 fps (5.06 s) need a
-max_seconds of at least 5.0625; with 5.0 the largest 4k+1 count is 77.
+Lengths: a clip of ``n`` frames at ``fps`` counts as ``(n - 1) / fps`` seconds long, the time
+from its first frame to its last, as the trainers count (Wan's "81 frames = 5 s" at 16 fps), and
+that length lies in [min_seconds, max_seconds]. The clip takes the span [start, start + n / fps]
+of the source (its last frame is on screen for 1/fps too), which lies inside its shot, and that
+span is the clip's end time in its name and the manifest. So at 16 fps max_seconds 5 gives Wan's
+81 frames; HunyuanVideo's 129 frames at 24 fps last (129 - 1) / 24 = 5.333 s, so they need a
+max_seconds of 5.34 (with 5 the largest 4k+1 count is 121). A target fps above the source's
+repeats source frames (each clip frame is the one on screen).
 
 Within a shot (less ``trim_frames`` at each end) clips follow each other from the shot's
 start, each with the largest allowed count that fits what is left and max_seconds; what is
@@ -80,7 +84,7 @@ class ClipPlan:
     shot: int
     index: int  # clip index within the shot
     start: float  # seconds on the source timeline
-    frames: int  # frame count at `fps`, obeying the rules
+    frames: int  # frame count at `fps`, obeying the rules ((frames - 1) / fps seconds, first frame to last)
     fps: float
     width: int
     height: int
@@ -88,6 +92,7 @@ class ClipPlan:
 
     @property
     def end(self) -> float:
+        """The end of the span the clip takes from the source (its last frame shown for 1/fps)."""
         return self.start + self.frames / self.fps
 
 
@@ -160,8 +165,9 @@ def shot_clips(shot: Shot, fps: float, rules: ClipRules) -> list[tuple[float, in
     end = shot.end - rules.trim_frames / fps
     # frames whose whole time [start + k/fps, start + (k+1)/fps) lies inside the shot
     available = max(0, math.floor((end - start) * fps + _EPS))
-    least = max(1, math.ceil(rules.min_seconds * fps - _EPS))
-    most = snap(int(math.floor(rules.max_seconds * fps + _EPS)), rules.frames)
+    # a clip of n frames lasts (n - 1) / fps, first frame to last
+    least = math.ceil(rules.min_seconds * fps - _EPS) + 1
+    most = snap(int(math.floor(rules.max_seconds * fps + _EPS)) + 1, rules.frames)
     if available < least:
         n = snap(min(available, most), rules.frames)
         return [(start, n)] if rules.keep_short and n >= 1 else []
