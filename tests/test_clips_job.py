@@ -166,6 +166,9 @@ def test_the_cli_end_to_end_then_dry_run_and_rerun(cli, tmp_path, short):
     code, plan, _ = cli(tmp_path / "long.mp4", "--out", out, "--dry-run", *SETTINGS)
     assert code == 0 and not out.exists() and not cli.loads  # nothing written, no model
     assert re.search(r"shot 0: 0\.00-2\.00 s", plan) and "13 frames at 8 fps, 64x48" in plan
+    assert "--cut copy" not in plan
+    code, plan, _ = cli(tmp_path / "long.mp4", "--out", out, "--dry-run", "--cut", "copy", *SETTINGS)
+    assert code == 0 and "--cut copy: each clip will start at the first keyframe" in plan
     code, out_json, _ = cli(tmp_path / "long.mp4", "--out", out, "--dry-run", "--json", *SETTINGS)
     planned = json.loads(out_json)["sources"][0]
     assert code == 0 and not out.exists() and all(c["frames"] % 4 == 1 for c in planned["clips"])
@@ -521,3 +524,34 @@ def test_set_aside_keeps_every_replaced_clip_and_goes_before_the_record(tmp_path
     summary = cut_only(smaller)
     assert summary.clips_cut == 2
     assert {(p.width, p.height) for p in map(probe_video, clips_of(job))} == {(32, 24)}
+
+
+def test_copy_mode_lists_what_its_clips_hold_not_the_plan(tmp_path):
+    """A stream copy starts at a keyframe, at the source's rate and size: the JSONL says so, as PyAV reads the file."""
+    import av
+
+    from adatp_core.clips.synthetic import write_synthetic
+
+    src = write_synthetic(tmp_path / "gop.mp4", [(3.0, "start", 0.0), (3.0, "cut", 0.0)], width=64, height=48,
+                          gop=12).path  # 24 fps, a keyframe every 0.5 s
+    rules = ClipRules(min_seconds=0.5, max_seconds=0.8, fps=16.0, frames="4k+1", max_side=32)  # 13 at 16 fps, 32x24
+    job = ClipsJob(sources=(src,), out=tmp_path / "set", rules=rules, cut="copy", layouts=("txt", "jsonl"))
+    summary = cut_only(job)
+    assert summary.clips_cut >= 2 and not summary.clips_failed
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text("a caption")
+    write_layouts(job, summary)
+    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
+    planned = {c["name"]: c for c in record["clips"]}
+    rows = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert len(rows) == summary.clips_cut
+    for row in rows:
+        with av.open(row["video_path"]) as f:
+            stream = f.streams.video[0]
+            frames = sum(1 for _ in f.decode(stream))
+            real = (frames, float(stream.average_rate), stream.codec_context.width, stream.codec_context.height)
+        assert (row["frames"], row["fps"], row["width"], row["height"]) == real == (frames, 24.0, 64, 48)
+        plan = planned[Path(row["path"]).stem]
+        assert (plan["fps"], plan["width"], plan["height"]) == (16.0, 32, 24)  # what was planned, not written
+        assert row["start"] >= plan["start"] - 1e-6 and row["start"] * 2 == pytest.approx(round(row["start"] * 2))
+        assert row["end"] == pytest.approx(row["start"] + frames / 24)

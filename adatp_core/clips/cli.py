@@ -185,6 +185,9 @@ def run(args, dist: Distributed) -> int:
     if args.dry_run:
         plan = plan_sources(job, (dist.index, dist.count), progress, dry_run=True)
         print(json.dumps(plan.to_dict(), indent=1, ensure_ascii=False) if args.json else plan.text())
+        if job.cut == "copy" and not args.json:
+            print("--cut copy: each clip will start at the first keyframe at or after its start, at the source's "
+                  "rate and size, so its frames differ from this plan (the JSONL gives what is written).")
         return 0 if plan.clips or not (plan.problems or any(p.error for p in plan.sources)) else 1
 
     def model():

@@ -260,6 +260,7 @@ class SourcePlan:
     error: str | None = None
     reused: bool = False
     replaced: list = field(default_factory=list)  # an earlier plan's clips that this plan no longer has
+    made: dict = field(default_factory=dict)  # clip name -> what its file holds (cut.MADE_FIELDS), once cut
 
     @property
     def duration(self) -> float:
@@ -317,7 +318,8 @@ def write_record(job: ClipsJob, plan: SourcePlan) -> None:
     record = {"version": RECORD_VERSION, "source": str(plan.source.path), "name": plan.source.name,
               **_identity(plan.source.path), "threshold": job.threshold, "rules": _plain(job.rules),
               "cut": cut_settings(job),
-              "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips]}
+              "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips],
+              "made": {c.name: plan.made[c.name] for c in plan.clips if c.name in plan.made}}
     text = json.dumps(record, indent=1, ensure_ascii=False) + "\n"
     path = record_path(job, plan.key)
     try:
@@ -347,6 +349,7 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             plan.reused = True
             if record.get("rules") == _plain(job.rules) and same_cut:
                 plan.clips = clips
+                plan.made = dict(record.get("made") or {})
                 return plan
         else:
             plan.shots = detect_shots(source.path, **({} if job.threshold is None else {"threshold": job.threshold}),
@@ -354,6 +357,8 @@ def plan_source(job: ClipsJob, source: Source, key: str,
         plan.clips = plan_clips(source.path, plan.shots, job.rules, source.root)
         if record is not None:  # the source, the rules or the cut changed: the clips made otherwise go
             plan.replaced = stale_clips(record_plan(record)[2], plan.clips, same_file, same_cut)
+            gone = {c.name for c in plan.replaced}
+            plan.made = {k: v for k, v in (record.get("made") or {}).items() if k not in gone}
     except (AdaTPInterrupted, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001  a bad source fails alone
@@ -523,6 +528,7 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
                 summary.clips_existing += 1
             else:
                 summary.clips_cut += 1
+                p.made[result.plan.name] = result.made
             if on_event is not None:
                 on_event("cut", done, total, result.plan.name)
 
@@ -535,6 +541,8 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
             raise
         except Exception as exc:  # noqa: BLE001  the source failing while it is cut: its other clips stay
             summary.failed_sources.append((p.source.name, f"cutting stopped: {_failure(exc)}"))
+        finally:  # what the clips cut so far hold (copy mode: not the plan's), for the layouts
+            write_record(job, p)
 
 
 # --- captions -----------------------------------------------------------------------------------
@@ -691,7 +699,9 @@ def dataset(job: ClipsJob) -> list[DatasetSource]:
             if not path.is_file():
                 continue
             kind, text = existing_caption(job.caption_dir / f"{c.name}.txt", job.out)
-            clips.append(DatasetClip(c, path, text if kind == "text" else None))
+            made = (record.get("made") or {}).get(c.name)
+            clips.append(DatasetClip(c, path, text if kind == "text" else None,
+                                     made if isinstance(made, dict) else None))
         entries.append(DatasetSource(record.get("name", source), source, record_file.stem, shots, clips))
     return entries
 
