@@ -300,7 +300,7 @@ def test_a_source_another_run_is_cutting_is_left_to_it(tiny, tmp_path, short, on
     (tmp_path / "src" / "b.mp4").write_bytes(one_shot)
     job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"),
                    pipeline=CFG, workers=0)
-    key = clips_job.source_key(tmp_path / "src" / "a.mp4", tmp_path / "src")
+    key = clips_job.source_key(tmp_path / "src" / "a.mp4")
     other = ClipClaim(clips_job.record_path(job, key))  # another run holds a.mp4
     other.path.parent.mkdir(parents=True)
     assert other.acquire()
@@ -555,3 +555,19 @@ def test_copy_mode_lists_what_its_clips_hold_not_the_plan(tmp_path):
         assert (plan["fps"], plan["width"], plan["height"]) == (16.0, 32, 24)  # what was planned, not written
         assert row["start"] >= plan["start"] - 1e-6 and row["start"] * 2 == pytest.approx(round(row["start"] * 2))
         assert row["end"] == pytest.approx(row["start"] + frames / 24)
+
+
+def test_a_file_has_one_key_whether_given_alone_or_in_its_folder(tmp_path, one_shot):
+    (tmp_path / "src" / "x").mkdir(parents=True)
+    (tmp_path / "src" / "x" / "take.mp4").write_bytes(one_shot)
+    (tmp_path / "src" / "take.mp4").write_bytes(one_shot)  # the same stem elsewhere: another key
+    out = tmp_path / "set"
+    folder = ClipsJob(sources=(tmp_path / "src",), out=out, rules=RULES, recursive=True)
+    alone = ClipsJob(sources=(tmp_path / "src" / "x" / "take.mp4",), out=out, rules=RULES)
+    by_folder = {p.source.name: p.key for p in clips_job.plan_sources(folder, dry_run=True).sources}
+    by_file = {p.source.name: p.key for p in clips_job.plan_sources(alone, dry_run=True).sources}
+    assert len(set(by_folder.values())) == 2
+    assert by_file[str(tmp_path / "src" / "x" / "take.mp4")] == by_folder["src/x/take.mp4"]
+    cut_only(folder)
+    assert cut_only(alone).clips_existing == 1  # the folder's run made it: not planned (and cut) twice
+    assert len(list((out / ".adatp" / "sources").glob("*.json"))) == 2

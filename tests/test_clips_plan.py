@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -99,14 +100,20 @@ def test_names_are_deterministic_and_same_stems_do_not_collide(tmp_path):
     for p in (a, b):
         p.parent.mkdir()
         write_synthetic(p, [(2.0, "start", 0.0)], width=64, height=48)
-    assert source_key(a, None) != source_key(b, None)
-    assert source_key(a, tmp_path) != source_key(b, tmp_path)
-    assert source_key(a, tmp_path) == source_key(a, tmp_path) and source_key(a, tmp_path).startswith("clip-")
-    # a folder moved whole keeps its keys (the path below the root decides)
-    assert source_key(a, tmp_path) == source_key(Path("/elsewhere/x/clip.mp4"), Path("/elsewhere"))
+    assert source_key(a) != source_key(b)
+    assert source_key(a) == source_key(a) and source_key(a).startswith("clip-")
+    # one file, one key, however it is given: relative, through "..", through a link
+    (tmp_path / "link.mp4").symlink_to(a)
+    here = Path.cwd()
+    try:
+        os.chdir(tmp_path / "y")
+        assert {source_key(Path("../x/clip.mp4")), source_key(tmp_path / "x" / ".." / "x" / "clip.mp4"),
+                source_key(tmp_path / "link.mp4")} == {source_key(a)}
+    finally:
+        os.chdir(here)
     shots = [Shot(0, 0.0, 2.0, "start")]
     pa, pb = plan_clips(a, shots, ClipRules()), plan_clips(b, shots, ClipRules())
     assert pa == plan_clips(a, shots, ClipRules())
     assert {p.name for p in pa}.isdisjoint(p.name for p in pb)
-    assert pa[0].name.startswith(source_key(a, None)) and "_s0000_0.000-" in pa[0].name
-    assert source_key(tmp_path / "we ird:na*me.mkv", None).startswith("we_ird_na_me-")
+    assert pa[0].name.startswith(source_key(a)) and "_s0000_0.000-" in pa[0].name
+    assert source_key(tmp_path / "we ird:na*me.mkv").startswith("we_ird_na_me-")

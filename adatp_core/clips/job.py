@@ -223,27 +223,14 @@ def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]]]:
 
 
 def source_keys(sources: list[Source]) -> tuple[list[Source], dict[Path, str], list[tuple[str, str]]]:
-    """Each source's key (the stem of its clips' names), and (name, why) for a source whose key
-    another source has too. Keys come from the path below the folder a source was found in;
-    two with the same key are keyed by their whole paths instead (their root becomes None, and
-    plan_clips names their clips by that key)."""
-    sources = list(sources)
-    keys = [source_key(s.path, s.root) for s in sources]
-    problems: list[tuple[str, str]] = []
-    for attempt in range(2):
-        counts = Counter(keys)
-        clashing = [i for i, key in enumerate(keys) if counts[key] > 1]
-        if not clashing:
-            break
-        for i in clashing:
-            if attempt == 0:
-                sources[i] = dataclasses.replace(sources[i], path=Path(os.path.realpath(sources[i].path)), root=None)
-                keys[i] = source_key(sources[i].path, None)
-            else:
-                problems.append((sources[i].name, f"its clip names ({keys[i]}) would be another source's too; "
-                                                  "rename it"))
-    kept = [i for i in range(len(sources)) if not any(name == sources[i].name for name, _ in problems)]
-    return [sources[i] for i in kept], {sources[i].path: keys[i] for i in kept}, problems
+    """Each source's key (the stem of its clips' names, from its resolved path), and (name, why)
+    for a source whose key another source has too (two paths whose short hashes meet)."""
+    keys = [source_key(s.path) for s in sources]
+    counts = Counter(keys)
+    problems = [(s.name, f"its clip names ({key}) would be another source's too; rename it")
+                for s, key in zip(sources, keys) if counts[key] > 1]
+    kept = [(s, key) for s, key in zip(sources, keys) if counts[key] == 1]
+    return [s for s, _ in kept], {s.path: key for s, key in kept}, problems
 
 
 # --- plans, kept per source ---------------------------------------------------------------------
@@ -354,7 +341,7 @@ def plan_source(job: ClipsJob, source: Source, key: str,
         else:
             plan.shots = detect_shots(source.path, **({} if job.threshold is None else {"threshold": job.threshold}),
                                       on_progress=on_progress)
-        plan.clips = plan_clips(source.path, plan.shots, job.rules, source.root)
+        plan.clips = plan_clips(source.path, plan.shots, job.rules)
         if record is not None:  # the source, the rules or the cut changed: the clips made otherwise go
             plan.replaced = stale_clips(record_plan(record)[2], plan.clips, same_file, same_cut)
             gone = {c.name for c in plan.replaced}

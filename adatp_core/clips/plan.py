@@ -137,19 +137,14 @@ def display_rotation(path) -> int:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def source_key(source: Path, root: Path | None) -> str:
+def source_key(source: Path) -> str:
     """A deterministic file-name stem for a source: its stem (made safe for file names) and a
-    short hash of its path relative to ``root`` (the folder it was found in), or of its resolved
-    path when root is None. Two sources with the same stem in different folders differ; a
-    folder moved whole keeps its keys."""
-    source = Path(source)
-    if root is not None:
-        try:
-            where = Path(source).resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            where = source.resolve().as_posix()
-    else:
-        where = source.resolve().as_posix()
+    short hash of the file's resolved absolute path, so a file has one key however it was given
+    (alone, in a folder, through a link) and two sources with the same stem in different folders
+    differ.
+    A source moved elsewhere gets a new key (its clips are cut again)."""
+    source = Path(source).resolve()
+    where = source.as_posix()
     stem = _UNSAFE.sub("_", source.stem).strip("._-")[:60] or "video"
     return f"{stem}-{hashlib.sha1(where.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
@@ -182,7 +177,7 @@ def shot_clips(shot: Shot, fps: float, rules: ClipRules) -> list[tuple[float, in
     return out
 
 
-def plan_clips(source: Path, shots: list[Shot], rules: ClipRules, root: Path | None = None) -> list[ClipPlan]:
+def plan_clips(source: Path, shots: list[Shot], rules: ClipRules) -> list[ClipPlan]:
     """The clips of ``source`` that ``rules`` allow in ``shots``, in time order. Probes the source
     (size, frame rate, rotation); raises AdaTPInputError for a source that is not a video (ClipRules
     checked the rules)."""
@@ -194,7 +189,7 @@ def plan_clips(source: Path, shots: list[Shot], rules: ClipRules, root: Path | N
     if not (math.isfinite(fps) and fps > 0):
         raise AdaTPInputError(f"{source.name} has no frame rate; give the clips one (fps)")
     width, height = clip_size(probe.width, probe.height, display_rotation(source), rules.max_side)
-    key = source_key(source, root)
+    key = source_key(source)
     plans = []
     for shot in sorted(shots, key=lambda s: s.start):
         for i, (start, n) in enumerate(shot_clips(shot, fps, rules)):
