@@ -571,3 +571,25 @@ def test_a_file_has_one_key_whether_given_alone_or_in_its_folder(tmp_path, one_s
     cut_only(folder)
     assert cut_only(alone).clips_existing == 1  # the folder's run made it: not planned (and cut) twice
     assert len(list((out / ".adatp" / "sources").glob("*.json"))) == 2
+
+
+def test_clips_whose_caption_failed_are_named_in_the_summary(tmp_path, short, monkeypatch):
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    cut_only(job)
+    first, second = clips_of(job)
+    first.with_suffix(".txt").write_text("a caption")
+    # the caption run fails for the other clip (no caption written)
+    monkeypatch.setattr(clips_job, "caption_folder", lambda _m, _j, plan, **_k: plan.summary)
+    summary = run_clips(lambda: None, job)
+    assert summary.uncaptioned == [f"videos/{second.name}"]
+    text = summary.text()
+    assert f"1 clip(s) have no caption yet: videos/{second.name}" in text
+    assert "train them with an empty caption" in text and "Run the same command again" in text
+    listed = [json.loads(line)["path"] for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert listed == [f"videos/{first.name}"]  # the manifest leaves it out
+    merged = clips_job.ClipsSummary.merge([summary.to_dict()])
+    assert merged.uncaptioned == summary.uncaptioned
+    elsewhere = dataclasses.replace(job, layouts=("jsonl",))  # captions kept in .adatp: only the lists matter
+    (job.state_dir / "captions").mkdir(parents=True)
+    assert "empty caption" not in run_clips(lambda: None, elsewhere).text()

@@ -577,6 +577,12 @@ def caption_plan(job: ClipsJob, plan: JobPlan) -> FolderPlan:
     return only(plan_folder(cjob), cjob.folder, {f"{n}{CLIP_SUFFIX}" for n in names})
 
 
+def uncaptioned(job: ClipsJob, plan: JobPlan) -> list[str]:
+    """This job's clips on disk with no caption (a caption that failed): their paths under out."""
+    return [clip_path(job, c).relative_to(job.out).as_posix() for c in plan.clips if clip_path(job, c).exists()
+            and existing_caption(job.caption_dir / f"{c.name}.txt", job.out)[0] in ("missing", "folder")]
+
+
 # --- the summary --------------------------------------------------------------------------------
 
 @dataclass
@@ -600,6 +606,8 @@ class ClipsSummary:
     outputs: list = field(default_factory=list)  # files the layouts wrote this run
     output_error: str | None = None
     error: str | None = None  # the run stopped (the model could not be loaded, a disk failed)
+    uncaptioned: list = field(default_factory=list)  # this run's clips on disk with no caption (paths under out)
+    in_videos: bool = True  # the txt layout: those clips sit in videos/ with no NAME.txt beside them
 
     def captions(self) -> CaptionSummary:
         return CaptionSummary.merge([self.caption])
@@ -615,6 +623,8 @@ class ClipsSummary:
                          "shots_without_clip", "source_seconds", "detected", "clips_replaced"):
                 setattr(total, name, getattr(total, name) + p[name])
             total.failed_sources += [tuple(x) for x in p["failed_sources"]]
+            total.uncaptioned += p.get("uncaptioned", [])
+            total.in_videos = p.get("in_videos", True)
             total.elsewhere += p.get("elsewhere", [])
             total.clips_failed += [tuple(x) for x in p["clips_failed"]]
             total.seconds = max(total.seconds, p["seconds"])
@@ -653,6 +663,15 @@ class ClipsSummary:
         lines += grouped("source failed", self.failed_sources)
         lines += grouped("clip failed", self.clips_failed)
         lines.append(self.captions().text(processes))
+        if self.uncaptioned:
+            more = " ..." if len(self.uncaptioned) > 3 else ""
+            lines.append(f"{len(self.uncaptioned)} clip(s) have no caption yet: "
+                         + ", ".join(shown(n) for n in self.uncaptioned[:3]) + more + ". "
+                         + (f"They stay in {CLIPS_FOLDER}/ without a .txt, so a trainer that reads the folder "
+                            "(musubi-tuner, diffusion-pipe, ai-toolkit, SimpleTuner) would train them with an empty "
+                            "caption; " if self.in_videos else "")
+                         + "the JSONL and finetrainers lists leave them out. Run the same command again to caption "
+                           f"them, or move them out of {CLIPS_FOLDER}/.")
         if self.error:
             lines.append(f"Stopped: {self.error}")
         if self.output_error:
@@ -756,6 +775,8 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         else:
             captions = folder_plan.summary
         summary.caption = captions.to_dict()
+        summary.uncaptioned = uncaptioned(job, plan)
+        summary.in_videos = "txt" in job.layouts
         if layouts:
             write_layouts(job, summary)
     finally:
