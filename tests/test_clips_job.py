@@ -593,3 +593,30 @@ def test_clips_whose_caption_failed_are_named_in_the_summary(tmp_path, short, mo
     elsewhere = dataclasses.replace(job, layouts=("jsonl",))  # captions kept in .adatp: only the lists matter
     (job.state_dir / "captions").mkdir(parents=True)
     assert "empty caption" not in run_clips(lambda: None, elsewhere).text()
+
+
+def test_an_hdr_source_is_reported_as_converted_without_tone_mapping(tmp_path, short, monkeypatch):
+    import av
+    import numpy as np
+
+    path = tmp_path / "pq.mp4"
+    with av.open(str(path), "w") as f:  # a PQ (SMPTE ST 2084) stream, BT.2020, as HDR10 says
+        stream = f.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.color_trc, stream.codec_context.color_primaries = 16, 9
+        for i in range(16):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 + i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                f.mux(packet)
+        for packet in stream.encode():
+            f.mux(packet)
+    (tmp_path / "sdr.mp4").write_bytes(short)
+    job = ClipsJob(sources=(path, tmp_path / "sdr.mp4"), out=tmp_path / "set", rules=RULES)
+    note = "HDR (PQ) source: converted to 8-bit SDR without tone mapping; colours will look flat"
+    plan = clips_job.plan_sources(job, dry_run=True)
+    assert [p.notes for p in plan.sources] == [[note], []] and f"  {note}" in plan.text()
+    monkeypatch.setattr(clips_job, "caption_folder", lambda _m, _j, plan, **_k: plan.summary)  # no captions here
+    summary = run_clips(lambda: None, job)
+    assert summary.notes == [(str(path), note)] and f"{path}: {note}" in summary.text()
+    copied = dataclasses.replace(job, cut="copy")  # a stream copy keeps the HDR stream as it is
+    assert not [p.notes for p in clips_job.plan_sources(copied, dry_run=True).sources if p.notes]

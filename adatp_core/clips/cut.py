@@ -3,7 +3,8 @@
 ``reencode`` (the default, for training sets): clip frame k is the source frame on screen at
 ``plan.start + k / plan.fps`` (timestamps, so a variable-frame-rate source is cut right),
 rotated as a player shows it, scaled to the plan's size and written as H.264 yuv420p 8-bit
-(a 10-bit or HDR source is converted; HDR is not tone-mapped) at ``crf`` quality. The
+(a 10-bit or HDR source is converted; HDR is not tone-mapped: the job says so for each PQ or
+HLG source, job.source_notes) at ``crf`` quality. The
 source is read once, front to back, for all its clips; clips that overlap are written
 side by side, and a long stretch with no clip is skipped by a seek.
 

@@ -42,7 +42,7 @@ from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
 from .cut import CUT_MODES, check_cut, cut_clips
 from .outputs import DatasetClip, DatasetSource, write_outputs
-from .plan import FRAME_RULES, ClipPlan, ClipRules, plan_clips, source_key
+from .plan import FRAME_RULES, ClipPlan, ClipRules, hdr_transfer, plan_clips, source_key
 from .shots import Shot, check_threshold, detect_shots
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,7 @@ class SourcePlan:
     reused: bool = False
     replaced: list = field(default_factory=list)  # an earlier plan's clips that this plan no longer has
     made: dict = field(default_factory=dict)  # clip name -> what its file holds (cut.MADE_FIELDS), once cut
+    notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
 
     @property
     def duration(self) -> float:
@@ -355,6 +356,13 @@ def plan_source(job: ClipsJob, source: Source, key: str,
     return plan
 
 
+def source_notes(path: Path) -> list[str]:
+    """What re-encoding does to this source that the user should know."""
+    hdr = hdr_transfer(path)
+    # PyAV's FFmpeg has tonemap and colorspace but no zscale (the PQ/HLG to linear step): no tone mapping yet
+    return [f"HDR ({hdr}) source: converted to 8-bit SDR without tone mapping; colours will look flat"] if hdr else []
+
+
 def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
     """Move an earlier plan's clips (and their captions) out of the set, into OUT/.adatp/replaced:
     a trainer reading OUT/videos sees only the current plan's clips, and nothing is deleted: a name
@@ -421,6 +429,10 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
                 continue
             result.claims.append(claim)
         plan = plan_source(job, source, keys[source.path], progress)
+        if plan.error is None and job.cut == "reencode":
+            plan.notes += source_notes(source.path)
+            for note in plan.notes:
+                log.warning("%s: %s", source.name, note)
         if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
             set_aside(job, plan.replaced)  # the old record, which the next run compares again
             write_record(job, plan)
@@ -469,6 +481,7 @@ class JobPlan:
             lines.append(f"{shown(p.source.name)}: {p.duration:.2f} s, {len(p.shots)} shot(s), "
                          f"{len(p.clips)} clip(s)" + (f"; {len(p.replaced)} clip(s) of an earlier plan would be "
                                                       "set aside" if p.replaced else ""))
+            lines += [f"  {note}" for note in p.notes]
             by_shot: dict[int, list[ClipPlan]] = {}
             for c in p.clips:
                 by_shot.setdefault(c.shot, []).append(c)
@@ -607,6 +620,7 @@ class ClipsSummary:
     output_error: str | None = None
     error: str | None = None  # the run stopped (the model could not be loaded, a disk failed)
     uncaptioned: list = field(default_factory=list)  # this run's clips on disk with no caption (paths under out)
+    notes: list = field(default_factory=list)  # (source, note): what re-encoding did to it (an HDR source)
     in_videos: bool = True  # the txt layout: those clips sit in videos/ with no NAME.txt beside them
 
     def captions(self) -> CaptionSummary:
@@ -624,6 +638,7 @@ class ClipsSummary:
                 setattr(total, name, getattr(total, name) + p[name])
             total.failed_sources += [tuple(x) for x in p["failed_sources"]]
             total.uncaptioned += p.get("uncaptioned", [])
+            total.notes += [tuple(x) for x in p.get("notes", [])]
             total.in_videos = p.get("in_videos", True)
             total.elsewhere += p.get("elsewhere", [])
             total.clips_failed += [tuple(x) for x in p["clips_failed"]]
@@ -660,6 +675,7 @@ class ClipsSummary:
             more = " ..." if len(self.elsewhere) > 3 else ""
             lines.append(f"{len(self.elsewhere)} source(s) left to another run on the same output folder now: "
                          + ", ".join(shown(n) for n in self.elsewhere[:3]) + more)
+        lines += [f"{shown(name)}: {note}" for name, note in self.notes]
         lines += grouped("source failed", self.failed_sources)
         lines += grouped("clip failed", self.clips_failed)
         lines.append(self.captions().text(processes))
@@ -752,6 +768,7 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.source_seconds += p.duration
         summary.detected += bool(p.shots) and not p.reused
         summary.clips_replaced += len(p.replaced)
+        summary.notes += [(p.source.name, note) for note in p.notes]
     summary.elsewhere = list(plan.elsewhere)
     try:
         try:

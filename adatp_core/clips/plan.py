@@ -134,6 +134,23 @@ def display_rotation(path) -> int:
     return 0
 
 
+HDR_TRANSFERS = {16: "PQ", 18: "HLG"}  # FFmpeg's color_trc: smpte2084 (PQ), arib-std-b67 (HLG)
+
+
+def hdr_transfer(path) -> str | None:
+    """"PQ" or "HLG" for a source whose video stream says it is HDR, else None (unread: None)."""
+    import av
+
+    from ..video import open_video
+
+    try:
+        with open_video(path) as container:
+            trc = container.streams.video[0].codec_context.color_trc
+    except (av.error.FFmpegError, IndexError, ValueError):
+        return None
+    return HDR_TRANSFERS.get(int(trc or 0))
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
