@@ -102,7 +102,7 @@ class AdaTP_ClipDataset:
                                       "tooltip": "The longest clip, first frame to last: n frames last (n-1)/fps (5 at "
                                                  "16 fps: Wan's 81 frames; 5.34 at 24 fps: HunyuanVideo's 129); a "
                                                  "longer shot gives several clips."}),
-            "fps": ("FLOAT", {"default": rules.fps, "min": 0.0, "max": 240.0, "step": 1.0,
+            "fps": ("FLOAT", {"default": rules.fps, "min": 0.0, "max": 240.0, "step": 0.001,
                               "tooltip": "The clips' frame rate (Wan: 16, HunyuanVideo: 24, LTX-Video: 24); 0 keeps "
                                          "each source's own rate."}),
             "frames": (list(FRAME_RULES), {"default": rules.frames,

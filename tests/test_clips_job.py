@@ -431,6 +431,7 @@ def test_the_node_refuses_bad_sources_and_outputs_with_a_clear_message(comfy):
     assert (inp / "adatp_clip_samples" / "adatp_sample_video.mp4").is_file()
     required = node.INPUT_TYPES()["required"] | node.INPUT_TYPES().get("optional", {})
     assert required["threshold"][1]["max"] == 1.0  # the detector takes at most 1
+    assert required["fps"][1]["step"] <= 0.001 and required["max_seconds"][1]["step"] <= 0.01  # 23.976; 5.34
 
 
 @pytest.mark.distributed
@@ -620,3 +621,14 @@ def test_an_hdr_source_is_reported_as_converted_without_tone_mapping(tmp_path, s
     assert summary.notes == [(str(path), note)] and f"{path}: {note}" in summary.text()
     copied = dataclasses.replace(job, cut="copy")  # a stream copy keeps the HDR stream as it is
     assert not [p.notes for p in clips_job.plan_sources(copied, dry_run=True).sources if p.notes]
+
+
+def test_the_layouts_load_without_torch():
+    """outputs.py takes write_atomic from caption.files: the caption package would load the model side."""
+    import subprocess
+    import sys
+
+    code = "import sys, adatp_core.clips.outputs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "False"

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..caption import check_options
 from ..caption.cli import Distributed, ProgressLine, option_message, run_distributed
 from ..caption.cli import build_parser as caption_parser
 from ..caption.files import shown
@@ -175,8 +176,6 @@ def run(args, dist: Distributed) -> int:
     label = f"[{dist.index + 1}/{dist.count}] " if dist.count > 1 else ""
     try:
         job = make_job(args)
-        from ..caption import check_options
-
         check_options(job.prompt, job.pipeline, job.workers)
     except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
         print(f"{label}error: {message(exc, args)}", file=sys.stderr)

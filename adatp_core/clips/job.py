@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, FolderPlan, OptionError,
+from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, FolderPlan, OptionError, grouped,
                        caption_folder, existing_caption, plan_folder, scan_folder, shown, write_atomic)
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from ..paths import inside, resolved
@@ -659,8 +659,6 @@ class ClipsSummary:
         return 0 if self.clips_planned or not self.failed_sources else 1
 
     def text(self, processes: int = 1) -> str:
-        from ..caption import grouped
-
         rate = self.source_seconds / self.seconds if self.seconds > 0 else 0.0
         reused = self.sources - len(self.failed_sources) - self.detected
         lines = [f"Sources: {self.sources} ({len(self.failed_sources)} failed), {self.source_seconds:.1f} s of "

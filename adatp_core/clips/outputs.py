@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..caption import write_atomic
+from ..caption.files import write_atomic  # not the package: that would load the model side (torch)
 
 JSONL_NAME = "clips.jsonl"
 PROMPTS_NAME, VIDEOS_NAME = "prompts.txt", "videos.txt"
