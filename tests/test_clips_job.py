@@ -616,6 +616,7 @@ def test_an_hdr_source_is_reported_as_converted_without_tone_mapping(tmp_path, s
     note = "HDR (PQ) source: converted to 8-bit SDR without tone mapping; colours will look flat"
     plan = clips_job.plan_sources(job, dry_run=True)
     assert [p.notes for p in plan.sources] == [[note], []] and f"  {note}" in plan.text()
+    assert [s["notes"] for s in plan.to_dict()["sources"]] == [[note], []]  # --dry-run --json
     monkeypatch.setattr(clips_job, "caption_folder", lambda _m, _j, plan, **_k: plan.summary)  # no captions here
     summary = run_clips(lambda: None, job)
     assert summary.notes == [(str(path), note)] and f"{path}: {note}" in summary.text()
@@ -632,3 +633,18 @@ def test_the_layouts_load_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "False"
+
+
+def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
+    """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
+    at its end: a kill loses little of it."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, cut="copy")
+    made = []
+    real = clips_job.write_record
+    monkeypatch.setattr(clips_job, "RECORD_EVERY", -1.0)
+    monkeypatch.setattr(clips_job, "write_record", lambda j, p: made.append(len(p.made)) or real(j, p))
+    cut_only(job)
+    assert made == [0, 1, 2, 2]  # planned, after each clip, at the source's end
+    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
+    assert sorted(record["made"]) == sorted(c.stem for c in clips_of(job))

@@ -51,6 +51,7 @@ CLIPS_FOLDER = "videos"  # OUT/videos: the clips (finetrainers' videos.txt lists
 STATE_FOLDER = ".adatp"  # OUT/.adatp: per-source plans, and the captions when no .txt layout is asked for
 CLIP_SUFFIX = ".mp4"
 RECORD_VERSION = 1
+RECORD_EVERY = 10.0  # seconds: while a source is cut, its record (what each clip holds) is rewritten this often
 LAYOUTS = ("txt", "finetrainers", "jsonl", "srt", "vtt")
 DEFAULT_LAYOUTS = ("txt", "jsonl", "srt", "vtt")
 
@@ -464,7 +465,7 @@ class JobPlan:
 
     def to_dict(self) -> dict:
         return {"sources": [{"source": p.source.name, "path": str(p.source.path), "key": p.key,
-                             "error": p.error, "duration": round(p.duration, 3),
+                             "error": p.error, "duration": round(p.duration, 3), "notes": list(p.notes),
                              "shots": [_plain(s) for s in p.shots],
                              "clips": [{**_plain(c), "end": round(c.end, 6), "seconds": round(c.frames / c.fps, 6)}
                                        for c in p.clips]}
@@ -514,13 +515,14 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
     todo = {id(p): [c for c in p.clips if not clip_path(job, c).exists()] for p in plan.sources}
     total = sum(len(v) for v in todo.values())
     done = 0
+    recorded = time.monotonic()
     if on_event is not None and total:
         on_event("cut", 0, total, "")
     for p in plan.sources:
         summary.clips_existing += len(p.clips) - len(todo[id(p)])
 
         def on_clip(result):
-            nonlocal done
+            nonlocal done, recorded
             done += 1
             if result.error is not None:
                 summary.clips_failed.append((f"{result.plan.name}{CLIP_SUFFIX}", result.error))
@@ -529,6 +531,9 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
             else:
                 summary.clips_cut += 1
                 p.made[result.plan.name] = result.made
+                if time.monotonic() - recorded > RECORD_EVERY:  # a kill loses at most this long of it
+                    write_record(job, p)
+                    recorded = time.monotonic()
             if on_event is not None:
                 on_event("cut", done, total, result.plan.name)
 
