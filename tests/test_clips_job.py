@@ -564,13 +564,15 @@ def test_a_file_has_one_key_whether_given_alone_or_in_its_folder(tmp_path, one_s
     (tmp_path / "src" / "take.mp4").write_bytes(one_shot)  # the same stem elsewhere: another key
     out = tmp_path / "set"
     folder = ClipsJob(sources=(tmp_path / "src",), out=out, rules=RULES, recursive=True)
-    alone = ClipsJob(sources=(tmp_path / "src" / "x" / "take.mp4",), out=out, rules=RULES)
+    given = tmp_path / "src" / ".." / "src" / "x" / "take.mp4"  # another spelling of the same file
+    alone = ClipsJob(sources=(given,), out=out, rules=RULES)
     by_folder = {p.source.name: p.key for p in clips_job.plan_sources(folder, dry_run=True).sources}
     by_file = {p.source.name: p.key for p in clips_job.plan_sources(alone, dry_run=True).sources}
     assert len(set(by_folder.values())) == 2
-    assert by_file[str(tmp_path / "src" / "x" / "take.mp4")] == by_folder["src/x/take.mp4"]
+    assert by_file[str(given)] == by_folder["src/x/take.mp4"]
     cut_only(folder)
-    assert cut_only(alone).clips_existing == 1  # the folder's run made it: not planned (and cut) twice
+    again = cut_only(alone)  # the folder's run made it: not planned, detected or cut twice
+    assert (again.clips_existing, again.clips_cut, again.clips_replaced) == (1, 0, 0)
     assert len(list((out / ".adatp" / "sources").glob("*.json"))) == 2
 
 

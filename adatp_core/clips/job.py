@@ -305,6 +305,7 @@ def stale_clips(earlier: list[ClipPlan], now: list[ClipPlan], same_source: bool,
 
 def write_record(job: ClipsJob, plan: SourcePlan) -> None:
     record = {"version": RECORD_VERSION, "source": str(plan.source.path), "name": plan.source.name,
+              "resolved": os.path.realpath(plan.source.path),  # the file, however it was given (its key's path)
               **_identity(plan.source.path), "threshold": job.threshold, "rules": _plain(job.rules),
               "cut": cut_settings(job),
               "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips],
@@ -330,7 +331,7 @@ def plan_source(job: ClipsJob, source: Source, key: str,
     plan = SourcePlan(source, key)
     try:
         record = read_record(job, key)
-        same_file = record is not None and record.get("source") == str(source.path) \
+        same_file = record is not None and record.get("resolved") == os.path.realpath(source.path) \
             and {k: record.get(k) for k in ("size", "mtime_ns")} == _identity(source.path)
         same_cut = record is not None and record.get("cut") == cut_settings(job)
         if same_file and record.get("threshold") == job.threshold:
