@@ -494,6 +494,10 @@ def test_clips_made_under_other_rules_or_cut_settings_are_cut_again_under_the_sa
     assert again(rules=dataclasses.replace(rules, max_side=32)) == {(32, 24, 8.0, 16)}
     assert again(rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS)) == {(32, 24, 16.0, 32)}
     assert again(rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS), crf=30) == {(32, 24, 16.0, 32)}
+    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
+    assert record["cut"] == {"mode": "reencode", "crf": 30, "keep_audio": False}
+    assert {k: {f: m[f] for f in ("frames", "fps", "width", "height")} for k, m in record["made"].items()} == \
+        {n[:-4]: {"frames": 32, "fps": 16.0, "width": 32, "height": 24} for n in names}  # what the files hold
     assert cut_only(dataclasses.replace(job, rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS),
                                         crf=30)).clips_existing == 2  # unchanged: nothing cut
 
