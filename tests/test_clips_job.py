@@ -3,6 +3,7 @@ through the CLI (``python -m adatp_core clips``) and the job, on the tiny built-
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -654,3 +655,26 @@ def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
     assert made == [0, 1, 2, 2]  # planned, after each clip, at the source's end
     record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
     assert sorted(record["made"]) == sorted(c.stem for c in clips_of(job))
+
+
+def test_a_file_name_that_is_not_utf8_is_cut_captioned_and_listed(cli, tmp_path, one_shot):
+    """Hostile review 1: a name's undecodable byte (held as a surrogate escape) stopped the whole job
+    when the record was written as UTF-8; it is kept as an escape that reads back exactly."""
+    (tmp_path / "src").mkdir()
+    bad = Path(os.fsdecode(bytes(tmp_path / "src") + b"/bad\xff.mp4"))
+    bad.write_bytes(one_shot)
+    (tmp_path / "src" / "ok.mp4").write_bytes(one_shot)
+    out = tmp_path / "set"
+    code, stdout, err = cli(tmp_path / "src", "--out", out, *SETTINGS, "--layout", "all")
+    assert code == 0, err
+    clips = sorted((out / "videos").glob("*.mp4"))
+    assert [c.name.split("-")[0] for c in clips] == ["bad", "ok"] and all(c.name.isascii() for c in clips)
+    assert all(c.with_suffix(".txt").read_text() for c in clips)
+    rows = [json.loads(line) for line in (out / "clips.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["source"].endswith("bad\\xff.mp4") and "source_b64" not in rows[1]
+    assert base64.b64decode(rows[0]["source_b64"]) == os.fsencode(bad)
+    assert sorted(p.name for p in (out / "subtitles").iterdir())[0].startswith("bad-")
+    code, stdout, err = cli(tmp_path / "src", "--out", out, *SETTINGS)
+    assert code == 0 and "0 cut now, 2 already there" in stdout and "2 from an earlier run" in stdout
+    code, stdout, err = cli(tmp_path / "src", "--out", out, *SETTINGS, "--dry-run", "--json")
+    assert code == 0 and json.loads(stdout)["sources"][0]["source"] == "src/bad\\xff.mp4"

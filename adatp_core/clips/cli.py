@@ -31,6 +31,7 @@ from ..cli_options import add_model_arguments, load_model, pipeline_config  # th
 from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 from .job import CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, ClipsSummary, parse_layouts, \
     plan_sources, run_clips, write_layouts
+from .outputs import readable
 from .plan import ClipRules
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def run(args, dist: Distributed) -> int:
     progress = Progress(label)
     if args.dry_run:
         plan = plan_sources(job, (dist.index, dist.count), progress, dry_run=True)
-        print(json.dumps(plan.to_dict(), indent=1, ensure_ascii=False) if args.json else plan.text())
+        print(json.dumps(readable(plan.to_dict()), indent=1, ensure_ascii=False) if args.json else plan.text())
         if job.cut == "copy" and not args.json:
             print("--cut copy: each clip will start at the first keyframe at or after its start, at the source's "
                   "rate and size, so its frames differ from this plan (the JSONL gives what is written).")
@@ -209,7 +210,7 @@ def run(args, dist: Distributed) -> int:
     if dist.main:
         if dist.count > 1:
             write_layouts(job, summary)
-        print(json.dumps(summary.to_dict(), indent=1, ensure_ascii=False) if args.json
+        print(json.dumps(readable(summary.to_dict()), indent=1, ensure_ascii=False) if args.json
               else summary.text(dist.count))
     return summary.exit_code()
 

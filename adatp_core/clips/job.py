@@ -310,7 +310,8 @@ def write_record(job: ClipsJob, plan: SourcePlan) -> None:
               "cut": cut_settings(job),
               "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips],
               "made": {c.name: plan.made[c.name] for c in plan.clips if c.name in plan.made}}
-    text = json.dumps(record, indent=1, ensure_ascii=False) + "\n"
+    # ASCII: a path's undecodable bytes (surrogate escapes) are kept as \\udcXX escapes that read back exactly
+    text = json.dumps(record, indent=1, ensure_ascii=True) + "\n"
     path = record_path(job, plan.key)
     try:
         if path.read_text(encoding="utf-8") == text:

@@ -5,7 +5,8 @@
 - ``finetrainers``: ``prompts.txt`` and ``videos.txt``, line n of one for line n of the other
   (``videos/NAME.mp4``, relative to the output folder, finetrainers' data_root).
 - ``jsonl``: ``clips.jsonl``, one object per captioned clip: ``video_path`` and ``caption``
-  (musubi-tuner's JSONL dataset), then ``path`` (relative), ``source``, ``shot``, ``clip``,
+  (musubi-tuner's JSONL dataset), then ``path`` (relative), ``source`` (with ``source_b64``, its exact bytes,
+  when its path is not UTF-8), ``shot``, ``clip``,
   ``start``, ``end`` (seconds on the source), ``frames``, ``fps``, ``width``, ``height``: what the
   clip's file holds (the cut's record of it; copy mode's clips start at a keyframe, at the source's
   rate and size), the plan's values for a clip cut before that was recorded.
@@ -23,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..caption.files import write_atomic  # not the package: that would load the model side (torch)
+from ..caption.files import name_record, shown, write_atomic  # not the package: it loads the model side (torch)
 
 JSONL_NAME = "clips.jsonl"
 PROMPTS_NAME, VIDEOS_NAME = "prompts.txt", "videos.txt"
@@ -63,6 +64,24 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def readable(obj):
+    """``obj`` (dicts, lists, text) with every text valid Unicode (caption's ``shown``: a file name's
+    undecodable bytes as \\xNN), so it can be written as UTF-8 JSON or printed."""
+    if isinstance(obj, str):
+        return shown(obj)
+    if isinstance(obj, dict):
+        return {readable(k): readable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [readable(v) for v in obj]
+    return obj
+
+
+def source_fields(path: str) -> dict:
+    """``source`` (readable) and, when the path is not valid UTF-8, ``source_b64`` (its exact bytes),
+    as the caption manifest gives ``path`` and ``path_b64``."""
+    return {k.replace("path", "source"): v for k, v in name_record(str(path)).items()}
+
+
 def write_if_changed(path: Path, text: str) -> bool:
     """Write ``text`` to ``path`` atomically unless it already holds exactly that; True if written."""
     try:
@@ -80,7 +99,7 @@ def clip_record(out: Path, clip: DatasetClip, source: DatasetSource) -> dict:
     p = clip.plan
     start, frames, fps = clip.value("start"), clip.value("frames"), clip.value("fps")
     return {"video_path": str(Path(os.path.abspath(clip.path))), "caption": clip.caption,
-            "path": clip.path.relative_to(out).as_posix(), "source": source.path, "shot": p.shot, "clip": p.index,
+            "path": clip.path.relative_to(out).as_posix(), **source_fields(source.path), "shot": p.shot, "clip": p.index,
             "start": round(start, 6), "end": round(start + frames / fps, 6), "frames": frames, "fps": fps,
             "width": clip.value("width"), "height": clip.value("height")}
 
