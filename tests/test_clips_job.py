@@ -202,6 +202,8 @@ def test_bad_options_stop_before_anything_is_read(cli, tmp_path, footage):
     assert code == 2 and "--min-seconds" in err and not (tmp_path / "o").exists()
     code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--crf", "99")
     assert code == 2 and "--crf" in err
+    code, out, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--fps", "1e9", "--dry-run")
+    assert code == 2 and "--fps" in err and "240" in err and not out  # no 2e9-frame clips planned
     code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--caption-frames", "0")
     assert code == 2 and "--caption-frames" in err
     (tmp_path / "file").write_text("x")
@@ -344,6 +346,10 @@ def test_job_settings_are_checked(tmp_path):
                            ({"rules": dict(trim_frames=1.5)}, "trim_frames"),
                            ({"rules": dict(fps=0.0)}, "fps"),
                            ({"rules": dict(max_seconds=float("inf"))}, "max_seconds"),
+                           ({"rules": dict(fps=1e9)}, "fps"), ({"rules": dict(max_seconds=601)}, "max_seconds"),
+                           ({"rules": dict(fps=240.0, max_seconds=120)}, "max_seconds"),  # 28801 frames a clip
+                           ({"rules": dict(trim_frames=10**9)}, "trim_frames"),
+                           ({"rules": dict(max_side=10**6)}, "max_side"),
                            ({"cut": "fast"}, "cut"), ({"crf": 52}, "crf"), ({"layouts": ("txt", "csv")}, "layout"),
                            ({"threshold": -1}, "threshold"), ({"threshold": 1.5}, "threshold"),
                            ({"sources": ()}, "sources")]:

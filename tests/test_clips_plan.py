@@ -117,3 +117,17 @@ def test_names_are_deterministic_and_same_stems_do_not_collide(tmp_path):
     assert {p.name for p in pa}.isdisjoint(p.name for p in pb)
     assert pa[0].name.startswith(source_key(a)) and "_s0000_0.000-" in pa[0].name
     assert source_key(tmp_path / "we ird:na*me.mkv").startswith("we_ird_na_me-")
+
+
+def test_a_source_rate_past_the_cap_needs_a_frame_rate(tmp_path, monkeypatch):
+    """Hostile review 2: --fps source on a file that says 1e9 fps is refused for that source."""
+    from adatp_core.clips import plan as clip_plan
+    from adatp_core.errors import AdaTPInputError
+    from adatp_core.samples import scene_frames, write_video
+    from adatp_core.video import probe_video
+
+    src = write_video(tmp_path / "a.mp4", scene_frames(8, 32, 24, scenes=1), fps=8)
+    real = probe_video(src)
+    monkeypatch.setattr("adatp_core.video.probe_video", lambda p: dataclasses.replace(real, fps=1e9))
+    with pytest.raises(AdaTPInputError, match="above 240"):
+        clip_plan.plan_clips(src, [], ClipRules(fps=None))

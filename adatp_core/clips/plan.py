@@ -32,6 +32,13 @@ from .shots import Shot
 
 FRAME_RULES = ("4k+1", "8k+1", "any")
 _EPS = 1e-6
+# Upper bounds (the node's widgets take them too): far above what trainers use (16-30 fps, up to a few
+# hundred frames), low enough that a typo (--fps 1e9) cannot plan clips that fill the disk.
+MAX_FPS = 240.0
+MAX_SECONDS = 600.0
+MAX_CLIP_FRAMES = 14_401  # frames in one clip: 600 s at 24 fps, 60 s at 240 fps
+MAX_TRIM_FRAMES = 1000
+MAX_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -48,32 +55,44 @@ class ClipRules:
 
     def __post_init__(self):
         """Each rule checked here, once; OptionError names the rule at fault (the CLI's --option)."""
-        def number(name, low, integer=False):
+        def number(name, low, high, integer=False):
             value = getattr(self, name)
             kinds = (int,) if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value < low:
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+                    or not low <= value <= high:
                 kind = "a whole number" if integer else "a number"
-                raise OptionError(name, f"{name.replace('_', '-')} must be {kind} >= {low}, got {value!r}")
+                raise OptionError(name, f"{name.replace('_', '-')} must be {kind} from {low:g} to {high:g}, "
+                                        f"got {value!r}")
 
-        number("min_seconds", 0)
-        number("max_seconds", 0)
+        number("min_seconds", 0, MAX_SECONDS)
+        number("max_seconds", 0, MAX_SECONDS)
         if not self.max_seconds > 0:
             raise OptionError("max_seconds", f"max-seconds must be above 0, got {self.max_seconds!r}")
         if self.min_seconds > self.max_seconds:
             raise OptionError("min_seconds", f"min-seconds ({self.min_seconds}) is above max-seconds "
                                              f"({self.max_seconds}); no clip could obey both")
         if self.fps is not None:
-            number("fps", 0)
+            number("fps", 0, MAX_FPS)
             if not self.fps > 0:
                 raise OptionError("fps", f"fps must be above 0 (or None: the source's rate), got {self.fps!r}")
+            check_clip_frames(self.max_seconds, self.fps)
         if self.frames not in FRAME_RULES:
             raise OptionError("clip_frames", f"frames must be one of {FRAME_RULES}, got {self.frames!r}")
-        number("trim_frames", 0, integer=True)
-        number("max_side", 0, integer=True)
+        number("trim_frames", 0, MAX_TRIM_FRAMES, integer=True)
+        number("max_side", 0, MAX_SIDE, integer=True)
         if 0 < self.max_side < 16:
             raise OptionError("max_side", f"max-side must be 0 (keep the size) or at least 16, got {self.max_side}")
         if not isinstance(self.keep_short, bool):
             raise OptionError("keep_short", f"keep-short must be True or False, got {self.keep_short!r}")
+
+
+def check_clip_frames(max_seconds: float, fps: float) -> None:
+    """OptionError when the longest clip (max_seconds at fps) would have more than MAX_CLIP_FRAMES."""
+    frames = math.floor(max_seconds * fps + _EPS) + 1
+    if frames > MAX_CLIP_FRAMES:
+        raise OptionError("max_seconds", f"max-seconds {max_seconds:g} at {fps:g} fps gives clips of up to {frames} "
+                                         f"frames; at most {MAX_CLIP_FRAMES} are allowed (trainers take a few "
+                                         "hundred): lower max-seconds or fps")
 
 
 @dataclass(frozen=True)
@@ -205,6 +224,13 @@ def plan_clips(source: Path, shots: list[Shot], rules: ClipRules) -> list[ClipPl
     fps = float(rules.fps) if rules.fps is not None else probe.fps
     if not (math.isfinite(fps) and fps > 0):
         raise AdaTPInputError(f"{source.name} has no frame rate; give the clips one (fps)")
+    if fps > MAX_FPS:
+        raise AdaTPInputError(f"{source.name} says its frame rate is {fps:g} fps, above {MAX_FPS:g}; give the clips "
+                              "a frame rate (fps)")
+    try:
+        check_clip_frames(rules.max_seconds, fps)
+    except OptionError as exc:
+        raise AdaTPInputError(f"{source.name} at its own {fps:g} fps: {exc}") from None
     width, height = clip_size(probe.width, probe.height, display_rotation(source), rules.max_side)
     key = source_key(source)
     plans = []
