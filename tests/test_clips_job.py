@@ -684,3 +684,25 @@ def test_a_file_name_that_is_not_utf8_is_cut_captioned_and_listed(cli, tmp_path,
     assert code == 0 and "0 cut now, 2 already there" in stdout and "2 from an earlier run" in stdout
     code, stdout, err = cli(tmp_path / "src", "--out", out, *SETTINGS, "--dry-run", "--json")
     assert code == 0 and json.loads(stdout)["sources"][0]["source"] == "src/bad\\xff.mp4"
+
+
+def test_a_run_leaves_alone_a_source_another_run_is_still_captioning(tiny, tmp_path, one_shot):
+    """Hostile review 3: the source's claim went right after cutting, so a second run with other rules
+    set aside the clips the first was captioning; the claim now lasts until they are captioned."""
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0)
+    other = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))  # the same names, smaller
+    seen = []
+
+    def on_event(stage, done, total, name):
+        if stage == "caption" and done == 0:  # the first run captions now: a second run starts
+            seen.append(run_clips(tiny, other))
+
+    first = run_clips(tiny, job, on_event=on_event)
+    second = seen[0]
+    assert second.elsewhere == [str(tmp_path / "one.mp4")] and second.clips_replaced == 0 and "left to another run" in second.text()
+    clips = clips_of(job)
+    assert first.exit_code() == 0 and len(clips) == 1 and clips[0].with_suffix(".txt").read_text()
+    assert not (job.state_dir / "replaced").exists()
+    again = run_clips(tiny, other)  # once the first run is done, the new rules replace its clips
+    assert again.clips_replaced == 1 and not again.elsewhere

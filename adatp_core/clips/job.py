@@ -449,7 +449,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
 class JobPlan:
     """This process's sources, planned, and (name, why) for what could not be a source.
     claims: a lock per source this run plans and cuts (none in a dry run), held until its clips
-    are cut (run_clips releases them; ``release`` when cutting is someone else's business)."""
+    are cut and captioned (run_clips releases them; ``release`` when that is someone else's business)."""
 
     sources: list
     problems: list
@@ -776,10 +776,7 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.notes += [(p.source.name, note) for note in p.notes]
     summary.elsewhere = list(plan.elsewhere)
     try:
-        try:
-            cut_sources(job, plan, summary, on_event)
-        finally:
-            plan.release()
+        cut_sources(job, plan, summary, on_event)
         folder_plan = caption_plan(job, plan)
         if folder_plan.todo:
             if not hasattr(model, "adapter") and callable(model):
@@ -799,6 +796,9 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.caption = captions.to_dict()
         summary.uncaptioned = uncaptioned(job, plan)
         summary.in_videos = "txt" in job.layouts
+    finally:  # held until the clips are captioned: another run's new rules would set them aside meanwhile
+        plan.release()
+    try:
         if layouts:
             write_layouts(job, summary)
     finally:
