@@ -249,3 +249,16 @@ def test_a_clip_that_cannot_be_written_fails_alone(numbered, tmp_path, monkeypat
                                    plan(numbered, 1.0, 9, name="c")], tmp_path)
     assert [r.error is None for r in results] == [True, False, True] and "No space" in results[1].error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "c.mp4"]
+
+
+def test_a_clip_that_starts_on_the_last_frame_is_cut(numbered, tmp_path):
+    """Hostile review 4: --keep-short on a one-frame shot at the very end failed ("the source ends at
+    4.12 s, before this clip at 4.12 s"): a clip starting at the last frame's time was never opened."""
+    last = 99 / 24
+    one, two, past = plan(numbered, last, 1, 24.0, "one"), plan(numbered, last, 2, 48.0, "two"), \
+        plan(numbered, last + 1 / 24, 1, 24.0, "past")
+    tail = plan(numbered, 96 / 24, 4, 24.0, "tail")  # frames 96-99, as cut before
+    results = cut_clips(numbered, [one, two, past, tail], tmp_path)
+    assert [r.error for r in results] == [None, None, results[2].error, None] and "ends" in results[2].error
+    end = levels(reopen(tmp_path / "tail.mp4")[0])[-1]  # the last frame's level, as the encoder leaves it
+    assert levels(reopen(tmp_path / "one.mp4")[0]) == [end] and levels(reopen(tmp_path / "two.mp4")[0]) == [end] * 2

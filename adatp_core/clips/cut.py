@@ -331,6 +331,19 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
     held: deque = deque()
     prev = None  # (t, frame): the last good frame, None after damaged data until the next good one
     last_t = None
+
+    def open_next() -> None:
+        """Open the next pending clip (its audio so far routed in); a clip that cannot be written fails."""
+        i, plan = pending.popleft()
+        try:
+            w = writers[i] = ClipWriter(plan, out_dir, encoder=encoder, crf=crf, audio_template=frames.audio)
+            for at, packet in held:
+                _route_audio({i: w}, at, packet, frames.start_time)
+        except (OSError, av.error.FFmpegError) as exc:  # this clip cannot be written (disk full...)
+            if i in writers:
+                writers.pop(i).abort()
+            report(i, CutResult(plan, None, False, f"the clip cannot be written ({exc})"))
+
     try:
         since = pending[0][1].start if pending[0][1].start > SEEK_GAP else 0.0
         while pending or writers:
@@ -355,16 +368,7 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
                     break
                 # a new frame at t: the frame before it is on screen for every target before t
                 while pending and pending[0][1].start + _EPS < t:
-                    i, plan = pending.popleft()
-                    try:
-                        w = writers[i] = ClipWriter(plan, out_dir, encoder=encoder, crf=crf,
-                                                    audio_template=frames.audio)
-                        for at, packet in held:
-                            _route_audio({i: w}, at, packet, frames.start_time)
-                    except (OSError, av.error.FFmpegError) as exc:  # this clip cannot be written (disk full...)
-                        if i in writers:
-                            writers.pop(i).abort()
-                        report(i, CutResult(plan, None, False, f"the clip cannot be written ({exc})"))
+                    open_next()
                 for i, w in list(writers.items()):
                     try:
                         while not w.done and w.target + _EPS < t:
@@ -385,7 +389,9 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
             if restart is not None:
                 since, prev = restart, None
                 continue
-            # the end of the source: the last frame stays on screen for one frame
+            # the end of the source: the last frame stays on screen for one frame (a clip may start there)
+            while pending and prev is not None and pending[0][1].start < prev[0] + frame_time - _EPS:
+                open_next()
             for i, w in list(writers.items()):
                 while not w.done and prev is not None and w.target < prev[0] + frame_time - _EPS:
                     w.add_frame(convert(prev[1], w.plan.width, w.plan.height))
