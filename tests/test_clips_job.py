@@ -202,6 +202,10 @@ def test_bad_options_stop_before_anything_is_read(cli, tmp_path, footage):
     assert code == 2 and "--min-seconds" in err and not (tmp_path / "o").exists()
     code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--crf", "99")
     assert code == 2 and "--crf" in err
+    code, out, err = cli(tmp_path / "long.mp4", "--out", "", "--dry-run")  # not the current folder
+    assert code == 2 and "--out" in err and "empty" in err
+    code, out, err = cli("", "--out", tmp_path / "o", "--dry-run")
+    assert code == 2 and "SOURCE" in err and "empty" in err
     code, out, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--fps", "1e9", "--dry-run")
     assert code == 2 and "--fps" in err and "240" in err and not out  # no 2e9-frame clips planned
     code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--caption-frames", "0")

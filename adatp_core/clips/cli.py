@@ -21,7 +21,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from ..caption import check_options
 from ..caption.cli import Distributed, ProgressLine, option_message, run_distributed
@@ -73,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adatp_core clips", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve",
                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="videos, or folders of videos")
-    p.add_argument("--out", type=Path, required=True, help="the dataset folder (clips go to OUT/videos)")
+    # text, not Path: Path("") is ".", and ClipsJob refuses an empty path rather than use the current folder
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="videos, or folders of videos")
+    p.add_argument("--out", required=True, help="the dataset folder (clips go to OUT/videos)")
     p.add_argument("--recursive", action="store_true", help="include videos in subfolders of a SOURCE folder")
     rules = p.add_argument_group("clips")
     rules.add_argument("--min-seconds", type=float, default=defaults.min_seconds,

@@ -122,6 +122,11 @@ class ClipsJob:
     out_root: Path | None = None  # the clips and captions must resolve inside it (the node); None: any
 
     def __post_init__(self):
+        if not str(self.out).strip():  # Path("") is "."; the dataset would land in the current folder
+            raise OptionError("out", "the output folder is empty text; give a folder for the dataset")
+        if any(not str(s).strip() for s in self.sources):
+            raise OptionError("sources", "a source is empty text (which would be the current folder); give the "
+                                         "videos or folders of videos")
         object.__setattr__(self, "sources", tuple(Path(s).expanduser() for s in self.sources))
         object.__setattr__(self, "out", Path(self.out).expanduser())
         if not self.sources:
