@@ -3,6 +3,7 @@ atomic writes, stream copy, audio, damaged sources, awkward formats."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,16 @@ def test_a_clip_that_starts_on_the_last_frame_is_cut(numbered, tmp_path):
     assert [r.error for r in results] == [None, None, results[2].error, None] and "ends" in results[2].error
     end = levels(reopen(tmp_path / "tail.mp4")[0])[-1]  # the last frame's level, as the encoder leaves it
     assert levels(reopen(tmp_path / "one.mp4")[0]) == [end] and levels(reopen(tmp_path / "two.mp4")[0]) == [end] * 2
+
+
+def test_stale_temps_go_whichever_clip_they_were_for(numbered, tmp_path):
+    """Hostile review 6: only the temp files of clips still planned were removed; a killed run's
+    .part file stayed for good once the plan changed."""
+    from adatp_core.clips.cut import remove_stale_temps
+
+    dead, live = tmp_path / ".gone_s0001.part-999999999.mp4", tmp_path / f".busy.part-{os.getpid()}.mp4"
+    other = tmp_path / ".notes.mp4"  # not our temp name
+    for path in (dead, live, other):
+        path.write_bytes(b"half")
+    remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])

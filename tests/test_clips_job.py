@@ -652,6 +652,16 @@ def test_the_layouts_load_without_torch():
     assert out.strip() == "False"
 
 
+def test_a_killed_runs_temp_file_goes_when_nothing_is_left_to_cut(tmp_path, one_shot):
+    """Hostile review 6: the plan changed, so the killed run's clip is no longer planned nor cut."""
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "set", rules=RULES)
+    cut_only(job)
+    stale = job.clips_dir / ".one-0123abcd_s0000_0.000-1.000.part-999999999.mp4"
+    stale.write_bytes(b"half")
+    assert cut_only(job).clips_existing == 1 and not stale.exists()
+
+
 def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
     """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
     at its end: a kill loses little of it."""

@@ -78,12 +78,12 @@ def temp_file(out_dir: Path, plan: ClipPlan) -> Path:
     return Path(out_dir) / f".{plan.name}.part-{os.getpid()}.mp4"
 
 
-def remove_stale_temps(out_dir: Path, plans: list[ClipPlan]) -> None:
-    """Remove the temp files of these clips left by a process that is gone (a killed run)."""
-    names = {p.name for p in plans}
+def remove_stale_temps(out_dir: Path) -> None:
+    """Remove the temp files (temp_file's names) left in out_dir by a process that is gone (a killed
+    run), whichever clip they were for: the plan may have changed since."""
     for tmp in Path(out_dir).glob(".*.part-*.mp4"):
         stem, _, pid = tmp.name[1:-len(".mp4")].rpartition(".part-")
-        if stem not in names or not pid.isdigit():
+        if not stem or not pid.isdigit() or not tmp.is_file() or tmp.is_symlink():
             continue
         try:
             os.kill(int(pid), 0)
@@ -275,7 +275,7 @@ def cut_clips(source: Path, plans: list[ClipPlan], out_dir: Path, *, mode: str =
             todo.append((i, plan))
     if todo:
         probe = probe_video(source)
-        remove_stale_temps(out_dir, [p for _, p in todo])
+        remove_stale_temps(out_dir)
         try:
             container = open_video(source)
         except av.error.FFmpegError as exc:

@@ -40,7 +40,7 @@ from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, Fo
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
-from .cut import CUT_MODES, check_cut, cut_clips
+from .cut import CUT_MODES, check_cut, cut_clips, remove_stale_temps
 from .outputs import DatasetClip, DatasetSource, write_outputs
 from .plan import FRAME_RULES, ClipPlan, ClipRules, hdr_transfer, plan_clips, source_key
 from .shots import Shot, check_threshold, detect_shots
@@ -519,6 +519,7 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
     """Cut every planned clip that is not in the clips folder yet, source by source (each
     source decoded once for all its clips)."""
     job.clips_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(job.clips_dir)  # a killed run's, even when nothing is left to cut
     todo = {id(p): [c for c in p.clips if not clip_path(job, c).exists()] for p in plan.sources}
     total = sum(len(v) for v in todo.values())
     done = 0
