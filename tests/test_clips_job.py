@@ -662,6 +662,20 @@ def test_a_killed_runs_temp_file_goes_when_nothing_is_left_to_cut(tmp_path, one_
     assert cut_only(job).clips_existing == 1 and not stale.exists()
 
 
+def test_the_summary_counts_the_clips_set_aside_not_those_planned_to_be(tmp_path, one_shot, monkeypatch):
+    """Hostile review 7: a clip of the earlier plan that is no longer on disk is not 'moved'."""
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "set", rules=RULES, layouts=("jsonl",))
+    cut_only(job)
+    clips_of(job)[0].unlink()  # the user removed it
+    smaller = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
+    assert "set aside" not in clips_job.plan_sources(smaller, dry_run=True).text()
+    monkeypatch.setattr(clips_job, "caption_folder", lambda _m, _j, plan, **_k: plan.summary)
+    summary = run_clips(lambda: None, smaller)
+    assert summary.clips_replaced == 0 and "moved to" not in summary.text()
+    assert not (job.state_dir / "replaced").exists()
+
+
 def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
     """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
     at its end: a kill loses little of it."""
@@ -714,7 +728,8 @@ def test_a_run_leaves_alone_a_source_another_run_is_still_captioning(tiny, tmp_p
 
     first = run_clips(tiny, job, on_event=on_event)
     second = seen[0]
-    assert second.elsewhere == [str(tmp_path / "one.mp4")] and second.clips_replaced == 0 and "left to another run" in second.text()
+    assert second.elsewhere == [str(tmp_path / "one.mp4")] and second.clips_replaced == 0
+    assert "left to another run" in second.text() and "from an earlier run" not in second.text()  # review 7
     clips = clips_of(job)
     assert first.exit_code() == 0 and len(clips) == 1 and clips[0].with_suffix(".txt").read_text()
     assert not (job.state_dir / "replaced").exists()

@@ -253,6 +253,7 @@ class SourcePlan:
     error: str | None = None
     reused: bool = False
     replaced: list = field(default_factory=list)  # an earlier plan's clips that this plan no longer has
+    moved: int = 0  # of those, the clips found in videos/ and set aside (set_aside)
     made: dict = field(default_factory=dict)  # clip name -> what its file holds (cut.MADE_FIELDS), once cut
     notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
 
@@ -400,7 +401,7 @@ def free_name(name: str, n: int) -> str:
 def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event | None = None,
                  dry_run: bool = False) -> JobPlan:
     """This process's share of the sources, each planned (nothing written when dry_run)."""
-    result = JobPlan([], [])
+    result = JobPlan([], [], job=job)
     with _unwrapped():
         try:
             return _plan_sources(job, shard, _guarded(on_event), dry_run, result)
@@ -442,7 +443,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
             for note in plan.notes:
                 log.warning("%s: %s", source.name, note)
         if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
-            set_aside(job, plan.replaced)  # the old record, which the next run compares again
+            plan.moved = set_aside(job, plan.replaced)  # the old record, which the next run compares again
             write_record(job, plan)
         plans.append(plan)
         if on_event is not None:
@@ -460,6 +461,7 @@ class JobPlan:
     problems: list
     claims: list = field(default_factory=list)
     elsewhere: list = field(default_factory=list)  # sources another run is planning or cutting now
+    job: ClipsJob | None = None  # what was planned (the text counts the earlier clips found in its folder)
 
     def release(self) -> None:
         for claim in self.claims:
@@ -486,9 +488,10 @@ class JobPlan:
             if p.error is not None:
                 lines.append(f"{shown(p.source.name)}: failed: {shown(p.error)}")
                 continue
+            aside = [c for c in p.replaced if os.path.lexists(clip_path(self.job, c))] if self.job else p.replaced
             lines.append(f"{shown(p.source.name)}: {p.duration:.2f} s, {len(p.shots)} shot(s), "
-                         f"{len(p.clips)} clip(s)" + (f"; {len(p.replaced)} clip(s) of an earlier plan would be "
-                                                      "set aside" if p.replaced else ""))
+                         f"{len(p.clips)} clip(s)" + (f"; {len(aside)} clip(s) of an earlier plan would be "
+                                                      "set aside" if aside else ""))
             lines += [f"  {note}" for note in p.notes]
             by_shot: dict[int, list[ClipPlan]] = {}
             for c in p.clips:
@@ -673,7 +676,7 @@ class ClipsSummary:
 
     def text(self, processes: int = 1) -> str:
         rate = self.source_seconds / self.seconds if self.seconds > 0 else 0.0
-        reused = self.sources - len(self.failed_sources) - self.detected
+        reused = self.sources - len(self.failed_sources) - self.detected - len(self.elsewhere)
         lines = [f"Sources: {self.sources} ({len(self.failed_sources)} failed), {self.source_seconds:.1f} s of "
                  f"footage, {self.shots} shot(s) ({self.detected} source(s) analysed now"
                  + (f", {reused} from an earlier run" if reused > 0 else "")
@@ -778,7 +781,7 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.shots_without_clip += len({s.index for s in p.shots} - {c.shot for c in p.clips})
         summary.source_seconds += p.duration
         summary.detected += bool(p.shots) and not p.reused
-        summary.clips_replaced += len(p.replaced)
+        summary.clips_replaced += p.moved
         summary.notes += [(p.source.name, note) for note in p.notes]
     summary.elsewhere = list(plan.elsewhere)
     try:
