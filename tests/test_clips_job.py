@@ -676,6 +676,26 @@ def test_the_summary_counts_the_clips_set_aside_not_those_planned_to_be(tmp_path
     assert not (job.state_dir / "replaced").exists()
 
 
+def test_a_dataset_inside_a_source_folder_is_not_taken_as_sources(tmp_path, one_shot):
+    """Hostile review 8: a dataset made under src/ was read as sources by a run with another --out,
+    and --out equal to the source folder said it 'holds no video files'."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(one_shot)
+    first = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "src" / "ds", rules=RULES, recursive=True)
+    assert cut_only(first).clips_cut == 1
+    other = dataclasses.replace(first, out=tmp_path / "elsewhere")
+    plan = clips_job.plan_sources(other, dry_run=True)
+    assert [p.source.name for p in plan.sources] == ["src/a.mp4"] and not plan.problems
+    assert plan.notes == [("src/ds", "a dataset this command made (.adatp/ holds its records): its videos are not "
+                                     "taken as sources; skipped")] and "src/ds: a dataset" in plan.text()
+    inside = dataclasses.replace(first, out=tmp_path / "src")  # the dataset in the source folder itself
+    made = cut_only(inside)
+    assert (made.clips_cut, made.failed_sources) == (1, [])
+    again = clips_job.plan_sources(inside, dry_run=True)  # its own clips (src/videos) are not sources
+    assert [p.source.name for p in again.sources] == ["src/a.mp4"] and not again.problems
+    assert [name for name, _ in again.notes] == ["src/ds"]
+
+
 def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
     """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
     at its end: a kill loses little of it."""

@@ -197,22 +197,34 @@ class Source:
     name: str
 
 
-def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]]]:
-    """Every source video of the job, in a fixed order (the same in every process), and
-    (name, why) for what was given but cannot be a source. A folder is listed as the caption
-    command lists one (hidden names skipped; the output folder left out)."""
-    sources, problems, seen = [], [], set()
+def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]], list[tuple[str, str]]]:
+    """Every source video of the job, in a fixed order (the same in every process), (name, why)
+    for what was given but cannot be a source, and (name, note) for each folder skipped as a
+    dataset. A folder is listed as the caption command lists one (hidden names skipped; this job's
+    clips and any other dataset this command made left out)."""
+    sources, problems, notes, seen = [], [], [], set()
+    datasets: dict[Path, bool] = {}
     for given in job.sources:
         if given.is_dir():
-            try:
-                listing = scan_folder(given, job.recursive, [job.out], job.root)
+            try:  # this job's clips are left out (OUT may be the source folder itself: its videos are sources)
+                listing = scan_folder(given, job.recursive, [job.clips_dir], job.root)
             except AdaTPInputError as exc:
                 problems.append((str(given), str(exc)))
                 continue
-            found = [Source(p, given, f"{given.name}/{p.relative_to(given).as_posix()}") for p in listing.clips]
+            found, skipped = [], set()
+            for p in listing.clips:
+                other = other_dataset(job, given, p, datasets)
+                if other is None:
+                    found.append(Source(p, given, f"{given.name}/{p.relative_to(given).as_posix()}"))
+                elif other not in skipped:  # said once per dataset folder
+                    skipped.add(other)
+                    rel = other.relative_to(given).as_posix()
+                    notes.append((given.name if rel == "." else f"{given.name}/{rel}",
+                                  f"a dataset this command made ({STATE_FOLDER}/ holds its records): its videos "
+                                  "are not taken as sources; skipped"))
             problems += [(f"{given.name}/{rel}", why) for rel, why in listing.problems]
             problems += [(f"{given.name}/{rel}", why) for rel, why in listing.folders]
-            if not found and not listing.problems:
+            if not found and not listing.problems and not skipped:
                 problems.append((str(given), "holds no video files" + ("" if job.recursive else
                                                                        " (add --recursive for subfolders)")))
         elif given.exists():
@@ -225,7 +237,22 @@ def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]]]:
             if real not in seen:  # the same file given twice (or through a link) is one source
                 seen.add(real)
                 sources.append(source)
-    return sources, problems
+    return sources, problems, notes
+
+
+def other_dataset(job: ClipsJob, given: Path, path: Path, cache: dict) -> Path | None:
+    """The folder from ``given`` down to ``path``'s that holds another clips dataset (its
+    OUT/.adatp/sources, not this job's), or None: its clips are not sources."""
+    folders = [given]
+    for part in path.relative_to(given).parent.parts:
+        folders.append(folders[-1] / part)
+    for folder in folders:
+        if folder not in cache:
+            cache[folder] = (folder / STATE_FOLDER / "sources").is_dir() and \
+                os.path.realpath(folder) != os.path.realpath(job.out)
+        if cache[folder]:
+            return folder
+    return None
 
 
 def source_keys(sources: list[Source]) -> tuple[list[Source], dict[Path, str], list[tuple[str, str]]]:
@@ -413,7 +440,10 @@ def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event
 def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None, dry_run: bool,
                   result: JobPlan) -> JobPlan:
     index, count = shard
-    sources, problems = list_sources(job)
+    sources, problems, notes = list_sources(job)
+    result.notes = notes if index == 0 else []  # said once, by the first process
+    for name, note in result.notes:
+        log.warning("%s: %s", shown(name), note)
     sources, keys, clashes = source_keys(sources)
     problems += clashes
     mine = sources[index::count]
@@ -462,6 +492,7 @@ class JobPlan:
     claims: list = field(default_factory=list)
     elsewhere: list = field(default_factory=list)  # sources another run is planning or cutting now
     job: ClipsJob | None = None  # what was planned (the text counts the earlier clips found in its folder)
+    notes: list = field(default_factory=list)  # (folder, note): folders skipped as datasets
 
     def release(self) -> None:
         for claim in self.claims:
@@ -479,7 +510,7 @@ class JobPlan:
                              "clips": [{**_plain(c), "end": round(c.end, 6), "seconds": round(c.frames / c.fps, 6)}
                                        for c in p.clips]}
                             for p in self.sources],
-                "problems": [list(x) for x in self.problems]}
+                "problems": [list(x) for x in self.problems], "notes": [list(x) for x in self.notes]}
 
     def text(self) -> str:
         """The plan for people: per source its shots and the clips each gives."""
@@ -505,6 +536,7 @@ class JobPlan:
                                  f"{c.frames} frames at {c.fps:g} fps, {c.width}x{c.height}")
         for name, why in self.problems:
             lines.append(f"{shown(name)}: skipped: {shown(why)}")
+        lines += [f"{shown(name)}: {note}" for name, note in self.notes]
         clips = self.clips
         seconds = sum(c.frames / c.fps for c in clips)
         lines.append(f"{len(self.sources)} source(s), {sum(len(p.shots) for p in self.sources)} shot(s), "
@@ -783,6 +815,7 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.detected += bool(p.shots) and not p.reused
         summary.clips_replaced += p.moved
         summary.notes += [(p.source.name, note) for note in p.notes]
+    summary.notes += plan.notes
     summary.elsewhere = list(plan.elsewhere)
     try:
         cut_sources(job, plan, summary, on_event)
