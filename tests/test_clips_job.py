@@ -696,6 +696,15 @@ def test_a_dataset_inside_a_source_folder_is_not_taken_as_sources(tmp_path, one_
     assert [name for name, _ in again.notes] == ["src/ds"]
 
 
+def test_control_characters_in_a_name_are_printed_escaped(cli, tmp_path, one_shot):
+    """Hostile review 9: a newline (or an escape sequence) in a file name was printed raw."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a\nb\x1b[2J.mp4").write_bytes(one_shot)
+    code, out, err = cli(tmp_path / "src", "--out", tmp_path / "set", *SETTINGS, "--dry-run")
+    assert code == 0 and "src/a\\nb\\x1b[2J.mp4" in err and "src/a\\nb\\x1b[2J.mp4: " in out
+    assert "a\nb" not in out + err and "\x1b" not in out + err
+
+
 def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
     """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
     at its end: a kill loses little of it."""

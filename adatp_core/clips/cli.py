@@ -25,7 +25,7 @@ import time
 from ..caption import check_options
 from ..caption.cli import Distributed, ProgressLine, option_message, run_distributed
 from ..caption.cli import build_parser as caption_parser
-from ..caption.files import shown
+from ..caption.files import printable
 from ..cli_options import add_model_arguments, load_model, pipeline_config  # the model options, as caption takes them
 from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 from .job import CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, ClipsSummary, parse_layouts, \
@@ -130,7 +130,7 @@ def make_job(args) -> ClipsJob:
 
 def message(exc: Exception, args) -> str:
     option = getattr(exc, "option", None)
-    text = shown(str(exc))
+    text = printable(str(exc))
     if option in OPTIONS and not text.startswith(OPTIONS[option]):
         return f"{OPTIONS[option]}: {text}"
     return option_message(exc, args)
@@ -149,9 +149,10 @@ class Progress:
         if stage == "shots":
             now = time.monotonic()
             if done == int(done):
-                print(f"{self.label}shots: {int(done)}/{int(total)} sources  {shown(name)}", file=sys.stderr)
+                print(f"{self.label}shots: {int(done)}/{int(total)} sources  {printable(name)}", file=sys.stderr)
             elif now - self.said >= self.EVERY_S:
-                print(f"{self.label}shots: {shown(name)} {100 * (done - int(done)):.0f}% analysed", file=sys.stderr)
+                print(f"{self.label}shots: {printable(name)} {100 * (done - int(done)):.0f}% analysed",
+                      file=sys.stderr)
             else:
                 return
             self.said = now
@@ -160,7 +161,7 @@ class Progress:
         if bar is None or bar.total != total:
             bar = self.bars[stage] = ProgressLine(int(total), f"{self.label}{stage}: ")
         if done:  # 0: the stage begins
-            bar.update(shown(name))
+            bar.update(printable(name))
 
 
 def gather(dist: Distributed, summary: ClipsSummary) -> ClipsSummary:
@@ -202,7 +203,7 @@ def run(args, dist: Distributed) -> int:
     except Exception as exc:  # noqa: BLE001  the model failed to load, a disk failed: said, not a traceback
         log.debug("clips job failed", exc_info=True)
         known = isinstance(exc, (AdaTPInputError, AdaTPEnvironmentError, OSError))
-        why = message(exc, args) if known else f"{exc.__class__.__name__}: {shown(str(exc))}"
+        why = message(exc, args) if known else f"{exc.__class__.__name__}: {printable(str(exc))}"
         print(f"{label}error: {why}", file=sys.stderr)
         # The other processes wait for this one's summary: it goes to them with the error in it.
         summary = ClipsSummary(error=f"{label}{why}")

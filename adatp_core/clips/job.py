@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, FolderPlan, OptionError, grouped,
-                       caption_folder, existing_caption, plan_folder, scan_folder, shown, write_atomic)
+                       caption_folder, existing_caption, plan_folder, scan_folder, write_atomic)
+from ..caption.files import printable
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
@@ -142,13 +143,13 @@ class ClipsJob:
         for parent in (self.out, *self.out.parents):
             if parent.exists() or parent.is_symlink():
                 if not parent.is_dir():
-                    raise OptionError("out", f"{shown(str(parent))} is a file, not a folder; give a folder "
+                    raise OptionError("out", f"{printable(str(parent))} is a file, not a folder; give a folder "
                                              "for the clips.")
                 break
         if self.out_root is not None:  # the node: nothing under the output folder may lead out of its root
             for folder in (self.out, self.clips_dir, self.state_dir, self.caption_dir):
                 if not inside(resolved(self.out_root), resolved(folder)):
-                    raise OptionError("out", f"{shown(str(folder))} leads outside {shown(str(self.out_root))} "
+                    raise OptionError("out", f"{printable(str(folder))} leads outside {printable(str(self.out_root))} "
                                              "(a link); remove the link or choose another output folder.")
 
     @property
@@ -443,7 +444,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
     sources, problems, notes = list_sources(job)
     result.notes = notes if index == 0 else []  # said once, by the first process
     for name, note in result.notes:
-        log.warning("%s: %s", shown(name), note)
+        log.warning("%s: %s", printable(name), note)
     sources, keys, clashes = source_keys(sources)
     problems += clashes
     mine = sources[index::count]
@@ -461,7 +462,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
                 claim.path.parent.mkdir(parents=True, exist_ok=True)
                 got = claim.acquire()
             except OSError as exc:
-                raise OptionError("out", f"cannot write in {shown(str(claim.path.parent))} ({exc.strerror}); "
+                raise OptionError("out", f"cannot write in {printable(str(claim.path.parent))} ({exc.strerror}); "
                                          "make the output folder writable") from exc
             if not got:
                 result.elsewhere.append(source.name)
@@ -471,7 +472,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
         if plan.error is None and job.cut == "reencode":
             plan.notes += source_notes(source.path)
             for note in plan.notes:
-                log.warning("%s: %s", source.name, note)
+                log.warning("%s: %s", printable(source.name), note)
         if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
             plan.moved = set_aside(job, plan.replaced)  # the old record, which the next run compares again
             write_record(job, plan)
@@ -517,10 +518,10 @@ class JobPlan:
         lines = []
         for p in self.sources:
             if p.error is not None:
-                lines.append(f"{shown(p.source.name)}: failed: {shown(p.error)}")
+                lines.append(f"{printable(p.source.name)}: failed: {printable(p.error)}")
                 continue
             aside = [c for c in p.replaced if os.path.lexists(clip_path(self.job, c))] if self.job else p.replaced
-            lines.append(f"{shown(p.source.name)}: {p.duration:.2f} s, {len(p.shots)} shot(s), "
+            lines.append(f"{printable(p.source.name)}: {p.duration:.2f} s, {len(p.shots)} shot(s), "
                          f"{len(p.clips)} clip(s)" + (f"; {len(aside)} clip(s) of an earlier plan would be "
                                                       "set aside" if aside else ""))
             lines += [f"  {note}" for note in p.notes]
@@ -532,11 +533,11 @@ class JobPlan:
                 lines.append(f"  shot {s.index}: {s.start:.2f}-{s.end:.2f} s ({s.end - s.start:.2f} s, "
                              f"{s.transition}): {len(clips) or 'no'} clip(s)")
                 for c in clips:
-                    lines.append(f"    {shown(c.name)}{CLIP_SUFFIX}: {c.start:.2f}-{c.end:.2f} s, "
+                    lines.append(f"    {printable(c.name)}{CLIP_SUFFIX}: {c.start:.2f}-{c.end:.2f} s, "
                                  f"{c.frames} frames at {c.fps:g} fps, {c.width}x{c.height}")
         for name, why in self.problems:
-            lines.append(f"{shown(name)}: skipped: {shown(why)}")
-        lines += [f"{shown(name)}: {note}" for name, note in self.notes]
+            lines.append(f"{printable(name)}: skipped: {printable(why)}")
+        lines += [f"{printable(name)}: {note}" for name, note in self.notes]
         clips = self.clips
         seconds = sum(c.frames / c.fps for c in clips)
         lines.append(f"{len(self.sources)} source(s), {sum(len(p.shots) for p in self.sources)} shot(s), "
@@ -720,15 +721,15 @@ class ClipsSummary:
         if self.elsewhere:
             more = " ..." if len(self.elsewhere) > 3 else ""
             lines.append(f"{len(self.elsewhere)} source(s) left to another run on the same output folder now: "
-                         + ", ".join(shown(n) for n in self.elsewhere[:3]) + more)
-        lines += [f"{shown(name)}: {note}" for name, note in self.notes]
-        lines += grouped("source failed", self.failed_sources)
+                         + ", ".join(printable(n) for n in self.elsewhere[:3]) + more)
+        lines += [f"{printable(name)}: {note}" for name, note in self.notes]
+        lines += grouped("source failed", [(printable(n), printable(why)) for n, why in self.failed_sources])
         lines += grouped("clip failed", self.clips_failed)
         lines.append(self.captions().text(processes))
         if self.uncaptioned:
             more = " ..." if len(self.uncaptioned) > 3 else ""
             lines.append(f"{len(self.uncaptioned)} clip(s) have no caption yet: "
-                         + ", ".join(shown(n) for n in self.uncaptioned[:3]) + more + ". "
+                         + ", ".join(printable(n) for n in self.uncaptioned[:3]) + more + ". "
                          + (f"They stay in {CLIPS_FOLDER}/ without a .txt, so a trainer that reads the folder "
                             "(musubi-tuner, diffusion-pipe, ai-toolkit, SimpleTuner) would train them with an empty "
                             "caption; " if self.in_videos else "")
@@ -779,7 +780,7 @@ def write_layouts(job: ClipsJob, summary: ClipsSummary) -> None:
     try:
         summary.outputs = [str(p) for p in write_outputs(job.out, dataset(job), job.layouts)]
     except OSError as exc:
-        summary.output_error = f"{shown(str(exc.filename or job.out))} ({exc.strerror or exc})"
+        summary.output_error = f"{printable(str(exc.filename or job.out))} ({exc.strerror or exc})"
 
 
 # --- the whole job ------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..caption.files import printable
 from ..errors import AdaTPInputError, OptionError
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | N
 
     from ..video import open_video
 
-    name = Path(path).name
+    name = printable(Path(path).name)
     size = analysis_size(probe.width, probe.height)
     scaler = VideoReformatter()  # one for all frames: a new one per frame costs ten times the scaling
     step = 1.0 / ANALYSIS_FPS
