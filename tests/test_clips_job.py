@@ -705,6 +705,24 @@ def test_control_characters_in_a_name_are_printed_escaped(cli, tmp_path, one_sho
     assert "a\nb" not in out + err and "\x1b" not in out + err
 
 
+def test_subtitles_only_for_sources_with_captioned_clips(tmp_path):
+    """Hostile review 10: a source with no clip got a .srt and a header-only .vtt."""
+    from adatp_core.clips import outputs
+    from adatp_core.clips.plan import ClipPlan, Shot
+
+    shot = Shot(index=0, start=0.0, end=2.0, transition="start")
+    plan = ClipPlan(tmp_path / "a.mp4", 0, 0, 0.0, 9, 8.0, 64, 48, "a_s0000")
+    (tmp_path / "videos").mkdir()
+    clip = outputs.DatasetClip(plan, tmp_path / "videos" / "a_s0000.mp4", "a cat")
+    with_clip = outputs.DatasetSource("a.mp4", str(tmp_path / "a.mp4"), "a-1", [shot], [clip])
+    without = outputs.DatasetSource("b.mp4", str(tmp_path / "b.mp4"), "b-2", [shot], [])
+    outputs.write_outputs(tmp_path, [with_clip, without], ("srt", "vtt"))
+    assert sorted(p.name for p in (tmp_path / "subtitles").iterdir()) == ["a-1.srt", "a-1.vtt"]
+    uncaptioned = dataclasses.replace(with_clip, clips=[dataclasses.replace(clip, caption=None)])
+    outputs.write_outputs(tmp_path, [uncaptioned, without], ("srt", "vtt"))  # its caption went: so does its file
+    assert not list((tmp_path / "subtitles").iterdir())
+
+
 def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
     """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
     at its end: a kill loses little of it."""

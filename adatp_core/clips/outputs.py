@@ -11,7 +11,8 @@
   clip's file holds (the cut's record of it; copy mode's clips start at a keyframe, at the source's
   rate and size), the plan's values for a clip cut before that was recorded.
 - ``srt`` / ``vtt``: ``subtitles/KEY.srt`` and ``.vtt`` per source: one cue per shot that has a
-  captioned clip, spanning the shot, with its clips' captions (chapters, scene descriptions).
+  captioned clip, spanning the shot, with its clips' captions (chapters, scene descriptions); a
+  source with no captioned clip has none (an earlier one is removed).
 
 Every file is written atomically (caption's write_atomic) and only when its text changes, so a
 rerun that changes nothing writes nothing. Only clips with a caption are listed.
@@ -155,5 +156,9 @@ def write_outputs(out: Path, sources: list[DatasetSource], layouts) -> list[Path
     for kind, text_of in (("srt", srt_text), ("vtt", vtt_text)):
         if kind in layouts:
             for s in sources:
-                files[out / SUBTITLES_FOLDER / f"{s.key}.{kind}"] = text_of(s)
+                path = out / SUBTITLES_FOLDER / f"{s.key}.{kind}"
+                if cues(s):
+                    files[path] = text_of(s)
+                elif os.path.isfile(path) and not os.path.islink(path):  # its captioned clips are gone
+                    os.unlink(path)
     return [path for path, text in files.items() if write_if_changed(path, text)]
