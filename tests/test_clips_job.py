@@ -723,6 +723,25 @@ def test_subtitles_only_for_sources_with_captioned_clips(tmp_path):
     assert not list((tmp_path / "subtitles").iterdir())
 
 
+def test_obstacles_in_the_output_folder_are_named_with_what_to_do(cli, tmp_path, one_shot):
+    """Hostile review 11: OUT/videos a file gave a raw '[Errno 17] File exists', OUT/clips.jsonl a
+    folder a message naming write_atomic's temp file."""
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "videos").write_text("x")
+    code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "a", *SETTINGS)
+    assert code == 2 and f"--out: {tmp_path / 'a' / 'videos'} is a file" in err and "move or remove it" in err
+    (tmp_path / "b" / "clips.jsonl").mkdir(parents=True)
+    code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "b", *SETTINGS)
+    assert code == 2 and f"{tmp_path / 'b' / 'clips.jsonl'} is a folder" in err and "move or remove it" in err
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "c", rules=RULES, layouts=("jsonl",))
+    (job.out / "clips.jsonl").mkdir(parents=True)  # made after the job's check: the layouts name it
+    summary = clips_job.ClipsSummary()
+    write_layouts(job, summary)
+    assert summary.output_error.startswith(f"{job.out / 'clips.jsonl'} (") and ".tmp" not in summary.output_error
+    assert not cli.loads
+
+
 def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
     """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
     at its end: a kill loses little of it."""

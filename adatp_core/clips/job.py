@@ -42,7 +42,7 @@ from ..errors import AdaTPInputError, AdaTPInterrupted
 from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
 from .cut import CUT_MODES, check_cut, cut_clips, remove_stale_temps
-from .outputs import DatasetClip, DatasetSource, write_outputs
+from .outputs import LAYOUT_FILES, SUBTITLES_FOLDER, DatasetClip, DatasetSource, write_outputs
 from .plan import FRAME_RULES, ClipPlan, ClipRules, hdr_transfer, plan_clips, source_key
 from .shots import Shot, check_threshold, detect_shots
 
@@ -146,11 +146,27 @@ class ClipsJob:
                     raise OptionError("out", f"{printable(str(parent))} is a file, not a folder; give a folder "
                                              "for the clips.")
                 break
+        self.check_obstacles()
         if self.out_root is not None:  # the node: nothing under the output folder may lead out of its root
             for folder in (self.out, self.clips_dir, self.state_dir, self.caption_dir):
                 if not inside(resolved(self.out_root), resolved(folder)):
                     raise OptionError("out", f"{printable(str(folder))} leads outside {printable(str(self.out_root))} "
                                              "(a link); remove the link or choose another output folder.")
+
+    def check_obstacles(self) -> None:
+        """OptionError("out") naming what in the output folder is in the way: a file where the job
+        keeps a folder, or a folder where a layout writes its file."""
+        folders = {self.clips_dir: "the clips", self.state_dir: "its records", self.out / SUBTITLES_FOLDER:
+                   "the subtitles"}
+        for folder, what in folders.items():
+            if os.path.lexists(folder) and not folder.is_dir():
+                raise OptionError("out", f"{printable(str(folder))} is a file, where the job keeps {what} in a "
+                                         "folder; move or remove it, or choose another output folder.")
+        files = [n for layout, names in LAYOUT_FILES.items() if layout in self.layouts for n in names]
+        for name in files:
+            if (self.out / name).is_dir():
+                raise OptionError("out", f"{printable(str(self.out / name))} is a folder, where the layouts write a "
+                                         "file; move or remove it, or choose another output folder.")
 
     @property
     def clips_dir(self) -> Path:

@@ -30,6 +30,7 @@ from ..caption.files import name_record, shown, write_atomic  # not the package:
 JSONL_NAME = "clips.jsonl"
 PROMPTS_NAME, VIDEOS_NAME = "prompts.txt", "videos.txt"
 SUBTITLES_FOLDER = "subtitles"
+LAYOUT_FILES = {"jsonl": (JSONL_NAME,), "finetrainers": (PROMPTS_NAME, VIDEOS_NAME)}  # files in OUT, by layout
 
 
 @dataclass(frozen=True)
@@ -161,4 +162,11 @@ def write_outputs(out: Path, sources: list[DatasetSource], layouts) -> list[Path
                     files[path] = text_of(s)
                 elif os.path.isfile(path) and not os.path.islink(path):  # its captioned clips are gone
                     os.unlink(path)
-    return [path for path, text in files.items() if write_if_changed(path, text)]
+    written = []
+    for path, text in files.items():
+        try:
+            if write_if_changed(path, text):
+                written.append(path)
+        except OSError as exc:  # the error names write_atomic's temp file: name the file it was for
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    return written
