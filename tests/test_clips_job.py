@@ -742,6 +742,15 @@ def test_obstacles_in_the_output_folder_are_named_with_what_to_do(cli, tmp_path,
     assert not cli.loads
 
 
+def test_a_pipe_or_a_device_as_source_is_not_a_regular_file(tmp_path):
+    """Hostile review 12: a FIFO or /dev/zero given as SOURCE was reported as 'does not exist'."""
+    os.mkfifo(tmp_path / "pipe.mp4")
+    job = ClipsJob(sources=(tmp_path / "pipe.mp4", Path("/dev/zero"), tmp_path / "gone.mp4"), out=tmp_path / "o")
+    plan = clips_job.plan_sources(job, dry_run=True)
+    assert not plan.sources and [why for _, why in plan.problems] == [
+        "is not a regular file (a pipe or a device); give a video file"] * 2 + ["does not exist; check the path"]
+
+
 def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
     """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
     at its end: a kill loses little of it."""

@@ -244,8 +244,11 @@ def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]], li
             if not found and not listing.problems and not skipped:
                 problems.append((str(given), "holds no video files" + ("" if job.recursive else
                                                                        " (add --recursive for subfolders)")))
-        elif given.exists():
+        elif given.is_file():
             found = [Source(given, None, str(given))]
+        elif given.exists():  # a pipe, a device: reading it could block or never end
+            problems.append((str(given), "is not a regular file (a pipe or a device); give a video file"))
+            continue
         else:
             problems.append((str(given), "does not exist; check the path"))
             continue
