@@ -751,6 +751,26 @@ def test_a_pipe_or_a_device_as_source_is_not_a_regular_file(tmp_path):
         "is not a regular file (a pipe or a device); give a video file"] * 2 + ["does not exist; check the path"]
 
 
+def test_a_source_replaced_by_other_footage_is_cut_again_and_its_old_captions_go(tmp_path, short):
+    """Hostile review 14: other footage with the same shot times under the same name kept the old
+    clips and captions; the record's size and mtime tell the file changed."""
+    src = tmp_path / "take.mp4"
+    src.write_bytes(short)
+    job = ClipsJob(sources=(src,), out=tmp_path / "set", rules=RULES)
+    cut_only(job)
+    old = {c.name: c.read_bytes() for c in clips_of(job)}
+    for c in clips_of(job):
+        c.with_suffix(".txt").write_text("the old footage")
+    write_video(src, 255 - scene_frames(32, 64, 48, scenes=2), fps=FPS)  # the same shots, other pictures
+    os.utime(src, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns + 10**9))
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (2, 0)
+    assert sorted(c.name for c in clips_of(job)) == sorted(old) and all(c.read_bytes() != old[c.name]
+                                                                        for c in clips_of(job))
+    assert not list(job.clips_dir.glob("*.txt"))  # the old captions went with their clips
+    assert len(list((job.state_dir / "replaced").glob("*.txt"))) == 2
+
+
 def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
     """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
     at its end: a kill loses little of it."""
