@@ -146,12 +146,12 @@ class ClipsJob:
                     raise OptionError("out", f"{printable(str(parent))} is a file, not a folder; give a folder "
                                              "for the clips.")
                 break
-        self.check_obstacles()
         if self.out_root is not None:  # the node: nothing under the output folder may lead out of its root
             for folder in (self.out, self.clips_dir, self.state_dir, self.caption_dir):
                 if not inside(resolved(self.out_root), resolved(folder)):
                     raise OptionError("out", f"{printable(str(folder))} leads outside {printable(str(self.out_root))} "
                                              "(a link); remove the link or choose another output folder.")
+        self.check_obstacles()
 
     def check_obstacles(self) -> None:
         """OptionError("out") naming what in the output folder is in the way: a file where the job

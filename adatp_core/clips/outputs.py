@@ -101,7 +101,8 @@ def clip_record(out: Path, clip: DatasetClip, source: DatasetSource) -> dict:
     p = clip.plan
     start, frames, fps = clip.value("start"), clip.value("frames"), clip.value("fps")
     return {"video_path": str(Path(os.path.abspath(clip.path))), "caption": clip.caption,
-            "path": clip.path.relative_to(out).as_posix(), **source_fields(source.path), "shot": p.shot, "clip": p.index,
+            "path": clip.path.relative_to(out).as_posix(), **source_fields(source.path), "shot": p.shot,
+            "clip": p.index,
             "start": round(start, 6), "end": round(start + frames / fps, 6), "frames": frames, "fps": fps,
             "width": clip.value("width"), "height": clip.value("height")}
 
