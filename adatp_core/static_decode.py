@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 import torch
 
-from .hf.cache import KVCache, RowsKVCache, capacity_bucket
+from .hf.cache import KVCache, LinearLayout, RowsKVCache, capacity_bucket
 from .prefix_cache import weights_fingerprint
 from .steps import CaptureStatus, StepRunner
 
@@ -82,7 +82,7 @@ class StaticDecoders:
             self.clear()
             self._fingerprint = fingerprint
         layouts = tuple(cache.layout(i) for i in range(len(cache.lengths())))
-        capacities = tuple(0 if layout[0] == "linear" else capacity_bucket(n + max_new_tokens)
+        capacities = tuple(0 if isinstance(layout, LinearLayout) else capacity_bucket(n + max_new_tokens)
                            for layout, n in zip(layouts, cache.lengths()))
         key = (layouts, capacities, tuple(position_ids.shape[:-1]), position_ids.dtype)
         decoder = self._decoders.pop(key, None)
