@@ -46,11 +46,6 @@ class StaticDecoder(StepRunner):
         self.cache.add(cache, 0)
 
 
-def _weights_fingerprint(adapter) -> tuple:
-    """Where the weights are: a captured graph reads them at these addresses (prefix_cache.py)."""
-    return weights_fingerprint(adapter.model)
-
-
 class StaticDecoders:
     """The static decoders of one loaded model, one per capacity bucket, most
     recently used last. At most ``max_buckets`` are kept (each holds a whole KV
@@ -77,7 +72,7 @@ class StaticDecoders:
     def decoder(self, adapter, cache: KVCache, max_new_tokens: int, position_ids: torch.Tensor) -> StaticDecoder:
         """A decoder whose buffers hold ``cache`` (copied in) with room for
         ``max_new_tokens`` more positions per layer; reused when a bucket fits."""
-        fingerprint = _weights_fingerprint(adapter)
+        fingerprint = weights_fingerprint(adapter.model)  # a captured graph reads the weights there
         if fingerprint != self._fingerprint:
             self.clear()
             self._fingerprint = fingerprint
