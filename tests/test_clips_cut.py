@@ -133,7 +133,7 @@ def test_variable_frame_rate_is_cut_by_timestamps(tmp_path):
 
 def test_rotation_metadata_is_applied(tmp_path):
     src = write_synthetic(tmp_path / "rot.mp4", [(1.0, "start", 0.0)], width=64, height=48, rotation=90).path
-    p = plan_clips(src, [Shot(0, 0.0, 1.0, "start")], ClipRules(min_seconds=0.1, max_seconds=0.1, fps=10.0))[0]
+    p = plan_clips(src, [Shot(0, 0.0, 1.0, "start")], ClipRules(min_seconds=0.0, max_seconds=0.1, fps=10.0))[0]
     assert (p.width, p.height) == (48, 64)
     r, = cut_clips(src, [p], tmp_path / "out")
     frames, _, w, h, *_ = reopen(r.path)

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..caption import check_options
 from ..caption.cli import Distributed, ProgressLine, option_message, run_distributed
 from ..caption.cli import build_parser as caption_parser
 from ..caption.files import shown
@@ -76,10 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recursive", action="store_true", help="include videos in subfolders of a SOURCE folder")
     rules = p.add_argument_group("clips")
     rules.add_argument("--min-seconds", type=float, default=defaults.min_seconds,
-                       help=f"shortest clip (default {defaults.min_seconds:g}); a shorter shot is dropped "
+                       help=f"shortest clip, first frame to last (default {defaults.min_seconds:g}); a shorter "
+                            "shot is dropped "
                             "unless --keep-short")
     rules.add_argument("--max-seconds", type=float, default=defaults.max_seconds,
-                       help=f"longest clip (default {defaults.max_seconds:g}); a longer shot gives several")
+                       help=f"longest clip, first frame to last: n frames last (n-1)/fps (default "
+                            f"{defaults.max_seconds:g}: 81 frames at 16 fps; 5.34 for 129 at 24); a longer shot "
+                            "gives several")
     rules.add_argument("--fps", type=frame_rate, default=defaults.fps,
                        help=f"the clips' frame rate, or 'source' (default {defaults.fps:g})")
     rules.add_argument("--trim-frames", type=int, default=defaults.trim_frames,
@@ -172,8 +176,6 @@ def run(args, dist: Distributed) -> int:
     label = f"[{dist.index + 1}/{dist.count}] " if dist.count > 1 else ""
     try:
         job = make_job(args)
-        from ..caption import check_options
-
         check_options(job.prompt, job.pipeline, job.workers)
     except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
         print(f"{label}error: {message(exc, args)}", file=sys.stderr)
@@ -182,6 +184,9 @@ def run(args, dist: Distributed) -> int:
     if args.dry_run:
         plan = plan_sources(job, (dist.index, dist.count), progress, dry_run=True)
         print(json.dumps(plan.to_dict(), indent=1, ensure_ascii=False) if args.json else plan.text())
+        if job.cut == "copy" and not args.json:
+            print("--cut copy: each clip will start at the first keyframe at or after its start, at the source's "
+                  "rate and size, so its frames differ from this plan (the JSONL gives what is written).")
         return 0 if plan.clips or not (plan.problems or any(p.error for p in plan.sources)) else 1
 
     def model():

@@ -6,7 +6,9 @@
   (``videos/NAME.mp4``, relative to the output folder, finetrainers' data_root).
 - ``jsonl``: ``clips.jsonl``, one object per captioned clip: ``video_path`` and ``caption``
   (musubi-tuner's JSONL dataset), then ``path`` (relative), ``source``, ``shot``, ``clip``,
-  ``start``, ``end`` (seconds on the source), ``frames``, ``fps``, ``width``, ``height``.
+  ``start``, ``end`` (seconds on the source), ``frames``, ``fps``, ``width``, ``height``: what the
+  clip's file holds (the cut's record of it; copy mode's clips start at a keyframe, at the source's
+  rate and size), the plan's values for a clip cut before that was recorded.
 - ``srt`` / ``vtt``: ``subtitles/KEY.srt`` and ``.vtt`` per source: one cue per shot that has a
   captioned clip, spanning the shot, with its clips' captions (chapters, scene descriptions).
 
@@ -21,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..caption import write_atomic
+from ..caption.files import write_atomic  # not the package: that would load the model side (torch)
 
 JSONL_NAME = "clips.jsonl"
 PROMPTS_NAME, VIDEOS_NAME = "prompts.txt", "videos.txt"
@@ -30,11 +32,19 @@ SUBTITLES_FOLDER = "subtitles"
 
 @dataclass(frozen=True)
 class DatasetClip:
-    """One clip on disk: its plan (a ClipPlan), its file, its caption (None: none yet)."""
+    """One clip on disk: its plan (a ClipPlan), its file, its caption (None: none yet), and what
+    the file holds (cut.MADE_FIELDS; None: not known, the plan's values stand in)."""
 
     plan: object
     path: Path
     caption: str | None
+    made: dict | None = None
+
+    def value(self, name: str):
+        """What the clip's file holds for ``name`` (start, frames, fps, width, height), else the plan's."""
+        if self.made is not None and self.made.get(name) is not None:
+            return self.made[name]
+        return getattr(self.plan, name)
 
 
 @dataclass(frozen=True)
@@ -66,11 +76,13 @@ def write_if_changed(path: Path, text: str) -> bool:
 
 
 def clip_record(out: Path, clip: DatasetClip, source: DatasetSource) -> dict:
+    """The clip as its file holds it (copy mode's clips start at a keyframe, at the source's rate and size)."""
     p = clip.plan
+    start, frames, fps = clip.value("start"), clip.value("frames"), clip.value("fps")
     return {"video_path": str(Path(os.path.abspath(clip.path))), "caption": clip.caption,
             "path": clip.path.relative_to(out).as_posix(), "source": source.path, "shot": p.shot, "clip": p.index,
-            "start": round(p.start, 6), "end": round(p.end, 6), "frames": p.frames, "fps": p.fps,
-            "width": p.width, "height": p.height}
+            "start": round(start, 6), "end": round(start + frames / fps, 6), "frames": frames, "fps": fps,
+            "width": clip.value("width"), "height": clip.value("height")}
 
 
 def jsonl_text(out: Path, sources: list[DatasetSource]) -> str:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AdaTPInputError
+from ..errors import AdaTPInputError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,9 @@ class Detector:
 def check_threshold(threshold) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
             math.isfinite(threshold) and 0 < threshold <= 1):
-        raise AdaTPInputError(f"the shot threshold must be a number above 0 and at most 1 (the distance between "
-                              f"two frames that counts as a change of shot; {DEFAULT_THRESHOLD} by default), "
-                              f"got {threshold!r}")
+        raise OptionError("threshold", f"the shot threshold must be a number above 0 and at most 1 (the distance "
+                                       f"between two frames that counts as a change of shot; {DEFAULT_THRESHOLD} by "
+                                       f"default), got {threshold!r}")
     return float(threshold)
 
 
