@@ -686,14 +686,18 @@ def test_a_dataset_inside_a_source_folder_is_not_taken_as_sources(tmp_path, one_
     other = dataclasses.replace(first, out=tmp_path / "elsewhere")
     plan = clips_job.plan_sources(other, dry_run=True)
     assert [p.source.name for p in plan.sources] == ["src/a.mp4"] and not plan.problems
-    assert plan.notes == [("src/ds", "a dataset this command made (.adatp/ holds its records): its videos are not "
-                                     "taken as sources; skipped")] and "src/ds: a dataset" in plan.text()
+    assert plan.notes == [("src/ds/videos", "the clips of a dataset this command made (its .adatp/ holds the "
+                                            "records): not taken as sources; skipped")]
+    assert "src/ds/videos: the clips of a dataset" in plan.text()
     inside = dataclasses.replace(first, out=tmp_path / "src")  # the dataset in the source folder itself
     made = cut_only(inside)
     assert (made.clips_cut, made.failed_sources) == (1, [])
     again = clips_job.plan_sources(inside, dry_run=True)  # its own clips (src/videos) are not sources
     assert [p.source.name for p in again.sources] == ["src/a.mp4"] and not again.problems
-    assert [name for name, _ in again.notes] == ["src/ds"]
+    assert [name for name, _ in again.notes] == ["src/ds/videos"]
+    beside = clips_job.plan_sources(other, dry_run=True)  # src is a dataset now: its footage is still a source
+    assert [p.source.name for p in beside.sources] == ["src/a.mp4"]
+    assert [name for name, _ in beside.notes] == ["src/ds/videos", "src/videos"]
 
 
 def test_control_characters_in_a_name_are_printed_escaped(cli, tmp_path, one_shot):

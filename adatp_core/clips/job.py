@@ -223,8 +223,8 @@ def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]], li
     datasets: dict[Path, bool] = {}
     for given in job.sources:
         if given.is_dir():
-            try:  # this job's clips are left out (OUT may be the source folder itself: its videos are sources)
-                listing = scan_folder(given, job.recursive, [job.clips_dir], job.root)
+            try:  # this job's clips are left out (OUT may be the source folder itself: its videos are sources),
+                listing = scan_folder(given, job.recursive, [job.clips_dir], job.root)  # and any dataset's
             except AdaTPInputError as exc:
                 problems.append((str(given), str(exc)))
                 continue
@@ -237,8 +237,8 @@ def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]], li
                     skipped.add(other)
                     rel = other.relative_to(given).as_posix()
                     notes.append((given.name if rel == "." else f"{given.name}/{rel}",
-                                  f"a dataset this command made ({STATE_FOLDER}/ holds its records): its videos "
-                                  "are not taken as sources; skipped"))
+                                  f"the clips of a dataset this command made (its {STATE_FOLDER}/ holds the "
+                                  "records): not taken as sources; skipped"))
             problems += [(f"{given.name}/{rel}", why) for rel, why in listing.problems]
             problems += [(f"{given.name}/{rel}", why) for rel, why in listing.folders]
             if not found and not listing.problems and not skipped:
@@ -261,15 +261,15 @@ def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]], li
 
 
 def other_dataset(job: ClipsJob, given: Path, path: Path, cache: dict) -> Path | None:
-    """The folder from ``given`` down to ``path``'s that holds another clips dataset (its
-    OUT/.adatp/sources, not this job's), or None: its clips are not sources."""
+    """The clips folder (D/videos) of a dataset this command made (D/.adatp/sources) that ``path``
+    lies in, from ``given`` down, or None. Only its clips are left out: the rest of D (footage kept
+    beside the set, as with --out equal to the source folder) stays a source."""
     folders = [given]
     for part in path.relative_to(given).parent.parts:
         folders.append(folders[-1] / part)
     for folder in folders:
         if folder not in cache:
-            cache[folder] = (folder / STATE_FOLDER / "sources").is_dir() and \
-                os.path.realpath(folder) != os.path.realpath(job.out)
+            cache[folder] = folder.name == CLIPS_FOLDER and (folder.parent / STATE_FOLDER / "sources").is_dir()
         if cache[folder]:
             return folder
     return None
