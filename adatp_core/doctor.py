@@ -130,15 +130,12 @@ def upgrade_advice(version: str | None = None) -> str:
     is the check to run after upgrading transformers, and the tested release is the way back."""
     version = version or versions.installed()
     kind = versions.support(version)
-    where = {versions.NEWER: f"is newer than the newest tested ({versions.NEWEST_TESTED})",
-             versions.OLDER: f"is older than the minimum ({versions.MINIMUM})",
-             versions.TESTED: f"is within the tested range ({versions.MINIMUM} to {versions.NEWEST_TESTED})"}[kind]
     back = (f"if the failures came with a transformers upgrade, install the newest tested release "
             f"({versions.install_command()}) and run it again"
             if kind != versions.TESTED else "failures here are the pack's or this installation's: report them "
                                             "with this report")
-    return (f"`{versions.DOCTOR}` is the check to run after upgrading transformers; transformers {version} {where}; "
-            f"{back}.")
+    return (f"`{versions.DOCTOR}` is the check to run after upgrading transformers; transformers {version} is "
+            f"{versions.standing(version)}; {back}.")
 
 
 # ----- environment ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 import torch
 
-from .hf.cache import KVCache, RowsKVCache, capacity_bucket
+from .hf.cache import KVCache, LinearLayout, RowsKVCache, capacity_bucket
 from .prefix_cache import weights_fingerprint
 from .steps import CaptureStatus, StepRunner
 
@@ -44,11 +44,6 @@ class StaticDecoder(StepRunner):
         ``RowsKVCache.add``)."""
         self.cache.clear()
         self.cache.add(cache, 0)
-
-
-def _weights_fingerprint(adapter) -> tuple:
-    """Where the weights are: a captured graph reads them at these addresses (prefix_cache.py)."""
-    return weights_fingerprint(adapter.model)
 
 
 class StaticDecoders:
@@ -77,12 +72,12 @@ class StaticDecoders:
     def decoder(self, adapter, cache: KVCache, max_new_tokens: int, position_ids: torch.Tensor) -> StaticDecoder:
         """A decoder whose buffers hold ``cache`` (copied in) with room for
         ``max_new_tokens`` more positions per layer; reused when a bucket fits."""
-        fingerprint = _weights_fingerprint(adapter)
+        fingerprint = weights_fingerprint(adapter.model)  # a captured graph reads the weights there
         if fingerprint != self._fingerprint:
             self.clear()
             self._fingerprint = fingerprint
         layouts = tuple(cache.layout(i) for i in range(len(cache.lengths())))
-        capacities = tuple(0 if layout[0] == "linear" else capacity_bucket(n + max_new_tokens)
+        capacities = tuple(0 if isinstance(layout, LinearLayout) else capacity_bucket(n + max_new_tokens)
                            for layout, n in zip(layouts, cache.lengths()))
         key = (layouts, capacities, tuple(position_ids.shape[:-1]), position_ids.dtype)
         decoder = self._decoders.pop(key, None)

@@ -205,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", default="1,5,20", help="source lengths for the memory figures ('' to skip)")
     p.add_argument("--sd-python", default=None, help="a python with scenedetect + opencv to compare with")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    p.add_argument("--memory-only", action="store_true", help="only the memory figures (e.g. a long 720p source)")
     args = p.parse_args(argv)
     from adatp_core.clips import DEFAULT_THRESHOLD
 
@@ -214,49 +215,50 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict = {"threshold": threshold, "size": args.size, "cpus": os.cpu_count()}
 
-    truths = accuracy_set(args.work, args.videos, args.shots, size)
-    sets = {"synthetic": truths, "sample video": [sample_truth()]}
-    print(f"accuracy: {len(truths)} synthetic videos x {args.shots} shots at {args.size} "
-          f"(+-{CUT_TOLERANCE_FRAMES} frames for cuts, +-{GRADUAL_TOLERANCE} s for dissolves and fades)")
-    print("detector | set | recall cut | recall dissolve | recall fade | precision | detections/truths | "
-          "source s per s")
-    rows = []
-    for set_name, ts in sets.items():
-        found, wall, source = run_ours(ts, threshold)
-        rows.append({"detector": "adatp (PyAV)", "set": set_name, **score(ts, found),
-                     "source_s_per_s": source / wall})
+    if not args.memory_only:
+        truths = accuracy_set(args.work, args.videos, args.shots, size)
+        sets = {"synthetic": truths, "sample video": [sample_truth()]}
+        print(f"accuracy: {len(truths)} synthetic videos x {args.shots} shots at {args.size} "
+              f"(+-{CUT_TOLERANCE_FRAMES} frames for cuts, +-{GRADUAL_TOLERANCE} s for dissolves and fades)")
+        print("detector | set | recall cut | recall dissolve | recall fade | precision | detections/truths | "
+              "source s per s")
+        rows = []
+        for set_name, ts in sets.items():
+            found, wall, source = run_ours(ts, threshold)
+            rows.append({"detector": "adatp (PyAV)", "set": set_name, **score(ts, found),
+                         "source_s_per_s": source / wall})
+            if args.sd_python:
+                sd = run_scenedetect(args.sd_python, ts)
+                report["scenedetect_version"] = sd["version"]
+                for name, runs in sd["runs"].items():
+                    found = {path: r["boundaries"] for path, r in runs.items()}
+                    wall = sum(r["seconds"] for r in runs.values())
+                    rows.append({"detector": f"PySceneDetect {sd['version']} {name}", "set": set_name,
+                                 **score(ts, found), "source_s_per_s": source / wall})
+        for r in rows:
+            cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("recall_cut", "recall_dissolve", "recall_fade",
+                                                                "precision")]
+            print(f"{r['detector']} | {r['set']} | {' | '.join(cells)} | {r['detections']}/{r['truths']} | "
+                  f"{r['source_s_per_s']:.1f}")
+        report["accuracy"] = rows
+
+        speed_src = flat_source(args.work, 1, speed_size)
+        from adatp_core.clips import detect_shots
+
+        start = time.perf_counter()
+        detect_shots(speed_src)
+        detect_wall = time.perf_counter() - start
+        report["speed"] = {"size": args.speed_size, "source_s": 60.0, "detect_source_s_per_s": 60.0 / detect_wall,
+                           **cut_speed(speed_src, 60.0)}
+        s = report["speed"]
+        print(f"\nspeed, one minute at {args.speed_size} 24 fps ({s['clips']} clips, default rules: 16 fps 4k+1 1-5 s):")
+        print(f"detection {s['detect_source_s_per_s']:.1f} source s per s; cutting (reencode, libx264 crf 18) "
+              f"{s['reencode']['source_s_per_s']:.1f}; cutting (copy) {s['copy']['source_s_per_s']:.1f}")
         if args.sd_python:
-            sd = run_scenedetect(args.sd_python, ts)
-            report["scenedetect_version"] = sd["version"]
-            for name, runs in sd["runs"].items():
-                found = {path: r["boundaries"] for path, r in runs.items()}
-                wall = sum(r["seconds"] for r in runs.values())
-                rows.append({"detector": f"PySceneDetect {sd['version']} {name}", "set": set_name,
-                             **score(ts, found), "source_s_per_s": source / wall})
-    for r in rows:
-        cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("recall_cut", "recall_dissolve", "recall_fade",
-                                                            "precision")]
-        print(f"{r['detector']} | {r['set']} | {' | '.join(cells)} | {r['detections']}/{r['truths']} | "
-              f"{r['source_s_per_s']:.1f}")
-    report["accuracy"] = rows
-
-    speed_src = flat_source(args.work, 1, speed_size)
-    from adatp_core.clips import detect_shots
-
-    start = time.perf_counter()
-    detect_shots(speed_src)
-    detect_wall = time.perf_counter() - start
-    report["speed"] = {"size": args.speed_size, "source_s": 60.0, "detect_source_s_per_s": 60.0 / detect_wall,
-                       **cut_speed(speed_src, 60.0)}
-    s = report["speed"]
-    print(f"\nspeed, one minute at {args.speed_size} 24 fps ({s['clips']} clips, default rules: 16 fps 4k+1 1-5 s):")
-    print(f"detection {s['detect_source_s_per_s']:.1f} source s per s; cutting (reencode, libx264 crf 18) "
-          f"{s['reencode']['source_s_per_s']:.1f}; cutting (copy) {s['copy']['source_s_per_s']:.1f}")
-    if args.sd_python:
-        sd = run_scenedetect(args.sd_python, [{"path": str(speed_src)}])
-        report["speed"]["scenedetect"] = {n: 60.0 / r[str(speed_src)]["seconds"] for n, r in sd["runs"].items()}
-        print("PySceneDetect: " + ", ".join(f"{n} {v:.1f}" for n, v in report["speed"]["scenedetect"].items())
-              + " source s per s")
+            sd = run_scenedetect(args.sd_python, [{"path": str(speed_src)}])
+            report["speed"]["scenedetect"] = {n: 60.0 / r[str(speed_src)]["seconds"] for n, r in sd["runs"].items()}
+            print("PySceneDetect: " + ", ".join(f"{n} {v:.1f}" for n, v in report["speed"]["scenedetect"].items())
+                  + " source s per s")
 
     minutes = [float(m) for m in args.minutes.split(",") if m.strip()]
     if minutes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..adatp_core.clips.job import (CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, parse_layouts,
                                      run_clips)
-from ..adatp_core.clips.plan import ClipRules
+from ..adatp_core.clips.plan import MAX_FPS, MAX_SECONDS, MAX_SIDE, MAX_TRIM_FRAMES, ClipRules
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.models.loader import activate, release
 from ..adatp_core.paths import check_inside, check_name
@@ -95,11 +95,14 @@ class AdaTP_ClipDataset:
                                              "videos/, the layout files beside it."}),
             "prompt": caption["required"]["prompt"],
             "prefix": caption["required"]["prefix"],
-            "min_seconds": ("FLOAT", {"default": rules.min_seconds, "min": 0.0, "max": 600.0, "step": 0.1,
-                                      "tooltip": "The shortest clip; a shorter shot is dropped unless keep_short."}),
-            "max_seconds": ("FLOAT", {"default": rules.max_seconds, "min": 0.1, "max": 600.0, "step": 0.1,
-                                      "tooltip": "The longest clip; a longer shot gives several clips."}),
-            "fps": ("FLOAT", {"default": rules.fps, "min": 0.0, "max": 240.0, "step": 1.0,
+            "min_seconds": ("FLOAT", {"default": rules.min_seconds, "min": 0.0, "max": MAX_SECONDS, "step": 0.01,
+                                      "tooltip": "The shortest clip, first frame to last (n frames last (n-1)/fps); a "
+                                                 "shorter shot is dropped unless keep_short."}),
+            "max_seconds": ("FLOAT", {"default": rules.max_seconds, "min": 0.1, "max": MAX_SECONDS, "step": 0.01,
+                                      "tooltip": "The longest clip, first frame to last: n frames last (n-1)/fps (5 at "
+                                                 "16 fps: Wan's 81 frames; 5.34 at 24 fps: HunyuanVideo's 129); a "
+                                                 "longer shot gives several clips."}),
+            "fps": ("FLOAT", {"default": rules.fps, "min": 0.0, "max": MAX_FPS, "step": 0.001,
                               "tooltip": "The clips' frame rate (Wan: 16, HunyuanVideo: 24, LTX-Video: 24); 0 keeps "
                                          "each source's own rate."}),
             "frames": (list(FRAME_RULES), {"default": rules.frames,
@@ -107,14 +110,14 @@ class AdaTP_ClipDataset:
                                                       "8k+1 (LTX-Video) or any. Each clip gets the largest count "
                                                       "that fits its shot."}),
         }, "optional": {
-            "trim_frames": ("INT", {"default": rules.trim_frames, "min": 0, "max": 1000,
+            "trim_frames": ("INT", {"default": rules.trim_frames, "min": 0, "max": MAX_TRIM_FRAMES,
                                     "tooltip": "Frames dropped at each end of a shot, so transition frames stay out."}),
             "keep_short": ("BOOLEAN", {"default": rules.keep_short,
                                        "tooltip": "Keep a shot shorter than min_seconds as one clip."}),
-            "max_side": ("INT", {"default": rules.max_side, "min": 0, "max": 8192, "step": 2,
+            "max_side": ("INT", {"default": rules.max_side, "min": 0, "max": MAX_SIDE, "step": 2,
                                  "tooltip": "Cap the long side at this many pixels (aspect kept, even sizes); 0 "
                                             "keeps the size."}),
-            "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+            "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                     "tooltip": "Shot detection threshold: lower finds more cuts. 0: the detector's "
                                                "default."}),
             "cut": (list(CUT_MODES), {"default": "reencode",

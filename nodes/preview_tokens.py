@@ -24,4 +24,6 @@ class AdaTP_PreviewTokens:
 
     @checked
     def preview(self, state, frames):
-        return (draw_tokens(state, frames),)
+        plan = state.prompt.plan
+        return (draw_tokens(frames, state.grid, state.scores, state.segments, state.keep,
+                            frames_per_step=plan.frames_per_step if plan is not None else 1),)

@@ -92,9 +92,21 @@ def stream_file(source):
         except OSError as exc:
             raise AdaTPEnvironmentError(f"cannot write the video to ComfyUI's temp folder {folder} ({exc}); "
                                         "free disk space.") from exc
-        yield path, "(VIDEO in memory)"
+        try:
+            yield path, "(VIDEO in memory)"
+        except (AdaTPInputError, AdaTPEnvironmentError) as exc:  # a message names the file: not the server's
+            unnamed(exc, path, "the VIDEO input")  # temp path, which the user never gave and cannot act on
+            raise
     finally:
         path.unlink(missing_ok=True)
+
+
+def unnamed(exc: BaseException, path: Path, name: str) -> None:
+    """Replace ``path`` (whole, or its file name) in ``exc``'s message with ``name``, in place (the
+    exception keeps its type and attributes)."""
+    if exc.args and isinstance(exc.args[0], str):
+        text = exc.args[0].replace(str(path), name).replace(path.name, name)
+        exc.args = (text, *exc.args[1:])
 
 
 def _cropped(video, path: Path) -> bool:

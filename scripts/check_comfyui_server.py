@@ -11,7 +11,7 @@ It checks that every AdaTP node is in /object_info with the expected inputs
 format, queues it with POST /prompt, waits for it in /history, and prints each
 node's text output (answer, stats) and images. generated_video_qa.json runs a
 second time on a VIDEO held as frames (core Create Video); a ComfyUI without the
-VIDEO type skips both, and Sample Video. --models runs every workflow
+VIDEO type skips both, long_video_qa.json, Sample Video and Extract Attention (Video File). --models runs every workflow
 again with Load Video LLM switched to each named model (Caption Folder then
 overwrites, so the model really captions). Exit status 0 only if every run
 ended without an error.
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ok = True
     has_video = "CreateVideo" in info  # ComfyUI 0.3.30 and later: the VIDEO type
     for key, cls in pack.NODE_CLASS_MAPPINGS.items():
-        if key == "AdaTP_SampleVideo" and not has_video:
+        if key in ("AdaTP_SampleVideo", "AdaTP_ExtractAttentionVideo") and not has_video:
             print(f"skip /object_info: {key} (this ComfyUI has no VIDEO type, so the pack leaves it out)")
             continue
         served = info.get(key)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             ok = False
     client = str(uuid.uuid4())
     runs = [(path, None) for path in sorted((PACK_DIR / "workflows").glob("*.json"))
-            if has_video or path.name != "generated_video_qa.json"]
+            if has_video or path.name not in ("generated_video_qa.json", "long_video_qa.json")]
     runs += [(path, name) for name in args.models if name in listed for path, _ in runs]
     if has_video:  # the same question on a VIDEO held as frames: Create Video from the sample's frames
         runs.append((PACK_DIR / "workflows" / "generated_video_qa.json", IN_MEMORY))

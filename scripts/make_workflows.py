@@ -202,6 +202,28 @@ GENERATED_VIDEO_QA = {
     ],
 }
 
+LONG_VIDEO_QA = {
+    "note": "A long video, streamed: AdaTP Extract Attention (Video File) takes core Load Video's VIDEO and "
+            "decodes, preprocesses and encodes the sampled frames a chunk at a time, so all of them never exist "
+            "at once. Sampling fps with num_frames 0 takes one frame every 1/fps seconds of the whole video "
+            "(here one a second). Before decoding anything it checks the model's context and the run's peak "
+            "memory, and says what to change if they do not fit. Pick any long video in Load Video.",
+    "nodes": [
+        (1, "AdaTP_LoadVideoLLM", 0, {}),
+        (2, "LoadVideo", 0, {"file": "adatp_sample_video.mp4"}),
+        (3, "AdaTP_ExtractAttentionVideo", 1, {"question": QUESTION, "num_frames": 0, "sampling": "fps",
+                                               "fps": 1.0}),
+        (4, "AdaTP_GlobalDebias", 2, {}),
+        (5, "AdaTP_LocalDebias", 2, {}),
+        (6, "AdaTP_PruneTokens", 3, {}),
+        (7, "AdaTP_GenerateAnswer", 4, {"max_new_tokens": 64}),
+    ],
+    "links": [
+        (1, "model", 3, "model"), (2, "VIDEO", 3, "video"), (3, "state", 4, "state"), (4, "state", 5, "state"),
+        (5, "state", 6, "state"), (6, "state", 7, "state"),
+    ],
+}
+
 # litegraph's constants (ComfyUI frontend): title bar, a socket row, a widget row.
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, NODE_WIDTH = 30, 20, 20, 140
 TITLE_CHAR, LABEL_CHAR = 14 * 0.6, 12 * 0.6  # litegraph's text width estimate (font size * 0.6 a character)
@@ -214,7 +236,7 @@ TEXT_NODES = tuple(json.loads(re.search(r"TEXT_NODES = Object\.freeze\((\[.*?\])
                                         (PACK_DIR / "web" / "adatp_display.js").read_text()).group(1)))
 # Room for what a node shows beyond its widgets: Load Video's video preview (the frontend computes
 # 450 x 552 at 450 wide with the sample video), the images, Preview Any's text box (it scrolls).
-MIN_SIZES = {"AdaTP_ExtractAttention": [360, 0], "AdaTP_LoadVideo": [450, 560], "LoadVideo": [450, 560],
+MIN_SIZES = {"AdaTP_ExtractAttention": [360, 0], "AdaTP_ExtractAttentionVideo": [360, 0], "AdaTP_LoadVideo": [450, 560], "LoadVideo": [450, 560],
              "PreviewImage": [420, 300],
              "AdaTP_PreviewTokens": [340, 0], "PreviewAny": [420, 300]}
 DISPLAY_NAMES = {"PreviewImage": "Preview Image", "PreviewAny": "Preview Any", "SaveImage": "Save Image",
@@ -278,6 +300,7 @@ WORKFLOWS = {
     "self_check.json": SELF_CHECK,
     "generated_video_qa.json": GENERATED_VIDEO_QA,
     "two_questions.json": TWO_QUESTIONS,
+    "long_video_qa.json": LONG_VIDEO_QA,
 }
 
 

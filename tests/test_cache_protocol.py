@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adatp_core.hf.cache import LINEAR_ATTENTION, KVCache, LinearState, RowsKVCache
+from adatp_core.hf.cache import LINEAR_ATTENTION, KVCache, KVLayout, LinearLayout, LinearState, RowsKVCache
 from adatp_core.models.loader import ADAPTERS
 
 transformers = pytest.importorskip("transformers")
@@ -174,6 +174,29 @@ def test_the_fixed_buffers_are_what_transformers_reads_and_writes():
     # A new state goes into the same buffer, in place.
     window.update_recurrent_state(torch.full_like(recurrent[:2], 7.0), 0)
     assert (recurrent[:2] == 7).all()
+
+
+def test_a_layout_names_what_fixed_buffers_hold_and_allocates_them():
+    """Each layer's layout is a named, hashable value (part of a static bucket's key): its kind and
+    its fields, read from the cache that fills it. Buffers allocated from it have the layer's shapes
+    and dtypes, with the capacity only where a layer grows (attention), and take the past."""
+    past = (LinearState(torch.randn(1, CONV, KERNEL, dtype=torch.float16), torch.randn(1, HV, D, D), S),
+            (torch.randn(1, H, S, D, dtype=torch.bfloat16), torch.randn(1, H, S, D, dtype=torch.bfloat16)))
+    full = KVCache((LINEAR_ATTENTION, "full_attention"), past=past)
+    layouts = tuple(full.layout(i) for i in range(2))
+    assert layouts == (LinearLayout((CONV, KERNEL), torch.float16, (HV, D, D), torch.float32),
+                       KVLayout(heads=H, head_dim=D, dtype=torch.bfloat16))
+    assert layouts == tuple(KVCache((LINEAR_ATTENTION, "full_attention"), past=past).layout(i) for i in range(2))
+    assert len({layouts, tuple(full.layout(i) for i in range(2))}) == 1  # hashable, equal by value
+    assert KVLayout(H, D, torch.float16) != KVLayout(H, D, torch.bfloat16)
+    rows = RowsKVCache.allocated(layouts, (0, 16), torch.device("cpu"), slots=3)
+    conv, recurrent = rows.linear[0]
+    assert (conv.shape, conv.dtype, recurrent.shape, recurrent.dtype) == (
+        (3, CONV, KERNEL), torch.float16, (3, HV, D, D), torch.float32)
+    assert rows.keys[1].shape == rows.values[1].shape == (3, H, 16, D) and rows.keys[1].dtype == torch.bfloat16
+    assert rows.attention_layers() == [1] and not any(b.any() for b in (conv, recurrent, rows.keys[1]))
+    rows.add(full, 0)
+    assert torch.equal(rows.linear[0][0][0], past[0].conv[0]) and torch.equal(rows.keys[1][0, :, :S], past[1][0][0])
 
 
 def test_a_prefill_starts_without_a_past_and_continues_with_one():

@@ -3,6 +3,7 @@ atomic writes, stream copy, audio, damaged sources, awkward formats."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,7 @@ def test_variable_frame_rate_is_cut_by_timestamps(tmp_path):
 
 def test_rotation_metadata_is_applied(tmp_path):
     src = write_synthetic(tmp_path / "rot.mp4", [(1.0, "start", 0.0)], width=64, height=48, rotation=90).path
-    p = plan_clips(src, [Shot(0, 0.0, 1.0, "start")], ClipRules(min_seconds=0.1, max_seconds=0.1, fps=10.0))[0]
+    p = plan_clips(src, [Shot(0, 0.0, 1.0, "start")], ClipRules(min_seconds=0.0, max_seconds=0.1, fps=10.0))[0]
     assert (p.width, p.height) == (48, 64)
     r, = cut_clips(src, [p], tmp_path / "out")
     frames, _, w, h, *_ = reopen(r.path)
@@ -249,3 +250,29 @@ def test_a_clip_that_cannot_be_written_fails_alone(numbered, tmp_path, monkeypat
                                    plan(numbered, 1.0, 9, name="c")], tmp_path)
     assert [r.error is None for r in results] == [True, False, True] and "No space" in results[1].error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "c.mp4"]
+
+
+def test_a_clip_that_starts_on_the_last_frame_is_cut(numbered, tmp_path):
+    """Hostile review 4: --keep-short on a one-frame shot at the very end failed ("the source ends at
+    4.12 s, before this clip at 4.12 s"): a clip starting at the last frame's time was never opened."""
+    last = 99 / 24
+    one, two, past = plan(numbered, last, 1, 24.0, "one"), plan(numbered, last, 2, 48.0, "two"), \
+        plan(numbered, last + 1 / 24, 1, 24.0, "past")
+    tail = plan(numbered, 96 / 24, 4, 24.0, "tail")  # frames 96-99, as cut before
+    results = cut_clips(numbered, [one, two, past, tail], tmp_path)
+    assert [r.error for r in results] == [None, None, results[2].error, None] and "ends" in results[2].error
+    end = levels(reopen(tmp_path / "tail.mp4")[0])[-1]  # the last frame's level, as the encoder leaves it
+    assert levels(reopen(tmp_path / "one.mp4")[0]) == [end] and levels(reopen(tmp_path / "two.mp4")[0]) == [end] * 2
+
+
+def test_stale_temps_go_whichever_clip_they_were_for(numbered, tmp_path):
+    """Hostile review 6: only the temp files of clips still planned were removed; a killed run's
+    .part file stayed for good once the plan changed."""
+    from adatp_core.clips.cut import remove_stale_temps
+
+    dead, live = tmp_path / ".gone_s0001.part-999999999.mp4", tmp_path / f".busy.part-{os.getpid()}.mp4"
+    other = tmp_path / ".notes.mp4"  # not our temp name
+    for path in (dead, live, other):
+        path.write_bytes(b"half")
+    remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])

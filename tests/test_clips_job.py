@@ -3,6 +3,8 @@ through the CLI (``python -m adatp_core clips``) and the job, on the tiny built-
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import os
 import re
@@ -22,7 +24,7 @@ from adatp_core.pipeline import PipelineConfig
 from adatp_core.samples import scene_frames, write_video
 from adatp_core.video import probe_video
 
-FPS, MIN_S, MAX_S = 8.0, 1.0, 2.0
+FPS, MIN_S, MAX_S = 8.0, 1.0, 1.5
 RULES = ClipRules(min_seconds=MIN_S, max_seconds=MAX_S, fps=FPS, frames="4k+1")
 SETTINGS = ["--fps", str(FPS), "--min-seconds", str(MIN_S), "--max-seconds", str(MAX_S), "--caption-frames", "2",
             "--max-new-tokens", "3", "--workers", "0", "--batch-size", "1"]
@@ -103,7 +105,7 @@ def test_every_clip_obeys_the_rules_and_has_a_caption(made):
         plan = plans[clip.stem]
         probe = probe_video(clip)
         assert plan["frames"] % 4 == 1, plan
-        assert MIN_S - 1e-6 <= plan["frames"] / FPS <= MAX_S + 1e-6, plan
+        assert MIN_S - 1e-6 <= (plan["frames"] - 1) / FPS <= MAX_S + 1e-6, plan  # first frame to last
         assert abs(probe.fps - FPS) < 1e-3 and probe.frame_count == plan["frames"], (probe, plan)
         shot = record["shots"][plan["shot"]]
         assert shot["start"] - 1e-6 <= plan["start"] and plan["start"] + plan["frames"] / FPS <= shot["end"] + 1e-6
@@ -165,6 +167,9 @@ def test_the_cli_end_to_end_then_dry_run_and_rerun(cli, tmp_path, short):
     code, plan, _ = cli(tmp_path / "long.mp4", "--out", out, "--dry-run", *SETTINGS)
     assert code == 0 and not out.exists() and not cli.loads  # nothing written, no model
     assert re.search(r"shot 0: 0\.00-2\.00 s", plan) and "13 frames at 8 fps, 64x48" in plan
+    assert "--cut copy" not in plan
+    code, plan, _ = cli(tmp_path / "long.mp4", "--out", out, "--dry-run", "--cut", "copy", *SETTINGS)
+    assert code == 0 and "--cut copy: each clip will start at the first keyframe" in plan
     code, out_json, _ = cli(tmp_path / "long.mp4", "--out", out, "--dry-run", "--json", *SETTINGS)
     planned = json.loads(out_json)["sources"][0]
     assert code == 0 and not out.exists() and all(c["frames"] % 4 == 1 for c in planned["clips"])
@@ -197,6 +202,12 @@ def test_bad_options_stop_before_anything_is_read(cli, tmp_path, footage):
     assert code == 2 and "--min-seconds" in err and not (tmp_path / "o").exists()
     code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--crf", "99")
     assert code == 2 and "--crf" in err
+    code, out, err = cli(tmp_path / "long.mp4", "--out", "", "--dry-run")  # not the current folder
+    assert code == 2 and "--out" in err and "empty" in err
+    code, out, err = cli("", "--out", tmp_path / "o", "--dry-run")
+    assert code == 2 and "SOURCE" in err and "empty" in err
+    code, out, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--fps", "1e9", "--dry-run")
+    assert code == 2 and "--fps" in err and "240" in err and not out  # no 2e9-frame clips planned
     code, _, err = cli(tmp_path / "long.mp4", "--out", tmp_path / "o", "--caption-frames", "0")
     assert code == 2 and "--caption-frames" in err
     (tmp_path / "file").write_text("x")
@@ -296,7 +307,7 @@ def test_a_source_another_run_is_cutting_is_left_to_it(tiny, tmp_path, short, on
     (tmp_path / "src" / "b.mp4").write_bytes(one_shot)
     job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"),
                    pipeline=CFG, workers=0)
-    key = clips_job.source_key(tmp_path / "src" / "a.mp4", tmp_path / "src")
+    key = clips_job.source_key(tmp_path / "src" / "a.mp4")
     other = ClipClaim(clips_job.record_path(job, key))  # another run holds a.mp4
     other.path.parent.mkdir(parents=True)
     assert other.acquire()
@@ -333,15 +344,30 @@ def test_cancel_in_any_stage_stops_the_job_and_fails_no_source(tiny, tmp_path, s
 
 
 def test_job_settings_are_checked(tmp_path):
-    for kwargs, option in [({"rules": ClipRules(min_seconds=3, max_seconds=2)}, "min_seconds"),
-                           ({"rules": ClipRules(frames="3k")}, "clip_frames"),
-                           ({"rules": ClipRules(max_side=7)}, "max_side"),
-                           ({"rules": ClipRules(fps=0.0)}, "fps"),
+    for kwargs, option in [({"rules": dict(min_seconds=3, max_seconds=2)}, "min_seconds"),
+                           ({"rules": dict(frames="3k")}, "clip_frames"),
+                           ({"rules": dict(max_side=7)}, "max_side"),
+                           ({"rules": dict(trim_frames=1.5)}, "trim_frames"),
+                           ({"rules": dict(fps=0.0)}, "fps"),
+                           ({"rules": dict(max_seconds=float("inf"))}, "max_seconds"),
+                           ({"rules": dict(fps=1e9)}, "fps"), ({"rules": dict(max_seconds=601)}, "max_seconds"),
+                           ({"rules": dict(fps=240.0, max_seconds=120)}, "max_seconds"),  # 28801 frames a clip
+                           ({"rules": dict(trim_frames=10**9)}, "trim_frames"),
+                           ({"rules": dict(max_side=10**6)}, "max_side"),
                            ({"cut": "fast"}, "cut"), ({"crf": 52}, "crf"), ({"layouts": ("txt", "csv")}, "layout"),
-                           ({"threshold": -1}, "threshold"), ({"sources": ()}, "sources")]:
-        with pytest.raises(AdaTPInputError) as info:
+                           ({"threshold": -1}, "threshold"), ({"threshold": 1.5}, "threshold"),
+                           ({"sources": ()}, "sources")]:
+        with pytest.raises(AdaTPInputError) as info:  # the rules check themselves, where they are made
+            if "rules" in kwargs:
+                kwargs = {**kwargs, "rules": ClipRules(**kwargs["rules"])}
             ClipsJob(**{"sources": (tmp_path,), "out": tmp_path / "o", **kwargs})
         assert info.value.option == option, kwargs
+    from adatp_core.clips.cut import cut_clips
+
+    for kwargs, option in [({"mode": "fast"}, "cut"), ({"crf": -1}, "crf")]:  # the cutter's own check is the same
+        with pytest.raises(AdaTPInputError) as info:
+            cut_clips(tmp_path / "x.mp4", [], tmp_path, **kwargs)
+        assert info.value.option == option
 
 
 def test_outputs_write_only_what_changed(tmp_path):
@@ -414,6 +440,9 @@ def test_the_node_refuses_bad_sources_and_outputs_with_a_clear_message(comfy):
     assert node.VALIDATE_INPUTS(layouts="all") is True and node.VALIDATE_INPUTS(layouts="jsonl, srt") is True
     assert node.VALIDATE_INPUTS(sources="adatp_clip_samples") is True  # the sample folder is made
     assert (inp / "adatp_clip_samples" / "adatp_sample_video.mp4").is_file()
+    required = node.INPUT_TYPES()["required"] | node.INPUT_TYPES().get("optional", {})
+    assert required["threshold"][1]["max"] == 1.0  # the detector takes at most 1
+    assert required["fps"][1]["step"] <= 0.001 and required["max_seconds"][1]["step"] <= 0.01  # 23.976; 5.34
 
 
 @pytest.mark.distributed
@@ -443,3 +472,365 @@ def test_accelerate_shares_the_sources_and_the_main_process_writes_the_layouts(t
     assert len(clips) == 4 and all(c.with_suffix(".txt").read_text() for c in clips)
     assert len((tmp_path / "set" / "clips.jsonl").read_text().splitlines()) == 4
     assert len(list((tmp_path / "set" / "subtitles").glob("*.srt"))) == 3
+
+
+def cut_only(job):
+    """Plan and cut ``job`` (no captions, no model): the summary of the cut."""
+    summary = clips_job.ClipsSummary()
+    plan = clips_job.plan_sources(job)
+    try:
+        clips_job.cut_sources(job, plan, summary)
+    finally:
+        plan.release()
+    return summary
+
+
+def test_clips_made_under_other_rules_or_cut_settings_are_cut_again_under_the_same_names(tmp_path, short):
+    """Names hold the key, the shot and the time range only: a clip planned otherwise under the same
+    name (a smaller max_side, another fps over the same span, another crf) is set aside and cut again."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    rules = ClipRules(min_seconds=MIN_S, max_seconds=2.0, fps=FPS, frames="any")  # 2 s shots: a clip each
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=rules)
+    assert cut_only(job).clips_cut == 2
+    names = [c.name for c in clips_of(job)]
+    assert {(p.width, p.height, p.fps, p.frame_count) for p in map(probe_video, clips_of(job))} == {(64, 48, 8.0, 16)}
+
+    def again(**changes):
+        new = dataclasses.replace(job, **changes)
+        summary = cut_only(new)
+        assert [c.name for c in clips_of(job)] == names  # the same names ...
+        assert (summary.clips_cut, summary.clips_existing) == (2, 0)  # ... cut again, none kept
+        return {(p.width, p.height, p.fps, p.frame_count) for p in map(probe_video, clips_of(job))}
+
+    assert again(rules=dataclasses.replace(rules, max_side=32)) == {(32, 24, 8.0, 16)}
+    assert again(rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS)) == {(32, 24, 16.0, 32)}
+    assert again(rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS), crf=30) == {(32, 24, 16.0, 32)}
+    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
+    assert record["cut"] == {"mode": "reencode", "crf": 30, "keep_audio": False}
+    assert {k: {f: m[f] for f in ("frames", "fps", "width", "height")} for k, m in record["made"].items()} == \
+        {n[:-4]: {"frames": 32, "fps": 16.0, "width": 32, "height": 24} for n in names}  # what the files hold
+    assert cut_only(dataclasses.replace(job, rules=dataclasses.replace(rules, max_side=32, fps=2 * FPS),
+                                        crf=30)).clips_existing == 2  # unchanged: nothing cut
+
+
+def test_set_aside_keeps_every_replaced_clip_and_goes_before_the_record(tmp_path, short, monkeypatch):
+    (tmp_path / "short.mp4").write_bytes(short)
+    rules = ClipRules(min_seconds=MIN_S, max_seconds=2.0, fps=FPS, frames="any")  # 2 s shots: a clip each
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=rules)
+    cut_only(job)
+    first = {p.name: p.read_bytes() for p in clips_of(job)}
+    (job.clips_dir / f"{next(iter(first))[:-4]}.txt").write_text("a caption")
+    smaller = dataclasses.replace(job, rules=dataclasses.replace(rules, max_side=32))
+    cut_only(smaller)
+    cut_only(job)  # back: the same names set aside a second time
+    aside = job.state_dir / "replaced"
+    assert sorted(p.name for p in aside.iterdir()) == sorted(
+        [*first, *(n[:-4] + ".2.mp4" for n in first), next(iter(first))[:-4] + ".txt"])
+    assert {n: (aside / n).read_bytes() for n in first} == first  # nothing overwritten
+
+    # killed between the two steps: had the new record been written first, the old clips would stay
+    # for good (the record says they are the new ones); they go first, and the next run moves them
+    def killed(*_a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clips_job, "set_aside", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cut_only(smaller)
+    monkeypatch.undo()
+    summary = cut_only(smaller)
+    assert summary.clips_cut == 2
+    assert {(p.width, p.height) for p in map(probe_video, clips_of(job))} == {(32, 24)}
+
+
+def test_copy_mode_lists_what_its_clips_hold_not_the_plan(tmp_path):
+    """A stream copy starts at a keyframe, at the source's rate and size: the JSONL says so, as PyAV reads the file."""
+    import av
+
+    from adatp_core.clips.synthetic import write_synthetic
+
+    src = write_synthetic(tmp_path / "gop.mp4", [(3.0, "start", 0.0), (3.0, "cut", 0.0)], width=64, height=48,
+                          gop=12).path  # 24 fps, a keyframe every 0.5 s
+    rules = ClipRules(min_seconds=0.5, max_seconds=0.8, fps=16.0, frames="4k+1", max_side=32)  # 13 at 16 fps, 32x24
+    job = ClipsJob(sources=(src,), out=tmp_path / "set", rules=rules, cut="copy", layouts=("txt", "jsonl"))
+    summary = cut_only(job)
+    assert summary.clips_cut >= 2 and not summary.clips_failed
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text("a caption")
+    write_layouts(job, summary)
+    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
+    planned = {c["name"]: c for c in record["clips"]}
+    rows = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert len(rows) == summary.clips_cut
+    for row in rows:
+        with av.open(row["video_path"]) as f:
+            stream = f.streams.video[0]
+            frames = sum(1 for _ in f.decode(stream))
+            real = (frames, float(stream.average_rate), stream.codec_context.width, stream.codec_context.height)
+        assert (row["frames"], row["fps"], row["width"], row["height"]) == real == (frames, 24.0, 64, 48)
+        plan = planned[Path(row["path"]).stem]
+        assert (plan["fps"], plan["width"], plan["height"]) == (16.0, 32, 24)  # what was planned, not written
+        assert row["start"] >= plan["start"] - 1e-6 and row["start"] * 2 == pytest.approx(round(row["start"] * 2))
+        assert row["end"] == pytest.approx(row["start"] + frames / 24)
+
+
+def test_a_file_has_one_key_whether_given_alone_or_in_its_folder(tmp_path, one_shot):
+    (tmp_path / "src" / "x").mkdir(parents=True)
+    (tmp_path / "src" / "x" / "take.mp4").write_bytes(one_shot)
+    (tmp_path / "src" / "take.mp4").write_bytes(one_shot)  # the same stem elsewhere: another key
+    out = tmp_path / "set"
+    folder = ClipsJob(sources=(tmp_path / "src",), out=out, rules=RULES, recursive=True)
+    given = tmp_path / "src" / ".." / "src" / "x" / "take.mp4"  # another spelling of the same file
+    alone = ClipsJob(sources=(given,), out=out, rules=RULES)
+    by_folder = {p.source.name: p.key for p in clips_job.plan_sources(folder, dry_run=True).sources}
+    by_file = {p.source.name: p.key for p in clips_job.plan_sources(alone, dry_run=True).sources}
+    assert len(set(by_folder.values())) == 2
+    assert by_file[str(given)] == by_folder["src/x/take.mp4"]
+    cut_only(folder)
+    again = cut_only(alone)  # the folder's run made it: not planned, detected or cut twice
+    assert (again.clips_existing, again.clips_cut, again.clips_replaced) == (1, 0, 0)
+    assert len(list((out / ".adatp" / "sources").glob("*.json"))) == 2
+
+
+def test_clips_whose_caption_failed_are_named_in_the_summary(tmp_path, short, monkeypatch):
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    cut_only(job)
+    first, second = clips_of(job)
+    first.with_suffix(".txt").write_text("a caption")
+    # the caption run fails for the other clip (no caption written)
+    monkeypatch.setattr(clips_job, "caption_folder", lambda _m, _j, plan, **_k: plan.summary)
+    summary = run_clips(lambda: None, job)
+    assert summary.uncaptioned == [f"videos/{second.name}"]
+    text = summary.text()
+    assert f"1 clip(s) have no caption yet: videos/{second.name}" in text
+    assert "train them with an empty caption" in text and "Run the same command again" in text
+    listed = [json.loads(line)["path"] for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert listed == [f"videos/{first.name}"]  # the manifest leaves it out
+    merged = clips_job.ClipsSummary.merge([summary.to_dict()])
+    assert merged.uncaptioned == summary.uncaptioned
+    elsewhere = dataclasses.replace(job, layouts=("jsonl",))  # captions kept in .adatp: only the lists matter
+    (job.state_dir / "captions").mkdir(parents=True)
+    assert "empty caption" not in run_clips(lambda: None, elsewhere).text()
+
+
+def test_an_hdr_source_is_reported_as_converted_without_tone_mapping(tmp_path, short, monkeypatch):
+    import av
+    import numpy as np
+
+    path = tmp_path / "pq.mp4"
+    with av.open(str(path), "w") as f:  # a PQ (SMPTE ST 2084) stream, BT.2020, as HDR10 says
+        stream = f.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.color_trc, stream.codec_context.color_primaries = 16, 9
+        for i in range(16):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 + i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                f.mux(packet)
+        for packet in stream.encode():
+            f.mux(packet)
+    (tmp_path / "sdr.mp4").write_bytes(short)
+    job = ClipsJob(sources=(path, tmp_path / "sdr.mp4"), out=tmp_path / "set", rules=RULES)
+    note = "HDR (PQ) source: converted to 8-bit SDR without tone mapping; colours will look flat"
+    plan = clips_job.plan_sources(job, dry_run=True)
+    assert [p.notes for p in plan.sources] == [[note], []] and f"  {note}" in plan.text()
+    assert [s["notes"] for s in plan.to_dict()["sources"]] == [[note], []]  # --dry-run --json
+    monkeypatch.setattr(clips_job, "caption_folder", lambda _m, _j, plan, **_k: plan.summary)  # no captions here
+    summary = run_clips(lambda: None, job)
+    assert summary.notes == [(str(path), note)] and f"{path}: {note}" in summary.text()
+    copied = dataclasses.replace(job, cut="copy")  # a stream copy keeps the HDR stream as it is
+    assert not [p.notes for p in clips_job.plan_sources(copied, dry_run=True).sources if p.notes]
+
+
+def test_the_layouts_load_without_torch():
+    """outputs.py takes write_atomic from caption.files: the caption package would load the model side."""
+    import subprocess
+    import sys
+
+    code = "import sys, adatp_core.clips.outputs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "False"
+
+
+def test_a_killed_runs_temp_file_goes_when_nothing_is_left_to_cut(tmp_path, one_shot):
+    """Hostile review 6: the plan changed, so the killed run's clip is no longer planned nor cut."""
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "set", rules=RULES)
+    cut_only(job)
+    stale = job.clips_dir / ".one-0123abcd_s0000_0.000-1.000.part-999999999.mp4"
+    stale.write_bytes(b"half")
+    assert cut_only(job).clips_existing == 1 and not stale.exists()
+
+
+def test_the_summary_counts_the_clips_set_aside_not_those_planned_to_be(tmp_path, one_shot, monkeypatch):
+    """Hostile review 7: a clip of the earlier plan that is no longer on disk is not 'moved'."""
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "set", rules=RULES, layouts=("jsonl",))
+    cut_only(job)
+    clips_of(job)[0].unlink()  # the user removed it
+    smaller = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
+    assert "set aside" not in clips_job.plan_sources(smaller, dry_run=True).text()
+    monkeypatch.setattr(clips_job, "caption_folder", lambda _m, _j, plan, **_k: plan.summary)
+    summary = run_clips(lambda: None, smaller)
+    assert summary.clips_replaced == 0 and "moved to" not in summary.text()
+    assert not (job.state_dir / "replaced").exists()
+
+
+def test_a_dataset_inside_a_source_folder_is_not_taken_as_sources(tmp_path, one_shot):
+    """Hostile review 8: a dataset made under src/ was read as sources by a run with another --out,
+    and --out equal to the source folder said it 'holds no video files'."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(one_shot)
+    first = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "src" / "ds", rules=RULES, recursive=True)
+    assert cut_only(first).clips_cut == 1
+    other = dataclasses.replace(first, out=tmp_path / "elsewhere")
+    plan = clips_job.plan_sources(other, dry_run=True)
+    assert [p.source.name for p in plan.sources] == ["src/a.mp4"] and not plan.problems
+    assert plan.notes == [("src/ds/videos", "the clips of a dataset this command made (its .adatp/ holds the "
+                                            "records): not taken as sources; skipped")]
+    assert "src/ds/videos: the clips of a dataset" in plan.text()
+    inside = dataclasses.replace(first, out=tmp_path / "src")  # the dataset in the source folder itself
+    made = cut_only(inside)
+    assert (made.clips_cut, made.failed_sources) == (1, [])
+    again = clips_job.plan_sources(inside, dry_run=True)  # its own clips (src/videos) are not sources
+    assert [p.source.name for p in again.sources] == ["src/a.mp4"] and not again.problems
+    assert [name for name, _ in again.notes] == ["src/ds/videos"]
+    beside = clips_job.plan_sources(other, dry_run=True)  # src is a dataset now: its footage is still a source
+    assert [p.source.name for p in beside.sources] == ["src/a.mp4"]
+    assert [name for name, _ in beside.notes] == ["src/ds/videos", "src/videos"]
+
+
+def test_control_characters_in_a_name_are_printed_escaped(cli, tmp_path, one_shot):
+    """Hostile review 9: a newline (or an escape sequence) in a file name was printed raw."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a\nb\x1b[2J.mp4").write_bytes(one_shot)
+    code, out, err = cli(tmp_path / "src", "--out", tmp_path / "set", *SETTINGS, "--dry-run")
+    assert code == 0 and "src/a\\nb\\x1b[2J.mp4" in err and "src/a\\nb\\x1b[2J.mp4: " in out
+    assert "a\nb" not in out + err and "\x1b" not in out + err
+
+
+def test_subtitles_only_for_sources_with_captioned_clips(tmp_path):
+    """Hostile review 10: a source with no clip got a .srt and a header-only .vtt."""
+    from adatp_core.clips import outputs
+    from adatp_core.clips.plan import ClipPlan, Shot
+
+    shot = Shot(index=0, start=0.0, end=2.0, transition="start")
+    plan = ClipPlan(tmp_path / "a.mp4", 0, 0, 0.0, 9, 8.0, 64, 48, "a_s0000")
+    (tmp_path / "videos").mkdir()
+    clip = outputs.DatasetClip(plan, tmp_path / "videos" / "a_s0000.mp4", "a cat")
+    with_clip = outputs.DatasetSource("a.mp4", str(tmp_path / "a.mp4"), "a-1", [shot], [clip])
+    without = outputs.DatasetSource("b.mp4", str(tmp_path / "b.mp4"), "b-2", [shot], [])
+    outputs.write_outputs(tmp_path, [with_clip, without], ("srt", "vtt"))
+    assert sorted(p.name for p in (tmp_path / "subtitles").iterdir()) == ["a-1.srt", "a-1.vtt"]
+    uncaptioned = dataclasses.replace(with_clip, clips=[dataclasses.replace(clip, caption=None)])
+    outputs.write_outputs(tmp_path, [uncaptioned, without], ("srt", "vtt"))  # its caption went: so does its file
+    assert not list((tmp_path / "subtitles").iterdir())
+
+
+def test_obstacles_in_the_output_folder_are_named_with_what_to_do(cli, tmp_path, one_shot):
+    """Hostile review 11: OUT/videos a file gave a raw '[Errno 17] File exists', OUT/clips.jsonl a
+    folder a message naming write_atomic's temp file."""
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "videos").write_text("x")
+    code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "a", *SETTINGS)
+    assert code == 2 and f"--out: {tmp_path / 'a' / 'videos'} is a file" in err and "move or remove it" in err
+    (tmp_path / "b" / "clips.jsonl").mkdir(parents=True)
+    code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "b", *SETTINGS)
+    assert code == 2 and f"{tmp_path / 'b' / 'clips.jsonl'} is a folder" in err and "move or remove it" in err
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "c", rules=RULES, layouts=("jsonl",))
+    (job.out / "clips.jsonl").mkdir(parents=True)  # made after the job's check: the layouts name it
+    summary = clips_job.ClipsSummary()
+    write_layouts(job, summary)
+    assert summary.output_error.startswith(f"{job.out / 'clips.jsonl'} (") and ".tmp" not in summary.output_error
+    assert not cli.loads
+
+
+def test_a_pipe_or_a_device_as_source_is_not_a_regular_file(tmp_path):
+    """Hostile review 12: a FIFO or /dev/zero given as SOURCE was reported as 'does not exist'."""
+    os.mkfifo(tmp_path / "pipe.mp4")
+    job = ClipsJob(sources=(tmp_path / "pipe.mp4", Path("/dev/zero"), tmp_path / "gone.mp4"), out=tmp_path / "o")
+    plan = clips_job.plan_sources(job, dry_run=True)
+    assert not plan.sources and [why for _, why in plan.problems] == [
+        "is not a regular file (a pipe or a device); give a video file"] * 2 + ["does not exist; check the path"]
+
+
+def test_a_source_replaced_by_other_footage_is_cut_again_and_its_old_captions_go(tmp_path, short):
+    """Hostile review 14: other footage with the same shot times under the same name kept the old
+    clips and captions; the record's size and mtime tell the file changed."""
+    src = tmp_path / "take.mp4"
+    src.write_bytes(short)
+    job = ClipsJob(sources=(src,), out=tmp_path / "set", rules=RULES)
+    cut_only(job)
+    old = {c.name: c.read_bytes() for c in clips_of(job)}
+    for c in clips_of(job):
+        c.with_suffix(".txt").write_text("the old footage")
+    write_video(src, 255 - scene_frames(32, 64, 48, scenes=2), fps=FPS)  # the same shots, other pictures
+    os.utime(src, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns + 10**9))
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (2, 0)
+    assert sorted(c.name for c in clips_of(job)) == sorted(old) and all(c.read_bytes() != old[c.name]
+                                                                        for c in clips_of(job))
+    assert not list(job.clips_dir.glob("*.txt"))  # the old captions went with their clips
+    assert len(list((job.state_dir / "replaced").glob("*.txt"))) == 2
+
+
+def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
+    """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
+    at its end: a kill loses little of it."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, cut="copy")
+    made = []
+    real = clips_job.write_record
+    monkeypatch.setattr(clips_job, "RECORD_EVERY", -1.0)
+    monkeypatch.setattr(clips_job, "write_record", lambda j, p: made.append(len(p.made)) or real(j, p))
+    cut_only(job)
+    assert made == [0, 1, 2, 2]  # planned, after each clip, at the source's end
+    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
+    assert sorted(record["made"]) == sorted(c.stem for c in clips_of(job))
+
+
+def test_a_file_name_that_is_not_utf8_is_cut_captioned_and_listed(cli, tmp_path, one_shot):
+    """Hostile review 1: a name's undecodable byte (held as a surrogate escape) stopped the whole job
+    when the record was written as UTF-8; it is kept as an escape that reads back exactly."""
+    (tmp_path / "src").mkdir()
+    bad = Path(os.fsdecode(bytes(tmp_path / "src") + b"/bad\xff.mp4"))
+    bad.write_bytes(one_shot)
+    (tmp_path / "src" / "ok.mp4").write_bytes(one_shot)
+    out = tmp_path / "set"
+    code, stdout, err = cli(tmp_path / "src", "--out", out, *SETTINGS, "--layout", "all")
+    assert code == 0, err
+    clips = sorted((out / "videos").glob("*.mp4"))
+    assert [c.name.split("-")[0] for c in clips] == ["bad", "ok"] and all(c.name.isascii() for c in clips)
+    assert all(c.with_suffix(".txt").read_text() for c in clips)
+    rows = [json.loads(line) for line in (out / "clips.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["source"].endswith("bad\\xff.mp4") and "source_b64" not in rows[1]
+    assert base64.b64decode(rows[0]["source_b64"]) == os.fsencode(bad)
+    assert sorted(p.name for p in (out / "subtitles").iterdir())[0].startswith("bad-")
+    code, stdout, err = cli(tmp_path / "src", "--out", out, *SETTINGS)
+    assert code == 0 and "0 cut now, 2 already there" in stdout and "2 from an earlier run" in stdout
+    code, stdout, err = cli(tmp_path / "src", "--out", out, *SETTINGS, "--dry-run", "--json")
+    assert code == 0 and json.loads(stdout)["sources"][0]["source"] == "src/bad\\xff.mp4"
+
+
+def test_a_run_leaves_alone_a_source_another_run_is_still_captioning(tiny, tmp_path, one_shot):
+    """Hostile review 3: the source's claim went right after cutting, so a second run with other rules
+    set aside the clips the first was captioning; the claim now lasts until they are captioned."""
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0)
+    other = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))  # the same names, smaller
+    seen = []
+
+    def on_event(stage, done, total, name):
+        if stage == "caption" and done == 0:  # the first run captions now: a second run starts
+            seen.append(run_clips(tiny, other))
+
+    first = run_clips(tiny, job, on_event=on_event)
+    second = seen[0]
+    assert second.elsewhere == [str(tmp_path / "one.mp4")] and second.clips_replaced == 0
+    assert "left to another run" in second.text() and "from an earlier run" not in second.text()  # review 7
+    clips = clips_of(job)
+    assert first.exit_code() == 0 and len(clips) == 1 and clips[0].with_suffix(".txt").read_text()
+    assert not (job.state_dir / "replaced").exists()
+    again = run_clips(tiny, other)  # once the first run is done, the new rules replace its clips
+    assert again.clips_replaced == 1 and not again.elsewhere

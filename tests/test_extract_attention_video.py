@@ -70,3 +70,18 @@ def test_a_run_too_large_is_refused_before_decoding(tiny, clip, node_module, mon
     with pytest.raises(ValueError, match="clip.mp4: 8 frame.*host memory.*nothing was decoded"):
         node_module.AdaTP_ExtractAttentionVideo().extract(tiny, VideoFromFile(str(clip)), QUESTION, 2, "text", 8,
                                                           "uniform", 1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("data", [b"not a video at all\n" * 10, b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200])
+def test_bad_bytes_are_named_as_the_video_input_not_the_servers_temp_file(tiny, node_module, temp_dir, data):
+    """Hostile review 13: the error named the temp file the bytes were written to."""
+    AdaTPInputError = pack_module("adatp_core.errors").AdaTPInputError  # noqa: N806  the pack's own class
+    for run in (lambda v: node_module.AdaTP_ExtractAttentionVideo().extract(tiny, v, QUESTION, 2, "text", 8,
+                                                                            "uniform", 1.0, 0.0, 0.0),
+                lambda v: pack_module("nodes.sample_video").AdaTP_SampleVideo().sample(v, 8, "uniform", 1.0, 0.0,
+                                                                                       0.0)):
+        with pytest.raises(AdaTPInputError) as info:
+            run(VideoFromFile(io.BytesIO(data)))
+        assert "the VIDEO input" in str(info.value) and "adatp_video_" not in str(info.value)
+        assert str(temp_dir) not in str(info.value)
+    assert not list(temp_dir.glob("*"))  # the bytes' file is gone

@@ -96,3 +96,25 @@ def test_no_import_circle():
 
 def test_no_private_name_crosses_modules():
     assert imports(modules())[1] == []
+
+
+def reached(edges: dict[str, dict[str, int]], start: str) -> set[str]:
+    """Every adatp_core module that importing ``start`` may import, itself included."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += list(edges.get(name, {}))
+    return seen
+
+
+def test_frames_in_pictures_out_stay_below_the_models_and_the_stages():
+    """The synthetic videos (samples.py) and the token picture (preview.py) reach neither the model
+    families nor the runtime nor the stages' state: a shared path helper and plain tensors instead."""
+    edges, _ = imports(modules())
+    above = ("adatp_core.models", "adatp_core.runtime", "adatp_core.state", "adatp_core.stages")
+    assert reached({"a": {"b": 1}, "b": {"adatp_core.state": 2}}, "a") == {"a", "b", "adatp_core.state"}
+    for module in ("adatp_core.samples", "adatp_core.preview"):
+        wrong = sorted(m for m in reached(edges, module) if m.startswith(above))
+        assert wrong == [], f"{module} reaches {wrong}"

@@ -213,3 +213,21 @@ def test_stop_at_the_end_of_turn_without_generation_config(qwen_cache, tmp_path)
     finally:
         hook.remove()
     assert answer.stats["new_tokens"] <= 1
+
+
+def test_the_stop_set_asks_the_disk_once_per_model_not_per_answer(tiny, frames, monkeypatch):
+    """Whether the folder has a generation_config.json is read once per loaded model: two answers
+    (each asks for the stop ids) look for the file once; a change to the config in memory still acts."""
+    from pathlib import Path
+
+    looked = []
+    is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: looked.append(self.name) or is_file(self))
+    monkeypatch.delitem(tiny.adapter.__dict__, "has_generation_config", raising=False)  # as freshly loaded
+    for question in (QUESTION, "What is shown?"):
+        state = extract_attention(tiny, frames, question, layer=2)
+        generate_answer(state, SamplingConfig(max_new_tokens=2, do_sample=False))
+    assert looked.count("generation_config.json") == 1
+    config = tiny.model.generation_config
+    monkeypatch.setattr(config, "eos_token_id", [7])
+    assert tiny.adapter.eos_token_ids == (7,) and looked.count("generation_config.json") == 1

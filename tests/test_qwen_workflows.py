@@ -47,10 +47,13 @@ def _on_qwen(data: dict, model: str, frames: int = 8, link_info: bool = True) ->
             node["widgets_values"][1] = frames
         if node["type"] == "AdaTP_SampleVideo":  # generated_video_qa.json: core Load Video's VIDEO
             node["widgets_values"][0] = frames
+        if node["type"] == "AdaTP_ExtractAttentionVideo":  # long_video_qa.json: at most `frames` at 1 fps
+            node["widgets_values"][3] = frames
     info_links = [link for link in wf["links"]
                   if link[5] == "ADATP_VIDEO_INFO" and nodes[link[3]]["type"] == "AdaTP_ExtractAttention"]
     extracts = [n for n in wf["nodes"] if n["type"] == "AdaTP_ExtractAttention"]
-    assert len(info_links) == len(extracts) > 0, "a shipped workflow does not connect video_info"
+    streamed = [n for n in wf["nodes"] if n["type"] == "AdaTP_ExtractAttentionVideo"]  # it reads its own times
+    assert len(info_links) == len(extracts) and extracts or streamed, "a shipped workflow does not connect video_info"
     if not link_info:
         for link_id, src, src_slot, dst, dst_slot, _ in info_links:
             wf["links"].remove([link_id, src, src_slot, dst, dst_slot, "ADATP_VIDEO_INFO"])

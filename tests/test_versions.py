@@ -69,6 +69,42 @@ def test_the_minimum_is_the_one_the_requirements_declare():
     assert versions.support(versions.MINIMUM) == versions.support(versions.NEWEST_TESTED) == versions.TESTED
 
 
+def test_the_readme_and_pyproject_write_the_same_range():
+    """The README's Supported versions table and pyproject.toml's comment write the range out by hand:
+    they must name the constants' minimum, newest tested release and day."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Supported versions"):]
+    header, row = (next(line for line in table.splitlines() if line.startswith(start))
+                   for start in ("| | supported | tested on", "| transformers |"))
+    newest = versions.release(versions.NEWEST_TESTED)
+    assert header.startswith(f"| | supported | tested on {versions.TESTED_ON} |"), header
+    for part in (f"| {versions.MINIMUM} through the current release ({newest.major}.{newest.minor}),",
+                 f"{versions.NEWEST_TESTED}, the newest", f"{versions.MINIMUM}.0, the declared minimum"):
+        assert part in row, (part, row)
+    assert f"transformers range in `pyproject.toml` ({versions.MINIMUM} and later;" in " ".join(readme.split())
+    comment = " ".join(line.lstrip("# ") for line in (ROOT / "pyproject.toml").read_text().splitlines()
+                       if line.startswith("#"))
+    assert (f"transformers {versions.MINIMUM} through the current release ({newest.major}.{newest.minor} on "
+            f"{versions.TESTED_ON})") in comment, comment
+
+
+@pytest.mark.parametrize("version", [NEWER, "5.10.0", versions.NEWEST_TESTED])
+def test_the_warning_the_doctor_and_the_error_say_where_a_release_stands_alike(monkeypatch, caplog, fresh_warning,
+                                                                                version):
+    """One phrase (versions.standing) for where a release stands, in each reader that names it."""
+    pretend(monkeypatch, version)
+    said = f"transformers {version} is {versions.standing(version)}"
+    with caplog.at_level(logging.WARNING, logger=versions.__name__):
+        versions.warn_if_untested()
+    warned = [r.getMessage() for r in caplog.records if r.name == versions.__name__]
+    assert said in doctor.upgrade_advice()
+    if version != versions.NEWEST_TESTED:
+        assert len(warned) == 1 and said in warned[0]
+        assert said in str(versions.transformers_error(AttributeError("x"), "qwen3_5", "the decoder layers"))
+    else:
+        assert warned == [] and versions.tested_range() in said
+
+
 @pytest.mark.parametrize("version, kind", [
     ("5.16.2", versions.OLDER), ("4.57.0", versions.OLDER), ("5.17.0", versions.TESTED), ("5.24.0", versions.TESTED),
     ("5.25.0", versions.TESTED), ("5.25.0+local", versions.TESTED), ("5.25.1", versions.NEWER),

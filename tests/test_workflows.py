@@ -28,7 +28,7 @@ def _load(name):
 def test_the_workflows_ship():
     assert [p.name for p in WORKFLOWS] == ["adatp_video_qa.json", "caption_folder.json", "clip_dataset.json",
                                            "fastv_baseline.json",
-                                           "generated_video_qa.json", "self_check.json", "two_questions.json",
+                                           "generated_video_qa.json", "long_video_qa.json", "self_check.json", "two_questions.json",
                                            "vanilla_vs_adatp.json", "video_caption.json"]
 
 
@@ -52,6 +52,8 @@ def test_links_match_node_definitions(env, path):
         assert {"AdaTP_LoadVideoLLM", "AdaTP_CaptionFolder", "PreviewAny"} <= by_type
     elif path.name == "clip_dataset.json":
         assert {"AdaTP_LoadVideoLLM", "AdaTP_ClipDataset"} <= by_type
+    elif path.name == "long_video_qa.json":  # core Load Video's VIDEO streamed into Extract Attention (Video File)
+        assert {"LoadVideo", "AdaTP_ExtractAttentionVideo", "AdaTP_GenerateAnswer"} <= by_type
     elif path.name == "generated_video_qa.json":  # core Load Video's VIDEO into Sample Video
         assert {"LoadVideo", "AdaTP_SampleVideo", "AdaTP_ExtractAttention", "AdaTP_GenerateAnswer"} <= by_type
     else:
@@ -85,6 +87,10 @@ def test_every_workflow_runs_headless(env, path):
     if path.name == "generated_video_qa.json":  # Sample Video decoded the sample's frames and gave their times
         frames, info = result.outputs[3]
         assert frames.shape[0] == 32 and len(info.timestamps) == 32 and info.backend in ("decord", "pyav")
+        assert any("frame times from the video" in t for t in texts)
+    if path.name == "long_video_qa.json":  # streamed at 1 fps over the whole 12 s sample, times from the file
+        state, info = result.outputs[3]
+        assert len(info.timestamps) == 12 and state.stats["video_streamed"] and info.backend in ("decord", "pyav")
         assert any("frame times from the video" in t for t in texts)
     if path.name == "two_questions.json":  # the second Extract Attention reuses the first's video prefix
         prefix = [t.splitlines()[-1] for t in texts if "Generation:" in t]

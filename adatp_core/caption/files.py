@@ -14,6 +14,7 @@ import base64
 import errno
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -42,6 +43,16 @@ def shown(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate that stands for no byte (broken text, not a name)
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return raw.decode("utf-8", "backslashreplace")
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal or a log line: ``shown``, and control characters (a newline or an escape
+    sequence in a file name) written as Python escapes (\\n, \\x1b), so a name takes one line and
+    cannot move the cursor."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], shown(text))
 
 
 def name_record(rel: str) -> dict:

@@ -21,15 +21,16 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
+from ..caption import check_options
 from ..caption.cli import Distributed, ProgressLine, option_message, run_distributed
 from ..caption.cli import build_parser as caption_parser
-from ..caption.files import shown
+from ..caption.files import printable
 from ..cli_options import add_model_arguments, load_model, pipeline_config  # the model options, as caption takes them
 from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
 from .job import CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, ClipsSummary, parse_layouts, \
     plan_sources, run_clips, write_layouts
+from .outputs import readable
 from .plan import ClipRules
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adatp_core clips", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve",
                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="videos, or folders of videos")
-    p.add_argument("--out", type=Path, required=True, help="the dataset folder (clips go to OUT/videos)")
+    # text, not Path: Path("") is ".", and ClipsJob refuses an empty path rather than use the current folder
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="videos, or folders of videos")
+    p.add_argument("--out", required=True, help="the dataset folder (clips go to OUT/videos)")
     p.add_argument("--recursive", action="store_true", help="include videos in subfolders of a SOURCE folder")
     rules = p.add_argument_group("clips")
     rules.add_argument("--min-seconds", type=float, default=defaults.min_seconds,
-                       help=f"shortest clip (default {defaults.min_seconds:g}); a shorter shot is dropped "
+                       help=f"shortest clip, first frame to last (default {defaults.min_seconds:g}); a shorter "
+                            "shot is dropped "
                             "unless --keep-short")
     rules.add_argument("--max-seconds", type=float, default=defaults.max_seconds,
-                       help=f"longest clip (default {defaults.max_seconds:g}); a longer shot gives several")
+                       help=f"longest clip, first frame to last: n frames last (n-1)/fps (default "
+                            f"{defaults.max_seconds:g}: 81 frames at 16 fps; 5.34 for 129 at 24); a longer shot "
+                            "gives several")
     rules.add_argument("--fps", type=frame_rate, default=defaults.fps,
                        help=f"the clips' frame rate, or 'source' (default {defaults.fps:g})")
     rules.add_argument("--trim-frames", type=int, default=defaults.trim_frames,
@@ -125,7 +130,7 @@ def make_job(args) -> ClipsJob:
 
 def message(exc: Exception, args) -> str:
     option = getattr(exc, "option", None)
-    text = shown(str(exc))
+    text = printable(str(exc))
     if option in OPTIONS and not text.startswith(OPTIONS[option]):
         return f"{OPTIONS[option]}: {text}"
     return option_message(exc, args)
@@ -144,9 +149,10 @@ class Progress:
         if stage == "shots":
             now = time.monotonic()
             if done == int(done):
-                print(f"{self.label}shots: {int(done)}/{int(total)} sources  {shown(name)}", file=sys.stderr)
+                print(f"{self.label}shots: {int(done)}/{int(total)} sources  {printable(name)}", file=sys.stderr)
             elif now - self.said >= self.EVERY_S:
-                print(f"{self.label}shots: {shown(name)} {100 * (done - int(done)):.0f}% analysed", file=sys.stderr)
+                print(f"{self.label}shots: {printable(name)} {100 * (done - int(done)):.0f}% analysed",
+                      file=sys.stderr)
             else:
                 return
             self.said = now
@@ -155,7 +161,7 @@ class Progress:
         if bar is None or bar.total != total:
             bar = self.bars[stage] = ProgressLine(int(total), f"{self.label}{stage}: ")
         if done:  # 0: the stage begins
-            bar.update(shown(name))
+            bar.update(printable(name))
 
 
 def gather(dist: Distributed, summary: ClipsSummary) -> ClipsSummary:
@@ -172,8 +178,6 @@ def run(args, dist: Distributed) -> int:
     label = f"[{dist.index + 1}/{dist.count}] " if dist.count > 1 else ""
     try:
         job = make_job(args)
-        from ..caption import check_options
-
         check_options(job.prompt, job.pipeline, job.workers)
     except (AdaTPInputError, AdaTPEnvironmentError, OSError) as exc:
         print(f"{label}error: {message(exc, args)}", file=sys.stderr)
@@ -181,7 +185,10 @@ def run(args, dist: Distributed) -> int:
     progress = Progress(label)
     if args.dry_run:
         plan = plan_sources(job, (dist.index, dist.count), progress, dry_run=True)
-        print(json.dumps(plan.to_dict(), indent=1, ensure_ascii=False) if args.json else plan.text())
+        print(json.dumps(readable(plan.to_dict()), indent=1, ensure_ascii=False) if args.json else plan.text())
+        if job.cut == "copy" and not args.json:
+            print("--cut copy: each clip will start at the first keyframe at or after its start, at the source's "
+                  "rate and size, so its frames differ from this plan (the JSONL gives what is written).")
         return 0 if plan.clips or not (plan.problems or any(p.error for p in plan.sources)) else 1
 
     def model():
@@ -196,7 +203,7 @@ def run(args, dist: Distributed) -> int:
     except Exception as exc:  # noqa: BLE001  the model failed to load, a disk failed: said, not a traceback
         log.debug("clips job failed", exc_info=True)
         known = isinstance(exc, (AdaTPInputError, AdaTPEnvironmentError, OSError))
-        why = message(exc, args) if known else f"{exc.__class__.__name__}: {shown(str(exc))}"
+        why = message(exc, args) if known else f"{exc.__class__.__name__}: {printable(str(exc))}"
         print(f"{label}error: {why}", file=sys.stderr)
         # The other processes wait for this one's summary: it goes to them with the error in it.
         summary = ClipsSummary(error=f"{label}{why}")
@@ -204,7 +211,7 @@ def run(args, dist: Distributed) -> int:
     if dist.main:
         if dist.count > 1:
             write_layouts(job, summary)
-        print(json.dumps(summary.to_dict(), indent=1, ensure_ascii=False) if args.json
+        print(json.dumps(readable(summary.to_dict()), indent=1, ensure_ascii=False) if args.json
               else summary.text(dist.count))
     return summary.exit_code()
 

@@ -3,14 +3,15 @@
 ``reencode`` (the default, for training sets): clip frame k is the source frame on screen at
 ``plan.start + k / plan.fps`` (timestamps, so a variable-frame-rate source is cut right),
 rotated as a player shows it, scaled to the plan's size and written as H.264 yuv420p 8-bit
-(a 10-bit or HDR source is converted; HDR is not tone-mapped) at ``crf`` quality. The
+(a 10-bit or HDR source is converted; HDR is not tone-mapped: the job says so for each PQ or
+HLG source, job.source_notes) at ``crf`` quality. The
 source is read once, front to back, for all its clips; clips that overlap are written
 side by side, and a long stretch with no clip is skipped by a seek.
 
 ``copy``: packets are copied, no frame is decoded: each clip starts at the first keyframe
 at or after its start and ends before its end, at the source's own rate and size (so the
-frame count follows the source's keyframes, not the plan). A clip with no keyframe
-inside it fails with a message to use reencode.
+frame count follows the source's keyframes, not the plan; each CutResult's ``made`` says what
+was written). A clip with no keyframe inside it fails with a message to use reencode.
 
 Every clip is written to a hidden temp file in out_dir and renamed to
 ``out_dir / f"{plan.name}.mp4"`` only when complete: an interrupted cut (even a kill)
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AdaTPInputError
+from ..errors import AdaTPInputError, OptionError
 from .plan import ClipPlan, display_rotation
 from .shots import source_events
 
@@ -53,6 +54,20 @@ class CutResult:
     path: Path | None  # the written clip (.mp4), None on failure
     skipped: bool  # already there from an earlier run
     error: str | None
+    made: dict | None = None  # a clip written now: what its file holds (MADE_FIELDS; copy mode decides them)
+
+
+MADE_FIELDS = ("start", "frames", "fps", "width", "height")  # a written clip, as its file holds it
+
+
+def check_cut(mode: str, crf: int) -> None:
+    """The cut settings; OptionError names the one at fault."""
+    if mode not in CUT_MODES:
+        raise OptionError("cut", f"the cut mode must be one of {CUT_MODES} (reencode: exact frames; copy: fast, "
+                                 f"cut at keyframes), got {mode!r}")
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise OptionError("crf", f"crf must be a whole number from 0 (lossless) to 51 (18: visually lossless, "
+                                 f"23: x264's default), got {crf!r}")
 
 
 def clip_file(out_dir: Path, plan: ClipPlan) -> Path:
@@ -63,12 +78,12 @@ def temp_file(out_dir: Path, plan: ClipPlan) -> Path:
     return Path(out_dir) / f".{plan.name}.part-{os.getpid()}.mp4"
 
 
-def remove_stale_temps(out_dir: Path, plans: list[ClipPlan]) -> None:
-    """Remove the temp files of these clips left by a process that is gone (a killed run)."""
-    names = {p.name for p in plans}
+def remove_stale_temps(out_dir: Path) -> None:
+    """Remove the temp files (temp_file's names) left in out_dir by a process that is gone (a killed
+    run), whichever clip they were for: the plan may have changed since."""
     for tmp in Path(out_dir).glob(".*.part-*.mp4"):
         stem, _, pid = tmp.name[1:-len(".mp4")].rpartition(".part-")
-        if stem not in names or not pid.isdigit():
+        if not stem or not pid.isdigit() or not tmp.is_file() or tmp.is_symlink():
             continue
         try:
             os.kill(int(pid), 0)
@@ -104,6 +119,7 @@ class ClipWriter:
         self.final = clip_file(out_dir, plan)
         self.tmp = temp_file(out_dir, plan)
         self.k = 0  # frames written (reencode)
+        self.packets = 0  # video packets copied (copy): one a frame
         self.offset = None  # copy: the first packet's dts, in the video stream's time base
         self.start_t = plan.start  # the source time of its first frame (copy: of its first keyframe)
         self.encoding = video_template is None
@@ -112,6 +128,7 @@ class ClipWriter:
         try:
             if video_template is not None:
                 self.video = self.container.add_stream_from_template(video_template)
+                self.source_rate = video_template.average_rate or video_template.guessed_rate
             else:
                 rate = Fraction(plan.fps).limit_denominator(1001)
                 self.video = self.container.add_stream(encoder, rate=rate)
@@ -141,6 +158,21 @@ class ClipWriter:
             self.container.mux(packet)
         self.k += 1
 
+    def made(self) -> dict:
+        """What the clip's file holds (MADE_FIELDS): reencode, the plan's frames at the encoder's rate
+        and the plan's size; copy, the packets copied from the first keyframe on, at the source's
+        rate and size."""
+        stream = self.video
+        if self.encoding:
+            frames, rate = self.k, stream.codec_context.time_base
+            fps = float(1 / rate)
+        else:
+            frames = self.packets
+            rate = self.source_rate
+            fps = float(rate) if rate else self.plan.fps
+        return {"start": round(self.start_t, 6), "frames": frames, "fps": round(fps, 6),
+                "width": stream.codec_context.width, "height": stream.codec_context.height}
+
     def add_packet(self, packet, out_stream, start_ts: int) -> None:
         """Copy ``packet`` (times rebased by ``start_ts`` in its own time base) into ``out_stream``."""
         import av
@@ -152,6 +184,7 @@ class ClipWriter:
         copy.is_keyframe = packet.is_keyframe
         copy.stream = out_stream
         self.container.mux(copy)
+        self.packets += out_stream is self.video
 
     def finish(self) -> Path:
         if self.encoding:
@@ -218,18 +251,13 @@ def cut_clips(source: Path, plans: list[ClipPlan], out_dir: Path, *, mode: str =
     Each clip goes to a temp file in out_dir then is renamed (never a half-written clip). A clip
     whose file exists is skipped. keep_audio: the source's audio in the clip's time range is copied
     too. Returns one CutResult per plan, in the order of ``plans``; on_clip(result) runs as each is
-    done. Raises AdaTPInputError for a bad mode or crf, or a source that is not a video; a clip
+    done. Raises OptionError for a bad mode or crf, AdaTPInputError for or a source that is not a video; a clip
     that cannot be cut (a damaged region, the source ending early) is a failed result."""
     import av
 
     from ..video import open_video, probe_video
 
-    if mode not in CUT_MODES:
-        raise AdaTPInputError(f"the cut mode must be one of {CUT_MODES} (reencode: exact frames; copy: fast, cut "
-                              f"at keyframes), got {mode!r}")
-    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
-        raise AdaTPInputError(f"crf must be a whole number from 0 (lossless) to 51 (18: visually lossless), "
-                              f"got {crf!r}")
+    check_cut(mode, crf)
     source, out_dir = Path(source), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[int, CutResult] = {}
@@ -247,7 +275,7 @@ def cut_clips(source: Path, plans: list[ClipPlan], out_dir: Path, *, mode: str =
             todo.append((i, plan))
     if todo:
         probe = probe_video(source)
-        remove_stale_temps(out_dir, [p for _, p in todo])
+        remove_stale_temps(out_dir)
         try:
             container = open_video(source)
         except av.error.FFmpegError as exc:
@@ -277,11 +305,12 @@ def _fail(writer: ClipWriter, i: int, report, why: str) -> None:
 
 def _finish(writer: ClipWriter, i: int, report) -> None:
     try:
+        made = writer.made()
         path = writer.finish()
     except Exception as exc:  # noqa: BLE001 - the muxer's failure fails this clip only
         _fail(writer, i, report, f"writing the clip failed ({exc.__class__.__name__}: {exc})")
         return
-    report(i, CutResult(writer.plan, path, False, None))
+    report(i, CutResult(writer.plan, path, False, None, made))
 
 
 def _route_audio(writers: dict, t: float, packet, start_time: float) -> None:
@@ -302,6 +331,19 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
     held: deque = deque()
     prev = None  # (t, frame): the last good frame, None after damaged data until the next good one
     last_t = None
+
+    def open_next() -> None:
+        """Open the next pending clip (its audio so far routed in); a clip that cannot be written fails."""
+        i, plan = pending.popleft()
+        try:
+            w = writers[i] = ClipWriter(plan, out_dir, encoder=encoder, crf=crf, audio_template=frames.audio)
+            for at, packet in held:
+                _route_audio({i: w}, at, packet, frames.start_time)
+        except (OSError, av.error.FFmpegError) as exc:  # this clip cannot be written (disk full...)
+            if i in writers:
+                writers.pop(i).abort()
+            report(i, CutResult(plan, None, False, f"the clip cannot be written ({exc})"))
+
     try:
         since = pending[0][1].start if pending[0][1].start > SEEK_GAP else 0.0
         while pending or writers:
@@ -326,16 +368,7 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
                     break
                 # a new frame at t: the frame before it is on screen for every target before t
                 while pending and pending[0][1].start + _EPS < t:
-                    i, plan = pending.popleft()
-                    try:
-                        w = writers[i] = ClipWriter(plan, out_dir, encoder=encoder, crf=crf,
-                                                    audio_template=frames.audio)
-                        for at, packet in held:
-                            _route_audio({i: w}, at, packet, frames.start_time)
-                    except (OSError, av.error.FFmpegError) as exc:  # this clip cannot be written (disk full...)
-                        if i in writers:
-                            writers.pop(i).abort()
-                        report(i, CutResult(plan, None, False, f"the clip cannot be written ({exc})"))
+                    open_next()
                 for i, w in list(writers.items()):
                     try:
                         while not w.done and w.target + _EPS < t:
@@ -356,7 +389,9 @@ def _reencode(frames: Frames, todo: list, out_dir: Path, report, *, crf: int, ro
             if restart is not None:
                 since, prev = restart, None
                 continue
-            # the end of the source: the last frame stays on screen for one frame
+            # the end of the source: the last frame stays on screen for one frame (a clip may start there)
+            while pending and prev is not None and pending[0][1].start < prev[0] + frame_time - _EPS:
+                open_next()
             for i, w in list(writers.items()):
                 while not w.done and prev is not None and w.target < prev[0] + frame_time - _EPS:
                     w.add_frame(convert(prev[1], w.plan.width, w.plan.height))

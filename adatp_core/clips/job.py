@@ -35,15 +35,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, FolderPlan, OptionError,
-                       caption_folder, existing_caption, plan_folder, scan_folder, shown, write_atomic)
+from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, FolderPlan, OptionError, grouped,
+                       caption_folder, existing_caption, plan_folder, scan_folder, write_atomic)
+from ..caption.files import printable
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
-from .cut import CUT_MODES, cut_clips
-from .outputs import DatasetClip, DatasetSource, write_outputs
-from .plan import FRAME_RULES, ClipPlan, ClipRules, plan_clips, source_key
-from .shots import Shot, detect_shots
+from .cut import CUT_MODES, check_cut, cut_clips, remove_stale_temps
+from .outputs import LAYOUT_FILES, SUBTITLES_FOLDER, DatasetClip, DatasetSource, write_outputs
+from .plan import FRAME_RULES, ClipPlan, ClipRules, hdr_transfer, plan_clips, source_key
+from .shots import Shot, check_threshold, detect_shots
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ CLIPS_FOLDER = "videos"  # OUT/videos: the clips (finetrainers' videos.txt lists
 STATE_FOLDER = ".adatp"  # OUT/.adatp: per-source plans, and the captions when no .txt layout is asked for
 CLIP_SUFFIX = ".mp4"
 RECORD_VERSION = 1
+RECORD_EVERY = 10.0  # seconds: while a source is cut, its record (what each clip holds) is rewritten this often
 LAYOUTS = ("txt", "finetrainers", "jsonl", "srt", "vtt")
 DEFAULT_LAYOUTS = ("txt", "jsonl", "srt", "vtt")
 
@@ -121,6 +123,11 @@ class ClipsJob:
     out_root: Path | None = None  # the clips and captions must resolve inside it (the node); None: any
 
     def __post_init__(self):
+        if not str(self.out).strip():  # Path("") is "."; the dataset would land in the current folder
+            raise OptionError("out", "the output folder is empty text; give a folder for the dataset")
+        if any(not str(s).strip() for s in self.sources):
+            raise OptionError("sources", "a source is empty text (which would be the current folder); give the "
+                                         "videos or folders of videos")
         object.__setattr__(self, "sources", tuple(Path(s).expanduser() for s in self.sources))
         object.__setattr__(self, "out", Path(self.out).expanduser())
         if not self.sources:
@@ -130,25 +137,36 @@ class ClipsJob:
         if unknown or not layouts:
             raise OptionError("layout", f"layouts must be some of {', '.join(LAYOUTS)}, got {list(self.layouts)!r}")
         object.__setattr__(self, "layouts", layouts)
-        if self.cut not in CUT_MODES:
-            raise OptionError("cut", f"cut must be one of {CUT_MODES}, got {self.cut!r}")
-        if isinstance(self.crf, bool) or not isinstance(self.crf, int) or not 0 <= self.crf <= 51:
-            raise OptionError("crf", f"crf must be an integer from 0 (lossless) to 51, got {self.crf!r} (18 is "
-                                     "visually lossless, 23 is x264's default)")
-        if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and self.threshold > 0):
-            raise OptionError("threshold", f"threshold must be a number above 0, got {self.threshold!r}")
-        check_rules(self.rules)
+        check_cut(self.cut, self.crf)
+        if self.threshold is not None:
+            check_threshold(self.threshold)
         for parent in (self.out, *self.out.parents):
             if parent.exists() or parent.is_symlink():
                 if not parent.is_dir():
-                    raise OptionError("out", f"{shown(str(parent))} is a file, not a folder; give a folder "
+                    raise OptionError("out", f"{printable(str(parent))} is a file, not a folder; give a folder "
                                              "for the clips.")
                 break
         if self.out_root is not None:  # the node: nothing under the output folder may lead out of its root
             for folder in (self.out, self.clips_dir, self.state_dir, self.caption_dir):
                 if not inside(resolved(self.out_root), resolved(folder)):
-                    raise OptionError("out", f"{shown(str(folder))} leads outside {shown(str(self.out_root))} "
+                    raise OptionError("out", f"{printable(str(folder))} leads outside {printable(str(self.out_root))} "
                                              "(a link); remove the link or choose another output folder.")
+        self.check_obstacles()
+
+    def check_obstacles(self) -> None:
+        """OptionError("out") naming what in the output folder is in the way: a file where the job
+        keeps a folder, or a folder where a layout writes its file."""
+        folders = {self.clips_dir: "the clips", self.state_dir: "its records", self.out / SUBTITLES_FOLDER:
+                   "the subtitles"}
+        for folder, what in folders.items():
+            if os.path.lexists(folder) and not folder.is_dir():
+                raise OptionError("out", f"{printable(str(folder))} is a file, where the job keeps {what} in a "
+                                         "folder; move or remove it, or choose another output folder.")
+        files = [n for layout, names in LAYOUT_FILES.items() if layout in self.layouts for n in names]
+        for name in files:
+            if (self.out / name).is_dir():
+                raise OptionError("out", f"{printable(str(self.out / name))} is a folder, where the layouts write a "
+                                         "file; move or remove it, or choose another output folder.")
 
     @property
     def clips_dir(self) -> Path:
@@ -184,35 +202,6 @@ def parse_layouts(text: str) -> tuple:
     return names
 
 
-def check_rules(rules: ClipRules) -> None:
-    """The clip rules, checked before any source is read; OptionError names the rule."""
-    def number(name, low, allow_none=False, integer=False):
-        value = getattr(rules, name)
-        if value is None and allow_none:
-            return
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value != value or value < low:
-            raise OptionError(name, f"{name.replace('_', '-')} must be {'an integer' if integer else 'a number'} "
-                                    f">= {low}, got {value!r}")
-
-    number("min_seconds", 0)
-    number("max_seconds", 0)
-    if not rules.max_seconds > 0:
-        raise OptionError("max_seconds", f"max-seconds must be above 0, got {rules.max_seconds!r}")
-    if rules.min_seconds > rules.max_seconds:
-        raise OptionError("min_seconds", f"min-seconds ({rules.min_seconds}) is above max-seconds "
-                                         f"({rules.max_seconds}); no clip could obey both")
-    number("fps", 0, allow_none=True)
-    if rules.fps is not None and not rules.fps > 0:
-        raise OptionError("fps", f"fps must be above 0 (or the source's rate), got {rules.fps!r}")
-    if rules.frames not in FRAME_RULES:
-        raise OptionError("clip_frames", f"frames must be one of {FRAME_RULES}, got {rules.frames!r}")
-    number("trim_frames", 0, integer=True)
-    number("max_side", 0, integer=True)
-    if 0 < rules.max_side < 16:
-        raise OptionError("max_side", f"max-side must be 0 (keep the size) or at least 16, got {rules.max_side}")
-
-
 # --- sources ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -225,26 +214,41 @@ class Source:
     name: str
 
 
-def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]]]:
-    """Every source video of the job, in a fixed order (the same in every process), and
-    (name, why) for what was given but cannot be a source. A folder is listed as the caption
-    command lists one (hidden names skipped; the output folder left out)."""
-    sources, problems, seen = [], [], set()
+def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]], list[tuple[str, str]]]:
+    """Every source video of the job, in a fixed order (the same in every process), (name, why)
+    for what was given but cannot be a source, and (name, note) for each folder skipped as a
+    dataset. A folder is listed as the caption command lists one (hidden names skipped; this job's
+    clips and any other dataset this command made left out)."""
+    sources, problems, notes, seen = [], [], [], set()
+    datasets: dict[Path, bool] = {}
     for given in job.sources:
         if given.is_dir():
-            try:
-                listing = scan_folder(given, job.recursive, [job.out], job.root)
+            try:  # this job's clips are left out (OUT may be the source folder itself: its videos are sources),
+                listing = scan_folder(given, job.recursive, [job.clips_dir], job.root)  # and any dataset's
             except AdaTPInputError as exc:
                 problems.append((str(given), str(exc)))
                 continue
-            found = [Source(p, given, f"{given.name}/{p.relative_to(given).as_posix()}") for p in listing.clips]
+            found, skipped = [], set()
+            for p in listing.clips:
+                other = other_dataset(job, given, p, datasets)
+                if other is None:
+                    found.append(Source(p, given, f"{given.name}/{p.relative_to(given).as_posix()}"))
+                elif other not in skipped:  # said once per dataset folder
+                    skipped.add(other)
+                    rel = other.relative_to(given).as_posix()
+                    notes.append((given.name if rel == "." else f"{given.name}/{rel}",
+                                  f"the clips of a dataset this command made (its {STATE_FOLDER}/ holds the "
+                                  "records): not taken as sources; skipped"))
             problems += [(f"{given.name}/{rel}", why) for rel, why in listing.problems]
             problems += [(f"{given.name}/{rel}", why) for rel, why in listing.folders]
-            if not found and not listing.problems:
+            if not found and not listing.problems and not skipped:
                 problems.append((str(given), "holds no video files" + ("" if job.recursive else
                                                                        " (add --recursive for subfolders)")))
-        elif given.exists():
+        elif given.is_file():
             found = [Source(given, None, str(given))]
+        elif given.exists():  # a pipe, a device: reading it could block or never end
+            problems.append((str(given), "is not a regular file (a pipe or a device); give a video file"))
+            continue
         else:
             problems.append((str(given), "does not exist; check the path"))
             continue
@@ -253,31 +257,33 @@ def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]]]:
             if real not in seen:  # the same file given twice (or through a link) is one source
                 seen.add(real)
                 sources.append(source)
-    return sources, problems
+    return sources, problems, notes
+
+
+def other_dataset(job: ClipsJob, given: Path, path: Path, cache: dict) -> Path | None:
+    """The clips folder (D/videos) of a dataset this command made (D/.adatp/sources) that ``path``
+    lies in, from ``given`` down, or None. Only its clips are left out: the rest of D (footage kept
+    beside the set, as with --out equal to the source folder) stays a source."""
+    folders = [given]
+    for part in path.relative_to(given).parent.parts:
+        folders.append(folders[-1] / part)
+    for folder in folders:
+        if folder not in cache:
+            cache[folder] = folder.name == CLIPS_FOLDER and (folder.parent / STATE_FOLDER / "sources").is_dir()
+        if cache[folder]:
+            return folder
+    return None
 
 
 def source_keys(sources: list[Source]) -> tuple[list[Source], dict[Path, str], list[tuple[str, str]]]:
-    """Each source's key (the stem of its clips' names), and (name, why) for a source whose key
-    another source has too. Keys come from the path below the folder a source was found in;
-    two with the same key are keyed by their whole paths instead (their root becomes None, and
-    plan_clips names their clips by that key)."""
-    sources = list(sources)
-    keys = [source_key(s.path, s.root) for s in sources]
-    problems: list[tuple[str, str]] = []
-    for attempt in range(2):
-        counts = Counter(keys)
-        clashing = [i for i, key in enumerate(keys) if counts[key] > 1]
-        if not clashing:
-            break
-        for i in clashing:
-            if attempt == 0:
-                sources[i] = dataclasses.replace(sources[i], path=Path(os.path.realpath(sources[i].path)), root=None)
-                keys[i] = source_key(sources[i].path, None)
-            else:
-                problems.append((sources[i].name, f"its clip names ({keys[i]}) would be another source's too; "
-                                                  "rename it"))
-    kept = [i for i in range(len(sources)) if not any(name == sources[i].name for name, _ in problems)]
-    return [sources[i] for i in kept], {sources[i].path: keys[i] for i in kept}, problems
+    """Each source's key (the stem of its clips' names, from its resolved path), and (name, why)
+    for a source whose key another source has too (two paths whose short hashes meet)."""
+    keys = [source_key(s.path) for s in sources]
+    counts = Counter(keys)
+    problems = [(s.name, f"its clip names ({key}) would be another source's too; rename it")
+                for s, key in zip(sources, keys) if counts[key] > 1]
+    kept = [(s, key) for s, key in zip(sources, keys) if counts[key] == 1]
+    return [s for s, _ in kept], {s.path: key for s, key in kept}, problems
 
 
 # --- plans, kept per source ---------------------------------------------------------------------
@@ -294,6 +300,9 @@ class SourcePlan:
     error: str | None = None
     reused: bool = False
     replaced: list = field(default_factory=list)  # an earlier plan's clips that this plan no longer has
+    moved: int = 0  # of those, the clips found in videos/ and set aside (set_aside)
+    made: dict = field(default_factory=dict)  # clip name -> what its file holds (cut.MADE_FIELDS), once cut
+    notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
 
     @property
     def duration(self) -> float:
@@ -329,11 +338,33 @@ def record_plan(record: dict) -> tuple[str, list[Shot], list[ClipPlan]]:
     return record["source"], shots, clips
 
 
+def cut_settings(job: ClipsJob) -> dict:
+    """What the cut settings make of a clip's file (crf only matters when re-encoding)."""
+    return {"mode": job.cut, "crf": job.crf if job.cut == "reencode" else None, "keep_audio": job.keep_audio}
+
+
+PLAN_FIELDS = ("start", "frames", "fps", "width", "height")  # what a clip's file holds, beside its name
+
+
+def stale_clips(earlier: list[ClipPlan], now: list[ClipPlan], same_source: bool, same_cut: bool) -> list[ClipPlan]:
+    """The earlier plan's clips whose files the current plan cannot keep: a name it no longer has,
+    or one it plans otherwise (other frames, rate or size under the same name), or every one when
+    the source or the cut settings changed."""
+    if not (same_source and same_cut):
+        return list(earlier)
+    planned = {c.name: tuple(getattr(c, f) for f in PLAN_FIELDS) for c in now}
+    return [c for c in earlier if planned.get(c.name) != tuple(getattr(c, f) for f in PLAN_FIELDS)]
+
+
 def write_record(job: ClipsJob, plan: SourcePlan) -> None:
     record = {"version": RECORD_VERSION, "source": str(plan.source.path), "name": plan.source.name,
+              "resolved": os.path.realpath(plan.source.path),  # the file, however it was given (its key's path)
               **_identity(plan.source.path), "threshold": job.threshold, "rules": _plain(job.rules),
-              "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips]}
-    text = json.dumps(record, indent=1, ensure_ascii=False) + "\n"
+              "cut": cut_settings(job),
+              "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips],
+              "made": {c.name: plan.made[c.name] for c in plan.clips if c.name in plan.made}}
+    # ASCII: a path's undecodable bytes (surrogate escapes) are kept as \\udcXX escapes that read back exactly
+    text = json.dumps(record, indent=1, ensure_ascii=True) + "\n"
     path = record_path(job, plan.key)
     try:
         if path.read_text(encoding="utf-8") == text:
@@ -354,21 +385,24 @@ def plan_source(job: ClipsJob, source: Source, key: str,
     plan = SourcePlan(source, key)
     try:
         record = read_record(job, key)
-        same_file = record is not None and record.get("source") == str(source.path) \
+        same_file = record is not None and record.get("resolved") == os.path.realpath(source.path) \
             and {k: record.get(k) for k in ("size", "mtime_ns")} == _identity(source.path)
+        same_cut = record is not None and record.get("cut") == cut_settings(job)
         if same_file and record.get("threshold") == job.threshold:
             _, plan.shots, clips = record_plan(record)
             plan.reused = True
-            if record.get("rules") == _plain(job.rules):
+            if record.get("rules") == _plain(job.rules) and same_cut:
                 plan.clips = clips
+                plan.made = dict(record.get("made") or {})
                 return plan
         else:
             plan.shots = detect_shots(source.path, **({} if job.threshold is None else {"threshold": job.threshold}),
                                       on_progress=on_progress)
-        plan.clips = plan_clips(source.path, plan.shots, job.rules, source.root)
-        if record is not None:  # the source or the rules changed: the earlier plan's other clips go
-            names = {c.name for c in plan.clips}
-            plan.replaced = [c for c in record_plan(record)[2] if c.name not in names]
+        plan.clips = plan_clips(source.path, plan.shots, job.rules)
+        if record is not None:  # the source, the rules or the cut changed: the clips made otherwise go
+            plan.replaced = stale_clips(record_plan(record)[2], plan.clips, same_file, same_cut)
+            gone = {c.name for c in plan.replaced}
+            plan.made = {k: v for k, v in (record.get("made") or {}).items() if k not in gone}
     except (AdaTPInterrupted, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001  a bad source fails alone
@@ -378,24 +412,43 @@ def plan_source(job: ClipsJob, source: Source, key: str,
     return plan
 
 
+def source_notes(path: Path) -> list[str]:
+    """What re-encoding does to this source that the user should know."""
+    hdr = hdr_transfer(path)
+    # PyAV's FFmpeg has tonemap and colorspace but no zscale (the PQ/HLG to linear step): no tone mapping yet
+    return [f"HDR ({hdr}) source: converted to 8-bit SDR without tone mapping; colours will look flat"] if hdr else []
+
+
 def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
     """Move an earlier plan's clips (and their captions) out of the set, into OUT/.adatp/replaced:
-    a trainer reading OUT/videos sees only the current plan's clips, and nothing is deleted."""
+    a trainer reading OUT/videos sees only the current plan's clips, and nothing is deleted: a name
+    already set aside (the same clip replaced twice) gets a number, NAME.2.mp4 with NAME.2.txt."""
     moved = 0
     aside = job.state_dir / "replaced"
     for c in clips:
-        for path in (clip_path(job, c), job.caption_dir / f"{c.name}.txt"):
-            if os.path.lexists(path):
-                aside.mkdir(parents=True, exist_ok=True)
-                os.replace(path, aside / path.name)
-                moved += path.suffix == CLIP_SUFFIX
+        pair = [p for p in (clip_path(job, c), job.caption_dir / f"{c.name}.txt") if os.path.lexists(p)]
+        if not pair:
+            continue
+        aside.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while any(os.path.lexists(aside / free_name(p.name, n)) for p in pair):
+            n += 1
+        for path in pair:
+            os.replace(path, aside / free_name(path.name, n))
+            moved += path.suffix == CLIP_SUFFIX
     return moved
+
+
+def free_name(name: str, n: int) -> str:
+    """NAME.mp4 for n 1, NAME.n.mp4 for n > 1."""
+    stem, dot, ext = name.rpartition(".")
+    return name if n == 1 else f"{stem}.{n}{dot}{ext}"
 
 
 def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event | None = None,
                  dry_run: bool = False) -> JobPlan:
     """This process's share of the sources, each planned (nothing written when dry_run)."""
-    result = JobPlan([], [])
+    result = JobPlan([], [], job=job)
     with _unwrapped():
         try:
             return _plan_sources(job, shard, _guarded(on_event), dry_run, result)
@@ -407,7 +460,10 @@ def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event
 def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None, dry_run: bool,
                   result: JobPlan) -> JobPlan:
     index, count = shard
-    sources, problems = list_sources(job)
+    sources, problems, notes = list_sources(job)
+    result.notes = notes if index == 0 else []  # said once, by the first process
+    for name, note in result.notes:
+        log.warning("%s: %s", printable(name), note)
     sources, keys, clashes = source_keys(sources)
     problems += clashes
     mine = sources[index::count]
@@ -425,16 +481,20 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
                 claim.path.parent.mkdir(parents=True, exist_ok=True)
                 got = claim.acquire()
             except OSError as exc:
-                raise OptionError("out", f"cannot write in {shown(str(claim.path.parent))} ({exc.strerror}); "
+                raise OptionError("out", f"cannot write in {printable(str(claim.path.parent))} ({exc.strerror}); "
                                          "make the output folder writable") from exc
             if not got:
                 result.elsewhere.append(source.name)
                 continue
             result.claims.append(claim)
         plan = plan_source(job, source, keys[source.path], progress)
-        if plan.error is None and not dry_run:
+        if plan.error is None and job.cut == "reencode":
+            plan.notes += source_notes(source.path)
+            for note in plan.notes:
+                log.warning("%s: %s", printable(source.name), note)
+        if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
+            plan.moved = set_aside(job, plan.replaced)  # the old record, which the next run compares again
             write_record(job, plan)
-            set_aside(job, plan.replaced)
         plans.append(plan)
         if on_event is not None:
             on_event("shots", i + 1, len(mine), source.name)
@@ -445,12 +505,14 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
 class JobPlan:
     """This process's sources, planned, and (name, why) for what could not be a source.
     claims: a lock per source this run plans and cuts (none in a dry run), held until its clips
-    are cut (run_clips releases them; ``release`` when cutting is someone else's business)."""
+    are cut and captioned (run_clips releases them; ``release`` when that is someone else's business)."""
 
     sources: list
     problems: list
     claims: list = field(default_factory=list)
     elsewhere: list = field(default_factory=list)  # sources another run is planning or cutting now
+    job: ClipsJob | None = None  # what was planned (the text counts the earlier clips found in its folder)
+    notes: list = field(default_factory=list)  # (folder, note): folders skipped as datasets
 
     def release(self) -> None:
         for claim in self.claims:
@@ -463,23 +525,25 @@ class JobPlan:
 
     def to_dict(self) -> dict:
         return {"sources": [{"source": p.source.name, "path": str(p.source.path), "key": p.key,
-                             "error": p.error, "duration": round(p.duration, 3),
+                             "error": p.error, "duration": round(p.duration, 3), "notes": list(p.notes),
                              "shots": [_plain(s) for s in p.shots],
                              "clips": [{**_plain(c), "end": round(c.end, 6), "seconds": round(c.frames / c.fps, 6)}
                                        for c in p.clips]}
                             for p in self.sources],
-                "problems": [list(x) for x in self.problems]}
+                "problems": [list(x) for x in self.problems], "notes": [list(x) for x in self.notes]}
 
     def text(self) -> str:
         """The plan for people: per source its shots and the clips each gives."""
         lines = []
         for p in self.sources:
             if p.error is not None:
-                lines.append(f"{shown(p.source.name)}: failed: {shown(p.error)}")
+                lines.append(f"{printable(p.source.name)}: failed: {printable(p.error)}")
                 continue
-            lines.append(f"{shown(p.source.name)}: {p.duration:.2f} s, {len(p.shots)} shot(s), "
-                         f"{len(p.clips)} clip(s)" + (f"; {len(p.replaced)} clip(s) of an earlier plan would be "
-                                                      "set aside" if p.replaced else ""))
+            aside = [c for c in p.replaced if os.path.lexists(clip_path(self.job, c))] if self.job else p.replaced
+            lines.append(f"{printable(p.source.name)}: {p.duration:.2f} s, {len(p.shots)} shot(s), "
+                         f"{len(p.clips)} clip(s)" + (f"; {len(aside)} clip(s) of an earlier plan would be "
+                                                      "set aside" if aside else ""))
+            lines += [f"  {note}" for note in p.notes]
             by_shot: dict[int, list[ClipPlan]] = {}
             for c in p.clips:
                 by_shot.setdefault(c.shot, []).append(c)
@@ -488,10 +552,11 @@ class JobPlan:
                 lines.append(f"  shot {s.index}: {s.start:.2f}-{s.end:.2f} s ({s.end - s.start:.2f} s, "
                              f"{s.transition}): {len(clips) or 'no'} clip(s)")
                 for c in clips:
-                    lines.append(f"    {shown(c.name)}{CLIP_SUFFIX}: {c.start:.2f}-{c.end:.2f} s, "
+                    lines.append(f"    {printable(c.name)}{CLIP_SUFFIX}: {c.start:.2f}-{c.end:.2f} s, "
                                  f"{c.frames} frames at {c.fps:g} fps, {c.width}x{c.height}")
         for name, why in self.problems:
-            lines.append(f"{shown(name)}: skipped: {shown(why)}")
+            lines.append(f"{printable(name)}: skipped: {printable(why)}")
+        lines += [f"{printable(name)}: {note}" for name, note in self.notes]
         clips = self.clips
         seconds = sum(c.frames / c.fps for c in clips)
         lines.append(f"{len(self.sources)} source(s), {sum(len(p.shots) for p in self.sources)} shot(s), "
@@ -509,16 +574,18 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
     """Cut every planned clip that is not in the clips folder yet, source by source (each
     source decoded once for all its clips)."""
     job.clips_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(job.clips_dir)  # a killed run's, even when nothing is left to cut
     todo = {id(p): [c for c in p.clips if not clip_path(job, c).exists()] for p in plan.sources}
     total = sum(len(v) for v in todo.values())
     done = 0
+    recorded = time.monotonic()
     if on_event is not None and total:
         on_event("cut", 0, total, "")
     for p in plan.sources:
         summary.clips_existing += len(p.clips) - len(todo[id(p)])
 
         def on_clip(result):
-            nonlocal done
+            nonlocal done, recorded
             done += 1
             if result.error is not None:
                 summary.clips_failed.append((f"{result.plan.name}{CLIP_SUFFIX}", result.error))
@@ -526,6 +593,10 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
                 summary.clips_existing += 1
             else:
                 summary.clips_cut += 1
+                p.made[result.plan.name] = result.made
+                if time.monotonic() - recorded > RECORD_EVERY:  # a kill loses at most this long of it
+                    write_record(job, p)
+                    recorded = time.monotonic()
             if on_event is not None:
                 on_event("cut", done, total, result.plan.name)
 
@@ -538,6 +609,8 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
             raise
         except Exception as exc:  # noqa: BLE001  the source failing while it is cut: its other clips stay
             summary.failed_sources.append((p.source.name, f"cutting stopped: {_failure(exc)}"))
+        finally:  # what the clips cut so far hold (copy mode: not the plan's), for the layouts
+            write_record(job, p)
 
 
 # --- captions -----------------------------------------------------------------------------------
@@ -585,6 +658,12 @@ def caption_plan(job: ClipsJob, plan: JobPlan) -> FolderPlan:
     return only(plan_folder(cjob), cjob.folder, {f"{n}{CLIP_SUFFIX}" for n in names})
 
 
+def uncaptioned(job: ClipsJob, plan: JobPlan) -> list[str]:
+    """This job's clips on disk with no caption (a caption that failed): their paths under out."""
+    return [clip_path(job, c).relative_to(job.out).as_posix() for c in plan.clips if clip_path(job, c).exists()
+            and existing_caption(job.caption_dir / f"{c.name}.txt", job.out)[0] in ("missing", "folder")]
+
+
 # --- the summary --------------------------------------------------------------------------------
 
 @dataclass
@@ -608,6 +687,9 @@ class ClipsSummary:
     outputs: list = field(default_factory=list)  # files the layouts wrote this run
     output_error: str | None = None
     error: str | None = None  # the run stopped (the model could not be loaded, a disk failed)
+    uncaptioned: list = field(default_factory=list)  # this run's clips on disk with no caption (paths under out)
+    notes: list = field(default_factory=list)  # (source, note): what re-encoding did to it (an HDR source)
+    in_videos: bool = True  # the txt layout: those clips sit in videos/ with no NAME.txt beside them
 
     def captions(self) -> CaptionSummary:
         return CaptionSummary.merge([self.caption])
@@ -623,6 +705,9 @@ class ClipsSummary:
                          "shots_without_clip", "source_seconds", "detected", "clips_replaced"):
                 setattr(total, name, getattr(total, name) + p[name])
             total.failed_sources += [tuple(x) for x in p["failed_sources"]]
+            total.uncaptioned += p.get("uncaptioned", [])
+            total.notes += [tuple(x) for x in p.get("notes", [])]
+            total.in_videos = p.get("in_videos", True)
             total.elsewhere += p.get("elsewhere", [])
             total.clips_failed += [tuple(x) for x in p["clips_failed"]]
             total.seconds = max(total.seconds, p["seconds"])
@@ -642,10 +727,8 @@ class ClipsSummary:
         return 0 if self.clips_planned or not self.failed_sources else 1
 
     def text(self, processes: int = 1) -> str:
-        from ..caption import grouped
-
         rate = self.source_seconds / self.seconds if self.seconds > 0 else 0.0
-        reused = self.sources - len(self.failed_sources) - self.detected
+        reused = self.sources - len(self.failed_sources) - self.detected - len(self.elsewhere)
         lines = [f"Sources: {self.sources} ({len(self.failed_sources)} failed), {self.source_seconds:.1f} s of "
                  f"footage, {self.shots} shot(s) ({self.detected} source(s) analysed now"
                  + (f", {reused} from an earlier run" if reused > 0 else "")
@@ -653,14 +736,24 @@ class ClipsSummary:
                  f"Clips: {self.clips_planned} planned, {self.clips_cut} cut now, {self.clips_existing} already "
                  f"there, {len(self.clips_failed)} failed" + (
                      f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
-                     "the rules changed)" if self.clips_replaced else "") + "."]
+                     "the rules or the cut changed)" if self.clips_replaced else "") + "."]
         if self.elsewhere:
             more = " ..." if len(self.elsewhere) > 3 else ""
             lines.append(f"{len(self.elsewhere)} source(s) left to another run on the same output folder now: "
-                         + ", ".join(shown(n) for n in self.elsewhere[:3]) + more)
-        lines += grouped("source failed", self.failed_sources)
+                         + ", ".join(printable(n) for n in self.elsewhere[:3]) + more)
+        lines += [f"{printable(name)}: {note}" for name, note in self.notes]
+        lines += grouped("source failed", [(printable(n), printable(why)) for n, why in self.failed_sources])
         lines += grouped("clip failed", self.clips_failed)
         lines.append(self.captions().text(processes))
+        if self.uncaptioned:
+            more = " ..." if len(self.uncaptioned) > 3 else ""
+            lines.append(f"{len(self.uncaptioned)} clip(s) have no caption yet: "
+                         + ", ".join(printable(n) for n in self.uncaptioned[:3]) + more + ". "
+                         + (f"They stay in {CLIPS_FOLDER}/ without a .txt, so a trainer that reads the folder "
+                            "(musubi-tuner, diffusion-pipe, ai-toolkit, SimpleTuner) would train them with an empty "
+                            "caption; " if self.in_videos else "")
+                         + "the JSONL and finetrainers lists leave them out. Run the same command again to caption "
+                           f"them, or move them out of {CLIPS_FOLDER}/.")
         if self.error:
             lines.append(f"Stopped: {self.error}")
         if self.output_error:
@@ -694,7 +787,9 @@ def dataset(job: ClipsJob) -> list[DatasetSource]:
             if not path.is_file():
                 continue
             kind, text = existing_caption(job.caption_dir / f"{c.name}.txt", job.out)
-            clips.append(DatasetClip(c, path, text if kind == "text" else None))
+            made = (record.get("made") or {}).get(c.name)
+            clips.append(DatasetClip(c, path, text if kind == "text" else None,
+                                     made if isinstance(made, dict) else None))
         entries.append(DatasetSource(record.get("name", source), source, record_file.stem, shots, clips))
     return entries
 
@@ -704,7 +799,7 @@ def write_layouts(job: ClipsJob, summary: ClipsSummary) -> None:
     try:
         summary.outputs = [str(p) for p in write_outputs(job.out, dataset(job), job.layouts)]
     except OSError as exc:
-        summary.output_error = f"{shown(str(exc.filename or job.out))} ({exc.strerror or exc})"
+        summary.output_error = f"{printable(str(exc.filename or job.out))} ({exc.strerror or exc})"
 
 
 # --- the whole job ------------------------------------------------------------------------------
@@ -738,13 +833,12 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.shots_without_clip += len({s.index for s in p.shots} - {c.shot for c in p.clips})
         summary.source_seconds += p.duration
         summary.detected += bool(p.shots) and not p.reused
-        summary.clips_replaced += len(p.replaced)
+        summary.clips_replaced += p.moved
+        summary.notes += [(p.source.name, note) for note in p.notes]
+    summary.notes += plan.notes
     summary.elsewhere = list(plan.elsewhere)
     try:
-        try:
-            cut_sources(job, plan, summary, on_event)
-        finally:
-            plan.release()
+        cut_sources(job, plan, summary, on_event)
         folder_plan = caption_plan(job, plan)
         if folder_plan.todo:
             if not hasattr(model, "adapter") and callable(model):
@@ -762,6 +856,11 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         else:
             captions = folder_plan.summary
         summary.caption = captions.to_dict()
+        summary.uncaptioned = uncaptioned(job, plan)
+        summary.in_videos = "txt" in job.layouts
+    finally:  # held until the clips are captioned: another run's new rules would set them aside meanwhile
+        plan.release()
+    try:
         if layouts:
             write_layouts(job, summary)
     finally:

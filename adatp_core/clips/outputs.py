@@ -5,10 +5,14 @@
 - ``finetrainers``: ``prompts.txt`` and ``videos.txt``, line n of one for line n of the other
   (``videos/NAME.mp4``, relative to the output folder, finetrainers' data_root).
 - ``jsonl``: ``clips.jsonl``, one object per captioned clip: ``video_path`` and ``caption``
-  (musubi-tuner's JSONL dataset), then ``path`` (relative), ``source``, ``shot``, ``clip``,
-  ``start``, ``end`` (seconds on the source), ``frames``, ``fps``, ``width``, ``height``.
+  (musubi-tuner's JSONL dataset), then ``path`` (relative), ``source`` (with ``source_b64``, its exact bytes,
+  when its path is not UTF-8), ``shot``, ``clip``,
+  ``start``, ``end`` (seconds on the source), ``frames``, ``fps``, ``width``, ``height``: what the
+  clip's file holds (the cut's record of it; copy mode's clips start at a keyframe, at the source's
+  rate and size), the plan's values for a clip cut before that was recorded.
 - ``srt`` / ``vtt``: ``subtitles/KEY.srt`` and ``.vtt`` per source: one cue per shot that has a
-  captioned clip, spanning the shot, with its clips' captions (chapters, scene descriptions).
+  captioned clip, spanning the shot, with its clips' captions (chapters, scene descriptions); a
+  source with no captioned clip has none (an earlier one is removed).
 
 Every file is written atomically (caption's write_atomic) and only when its text changes, so a
 rerun that changes nothing writes nothing. Only clips with a caption are listed.
@@ -21,20 +25,29 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..caption import write_atomic
+from ..caption.files import name_record, shown, write_atomic  # not the package: it loads the model side (torch)
 
 JSONL_NAME = "clips.jsonl"
 PROMPTS_NAME, VIDEOS_NAME = "prompts.txt", "videos.txt"
 SUBTITLES_FOLDER = "subtitles"
+LAYOUT_FILES = {"jsonl": (JSONL_NAME,), "finetrainers": (PROMPTS_NAME, VIDEOS_NAME)}  # files in OUT, by layout
 
 
 @dataclass(frozen=True)
 class DatasetClip:
-    """One clip on disk: its plan (a ClipPlan), its file, its caption (None: none yet)."""
+    """One clip on disk: its plan (a ClipPlan), its file, its caption (None: none yet), and what
+    the file holds (cut.MADE_FIELDS; None: not known, the plan's values stand in)."""
 
     plan: object
     path: Path
     caption: str | None
+    made: dict | None = None
+
+    def value(self, name: str):
+        """What the clip's file holds for ``name`` (start, frames, fps, width, height), else the plan's."""
+        if self.made is not None and self.made.get(name) is not None:
+            return self.made[name]
+        return getattr(self.plan, name)
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,24 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def readable(obj):
+    """``obj`` (dicts, lists, text) with every text valid Unicode (caption's ``shown``: a file name's
+    undecodable bytes as \\xNN), so it can be written as UTF-8 JSON or printed."""
+    if isinstance(obj, str):
+        return shown(obj)
+    if isinstance(obj, dict):
+        return {readable(k): readable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [readable(v) for v in obj]
+    return obj
+
+
+def source_fields(path: str) -> dict:
+    """``source`` (readable) and, when the path is not valid UTF-8, ``source_b64`` (its exact bytes),
+    as the caption manifest gives ``path`` and ``path_b64``."""
+    return {k.replace("path", "source"): v for k, v in name_record(str(path)).items()}
+
+
 def write_if_changed(path: Path, text: str) -> bool:
     """Write ``text`` to ``path`` atomically unless it already holds exactly that; True if written."""
     try:
@@ -66,11 +97,14 @@ def write_if_changed(path: Path, text: str) -> bool:
 
 
 def clip_record(out: Path, clip: DatasetClip, source: DatasetSource) -> dict:
+    """The clip as its file holds it (copy mode's clips start at a keyframe, at the source's rate and size)."""
     p = clip.plan
+    start, frames, fps = clip.value("start"), clip.value("frames"), clip.value("fps")
     return {"video_path": str(Path(os.path.abspath(clip.path))), "caption": clip.caption,
-            "path": clip.path.relative_to(out).as_posix(), "source": source.path, "shot": p.shot, "clip": p.index,
-            "start": round(p.start, 6), "end": round(p.end, 6), "frames": p.frames, "fps": p.fps,
-            "width": p.width, "height": p.height}
+            "path": clip.path.relative_to(out).as_posix(), **source_fields(source.path), "shot": p.shot,
+            "clip": p.index,
+            "start": round(start, 6), "end": round(start + frames / fps, 6), "frames": frames, "fps": fps,
+            "width": clip.value("width"), "height": clip.value("height")}
 
 
 def jsonl_text(out: Path, sources: list[DatasetSource]) -> str:
@@ -124,5 +158,16 @@ def write_outputs(out: Path, sources: list[DatasetSource], layouts) -> list[Path
     for kind, text_of in (("srt", srt_text), ("vtt", vtt_text)):
         if kind in layouts:
             for s in sources:
-                files[out / SUBTITLES_FOLDER / f"{s.key}.{kind}"] = text_of(s)
-    return [path for path, text in files.items() if write_if_changed(path, text)]
+                path = out / SUBTITLES_FOLDER / f"{s.key}.{kind}"
+                if cues(s):
+                    files[path] = text_of(s)
+                elif os.path.isfile(path) and not os.path.islink(path):  # its captioned clips are gone
+                    os.unlink(path)
+    written = []
+    for path, text in files.items():
+        try:
+            if write_if_changed(path, text):
+                written.append(path)
+        except OSError as exc:  # the error names write_atomic's temp file: name the file it was for
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    return written

@@ -4,10 +4,14 @@ Times are seconds on the source's timeline (from its first frame), so a variable
 source is cut by timestamps, never by frame indices: clip frame k is the source frame on
 screen at ``start + k / fps``.
 
-Lengths: a clip of ``n`` frames at ``fps`` lasts ``n / fps`` seconds (what a player shows),
-that lies in [min_seconds, max_seconds], and [start, start + n / fps] lies inside its shot.
-A target fps above the source's repeats source frames (each clip frame is the one on screen). So Wan's 81 frames at 16 fps (5.06 s) need a
-max_seconds of at least 5.0625; with 5.0 the largest 4k+1 count is 77.
+Lengths: a clip of ``n`` frames at ``fps`` counts as ``(n - 1) / fps`` seconds long, the time
+from its first frame to its last, as the trainers count (Wan's "81 frames = 5 s" at 16 fps), and
+that length lies in [min_seconds, max_seconds]. The clip takes the span [start, start + n / fps]
+of the source (its last frame is on screen for 1/fps too), which lies inside its shot, and that
+span is the clip's end time in its name and the manifest. So at 16 fps max_seconds 5 gives Wan's
+81 frames; HunyuanVideo's 129 frames at 24 fps last (129 - 1) / 24 = 5.333 s, so they need a
+max_seconds of 5.34 (with 5 the largest 4k+1 count is 121). A target fps above the source's
+repeats source frames (each clip frame is the one on screen).
 
 Within a shot (less ``trim_frames`` at each end) clips follow each other from the shot's
 start, each with the largest allowed count that fits what is left and max_seconds; what is
@@ -23,11 +27,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import AdaTPInputError
+from ..errors import AdaTPInputError, OptionError
 from .shots import Shot
 
 FRAME_RULES = ("4k+1", "8k+1", "any")
 _EPS = 1e-6
+# Upper bounds (the node's widgets take them too): far above what trainers use (16-30 fps, up to a few
+# hundred frames), low enough that a typo (--fps 1e9) cannot plan clips that fill the disk.
+MAX_FPS = 240.0
+MAX_SECONDS = 600.0
+MAX_CLIP_FRAMES = 14_401  # frames in one clip: 600 s at 24 fps, 60 s at 240 fps
+MAX_TRIM_FRAMES = 1000
+MAX_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,47 @@ class ClipRules:
     keep_short: bool = False  # a shot shorter than min_seconds: dropped, or kept as one clip
     max_side: int = 0  # 0: keep the size; else cap the long side, even dimensions
 
+    def __post_init__(self):
+        """Each rule checked here, once; OptionError names the rule at fault (the CLI's --option)."""
+        def number(name, low, high, integer=False):
+            value = getattr(self, name)
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+                    or not low <= value <= high:
+                kind = "a whole number" if integer else "a number"
+                raise OptionError(name, f"{name.replace('_', '-')} must be {kind} from {low:g} to {high:g}, "
+                                        f"got {value!r}")
+
+        number("min_seconds", 0, MAX_SECONDS)
+        number("max_seconds", 0, MAX_SECONDS)
+        if not self.max_seconds > 0:
+            raise OptionError("max_seconds", f"max-seconds must be above 0, got {self.max_seconds!r}")
+        if self.min_seconds > self.max_seconds:
+            raise OptionError("min_seconds", f"min-seconds ({self.min_seconds}) is above max-seconds "
+                                             f"({self.max_seconds}); no clip could obey both")
+        if self.fps is not None:
+            number("fps", 0, MAX_FPS)
+            if not self.fps > 0:
+                raise OptionError("fps", f"fps must be above 0 (or None: the source's rate), got {self.fps!r}")
+            check_clip_frames(self.max_seconds, self.fps)
+        if self.frames not in FRAME_RULES:
+            raise OptionError("clip_frames", f"frames must be one of {FRAME_RULES}, got {self.frames!r}")
+        number("trim_frames", 0, MAX_TRIM_FRAMES, integer=True)
+        number("max_side", 0, MAX_SIDE, integer=True)
+        if 0 < self.max_side < 16:
+            raise OptionError("max_side", f"max-side must be 0 (keep the size) or at least 16, got {self.max_side}")
+        if not isinstance(self.keep_short, bool):
+            raise OptionError("keep_short", f"keep-short must be True or False, got {self.keep_short!r}")
+
+
+def check_clip_frames(max_seconds: float, fps: float) -> None:
+    """OptionError when the longest clip (max_seconds at fps) would have more than MAX_CLIP_FRAMES."""
+    frames = math.floor(max_seconds * fps + _EPS) + 1
+    if frames > MAX_CLIP_FRAMES:
+        raise OptionError("max_seconds", f"max-seconds {max_seconds:g} at {fps:g} fps gives clips of up to {frames} "
+                                         f"frames; at most {MAX_CLIP_FRAMES} are allowed (trainers take a few "
+                                         "hundred): lower max-seconds or fps")
+
 
 @dataclass(frozen=True)
 class ClipPlan:
@@ -51,7 +103,7 @@ class ClipPlan:
     shot: int
     index: int  # clip index within the shot
     start: float  # seconds on the source timeline
-    frames: int  # frame count at `fps`, obeying the rules
+    frames: int  # frame count at `fps`, obeying the rules ((frames - 1) / fps seconds, first frame to last)
     fps: float
     width: int
     height: int
@@ -59,6 +111,7 @@ class ClipPlan:
 
     @property
     def end(self) -> float:
+        """The end of the span the clip takes from the source (its last frame shown for 1/fps)."""
         return self.start + self.frames / self.fps
 
 
@@ -100,22 +153,34 @@ def display_rotation(path) -> int:
     return 0
 
 
+HDR_TRANSFERS = {16: "PQ", 18: "HLG"}  # FFmpeg's color_trc: smpte2084 (PQ), arib-std-b67 (HLG)
+
+
+def hdr_transfer(path) -> str | None:
+    """"PQ" or "HLG" for a source whose video stream says it is HDR, else None (unread: None)."""
+    import av
+
+    from ..video import open_video
+
+    try:
+        with open_video(path) as container:
+            trc = container.streams.video[0].codec_context.color_trc
+    except (av.error.FFmpegError, IndexError, ValueError):
+        return None
+    return HDR_TRANSFERS.get(int(trc or 0))
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def source_key(source: Path, root: Path | None) -> str:
+def source_key(source: Path) -> str:
     """A deterministic file-name stem for a source: its stem (made safe for file names) and a
-    short hash of its path relative to ``root`` (the folder it was found in), or of its resolved
-    path when root is None. Two sources with the same stem in different folders differ; a
-    folder moved whole keeps its keys."""
-    source = Path(source)
-    if root is not None:
-        try:
-            where = Path(source).resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            where = source.resolve().as_posix()
-    else:
-        where = source.resolve().as_posix()
+    short hash of the file's resolved absolute path, so a file has one key however it was given
+    (alone, in a folder, through a link) and two sources with the same stem in different folders
+    differ.
+    A source moved elsewhere gets a new key (its clips are cut again)."""
+    source = Path(source).resolve()
+    where = source.as_posix()
     stem = _UNSAFE.sub("_", source.stem).strip("._-")[:60] or "video"
     return f"{stem}-{hashlib.sha1(where.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
@@ -131,8 +196,9 @@ def shot_clips(shot: Shot, fps: float, rules: ClipRules) -> list[tuple[float, in
     end = shot.end - rules.trim_frames / fps
     # frames whose whole time [start + k/fps, start + (k+1)/fps) lies inside the shot
     available = max(0, math.floor((end - start) * fps + _EPS))
-    least = max(1, math.ceil(rules.min_seconds * fps - _EPS))
-    most = snap(int(math.floor(rules.max_seconds * fps + _EPS)), rules.frames)
+    # a clip of n frames lasts (n - 1) / fps, first frame to last
+    least = math.ceil(rules.min_seconds * fps - _EPS) + 1
+    most = snap(int(math.floor(rules.max_seconds * fps + _EPS)) + 1, rules.frames)
     if available < least:
         n = snap(min(available, most), rules.frames)
         return [(start, n)] if rules.keep_short and n >= 1 else []
@@ -147,19 +213,26 @@ def shot_clips(shot: Shot, fps: float, rules: ClipRules) -> list[tuple[float, in
     return out
 
 
-def plan_clips(source: Path, shots: list[Shot], rules: ClipRules, root: Path | None = None) -> list[ClipPlan]:
+def plan_clips(source: Path, shots: list[Shot], rules: ClipRules) -> list[ClipPlan]:
     """The clips of ``source`` that ``rules`` allow in ``shots``, in time order. Probes the source
-    (size, frame rate, rotation); raises AdaTPInputError for a source that is not a video. The rules
-    are checked by the caller (clips job's check_rules, which names the option at fault)."""
+    (size, frame rate, rotation); raises AdaTPInputError for a source that is not a video (ClipRules
+    checked the rules)."""
     from ..video import probe_video
 
     source = Path(source)
     probe = probe_video(source)
     fps = float(rules.fps) if rules.fps is not None else probe.fps
-    if not (math.isfinite(fps) and fps > 0) or rules.frames not in FRAME_RULES:  # the job checks rules first
-        raise AdaTPInputError(f"clip rules need fps > 0 and frames in {FRAME_RULES}, got {rules}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise AdaTPInputError(f"{source.name} has no frame rate; give the clips one (fps)")
+    if fps > MAX_FPS:
+        raise AdaTPInputError(f"{source.name} says its frame rate is {fps:g} fps, above {MAX_FPS:g}; give the clips "
+                              "a frame rate (fps)")
+    try:
+        check_clip_frames(rules.max_seconds, fps)
+    except OptionError as exc:
+        raise AdaTPInputError(f"{source.name} at its own {fps:g} fps: {exc}") from None
     width, height = clip_size(probe.width, probe.height, display_rotation(source), rules.max_side)
-    key = source_key(source, root)
+    key = source_key(source)
     plans = []
     for shot in sorted(shots, key=lambda s: s.start):
         for i, (start, n) in enumerate(shot_clips(shot, fps, rules)):

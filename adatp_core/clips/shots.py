@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AdaTPInputError
+from ..caption.files import printable
+from ..errors import AdaTPInputError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +200,9 @@ class Detector:
 def check_threshold(threshold) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
             math.isfinite(threshold) and 0 < threshold <= 1):
-        raise AdaTPInputError(f"the shot threshold must be a number above 0 and at most 1 (the distance between "
-                              f"two frames that counts as a change of shot; {DEFAULT_THRESHOLD} by default), "
-                              f"got {threshold!r}")
+        raise OptionError("threshold", f"the shot threshold must be a number above 0 and at most 1 (the distance "
+                                       f"between two frames that counts as a change of shot; {DEFAULT_THRESHOLD} by "
+                                       f"default), got {threshold!r}")
     return float(threshold)
 
 
@@ -258,7 +259,7 @@ def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | N
 
     from ..video import open_video
 
-    name = Path(path).name
+    name = printable(Path(path).name)
     size = analysis_size(probe.width, probe.height)
     scaler = VideoReformatter()  # one for all frames: a new one per frame costs ten times the scaling
     step = 1.0 / ANALYSIS_FPS

@@ -54,6 +54,7 @@ or from what fills it (a ``LinearState`` past); nothing here branches on the mod
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -62,6 +63,40 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Linea
 from ..memory import free_bytes
 
 LINEAR_ATTENTION = "linear_attention"  # the layer kind in a text config's ``layer_types``
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What an attention layer's fixed buffers look like, without the rows and the capacity: keys
+    and values [slots, heads, capacity, head_dim] of ``dtype``. Hashable: part of a static bucket's key."""
+
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def zeros(self, slots: int, capacity: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) buffers, zeroed (a masked slot must be finite)."""
+        keys = torch.zeros((slots, self.heads, capacity, self.head_dim), dtype=self.dtype, device=device)
+        return keys, torch.zeros_like(keys)
+
+
+@dataclass(frozen=True)
+class LinearLayout:
+    """What a linear-attention layer's fixed buffers look like (a fixed size, whatever the length):
+    conv [slots, *conv_shape] and recurrent [slots, *recurrent_shape] (``LinearState``'s, without B)."""
+
+    conv_shape: tuple[int, ...]
+    conv_dtype: torch.dtype
+    recurrent_shape: tuple[int, ...]
+    recurrent_dtype: torch.dtype
+
+    def zeros(self, slots: int, capacity: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv, recurrent) buffers, zeroed; ``capacity`` does not apply (a fixed size)."""
+        return (torch.zeros((slots, *self.conv_shape), dtype=self.conv_dtype, device=device),
+                torch.zeros((slots, *self.recurrent_shape), dtype=self.recurrent_dtype, device=device))
+
+
+Layout = KVLayout | LinearLayout  # one layer's (``KVCache.layout``)
 
 
 class LinearState(NamedTuple):
@@ -77,10 +112,10 @@ class LinearState(NamedTuple):
     recurrent: torch.Tensor
     length: int
 
-    def layout(self) -> tuple:
+    def layout(self) -> LinearLayout:
         """What fixed buffers for this layer look like (shapes without B, dtypes)."""
-        return ("linear", tuple(self.conv.shape[1:]), self.conv.dtype,
-                tuple(self.recurrent.shape[1:]), self.recurrent.dtype)
+        return LinearLayout(tuple(self.conv.shape[1:]), self.conv.dtype,
+                            tuple(self.recurrent.shape[1:]), self.recurrent.dtype)
 
 
 # ----- per-layer forms -------------------------------------------------------------------------
@@ -129,8 +164,8 @@ class KVLayer(DynamicLayer):
         self.keys, self.values = buf_k[..., :length + n, :], buf_v[..., :length + n, :]
         return self.keys, self.values
 
-    def layout(self) -> tuple:
-        return ("kv", self.keys.shape[1], self.keys.shape[-1], self.keys.dtype)
+    def layout(self) -> KVLayout:
+        return KVLayout(self.keys.shape[1], self.keys.shape[-1], self.keys.dtype)
 
 
 class LinearLayer(LinearAttentionLayer):
@@ -200,7 +235,7 @@ class LinearLayer(LinearAttentionLayer):
         """The layer's past: its own tensors (a decode step writes them in place)."""
         return LinearState(self.conv_states[0], self.recurrent_states[0], self.length)
 
-    def layout(self) -> tuple:
+    def layout(self) -> LinearLayout:
         return self.state().layout()
 
 
@@ -303,9 +338,8 @@ class KVCache(Cache):
         layer = self.layers[layer_idx]
         return layer.state() if isinstance(layer, LinearLayer) else (layer.keys, layer.values)
 
-    def layout(self, layer_idx: int) -> tuple:
-        """What fixed buffers for this layer look like: ("kv", Hkv, d, dtype) or
-        ``LinearState.layout``."""
+    def layout(self, layer_idx: int) -> Layout:
+        """What fixed buffers for this layer look like: a ``KVLayout`` or a ``LinearLayout``."""
         return self.layers[layer_idx].layout()
 
     def lengths(self) -> tuple[int, ...]:
@@ -431,14 +465,11 @@ class RowsKVCache:
         decoding's kept buckets); ``layouts``: per layer, ``KVCache.layout`` of what will fill it."""
         self = cls(len(layouts), slots)
         for i, (layout, capacity) in enumerate(zip(layouts, capacities)):
-            if layout[0] == "linear":
-                _, conv_shape, conv_dtype, rec_shape, rec_dtype = layout
-                self.linear[i] = (torch.zeros((slots, *conv_shape), dtype=conv_dtype, device=device),
-                                  torch.zeros((slots, *rec_shape), dtype=rec_dtype, device=device))
+            buffers = layout.zeros(slots, capacity, device)
+            if isinstance(layout, LinearLayout):
+                self.linear[i] = buffers
             else:
-                _, heads, dim, dtype = layout
-                self.keys[i] = torch.zeros((slots, heads, capacity, dim), dtype=dtype, device=device)
-                self.values[i] = torch.zeros_like(self.keys[i])
+                self.keys[i], self.values[i] = buffers
         self._lengths = torch.zeros((slots, len(layouts)), dtype=torch.long, device=device)
         return self
 
@@ -539,8 +570,7 @@ class RowsKVCache:
             entry = cache.entry(i)
             if isinstance(entry, LinearState):
                 if i not in self.linear:
-                    self.linear[i] = (entry.conv.new_zeros((self.slots, *entry.conv.shape[1:])),
-                                      entry.recurrent.new_zeros((self.slots, *entry.recurrent.shape[1:])))
+                    self.linear[i] = entry.layout().zeros(self.slots, 0, entry.conv.device)
                     self._signature = None
                 self.linear[i][0][row] = entry.conv[0]
                 self.linear[i][1][row] = entry.recurrent[0]

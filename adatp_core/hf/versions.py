@@ -4,7 +4,10 @@ or fails.
 - ``MINIMUM`` .. ``NEWEST_TESTED`` (tested on ``TESTED_ON``) is the tested range. The minimum is
   written three times, one for each reader: here, requirements.txt's lower bound (pip, and
   scripts/test_min.sh, which pins it) and pyproject.toml's; test_versions keeps them equal. Every version branch in
-  hf/ names, beside it, the releases it serves.
+  hf/ names, beside it, the releases it serves. The README's "Supported versions" table and
+  pyproject.toml's comment write the range out; test_versions checks them against these constants.
+- ``tested_range`` and ``standing`` are the words for the range and for where a release stands: the load
+  warning, the doctor (its environment block and failure line) and the clear error all use them.
 - At model load (``warn_if_untested``), a transformers newer than the newest tested gets one
   warning per process (not a refusal: a new release usually works, and the doctor checks it),
   and one older than the minimum gets one too (the requirements exclude it; it was forced).
@@ -82,6 +85,15 @@ def tested_range() -> str:
     return f"{MINIMUM} to {NEWEST_TESTED} (newest tested on {TESTED_ON})"
 
 
+def standing(version: str | None = None) -> str:
+    """Where ``version`` (default: the installed one) stands against the tested range, in the words
+    that the load warning, the doctor's failure line and the clear error all use after
+    "transformers VERSION is"."""
+    return {NEWER: f"newer than the newest tested ({NEWEST_TESTED})",
+            OLDER: f"older than this pack's minimum {MINIMUM}",
+            TESTED: f"within the tested range ({tested_range()})"}[support(version)]
+
+
 def describe(version: str | None = None) -> str:
     """The installed release against the tested range, for the doctor's environment block."""
     version = version or installed()
@@ -100,14 +112,13 @@ def warn_if_untested() -> None:
 def _warn_once(version: str) -> None:
     kind = support(version)
     if kind == NEWER:
-        log.warning("transformers %s is newer than the newest release this pack was tested with (%s, on %s). "
-                    "It will most likely work; run `%s` once to check every model family, and if a family "
-                    "fails, install the tested release: %s", version, NEWEST_TESTED, TESTED_ON, DOCTOR,
-                    install_command())
+        log.warning("transformers %s is %s, on %s. It will most likely work; run `%s` once to check every model "
+                    "family, and if a family fails, install the tested release: %s", version, standing(version),
+                    TESTED_ON, DOCTOR, install_command())
     elif kind == OLDER:
-        log.warning("transformers %s is older than this pack's minimum %s (its requirements exclude it; it was "
-                    "installed anyway): model families may fail. Install the newest tested release: %s, then "
-                    "run `%s`", version, MINIMUM, install_command(), DOCTOR)
+        log.warning("transformers %s is %s (its requirements exclude it; it was installed anyway): model families "
+                    "may fail. Install the newest tested release: %s, then run `%s`", version, standing(version),
+                    install_command(), DOCTOR)
 
 
 # ----- errors raised inside transformers -----------------------------------------------------
@@ -156,12 +167,12 @@ def transformers_error(exc: BaseException, family: str, stage: str) -> AdaTPTran
     first = text.splitlines()[0][:300] if text else ""
     kind = support(version)
     if kind == NEWER:
-        advice = (f"transformers {version} is newer than the newest tested {NEWEST_TESTED} and changed something "
-                  f"the pack relies on. Run `{DOCTOR}` to see which model families work with it, and install the "
-                  f"newest tested version: {install_command()}")
+        advice = (f"transformers {version} is {standing(version)} and changed something the pack relies on. Run "
+                  f"`{DOCTOR}` to see which model families work with it, and install the newest tested version: "
+                  f"{install_command()}")
     elif kind == OLDER:
-        advice = (f"transformers {version} is older than the minimum {MINIMUM} (the pack's requirements exclude "
-                  f"it). Install the newest tested version: {install_command()}, then run `{DOCTOR}`")
+        advice = (f"transformers {version} is {standing(version)} (the pack's requirements exclude it). Install "
+                  f"the newest tested version: {install_command()}, then run `{DOCTOR}`")
     else:
         advice = (f"transformers {version} is within that range, so the pack or this installation is at fault. "
                   f"Run `{DOCTOR}` and report its table with this message; reinstalling the newest tested version "

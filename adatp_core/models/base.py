@@ -561,12 +561,19 @@ class VideoLLMAdapter:
         if ids is None:
             ids = self.tokenizer.eos_token_id
         ids = () if ids is None else tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
-        folder = getattr(self, "folder", None)
-        if folder is not None and not (Path(folder) / GENERATION_CONFIG_FILE).is_file():
+        if not self.has_generation_config:
             turn = self.end_of_turn
             if turn is not None and turn not in ids:
                 ids += (turn,)
         return ids
+
+    @functools.cached_property
+    def has_generation_config(self) -> bool:
+        """Whether the model folder has a generation_config.json (True when there is no folder to ask).
+        Asked of the disk once per loaded model, not at every answer; the ids themselves are read
+        from ``generation_config`` each time, so a change made to it in memory takes effect."""
+        folder = getattr(self, "folder", None)
+        return folder is None or (Path(folder) / GENERATION_CONFIG_FILE).is_file()
 
     @functools.cached_property
     def end_of_turn(self) -> int | None:
