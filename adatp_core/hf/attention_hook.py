@@ -41,8 +41,10 @@ class TailCausal:
     queries in blocks of ``rows(item)`` (``attend``). Block [j, e) attends to keys [0, past + e)
     through a view of one [rows, past + n] additive mask, zero but for the causal triangle in its
     last ``rows`` columns (any trailing view of it is the next block's mask); grouped-query heads
-    share their keys (enable_gqa) instead of being copied per query head. A wrapped kernel other
-    than sdpa gets the bool mask (``dense``).
+    share their keys (enable_gqa) instead of being copied per query head. On CUDA, flash attention
+    takes the whole call with no mask when it can (``_flash_lower_right``); else the blocks run
+    there with the keys copied per head once per call (its mask-taking kernel does not share
+    them). A wrapped kernel other than sdpa gets the bool mask (``dense``).
 
     Each query row sees the same keys as under the dense mask, so the result is the same within
     float tolerance (a softmax over the same scores). The mask costs mask_bytes (budget.TAIL_MASK_BYTES) at most (a block
@@ -88,6 +90,15 @@ class TailCausal:
         width = key.shape[2]
         if (n, width) != (self.n, self.width):
             raise ValueError(f"a tail mask of {self.n} queries over {self.width} keys met {n} over {width}")
+        gqa = groups > 1
+        if query.device.type != "cpu":
+            flash = _flash_lower_right(query, key, value, scale, gqa)
+            if flash is not None:
+                return flash
+            if gqa:  # the kernels there that take a mask (memory-efficient) do not share a group's keys:
+                # copy them per query head once per call, as transformers' sdpa does under a mask
+                key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+                gqa = False
         bias = self.bias(query.dtype, query.device)
         rows = bias.shape[0]
         out = query.new_empty((b, n, h, value.shape[-1]))
@@ -96,9 +107,26 @@ class TailCausal:
             seen = self.past + e  # keys [0, past + e): the cache and the call's tokens up to the block's last
             part = torch.nn.functional.scaled_dot_product_attention(
                 query[:, :, j:e], key[:, :, :seen], value[:, :, :seen], attn_mask=bias[rows - (e - j):, width - seen:],
-                scale=scale, enable_gqa=groups > 1)
+                scale=scale, enable_gqa=gqa)
             out[:, j:e] = part.transpose(1, 2)
         return out
+
+
+def _flash_lower_right(query, key, value, scale, gqa: bool) -> torch.Tensor | None:
+    """On CUDA, where flash attention takes the call: its causal mask aligned to the bottom right by
+    the kernel itself (torch's ``causal_lower_right``), no mask tensor at all and grouped keys shared;
+    [B, n, H, dv]. None elsewhere (the caller's blocks then run). Checked on a GPU by
+    tests/gpu/test_rows_on_host.py."""
+    if query.device.type != "cuda":
+        return None
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+    from torch.nn.attention.bias import causal_lower_right
+
+    if not can_use_flash_attention(SDPAParams(query, key, value, None, 0.0, False, gqa)):
+        return None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=causal_lower_right(query.shape[2], key.shape[2]), scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()
 
 
 def wrapped_attention_name(base: str) -> str:
