@@ -76,13 +76,21 @@ class _TimedChunks:
             yield chunk
 
 
-def encode_video(model, sample: SamplePlan, max_pixels=None, chunk: int | None = None, backend: str = "auto",
-                 on_frame=None) -> EncodedVideo:
+# The decoder of a stream: PyAV, in this process, decodes a frame when the next one is asked for.
+# decord's child process (video.py's first choice for a whole decode) keeps decoding ahead while its
+# reader is busy encoding a chunk: at 1024 frames of a 20-minute video its memory reached 1.5 GB,
+# twice this process's whole peak (bench/RESULTS.md). Both are FFmpeg: the same frames.
+STREAM_BACKEND = "pyav"
+
+
+def encode_video(model, sample: SamplePlan, max_pixels=None, chunk: int | None = None,
+                 backend: str = STREAM_BACKEND, on_frame=None) -> EncodedVideo:
     """Decode, preprocess and encode ``sample``'s frames a chunk at a time, for ``model``.
 
     sample: a video.SamplePlan (check it first: attention.check_video_fits).
     max_pixels: as extract_attention's (None or 0: the pack's default; "model" or -1).
     chunk: frames per chunk (default: the adapter's FRAMES_PER_CHUNK), rounded up to whole temporal patches.
+    backend: the decoder (video.BACKENDS; STREAM_BACKEND by default).
     A clip that turns out damaged (check_damage) is refused after its last chunk.
     """
     adapter = model.adapter
