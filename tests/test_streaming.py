@@ -121,7 +121,10 @@ def test_streamed_file_equals_one_pass_over_its_frames(model, clip):
     assert torch.equal(streamed.prompt.input_ids, whole.prompt.input_ids)
     assert torch.equal(streamed.position_ids, whole.position_ids)
     _close(streamed.scores, whole.scores)
-    _close(streamed.hidden, whole.hidden)
+    # layer K's input rows reach |15|: float32 noise of the chunked tower is judged against their size
+    # (as tests/test_chunked_prefill.py does), not against 1e-5 on each element
+    err = (streamed.hidden - whole.hidden).abs().max().item()
+    assert err <= 1e-5 * max(whole.hidden.abs().max().item(), 1.0), f"layer K's input rows: max error {err:.3g}"
     k = max(1, streamed.scores.numel() // 4)
     assert set(streamed.scores.topk(k).indices.tolist()) == set(whole.scores.topk(k).indices.tolist())
 
