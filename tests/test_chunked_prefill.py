@@ -324,3 +324,34 @@ def test_the_cli_takes_the_chunk_and_the_stats_say_how_the_prefill_ran(tiny_dir,
     assert "Prefill:" not in capsys.readouterr().out
     assert cli.main([*argv, "--prefill-chunk", "8"]) == 2
     assert "prefill_chunk must be 0" in capsys.readouterr().err
+
+
+def test_a_refused_lower_right_flash_call_falls_back_to_the_blocks_once(monkeypatch, caplog):
+    """A torch whose flash call refuses what can_use_flash_attention accepted (a new release) gets one
+    warning and None (the caller's blocks run, same result), and is not asked again; out of memory is
+    raised, not hidden."""
+    import torch.backends.cuda as cuda_backends
+
+    from adatp_core.hf import attention_hook
+
+    monkeypatch.setattr(attention_hook, "_FLASH_REFUSED", set())
+    monkeypatch.setattr(cuda_backends, "can_use_flash_attention", lambda params: True)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask"))
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", broken)
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    with caplog.at_level("WARNING", logger="adatp_core.hf.attention_hook"):
+        assert attention_hook._lower_right_or_none(q, k, v, None, True, "GPU 0") is None
+        assert attention_hook._lower_right_or_none(q, k, v, None, True, "GPU 0") is None
+    assert len(calls) == 1 and len([r for r in caplog.records if "blocks of sdpa" in r.message]) == 1
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        attention_hook._lower_right_or_none(q, k, v, None, True, "GPU 1")

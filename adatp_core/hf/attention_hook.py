@@ -10,10 +10,15 @@ ever formed. The loader registers it (``register_attention``).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..budget import tail_mask_rows
-from ..errors import AdaTPInputError
+from ..errors import AdaTPInputError, is_out_of_memory
+
+log = logging.getLogger(__name__)
+_FLASH_REFUSED: set = set()  # (torch version, device name) where the lower-right flash call failed once
 
 _PREFIX = "adatp_"
 
@@ -119,13 +124,32 @@ def _flash_lower_right(query, key, value, scale, gqa: bool) -> torch.Tensor | No
     tests/gpu/test_rows_on_host.py."""
     if query.device.type != "cuda":
         return None
+    return _lower_right_or_none(query, key, value, scale, gqa, torch.cuda.get_device_name(query.device))
+
+
+def _lower_right_or_none(query, key, value, scale, gqa: bool, device_name: str) -> torch.Tensor | None:
+    """``_flash_lower_right`` past its device check. A torch whose flash call refuses what
+    can_use_flash_attention accepted (a kernel or signature change in a new release) costs one
+    warning and the blocks from then on, never the answer; running out of memory is raised."""
     from torch.backends.cuda import SDPAParams, can_use_flash_attention
     from torch.nn.attention.bias import causal_lower_right
 
-    if not can_use_flash_attention(SDPAParams(query, key, value, None, 0.0, False, gqa)):
+    where = (torch.__version__, device_name)
+    if where in _FLASH_REFUSED or not can_use_flash_attention(SDPAParams(query, key, value, None, 0.0, False, gqa)):
         return None
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=causal_lower_right(query.shape[2], key.shape[2]), scale=scale, enable_gqa=gqa)
+    try:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=causal_lower_right(query.shape[2], key.shape[2]), scale=scale,
+            enable_gqa=gqa)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        if is_out_of_memory(exc):
+            raise
+        _FLASH_REFUSED.add(where)
+        log.warning("flash attention with a bottom-right causal mask failed on %s with torch %s (%s: %s); the "
+                    "prefill's calls over the cache run as blocks of sdpa from now on (same result, a little "
+                    "slower). Please report it with `python -m adatp_core doctor`.", device_name,
+                    torch.__version__, type(exc).__name__, exc)
+        return None
     return out.transpose(1, 2).contiguous()
 
 
