@@ -20,7 +20,7 @@ from .peak_memory import stage_peak
 from .prune import check_retention, prune_tokens
 from .runtime import VideoLLM
 from .state import AdaTPState
-from .streaming import EncodedVideo, encode_video
+from .streaming import STREAM_BACKEND, EncodedVideo, encode_video
 from .timing import timed
 from .video import (DECODE_MAX_SIDE, MAX_FRAMES, SAMPLING_MODES, ProcessorSampling, VideoInfo, decode_plan,
                     frames_to_image, plan_sampling)
@@ -147,7 +147,9 @@ def load_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):
     """Sample and decode the video at ``path`` for ``model``, checked before any frame is decoded
     (_checked_plan). Returns (frames [T, H, W, 3] float32, VideoInfo, planned figures)."""
     sample, planned = _checked_plan(model, path, questions, cfg, streamed=False)
-    frames, info = decode_plan(sample)
+    # the stream's decoder: decord and PyAV scale a frame decoded smaller differently (a 720p source at
+    # the 1024-px decode side differs by up to 38 levels), so one pass and streamed must share one
+    frames, info = decode_plan(sample, STREAM_BACKEND)
     return frames_to_image(frames), info, planned
 
 

@@ -205,3 +205,22 @@ def test_a_stream_decodes_in_this_process(model, clip, monkeypatch):
     reader that stops to encode a chunk (at 1024 frames its memory reached 1.5 GB)."""
     monkeypatch.setattr(vid, "_decode_decord", lambda *a, **k: pytest.fail("a stream started decord's child"))
     assert encode_video(model, vid.plan_sampling(clip, 7)).info.backend == "pyav"
+
+
+def test_one_pass_and_streamed_runs_decode_a_scaled_video_alike(tmp_path):
+    """The pipeline's one pass (--no-stream) decodes with the stream's decoder: decord and PyAV scale a
+    frame decoded smaller differently, so a video wider than the decode side gave the two runs other
+    pixels (and another keep set)."""
+    from adatp_core import pipeline
+
+    path = tmp_path / "wide.mp4"
+    write_video(path, scene_frames(6, 1280, 720), fps=8)
+    model = load_video_llm(str(ensure_tiny_model()))
+    cfg = pipeline.PipelineConfig(num_frames=4)
+    frames, info, _ = pipeline.load_checked(model, path, [QUESTION], cfg)
+    video, streamed_info, _ = pipeline.stream_checked(model, path, [QUESTION], cfg)
+    assert info.backend == streamed_info.backend == "pyav" and info.timestamps == streamed_info.timestamps
+    sample = vid.plan_sampling(path, 4, max_side=pipeline.decode_side(cfg.max_pixels))
+    assert sample.size[0] < 1280  # decoded smaller: where the two decoders' scalers part
+    stream, _ = vid.decode_plan(sample, backend="pyav")
+    assert torch.equal(frames, vid.frames_to_image(stream))
