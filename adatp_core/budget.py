@@ -181,7 +181,10 @@ def _device_available(where: str) -> int | None:
 SCORED_ROWS = 64
 # A prefill call over a non-empty cache runs its queries in blocks whose additive mask [rows, past + n]
 # takes at most TAIL_MASK_BYTES, at least MIN_TAIL_ROWS rows at a time (hf/attention_hook.TailCausal).
-TAIL_MASK_BYTES = 16 << 20
+# Short blocks cost time: each re-reads every key, and splits the CPU kernel's query tiles. 8 heads over
+# 4 KV heads of 128, 2048 queries over 32k keys, float32, 2 cores: 130 rows (16 MiB) 2.66 s, 523 rows
+# (64 MiB) 2.03 s, 1047 rows (128 MiB) 1.65 s, the dense [n, L] mask 1.76 s (and 256 MiB of mask).
+TAIL_MASK_BYTES = 64 << 20
 MIN_TAIL_ROWS = 32
 
 
@@ -190,6 +193,25 @@ def tail_mask_rows(n: int, width: int, item: int, mask_bytes: int | None = None)
     element within ``mask_bytes`` (default TAIL_MASK_BYTES)."""
     budget = TAIL_MASK_BYTES if mask_bytes is None else mask_bytes
     return min(n, max(MIN_TAIL_ROWS, budget // (width * item)))
+
+
+def tail_copies_keys(where: str, item: int, head_dim: int) -> bool:
+    """Whether a call over a non-empty cache on ``where`` copies a layer's keys and values per query head
+    (hf/attention_hook.TailCausal.attend): not on the CPU (sdpa shares a group's keys there), nor where
+    CUDA's flash attention takes the call (half precision, heads of at most 256, Ampere or later, not
+    ROCm); elsewhere (float32, MPS, a T4 or V100) the kernel that takes a mask needs them copied."""
+    if where == "host" or where.startswith("cpu"):
+        return False
+    if not where.startswith("cuda") or item != 2 or head_dim > 256:
+        return True
+    import torch  # lazy: this module stays torch-free at import (decode workers)
+
+    if torch.version.hip:
+        return True
+    try:
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(where) < (8, 0)
+    except (RuntimeError, AssertionError, ValueError):
+        return False  # no such card here (a model of another machine): as on the cards the bench models
 
 
 def prefill_parts(length: int, attention_layers: int, kv_heads: int, head_dim: int, heads: int, d_model: int,
@@ -201,7 +223,8 @@ def prefill_parts(length: int, attention_layers: int, kv_heads: int, head_dim: i
       layers hold a fixed state, counted elsewhere);
     - layer K's input rows [L, D] (with the prompt's embeddings beside them when one call takes it all);
     - one call's working memory: its hidden states and MLP activations (``inner`` wide), and for a call
-      over a non-empty cache its blocked causal mask (``tail_mask_rows`` x L);
+      over a non-empty cache its blocked causal mask (``tail_mask_rows`` x L) and, where the kernel
+      needs them (``tail_copies_keys``), one layer's keys and values copied per query head;
     - the scores at layer K-1 (``scored``): one KV group's float32 logits and probabilities
       [heads / kv_heads x SCORED_ROWS x L] at a time.
     An estimate from the shapes, not a measurement (bench/long_video.py measures)."""
@@ -210,6 +233,8 @@ def prefill_parts(length: int, attention_layers: int, kv_heads: int, head_dim: i
     working = c * (6 * d_model + 3 * inner) * item
     if c < length:  # every call after the first attends to a non-empty cache
         working += tail_mask_rows(c, length, item) * length * item
+        if heads > kv_heads and tail_copies_keys(where, item, head_dim):  # one layer's at a time
+            working += 2 * heads * head_dim * length * item
     scores = 2 * group * SCORED_ROWS * length * 4 if scored else 0
     rows = (1 if c < length else 2) * length * d_model * item
     return ((f"layers < K's keys and values ({attention_layers} layers x {length} tokens)",
