@@ -355,3 +355,37 @@ def test_a_refused_lower_right_flash_call_falls_back_to_the_blocks_once(monkeypa
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", oom)
     with pytest.raises(torch.OutOfMemoryError):
         attention_hook._lower_right_or_none(q, k, v, None, True, "GPU 1")
+
+
+def test_a_changed_flash_api_costs_speed_not_the_answer(monkeypatch):
+    """A torch whose SDPAParams or can_use_flash_attention changed signature (as 2.5's enable_gqa did) is
+    caught like a refused call: None, so the blocks run."""
+    import torch.backends.cuda as cuda_backends
+
+    from adatp_core.hf import attention_hook
+
+    monkeypatch.setattr(attention_hook, "_FLASH_REFUSED", set())
+
+    def changed(*args):
+        raise TypeError("SDPAParams() takes 8 positional arguments but 7 were given")
+
+    monkeypatch.setattr(cuda_backends, "SDPAParams", changed)
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    assert attention_hook._lower_right_or_none(q, k, v, None, True, "GPU 0") is None
+    assert ("GPU 0" in str(attention_hook._FLASH_REFUSED))
+
+
+def test_the_memory_model_counts_per_head_key_copies_where_the_kernel_makes_them():
+    """Blocks on the CPU share a group's keys; off the CPU without flash (float32, MPS, pre-Ampere, ROCm)
+    the mask-taking kernel needs them copied per query head: the estimate counts one layer's copy."""
+    from adatp_core.budget import prefill_parts, tail_copies_keys
+
+    assert not tail_copies_keys("host", 2, 128) and not tail_copies_keys("cpu", 4, 128)
+    assert tail_copies_keys("mps", 2, 128) and tail_copies_keys("cuda:0", 4, 128)
+    assert tail_copies_keys("cuda:0", 2, 512)
+    args = dict(length=100_000, attention_layers=2, kv_heads=8, head_dim=128, heads=32, d_model=4096, inner=12288,
+                chunk=8192, item=2)
+    on = {where: prefill_parts(**args, where=where)[2][1] for where in ("cpu", "mps")}
+    assert on["mps"] - on["cpu"] == 2 * 32 * 128 * 100_000 * 2
+    one_call = {where: prefill_parts(**{**args, "chunk": 0}, where=where)[2][1] for where in ("cpu", "mps")}
+    assert one_call["mps"] == one_call["cpu"]  # one call over an empty cache: no tail, no copy

@@ -122,7 +122,7 @@ def _flash_lower_right(query, key, value, scale, gqa: bool) -> torch.Tensor | No
     the kernel itself (torch's ``causal_lower_right``), no mask tensor at all and grouped keys shared;
     [B, n, H, dv]. None elsewhere (the caller's blocks then run). Checked on a GPU by
     tests/gpu/test_rows_on_host.py."""
-    if query.device.type != "cuda":
+    if query.device.type != "cuda" or torch.version.hip:  # ROCm's flash aligns is_causal to the top left
         return None
     return _lower_right_or_none(query, key, value, scale, gqa, torch.cuda.get_device_name(query.device))
 
@@ -131,17 +131,19 @@ def _lower_right_or_none(query, key, value, scale, gqa: bool, device_name: str) 
     """``_flash_lower_right`` past its device check. A torch whose flash call refuses what
     can_use_flash_attention accepted (a kernel or signature change in a new release) costs one
     warning and the blocks from then on, never the answer; running out of memory is raised."""
-    from torch.backends.cuda import SDPAParams, can_use_flash_attention
-    from torch.nn.attention.bias import causal_lower_right
-
     where = (torch.__version__, device_name)
-    if where in _FLASH_REFUSED or not can_use_flash_attention(SDPAParams(query, key, value, None, 0.0, False, gqa)):
+    if where in _FLASH_REFUSED:
         return None
     try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+        from torch.nn.attention.bias import causal_lower_right
+
+        if not can_use_flash_attention(SDPAParams(query, key, value, None, 0.0, False, gqa)):
+            return None
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=causal_lower_right(query.shape[2], key.shape[2]), scale=scale,
             enable_gqa=gqa)
-    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+    except (ImportError, RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
         if is_out_of_memory(exc):
             raise
         _FLASH_REFUSED.add(where)
