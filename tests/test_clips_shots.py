@@ -110,3 +110,14 @@ def test_fast_motion_and_changing_light_are_not_shot_changes(tmp_path):
     truth = write_synthetic(tmp_path / "busy.mp4", [(12.0, "start", 0.0)], width=96, height=64, seed=6,
                             motion=12, light=0.4)
     assert len(detect_shots(truth.path)) == 1
+
+
+@pytest.mark.parametrize("frame", [121, 123])
+def test_a_cut_between_two_analysed_frames_is_placed_on_its_own_frame(tmp_path, frame):
+    """A 60 fps source is analysed at 30 frames a second: a cut on an odd frame was found on the next
+    analysed one, one frame late, so the shot before it ended with a frame of the next shot."""
+    truth = write_synthetic(tmp_path / "fast.mp4", [(frame / 60, "start", 0.0), (2.0, "cut", 0.0)], fps=60,
+                            width=160, height=90)
+    shots = detect_shots(truth.path)
+    assert [round(s.start * 60, 3) for s in shots] == [0.0, frame]
+    assert abs(shots[0].end - truth.boundaries[0].time) < 1e-6

@@ -186,6 +186,13 @@ class Detector:
         if self.rise is not None:  # the video ends while the windowed distance is still high
             self._gradual(None, 0.0)
 
+    def move_cut(self, t: float, to: float) -> None:
+        """Place the cut found at ``t`` at ``to`` instead (a frame between two analysed ones)."""
+        if to == t:
+            return
+        self.cuts = [to if c == t else c for c in self.cuts]
+        self.changes = [(to, how) if (when == t and how == "cut") else (when, how) for when, how in self.changes]
+
     def _add(self, t: float, kind: str) -> None:
         if t < MIN_SHOT:
             return
@@ -195,6 +202,22 @@ class Detector:
                     self.changes[k] = (t, kind)
                 return
         self.changes.append((t, kind))
+
+
+def _place_cuts(detector: Detector, found: int, seen: deque, skipped: deque | None) -> None:
+    """Move each cut the detector found since ``found`` (on an analysed frame) to the frame, among the
+    skipped ones since the analysed frame before it, where the picture jumps most."""
+    if not skipped:
+        return
+    for t in detector.cuts[found:]:
+        before = [f for f in seen if f.time < t - _EPS]
+        at = next((f for f in seen if abs(f.time - t) <= _EPS), None)
+        if not before or at is None:
+            continue
+        prev = before[-1]
+        chain = [prev] + [Features(u, rgb) for u, rgb in skipped if prev.time + _EPS < u < t - _EPS] + [at]
+        jumps = [chain[i + 1].distance(chain[i]) for i in range(len(chain) - 1)]
+        detector.move_cut(t, chain[max(range(len(jumps)), key=jumps.__getitem__) + 1].time)
 
 
 def check_threshold(threshold) -> float:
@@ -250,10 +273,13 @@ def source_events(container, video, audio=None, start_time: float = 0.0, since: 
             yield "frame", t, frame
 
 
-def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | None = None):
+def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | None = None,
+                    skipped: deque | None = None):
     """Yield (time from the first frame, tiny RGB uint8 [h, w, 3]) of the frames to analyse:
     at most ANALYSIS_FPS a second. Damaged packets and the frames decoded on them (up to the
-    next keyframe) are skipped; detection goes on after them."""
+    next keyframe) are skipped; detection goes on after them. ``skipped``: the frames left out
+    between two analysed ones are appended to it as (time, tiny RGB) before the next analysed
+    frame is yielded (the caller trims it), so a cut can be placed on one of them."""
     import av
     from av.video.reformatter import VideoReformatter
 
@@ -278,6 +304,9 @@ def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | N
                 damage.append(item)
                 continue
             if t < next_t - _EPS:
+                if skipped is not None:
+                    skipped.append((t, scaler.reformat(item, width=size[0], height=size[1], format="rgb24",
+                                                       interpolation="AREA").to_ndarray()))
                 continue
             next_t = max(next_t + step, t + step / 2) if math.isfinite(next_t) else t + step
             yield t, scaler.reformat(item, width=size[0], height=size[1], format="rgb24",
@@ -305,12 +334,26 @@ def detect_shots(path, *, threshold: float = DEFAULT_THRESHOLD,
     probe = probe_video(path)
     detector = Detector(threshold)
     last = None
-    for last, rgb in analysed_frames(path, probe, on_progress):
-        detector.feed(Features(last, rgb))
+    # A source faster than ANALYSIS_FPS has frames between the analysed ones: a cut found on an analysed
+    # frame may have happened on one of them, and its shot would end with a frame of the next. Their tiny
+    # pictures of the last few seconds are kept (a few KB each) to place each cut where the picture jumps.
+    skipped: deque | None = deque() if probe.fps > ANALYSIS_FPS + _EPS else None
+    seen: deque[Features] = deque()
+    for last, rgb in analysed_frames(path, probe, on_progress, skipped):
+        seen.append(Features(last, rgb))
+        found = len(detector.cuts)
+        detector.feed(seen[-1])
+        _place_cuts(detector, found, seen, skipped)
+        while seen and seen[0].time < last - 2 * CUT_CONTEXT:
+            seen.popleft()
+        while skipped and skipped[0][0] < last - 2 * CUT_CONTEXT:
+            skipped.popleft()
     if last is None:
         raise DamagedVideo(f"{Path(path).name}: no frame of it decodes (the file is corrupt or cut short); "
                            "re-export it from the original.")
+    found = len(detector.cuts)
     detector.finish()
+    _place_cuts(detector, found, seen, skipped)
     duration = last + 1.0 / probe.fps  # the last frame stays on screen for one frame
     if on_progress is not None:
         on_progress(duration, duration)
