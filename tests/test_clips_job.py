@@ -834,3 +834,22 @@ def test_a_run_leaves_alone_a_source_another_run_is_still_captioning(tiny, tmp_p
     assert not (job.state_dir / "replaced").exists()
     again = run_clips(tiny, other)  # once the first run is done, the new rules replace its clips
     assert again.clips_replaced == 1 and not again.elsewhere
+
+
+def test_a_recut_clip_does_not_adopt_the_old_footages_caption_from_the_other_layout(tmp_path, short):
+    """A clip cut again under its name has its captions set aside from both places (beside the clip and in
+    the state folder a run with other layouts used): the one left behind was copied onto the new clip."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    cut_only(job)
+    clip = next(iter(clips_of(job)))
+    name = clip.name[:-4]
+    (job.clips_dir / f"{name}.txt").write_text("beside the clip")
+    (job.state_dir / "captions").mkdir(parents=True, exist_ok=True)
+    (job.state_dir / "captions" / f"{name}.txt").write_text("from a jsonl run")
+    plan = clips_job.record_plan(clips_job.read_record(job, name.split("_s")[0]))[2]
+    assert clips_job.set_aside(job, [c for c in plan if c.name == name]) == 1
+    assert clips_job.adopt_captions(job, [name]) == 0 and not (job.clips_dir / f"{name}.txt").exists()
+    aside = job.state_dir / "replaced"
+    assert (aside / f"{name}.txt").read_text() == "beside the clip"
+    assert (aside / "captions" / f"{name}.txt").read_text() == "from a jsonl run"

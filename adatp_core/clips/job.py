@@ -426,15 +426,19 @@ def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
     moved = 0
     aside = job.state_dir / "replaced"
     for c in clips:
-        pair = [p for p in (clip_path(job, c), job.caption_dir / f"{c.name}.txt") if os.path.lexists(p)]
-        if not pair:
+        # the caption in both places (beside the clip, and the state folder's of a run with other
+        # layouts): one left behind would be adopted for the clip cut again under this name
+        found = [(p, aside / sub) for p, sub in ((clip_path(job, c), ""), (job.clips_dir / f"{c.name}.txt", ""),
+                                                 (job.state_dir / "captions" / f"{c.name}.txt", "captions"))
+                 if os.path.lexists(p)]
+        if not found:
             continue
-        aside.mkdir(parents=True, exist_ok=True)
         n = 1
-        while any(os.path.lexists(aside / free_name(p.name, n)) for p in pair):
+        while any(os.path.lexists(where / free_name(p.name, n)) for p, where in found):
             n += 1
-        for path in pair:
-            os.replace(path, aside / free_name(path.name, n))
+        for path, where in found:
+            where.mkdir(parents=True, exist_ok=True)
+            os.replace(path, where / free_name(path.name, n))
             moved += path.suffix == CLIP_SUFFIX
     return moved
 
