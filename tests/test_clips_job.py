@@ -853,3 +853,29 @@ def test_a_recut_clip_does_not_adopt_the_old_footages_caption_from_the_other_lay
     aside = job.state_dir / "replaced"
     assert (aside / f"{name}.txt").read_text() == "beside the clip"
     assert (aside / "captions" / f"{name}.txt").read_text() == "from a jsonl run"
+
+
+@pytest.mark.parametrize("damage", ["cut short", "edited"])
+def test_a_damaged_record_fails_its_source_by_name_and_touches_nothing(tmp_path, short, damage, caplog):
+    """A record cut short or edited by hand was taken for none: its source was detected and cut again
+    beside its old clips (or, with other rules, its old clips stayed with a record calling them new)."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    cut_only(job)
+    before = {p.name: p.stat().st_mtime_ns for p in clips_of(job)}
+    record = next((job.state_dir / "sources").glob("*.json"))
+    text = record.read_text()
+    record.write_text(text[:300] if damage == "cut short" else text.replace('"shots": [', '"shots": "x", "was": [', 1))
+    other = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
+    plan = clips_job.plan_sources(other)
+    try:
+        errors = [p.error for p in plan.sources if p.error]
+    finally:
+        plan.release()
+    assert len(errors) == 1 and "is damaged" in errors[0] and "move that file away" in errors[0]
+    assert cut_only(other).clips_cut == 0
+    assert {p.name: p.stat().st_mtime_ns for p in clips_of(job)} == before  # nothing cut, nothing set aside
+    assert not (job.state_dir / "replaced").exists()
+    with caplog.at_level("WARNING"):
+        assert clips_job.dataset(job) == []
+    assert any("is damaged" in r.getMessage() for r in caplog.records)

@@ -323,18 +323,40 @@ def _plain(obj) -> dict:
 
 
 def read_record(job: ClipsJob, key: str) -> dict | None:
-    """An earlier run's record of this source, or None (none, unreadable, another version)."""
+    """An earlier run's record of this source, or None (none yet, or another version's). A record that
+    cannot be read or does not hold a plan (cut short, edited by hand) raises AdaTPInputError: taken
+    for none, its source would be cut again beside its old clips, or its clips left out of the set."""
+    path = record_path(job, key)
     try:
-        record = json.loads(record_path(job, key).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
-    return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
+    except (OSError, ValueError) as exc:
+        raise damaged_record(path, exc) from exc
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+        return None
+    try:
+        record_plan(record)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise damaged_record(path, exc) from exc
+    return record
+
+
+def damaged_record(path: Path, exc: Exception) -> AdaTPInputError:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{exc.__class__.__name__}: {exc}"
+    return AdaTPInputError(f"the record {printable(str(path))} is damaged ({printable(why)}), so which clips in "
+                           "videos/ are this source's is not known; move that file away and run again: the source "
+                           "is found and cut anew (its old clips, if any are left in videos/, are yours to remove)")
 
 
 def record_plan(record: dict) -> tuple[str, list[Shot], list[ClipPlan]]:
     """(source path, shots, clips) of a record."""
     shots = [Shot(**s) for s in record["shots"]]
     clips = [ClipPlan(**{**c, "source": Path(c["source"])}) for c in record["clips"]]
+    if not isinstance(record["source"], str) or any(
+            not (isinstance(c.frames, int) and c.frames >= 1 and c.fps > 0 and c.width > 0 and c.height > 0)
+            for c in clips):
+        raise ValueError("a clip without frames, rate or size")
     return record["source"], shots, clips
 
 
@@ -777,14 +799,14 @@ def dataset(job: ClipsJob) -> list[DatasetSource]:
     clips that are on disk and their captions: what the layouts list."""
     entries = []
     for record_file in sorted((job.state_dir / "sources").glob("*.json")):
-        record = read_record(job, record_file.stem)
+        try:
+            record = read_record(job, record_file.stem)
+        except AdaTPInputError as exc:
+            log.warning("the layouts leave out a source: %s", exc)
+            continue
         if record is None:
             continue
-        try:
-            source, shots, plans = record_plan(record)
-        except (KeyError, TypeError, ValueError):
-            log.warning("skipping %s: not a record this version wrote", record_file)
-            continue
+        source, shots, plans = record_plan(record)
         clips = []
         for c in plans:
             path = clip_path(job, c)
