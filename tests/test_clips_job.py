@@ -738,6 +738,11 @@ def test_obstacles_in_the_output_folder_are_named_with_what_to_do(cli, tmp_path,
     (tmp_path / "b" / "clips.jsonl").mkdir(parents=True)
     code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "b", *SETTINGS)
     assert code == 2 and f"{tmp_path / 'b' / 'clips.jsonl'} is a folder" in err and "move or remove it" in err
+    for inner in ("sources", "replaced", "captions"):  # the state folder's own folders, refused up front too
+        (tmp_path / inner / ".adatp").mkdir(parents=True)
+        (tmp_path / inner / ".adatp" / inner).write_text("x")
+        code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / inner, *SETTINGS, "--layout", "jsonl")
+        assert code == 2 and f"{tmp_path / inner / '.adatp' / inner} is a file" in err, err
     job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "c", rules=RULES, layouts=("jsonl",))
     (job.out / "clips.jsonl").mkdir(parents=True)  # made after the job's check: the layouts name it
     summary = clips_job.ClipsSummary()

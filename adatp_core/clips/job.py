@@ -157,7 +157,8 @@ class ClipsJob:
         """OptionError("out") naming what in the output folder is in the way: a file where the job
         keeps a folder, or a folder where a layout writes its file."""
         folders = {self.clips_dir: "the clips", self.state_dir: "its records", self.out / SUBTITLES_FOLDER:
-                   "the subtitles"}
+                   "the subtitles", self.state_dir / "sources": "each source's record",
+                   self.state_dir / "replaced": "the clips it sets aside", self.caption_dir: "the captions"}
         for folder, what in folders.items():
             if os.path.lexists(folder) and not folder.is_dir():
                 raise OptionError("out", f"{printable(str(folder))} is a file, where the job keeps {what} in a "
