@@ -204,14 +204,16 @@ class Detector:
         self.changes.append((t, kind))
 
 
-def _place_cuts(detector: Detector, found: int, seen: deque, skipped: deque | None) -> None:
+def _place_cuts(detector: Detector, found: int, skipped: deque | None) -> None:
     """Move each cut the detector found since ``found`` (on an analysed frame) to the frame, among the
-    skipped ones since the analysed frame before it, where the picture jumps most."""
+    skipped ones since the analysed frame before it, where the picture jumps most. A cut is decided
+    CUT_CONTEXT / 2 after its frame, so it and the frame before it are still in the detector's
+    GRADUAL_WINDOW of analysed frames."""
     if not skipped:
         return
     for t in detector.cuts[found:]:
-        before = [f for f in seen if f.time < t - _EPS]
-        at = next((f for f in seen if abs(f.time - t) <= _EPS), None)
+        before = [f for f in detector.window if f.time < t - _EPS]
+        at = next((f for f in detector.window if abs(f.time - t) <= _EPS), None)
         if not before or at is None:
             continue
         prev = before[-1]
@@ -288,6 +290,9 @@ def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | N
     name = printable(Path(path).name)
     size = analysis_size(probe.width, probe.height)
     scaler = VideoReformatter()  # one for all frames: a new one per frame costs ten times the scaling
+
+    def tiny(frame):
+        return scaler.reformat(frame, width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_ndarray()
     step = 1.0 / ANALYSIS_FPS
     next_t = -math.inf
     next_report = PROGRESS_EVERY
@@ -305,12 +310,10 @@ def analysed_frames(path, probe, on_progress: Callable[[float, float], None] | N
                 continue
             if t < next_t - _EPS:
                 if skipped is not None:
-                    skipped.append((t, scaler.reformat(item, width=size[0], height=size[1], format="rgb24",
-                                                       interpolation="AREA").to_ndarray()))
+                    skipped.append((t, tiny(item)))
                 continue
             next_t = max(next_t + step, t + step / 2) if math.isfinite(next_t) else t + step
-            yield t, scaler.reformat(item, width=size[0], height=size[1], format="rgb24",
-                                     interpolation="AREA").to_ndarray()
+            yield t, tiny(item)
             if on_progress is not None and t >= next_report:
                 next_report = t + PROGRESS_EVERY
                 on_progress(min(t, probe.duration), probe.duration)
@@ -338,14 +341,10 @@ def detect_shots(path, *, threshold: float = DEFAULT_THRESHOLD,
     # frame may have happened on one of them, and its shot would end with a frame of the next. Their tiny
     # pictures of the last few seconds are kept (a few KB each) to place each cut where the picture jumps.
     skipped: deque | None = deque() if probe.fps > ANALYSIS_FPS + _EPS else None
-    seen: deque[Features] = deque()
     for last, rgb in analysed_frames(path, probe, on_progress, skipped):
-        seen.append(Features(last, rgb))
         found = len(detector.cuts)
-        detector.feed(seen[-1])
-        _place_cuts(detector, found, seen, skipped)
-        while seen and seen[0].time < last - 2 * CUT_CONTEXT:
-            seen.popleft()
+        detector.feed(Features(last, rgb))
+        _place_cuts(detector, found, skipped)
         while skipped and skipped[0][0] < last - 2 * CUT_CONTEXT:
             skipped.popleft()
     if last is None:
@@ -353,7 +352,7 @@ def detect_shots(path, *, threshold: float = DEFAULT_THRESHOLD,
                            "re-export it from the original.")
     found = len(detector.cuts)
     detector.finish()
-    _place_cuts(detector, found, seen, skipped)
+    _place_cuts(detector, found, skipped)
     duration = last + 1.0 / probe.fps  # the last frame stays on screen for one frame
     if on_progress is not None:
         on_progress(duration, duration)
