@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.overrides
 
-from .attention import extract_attention
+from .attention import MIN_PREFILL_CHUNK, extract_attention
 from .batching import decode_together
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError, is_out_of_memory
 from .generate import SamplingConfig, generate_answer
@@ -70,6 +70,7 @@ QUESTION = "What is the red square doing in this video?"
 OTHER_QUESTION = "Which colour is the disc, and where does it go after the cut?"
 NEW_TOKENS = 8
 ROWS_CHECK = "2 rows = one at a time"
+CHUNKED_CHECK = "chunked prefill = one call"
 LAYER = 2
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 AVOID_STATIC = ("set decode_mode=default (--decode-mode default; ComfyUI's auto mode falls back to it by itself "
@@ -546,6 +547,25 @@ def _check_rows(fam: _Family, llm: VideoLLM, frames) -> None:
                              "device; batch_size 1 (--batch-size 1) avoids it"))
 
 
+def _check_chunked(fam: _Family, llm: VideoLLM, frames) -> None:
+    """The prefill in calls of MIN_PREFILL_CHUNK tokens against one call: every call after the first
+    attends over the cache through hf/attention_hook.TailCausal (on CUDA, flash attention with a
+    bottom-right causal mask where torch allows it; blocks of sdpa elsewhere), a path the CPU suite
+    cannot see on a GPU. The same kept tokens and the same greedy answer (or parted at a near tie)."""
+    cfg, sampling = PipelineConfig(), SamplingConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    one, chunked = (select(extract_attention(llm, frames, QUESTION, layer=LAYER, reuse_prefix=False,
+                                             prefill_chunk=chunk), cfg) for chunk in (0, MIN_PREFILL_CHUNK))
+    calls = chunked.stats.get("prefill_calls", 0)
+    same_keep = torch.equal(one.keep.cpu(), chunked.keep.cpu())
+    a, b = (generate_answer(s, sampling, return_logits=True) for s in (one, chunked))
+    ok, detail = compare_tokens(a.token_ids, a.logits, b.token_ids, b.logits, llm.dtype)
+    ok = ok and same_keep and calls > 1
+    fam.add(CHUNKED_CHECK, PASS if ok else FAIL,
+            f"{calls} calls of {MIN_PREFILL_CHUNK} tokens; keep set {'the same' if same_keep else 'DIFFERS'}; {detail}"
+            + ("" if ok else ": the chunked prefill differs from one call on this device; --prefill-chunk 0 "
+                             "(Extract Attention's prefill_chunk 0) runs the prompt in one call"))
+
+
 def _check_vision(fam: _Family, llm: VideoLLM, frames) -> None:
     """Qwen: the batched vision attention (hf/vision.py) against the stock tower."""
     from .hf.vision import vision_forward
@@ -587,11 +607,12 @@ def _run_family(fam: _Family, dev: torch.device, dtype: torch.dtype, frames, on_
              lambda: _check_static(fam, llm, frames, dev, spy),
              lambda: _check_sdpa(fam, spy, dev),
              lambda: _check_selection_and_figures(fam, llm, frames, dev),
-             lambda: _check_rows(fam, llm, frames)]
+             lambda: _check_rows(fam, llm, frames),
+             lambda: _check_chunked(fam, llm, frames)]
     if hasattr(llm.adapter, "grid_thw"):
         steps.append(lambda: _check_vision(fam, llm, frames))
     names = ("keep-all = stock generate()", "AdaTP default = static decoding", "no cuDNN attention",
-             "figures", ROWS_CHECK, "batched vision = stock tower")
+             "figures", ROWS_CHECK, CHUNKED_CHECK, "batched vision = stock tower")
     try:
         for name, step in zip(names, steps):
             done = len(fam.checks)
