@@ -181,6 +181,6 @@ class AdaTP_ClipDataset:
         effective = sampling.resolve(getattr(model.model, "generation_config", None)).settings()
         text = (f"{summary.text()}\nOutput: {job.out}\n"
                 f"Generation: {settings_text(effective)} (unset: the model's generation_config.json)")
-        if summary.captions().model_error:
+        if summary.captions().model_error or summary.busy:  # busy: another run holds every source
             raise RuntimeError(text)
         return {"ui": {"text": [text]}, "result": (text,)}

@@ -884,3 +884,37 @@ def test_a_damaged_record_fails_its_source_by_name_and_touches_nothing(tmp_path,
     with caplog.at_level("WARNING"):
         assert clips_job.dataset(job) == []
     assert any("is damaged" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_that_finds_every_source_held_says_by_whom_and_exits_3(cli, tmp_path, one_shot, comfy, tiny):
+    """Hostile review: a run whose every source another run held exited 0 saying little, and the node
+    reported success; now exit 3 (EXIT_BUSY), the holding process and claim file named, what to do."""
+    from adatp_core.caption import ClipClaim
+
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "set", rules=RULES)
+    other = ClipClaim(clips_job.record_path(job, clips_job.source_key(tmp_path / "one.mp4")))
+    other.path.parent.mkdir(parents=True)
+    assert other.acquire()
+    _, inp, out = comfy
+    (inp / "one.mp4").write_bytes(one_shot)
+    node_job = ClipsJob(sources=(inp / "one.mp4",), out=out / "set", rules=RULES)
+    node_claim = ClipClaim(clips_job.record_path(node_job, clips_job.source_key(inp / "one.mp4")))
+    node_claim.path.parent.mkdir(parents=True)
+    assert node_claim.acquire()
+    try:
+        code, stdout, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "set", *SETTINGS)
+        with pytest.raises(RuntimeError, match="every source .1. is left to another run"):
+            clip_node()().make(tiny, "one.mp4", "set", "Describe.", "", MIN_S, MAX_S, FPS, "4k+1",
+                               caption_frames=2, max_new_tokens=3, batch_size=1)
+    finally:
+        other.release()
+        node_claim.release()
+    assert code == clips_job.EXIT_BUSY == 3, (code, stdout, err)
+    assert "Nothing done: every source (1) is left to another run" in stdout
+    assert f"held by process {os.getpid()} on " in stdout and other.path.name in stdout
+    assert "Wait for that run to finish" in stdout and "remove its claim file" in stdout
+    assert not job.clips_dir.exists() or not clips_of(job)
+    assert "3 when every source is held" in clips_cli.build_parser().epilog
+    code, stdout, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "set", *SETTINGS)  # the claim is free
+    assert code == 0 and "1 cut now" in stdout

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import re
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -220,6 +221,20 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+_HOLDER = re.compile(rb"pid (\d+) host (\S*)")
+
+
+def _write_holder(fd: int) -> None:
+    """Say in the claim file which process holds it (for a message naming it; the lock, not
+    this text, decides whether the claim is held). From byte 1: Windows locks byte 0."""
+    try:
+        os.ftruncate(fd, 1)
+        os.lseek(fd, 1, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} host {socket.gethostname() or '-'}\n".encode("utf-8", "replace"))
+    except OSError:  # a full disk: the claim holds all the same
+        pass
+
+
 class ClipClaim:
     """A lock on one caption, held while its clip is captioned: a hidden file beside
     the caption (a short fixed-length name) locked with flock. The lock goes when the
@@ -242,8 +257,20 @@ class ClipClaim:
                 same = False
             if same:
                 self.fd = fd
+                _write_holder(fd)
                 return True
             os.close(fd)
+
+    def holder(self) -> tuple[int, str] | None:
+        """(pid, host) of the process holding this claim, as it wrote itself in; None if not said
+        (a claim written by an older version, or one being taken right now)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(1)  # byte 0 is the Windows lock's (msvcrt locks it): read past it
+                found = _HOLDER.search(f.read(300))
+        except OSError:
+            return None
+        return (int(found[1]), found[2].decode("utf-8", "replace")) if found else None
 
     def release(self) -> None:
         if self.fd is None:

@@ -11,7 +11,9 @@ txt (NAME.txt beside each clip), finetrainers (prompts.txt + videos.txt), jsonl
 (clips.jsonl) and srt / vtt (OUT/subtitles: each source's shots with their captions).
 A rerun skips what is done: shots kept per source, clips and captions already there.
 Exit status: 0 when the clips have captions, 1 when none could be made, 2 for bad
-options or a model or disk failure.
+options or a model or disk failure, 3 when every source is held by another run on the
+same output folder (nothing done: the summary names each holding process; wait for it,
+or remove a claim whose process is gone).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ CLIP_SUFFIX = ".mp4"
 RECORD_VERSION = 1
 RECORD_EVERY = 10.0  # seconds: while a source is cut, its record (what each clip holds) is rewritten this often
 LAYOUTS = ("txt", "finetrainers", "jsonl", "srt", "vtt")
+EXIT_BUSY = 3  # the exit status when every source was held by another run (nothing done)
 DEFAULT_LAYOUTS = ("txt", "jsonl", "srt", "vtt")
 
 # on_event(stage, done, total, name): stage "shots" (done, total: sources, fractional while a source is
@@ -512,6 +513,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
                                          "make the output folder writable") from exc
             if not got:
                 result.elsewhere.append(source.name)
+                result.held.append(held_by(source.name, claim))
                 continue
             result.claims.append(claim)
         plan = plan_source(job, source, keys[source.path], progress)
@@ -538,6 +540,7 @@ class JobPlan:
     problems: list
     claims: list = field(default_factory=list)
     elsewhere: list = field(default_factory=list)  # sources another run is planning or cutting now
+    held: list = field(default_factory=list)  # of those, held_by: which process holds each, and its claim file
     job: ClipsJob | None = None  # what was planned (the text counts the earlier clips found in its folder)
     notes: list = field(default_factory=list)  # (folder, note): folders skipped as datasets
 
@@ -707,6 +710,7 @@ class ClipsSummary:
     shots_without_clip: int = 0
     clips_replaced: int = 0  # an earlier plan's clips set aside (the source or the rules changed)
     elsewhere: list = field(default_factory=list)  # sources another run was planning or cutting
+    held: list = field(default_factory=list)  # held_by() of each: the process holding it and its claim file
     source_seconds: float = 0.0
     detected: int = 0  # sources whose shots were detected this run (the rest came from their records)
     seconds: float = 0.0
@@ -736,6 +740,7 @@ class ClipsSummary:
             total.notes += [tuple(x) for x in p.get("notes", [])]
             total.in_videos = p.get("in_videos", True)
             total.elsewhere += p.get("elsewhere", [])
+            total.held += p.get("held", [])
             total.clips_failed += [tuple(x) for x in p["clips_failed"]]
             total.seconds = max(total.seconds, p["seconds"])
             total.outputs += p["outputs"]
@@ -744,11 +749,19 @@ class ClipsSummary:
         total.caption = CaptionSummary.merge([p["caption"] for p in parts]).to_dict()
         return total
 
+    @property
+    def busy(self) -> bool:
+        """Every source was held by another run on the same output folder: this run did nothing."""
+        return bool(self.elsewhere) and len(self.elsewhere) == self.sources
+
     def exit_code(self) -> int:
-        """0, unless the model, the disk or the layouts failed (2), or no clip has a caption (1)."""
+        """0, unless the model, the disk or the layouts failed (2), every source was held by another
+        run (EXIT_BUSY, 3), or no clip has a caption (1)."""
         caption = self.captions()
         if caption.model_error or caption.write_error or self.output_error or self.error:
             return 2
+        if self.busy:
+            return EXIT_BUSY
         if self.clips_planned and not (caption.captions or caption.skipped or caption.done):
             return 1
         return 0 if self.clips_planned or not self.failed_sources else 1
@@ -765,9 +778,7 @@ class ClipsSummary:
                      f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
                      "the rules or the cut changed)" if self.clips_replaced else "") + "."]
         if self.elsewhere:
-            more = " ..." if len(self.elsewhere) > 3 else ""
-            lines.append(f"{len(self.elsewhere)} source(s) left to another run on the same output folder now: "
-                         + ", ".join(printable(n) for n in self.elsewhere[:3]) + more)
+            lines += held_text(self.elsewhere, self.held, self.busy)
         lines += [f"{printable(name)}: {note}" for name, note in self.notes]
         lines += grouped("source failed", [(printable(n), printable(why)) for n, why in self.failed_sources])
         lines += grouped("clip failed", self.clips_failed)
@@ -791,6 +802,30 @@ class ClipsSummary:
         if self.seconds > 0 and (self.detected or self.clips_cut or self.captions().done):
             lines.append(f"{self.seconds:.1f} s in all, {rate:.2f} source seconds a second.")
         return "\n".join(lines)
+
+
+def held_by(name: str, claim: ClipClaim) -> dict:
+    """A source another run holds: its name, the holding process (pid, host; None when the claim does
+    not say) and the claim file, for a message saying what to do."""
+    pid, host = claim.holder() or (None, None)
+    return {"source": name, "pid": pid, "host": host, "claim": str(claim.path)}
+
+
+def held_text(elsewhere: list, held: list, busy: bool) -> list[str]:
+    """The summary's lines for the sources another run holds, each with its process and claim file."""
+    head = (f"Nothing done: every source ({len(elsewhere)}) is left to another run on the same output folder, "
+            "which holds it now" if busy else f"{len(elsewhere)} source(s) left to another run on the same output folder now")
+    lines = [head + (":" if held else ": " + ", ".join(printable(n) for n in elsewhere[:3])
+                     + (" ..." if len(elsewhere) > 3 else ""))]
+    for h in held[:5]:
+        who = f"process {h['pid']} on {h['host']}" if h.get("pid") else "a process that does not say which"
+        lines.append(f"  {printable(h['source'])}: held by {who} (claim {printable(h['claim'])})")
+    if len(held) > 5:
+        lines.append(f"  ... and {len(held) - 5} more")
+    lines.append("  Wait for that run to finish, then run this again: it takes what is left. A claim is a lock "
+                 "the system lets go when its process ends, however it ends; if that process is not running (a "
+                 "run on another machine over a network share), remove its claim file and run again.")
+    return lines
 
 
 # --- the dataset: every source planned into this output folder ---------------------------------
@@ -864,6 +899,7 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.notes += [(p.source.name, note) for note in p.notes]
     summary.notes += plan.notes
     summary.elsewhere = list(plan.elsewhere)
+    summary.held = list(plan.held)
     try:
         cut_sources(job, plan, summary, on_event)
         folder_plan = caption_plan(job, plan)
