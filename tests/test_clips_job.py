@@ -918,3 +918,52 @@ def test_a_run_that_finds_every_source_held_says_by_whom_and_exits_3(cli, tmp_pa
     assert "3 when every source is held" in clips_cli.build_parser().epilog
     code, stdout, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "set", *SETTINGS)  # the claim is free
     assert code == 0 and "1 cut now" in stdout
+
+
+def padded(data: bytes, size: int) -> bytes:
+    """An MP4 made ``size`` bytes long by a trailing 'free' box (which players skip)."""
+    n = size - len(data)
+    assert n >= 8
+    return data + n.to_bytes(4, "big") + b"free" + bytes(n - 8)
+
+
+def test_a_touched_source_keeps_its_clips_and_a_same_size_same_time_copy_is_cut_again(tmp_path, short):
+    """Hostile review: touch (the time changed, not the footage) recut and recaptioned a source, and a
+    source replaced by other footage of the same size with its time kept (cp -p) was not noticed; a
+    fingerprint of the content (size, 1 MiB at the start, middle and end) decides now."""
+    other = write_video(tmp_path / "other.mp4", 255 - scene_frames(32, 64, 48, scenes=2), fps=FPS).read_bytes()
+    size = max(len(short), len(other)) + 16
+    src = tmp_path / "take.mp4"
+    src.write_bytes(padded(short, size))
+    job = ClipsJob(sources=(src,), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    before = {c.name: c.stat().st_mtime_ns for c in clips_of(job)}
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # touch
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (0, 2) and not (job.state_dir / "replaced").exists()
+    assert {c.name: c.stat().st_mtime_ns for c in clips_of(job)} == before
+    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
+    assert record["mtime_ns"] == st.st_mtime_ns + 5 * 10**9 and len(record["fingerprint"]) == 32
+    touched = os.stat(src)
+    src.write_bytes(padded(other, size))  # cp -p: other footage, the same size, the time kept
+    os.utime(src, ns=(touched.st_atime_ns, touched.st_mtime_ns))
+    assert os.stat(src).st_size == touched.st_size
+    replaced = cut_only(job)
+    assert (replaced.clips_cut, replaced.clips_existing) == (2, 0)
+    assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == 2
+
+
+def test_the_fingerprint_reads_three_mebibytes_of_a_large_file(tmp_path, monkeypatch):
+    from adatp_core.clips import plan as clips_plan
+
+    monkeypatch.setattr(clips_plan, "FINGERPRINT_PART", 4)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"a" * 4 + b"b" * 20 + b"c" * 4)
+    first = clips_plan.fingerprint(big)
+    big.write_bytes(b"a" * 4 + b"b" * 4 + b"X" + b"b" * 15 + b"c" * 4)  # outside the three parts read
+    assert clips_plan.fingerprint(big) == first
+    big.write_bytes(b"a" * 4 + b"b" * 9 + b"X" + b"b" * 10 + b"c" * 4)  # inside the middle part (12-15)
+    assert clips_plan.fingerprint(big) != first
+    big.write_bytes(b"a" * 4 + b"b" * 20 + b"c" * 5)  # one byte longer
+    assert clips_plan.fingerprint(big) != first

@@ -43,7 +43,7 @@ from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
 from .cut import CUT_MODES, check_cut, cut_clips, remove_stale_temps
 from .outputs import LAYOUT_FILES, SUBTITLES_FOLDER, DatasetClip, DatasetSource, write_outputs
-from .plan import FRAME_RULES, ClipPlan, ClipRules, hdr_transfer, plan_clips, source_key
+from .plan import FRAME_RULES, ClipPlan, ClipRules, fingerprint, hdr_transfer, plan_clips, source_key
 from .shots import Shot, check_threshold, detect_shots
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,7 @@ class SourcePlan:
     replaced: list = field(default_factory=list)  # an earlier plan's clips that this plan no longer has
     moved: int = 0  # of those, the clips found in videos/ and set aside (set_aside)
     made: dict = field(default_factory=dict)  # clip name -> what its file holds (cut.MADE_FIELDS), once cut
+    fingerprint: str | None = None  # plan.fingerprint of the source: what decides it is the same footage
     notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
 
     @property
@@ -318,6 +319,17 @@ def record_path(job: ClipsJob, key: str) -> Path:
 def _identity(path: Path) -> dict:
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def same_source(record: dict, path: Path, print_: str) -> bool:
+    """Whether ``record`` was made from the footage at ``path`` (``print_``: its fingerprint): by the
+    fingerprint, so a touched source (only its time changed) keeps its clips and one replaced by a
+    same-size copy keeping its time (``cp -p``) does not. A record from before fingerprints: its
+    file's resolved path, size and time, as that version decided."""
+    if record.get("fingerprint"):
+        return record["fingerprint"] == print_
+    return record.get("resolved") == os.path.realpath(path) and \
+        {k: record.get(k) for k in ("size", "mtime_ns")} == _identity(path)
 
 
 def _plain(obj) -> dict:
@@ -383,7 +395,7 @@ def stale_clips(earlier: list[ClipPlan], now: list[ClipPlan], same_source: bool,
 def write_record(job: ClipsJob, plan: SourcePlan) -> None:
     record = {"version": RECORD_VERSION, "source": str(plan.source.path), "name": plan.source.name,
               "resolved": os.path.realpath(plan.source.path),  # the file, however it was given (its key's path)
-              **_identity(plan.source.path), "threshold": job.threshold, "rules": _plain(job.rules),
+              **_identity(plan.source.path), "fingerprint": plan.fingerprint, "threshold": job.threshold, "rules": _plain(job.rules),
               "cut": cut_settings(job),
               "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips],
               "made": {c.name: plan.made[c.name] for c in plan.clips if c.name in plan.made}}
@@ -409,8 +421,8 @@ def plan_source(job: ClipsJob, source: Source, key: str,
     plan = SourcePlan(source, key)
     try:
         record = read_record(job, key)
-        same_file = record is not None and record.get("resolved") == os.path.realpath(source.path) \
-            and {k: record.get(k) for k in ("size", "mtime_ns")} == _identity(source.path)
+        plan.fingerprint = fingerprint(source.path)
+        same_file = record is not None and same_source(record, source.path, plan.fingerprint)
         same_cut = record is not None and record.get("cut") == cut_settings(job)
         if same_file and record.get("threshold") == job.threshold:
             _, plan.shots, clips = record_plan(record)
