@@ -967,3 +967,37 @@ def test_the_fingerprint_reads_three_mebibytes_of_a_large_file(tmp_path, monkeyp
     assert clips_plan.fingerprint(big) != first
     big.write_bytes(b"a" * 4 + b"b" * 20 + b"c" * 5)  # one byte longer
     assert clips_plan.fingerprint(big) != first
+
+
+def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(tiny, tmp_path, short, one_shot):
+    """Hostile review: a renamed source folder doubled the set (the renamed files cut again under new
+    names beside the old clips, nothing said); the same footage (by fingerprint) adopts the record of a
+    source that is gone, and a record whose source is gone and not adopted is named with what to do."""
+    (tmp_path / "films").mkdir()
+    (tmp_path / "films" / "a.mp4").write_bytes(short)
+    (tmp_path / "films" / "b.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "films",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0,
+                   layouts=("txt", "jsonl", "srt"))
+    first = run_clips(tiny, job)
+    assert first.exit_code() == 0 and first.clips_cut == 3
+    before = {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()}
+    (tmp_path / "films").rename(tmp_path / "footage")
+    (tmp_path / "footage" / "b.mp4").unlink()  # b is gone for good
+    moved = dataclasses.replace(job, sources=(tmp_path / "footage",))
+    summary = run_clips(lambda: pytest.fail("nothing to caption"), moved)
+    assert (summary.clips_cut, summary.clips_existing, summary.detected, summary.clips_replaced) == (0, 2, 0, 0)
+    assert {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()} == before  # nothing cut or captioned
+    text = summary.text()
+    assert summary.adopted == [("footage/a.mp4", str(tmp_path / "films" / "a.mp4"))]
+    assert "1 source(s) moved or renamed" in text and "films/a.mp4 -> footage/a.mp4" in text
+    assert [(s, n) for s, _, n in summary.gone] == [(str(tmp_path / "films" / "b.mp4"), 1)]
+    assert "no longer where they were" in text and "Their clips stay in the set" in text and "remove its record" in text
+    records = sorted((job.state_dir / "sources").glob("*.json"))
+    assert len(records) == 2  # a's moved to its new key, b's left
+    new_key = clips_job.source_key(tmp_path / "footage" / "a.mp4")
+    assert json.loads(clips_job.record_path(job, new_key).read_text())["source"] == str(tmp_path / "footage" / "a.mp4")
+    rows = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and sum(r["source"] == str(tmp_path / "footage" / "a.mp4") for r in rows) == 2
+    assert sorted(p.stem for p in (job.out / "subtitles").glob("*.srt")) == sorted(r.stem for r in records)
+    again = run_clips(lambda: pytest.fail("nothing to caption"), moved)
+    assert not again.adopted and again.clips_existing == 2 and len(again.gone) == 1

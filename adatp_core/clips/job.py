@@ -305,6 +305,7 @@ class SourcePlan:
     moved: int = 0  # of those, the clips found in videos/ and set aside (set_aside)
     made: dict = field(default_factory=dict)  # clip name -> what its file holds (cut.MADE_FIELDS), once cut
     fingerprint: str | None = None  # plan.fingerprint of the source: what decides it is the same footage
+    adopted: str | None = None  # the source of the record this one took (the footage moved or was renamed)
     notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
 
     @property
@@ -415,13 +416,18 @@ def _failure(exc: Exception) -> str:
 
 
 def plan_source(job: ClipsJob, source: Source, key: str,
-                on_progress: Callable[[float, float], None] | None = None) -> SourcePlan:
+                on_progress: Callable[[float, float], None] | None = None,
+                adopt: Callable[[str, str], tuple[dict, str] | None] | None = None) -> SourcePlan:
     """This source's shots and clips: from its record when the source and the settings are
-    unchanged, else detected and planned. A source that cannot be read gives a plan with error."""
+    unchanged, else detected and planned. A source that cannot be read gives a plan with error.
+    adopt(key, fingerprint): for a source with no record, the record of the same footage whose
+    source is gone (moved or renamed: Adoption), taken as this source's, and its old source."""
     plan = SourcePlan(source, key)
     try:
         record = read_record(job, key)
         plan.fingerprint = fingerprint(source.path)
+        if record is None and adopt is not None:
+            record, plan.adopted = adopt(key, plan.fingerprint) or (None, None)
         same_file = record is not None and same_source(record, source.path, plan.fingerprint)
         same_cut = record is not None and record.get("cut") == cut_settings(job)
         if same_file and record.get("threshold") == job.threshold:
@@ -446,6 +452,58 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             log.debug("source %s failed", source.name, exc_info=True)
         plan.error = _failure(exc)
     return plan
+
+
+def source_gone(record: dict) -> bool:
+    """Nothing is at the record's source (the file it was made from was moved, renamed or removed)."""
+    return not os.path.lexists(record.get("resolved") or record["source"])
+
+
+class Adoption:
+    """The records whose source is gone, by fingerprint, for a source with no record: the same footage
+    moved or renamed (a renamed folder gives its files new keys) takes its old record, clips and
+    captions with it, rather than being cut again beside them. Read once a run, when first needed."""
+
+    def __init__(self, job: ClipsJob, dry_run: bool):
+        self.job, self.dry_run, self.orphans = job, dry_run, None
+
+    def _orphans(self) -> dict[str, list[str]]:
+        if self.orphans is None:
+            self.orphans = {}
+            for path in sorted((self.job.state_dir / "sources").glob("*.json")):
+                try:
+                    record = read_record(self.job, path.stem)
+                except AdaTPInputError:
+                    continue
+                if record is not None and record.get("fingerprint") and source_gone(record):
+                    self.orphans.setdefault(record["fingerprint"], []).append(path.stem)
+        return self.orphans
+
+    def __call__(self, key: str, print_: str) -> tuple[dict, str] | None:
+        keys = self._orphans().get(print_, [])
+        for old in list(keys):
+            if self.dry_run:
+                record = read_record(self.job, old)
+                keys.remove(old)
+                return (record, record["source"]) if record is not None else None
+            claim = ClipClaim(record_path(self.job, old))  # another run may be adopting it too
+            if not claim.acquire():
+                continue
+            try:
+                record = read_record(self.job, old)
+                if record is None or record.get("fingerprint") != print_ or not source_gone(record):
+                    continue
+                # one rename: at every moment the record is under one key or the other, never both
+                os.replace(record_path(self.job, old), record_path(self.job, key))
+                for kind in ("srt", "vtt"):  # written again under the new key
+                    stale = self.job.out / SUBTITLES_FOLDER / f"{old}.{kind}"
+                    if stale.is_file() and not stale.is_symlink():
+                        stale.unlink()
+            finally:
+                claim.release()
+            keys.remove(old)
+            return record, record["source"]
+        return None
 
 
 def source_notes(path: Path) -> list[str]:
@@ -510,6 +568,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
     problems = problems[index::count]
     result.problems = problems
     plans = result.sources
+    adopt = Adoption(job, dry_run)
     for i, source in enumerate(mine):
         def progress(done, total, i=i, name=source.name):
             if on_event is not None:
@@ -528,7 +587,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
                 result.held.append(held_by(source.name, claim))
                 continue
             result.claims.append(claim)
-        plan = plan_source(job, source, keys[source.path], progress)
+        plan = plan_source(job, source, keys[source.path], progress, adopt)
         if plan.error is None and job.cut == "reencode":
             plan.notes += source_notes(source.path)
             for note in plan.notes:
@@ -586,6 +645,8 @@ class JobPlan:
                          f"{len(p.clips)} clip(s)" + (f"; {len(aside)} clip(s) of an earlier plan would be "
                                                       "set aside" if aside else ""))
             lines += [f"  {note}" for note in p.notes]
+            if p.adopted is not None:
+                lines.append(f"  moved or renamed from {printable(p.adopted)} (the same content): its clips are kept")
             by_shot: dict[int, list[ClipPlan]] = {}
             for c in p.clips:
                 by_shot.setdefault(c.shot, []).append(c)
@@ -723,6 +784,8 @@ class ClipsSummary:
     clips_replaced: int = 0  # an earlier plan's clips set aside (the source or the rules changed)
     elsewhere: list = field(default_factory=list)  # sources another run was planning or cutting
     held: list = field(default_factory=list)  # held_by() of each: the process holding it and its claim file
+    adopted: list = field(default_factory=list)  # (source, its old path): moved or renamed, its record taken
+    gone: list = field(default_factory=list)  # (old source, key, clips on disk): records whose source is gone
     source_seconds: float = 0.0
     detected: int = 0  # sources whose shots were detected this run (the rest came from their records)
     seconds: float = 0.0
@@ -753,6 +816,8 @@ class ClipsSummary:
             total.in_videos = p.get("in_videos", True)
             total.elsewhere += p.get("elsewhere", [])
             total.held += p.get("held", [])
+            total.adopted += [tuple(x) for x in p.get("adopted", [])]
+            total.gone += [tuple(x) for x in p.get("gone", [])]
             total.clips_failed += [tuple(x) for x in p["clips_failed"]]
             total.seconds = max(total.seconds, p["seconds"])
             total.outputs += p["outputs"]
@@ -791,6 +856,18 @@ class ClipsSummary:
                      "the rules or the cut changed)" if self.clips_replaced else "") + "."]
         if self.elsewhere:
             lines += held_text(self.elsewhere, self.held, self.busy)
+        if self.adopted:
+            lines.append(f"{len(self.adopted)} source(s) moved or renamed, recognised by their content: their clips "
+                         "and captions are kept, not cut again: " + ", ".join(
+                             f"{printable(old)} -> {printable(new)}" for new, old in self.adopted[:3])
+                         + (" ..." if len(self.adopted) > 3 else ""))
+        if self.gone:
+            lines.append(f"{len(self.gone)} source(s) recorded in {STATE_FOLDER}/sources are no longer where they "
+                         "were: " + ", ".join(f"{printable(src)} ({n} clip(s))" for src, _, n in self.gone[:3])
+                         + (" ..." if len(self.gone) > 3 else "") + ". Their clips stay in the set. If the footage "
+                         "moved, give its new place as a source: it is recognised by its content and keeps its clips "
+                         f"and captions. To drop it, remove its record ({STATE_FOLDER}/sources/KEY.json) and its "
+                         f"clips ({CLIPS_FOLDER}/KEY_*), then run again.")
         lines += [f"{printable(name)}: {note}" for name, note in self.notes]
         lines += grouped("source failed", [(printable(n), printable(why)) for n, why in self.failed_sources])
         lines += grouped("clip failed", self.clips_failed)
@@ -842,9 +919,10 @@ def held_text(elsewhere: list, held: list, busy: bool) -> list[str]:
 
 # --- the dataset: every source planned into this output folder ---------------------------------
 
-def dataset(job: ClipsJob) -> list[DatasetSource]:
+def dataset(job: ClipsJob, gone: list | None = None) -> list[DatasetSource]:
     """Every source with a record in the output folder (this run's and earlier runs'), with its
-    clips that are on disk and their captions: what the layouts list."""
+    clips that are on disk and their captions: what the layouts list. gone: a list to which
+    (source, key, clips on disk) is added for each record whose source is no longer there."""
     entries = []
     for record_file in sorted((job.state_dir / "sources").glob("*.json")):
         try:
@@ -865,13 +943,16 @@ def dataset(job: ClipsJob) -> list[DatasetSource]:
             clips.append(DatasetClip(c, path, text if kind == "text" else None,
                                      made if isinstance(made, dict) else None))
         entries.append(DatasetSource(record.get("name", source), source, record_file.stem, shots, clips))
+        if gone is not None and source_gone(record):
+            gone.append((source, record_file.stem, len(clips)))
     return entries
 
 
 def write_layouts(job: ClipsJob, summary: ClipsSummary) -> None:
     """The layouts from the whole dataset; what was written (or why not) goes into ``summary``."""
     try:
-        summary.outputs = [str(p) for p in write_outputs(job.out, dataset(job), job.layouts)]
+        summary.gone = []
+        summary.outputs = [str(p) for p in write_outputs(job.out, dataset(job, summary.gone), job.layouts)]
     except OSError as exc:
         summary.output_error = f"{printable(str(exc.filename or job.out))} ({exc.strerror or exc})"
 
@@ -909,6 +990,8 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.detected += bool(p.shots) and not p.reused
         summary.clips_replaced += p.moved
         summary.notes += [(p.source.name, note) for note in p.notes]
+        if p.adopted is not None:
+            summary.adopted.append((p.source.name, p.adopted))
     summary.notes += plan.notes
     summary.elsewhere = list(plan.elsewhere)
     summary.held = list(plan.held)

@@ -179,7 +179,8 @@ def source_key(source: Path) -> str:
     short hash of the file's resolved absolute path, so a file has one key however it was given
     (alone, in a folder, through a link) and two sources with the same stem in different folders
     differ.
-    A source moved elsewhere gets a new key (its clips are cut again)."""
+    A source moved elsewhere gets a new key (the job's Adoption gives it its old record, clips and
+    names, by its content's fingerprint)."""
     source = Path(source).resolve()
     where = source.as_posix()
     stem = _UNSAFE.sub("_", source.stem).strip("._-")[:60] or "video"
