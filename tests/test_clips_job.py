@@ -1001,3 +1001,29 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     assert sorted(p.stem for p in (job.out / "subtitles").glob("*.srt")) == sorted(r.stem for r in records)
     again = run_clips(lambda: pytest.fail("nothing to caption"), moved)
     assert not again.adopted and again.clips_existing == 2 and len(again.gone) == 1
+
+
+@pytest.mark.parametrize("clips", ["as planned", "one otherwise"])
+def test_a_record_of_the_older_format_is_upgraded_when_its_clips_match_its_plan(tmp_path, short, clips):
+    """Hostile review: a record written before records held the cut settings and the resolved path made
+    the next run set aside, recut and recaption every clip once; its clips are checked against its plan
+    (frames, rate, size, from the containers) and the record upgraded in place instead."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    path = next((job.state_dir / "sources").glob("*.json"))
+    record = json.loads(path.read_text())
+    old = {k: v for k, v in record.items() if k not in ("cut", "resolved", "made", "fingerprint")}
+    path.write_text(json.dumps(old))
+    if clips == "one otherwise":  # a clip of 5 frames under a name planned with 13
+        write_video(clips_of(job)[0], scene_frames(5, 64, 48, scenes=1), fps=FPS)
+    before = {c.name: c.stat().st_mtime_ns for c in clips_of(job)}
+    again = cut_only(job)
+    if clips == "one otherwise":  # as before: the record cannot say how its clips were made
+        assert (again.clips_cut, again.clips_existing) == (2, 0)
+        assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == 2
+        return
+    assert (again.clips_cut, again.clips_existing) == (0, 2) and not (job.state_dir / "replaced").exists()
+    assert {c.name: c.stat().st_mtime_ns for c in clips_of(job)} == before
+    now = json.loads(path.read_text())
+    assert now["cut"] == record["cut"] and now["resolved"] == record["resolved"] and now["fingerprint"]

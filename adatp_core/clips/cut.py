@@ -60,6 +60,24 @@ class CutResult:
 MADE_FIELDS = ("start", "frames", "fps", "width", "height")  # a written clip, as its file holds it
 
 
+def probe_clip(path: Path) -> dict | None:
+    """What a written clip holds, read from its container (no frame decoded): frames, fps, width,
+    height and whether it has audio; None when it cannot be read as a video."""
+    import av
+
+    from ..video import open_video
+
+    try:
+        with open_video(path) as container:
+            video = container.streams.video[0]
+            rate = video.average_rate or video.guessed_rate
+            return {"frames": int(video.frames or 0), "fps": float(rate) if rate else 0.0,
+                    "width": int(video.codec_context.width or 0), "height": int(video.codec_context.height or 0),
+                    "audio": bool(container.streams.audio)}
+    except (av.error.FFmpegError, IndexError, OSError):
+        return None
+
+
 def check_cut(mode: str, crf: int) -> None:
     """The cut settings; OptionError names the one at fault."""
     if mode not in CUT_MODES:

@@ -41,7 +41,7 @@ from ..caption.files import printable
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from ..paths import inside, resolved
 from ..pipeline import PipelineConfig
-from .cut import CUT_MODES, check_cut, cut_clips, remove_stale_temps
+from .cut import CUT_MODES, check_cut, cut_clips, probe_clip, remove_stale_temps
 from .outputs import LAYOUT_FILES, SUBTITLES_FOLDER, DatasetClip, DatasetSource, write_outputs
 from .plan import FRAME_RULES, ClipPlan, ClipRules, fingerprint, hdr_transfer, plan_clips, source_key
 from .shots import Shot, check_threshold, detect_shots
@@ -415,6 +415,25 @@ def _failure(exc: Exception) -> str:
     return str(exc) if isinstance(exc, AdaTPInputError) else f"{exc.__class__.__name__}: {exc}"
 
 
+def upgraded(job: ClipsJob, path: Path, record: dict) -> dict:
+    """A record written before records held the cut settings and the resolved path, taken as this
+    version's when its source's size and time are unchanged and every clip it names that is on disk
+    holds what its plan says (frames, rate and size, no audio unless asked for; read from the
+    containers, nothing decoded): the clips are kept and the record is rewritten in this format.
+    Otherwise the record as it was, whose clips are then set aside and cut again."""
+    if {k: record.get(k) for k in ("size", "mtime_ns")} != _identity(path):
+        return record
+    for c in record_plan(record)[2]:
+        if not clip_path(job, c).is_file():
+            continue
+        held = probe_clip(clip_path(job, c))
+        if held is None or (held["frames"], held["width"], held["height"]) != (c.frames, c.width, c.height) \
+                or abs(held["fps"] - c.fps) > 1e-3 or (held["audio"] and not job.keep_audio):
+            return record
+    log.info("%s: a record from an earlier version, whose clips match its plan: kept and rewritten", path)
+    return {**record, "resolved": os.path.realpath(path), "cut": cut_settings(job)}
+
+
 def plan_source(job: ClipsJob, source: Source, key: str,
                 on_progress: Callable[[float, float], None] | None = None,
                 adopt: Callable[[str, str], tuple[dict, str] | None] | None = None) -> SourcePlan:
@@ -425,6 +444,8 @@ def plan_source(job: ClipsJob, source: Source, key: str,
     plan = SourcePlan(source, key)
     try:
         record = read_record(job, key)
+        if record is not None and not ("cut" in record and "resolved" in record):
+            record = upgraded(job, source.path, record)
         plan.fingerprint = fingerprint(source.path)
         if record is None and adopt is not None:
             record, plan.adopted = adopt(key, plan.fingerprint) or (None, None)
