@@ -221,6 +221,32 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+def hold_file(path: Path, create: bool = True) -> int | None:
+    """An open descriptor of the file at ``path`` (made if missing, when ``create``) holding its lock
+    (flock on POSIX), or None when another open file holds it (another process, or another part of this
+    one) or, without ``create``, when there is no file. The lock goes when the descriptor is closed or
+    its process ends, however it ends: a lock that can be taken has no live holder, whatever the PIDs."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0) | _NOFOLLOW | _CLOEXEC, 0o600)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        if not _try_lock(fd):
+            os.close(fd)
+            return None
+        try:  # the previous holder may have removed the file: hold the one at the path
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+        if not create:
+            return None
+
+
 _HOLDER = re.compile(rb"pid (\d+) host (\S*)")
 
 
@@ -246,20 +272,11 @@ class ClipClaim:
         self.fd = None
 
     def acquire(self) -> bool:
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
-            if not _try_lock(fd):
-                os.close(fd)
-                return False
-            try:  # the previous holder may have removed the file: hold the one at the path
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                _write_holder(fd)
-                return True
-            os.close(fd)
+        self.fd = hold_file(self.path)
+        if self.fd is None:
+            return False
+        _write_holder(self.fd)
+        return True
 
     def holder(self) -> tuple[int, str] | None:
         """(pid, host) of the process holding this claim, as it wrote itself in; None if not said
