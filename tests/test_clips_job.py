@@ -780,19 +780,35 @@ def test_a_source_replaced_by_other_footage_is_cut_again_and_its_old_captions_go
     assert len(list((job.state_dir / "replaced").glob("*.txt"))) == 2
 
 
-def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
-    """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
-    at its end: a kill loses little of it."""
+def test_what_each_clip_holds_survives_a_kill_before_the_record_is_rewritten(tmp_path, short, monkeypatch):
+    """Hostile review: copy mode killed before the record's rewrite (every 10 s, and at the source's end)
+    kept the planned values for the clips cut meanwhile, so the JSONL listed frames they do not hold.
+    Each clip is journaled as it is made (KEY.made.jsonl, one fsynced line) and folded in when read."""
     (tmp_path / "short.mp4").write_bytes(short)
     job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, cut="copy")
-    made = []
+    plan = clips_job.plan_sources(job)
+    key = plan.sources[0].key
     real = clips_job.write_record
-    monkeypatch.setattr(clips_job, "RECORD_EVERY", -1.0)
-    monkeypatch.setattr(clips_job, "write_record", lambda j, p: made.append(len(p.made)) or real(j, p))
-    cut_only(job)
-    assert made == [0, 1, 2, 2]  # planned, after each clip, at the source's end
-    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
-    assert sorted(record["made"]) == sorted(c.stem for c in clips_of(job))
+    monkeypatch.setattr(clips_job, "write_record", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        with pytest.raises(KeyboardInterrupt):  # killed at the source's end, before the record is rewritten
+            clips_job.cut_sources(job, plan, clips_job.ClipsSummary())
+    finally:
+        plan.release()
+    monkeypatch.setattr(clips_job, "write_record", real)
+    record = json.loads(clips_job.record_path(job, key).read_text())
+    assert record["made"] == {} and len(clips_of(job)) == 2  # the record holds the plan only
+    with open(clips_job.journal_path(job, key), "a") as f:
+        f.write('{"clip": "cut short by a kil')  # a line the kill cut short is skipped
+    made = {c.plan.name: (c.value("frames"), round(c.value("fps"), 3), c.value("width"), c.value("height"))
+            for s in clips_job.dataset(job) for c in s.clips}
+    held = {p.stem: (probe_video(p).frame_count, round(probe_video(p).fps, 3), probe_video(p).width,
+                     probe_video(p).height) for p in clips_of(job)}
+    planned = {c["name"]: (c["frames"], round(c["fps"], 3), c["width"], c["height"]) for c in record["clips"]}
+    assert made == held and held != planned  # what the files hold, not the plan
+    assert cut_only(job).clips_existing == 2  # the next run folds the journal into the record
+    assert sorted(json.loads(clips_job.record_path(job, key).read_text())["made"]) == sorted(held)
+    assert not clips_job.journal_path(job, key).exists()
 
 
 def test_a_file_name_that_is_not_utf8_is_cut_captioned_and_listed(cli, tmp_path, one_shot):

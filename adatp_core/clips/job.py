@@ -52,7 +52,6 @@ CLIPS_FOLDER = "videos"  # OUT/videos: the clips (finetrainers' videos.txt lists
 STATE_FOLDER = ".adatp"  # OUT/.adatp: per-source plans, and the captions when no .txt layout is asked for
 CLIP_SUFFIX = ".mp4"
 RECORD_VERSION = 1
-RECORD_EVERY = 10.0  # seconds: while a source is cut, its record (what each clip holds) is rewritten this often
 LAYOUTS = ("txt", "finetrainers", "jsonl", "srt", "vtt")
 EXIT_BUSY = 3  # the exit status when every source was held by another run (nothing done)
 DEFAULT_LAYOUTS = ("txt", "jsonl", "srt", "vtt")
@@ -317,6 +316,42 @@ def record_path(job: ClipsJob, key: str) -> Path:
     return job.state_dir / "sources" / f"{key}.json"
 
 
+def journal_path(job: ClipsJob, key: str) -> Path:
+    """KEY.made.jsonl beside the record: what each clip cut since the record was last written holds,
+    a line a clip, appended as each is made; folded into the record when it is read, and removed once
+    the record holding it is written."""
+    return job.state_dir / "sources" / f"{key}.made.jsonl"
+
+
+def journal(job: ClipsJob, key: str, name: str, made: dict) -> None:
+    """Append what the clip ``name`` holds to its source's journal: one write of one whole line, on
+    disk (fsync) before the next clip; a line cut short by a kill is skipped when read."""
+    line = json.dumps({"clip": name, "made": made}, ensure_ascii=True) + "\n"
+    fd = os.open(journal_path(job, key), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        os.write(fd, line.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_journal(job: ClipsJob, key: str) -> dict:
+    """clip name -> what it holds, from the source's journal (the last line for a name wins)."""
+    try:
+        text = journal_path(job, key).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return {}
+    made = {}
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # cut short by a kill
+        if isinstance(entry, dict) and isinstance(entry.get("clip"), str) and isinstance(entry.get("made"), dict):
+            made[entry["clip"]] = entry["made"]
+    return made
+
+
 def _identity(path: Path) -> dict:
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -354,6 +389,9 @@ def read_record(job: ClipsJob, key: str) -> dict | None:
         record_plan(record)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise damaged_record(path, exc) from exc
+    folded = read_journal(job, key)  # the clips made after the record was last written
+    if folded:
+        record["made"] = {**(record.get("made") or {}), **folded}
     return record
 
 
@@ -404,11 +442,12 @@ def write_record(job: ClipsJob, plan: SourcePlan) -> None:
     text = json.dumps(record, indent=1, ensure_ascii=True) + "\n"
     path = record_path(job, plan.key)
     try:
-        if path.read_text(encoding="utf-8") == text:
-            return
+        same = path.read_text(encoding="utf-8") == text
     except OSError:
-        pass
-    write_atomic(path, text)
+        same = False
+    if not same:
+        write_atomic(path, text)
+    journal_path(job, plan.key).unlink(missing_ok=True)  # the record holds it now
 
 
 def _failure(exc: Exception) -> str:
@@ -516,6 +555,8 @@ class Adoption:
                     continue
                 # one rename: at every moment the record is under one key or the other, never both
                 os.replace(record_path(self.job, old), record_path(self.job, key))
+                if journal_path(self.job, old).exists():
+                    os.replace(journal_path(self.job, old), journal_path(self.job, key))
                 for kind in ("srt", "vtt"):  # written again under the new key
                     stale = self.job.out / SUBTITLES_FOLDER / f"{old}.{kind}"
                     if stale.is_file() and not stale.is_symlink():
@@ -702,14 +743,13 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
     todo = {id(p): [c for c in p.clips if not clip_path(job, c).exists()] for p in plan.sources}
     total = sum(len(v) for v in todo.values())
     done = 0
-    recorded = time.monotonic()
     if on_event is not None and total:
         on_event("cut", 0, total, "")
     for p in plan.sources:
         summary.clips_existing += len(p.clips) - len(todo[id(p)])
 
         def on_clip(result):
-            nonlocal done, recorded
+            nonlocal done
             done += 1
             if result.error is not None:
                 summary.clips_failed.append((f"{result.plan.name}{CLIP_SUFFIX}", result.error))
@@ -718,9 +758,7 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
             else:
                 summary.clips_cut += 1
                 p.made[result.plan.name] = result.made
-                if time.monotonic() - recorded > RECORD_EVERY:  # a kill loses at most this long of it
-                    write_record(job, p)
-                    recorded = time.monotonic()
+                journal(job, p.key, result.plan.name, result.made)  # a kill loses none of it
             if on_event is not None:
                 on_event("cut", done, total, result.plan.name)
 
