@@ -1019,7 +1019,7 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     assert not again.adopted and again.clips_existing == 2 and len(again.gone) == 1
 
 
-@pytest.mark.parametrize("clips", ["as planned", "one otherwise"])
+@pytest.mark.parametrize("clips", ["as planned", "one otherwise", "with its cut settings"])
 def test_a_record_of_the_older_format_is_upgraded_when_its_clips_match_its_plan(tmp_path, short, clips):
     """Hostile review: a record written before records held the cut settings and the resolved path made
     the next run set aside, recut and recaption every clip once; its clips are checked against its plan
@@ -1030,12 +1030,14 @@ def test_a_record_of_the_older_format_is_upgraded_when_its_clips_match_its_plan(
     path = next((job.state_dir / "sources").glob("*.json"))
     record = json.loads(path.read_text())
     old = {k: v for k, v in record.items() if k not in ("cut", "resolved", "made", "fingerprint")}
+    if clips == "with its cut settings":  # written between the two changes: the cut kept, not the path
+        old["cut"] = {**record["cut"], "crf": 30}
     path.write_text(json.dumps(old))
     if clips == "one otherwise":  # a clip of 5 frames under a name planned with 13
         write_video(clips_of(job)[0], scene_frames(5, 64, 48, scenes=1), fps=FPS)
     before = {c.name: c.stat().st_mtime_ns for c in clips_of(job)}
     again = cut_only(job)
-    if clips == "one otherwise":  # as before: the record cannot say how its clips were made
+    if clips != "as planned":  # as before: the record cannot say how its clips were made, or says otherwise
         assert (again.clips_cut, again.clips_existing) == (2, 0)
         assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == 2
         return

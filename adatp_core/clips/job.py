@@ -470,7 +470,7 @@ def upgraded(job: ClipsJob, path: Path, record: dict) -> dict:
                 or abs(held["fps"] - c.fps) > 1e-3 or (held["audio"] and not job.keep_audio):
             return record
     log.info("%s: a record from an earlier version, whose clips match its plan: kept and rewritten", path)
-    return {**record, "resolved": os.path.realpath(path), "cut": cut_settings(job)}
+    return {**record, "resolved": os.path.realpath(path), "cut": record.get("cut", cut_settings(job))}
 
 
 def plan_source(job: ClipsJob, source: Source, key: str,
