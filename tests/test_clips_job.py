@@ -522,7 +522,7 @@ def test_set_aside_keeps_every_replaced_clip_and_goes_before_the_record(tmp_path
     (job.clips_dir / f"{next(iter(first))[:-4]}.txt").write_text("a caption")
     smaller = dataclasses.replace(job, rules=dataclasses.replace(rules, max_side=32))
     cut_only(smaller)
-    cut_only(job)  # back: the same names set aside a second time
+    cut_only(dataclasses.replace(job, crf=30))  # the same names set aside a second time (none restored: another crf)
     aside = job.state_dir / "replaced"
     assert sorted(p.name for p in aside.iterdir()) == sorted(
         [*first, *(n[:-4] + ".2.mp4" for n in first), next(iter(first))[:-4] + ".txt"])
@@ -538,7 +538,7 @@ def test_set_aside_keeps_every_replaced_clip_and_goes_before_the_record(tmp_path
         cut_only(smaller)
     monkeypatch.undo()
     summary = cut_only(smaller)
-    assert summary.clips_cut == 2
+    assert summary.clips_cut + summary.clips_existing == 2  # the smaller ones set aside before: restored
     assert {(p.width, p.height) for p in map(probe_video, clips_of(job))} == {(32, 24)}
 
 
@@ -1045,3 +1045,26 @@ def test_a_record_of_the_older_format_is_upgraded_when_its_clips_match_its_plan(
     assert {c.name: c.stat().st_mtime_ns for c in clips_of(job)} == before
     now = json.loads(path.read_text())
     assert now["cut"] == record["cut"] and now["resolved"] == record["resolved"] and now["fingerprint"]
+
+
+def test_settings_switched_back_restore_the_clips_set_aside_with_their_captions(tiny, tmp_path, short):
+    """Hostile review: switching settings back and forth recut (and recaptioned) every clip each time,
+    though the earlier clips sat in .adatp/replaced; those made with the plan and settings asked for now
+    are moved back, with their captions."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0,
+                   layouts=("txt", "jsonl"))
+    assert run_clips(tiny, job).clips_cut == 2
+    first = {p.name: p.read_bytes() for p in job.clips_dir.iterdir()}  # clips and captions
+    smaller = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
+    assert run_clips(tiny, smaller).clips_cut == 2
+    back = run_clips(lambda: pytest.fail("nothing to caption"), job)
+    assert (back.clips_cut, back.clips_replaced, back.clips_restored) == (0, 2, 2)
+    assert {p.name: p.read_bytes() for p in job.clips_dir.iterdir()} == first
+    assert "2 moved back from .adatp/replaced" in back.text()
+    assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == 2  # the smaller ones, set aside in turn
+    crf = run_clips(tiny, dataclasses.replace(job, crf=30))  # not as they were made: cut again
+    assert (crf.clips_cut, crf.clips_restored) == (2, 0)
+    again = run_clips(lambda: pytest.fail("nothing to caption"), smaller)
+    assert (again.clips_cut, again.clips_restored) == (0, 2)
+    assert {(p.width, p.height) for p in map(probe_video, clips_of(job))} == {(32, 24)}

@@ -305,6 +305,8 @@ class SourcePlan:
     made: dict = field(default_factory=dict)  # clip name -> what its file holds (cut.MADE_FIELDS), once cut
     fingerprint: str | None = None  # plan.fingerprint of the source: what decides it is the same footage
     adopted: str | None = None  # the source of the record this one took (the footage moved or was renamed)
+    earlier: dict | None = None  # the earlier record's fingerprint, cut and made, when its plan changed
+    restored: int = 0  # clips set aside earlier and moved back (restore)
     notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
 
     @property
@@ -323,11 +325,11 @@ def journal_path(job: ClipsJob, key: str) -> Path:
     return job.state_dir / "sources" / f"{key}.made.jsonl"
 
 
-def journal(job: ClipsJob, key: str, name: str, made: dict) -> None:
-    """Append what the clip ``name`` holds to its source's journal: one write of one whole line, on
-    disk (fsync) before the next clip; a line cut short by a kill is skipped when read."""
-    line = json.dumps({"clip": name, "made": made}, ensure_ascii=True) + "\n"
-    fd = os.open(journal_path(job, key), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+def append_line(path: Path, entry: dict) -> None:
+    """Append ``entry`` to the JSON lines file ``path``: one write of one whole line, on disk (fsync)
+    before the caller goes on; a line cut short by a kill is skipped when read (read_lines)."""
+    line = json.dumps(entry, ensure_ascii=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         os.write(fd, line.encode("ascii"))
         os.fsync(fd)
@@ -335,21 +337,40 @@ def journal(job: ClipsJob, key: str, name: str, made: dict) -> None:
         os.close(fd)
 
 
-def read_journal(job: ClipsJob, key: str) -> dict:
-    """clip name -> what it holds, from the source's journal (the last line for a name wins)."""
+def read_lines(path: Path, field: str) -> dict:
+    """entry[field] -> entry for each whole line of the JSON lines file ``path`` (the last line for a
+    value wins); {} when there is none."""
     try:
-        text = journal_path(job, key).read_text(encoding="ascii", errors="replace")
+        text = path.read_text(encoding="ascii", errors="replace")
     except OSError:
         return {}
-    made = {}
+    found = {}
     for line in text.splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue  # cut short by a kill
-        if isinstance(entry, dict) and isinstance(entry.get("clip"), str) and isinstance(entry.get("made"), dict):
-            made[entry["clip"]] = entry["made"]
-    return made
+        if isinstance(entry, dict) and isinstance(entry.get(field), str):
+            found[entry[field]] = entry
+    return found
+
+
+def journal(job: ClipsJob, key: str, name: str, made: dict) -> None:
+    """Append what the clip ``name`` holds to its source's journal, as it is made."""
+    append_line(journal_path(job, key), {"clip": name, "made": made})
+
+
+def read_journal(job: ClipsJob, key: str) -> dict:
+    """clip name -> what it holds, from the source's journal (the last line for a name wins)."""
+    return {name: e["made"] for name, e in read_lines(journal_path(job, key), "clip").items()
+            if isinstance(e.get("made"), dict)}
+
+
+def aside_path(job: ClipsJob, key: str) -> Path:
+    """KEY.aside.jsonl beside the record: a line for each of the source's clips set aside (its file
+    in OUT/.adatp/replaced, its plan, the cut settings, the source's fingerprint and what it holds),
+    so a clip asked for again as it was is restored rather than cut again."""
+    return job.state_dir / "sources" / f"{key}.aside.jsonl"
 
 
 def _identity(path: Path) -> dict:
@@ -427,8 +448,8 @@ def stale_clips(earlier: list[ClipPlan], now: list[ClipPlan], same_source: bool,
     the source or the cut settings changed."""
     if not (same_source and same_cut):
         return list(earlier)
-    planned = {c.name: tuple(getattr(c, f) for f in PLAN_FIELDS) for c in now}
-    return [c for c in earlier if planned.get(c.name) != tuple(getattr(c, f) for f in PLAN_FIELDS)]
+    planned = {c.name: plan_fields(c) for c in now}
+    return [c for c in earlier if planned.get(c.name) != plan_fields(c)]
 
 
 def write_record(job: ClipsJob, plan: SourcePlan) -> None:
@@ -502,6 +523,7 @@ def plan_source(job: ClipsJob, source: Source, key: str,
                                       on_progress=on_progress)
         plan.clips = plan_clips(source.path, plan.shots, job.rules)
         if record is not None:  # the source, the rules or the cut changed: the clips made otherwise go
+            plan.earlier = {k: record.get(k) for k in ("fingerprint", "cut", "made")}
             plan.replaced = stale_clips(record_plan(record)[2], plan.clips, same_file, same_cut)
             gone = {c.name for c in plan.replaced}
             plan.made = {k: v for k, v in (record.get("made") or {}).items() if k not in gone}
@@ -575,10 +597,12 @@ def source_notes(path: Path) -> list[str]:
     return [f"HDR ({hdr}) source: converted to 8-bit SDR without tone mapping; colours will look flat"] if hdr else []
 
 
-def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
+def set_aside(job: ClipsJob, clips: list[ClipPlan], key: str | None = None, earlier: dict | None = None) -> int:
     """Move an earlier plan's clips (and their captions) out of the set, into OUT/.adatp/replaced:
     a trainer reading OUT/videos sees only the current plan's clips, and nothing is deleted: a name
-    already set aside (the same clip replaced twice) gets a number, NAME.2.mp4 with NAME.2.txt."""
+    already set aside (the same clip replaced twice) gets a number, NAME.2.mp4 with NAME.2.txt.
+    key, earlier: the source's key and its earlier record's fingerprint, cut settings and made, noted
+    for each clip in aside_path (``restore``)."""
     moved = 0
     aside = job.state_dir / "replaced"
     for c in clips:
@@ -592,11 +616,50 @@ def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
         n = 1
         while any(os.path.lexists(where / free_name(p.name, n)) for p, where in found):
             n += 1
+        if key is not None and earlier is not None and os.path.lexists(clip_path(job, c)):
+            aside.mkdir(parents=True, exist_ok=True)  # noted first: a kill before the move leaves a note of nothing
+            append_line(aside_path(job, key), {
+                "file": free_name(clip_path(job, c).name, n), "clip": c.name, "plan": plan_fields(c),
+                "cut": earlier.get("cut"), "fingerprint": earlier.get("fingerprint"),
+                "made": (earlier.get("made") or {}).get(c.name)})
         for path, where in found:
             where.mkdir(parents=True, exist_ok=True)
             os.replace(path, where / free_name(path.name, n))
             moved += path.suffix == CLIP_SUFFIX
     return moved
+
+
+def plan_fields(c: ClipPlan) -> list:
+    return [getattr(c, f) for f in PLAN_FIELDS]
+
+
+def restore(job: ClipsJob, plan: SourcePlan) -> int:
+    """Move back from OUT/.adatp/replaced, with their captions, the set-aside clips that this plan asks
+    for as they were made (the same plan, cut settings and footage), rather than cut them again:
+    settings switched back and forth. The number restored."""
+    notes = read_lines(aside_path(job, plan.key), "file")
+    aside, cut = job.state_dir / "replaced", cut_settings(job)
+    restored = 0
+    for c in plan.clips:
+        if os.path.lexists(clip_path(job, c)):
+            continue
+        for file, note in reversed(notes.items()):  # the last set aside first
+            if note.get("clip") != c.name or note.get("plan") != plan_fields(c) or note.get("cut") != cut \
+                    or note.get("fingerprint") != plan.fingerprint or not (aside / file).is_file():
+                continue
+            stem = file[:-len(CLIP_SUFFIX)]
+            for there, back in ((aside / f"{stem}.txt", job.clips_dir / f"{c.name}.txt"),
+                                (aside / "captions" / f"{stem}.txt", job.state_dir / "captions" / f"{c.name}.txt")):
+                if os.path.lexists(there) and not os.path.lexists(back):
+                    back.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(there, back)
+            job.clips_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(aside / file, clip_path(job, c))  # last: a kill before leaves it set aside, noted
+            if isinstance(note.get("made"), dict):
+                plan.made[c.name] = note["made"]
+            restored += 1
+            break
+    return restored
 
 
 def free_name(name: str, n: int) -> str:
@@ -655,7 +718,8 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
             for note in plan.notes:
                 log.warning("%s: %s", printable(source.name), note)
         if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
-            plan.moved = set_aside(job, plan.replaced)  # the old record, which the next run compares again
+            plan.moved = set_aside(job, plan.replaced, plan.key, plan.earlier)  # the old record, compared again
+            plan.restored = restore(job, plan)
             write_record(job, plan)
         plans.append(plan)
         if on_event is not None:
@@ -841,6 +905,7 @@ class ClipsSummary:
     clips_failed: list = field(default_factory=list)  # (name, why)
     shots_without_clip: int = 0
     clips_replaced: int = 0  # an earlier plan's clips set aside (the source or the rules changed)
+    clips_restored: int = 0  # clips set aside earlier and moved back: asked for again as they were made
     elsewhere: list = field(default_factory=list)  # sources another run was planning or cutting
     held: list = field(default_factory=list)  # held_by() of each: the process holding it and its claim file
     adopted: list = field(default_factory=list)  # (source, its old path): moved or renamed, its record taken
@@ -867,7 +932,8 @@ class ClipsSummary:
         total = cls()
         for p in parts:
             for name in ("sources", "shots", "clips_planned", "clips_cut", "clips_existing",
-                         "shots_without_clip", "source_seconds", "detected", "clips_replaced"):
+                         "shots_without_clip", "source_seconds", "detected", "clips_replaced",
+                         "clips_restored"):
                 setattr(total, name, getattr(total, name) + p[name])
             total.failed_sources += [tuple(x) for x in p["failed_sources"]]
             total.uncaptioned += p.get("uncaptioned", [])
@@ -912,7 +978,9 @@ class ClipsSummary:
                  f"Clips: {self.clips_planned} planned, {self.clips_cut} cut now, {self.clips_existing} already "
                  f"there, {len(self.clips_failed)} failed" + (
                      f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
-                     "the rules or the cut changed)" if self.clips_replaced else "") + "."]
+                     "the rules or the cut changed)" if self.clips_replaced else "") + (
+                     f", {self.clips_restored} moved back from {STATE_FOLDER}/replaced (asked for again as they were "
+                     "made: the same plan, cut and footage)" if self.clips_restored else "") + "."]
         if self.elsewhere:
             lines += held_text(self.elsewhere, self.held, self.busy)
         if self.adopted:
@@ -1048,6 +1116,7 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.source_seconds += p.duration
         summary.detected += bool(p.shots) and not p.reused
         summary.clips_replaced += p.moved
+        summary.clips_restored += p.restored
         summary.notes += [(p.source.name, note) for note in p.notes]
         if p.adopted is not None:
             summary.adopted.append((p.source.name, p.adopted))
