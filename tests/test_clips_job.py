@@ -997,6 +997,8 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     first = run_clips(tiny, job)
     assert first.exit_code() == 0 and first.clips_cut == 3
     before = {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()}
+    old_key = clips_job.source_key(tmp_path / "films" / "a.mp4")
+    clips_job.aside_path(job, old_key).write_text('{"file": "x.mp4"}\n')  # its notes of clips set aside
     (tmp_path / "films").rename(tmp_path / "footage")
     (tmp_path / "footage" / "b.mp4").unlink()  # b is gone for good
     moved = dataclasses.replace(job, sources=(tmp_path / "footage",))
@@ -1011,6 +1013,8 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     records = sorted((job.state_dir / "sources").glob("*.json"))
     assert len(records) == 2  # a's moved to its new key, b's left
     new_key = clips_job.source_key(tmp_path / "footage" / "a.mp4")
+    assert clips_job.aside_path(job, new_key).read_text() == '{"file": "x.mp4"}\n'  # moved with the record
+    assert not clips_job.aside_path(job, old_key).exists()
     assert json.loads(clips_job.record_path(job, new_key).read_text())["source"] == str(tmp_path / "footage" / "a.mp4")
     rows = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and sum(r["source"] == str(tmp_path / "footage" / "a.mp4") for r in rows) == 2

@@ -577,8 +577,9 @@ class Adoption:
                     continue
                 # one rename: at every moment the record is under one key or the other, never both
                 os.replace(record_path(self.job, old), record_path(self.job, key))
-                if journal_path(self.job, old).exists():
-                    os.replace(journal_path(self.job, old), journal_path(self.job, key))
+                for side in (journal_path, aside_path):  # its journals go with it
+                    if side(self.job, old).exists():
+                        os.replace(side(self.job, old), side(self.job, key))
                 for kind in ("srt", "vtt"):  # written again under the new key
                     stale = self.job.out / SUBTITLES_FOLDER / f"{old}.{kind}"
                     if stale.is_file() and not stale.is_symlink():
