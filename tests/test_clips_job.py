@@ -16,7 +16,11 @@ from pack import pack_module
 from adatp_core.cli import main as cli_main
 from adatp_core.clips import cli as clips_cli
 from adatp_core.clips import job as clips_job
-from adatp_core.clips.job import ClipsJob, run_clips, write_layouts
+from adatp_core.clips import records as clips_records
+from adatp_core.clips import settings as clips_settings
+from adatp_core.clips import summary as clips_summary
+from adatp_core.clips.job import run_clips, write_layouts
+from adatp_core.clips.settings import ClipsJob
 from adatp_core.clips.plan import ClipRules
 from adatp_core.errors import AdaTPInputError
 from adatp_core.generate import SamplingConfig
@@ -78,7 +82,7 @@ def made(tmp_path_factory, footage, tiny):
     root = tmp_path_factory.mktemp("made")
     (root / "src").mkdir()
     (root / "src" / "long.mp4").write_bytes(footage)
-    job = ClipsJob(sources=(root / "src",), out=root / "set", rules=RULES, layouts=clips_job.LAYOUTS,
+    job = ClipsJob(sources=(root / "src",), out=root / "set", rules=RULES, layouts=clips_settings.LAYOUTS,
                    prefix="trig, ", pipeline=CFG, workers=0)
     summary = run_clips(tiny, job)
     return job, summary
@@ -798,7 +802,7 @@ def test_what_each_clip_holds_survives_a_kill_before_the_record_is_rewritten(tmp
     monkeypatch.setattr(clips_job, "write_record", real)
     record = json.loads(clips_job.record_path(job, key).read_text())
     assert record["made"] == {} and len(clips_of(job)) == 2  # the record holds the plan only
-    with open(clips_job.journal_path(job, key), "a") as f:
+    with open(clips_records.journal_path(job, key), "a") as f:
         f.write('{"clip": "cut short by a kil')  # a line the kill cut short is skipped
     made = {c.plan.name: (c.value("frames"), round(c.value("fps"), 3), c.value("width"), c.value("height"))
             for s in clips_job.dataset(job) for c in s.clips}
@@ -808,7 +812,7 @@ def test_what_each_clip_holds_survives_a_kill_before_the_record_is_rewritten(tmp
     assert made == held and held != planned  # what the files hold, not the plan
     assert cut_only(job).clips_existing == 2  # the next run folds the journal into the record
     assert sorted(json.loads(clips_job.record_path(job, key).read_text())["made"]) == sorted(held)
-    assert not clips_job.journal_path(job, key).exists()
+    assert not clips_records.journal_path(job, key).exists()
 
 
 def test_a_file_name_that_is_not_utf8_is_cut_captioned_and_listed(cli, tmp_path, one_shot):
@@ -926,7 +930,7 @@ def test_a_run_that_finds_every_source_held_says_by_whom_and_exits_3(cli, tmp_pa
     finally:
         other.release()
         node_claim.release()
-    assert code == clips_job.EXIT_BUSY == 3, (code, stdout, err)
+    assert code == clips_summary.EXIT_BUSY == 3, (code, stdout, err)
     assert "Nothing done: every source (1) is left to another run" in stdout
     assert f"held by process {os.getpid()} on " in stdout and other.path.name in stdout
     assert "Wait for that run to finish" in stdout and "remove its claim file" in stdout
@@ -998,7 +1002,7 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     assert first.exit_code() == 0 and first.clips_cut == 3
     before = {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()}
     old_key = clips_job.source_key(tmp_path / "films" / "a.mp4")
-    clips_job.aside_path(job, old_key).write_text('{"file": "x.mp4"}\n')  # its notes of clips set aside
+    clips_records.aside_path(job, old_key).write_text('{"file": "x.mp4"}\n')  # its notes of clips set aside
     (tmp_path / "films").rename(tmp_path / "footage")
     (tmp_path / "footage" / "b.mp4").unlink()  # b is gone for good
     moved = dataclasses.replace(job, sources=(tmp_path / "footage",))
@@ -1013,8 +1017,8 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     records = sorted((job.state_dir / "sources").glob("*.json"))
     assert len(records) == 2  # a's moved to its new key, b's left
     new_key = clips_job.source_key(tmp_path / "footage" / "a.mp4")
-    assert clips_job.aside_path(job, new_key).read_text() == '{"file": "x.mp4"}\n'  # moved with the record
-    assert not clips_job.aside_path(job, old_key).exists()
+    assert clips_records.aside_path(job, new_key).read_text() == '{"file": "x.mp4"}\n'  # moved with the record
+    assert not clips_records.aside_path(job, old_key).exists()
     assert json.loads(clips_job.record_path(job, new_key).read_text())["source"] == str(tmp_path / "footage" / "a.mp4")
     rows = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and sum(r["source"] == str(tmp_path / "footage" / "a.mp4") for r in rows) == 2
