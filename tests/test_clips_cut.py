@@ -315,3 +315,19 @@ def test_a_dead_writers_temp_file_goes_though_its_pid_was_reused_and_a_live_ones
     dead.write_bytes(b"half")
     remove_stale_temps(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="temp files are locked on POSIX only")
+def test_a_temp_file_that_cannot_be_opened_is_left_alone(tmp_path, monkeypatch):
+    """Another user's run's temp file (not ours to open) is skipped, not a crash of the whole job."""
+    from adatp_core.clips import cut
+
+    other = tmp_path / ".theirs.part-1.mp4"
+    other.write_bytes(b"half")
+
+    def refused(path, create=True):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cut, "hold_file", refused)
+    cut.remove_stale_temps(tmp_path)
+    assert other.exists()

@@ -117,7 +117,10 @@ def remove_stale_temps(out_dir: Path) -> None:
         if not stem or not pid.isdigit() or not tmp.is_file() or tmp.is_symlink():
             continue
         if LOCKS:
-            fd = hold_file(tmp, create=False)
+            try:
+                fd = hold_file(tmp, create=False)
+            except OSError:  # not ours to open (another user's run): left alone
+                continue
             if fd is None:
                 continue  # its writer is alive (or it went meanwhile)
             try:
