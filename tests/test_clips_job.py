@@ -1076,3 +1076,30 @@ def test_settings_switched_back_restore_the_clips_set_aside_with_their_captions(
     again = run_clips(lambda: pytest.fail("nothing to caption"), smaller)
     assert (again.clips_cut, again.clips_restored) == (0, 2)
     assert {(p.width, p.height) for p in map(probe_video, clips_of(job))} == {(32, 24)}
+
+
+def test_a_record_under_the_key_an_earlier_version_gave_is_taken_not_doubled(tmp_path, short):
+    """Folder sources were keyed by the path below the folder before; their records (older format,
+    clips named with that key) stayed beside the new key's, and the source was cut again under new
+    names: the set held every clip twice. The record of the same file under another key is taken."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    key = clips_job.source_key(tmp_path / "src" / "short.mp4")
+    old_key = "short-0123abcd"
+    record = json.loads(clips_job.record_path(job, key).read_text())
+    for c in record["clips"]:  # as the earlier version named them
+        new_name = c["name"].replace(key, old_key)
+        (job.clips_dir / f"{c['name']}.mp4").rename(job.clips_dir / f"{new_name}.mp4")
+        c["name"] = new_name
+    old = {k: v for k, v in record.items() if k not in ("cut", "resolved", "made", "fingerprint")}
+    old["source"] = str(tmp_path / "src" / "short.mp4")
+    clips_job.record_path(job, old_key).write_text(json.dumps(old))
+    clips_job.record_path(job, key).unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in clips_of(job)}
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (0, 2)
+    assert {p.name: p.stat().st_mtime_ns for p in clips_of(job)} == before
+    assert [p.stem for p in (job.state_dir / "sources").glob("*.json")] == [key]
+    assert sum(len(s.clips) for s in clips_job.dataset(job)) == 2

@@ -170,19 +170,19 @@ def _failure(exc: Exception) -> str:
 
 def plan_source(job: ClipsJob, source: Source, key: str,
                 on_progress: Callable[[float, float], None] | None = None,
-                adopt: Callable[[str, str], tuple[dict, str] | None] | None = None) -> SourcePlan:
+                adopt: Adoption | None = None) -> SourcePlan:
     """This source's shots and clips: from its record when the source and the settings are
     unchanged, else detected and planned. A source that cannot be read gives a plan with error.
-    adopt(key, fingerprint): for a source with no record, the record of the same footage whose
-    source is gone (moved or renamed: Adoption), taken as this source's, and its old source."""
+    adopt: for a source with no record under its key, the record of the same footage moved or
+    renamed, or of the same file under an older key (Adoption), taken as this source's."""
     plan = SourcePlan(source, key)
     try:
         record = read_record(job, key)
-        if record is not None and not ("cut" in record and "resolved" in record):
-            record = upgraded(job, source.path, record)
         plan.fingerprint = fingerprint(source.path)
         if record is None and adopt is not None:
-            record, plan.adopted = adopt(key, plan.fingerprint) or (None, None)
+            record, plan.adopted = adopt(key, plan.fingerprint, source.path) or (None, None)
+        if record is not None and not ("cut" in record and "resolved" in record):
+            record = upgraded(job, source.path, record)
         same_file = record is not None and same_source(record, source.path, plan.fingerprint)
         same_cut = record is not None and record.get("cut") == cut_settings(job)
         if same_file and record.get("threshold") == job.threshold:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..caption.files import printable
 from ..errors import AdaTPInputError
 from .cut import probe_clip
 from .outputs import SUBTITLES_FOLDER
-from .plan import ClipPlan
+from .plan import ClipPlan, source_key
 from .settings import CLIP_SUFFIX, ClipsJob, clip_path, cut_settings
 from .shots import Shot
 
@@ -238,59 +239,93 @@ def upgraded(job: ClipsJob, path: Path, record: dict) -> dict:
     return {**record, "resolved": os.path.realpath(path), "cut": record.get("cut", cut_settings(job))}
 
 
+def recorded_path(record: dict) -> str:
+    """The resolved path of the file the record was made from (an older record: its path as given)."""
+    return record.get("resolved") or os.path.realpath(record["source"])
+
+
 def source_gone(record: dict) -> bool:
     """Nothing is at the record's source (the file it was made from was moved, renamed or removed)."""
-    return not os.path.lexists(record.get("resolved") or record["source"])
+    return not os.path.lexists(recorded_path(record))
 
 
 class Adoption:
-    """The records whose source is gone, by fingerprint, for a source with no record: the same footage
-    moved or renamed (a renamed folder gives its files new keys) takes its old record, clips and
-    captions with it, rather than being cut again beside them. Read once a run, when first needed."""
+    """Records under another key that belong to a source with no record under its own: the same
+    footage moved or renamed (a renamed folder gives its files new keys), found by fingerprint among
+    the records whose source is gone; or the same file under the key an earlier version gave it
+    (folder sources were keyed by the path below the folder), found by its path. The source takes
+    that record, clips and captions with it, rather than being cut again beside them. The records
+    are read once a run, when first needed."""
 
     def __init__(self, job: ClipsJob, dry_run: bool):
-        self.job, self.dry_run, self.orphans = job, dry_run, None
+        self.job, self.dry_run = job, dry_run
+        self.orphans: dict[str, list[str]] | None = None  # fingerprint -> keys of records whose source is gone
+        self.rekeyed: dict[str, str] = {}  # a source's resolved path -> the key of its record under another key
 
-    def _orphans(self) -> dict[str, list[str]]:
-        if self.orphans is None:
-            self.orphans = {}
-            for path in sorted((self.job.state_dir / "sources").glob("*.json")):
-                try:
-                    record = read_record(self.job, path.stem)
-                except AdaTPInputError:
-                    continue
-                if record is not None and record.get("fingerprint") and source_gone(record):
+    def _read(self) -> None:
+        self.orphans = {}
+        for path in sorted((self.job.state_dir / "sources").glob("*.json")):
+            try:
+                record = read_record(self.job, path.stem)
+            except AdaTPInputError:
+                continue
+            if record is None:
+                continue
+            if source_gone(record):
+                if record.get("fingerprint"):
                     self.orphans.setdefault(record["fingerprint"], []).append(path.stem)
-        return self.orphans
+            elif source_key(Path(recorded_path(record))) != path.stem:
+                self.rekeyed[recorded_path(record)] = path.stem
 
-    def __call__(self, key: str, print_: str) -> tuple[dict, str] | None:
-        keys = self._orphans().get(print_, [])
-        for old in list(keys):
+    def __call__(self, key: str, print_: str, path: Path) -> tuple[dict, str | None] | None:
+        """(the record, its source when it moved, else None) for the source at ``path`` (key, fingerprint
+        print_), the record renamed to ``key`` (not in a dry run); None when there is none to take."""
+        if self.orphans is None:
+            self._read()
+        here = os.path.realpath(path)
+        same_file = self.rekeyed.get(here)
+        for old in ([same_file] if same_file else []) + list(self.orphans.get(print_, [])):
+            def fits(record: dict | None) -> bool:
+                if record is None:
+                    return False
+                if old == same_file:
+                    return recorded_path(record) == here
+                return record.get("fingerprint") == print_ and source_gone(record)
+
             if self.dry_run:
                 record = read_record(self.job, old)
-                keys.remove(old)
-                return (record, record["source"]) if record is not None else None
-            claim = ClipClaim(record_path(self.job, old))  # another run may be adopting it too
-            if not claim.acquire():
-                continue
-            try:
-                record = read_record(self.job, old)
-                if record is None or record.get("fingerprint") != print_ or not source_gone(record):
-                    continue
-                # one rename: at every moment the record is under one key or the other, never both
-                os.replace(record_path(self.job, old), record_path(self.job, key))
-                for side in (journal_path, aside_path):  # its journals go with it
-                    if side(self.job, old).exists():
-                        os.replace(side(self.job, old), side(self.job, key))
-                for kind in ("srt", "vtt"):  # written again under the new key
-                    stale = self.job.out / SUBTITLES_FOLDER / f"{old}.{kind}"
-                    if stale.is_file() and not stale.is_symlink():
-                        stale.unlink()
-            finally:
-                claim.release()
-            keys.remove(old)
-            return record, record["source"]
+            else:
+                record = self._take(old, key, fits)
+            if old == same_file:
+                self.rekeyed.pop(here, None)
+            else:
+                self.orphans[print_].remove(old)
+            if fits(record):
+                return record, (None if old == same_file else record["source"])
         return None
+
+    def _take(self, old: str, key: str, fits: Callable[[dict | None], bool]) -> dict | None:
+        """The record under ``old`` renamed to ``key`` when it still fits (under a claim: another run may
+        be taking it too), else None."""
+        claim = ClipClaim(record_path(self.job, old))
+        if not claim.acquire():
+            return None
+        try:
+            record = read_record(self.job, old)
+            if not fits(record):
+                return None
+            # one rename: at every moment the record is under one key or the other, never both
+            os.replace(record_path(self.job, old), record_path(self.job, key))
+            for side in (journal_path, aside_path):  # its journals go with it
+                if side(self.job, old).exists():
+                    os.replace(side(self.job, old), side(self.job, key))
+            for kind in ("srt", "vtt"):  # written again under the new key
+                stale = self.job.out / SUBTITLES_FOLDER / f"{old}.{kind}"
+                if stale.is_file() and not stale.is_symlink():
+                    stale.unlink()
+            return record
+        finally:
+            claim.release()
 
 
 def set_aside(job: ClipsJob, clips: list[ClipPlan], key: str | None = None, earlier: dict | None = None) -> int:
