@@ -1055,26 +1055,26 @@ def test_a_record_of_the_older_format_is_upgraded_when_its_clips_match_its_plan(
     assert now["cut"] == record["cut"] and now["resolved"] == record["resolved"] and now["fingerprint"]
 
 
-def test_settings_switched_back_restore_the_clips_set_aside_with_their_captions(tiny, tmp_path, short):
+def test_settings_switched_back_restore_the_clips_set_aside_with_their_captions(tmp_path, short):
     """Hostile review: switching settings back and forth recut (and recaptioned) every clip each time,
     though the earlier clips sat in .adatp/replaced; those made with the plan and settings asked for now
     are moved back, with their captions."""
     (tmp_path / "short.mp4").write_bytes(short)
-    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0,
-                   layouts=("txt", "jsonl"))
-    assert run_clips(tiny, job).clips_cut == 2
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    assert cut_only(job).clips_cut == 2
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text(f"the caption of {clip.stem}")
     first = {p.name: p.read_bytes() for p in job.clips_dir.iterdir()}  # clips and captions
     smaller = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
-    assert run_clips(tiny, smaller).clips_cut == 2
+    assert cut_only(smaller).clips_cut == 2
     back = run_clips(lambda: pytest.fail("nothing to caption"), job)
     assert (back.clips_cut, back.clips_replaced, back.clips_restored) == (0, 2, 2)
     assert {p.name: p.read_bytes() for p in job.clips_dir.iterdir()} == first
     assert "2 moved back from .adatp/replaced" in back.text()
     assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == 2  # the smaller ones, set aside in turn
-    crf = run_clips(tiny, dataclasses.replace(job, crf=30))  # not as they were made: cut again
-    assert (crf.clips_cut, crf.clips_restored) == (2, 0)
-    again = run_clips(lambda: pytest.fail("nothing to caption"), smaller)
-    assert (again.clips_cut, again.clips_restored) == (0, 2)
+    assert cut_only(dataclasses.replace(job, crf=30)).clips_cut == 2  # not as they were made: cut again
+    again = cut_only(smaller)
+    assert (again.clips_cut, again.clips_existing) == (0, 2)  # moved back, not cut
     assert {(p.width, p.height) for p in map(probe_video, clips_of(job))} == {(32, 24)}
 
 
