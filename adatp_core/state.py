@@ -103,11 +103,17 @@ class AdaTPState:
         visual = self.prompt.visual_positions.to(dev, non_blocking=True).index_select(0, keep)
         rows = torch.searchsorted(positions, visual)
         device = self.injections[self.layer].device
-        keep = keep.to(device, non_blocking=True)
+        # Features waiting on the host (fits.encoded_place) are gathered there (the keep set copied back
+        # in step: a copy to the host without a sync could be read unfinished), and come to the device a
+        # call's rows at a time (Injection.window); their rows stay on the keep set's device.
+        on_host = device.type == "cpu"
+        keep = keep.to(device, non_blocking=not on_host)
+        if not on_host:
+            rows = rows.to(device)
         # Layers < K ran already: their features are not gathered (None; the state may hold None there
         # too: ``attention.below_k_released``), only those of layers >= K.
-        return Injection(rows.to(device), tuple(f.index_select(0, keep) if i >= self.layer else None
-                                                for i, f in enumerate(self.injections)))
+        return Injection(rows, tuple(f.index_select(0, keep) if i >= self.layer else None
+                                     for i, f in enumerate(self.injections)))
 
     def evolve(self, stats: dict | None = None, **changes) -> "AdaTPState":
         """A new state with ``changes`` and the stats merged (input untouched)."""
