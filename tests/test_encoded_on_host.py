@@ -28,7 +28,7 @@ from adatp_core.models.loader import load_video_llm
 from adatp_core.report import prefill_line
 from adatp_core.samples import scene_frames, write_video
 from adatp_core.streaming import encode_video
-from test_streaming import FAMILIES, QUESTION
+from test_streaming import FAMILIES, QUESTION, cache, model  # noqa: F401  (the fixtures: every family)
 
 CHUNK = 64  # tokens per prefill call: on the linear-attention layers' grid, and inside a temporal patch
 
@@ -36,16 +36,6 @@ CHUNK = 64  # tokens per prefill call: on the linear-attention layers' grid, and
 def chunk_of(model) -> int:
     """Calls of 64 tokens (Qwen: 63 a temporal patch), or 256 on LLaVA-OV (196 a frame, 1,372 in all)."""
     return 256 if model.adapter.family == "llava_onevision" else CHUNK
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("host-models")
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def model(request, cache):
-    return load_video_llm(FAMILIES[request.param](cache), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
