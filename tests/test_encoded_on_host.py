@@ -226,3 +226,20 @@ def test_the_memory_model_counts_the_rows_on_the_host():
     assert host.bytes_on("host") - device.bytes_on("host") == rows
     assert device.bytes_on("cuda:0") - host.bytes_on("cuda:0") == rows - span
     assert any(what.startswith("one prefill call's span of them (8192 tokens)") for what, _, _ in host.fixed)
+
+
+def test_a_calls_rows_are_a_slice_of_the_rows_waiting():
+    """A call's span of rows indexed by ascending positions is a view of them (span_of): no gather on the
+    host, and a pinned buffer's span goes to the device from there."""
+    from adatp_core.models.base import Injection, span_of
+
+    rows = torch.tensor([2, 3, 5, 8, 9])
+    f = torch.arange(10.0).view(5, 2)
+    assert span_of(rows, 4, 9) == (2, 4) and span_of(rows, 0, 2) == (0, 0) and span_of(rows, 0, 100) == (0, 5)
+    window = Injection(rows, (f, None)).window(3, 9)
+    assert window.rows.tolist() == [0, 2, 5] and torch.equal(window.features[0], f[1:4])
+    assert window.features[0].untyped_storage().data_ptr() == f.untyped_storage().data_ptr()
+    assert window.features[1] is None
+    assert Injection(rows, (f,)).window(10, 12) is None
+    whole = Injection(rows, (f,)).window(2, 10)
+    assert whole.rows.tolist() == [0, 1, 3, 6, 7] and whole.features[0] is f

@@ -91,8 +91,9 @@ class Injection:
     """Features added to some rows' hidden states after the first decoder layers
     (Qwen3-VL's DeepStack): after layer i < len(features), hidden[:, rows] += features[i].
 
-    rows: [n] long, rows of the hidden states passed to ``run_layers``.
-    features: per layer, [n, D], or None for a layer the call does not run (layers < K after them).
+    rows: [n] long, ascending, rows of the hidden states passed to ``run_layers``.
+    features: per layer, [n, D], or None for a layer the call does not run (layers < K after them);
+        on the rows' device, or waiting on the host (fits.encoded_place).
     """
 
     rows: torch.Tensor
@@ -100,14 +101,22 @@ class Injection:
 
     def window(self, start: int, stop: int) -> "Injection | None":
         """The injection for a call over rows [start, stop) of these rows: the rows inside, counted
-        from ``start`` (None when none is inside)."""
-        inside = (self.rows >= start) & (self.rows < stop)
-        if bool(inside.all()):  # every row (one call over all of them): no copy of the features
-            return self if start == 0 else Injection(self.rows - start, self.features)
-        if not bool(inside.any()):
+        from ``start`` (None when none is inside); their features are a slice of these (no copy)."""
+        lo, hi = span_of(self.rows, start, stop)
+        if lo == hi:
             return None
-        rows = self.rows[inside] - start
-        return Injection(rows, tuple(None if f is None else f[inside.to(f.device)] for f in self.features))
+        if (lo, hi) == (0, len(self.rows)):  # every row (one call over all of them)
+            return self if start == 0 else Injection(self.rows - start, self.features)
+        return Injection(self.rows[lo:hi] - start, tuple(None if f is None else f[lo:hi] for f in self.features))
+
+
+def span_of(positions: torch.Tensor, start: int, stop: int) -> tuple[int, int]:
+    """(lo, hi): positions[lo:hi] are the ascending ``positions`` within [start, stop). A call's span of
+    rows indexed by them is then a slice, not a gather: a view, so rows waiting in pinned host memory
+    (fits.encoded_place) go to the device from there at full speed, and nothing is copied on the host."""
+    bounds = torch.searchsorted(positions, torch.tensor([start, stop], dtype=positions.dtype, device=positions.device))
+    lo, hi = bounds.tolist()
+    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -208,8 +217,8 @@ class Prompt:
     """Token ids of one query and where each part sits.
 
     input_ids: [L] long, with ``video_token_id`` at every visual and extra position.
-    visual_positions: [N] long, sequence positions of the visual tokens (frame-major).
-    extra_positions: [E] long, sequence positions of always-kept model extras.
+    visual_positions: [N] long, sequence positions of the visual tokens (frame-major: ascending).
+    extra_positions: [E] long, ascending sequence positions of always-kept model extras.
     question: (start, end) of the question's own tokens (Q_text).
     after_video: first position after the video and its extras; Q is [after_video, L).
     plan: the video plan the prompt was built for (None for a bare token count).
@@ -432,9 +441,9 @@ class VideoLLMAdapter:
                                   (prompt.extra_positions, encoded.extras)):
             if not len(positions):
                 continue
-            if start or stop < prompt.length:
-                inside = (positions >= start) & (positions < stop)
-                positions, values = positions[inside] - start, values[inside.to(values.device)]
+            if start or stop < prompt.length:  # the span's rows: a slice (they may wait on the host)
+                lo, hi = span_of(positions, start, stop)
+                positions, values = positions[lo:hi] - start, values[lo:hi]
             embeds[positions] = values.to(embeds.device, embeds.dtype)
         return embeds.unsqueeze(0)
 
