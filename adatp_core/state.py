@@ -112,10 +112,19 @@ class AdaTPState:
             rows = rows.to(device)
         # Layers < K ran already: their features are not gathered (None; the state may hold None there
         # too: ``attention.below_k_released``), only those of layers >= K.
-        return Injection(rows, tuple(f.index_select(0, keep) if i >= self.layer else None
+        return Injection(rows, tuple(_gather(f, keep) if i >= self.layer else None
                                      for i, f in enumerate(self.injections)))
 
     def evolve(self, stats: dict | None = None, **changes) -> "AdaTPState":
         """A new state with ``changes`` and the stats merged (input untouched)."""
         merged = {**self.stats, **(stats or {})}
         return replace(self, stats=merged, **changes)
+
+
+def _gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows[index] on rows' device; into pinned memory where rows wait pinned on the host (for a GPU),
+    so that each call's span of them goes to the device at full speed."""
+    if not (rows.device.type == "cpu" and rows.is_pinned()):
+        return rows.index_select(0, index)
+    out = torch.empty((len(index), *rows.shape[1:]), dtype=rows.dtype, pin_memory=True)
+    return torch.index_select(rows, 0, index, out=out)

@@ -42,9 +42,12 @@ def test_rows_on_the_host_give_the_device_answer_at_a_lower_peak(qwen3):
                                   encoded=place)
         assert state.stats["encoded_on"] == ("host" if place == "host" else "cuda:0")
         assert state.stats["encoded_reason"] == "asked for"
-        if place == "host":  # layers >= K's DeepStack rows wait for the answer's gather, pinned
+        pruned = select(state, PipelineConfig(retention=0.25))
+        if place == "host":  # layers >= K's DeepStack rows wait for the answer's gather, pinned, as do the kept ones
             assert state.injections[2].device.type == "cpu" and state.injections[2].is_pinned()
-        answers[place] = generate_answer(select(state, PipelineConfig(retention=0.25)),
+            kept = pruned.kept_injection()
+            assert kept.features[2].is_pinned() and kept.rows.device.type == "cuda"
+        answers[place] = generate_answer(pruned,
                                          SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="default"),
                                          return_logits=True)
         torch.cuda.synchronize()
