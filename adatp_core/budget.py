@@ -330,7 +330,7 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
               (f"the vision tower over one chunk ({patches} patches)", vision_chunk, where)]
     encoded = (f"the encoded rows [{n}, {d}]" + (f" and {run.injections} DeepStack rows each" if run.injections
                                                  else ""), n * d * item * (1 + run.injections))
-    if run.encoded_on_host:
+    if run.encoded_on_host and where != "host":
         span = min(run.prefill_chunk or length, n)
         parts.append((*encoded, "host"))
         fixed.append((f"one prefill call's span of them ({span} tokens)", span * d * item * (1 + run.injections), where))
