@@ -23,7 +23,6 @@ LAYOUTS = ("txt", "finetrainers", "jsonl", "srt", "vtt")
 DEFAULT_LAYOUTS = ("txt", "jsonl", "srt", "vtt")
 
 
-
 @dataclass(frozen=True)
 class ClipsJob:
     """A clips job. sources: files or folders (folders listed like the caption command's,
