@@ -314,11 +314,11 @@ class Adoption:
             record = read_record(self.job, old)
             if not fits(record):
                 return None
+            for side in (journal_path, aside_path):  # its journals first: a kill after them leaves the
+                if side(self.job, old).exists():  # record to be taken again, which finds them in place
+                    os.replace(side(self.job, old), side(self.job, key))
             # one rename: at every moment the record is under one key or the other, never both
             os.replace(record_path(self.job, old), record_path(self.job, key))
-            for side in (journal_path, aside_path):  # its journals go with it
-                if side(self.job, old).exists():
-                    os.replace(side(self.job, old), side(self.job, key))
             for kind in ("srt", "vtt"):  # written again under the new key
                 stale = self.job.out / SUBTITLES_FOLDER / f"{old}.{kind}"
                 if stale.is_file() and not stale.is_symlink():
