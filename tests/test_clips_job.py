@@ -1008,7 +1008,9 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     moved = dataclasses.replace(job, sources=(tmp_path / "footage",))
     summary = run_clips(lambda: pytest.fail("nothing to caption"), moved)
     assert (summary.clips_cut, summary.clips_existing, summary.detected, summary.clips_replaced) == (0, 2, 0, 0)
-    assert {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()} == before  # nothing cut or captioned
+    new_key = clips_job.source_key(tmp_path / "footage" / "a.mp4")
+    assert {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()} == \
+        {n.replace(old_key, new_key): t for n, t in before.items()}  # renamed for the new key; nothing cut or captioned
     text = summary.text()
     assert summary.adopted == [("footage/a.mp4", str(tmp_path / "films" / "a.mp4"))]
     assert "1 source(s) moved or renamed" in text and "films/a.mp4 -> footage/a.mp4" in text
@@ -1016,7 +1018,6 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     assert "no longer where they were" in text and "Their clips stay in the set" in text and "remove its record" in text
     records = sorted((job.state_dir / "sources").glob("*.json"))
     assert len(records) == 2  # a's moved to its new key, b's left
-    new_key = clips_job.source_key(tmp_path / "footage" / "a.mp4")
     assert clips_records.aside_path(job, new_key).read_text() == '{"file": "x.mp4"}\n'  # moved with the record
     assert not clips_records.aside_path(job, old_key).exists()
     assert json.loads(clips_job.record_path(job, new_key).read_text())["source"] == str(tmp_path / "footage" / "a.mp4")
@@ -1100,6 +1101,87 @@ def test_a_record_under_the_key_an_earlier_version_gave_is_taken_not_doubled(tmp
     before = {p.name: p.stat().st_mtime_ns for p in clips_of(job)}
     again = cut_only(job)
     assert (again.clips_cut, again.clips_existing) == (0, 2)
-    assert {p.name: p.stat().st_mtime_ns for p in clips_of(job)} == before
+    assert {p.name: p.stat().st_mtime_ns for p in clips_of(job)} == \
+        {n.replace(old_key, key): t for n, t in before.items()}  # renamed for this version's key, not cut
     assert [p.stem for p in (job.state_dir / "sources").glob("*.json")] == [key]
     assert sum(len(s.clips) for s in clips_job.dataset(job)) == 2
+
+
+def inverse(path: Path) -> Path:
+    """Other footage with the cuts of ``short`` (4 s, two 2 s shots): its negative."""
+    return write_video(path, 255 - scene_frames(32, 64, 48, scenes=2), fps=FPS)
+
+
+def test_a_moved_sources_clips_take_its_new_key_and_new_footage_at_the_old_path_gets_its_own(tmp_path, short):
+    """Hostile review: an adopted record kept its clips under the old key's names, so the next file at the
+    old path (same key, same names) found them 'already there': 0 cut, and the set listed them twice.
+    A copy adopted while the original was away did the same once the original came back."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    assert cut_only(job).clips_cut == 2
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text(f"the caption of {clip.stem}")
+    first = {p.stem: p.read_bytes() for p in clips_of(job)}
+    (tmp_path / "src" / "a.mp4").rename(tmp_path / "src" / "b.mp4")
+    moved = cut_only(job)
+    assert (moved.clips_cut, moved.clips_existing) == (0, 2)
+    b_key = clips_job.source_key(tmp_path / "src" / "b.mp4")
+    assert all(p.stem.startswith(f"{b_key}_s") for p in clips_of(job))  # renamed, with their captions
+    assert sorted(p.read_bytes() for p in clips_of(job)) == sorted(first.values())
+    a_key = clips_job.source_key(tmp_path / "src" / "a.mp4")
+    assert [p.with_suffix(".txt").read_text() for p in clips_of(job)] == \
+        [f"the caption of {p.stem.replace(b_key, a_key)}" for p in clips_of(job)]
+    inverse(tmp_path / "src" / "a.mp4")  # other footage at the old path
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (2, 2)
+    sets = clips_job.dataset(job)
+    listed = [c.path.name for s in sets for c in s.clips]
+    assert len(listed) == len(set(listed)) == 4 and not (job.state_dir / "replaced").exists()
+
+
+def test_a_copy_taken_while_the_original_was_away_keeps_the_clips_apart(tmp_path, short):
+    import shutil
+
+    usb, home = tmp_path / "usb", tmp_path / "home"
+    usb.mkdir(), home.mkdir()
+    (usb / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(usb,), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    assert cut_only(job).clips_cut == 2
+    shutil.copy2(usb / "a.mp4", home / "a.mp4")
+    usb.rename(tmp_path / "unplugged")
+    assert cut_only(dataclasses.replace(job, sources=(home,))).clips_existing == 2  # the copy takes the clips
+    (tmp_path / "unplugged").rename(usb)
+    both = dataclasses.replace(job, sources=(usb, home))
+    summary = cut_only(both)
+    assert (summary.clips_cut, summary.clips_existing) == (2, 2)
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text("a caption")
+    write_layouts(both, summary)
+    rows = [json.loads(line)["path"] for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert len(rows) == len(set(rows)) == 4
+
+
+def test_a_kill_while_a_record_is_taken_leaves_what_the_next_run_finishes(tmp_path, short, monkeypatch):
+    """Adoption renames the clips, moves the record, then rewrites it with the new names: killed before
+    the rewrite, the record under the new key names the old key's clips, and the next run finishes it."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    (tmp_path / "src" / "a.mp4").rename(tmp_path / "src" / "b.mp4")
+
+    def killed(*_a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clips_records, "write_record_dict", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cut_only(job)
+    monkeypatch.undo()
+    b_key = clips_job.source_key(tmp_path / "src" / "b.mp4")
+    assert [p.stem for p in (job.state_dir / "sources").glob("*.json")] == [b_key]
+    assert len(clips_job.dataset(job)[0].clips) == 2  # listed under the new names meanwhile
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (0, 2)
+    assert [c["name"].startswith(f"{b_key}_s") for c in
+            json.loads(clips_job.record_path(job, b_key).read_text())["clips"]] == [True, True]

@@ -41,8 +41,8 @@ from ..errors import AdaTPInputError, AdaTPInterrupted
 from .cut import cut_clips, remove_stale_temps
 from .outputs import DatasetClip, DatasetSource, write_outputs
 from .plan import ClipPlan, fingerprint, hdr_transfer, plan_clips, source_key
-from .records import (Adoption, Source, SourcePlan, journal, plain, read_record, record_path, record_plan, restore,
-                      same_source, set_aside, source_gone, stale_clips, upgraded, write_record)
+from .records import (Adoption, Source, SourcePlan, journal, named_for, plain, read_record, record_path, record_plan,
+                      restore, same_source, set_aside, source_gone, stale_clips, upgraded, write_record)
 from .settings import CLIP_SUFFIX, CLIPS_FOLDER, STATE_FOLDER, ClipsJob, clip_path, cut_settings
 from .shots import detect_shots
 from .summary import ClipsSummary, held_by
@@ -178,6 +178,8 @@ def plan_source(job: ClipsJob, source: Source, key: str,
     plan = SourcePlan(source, key)
     try:
         record = read_record(job, key)
+        if record is not None:  # taken from another key by a run killed before it renamed the record's clips
+            record = named_for(job, key, record, move=adopt is None or not adopt.dry_run)
         plan.fingerprint = fingerprint(source.path)
         if record is None and adopt is not None:
             record, plan.adopted = adopt(key, plan.fingerprint, source.path) or (None, None)
@@ -450,6 +452,7 @@ def dataset(job: ClipsJob, gone: list | None = None) -> list[DatasetSource]:
             continue
         if record is None:
             continue
+        record = named_for(job, record_file.stem, record, move=False)  # (named_for: a kill left it so)
         source, shots, plans = record_plan(record)
         clips = []
         for c in plans:

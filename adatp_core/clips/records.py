@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,16 +209,22 @@ def write_record(job: ClipsJob, plan: SourcePlan) -> None:
               "rules": plain(job.rules), "cut": cut_settings(job),
               "shots": [plain(s) for s in plan.shots], "clips": [plain(c) for c in plan.clips],
               "made": {c.name: plan.made[c.name] for c in plan.clips if c.name in plan.made}}
+    write_record_dict(job, plan.key, record)
+
+
+def write_record_dict(job: ClipsJob, key: str, record: dict) -> None:
+    """Write ``record`` under ``key`` (atomically, only when its text changes); the journal goes, the
+    record holds it now."""
     # ASCII: a path's undecodable bytes (surrogate escapes) are kept as \\udcXX escapes that read back exactly
     text = json.dumps(record, indent=1, ensure_ascii=True) + "\n"
-    path = record_path(job, plan.key)
+    path = record_path(job, key)
     try:
         same = path.read_text(encoding="utf-8") == text
     except OSError:
         same = False
     if not same:
         write_atomic(path, text)
-    journal_path(job, plan.key).unlink(missing_ok=True)  # the record holds it now
+    journal_path(job, key).unlink(missing_ok=True)  # the record holds it now
 
 
 def upgraded(job: ClipsJob, path: Path, record: dict) -> dict:
@@ -294,6 +301,7 @@ class Adoption:
 
             if self.dry_run:
                 record = read_record(self.job, old)
+                record = record and named_for(self.job, key, record, move=False)
             else:
                 record = self._take(old, key, fits)
             if old == same_file:
@@ -305,8 +313,13 @@ class Adoption:
         return None
 
     def _take(self, old: str, key: str, fits: Callable[[dict | None], bool]) -> dict | None:
-        """The record under ``old`` renamed to ``key`` when it still fits (under a claim: another run may
-        be taking it too), else None."""
+        """The record under ``old`` moved to ``key``, its clips and captions renamed for ``key``, when it
+        still fits (under a claim: another run may be taking it too), else None. Named for their old key,
+        the clips would be taken by the next source at the old path (its key gives the same names).
+        The files are renamed first, then the notes and the journal move, then the record (one rename:
+        at every moment it is under one key or the other), then it is rewritten with the new names; a
+        kill before the rewrite leaves a record under ``key`` whose names are the old key's, which
+        ``named_for`` finishes (plan_source) with its files already renamed."""
         claim = ClipClaim(record_path(self.job, old))
         if not claim.acquire():
             return None
@@ -314,11 +327,17 @@ class Adoption:
             record = read_record(self.job, old)
             if not fits(record):
                 return None
-            for side in (journal_path, aside_path):  # its journals first: a kill after them leaves the
-                if side(self.job, old).exists():  # record to be taken again, which finds them in place
-                    os.replace(side(self.job, old), side(self.job, key))
-            # one rename: at every moment the record is under one key or the other, never both
+            record = named_for(self.job, key, record)
+            notes = read_lines(aside_path(self.job, old), "file")
+            if notes:
+                write_atomic(aside_path(self.job, key), "".join(
+                    json.dumps({**n, **({"clip": renamed(key, n["clip"])} if "clip" in n else {})}, ensure_ascii=True) + "\n"
+                    for n in notes.values()))
+            aside_path(self.job, old).unlink(missing_ok=True)
+            if journal_path(self.job, old).exists():  # read with the record's old names: named_for maps them
+                os.replace(journal_path(self.job, old), journal_path(self.job, key))
             os.replace(record_path(self.job, old), record_path(self.job, key))
+            write_record_dict(self.job, key, record)
             for kind in ("srt", "vtt"):  # written again under the new key
                 stale = self.job.out / SUBTITLES_FOLDER / f"{old}.{kind}"
                 if stale.is_file() and not stale.is_symlink():
@@ -326,6 +345,35 @@ class Adoption:
             return record
         finally:
             claim.release()
+
+
+_CLIP_TAIL = re.compile(r"_s\d+_[^_]*$")  # what follows the key in a clip's name (plan.clip_name)
+
+
+def renamed(key: str, name):
+    """The clip name ``name`` with its key replaced by ``key`` (clip names are KEY_sSHOT_START-END)."""
+    if not isinstance(name, str):
+        return name
+    tail = _CLIP_TAIL.search(name)
+    return f"{key}{tail.group(0)}" if tail else name
+
+
+def named_for(job: ClipsJob, key: str, record: dict, move: bool = True) -> dict:
+    """``record`` with its clips named for ``key`` (a record taken from another key: a moved source, or
+    one an earlier version keyed otherwise), each clip and its captions renamed on disk when ``move``
+    (a name already taken under the new name is left alone: renamed before a kill). The same record
+    when its names are ``key``'s already."""
+    names = {c["name"]: renamed(key, c["name"]) for c in record["clips"]}
+    if all(a == b for a, b in names.items()):
+        return record
+    if move:
+        for a, b in names.items():
+            for folder, suffix in ((job.clips_dir, CLIP_SUFFIX), (job.clips_dir, ".txt"),
+                                   (job.state_dir / "captions", ".txt")):
+                if a != b and os.path.lexists(folder / f"{a}{suffix}") and not os.path.lexists(folder / f"{b}{suffix}"):
+                    os.replace(folder / f"{a}{suffix}", folder / f"{b}{suffix}")
+    return {**record, "clips": [{**c, "name": names[c["name"]]} for c in record["clips"]],
+            "made": {names.get(k, k): v for k, v in (record.get("made") or {}).items()}}
 
 
 def set_aside(job: ClipsJob, clips: list[ClipPlan], key: str | None = None, earlier: dict | None = None) -> int:
