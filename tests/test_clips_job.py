@@ -1185,3 +1185,45 @@ def test_a_kill_while_a_record_is_taken_leaves_what_the_next_run_finishes(tmp_pa
     assert (again.clips_cut, again.clips_existing) == (0, 2)
     assert [c["name"].startswith(f"{b_key}_s") for c in
             json.loads(clips_job.record_path(job, b_key).read_text())["clips"]] == [True, True]
+
+
+def test_a_folder_moved_with_a_link_left_at_the_old_place_keeps_its_clips(tmp_path, short):
+    """Hostile review: the record's stored path still existed through the link, so it was neither gone nor
+    the same file (the lookup used the new resolved path): the whole set was cut a second time."""
+    src = tmp_path / "data" / "footage"
+    src.mkdir(parents=True)
+    (src / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(src,), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    (tmp_path / "big").mkdir()
+    src.rename(tmp_path / "big" / "footage")
+    src.symlink_to(tmp_path / "big" / "footage")
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (0, 2)
+    gone = []
+    sets = clips_job.dataset(job, gone)
+    assert [len(s.clips) for s in sets] == [2] and not gone
+    assert sets[0].key == clips_job.source_key(tmp_path / "big" / "footage" / "a.mp4")
+
+
+@pytest.mark.parametrize("real_too", [False, True])
+def test_a_link_re_pointed_at_other_footage_sets_the_old_footages_clips_aside(tmp_path, short, real_too):
+    """Hostile review: the old footage's record stayed (its file still exists), so the set held two
+    sources named src/link.mp4, the old footage's clips among the new ones. The old file given as a
+    source too keeps its record and clips."""
+    (tmp_path / "store").mkdir(), (tmp_path / "src").mkdir()
+    (tmp_path / "store" / "real.mp4").write_bytes(short)
+    link = tmp_path / "src" / "link.mp4"
+    link.symlink_to(tmp_path / "store" / "real.mp4")
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    inverse(tmp_path / "store" / "other.mp4")
+    link.unlink()
+    link.symlink_to(tmp_path / "store" / "other.mp4")
+    if real_too:
+        job = dataclasses.replace(job, sources=(tmp_path / "src", tmp_path / "store" / "real.mp4"))
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (2, 2 if real_too else 0)
+    assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == (0 if real_too else 2)
+    assert sorted((s.name, len(s.clips)) for s in clips_job.dataset(job)) == \
+        sorted([("src/link.mp4", 2)] + ([(str(tmp_path / "store" / "real.mp4"), 2)] if real_too else []))

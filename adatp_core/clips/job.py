@@ -244,7 +244,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
     problems = problems[index::count]
     result.problems = problems
     plans = result.sources
-    adopt = Adoption(job, dry_run)
+    adopt = Adoption(job, dry_run, keys.values())
     for i, source in enumerate(mine):
         def progress(done, total, i=i, name=source.name):
             if on_event is not None:
@@ -464,7 +464,7 @@ def dataset(job: ClipsJob, gone: list | None = None) -> list[DatasetSource]:
             clips.append(DatasetClip(c, path, text if kind == "text" else None,
                                      made if isinstance(made, dict) else None))
         entries.append(DatasetSource(record.get("name", source), source, record_file.stem, shots, clips))
-        if gone is not None and source_gone(record):
+        if gone is not None and source_gone(record, record_file.stem):
             gone.append((source, record_file.stem, len(clips)))
     return entries
 

@@ -204,6 +204,7 @@ def stale_clips(earlier: list[ClipPlan], now: list[ClipPlan], same_source: bool,
 
 def write_record(job: ClipsJob, plan: SourcePlan) -> None:
     record = {"version": RECORD_VERSION, "source": str(plan.source.path), "name": plan.source.name,
+              "given": os.path.abspath(plan.source.path),  # the path as given (a link re-pointed: Adoption)
               "resolved": os.path.realpath(plan.source.path),  # the file, however it was given (its key's path)
               **identity(plan.source.path), "fingerprint": plan.fingerprint, "threshold": job.threshold,
               "rules": plain(job.rules), "cut": cut_settings(job),
@@ -251,23 +252,38 @@ def recorded_path(record: dict) -> str:
     return record.get("resolved") or os.path.realpath(record["source"])
 
 
-def source_gone(record: dict) -> bool:
-    """Nothing is at the record's source (the file it was made from was moved, renamed or removed)."""
-    return not os.path.lexists(recorded_path(record))
+def given_path(record: dict) -> str:
+    """The record's source as it was given (made absolute when it was written; an older record's as
+    it is read)."""
+    return record.get("given") or os.path.abspath(record["source"])
+
+
+def source_gone(record: dict, key: str) -> bool:
+    """The record's source is no longer under its key: nothing is at the file it was made from (moved,
+    renamed or removed), or that path now leads to a file with another key (a folder moved with a link
+    left at the old place). Paths are compared resolved: the stored string may still exist through a link."""
+    recorded = recorded_path(record)
+    if not os.path.lexists(recorded):
+        return True
+    return "resolved" in record and source_key(Path(recorded)) != key
 
 
 class Adoption:
-    """Records under another key that belong to a source with no record under its own: the same
-    footage moved or renamed (a renamed folder gives its files new keys), found by fingerprint among
-    the records whose source is gone; or the same file under the key an earlier version gave it
-    (folder sources were keyed by the path below the folder), found by its path. The source takes
-    that record, clips and captions with it, rather than being cut again beside them. The records
-    are read once a run, when first needed."""
+    """Records under another key that belong to a source with no record under its own, taken by that
+    source (clips and captions with it, renamed for its key) rather than cut again beside them:
+    the same file under another key, found by its resolved path (a folder moved with a link left at
+    the old place; folder sources keyed by the path below the folder in an earlier version); the
+    source path given before now leading to another file (a link re-pointed at other footage: its
+    earlier clips are then set aside, as for a source replaced by other footage); the same footage
+    moved or renamed, found by fingerprint among the records whose file is gone. A record under a key
+    of this run's sources (``keys``) is never taken by another. The records are read once a run, when
+    first needed."""
 
-    def __init__(self, job: ClipsJob, dry_run: bool):
-        self.job, self.dry_run = job, dry_run
-        self.orphans: dict[str, list[str]] | None = None  # fingerprint -> keys of records whose source is gone
-        self.rekeyed: dict[str, str] = {}  # a source's resolved path -> the key of its record under another key
+    def __init__(self, job: ClipsJob, dry_run: bool, keys=()):
+        self.job, self.dry_run, self.keys = job, dry_run, set(keys)
+        self.orphans: dict[str, list[str]] | None = None  # fingerprint -> keys of records whose file is gone
+        self.rekeyed: dict[str, str] = {}  # a resolved path -> the key of its file's record under another key
+        self.repointed: dict[str, str] = {}  # a path as given -> the key of the record of the file it led to
 
     def _read(self) -> None:
         self.orphans = {}
@@ -276,40 +292,46 @@ class Adoption:
                 record = read_record(self.job, path.stem)
             except AdaTPInputError:
                 continue
-            if record is None:
+            if record is None or path.stem in self.keys:
                 continue
-            if source_gone(record):
+            recorded = recorded_path(record)
+            if not os.path.lexists(recorded):
                 if record.get("fingerprint"):
                     self.orphans.setdefault(record["fingerprint"], []).append(path.stem)
-            elif source_key(Path(recorded_path(record))) != path.stem:
-                self.rekeyed[recorded_path(record)] = path.stem
+            elif source_key(Path(recorded)) != path.stem:
+                self.rekeyed[os.path.realpath(recorded)] = path.stem
+            elif os.path.realpath(given_path(record)) != os.path.realpath(recorded):
+                self.repointed[given_path(record)] = path.stem
 
     def __call__(self, key: str, print_: str, path: Path) -> tuple[dict, str | None] | None:
         """(the record, its source when it moved, else None) for the source at ``path`` (key, fingerprint
         print_), the record renamed to ``key`` (not in a dry run); None when there is none to take."""
         if self.orphans is None:
             self._read()
-        here = os.path.realpath(path)
-        same_file = self.rekeyed.get(here)
-        for old in ([same_file] if same_file else []) + list(self.orphans.get(print_, [])):
+        here, given = os.path.realpath(path), os.path.abspath(path)
+        found = [(old, "file") for old in [self.rekeyed.get(here)] if old]
+        found += [(old, "given") for old in [self.repointed.get(given)] if old]
+        found += [(old, "print") for old in self.orphans.get(print_, [])]
+        for old, how in found:
             def fits(record: dict | None) -> bool:
                 if record is None:
                     return False
-                if old == same_file:
-                    return recorded_path(record) == here
-                return record.get("fingerprint") == print_ and source_gone(record)
+                if how == "file":
+                    return os.path.realpath(recorded_path(record)) == here
+                if how == "given":
+                    return given_path(record) == given and os.path.realpath(recorded_path(record)) != here
+                return record.get("fingerprint") == print_ and not os.path.lexists(recorded_path(record))
 
             if self.dry_run:
                 record = read_record(self.job, old)
                 record = record and named_for(self.job, key, record, move=False)
             else:
                 record = self._take(old, key, fits)
-            if old == same_file:
-                self.rekeyed.pop(here, None)
-            else:
+            {"file": self.rekeyed, "given": self.repointed}.get(how, {}).pop(here if how == "file" else given, None)
+            if how == "print":
                 self.orphans[print_].remove(old)
             if fits(record):
-                return record, (None if old == same_file else record["source"])
+                return record, (record["source"] if how == "print" else None)
         return None
 
     def _take(self, old: str, key: str, fits: Callable[[dict | None], bool]) -> dict | None:
