@@ -1227,3 +1227,46 @@ def test_a_link_re_pointed_at_other_footage_sets_the_old_footages_clips_aside(tm
     assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == (0 if real_too else 2)
     assert sorted((s.name, len(s.clips)) for s in clips_job.dataset(job)) == \
         sorted([("src/link.mp4", 2)] + ([(str(tmp_path / "store" / "real.mp4"), 2)] if real_too else []))
+
+
+def test_a_kill_after_a_restore_leaves_the_clips_labelled_as_they_are(tmp_path, short, monkeypatch):
+    """Hostile review: the clips were moved back before the record was written; killed between the two,
+    the record still named the other settings, and the next run set the restored clips aside noted as
+    those settings' (a later switch 'restored' 64 px clips as 32 px ones). The record goes first now,
+    and a restore checks what the file holds."""
+    (tmp_path / "a.mp4").write_bytes(short)
+    big = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES)
+    small = dataclasses.replace(big, rules=dataclasses.replace(RULES, max_side=32))
+    assert cut_only(big).clips_cut == 2 and cut_only(small).clips_cut == 2
+    real = clips_job.write_record
+
+    def killed(job, plan):
+        if plan.restored:
+            raise KeyboardInterrupt
+        real(job, plan)
+
+    monkeypatch.setattr(clips_job, "write_record", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cut_only(big)
+    monkeypatch.undo()
+    widths = lambda: {probe_video(p).width for p in clips_of(big)}  # noqa: E731
+    assert widths() == {64} and cut_only(big).clips_existing == 2 and widths() == {64}
+    again = cut_only(small)
+    assert (again.clips_cut, again.clips_existing) == (0, 2) and widths() == {32}
+    key = clips_job.source_key(tmp_path / "a.mp4")
+    for file, note in clips_records.read_lines(clips_records.aside_path(big, key), "file").items():
+        path = big.state_dir / "replaced" / file
+        if path.exists():
+            assert probe_video(path).width == note["plan"][3]  # each note says what its file holds
+
+
+def test_a_set_aside_clip_that_does_not_hold_what_its_note_says_is_cut_again(tmp_path, short):
+    (tmp_path / "a.mp4").write_bytes(short)
+    big = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES)
+    small = dataclasses.replace(big, rules=dataclasses.replace(RULES, max_side=32))
+    cut_only(big), cut_only(small)
+    aside = sorted((big.state_dir / "replaced").glob("*.mp4"))
+    write_video(aside[0], scene_frames(5, 64, 48, scenes=1), fps=FPS)  # 5 frames where 13 are noted
+    back = cut_only(big)
+    assert (back.clips_cut, back.clips_existing) == (1, 1)
+    assert {probe_video(p).frame_count for p in clips_of(big)} == {13}

@@ -270,8 +270,10 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
                 log.warning("%s: %s", printable(source.name), note)
         if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
             plan.moved = set_aside(job, plan.replaced, plan.key, plan.earlier)  # the old record, compared again
+            write_record(job, plan)  # before the restore: the clips moved back are the record's already
             plan.restored = restore(job, plan)
-            write_record(job, plan)
+            if plan.restored:
+                write_record(job, plan)  # with what they hold (journaled meanwhile)
         plans.append(plan)
         if on_event is not None:
             on_event("shots", i + 1, len(mine), source.name)

@@ -237,14 +237,18 @@ def upgraded(job: ClipsJob, path: Path, record: dict) -> dict:
     if {k: record.get(k) for k in ("size", "mtime_ns")} != identity(path):
         return record
     for c in record_plan(record)[2]:
-        if not clip_path(job, c).is_file():
-            continue
-        held = probe_clip(clip_path(job, c))
-        if held is None or (held["frames"], held["width"], held["height"]) != (c.frames, c.width, c.height) \
-                or abs(held["fps"] - c.fps) > 1e-3 or (held["audio"] and not job.keep_audio):
+        if clip_path(job, c).is_file() and not holds(clip_path(job, c), plain(c), job.keep_audio):
             return record
     log.info("%s: a record from an earlier version, whose clips match its plan: kept and rewritten", path)
     return {**record, "resolved": os.path.realpath(path), "cut": record.get("cut", cut_settings(job))}
+
+
+def holds(path: Path, want: dict, keep_audio: bool) -> bool:
+    """Whether the clip file ``path`` holds the frames, rate and size in ``want`` (and no audio unless
+    kept), read from its container (probe_clip: nothing decoded)."""
+    held = probe_clip(path)
+    return held is not None and all(held[k] == want[k] for k in ("frames", "width", "height")) \
+        and abs(held["fps"] - want["fps"]) <= 1e-3 and (keep_audio or not held["audio"])
 
 
 def recorded_path(record: dict) -> str:
@@ -432,8 +436,10 @@ def set_aside(job: ClipsJob, clips: list[ClipPlan], key: str | None = None, earl
 
 def restore(job: ClipsJob, plan: SourcePlan) -> int:
     """Move back from OUT/.adatp/replaced, with their captions, the set-aside clips that this plan asks
-    for as they were made (the same plan, cut settings and footage), rather than cut them again:
-    settings switched back and forth. The number restored."""
+    for as they were made (the same plan, cut settings and footage, and the file holds the frames, rate
+    and size noted: probe_clip), rather than cut them again: settings switched back and forth. Called
+    after the plan's record is written: a kill leaves the clips it asks for either here or there. What
+    a restored clip holds goes to the journal before it moves. The number restored."""
     notes = read_lines(aside_path(job, plan.key), "file")
     aside, cut = job.state_dir / "replaced", cut_settings(job)
     restored = 0
@@ -444,16 +450,22 @@ def restore(job: ClipsJob, plan: SourcePlan) -> int:
             if note.get("clip") != c.name or note.get("plan") != plan_fields(c) or note.get("cut") != cut \
                     or note.get("fingerprint") != plan.fingerprint or not (aside / file).is_file():
                 continue
+            made = note.get("made") if isinstance(note.get("made"), dict) else None
+            if not holds(aside / file, {**plain(c), **(made or {})}, job.keep_audio):
+                log.warning("%s: not what its note says it holds; left there, the clip is cut again",
+                            printable(str(aside / file)))
+                continue
             stem = file[:-len(CLIP_SUFFIX)]
             for there, back in ((aside / f"{stem}.txt", job.clips_dir / f"{c.name}.txt"),
                                 (aside / "captions" / f"{stem}.txt", job.state_dir / "captions" / f"{c.name}.txt")):
                 if os.path.lexists(there) and not os.path.lexists(back):
                     back.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(there, back)
+            if made is not None:
+                plan.made[c.name] = made
+                journal(job, plan.key, c.name, made)  # before the move: a kill leaves it noted, not unknown
             job.clips_dir.mkdir(parents=True, exist_ok=True)
             os.replace(aside / file, clip_path(job, c))  # last: a kill before leaves it set aside, noted
-            if isinstance(note.get("made"), dict):
-                plan.made[c.name] = note["made"]
             restored += 1
             break
     return restored
