@@ -1270,3 +1270,33 @@ def test_a_set_aside_clip_that_does_not_hold_what_its_note_says_is_cut_again(tmp
     back = cut_only(big)
     assert (back.clips_cut, back.clips_existing) == (1, 1)
     assert {probe_video(p).frame_count for p in clips_of(big)} == {13}
+
+
+@pytest.mark.parametrize("made", [{"fps": 0}, {"start": "x"}, {"frames": None, "fps": "8"}, [1]])
+def test_what_a_clip_holds_that_could_not_be_a_clips_is_left_out_or_fails_its_record(tmp_path, short, made, caplog):
+    """Hostile review: a bad value from the journal was folded into the record and broke the layouts
+    (ZeroDivisionError, TypeError) on every later run, the whole job with them."""
+    (tmp_path / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    cut_only(job)
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text("a caption")
+    key = clips_job.source_key(tmp_path / "a.mp4")
+    name = clips_of(job)[0].stem
+    clips_records.append_line(clips_records.journal_path(job, key), {"clip": name, "made": made})
+    summary = clips_job.ClipsSummary()
+    with caplog.at_level("WARNING"):
+        write_layouts(job, summary)
+    assert summary.output_error is None and any("could not be a clip's" in r.getMessage() for r in caplog.records)
+    rows = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert [(r["fps"], r["frames"]) for r in rows] == [(FPS, 13), (FPS, 13)]  # the plan's values
+    cut_only(job)  # folded into the record: left out there too
+    record = json.loads(clips_job.record_path(job, key).read_text())
+    assert all(clips_records.good_made(m) for m in record["made"].values())
+    record["made"][name] = made  # in the record itself: that source fails as damaged, not the job
+    clips_job.record_path(job, key).write_text(json.dumps(record))
+    plan = clips_job.plan_sources(job)
+    plan.release()
+    assert "is damaged" in plan.sources[0].error
+    write_layouts(job, summary)
+    assert summary.output_error is None

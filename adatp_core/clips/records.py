@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 from ..caption import ClipClaim, write_atomic
 from ..caption.files import printable
 from ..errors import AdaTPInputError
-from .cut import probe_clip
+from .cut import MADE_FIELDS, probe_clip
 from .outputs import SUBTITLES_FOLDER
 from .plan import ClipPlan, source_key
 from .settings import CLIP_SUFFIX, ClipsJob, clip_path, cut_settings
@@ -112,9 +113,25 @@ def journal(job: ClipsJob, key: str, name: str, made: dict) -> None:
 
 
 def read_journal(job: ClipsJob, key: str) -> dict:
-    """clip name -> what it holds, from the source's journal (the last line for a name wins)."""
-    return {name: e["made"] for name, e in read_lines(journal_path(job, key), "clip").items()
-            if isinstance(e.get("made"), dict)}
+    """clip name -> what it holds, from the source's journal (the last line for a name wins; a line whose
+    values could not be a clip's is left out, with a warning)."""
+    path = journal_path(job, key)
+    return {name: e["made"] for name, e in read_lines(path, "clip").items() if good_made(e.get("made"), path, name)}
+
+
+def good_made(made, path: Path | None = None, name: str | None = None) -> bool:
+    """Whether ``made`` can say what a clip's file holds (cut.MADE_FIELDS): a dict whose values, where
+    given, are a finite start, whole frames, width and height of at least 1 and a rate above 0. A bad one
+    (edited by hand, another program's) would break the layouts on every run. With ``path``: one that
+    is not is named in a warning, as left out."""
+    ok = isinstance(made, dict) and all(
+        v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                      and (k == "start" or v > 0) and (k in ("start", "fps") or isinstance(v, int)))
+        for k, v in ((k, made.get(k)) for k in MADE_FIELDS))
+    if not ok and path is not None:
+        log.warning("%s: what it says clip %s holds (%s) could not be a clip's; left out", printable(str(path)),
+                    printable(str(name)), printable(repr(made)[:200]))
+    return ok
 
 
 def aside_path(job: ClipsJob, key: str) -> Path:
@@ -178,10 +195,12 @@ def record_plan(record: dict) -> tuple[str, list[Shot], list[ClipPlan]]:
     """(source path, shots, clips) of a record."""
     shots = [Shot(**s) for s in record["shots"]]
     clips = [ClipPlan(**{**c, "source": Path(c["source"])}) for c in record["clips"]]
-    if not isinstance(record["source"], str) or any(
-            not (isinstance(c.frames, int) and c.frames >= 1 and c.fps > 0 and c.width > 0 and c.height > 0)
-            for c in clips):
-        raise ValueError("a clip without frames, rate or size")
+    if not isinstance(record["source"], str) or any(not good_made(plain(c)) or None in plan_fields(c) for c in clips):
+        raise ValueError("a clip without a start, frames, rate or size")
+    if not all(good_made({"start": s.start}) and good_made({"start": s.end}) for s in shots):
+        raise ValueError("a shot without a start or end")
+    if not isinstance(record.get("made") or {}, dict) or not all(map(good_made, (record.get("made") or {}).values())):
+        raise ValueError("a clip's made values are not a clip's")
     return record["source"], shots, clips
 
 
@@ -450,7 +469,9 @@ def restore(job: ClipsJob, plan: SourcePlan) -> int:
             if note.get("clip") != c.name or note.get("plan") != plan_fields(c) or note.get("cut") != cut \
                     or note.get("fingerprint") != plan.fingerprint or not (aside / file).is_file():
                 continue
-            made = note.get("made") if isinstance(note.get("made"), dict) else None
+            made = note.get("made")
+            if made is not None and not good_made(made, aside_path(job, plan.key), c.name):
+                made = None
             if not holds(aside / file, {**plain(c), **(made or {})}, job.keep_audio):
                 log.warning("%s: not what its note says it holds; left there, the clip is cut again",
                             printable(str(aside / file)))
