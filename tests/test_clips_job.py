@@ -1300,3 +1300,29 @@ def test_what_a_clip_holds_that_could_not_be_a_clips_is_left_out_or_fails_its_re
     assert "is damaged" in plan.sources[0].error
     write_layouts(job, summary)
     assert summary.output_error is None
+
+
+@pytest.mark.parametrize("file", ["../../../outside/keep.me", "../../../outside/keep.mp4", "ABS", "link.mp4"])
+def test_a_note_of_a_clip_set_aside_moves_back_only_a_file_in_the_replaced_folder(tmp_path, short, file):
+    """Hostile review (security): restore trusted the note's file, so ../../outside/x or an absolute path
+    moved a file from anywhere into videos/."""
+    (tmp_path / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES)
+    cut_only(job)
+    (tmp_path / "outside").mkdir()
+    keep = tmp_path / "outside" / Path(file).name.replace("link", "keep")
+    keep.write_bytes(clips_of(job)[0].read_bytes())  # a clip, even: it must stay where it is
+    (job.state_dir / "replaced").mkdir()
+    if file == "ABS":
+        file = str(keep)
+    if file == "link.mp4":
+        (job.state_dir / "replaced" / file).symlink_to(keep)
+    plan = clips_job.plan_sources(job, dry_run=True).sources[0]
+    clip = plan.clips[0]
+    os.unlink(clips_job.clip_path(job, clip))
+    clips_records.append_line(clips_records.aside_path(job, plan.key), {
+        "file": file, "clip": clip.name, "plan": clips_records.plan_fields(clip),
+        "cut": clips_settings.cut_settings(job), "fingerprint": plan.fingerprint, "made": None})
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (1, 1)
+    assert keep.is_file() and not clips_job.clip_path(job, clip).is_symlink()

@@ -467,7 +467,12 @@ def restore(job: ClipsJob, plan: SourcePlan) -> int:
             continue
         for file, note in reversed(notes.items()):  # the last set aside first
             if note.get("clip") != c.name or note.get("plan") != plan_fields(c) or note.get("cut") != cut \
-                    or note.get("fingerprint") != plan.fingerprint or not (aside / file).is_file():
+                    or note.get("fingerprint") != plan.fingerprint:
+                continue
+            if not bare_clip_name(file) or (aside / file).is_symlink() or not (aside / file).is_file():
+                # only a clip file in .adatp/replaced itself: a note naming ../x or /x would move that in
+                log.warning("%s: a note names %s, not a clip file in %s; left alone", printable(str(aside_path(
+                    job, plan.key))), printable(file), printable(str(aside)))
                 continue
             made = note.get("made")
             if made is not None and not good_made(made, aside_path(job, plan.key), c.name):
@@ -490,6 +495,12 @@ def restore(job: ClipsJob, plan: SourcePlan) -> int:
             restored += 1
             break
     return restored
+
+
+def bare_clip_name(name: str) -> bool:
+    """Whether ``name`` is a clip file's name and nothing more (no folder, no way up, on any system)."""
+    return name.endswith(CLIP_SUFFIX) and not {"/", "\\", "\0"} & set(name) and name == Path(name).name \
+        and name.strip(".") != "" and ":" not in name
 
 
 def free_name(name: str, n: int) -> str:
