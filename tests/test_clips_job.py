@@ -1326,3 +1326,19 @@ def test_a_note_of_a_clip_set_aside_moves_back_only_a_file_in_the_replaced_folde
     again = cut_only(job)
     assert (again.clips_cut, again.clips_existing) == (1, 1)
     assert keep.is_file() and not clips_job.clip_path(job, clip).is_symlink()
+
+
+@pytest.mark.parametrize("folder", [".adatp/replaced", ".adatp/replaced/captions", ".adatp/sources", ".adatp/captions",
+                                    "subtitles"])
+def test_the_node_refuses_any_folder_of_the_set_that_leads_out_of_its_output_root(tmp_path, one_shot, folder):
+    """Hostile review (security): only the set, videos/, .adatp/ and the captions folder were checked:
+    .adatp/replaced, .adatp/sources or subtitles/ as links out of output/ were written through."""
+    (tmp_path / "input").mkdir(), (tmp_path / "output" / "set").mkdir(parents=True), (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "input" / "a.mp4").write_bytes(one_shot)
+    link = tmp_path / "output" / "set" / folder
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(clips_settings.OptionError, match="leads outside"):
+        ClipsJob(sources=(tmp_path / "input" / "a.mp4",), out=tmp_path / "output" / "set", rules=RULES,
+                 root=tmp_path / "input", out_root=tmp_path / "output", layouts=("jsonl", "srt"))
+    assert not any((tmp_path / "elsewhere").iterdir())

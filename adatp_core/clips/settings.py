@@ -75,11 +75,17 @@ class ClipsJob:
                                              "for the clips.")
                 break
         if self.out_root is not None:  # the node: nothing under the output folder may lead out of its root
-            for folder in (self.out, self.clips_dir, self.state_dir, self.caption_dir):
+            for folder in self.folders():
                 if not inside(resolved(self.out_root), resolved(folder)):
                     raise OptionError("out", f"{printable(str(folder))} leads outside {printable(str(self.out_root))} "
                                              "(a link); remove the link or choose another output folder.")
         self.check_obstacles()
+
+    def folders(self) -> tuple:
+        """Every folder the job writes in: the node checks each resolves inside its output root."""
+        return (self.out, self.clips_dir, self.state_dir, self.state_dir / "sources", self.state_dir / "replaced",
+                self.state_dir / "replaced" / "captions", self.state_dir / "captions", self.caption_dir,
+                self.out / SUBTITLES_FOLDER)
 
     def check_obstacles(self) -> None:
         """OptionError("out") naming what in the output folder is in the way: a file where the job
