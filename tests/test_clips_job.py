@@ -747,6 +747,12 @@ def test_obstacles_in_the_output_folder_are_named_with_what_to_do(cli, tmp_path,
         (tmp_path / inner / ".adatp" / inner).write_text("x")
         code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / inner, *SETTINGS, "--layout", "jsonl")
         assert code == 2 and f"{tmp_path / inner / '.adatp' / inner} is a file" in err, err
+    for journal in ("made", "aside"):  # a source's journal a folder: met mid-run, a raw IsADirectoryError (exit 2)
+        notes = tmp_path / journal / ".adatp" / "sources" / f"one-0123abcd.{journal}.jsonl"
+        notes.mkdir(parents=True)
+        code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / journal, *SETTINGS)
+        assert code == 2 and f"--out: {notes} is not a file" in err and "move or remove it" in err, err
+        assert "IsADirectoryError" not in err and not (tmp_path / journal / "videos").exists()
     job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "c", rules=RULES, layouts=("jsonl",))
     (job.out / "clips.jsonl").mkdir(parents=True)  # made after the job's check: the layouts name it
     summary = clips_job.ClipsSummary()

@@ -97,6 +97,13 @@ class ClipsJob:
             if os.path.lexists(folder) and not folder.is_dir():
                 raise OptionError("out", f"{printable(str(folder))} is a file, where the job keeps {what} in a "
                                          "folder; move or remove it, or choose another output folder.")
+        if (self.state_dir / "sources").is_dir():  # a source's journals: met mid-run, they stopped the whole job
+            with os.scandir(self.state_dir / "sources") as entries:
+                for entry in entries:
+                    if entry.name.endswith((".made.jsonl", ".aside.jsonl")) and not entry.is_file():
+                        raise OptionError("out", f"{printable(entry.path)} is not a file, where the job keeps a "
+                                                 "source's notes of its clips in one; move or remove it, or choose "
+                                                 "another output folder.")
         files = [n for layout, names in LAYOUT_FILES.items() if layout in self.layouts for n in names]
         for name in files:
             if (self.out / name).is_dir():
