@@ -1348,3 +1348,16 @@ def test_the_node_refuses_any_folder_of_the_set_that_leads_out_of_its_output_roo
         ClipsJob(sources=(tmp_path / "input" / "a.mp4",), out=tmp_path / "output" / "set", rules=RULES,
                  root=tmp_path / "input", out_root=tmp_path / "output", layouts=("jsonl", "srt"))
     assert not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_journal_line_cut_short_does_not_swallow_the_next(tmp_path, monkeypatch):
+    """Hostile review: append_line added no newline after a line cut short (the next whole line was read
+    as part of it and lost), and took a short os.write for all of it."""
+    path = tmp_path / "a.made.jsonl"
+    clips_records.append_line(path, {"clip": "a", "made": {"frames": 7}})
+    path.write_bytes(path.read_bytes()[:-10])  # cut short (power loss, a full disk, an editor)
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data)[:5]))  # five bytes a call
+    clips_records.append_line(path, {"clip": "b", "made": {"frames": 9}})
+    monkeypatch.undo()
+    assert clips_records.read_lines(path, "clip") == {"b": {"clip": "b", "made": {"frames": 9}}}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..caption import ClipClaim, write_atomic
-from ..caption.files import printable
+from ..caption.files import append_whole, printable
 from ..errors import AdaTPInputError
 from .cut import MADE_FIELDS, probe_clip
 from .outputs import SUBTITLES_FOLDER
@@ -78,12 +78,13 @@ def journal_path(job: ClipsJob, key: str) -> Path:
 
 
 def append_line(path: Path, entry: dict) -> None:
-    """Append ``entry`` to the JSON lines file ``path``: one write of one whole line, on disk (fsync)
-    before the caller goes on; a line cut short by a kill is skipped when read (read_lines)."""
+    """Append ``entry`` to the JSON lines file ``path``: one whole line (after a newline when the last
+    line was cut short: append_whole), on disk (fsync) before the caller goes on; a line cut short by a
+    kill is skipped when read (read_lines)."""
     line = json.dumps(entry, ensure_ascii=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        os.write(fd, line.encode("ascii"))
+        append_whole(fd, line.encode("ascii"))
         os.fsync(fd)
     finally:
         os.close(fd)
