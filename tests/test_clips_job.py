@@ -1361,3 +1361,32 @@ def test_a_journal_line_cut_short_does_not_swallow_the_next(tmp_path, monkeypatc
     clips_records.append_line(path, {"clip": "b", "made": {"frames": 9}})
     monkeypatch.undo()
     assert clips_records.read_lines(path, "clip") == {"b": {"clip": "b", "made": {"frames": 9}}}
+
+
+@pytest.mark.parametrize("record", ["with the video's facts", "from before them"])
+def test_footage_alike_where_the_fingerprint_reads_is_not_taken_for_a_moved_source(tmp_path, short, monkeypatch,
+                                                                                   record):
+    """Hostile review: adoption checked the fingerprint alone (3 MiB of a large file); the container's
+    duration, size and rate (or, for an older record, its shots' end) are checked too."""
+    from adatp_core.clips import plan as clips_plan
+
+    monkeypatch.setattr(clips_plan, "FINGERPRINT_PART", 16)  # stands for 1 MiB: the same blind spot, small
+    other = write_video(tmp_path / "other.mp4", 255 - scene_frames(24, 64, 48, scenes=2), fps=FPS).read_bytes()
+    size = 4 * max(len(short), len(other))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(padded(short, size))
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    key = clips_job.source_key(tmp_path / "src" / "a.mp4")
+    kept = json.loads(clips_job.record_path(job, key).read_text())
+    assert kept["video"] == {"duration": 4.0, "width": 64, "height": 48, "fps": FPS}
+    if record == "from before them":
+        clips_job.record_path(job, key).write_text(json.dumps({k: v for k, v in kept.items() if k != "video"}))
+    (tmp_path / "src" / "a.mp4").unlink()
+    (tmp_path / "src" / "b.mp4").write_bytes(padded(other, size))  # 3 s, not 4
+    assert clips_plan.fingerprint(tmp_path / "src" / "b.mp4") == kept["fingerprint"]
+    plan = clips_job.plan_sources(job, dry_run=True)
+    assert plan.sources[0].adopted is None and plan.sources[0].duration == 3.0
+    (tmp_path / "src" / "b.mp4").rename(tmp_path / "src" / "c.mp4")
+    (tmp_path / "src" / "c.mp4").write_bytes(padded(short, size))  # the same footage: taken
+    assert clips_job.plan_sources(job, dry_run=True).sources[0].adopted == str(tmp_path / "src" / "a.mp4")

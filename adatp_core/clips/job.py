@@ -42,7 +42,7 @@ from .cut import cut_clips, remove_stale_temps
 from .outputs import DatasetClip, DatasetSource, write_outputs
 from .plan import ClipPlan, fingerprint, hdr_transfer, plan_clips, source_key
 from .records import (Adoption, Source, SourcePlan, journal, named_for, plain, read_record, record_path, record_plan,
-                      restore, same_source, set_aside, source_gone, stale_clips, upgraded, write_record)
+                      restore, same_source, set_aside, source_gone, stale_clips, upgraded, video_facts, write_record)
 from .settings import CLIP_SUFFIX, CLIPS_FOLDER, STATE_FOLDER, ClipsJob, clip_path, cut_settings
 from .shots import detect_shots
 from .summary import ClipsSummary, held_by
@@ -187,6 +187,8 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             record = upgraded(job, source.path, record)
         same_file = record is not None and same_source(record, source.path, plan.fingerprint)
         same_cut = record is not None and record.get("cut") == cut_settings(job)
+        plan.video = record.get("video") if same_file else None
+        plan.video = plan.video or video_facts(source.path)  # (a record from before: probed once)
         if same_file and record.get("threshold") == job.threshold:
             _, plan.shots, clips = record_plan(record)
             plan.reused = True

@@ -60,6 +60,7 @@ class SourcePlan:
     earlier: dict | None = None  # the earlier record's fingerprint, cut and made, when its plan changed
     restored: int = 0  # clips set aside earlier and moved back (restore)
     notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
+    video: dict | None = None  # video_facts of the source: checked before another source takes the record
 
     @property
     def duration(self) -> float:
@@ -228,6 +229,7 @@ def write_record(job: ClipsJob, plan: SourcePlan) -> None:
               "resolved": os.path.realpath(plan.source.path),  # the file, however it was given (its key's path)
               **identity(plan.source.path), "fingerprint": plan.fingerprint, "threshold": job.threshold,
               "rules": plain(job.rules), "cut": cut_settings(job),
+              **({"video": plan.video} if plan.video else {}),
               "shots": [plain(s) for s in plan.shots], "clips": [plain(c) for c in plan.clips],
               "made": {c.name: plan.made[c.name] for c in plan.clips if c.name in plan.made}}
     write_record_dict(job, plan.key, record)
@@ -269,6 +271,32 @@ def holds(path: Path, want: dict, keep_audio: bool) -> bool:
     held = probe_clip(path)
     return held is not None and all(held[k] == want[k] for k in ("frames", "width", "height")) \
         and abs(held["fps"] - want["fps"]) <= 1e-3 and (keep_audio or not held["audio"])
+
+
+def video_facts(path: Path) -> dict:
+    """What a source's container says of its video (duration, size, rate; probe_video, nothing decoded)."""
+    from ..video import probe_video
+
+    probe = probe_video(path)
+    return {"duration": round(probe.duration, 6), "width": probe.width, "height": probe.height,
+            "fps": round(probe.fps, 6)}
+
+
+def same_video(record: dict, path: Path) -> bool:
+    """Whether the video at ``path`` is what ``record`` was made from as far as its container tells: the
+    fingerprint reads 3 MiB of a large file, so footage alike there is told apart by its duration, size
+    and rate (a record without them: its shots' end against the duration, within two frames)."""
+    try:
+        now = video_facts(path)
+    except AdaTPInputError:
+        return False
+    was = record.get("video")
+    if isinstance(was, dict):
+        return (now["width"], now["height"]) == (was.get("width"), was.get("height")) \
+            and all(isinstance(was.get(k), (int, float)) and abs(now[k] - was[k]) <= 1e-3 for k in ("fps", "duration"))
+    shots = record.get("shots") or []
+    slack = 2 / now["fps"] + 0.05 if now["fps"] > 0 else 0.5
+    return not shots or abs(shots[-1]["end"] - now["duration"]) <= slack
 
 
 def recorded_path(record: dict) -> str:
@@ -344,7 +372,8 @@ class Adoption:
                     return os.path.realpath(recorded_path(record)) == here
                 if how == "given":
                     return given_path(record) == given and os.path.realpath(recorded_path(record)) != here
-                return record.get("fingerprint") == print_ and not os.path.lexists(recorded_path(record))
+                return record.get("fingerprint") == print_ and not os.path.lexists(recorded_path(record)) \
+                    and same_video(record, path)
 
             if self.dry_run:
                 record = read_record(self.job, old)
@@ -376,8 +405,8 @@ class Adoption:
             record = named_for(self.job, key, record)
             notes = read_lines(aside_path(self.job, old), "file")
             if notes:
-                write_atomic(aside_path(self.job, key), "".join(
-                    json.dumps({**n, **({"clip": renamed(key, n["clip"])} if "clip" in n else {})}, ensure_ascii=True) + "\n"
+                write_atomic(aside_path(self.job, key), "".join(json.dumps(
+                    {**n, **({"clip": renamed(key, n["clip"])} if "clip" in n else {})}, ensure_ascii=True) + "\n"
                     for n in notes.values()))
             aside_path(self.job, old).unlink(missing_ok=True)
             if journal_path(self.job, old).exists():  # read with the record's old names: named_for maps them
