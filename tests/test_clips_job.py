@@ -1059,7 +1059,14 @@ def test_a_record_of_the_older_format_is_upgraded_when_its_clips_match_its_plan(
     assert (again.clips_cut, again.clips_existing) == (0, 2) and not (job.state_dir / "replaced").exists()
     assert {c.name: c.stat().st_mtime_ns for c in clips_of(job)} == before
     now = json.loads(path.read_text())
-    assert now["cut"] == record["cut"] and now["resolved"] == record["resolved"] and now["fingerprint"]
+    assert now["resolved"] == record["resolved"] and now["fingerprint"]
+    # how the clips were cut (crf) cannot be read from them: kept under any cut settings, claimed as none
+    assert now["cut"] == "unknown" and cut_only(dataclasses.replace(job, crf=30)).clips_existing == 2
+    assert json.loads(path.read_text())["cut"] == "unknown"
+    smaller = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
+    assert cut_only(smaller).clips_cut == 2  # every clip cut anew: now the record knows how
+    assert json.loads(path.read_text())["cut"] == clips_settings.cut_settings(job)
+    assert cut_only(job).clips_cut == 2  # the unknown ones set aside are not restored as crf 18's
 
 
 def test_settings_switched_back_restore_the_clips_set_aside_with_their_captions(tmp_path, short):

@@ -41,8 +41,9 @@ from ..errors import AdaTPInputError, AdaTPInterrupted
 from .cut import cut_clips, remove_stale_temps
 from .outputs import DatasetClip, DatasetSource, write_outputs
 from .plan import ClipPlan, fingerprint, hdr_transfer, plan_clips, source_key
-from .records import (Adoption, Source, SourcePlan, journal, named_for, plain, read_record, record_path, record_plan,
-                      restore, same_source, set_aside, source_gone, stale_clips, upgraded, video_facts, write_record)
+from .records import (UNKNOWN_CUT, Adoption, Source, SourcePlan, journal, named_for, plain, read_record, record_path,
+                      record_plan, restore, same_source, set_aside, source_gone, stale_clips, upgraded, video_facts,
+                      write_record)
 from .settings import CLIP_SUFFIX, CLIPS_FOLDER, STATE_FOLDER, ClipsJob, clip_path, cut_settings
 from .shots import detect_shots
 from .summary import ClipsSummary, held_by
@@ -186,7 +187,8 @@ def plan_source(job: ClipsJob, source: Source, key: str,
         if record is not None and not ("cut" in record and "resolved" in record):
             record = upgraded(job, source.path, record)
         same_file = record is not None and same_source(record, source.path, plan.fingerprint)
-        same_cut = record is not None and record.get("cut") == cut_settings(job)
+        unknown = record is not None and record.get("cut") == UNKNOWN_CUT  # clips kept by upgraded(): any cut
+        same_cut = record is not None and (record.get("cut") == cut_settings(job) or unknown)
         plan.video = record.get("video") if same_file else None
         plan.video = plan.video or video_facts(source.path)  # (a record from before: probed once)
         if same_file and record.get("threshold") == job.threshold:
@@ -195,6 +197,7 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             if record.get("rules") == plain(job.rules) and same_cut:
                 plan.clips = clips
                 plan.made = dict(record.get("made") or {})
+                plan.cut = UNKNOWN_CUT if unknown else None
                 return plan
         else:
             plan.shots = detect_shots(source.path, **({} if job.threshold is None else {"threshold": job.threshold}),
@@ -204,6 +207,7 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             plan.earlier = {k: record.get(k) for k in ("fingerprint", "cut", "made")}
             plan.replaced = stale_clips(record_plan(record)[2], plan.clips, same_file, same_cut)
             gone = {c.name for c in plan.replaced}
+            plan.cut = UNKNOWN_CUT if unknown and len(gone) < len(record["clips"]) else None  # some are kept
             plan.made = {k: v for k, v in (record.get("made") or {}).items() if k not in gone}
     except (AdaTPInterrupted, KeyboardInterrupt):
         raise

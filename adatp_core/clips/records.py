@@ -29,6 +29,7 @@ from .shots import Shot
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
+UNKNOWN_CUT = "unknown"  # a record's cut settings when its clips were kept from a record that did not hold them
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class SourcePlan:
     adopted: str | None = None  # the source of the record this one took (the footage moved or was renamed)
     earlier: dict | None = None  # the earlier record's fingerprint, cut and made, when its plan changed
     restored: int = 0  # clips set aside earlier and moved back (restore)
+    cut: str | None = None  # UNKNOWN_CUT: some clips kept from an upgraded record made with cut settings unknown
     notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
     video: dict | None = None  # video_facts of the source: checked before another source takes the record
 
@@ -228,7 +230,7 @@ def write_record(job: ClipsJob, plan: SourcePlan) -> None:
               "given": os.path.abspath(plan.source.path),  # the path as given (a link re-pointed: Adoption)
               "resolved": os.path.realpath(plan.source.path),  # the file, however it was given (its key's path)
               **identity(plan.source.path), "fingerprint": plan.fingerprint, "threshold": job.threshold,
-              "rules": plain(job.rules), "cut": cut_settings(job),
+              "rules": plain(job.rules), "cut": plan.cut or cut_settings(job),
               **({"video": plan.video} if plan.video else {}),
               "shots": [plain(s) for s in plan.shots], "clips": [plain(c) for c in plan.clips],
               "made": {c.name: plan.made[c.name] for c in plan.clips if c.name in plan.made}}
@@ -262,7 +264,8 @@ def upgraded(job: ClipsJob, path: Path, record: dict) -> dict:
         if clip_path(job, c).is_file() and not holds(clip_path(job, c), plain(c), job.keep_audio):
             return record
     log.info("%s: a record from an earlier version, whose clips match its plan: kept and rewritten", path)
-    return {**record, "resolved": os.path.realpath(path), "cut": record.get("cut", cut_settings(job))}
+    # the settings its clips were cut with (crf, ...) cannot be read from them: not claimed to be this run's
+    return {**record, "resolved": os.path.realpath(path), "cut": record.get("cut", UNKNOWN_CUT)}
 
 
 def holds(path: Path, want: dict, keep_audio: bool) -> bool:
