@@ -1397,3 +1397,32 @@ def test_footage_alike_where_the_fingerprint_reads_is_not_taken_for_a_moved_sour
     (tmp_path / "src" / "b.mp4").rename(tmp_path / "src" / "c.mp4")
     (tmp_path / "src" / "c.mp4").write_bytes(padded(short, size))  # the same footage: taken
     assert clips_job.plan_sources(job, dry_run=True).sources[0].adopted == str(tmp_path / "src" / "a.mp4")
+
+
+def test_a_source_whose_own_files_cannot_be_written_fails_alone(tmp_path, short, one_shot, monkeypatch):
+    """Hostile review: an obstacle met while a source's clips are set aside or its record written (a
+    folder not writable) was a raw OSError that stopped the whole job; that source fails, named, with
+    what to do, and the others are cut."""
+    (tmp_path / "a.mp4").write_bytes(short)
+    (tmp_path / "b.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    real = os.replace
+
+    def refused(src, dst, *a, **k):
+        if "replaced" in str(dst):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", refused)
+    both = dataclasses.replace(job, sources=(tmp_path / "a.mp4", tmp_path / "b.mp4"),
+                               rules=dataclasses.replace(RULES, max_side=32))
+    plan = clips_job.plan_sources(both)
+    summary = clips_job.ClipsSummary()
+    try:
+        clips_job.cut_sources(both, plan, summary)
+    finally:
+        plan.release()
+    failed = {p.source.name: p.error for p in plan.sources if p.error}
+    assert list(failed) == [str(tmp_path / "a.mp4")] and "cannot write" in failed[str(tmp_path / "a.mp4")]
+    assert "run again" in failed[str(tmp_path / "a.mp4")] and summary.clips_cut == 1  # b's

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..caption import (ClipClaim, FolderPlan, OptionError, caption_folder, existing_caption, plan_folder, scan_folder,
                        write_atomic)
-from ..caption.files import printable
+from ..caption.files import STOPPING_ERRNOS, printable
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from .cut import cut_clips, remove_stale_temps
 from .outputs import DatasetClip, DatasetSource, write_outputs
@@ -218,6 +218,12 @@ def plan_source(job: ClipsJob, source: Source, key: str,
     return plan
 
 
+def unwritable(exc: OSError, job: ClipsJob) -> str:
+    """Why a source's record, journal or set-aside clips could not be written, with what to do."""
+    return (f"cannot write {printable(str(exc.filename or job.state_dir))} ({exc.strerror or exc}); make it a "
+            "writable file or folder (or move it away) and run again")
+
+
 def source_notes(path: Path) -> list[str]:
     """What re-encoding does to this source that the user should know."""
     hdr = hdr_transfer(path)
@@ -274,12 +280,17 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
             plan.notes += source_notes(source.path)
             for note in plan.notes:
                 log.warning("%s: %s", printable(source.name), note)
-        if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
-            plan.moved = set_aside(job, plan.replaced, plan.key, plan.earlier)  # the old record, compared again
-            write_record(job, plan)  # before the restore: the clips moved back are the record's already
-            plan.restored = restore(job, plan)
-            if plan.restored:
-                write_record(job, plan)  # with what they hold (journaled meanwhile)
+        if plan.error is None and not dry_run:
+            try:  # the old clips go first: a kill between the two steps leaves the old record, compared again
+                plan.moved = set_aside(job, plan.replaced, plan.key, plan.earlier)
+                write_record(job, plan)  # before the restore: the clips moved back are the record's already
+                plan.restored = restore(job, plan)
+                if plan.restored:
+                    write_record(job, plan)  # with what they hold (journaled meanwhile)
+            except OSError as exc:  # a file or folder of its own in the way: this source fails alone
+                if exc.errno in STOPPING_ERRNOS:  # a full disk: every later write fails too
+                    raise
+                plan.error, plan.clips = unwritable(exc, job), []
         plans.append(plan)
         if on_event is not None:
             on_event("shots", i + 1, len(mine), source.name)
@@ -391,7 +402,12 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
         except Exception as exc:  # noqa: BLE001  the source failing while it is cut: its other clips stay
             summary.failed_sources.append((p.source.name, f"cutting stopped: {_failure(exc)}"))
         finally:  # what the clips cut so far hold (copy mode: not the plan's), for the layouts
-            write_record(job, p)
+            try:
+                write_record(job, p)
+            except OSError as exc:
+                if exc.errno in STOPPING_ERRNOS:
+                    raise
+                summary.failed_sources.append((p.source.name, unwritable(exc, job)))
 
 
 # --- captions -----------------------------------------------------------------------------------
