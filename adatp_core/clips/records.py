@@ -3,7 +3,8 @@
 written whole and renamed into place; the journal of the clips made since (KEY.made.jsonl); the notes
 of the clips set aside into OUT/.adatp/replaced (KEY.aside.jsonl). Also what decides that a source is
 the same footage (``same_source``), upgrades an older record (``upgraded``), lets a moved source take
-its old record (``Adoption``), and sets aside and restores clips (``set_aside``, ``restore``)."""
+its old record, its clips renamed for the new key (``Adoption``, ``named_for``), checks what a clip is
+said to hold (``good_made``), and sets aside and restores clips (``set_aside``, ``restore``)."""
 
 from __future__ import annotations
 
