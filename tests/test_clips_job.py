@@ -1182,22 +1182,30 @@ def test_a_kill_while_a_record_is_taken_leaves_what_the_next_run_finishes(tmp_pa
     (tmp_path / "src" / "a.mp4").write_bytes(short)
     job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES)
     assert cut_only(job).clips_cut == 2
+    a_key = clips_job.source_key(tmp_path / "src" / "a.mp4")
+    name = clips_of(job)[0].stem
+    made = {"start": 0.0, "frames": 13, "fps": FPS, "width": 64, "height": 48, "marked": 1}
+    clips_records.journal(job, a_key, name, made)  # made since the record was written: it moves too
     (tmp_path / "src" / "a.mp4").rename(tmp_path / "src" / "b.mp4")
+    b_key = clips_job.source_key(tmp_path / "src" / "b.mp4")
+    real = clips_records.write_record_dict
 
-    def killed(*_a):
-        raise KeyboardInterrupt
+    def killed(job, key, record):
+        if key == b_key:
+            raise KeyboardInterrupt
+        real(job, key, record)
 
     monkeypatch.setattr(clips_records, "write_record_dict", killed)
     with pytest.raises(KeyboardInterrupt):
         cut_only(job)
     monkeypatch.undo()
-    b_key = clips_job.source_key(tmp_path / "src" / "b.mp4")
     assert [p.stem for p in (job.state_dir / "sources").glob("*.json")] == [b_key]
     assert len(clips_job.dataset(job)[0].clips) == 2  # listed under the new names meanwhile
     again = cut_only(job)
     assert (again.clips_cut, again.clips_existing) == (0, 2)
-    assert [c["name"].startswith(f"{b_key}_s") for c in
-            json.loads(clips_job.record_path(job, b_key).read_text())["clips"]] == [True, True]
+    record = json.loads(clips_job.record_path(job, b_key).read_text())
+    assert [c["name"].startswith(f"{b_key}_s") for c in record["clips"]] == [True, True]
+    assert record["made"][name.replace(a_key, b_key)] == made
 
 
 def test_a_folder_moved_with_a_link_left_at_the_old_place_keeps_its_clips(tmp_path, short):

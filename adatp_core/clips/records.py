@@ -395,10 +395,11 @@ class Adoption:
         """The record under ``old`` moved to ``key``, its clips and captions renamed for ``key``, when it
         still fits (under a claim: another run may be taking it too), else None. Named for their old key,
         the clips would be taken by the next source at the old path (its key gives the same names).
-        The files are renamed first, then the notes and the journal move, then the record (one rename:
-        at every moment it is under one key or the other), then it is rewritten with the new names; a
-        kill before the rewrite leaves a record under ``key`` whose names are the old key's, which
-        ``named_for`` finishes (plan_source) with its files already renamed."""
+        Its journal is folded into it where it is, the files are renamed, then the notes of clips set
+        aside move, then the record (one rename: at every moment it is under one key or the other),
+        then it is rewritten with the new names; a kill before the rewrite leaves a record under
+        ``key`` whose names are the old key's, which ``named_for`` finishes (plan_source) with its
+        files already renamed."""
         claim = ClipClaim(record_path(self.job, old))
         if not claim.acquire():
             return None
@@ -406,17 +407,17 @@ class Adoption:
             record = read_record(self.job, old)
             if not fits(record):
                 return None
-            record = named_for(self.job, key, record)
+            write_record_dict(self.job, old, record)  # the journal folded in: nothing beside it to move
+            renamed_record = named_for(self.job, key, record)
             notes = read_lines(aside_path(self.job, old), "file")
             if notes:
                 write_atomic(aside_path(self.job, key), "".join(json.dumps(
                     {**n, **({"clip": renamed(key, n["clip"])} if "clip" in n else {})}, ensure_ascii=True) + "\n"
                     for n in notes.values()))
             aside_path(self.job, old).unlink(missing_ok=True)
-            if journal_path(self.job, old).exists():  # read with the record's old names: named_for maps them
-                os.replace(journal_path(self.job, old), journal_path(self.job, key))
             os.replace(record_path(self.job, old), record_path(self.job, key))
-            write_record_dict(self.job, key, record)
+            write_record_dict(self.job, key, renamed_record)
+            record = renamed_record
             for kind in ("srt", "vtt"):  # written again under the new key
                 stale = self.job.out / SUBTITLES_FOLDER / f"{old}.{kind}"
                 if stale.is_file() and not stale.is_symlink():
