@@ -1434,3 +1434,19 @@ def test_a_source_whose_own_files_cannot_be_written_fails_alone(tmp_path, short,
     failed = {p.source.name: p.error for p in plan.sources if p.error}
     assert list(failed) == [str(tmp_path / "a.mp4")] and "cannot write" in failed[str(tmp_path / "a.mp4")]
     assert "run again" in failed[str(tmp_path / "a.mp4")] and summary.clips_cut == 1  # b's
+
+
+def test_a_note_of_a_clip_set_aside_with_values_no_clip_holds_restores_it_by_its_plan(tmp_path, short, caplog):
+    (tmp_path / "a.mp4").write_bytes(short)
+    big = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    cut_only(big), cut_only(dataclasses.replace(big, rules=dataclasses.replace(RULES, max_side=32)))
+    key = clips_job.source_key(tmp_path / "a.mp4")
+    notes = clips_records.aside_path(big, key)
+    notes.write_text("".join(json.dumps({**n, "made": {"fps": 0, "start": "x"}}) + "\n"
+                             for n in clips_records.read_lines(notes, "file").values()))
+    with caplog.at_level("WARNING"):
+        back = cut_only(big)
+    assert (back.clips_cut, back.clips_existing) == (0, 2)
+    assert any("could not be a clip's" in r.getMessage() for r in caplog.records)
+    record = json.loads(clips_job.record_path(big, key).read_text())
+    assert all(clips_records.good_made(m) for m in record["made"].values())
