@@ -82,12 +82,17 @@ def prefix_line(s: dict) -> str:
     return line
 
 
+def _moved_to_host(s: dict, what: str) -> bool:
+    """Whether ``what`` ("rows", "kv") went to the host for the device's sake or as asked (a CPU
+    model's are there anyway)."""
+    return s.get(f"{what}_on") == "host" and s.get(f"{what}_reason", "").startswith(("the device is short", "asked for"))
+
+
 def prefill_line(s: dict) -> str | None:
-    """How the prefill ran when the video's part took more than one call, or the rows waited on the
-    host (None otherwise: two calls are the prefix store's prefix and question)."""
-    calls, host = s.get("prefill_calls", 0), s.get("rows_on") == "host" and s.get("rows_reason", "").startswith(
-        ("the device is short", "asked for"))
-    if calls <= 2 and not host:
+    """How the prefill ran when the video's part took more than one call, or the rows or layers >= K's
+    keys and values lived on the host (None otherwise: two calls are the prefix store's prefix and question)."""
+    calls, host, kv = s.get("prefill_calls", 0), _moved_to_host(s, "rows"), _moved_to_host(s, "kv")
+    if calls <= 2 and not host and not kv:
         return None
     parts = []
     if calls > 2:
@@ -95,6 +100,9 @@ def prefill_line(s: dict) -> str | None:
                      "tokens, then the question), the kept tokens from K in chunks of the same size")
     if host:
         parts.append(f"layer K's input rows on the host ({s['rows_reason']})")
+    if kv:
+        parts.append(f"layers >= K's keys and values on the host, two layers staged on the device at a time "
+                     f"({s['kv_reason']})")
     return "Prefill: " + "; ".join(parts)
 
 

@@ -1,0 +1,218 @@
+"""Issue 30: layers >= K's keys and values on the host when the device is short ("kv on host").
+
+Each host-homed attention layer's home is a host buffer with room for the answer; while the layer
+runs, its filled part is staged on the device (the next such layer prefetched), the new keys and
+values go to both, and the staged copy is released after the layer, not copied back. On the CPU
+the host is the device, so these tests force "host": the same tokens and logits as on-device
+decoding on every family's tiny model (the hybrid Qwen3.5 included, whose linear-attention layers
+never leave), the homes written at every step, at most two staged layers at once, and static
+decoding giving way with its reason. tests/gpu/test_kv_on_host.py does the CUDA side.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import QUESTION
+from hybrid_fixtures import HYBRID_BUILDERS
+from qwen_fixtures import BUILDERS as QWEN_BUILDERS
+from qwen_fixtures import qwen_cache  # noqa: F401  (the session's folder of tiny models)
+
+from adatp_core import generate as generate_module
+from adatp_core.attention import extract_attention
+from adatp_core.budget import size_text
+from adatp_core.decode import kv_place
+from adatp_core.errors import AdaTPInputError
+from adatp_core.generate import KV_ON_HOST_NOT_STATIC, SamplingConfig, generate_answer
+from adatp_core.hf.cache import HostKVLayer, KVCache, RowsKVCache
+from adatp_core.models.tiny import ensure_tiny_model
+from adatp_core.pipeline import PipelineConfig, select
+from adatp_core.report import stats_text
+
+STEPS = 6
+FAMILIES = {"llava_onevision": ensure_tiny_model, **QWEN_BUILDERS, **HYBRID_BUILDERS}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def llm(request, qwen_cache):  # noqa: F811
+    from adatp_core.models.loader import load_video_llm
+
+    return load_video_llm(FAMILIES[request.param](qwen_cache), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def state(llm):
+    """A pruned state whose continuation from K runs in calls of 16 kept tokens (64 on the hybrids' grid)."""
+    from adatp_core.samples import scene_frames
+
+    t, w, h = (2, 128, 96) if llm.adapter.family == "llava_onevision" else (4, 224, 224)
+    video = torch.from_numpy(scene_frames(num_frames=t, width=w, height=h, scenes=2)).float() / 255
+    state = extract_attention(llm, video, QUESTION, layer=llm.adapter.default_layer(), reuse_prefix=False,
+                              prefill_chunk=16)
+    return select(state, PipelineConfig(retention=0.5))
+
+
+def _answer(state, kv, monkeypatch, **sampling):
+    """The answer with ``kv``, and the rows its steps ran over (RowsKVCache.holding's)."""
+    held = []
+    real = RowsKVCache.holding.__func__
+
+    def holding(cls, cache):
+        rows = real(cls, cache)
+        held.append(rows)
+        return rows
+
+    monkeypatch.setattr(RowsKVCache, "holding", classmethod(holding))
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=STEPS, ignore_eos=True, **sampling),
+                             return_logits=True, kv=kv)
+    monkeypatch.undo()
+    return answer, held[-1] if held else None
+
+
+def test_keys_and_values_on_the_host_give_the_device_answer(llm, state, monkeypatch):
+    adapter = llm.adapter
+    device, on_device = _answer(state, "device", monkeypatch)
+    host, on_host = _answer(state, "host", monkeypatch)
+    assert host.token_ids == device.token_ids and len(host.token_ids) == STEPS
+    assert torch.equal(host.logits, device.logits)
+    assert host.stats["kv_on"] == "host" and host.stats["kv_reason"] == "asked for"
+    assert "layers >= K's keys and values on the host" in stats_text(host.stats)
+    assert device.stats["kv_on"] == "cpu" and "keys and values on the host" not in stats_text(device.stats)
+    # the continuation ran in several calls from K (the staged copies grew chunk by chunk)
+    assert len(state.kept_positions()) > (64 if adapter._linear_layers else 16)
+    homed = [i for i in range(state.layer, adapter.num_layers) if not adapter.is_linear_layer(i)]
+    assert sorted(on_host.homed) == homed and not on_device.homed
+    assert not any(i in on_host.homed for i in range(state.layer))  # layers < K stay on the device
+    lengths = on_host.row_lengths(0)
+    assert lengths == on_device.row_lengths(0)
+    for i in homed:
+        n = lengths[i]
+        # the home holds every position, the answer's included (written at each step), as the device's buffers
+        assert torch.equal(on_host.keys[i][..., :n, :], on_device.keys[i][..., :n, :])
+        assert torch.equal(on_host.values[i][..., :n, :], on_device.values[i][..., :n, :])
+    staging = on_host.staging
+    assert staging.most_alive == 2 if len(homed) > 1 else 1
+    assert staging.alive() <= 1  # after the answer: at most the first layer, prefetched for a next step
+    slots = {s.keys.data_ptr() for s in staging._slots if s.keys is not None}
+    assert len(slots) <= 2 and not slots & {on_host.keys[i].data_ptr() for i in homed}  # staged copies, not homes
+
+
+def test_static_decoding_gives_way_to_default_steps_with_the_reason(llm, state, monkeypatch):
+    static, _ = _answer(state, "device", monkeypatch, decode_mode="static")
+    host, rows = _answer(state, "host", monkeypatch, decode_mode="static")
+    assert static.stats["decode_mode"] == "static" and "fallback_static_decoding" not in static.stats
+    assert host.stats["decode_mode"] == "default" and host.stats["fallback_static_decoding"] == KV_ON_HOST_NOT_STATIC
+    assert rows.homed and host.token_ids == static.token_ids
+    assert f"Fallback: {KV_ON_HOST_NOT_STATIC}" in stats_text(host.stats)
+
+
+def test_bad_kv_is_refused_before_any_work(tiny, frames):
+    state = extract_attention(tiny, frames, QUESTION, reuse_prefix=False)
+    with pytest.raises(AdaTPInputError, match="kv must be one of"):
+        generate_answer(state, SamplingConfig(max_new_tokens=2), kv="gpu")
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=2))
+    assert answer.stats["kv_on"] == "cpu" and answer.stats["kv_reason"] == "the model runs on the host"
+
+
+def test_a_host_homed_cache_stages_two_layers_at_most_and_writes_its_homes():
+    """Driven as decoder layers drive a cache: chunks of a prefill, then decode steps through a
+    one-row window. Layers 2, 3 and 4 (of 5) have their home on the host."""
+    gen = torch.Generator().manual_seed(0)
+    layers, homed = 5, (2, 3, 4)
+    on_device = KVCache(layers, reserve=6)
+    on_host = KVCache(layers, reserve=6, host=homed)
+    staging = on_host.staging
+    assert [type(layer) is HostKVLayer for layer in on_host.layers] == [False, False, True, True, True]
+    staged_ptrs = set()
+    for m in (5, 3):  # a prefill from K in two calls
+        for i in range(layers):
+            k, v = torch.randn(2, 1, 2, m, 4, generator=gen)
+            want = on_device.update(k, v, i)
+            got = on_host.update(k, v, i)
+            assert all(torch.equal(a, b) for a, b in zip(want, got))
+            assert staging.alive() <= 2
+            if i in homed:
+                # this layer's copy is released; the next host-homed one is prefetched (circling to the
+                # first) once it holds positions (not in the first call)
+                following = staging.next_after(i)
+                assert staging._holding(i) is None
+                assert (staging._holding(following) is not None) == (m == 3 or following < i)
+                staged_ptrs |= {s.keys.data_ptr() for s in staging._slots if s.keys is not None}
+    assert len(staged_ptrs) == 2  # two slots' buffers, reused by every layer
+    for i in homed:
+        assert torch.equal(on_host.layers[i].keys, on_device.layers[i].keys)
+        assert on_host.layers[i].keys.data_ptr() == on_host.layers[i]._buffers[0].data_ptr()
+    rows_d, rows_h = RowsKVCache.holding(on_device), RowsKVCache.holding(on_host)
+    assert sorted(rows_h.homed) == list(homed) and rows_h.keys[2] is on_host.layers[2]._buffers[0]
+    with pytest.raises(ValueError, match="default steps"):
+        rows_h.window(0, 1, static=True)
+    for step in range(3):
+        wd, wh = rows_d.window(0, 1), rows_h.window(0, 1)
+        for i in range(layers):
+            k, v = torch.randn(2, 1, 2, 1, 4, generator=gen)
+            want, got = wd.update(k, v, i), wh.update(k, v, i)
+            n = rows_d.lengths[0][i]
+            assert all(torch.equal(a[..., :n + 1, :], b) for a, b in zip(want, got))
+            if i in homed:
+                assert torch.equal(rows_h.keys[i][0, :, n], k[0, :, 0])  # written to the home at this step
+                assert staging.alive() <= 2
+        rows_d.advance(0, 1)
+        rows_h.advance(0, 1)
+    assert staging.most_alive == 2
+
+
+def _fake_state(available_kept: int = 50_000, length: int = 200_000, layers: int = 36):
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         intermediate_size=12288, num_hidden_layers=layers, vocab_size=1000)
+    adapter = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, is_split=False,
+                              text_model=SimpleNamespace(config=config))
+    return SimpleNamespace(model=SimpleNamespace(adapter=adapter), layer=2, prompt=SimpleNamespace(length=length),
+                           kept_positions=lambda: range(available_kept), prefill_chunk=8192)
+
+
+def test_keys_and_values_go_to_the_host_when_the_device_is_short():
+    """kv_place weighs the continuation's estimate against the device's free memory, as rows_place
+    does for layer K's rows: 34 layers x 50,064 positions x 4 KiB = 6.97 GB of keys and values, a copy
+    of layers < K (1.64 GB) and one call of 8192 tokens (about 1.1 GB)."""
+    state = _fake_state()
+    on_host, why = kv_place(state, 64, available=lambda dev: 16 << 30)
+    assert not on_host and "the continuation from K needs about" in why and "17.18 GB free" in why
+    on_host, why = kv_place(state, 64, available=lambda dev: 6 << 30)
+    above, staged = 34 * 50_064 * 4096, 2 * 50_064 * 4096
+    assert on_host and why.startswith("the device is short")
+    assert f"({size_text(above)}) live on the host" in why and f"copies ({size_text(staged)})" in why
+    assert "may still not fit" not in why
+    on_host, why = kv_place(state, 64, available=lambda dev: 2 << 30)
+    assert on_host and "the rest may still not fit" in why and "a smaller prefill_chunk takes less" in why
+    assert kv_place(state, 64, available=lambda dev: None) == (False, "the device's free memory is unknown")
+    assert kv_place(state, 64, "device", available=lambda dev: 1) == (False, "asked for")
+    assert kv_place(state, 64, "host", available=lambda dev: 64 << 30) == (True, "asked for")
+    cpu = _fake_state()
+    cpu.model.adapter.device = torch.device("cpu")
+    assert kv_place(cpu, 64) == (False, "the model runs on the host")
+    split = _fake_state()
+    split.model.adapter.is_split = True
+    assert not kv_place(split, 64, "host")[0]
+
+
+def test_the_memory_model_counts_the_keys_and_values_on_the_host():
+    from dataclasses import replace
+
+    from adatp_core.budget import RunPlan, run_memory
+    from adatp_core.flops import LLMShape, VisionShape
+
+    state = _fake_state()
+    llm = LLMShape.from_config(state.model.adapter.text_model.config)
+    vision = VisionShape(layers=1, hidden=64, intermediate=128, patches=1024, patch_dim=1536, projector_out=4096)
+    run = RunPlan(llm=llm, vision=vision, frames=400, decoded=(448, 448), pixels=(448, 448), prompt_tokens=100_000,
+                  visual_tokens=98_000, layer=2, retention=0.25, streamed=True, prefill_chunk=8192,
+                  max_new_tokens=64, where="cuda:0")
+    on_device, on_host = run_memory(run), run_memory(replace(run, kv_on_host=True))
+    later = 100_000 - 98_000 + 24_500 + 64
+    kv = 34 * later * 4096
+    assert on_device.peak_on("cuda:0") - on_host.peak_on("cuda:0") == kv - 2 * later * 4096
+    assert on_host.peak_on("host") - on_device.peak_on("host") == kv
