@@ -52,6 +52,7 @@ class PipelineConfig:
     # frames never exist at once. False: decoded into one IMAGE first (what the ComfyUI graph does).
     stream: bool = True
     chunk_frames: int | None = None  # frames per vision chunk (None: the adapter's FRAMES_PER_CHUNK)
+    kv: str = "auto"  # where layers >= K keep their keys and values while answering (decode.kv_place)
 
 
 def check_option(option: str, check, value) -> None:
@@ -187,6 +188,6 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
         state = prefill(model, frames, question, cfg, info)
     del frames  # decoded or encoded here: the state (and the prefix store) keep what the answer needs
     with stage_peak(times, "answer", device):
-        answer = generate_answer(state, cfg.generation, on_token=on_token)
+        answer = generate_answer(state, cfg.generation, on_token=on_token, kv=cfg.kv)
     stats = {**answer.stats, **times}
     return PipelineResult(answer=answer, state=state, video=info, stats=stats)
