@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .budget import DEVICE_MEMORY_SHARE, available_device_bytes, continuation_parts, size_text
+from .budget import (DEVICE_MEMORY_SHARE, HOST_MEMORY_SHARE, available_device_bytes, available_host_bytes,
+                     continuation_parts, size_text)
 from .errors import AdaTPInputError
 from .flops import LLMShape
 from .hf.cache import KVCache
@@ -58,20 +59,23 @@ def row_positions(first: list[int], steps: list[int], template: torch.Tensor, de
     return values.to(device)
 
 
-def kv_place(state: AdaTPState, reserve: int, kv: str = "auto", available=available_device_bytes) -> tuple[bool, str]:
+def kv_place(state: AdaTPState, reserve: int, kv: str = "auto", available=available_device_bytes,
+             available_host=available_host_bytes) -> tuple[bool, str]:
     """(whether one answer's layers >= K keep their keys and values on the host, why), decided when
     the answer continues from K, with ``reserve`` new tokens to come.
 
     auto: the device, unless what the continuation allocates (budget.continuation_parts: the answer's
     copy of layers < K's keys and values, layers >= K's, one call's working memory) is above
     DEVICE_MEMORY_SHARE of what the device has free now; then the host, and two layers' staged copies
-    on the device. A CPU model's are on the host anyway; a model split over devices keeps each
+    on the device (unless the host has not HOST_MEMORY_SHARE of its free memory for them either: then
+    the device, which may run out). A CPU model's are on the host anyway; a model split over devices keeps each
     layer's with it. Layers < K stay on the device: the prefill held them there already (the state
     keeps them for its next answers), and every decode step reads them whole, so their home on the
     host would move the whole prompt's keys and values to the device at every token and lower no peak.
     Static decoding (CUDA graphs over fixed device buffers) cannot run over the host's: such an
     answer decodes in default steps (generate.py says why in its stats).
-    available(device) -> free bytes or None (unknown: the device)."""
+    available(device) -> free bytes or None (unknown: the device); available_host() -> the host's free
+    bytes or None (unknown: not checked)."""
     if kv not in KV_PLACES:
         raise AdaTPInputError(f"kv must be one of {KV_PLACES}, got {kv!r}")
     adapter = state.model.adapter
@@ -98,6 +102,11 @@ def kv_place(state: AdaTPState, reserve: int, kv: str = "auto", available=availa
     if need <= limit:
         return False, f"the continuation from K needs about {size_text(need)} of {size_text(have)} free"
     host = parts(True)
+    host_free = available_host()
+    if host_free is not None and host[1][1] > host_free * HOST_MEMORY_SHARE:
+        return False, (f"the device is short (the continuation from K needs about {size_text(need)} of "
+                       f"{size_text(have)} free), but the host is too: layers >= K's keys and values "
+                       f"({size_text(host[1][1])}) against {size_text(host_free)} free there")
     why = (f"the device is short: the continuation from K needs about {size_text(need)} of {size_text(have)} free; "
            f"layers >= K's keys and values ({size_text(host[1][1])}) live on the host and two layers' copies "
            f"({size_text(host[2][1])}) come to the device at a time")

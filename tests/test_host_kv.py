@@ -181,14 +181,16 @@ def test_keys_and_values_go_to_the_host_when_the_device_is_short():
     state = _fake_state()
     on_host, why = kv_place(state, 64, available=lambda dev: 16 << 30)
     assert not on_host and "the continuation from K needs about" in why and "17.18 GB free" in why
-    on_host, why = kv_place(state, 64, available=lambda dev: 6 << 30)
+    on_host, why = kv_place(state, 64, available=lambda dev: 6 << 30, available_host=lambda: None)
     above, staged = 34 * 50_064 * 4096, 2 * 50_064 * 4096
     assert on_host and why.startswith("the device is short")
     assert f"({size_text(above)}) live on the host" in why and f"copies ({size_text(staged)})" in why
     assert "may still not fit" not in why
-    on_host, why = kv_place(state, 64, available=lambda dev: 2 << 30)
+    on_host, why = kv_place(state, 64, available=lambda dev: 2 << 30, available_host=lambda: 64 << 30)
     assert on_host and "the rest may still not fit" in why and "a smaller prefill_chunk takes less" in why
     assert kv_place(state, 64, available=lambda dev: None) == (False, "the device's free memory is unknown")
+    on_host, why = kv_place(state, 64, available=lambda dev: 6 << 30, available_host=lambda: 8 << 30)
+    assert not on_host and "but the host is too" in why  # 6.97 GB against 75% of 8.6 GB
     assert kv_place(state, 64, "device", available=lambda dev: 1) == (False, "asked for")
     assert kv_place(state, 64, "host", available=lambda dev: 64 << 30) == (True, "asked for")
     cpu = _fake_state()

@@ -467,7 +467,9 @@ class HostKVLayer(KVLayer):
             self._buffers = tuple(
                 torch.empty((*t.shape[:-2], capacity, t.shape[-1]), dtype=t.dtype, device="cpu", pin_memory=pin)
                 for t in (key_states, value_states))
-            if old is not None:
+            if old is not None:  # read on the host: the device's writes into it must have landed
+                if key_states.device.type == "cuda":
+                    torch.cuda.current_stream(key_states.device).synchronize()
                 for new, h in zip(self._buffers, old):
                     new[..., :length, :] = h[..., :length, :]
         out = _write_staged(self.staging, self.layer_idx, self._buffers, length, key_states, value_states)
