@@ -64,17 +64,22 @@ def available_host_bytes() -> int | None:
 
 def available_device_bytes(device) -> int | None:
     """Free memory on a CUDA ``device`` (a torch.device) now, plus what torch's caching
-    allocator holds unused; None for other devices (the host's memory is counted instead)."""
+    allocator holds unused, within the process's cap where one is set
+    (torch.cuda.set_per_process_memory_fraction: the bench's 24 GB on a larger card); None for
+    other devices (the host's memory is counted instead)."""
     if getattr(device, "type", None) != "cuda":
         return None
     import torch  # a torch device was given, so torch is loaded; workers never get here
 
     try:
-        free, _total = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        cached = torch.cuda.memory_reserved(device) - allocated
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch 2.6 on
+        allowed = int(fraction(device) * total) if fraction is not None else int(total)
     except (RuntimeError, AssertionError):
         return None
-    return int(free) + max(int(cached), 0)
+    return max(min(int(free) + max(int(cached), 0), allowed - int(allocated)), 0)
 
 
 @dataclass(frozen=True)

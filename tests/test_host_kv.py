@@ -218,3 +218,18 @@ def test_the_memory_model_counts_the_keys_and_values_on_the_host():
     kv = 34 * later * 4096
     assert on_device.peak_on("cuda:0") - on_host.peak_on("cuda:0") == kv - 2 * later * 4096
     assert on_host.peak_on("host") - on_device.peak_on("host") == kv
+
+
+def test_the_free_device_memory_counts_the_process_cap(monkeypatch):
+    """A card capped with set_per_process_memory_fraction (the bench's 24 GB on an 80 GB card) has what the
+    cap leaves, not what the card has free: auto placements (kv_place, rows_place) read this."""
+    from adatp_core.budget import available_device_bytes
+
+    gb = 10**9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (50 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 18 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 20 * gb)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.3, raising=False)
+    assert available_device_bytes(torch.device("cuda", 0)) == 6 * gb  # 24 GB allowed, 18 allocated
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
+    assert available_device_bytes(torch.device("cuda", 0)) == 52 * gb  # free and the allocator's cache
