@@ -132,7 +132,7 @@ def check_fits(model: VideoLLM, sample, questions, cfg: PipelineConfig, streamed
     any frame is decoded."""
     return check_video_fits(model, sample, questions, cfg.max_pixels, layer=cfg.layer, retention=cfg.retention,
                             streamed=streamed, chunk_frames=cfg.chunk_frames, prefill_chunk=cfg.prefill_chunk,
-                            max_new_tokens=cfg.generation.max_new_tokens)
+                            max_new_tokens=cfg.generation.max_new_tokens, kv=cfg.kv)
 
 
 def _checked_plan(model: VideoLLM, path, questions, cfg: PipelineConfig, streamed: bool):

@@ -233,3 +233,39 @@ def test_the_free_device_memory_counts_the_process_cap(monkeypatch):
     assert available_device_bytes(torch.device("cuda", 0)) == 6 * gb  # 24 GB allowed, 18 allocated
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
     assert available_device_bytes(torch.device("cuda", 0)) == 52 * gb  # free and the allocator's cache
+
+
+def test_the_check_before_decoding_counts_them_on_the_host_when_the_device_is_short(tiny, tmp_path, monkeypatch):
+    """check_video_fits, on a GPU in auto: when the run does not fit with layers >= K's keys and values on
+    the device, it is checked again with them on the host (what kv_place will choose), not refused; with
+    kv="device" it is refused, with kv="host" checked that way at once. The GPU is faked: the check's
+    memory test is replaced by one that refuses those keys and values on the device."""
+    import numpy as np
+
+    from adatp_core import fits
+    from adatp_core import video as vid
+    from adatp_core.samples import write_video
+
+    path = write_video(tmp_path / "v.mp4", np.zeros((8, 48, 64, 3), dtype=np.uint8), fps=8.0)
+    plan = vid.plan_sampling(path, 8)
+    cls = type(tiny.adapter)
+    monkeypatch.setattr(cls, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(cls, "is_split", property(lambda self: False))
+    seen = []
+
+    def check(estimate, name, advice=""):
+        seen.append(estimate)
+        if any(what.startswith("layers >= K's keys and values") and where == "cuda:0"
+               for what, _, where in estimate.parts):
+            raise AdaTPInputError(f"{name}: too much on cuda:0")
+
+    monkeypatch.setattr(fits, "check_memory", check)
+    figures = fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25)
+    assert len(seen) == 2
+    assert any(p.startswith("layers >= K's keys and values") for p in figures["memory_plan"]["host"])
+    assert any(p.startswith("two layers' staged copies") for p in figures["memory_plan"]["cuda:0"])
+    with pytest.raises(AdaTPInputError, match="too much on cuda:0"):
+        fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, kv="device")
+    seen.clear()
+    fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, kv="host")
+    assert len(seen) == 1
