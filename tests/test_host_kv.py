@@ -269,3 +269,17 @@ def test_the_check_before_decoding_counts_them_on_the_host_when_the_device_is_sh
     seen.clear()
     fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, kv="host")
     assert len(seen) == 1
+
+
+def test_the_cli_puts_them_on_the_host_when_asked(tiny_dir, monkeypatch, capsys):
+    import json
+
+    from adatp_core import cli
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
+    assert cli.main(["--frames", "4", "--max-new-tokens", "3", "--kv", "host", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["kv_on"] == "host" and stats["kv_reason"] == "asked for" and stats["new_tokens"] == 3
+    with pytest.raises(SystemExit):  # argparse's refusal, naming the choices
+        cli.main(["--frames", "4", "--kv", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
