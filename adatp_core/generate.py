@@ -101,6 +101,8 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     answer = answer_from_run(state, run, cfg)
     # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("cpu" for a CPU model)
     answer.stats.update(kv_on="host" if kv_on_host else str(adapter.device), kv_reason=kv_reason)
+    if kv_on_host:
+        answer.stats["kv_staged_mb"] = round(run.kv_staged_bytes / 1e6, 1)
     return answer
 
 
@@ -166,6 +168,7 @@ class DecodeRun:
     graph_note: str = ""
     fallback: str | None = None  # why static decoding gave way to default decoding in this answer
     fallback_seconds: float = 0.0  # spent in the failed static attempt
+    kv_staged_bytes: int = 0  # keys and values on the host: copied to the device (the continuation and every step)
 
 
 class _TokenCallback:
@@ -272,7 +275,8 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                       kv_lengths=runner.cache.row_lengths(0), prefill_seconds=prefill_done - start,
                       decode_seconds=end - decode_start, passes=passes, mode=mode,
                       capture_seconds=graph.seconds if graph is not None else 0.0,
-                      graph_note=graph.note if graph is not None else "")
+                      graph_note=graph.note if graph is not None else "",
+                      kv_staged_bytes=runner.cache.staging.staged_bytes if runner.cache.staging is not None else 0)
 
 
 def _one_row(state: AdaTPState, cfg: SamplingConfig, mode: str, kv_on_host: bool = False

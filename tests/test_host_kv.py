@@ -94,6 +94,10 @@ def test_keys_and_values_on_the_host_give_the_device_answer(llm, state, monkeypa
         assert torch.equal(on_host.values[i][..., :n, :], on_device.values[i][..., :n, :])
     staging = on_host.staging
     assert staging.most_alive == 2 if len(homed) > 1 else 1
+    # every step copied every homed layer's filled part to the device (bytes per position and layer: k and v)
+    per_position = 2 * on_host.keys[homed[0]][..., :1, :].numel() * on_host.keys[homed[0]].element_size()
+    steps_staged = sum(sum(lengths[i] - 1 - s for s in range(STEPS - 1)) for i in homed) * per_position
+    assert host.stats["kv_staged_mb"] * 1e6 >= steps_staged - 1e5 and "kv_staged_mb" not in device.stats
     assert staging.alive() <= 1  # after the answer: at most the first layer, prefetched for a next step
     slots = {s.keys.data_ptr() for s in staging._slots if s.keys is not None}
     assert len(slots) <= 2 and not slots & {on_host.keys[i].data_ptr() for i in homed}  # staged copies, not homes
