@@ -307,7 +307,7 @@ def _copy_positions(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> Non
 
 class _Slot:
     """One staging slot: device buffers [B, H, capacity, d] for keys and values, and the layer whose
-    first ``length`` positions they hold (None: free, the buffers kept for the next layer)."""
+    first ``length`` positions they hold (None: none yet)."""
 
     def __init__(self):
         self.keys: torch.Tensor | None = None
@@ -315,6 +315,7 @@ class _Slot:
         self.layer: int | None = None
         self.length = 0
         self.ready = None  # CUDA: the event after which the staged copy is complete
+        self.used = 0  # when it was last staged or claimed (the least recent goes first)
 
     def fits(self, home: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> bool:
         return self.keys is not None and all(
@@ -327,7 +328,9 @@ class StagedCopies:
     """The device copies of host-homed attention layers (``HostKVLayer``, ``HostRowsKVLayer``): two
     slots of device buffers, so at most two layers are staged at once: the one that runs and the
     next one, prefetched. A layer's staged copy is released after it ran; nothing is copied back
-    (its new keys and values were written to its home as they came).
+    (its new keys and values were written to its home as they came, so the copy stays as good as
+    the home: a layer claimed again before its slot is taken, as with one or two homed layers, is
+    not copied again).
 
     homed: the host-homed layers in the order they run (``next_after`` circles back to the first:
     the next step or chunk starts there). On CUDA a prefetch copies on a side stream, after what the
@@ -343,6 +346,7 @@ class StagedCopies:
         self._slots = [_Slot() for _ in range(self.SLOTS)]
         self._running: _Slot | None = None
         self._streams: dict = {}
+        self._clock = 0
         self.most_alive = 0
         self.staged_bytes = 0
         self.stagings = 0
@@ -367,10 +371,11 @@ class StagedCopies:
         slot = self._holding(layer_idx)
         if slot is not None and slot.length == length and slot.fits(home, device):
             return slot
-        if slot is None:
-            free = [s for s in self._slots if s.layer is None]
-            slot = free[0] if free else next(s for s in self._slots if s is not self._running)
+        if slot is None:  # the least recently used slot that is not running
+            slot = min((s for s in self._slots if s is not self._running), key=lambda s: s.used)
         slot.layer, slot.length, slot.ready = layer_idx, length, None
+        self._clock += 1
+        slot.used = self._clock
         if not slot.fits(home, device):
             slot.keys = slot.values = None  # the old buffers go before the new ones come
             slot.keys = torch.empty(home[0].shape, dtype=home[0].dtype, device=device)
@@ -405,6 +410,8 @@ class StagedCopies:
             torch.cuda.current_stream(device).wait_event(slot.ready)
             slot.ready = None
         self._running = slot
+        self._clock += 1
+        slot.used = self._clock
         return slot.keys, slot.values
 
     def wrote(self, layer_idx: int, length: int) -> None:
@@ -414,13 +421,10 @@ class StagedCopies:
             slot.length = length
 
     def release(self, layer_idx: int) -> None:
-        """The layer ran: its slot is free for the next layer (its buffers are reused, nothing is
+        """The layer ran: its slot may be taken by the next layer (its buffers are reused, nothing is
         copied back). On CUDA the next copy into it waits for what the default stream queued."""
-        slot = self._holding(layer_idx)
-        if slot is not None:
-            slot.layer, slot.ready = None, None
-            if slot is self._running:
-                self._running = None
+        if self._running is not None and self._running.layer == layer_idx:
+            self._running = None
 
 
 def _write_staged(staging: StagedCopies, layer_idx: int, home: tuple[torch.Tensor, torch.Tensor], length: int,
@@ -492,15 +496,16 @@ class HostRowsKVLayer(RowsKVLayer):
     def __init__(self, window: "RowsWindow", layer_idx: int, staging: StagedCopies, device: torch.device):
         super().__init__(window, layer_idx)
         self.staging, self.device = staging, device
+        self.filled = window.longest[layer_idx]  # positions the home holds (this step's once written)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        home = (self.keys, self.values)
-        return _write_staged(self.staging, self.layer_idx, home, self.window.longest[self.layer_idx],
-                             key_states, value_states)
+        out = _write_staged(self.staging, self.layer_idx, (self.keys, self.values), self.filled,
+                            key_states, value_states)
+        self.filled += key_states.shape[-2]
+        return out
 
     def prefetch(self):
-        self.staging.stage(self.layer_idx, (self.keys, self.values), self.window.longest[self.layer_idx],
-                           self.device)
+        self.staging.stage(self.layer_idx, (self.keys, self.values), self.filled, self.device)
 
     def offload(self):
         self.staging.release(self.layer_idx)
