@@ -160,6 +160,7 @@ def test_a_host_homed_cache_stages_two_layers_at_most_and_writes_its_homes():
     with pytest.raises(ValueError, match="default steps"):
         rows_h.window(0, 1, static=True)
     for step in range(3):
+        before = staging.stagings
         wd, wh = rows_d.window(0, 1), rows_h.window(0, 1)
         for i in range(layers):
             k, v = torch.randn(2, 1, 2, 1, 4, generator=gen)
@@ -171,6 +172,7 @@ def test_a_host_homed_cache_stages_two_layers_at_most_and_writes_its_homes():
                 assert staging.alive() <= 2
         rows_d.advance(0, 1)
         rows_h.advance(0, 1)
+        assert staging.stagings - before == len(homed)  # each homed layer copied once a step, ahead of its turn
     assert staging.most_alive == 2
 
 
