@@ -14,10 +14,12 @@ import torch
 
 from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
-from .fits import check_max_pixels, check_question, plan_prompt
+from .fits import (DEFAULT_PREFILL_CHUNK, check_max_pixels, check_place, check_question, encoded_place,
+                   place_name, plan_prompt)
+from .fits import prefill_memory_parts  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .fits import check_video_fits  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .flops import flops_summary
-from .budget import DEVICE_MEMORY_SHARE, available_device_bytes, prefill_parts, size_text
+from .budget import DEVICE_MEMORY_SHARE, available_device_bytes, size_text
 from .memory import run_guarded
 from .hf.cache import KVCache
 from .prefix_cache import FrozenPrefix
@@ -32,15 +34,8 @@ from .timing import timed
 log = logging.getLogger(__name__)
 
 QUERY_MODES = ("text", "last")
-# Tokens per forward call of the prefill (layers < K, and from K over the kept tokens). A prompt
-# within one chunk runs in one call, exactly as without chunking; 8192 holds 32 frames of
-# LLaVA-OneVision (6,273 tokens) and 64 frames of Qwen3-VL at 448x448 (about 6,300).
-DEFAULT_PREFILL_CHUNK = 8192
 MIN_PREFILL_CHUNK = 16
 MAX_PREFILL_CHUNK = 1 << 24
-# Where layer K's input rows [L, D] live during the prefill: auto (the device, or the host when
-# the device is short: ``rows_place``), device, or host.
-ROWS_PLACES = ("auto", "device", "host")
 
 
 def _check_frames(frames) -> torch.Tensor:
@@ -52,14 +47,15 @@ def _check_frames(frames) -> torch.Tensor:
     return frames
 
 
-def _encode(adapter, frames, prompt, times: dict):
-    """The video's Encoded: a streamed video's (encoded before, streaming.encode_video), or the
-    frames' encoded a chunk at a time (``encode_frames``)."""
+def _encode(adapter, frames, prompt, times: dict, place=None):
+    """The video's Encoded: a streamed video's (encoded before, streaming.encode_video, where it was
+    placed then), or the frames' encoded a chunk at a time (``encode_frames``), their visual and
+    DeepStack rows written to ``place`` (None: the device; fits.encoded_place)."""
     if isinstance(frames, EncodedVideo):
         times.setdefault("time_preprocess", 0.0)
         times.setdefault("time_vision", 0.0)
         return frames.encoded
-    return adapter.encode_frames(frames, prompt.plan, times)
+    return adapter.encode_frames(frames, prompt.plan, times, place=place)
 
 
 def _frames_key(store, frames):
@@ -156,21 +152,29 @@ def _layers_below_k(adapter, prompt, encoded, layer: int, position_ids, spans, c
                        inject=_visual_injection(prompt, encoded), write=rows.write)
 
 
-def _relevance(adapter, prompt, encoded) -> torch.Tensor:
+def _relevance(adapter, prompt, encoded, block: int = 0) -> torch.Tensor:
+    """text_relevance of every visual row, ``block`` rows at a time (0: all at once) brought to the
+    question's device: the rows may wait on the host (fits.encoded_place), and a float32 copy of all
+    of them is twice their size in bf16. Each row's cosine is its own."""
     q_start, q_end = prompt.question
-    return text_relevance(encoded.visual, adapter.embed_tokens(prompt.input_ids[q_start:q_end]))
+    question = adapter.embed_tokens(prompt.input_ids[q_start:q_end])
+    visual = encoded.visual
+    block = block or visual.shape[0]
+    return torch.cat([text_relevance(visual[i:i + block].to(question.device, non_blocking=True), question)
+                      for i in range(0, visual.shape[0], block)])
 
 
-def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict, spans, rows_device):
+def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict, spans, rows_device, place=None):
     """Vision encoder, prompt assembly, layers 0..K-1 and the scores over the whole prompt, in the
     calls of ``spans`` (``_prompt_spans``: one for a prompt within a chunk), with layer K's input
-    rows on ``rows_device`` (None: the device's): the path when no prefix is reused."""
+    rows on ``rows_device`` (None: the device's) and the encoded rows on ``place`` (``_encode``): the
+    path when no prefix is reused."""
     dev = adapter.device
     with torch.inference_mode():
-        encoded = _encode(adapter, frames, prompt, times)
+        encoded = _encode(adapter, frames, prompt, times, place)
         with timed(times, "time_attention", dev):
             position_ids = adapter.position_ids(prompt)
-            relevance = _relevance(adapter, prompt, encoded)
+            relevance = _relevance(adapter, prompt, encoded, spans[0][1] - spans[0][0])
             rows = _Rows(prompt.length, 0, rows_device)
             cache = KVCache(adapter.layer_kinds, reserve=prompt.length - spans[0][1])  # room for every call
             probe = _probe(prompt, layer, query, spans[-1][0]) if layer else None
@@ -192,7 +196,7 @@ def _video_prefix(adapter, prompt, encoded, layer: int, position_ids, p: int, ch
 
 
 def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: dict, key_parts: tuple,
-                         chunk: int, rows_device):
+                         chunk: int, rows_device, place=None):
     """``_prefill``'s results in two parts: the video's prefix (from the model's store when
     these frames were seen with these settings, else computed in chunks and stored), then the
     rest [p, L) through layers < K in one call, attending to the prefix. p is the adapter's
@@ -216,7 +220,7 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
         with timed(times, "time_attention", dev):
             position_ids = adapter.position_ids(prompt)
         if prefix is None:
-            encoded = _encode(adapter, frames, prompt, times)
+            encoded = _encode(adapter, frames, prompt, times, place)
             with timed(times, "time_attention", dev):
                 prefix = _video_prefix(adapter, prompt, encoded, layer, position_ids, p, chunk, rows_device)
             calls += len(adapter.chunk_spans(0, p, chunk))
@@ -226,7 +230,7 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
         with timed(times, "time_question", dev):
             encoded = prefix.encoded
             question = adapter.assemble(prompt, encoded, p, prompt.length)
-            relevance = _relevance(adapter, prompt, encoded)
+            relevance = _relevance(adapter, prompt, encoded, chunk)
             if layer == 0:
                 hidden, past_kv, scores = torch.cat([prefix.hidden, question.to(prefix.hidden.device)], dim=1), \
                     (), relevance
@@ -241,23 +245,6 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
     stats = {"prefix_cache": status, "prefix_tokens": p, "prefix_cache_entries": len(store),
              "prefix_cache_mib": round(store.nbytes / 2**20, 1)}
     return (encoded, hidden, past_kv, scores, relevance, position_ids), stats, calls
-
-
-def prefill_memory_parts(adapter, length: int, layer: int, chunk: int, where: str) -> tuple:
-    """What the prefill of layers < K holds at its peak on ``where``, for a prompt of ``length``
-    tokens in calls of ``chunk`` (0: one call): budget.prefill_parts (the model run_memory uses too)
-    with the text config's shapes: ((what, bytes, where), ...) for layers < K's keys and values, layer
-    K's input rows [L, D], one call's working memory and the scores' rows."""
-    cfg = adapter.text_model.config
-    d_model = int(cfg.hidden_size)
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or d_model // heads)
-    inner = max(int(getattr(cfg, "intermediate_size", None) or 0),
-                int(getattr(cfg, "moe_intermediate_size", None) or 0) * int(getattr(cfg, "num_experts_per_tok", 1) or 1))
-    attention_layers = sum(1 for i in range(layer) if not adapter.is_linear_layer(i))
-    return prefill_parts(length, attention_layers, kv_heads, head_dim, heads, d_model, inner, chunk,
-                         adapter.dtype.itemsize, where, scored=bool(layer))
 
 
 def rows_place(adapter, length: int, layer: int, chunk: int, rows: str = "auto",
@@ -350,7 +337,7 @@ def _decode_stats(video_info, n_frames: int) -> dict:
 def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, layer: int = 2,
                       query: str = "text", video_info=None, max_pixels: int | None = None,
                       reuse_prefix: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                      rows: str = "auto") -> AdaTPState:
+                      rows: str = "auto", encoded: str = "auto") -> AdaTPState:
     """Encode the video, run LLM layers 0..K-1 once, and score the visual tokens.
 
     frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE), encoded a chunk of frames at a
@@ -381,6 +368,11 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     rows: where layer K's input rows [L, D] wait for the selection: "auto" (the device,
         or the host when the device is short: ``rows_place``), "device" or "host"; only
         the kept rows come back. stats["rows_on"] and stats["rows_reason"] say which and why.
+    encoded: where the encoded visual rows and DeepStack's wait for the prefill: "auto" (the
+        device, or the host when the device is short: fits.encoded_place, decided before encoding),
+        "device" or "host"; from the host they come to the device a prefill call's span at a time.
+        A streamed video (EncodedVideo) is where encode_video put it. stats["encoded_on"] and
+        stats["encoded_reason"] say which and why.
     Returns a state holding the layer-K input hidden states, the KV cache of
     layers < K, the original position ids and the scores.
     """
@@ -397,8 +389,8 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     if query not in QUERY_MODES:
         raise AdaTPInputError(f"query must be one of {QUERY_MODES}, got {query!r}")
     prefill_chunk = check_prefill_chunk(prefill_chunk)
-    if rows not in ROWS_PLACES:
-        raise AdaTPInputError(f"rows must be one of {ROWS_PLACES}, got {rows!r}")
+    check_place("rows", rows)
+    check_place("encoded", encoded)
     asked = int(layer)
     layer, moved = adapter.resolve_layer(asked)  # hybrid models: K-1 must be a full-attention layer
     max_pixels = check_max_pixels(max_pixels)
@@ -411,6 +403,10 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     times: dict[str, float] = {}
     refusal = _prefix_refusal(model, reuse_prefix, prompt)
     prefix_stats = {"prefix_cache": f"off ({refusal})"} if refusal else {}
+    if streamed:
+        place, encoded_reason = None, frames.stats.get("encoded_reason", "encoded before")
+    else:
+        place, encoded_reason = encoded_place(adapter, prompt, layer, prefill_chunk, encoded)
     rows_device, rows_reason = rows_place(adapter, prompt.length, layer, prefill_chunk, rows)
     spans = _prompt_spans(adapter, prompt, prefill_chunk)
     calls = len(spans)
@@ -418,16 +414,19 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     def prefill():
         nonlocal prefix_stats, calls
         if refusal:
-            return _prefill(adapter, frames, prompt, layer, query, times, spans, rows_device)
+            return _prefill(adapter, frames, prompt, layer, query, times, spans, rows_device, place)
         out, prefix_stats, calls = _prefill_with_prefix(model, frames, prompt, layer, query, times,
-                                                        (plan, max_pixels, adapter.dtype), prefill_chunk, rows_device)
+                                                        (plan, max_pixels, adapter.dtype), prefill_chunk, rows_device,
+                                                        place)
         return out
 
     with plan_free_attention(adapter.device):  # no per-shape cuDNN plans (see sdpa.py)
         # Out of memory: the model's kept static buffers and video prefixes go too (run_guarded).
-        encoded, hidden, past_kv, scores, relevance, position_ids = run_guarded(
+        video, hidden, past_kv, scores, relevance, position_ids = run_guarded(
             prefill, "vision encoding and prefill", model=model)
-    t, h, w = encoded.grid
+    if prefix_stats.get("prefix_cache") == "hit":
+        encoded_reason = "kept with the video's prefix"
+    t, h, w = video.grid
     stats = {
         "frames": n_frames, "tokens_total": t * h * w, "tokens_kept": t * h * w,
         "layer": layer, **layer_stats(adapter, asked, layer, moved), "query": query, "prompt_tokens": prompt.length,
@@ -439,15 +438,16 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
         **times, **prefix_stats,
         "prefill_chunk": prefill_chunk, "prefill_calls": calls if layer else 0,
-        "rows_on": "host" if hidden.device.type == "cpu" else str(hidden.device), "rows_reason": rows_reason,
+        "rows_on": place_name(hidden), "rows_reason": rows_reason,
+        "encoded_on": place_name(video.visual), "encoded_reason": encoded_reason,
     }
     if FALLBACK_BATCHED_VISION in adapter.fallbacks:  # this model's batched vision path failed
         stats[FALLBACK_BATCHED_VISION] = adapter.fallbacks[FALLBACK_BATCHED_VISION]
     return AdaTPState(
         model=model, question=question, prompt=prompt, layer=layer, query_mode=query,
-        grid=encoded.grid, hidden=hidden, past_kv=past_kv, position_ids=position_ids,
+        grid=video.grid, hidden=hidden, past_kv=past_kv, position_ids=position_ids,
         scores=scores.float(), relevance=relevance,
         frame_relevance=relevance.view(t, -1).mean(dim=1),
-        frame_features=encoded.frame_features, segments=((0, t - 1),), stats=stats,
-        injections=below_k_released(encoded, layer, prompt.length, prompt).injections, prefill_chunk=prefill_chunk,
+        frame_features=video.frame_features, segments=((0, t - 1),), stats=stats,
+        injections=below_k_released(video, layer, prompt.length, prompt).injections, prefill_chunk=prefill_chunk,
     )

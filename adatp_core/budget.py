@@ -297,6 +297,8 @@ class RunPlan:
     chunk_frames: frames per vision chunk; prefill_chunk: tokens per prefill call (0: one call).
     item: bytes per element of the model's dtype; where: the model's place ("host" or a device).
     weights: bytes of the model's weights there (already loaded).
+    encoded_on_host: the encoded rows and DeepStack's wait on the host (fits.encoded_place); one prefill
+        call's span of them is on ``where`` at a time.
     kv_on_host: layers >= K's keys and values live on the host (decode.kv_place), two layers' staged
         copies on ``where`` (hf/cache.StagedCopies).
     """
@@ -319,6 +321,7 @@ class RunPlan:
     item: int = 2
     where: str = "host"
     weights: int = 0
+    encoded_on_host: bool = False
     kv_on_host: bool = False
 
 
@@ -365,9 +368,15 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
                   (f"the IMAGE [{frames}, {height}, {width}, 3] float32", image, "host")]
     fixed += [(f"one chunk's pixels [{steps_chunk * run.frames_per_step}, 3, {h}, {w}]", pixels_chunk, where),
               (f"the vision tower over one chunk ({patches} patches)", vision_chunk, where)]
-    parts += [(f"the encoded rows [{n}, {d}]" + (f" and {run.injections} DeepStack rows each" if run.injections
-                                                   else ""), n * d * item * (1 + run.injections), where),
-              rows, kv_below, scores]
+    encoded = (f"the encoded rows [{n}, {d}]" + (f" and {run.injections} DeepStack rows each" if run.injections
+                                                 else ""), n * d * item * (1 + run.injections))
+    if run.encoded_on_host and where != "host":
+        span = min(run.prefill_chunk or length, n)
+        parts.append((*encoded, "host"))
+        fixed.append((f"one prefill call's span of them ({span} tokens)", span * d * item * (1 + run.injections), where))
+    else:
+        parts.append((*encoded, where))
+    parts += [rows, kv_below, scores]
     if above:
         parts.append((f"layers >= K's keys and values ({above} layers x {later} tokens: R·N = {kept} kept)",
                       above * later * per_token, "host" if run.kv_on_host else where))

@@ -11,6 +11,7 @@ import time
 from transformers.utils import logging as hf_logging
 
 from .attention import DEFAULT_PREFILL_CHUNK
+from .caption.stream import DEFAULT_PROMPT
 from .decode import KV_PLACES
 from .models.loader import load_video_llm
 from .models.names import BUILTIN_TINY, resolve_model_name
@@ -60,6 +61,23 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
                         "while it runs; slower, and decoding runs in default steps)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+
+
+def add_caption_arguments(p, decode_only: bool = False) -> None:
+    """The caption text options (--prompt, --prefix, --suffix, --overwrite), shared by ``caption`` and
+    ``clips``; with decode_only, the decoding options instead (--workers, --batch-size). ``p``: a parser
+    or an argument group."""
+    if not decode_only:
+        p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the captioning instruction")
+        p.add_argument("--prefix", default="", help="text put before every caption (a trigger word)")
+        p.add_argument("--suffix", default="", help="text put after every caption")
+        p.add_argument("--overwrite", action="store_true", help="caption clips that already have a .txt again")
+        return
+    p.add_argument("--workers", type=int, default=2, help="decoding processes that run ahead of the model "
+                                                          "(default 2; 0 decodes in this process)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="clips decoded together (default 0: auto, from the device's free memory and each clip's "
+                        "cache after pruning; on the CPU the fastest measured); 1 decodes one clip at a time")
 
 
 def pixel_budget(value: str):

@@ -16,14 +16,14 @@ import torch
 
 from .budget import (DEVICE_MEMORY_SHARE, HOST_MEMORY_SHARE, available_device_bytes, available_host_bytes,
                      continuation_parts, size_text)
-from .errors import AdaTPInputError
+from .fits import PLACES, check_place
 from .flops import LLMShape
 from .hf.cache import KVCache
 from .state import AdaTPState
 
 # Where one answer's layers >= K keep their keys and values: auto (the device, or the host when the
-# device is short: ``kv_place``), device, or host.
-KV_PLACES = ("auto", "device", "host")
+# device is short: ``kv_place``), device, or host (the places of the run's other rows).
+KV_PLACES = PLACES
 
 
 def continue_prefill(state: AdaTPState, reserve: int, kv_on_host: bool = False) -> tuple[KVCache, torch.Tensor]:
@@ -76,8 +76,7 @@ def kv_place(state: AdaTPState, reserve: int, kv: str = "auto", available=availa
     answer decodes in default steps (generate.py says why in its stats).
     available(device) -> free bytes or None (unknown: the device); available_host() -> the host's free
     bytes or None (unknown: not checked)."""
-    if kv not in KV_PLACES:
-        raise AdaTPInputError(f"kv must be one of {KV_PLACES}, got {kv!r}")
+    check_place("kv", kv)
     adapter = state.model.adapter
     dev = adapter.device
     if adapter.is_split:

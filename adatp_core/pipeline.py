@@ -13,7 +13,7 @@ import torch
 from .attention import DEFAULT_PREFILL_CHUNK, QUERY_MODES, extract_attention
 from .debias import global_debias, local_debias
 from .errors import AdaTPInputError, OptionError
-from .fits import check_max_pixels, check_video_fits
+from .fits import check_max_pixels, check_place, check_video_fits
 from .generate import Answer, SamplingConfig, generate_answer
 from .models.base import MODEL_BUDGET
 from .peak_memory import stage_peak
@@ -52,6 +52,9 @@ class PipelineConfig:
     # frames never exist at once. False: decoded into one IMAGE first (what the ComfyUI graph does).
     stream: bool = True
     chunk_frames: int | None = None  # frames per vision chunk (None: the adapter's FRAMES_PER_CHUNK)
+    # Where the encoded visual rows and DeepStack's wait for the prefill: auto (the device, or the host when
+    # it is short), device or host (fits.encoded_place).
+    encoded: str = "auto"
     kv: str = "auto"  # where layers >= K keep their keys and values while answering (decode.kv_place)
 
 
@@ -88,7 +91,8 @@ def check_config(cfg: PipelineConfig) -> None:
             ("frames", _check_frames, cfg.num_frames), ("sampling", _check_choice("sampling", SAMPLING_MODES), cfg.sampling),
             ("query", _check_choice("query", QUERY_MODES), cfg.query),
             ("retention", lambda v: v is None or check_retention(v), cfg.retention),
-            ("layer", _check_layer, cfg.layer), ("max_pixels", check_max_pixels, cfg.max_pixels)):
+            ("layer", _check_layer, cfg.layer), ("max_pixels", check_max_pixels, cfg.max_pixels),
+            ("encoded", lambda v: check_place("encoded", v), cfg.encoded)):
         check_option(option, check, value)
 
 
@@ -115,7 +119,7 @@ def prefill(model: VideoLLM, frames: torch.Tensor, question: str, cfg: PipelineC
     """Every stage before GenerateAnswer: the partial prefill, then the selection."""
     state = extract_attention(model, frames, question, cfg.layer, cfg.query, video_info=video_info,
                               max_pixels=cfg.max_pixels, reuse_prefix=cfg.reuse_prefix,
-                              prefill_chunk=cfg.prefill_chunk)
+                              prefill_chunk=cfg.prefill_chunk, encoded=cfg.encoded)
     return select(state, cfg)
 
 
@@ -132,7 +136,7 @@ def check_fits(model: VideoLLM, sample, questions, cfg: PipelineConfig, streamed
     any frame is decoded."""
     return check_video_fits(model, sample, questions, cfg.max_pixels, layer=cfg.layer, retention=cfg.retention,
                             streamed=streamed, chunk_frames=cfg.chunk_frames, prefill_chunk=cfg.prefill_chunk,
-                            max_new_tokens=cfg.generation.max_new_tokens, kv=cfg.kv)
+                            max_new_tokens=cfg.generation.max_new_tokens, encoded=cfg.encoded, kv=cfg.kv)
 
 
 def _checked_plan(model: VideoLLM, path, questions, cfg: PipelineConfig, streamed: bool):
@@ -159,7 +163,8 @@ def stream_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):
     preprocess and encode it a chunk of frames at a time (streaming.encode_video).
     Returns (EncodedVideo, VideoInfo, planned figures and the encode's times)."""
     sample, planned = _checked_plan(model, path, questions, cfg, streamed=True)
-    video = encode_video(model, sample, cfg.max_pixels, cfg.chunk_frames)
+    video = encode_video(model, sample, cfg.max_pixels, cfg.chunk_frames, encoded=cfg.encoded, layer=cfg.layer,
+                         prefill_chunk=cfg.prefill_chunk)
     return video, video.info, {**planned, **video.stats}
 
 

@@ -103,13 +103,28 @@ class AdaTPState:
         visual = self.prompt.visual_positions.to(dev, non_blocking=True).index_select(0, keep)
         rows = torch.searchsorted(positions, visual)
         device = self.injections[self.layer].device
-        keep = keep.to(device, non_blocking=True)
+        # Features waiting on the host (fits.encoded_place) are gathered there (the keep set copied back
+        # in step: a copy to the host without a sync could be read unfinished), and come to the device a
+        # call's rows at a time (Injection.window); their rows stay on the keep set's device.
+        on_host = device.type == "cpu"
+        keep = keep.to(device, non_blocking=not on_host)
+        if not on_host:
+            rows = rows.to(device)
         # Layers < K ran already: their features are not gathered (None; the state may hold None there
         # too: ``attention.below_k_released``), only those of layers >= K.
-        return Injection(rows.to(device), tuple(f.index_select(0, keep) if i >= self.layer else None
-                                                for i, f in enumerate(self.injections)))
+        return Injection(rows, tuple(_gather(f, keep) if i >= self.layer else None
+                                     for i, f in enumerate(self.injections)))
 
     def evolve(self, stats: dict | None = None, **changes) -> "AdaTPState":
         """A new state with ``changes`` and the stats merged (input untouched)."""
         merged = {**self.stats, **(stats or {})}
         return replace(self, stats=merged, **changes)
+
+
+def _gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows[index] on rows' device; into pinned memory where rows wait pinned on the host (for a GPU),
+    so that each call's span of them goes to the device at full speed."""
+    if not (rows.device.type == "cpu" and rows.is_pinned()):
+        return rows.index_select(0, index)
+    out = torch.empty((len(index), *rows.shape[1:]), dtype=rows.dtype, pin_memory=True)
+    return torch.index_select(rows, 0, index, out=out)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .errors import AdaTPInputError
-from .fits import check_max_pixels
+from .fits import DEFAULT_PREFILL_CHUNK, check_max_pixels, encoded_place, place_name
 from .models.base import Encoded, VideoPlan, frame_times
 from .video import FrameStream, SamplePlan, VideoInfo
 
@@ -35,7 +35,8 @@ class EncodedVideo:
     key: what identifies these frames for the prefix cache without their pixels: the file (path,
         device, inode, size, mtime), the decoded times and size and the decoder.
     owner: id() of the adapter that encoded them (a video is encoded for one model).
-    stats: time_video_decode, time_preprocess, time_vision, frames_per_chunk.
+    stats: time_video_decode, time_preprocess, time_vision, frames_per_chunk, and where the rows wait
+        (encoded_on: "host" or the device; encoded_reason: fits.encoded_place's why).
     """
 
     encoded: Encoded
@@ -83,27 +84,40 @@ class _TimedChunks:
 STREAM_BACKEND = "pyav"
 
 
+# A stand-in question for the prompt whose length the placement of the rows weighs before any question
+# is known (the video's part of a prompt is the same for every question).
+PLACE_QUESTION = "?"
+
+
 def encode_video(model, sample: SamplePlan, max_pixels=None, chunk: int | None = None,
-                 backend: str = STREAM_BACKEND, on_frame=None) -> EncodedVideo:
+                 backend: str = STREAM_BACKEND, on_frame=None, encoded: str = "auto", layer: int = 2,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> EncodedVideo:
     """Decode, preprocess and encode ``sample``'s frames a chunk at a time, for ``model``.
 
     sample: a video.SamplePlan (check it first: attention.check_video_fits).
     max_pixels: as extract_attention's (None or 0: the pack's default; "model" or -1).
     chunk: frames per chunk (default: the adapter's FRAMES_PER_CHUNK), rounded up to whole temporal patches.
     backend: the decoder (video.BACKENDS; STREAM_BACKEND by default).
+    encoded: where the visual and DeepStack rows wait, "auto", "device" or "host" (fits.encoded_place,
+        weighing them and the prefill of layers < K at ``layer`` in calls of ``prefill_chunk`` tokens,
+        as extract_attention will run it); they are written there chunk by chunk as they are encoded.
     A clip that turns out damaged (check_damage) is refused after its last chunk.
     """
     adapter = model.adapter
     max_pixels = check_max_pixels(max_pixels)
     width, height = sample.size
     plan = adapter.plan_video(sample.num_frames, height, width, times=sample.clip_times(), max_pixels=max_pixels)
+    place, why = encoded_place(adapter, adapter.build_prompt(PLACE_QUESTION, plan), adapter.resolve_layer(layer)[0],
+                               prefill_chunk, encoded)
     step = adapter.chunk_frames(plan, chunk)
     stream = FrameStream(sample, step, backend, on_frame)
     stats: dict = {"time_video_decode": 0.0, "time_preprocess": 0.0, "time_vision": 0.0}
-    encoded = adapter.encode_chunks(_TimedChunks(stream, stats, "time_video_decode"), plan, stats)
+    video = adapter.encode_chunks(_TimedChunks(stream, stats, "time_video_decode"), plan, stats, place)
     info = stream.info
     times, assumed = frame_times(plan.num_frames, info.timestamps)
     plan = replace(plan, frame_times=times, times_assumed=assumed)
     key = ("file", sample.path, sample.identity, tuple(info.timestamps), sample.size, info.backend)
-    return EncodedVideo(encoded=encoded, plan=plan, info=info, frame_size=(width, height), max_pixels=max_pixels,
-                        key=key, owner=id(adapter), stats={**stats, "frames_per_chunk": step})
+    return EncodedVideo(encoded=video, plan=plan, info=info, frame_size=(width, height), max_pixels=max_pixels,
+                        key=key, owner=id(adapter), stats={**stats, "frames_per_chunk": step,
+                                                           "encoded_on": place_name(video.visual),
+                                                           "encoded_reason": why})

@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adatp_core.cli import load_model  # noqa: E402
-from adatp_core.clips.job import ClipsJob, plan_sources, run_clips  # noqa: E402
+from adatp_core.clips.job import plan_sources, run_clips  # noqa: E402
+from adatp_core.clips.settings import ClipsJob  # noqa: E402
 from adatp_core.clips.plan import ClipRules  # noqa: E402
 from adatp_core.generate import SamplingConfig  # noqa: E402
 from adatp_core.pipeline import PipelineConfig  # noqa: E402

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adatp_core.clips.job import (CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, parse_layouts,
-                                     run_clips)
-from ..adatp_core.clips.plan import MAX_FPS, MAX_SECONDS, MAX_SIDE, MAX_TRIM_FRAMES, ClipRules
+from ..adatp_core.clips.cut import CUT_MODES
+from ..adatp_core.clips.job import run_clips
+from ..adatp_core.clips.plan import FRAME_RULES, MAX_FPS, MAX_SECONDS, MAX_SIDE, MAX_TRIM_FRAMES, ClipRules
+from ..adatp_core.clips.settings import DEFAULT_LAYOUTS, LAYOUTS, ClipsJob, parse_layouts
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.models.loader import activate, release
 from ..adatp_core.paths import check_inside, check_name
@@ -181,6 +182,6 @@ class AdaTP_ClipDataset:
         effective = sampling.resolve(getattr(model.model, "generation_config", None)).settings()
         text = (f"{summary.text()}\nOutput: {job.out}\n"
                 f"Generation: {settings_text(effective)} (unset: the model's generation_config.json)")
-        if summary.captions().model_error:
+        if summary.captions().model_error or summary.busy:  # busy: another run holds every source
             raise RuntimeError(text)
         return {"ui": {"text": [text]}, "result": (text,)}

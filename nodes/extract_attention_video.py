@@ -36,7 +36,7 @@ def extract_from_video(model, video, question, layer, query, num_frames, samplin
             planned = check_video_fits(model, sample, [question], max_pixels, layer=layer, streamed=True,
                                        prefill_chunk=DEFAULT_PREFILL_CHUNK)
             with stage_peak(stats, "encode", device):
-                encoded = encode_video(model, sample, max_pixels, on_frame=on_frame)
+                encoded = encode_video(model, sample, max_pixels, on_frame=on_frame, layer=layer)
             with stage_peak(stats, "prefill", device):
                 state = extract_attention(model, encoded, question, layer, query, max_pixels=max_pixels)
             state.stats.update({**planned, **encoded.stats, **stats})

@@ -270,9 +270,64 @@ def test_stale_temps_go_whichever_clip_they_were_for(numbered, tmp_path):
     .part file stayed for good once the plan changed."""
     from adatp_core.clips.cut import remove_stale_temps
 
+    from adatp_core.clips.cut import hold_temp
+
     dead, live = tmp_path / ".gone_s0001.part-999999999.mp4", tmp_path / f".busy.part-{os.getpid()}.mp4"
     other = tmp_path / ".notes.mp4"  # not our temp name
+    lock = hold_temp(live)  # a live writer's (None on Windows: its PID runs)
     for path in (dead, live, other):
         path.write_bytes(b"half")
-    remove_stale_temps(tmp_path)
+    try:
+        remove_stale_temps(tmp_path)
+    finally:
+        if lock is not None:
+            os.close(lock)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="temp files are locked on POSIX only (Windows: the PID is asked)")
+def test_a_dead_writers_temp_file_goes_though_its_pid_was_reused_and_a_live_ones_stays(numbered, tmp_path):
+    """Hostile review: a temp file was judged by the PID in its name alone, so one whose dead writer's
+    PID was reused (here: this process's PID) stayed for good; the writer's lock decides now."""
+    import subprocess
+    import sys
+
+    from adatp_core.clips.cut import ClipWriter, encoder_name, remove_stale_temps
+
+    reused = tmp_path / f".gone.part-{os.getpid()}.mp4"  # a dead run's, under a PID that runs again
+    reused.write_bytes(b"half")
+    writer = ClipWriter(plan(numbered, 0.0, 5, name="busy"), tmp_path, encoder=encoder_name())
+    try:
+        import av
+        import numpy as np
+
+        for _ in range(2):  # FFmpeg opens the file at its first packet: the locked one, truncated
+            writer.add_frame(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24"))
+        assert os.path.samestat(os.fstat(writer.lock), os.stat(writer.tmp))
+        # another process (a second run) sweeps the folder while this one writes
+        code = "import sys; from adatp_core.clips.cut import remove_stale_temps as r; r(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=os.getcwd())
+        assert sorted(p.name for p in tmp_path.iterdir()) == [writer.tmp.name]
+        assert writer.tmp.name.endswith(f".part-{os.getpid()}.mp4")
+    finally:
+        writer.abort()
+    dead = tmp_path / ".x.part-1.mp4"  # PID 1 always runs: the name alone kept it
+    dead.write_bytes(b"half")
+    remove_stale_temps(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="temp files are locked on POSIX only")
+def test_a_temp_file_that_cannot_be_opened_is_left_alone(tmp_path, monkeypatch):
+    """Another user's run's temp file (not ours to open) is skipped, not a crash of the whole job."""
+    from adatp_core.clips import cut
+
+    other = tmp_path / ".theirs.part-1.mp4"
+    other.write_bytes(b"half")
+
+    def refused(path, create=True):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cut, "hold_file", refused)
+    cut.remove_stale_temps(tmp_path)
+    assert other.exists()

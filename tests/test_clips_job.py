@@ -16,7 +16,11 @@ from pack import pack_module
 from adatp_core.cli import main as cli_main
 from adatp_core.clips import cli as clips_cli
 from adatp_core.clips import job as clips_job
-from adatp_core.clips.job import ClipsJob, run_clips, write_layouts
+from adatp_core.clips import records as clips_records
+from adatp_core.clips import settings as clips_settings
+from adatp_core.clips import summary as clips_summary
+from adatp_core.clips.job import run_clips, write_layouts
+from adatp_core.clips.settings import ClipsJob
 from adatp_core.clips.plan import ClipRules
 from adatp_core.errors import AdaTPInputError
 from adatp_core.generate import SamplingConfig
@@ -78,7 +82,7 @@ def made(tmp_path_factory, footage, tiny):
     root = tmp_path_factory.mktemp("made")
     (root / "src").mkdir()
     (root / "src" / "long.mp4").write_bytes(footage)
-    job = ClipsJob(sources=(root / "src",), out=root / "set", rules=RULES, layouts=clips_job.LAYOUTS,
+    job = ClipsJob(sources=(root / "src",), out=root / "set", rules=RULES, layouts=clips_settings.LAYOUTS,
                    prefix="trig, ", pipeline=CFG, workers=0)
     summary = run_clips(tiny, job)
     return job, summary
@@ -522,7 +526,7 @@ def test_set_aside_keeps_every_replaced_clip_and_goes_before_the_record(tmp_path
     (job.clips_dir / f"{next(iter(first))[:-4]}.txt").write_text("a caption")
     smaller = dataclasses.replace(job, rules=dataclasses.replace(rules, max_side=32))
     cut_only(smaller)
-    cut_only(job)  # back: the same names set aside a second time
+    cut_only(dataclasses.replace(job, crf=30))  # the same names set aside a second time (none restored: another crf)
     aside = job.state_dir / "replaced"
     assert sorted(p.name for p in aside.iterdir()) == sorted(
         [*first, *(n[:-4] + ".2.mp4" for n in first), next(iter(first))[:-4] + ".txt"])
@@ -538,7 +542,7 @@ def test_set_aside_keeps_every_replaced_clip_and_goes_before_the_record(tmp_path
         cut_only(smaller)
     monkeypatch.undo()
     summary = cut_only(smaller)
-    assert summary.clips_cut == 2
+    assert summary.clips_cut + summary.clips_existing == 2  # the smaller ones set aside before: restored
     assert {(p.width, p.height) for p in map(probe_video, clips_of(job))} == {(32, 24)}
 
 
@@ -780,19 +784,35 @@ def test_a_source_replaced_by_other_footage_is_cut_again_and_its_old_captions_go
     assert len(list((job.state_dir / "replaced").glob("*.txt"))) == 2
 
 
-def test_the_record_keeps_up_with_a_long_cut(tmp_path, short, monkeypatch):
-    """What each clip holds reaches the record while a source is cut (every RECORD_EVERY s), not only
-    at its end: a kill loses little of it."""
+def test_what_each_clip_holds_survives_a_kill_before_the_record_is_rewritten(tmp_path, short, monkeypatch):
+    """Hostile review: copy mode killed before the record's rewrite (every 10 s, and at the source's end)
+    kept the planned values for the clips cut meanwhile, so the JSONL listed frames they do not hold.
+    Each clip is journaled as it is made (KEY.made.jsonl, one fsynced line) and folded in when read."""
     (tmp_path / "short.mp4").write_bytes(short)
     job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, cut="copy")
-    made = []
+    plan = clips_job.plan_sources(job)
+    key = plan.sources[0].key
     real = clips_job.write_record
-    monkeypatch.setattr(clips_job, "RECORD_EVERY", -1.0)
-    monkeypatch.setattr(clips_job, "write_record", lambda j, p: made.append(len(p.made)) or real(j, p))
-    cut_only(job)
-    assert made == [0, 1, 2, 2]  # planned, after each clip, at the source's end
-    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
-    assert sorted(record["made"]) == sorted(c.stem for c in clips_of(job))
+    monkeypatch.setattr(clips_job, "write_record", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        with pytest.raises(KeyboardInterrupt):  # killed at the source's end, before the record is rewritten
+            clips_job.cut_sources(job, plan, clips_job.ClipsSummary())
+    finally:
+        plan.release()
+    monkeypatch.setattr(clips_job, "write_record", real)
+    record = json.loads(clips_job.record_path(job, key).read_text())
+    assert record["made"] == {} and len(clips_of(job)) == 2  # the record holds the plan only
+    with open(clips_records.journal_path(job, key), "a") as f:
+        f.write('{"clip": "cut short by a kil')  # a line the kill cut short is skipped
+    made = {c.plan.name: (c.value("frames"), round(c.value("fps"), 3), c.value("width"), c.value("height"))
+            for s in clips_job.dataset(job) for c in s.clips}
+    held = {p.stem: (probe_video(p).frame_count, round(probe_video(p).fps, 3), probe_video(p).width,
+                     probe_video(p).height) for p in clips_of(job)}
+    planned = {c["name"]: (c["frames"], round(c["fps"], 3), c["width"], c["height"]) for c in record["clips"]}
+    assert made == held and held != planned  # what the files hold, not the plan
+    assert cut_only(job).clips_existing == 2  # the next run folds the journal into the record
+    assert sorted(json.loads(clips_job.record_path(job, key).read_text())["made"]) == sorted(held)
+    assert not clips_records.journal_path(job, key).exists()
 
 
 def test_a_file_name_that_is_not_utf8_is_cut_captioned_and_listed(cli, tmp_path, one_shot):
@@ -884,3 +904,202 @@ def test_a_damaged_record_fails_its_source_by_name_and_touches_nothing(tmp_path,
     with caplog.at_level("WARNING"):
         assert clips_job.dataset(job) == []
     assert any("is damaged" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_that_finds_every_source_held_says_by_whom_and_exits_3(cli, tmp_path, one_shot, comfy, tiny):
+    """Hostile review: a run whose every source another run held exited 0 saying little, and the node
+    reported success; now exit 3 (EXIT_BUSY), the holding process and claim file named, what to do."""
+    from adatp_core.caption import ClipClaim
+
+    (tmp_path / "one.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "set", rules=RULES)
+    other = ClipClaim(clips_job.record_path(job, clips_job.source_key(tmp_path / "one.mp4")))
+    other.path.parent.mkdir(parents=True)
+    assert other.acquire()
+    _, inp, out = comfy
+    (inp / "one.mp4").write_bytes(one_shot)
+    node_job = ClipsJob(sources=(inp / "one.mp4",), out=out / "set", rules=RULES)
+    node_claim = ClipClaim(clips_job.record_path(node_job, clips_job.source_key(inp / "one.mp4")))
+    node_claim.path.parent.mkdir(parents=True)
+    assert node_claim.acquire()
+    try:
+        code, stdout, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "set", *SETTINGS)
+        with pytest.raises(RuntimeError, match="every source .1. is left to another run"):
+            clip_node()().make(tiny, "one.mp4", "set", "Describe.", "", MIN_S, MAX_S, FPS, "4k+1",
+                               caption_frames=2, max_new_tokens=3, batch_size=1)
+    finally:
+        other.release()
+        node_claim.release()
+    assert code == clips_summary.EXIT_BUSY == 3, (code, stdout, err)
+    assert "Nothing done: every source (1) is left to another run" in stdout
+    assert f"held by process {os.getpid()} on " in stdout and other.path.name in stdout
+    assert "Wait for that run to finish" in stdout and "remove its claim file" in stdout
+    assert not job.clips_dir.exists() or not clips_of(job)
+    assert "3 when every source is held" in clips_cli.build_parser().epilog
+    code, stdout, err = cli(tmp_path / "one.mp4", "--out", tmp_path / "set", *SETTINGS)  # the claim is free
+    assert code == 0 and "1 cut now" in stdout
+
+
+def padded(data: bytes, size: int) -> bytes:
+    """An MP4 made ``size`` bytes long by a trailing 'free' box (which players skip)."""
+    n = size - len(data)
+    assert n >= 8
+    return data + n.to_bytes(4, "big") + b"free" + bytes(n - 8)
+
+
+def test_a_touched_source_keeps_its_clips_and_a_same_size_same_time_copy_is_cut_again(tmp_path, short):
+    """Hostile review: touch (the time changed, not the footage) recut and recaptioned a source, and a
+    source replaced by other footage of the same size with its time kept (cp -p) was not noticed; a
+    fingerprint of the content (size, 1 MiB at the start, middle and end) decides now."""
+    other = write_video(tmp_path / "other.mp4", 255 - scene_frames(32, 64, 48, scenes=2), fps=FPS).read_bytes()
+    size = max(len(short), len(other)) + 16
+    src = tmp_path / "take.mp4"
+    src.write_bytes(padded(short, size))
+    job = ClipsJob(sources=(src,), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    before = {c.name: c.stat().st_mtime_ns for c in clips_of(job)}
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # touch
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (0, 2) and not (job.state_dir / "replaced").exists()
+    assert {c.name: c.stat().st_mtime_ns for c in clips_of(job)} == before
+    record = json.loads(next((job.state_dir / "sources").glob("*.json")).read_text())
+    assert record["mtime_ns"] == st.st_mtime_ns + 5 * 10**9 and len(record["fingerprint"]) == 32
+    touched = os.stat(src)
+    src.write_bytes(padded(other, size))  # cp -p: other footage, the same size, the time kept
+    os.utime(src, ns=(touched.st_atime_ns, touched.st_mtime_ns))
+    assert os.stat(src).st_size == touched.st_size
+    replaced = cut_only(job)
+    assert (replaced.clips_cut, replaced.clips_existing) == (2, 0)
+    assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == 2
+
+
+def test_the_fingerprint_reads_three_mebibytes_of_a_large_file(tmp_path, monkeypatch):
+    from adatp_core.clips import plan as clips_plan
+
+    monkeypatch.setattr(clips_plan, "FINGERPRINT_PART", 4)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"a" * 4 + b"b" * 20 + b"c" * 4)
+    first = clips_plan.fingerprint(big)
+    big.write_bytes(b"a" * 4 + b"b" * 4 + b"X" + b"b" * 15 + b"c" * 4)  # outside the three parts read
+    assert clips_plan.fingerprint(big) == first
+    big.write_bytes(b"a" * 4 + b"b" * 9 + b"X" + b"b" * 10 + b"c" * 4)  # inside the middle part (12-15)
+    assert clips_plan.fingerprint(big) != first
+    big.write_bytes(b"a" * 4 + b"b" * 20 + b"c" * 5)  # one byte longer
+    assert clips_plan.fingerprint(big) != first
+
+
+def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(tiny, tmp_path, short, one_shot):
+    """Hostile review: a renamed source folder doubled the set (the renamed files cut again under new
+    names beside the old clips, nothing said); the same footage (by fingerprint) adopts the record of a
+    source that is gone, and a record whose source is gone and not adopted is named with what to do."""
+    (tmp_path / "films").mkdir()
+    (tmp_path / "films" / "a.mp4").write_bytes(short)
+    (tmp_path / "films" / "b.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "films",), out=tmp_path / "set", rules=RULES, pipeline=CFG, workers=0,
+                   layouts=("txt", "jsonl", "srt"))
+    first = run_clips(tiny, job)
+    assert first.exit_code() == 0 and first.clips_cut == 3
+    before = {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()}
+    old_key = clips_job.source_key(tmp_path / "films" / "a.mp4")
+    clips_records.aside_path(job, old_key).write_text('{"file": "x.mp4"}\n')  # its notes of clips set aside
+    (tmp_path / "films").rename(tmp_path / "footage")
+    (tmp_path / "footage" / "b.mp4").unlink()  # b is gone for good
+    moved = dataclasses.replace(job, sources=(tmp_path / "footage",))
+    summary = run_clips(lambda: pytest.fail("nothing to caption"), moved)
+    assert (summary.clips_cut, summary.clips_existing, summary.detected, summary.clips_replaced) == (0, 2, 0, 0)
+    assert {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()} == before  # nothing cut or captioned
+    text = summary.text()
+    assert summary.adopted == [("footage/a.mp4", str(tmp_path / "films" / "a.mp4"))]
+    assert "1 source(s) moved or renamed" in text and "films/a.mp4 -> footage/a.mp4" in text
+    assert [(s, n) for s, _, n in summary.gone] == [(str(tmp_path / "films" / "b.mp4"), 1)]
+    assert "no longer where they were" in text and "Their clips stay in the set" in text and "remove its record" in text
+    records = sorted((job.state_dir / "sources").glob("*.json"))
+    assert len(records) == 2  # a's moved to its new key, b's left
+    new_key = clips_job.source_key(tmp_path / "footage" / "a.mp4")
+    assert clips_records.aside_path(job, new_key).read_text() == '{"file": "x.mp4"}\n'  # moved with the record
+    assert not clips_records.aside_path(job, old_key).exists()
+    assert json.loads(clips_job.record_path(job, new_key).read_text())["source"] == str(tmp_path / "footage" / "a.mp4")
+    rows = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and sum(r["source"] == str(tmp_path / "footage" / "a.mp4") for r in rows) == 2
+    assert sorted(p.stem for p in (job.out / "subtitles").glob("*.srt")) == sorted(r.stem for r in records)
+    again = run_clips(lambda: pytest.fail("nothing to caption"), moved)
+    assert not again.adopted and again.clips_existing == 2 and len(again.gone) == 1
+
+
+@pytest.mark.parametrize("clips", ["as planned", "one otherwise", "with its cut settings"])
+def test_a_record_of_the_older_format_is_upgraded_when_its_clips_match_its_plan(tmp_path, short, clips):
+    """Hostile review: a record written before records held the cut settings and the resolved path made
+    the next run set aside, recut and recaption every clip once; its clips are checked against its plan
+    (frames, rate, size, from the containers) and the record upgraded in place instead."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    path = next((job.state_dir / "sources").glob("*.json"))
+    record = json.loads(path.read_text())
+    old = {k: v for k, v in record.items() if k not in ("cut", "resolved", "made", "fingerprint")}
+    if clips == "with its cut settings":  # written between the two changes: the cut kept, not the path
+        old["cut"] = {**record["cut"], "crf": 30}
+    path.write_text(json.dumps(old))
+    if clips == "one otherwise":  # a clip of 5 frames under a name planned with 13
+        write_video(clips_of(job)[0], scene_frames(5, 64, 48, scenes=1), fps=FPS)
+    before = {c.name: c.stat().st_mtime_ns for c in clips_of(job)}
+    again = cut_only(job)
+    if clips != "as planned":  # as before: the record cannot say how its clips were made, or says otherwise
+        assert (again.clips_cut, again.clips_existing) == (2, 0)
+        assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == 2
+        return
+    assert (again.clips_cut, again.clips_existing) == (0, 2) and not (job.state_dir / "replaced").exists()
+    assert {c.name: c.stat().st_mtime_ns for c in clips_of(job)} == before
+    now = json.loads(path.read_text())
+    assert now["cut"] == record["cut"] and now["resolved"] == record["resolved"] and now["fingerprint"]
+
+
+def test_settings_switched_back_restore_the_clips_set_aside_with_their_captions(tmp_path, short):
+    """Hostile review: switching settings back and forth recut (and recaptioned) every clip each time,
+    though the earlier clips sat in .adatp/replaced; those made with the plan and settings asked for now
+    are moved back, with their captions."""
+    (tmp_path / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "short.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    assert cut_only(job).clips_cut == 2
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text(f"the caption of {clip.stem}")
+    first = {p.name: p.read_bytes() for p in job.clips_dir.iterdir()}  # clips and captions
+    smaller = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
+    assert cut_only(smaller).clips_cut == 2
+    back = run_clips(lambda: pytest.fail("nothing to caption"), job)
+    assert (back.clips_cut, back.clips_replaced, back.clips_restored) == (0, 2, 2)
+    assert {p.name: p.read_bytes() for p in job.clips_dir.iterdir()} == first
+    assert "2 moved back from .adatp/replaced" in back.text()
+    assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == 2  # the smaller ones, set aside in turn
+    assert cut_only(dataclasses.replace(job, crf=30)).clips_cut == 2  # not as they were made: cut again
+    again = cut_only(smaller)
+    assert (again.clips_cut, again.clips_existing) == (0, 2)  # moved back, not cut
+    assert {(p.width, p.height) for p in map(probe_video, clips_of(job))} == {(32, 24)}
+
+
+def test_a_record_under_the_key_an_earlier_version_gave_is_taken_not_doubled(tmp_path, short):
+    """Folder sources were keyed by the path below the folder before; their records (older format,
+    clips named with that key) stayed beside the new key's, and the source was cut again under new
+    names: the set held every clip twice. The record of the same file under another key is taken."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "short.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    key = clips_job.source_key(tmp_path / "src" / "short.mp4")
+    old_key = "short-0123abcd"
+    record = json.loads(clips_job.record_path(job, key).read_text())
+    for c in record["clips"]:  # as the earlier version named them
+        new_name = c["name"].replace(key, old_key)
+        (job.clips_dir / f"{c['name']}.mp4").rename(job.clips_dir / f"{new_name}.mp4")
+        c["name"] = new_name
+    old = {k: v for k, v in record.items() if k not in ("cut", "resolved", "made", "fingerprint")}
+    old["source"] = str(tmp_path / "src" / "short.mp4")
+    clips_job.record_path(job, old_key).write_text(json.dumps(old))
+    clips_job.record_path(job, key).unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in clips_of(job)}
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (0, 2)
+    assert {p.name: p.stat().st_mtime_ns for p in clips_of(job)} == before
+    assert [p.stem for p in (job.state_dir / "sources").glob("*.json")] == [key]
+    assert sum(len(s.clips) for s in clips_job.dataset(job)) == 2

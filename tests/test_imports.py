@@ -118,3 +118,14 @@ def test_frames_in_pictures_out_stay_below_the_models_and_the_stages():
     for module in ("adatp_core.samples", "adatp_core.preview"):
         wrong = sorted(m for m in reached(edges, module) if m.startswith(above))
         assert wrong == [], f"{module} reaches {wrong}"
+
+
+def test_no_command_line_reaches_into_argparse_internals():
+    """The clips command took the caption command's options from its parser's ``_actions`` with
+    ``_add_action``; shared options have one public home, cli_options.py."""
+    import re
+
+    found = [f"{p.relative_to(PACKAGE.parent)}:{n}" for p in PACKAGE.rglob("*.py")
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"\._(actions|add_action|option_string_actions|action_groups)\b", line)]
+    assert found == []

@@ -114,11 +114,11 @@ def test_captions_check_each_clip_with_the_runs_settings(qwen3, monkeypatch):
     from adatp_core.generate import SamplingConfig
 
     cfg = pipeline.PipelineConfig(layer=3, retention=0.5, prefill_chunk=4096, chunk_frames=8,
-                                  generation=SamplingConfig(max_new_tokens=40))
+                                  generation=SamplingConfig(max_new_tokens=40), encoded="host")
     figures = fits_check(qwen3, QUESTION, cfg)(sample_plan(64))
     assert any(what.startswith("layers < K's keys and values (3 layers") for what in figures["memory_plan"]["host"])
     seen = {}
     monkeypatch.setattr(pipeline, "check_video_fits", lambda *a, **k: seen.update(k) or {})
     fits_check(qwen3, QUESTION, cfg)(sample_plan(64))
     assert seen == {"layer": 3, "retention": 0.5, "streamed": False, "chunk_frames": 8, "prefill_chunk": 4096,
-                    "max_new_tokens": 40, "kv": "device"}
+                    "max_new_tokens": 40, "encoded": "host", "kv": "device"}

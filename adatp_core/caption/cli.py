@@ -24,12 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli_options import add_model_arguments, load_model, pipeline_config
+from ..cli_options import add_caption_arguments, add_model_arguments, load_model, pipeline_config
 from ..errors import AdaTPEnvironmentError, AdaTPInputError
 from .files import Manifest, check_manifest, shown
 from .plan import CaptionJob, plan_folder
 from .run import caption_folder
-from .stream import DEFAULT_PROMPT, check_options
+from .stream import check_options
 from .summary import CaptionSummary
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="the folder of clips")
     p.add_argument("--out", type=Path, help="write captions under this folder, mirroring the clips' subfolders "
                                             "(default: beside each clip)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the captioning instruction")
-    p.add_argument("--prefix", default="", help="text put before every caption (a trigger word)")
-    p.add_argument("--suffix", default="", help="text put after every caption")
-    p.add_argument("--overwrite", action="store_true", help="caption clips that already have a .txt again")
+    add_caption_arguments(p)
     p.add_argument("--recursive", action="store_true", help="include clips in subfolders")
     p.add_argument("--manifest", type=Path, help="append one JSON line per clip to this file")
     p.add_argument("--no-save", dest="save", action="store_false",
                    help="write no .txt files: the captions go to --manifest only (a trial run)")
-    p.add_argument("--workers", type=int, default=2, help="decoding processes that run ahead of the model "
-                                                          "(default 2; 0 decodes in this process)")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help="clips decoded together (default 0: auto, from the device's free memory and each clip's "
-                        "cache after pruning; on the CPU the fastest measured); 1 decodes one clip at a time")
+    add_caption_arguments(p, decode_only=True)
     add_model_arguments(p, max_new_tokens=256)
     p.add_argument("-v", "--verbose", action="store_true")
     return p

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import re
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -220,6 +221,46 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+def hold_file(path: Path, create: bool = True) -> int | None:
+    """An open descriptor of the file at ``path`` (made if missing, when ``create``) holding its lock
+    (flock on POSIX), or None when another open file holds it (another process, or another part of this
+    one) or, without ``create``, when there is no file. The lock goes when the descriptor is closed or
+    its process ends, however it ends: a lock that can be taken has no live holder, whatever the PIDs."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0) | _NOFOLLOW | _CLOEXEC, 0o600)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        if not _try_lock(fd):
+            os.close(fd)
+            return None
+        try:  # the previous holder may have removed the file: hold the one at the path
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+        if not create:
+            return None
+
+
+_HOLDER = re.compile(rb"pid (\d+) host (\S*)")
+
+
+def _write_holder(fd: int) -> None:
+    """Say in the claim file which process holds it (for a message naming it; the lock, not
+    this text, decides whether the claim is held). From byte 1: Windows locks byte 0."""
+    try:
+        os.ftruncate(fd, 1)
+        os.lseek(fd, 1, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} host {socket.gethostname() or '-'}\n".encode("utf-8", "replace"))
+    except OSError:  # a full disk: the claim holds all the same
+        pass
+
+
 class ClipClaim:
     """A lock on one caption, held while its clip is captioned: a hidden file beside
     the caption (a short fixed-length name) locked with flock. The lock goes when the
@@ -231,19 +272,22 @@ class ClipClaim:
         self.fd = None
 
     def acquire(self) -> bool:
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
-            if not _try_lock(fd):
-                os.close(fd)
-                return False
-            try:  # the previous holder may have removed the file: hold the one at the path
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                return True
-            os.close(fd)
+        self.fd = hold_file(self.path)
+        if self.fd is None:
+            return False
+        _write_holder(self.fd)
+        return True
+
+    def holder(self) -> tuple[int, str] | None:
+        """(pid, host) of the process holding this claim, as it wrote itself in; None if not said
+        (a claim written by an older version, or one being taken right now)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(1)  # byte 0 is the Windows lock's (msvcrt locks it): read past it
+                found = _HOLDER.search(f.read(300))
+        except OSError:
+            return None
+        return (int(found[1]), found[2].decode("utf-8", "replace")) if found else None
 
     def release(self) -> None:
         if self.fd is None:

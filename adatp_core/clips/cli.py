@@ -11,7 +11,9 @@ txt (NAME.txt beside each clip), finetrainers (prompts.txt + videos.txt), jsonl
 (clips.jsonl) and srt / vtt (OUT/subtitles: each source's shots with their captions).
 A rerun skips what is done: shots kept per source, clips and captions already there.
 Exit status: 0 when the clips have captions, 1 when none could be made, 2 for bad
-options or a model or disk failure.
+options or a model or disk failure, 3 when every source is held by another run on the
+same output folder (nothing done: the summary names each holding process; wait for it,
+or remove a claim whose process is gone).
 """
 
 from __future__ import annotations
@@ -24,31 +26,22 @@ import time
 
 from ..caption import check_options
 from ..caption.cli import Distributed, ProgressLine, option_message, run_distributed
-from ..caption.cli import build_parser as caption_parser
 from ..caption.files import printable
-from ..cli_options import add_model_arguments, load_model, pipeline_config  # the model options, as caption takes them
+from ..cli_options import add_caption_arguments, add_model_arguments, load_model, pipeline_config  # the model options, as caption takes them
 from ..errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPInterrupted
-from .job import CUT_MODES, DEFAULT_LAYOUTS, FRAME_RULES, LAYOUTS, ClipsJob, ClipsSummary, parse_layouts, \
-    plan_sources, run_clips, write_layouts
+from .cut import CUT_MODES
+from .job import plan_sources, run_clips, write_layouts
 from .outputs import readable
-from .plan import ClipRules
+from .plan import FRAME_RULES, ClipRules
+from .settings import DEFAULT_LAYOUTS, LAYOUTS, ClipsJob, parse_layouts
+from .summary import ClipsSummary
 
 log = logging.getLogger(__name__)
 
-# The caption command's own options, taken from its parser (one definition for both commands).
-CAPTION_OPTIONS = ("prompt", "prefix", "suffix", "overwrite", "workers", "batch_size")
 OPTIONS = {"min_seconds": "--min-seconds", "max_seconds": "--max-seconds", "fps": "--fps", "clip_frames": "--frames",
            "frames": "--caption-frames",
            "trim_frames": "--trim-frames", "max_side": "--max-side", "threshold": "--threshold", "cut": "--cut",
            "crf": "--crf", "layout": "--layout", "out": "--out", "sources": "SOURCE"}
-
-
-def borrow(parser: argparse.ArgumentParser, source: argparse.ArgumentParser, dests) -> None:
-    """Add ``source``'s options for ``dests`` to ``parser``, as argparse's parents= adds a
-    parent's (the same action objects)."""
-    for action in source._actions:
-        if action.dest in dests:
-            parser._add_action(action)
 
 
 def frame_rate(value: str):
@@ -105,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the plan (shots, clips, durations, frame counts); cut nothing, load no model")
     p.add_argument("--json", action="store_true", help="print the plan or the summary as JSON")
     caption = p.add_argument_group("captions")
-    borrow(caption, caption_parser(), CAPTION_OPTIONS)
+    add_caption_arguments(caption)  # the caption command's options, from their one definition
+    add_caption_arguments(caption, decode_only=True)
     add_model_arguments(caption, max_new_tokens=256)
     # The caption command's --frames (frames sampled per clip) is --caption-frames here: --frames is the rule.
     rules.add_argument("--frames", dest="clip_frames", choices=FRAME_RULES, default=defaults.frames,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..caption.files import hold_file
 from ..errors import AdaTPInputError, OptionError
 from .plan import ClipPlan, display_rotation
 from .shots import source_events
@@ -60,6 +61,24 @@ class CutResult:
 MADE_FIELDS = ("start", "frames", "fps", "width", "height")  # a written clip, as its file holds it
 
 
+def probe_clip(path: Path) -> dict | None:
+    """What a written clip holds, read from its container (no frame decoded): frames, fps, width,
+    height and whether it has audio; None when it cannot be read as a video."""
+    import av
+
+    from ..video import open_video
+
+    try:
+        with open_video(path) as container:
+            video = container.streams.video[0]
+            rate = video.average_rate or video.guessed_rate
+            return {"frames": int(video.frames or 0), "fps": float(rate) if rate else 0.0,
+                    "width": int(video.codec_context.width or 0), "height": int(video.codec_context.height or 0),
+                    "audio": bool(container.streams.audio)}
+    except (av.error.FFmpegError, IndexError, OSError):
+        return None
+
+
 def check_cut(mode: str, crf: int) -> None:
     """The cut settings; OptionError names the one at fault."""
     if mode not in CUT_MODES:
@@ -78,12 +97,36 @@ def temp_file(out_dir: Path, plan: ClipPlan) -> Path:
     return Path(out_dir) / f".{plan.name}.part-{os.getpid()}.mp4"
 
 
+LOCKS = os.name == "posix"  # a temp file is locked (flock) while written; Windows' locks would stop FFmpeg's writes
+
+
+def hold_temp(tmp: Path) -> int | None:
+    """Make the temp file ``tmp`` and lock it (POSIX) before FFmpeg opens it (the same file, truncated):
+    the lock, held until the clip is renamed into place or given up, tells a live writer from a dead
+    one whatever the PID in the name. None where there are no locks (Windows: the PID is asked)."""
+    return hold_file(tmp) if LOCKS else None
+
+
 def remove_stale_temps(out_dir: Path) -> None:
     """Remove the temp files (temp_file's names) left in out_dir by a process that is gone (a killed
-    run), whichever clip they were for: the plan may have changed since."""
+    run), whichever clip they were for: the plan may have changed since. On POSIX a temp file whose
+    lock can be taken has no live writer (a PID in the name may have been reused by now); on Windows,
+    one whose PID runs no process."""
     for tmp in Path(out_dir).glob(".*.part-*.mp4"):
         stem, _, pid = tmp.name[1:-len(".mp4")].rpartition(".part-")
         if not stem or not pid.isdigit() or not tmp.is_file() or tmp.is_symlink():
+            continue
+        if LOCKS:
+            try:
+                fd = hold_file(tmp, create=False)
+            except OSError:  # not ours to open (another user's run): left alone
+                continue
+            if fd is None:
+                continue  # its writer is alive (or it went meanwhile)
+            try:
+                tmp.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
             continue
         try:
             os.kill(int(pid), 0)
@@ -124,7 +167,12 @@ class ClipWriter:
         self.start_t = plan.start  # the source time of its first frame (copy: of its first keyframe)
         self.encoding = video_template is None
         self.audio = None
-        self.container = open_container(str(self.tmp), "w", format="mp4")
+        self.lock = hold_temp(self.tmp)
+        try:
+            self.container = open_container(str(self.tmp), "w", format="mp4")
+        except BaseException:
+            self._unlock(remove=True)
+            raise
         try:
             if video_template is not None:
                 self.video = self.container.add_stream_from_template(video_template)
@@ -192,6 +240,7 @@ class ClipWriter:
                 self.container.mux(packet)
         self.container.close()
         os.replace(self.tmp, self.final)
+        self._unlock()
         return self.final
 
     def abort(self) -> None:
@@ -199,7 +248,14 @@ class ClipWriter:
             self.container.close()
         except Exception:  # noqa: BLE001 - the file is removed anyway
             pass
-        self.tmp.unlink(missing_ok=True)
+        self._unlock(remove=True)
+
+    def _unlock(self, remove: bool = False) -> None:
+        if remove:  # while still locked: another run never takes a live temp file for a dead one's
+            self.tmp.unlink(missing_ok=True)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
 
 class Frames:

@@ -1,13 +1,13 @@
 """From long footage to a training set: sources -> shots -> clips -> captions -> outputs.
 
-``ClipsJob`` says what to do (sources, the output folder, the clip rules, the cut,
-the caption settings and the layouts); ``run_clips`` does it for this process's
-share of the sources and returns a ``ClipsSummary``. The steps:
+``ClipsJob`` (settings.py) says what to do (sources, the output folder, the clip rules,
+the cut, the caption settings and the layouts); ``run_clips`` does it for this process's
+share of the sources and returns a ``ClipsSummary`` (summary.py). The steps:
 
 1. **plan** (``plan_sources``): each source's shots (``detect_shots``) and clips
    (``plan_clips``). The plan is kept per source in ``OUT/.adatp/sources/KEY.json``
-   with the source's size and time and the rules, so a rerun on an unchanged source
-   with the same rules detects nothing again. ``--dry-run`` stops here and writes
+   (records.py) with the source's fingerprint and the rules, so a rerun on an unchanged
+   source with the same rules detects nothing again. ``--dry-run`` stops here and writes
    nothing.
 2. **cut** (``cut_clips``): the clips that are not in ``OUT/videos`` yet, each
    written under a temporary name and renamed (never half a clip).
@@ -25,7 +25,6 @@ writes the layouts once every process has finished.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -35,26 +34,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..caption import (DEFAULT_PROMPT, CaptionJob, CaptionSummary, ClipClaim, FolderPlan, OptionError, grouped,
-                       caption_folder, existing_caption, plan_folder, scan_folder, write_atomic)
+from ..caption import (ClipClaim, FolderPlan, OptionError, caption_folder, existing_caption, plan_folder, scan_folder,
+                       write_atomic)
 from ..caption.files import printable
 from ..errors import AdaTPInputError, AdaTPInterrupted
-from ..paths import inside, resolved
-from ..pipeline import PipelineConfig
-from .cut import CUT_MODES, check_cut, cut_clips, remove_stale_temps
-from .outputs import LAYOUT_FILES, SUBTITLES_FOLDER, DatasetClip, DatasetSource, write_outputs
-from .plan import FRAME_RULES, ClipPlan, ClipRules, hdr_transfer, plan_clips, source_key
-from .shots import Shot, check_threshold, detect_shots
+from .cut import cut_clips, remove_stale_temps
+from .outputs import DatasetClip, DatasetSource, write_outputs
+from .plan import ClipPlan, fingerprint, hdr_transfer, plan_clips, source_key
+from .records import (Adoption, Source, SourcePlan, journal, plain, read_record, record_path, record_plan, restore,
+                      same_source, set_aside, source_gone, stale_clips, upgraded, write_record)
+from .settings import CLIP_SUFFIX, CLIPS_FOLDER, STATE_FOLDER, ClipsJob, clip_path, cut_settings
+from .shots import detect_shots
+from .summary import ClipsSummary, held_by
 
 log = logging.getLogger(__name__)
-
-CLIPS_FOLDER = "videos"  # OUT/videos: the clips (finetrainers' videos.txt lists them as videos/NAME.mp4)
-STATE_FOLDER = ".adatp"  # OUT/.adatp: per-source plans, and the captions when no .txt layout is asked for
-CLIP_SUFFIX = ".mp4"
-RECORD_VERSION = 1
-RECORD_EVERY = 10.0  # seconds: while a source is cut, its record (what each clip holds) is rewritten this often
-LAYOUTS = ("txt", "finetrainers", "jsonl", "srt", "vtt")
-DEFAULT_LAYOUTS = ("txt", "jsonl", "srt", "vtt")
 
 # on_event(stage, done, total, name): stage "shots" (done, total: sources, fractional while a source is
 # analysed), "cut" (clips), "caption" (clips). It may raise to stop between steps (Cancel).
@@ -95,125 +88,7 @@ def _unwrapped():
         raise stop.exc from None
 
 
-@dataclass(frozen=True)
-class ClipsJob:
-    """A clips job. sources: files or folders (folders listed like the caption command's,
-    with ``recursive``). out: the dataset folder. threshold: None for detect_shots' default.
-    The caption fields are CaptionJob's. root: every source found in a folder must resolve
-    inside it, and out_root every clip and caption (the node); None: any path (the CLI)."""
-
-    sources: tuple
-    out: Path
-    rules: ClipRules = field(default_factory=ClipRules)
-    threshold: float | None = None
-    cut: str = "reencode"
-    keep_audio: bool = False
-    crf: int = 18
-    layouts: tuple = DEFAULT_LAYOUTS
-    recursive: bool = False
-    prompt: str = DEFAULT_PROMPT
-    prefix: str = ""
-    suffix: str = ""
-    overwrite: bool = False
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    workers: int = 2
-    processes: bool = True
-    batch_size: int = 1
-    root: Path | None = None
-    out_root: Path | None = None  # the clips and captions must resolve inside it (the node); None: any
-
-    def __post_init__(self):
-        if not str(self.out).strip():  # Path("") is "."; the dataset would land in the current folder
-            raise OptionError("out", "the output folder is empty text; give a folder for the dataset")
-        if any(not str(s).strip() for s in self.sources):
-            raise OptionError("sources", "a source is empty text (which would be the current folder); give the "
-                                         "videos or folders of videos")
-        object.__setattr__(self, "sources", tuple(Path(s).expanduser() for s in self.sources))
-        object.__setattr__(self, "out", Path(self.out).expanduser())
-        if not self.sources:
-            raise OptionError("sources", "no sources: give one or more videos or folders of videos")
-        layouts = tuple(dict.fromkeys(self.layouts))
-        unknown = [x for x in layouts if x not in LAYOUTS]
-        if unknown or not layouts:
-            raise OptionError("layout", f"layouts must be some of {', '.join(LAYOUTS)}, got {list(self.layouts)!r}")
-        object.__setattr__(self, "layouts", layouts)
-        check_cut(self.cut, self.crf)
-        if self.threshold is not None:
-            check_threshold(self.threshold)
-        for parent in (self.out, *self.out.parents):
-            if parent.exists() or parent.is_symlink():
-                if not parent.is_dir():
-                    raise OptionError("out", f"{printable(str(parent))} is a file, not a folder; give a folder "
-                                             "for the clips.")
-                break
-        if self.out_root is not None:  # the node: nothing under the output folder may lead out of its root
-            for folder in (self.out, self.clips_dir, self.state_dir, self.caption_dir):
-                if not inside(resolved(self.out_root), resolved(folder)):
-                    raise OptionError("out", f"{printable(str(folder))} leads outside {printable(str(self.out_root))} "
-                                             "(a link); remove the link or choose another output folder.")
-        self.check_obstacles()
-
-    def check_obstacles(self) -> None:
-        """OptionError("out") naming what in the output folder is in the way: a file where the job
-        keeps a folder, or a folder where a layout writes its file."""
-        folders = {self.clips_dir: "the clips", self.state_dir: "its records", self.out / SUBTITLES_FOLDER:
-                   "the subtitles", self.state_dir / "sources": "each source's record",
-                   self.state_dir / "replaced": "the clips it sets aside", self.caption_dir: "the captions"}
-        for folder, what in folders.items():
-            if os.path.lexists(folder) and not folder.is_dir():
-                raise OptionError("out", f"{printable(str(folder))} is a file, where the job keeps {what} in a "
-                                         "folder; move or remove it, or choose another output folder.")
-        files = [n for layout, names in LAYOUT_FILES.items() if layout in self.layouts for n in names]
-        for name in files:
-            if (self.out / name).is_dir():
-                raise OptionError("out", f"{printable(str(self.out / name))} is a folder, where the layouts write a "
-                                         "file; move or remove it, or choose another output folder.")
-
-    @property
-    def clips_dir(self) -> Path:
-        return self.out / CLIPS_FOLDER
-
-    @property
-    def state_dir(self) -> Path:
-        return self.out / STATE_FOLDER
-
-    @property
-    def caption_dir(self) -> Path:
-        """Where each clip's caption (NAME.txt) is kept: beside the clip with the txt layout,
-        else in the state folder (the other layouts are written from it)."""
-        return self.clips_dir if "txt" in self.layouts else self.state_dir / "captions"
-
-    def caption_job(self) -> CaptionJob:
-        """The caption run over the clips folder, with this job's caption settings."""
-        self.clips_dir.mkdir(parents=True, exist_ok=True)
-        return CaptionJob(folder=self.clips_dir, out=None if "txt" in self.layouts else self.caption_dir,
-                          prompt=self.prompt, prefix=self.prefix, suffix=self.suffix, overwrite=self.overwrite,
-                          pipeline=self.pipeline, workers=self.workers, processes=self.processes,
-                          root=self.out_root, batch_size=self.batch_size)
-
-
-def parse_layouts(text: str) -> tuple:
-    """'txt,jsonl' -> ("txt", "jsonl"); 'all' -> every layout. OptionError("layout") for others."""
-    names = tuple(v.strip().lower() for v in str(text).split(",") if v.strip())
-    if names == ("all",):
-        return LAYOUTS
-    unknown = [n for n in names if n not in LAYOUTS]
-    if unknown or not names:
-        raise OptionError("layout", f"{text!r}: give some of {', '.join(LAYOUTS)} separated by commas, or 'all'")
-    return names
-
-
 # --- sources ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Source:
-    """One source video. root: the folder it was found in (None: given as a file);
-    name: how it is shown (the folder's name and the path below it, or the path given)."""
-
-    path: Path
-    root: Path | None
-    name: str
-
 
 def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]], list[tuple[str, str]]]:
     """Every source video of the job, in a fixed order (the same in every process), (name, why)
@@ -289,132 +164,31 @@ def source_keys(sources: list[Source]) -> tuple[list[Source], dict[Path, str], l
 
 # --- plans, kept per source ---------------------------------------------------------------------
 
-@dataclass
-class SourcePlan:
-    """One source's shots and clips (or why it has none). reused: the shots came from an
-    earlier run's record (nothing was detected this time)."""
-
-    source: Source
-    key: str
-    shots: list = field(default_factory=list)
-    clips: list = field(default_factory=list)
-    error: str | None = None
-    reused: bool = False
-    replaced: list = field(default_factory=list)  # an earlier plan's clips that this plan no longer has
-    moved: int = 0  # of those, the clips found in videos/ and set aside (set_aside)
-    made: dict = field(default_factory=dict)  # clip name -> what its file holds (cut.MADE_FIELDS), once cut
-    notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
-
-    @property
-    def duration(self) -> float:
-        return self.shots[-1].end if self.shots else 0.0
-
-
-def record_path(job: ClipsJob, key: str) -> Path:
-    return job.state_dir / "sources" / f"{key}.json"
-
-
-def _identity(path: Path) -> dict:
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _plain(obj) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(obj).items()}
-
-
-def read_record(job: ClipsJob, key: str) -> dict | None:
-    """An earlier run's record of this source, or None (none yet, or another version's). A record that
-    cannot be read or does not hold a plan (cut short, edited by hand) raises AdaTPInputError: taken
-    for none, its source would be cut again beside its old clips, or its clips left out of the set."""
-    path = record_path(job, key)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise damaged_record(path, exc) from exc
-    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
-        return None
-    try:
-        record_plan(record)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise damaged_record(path, exc) from exc
-    return record
-
-
-def damaged_record(path: Path, exc: Exception) -> AdaTPInputError:
-    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{exc.__class__.__name__}: {exc}"
-    return AdaTPInputError(f"the record {printable(str(path))} is damaged ({printable(why)}), so which clips in "
-                           "videos/ are this source's is not known; move that file away and run again: the source "
-                           "is found and cut anew (its old clips, if any are left in videos/, are yours to remove)")
-
-
-def record_plan(record: dict) -> tuple[str, list[Shot], list[ClipPlan]]:
-    """(source path, shots, clips) of a record."""
-    shots = [Shot(**s) for s in record["shots"]]
-    clips = [ClipPlan(**{**c, "source": Path(c["source"])}) for c in record["clips"]]
-    if not isinstance(record["source"], str) or any(
-            not (isinstance(c.frames, int) and c.frames >= 1 and c.fps > 0 and c.width > 0 and c.height > 0)
-            for c in clips):
-        raise ValueError("a clip without frames, rate or size")
-    return record["source"], shots, clips
-
-
-def cut_settings(job: ClipsJob) -> dict:
-    """What the cut settings make of a clip's file (crf only matters when re-encoding)."""
-    return {"mode": job.cut, "crf": job.crf if job.cut == "reencode" else None, "keep_audio": job.keep_audio}
-
-
-PLAN_FIELDS = ("start", "frames", "fps", "width", "height")  # what a clip's file holds, beside its name
-
-
-def stale_clips(earlier: list[ClipPlan], now: list[ClipPlan], same_source: bool, same_cut: bool) -> list[ClipPlan]:
-    """The earlier plan's clips whose files the current plan cannot keep: a name it no longer has,
-    or one it plans otherwise (other frames, rate or size under the same name), or every one when
-    the source or the cut settings changed."""
-    if not (same_source and same_cut):
-        return list(earlier)
-    planned = {c.name: tuple(getattr(c, f) for f in PLAN_FIELDS) for c in now}
-    return [c for c in earlier if planned.get(c.name) != tuple(getattr(c, f) for f in PLAN_FIELDS)]
-
-
-def write_record(job: ClipsJob, plan: SourcePlan) -> None:
-    record = {"version": RECORD_VERSION, "source": str(plan.source.path), "name": plan.source.name,
-              "resolved": os.path.realpath(plan.source.path),  # the file, however it was given (its key's path)
-              **_identity(plan.source.path), "threshold": job.threshold, "rules": _plain(job.rules),
-              "cut": cut_settings(job),
-              "shots": [_plain(s) for s in plan.shots], "clips": [_plain(c) for c in plan.clips],
-              "made": {c.name: plan.made[c.name] for c in plan.clips if c.name in plan.made}}
-    # ASCII: a path's undecodable bytes (surrogate escapes) are kept as \\udcXX escapes that read back exactly
-    text = json.dumps(record, indent=1, ensure_ascii=True) + "\n"
-    path = record_path(job, plan.key)
-    try:
-        if path.read_text(encoding="utf-8") == text:
-            return
-    except OSError:
-        pass
-    write_atomic(path, text)
-
-
 def _failure(exc: Exception) -> str:
     return str(exc) if isinstance(exc, AdaTPInputError) else f"{exc.__class__.__name__}: {exc}"
 
 
 def plan_source(job: ClipsJob, source: Source, key: str,
-                on_progress: Callable[[float, float], None] | None = None) -> SourcePlan:
+                on_progress: Callable[[float, float], None] | None = None,
+                adopt: Adoption | None = None) -> SourcePlan:
     """This source's shots and clips: from its record when the source and the settings are
-    unchanged, else detected and planned. A source that cannot be read gives a plan with error."""
+    unchanged, else detected and planned. A source that cannot be read gives a plan with error.
+    adopt: for a source with no record under its key, the record of the same footage moved or
+    renamed, or of the same file under an older key (Adoption), taken as this source's."""
     plan = SourcePlan(source, key)
     try:
         record = read_record(job, key)
-        same_file = record is not None and record.get("resolved") == os.path.realpath(source.path) \
-            and {k: record.get(k) for k in ("size", "mtime_ns")} == _identity(source.path)
+        plan.fingerprint = fingerprint(source.path)
+        if record is None and adopt is not None:
+            record, plan.adopted = adopt(key, plan.fingerprint, source.path) or (None, None)
+        if record is not None and not ("cut" in record and "resolved" in record):
+            record = upgraded(job, source.path, record)
+        same_file = record is not None and same_source(record, source.path, plan.fingerprint)
         same_cut = record is not None and record.get("cut") == cut_settings(job)
         if same_file and record.get("threshold") == job.threshold:
             _, plan.shots, clips = record_plan(record)
             plan.reused = True
-            if record.get("rules") == _plain(job.rules) and same_cut:
+            if record.get("rules") == plain(job.rules) and same_cut:
                 plan.clips = clips
                 plan.made = dict(record.get("made") or {})
                 return plan
@@ -423,6 +197,7 @@ def plan_source(job: ClipsJob, source: Source, key: str,
                                       on_progress=on_progress)
         plan.clips = plan_clips(source.path, plan.shots, job.rules)
         if record is not None:  # the source, the rules or the cut changed: the clips made otherwise go
+            plan.earlier = {k: record.get(k) for k in ("fingerprint", "cut", "made")}
             plan.replaced = stale_clips(record_plan(record)[2], plan.clips, same_file, same_cut)
             gone = {c.name for c in plan.replaced}
             plan.made = {k: v for k, v in (record.get("made") or {}).items() if k not in gone}
@@ -440,36 +215,6 @@ def source_notes(path: Path) -> list[str]:
     hdr = hdr_transfer(path)
     # PyAV's FFmpeg has tonemap and colorspace but no zscale (the PQ/HLG to linear step): no tone mapping yet
     return [f"HDR ({hdr}) source: converted to 8-bit SDR without tone mapping; colours will look flat"] if hdr else []
-
-
-def set_aside(job: ClipsJob, clips: list[ClipPlan]) -> int:
-    """Move an earlier plan's clips (and their captions) out of the set, into OUT/.adatp/replaced:
-    a trainer reading OUT/videos sees only the current plan's clips, and nothing is deleted: a name
-    already set aside (the same clip replaced twice) gets a number, NAME.2.mp4 with NAME.2.txt."""
-    moved = 0
-    aside = job.state_dir / "replaced"
-    for c in clips:
-        # the caption in both places (beside the clip, and the state folder's of a run with other
-        # layouts): one left behind would be adopted for the clip cut again under this name
-        found = [(p, aside / sub) for p, sub in ((clip_path(job, c), ""), (job.clips_dir / f"{c.name}.txt", ""),
-                                                 (job.state_dir / "captions" / f"{c.name}.txt", "captions"))
-                 if os.path.lexists(p)]
-        if not found:
-            continue
-        n = 1
-        while any(os.path.lexists(where / free_name(p.name, n)) for p, where in found):
-            n += 1
-        for path, where in found:
-            where.mkdir(parents=True, exist_ok=True)
-            os.replace(path, where / free_name(path.name, n))
-            moved += path.suffix == CLIP_SUFFIX
-    return moved
-
-
-def free_name(name: str, n: int) -> str:
-    """NAME.mp4 for n 1, NAME.n.mp4 for n > 1."""
-    stem, dot, ext = name.rpartition(".")
-    return name if n == 1 else f"{stem}.{n}{dot}{ext}"
 
 
 def plan_sources(job: ClipsJob, shard: tuple[int, int] = (0, 1), on_event: Event | None = None,
@@ -497,6 +242,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
     problems = problems[index::count]
     result.problems = problems
     plans = result.sources
+    adopt = Adoption(job, dry_run)
     for i, source in enumerate(mine):
         def progress(done, total, i=i, name=source.name):
             if on_event is not None:
@@ -512,15 +258,17 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
                                          "make the output folder writable") from exc
             if not got:
                 result.elsewhere.append(source.name)
+                result.held.append(held_by(source.name, claim))
                 continue
             result.claims.append(claim)
-        plan = plan_source(job, source, keys[source.path], progress)
+        plan = plan_source(job, source, keys[source.path], progress, adopt)
         if plan.error is None and job.cut == "reencode":
             plan.notes += source_notes(source.path)
             for note in plan.notes:
                 log.warning("%s: %s", printable(source.name), note)
         if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
-            plan.moved = set_aside(job, plan.replaced)  # the old record, which the next run compares again
+            plan.moved = set_aside(job, plan.replaced, plan.key, plan.earlier)  # the old record, compared again
+            plan.restored = restore(job, plan)
             write_record(job, plan)
         plans.append(plan)
         if on_event is not None:
@@ -538,6 +286,7 @@ class JobPlan:
     problems: list
     claims: list = field(default_factory=list)
     elsewhere: list = field(default_factory=list)  # sources another run is planning or cutting now
+    held: list = field(default_factory=list)  # of those, held_by: which process holds each, and its claim file
     job: ClipsJob | None = None  # what was planned (the text counts the earlier clips found in its folder)
     notes: list = field(default_factory=list)  # (folder, note): folders skipped as datasets
 
@@ -553,8 +302,8 @@ class JobPlan:
     def to_dict(self) -> dict:
         return {"sources": [{"source": p.source.name, "path": str(p.source.path), "key": p.key,
                              "error": p.error, "duration": round(p.duration, 3), "notes": list(p.notes),
-                             "shots": [_plain(s) for s in p.shots],
-                             "clips": [{**_plain(c), "end": round(c.end, 6), "seconds": round(c.frames / c.fps, 6)}
+                             "shots": [plain(s) for s in p.shots],
+                             "clips": [{**plain(c), "end": round(c.end, 6), "seconds": round(c.frames / c.fps, 6)}
                                        for c in p.clips]}
                             for p in self.sources],
                 "problems": [list(x) for x in self.problems], "notes": [list(x) for x in self.notes]}
@@ -571,6 +320,8 @@ class JobPlan:
                          f"{len(p.clips)} clip(s)" + (f"; {len(aside)} clip(s) of an earlier plan would be "
                                                       "set aside" if aside else ""))
             lines += [f"  {note}" for note in p.notes]
+            if p.adopted is not None:
+                lines.append(f"  moved or renamed from {printable(p.adopted)} (the same content): its clips are kept")
             by_shot: dict[int, list[ClipPlan]] = {}
             for c in p.clips:
                 by_shot.setdefault(c.shot, []).append(c)
@@ -593,10 +344,6 @@ class JobPlan:
 
 # --- cutting ------------------------------------------------------------------------------------
 
-def clip_path(job: ClipsJob, clip: ClipPlan) -> Path:
-    return job.clips_dir / f"{clip.name}{CLIP_SUFFIX}"
-
-
 def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: Event | None = None) -> None:
     """Cut every planned clip that is not in the clips folder yet, source by source (each
     source decoded once for all its clips)."""
@@ -605,14 +352,13 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
     todo = {id(p): [c for c in p.clips if not clip_path(job, c).exists()] for p in plan.sources}
     total = sum(len(v) for v in todo.values())
     done = 0
-    recorded = time.monotonic()
     if on_event is not None and total:
         on_event("cut", 0, total, "")
     for p in plan.sources:
         summary.clips_existing += len(p.clips) - len(todo[id(p)])
 
         def on_clip(result):
-            nonlocal done, recorded
+            nonlocal done
             done += 1
             if result.error is not None:
                 summary.clips_failed.append((f"{result.plan.name}{CLIP_SUFFIX}", result.error))
@@ -621,9 +367,7 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
             else:
                 summary.clips_cut += 1
                 p.made[result.plan.name] = result.made
-                if time.monotonic() - recorded > RECORD_EVERY:  # a kill loses at most this long of it
-                    write_record(job, p)
-                    recorded = time.monotonic()
+                journal(job, p.key, result.plan.name, result.made)  # a kill loses none of it
             if on_event is not None:
                 on_event("cut", done, total, result.plan.name)
 
@@ -691,113 +435,12 @@ def uncaptioned(job: ClipsJob, plan: JobPlan) -> list[str]:
             and existing_caption(job.caption_dir / f"{c.name}.txt", job.out)[0] in ("missing", "folder")]
 
 
-# --- the summary --------------------------------------------------------------------------------
-
-@dataclass
-class ClipsSummary:
-    """What a clips run did: sources, shots, clips cut, the caption run's summary, the layouts."""
-
-    sources: int = 0
-    failed_sources: list = field(default_factory=list)  # (name, why)
-    shots: int = 0
-    clips_planned: int = 0
-    clips_cut: int = 0
-    clips_existing: int = 0
-    clips_failed: list = field(default_factory=list)  # (name, why)
-    shots_without_clip: int = 0
-    clips_replaced: int = 0  # an earlier plan's clips set aside (the source or the rules changed)
-    elsewhere: list = field(default_factory=list)  # sources another run was planning or cutting
-    source_seconds: float = 0.0
-    detected: int = 0  # sources whose shots were detected this run (the rest came from their records)
-    seconds: float = 0.0
-    caption: dict = field(default_factory=lambda: CaptionSummary().to_dict())
-    outputs: list = field(default_factory=list)  # files the layouts wrote this run
-    output_error: str | None = None
-    error: str | None = None  # the run stopped (the model could not be loaded, a disk failed)
-    uncaptioned: list = field(default_factory=list)  # this run's clips on disk with no caption (paths under out)
-    notes: list = field(default_factory=list)  # (source, note): what re-encoding did to it (an HDR source)
-    in_videos: bool = True  # the txt layout: those clips sit in videos/ with no NAME.txt beside them
-
-    def captions(self) -> CaptionSummary:
-        return CaptionSummary.merge([self.caption])
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def merge(cls, parts: list[dict]) -> ClipsSummary:
-        total = cls()
-        for p in parts:
-            for name in ("sources", "shots", "clips_planned", "clips_cut", "clips_existing",
-                         "shots_without_clip", "source_seconds", "detected", "clips_replaced"):
-                setattr(total, name, getattr(total, name) + p[name])
-            total.failed_sources += [tuple(x) for x in p["failed_sources"]]
-            total.uncaptioned += p.get("uncaptioned", [])
-            total.notes += [tuple(x) for x in p.get("notes", [])]
-            total.in_videos = p.get("in_videos", True)
-            total.elsewhere += p.get("elsewhere", [])
-            total.clips_failed += [tuple(x) for x in p["clips_failed"]]
-            total.seconds = max(total.seconds, p["seconds"])
-            total.outputs += p["outputs"]
-            total.output_error = total.output_error or p["output_error"]
-            total.error = "; ".join(e for e in (total.error, p.get("error")) if e) or None
-        total.caption = CaptionSummary.merge([p["caption"] for p in parts]).to_dict()
-        return total
-
-    def exit_code(self) -> int:
-        """0, unless the model, the disk or the layouts failed (2), or no clip has a caption (1)."""
-        caption = self.captions()
-        if caption.model_error or caption.write_error or self.output_error or self.error:
-            return 2
-        if self.clips_planned and not (caption.captions or caption.skipped or caption.done):
-            return 1
-        return 0 if self.clips_planned or not self.failed_sources else 1
-
-    def text(self, processes: int = 1) -> str:
-        rate = self.source_seconds / self.seconds if self.seconds > 0 else 0.0
-        reused = self.sources - len(self.failed_sources) - self.detected - len(self.elsewhere)
-        lines = [f"Sources: {self.sources} ({len(self.failed_sources)} failed), {self.source_seconds:.1f} s of "
-                 f"footage, {self.shots} shot(s) ({self.detected} source(s) analysed now"
-                 + (f", {reused} from an earlier run" if reused > 0 else "")
-                 + f"), {self.shots_without_clip} shot(s) too short for a clip.",
-                 f"Clips: {self.clips_planned} planned, {self.clips_cut} cut now, {self.clips_existing} already "
-                 f"there, {len(self.clips_failed)} failed" + (
-                     f", {self.clips_replaced} of an earlier plan moved to {STATE_FOLDER}/replaced (the source or "
-                     "the rules or the cut changed)" if self.clips_replaced else "") + "."]
-        if self.elsewhere:
-            more = " ..." if len(self.elsewhere) > 3 else ""
-            lines.append(f"{len(self.elsewhere)} source(s) left to another run on the same output folder now: "
-                         + ", ".join(printable(n) for n in self.elsewhere[:3]) + more)
-        lines += [f"{printable(name)}: {note}" for name, note in self.notes]
-        lines += grouped("source failed", [(printable(n), printable(why)) for n, why in self.failed_sources])
-        lines += grouped("clip failed", self.clips_failed)
-        lines.append(self.captions().text(processes))
-        if self.uncaptioned:
-            more = " ..." if len(self.uncaptioned) > 3 else ""
-            lines.append(f"{len(self.uncaptioned)} clip(s) have no caption yet: "
-                         + ", ".join(printable(n) for n in self.uncaptioned[:3]) + more + ". "
-                         + (f"They stay in {CLIPS_FOLDER}/ without a .txt, so a trainer that reads the folder "
-                            "(musubi-tuner, diffusion-pipe, ai-toolkit, SimpleTuner) would train them with an empty "
-                            "caption; " if self.in_videos else "")
-                         + "the JSONL and finetrainers lists leave them out. Run the same command again to caption "
-                           f"them, or move them out of {CLIPS_FOLDER}/.")
-        if self.error:
-            lines.append(f"Stopped: {self.error}")
-        if self.output_error:
-            lines.append(f"Writing the layouts failed: {self.output_error}")
-        else:
-            lines.append(f"Layouts: {len(self.outputs)} file(s) written" + (
-                "" if self.outputs else " (all up to date)") + ".")
-        if self.seconds > 0 and (self.detected or self.clips_cut or self.captions().done):
-            lines.append(f"{self.seconds:.1f} s in all, {rate:.2f} source seconds a second.")
-        return "\n".join(lines)
-
-
 # --- the dataset: every source planned into this output folder ---------------------------------
 
-def dataset(job: ClipsJob) -> list[DatasetSource]:
+def dataset(job: ClipsJob, gone: list | None = None) -> list[DatasetSource]:
     """Every source with a record in the output folder (this run's and earlier runs'), with its
-    clips that are on disk and their captions: what the layouts list."""
+    clips that are on disk and their captions: what the layouts list. gone: a list to which
+    (source, key, clips on disk) is added for each record whose source is no longer there."""
     entries = []
     for record_file in sorted((job.state_dir / "sources").glob("*.json")):
         try:
@@ -818,13 +461,16 @@ def dataset(job: ClipsJob) -> list[DatasetSource]:
             clips.append(DatasetClip(c, path, text if kind == "text" else None,
                                      made if isinstance(made, dict) else None))
         entries.append(DatasetSource(record.get("name", source), source, record_file.stem, shots, clips))
+        if gone is not None and source_gone(record):
+            gone.append((source, record_file.stem, len(clips)))
     return entries
 
 
 def write_layouts(job: ClipsJob, summary: ClipsSummary) -> None:
     """The layouts from the whole dataset; what was written (or why not) goes into ``summary``."""
     try:
-        summary.outputs = [str(p) for p in write_outputs(job.out, dataset(job), job.layouts)]
+        summary.gone = []
+        summary.outputs = [str(p) for p in write_outputs(job.out, dataset(job, summary.gone), job.layouts)]
     except OSError as exc:
         summary.output_error = f"{printable(str(exc.filename or job.out))} ({exc.strerror or exc})"
 
@@ -861,9 +507,13 @@ def _run_clips(model, job: ClipsJob, shard: tuple[int, int], on_event: Event | N
         summary.source_seconds += p.duration
         summary.detected += bool(p.shots) and not p.reused
         summary.clips_replaced += p.moved
+        summary.clips_restored += p.restored
         summary.notes += [(p.source.name, note) for note in p.notes]
+        if p.adopted is not None:
+            summary.adopted.append((p.source.name, p.adopted))
     summary.notes += plan.notes
     summary.elsewhere = list(plan.elsewhere)
+    summary.held = list(plan.held)
     try:
         cut_sources(job, plan, summary, on_event)
         folder_plan = caption_plan(job, plan)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,11 +179,33 @@ def source_key(source: Path) -> str:
     short hash of the file's resolved absolute path, so a file has one key however it was given
     (alone, in a folder, through a link) and two sources with the same stem in different folders
     differ.
-    A source moved elsewhere gets a new key (its clips are cut again)."""
+    A source moved elsewhere gets a new key (the job's Adoption gives it its old record, clips and
+    names, by its content's fingerprint)."""
     source = Path(source).resolve()
     where = source.as_posix()
     stem = _UNSAFE.sub("_", source.stem).strip("._-")[:60] or "video"
     return f"{stem}-{hashlib.sha1(where.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+FINGERPRINT_PART = 1 << 20  # bytes read at the start, the middle and the end of a source
+
+
+def fingerprint(source: Path) -> str:
+    """A cheap content fingerprint of a source: BLAKE2b of its size and 1 MiB at its start, its
+    middle and its end (the whole file when smaller than 3 MiB). It tells the same footage however
+    it was moved, renamed or touched, and other footage of the same size and time (``cp -p``),
+    reading 3 MiB of a multi-GB source, not all of it."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(source, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        if size <= 3 * FINGERPRINT_PART:
+            digest.update(f.read())
+        else:
+            for at in (0, (size - FINGERPRINT_PART) // 2, size - FINGERPRINT_PART):
+                f.seek(at)
+                digest.update(f.read(FINGERPRINT_PART))
+    return digest.hexdigest()
 
 
 def clip_name(key: str, shot: int, start: float, end: float) -> str:

@@ -10,7 +10,7 @@ a family only describes its vision side and its prompt.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -91,8 +91,9 @@ class Injection:
     """Features added to some rows' hidden states after the first decoder layers
     (Qwen3-VL's DeepStack): after layer i < len(features), hidden[:, rows] += features[i].
 
-    rows: [n] long, rows of the hidden states passed to ``run_layers``.
-    features: per layer, [n, D], or None for a layer the call does not run (layers < K after them).
+    rows: [n] long, ascending, rows of the hidden states passed to ``run_layers``.
+    features: per layer, [n, D], or None for a layer the call does not run (layers < K after them);
+        on the rows' device, or waiting on the host (fits.encoded_place).
     """
 
     rows: torch.Tensor
@@ -100,27 +101,37 @@ class Injection:
 
     def window(self, start: int, stop: int) -> "Injection | None":
         """The injection for a call over rows [start, stop) of these rows: the rows inside, counted
-        from ``start`` (None when none is inside)."""
-        inside = (self.rows >= start) & (self.rows < stop)
-        if bool(inside.all()):  # every row (one call over all of them): no copy of the features
-            return self if start == 0 else Injection(self.rows - start, self.features)
-        if not bool(inside.any()):
+        from ``start`` (None when none is inside); their features are a slice of these (no copy)."""
+        lo, hi = span_of(self.rows, start, stop)
+        if lo == hi:
             return None
-        rows = self.rows[inside] - start
-        return Injection(rows, tuple(None if f is None else f[inside.to(f.device)] for f in self.features))
+        if (lo, hi) == (0, len(self.rows)):  # every row (one call over all of them)
+            return self if start == 0 else Injection(self.rows - start, self.features)
+        return Injection(self.rows[lo:hi] - start, tuple(None if f is None else f[lo:hi] for f in self.features))
+
+
+def span_of(positions: torch.Tensor, start: int, stop: int) -> tuple[int, int]:
+    """(lo, hi): positions[lo:hi] are the ascending ``positions`` within [start, stop). A call's span of
+    rows indexed by them is then a slice, not a gather: a view, so rows waiting in pinned host memory
+    (fits.encoded_place) go to the device from there at full speed, and nothing is copied on the host."""
+    bounds = torch.searchsorted(positions, torch.tensor([start, stop], dtype=positions.dtype, device=positions.device))
+    lo, hi = bounds.tolist()
+    return lo, hi
 
 
 @dataclass(frozen=True)
 class Encoded:
     """The vision side of one video, in the LLM's input space.
 
-    visual: [N, D] projected visual tokens, frame-major then row-major (N = T*H*W).
+    visual: [N, D] projected visual tokens, frame-major then row-major (N = T*H*W); on the device,
+        or waiting on the host (fits.encoded_place), read a prefill call's span at a time (``assemble``).
     extras: [E, D] always-kept model extras that follow the video (LLaVA-OV: newline).
     frame_features: [T, d_v] float32, L2-normalised per-frame global features
         (mean of the vision encoder's patches before projector and pooling).
     grid: (T, H, W) token grid of ``visual`` (T temporal steps).
     injections: per decoder layer, [N, D] features added to the visual tokens'
-        hidden states after that layer (Qwen3-VL's DeepStack); empty for other families.
+        hidden states after that layer (Qwen3-VL's DeepStack); empty for other families. Where
+        ``visual`` is (``Injection.window`` reads a call's rows).
     """
 
     visual: torch.Tensor
@@ -130,7 +141,7 @@ class Encoded:
     injections: tuple[torch.Tensor, ...] = ()
 
 
-def join_encoded(parts, rows: int | None = None) -> Encoded:
+def join_encoded(parts, rows: int | None = None, place: torch.device | None = None) -> Encoded:
     """One Encoded from those of consecutive chunks of a video (``VideoPlan.part``), as one pass
     over all of its frames gives: rows, frame features and each layer's injections joined in
     order, the temporal grids added, the extras (the same for every chunk) taken once.
@@ -138,21 +149,25 @@ def join_encoded(parts, rows: int | None = None) -> Encoded:
     rows: the video's token count (``VideoPlan.num_tokens``), when known: ``parts`` may then be
     a generator, and each part's rows are copied into buffers of that many rows as it comes and
     the part let go, so the chunks' rows and the joined rows never all exist at once (at a
-    thousand frames those rows, with DeepStack's, are the encode's largest tensors)."""
+    thousand frames those rows, with DeepStack's, are the encode's largest tensors).
+    place: where the visual and DeepStack rows are written (None: where the parts are, the device);
+    the host when the device is short (fits.encoded_place), pinned for a GPU's rows so that a prefill
+    call's span of them goes back at full speed. Extras and frame features stay with the parts."""
     parts = iter(parts)
     first = next(parts)
     second = next(parts, None)
     if second is None:
-        return first
+        return _placed(first, place)
     if rows is None:
         parts = [first, second, *parts]
-        return Encoded(visual=torch.cat([p.visual for p in parts]), extras=first.extras,
-                       frame_features=torch.cat([p.frame_features for p in parts]),
-                       grid=(sum(p.grid[0] for p in parts), *first.grid[1:]),
-                       injections=tuple(torch.cat(layer) for layer in zip(*(p.injections for p in parts))))
+        return _placed(Encoded(visual=torch.cat([p.visual for p in parts]), extras=first.extras,
+                               frame_features=torch.cat([p.frame_features for p in parts]),
+                               grid=(sum(p.grid[0] for p in parts), *first.grid[1:]),
+                               injections=tuple(torch.cat(layer) for layer in zip(*(p.injections for p in parts)))),
+                       place)
     extras, grid = first.extras, first.grid
-    visual = first.visual.new_empty((rows, first.visual.shape[-1]))
-    injections = tuple(f.new_empty((rows, f.shape[-1])) for f in first.injections)
+    visual = _rows_buffer(first.visual, rows, place)
+    injections = tuple(_rows_buffer(f, rows, place) for f in first.injections)
     features, steps, at = [], 0, 0
     for part in (first, second):
         at, steps = _write_part(part, visual, injections, features, at, steps)
@@ -164,6 +179,25 @@ def join_encoded(parts, rows: int | None = None) -> Encoded:
         visual, injections = visual[:at], tuple(f[:at] for f in injections)
     return Encoded(visual=visual, extras=extras, frame_features=torch.cat(features), grid=(steps, *grid[1:]),
                    injections=injections)
+
+
+def _rows_buffer(like: torch.Tensor, rows: int, place: torch.device | None) -> torch.Tensor:
+    """An empty [rows, D] buffer of ``like``'s dtype on ``place`` (None: like's device), pinned on the
+    host when ``like`` is on a GPU (the pattern of attention._Rows)."""
+    device = like.device if place is None else torch.device(place)
+    pin = device.type == "cpu" and like.device.type == "cuda"
+    return torch.empty((rows, like.shape[-1]), dtype=like.dtype, device=device, pin_memory=pin)
+
+
+def _placed(encoded: Encoded, place: torch.device | None) -> Encoded:
+    """``encoded`` with its visual and DeepStack rows on ``place`` (None, or there already: itself)."""
+    if place is None or encoded.visual.device == torch.device(place):
+        return encoded
+
+    def moved(t):
+        return _rows_buffer(t, t.shape[0], place).copy_(t)
+
+    return replace(encoded, visual=moved(encoded.visual), injections=tuple(moved(f) for f in encoded.injections))
 
 
 def _write_part(part: Encoded, visual, injections, features: list, at: int, steps: int) -> tuple[int, int]:
@@ -183,8 +217,8 @@ class Prompt:
     """Token ids of one query and where each part sits.
 
     input_ids: [L] long, with ``video_token_id`` at every visual and extra position.
-    visual_positions: [N] long, sequence positions of the visual tokens (frame-major).
-    extra_positions: [E] long, sequence positions of always-kept model extras.
+    visual_positions: [N] long, sequence positions of the visual tokens (frame-major: ascending).
+    extra_positions: [E] long, ascending sequence positions of always-kept model extras.
     question: (start, end) of the question's own tokens (Q_text).
     after_video: first position after the video and its extras; Q is [after_video, L).
     plan: the video plan the prompt was built for (None for a bare token count).
@@ -309,7 +343,8 @@ class VideoLLMAdapter:
         n = max(int(chunk or self.FRAMES_PER_CHUNK), 1)
         return -(-n // plan.frames_per_step) * plan.frames_per_step
 
-    def encode_chunks(self, chunks, plan: VideoPlan, times: dict | None = None) -> Encoded:
+    def encode_chunks(self, chunks, plan: VideoPlan, times: dict | None = None,
+                      place: torch.device | None = None) -> Encoded:
         """Preprocess and encode a video a chunk of frames at a time: the same Encoded as
         ``encode(preprocess(all frames))`` within float tolerance, since every family's tower
         attends within a frame (SigLIP) or a temporal patch (Qwen), never across.
@@ -319,6 +354,8 @@ class VideoLLMAdapter:
             video.FrameStream): one chunk's frames and pixels exist at a time; only the encoded rows
             of all frames are kept.
         times: a stats dict that gets time_preprocess and time_vision added.
+        place: where the visual and DeepStack rows wait, written chunk by chunk as they are encoded
+            (None: the device; the host when it is short: fits.encoded_place, join_encoded).
         """
         from ..timing import timed
 
@@ -341,7 +378,7 @@ class VideoLLMAdapter:
                 del encoded
 
         try:
-            joined = join_encoded(parts(), plan.num_tokens)
+            joined = join_encoded(parts(), plan.num_tokens, place)
         except StopIteration:  # no chunk came
             joined = None
         if start != plan.num_frames:
@@ -350,10 +387,10 @@ class VideoLLMAdapter:
         return joined
 
     def encode_frames(self, frames: torch.Tensor, plan: VideoPlan, times: dict | None = None,
-                      chunk: int | None = None) -> Encoded:
+                      chunk: int | None = None, place: torch.device | None = None) -> Encoded:
         """frames [T, H, W, 3] (an IMAGE) -> Encoded, ``chunk_frames`` frames at a time (encode_chunks)."""
         step = self.chunk_frames(plan, chunk)
-        return self.encode_chunks((frames[i:i + step] for i in range(0, plan.num_frames, step)), plan, times)
+        return self.encode_chunks((frames[i:i + step] for i in range(0, plan.num_frames, step)), plan, times, place)
 
     def build_prompt(self, question: str, video) -> Prompt:
         """video: a VideoPlan (or, for fixed-resolution families, a token count)."""
@@ -404,9 +441,9 @@ class VideoLLMAdapter:
                                   (prompt.extra_positions, encoded.extras)):
             if not len(positions):
                 continue
-            if start or stop < prompt.length:
-                inside = (positions >= start) & (positions < stop)
-                positions, values = positions[inside] - start, values[inside.to(values.device)]
+            if start or stop < prompt.length:  # the span's rows: a slice (they may wait on the host)
+                lo, hi = span_of(positions, start, stop)
+                positions, values = positions[lo:hi] - start, values[lo:hi]
             embeds[positions] = values.to(embeds.device, embeds.dtype)
         return embeds.unsqueeze(0)
 
