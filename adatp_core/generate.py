@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryError, AdaTPTransformersError
 from .memory import fallback_allowed, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
@@ -74,7 +74,9 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     or the host when the device is short: decode.kv_place), "device" or "host". On the host each
     layer is staged on the device while it runs (the next one prefetched), and decoding runs in
     default steps (static decoding gives way, with the reason in stats). stats["kv_on"] and
-    stats["kv_reason"] say which and why.
+    stats["kv_reason"] say which and why. In auto, an answer that runs out of memory with them on the
+    device (the estimate is an estimate) runs again with them on the host; on_token is then called
+    again from step 0.
     """
     model = state.model
     adapter = model.adapter
@@ -85,6 +87,34 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
             log.warning("static decoding needs the model on one device; decoding step by step instead")
         cfg = replace(cfg, decode_mode="default")
     kv_on_host, kv_reason = kv_place(state, cfg.max_new_tokens, kv)
+    try:
+        run, cfg = _answer_run(state, cfg, on_token, return_logits, kv_on_host)
+    except AdaTPOutOfMemoryError as exc:
+        if kv != "auto" or kv_on_host or not kv_reason.startswith(KV_AUTO_ON_DEVICE):
+            raise
+        log.warning("out of memory with layers >= K's keys and values on the device; answering again with them "
+                    "on the host: %s", exc)
+        kv_on_host, kv_reason = True, (f"the device ran out of memory with them there, though {kv_reason}; this "
+                                       "answer ran again with them on the host")
+        run, cfg = _answer_run(state, cfg, on_token, return_logits, kv_on_host)
+    answer = answer_from_run(state, run, cfg)
+    # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("cpu" for a CPU model)
+    answer.stats.update(kv_on="host" if kv_on_host else str(adapter.device), kv_reason=kv_reason)
+    if kv_on_host:
+        answer.stats["kv_staged_mb"] = round(run.kv_staged_bytes / 1e6, 1)
+    return answer
+
+
+# How decode.kv_place's reason starts when auto keeps the keys and values on the device by the estimate.
+KV_AUTO_ON_DEVICE = "the continuation from K needs about"
+
+
+def _answer_run(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool,
+                kv_on_host: bool) -> tuple[DecodeRun, SamplingConfig]:
+    """One answer's decoding (``_decode_or_fall_back``, out of memory made clear by run_guarded) and the
+    settings it ran with: static decoding gives way to default steps over keys and values on the host,
+    and in auto mode on a model whose static decoding failed before."""
+    adapter = state.model.adapter
     not_static = None
     if kv_on_host and resolve_decode_mode(cfg.decode_mode, adapter.device) == "static":
         not_static = KV_ON_HOST_NOT_STATIC
@@ -95,15 +125,10 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         cfg = replace(cfg, decode_mode="default")
     # Out of memory: static decoding's kept buffers go too (run_guarded drops them).
     run = run_guarded(lambda: _decode_or_fall_back(state, cfg, on_token, return_logits, kv_on_host), "generation",
-                      model=model)
+                      model=state.model)
     if run.fallback is None and (fallback or not_static) is not None:
         run = replace(run, fallback=not_static or fallback)
-    answer = answer_from_run(state, run, cfg)
-    # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("cpu" for a CPU model)
-    answer.stats.update(kv_on="host" if kv_on_host else str(adapter.device), kv_reason=kv_reason)
-    if kv_on_host:
-        answer.stats["kv_staged_mb"] = round(run.kv_staged_bytes / 1e6, 1)
-    return answer
+    return run, cfg
 
 
 def resolved_sampling(adapter, sampling: SamplingConfig | None) -> SamplingConfig:

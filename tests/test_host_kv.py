@@ -321,3 +321,29 @@ def test_the_cli_puts_them_on_the_host_when_asked(tiny_dir, monkeypatch, capsys)
     with pytest.raises(SystemExit):  # argparse's refusal, naming the choices
         cli.main(["--frames", "4", "--kv", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny, frames, monkeypatch):
+    """The estimate kept them on the device, and the answer ran out of memory there: auto answers again
+    with them on the host (the reason says so); asked for the device, the error stands."""
+    state = extract_attention(tiny, frames, QUESTION, reuse_prefix=False)
+    want = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True))
+    real, tried = generate_module._decode, []
+
+    def decode(state, cfg, generator, on_token, return_logits, kv_on_host=False):
+        tried.append(kv_on_host)
+        if not kv_on_host:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(state, cfg, generator, on_token, return_logits, kv_on_host)
+
+    monkeypatch.setattr(generate_module, "_decode", decode)
+    monkeypatch.setattr(generate_module, "kv_place",
+                        lambda state, reserve, kv: (False, "the continuation from K needs about 1.00 GB of 2.00 GB free"))
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True))
+    assert tried == [False, True] and answer.token_ids == want.token_ids
+    assert answer.stats["kv_on"] == "host" and answer.stats["kv_reason"].startswith("the device ran out of memory")
+    from adatp_core.errors import AdaTPOutOfMemoryError
+
+    monkeypatch.setattr(generate_module, "kv_place", lambda state, reserve, kv: (False, "asked for"))
+    with pytest.raises(AdaTPOutOfMemoryError):
+        generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True), kv="device")
