@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryError, AdaTPTransformersError
-from .memory import fallback_allowed, run_guarded
+from .memory import fallback_allowed, free_pinned_memory, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
 from .decode import continue_prefill, kv_place
@@ -102,6 +102,8 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     answer.stats.update(kv_on="host" if kv_on_host else str(adapter.device), kv_reason=kv_reason)
     if kv_on_host:
         answer.stats["kv_staged_mb"] = round(run.kv_staged_bytes / 1e6, 1)
+        if adapter.device.type == "cuda":
+            free_pinned_memory()  # the homes are gone; torch would keep their pinned blocks cached
     return answer
 
 

@@ -39,6 +39,16 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def free_pinned_memory() -> None:
+    """Give back the pinned host memory torch's caching host allocator keeps after its tensors are gone
+    (an answer's keys and values on the host: gigabytes the rest of the machine could not use until
+    the next such answer), where torch has torch.accelerator.empty_host_cache (an older one keeps it)."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is not None and torch.cuda.is_available():
+        gc.collect()  # a decode step's window and its layers hold each other (and views of the homes)
+        empty()
+
+
 def free_bytes(device) -> int | None:
     """Bytes a new allocation on ``device`` can have now: the CUDA device's free memory plus what
     torch's allocator holds without using it. None where that is not known (the CPU, MPS): there
