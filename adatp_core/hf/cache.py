@@ -43,6 +43,11 @@ The kinds and forms here:
   its own length per layer (layers < K the clip's full prompt, layers >= K its kept tokens, plus
   what it decoded) and attends through a mask of its own filled positions. ``window(a, b)`` is the
   ``Cache`` that one decode step over rows [a, b) writes into.
+- keys and values on the host (``KVCache(host=...)``, one answer's layers >= K when the device is
+  short): a ``HostKVLayer`` (a ``KVLayer`` whose buffers are its home on the host) and, in a one-row
+  window, a ``HostRowsKVLayer``; each runs over a copy staged on its device by ``StagedCopies`` (two
+  slots, the next layer prefetched through transformers' per-layer ``prefetch``, released by its
+  ``offload``), its new keys and values written to the copy and the home, nothing copied back.
 
 ``lengths()`` counts, per layer, the positions a layer has taken in: the keys/values it holds for
 an attention layer, the tokens folded into its state for a linear one. So the spec's invariants
