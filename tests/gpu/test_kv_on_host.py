@@ -28,7 +28,7 @@ def test_keys_and_values_on_the_host_give_the_device_answer(tiny_on, frames, chu
                                    return_logits=True, kv=kv) for kv in ("device", "host")}
     assert answers["device"].stats["kv_on"] == "cuda:0" and answers["host"].stats["kv_on"] == "host"
     assert answers["host"].token_ids == answers["device"].token_ids
-    assert (answers["host"].logits - answers["device"].logits).abs().max().item() < 1e-6
+    assert (answers["host"].logits - answers["device"].logits).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["auto", "static"])
@@ -38,7 +38,8 @@ def test_static_decoding_gives_way_on_cuda(tiny_on, frames, mode):
     sampling = SamplingConfig(max_new_tokens=4, ignore_eos=True, decode_mode=mode)
     host = generate_answer(state, sampling, kv="host")
     assert host.stats["decode_mode"] == "default" and host.stats["fallback_static_decoding"] == KV_ON_HOST_NOT_STATIC
-    assert host.token_ids == generate_answer(state, sampling, kv="device").token_ids
+    default = SamplingConfig(max_new_tokens=4, ignore_eos=True, decode_mode="default")
+    assert host.token_ids == generate_answer(state, default, kv="device").token_ids
 
 
 def _drive(host: bool, layers: int = 12, k_layer: int = 2, heads: int = 8, dim: int = 128, prompt: int = 4096,
