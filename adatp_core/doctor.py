@@ -573,15 +573,17 @@ def _check_kv_on_host(fam: _Family, llm: VideoLLM, frames) -> None:
     """Layers >= K's keys and values on the host against on the device (generate_answer's kv), over a
     continuation from K in calls of MIN_PREFILL_CHUNK tokens: each layer staged on the device while it
     runs, the next one prefetched (on CUDA on a side stream, whose ordering the CPU suite cannot see).
-    The same greedy answer (or parted at a near tie)."""
-    state = select(extract_attention(llm, frames, QUESTION, layer=LAYER, reuse_prefix=False,
+    The same greedy answer (or parted at a near tie). K is the smallest this model takes, so that more
+    layers live on the host than the two slots hold (they are then copied at every step)."""
+    layer = min(k for k in llm.adapter.valid_layers() if k)
+    state = select(extract_attention(llm, frames, QUESTION, layer=layer, reuse_prefix=False,
                                      prefill_chunk=MIN_PREFILL_CHUNK), PipelineConfig())
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True, decode_mode="default")
     device, host = (generate_answer(state, sampling, return_logits=True, kv=kv) for kv in ("device", "host"))
     ok, detail = compare_tokens(device.token_ids, device.logits, host.token_ids, host.logits, llm.dtype)
     ok = ok and host.stats.get("kv_on") == "host"
     fam.add(KV_HOST_CHECK, PASS if ok else FAIL,
-            f"kept tokens from K in calls of {MIN_PREFILL_CHUNK}; {detail}"
+            f"K={layer}, kept tokens from K in calls of {MIN_PREFILL_CHUNK}; {detail}"
             + ("" if ok else ": keys and values on the host differ from on the device here; kv=device "
                              "(the default auto keeps them on the device while it has room) avoids it"))
 

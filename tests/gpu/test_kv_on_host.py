@@ -22,19 +22,21 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 @pytest.mark.parametrize("chunk", [0, 16])
 def test_keys_and_values_on_the_host_give_the_device_answer(tiny_on, frames, chunk):
     model = tiny_on("cuda")
-    state = select(extract_attention(model, frames, QUESTION, layer=2, reuse_prefix=False, prefill_chunk=chunk),
+    # K = 1: three of the tiny model's four layers on the host, more than the two slots (copied at every step)
+    state = select(extract_attention(model, frames, QUESTION, layer=1, reuse_prefix=False, prefill_chunk=chunk),
                    PipelineConfig(retention=0.5))
     answers = {kv: generate_answer(state, SamplingConfig(max_new_tokens=6, ignore_eos=True, decode_mode="default"),
                                    return_logits=True, kv=kv) for kv in ("device", "host")}
     assert answers["device"].stats["kv_on"] == "cuda:0" and answers["host"].stats["kv_on"] == "host"
     assert answers["host"].token_ids == answers["device"].token_ids
+    assert answers["host"].stats["kv_staged_mb"] > 0  # the side stream's copies ran
     assert (answers["host"].logits - answers["device"].logits).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["auto", "static"])
 def test_static_decoding_gives_way_on_cuda(tiny_on, frames, mode):
     model = tiny_on("cuda")
-    state = select(extract_attention(model, frames, QUESTION, layer=2, reuse_prefix=False), PipelineConfig(retention=0.5))
+    state = select(extract_attention(model, frames, QUESTION, layer=1, reuse_prefix=False), PipelineConfig(retention=0.5))
     sampling = SamplingConfig(max_new_tokens=4, ignore_eos=True, decode_mode=mode)
     host = generate_answer(state, sampling, kv="host")
     assert host.stats["decode_mode"] == "default" and host.stats["fallback_static_decoding"] == KV_ON_HOST_NOT_STATIC
