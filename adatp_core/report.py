@@ -83,10 +83,10 @@ def prefix_line(s: dict) -> str:
 
 
 def _moved_to_host(s: dict, what: str) -> bool:
-    """Whether ``what`` (rows, encoded, kv) waited on the host because the device was short or it was
-    asked for (not because the model runs there)."""
-    return s.get(f"{what}_on") == "host" and s.get(f"{what}_reason", "").startswith(("the device is short",
-                                                                                     "asked for"))
+    """Whether ``what`` (rows, encoded, kv) waited on the host because the device was short (or ran
+    out) or it was asked for (not because the model runs there)."""
+    return s.get(f"{what}_on") == "host" and s.get(f"{what}_reason", "").startswith(
+        ("the device is short", "the device ran out", "asked for"))
 
 
 def prefill_line(s: dict) -> str | None:

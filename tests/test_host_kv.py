@@ -342,6 +342,8 @@ def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny,
     answer = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True))
     assert tried == [False, True] and answer.token_ids == want.token_ids
     assert answer.stats["kv_on"] == "host" and answer.stats["kv_reason"].startswith("the device ran out of memory")
+    assert "keys and values on the host, two layers staged on the device at a time (the device ran out" in \
+        stats_text(answer.stats)
     from adatp_core.errors import AdaTPOutOfMemoryError
 
     monkeypatch.setattr(generate_module, "kv_place", lambda state, reserve, kv: (False, "asked for"))
