@@ -349,3 +349,16 @@ def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny,
     monkeypatch.setattr(generate_module, "kv_place", lambda state, reserve, kv: (False, "asked for"))
     with pytest.raises(AdaTPOutOfMemoryError):
         generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True), kv="device")
+
+
+@pytest.mark.parametrize("command", ["caption", "clips"])
+def test_caption_commands_do_not_take_kv(command, capsys):
+    """Captions decode their rows together on the device (their check counts them there), so the caption
+    and clips commands do not offer --kv: it was accepted, documented and then ignored."""
+    import importlib
+
+    parser = importlib.import_module(f"adatp_core.{command}.cli").build_parser()
+    assert "--kv" not in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["x", "--kv", "host"] if command == "caption" else ["x", "--out", "y", "--kv", "host"])
+    assert "--kv" in capsys.readouterr().err
