@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import torch
 
+from .budget import available_device_bytes
 from .errors import AdaTPInputError, AdaTPInterrupted, AdaTPOutOfMemoryError, is_out_of_memory
 
 T = TypeVar("T")
@@ -51,13 +52,11 @@ def free_pinned_memory() -> None:
 
 def free_bytes(device) -> int | None:
     """Bytes a new allocation on ``device`` can have now: the CUDA device's free memory plus what
-    torch's allocator holds without using it. None where that is not known (the CPU, MPS): there
-    nothing is refused ahead, and an allocation that fails is the error."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    torch's allocator holds without using it, within the process's cap where one is set
+    (budget.available_device_bytes: one answer for the batching's room and the placements). None where
+    that is not known (the CPU, MPS): there nothing is refused ahead, and an allocation that fails is
+    the error."""
+    return available_device_bytes(torch.device(device))
 
 
 def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model=None) -> T:

@@ -269,6 +269,9 @@ def test_the_free_device_memory_counts_the_process_cap(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 20 * gb)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.3, raising=False)
     assert available_device_bytes(torch.device("cuda", 0)) == 6 * gb  # 24 GB allowed, 18 allocated
+    from adatp_core.memory import free_bytes
+
+    assert free_bytes("cuda:0") == 6 * gb  # the batching's room (Room, auto_batch_size) reads the same
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
     assert available_device_bytes(torch.device("cuda", 0)) == 52 * gb  # free and the allocator's cache
 
