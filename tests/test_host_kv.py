@@ -365,3 +365,24 @@ def test_caption_commands_do_not_take_kv(command, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["x", "--kv", "host"] if command == "caption" else ["x", "--out", "y", "--kv", "host"])
     assert "--kv" in capsys.readouterr().err
+
+
+def test_the_host_running_out_gets_the_host_s_advice():
+    """Parts wait on the host now (encoded rows, layer K's rows, keys and values): a failed CPU allocation
+    says the host ran out and what to change there, not the device's advice."""
+    from adatp_core.errors import AdaTPOutOfMemoryError
+    from adatp_core.memory import OOM_ADVICE, run_guarded
+
+    def host():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)")
+
+    with pytest.raises(AdaTPOutOfMemoryError, match="the host's memory ran out.*--kv device"):
+        run_guarded(host, "generation")
+
+    def device():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(AdaTPOutOfMemoryError) as err:
+        run_guarded(device, "generation")
+    assert OOM_ADVICE in str(err.value)
