@@ -64,17 +64,22 @@ def available_host_bytes() -> int | None:
 
 def available_device_bytes(device) -> int | None:
     """Free memory on a CUDA ``device`` (a torch.device) now, plus what torch's caching
-    allocator holds unused; None for other devices (the host's memory is counted instead)."""
+    allocator holds unused, within the process's cap where one is set
+    (torch.cuda.set_per_process_memory_fraction: the bench's 24 GB on a larger card); None for
+    other devices (the host's memory is counted instead)."""
     if getattr(device, "type", None) != "cuda":
         return None
     import torch  # a torch device was given, so torch is loaded; workers never get here
 
     try:
-        free, _total = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        cached = torch.cuda.memory_reserved(device) - allocated
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch 2.6 on
+        allowed = int(fraction(device) * total) if fraction is not None else int(total)
     except (RuntimeError, AssertionError):
         return None
-    return int(free) + max(int(cached), 0)
+    return max(min(int(free) + max(int(cached), 0), allowed - int(allocated)), 0)
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,38 @@ def prefill_parts(length: int, attention_layers: int, kv_heads: int, head_dim: i
             (f"the scores' rows [{group} x {SCORED_ROWS} x {length}] float32, one KV group at a time", scores, where))
 
 
+def mlp_width(llm) -> int:
+    """The widest MLP activation one token takes in ``llm`` (flops.LLMShape): dense, or a MoE's experts."""
+    return max(llm.intermediate, llm.moe.top_k * llm.moe.intermediate if llm.moe is not None else 0)
+
+
+def continuation_parts(llm, layer: int, prompt_tokens: int, kept_tokens: int, reserve: int, chunk: int, item: int,
+                       where: str, kv_on_host: bool = False) -> tuple:
+    """What the continuation from layer K allocates for one answer, ((what, bytes, where), ...), for
+    ``llm`` (flops.LLMShape) continuing ``kept_tokens`` (the kept visual tokens and the text) in calls of
+    ``chunk`` (0: one call), with room for ``reserve`` new tokens, one model for decode.kv_place:
+    - its copy of layers < K's keys and values (``prompt_tokens`` each);
+    - layers >= K's keys and values (the kept tokens and the answer), on ``where``, or with
+      ``kv_on_host`` on the host, two layers' staged copies on ``where`` (hf/cache.StagedCopies);
+    - one call's working memory (``prefill_parts``' over the kept tokens).
+    An estimate from the shapes, not a measurement."""
+    per_token = 2 * llm.kv_heads * llm.head_dim * item
+    full = llm.full_attention_layers()
+    below = sum(1 for i in full if i < layer)
+    above = len(full) - below
+    n = kept_tokens + reserve
+    one_call = prefill_parts(kept_tokens, 0, llm.kv_heads, llm.head_dim, llm.heads, llm.hidden, mlp_width(llm),
+                             chunk, item, where, scored=False)[2]
+    parts = [(f"the answer's copy of layers < K's keys and values ({below} layers x {prompt_tokens} tokens)",
+              below * prompt_tokens * per_token, where),
+             (f"layers >= K's keys and values ({above} layers x {n} tokens)", above * n * per_token,
+              "host" if kv_on_host else where)]
+    if kv_on_host:
+        parts.append((f"two layers' staged copies of them ({min(above, 2)} x {n} tokens)",
+                       min(above, 2) * n * per_token, where))
+    return (*parts, one_call)
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What a run's peak memory depends on, known from the sampling plan and the prompt alone.
@@ -262,6 +299,8 @@ class RunPlan:
     weights: bytes of the model's weights there (already loaded).
     encoded_on_host: the encoded rows and DeepStack's wait on the host (fits.encoded_place); one prefill
         call's span of them is on ``where`` at a time.
+    kv_on_host: layers >= K's keys and values live on the host (decode.kv_place), two layers' staged
+        copies on ``where`` (hf/cache.StagedCopies).
     """
 
     llm: object
@@ -283,6 +322,7 @@ class RunPlan:
     where: str = "host"
     weights: int = 0
     encoded_on_host: bool = False
+    kv_on_host: bool = False
 
 
 def run_memory(run: RunPlan) -> MemoryEstimate:
@@ -312,7 +352,7 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
     later = length - n + kept + int(run.max_new_tokens)
     if run.retention is None:  # nothing is pruned: every layer holds every token
         below, above = len(full), 0
-    inner = max(llm.intermediate, llm.moe.top_k * llm.moe.intermediate if llm.moe is not None else 0)
+    inner = mlp_width(llm)
     kv_below, rows, one_call, scores = prefill_parts(length, below, llm.kv_heads, llm.head_dim, llm.heads, d, inner,
                                                     run.prefill_chunk, item, where, scored=bool(run.layer))
     state = 0
@@ -339,7 +379,10 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
     parts += [rows, kv_below, scores]
     if above:
         parts.append((f"layers >= K's keys and values ({above} layers x {later} tokens: R·N = {kept} kept)",
-                      above * later * per_token, where))
+                      above * later * per_token, "host" if run.kv_on_host else where))
+        if run.kv_on_host:
+            parts.append((f"two layers' staged copies of them ({min(above, 2)} x {later} tokens)",
+                          min(above, 2) * later * per_token, where))
     (fixed if min(run.prefill_chunk or length, length) < length else parts).append(one_call)
     if state:
         fixed.append(("the linear-attention layers' states", state, where))

@@ -16,6 +16,8 @@ checks each fast path against the plain one:
   (CUDA sync-debug mode, each sync located by the Python line that waited);
 - two questions decoded together as 2 rows (the one step runner, the decode mode auto picks)
   against each answered alone: the same tokens;
+- the prefill in chunks against one call, and layers >= K's keys and values on the host (staged on
+  the device a layer at a time, the next one prefetched) against on the device: the same tokens;
 - the batched Qwen vision attention against the stock tower;
 - peak memory, time to first token and ms/token.
 
@@ -71,6 +73,7 @@ OTHER_QUESTION = "Which colour is the disc, and where does it go after the cut?"
 NEW_TOKENS = 8
 ROWS_CHECK = "2 rows = one at a time"
 CHUNKED_CHECK = "chunked prefill = one call"
+KV_HOST_CHECK = "kv on host = on device"
 LAYER = 2
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 AVOID_STATIC = ("set decode_mode=default (--decode-mode default; ComfyUI's auto mode falls back to it by itself "
@@ -566,6 +569,25 @@ def _check_chunked(fam: _Family, llm: VideoLLM, frames) -> None:
                              "(Extract Attention's prefill_chunk 0) runs the prompt in one call"))
 
 
+def _check_kv_on_host(fam: _Family, llm: VideoLLM, frames) -> None:
+    """Layers >= K's keys and values on the host against on the device (generate_answer's kv), over a
+    continuation from K in calls of MIN_PREFILL_CHUNK tokens: each layer staged on the device while it
+    runs, the next one prefetched (on CUDA on a side stream, whose ordering the CPU suite cannot see).
+    The same greedy answer (or parted at a near tie). K is the smallest this model takes, so that more
+    layers live on the host than the two slots hold (they are then copied at every step)."""
+    layer = min(k for k in llm.adapter.valid_layers() if k)
+    state = select(extract_attention(llm, frames, QUESTION, layer=layer, reuse_prefix=False,
+                                     prefill_chunk=MIN_PREFILL_CHUNK), PipelineConfig())
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True, decode_mode="default")
+    device, host = (generate_answer(state, sampling, return_logits=True, kv=kv) for kv in ("device", "host"))
+    ok, detail = compare_tokens(device.token_ids, device.logits, host.token_ids, host.logits, llm.dtype)
+    ok = ok and host.stats.get("kv_on") == "host"
+    fam.add(KV_HOST_CHECK, PASS if ok else FAIL,
+            f"K={layer}, kept tokens from K in calls of {MIN_PREFILL_CHUNK}; {detail}"
+            + ("" if ok else ": keys and values on the host differ from on the device here; kv=device "
+                             "(the default auto keeps them on the device while it has room) avoids it"))
+
+
 def _check_vision(fam: _Family, llm: VideoLLM, frames) -> None:
     """Qwen: the batched vision attention (hf/vision.py) against the stock tower."""
     from .hf.vision import vision_forward
@@ -608,11 +630,12 @@ def _run_family(fam: _Family, dev: torch.device, dtype: torch.dtype, frames, on_
              lambda: _check_sdpa(fam, spy, dev),
              lambda: _check_selection_and_figures(fam, llm, frames, dev),
              lambda: _check_rows(fam, llm, frames),
-             lambda: _check_chunked(fam, llm, frames)]
+             lambda: _check_chunked(fam, llm, frames),
+             lambda: _check_kv_on_host(fam, llm, frames)]
     if hasattr(llm.adapter, "grid_thw"):
         steps.append(lambda: _check_vision(fam, llm, frames))
     names = ("keep-all = stock generate()", "AdaTP default = static decoding", "no cuDNN attention",
-             "figures", ROWS_CHECK, CHUNKED_CHECK, "batched vision = stock tower")
+             "figures", ROWS_CHECK, CHUNKED_CHECK, KV_HOST_CHECK, "batched vision = stock tower")
     try:
         for name, step in zip(names, steps):
             done = len(fam.checks)

@@ -9,6 +9,7 @@ fails before its decoding is paid for.
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import torch
 
@@ -78,7 +79,8 @@ def check_place(name: str, place) -> str:
 
 def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None = None, *, layer: int = 2,
                      retention: float | None = None, streamed: bool = False, chunk_frames: int | None = None,
-                     prefill_chunk: int = 0, max_new_tokens: int = 0, encoded: str = "auto") -> dict:
+                     prefill_chunk: int = 0, max_new_tokens: int = 0, encoded: str = "auto",
+                     kv: str = "auto") -> dict:
     """Before any frame is decoded: refuse a video whose sampling plan cannot fit.
 
     sample: a video.SamplePlan (frame count, decoded size and times, from the probe alone).
@@ -89,6 +91,9 @@ def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None 
     >= K's for the kept ones at ``retention``; one prefill call of ``prefill_chunk`` tokens) must fit
     in a share of the memory available now, beside the weights already loaded (budget.check_memory).
     The encoded rows count on the host where they will wait there (``encoded_place`` of ``encoded``).
+    kv: where layers >= K's keys and values will live while answering (generate_answer's kv): "host"
+    counts them on the host (two layers' staged copies on the device); "auto", on a GPU, does so when
+    the run does not fit with them on the device, as decode.kv_place will decide then.
     Raises AdaTPInputError naming the clip, the estimate and what to change; returns the planned
     figures for the stats (memory_planned_*, and memory_plan: each part, by place).
     """
@@ -108,14 +113,15 @@ def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None 
     weights = sum(t.numel() * t.element_size() for t in (*adapter.model.parameters(), *adapter.model.buffers())
                   if t.device == device)
     on_host = encoded_place(adapter, longest, layer, prefill_chunk, encoded)[0] is not None
-    estimate = run_memory(RunPlan(
+    run = RunPlan(
         llm=LLMShape.from_config(adapter.text_model.config), vision=adapter.vision_shape(plan),
         frames=plan.num_frames, decoded=(width, height), pixels=plan.size, prompt_tokens=longest.length,
         visual_tokens=len(longest.visual_positions), layer=layer, retention=retention, streamed=streamed,
         chunk_frames=adapter.chunk_frames(plan, chunk_frames), prefill_chunk=prefill_chunk,
         frames_per_step=plan.frames_per_step, max_new_tokens=max_new_tokens,
         injections=deepstack_layers(adapter), item=adapter.dtype.itemsize, where=where, weights=weights,
-        encoded_on_host=on_host))
+        encoded_on_host=on_host, kv_on_host=kv == "host")
+    estimate = run_memory(run)
     smallest = adapter.plan_video(plan.num_frames, height, width, max_pixels=MIN_PIXEL_BUDGET)
     advice = " (num_frames, --frames)" + (" or a smaller pixel budget (max_pixels, --max-pixels)"
                                           if smallest.size != plan.size else "")
@@ -123,7 +129,13 @@ def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None 
         advice += ", a lower retention (--retention)"
     if not streamed:
         advice += ", stream the video file (Extract Attention (Video File); the CLI streams unless --no-stream)"
-    check_memory(estimate, sample.name, advice=advice)
+    try:
+        check_memory(estimate, sample.name, advice=advice)
+    except AdaTPInputError:
+        if kv != "auto" or where == "host" or adapter.is_split:
+            raise
+        estimate = run_memory(replace(run, kv_on_host=True))  # what kv_place will choose when the device is short
+        check_memory(estimate, sample.name, advice=advice)
     return {"prompt_tokens_planned": longest.length, **estimate.figures(), "memory_plan": estimate.breakdown()}
 
 

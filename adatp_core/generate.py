@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPTransformersError
-from .memory import fallback_allowed, run_guarded
+from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryError, AdaTPTransformersError
+from .memory import fallback_allowed, free_pinned_memory, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
-from .decode import continue_prefill
+from .decode import continue_prefill, kv_place
 from .models.base import FALLBACK_STATIC_DECODING
 from .sdpa import plan_free_attention
 from .state import AdaTPState
@@ -58,13 +58,25 @@ def resolve_decode_mode(mode: str, device) -> str:
     return mode
 
 
+# Why an answer whose keys and values live on the host decodes in default steps (its stats' fallback).
+KV_ON_HOST_NOT_STATIC = ("static decoding replays CUDA graphs over fixed buffers on the device, and layers >= K's "
+                         "keys and values live on the host; this answer decoded in default steps")
+
+
 def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
                     on_token: Callable[[int, int], None] | None = None,
-                    return_logits: bool = False) -> Answer:
+                    return_logits: bool = False, kv: str = "auto") -> Answer:
     """Answer the state's question from its kept tokens.
 
     on_token(step, token_id) is called after each generated token; it may raise
     (ComfyUI's interrupt) to stop generation.
+    kv: where layers >= K keep their keys and values while the answer is made: "auto" (the device,
+    or the host when the device is short: decode.kv_place), "device" or "host". On the host each
+    layer is staged on the device while it runs (the next one prefetched), and decoding runs in
+    default steps (static decoding gives way, with the reason in stats). stats["kv_on"] and
+    stats["kv_reason"] say which and why. In auto, an answer that runs out of memory with them on the
+    device (the estimate is an estimate) runs again with them on the host; on_token is then called
+    again from step 0.
     """
     model = state.model
     adapter = model.adapter
@@ -74,14 +86,51 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         if cfg.decode_mode == "static":
             log.warning("static decoding needs the model on one device; decoding step by step instead")
         cfg = replace(cfg, decode_mode="default")
+    kv_on_host, kv_reason = kv_place(state, cfg.max_new_tokens, kv)
+    try:
+        run, cfg = _answer_run(state, cfg, on_token, return_logits, kv_on_host)
+    except AdaTPOutOfMemoryError as exc:
+        if kv != "auto" or kv_on_host or not kv_reason.startswith(KV_AUTO_ON_DEVICE):
+            raise
+        log.warning("out of memory with layers >= K's keys and values on the device; answering again with them "
+                    "on the host: %s", exc)
+        kv_on_host, kv_reason = True, (f"the device ran out of memory with them there, though {kv_reason}; this "
+                                       "answer ran again with them on the host")
+        run, cfg = _answer_run(state, cfg, on_token, return_logits, kv_on_host)
+    answer = answer_from_run(state, run, cfg)
+    # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("cpu" for a CPU model)
+    answer.stats.update(kv_on="host" if kv_on_host else str(adapter.device), kv_reason=kv_reason)
+    if kv_on_host:
+        answer.stats["kv_staged_mb"] = round(run.kv_staged_bytes / 1e6, 1)
+        if adapter.device.type == "cuda":
+            free_pinned_memory()  # the homes are gone; torch would keep their pinned blocks cached
+    return answer
+
+
+# How decode.kv_place's reason starts when auto keeps the keys and values on the device by the estimate.
+KV_AUTO_ON_DEVICE = "the continuation from K needs about"
+
+
+def _answer_run(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool,
+                kv_on_host: bool) -> tuple[DecodeRun, SamplingConfig]:
+    """One answer's decoding (``_decode_or_fall_back``, out of memory made clear by run_guarded) and the
+    settings it ran with: static decoding gives way to default steps over keys and values on the host,
+    and in auto mode on a model whose static decoding failed before."""
+    adapter = state.model.adapter
+    not_static = None
+    if kv_on_host and resolve_decode_mode(cfg.decode_mode, adapter.device) == "static":
+        not_static = KV_ON_HOST_NOT_STATIC
+        log.info("%s", not_static)
+        cfg = replace(cfg, decode_mode="default")
     fallback = adapter.fallbacks.get(FALLBACK_STATIC_DECODING) if cfg.decode_mode == "auto" else None
     if fallback is not None:  # static decoding failed on this model before: auto stays default
         cfg = replace(cfg, decode_mode="default")
     # Out of memory: static decoding's kept buffers go too (run_guarded drops them).
-    run = run_guarded(lambda: _decode_or_fall_back(state, cfg, on_token, return_logits), "generation", model=model)
-    if fallback is not None and run.fallback is None:
-        run = replace(run, fallback=fallback)
-    return answer_from_run(state, run, cfg)
+    run = run_guarded(lambda: _decode_or_fall_back(state, cfg, on_token, return_logits, kv_on_host), "generation",
+                      model=state.model)
+    if run.fallback is None and (fallback or not_static) is not None:
+        run = replace(run, fallback=not_static or fallback)
+    return run, cfg
 
 
 def resolved_sampling(adapter, sampling: SamplingConfig | None) -> SamplingConfig:
@@ -146,6 +195,7 @@ class DecodeRun:
     graph_note: str = ""
     fallback: str | None = None  # why static decoding gave way to default decoding in this answer
     fallback_seconds: float = 0.0  # spent in the failed static attempt
+    kv_staged_bytes: int = 0  # keys and values on the host: copied to the device (the continuation and every step)
 
 
 class _TokenCallback:
@@ -163,7 +213,8 @@ class _TokenCallback:
             raise
 
 
-def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool) -> DecodeRun:
+def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool,
+                         kv_on_host: bool = False) -> DecodeRun:
     """``_decode``; if static decoding raises anywhere (buffers, capture, a replay, the tokens
     it yields) in auto mode, the answer restarts in default mode from the prefilled state,
     with a fresh generator: the same answer as default decoding. This model then decodes
@@ -178,7 +229,7 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
     callback = _TokenCallback(on_token) if on_token is not None else None
     start = time.perf_counter()
     try:
-        return _decode(state, cfg, sampling_generator(adapter, cfg), callback, return_logits)
+        return _decode(state, cfg, sampling_generator(adapter, cfg), callback, return_logits, kv_on_host)
     except Exception as exc:
         static = resolve_decode_mode(cfg.decode_mode, adapter.device) == "static"
         if not static or (callback is not None and callback.raised) or not fallback_allowed(exc):
@@ -198,13 +249,16 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
     if decoders is not None:
         decoders.clear()  # the failed run's buffers and graph are never reused
     failed_seconds = time.perf_counter() - start
-    run = _decode(state, replace(cfg, decode_mode="default"), sampling_generator(adapter, cfg), on_token, return_logits)
+    run = _decode(state, replace(cfg, decode_mode="default"), sampling_generator(adapter, cfg), on_token, return_logits,
+                  kv_on_host)
     return replace(run, fallback=reason, fallback_seconds=failed_seconds)
 
 
-def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool) -> DecodeRun:
+def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_logits: bool,
+            kv_on_host: bool = False) -> DecodeRun:
     """The continuation from layer K and the decoding loop (see generate_answer): one row stepped by
-    the step runner (steps.py), as captions decoded together are."""
+    the step runner (steps.py), as captions decoded together are. kv_on_host: layers >= K's keys and
+    values live on the host (default steps only)."""
     adapter = state.model.adapter
     dev = adapter.device
     eos = set() if cfg.ignore_eos else set(adapter.eos_token_ids)
@@ -221,7 +275,7 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                        if not adapter.is_linear_layer(i)]  # a linear layer's state has no capacity
             if not static_pays_for_answer(adapter, lengths, cfg.max_new_tokens):
                 mode = "default"
-        runner, logits = _one_row(state, cfg, mode)
+        runner, logits = _one_row(state, cfg, mode, kv_on_host)
         first_position = adapter.next_position_ids(state.position_ids, 0)  # one host sync, not one per token
         synchronize(dev)
         prefill_done = time.perf_counter()
@@ -248,16 +302,19 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                       kv_lengths=runner.cache.row_lengths(0), prefill_seconds=prefill_done - start,
                       decode_seconds=end - decode_start, passes=passes, mode=mode,
                       capture_seconds=graph.seconds if graph is not None else 0.0,
-                      graph_note=graph.note if graph is not None else "")
+                      graph_note=graph.note if graph is not None else "",
+                      kv_staged_bytes=runner.cache.staging.staged_bytes if runner.cache.staging is not None else 0)
 
 
-def _one_row(state: AdaTPState, cfg: SamplingConfig, mode: str) -> tuple[StepRunner, torch.Tensor]:
+def _one_row(state: AdaTPState, cfg: SamplingConfig, mode: str, kv_on_host: bool = False
+             ) -> tuple[StepRunner, torch.Tensor]:
     """The prefill's continuation and the runner over its one row, with the first token's logits [V].
-    Default: the row is the prefill's own cache, allocated with room for the new tokens. Static: the
-    prefill is copied into a bucket's buffers kept per model (static_decode.StaticDecoders)."""
+    Default: the row is the prefill's own cache, allocated with room for the new tokens (layers >= K
+    on the host with ``kv_on_host``). Static: the prefill is copied into a bucket's buffers kept per
+    model (static_decode.StaticDecoders)."""
     adapter = state.model.adapter
-    if mode != "static":
-        cache, logits = continue_prefill(state, cfg.max_new_tokens)
+    if mode != "static" or kv_on_host:
+        cache, logits = continue_prefill(state, cfg.max_new_tokens, kv_on_host)
         return StepRunner(adapter, RowsKVCache.holding(cache), state.position_ids), logits
     cache, logits = continue_prefill(state, 0)
     decoders = getattr(state.model, "static_decoders", None)

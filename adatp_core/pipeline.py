@@ -55,6 +55,7 @@ class PipelineConfig:
     # Where the encoded visual rows and DeepStack's wait for the prefill: auto (the device, or the host when
     # it is short), device or host (fits.encoded_place).
     encoded: str = "auto"
+    kv: str = "auto"  # where layers >= K keep their keys and values while answering (decode.kv_place)
 
 
 def check_option(option: str, check, value) -> None:
@@ -135,7 +136,7 @@ def check_fits(model: VideoLLM, sample, questions, cfg: PipelineConfig, streamed
     any frame is decoded."""
     return check_video_fits(model, sample, questions, cfg.max_pixels, layer=cfg.layer, retention=cfg.retention,
                             streamed=streamed, chunk_frames=cfg.chunk_frames, prefill_chunk=cfg.prefill_chunk,
-                            max_new_tokens=cfg.generation.max_new_tokens, encoded=cfg.encoded)
+                            max_new_tokens=cfg.generation.max_new_tokens, encoded=cfg.encoded, kv=cfg.kv)
 
 
 def _checked_plan(model: VideoLLM, path, questions, cfg: PipelineConfig, streamed: bool):
@@ -192,6 +193,6 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
         state = prefill(model, frames, question, cfg, info)
     del frames  # decoded or encoded here: the state (and the prefix store) keep what the answer needs
     with stage_peak(times, "answer", device):
-        answer = generate_answer(state, cfg.generation, on_token=on_token)
+        answer = generate_answer(state, cfg.generation, on_token=on_token, kv=cfg.kv)
     stats = {**answer.stats, **times}
     return PipelineResult(answer=answer, state=state, video=info, stats=stats)

@@ -83,18 +83,19 @@ def prefix_line(s: dict) -> str:
 
 
 def _moved_to_host(s: dict, what: str) -> bool:
-    """Whether ``what``'s rows (rows, encoded) waited on the host because the device was short or it was
-    asked for (not because the model runs there)."""
-    return s.get(f"{what}_on") == "host" and s.get(f"{what}_reason", "").startswith(("the device is short",
-                                                                                     "asked for"))
+    """Whether ``what`` (rows, encoded, kv) waited on the host because the device was short (or ran
+    out) or it was asked for (not because the model runs there)."""
+    return s.get(f"{what}_on") == "host" and s.get(f"{what}_reason", "").startswith(
+        ("the device is short", "the device ran out", "asked for"))
 
 
 def prefill_line(s: dict) -> str | None:
     """How the prefill ran when the video's part took more than one call, or the rows (layer K's input,
-    or the encoded video's) waited on the host (None otherwise: two calls are the prefix store's prefix
-    and question)."""
+    or the encoded video's) or layers >= K's keys and values waited on the host (None otherwise: two
+    calls are the prefix store's prefix and question)."""
     calls, host, encoded = s.get("prefill_calls", 0), _moved_to_host(s, "rows"), _moved_to_host(s, "encoded")
-    if calls <= 2 and not host and not encoded:
+    kv = _moved_to_host(s, "kv")
+    if calls <= 2 and not host and not encoded and not kv:
         return None
     parts = []
     if calls > 2:
@@ -104,6 +105,9 @@ def prefill_line(s: dict) -> str | None:
         parts.append(f"the encoded visual rows on the host ({s['encoded_reason']})")
     if host:
         parts.append(f"layer K's input rows on the host ({s['rows_reason']})")
+    if kv:
+        parts.append(f"layers >= K's keys and values on the host, two layers staged on the device at a time "
+                     f"({s['kv_reason']})")
     return "Prefill: " + "; ".join(parts)
 
 

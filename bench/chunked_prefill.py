@@ -1,6 +1,8 @@
 """The prefill in chunks (issue 30, items 3-5): peak memory and time of AdaTP's prefill (layers < K
-and the scores, then the kept tokens from K) against the chunk size, and with layer K's input rows
-on the device or on the host, for one model shape at several frame counts.
+and the scores, then the kept tokens from K) against the chunk size, with layer K's input rows
+on the device or on the host, and layers >= K's keys and values on the device or on the host while
+answering (--kv; on the host each layer is staged on the device while it runs), for one model shape
+at several frame counts.
 
 Every setting runs in a fresh process (a peak is a high-water mark). Peak: on CUDA the peak
 allocated memory minus what the model and frames took before the prefill; on the CPU the growth
@@ -12,6 +14,8 @@ printed: every setting of one frame count must show the same ones.
     python bench/chunked_prefill.py --shape 0.5b --layers 3 --frames 64 --size 384x384   # real widths, CPU
     python bench/chunked_prefill.py --shape qwen3-vl-8b --device cuda --dtype bfloat16 \\
         --frames 256,1024,1800 --size 448x448 --chunks 0,8192,2048 --rows device,host --cap-gib 24
+    python bench/chunked_prefill.py --shape qwen3-vl-8b --device cuda --dtype bfloat16 \
+        --frames 1024,1800 --size 448x448 --chunks 8192 --rows host --kv device,host --cap-gib 24
 """
 
 from __future__ import annotations
@@ -70,11 +74,13 @@ def one(args) -> dict:
     state = extract_attention(model, frames, "What happens in this video?", layer=args.layer, reuse_prefix=False,
                               prefill_chunk=args.chunk, rows=args.rows)
     state = select(state, PipelineConfig(retention=args.retention))
-    answer = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True, decode_mode="default"))
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True, decode_mode="default"),
+                             kv=args.kv)
     wall = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()) - base
     s = answer.stats
-    return {"frames": args.frames, "chunk": args.chunk, "rows": args.rows, "tokens": state.prompt.length,
+    return {"frames": args.frames, "chunk": args.chunk, "rows": args.rows, "kv": s["kv_on"],
+            "tokens": state.prompt.length, "ms_per_token": s["decode_ms_per_token"],
             "calls": s["prefill_calls"], "rows_on": s["rows_on"], "peak_gib": peak / 2**30,
             "layers_below_k_s": s["time_attention"], "from_k_s": s["time_prefill_continue"],
             "ttft_s": s["time_to_first_token"], "wall_s": wall, "tokens_out": list(answer.token_ids)}
@@ -89,6 +95,8 @@ def main() -> None:
     p.add_argument("--size", default="224x224", help="frame size WxH")
     p.add_argument("--chunks", default="0,8192,2048,512", help="prefill_chunk values (0: one call)")
     p.add_argument("--rows", default="device,host", help="where layer K's input rows wait")
+    p.add_argument("--kv", default="device", help="where layers >= K's keys and values live while answering "
+                                                   "(device, host, auto; comma-separated)")
     p.add_argument("--layer", type=int, default=2)
     p.add_argument("--retention", type=float, default=0.25)
     p.add_argument("--layers", type=int, default=0,
@@ -103,24 +111,25 @@ def main() -> None:
         return
     cut = f", cut to {args.layers} LLM layers and 1 vision layer" if args.layers else ""
     print(f"{args.shape}{cut} on {args.device} ({args.dtype}), frames {args.size}, K={args.layer}, R={args.retention}")
-    print(f"{'frames':>6} {'tokens':>7} {'chunk':>6} {'rows':>6} {'calls':>5} {'peak GiB':>9} "
-          f"{'<K s':>7} {'from K s':>8} {'TTFT s':>7}  first tokens")
+    print(f"{'frames':>6} {'tokens':>7} {'chunk':>6} {'rows':>6} {'kv':>6} {'calls':>5} {'peak GiB':>9} "
+          f"{'<K s':>7} {'from K s':>8} {'TTFT s':>7} {'ms/tok':>7}  first tokens")
     for frames in args.frames.split(","):
         for chunk in args.chunks.split(","):
             for rows in args.rows.split(","):
-                cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--device", args.device,
-                       "--dtype", args.dtype, "--frames", frames, "--size", args.size, "--chunk", chunk,
-                       "--rows", rows, "--layer", str(args.layer), "--retention", str(args.retention),
-                       "--cap-gib", str(args.cap_gib), "--layers", str(args.layers)]
-                run = subprocess.run(cmd, capture_output=True, text=True)
-                if run.returncode:
-                    tail = (run.stderr.strip().splitlines() or ["?"])[-1][:150]
-                    print(f"{frames:>6} {'':>7} {chunk:>6} {rows:>6} failed: {tail}")
-                    continue
-                r = json.loads(run.stdout.strip().splitlines()[-1])
-                print(f"{r['frames']:>6} {r['tokens']:>7} {r['chunk']:>6} {r['rows']:>6} {r['calls']:>5} "
-                      f"{r['peak_gib']:>9.3f} {r['layers_below_k_s']:>7.2f} {r['from_k_s']:>8.2f} "
-                      f"{r['ttft_s']:>7.2f}  {r['tokens_out']}", flush=True)
+                for kv in args.kv.split(","):
+                    cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--device", args.device,
+                           "--dtype", args.dtype, "--frames", frames, "--size", args.size, "--chunk", chunk,
+                           "--rows", rows, "--kv", kv, "--layer", str(args.layer), "--retention",
+                           str(args.retention), "--cap-gib", str(args.cap_gib), "--layers", str(args.layers)]
+                    run = subprocess.run(cmd, capture_output=True, text=True)
+                    if run.returncode:
+                        tail = (run.stderr.strip().splitlines() or ["?"])[-1][:150]
+                        print(f"{frames:>6} {'':>7} {chunk:>6} {rows:>6} {kv:>6} failed: {tail}")
+                        continue
+                    r = json.loads(run.stdout.strip().splitlines()[-1])
+                    print(f"{r['frames']:>6} {r['tokens']:>7} {r['chunk']:>6} {r['rows']:>6} {r['kv']:>6} "
+                          f"{r['calls']:>5} {r['peak_gib']:>9.3f} {r['layers_below_k_s']:>7.2f} {r['from_k_s']:>8.2f} "
+                          f"{r['ttft_s']:>7.2f} {r['ms_per_token']:>7.1f}  {r['tokens_out']}", flush=True)
 
 
 if __name__ == "__main__":

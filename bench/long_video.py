@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 QUESTION = "What happens in this video?"
 MODES = ("stock", "one-pass", "streamed")
 # The memory model's columns: the measured modes, and streamed with the encoded rows on the host
-# (fits.encoded_place, RunPlan.encoded_on_host).
-MODEL_MODES = (*MODES, "streamed-host")
+# (fits.encoded_place, RunPlan.encoded_on_host), then with layers >= K's keys and values there too
+# (decode.kv_place, RunPlan.kv_on_host: two layers' staged copies on the device).
+MODEL_MODES = (*MODES, "streamed-host", "streamed-host-kv")
 GIB = 2 ** 30
 
 
@@ -68,12 +69,13 @@ def make_video(path: Path, seconds: float, fps: float, width: int = 640, height:
 
 def child(mode: str, frames: int, video: str, new_tokens: int, shape: str = "tiny-qwen3-vl", device: str = "cpu",
           cap_gb: float = 0.0, sampling: str = "uniform", fps: float = 1.0, prefill_chunk: int | None = None,
-          keep_prefix: bool = False, encoded: str = "auto") -> dict:
+          keep_prefix: bool = False, encoded: str = "auto", kv: str = "auto") -> dict:
     """One measurement, in this (fresh) process. On CUDA, with cap_gb, torch may allocate at most that
     much of the card (set_per_process_memory_fraction); the peak is then torch's peak allocated.
     AdaTP keeps the video's prefix for a next question only with keep_prefix (the CLI does so for
     several questions; one question, as here, keeps nothing). encoded: where AdaTP's encoded rows wait
-    (fits.encoded_place: auto, device or host)."""
+    (fits.encoded_place: auto, device or host); kv: where layers >= K's keys and values live while
+    answering (decode.kv_place)."""
     import resource
 
     import torch
@@ -128,14 +130,14 @@ def child(mode: str, frames: int, video: str, new_tokens: int, shape: str = "tin
 
         cfg = PipelineConfig(num_frames=frames, sampling=sampling, fps=fps, stream=mode == "streamed",
                              generation=SamplingConfig(max_new_tokens=new_tokens, do_sample=False),
-                             reuse_prefix=keep_prefix, encoded=encoded)
+                             reuse_prefix=keep_prefix, encoded=encoded, kv=kv)
         if prefill_chunk is not None:
             cfg = replace(cfg, prefill_chunk=prefill_chunk)
         result = run_pipeline(llm, video, QUESTION, cfg)
         s = result.stats
         place = "cuda0" if cuda else "host"
         out.update(prompt_tokens=s.get("prompt_tokens"), answer=result.answer.text, prefix_cache=s.get("prefix_cache"),
-                   encoded_on=s.get("encoded_on"),
+                   encoded_on=s.get("encoded_on"), kv_on=s.get("kv_on"),
                    planned_mb=s.get(f"memory_planned_peak_{place}_mb"), ttft=s.get("time_to_first_token"),
                    stages_mb={k[len("memory_peak_"):-len(f"_{place}_mb")]: v for k, v in s.items()
                               if k.startswith("memory_peak_") and k.endswith(f"_{place}_mb")
@@ -211,7 +213,7 @@ def model_table(frames_list, cap_gb: float = 24.0, prefill_chunk: int = 8192) ->
                           chunk_frames=n if mode == "stock" else 16, frames_per_step=plan.frames_per_step,
                           prefill_chunk=prefill_chunk if mode.startswith("streamed") else 0, injections=injections,
                           max_new_tokens=64, item=2, where="cuda:0", weights=weights,
-                          encoded_on_host=mode == "streamed-host")
+                          encoded_on_host=mode.startswith("streamed-host"), kv_on_host=mode == "streamed-host-kv")
             est = run_memory(run)
             extent = adapter.position_extent(prompt) if adapter.mrope else prompt.length
             return est.peak_on("cuda:0") / 1e9, est.peak_on("host") / 1e9, prompt.length, extent
@@ -248,8 +250,8 @@ def print_tables(measured, modelled) -> None:
             print(f"| {n} | " + " | ".join(cells) + f" | {stages} | {by.get('streamed', {}).get('prompt_tokens')} |")
     if modelled:
         print("\n| model | frames | prompt tokens | positions | stock GB (device / host) | one-pass | streamed | "
-              "streamed, encoded rows on the host |")
-        print("|---|---:|---:|---:|---|---|---|---|")
+              "streamed, encoded rows on the host | and keys and values >= K too |")
+        print("|---|---:|---:|---:|---|---|---|---|---|")
         for r in modelled:
             if "most_frames_in_gb" in r:
                 continue
@@ -286,16 +288,18 @@ def main(argv=None) -> int:
                         "default: one question, as the CLI asks it, keeps nothing")
     p.add_argument("--encoded", default="auto", choices=("auto", "device", "host"),
                    help="where AdaTP's encoded visual rows and DeepStack's wait (auto: the host when the device is short)")
+    p.add_argument("--kv", default="auto", choices=("auto", "device", "host"),
+                   help="AdaTP: where layers >= K keep their keys and values while answering (decode.kv_place)")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     extra = ("--shape", args.shape, "--device", args.device, "--cap-gb", str(args.cap_gb), "--sampling",
              args.sampling, "--fps", str(args.fps),
              *(("--prefill-chunk", str(args.prefill_chunk)) if args.prefill_chunk is not None else ()),
-             *(("--keep-prefix",) if args.keep_prefix else ()), "--encoded", args.encoded)
+             *(("--keep-prefix",) if args.keep_prefix else ()), "--encoded", args.encoded, "--kv", args.kv)
     if args.child:
         print(json.dumps(child(args.child, int(args.frames), args.video, args.new_tokens, args.shape, args.device,
                                args.cap_gb, args.sampling, args.fps, args.prefill_chunk, args.keep_prefix,
-                               args.encoded)),
+                               args.encoded, args.kv)),
               flush=True)
         return 0
     measured = []

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from ..adatp_core.attention import DEFAULT_PREFILL_CHUNK, check_video_fits, extract_attention
 from ..adatp_core.peak_memory import stage_peak
-from ..adatp_core.pipeline import decode_side
+from ..adatp_core.pipeline import PipelineConfig, decode_side
 from ..adatp_core.streaming import encode_video
 from ..adatp_core.video import MAX_FRAMES, plan_sampling
 from . import comfy_bridge as bridge
@@ -33,8 +33,11 @@ def extract_from_video(model, video, question, layer, query, num_frames, samplin
         if found is not None:
             path, label, clip = found
             sample = plan_sampling(path, num_frames, sampling, fps, start_time, end_time, decode_side(max_pixels), clip)
+            # The retention is set downstream (Prune Tokens): the check assumes its default, as the
+            # graph is built for pruning; without one it counted every layer's keys and values for every
+            # token (the stock model) and refused long videos that the graph runs.
             planned = check_video_fits(model, sample, [question], max_pixels, layer=layer, streamed=True,
-                                       prefill_chunk=DEFAULT_PREFILL_CHUNK)
+                                       prefill_chunk=DEFAULT_PREFILL_CHUNK, retention=PipelineConfig.retention)
             with stage_peak(stats, "encode", device):
                 encoded = encode_video(model, sample, max_pixels, on_frame=on_frame, layer=layer)
             with stage_peak(stats, "prefill", device):

@@ -88,9 +88,14 @@ def cache_forms(kinds) -> dict:
     rows = RowsKVCache(len(kinds), slots=2)
     rows.add(full, 4)
     rows.add(KVCache(len(kinds), past=_past(kinds)), 4)
+    host = [i for i, k in enumerate(kinds) if k != LINEAR_ATTENTION and i > first_attention]
+    on_host = KVCache(kinds, past=_past(kinds), reserve=2, host=host)  # host-homed layers: the past written in
     return {
         "KVCache (a prefill)": KVCache(kinds),
         "KVCache (continued from layer K)": KVCache(kinds, past=past[:first_attention + 1]),
+        "KVCache (continued from layer K, keys and values on the host)": KVCache(
+            kinds, past=past[:first_attention + 1], host=host),
+        "RowsWindow (one answer, keys and values on the host)": RowsKVCache.holding(on_host).window(0, 1),
         "KVCache (a whole past)": full,
         "RowsWindow (one answer)": RowsKVCache.holding(KVCache(len(kinds), past=_past(kinds), reserve=2)).window(0, 1),
         "RowsWindow (a static bucket)": bucket.window(0, 1, static=True),

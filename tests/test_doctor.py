@@ -16,7 +16,7 @@ from adatp_core.doctor import FAIL, PASS, SKIP, compare_tokens, run_doctor
 
 CHECKS = ("keep-all = stock generate()", "AdaTP default = static decoding", "static graph reused",
           "no cuDNN attention", "selection without host sync", "figures", "2 rows = one at a time",
-          "chunked prefill = one call")
+          "chunked prefill = one call", "kv on host = on device")
 
 
 @pytest.fixture
@@ -33,9 +33,12 @@ def test_the_doctor_passes_on_this_cpu_and_skips_what_needs_cuda(built_in, capsy
     assert report.ok
     by_name = {c.name: c for c in report.checks}
     assert tuple(by_name) == CHECKS
-    assert [c.name for c in seen] == [CHECKS[0], CHECKS[2], CHECKS[3], CHECKS[5], CHECKS[6], CHECKS[7]]  # each step's last line
+    assert [c.name for c in seen] == [CHECKS[0], CHECKS[2], CHECKS[3], CHECKS[5], CHECKS[6], CHECKS[7],
+                                      CHECKS[8]]  # each step's last line
     chunked = by_name["chunked prefill = one call"]
     assert chunked.status == PASS and "calls of 16 tokens; keep set the same" in chunked.detail
+    kv = by_name["kv on host = on device"]
+    assert kv.status == PASS and "K=1, kept tokens from K in calls of 16; 8 tokens equal" in kv.detail
     assert by_name["keep-all = stock generate()"].status == PASS
     assert by_name["AdaTP default = static decoding"].status == PASS
     graph = by_name["static graph reused"]

@@ -4,7 +4,7 @@ prefill call's span at a time; the text relevance reads them a span at a time, a
 gathers the kept tokens' DeepStack rows of layers >= K there. On the CPU the host is the device, so
 "host" takes the host's path over the same memory: what these tests check is that the path never
 reads the rows whole, and gives the device placement's keep set, tokens and hidden states, on every
-family that streams (tests/test_streaming.py). tests/gpu/test_encoded_on_host.py measures a GPU."""
+family that streams (tests/test_streaming.py). tests/gpu/test_gpu_encoded_on_host.py measures a GPU."""
 
 from __future__ import annotations
 

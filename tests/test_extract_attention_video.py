@@ -44,6 +44,8 @@ def test_a_file_video_is_streamed_with_the_image_paths_result(tiny, clip, node_m
                                                                     1.0, 0.0, 0.0)
     assert encoded == [1] and state.stats["video_streamed"] and len(info.timestamps) == 8
     assert state.stats["memory_peak_encode_host_mb"] > 0 and "memory_plan" in state.stats
+    # planned for pruning at Prune Tokens' default retention, not as the stock model (every layer, every token)
+    assert any("R·N" in part for part in state.stats["memory_plan"]["host"]), state.stats["memory_plan"]
     frames, want_info = pack_module("adatp_core.video").load_video(clip, 8)
     whole = pack_module("adatp_core.attention").extract_attention(tiny, frames, QUESTION, video_info=want_info,
                                                                   reuse_prefix=False)

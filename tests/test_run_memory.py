@@ -121,4 +121,4 @@ def test_captions_check_each_clip_with_the_runs_settings(qwen3, monkeypatch):
     monkeypatch.setattr(pipeline, "check_video_fits", lambda *a, **k: seen.update(k) or {})
     fits_check(qwen3, QUESTION, cfg)(sample_plan(64))
     assert seen == {"layer": 3, "retention": 0.5, "streamed": False, "chunk_frames": 8, "prefill_chunk": 4096,
-                    "max_new_tokens": 40, "encoded": "host"}
+                    "max_new_tokens": 40, "encoded": "host", "kv": "device"}

@@ -167,8 +167,8 @@ class _Ahead:
 def fits_check(model, prompt: str, cfg: PipelineConfig) -> Callable[[SamplePlan], dict]:
     """DecodeAhead's check: a clip whose plan cannot fit the model's context or memory fails
     before it is decoded (pipeline.check_fits: the run's K, retention and chunks; its frames come
-    decoded as one IMAGE)."""
-    return lambda plan: check_fits(model, plan, [prompt], cfg, streamed=False)
+    decoded as one IMAGE; its keys and values on the device: rows decoded together never leave it)."""
+    return lambda plan: check_fits(model, plan, [prompt], replace(cfg, kv="device"), streamed=False)
 
 
 def clip_stats(stats: dict) -> dict:

@@ -43,6 +43,11 @@ The kinds and forms here:
   its own length per layer (layers < K the clip's full prompt, layers >= K its kept tokens, plus
   what it decoded) and attends through a mask of its own filled positions. ``window(a, b)`` is the
   ``Cache`` that one decode step over rows [a, b) writes into.
+- keys and values on the host (``KVCache(host=...)``, one answer's layers >= K when the device is
+  short): a ``HostKVLayer`` (a ``KVLayer`` whose buffers are its home on the host) and, in a one-row
+  window, a ``HostRowsKVLayer``; each runs over a copy staged on its device by ``StagedCopies`` (two
+  slots, the next layer prefetched through transformers' per-layer ``prefetch``, released by its
+  ``offload``), its new keys and values written to the copy and the home, nothing copied back.
 
 ``lengths()`` counts, per layer, the positions a layer has taken in: the keys/values it holds for
 an attention layer, the tokens folded into its state for a linear one. So the spec's invariants
@@ -288,10 +293,254 @@ class RowsKVLayer(_FixedLayer):
         return self.window.longest[self.layer_idx]
 
 
+# ----- keys and values whose home is the host --------------------------------------------------
+
+
+def _copy_positions(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> None:
+    """dst[..., a:b, :] = src[..., a:b, :] for buffers [B, H, capacity, d]. Between the host and a CUDA
+    device, one copy per (row, head): each is then contiguous, so a pinned host buffer moves
+    asynchronously (torch would gather a strided slice through a pageable temporary, synchronously)."""
+    if b <= a:
+        return
+    if dst.device == src.device:
+        dst[..., a:b, :].copy_(src[..., a:b, :])
+        return
+    for r in range(dst.shape[0]):
+        for h in range(dst.shape[1]):
+            dst[r, h, a:b].copy_(src[r, h, a:b], non_blocking=True)
+
+
+class _Slot:
+    """One staging slot: device buffers [B, H, capacity, d] for keys and values, and the layer whose
+    first ``length`` positions they hold (None: none yet)."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.layer: int | None = None
+        self.length = 0
+        self.ready = None  # CUDA: the event after which the staged copy is complete
+        self.used = 0  # when it was last staged or claimed (the least recent goes first)
+
+    def fits(self, home: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> bool:
+        return self.keys is not None and all(
+            buf.device == device and buf.dtype == h.dtype and buf.shape[:2] == h.shape[:2]
+            and buf.shape[-1] == h.shape[-1] and buf.shape[-2] >= h.shape[-2]
+            for buf, h in ((self.keys, home[0]), (self.values, home[1])))
+
+
+class StagedCopies:
+    """The device copies of host-homed attention layers (``HostKVLayer``, ``HostRowsKVLayer``): two
+    slots of device buffers, so at most two layers are staged at once: the one that runs and the
+    next one, prefetched. A layer's staged copy is released after it ran; nothing is copied back
+    (its new keys and values were written to its home as they came, so the copy stays as good as
+    the home: a layer claimed again before its slot is taken, as with one or two homed layers, is
+    not copied again).
+
+    homed: the host-homed layers in the order they run (``next_after`` circles back to the first:
+    the next step or chunk starts there). On CUDA a prefetch copies on a side stream, after what the
+    default stream has queued (the slot's last reader, the home's last writes), and the layer's own
+    update waits for it; elsewhere the copies are plain. Figures: ``most_alive`` (staged layers at
+    once, at most 2), ``staged_bytes`` (host to device), ``stagings``.
+    """
+
+    SLOTS = 2
+
+    def __init__(self, homed):
+        self.homed = tuple(homed)
+        self._slots = [_Slot() for _ in range(self.SLOTS)]
+        self._running: _Slot | None = None
+        self._streams: dict = {}
+        self._clock = 0
+        self.most_alive = 0
+        self.staged_bytes = 0
+        self.stagings = 0
+
+    def next_after(self, layer_idx: int) -> int | None:
+        """The host-homed layer that runs after ``layer_idx`` (None: no other)."""
+        if len(self.homed) < 2:
+            return None
+        return self.homed[(self.homed.index(layer_idx) + 1) % len(self.homed)]
+
+    def alive(self) -> int:
+        return sum(slot.layer is not None for slot in self._slots)
+
+    def _holding(self, layer_idx: int) -> _Slot | None:
+        return next((slot for slot in self._slots if slot.layer == layer_idx), None)
+
+    def stage(self, layer_idx: int, home: tuple[torch.Tensor, torch.Tensor], length: int,
+              device: torch.device) -> _Slot:
+        """Copy positions [0, length) of ``home`` into a slot on ``device`` (a prefetch on CUDA: on
+        the side stream). A slot already holding them is kept; the slot of the running layer is never
+        taken."""
+        slot = self._holding(layer_idx)
+        if slot is not None and slot.length == length and slot.fits(home, device):
+            return slot
+        if slot is None:  # the least recently used slot that is not running
+            slot = min((s for s in self._slots if s is not self._running), key=lambda s: s.used)
+        slot.layer, slot.length, slot.ready = layer_idx, length, None
+        self._clock += 1
+        slot.used = self._clock
+        if not slot.fits(home, device):
+            slot.keys = slot.values = None  # the old buffers go before the new ones come
+            slot.keys = torch.empty(home[0].shape, dtype=home[0].dtype, device=device)
+            slot.values = torch.empty(home[1].shape, dtype=home[1].dtype, device=device)
+        self.stagings += 1
+        self.staged_bytes += length * sum(h[..., :1, :].numel() * h.element_size() for h in home)
+        self.most_alive = max(self.most_alive, self.alive())
+        if device.type == "cuda" and length:
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for buf, h in zip((slot.keys, slot.values), home):
+                    _copy_positions(buf, h, 0, length)
+                slot.ready = torch.cuda.Event()
+                slot.ready.record(stream)
+            for buf in (slot.keys, slot.values):  # the allocator must not reuse them under the side stream
+                buf.record_stream(stream)
+        else:
+            for buf, h in zip((slot.keys, slot.values), home):
+                _copy_positions(buf, h, 0, length)
+        return slot
+
+    def claim(self, layer_idx: int, home: tuple[torch.Tensor, torch.Tensor], length: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's staged copy (device buffers whose positions [0, length) hold its home's), for
+        its update: the prefetched one, waited for, or staged now. The layer is running until
+        ``release``."""
+        slot = self.stage(layer_idx, home, length, device)
+        if slot.ready is not None:
+            torch.cuda.current_stream(device).wait_event(slot.ready)
+            slot.ready = None
+        self._running = slot
+        self._clock += 1
+        slot.used = self._clock
+        return slot.keys, slot.values
+
+    def wrote(self, layer_idx: int, length: int) -> None:
+        """The running layer's update wrote its staged copy (and its home) up to ``length``."""
+        slot = self._holding(layer_idx)
+        if slot is not None:
+            slot.length = length
+
+    def release(self, layer_idx: int) -> None:
+        """The layer ran: its slot may be taken by the next layer (its buffers are reused, nothing is
+        copied back). On CUDA the next copy into it waits for what the default stream queued."""
+        if self._running is not None and self._running.layer == layer_idx:
+            self._running = None
+
+
+def _write_staged(staging: StagedCopies, layer_idx: int, home: tuple[torch.Tensor, torch.Tensor], length: int,
+                  key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A host-homed layer's update: its staged copy (positions [0, length)) with this call's keys and
+    values written after them, for this call's attention, and the same written to the home (a few
+    positions when decoding). Returns the staged keys and values [B, H, length + n, d]."""
+    n = key_states.shape[-2]
+    staged = staging.claim(layer_idx, home, length, key_states.device)
+    for buf, new, h in zip(staged, (key_states, value_states), home):
+        buf[..., length:length + n, :] = new
+        _copy_positions(h, buf, length, length + n)
+    staging.wrote(layer_idx, length + n)
+    return staged[0][..., :length + n, :], staged[1][..., :length + n, :]
+
+
+class HostKVLayer(KVLayer):
+    """A ``KVLayer`` whose home is the host: buffers [B, H, capacity, d] in host memory (pinned when
+    the layer runs on CUDA), with room for the answer (``reserve``). ``keys``/``values`` are views of
+    the home's filled part. An update runs over a staged copy on the layer's device (``StagedCopies``:
+    prefetched a layer ahead, at most two alive), writes the new positions to both, and returns the
+    staged copy for the attention; after the layer (``offload``) the copy is released, not copied back.
+
+    transformers' per-layer protocol names what happens: ``prefetch`` brings the layer to its device
+    ahead of time, ``offload`` sends it back (here: lets the staged copy go, the home being current).
+    """
+
+    def __init__(self, staging: StagedCopies, layer_idx: int, reserve: int = 0, past=None):
+        self.staging, self.layer_idx = staging, layer_idx
+        super().__init__(reserve, past)
+        staging.release(layer_idx)  # a past written in is not a running layer
+
+    def _writable(self, room: int) -> bool:
+        return self._buffers is not None and self.get_seq_length() + room <= self._buffers[0].shape[-2]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)  # device: where the layer runs
+        n, length = key_states.shape[-2], self.get_seq_length()
+        if not self._writable(n):
+            pin = key_states.device.type == "cuda"
+            capacity = length + n + self.reserve
+            old = self._buffers
+            self._buffers = tuple(
+                torch.empty((*t.shape[:-2], capacity, t.shape[-1]), dtype=t.dtype, device="cpu", pin_memory=pin)
+                for t in (key_states, value_states))
+            if old is not None:  # read on the host: the device's writes into it must have landed
+                if key_states.device.type == "cuda":
+                    torch.cuda.current_stream(key_states.device).synchronize()
+                for new, h in zip(self._buffers, old):
+                    new[..., :length, :] = h[..., :length, :]
+        out = _write_staged(self.staging, self.layer_idx, self._buffers, length, key_states, value_states)
+        self.keys, self.values = (b[..., :length + n, :] for b in self._buffers)
+        return out
+
+    def prefetch(self):
+        if self._buffers is not None:
+            self.staging.stage(self.layer_idx, self._buffers, self.get_seq_length(), self.device)
+
+    def offload(self):
+        self.staging.release(self.layer_idx)
+
+
+class HostRowsKVLayer(RowsKVLayer):
+    """One host-homed attention layer of a one-row ``RowsWindow`` (one answer's default steps): the
+    row's home is the ``RowsKVCache``'s buffers of that layer (a ``HostKVLayer``'s, taken by
+    ``RowsKVCache.holding``); a step runs over the staged copy, as ``HostKVLayer.update`` does."""
+
+    def __init__(self, window: "RowsWindow", layer_idx: int, staging: StagedCopies, device: torch.device):
+        super().__init__(window, layer_idx)
+        self.staging, self.device = staging, device
+        self.filled = window.longest[layer_idx]  # positions the home holds (this step's once written)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        out = _write_staged(self.staging, self.layer_idx, (self.keys, self.values), self.filled,
+                            key_states, value_states)
+        self.filled += key_states.shape[-2]
+        return out
+
+    def prefetch(self):
+        self.staging.stage(self.layer_idx, (self.keys, self.values), self.filled, self.device)
+
+    def offload(self):
+        self.staging.release(self.layer_idx)
+
+
+class _StagesHostLayers:
+    """For a ``Cache`` with host-homed layers (``staging``: their ``StagedCopies``, or None): the
+    update of such a layer runs on its staged copy, then the next host-homed layer is prefetched
+    (transformers' per-layer ``prefetch``, on the side stream on CUDA) and this one's copy released
+    (``offload``): at most two alive. Other layers update as transformers' ``Cache`` does."""
+
+    staging: StagedCopies | None = None
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        staging = self.staging
+        if staging is None or layer_idx not in staging.homed:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        out = layer.update(key_states, value_states, *args, **kwargs)
+        following = staging.next_after(layer_idx)
+        if following is not None:
+            self.layers[following].prefetch()
+        layer.offload()
+        return out
+
+
 # ----- the forms --------------------------------------------------------------------------------
 
 
-class KVCache(Cache):
+class KVCache(_StagesHostLayers, Cache):
     """The past of one generation, one transformers layer object per decoder layer: a ``KVLayer``
     for an attention layer, a ``LinearLayer`` for a linear-attention one.
 
@@ -306,9 +555,11 @@ class KVCache(Cache):
     reserve: extra positions to allocate beyond each attention layer's first fill: one number
         for every layer, or one per layer (a chunked prefill fills a layer in several calls, and
         reserves the rest of the prompt at the first).
+    host: attention layers whose keys and values live on the host (``HostKVLayer``, staged on the
+        device two layers at a time by ``staging``, a ``StagedCopies``); linear-attention layers never.
     """
 
-    def __init__(self, layers, past=(), reserve=0):
+    def __init__(self, layers, past=(), reserve=0, host=()):
         kinds = ("full_attention",) * layers if isinstance(layers, int) else tuple(layers)
         past = tuple(past)
         if len(past) > len(kinds):
@@ -316,11 +567,18 @@ class KVCache(Cache):
         reserves = (int(reserve),) * len(kinds) if isinstance(reserve, int) else tuple(int(r) for r in reserve)
         if len(reserves) != len(kinds):
             raise ValueError(f"{len(reserves)} reserves for a cache of {len(kinds)} layers")
+        host = tuple(sorted(set(host)))
+        if any(not 0 <= i < len(kinds) or kinds[i] == LINEAR_ATTENTION or isinstance(past[i] if i < len(past)
+               else None, LinearState) for i in host):
+            raise ValueError(f"host-homed layers {host} must be attention layers of these {len(kinds)}")
+        self.staging = StagedCopies(host) if host else None
         made = []
         for i, kind in enumerate(kinds):
             entry = past[i] if i < len(past) else None
             if isinstance(entry, LinearState) or (entry is None and kind == LINEAR_ATTENTION):
                 made.append(LinearLayer(entry))
+            elif i in host:
+                made.append(HostKVLayer(self.staging, i, reserves[i], entry))
             else:
                 made.append(KVLayer(reserves[i], entry))
         super().__init__(layers=made)
@@ -458,6 +716,9 @@ class RowsKVCache:
         self._lengths: torch.Tensor | None = None
         self.zeroed = True  # whether what no row has filled is zeros (static windows read it)
         self._signature: tuple | None = None
+        # host-homed layers (one answer's, ``holding``): layer -> the device their staged copies go to
+        self.homed: dict[int, torch.device] = {}
+        self.staging: StagedCopies | None = None
 
     @classmethod
     def allocated(cls, layouts, capacities, device, slots: int = 1) -> "RowsKVCache":
@@ -477,14 +738,20 @@ class RowsKVCache:
     def holding(cls, cache: KVCache) -> "RowsKVCache":
         """One row that is ``cache`` itself: each layer's buffers as the prefill allocated them
         (with its ``reserve`` to grow into), no copy. For default steps only: past each layer's
-        length nothing was written, and a static window, which reads whole buffers, refuses it."""
+        length nothing was written, and a static window, which reads whole buffers, refuses it.
+        A host-homed layer (``HostKVLayer``) stays so: its buffers are its home on the host, and each
+        step runs over a staged copy (the cache's ``staging``, shared, so a layer prefetched at the end
+        of the prefill or of a step is not copied again)."""
         self = cls(len(cache.layers), 1)
+        self.staging = cache.staging
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, LinearLayer):
                 state = layer.state()
                 self.linear[i] = (state.conv, state.recurrent)
             elif layer._writable(0):
                 self.keys[i], self.values[i] = layer._buffers
+                if isinstance(layer, HostKVLayer):
+                    self.homed[i] = layer.device
             else:  # a layer whose keys are not its buffers' front (never the case after a prefill)
                 self._allocate(i, layer.keys, layer.keys.shape[-2] + cache.reserve)
                 n = layer.keys.shape[-2]
@@ -614,6 +881,8 @@ class RowsKVCache:
         self.rows, self.lengths = 0, []
 
     def window(self, start: int, stop: int, static: bool = False) -> "RowsWindow":
+        if self.homed and (static or stop - start > 1):
+            raise ValueError("keys and values on the host are stepped one row at a time, in default steps")
         if static and not self.zeroed:
             raise ValueError("these rows hold a prefill's own buffers, which a static step cannot read whole")
         return RowsWindow(self, start, stop, static)
@@ -625,7 +894,7 @@ class RowsKVCache:
             self.lengths[r] = [n + 1 for n in self.lengths[r]]
 
 
-class RowsWindow(Cache):
+class RowsWindow(_StagesHostLayers, Cache):
     """One decode step's view of rows [start, stop) of a ``RowsKVCache``: the ``Cache`` that
     transformers' layers update (key/value [stop - start, Hkv, 1, d] through ``RowsKVLayer``;
     a linear-attention layer's conv and recurrent buffers, rows [start, stop), held by a
@@ -654,9 +923,12 @@ class RowsWindow(Cache):
             if i in cache.linear:
                 conv, recurrent = cache.linear[i]
                 made.append(LinearLayer().hold(conv[start:stop], recurrent[start:stop], self.longest[i]))
+            elif i in cache.homed:
+                made.append(HostRowsKVLayer(self, i, cache.staging, cache.homed[i]))
             else:
                 made.append(RowsKVLayer(self, i))
         super().__init__(layers=made)
+        self.staging = cache.staging
 
     def lengths_on(self, device: torch.device) -> torch.Tensor:
         """[stop - start, num_layers] long: the window's rows' lengths on ``device``, where a layer's

@@ -1,0 +1,388 @@
+"""Issue 30: layers >= K's keys and values on the host when the device is short ("kv on host").
+
+Each host-homed attention layer's home is a host buffer with room for the answer; while the layer
+runs, its filled part is staged on the device (the next such layer prefetched), the new keys and
+values go to both, and the staged copy is released after the layer, not copied back. On the CPU
+the host is the device, so these tests force "host": the same tokens and logits as on-device
+decoding on every family's tiny model (the hybrid Qwen3.5 included, whose linear-attention layers
+never leave), the homes written at every step, at most two staged layers at once, and static
+decoding giving way with its reason. tests/gpu/test_kv_on_host.py does the CUDA side.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import QUESTION
+from hybrid_fixtures import HYBRID_BUILDERS
+from qwen_fixtures import BUILDERS as QWEN_BUILDERS
+from qwen_fixtures import qwen_cache  # noqa: F401  (the session's folder of tiny models)
+
+from adatp_core import generate as generate_module
+from adatp_core.attention import extract_attention
+from adatp_core.budget import size_text
+from adatp_core.decode import kv_place
+from adatp_core.errors import AdaTPInputError
+from adatp_core.generate import KV_ON_HOST_NOT_STATIC, SamplingConfig, generate_answer
+from adatp_core.hf.cache import HostKVLayer, KVCache, RowsKVCache
+from adatp_core.models.tiny import ensure_tiny_model
+from adatp_core.pipeline import PipelineConfig, select
+from adatp_core.report import stats_text
+
+STEPS = 6
+FAMILIES = {"llava_onevision": ensure_tiny_model, **QWEN_BUILDERS, **HYBRID_BUILDERS}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def llm(request, qwen_cache):  # noqa: F811
+    from adatp_core.models.loader import load_video_llm
+
+    return load_video_llm(FAMILIES[request.param](qwen_cache), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def state(llm):
+    """A pruned state whose continuation from K runs in calls of 16 kept tokens (64 on the hybrids' grid)."""
+    from adatp_core.samples import scene_frames
+
+    t, w, h = (2, 128, 96) if llm.adapter.family == "llava_onevision" else (4, 224, 224)
+    video = torch.from_numpy(scene_frames(num_frames=t, width=w, height=h, scenes=2)).float() / 255
+    # K = 1 where it may be (not on the hybrids, whose K - 1 must be full attention): three layers >= K of
+    # the tiny models' four live on the host, more than the two slots, so staged copies are taken and reused
+    layer = llm.adapter.default_layer() if llm.adapter._linear_layers else 1
+    state = extract_attention(llm, video, QUESTION, layer=layer, reuse_prefix=False, prefill_chunk=16)
+    return select(state, PipelineConfig(retention=0.5))
+
+
+def _answer(state, kv, monkeypatch, **sampling):
+    """The answer with ``kv``, and the rows its steps ran over (RowsKVCache.holding's)."""
+    held = []
+    real = RowsKVCache.holding.__func__
+
+    def holding(cls, cache):
+        rows = real(cls, cache)
+        held.append(rows)
+        return rows
+
+    monkeypatch.setattr(RowsKVCache, "holding", classmethod(holding))
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=STEPS, ignore_eos=True, **sampling),
+                             return_logits=True, kv=kv)
+    monkeypatch.undo()
+    return answer, held[-1] if held else None
+
+
+def test_keys_and_values_on_the_host_give_the_device_answer(llm, state, monkeypatch):
+    adapter = llm.adapter
+    device, on_device = _answer(state, "device", monkeypatch)
+    host, on_host = _answer(state, "host", monkeypatch)
+    assert host.token_ids == device.token_ids and len(host.token_ids) == STEPS
+    assert torch.equal(host.logits, device.logits)
+    assert host.stats["kv_on"] == "host" and host.stats["kv_reason"] == "asked for"
+    assert "layers >= K's keys and values on the host" in stats_text(host.stats)
+    assert device.stats["kv_on"] == "cpu" and "keys and values on the host" not in stats_text(device.stats)
+    # the continuation ran in several calls from K (the staged copies grew chunk by chunk)
+    assert len(state.kept_positions()) > (64 if adapter._linear_layers else 16)
+    homed = [i for i in range(state.layer, adapter.num_layers) if not adapter.is_linear_layer(i)]
+    assert sorted(on_host.homed) == homed and not on_device.homed
+    assert not any(i in on_host.homed for i in range(state.layer))  # layers < K stay on the device
+    lengths = on_host.row_lengths(0)
+    assert lengths == on_device.row_lengths(0)
+    for i in homed:
+        n = lengths[i]
+        # the home holds every position, the answer's included (written at each step), as the device's buffers
+        assert torch.equal(on_host.keys[i][..., :n, :], on_device.keys[i][..., :n, :])
+        assert torch.equal(on_host.values[i][..., :n, :], on_device.values[i][..., :n, :])
+    staging = on_host.staging
+    assert staging.most_alive == 2 if len(homed) > 1 else 1
+    # with more homed layers than the two slots, every step copied every homed layer's filled part to the
+    # device (bytes per position and layer: keys and values); two stay staged and are never copied again
+    per_position = 2 * on_host.keys[homed[0]][..., :1, :].numel() * on_host.keys[homed[0]].element_size()
+    steps_staged = sum(sum(lengths[i] - 1 - s for s in range(STEPS - 1)) for i in homed) * per_position
+    assert "kv_staged_mb" not in device.stats
+    if len(homed) > 2:
+        assert host.stats["kv_staged_mb"] * 1e6 >= steps_staged - 1e5
+    else:
+        assert host.stats["kv_staged_mb"] == 0
+    assert staging._running is None and staging.alive() <= 2  # after the answer: no layer runs
+    slots = {s.keys.data_ptr() for s in staging._slots if s.keys is not None}
+    assert len(slots) <= 2 and not slots & {on_host.keys[i].data_ptr() for i in homed}  # staged copies, not homes
+
+
+def test_static_decoding_gives_way_to_default_steps_with_the_reason(llm, state, monkeypatch):
+    static, _ = _answer(state, "device", monkeypatch, decode_mode="static")
+    host, rows = _answer(state, "host", monkeypatch, decode_mode="static")
+    assert static.stats["decode_mode"] == "static" and "fallback_static_decoding" not in static.stats
+    assert host.stats["decode_mode"] == "default" and host.stats["fallback_static_decoding"] == KV_ON_HOST_NOT_STATIC
+    assert rows.homed and host.token_ids == static.token_ids
+    assert f"Fallback: {KV_ON_HOST_NOT_STATIC}" in stats_text(host.stats)
+
+
+def test_bad_kv_is_refused_before_any_work(tiny, frames):
+    state = extract_attention(tiny, frames, QUESTION, reuse_prefix=False)
+    with pytest.raises(AdaTPInputError, match="kv must be one of"):
+        generate_answer(state, SamplingConfig(max_new_tokens=2), kv="gpu")
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=2))
+    assert answer.stats["kv_on"] == "cpu" and answer.stats["kv_reason"] == "the model runs on the host"
+
+
+def test_a_host_homed_cache_stages_two_layers_at_most_and_writes_its_homes():
+    """Driven as decoder layers drive a cache: chunks of a prefill, then decode steps through a
+    one-row window. Layers 2, 3 and 4 (of 5) have their home on the host."""
+    gen = torch.Generator().manual_seed(0)
+    layers, homed = 5, (2, 3, 4)
+    on_device = KVCache(layers, reserve=6)
+    on_host = KVCache(layers, reserve=6, host=homed)
+    staging = on_host.staging
+    assert [type(layer) is HostKVLayer for layer in on_host.layers] == [False, False, True, True, True]
+    staged_ptrs = set()
+    for m in (5, 3):  # a prefill from K in two calls
+        for i in range(layers):
+            k, v = torch.randn(2, 1, 2, m, 4, generator=gen)
+            want = on_device.update(k, v, i)
+            got = on_host.update(k, v, i)
+            assert all(torch.equal(a, b) for a, b in zip(want, got))
+            assert staging.alive() <= 2
+            if i in homed:
+                # this layer's copy is released; the next host-homed one is prefetched (circling to the
+                # first) once it holds positions (not in the first call)
+                following = staging.next_after(i)
+                assert staging._running is None  # released; its copy stays until its slot is taken
+                assert (staging._holding(following) is not None) == (m == 3 or following < i)
+                staged_ptrs |= {s.keys.data_ptr() for s in staging._slots if s.keys is not None}
+    assert len(staged_ptrs) == 2  # two slots' buffers, reused by every layer
+    for i in homed:
+        assert torch.equal(on_host.layers[i].keys, on_device.layers[i].keys)
+        assert on_host.layers[i].keys.data_ptr() == on_host.layers[i]._buffers[0].data_ptr()
+    rows_d, rows_h = RowsKVCache.holding(on_device), RowsKVCache.holding(on_host)
+    assert sorted(rows_h.homed) == list(homed) and rows_h.keys[2] is on_host.layers[2]._buffers[0]
+    with pytest.raises(ValueError, match="default steps"):
+        rows_h.window(0, 1, static=True)
+    for step in range(3):
+        before = staging.stagings
+        wd, wh = rows_d.window(0, 1), rows_h.window(0, 1)
+        for i in range(layers):
+            k, v = torch.randn(2, 1, 2, 1, 4, generator=gen)
+            want, got = wd.update(k, v, i), wh.update(k, v, i)
+            n = rows_d.lengths[0][i]
+            assert all(torch.equal(a[..., :n + 1, :], b) for a, b in zip(want, got))
+            if i in homed:
+                assert torch.equal(rows_h.keys[i][0, :, n], k[0, :, 0])  # written to the home at this step
+                assert staging.alive() <= 2
+        rows_d.advance(0, 1)
+        rows_h.advance(0, 1)
+        assert staging.stagings - before == len(homed)  # each homed layer copied once a step, ahead of its turn
+    assert staging.most_alive == 2
+
+
+def test_two_homed_layers_stay_staged_and_are_not_copied_again():
+    """With two host-homed layers both fit in the two slots: after the first staging each step reuses
+    them (the copies are as good as the homes, which each update writes too)."""
+    gen = torch.Generator().manual_seed(1)
+    cache = KVCache(3, reserve=8, host=(1, 2))
+    for i in range(3):
+        cache.update(*torch.randn(2, 1, 2, 5, 4, generator=gen), i)
+    rows = RowsKVCache.holding(cache)
+    staging = rows.staging
+    counts = []
+    for _ in range(4):
+        window = rows.window(0, 1)
+        for i in range(3):
+            k, v = torch.randn(2, 1, 2, 1, 4, generator=gen)
+            got = window.update(k, v, i)
+            assert torch.equal(got[0][..., -1:, :], k)
+        rows.advance(0, 1)
+        counts.append(staging.stagings)
+        for i in (1, 2):  # the homes hold what the staged copies hold
+            n = rows.lengths[0][i]
+            slot = staging._holding(i)
+            assert slot.length == n and torch.equal(slot.keys[..., :n, :], rows.keys[i][..., :n, :])
+    assert counts == [counts[0]] * 4 and staging.most_alive == 2
+
+
+def _fake_state(available_kept: int = 50_000, length: int = 200_000, layers: int = 36):
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         intermediate_size=12288, num_hidden_layers=layers, vocab_size=1000)
+    adapter = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, is_split=False,
+                              text_model=SimpleNamespace(config=config))
+    return SimpleNamespace(model=SimpleNamespace(adapter=adapter), layer=2, prompt=SimpleNamespace(length=length),
+                           kept_positions=lambda: range(available_kept), prefill_chunk=8192)
+
+
+def test_keys_and_values_go_to_the_host_when_the_device_is_short():
+    """kv_place weighs the continuation's estimate against the device's free memory, as rows_place
+    does for layer K's rows: 34 layers x 50,064 positions x 4 KiB = 6.97 GB of keys and values, a copy
+    of layers < K (1.64 GB) and one call of 8192 tokens (about 1.1 GB)."""
+    state = _fake_state()
+    on_host, why = kv_place(state, 64, available=lambda dev: 16 << 30)
+    assert not on_host and "the continuation from K needs about" in why and "17.18 GB free" in why
+    on_host, why = kv_place(state, 64, available=lambda dev: 6 << 30, available_host=lambda: None)
+    above, staged = 34 * 50_064 * 4096, 2 * 50_064 * 4096
+    assert on_host and why.startswith("the device is short")
+    assert f"({size_text(above)}) live on the host" in why and f"copies ({size_text(staged)})" in why
+    assert "may still not fit" not in why
+    on_host, why = kv_place(state, 64, available=lambda dev: 2 << 30, available_host=lambda: 64 << 30)
+    assert on_host and "the rest may still not fit" in why and "a smaller prefill_chunk takes less" in why
+    assert kv_place(state, 64, available=lambda dev: None) == (False, "the device's free memory is unknown")
+    on_host, why = kv_place(state, 64, available=lambda dev: 6 << 30, available_host=lambda: 8 << 30)
+    assert not on_host and "but the host is too" in why  # 6.97 GB against 75% of 8.6 GB
+    assert kv_place(state, 64, "device", available=lambda dev: 1) == (False, "asked for")
+    assert kv_place(state, 64, "host", available=lambda dev: 64 << 30) == (True, "asked for")
+    cpu = _fake_state()
+    cpu.model.adapter.device = torch.device("cpu")
+    assert kv_place(cpu, 64) == (False, "the model runs on the host")
+    split = _fake_state()
+    split.model.adapter.is_split = True
+    assert not kv_place(split, 64, "host")[0]
+
+
+def test_the_memory_model_counts_the_keys_and_values_on_the_host():
+    from dataclasses import replace
+
+    from adatp_core.budget import RunPlan, run_memory
+    from adatp_core.flops import LLMShape, VisionShape
+
+    state = _fake_state()
+    llm = LLMShape.from_config(state.model.adapter.text_model.config)
+    vision = VisionShape(layers=1, hidden=64, intermediate=128, patches=1024, patch_dim=1536, projector_out=4096)
+    run = RunPlan(llm=llm, vision=vision, frames=400, decoded=(448, 448), pixels=(448, 448), prompt_tokens=100_000,
+                  visual_tokens=98_000, layer=2, retention=0.25, streamed=True, prefill_chunk=8192,
+                  max_new_tokens=64, where="cuda:0")
+    on_device, on_host = run_memory(run), run_memory(replace(run, kv_on_host=True))
+    later = 100_000 - 98_000 + 24_500 + 64
+    kv = 34 * later * 4096
+    assert on_device.peak_on("cuda:0") - on_host.peak_on("cuda:0") == kv - 2 * later * 4096
+    assert on_host.peak_on("host") - on_device.peak_on("host") == kv
+
+
+def test_the_free_device_memory_counts_the_process_cap(monkeypatch):
+    """A card capped with set_per_process_memory_fraction (the bench's 24 GB on an 80 GB card) has what the
+    cap leaves, not what the card has free: auto placements (kv_place, rows_place) read this."""
+    from adatp_core.budget import available_device_bytes
+
+    gb = 10**9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (50 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 18 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 20 * gb)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.3, raising=False)
+    assert available_device_bytes(torch.device("cuda", 0)) == 6 * gb  # 24 GB allowed, 18 allocated
+    from adatp_core.memory import free_bytes
+
+    assert free_bytes("cuda:0") == 6 * gb  # the batching's room (Room, auto_batch_size) reads the same
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
+    assert available_device_bytes(torch.device("cuda", 0)) == 52 * gb  # free and the allocator's cache
+
+
+def test_the_check_before_decoding_counts_them_on_the_host_when_the_device_is_short(tiny, tmp_path, monkeypatch):
+    """check_video_fits, on a GPU in auto: when the run does not fit with layers >= K's keys and values on
+    the device, it is checked again with them on the host (what kv_place will choose), not refused; with
+    kv="device" it is refused, with kv="host" checked that way at once. The GPU is faked: the check's
+    memory test is replaced by one that refuses those keys and values on the device."""
+    import numpy as np
+
+    from adatp_core import fits
+    from adatp_core import video as vid
+    from adatp_core.samples import write_video
+
+    path = write_video(tmp_path / "v.mp4", np.zeros((8, 48, 64, 3), dtype=np.uint8), fps=8.0)
+    plan = vid.plan_sampling(path, 8)
+    cls = type(tiny.adapter)
+    monkeypatch.setattr(cls, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(cls, "is_split", property(lambda self: False))
+    seen = []
+
+    def check(estimate, name, advice=""):
+        seen.append(estimate)
+        if any(what.startswith("layers >= K's keys and values") and where == "cuda:0"
+               for what, _, where in estimate.parts):
+            raise AdaTPInputError(f"{name}: too much on cuda:0")
+
+    monkeypatch.setattr(fits, "check_memory", check)
+    figures = fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25)
+    assert len(seen) == 2
+    assert any(p.startswith("layers >= K's keys and values") for p in figures["memory_plan"]["host"])
+    assert any(p.startswith("two layers' staged copies") for p in figures["memory_plan"]["cuda:0"])
+    with pytest.raises(AdaTPInputError, match="too much on cuda:0"):
+        fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, kv="device")
+    seen.clear()
+    fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, kv="host")
+    assert len(seen) == 1
+
+
+def test_the_cli_puts_them_on_the_host_when_asked(tiny_dir, monkeypatch, capsys):
+    import json
+
+    from adatp_core import cli
+
+    monkeypatch.setenv("ADATP_CACHE_DIR", str(tiny_dir.parent))
+    assert cli.main(["--frames", "4", "--max-new-tokens", "3", "--kv", "host", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["kv_on"] == "host" and stats["kv_reason"] == "asked for" and stats["new_tokens"] == 3
+    with pytest.raises(SystemExit):  # argparse's refusal, naming the choices
+        cli.main(["--frames", "4", "--kv", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny, frames, monkeypatch):
+    """The estimate kept them on the device, and the answer ran out of memory there: auto answers again
+    with them on the host (the reason says so); asked for the device, the error stands."""
+    state = extract_attention(tiny, frames, QUESTION, reuse_prefix=False)
+    want = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True))
+    real, tried = generate_module._decode, []
+
+    def decode(state, cfg, generator, on_token, return_logits, kv_on_host=False):
+        tried.append(kv_on_host)
+        if not kv_on_host:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(state, cfg, generator, on_token, return_logits, kv_on_host)
+
+    monkeypatch.setattr(generate_module, "_decode", decode)
+    monkeypatch.setattr(generate_module, "kv_place",
+                        lambda state, reserve, kv: (False, "the continuation from K needs about 1.00 GB of 2.00 GB free"))
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True))
+    assert tried == [False, True] and answer.token_ids == want.token_ids
+    assert answer.stats["kv_on"] == "host" and answer.stats["kv_reason"].startswith("the device ran out of memory")
+    assert "keys and values on the host, two layers staged on the device at a time (the device ran out" in \
+        stats_text(answer.stats)
+    from adatp_core.errors import AdaTPOutOfMemoryError
+
+    monkeypatch.setattr(generate_module, "kv_place", lambda state, reserve, kv: (False, "asked for"))
+    with pytest.raises(AdaTPOutOfMemoryError):
+        generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True), kv="device")
+
+
+@pytest.mark.parametrize("command", ["caption", "clips"])
+def test_caption_commands_do_not_take_kv(command, capsys):
+    """Captions decode their rows together on the device (their check counts them there), so the caption
+    and clips commands do not offer --kv: it was accepted, documented and then ignored."""
+    import importlib
+
+    parser = importlib.import_module(f"adatp_core.{command}.cli").build_parser()
+    assert "--kv" not in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["x", "--kv", "host"] if command == "caption" else ["x", "--out", "y", "--kv", "host"])
+    assert "--kv" in capsys.readouterr().err
+
+
+def test_the_host_running_out_gets_the_host_s_advice():
+    """Parts wait on the host now (encoded rows, layer K's rows, keys and values): a failed CPU allocation
+    says the host ran out and what to change there, not the device's advice."""
+    from adatp_core.errors import AdaTPOutOfMemoryError
+    from adatp_core.memory import OOM_ADVICE, run_guarded
+
+    def host():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)")
+
+    with pytest.raises(AdaTPOutOfMemoryError, match="the host's memory ran out.*--kv device"):
+        run_guarded(host, "generation")
+
+    def device():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(AdaTPOutOfMemoryError) as err:
+        run_guarded(device, "generation")
+    assert OOM_ADVICE in str(err.value)
