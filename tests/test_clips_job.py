@@ -1450,3 +1450,21 @@ def test_a_note_of_a_clip_set_aside_with_values_no_clip_holds_restores_it_by_its
     assert any("could not be a clip's" in r.getMessage() for r in caplog.records)
     record = json.loads(clips_job.record_path(big, key).read_text())
     assert all(clips_records.good_made(m) for m in record["made"].values())
+
+
+def test_an_older_record_of_a_relative_path_is_not_taken_by_that_path_from_another_folder(tmp_path, short,
+                                                                                         monkeypatch):
+    """The path given is compared made absolute when the record was written: an older record's relative
+    path, read from another folder, names another file, whose source must not take it."""
+    for where in ("one", "two"):
+        (tmp_path / where / "src").mkdir(parents=True)
+    (tmp_path / "one" / "src" / "a.mp4").write_bytes(short)
+    inverse(tmp_path / "two" / "src" / "a.mp4")
+    monkeypatch.chdir(tmp_path / "one")
+    job = ClipsJob(sources=(Path("src/a.mp4"),), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    path = next((job.state_dir / "sources").glob("*.json"))
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "given"}))
+    monkeypatch.chdir(tmp_path / "two")
+    assert cut_only(job).clips_cut == 2 and not (job.state_dir / "replaced").exists()
+    assert [len(s.clips) for s in clips_job.dataset(job)] == [2, 2]

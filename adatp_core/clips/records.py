@@ -308,10 +308,10 @@ def recorded_path(record: dict) -> str:
     return record.get("resolved") or os.path.realpath(record["source"])
 
 
-def given_path(record: dict) -> str:
-    """The record's source as it was given (made absolute when it was written; an older record's as
-    it is read)."""
-    return record.get("given") or os.path.abspath(record["source"])
+def given_path(record: dict) -> str | None:
+    """The record's source as it was given, made absolute when it was written (an older record's when
+    it was given absolute; None when relative: to another folder than this run's, maybe)."""
+    return record.get("given") or (record["source"] if os.path.isabs(record["source"]) else None)
 
 
 def source_gone(record: dict, key: str) -> bool:
@@ -356,7 +356,7 @@ class Adoption:
                     self.orphans.setdefault(record["fingerprint"], []).append(path.stem)
             elif source_key(Path(recorded)) != path.stem:
                 self.rekeyed[os.path.realpath(recorded)] = path.stem
-            elif os.path.realpath(given_path(record)) != os.path.realpath(recorded):
+            elif given_path(record) and os.path.realpath(given_path(record)) != os.path.realpath(recorded):
                 self.repointed[given_path(record)] = path.stem
 
     def __call__(self, key: str, print_: str, path: Path) -> tuple[dict, str | None] | None:
