@@ -1293,10 +1293,13 @@ def test_a_set_aside_clip_that_does_not_hold_what_its_note_says_is_cut_again(tmp
     assert {probe_video(p).frame_count for p in clips_of(big)} == {13}
 
 
-@pytest.mark.parametrize("made", [{"fps": 0}, {"start": "x"}, {"frames": None, "fps": "8"}, [1]])
+@pytest.mark.parametrize("made", [{"fps": 0}, {"start": "x"}, {"frames": None, "fps": "8"}, [1], {"frames": 10 ** 400},
+                                  {"fps": 1e-308}, {"width": 10 ** 9}])
 def test_what_a_clip_holds_that_could_not_be_a_clips_is_left_out_or_fails_its_record(tmp_path, short, made, caplog):
     """Hostile review: a bad value from the journal was folded into the record and broke the layouts
-    (ZeroDivisionError, TypeError) on every later run, the whole job with them."""
+    (ZeroDivisionError, TypeError) on every later run, the whole job with them. Review 2: a whole number
+    too big for a float raised OverflowError out of every reader, and a rate of 1e-308 wrote "end":
+    Infinity (not JSON) into clips.jsonl."""
     (tmp_path / "a.mp4").write_bytes(short)
     job = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
     cut_only(job)
@@ -1311,6 +1314,9 @@ def test_what_a_clip_holds_that_could_not_be_a_clips_is_left_out_or_fails_its_re
     assert summary.output_error is None and any("could not be a clip's" in r.getMessage() for r in caplog.records)
     rows = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
     assert [(r["fps"], r["frames"]) for r in rows] == [(FPS, 13), (FPS, 13)]  # the plan's values
+    (tmp_path / "c.mp4").write_bytes(short)  # a new source reads every record (Adoption): not failed by this one
+    other = cut_only(dataclasses.replace(job, sources=(tmp_path / "c.mp4",)))
+    assert (other.clips_cut, other.failed_sources) == (2, [])
     cut_only(job)  # folded into the record: left out there too
     record = json.loads(clips_job.record_path(job, key).read_text())
     assert all(clips_records.good_made(m) for m in record["made"].values())
@@ -1436,13 +1442,16 @@ def test_a_source_whose_own_files_cannot_be_written_fails_alone(tmp_path, short,
     assert "run again" in failed[str(tmp_path / "a.mp4")] and summary.clips_cut == 1  # b's
 
 
-def test_a_note_of_a_clip_set_aside_with_values_no_clip_holds_restores_it_by_its_plan(tmp_path, short, caplog):
+@pytest.mark.parametrize("bad", [{"fps": 0, "start": "x"}, {"frames": 10 ** 400}])
+def test_a_note_of_a_clip_set_aside_with_values_no_clip_holds_restores_it_by_its_plan(tmp_path, short, caplog, bad):
+    """Review 2: a whole number too big for a float in a note raised OverflowError out of plan_sources:
+    the whole job stopped."""
     (tmp_path / "a.mp4").write_bytes(short)
     big = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
     cut_only(big), cut_only(dataclasses.replace(big, rules=dataclasses.replace(RULES, max_side=32)))
     key = clips_job.source_key(tmp_path / "a.mp4")
     notes = clips_records.aside_path(big, key)
-    notes.write_text("".join(json.dumps({**n, "made": {"fps": 0, "start": "x"}}) + "\n"
+    notes.write_text("".join(json.dumps({**n, "made": {**(n["made"] or {}), **bad}}) + "\n"
                              for n in clips_records.read_lines(notes, "file").values()))
     with caplog.at_level("WARNING"):
         back = cut_only(big)

@@ -108,7 +108,7 @@ def clip_record(out: Path, clip: DatasetClip, source: DatasetSource) -> dict:
 
 
 def jsonl_text(out: Path, sources: list[DatasetSource]) -> str:
-    return "".join(json.dumps(clip_record(out, c, s), ensure_ascii=False) + "\n"
+    return "".join(json.dumps(clip_record(out, c, s), ensure_ascii=False, allow_nan=False) + "\n"
                    for s in sources for c in s.clips if c.caption is not None)
 
 

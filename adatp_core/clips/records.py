@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Callable
@@ -124,15 +123,30 @@ def read_journal(job: ClipsJob, key: str) -> dict:
     return {name: e["made"] for name, e in read_lines(path, "clip").items() if good_made(e.get("made"), path, name)}
 
 
+# Bounds of what a clip may be said to hold: far above any clip this job makes (a source's own rate,
+# in copy mode or with fps None, may pass ClipRules' MAX_FPS: high-speed footage), low enough that
+# start + frames / fps stays a finite number of seconds (an edited {"fps": 1e-308} made clips.jsonl's
+# "end" Infinity) and that a whole number too big for a float ({"frames": 10**400}) is turned down by
+# comparison rather than by math.isfinite, which raised OverflowError out of every reader.
+MADE_LIMITS = {"start": (-1e9, 1e9), "frames": (1, 10_000_000), "fps": (1e-3, 100_000.0),
+               "width": (1, 65_536), "height": (1, 65_536)}
+
+
+def good_value(key: str, v) -> bool:
+    """Whether ``v`` can be a clip's ``key`` (MADE_LIMITS; whole frames, width and height)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (key in ("frames", "width", "height")
+                                                                   and not isinstance(v, int)):
+        return False
+    low, high = MADE_LIMITS[key]
+    return low <= v <= high  # False for NaN; exact for an int of any size
+
+
 def good_made(made, path: Path | None = None, name: str | None = None) -> bool:
     """Whether ``made`` can say what a clip's file holds (cut.MADE_FIELDS): a dict whose values, where
-    given, are a finite start, whole frames, width and height of at least 1 and a rate above 0. A bad one
-    (edited by hand, another program's) would break the layouts on every run. With ``path``: one that
-    is not is named in a warning, as left out."""
-    ok = isinstance(made, dict) and all(
-        v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-                      and (k == "start" or v > 0) and (k in ("start", "fps") or isinstance(v, int)))
-        for k, v in ((k, made.get(k)) for k in MADE_FIELDS))
+    given, are within MADE_LIMITS (a finite start, whole frames, width and height of at least 1, a rate
+    above 0). A bad one (edited by hand, another program's) would break the layouts on every run. With
+    ``path``: one that is not is named in a warning, as left out."""
+    ok = isinstance(made, dict) and all(v is None or good_value(k, v) for k, v in ((k, made.get(k)) for k in MADE_FIELDS))
     if not ok and path is not None:
         log.warning("%s: what it says clip %s holds (%s) could not be a clip's; left out", printable(str(path)),
                     printable(str(name)), printable(repr(made)[:200]))
