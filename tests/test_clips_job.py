@@ -1371,6 +1371,30 @@ def test_the_node_refuses_any_folder_of_the_set_that_leads_out_of_its_output_roo
     assert not any((tmp_path / "elsewhere").iterdir())
 
 
+@pytest.mark.parametrize("kind", ["made", "aside"])
+def test_a_sources_notes_are_never_appended_through_a_link(tmp_path, short, kind):
+    """Hostile review 2 (security): KEY.aside.jsonl (or .made.jsonl) as a link to a file out of output/ was
+    appended to: the up-front check followed links and append_line opened without O_NOFOLLOW."""
+    (tmp_path / "input").mkdir(), (tmp_path / "output").mkdir()
+    (tmp_path / "input" / "a.mp4").write_bytes(short)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+
+    def job(rules):
+        return ClipsJob(sources=(tmp_path / "input" / "a.mp4",), out=tmp_path / "output" / "set", rules=rules,
+                        root=tmp_path / "input", out_root=tmp_path / "output")
+
+    cut_only(job(RULES))
+    link = clips_records.journal_path(job(RULES), clips_job.source_key(tmp_path / "input" / "a.mp4"))
+    link = link.with_name(link.name.replace(".made.", f".{kind}."))
+    link.symlink_to(outside)
+    with pytest.raises(clips_settings.OptionError, match=f"{re.escape(str(link))} is a link.*move or remove it"):
+        job(dataclasses.replace(RULES, max_side=32))
+    with pytest.raises(OSError, match="is a link|a link, where"):  # made after the check: refused all the same
+        clips_records.append_line(link, {"clip": "x", "made": None})
+    assert outside.read_text() == "precious\n"
+
+
 def test_a_journal_line_cut_short_does_not_swallow_the_next(tmp_path, monkeypatch):
     """Hostile review: append_line added no newline after a line cut short (the next whole line was read
     as part of it and lost), and took a short os.write for all of it."""

@@ -9,6 +9,7 @@ said to hold (``good_made``), and sets aside and restores clips (``set_aside``, 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -85,7 +86,19 @@ def append_line(path: Path, entry: dict) -> None:
     line was cut short: append_whole), on disk (fsync) before the caller goes on; a line cut short by a
     kill is skipped when read (read_lines)."""
     line = json.dumps(entry, ensure_ascii=True) + "\n"
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    # never through a link (one planted in .adatp/sources may lead out of the output folder): O_NOFOLLOW
+    # where there is one, a look first where there is not (Windows)
+    linked = OSError(errno.ELOOP, "a link, where the job keeps a source's notes in a file of its own; remove the "
+                                  "link", str(path))
+    if path.is_symlink():
+        raise linked
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise linked from exc
+        raise
     try:
         append_whole(fd, line.encode("ascii"))
         os.fsync(fd)

@@ -100,10 +100,13 @@ class ClipsJob:
         if (self.state_dir / "sources").is_dir():  # a source's journals: met mid-run, they stopped the whole job
             with os.scandir(self.state_dir / "sources") as entries:
                 for entry in entries:
-                    if entry.name.endswith((".made.jsonl", ".aside.jsonl")) and not entry.is_file():
-                        raise OptionError("out", f"{printable(entry.path)} is not a file, where the job keeps a "
-                                                 "source's notes of its clips in one; move or remove it, or choose "
-                                                 "another output folder.")
+                    # not through a link either: one out of the output folder would be appended to
+                    if entry.name.endswith((".made.jsonl", ".aside.jsonl")) and \
+                            not entry.is_file(follow_symlinks=False):
+                        what = "a link" if entry.is_symlink() else "not a file"
+                        raise OptionError("out", f"{printable(entry.path)} is {what}, where the job keeps a "
+                                                 "source's notes of its clips in a file of its own; move or remove "
+                                                 "it, or choose another output folder.")
         files = [n for layout, names in LAYOUT_FILES.items() if layout in self.layouts for n in names]
         for name in files:
             if (self.out / name).is_dir():
