@@ -1153,6 +1153,36 @@ def test_a_moved_sources_clips_take_its_new_key_and_new_footage_at_the_old_path_
     assert len(listed) == len(set(listed)) == 4 and not (job.state_dir / "replaced").exists()
 
 
+def test_a_moved_sources_clips_set_aside_the_files_of_no_record_under_their_new_names(tmp_path, short):
+    """Hostile review 2: y's record moved away (as the damaged-record message says), x moved to y's path:
+    the adoption skipped every name taken by y's clips left behind, so y's path listed y's footage and
+    x's clips stayed under x's key, found 'already there' by the next file at x's path."""
+    (tmp_path / "src").mkdir(), (tmp_path / "other").mkdir()
+    inverse(tmp_path / "src" / "y.mp4")
+    (tmp_path / "other" / "x.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "src", tmp_path / "other"), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 4
+    ky, kx = (clips_job.source_key(p) for p in (tmp_path / "src" / "y.mp4", tmp_path / "other" / "x.mp4"))
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text(f"the caption of {clip.stem}")
+    x_clips = {p.stem.replace(kx, ky): p.read_bytes() for p in clips_of(job) if p.stem.startswith(kx)}
+    y_files = sorted(p.name for p in job.clips_dir.iterdir() if p.stem.startswith(ky))
+    clips_job.record_path(job, ky).rename(tmp_path / "moved-away.json")
+    (tmp_path / "src" / "y.mp4").unlink()
+    (tmp_path / "other" / "x.mp4").rename(tmp_path / "src" / "y.mp4")
+    moved = cut_only(job)
+    assert (moved.clips_cut, moved.clips_existing) == (0, 2)
+    assert {p.stem: p.read_bytes() for p in clips_of(job)} == x_clips  # x's, under y's key, with x's captions
+    assert all(p.with_suffix(".txt").read_text() == f"the caption of {p.stem.replace(ky, kx)}" for p in clips_of(job))
+    assert sorted(p.name for p in (job.state_dir / "replaced").iterdir()) == y_files  # nothing deleted
+    assert not (job.state_dir / "sources" / f"{ky}.aside.jsonl").exists()  # other footage's: never restored
+    inverse(tmp_path / "other" / "x.mp4")  # new footage at x's old path gets its own clips
+    assert cut_only(job).clips_cut == 2
+    sets = {s.key: s for s in clips_job.dataset(job)}
+    assert {c.path.stem: c.path.read_bytes() for c in sets[ky].clips} == x_clips
+    assert not {c.path.read_bytes() for c in sets[kx].clips} & set(x_clips.values())
+
+
 def test_a_copy_taken_while_the_original_was_away_keeps_the_clips_apart(tmp_path, short):
     import shutil
 

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..caption import ClipClaim, write_atomic
 from ..caption.files import append_whole, printable
@@ -435,6 +436,7 @@ class Adoption:
             if not fits(record):
                 return None
             write_record_dict(self.job, old, record)  # the journal folded in: nothing beside it to move
+            clear_names(self.job, key, record)
             renamed_record = named_for(self.job, key, record)
             notes = read_lines(aside_path(self.job, old), "file")
             if notes:
@@ -465,6 +467,44 @@ def renamed(key: str, name):
     return f"{key}{tail.group(0)}" if tail else name
 
 
+NAMED_FILES = ((CLIP_SUFFIX, ""), (".txt", ""), (".txt", "captions"))  # a clip's files: (suffix, state sub-folder)
+
+
+def named_files(job: ClipsJob, name: str) -> list[Path]:
+    """The clip ``name``'s file and its captions (beside it, and in the state folder)."""
+    return [(job.state_dir / sub if sub else job.clips_dir) / f"{name}{suffix}" for suffix, sub in NAMED_FILES]
+
+
+def clear_names(job: ClipsJob, key: str, record: dict) -> int:
+    """Set aside (into OUT/.adatp/replaced, no note: never restored) the files in the way of ``record``'s
+    clips renamed for ``key``: files under the new names that no record holds (a record moved away by
+    hand, its source gone, left its clips), while the record's own are still under its old names.
+    Skipped, the record would list that other footage's clips and its own would stay under the old
+    key, taken by the next source there. A clip in the way goes with its captions; a caption alone in
+    the way, alone. Called by Adoption._take only (under the claim, the record under its old key): a
+    new name whose old one is gone was renamed by a run killed meanwhile, and is the record's. The
+    number of clips set aside."""
+    moved = 0
+    for c in record["clips"]:
+        a, b = c["name"], renamed(key, c["name"])
+        if a == b:
+            continue
+        if os.path.lexists(job.clips_dir / f"{a}{CLIP_SUFFIX}") and os.path.lexists(job.clips_dir / f"{b}{CLIP_SUFFIX}"):
+            moved += set_aside(job, [SimpleNamespace(name=b)])  # set_aside reads only its name
+        for old, new in zip(named_files(job, a), named_files(job, b)):
+            if os.path.lexists(old) and os.path.lexists(new):  # a caption alone in the way
+                where = job.state_dir / "replaced" / ("captions" if new.parent == job.state_dir / "captions" else "")
+                where.mkdir(parents=True, exist_ok=True)
+                n = 1
+                while os.path.lexists(where / free_name(new.name, n)):
+                    n += 1
+                os.replace(new, where / free_name(new.name, n))
+    if moved:
+        log.warning("%d clip(s) in %s under the names of a moved source's clips, held by no record, were set "
+                    "aside into %s", moved, printable(str(job.clips_dir)), printable(str(job.state_dir / "replaced")))
+    return moved
+
+
 def named_for(job: ClipsJob, key: str, record: dict, move: bool = True) -> dict:
     """``record`` with its clips named for ``key`` (a record taken from another key: a moved source, or
     one an earlier version keyed otherwise), each clip and its captions renamed on disk when ``move``
@@ -475,10 +515,9 @@ def named_for(job: ClipsJob, key: str, record: dict, move: bool = True) -> dict:
         return record
     if move:
         for a, b in names.items():
-            for folder, suffix in ((job.clips_dir, CLIP_SUFFIX), (job.clips_dir, ".txt"),
-                                   (job.state_dir / "captions", ".txt")):
-                if a != b and os.path.lexists(folder / f"{a}{suffix}") and not os.path.lexists(folder / f"{b}{suffix}"):
-                    os.replace(folder / f"{a}{suffix}", folder / f"{b}{suffix}")
+            for old, new in zip(named_files(job, a), named_files(job, b)):
+                if a != b and os.path.lexists(old) and not os.path.lexists(new):
+                    os.replace(old, new)
     return {**record, "clips": [{**c, "name": names[c["name"]]} for c in record["clips"]],
             "made": {names.get(k, k): v for k, v in (record.get("made") or {}).items()}}
 
