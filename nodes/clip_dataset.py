@@ -17,7 +17,7 @@ from ..adatp_core.sampling import WIDGETS, settings_text, widget_sampling
 from . import comfy_bridge as bridge
 from .caption_folder import DECODE_WORKERS, AdaTP_CaptionFolder, ensure_sample_folder
 from .inputs import checked, validation
-from .load_video import input_path
+from .load_video import input_paths
 
 SAMPLE_SOURCES = "adatp_clip_samples"  # made in the input folder with the pack's sample video (3 shots)
 DEFAULT_OUTPUT = "adatp_clips"
@@ -26,20 +26,22 @@ STAGES = ("shots", "cut", "caption")  # one third of the progress bar each
 
 def resolve_sources(text: str) -> list[Path]:
     """Each line of ``text``: a video or a folder of videos under ComfyUI's input directory
-    (Load Video's rules: no '..', no link out, nothing outside opened)."""
+    (Load Video's rules: no '..', no link out, nothing outside opened), as typed (links inside the input
+    directory not followed, as the CLI takes a path: a link re-pointed at other footage is told by the
+    path given, and the job checks again that each leads inside)."""
     text = check_name(text, "source")
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise AdaTPInputError("no sources: type a folder or a video under ComfyUI's input directory, one a line.")
     paths = []
     for name in names:
-        path, name = input_path(name, "source")
+        typed, path, name = input_paths(name, "source")
         if name == SAMPLE_SOURCES and not path.exists():
             ensure_sample_folder(path)
         if not path.exists():
             raise AdaTPInputError(f"source {name!r} is not in ComfyUI's input directory "
                                   f"({bridge.input_directory()}); put the video or folder there.")
-        paths.append(path)
+        paths.append(typed)
     return paths
 
 

@@ -41,7 +41,15 @@ def list_videos() -> list[str]:
 
 def input_path(name: str, what: str) -> tuple[Path, str]:
     """(the path that ``name`` means inside the input directory, symlinks resolved;
-    the name without ComfyUI's " [input]" annotation).
+    the name without ComfyUI's " [input]" annotation): input_paths without the path as typed."""
+    _, path, name = input_paths(name, what)
+    return path, name
+
+
+def input_paths(name: str, what: str) -> tuple[Path, Path, str]:
+    """(the path as typed, made absolute in the input directory, links not followed; the same path
+    with symlinks resolved; the name without ComfyUI's " [input]" annotation). Both inside the
+    input directory.
 
     Refuses '..', absolute paths elsewhere, NUL bytes, URLs and names no file system
     takes (paths.check_name) without opening anything; ``what`` names the thing in
@@ -59,7 +67,7 @@ def input_path(name: str, what: str) -> tuple[Path, str]:
     path = followed(typed, name, f"pick another {what}") if inside(root, typed) else typed
     if not inside(root, path):  # another drive (Windows) is outside too, not a bare ValueError
         raise AdaTPInputError(f"{name!r} points outside the input directory; put the {what} in {root}.")
-    return path, name
+    return typed, path, name
 
 
 def resolve_video(name: str) -> Path:

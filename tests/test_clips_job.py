@@ -1280,6 +1280,36 @@ def test_a_link_re_pointed_at_other_footage_sets_the_old_footages_clips_aside(tm
         sorted([("src/link.mp4", 2)] + ([(str(tmp_path / "store" / "real.mp4"), 2)] if real_too else []))
 
 
+def test_the_nodes_link_re_pointed_at_other_footage_sets_the_old_footages_clips_aside(comfy, short):
+    """Hostile review 2: the node gave the job each source resolved, so the record's path as given was the
+    old file's and a re-pointed link never told: the old footage stayed in the set beside the new. The
+    node now gives the path as typed (checked inside input/), as the CLI does, and the job checks again
+    that it leads inside: a link re-pointed out after the check is refused."""
+    _, inp, out = comfy
+    node = pack_module("nodes.clip_dataset")
+    (inp / "store").mkdir()
+    (inp / "store" / "real.mp4").write_bytes(short)
+    inverse(inp / "store" / "other.mp4")
+    (inp / "link.mp4").symlink_to(inp / "store" / "real.mp4")
+
+    def job():
+        return ClipsJob(sources=tuple(node.resolve_sources("link.mp4")), out=node.resolve_output("set"), rules=RULES,
+                        root=inp.resolve(), out_root=out.resolve())
+
+    assert cut_only(job()).clips_cut == 2
+    (inp / "link.mp4").unlink()
+    (inp / "link.mp4").symlink_to(inp / "store" / "other.mp4")
+    again = cut_only(job())
+    assert (again.clips_cut, again.clips_existing) == (2, 0)
+    assert [len(s.clips) for s in clips_job.dataset(job())] == [2]
+    checked = job()
+    (inp / "link.mp4").unlink()
+    (inp.parent / "outside.mp4").write_bytes(short)
+    (inp / "link.mp4").symlink_to(inp.parent / "outside.mp4")
+    sources, problems, _ = clips_job.list_sources(checked)
+    assert not sources and "leads outside" in problems[0][1]
+
+
 def test_a_kill_after_a_restore_leaves_the_clips_labelled_as_they_are(tmp_path, short, monkeypatch):
     """Hostile review: the clips were moved back before the record was written; killed between the two,
     the record still named the other settings, and the next run set the restored clips aside noted as

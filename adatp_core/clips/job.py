@@ -38,6 +38,7 @@ from ..caption import (ClipClaim, FolderPlan, OptionError, caption_folder, exist
                        write_atomic)
 from ..caption.files import STOPPING_ERRNOS, printable
 from ..errors import AdaTPInputError, AdaTPInterrupted
+from ..paths import inside, resolved
 from .cut import cut_clips, remove_stale_temps
 from .outputs import DatasetClip, DatasetSource, write_outputs
 from .plan import ClipPlan, fingerprint, hdr_transfer, plan_clips, source_key
@@ -121,6 +122,10 @@ def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]], li
             if not found and not listing.problems and not skipped:
                 problems.append((str(given), "holds no video files" + ("" if job.recursive else
                                                                        " (add --recursive for subfolders)")))
+        elif job.root is not None and not inside(resolved(job.root), resolved(given)):
+            # the node gives paths as typed: a link in the input folder re-pointed out since it was checked
+            problems.append((str(given), f"leads outside {printable(str(job.root))} (a link); give a video there"))
+            continue
         elif given.is_file():
             found = [Source(given, None, str(given))]
         elif given.exists():  # a pipe, a device: reading it could block or never end
