@@ -1062,6 +1062,10 @@ def test_a_record_of_the_older_format_is_upgraded_when_its_clips_match_its_plan(
     assert now["resolved"] == record["resolved"] and now["fingerprint"]
     # how the clips were cut (crf) cannot be read from them: kept under any cut settings, claimed as none
     assert now["cut"] == "unknown" and cut_only(dataclasses.replace(job, crf=30)).clips_existing == 2
+    # review 2: the crf change was ignored without a word; the summary names the clips and how to recut them
+    said = [n for n in clips_job.plan_sources(dataclasses.replace(job, crf=30), dry_run=True).sources[0].notes
+            if "move them out of videos/" in n]
+    assert len(said) == 1 and all(c.stem in said[0] for c in clips_of(job)), said
     assert json.loads(path.read_text())["cut"] == "unknown"
     smaller = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
     assert cut_only(smaller).clips_cut == 2  # every clip cut anew: now the record knows how

@@ -203,6 +203,7 @@ def plan_source(job: ClipsJob, source: Source, key: str,
                 plan.clips = clips
                 plan.made = dict(record.get("made") or {})
                 plan.cut = UNKNOWN_CUT if unknown else None
+                plan.notes += unknown_cut_note([c.name for c in clips]) if unknown else []
                 return plan
         else:
             plan.shots = detect_shots(source.path, **({} if job.threshold is None else {"threshold": job.threshold}),
@@ -213,6 +214,9 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             plan.replaced = stale_clips(record_plan(record)[2], plan.clips, same_file, same_cut)
             gone = {c.name for c in plan.replaced}
             plan.cut = UNKNOWN_CUT if unknown and len(gone) < len(record["clips"]) else None  # some are kept
+            planned = {c.name for c in plan.clips}
+            plan.notes += unknown_cut_note([c["name"] for c in record["clips"] if c["name"] not in gone
+                                            and c["name"] in planned]) if plan.cut else []
             plan.made = {k: v for k, v in (record.get("made") or {}).items() if k not in gone}
     except (AdaTPInterrupted, KeyboardInterrupt):
         raise
@@ -227,6 +231,18 @@ def unwritable(exc: OSError, job: ClipsJob) -> str:
     """Why a source's record, journal or set-aside clips could not be written, with what to do."""
     return (f"cannot write {printable(str(exc.filename or job.state_dir))} ({exc.strerror or exc}); make it a "
             "writable file or folder (or move it away) and run again")
+
+
+def unknown_cut_note(names: list[str]) -> list[str]:
+    """What the summary says of clips kept from an upgraded record whose cut settings are unknown: a
+    change of --cut or --crf does not cut them again (it cannot tell they differ), so the user is told
+    which and how to cut them again."""
+    if not names:
+        return []
+    shown = ", ".join(printable(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [f"{len(names)} clip(s) kept from an earlier version's record, which did not note the cut settings "
+            f"({shown}): a change of --cut or --crf does not cut them again; to cut them with this run's settings, "
+            "move them out of videos/ and run again"]
 
 
 def source_notes(path: Path) -> list[str]:
