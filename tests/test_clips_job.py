@@ -1187,6 +1187,26 @@ def test_a_moved_sources_clips_set_aside_the_files_of_no_record_under_their_new_
     assert not {c.path.read_bytes() for c in sets[kx].clips} & set(x_clips.values())
 
 
+def test_a_moved_sources_notes_of_clips_set_aside_join_the_new_keys_own(tmp_path, short):
+    """Hostile review 2: the adoption wrote the moved record's notes over the new key's own: the clips the
+    new key's earlier footage set aside could never be restored."""
+    (tmp_path / "src").mkdir(), (tmp_path / "other").mkdir()
+    inverse(tmp_path / "src" / "y.mp4")
+    (tmp_path / "other" / "x.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "src", tmp_path / "other"), out=tmp_path / "set", rules=RULES)
+    small = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
+    cut_only(job), cut_only(small)  # each source's RULES clips set aside, noted under its key
+    ky = clips_job.source_key(tmp_path / "src" / "y.mp4")
+    notes = clips_records.aside_path(job, ky)
+    own = clips_records.read_lines(notes, "file")
+    clips_job.record_path(job, ky).rename(tmp_path / "moved-away.json")
+    (tmp_path / "src" / "y.mp4").unlink()
+    (tmp_path / "other" / "x.mp4").rename(tmp_path / "src" / "y.mp4")
+    assert cut_only(small).clips_existing == 2
+    now = clips_records.read_lines(notes, "file")
+    assert len(own) == 2 and all(now.get(f) == n for f, n in own.items()) and len(now) == 4
+
+
 def test_a_copy_taken_while_the_original_was_away_keeps_the_clips_apart(tmp_path, short):
     import shutil
 

@@ -439,10 +439,11 @@ class Adoption:
             clear_names(self.job, key, record)
             renamed_record = named_for(self.job, key, record)
             notes = read_lines(aside_path(self.job, old), "file")
-            if notes:
-                write_atomic(aside_path(self.job, key), "".join(json.dumps(
-                    {**n, **({"clip": renamed(key, n["clip"])} if "clip" in n else {})}, ensure_ascii=True) + "\n"
-                    for n in notes.values()))
+            if notes:  # merged with the new key's own (its earlier footage's clips set aside), keyed by file
+                notes = {**read_lines(aside_path(self.job, key), "file"), **{
+                    f: {**n, **({"clip": renamed(key, n["clip"])} if "clip" in n else {})} for f, n in notes.items()}}
+                write_atomic(aside_path(self.job, key), "".join(json.dumps(n, ensure_ascii=True) + "\n"
+                                                                for n in notes.values()))
             aside_path(self.job, old).unlink(missing_ok=True)
             os.replace(record_path(self.job, old), record_path(self.job, key))
             write_record_dict(self.job, key, renamed_record)
