@@ -355,3 +355,30 @@ def test_on_windows_a_temp_files_writer_is_asked_for_by_its_process_not_signal_0
     if os.name != "nt":  # kernel32 is not at hand here: cannot be told
         monkeypatch.undo()
         assert cut.windows_pid_alive(os.getpid()) is None
+
+
+def test_a_temp_file_with_a_pid_too_big_for_c_is_left_alone_not_a_crash(tmp_path, monkeypatch):
+    """Hostile review 2: `.x.part-99999999999999999999.mp4` made kernel32.OpenProcess (no argtypes) raise
+    ctypes.ArgumentError, stopping the cut stage on every run (Windows)."""
+    import ctypes
+
+    from adatp_core.clips import cut
+
+    monkeypatch.setattr(cut, "LOCKS", False)
+    monkeypatch.setattr(cut, "WINDOWS", True)
+    asked = []
+    monkeypatch.setattr(cut, "windows_pid_alive", lambda pid: asked.append(pid) or False)
+    stray = tmp_path / ".x.part-99999999999999999999.mp4"
+    stray.write_bytes(b"?")
+    cut.remove_stale_temps(tmp_path)
+    assert stray.exists() and asked == [] and cut.pid_alive(10 ** 20) is None and cut.pid_alive(0) is None
+    monkeypatch.undo()
+    lib = ctypes.CDLL(None)  # real ctypes functions standing in for kernel32's: the conversion is ctypes' own
+
+    class Kernel32:
+        OpenProcess, GetExitCodeProcess, CloseHandle = lib.labs, lib.abs, lib.abs
+
+    monkeypatch.setattr(ctypes, "WinDLL", lambda *a, **k: Kernel32(), raising=False)
+    assert cut.windows_pid_alive(10 ** 20) is None  # cannot tell: left alone
+    assert cut.windows_pid_alive(4242) is False  # in range: asked through the declared types (exit code 0)
+    assert Kernel32.OpenProcess.argtypes == (ctypes.c_ulong, ctypes.c_int, ctypes.c_ulong)

@@ -114,7 +114,9 @@ def remove_stale_temps(out_dir: Path) -> None:
     one whose PID surely runs no process (pid_alive; left alone when that cannot be told)."""
     for tmp in Path(out_dir).glob(".*.part-*.mp4"):
         stem, _, pid = tmp.name[1:-len(".mp4")].rpartition(".part-")
-        if not stem or not pid.isdigit() or not tmp.is_file() or tmp.is_symlink():
+        # a PID is a whole number of at most 10 digits (32 bits): a longer one (a stray name) is no writer's
+        if not stem or not (pid.isascii() and pid.isdigit() and len(pid) <= 10) or not tmp.is_file() \
+                or tmp.is_symlink():
             continue
         if LOCKS:
             try:
@@ -133,12 +135,15 @@ def remove_stale_temps(out_dir: Path) -> None:
 
 
 WINDOWS = os.name == "nt"
+MAX_PID = 2 ** 32 - 1  # a DWORD on Windows; pid_t on POSIX is smaller still
 
 
 def pid_alive(pid: int) -> bool | None:
     """Whether process ``pid`` runs: True, False, or None when that cannot be told. POSIX: signal 0.
     Windows: OpenProcess and its exit code (os.kill(pid, 0) is no check there: signal 0 is CTRL_C_EVENT,
     sent to the process)."""
+    if not 0 < pid <= MAX_PID:  # no process has it (os.kill and OpenProcess raise on one too big for C)
+        return None
     if WINDOWS:
         return windows_pid_alive(pid)
     try:
@@ -160,12 +165,21 @@ def windows_pid_alive(pid: int) -> bool | None:
         kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
     except (AttributeError, OSError):  # not Windows
         return None
+    if not 0 < pid <= MAX_PID:  # declared a DWORD, ctypes would cut it to 32 bits: another process asked
+        return None
     query, still_active, invalid_parameter = 0x1000, 259, 87  # PROCESS_QUERY_LIMITED_INFORMATION, ...
-    handle = kernel32.OpenProcess(query, False, pid)
+    dword, handle_t = ctypes.c_ulong, ctypes.c_void_p  # declared: a handle is pointer-sized, a PID a DWORD
+    kernel32.OpenProcess.argtypes, kernel32.OpenProcess.restype = (dword, ctypes.c_int, dword), handle_t
+    kernel32.GetExitCodeProcess.argtypes = (handle_t, ctypes.POINTER(dword))
+    kernel32.CloseHandle.argtypes = (handle_t,)
+    try:
+        handle = kernel32.OpenProcess(query, False, pid)
+    except (ctypes.ArgumentError, OverflowError):  # cannot tell: the file is left alone
+        return None
     if not handle:
         return False if ctypes.get_last_error() == invalid_parameter else None  # no such process; else denied
     try:
-        code = ctypes.c_ulong()
+        code = dword()
         if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
             return None
         return code.value == still_active
