@@ -1332,6 +1332,10 @@ def test_the_nodes_link_re_pointed_at_other_footage_sets_the_old_footages_clips_
     (inp / "link.mp4").symlink_to(inp.parent / "outside.mp4")
     sources, problems, _ = clips_job.list_sources(checked)
     assert not sources and "leads outside" in problems[0][1]
+    (inp / "link.mp4").unlink()
+    (inp / "link.mp4").symlink_to(inp / "link.mp4")  # a loop: a problem, not a RuntimeError
+    sources, problems, _ = clips_job.list_sources(checked)
+    assert not sources and problems[0][0] == str(inp.resolve() / "link.mp4")
 
 
 def test_a_kill_after_a_restore_leaves_the_clips_labelled_as_they_are(tmp_path, short, monkeypatch):

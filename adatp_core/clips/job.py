@@ -122,7 +122,7 @@ def list_sources(job: ClipsJob) -> tuple[list[Source], list[tuple[str, str]], li
             if not found and not listing.problems and not skipped:
                 problems.append((str(given), "holds no video files" + ("" if job.recursive else
                                                                        " (add --recursive for subfolders)")))
-        elif job.root is not None and not inside(resolved(job.root), resolved(given)):
+        elif job.root is not None and not inside(resolved(job.root), os.path.realpath(given)):  # a loop: no raise
             # the node gives paths as typed: a link in the input folder re-pointed out since it was checked
             problems.append((str(given), f"leads outside {printable(str(job.root))} (a link); give a video there"))
             continue

@@ -160,7 +160,8 @@ def good_made(made, path: Path | None = None, name: str | None = None) -> bool:
     given, are within MADE_LIMITS (a finite start, whole frames, width and height of at least 1, a rate
     above 0). A bad one (edited by hand, another program's) would break the layouts on every run. With
     ``path``: one that is not is named in a warning, as left out."""
-    ok = isinstance(made, dict) and all(v is None or good_value(k, v) for k, v in ((k, made.get(k)) for k in MADE_FIELDS))
+    ok = isinstance(made, dict) and all(v is None or good_value(k, v)
+                                        for k, v in ((k, made.get(k)) for k in MADE_FIELDS))
     if not ok and path is not None:
         log.warning("%s: what it says clip %s holds (%s) could not be a clip's; left out", printable(str(path)),
                     printable(str(name)), printable(repr(made)[:200]))
@@ -490,7 +491,7 @@ def clear_names(job: ClipsJob, key: str, record: dict) -> int:
         a, b = c["name"], renamed(key, c["name"])
         if a == b:
             continue
-        if os.path.lexists(job.clips_dir / f"{a}{CLIP_SUFFIX}") and os.path.lexists(job.clips_dir / f"{b}{CLIP_SUFFIX}"):
+        if all(os.path.lexists(job.clips_dir / f"{n}{CLIP_SUFFIX}") for n in (a, b)):
             moved += set_aside(job, [SimpleNamespace(name=b)])  # set_aside reads only its name
         for old, new in zip(named_files(job, a), named_files(job, b)):
             if os.path.lexists(old) and os.path.lexists(new):  # a caption alone in the way
