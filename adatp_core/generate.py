@@ -22,6 +22,7 @@ from .memory import fallback_allowed, free_pinned_memory, run_guarded
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
 from .decode import continue_prefill, kv_place
 from .models.base import FALLBACK_STATIC_DECODING
+from .places import Place, place_stats
 from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .hf.cache import RowsKVCache
@@ -70,13 +71,15 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
 
     on_token(step, token_id) is called after each generated token; it may raise
     (ComfyUI's interrupt) to stop generation.
-    kv: where layers >= K keep their keys and values while the answer is made: "auto" (the device,
-    or the host when the device is short: decode.kv_place), "device" or "host". On the host each
-    layer is staged on the device while it runs (the next one prefetched), and decoding runs in
-    default steps (static decoding gives way, with the reason in stats). stats["kv_on"] and
-    stats["kv_reason"] say which and why. In auto, an answer that runs out of memory with them on the
-    device (the estimate is an estimate) runs again with them on the host; on_token is then called
-    again from step 0.
+    kv: where layers >= K keep their keys and values while the answer is made: "auto" (the check
+    before decoding's choice, ``state.places``, else the device, or the host when the device is short:
+    decode.kv_place), "device" or "host". On the host each layer is staged on the device while it runs
+    (the next one prefetched), and decoding runs in default steps (static decoding gives way, with the
+    reason in stats). stats["kv_on"], stats["kv_reason"] and stats["kv_moved"] say which and why. When
+    auto chose the device by the estimate (``Place.auto``) and the answer runs out of memory there, it
+    runs again with them on the host (the reason says so, and what the failed run dropped: the model's
+    kept video prefixes); on_token is then called again from step 0 (a progress bar should set its
+    position from the step, not count calls).
     """
     model = state.model
     adapter = model.adapter
@@ -86,29 +89,30 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         if cfg.decode_mode == "static":
             log.warning("static decoding needs the model on one device; decoding step by step instead")
         cfg = replace(cfg, decode_mode="default")
-    kv_on_host, kv_reason = kv_place(state, cfg.max_new_tokens, kv)
+    place = kv_place(state, cfg.max_new_tokens, kv)
+    prefixes = len(getattr(model, "prefix_cache", None) or ())
     try:
-        run, cfg = _answer_run(state, cfg, on_token, return_logits, kv_on_host)
+        run, cfg = _answer_run(state, cfg, on_token, return_logits, place.host)
     except AdaTPOutOfMemoryError as exc:
-        if kv != "auto" or kv_on_host or not kv_reason.startswith(KV_AUTO_ON_DEVICE):
+        if place.host or not place.auto:  # asked for, or set by the model's place: the error stands
             raise
         log.warning("out of memory with layers >= K's keys and values on the device; answering again with them "
                     "on the host: %s", exc)
-        kv_on_host, kv_reason = True, (f"the device ran out of memory with them there, though {kv_reason}; this "
-                                       "answer ran again with them on the host")
-        run, cfg = _answer_run(state, cfg, on_token, return_logits, kv_on_host)
+        dropped = prefixes - len(getattr(model, "prefix_cache", None) or ())
+        place = Place(True, f"the device ran out of memory with them there, though {place.reason}; this answer ran "
+                            "again with them on the host" + (f" (the failed run dropped the {dropped} video prefix(es) "
+                                                             "the model kept: a next question over that video "
+                                                             "computes its prefix again)" if dropped else ""))
+        run, cfg = _answer_run(state, cfg, on_token, return_logits, place.host)
+    kv_on_host = place.host
     answer = answer_from_run(state, run, cfg)
     # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("cpu" for a CPU model)
-    answer.stats.update(kv_on="host" if kv_on_host else str(adapter.device), kv_reason=kv_reason)
+    answer.stats.update(place_stats("kv", place, "host" if kv_on_host else str(adapter.device)))
     if kv_on_host:
         answer.stats["kv_staged_mb"] = round(run.kv_staged_bytes / 1e6, 1)
         if adapter.device.type == "cuda":
             free_pinned_memory()  # the homes are gone; torch would keep their pinned blocks cached
     return answer
-
-
-# How decode.kv_place's reason starts when auto keeps the keys and values on the device by the estimate.
-KV_AUTO_ON_DEVICE = "the continuation from K needs about"
 
 
 def _answer_run(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool,

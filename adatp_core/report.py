@@ -83,10 +83,9 @@ def prefix_line(s: dict) -> str:
 
 
 def _moved_to_host(s: dict, what: str) -> bool:
-    """Whether ``what`` (rows, encoded, kv) waited on the host because the device was short (or ran
-    out) or it was asked for (not because the model runs there)."""
-    return s.get(f"{what}_on") == "host" and s.get(f"{what}_reason", "").startswith(
-        ("the device is short", "the device ran out", "asked for"))
+    """Whether ``what`` (rows, encoded, kv) took the host's path (places.place_stats' ``{what}_moved``:
+    the device was short or ran out, or the host was asked for; not where the model runs there anyway)."""
+    return bool(s.get(f"{what}_moved"))
 
 
 def prefill_line(s: dict) -> str | None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..adatp_core.attention import DEFAULT_PREFILL_CHUNK, check_video_fits, extract_attention
+from ..adatp_core.attention import DEFAULT_PREFILL_CHUNK, extract_attention
+from ..adatp_core.fits import check_video_fits
 from ..adatp_core.peak_memory import stage_peak
 from ..adatp_core.pipeline import decode_side
 from ..adatp_core.streaming import encode_video
@@ -33,13 +34,17 @@ def extract_from_video(model, video, question, layer, query, num_frames, samplin
         if found is not None:
             path, label, clip = found
             sample = plan_sampling(path, num_frames, sampling, fps, start_time, end_time, decode_side(max_pixels), clip)
-            planned = check_video_fits(model, sample, [question], max_pixels, layer=layer, streamed=True,
-                                       prefill_chunk=DEFAULT_PREFILL_CHUNK)
+            # The kept tokens are not known here (Prune Tokens decides them): the check counts layers >= K's
+            # keys and values at their smallest, homed on the host, and Generate Answer places them when it
+            # starts (Places.kv None), knowing them.
+            fit = check_video_fits(model, sample, [question], max_pixels, layer=layer, streamed=True,
+                                   prefill_chunk=DEFAULT_PREFILL_CHUNK, kv="host")
+            places = replace(fit.places, kv=None)
             with stage_peak(stats, "encode", device):
-                encoded = encode_video(model, sample, max_pixels, on_frame=on_frame, layer=layer)
+                encoded = encode_video(model, sample, max_pixels, on_frame=on_frame, layer=layer, places=places)
             with stage_peak(stats, "prefill", device):
                 state = extract_attention(model, encoded, question, layer, query, max_pixels=max_pixels)
-            state.stats.update({**planned, **encoded.stats, **stats})
+            state.stats.update({**fit.figures, **encoded.stats, **stats})
             return state, replace(encoded.info, path=label)
     frames, info = sampled_frames(video, num_frames, sampling, fps, start_time, end_time)
     with stage_peak(stats, "prefill", device):

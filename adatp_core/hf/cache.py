@@ -65,6 +65,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, LinearAttentionLayer
 
+from ..budget import STAGED_LAYERS
 from ..memory import free_bytes
 
 LINEAR_ATTENTION = "linear_attention"  # the layer kind in a text config's ``layer_types``
@@ -344,7 +345,7 @@ class StagedCopies:
     once, at most 2), ``staged_bytes`` (host to device), ``stagings``.
     """
 
-    SLOTS = 2
+    SLOTS = STAGED_LAYERS  # budget.continuation_parts counts these
 
     def __init__(self, homed):
         self.homed = tuple(homed)
