@@ -17,7 +17,7 @@ from .fits import FitCheck, check_max_pixels, check_video_fits
 from .generate import Answer, SamplingConfig, generate_answer
 from .models.base import MODEL_BUDGET
 from .peak_memory import stage_peak
-from .places import Places, check_place
+from .places import MOVES, Places, check_place
 from .prune import check_retention, prune_tokens
 from .runtime import VideoLLM
 from .state import AdaTPState
@@ -94,9 +94,16 @@ def check_config(cfg: PipelineConfig) -> None:
             ("frames", _check_frames, cfg.num_frames), ("sampling", _check_choice("sampling", SAMPLING_MODES), cfg.sampling),
             ("query", _check_choice("query", QUERY_MODES), cfg.query),
             ("retention", lambda v: v is None or check_retention(v), cfg.retention),
-            ("layer", _check_layer, cfg.layer), ("max_pixels", check_max_pixels, cfg.max_pixels),
-            *((name, lambda v, name=name: check_place(name, v), getattr(cfg, name)) for name in ("encoded", "rows", "kv"))):
+            ("layer", _check_layer, cfg.layer), ("max_pixels", check_max_pixels, cfg.max_pixels)):
         check_option(option, check, value)
+    check_places(cfg)
+
+
+def check_places(cfg: PipelineConfig) -> None:
+    """The three placements (encoded, rows, kv: places.PLACES), each an OptionError naming it: checked
+    with the other settings, and by run_pipeline before any work."""
+    for name in MOVES:
+        check_option(name, lambda v, name=name: check_place(name, v), getattr(cfg, name))
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,7 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
     known (Qwen models use the frame times) and the places the check before decoding gave them
     (load_checked's; an EncodedVideo keeps its own)."""
     cfg = cfg or PipelineConfig()
+    check_places(cfg)  # before any work (a bad kv was found only after the whole prefill)
     times: dict = {}  # and, for a path, what the check before decoding planned, and each stage's peak memory
     info = video_info
     device = model.adapter.device

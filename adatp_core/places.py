@@ -22,7 +22,7 @@ the first of these that fits, moving the auto ones cumulatively, cheapest first:
 3. layer K's input rows on the host too: once L x D bytes down as the prefill writes them, and only the
    kept rows (R x N x D) back: per video, none per token;
 4. layers >= K's keys and values on the host too: every decode step copies every such layer's filled
-   part to the device (at 30 minutes of Qwen3-VL-8B about 16 GB a token), and static decoding gives way
+   part to the device (at 30 minutes of Qwen3-VL-8B about 8 GB a token), and static decoding gives way
    to default steps. The costliest by far, so the last resort. (The review that asked for this planner
    proposed keys and values before layer K's rows; the rows cost bytes once per video, the keys and
    values bytes at every token, so the rows go first.)

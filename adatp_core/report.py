@@ -92,9 +92,9 @@ def prefill_line(s: dict) -> str | None:
     """How the prefill ran when the video's part took more than one call, or the rows (layer K's input,
     or the encoded video's) or layers >= K's keys and values waited on the host (None otherwise: two
     calls are the prefix store's prefix and question)."""
-    calls, host, encoded = s.get("prefill_calls", 0), _moved_to_host(s, "rows"), _moved_to_host(s, "encoded")
+    calls, rows, encoded = s.get("prefill_calls", 0), _moved_to_host(s, "rows"), _moved_to_host(s, "encoded")
     kv = _moved_to_host(s, "kv")
-    if calls <= 2 and not host and not encoded and not kv:
+    if calls <= 2 and not rows and not encoded and not kv:
         return None
     parts = []
     if calls > 2:
@@ -102,7 +102,7 @@ def prefill_line(s: dict) -> str | None:
                      "tokens, then the question), the kept tokens from K in chunks of the same size")
     if encoded:
         parts.append(f"the encoded visual rows on the host ({s['encoded_reason']})")
-    if host:
+    if rows:
         parts.append(f"layer K's input rows on the host ({s['rows_reason']})")
     if kv:
         parts.append(f"layers >= K's keys and values on the host, two layers staged on the device at a time "

@@ -152,6 +152,19 @@ def test_without_a_check_extract_attention_places_the_rows_and_the_answer_its_ke
     assert state.places.rows == Place(True, ASKED) and state.places.encoded == Place(False, MODEL_ON_HOST)
     assert state.places.kv is None  # the kept tokens are not known yet: the answer places them
     assert state.stats["rows_moved"] is True and state.stats["encoded_moved"] is False
+    from adatp_core.report import prefill_line
+
+    assert prefill_line(state.stats) == "Prefill: layer K's input rows on the host (asked for)"
     answer = generate_answer(state, SamplingConfig(max_new_tokens=2))
     assert answer.stats["kv_reason"] == MODEL_ON_HOST and answer.stats["kv_moved"] is False
     assert torch.equal(state.hidden, extract_attention(tiny, frames, QUESTION, reuse_prefix=False).hidden)
+
+
+def test_a_bad_place_stops_the_pipeline_before_any_work(tiny, frames, monkeypatch):
+    from adatp_core.errors import OptionError
+
+    monkeypatch.setattr(pipeline, "extract_attention", lambda *a, **k: pytest.fail("the prefill ran"))
+    for name in MOVES:
+        with pytest.raises(OptionError, match=f"{name} must be one of") as refused:
+            pipeline.run_pipeline(tiny, frames, QUESTION, pipeline.PipelineConfig(**{name: "gpu"}))
+        assert refused.value.option == name
