@@ -254,6 +254,15 @@ def mlp_width(llm) -> int:
     return max(llm.intermediate, llm.moe.top_k * llm.moe.intermediate if llm.moe is not None else 0)
 
 
+def pinned_bytes(nbytes: int, where: str) -> int:
+    """What a host buffer of ``nbytes`` takes when it is pinned for a GPU at ``where`` (a CUDA device):
+    torch's caching host allocator rounds each block up to a power of two; unpinned (``where`` the host):
+    ``nbytes``."""
+    if not where.startswith("cuda") or nbytes <= 0:
+        return int(nbytes)
+    return 1 << (int(nbytes) - 1).bit_length()
+
+
 # Host-homed layers' staged copies on the device at once: the layer that runs and the next, prefetched
 # (hf/cache.StagedCopies.SLOTS is this).
 STAGED_LAYERS = 2
@@ -281,7 +290,9 @@ def continuation_parts(llm, layer: int, prompt_tokens: int, kept_tokens: int, re
     parts = [(f"the answer's copy of layers < K's keys and values ({below} layers x {prompt_tokens} tokens)",
               below * prompt_tokens * per_token, where)]
     if above:
-        parts.append((f"layers >= K's keys and values ({above} layers x {n} tokens)", above * n * per_token,
+        home = above * 2 * pinned_bytes(n * per_token // 2, where) if kv_on_host else above * n * per_token
+        parts.append((f"layers >= K's keys and values ({above} layers x {n} tokens"
+                      + (", pinned blocks" if home > above * n * per_token else "") + ")", home,
                       "host" if kv_on_host else where))
         if kv_on_host:
             staged = min(above, STAGED_LAYERS)
@@ -384,13 +395,13 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
                                                  else ""), n * d * item * (1 + run.injections))
     span = min(run.prefill_chunk or length, length)
     if run.encoded_on_host and where != "host":
-        parts.append((*encoded, "host"))
+        parts.append((encoded[0], (1 + run.injections) * pinned_bytes(n * d * item, where), "host"))
         fixed.append((f"one prefill call's span of them ({min(span, n)} tokens)",
                       min(span, n) * d * item * (1 + run.injections), where))
     else:
         parts.append((*encoded, where))
     if run.rows_on_host and where != "host":
-        parts.append((f"layer K's input rows [{length}, {d}]", length * d * item, "host"))
+        parts.append((f"layer K's input rows [{length}, {d}]", pinned_bytes(length * d * item, where), "host"))
         # a call's embeddings stay on the device (its output rows are in its working memory until written)
         (fixed if span < length else parts).append((f"one prefill call's embeddings [{span}, {d}]",
                                                     span * d * item, where))

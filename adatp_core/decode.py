@@ -76,10 +76,22 @@ def kv_place(state: AdaTPState, reserve: int, kv: str = "auto", available=availa
     decided = state.places.kv if state.places is not None else None
     if kv == "auto" and decided is not None:
         return decided
+    dev = state.model.adapter.device
+    return _plan_kv(state, reserve, kv, None if dev.type == "cpu" else available(dev), available_host())
+
+
+def kv_retry_place(state: AdaTPState, reserve: int, available_host=available_host_bytes) -> Place:
+    """Where the keys and values go when the answer ran out of memory with them on the device: the host,
+    if it has room for their homes (HOST_MEMORY_SHARE of its free memory), else the device (the same
+    planner, told the device has nothing free)."""
+    return _plan_kv(state, reserve, "auto", 0, available_host())
+
+
+def _plan_kv(state: AdaTPState, reserve: int, kv: str, free: int | None, host_free: int | None) -> Place:
+    """places.plan_places over what the continuation allocates (budget.continuation_parts), only kv weighed."""
     adapter = state.model.adapter
-    dev = adapter.device
     llm = LLMShape.from_config(adapter.text_model.config)
-    where = place_of(dev)
+    where = place_of(adapter.device)
     kept = len(state.kept_positions())
 
     def estimate(on_host: frozenset) -> MemoryEstimate:
@@ -88,6 +100,5 @@ def kv_place(state: AdaTPState, reserve: int, kv: str = "auto", available=availa
                                                        kv_on_host="kv" in on_host), frames=1)
 
     settled = Place(False, "")  # the prefill's placements are behind us: only kv is weighed
-    return plan_places(estimate, where, None if dev.type == "cpu" else available(dev), split=adapter.is_split,
-                       host_free=available_host(), encoded=settled, rows=settled, kv=kv,
-                       what="the continuation from K").kv
+    return plan_places(estimate, where, free, split=adapter.is_split, host_free=host_free, encoded=settled,
+                       rows=settled, kv=kv, what="the continuation from K").kv

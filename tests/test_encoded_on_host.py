@@ -19,7 +19,7 @@ import torch
 from adatp_core import pipeline
 from adatp_core import video as vid
 from adatp_core.attention import _prompt_spans, extract_attention
-from adatp_core.budget import RunPlan, run_memory
+from adatp_core.budget import RunPlan, pinned_bytes, run_memory
 from adatp_core.errors import AdaTPInputError
 from adatp_core.flops import LLMShape, VisionShape
 from adatp_core.generate import SamplingConfig, generate_answer
@@ -199,7 +199,8 @@ def test_the_memory_model_counts_the_rows_on_the_host():
     on_device = {what: (b, where) for what, b, where in device.parts}
     on_host = {what: (b, where) for what, b, where in host.parts}
     encoded = "the encoded rows [230400, 4096] and 3 DeepStack rows each"
-    assert on_device[encoded][1] == "cuda:0" and on_host[encoded] == (on_device[encoded][0], "host")
+    # on the host in pinned blocks, one per tensor (the rows and each DeepStack layer's), each a power of two
+    assert on_device[encoded][1] == "cuda:0" and on_host[encoded] == (4 * pinned_bytes(n * 4096 * 2, "cuda:0"), "host")
     assert {w: p for w, p in on_device.items() if w != encoded} == {w: p for w, p in on_host.items() if w != encoded}
     span = [b for what, b, where in host.fixed if what.startswith("one prefill call's span of them (8192 tokens)")]
     assert len(span) == 1 and span[0] * n == on_device[encoded][0] * 8192  # a call's rows of the same width

@@ -121,12 +121,25 @@ def test_keys_and_values_on_the_host_give_the_device_answer(llm, state, monkeypa
 
 
 def test_static_decoding_gives_way_to_default_steps_with_the_reason(llm, state, monkeypatch):
+    """Over keys and values on the host, auto decodes in default steps, the fallback saying so only where
+    auto would have run static steps; static asked for is refused, naming the settings."""
     static, _ = _answer(state, "device", monkeypatch, decode_mode="static")
-    host, rows = _answer(state, "host", monkeypatch, decode_mode="static")
     assert static.stats["decode_mode"] == "static" and "fallback_static_decoding" not in static.stats
-    assert host.stats["decode_mode"] == "default" and host.stats["fallback_static_decoding"] == KV_ON_HOST_NOT_STATIC
-    assert rows.homed and host.token_ids == static.token_ids
-    assert f"Fallback: {KV_ON_HOST_NOT_STATIC}" in stats_text(host.stats)
+    with pytest.raises(AdaTPInputError, match="decode_mode=static .* layers >= K's keys and values are on the host "
+                                              r"\(asked for\); set decode_mode auto or default"):
+        _answer(state, "host", monkeypatch, decode_mode="static")
+    real = generate_module.resolve_decode_mode
+    for pays in (True, False):  # auto as on CUDA: static, where static_pays_for_answer says it pays
+        monkeypatch.setattr(generate_module, "resolve_decode_mode",
+                            lambda mode, device: "static" if mode == "auto" else real(mode, device))
+        monkeypatch.setattr(generate_module, "_static_pays", lambda state, cfg, pays=pays: pays)
+        host, rows = _answer(state, "host", monkeypatch)
+        assert host.stats["decode_mode"] == "default" and rows.homed and host.token_ids == static.token_ids
+        if pays:
+            assert host.stats["fallback_static_decoding"] == KV_ON_HOST_NOT_STATIC
+            assert f"Fallback: {KV_ON_HOST_NOT_STATIC}" in stats_text(host.stats)
+        else:  # auto would have run default steps anyway: no fallback to speak of
+            assert "fallback_static_decoding" not in host.stats
 
 
 def test_bad_kv_is_refused_before_any_work(tiny, frames):
@@ -350,8 +363,10 @@ def test_the_cli_puts_them_on_the_host_when_asked(tiny_dir, monkeypatch, capsys)
 
 
 def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny, frames, monkeypatch):
-    """The estimate kept them on the device, and the answer ran out of memory there: auto answers again
-    with them on the host (the reason says so); asked for the device, the error stands."""
+    """The estimate kept them on the device, and the answer ran out of memory there two tokens in: auto
+    answers again with them on the host (the reason says so, and the video prefix the failed run dropped),
+    on_token given only the tokens it had not had; not when the host has no room for them, nor when
+    on_token itself ran out, nor when auto did not choose the device by the estimate."""
     state = extract_attention(tiny, frames, QUESTION, reuse_prefix=False)
     want = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True))
     real, tried = generate_module._decode, []
@@ -359,20 +374,23 @@ def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny,
     def decode(state, cfg, generator, on_token, return_logits, kv_on_host=False):
         tried.append(kv_on_host)
         if not kv_on_host:
+            for step, token in enumerate(want.token_ids[:2] if on_token is not None else ()):
+                on_token(step, token)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(state, cfg, generator, on_token, return_logits, kv_on_host)
 
     monkeypatch.setattr(generate_module, "_decode", decode)
     chosen = Place(False, "the continuation from K needs about 1.00 GB of the 2.00 GB free on the device", auto=True)
     monkeypatch.setattr(generate_module, "kv_place", lambda state, reserve, kv: chosen)
+    monkeypatch.setattr(generate_module, "kv_retry_place", lambda state, reserve: Place(True, "room"))
     tiny.prefix_cache.clear()
     extract_attention(tiny, frames, QUESTION)  # a video prefix kept for a next question
     assert len(tiny.prefix_cache) == 1
-    steps = []
+    given = []
     answer = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True),
-                             on_token=lambda step, token: steps.append(step))
+                             on_token=lambda step, token: given.append((step, token)))
     assert tried == [False, True] and answer.token_ids == want.token_ids
-    assert steps == [0, 1, 2, 3]  # the failed run never reached a token here; a bar sets its position from them
+    assert given == list(enumerate(want.token_ids))  # each token once, though the answer ran twice
     assert answer.stats["kv_on"] == "host" and answer.stats["kv_reason"].startswith("the device ran out of memory")
     assert answer.stats["kv_moved"] is True
     assert "dropped the 1 video prefix(es) the model kept" in answer.stats["kv_reason"]  # said, not silent
@@ -380,10 +398,36 @@ def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny,
         stats_text(answer.stats)
     from adatp_core.errors import AdaTPOutOfMemoryError
 
+    def sampling():
+        return SamplingConfig(max_new_tokens=4, ignore_eos=True)
+
+    monkeypatch.setattr(generate_module, "kv_retry_place", lambda state, reserve: Place(False, "the host is short"))
+    tried.clear()
+    with pytest.raises(AdaTPOutOfMemoryError, match="could not go to the host either: the host is short"):
+        generate_answer(state, sampling())
+    assert tried == [False]
+    monkeypatch.setattr(generate_module, "kv_retry_place", lambda state, reserve: Place(True, "room"))
+
+    def full(step, token):
+        raise torch.OutOfMemoryError("out of memory in the caller's own code")
+
+    tried.clear()
+    with pytest.raises(AdaTPOutOfMemoryError):
+        generate_answer(state, sampling(), on_token=full)
+    assert tried == [False]
     # not auto's choice by the estimate (asked for, or the model's place, whatever the words): the error stands
     for place in (Place(False, "asked for"), Place(False, chosen.reason)):
         tried.clear()
         monkeypatch.setattr(generate_module, "kv_place", lambda state, reserve, kv, place=place: place)
         with pytest.raises(AdaTPOutOfMemoryError):
-            generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True))
+            generate_answer(state, sampling())
         assert tried == [False]
+
+
+def test_the_retry_goes_to_the_host_only_with_room_there():
+    from adatp_core.decode import kv_retry_place
+
+    state = _fake_state()
+    assert kv_retry_place(state, 64, available_host=lambda: 64 << 30).host
+    place = kv_retry_place(state, 64, available_host=lambda: 4 << 30)  # 6.97 GB of homes
+    assert not place.host and "the host has not room" in place.reason

@@ -11,7 +11,7 @@ import torch
 from conftest import QUESTION
 
 from adatp_core import pipeline
-from adatp_core.budget import MemoryEstimate
+from adatp_core.budget import MemoryEstimate, pinned_bytes
 from adatp_core.errors import AdaTPInputError
 from adatp_core.places import (ASKED, FREE_UNKNOWN, MODEL_ON_HOST, MODEL_SPLIT, MOVES, Place, Places,
                                plan_places)
@@ -111,7 +111,7 @@ def test_layer_k_rows_on_the_host_leave_a_calls_embeddings():
                   where="cuda:0")
     device, host = run_memory(run), run_memory(replace(run, rows_on_host=True))
     rows = 100_000 * 4096 * 2
-    assert host.bytes_on("host") - device.bytes_on("host") == rows
+    assert host.bytes_on("host") - device.bytes_on("host") == pinned_bytes(rows, "cuda:0") == 2**30  # a pinned block
     assert device.bytes_on("cuda:0") - host.bytes_on("cuda:0") == rows - 8192 * 4096 * 2  # a call's embeddings
 
 
@@ -168,3 +168,9 @@ def test_a_bad_place_stops_the_pipeline_before_any_work(tiny, frames, monkeypatc
         with pytest.raises(OptionError, match=f"{name} must be one of") as refused:
             pipeline.run_pipeline(tiny, frames, QUESTION, pipeline.PipelineConfig(**{name: "gpu"}))
         assert refused.value.option == name
+
+
+def test_pinned_host_buffers_count_as_torch_allocates_them():
+    """torch's caching host allocator rounds each pinned block up to a power of two (117 MB takes 134 MB)."""
+    assert pinned_bytes(117_000_000, "cuda:0") == 2**27 and pinned_bytes(117_000_000, "host") == 117_000_000
+    assert pinned_bytes(2**27, "cuda:1") == 2**27 and pinned_bytes(0, "cuda:0") == 0
