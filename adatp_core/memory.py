@@ -8,10 +8,16 @@ from typing import TypeVar
 
 import torch
 
+from .budget import available_device_bytes
 from .errors import AdaTPInputError, AdaTPInterrupted, AdaTPOutOfMemoryError, is_out_of_memory
 
 T = TypeVar("T")
 OOM_ADVICE = "use fewer frames, a lower retention, a smaller K, or keep_loaded off for other models"
+# The host ran out, not the device: torch's CPU allocator says so (a pinned block that fails says only
+# "CUDA error: out of memory", and keeps the device's advice).
+HOST_ALLOCATION_MESSAGES = ("DefaultCPUAllocator",)
+HOST_OOM_ADVICE = ("the host's memory ran out: use fewer frames or a lower retention, close what else holds "
+                   "memory, or keep the keys and values on the device (kv device, --kv device) where the GPU has room")
 
 
 def is_interrupt(exc: BaseException) -> bool:
@@ -51,13 +57,11 @@ def free_pinned_memory() -> None:
 
 def free_bytes(device) -> int | None:
     """Bytes a new allocation on ``device`` can have now: the CUDA device's free memory plus what
-    torch's allocator holds without using it. None where that is not known (the CPU, MPS): there
-    nothing is refused ahead, and an allocation that fails is the error."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    torch's allocator holds without using it, within the process's cap where one is set
+    (budget.available_device_bytes: one answer for the batching's room and the placements). None where
+    that is not known (the CPU, MPS): there nothing is refused ahead, and an allocation that fails is
+    the error."""
+    return available_device_bytes(torch.device(device))
 
 
 def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model=None) -> T:
@@ -79,6 +83,8 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
             message = str(exc)
         else:
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            if any(m in str(exc) for m in HOST_ALLOCATION_MESSAGES):
+                advice = HOST_OOM_ADVICE
             message = f"out of memory during {stage} ({detail}); {advice}."
     for kept in (getattr(model, "static_decoders", None), getattr(model, "prefix_cache", None)):
         if kept is not None:  # whole KV caches: what the next, smaller run needs back

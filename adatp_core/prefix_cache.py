@@ -194,13 +194,14 @@ class FrameKeys:
         self._weights.clear()
 
 
-def tensor_bytes(*objs) -> int:
+def tensor_bytes_by_place(*objs) -> dict[str, int]:
     """Bytes held by the tensors in ``objs`` (nested tuples and lists, and dataclasses such
-    as ``Encoded`` one level down), each storage counted once."""
+    as ``Encoded`` one level down), each storage counted once, by place: "host" for the host's
+    memory (rows waiting there for a GPU's model included), else the device's name."""
     from torch.utils._pytree import tree_leaves
 
     leaves = tree_leaves([list(vars(o).values()) if hasattr(o, "__dataclass_fields__") else o for o in objs])
-    seen, total = set(), 0
+    seen, places = set(), {}
     for t in leaves:
         if not isinstance(t, torch.Tensor):
             continue
@@ -208,8 +209,14 @@ def tensor_bytes(*objs) -> int:
         ident = (t.device, storage.data_ptr()) if t.device.type != "meta" else id(storage)
         if ident not in seen:
             seen.add(ident)
-            total += storage.nbytes()
-    return total
+            place = "host" if t.device.type == "cpu" else str(t.device)
+            places[place] = places.get(place, 0) + storage.nbytes()
+    return places
+
+
+def tensor_bytes(*objs) -> int:
+    """Bytes held by the tensors in ``objs``, all places together (``tensor_bytes_by_place``)."""
+    return sum(tensor_bytes_by_place(*objs).values())
 
 
 class FrozenPrefix:
@@ -231,7 +238,8 @@ class FrozenPrefix:
         self.encoded = encoded
         self.key_values = tuple(key_values)
         self.hidden = hidden
-        self.nbytes = tensor_bytes(encoded, self.key_values, hidden)
+        self.places = tensor_bytes_by_place(encoded, self.key_values, hidden)
+        self.nbytes = sum(self.places.values())
 
     @property
     def length(self) -> int:
@@ -244,21 +252,46 @@ class FrozenPrefix:
 
 
 MAX_PREFIXES = 4  # videos kept per model
-MAX_PREFIX_BYTES = 1 << 30  # their tensors, all devices together
+MAX_PREFIX_BYTES = 1 << 30  # their tensors on each place (the host, each device), at least
+# ... or this share of the place's whole memory where that is more: a long video's prefix (issue 30: the
+# most valuable one to keep) is several GB, and with its rows on the host most of it waits there.
+PREFIX_MEMORY_SHARE = 0.1
+
+
+def place_total_bytes(place: str) -> int | None:
+    """The whole memory of a place ("host" or a device name), None where unknown."""
+    try:
+        if place == "host":
+            import os
+
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        device = torch.device(place)
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+    except (ValueError, OSError, RuntimeError, AttributeError, AssertionError):
+        pass
+    return None
+
+
+def place_budget(place: str) -> int:
+    """What kept prefixes may hold on ``place``: MAX_PREFIX_BYTES, or PREFIX_MEMORY_SHARE of its memory."""
+    total = place_total_bytes(place)
+    return max(MAX_PREFIX_BYTES, int(PREFIX_MEMORY_SHARE * total) if total else 0)
 
 
 class PrefixStore:
     """The frozen prefixes of one loaded model, most recently used last, keyed by
     exactly what was computed (the frames' digest from ``frame_keys``, the video plan, K,
-    the pixel budget, the prefix's token ids). At most ``max_entries`` and ``max_bytes`` are kept; a prefix
-    larger than ``max_bytes`` is not kept at all. Held by the model's ``VideoLLM``;
+    the pixel budget, the prefix's token ids). At most ``max_entries`` are kept, and on each place (the
+    host, each device) at most ``max_bytes`` (default: ``place_budget``, MAX_PREFIX_BYTES or a share of
+    that place's memory); a prefix larger than that on any place is not kept at all. Held by the model's ``VideoLLM``;
     cleared when its weights move or change (``weights_fingerprint``), on unload or
     offload, and after running out of memory.
     """
 
-    def __init__(self, max_entries: int = MAX_PREFIXES, max_bytes: int = MAX_PREFIX_BYTES):
+    def __init__(self, max_entries: int = MAX_PREFIXES, max_bytes: int | None = None):
         self.max_entries = int(max_entries)
-        self.max_bytes = int(max_bytes)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
         self._entries: OrderedDict = OrderedDict()
         self._fingerprint = None
         self.frame_keys = FrameKeys()
@@ -269,6 +302,17 @@ class PrefixStore:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self._entries.values())
+
+    def budget(self, place: str) -> int:
+        return place_budget(place) if self.max_bytes is None else self.max_bytes
+
+    def _over(self, prefix: FrozenPrefix) -> bool:
+        """Whether keeping ``prefix`` beside the entries goes over a place's budget."""
+        for place, size in prefix.places.items():
+            held = sum(p.places.get(place, 0) for p in self._entries.values())
+            if held + size > self.budget(place):
+                return True
+        return False
 
     def clear(self) -> None:
         self._entries.clear()
@@ -291,12 +335,13 @@ class PrefixStore:
     def put(self, key, prefix: FrozenPrefix) -> str | None:
         """Keep ``prefix`` under ``key``, evicting the least recently used. Returns why it
         was not kept (None when it was)."""
-        if self.max_entries < 1 or prefix.nbytes > self.max_bytes:
-            return (f"not kept: {prefix.nbytes / 2**20:.1f} MiB, the budget is "
-                    f"{self.max_bytes / 2**20:.0f} MiB and {self.max_entries} entries")
+        over = [(place, size) for place, size in prefix.places.items() if size > self.budget(place)]
+        if self.max_entries < 1 or over:
+            what = ", ".join(f"{size / 2**20:.1f} MiB on {place} of a budget of {self.budget(place) / 2**20:.0f} MiB"
+                             for place, size in over) or f"{prefix.nbytes / 2**20:.1f} MiB"
+            return f"not kept: {what}, {self.max_entries} entries"
         self._entries.pop(key, None)
-        while self._entries and (len(self._entries) >= self.max_entries
-                                 or self.nbytes + prefix.nbytes > self.max_bytes):
+        while self._entries and (len(self._entries) >= self.max_entries or self._over(prefix)):
             self._entries.popitem(last=False)
         self._entries[key] = prefix
         return None

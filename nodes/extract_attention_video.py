@@ -14,7 +14,7 @@ from dataclasses import replace
 from ..adatp_core.attention import DEFAULT_PREFILL_CHUNK, extract_attention
 from ..adatp_core.fits import check_video_fits
 from ..adatp_core.peak_memory import stage_peak
-from ..adatp_core.pipeline import decode_side
+from ..adatp_core.pipeline import PipelineConfig, decode_side
 from ..adatp_core.streaming import encode_video
 from ..adatp_core.video import MAX_FRAMES, plan_sampling
 from . import comfy_bridge as bridge
@@ -34,11 +34,12 @@ def extract_from_video(model, video, question, layer, query, num_frames, samplin
         if found is not None:
             path, label, clip = found
             sample = plan_sampling(path, num_frames, sampling, fps, start_time, end_time, decode_side(max_pixels), clip)
-            # The kept tokens are not known here (Prune Tokens decides them): the check counts layers >= K's
-            # keys and values at their smallest, homed on the host, and Generate Answer places them when it
-            # starts (Places.kv None), knowing them.
+            # The retention is set downstream (Prune Tokens): the check assumes its default, as the
+            # graph is built for pruning; without one it counted every layer's keys and values for every
+            # token (the stock model) and refused long videos that the graph runs. Generate Answer places
+            # layers >= K's keys and values when it starts (Places.kv None), knowing the kept tokens.
             fit = check_video_fits(model, sample, [question], max_pixels, layer=layer, streamed=True,
-                                   prefill_chunk=DEFAULT_PREFILL_CHUNK, kv="host")
+                                   prefill_chunk=DEFAULT_PREFILL_CHUNK, retention=PipelineConfig.retention)
             places = replace(fit.places, kv=None)
             with stage_peak(stats, "encode", device):
                 encoded = encode_video(model, sample, max_pixels, on_frame=on_frame, layer=layer, places=places)

@@ -331,3 +331,27 @@ def test_a_temp_file_that_cannot_be_opened_is_left_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(cut, "hold_file", refused)
     cut.remove_stale_temps(tmp_path)
     assert other.exists()
+
+
+@pytest.mark.parametrize("alive", [True, False, None])
+def test_on_windows_a_temp_files_writer_is_asked_for_by_its_process_not_signal_0(tmp_path, monkeypatch, alive):
+    """Hostile review: os.kill(pid, 0) is no liveness check on Windows (signal 0 is CTRL_C_EVENT there, sent
+    to the process); OpenProcess decides, and a file whose writer cannot be told is left alone."""
+    from adatp_core.clips import cut
+
+    monkeypatch.setattr(cut, "LOCKS", False)
+    monkeypatch.setattr(cut, "WINDOWS", True)
+
+    def no_signals(*_a):
+        raise AssertionError("os.kill on Windows")
+
+    monkeypatch.setattr(os, "kill", no_signals)
+    asked = []
+    monkeypatch.setattr(cut, "windows_pid_alive", lambda pid: asked.append(pid) or alive)
+    temp = tmp_path / ".x_s0000.part-4242.mp4"
+    temp.write_bytes(b"half")
+    cut.remove_stale_temps(tmp_path)
+    assert asked == [4242] and temp.exists() == (alive is not False)
+    if os.name != "nt":  # kernel32 is not at hand here: cannot be told
+        monkeypatch.undo()
+        assert cut.windows_pid_alive(os.getpid()) is None

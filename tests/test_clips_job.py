@@ -747,6 +747,12 @@ def test_obstacles_in_the_output_folder_are_named_with_what_to_do(cli, tmp_path,
         (tmp_path / inner / ".adatp" / inner).write_text("x")
         code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / inner, *SETTINGS, "--layout", "jsonl")
         assert code == 2 and f"{tmp_path / inner / '.adatp' / inner} is a file" in err, err
+    for journal in ("made", "aside"):  # a source's journal a folder: met mid-run, a raw IsADirectoryError (exit 2)
+        notes = tmp_path / journal / ".adatp" / "sources" / f"one-0123abcd.{journal}.jsonl"
+        notes.mkdir(parents=True)
+        code, _, err = cli(tmp_path / "one.mp4", "--out", tmp_path / journal, *SETTINGS)
+        assert code == 2 and f"--out: {notes} is not a file" in err and "move or remove it" in err, err
+        assert "IsADirectoryError" not in err and not (tmp_path / journal / "videos").exists()
     job = ClipsJob(sources=(tmp_path / "one.mp4",), out=tmp_path / "c", rules=RULES, layouts=("jsonl",))
     (job.out / "clips.jsonl").mkdir(parents=True)  # made after the job's check: the layouts name it
     summary = clips_job.ClipsSummary()
@@ -1008,7 +1014,9 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     moved = dataclasses.replace(job, sources=(tmp_path / "footage",))
     summary = run_clips(lambda: pytest.fail("nothing to caption"), moved)
     assert (summary.clips_cut, summary.clips_existing, summary.detected, summary.clips_replaced) == (0, 2, 0, 0)
-    assert {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()} == before  # nothing cut or captioned
+    new_key = clips_job.source_key(tmp_path / "footage" / "a.mp4")
+    assert {p.name: p.stat().st_mtime_ns for p in job.clips_dir.iterdir()} == \
+        {n.replace(old_key, new_key): t for n, t in before.items()}  # renamed for the new key; nothing cut or captioned
     text = summary.text()
     assert summary.adopted == [("footage/a.mp4", str(tmp_path / "films" / "a.mp4"))]
     assert "1 source(s) moved or renamed" in text and "films/a.mp4 -> footage/a.mp4" in text
@@ -1016,7 +1024,6 @@ def test_a_renamed_source_folder_keeps_its_clips_and_a_gone_source_is_reported(t
     assert "no longer where they were" in text and "Their clips stay in the set" in text and "remove its record" in text
     records = sorted((job.state_dir / "sources").glob("*.json"))
     assert len(records) == 2  # a's moved to its new key, b's left
-    new_key = clips_job.source_key(tmp_path / "footage" / "a.mp4")
     assert clips_records.aside_path(job, new_key).read_text() == '{"file": "x.mp4"}\n'  # moved with the record
     assert not clips_records.aside_path(job, old_key).exists()
     assert json.loads(clips_job.record_path(job, new_key).read_text())["source"] == str(tmp_path / "footage" / "a.mp4")
@@ -1052,7 +1059,14 @@ def test_a_record_of_the_older_format_is_upgraded_when_its_clips_match_its_plan(
     assert (again.clips_cut, again.clips_existing) == (0, 2) and not (job.state_dir / "replaced").exists()
     assert {c.name: c.stat().st_mtime_ns for c in clips_of(job)} == before
     now = json.loads(path.read_text())
-    assert now["cut"] == record["cut"] and now["resolved"] == record["resolved"] and now["fingerprint"]
+    assert now["resolved"] == record["resolved"] and now["fingerprint"]
+    # how the clips were cut (crf) cannot be read from them: kept under any cut settings, claimed as none
+    assert now["cut"] == "unknown" and cut_only(dataclasses.replace(job, crf=30)).clips_existing == 2
+    assert json.loads(path.read_text())["cut"] == "unknown"
+    smaller = dataclasses.replace(job, rules=dataclasses.replace(RULES, max_side=32))
+    assert cut_only(smaller).clips_cut == 2  # every clip cut anew: now the record knows how
+    assert json.loads(path.read_text())["cut"] == clips_settings.cut_settings(job)
+    assert cut_only(job).clips_cut == 2  # the unknown ones set aside are not restored as crf 18's
 
 
 def test_settings_switched_back_restore_the_clips_set_aside_with_their_captions(tmp_path, short):
@@ -1100,6 +1114,357 @@ def test_a_record_under_the_key_an_earlier_version_gave_is_taken_not_doubled(tmp
     before = {p.name: p.stat().st_mtime_ns for p in clips_of(job)}
     again = cut_only(job)
     assert (again.clips_cut, again.clips_existing) == (0, 2)
-    assert {p.name: p.stat().st_mtime_ns for p in clips_of(job)} == before
+    assert {p.name: p.stat().st_mtime_ns for p in clips_of(job)} == \
+        {n.replace(old_key, key): t for n, t in before.items()}  # renamed for this version's key, not cut
     assert [p.stem for p in (job.state_dir / "sources").glob("*.json")] == [key]
     assert sum(len(s.clips) for s in clips_job.dataset(job)) == 2
+
+
+def inverse(path: Path) -> Path:
+    """Other footage with the cuts of ``short`` (4 s, two 2 s shots): its negative."""
+    return write_video(path, 255 - scene_frames(32, 64, 48, scenes=2), fps=FPS)
+
+
+def test_a_moved_sources_clips_take_its_new_key_and_new_footage_at_the_old_path_gets_its_own(tmp_path, short):
+    """Hostile review: an adopted record kept its clips under the old key's names, so the next file at the
+    old path (same key, same names) found them 'already there': 0 cut, and the set listed them twice.
+    A copy adopted while the original was away did the same once the original came back."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    assert cut_only(job).clips_cut == 2
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text(f"the caption of {clip.stem}")
+    first = {p.stem: p.read_bytes() for p in clips_of(job)}
+    (tmp_path / "src" / "a.mp4").rename(tmp_path / "src" / "b.mp4")
+    moved = cut_only(job)
+    assert (moved.clips_cut, moved.clips_existing) == (0, 2)
+    b_key = clips_job.source_key(tmp_path / "src" / "b.mp4")
+    assert all(p.stem.startswith(f"{b_key}_s") for p in clips_of(job))  # renamed, with their captions
+    assert sorted(p.read_bytes() for p in clips_of(job)) == sorted(first.values())
+    a_key = clips_job.source_key(tmp_path / "src" / "a.mp4")
+    assert [p.with_suffix(".txt").read_text() for p in clips_of(job)] == \
+        [f"the caption of {p.stem.replace(b_key, a_key)}" for p in clips_of(job)]
+    inverse(tmp_path / "src" / "a.mp4")  # other footage at the old path
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (2, 2)
+    sets = clips_job.dataset(job)
+    listed = [c.path.name for s in sets for c in s.clips]
+    assert len(listed) == len(set(listed)) == 4 and not (job.state_dir / "replaced").exists()
+
+
+def test_a_copy_taken_while_the_original_was_away_keeps_the_clips_apart(tmp_path, short):
+    import shutil
+
+    usb, home = tmp_path / "usb", tmp_path / "home"
+    usb.mkdir(), home.mkdir()
+    (usb / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(usb,), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    assert cut_only(job).clips_cut == 2
+    shutil.copy2(usb / "a.mp4", home / "a.mp4")
+    usb.rename(tmp_path / "unplugged")
+    assert cut_only(dataclasses.replace(job, sources=(home,))).clips_existing == 2  # the copy takes the clips
+    (tmp_path / "unplugged").rename(usb)
+    both = dataclasses.replace(job, sources=(usb, home))
+    summary = cut_only(both)
+    assert (summary.clips_cut, summary.clips_existing) == (2, 2)
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text("a caption")
+    write_layouts(both, summary)
+    rows = [json.loads(line)["path"] for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert len(rows) == len(set(rows)) == 4
+
+
+def test_a_kill_while_a_record_is_taken_leaves_what_the_next_run_finishes(tmp_path, short, monkeypatch):
+    """Adoption renames the clips, moves the record, then rewrites it with the new names: killed before
+    the rewrite, the record under the new key names the old key's clips, and the next run finishes it."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    a_key = clips_job.source_key(tmp_path / "src" / "a.mp4")
+    name = clips_of(job)[0].stem
+    made = {"start": 0.0, "frames": 13, "fps": FPS, "width": 64, "height": 48, "marked": 1}
+    clips_records.journal(job, a_key, name, made)  # made since the record was written: it moves too
+    (tmp_path / "src" / "a.mp4").rename(tmp_path / "src" / "b.mp4")
+    b_key = clips_job.source_key(tmp_path / "src" / "b.mp4")
+    real = clips_records.write_record_dict
+
+    def killed(job, key, record):
+        if key == b_key:
+            raise KeyboardInterrupt
+        real(job, key, record)
+
+    monkeypatch.setattr(clips_records, "write_record_dict", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cut_only(job)
+    monkeypatch.undo()
+    assert [p.stem for p in (job.state_dir / "sources").glob("*.json")] == [b_key]
+    assert len(clips_job.dataset(job)[0].clips) == 2  # listed under the new names meanwhile
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (0, 2)
+    record = json.loads(clips_job.record_path(job, b_key).read_text())
+    assert [c["name"].startswith(f"{b_key}_s") for c in record["clips"]] == [True, True]
+    assert record["made"][name.replace(a_key, b_key)] == made
+
+
+def test_a_folder_moved_with_a_link_left_at_the_old_place_keeps_its_clips(tmp_path, short):
+    """Hostile review: the record's stored path still existed through the link, so it was neither gone nor
+    the same file (the lookup used the new resolved path): the whole set was cut a second time."""
+    src = tmp_path / "data" / "footage"
+    src.mkdir(parents=True)
+    (src / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(src,), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    (tmp_path / "big").mkdir()
+    src.rename(tmp_path / "big" / "footage")
+    src.symlink_to(tmp_path / "big" / "footage")
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (0, 2)
+    gone = []
+    sets = clips_job.dataset(job, gone)
+    assert [len(s.clips) for s in sets] == [2] and not gone
+    assert sets[0].key == clips_job.source_key(tmp_path / "big" / "footage" / "a.mp4")
+
+
+@pytest.mark.parametrize("real_too", [False, True])
+def test_a_link_re_pointed_at_other_footage_sets_the_old_footages_clips_aside(tmp_path, short, real_too):
+    """Hostile review: the old footage's record stayed (its file still exists), so the set held two
+    sources named src/link.mp4, the old footage's clips among the new ones. The old file given as a
+    source too keeps its record and clips."""
+    (tmp_path / "store").mkdir(), (tmp_path / "src").mkdir()
+    (tmp_path / "store" / "real.mp4").write_bytes(short)
+    link = tmp_path / "src" / "link.mp4"
+    link.symlink_to(tmp_path / "store" / "real.mp4")
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    inverse(tmp_path / "store" / "other.mp4")
+    link.unlink()
+    link.symlink_to(tmp_path / "store" / "other.mp4")
+    if real_too:
+        job = dataclasses.replace(job, sources=(tmp_path / "src", tmp_path / "store" / "real.mp4"))
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (2, 2 if real_too else 0)
+    assert len(list((job.state_dir / "replaced").glob("*.mp4"))) == (0 if real_too else 2)
+    assert sorted((s.name, len(s.clips)) for s in clips_job.dataset(job)) == \
+        sorted([("src/link.mp4", 2)] + ([(str(tmp_path / "store" / "real.mp4"), 2)] if real_too else []))
+
+
+def test_a_kill_after_a_restore_leaves_the_clips_labelled_as_they_are(tmp_path, short, monkeypatch):
+    """Hostile review: the clips were moved back before the record was written; killed between the two,
+    the record still named the other settings, and the next run set the restored clips aside noted as
+    those settings' (a later switch 'restored' 64 px clips as 32 px ones). The record goes first now,
+    and a restore checks what the file holds."""
+    (tmp_path / "a.mp4").write_bytes(short)
+    big = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES)
+    small = dataclasses.replace(big, rules=dataclasses.replace(RULES, max_side=32))
+    assert cut_only(big).clips_cut == 2 and cut_only(small).clips_cut == 2
+    real = clips_job.write_record
+
+    def killed(job, plan):
+        if plan.restored:
+            raise KeyboardInterrupt
+        real(job, plan)
+
+    monkeypatch.setattr(clips_job, "write_record", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cut_only(big)
+    monkeypatch.undo()
+    widths = lambda: {probe_video(p).width for p in clips_of(big)}  # noqa: E731
+    assert widths() == {64} and cut_only(big).clips_existing == 2 and widths() == {64}
+    again = cut_only(small)
+    assert (again.clips_cut, again.clips_existing) == (0, 2) and widths() == {32}
+    key = clips_job.source_key(tmp_path / "a.mp4")
+    for file, note in clips_records.read_lines(clips_records.aside_path(big, key), "file").items():
+        path = big.state_dir / "replaced" / file
+        if path.exists():
+            assert probe_video(path).width == note["plan"][3]  # each note says what its file holds
+
+
+def test_a_set_aside_clip_that_does_not_hold_what_its_note_says_is_cut_again(tmp_path, short):
+    (tmp_path / "a.mp4").write_bytes(short)
+    big = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES)
+    small = dataclasses.replace(big, rules=dataclasses.replace(RULES, max_side=32))
+    cut_only(big), cut_only(small)
+    aside = sorted((big.state_dir / "replaced").glob("*.mp4"))
+    write_video(aside[0], scene_frames(5, 64, 48, scenes=1), fps=FPS)  # 5 frames where 13 are noted
+    back = cut_only(big)
+    assert (back.clips_cut, back.clips_existing) == (1, 1)
+    assert {probe_video(p).frame_count for p in clips_of(big)} == {13}
+
+
+@pytest.mark.parametrize("made", [{"fps": 0}, {"start": "x"}, {"frames": None, "fps": "8"}, [1]])
+def test_what_a_clip_holds_that_could_not_be_a_clips_is_left_out_or_fails_its_record(tmp_path, short, made, caplog):
+    """Hostile review: a bad value from the journal was folded into the record and broke the layouts
+    (ZeroDivisionError, TypeError) on every later run, the whole job with them."""
+    (tmp_path / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    cut_only(job)
+    for clip in clips_of(job):
+        clip.with_suffix(".txt").write_text("a caption")
+    key = clips_job.source_key(tmp_path / "a.mp4")
+    name = clips_of(job)[0].stem
+    clips_records.append_line(clips_records.journal_path(job, key), {"clip": name, "made": made})
+    summary = clips_job.ClipsSummary()
+    with caplog.at_level("WARNING"):
+        write_layouts(job, summary)
+    assert summary.output_error is None and any("could not be a clip's" in r.getMessage() for r in caplog.records)
+    rows = [json.loads(line) for line in (job.out / "clips.jsonl").read_text().splitlines()]
+    assert [(r["fps"], r["frames"]) for r in rows] == [(FPS, 13), (FPS, 13)]  # the plan's values
+    cut_only(job)  # folded into the record: left out there too
+    record = json.loads(clips_job.record_path(job, key).read_text())
+    assert all(clips_records.good_made(m) for m in record["made"].values())
+    record["made"][name] = made  # in the record itself: that source fails as damaged, not the job
+    clips_job.record_path(job, key).write_text(json.dumps(record))
+    plan = clips_job.plan_sources(job)
+    plan.release()
+    assert "is damaged" in plan.sources[0].error
+    write_layouts(job, summary)
+    assert summary.output_error is None
+
+
+@pytest.mark.parametrize("file", ["../../../outside/keep.me", "../../../outside/keep.mp4", "ABS", "link.mp4"])
+def test_a_note_of_a_clip_set_aside_moves_back_only_a_file_in_the_replaced_folder(tmp_path, short, file):
+    """Hostile review (security): restore trusted the note's file, so ../../outside/x or an absolute path
+    moved a file from anywhere into videos/."""
+    (tmp_path / "a.mp4").write_bytes(short)
+    job = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES)
+    cut_only(job)
+    (tmp_path / "outside").mkdir()
+    keep = tmp_path / "outside" / Path(file).name.replace("link", "keep")
+    keep.write_bytes(clips_of(job)[0].read_bytes())  # a clip, even: it must stay where it is
+    (job.state_dir / "replaced").mkdir()
+    if file == "ABS":
+        file = str(keep)
+    if file == "link.mp4":
+        (job.state_dir / "replaced" / file).symlink_to(keep)
+    plan = clips_job.plan_sources(job, dry_run=True).sources[0]
+    clip = plan.clips[0]
+    os.unlink(clips_job.clip_path(job, clip))
+    clips_records.append_line(clips_records.aside_path(job, plan.key), {
+        "file": file, "clip": clip.name, "plan": clips_records.plan_fields(clip),
+        "cut": clips_settings.cut_settings(job), "fingerprint": plan.fingerprint, "made": None})
+    again = cut_only(job)
+    assert (again.clips_cut, again.clips_existing) == (1, 1)
+    assert keep.is_file() and not clips_job.clip_path(job, clip).is_symlink()
+
+
+@pytest.mark.parametrize("folder", [".adatp/replaced", ".adatp/replaced/captions", ".adatp/sources", ".adatp/captions",
+                                    "subtitles"])
+def test_the_node_refuses_any_folder_of_the_set_that_leads_out_of_its_output_root(tmp_path, one_shot, folder):
+    """Hostile review (security): only the set, videos/, .adatp/ and the captions folder were checked:
+    .adatp/replaced, .adatp/sources or subtitles/ as links out of output/ were written through."""
+    (tmp_path / "input").mkdir(), (tmp_path / "output" / "set").mkdir(parents=True), (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "input" / "a.mp4").write_bytes(one_shot)
+    link = tmp_path / "output" / "set" / folder
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(clips_settings.OptionError, match="leads outside"):
+        ClipsJob(sources=(tmp_path / "input" / "a.mp4",), out=tmp_path / "output" / "set", rules=RULES,
+                 root=tmp_path / "input", out_root=tmp_path / "output", layouts=("jsonl", "srt"))
+    assert not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_journal_line_cut_short_does_not_swallow_the_next(tmp_path, monkeypatch):
+    """Hostile review: append_line added no newline after a line cut short (the next whole line was read
+    as part of it and lost), and took a short os.write for all of it."""
+    path = tmp_path / "a.made.jsonl"
+    clips_records.append_line(path, {"clip": "a", "made": {"frames": 7}})
+    path.write_bytes(path.read_bytes()[:-10])  # cut short (power loss, a full disk, an editor)
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data)[:5]))  # five bytes a call
+    clips_records.append_line(path, {"clip": "b", "made": {"frames": 9}})
+    monkeypatch.undo()
+    assert clips_records.read_lines(path, "clip") == {"b": {"clip": "b", "made": {"frames": 9}}}
+
+
+@pytest.mark.parametrize("record", ["with the video's facts", "from before them"])
+def test_footage_alike_where_the_fingerprint_reads_is_not_taken_for_a_moved_source(tmp_path, short, monkeypatch,
+                                                                                   record):
+    """Hostile review: adoption checked the fingerprint alone (3 MiB of a large file); the container's
+    duration, size and rate (or, for an older record, its shots' end) are checked too."""
+    from adatp_core.clips import plan as clips_plan
+
+    monkeypatch.setattr(clips_plan, "FINGERPRINT_PART", 16)  # stands for 1 MiB: the same blind spot, small
+    other = write_video(tmp_path / "other.mp4", 255 - scene_frames(24, 64, 48, scenes=2), fps=FPS).read_bytes()
+    size = 4 * max(len(short), len(other))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(padded(short, size))
+    job = ClipsJob(sources=(tmp_path / "src",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    key = clips_job.source_key(tmp_path / "src" / "a.mp4")
+    kept = json.loads(clips_job.record_path(job, key).read_text())
+    assert kept["video"] == {"duration": 4.0, "width": 64, "height": 48, "fps": FPS}
+    if record == "from before them":
+        clips_job.record_path(job, key).write_text(json.dumps({k: v for k, v in kept.items() if k != "video"}))
+    (tmp_path / "src" / "a.mp4").unlink()
+    (tmp_path / "src" / "b.mp4").write_bytes(padded(other, size))  # 3 s, not 4
+    assert clips_plan.fingerprint(tmp_path / "src" / "b.mp4") == kept["fingerprint"]
+    plan = clips_job.plan_sources(job, dry_run=True)
+    assert plan.sources[0].adopted is None and plan.sources[0].duration == 3.0
+    (tmp_path / "src" / "b.mp4").rename(tmp_path / "src" / "c.mp4")
+    (tmp_path / "src" / "c.mp4").write_bytes(padded(short, size))  # the same footage: taken
+    assert clips_job.plan_sources(job, dry_run=True).sources[0].adopted == str(tmp_path / "src" / "a.mp4")
+
+
+def test_a_source_whose_own_files_cannot_be_written_fails_alone(tmp_path, short, one_shot, monkeypatch):
+    """Hostile review: an obstacle met while a source's clips are set aside or its record written (a
+    folder not writable) was a raw OSError that stopped the whole job; that source fails, named, with
+    what to do, and the others are cut."""
+    (tmp_path / "a.mp4").write_bytes(short)
+    (tmp_path / "b.mp4").write_bytes(one_shot)
+    job = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    real = os.replace
+
+    def refused(src, dst, *a, **k):
+        if "replaced" in str(dst):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", refused)
+    both = dataclasses.replace(job, sources=(tmp_path / "a.mp4", tmp_path / "b.mp4"),
+                               rules=dataclasses.replace(RULES, max_side=32))
+    plan = clips_job.plan_sources(both)
+    summary = clips_job.ClipsSummary()
+    try:
+        clips_job.cut_sources(both, plan, summary)
+    finally:
+        plan.release()
+    failed = {p.source.name: p.error for p in plan.sources if p.error}
+    assert list(failed) == [str(tmp_path / "a.mp4")] and "cannot write" in failed[str(tmp_path / "a.mp4")]
+    assert "run again" in failed[str(tmp_path / "a.mp4")] and summary.clips_cut == 1  # b's
+
+
+def test_a_note_of_a_clip_set_aside_with_values_no_clip_holds_restores_it_by_its_plan(tmp_path, short, caplog):
+    (tmp_path / "a.mp4").write_bytes(short)
+    big = ClipsJob(sources=(tmp_path / "a.mp4",), out=tmp_path / "set", rules=RULES, layouts=("txt", "jsonl"))
+    cut_only(big), cut_only(dataclasses.replace(big, rules=dataclasses.replace(RULES, max_side=32)))
+    key = clips_job.source_key(tmp_path / "a.mp4")
+    notes = clips_records.aside_path(big, key)
+    notes.write_text("".join(json.dumps({**n, "made": {"fps": 0, "start": "x"}}) + "\n"
+                             for n in clips_records.read_lines(notes, "file").values()))
+    with caplog.at_level("WARNING"):
+        back = cut_only(big)
+    assert (back.clips_cut, back.clips_existing) == (0, 2)
+    assert any("could not be a clip's" in r.getMessage() for r in caplog.records)
+    record = json.loads(clips_job.record_path(big, key).read_text())
+    assert all(clips_records.good_made(m) for m in record["made"].values())
+
+
+def test_an_older_record_of_a_relative_path_is_not_taken_by_that_path_from_another_folder(tmp_path, short,
+                                                                                         monkeypatch):
+    """The path given is compared made absolute when the record was written: an older record's relative
+    path, read from another folder, names another file, whose source must not take it."""
+    for where in ("one", "two"):
+        (tmp_path / where / "src").mkdir(parents=True)
+    (tmp_path / "one" / "src" / "a.mp4").write_bytes(short)
+    inverse(tmp_path / "two" / "src" / "a.mp4")
+    monkeypatch.chdir(tmp_path / "one")
+    job = ClipsJob(sources=(Path("src/a.mp4"),), out=tmp_path / "set", rules=RULES)
+    assert cut_only(job).clips_cut == 2
+    path = next((job.state_dir / "sources").glob("*.json"))
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "given"}))
+    monkeypatch.chdir(tmp_path / "two")
+    assert cut_only(job).clips_cut == 2 and not (job.state_dir / "replaced").exists()
+    assert [len(s.clips) for s in clips_job.dataset(job)] == [2, 2]

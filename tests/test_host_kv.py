@@ -302,6 +302,9 @@ def test_the_free_device_memory_counts_the_process_cap(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 20 * gb)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.3, raising=False)
     assert available_device_bytes(torch.device("cuda", 0)) == 6 * gb  # 24 GB allowed, 18 allocated
+    from adatp_core.memory import free_bytes
+
+    assert free_bytes("cuda:0") == 6 * gb  # the batching's room (Room, auto_batch_size) reads the same
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
     assert available_device_bytes(torch.device("cuda", 0)) == 52 * gb  # free and the allocator's cache
 
@@ -431,3 +434,37 @@ def test_the_retry_goes_to_the_host_only_with_room_there():
     assert kv_retry_place(state, 64, available_host=lambda: 64 << 30).host
     place = kv_retry_place(state, 64, available_host=lambda: 4 << 30)  # 6.97 GB of homes
     assert not place.host and "the host has not room" in place.reason
+
+
+@pytest.mark.parametrize("command", ["caption", "clips"])
+def test_caption_commands_do_not_take_kv(command, capsys):
+    """Captions decode their rows together on the device (their check counts them there), so the caption
+    and clips commands do not offer --kv: it was accepted, documented and then ignored."""
+    import importlib
+
+    parser = importlib.import_module(f"adatp_core.{command}.cli").build_parser()
+    assert "--kv" not in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["x", "--kv", "host"] if command == "caption" else ["x", "--out", "y", "--kv", "host"])
+    assert "--kv" in capsys.readouterr().err
+
+
+def test_the_host_running_out_gets_the_host_s_advice():
+    """Parts wait on the host now (encoded rows, layer K's rows, keys and values): a failed CPU allocation
+    says the host ran out and what to change there, not the device's advice."""
+    from adatp_core.errors import AdaTPOutOfMemoryError
+    from adatp_core.memory import OOM_ADVICE, run_guarded
+
+    def host():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)")
+
+    with pytest.raises(AdaTPOutOfMemoryError, match="the host's memory ran out.*--kv device"):
+        run_guarded(host, "generation")
+
+    def device():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(AdaTPOutOfMemoryError) as err:
+        run_guarded(device, "generation")
+    assert OOM_ADVICE in str(err.value)

@@ -335,3 +335,29 @@ def test_loaded_frames_keep_a_version_counter_in_inference_mode(hashes):
         assert keys(image) == first and len(hashes) == 1
         image[0].add_(0.1)
         assert keys(image) != first and len(hashes) == 2
+
+
+def test_each_place_has_its_own_budget_from_its_memory(monkeypatch):
+    """Issue 30: a long video's prefix (several GB, most of it waiting on the host beside a GPU's model) is
+    the most valuable one to keep; one budget of 1 GiB for all places together kept none past ~220 frames
+    of Qwen3-VL-8B. Each place now has MAX_PREFIX_BYTES or a share of its own memory."""
+    from adatp_core import prefix_cache as pc
+
+    mib = 2**20
+    monkeypatch.setattr(pc, "MAX_PREFIX_BYTES", mib)
+    totals = {"host": 64 * mib, "meta": None}
+    monkeypatch.setattr(pc, "place_total_bytes", lambda place: totals.get(place))
+
+    def prefix(host_mib, meta_mib=0.0):
+        hidden = torch.zeros(int(host_mib * mib) // 4, dtype=torch.float32)
+        meta = torch.empty(int(meta_mib * mib) // 4, dtype=torch.float32, device="meta")
+        return pc.FrozenPrefix(None, ((meta, meta),), hidden.view(1, -1, 1))
+
+    store = pc.PrefixStore()
+    assert store.put("a", prefix(4)) is None  # 4 MiB on the host, within 10% of 64 MiB
+    assert store.put("b", prefix(4)) is None and len(store) == 1  # 8 MiB together: the older one goes
+    assert store.put("c", prefix(1, meta_mib=2)).startswith("not kept: 2.0 MiB on meta of a budget of 1 MiB")
+    totals["host"] = 8 * mib  # a small host: the floor of 1 MiB
+    why = pc.PrefixStore().put("d", prefix(4))
+    assert why.startswith("not kept: 4.0 MiB on host of a budget of 1 MiB"), why
+    assert pc.PrefixStore(max_bytes=5 * mib).put("e", prefix(4)) is None  # an explicit budget, every place

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", dest="save", action="store_false",
                    help="write no .txt files: the captions go to --manifest only (a trial run)")
     add_caption_arguments(p, decode_only=True)
-    add_model_arguments(p, max_new_tokens=256)
+    add_model_arguments(p, max_new_tokens=256, one_answer=False)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

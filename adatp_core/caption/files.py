@@ -321,6 +321,24 @@ def check_manifest(path: Path) -> None:
         refuse(f"cannot be written ({exc.strerror}); choose a file in a writable folder.")
 
 
+def append_whole(fd: int, data: bytes) -> None:
+    """Append ``data`` (whole lines) to the file open at ``fd`` (O_RDWR | O_APPEND): after a newline when
+    its last line is unfinished (cut by a crash or another tool: the two would read as one bad line),
+    and every byte of it (os.write may write fewer than asked)."""
+    size = os.fstat(fd).st_size
+    if size:
+        if hasattr(os, "pread"):
+            last = os.pread(fd, 1, size - 1)
+        else:  # Windows: O_APPEND writes go to the end wherever the offset is
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            last = os.read(fd, 1)
+        if last != b"\n":
+            data = b"\n" + data
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class Manifest:
     """Appends JSON lines to a file. Each line is one write on an O_APPEND descriptor
     under a lock, after a newline if the file's last line lacks one (a line cut by a
@@ -337,22 +355,10 @@ class Manifest:
             return
         locked = _lock_blocking(self.fd)
         try:
-            if self._last_byte() not in (b"", b"\n"):
-                data = b"\n" + data
-            os.write(self.fd, data)
+            append_whole(self.fd, data)
         finally:
             if locked:
                 _unlock(self.fd)
-
-    def _last_byte(self) -> bytes:
-        size = os.fstat(self.fd).st_size
-        if not size:
-            return b""
-        if hasattr(os, "pread"):
-            return os.pread(self.fd, 1, size - 1)
-        with open(self.path, "rb") as f:  # Windows
-            f.seek(size - 1)
-            return f.read(1)
 
     def close(self) -> None:
         if self.fd is not None:

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption = p.add_argument_group("captions")
     add_caption_arguments(caption)  # the caption command's options, from their one definition
     add_caption_arguments(caption, decode_only=True)
-    add_model_arguments(caption, max_new_tokens=256)
+    add_model_arguments(caption, max_new_tokens=256, one_answer=False)
     # The caption command's --frames (frames sampled per clip) is --caption-frames here: --frames is the rule.
     rules.add_argument("--frames", dest="clip_frames", choices=FRAME_RULES, default=defaults.frames,
                        help=f"frame counts the trainer takes (default {defaults.frames}: Wan, HunyuanVideo; "

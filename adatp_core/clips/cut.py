@@ -111,7 +111,7 @@ def remove_stale_temps(out_dir: Path) -> None:
     """Remove the temp files (temp_file's names) left in out_dir by a process that is gone (a killed
     run), whichever clip they were for: the plan may have changed since. On POSIX a temp file whose
     lock can be taken has no live writer (a PID in the name may have been reused by now); on Windows,
-    one whose PID runs no process."""
+    one whose PID surely runs no process (pid_alive; left alone when that cannot be told)."""
     for tmp in Path(out_dir).glob(".*.part-*.mp4"):
         stem, _, pid = tmp.name[1:-len(".mp4")].rpartition(".part-")
         if not stem or not pid.isdigit() or not tmp.is_file() or tmp.is_symlink():
@@ -128,14 +128,49 @@ def remove_stale_temps(out_dir: Path) -> None:
             finally:
                 os.close(fd)
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # that process still runs
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        tmp.unlink(missing_ok=True)
+        if pid_alive(int(pid)) is False:  # not when it runs, or cannot be told
+            tmp.unlink(missing_ok=True)
+
+
+WINDOWS = os.name == "nt"
+
+
+def pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` runs: True, False, or None when that cannot be told. POSIX: signal 0.
+    Windows: OpenProcess and its exit code (os.kill(pid, 0) is no check there: signal 0 is CTRL_C_EVENT,
+    sent to the process)."""
+    if WINDOWS:
+        return windows_pid_alive(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    except OSError:
+        return None
+    return True
+
+
+def windows_pid_alive(pid: int) -> bool | None:
+    """pid_alive on Windows, through kernel32 (ctypes); None where that is not at hand."""
+    import ctypes
+
+    try:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    except (AttributeError, OSError):  # not Windows
+        return None
+    query, still_active, invalid_parameter = 0x1000, 259, 87  # PROCESS_QUERY_LIMITED_INFORMATION, ...
+    handle = kernel32.OpenProcess(query, False, pid)
+    if not handle:
+        return False if ctypes.get_last_error() == invalid_parameter else None  # no such process; else denied
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return None
+        return code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def encoder_name() -> str:

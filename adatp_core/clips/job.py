@@ -36,13 +36,14 @@ from pathlib import Path
 
 from ..caption import (ClipClaim, FolderPlan, OptionError, caption_folder, existing_caption, plan_folder, scan_folder,
                        write_atomic)
-from ..caption.files import printable
+from ..caption.files import STOPPING_ERRNOS, printable
 from ..errors import AdaTPInputError, AdaTPInterrupted
 from .cut import cut_clips, remove_stale_temps
 from .outputs import DatasetClip, DatasetSource, write_outputs
 from .plan import ClipPlan, fingerprint, hdr_transfer, plan_clips, source_key
-from .records import (Adoption, Source, SourcePlan, journal, plain, read_record, record_path, record_plan, restore,
-                      same_source, set_aside, source_gone, stale_clips, upgraded, write_record)
+from .records import (UNKNOWN_CUT, Adoption, Source, SourcePlan, journal, named_for, plain, read_record, record_path,
+                      record_plan, restore, same_source, set_aside, source_gone, stale_clips, upgraded, video_facts,
+                      write_record)
 from .settings import CLIP_SUFFIX, CLIPS_FOLDER, STATE_FOLDER, ClipsJob, clip_path, cut_settings
 from .shots import detect_shots
 from .summary import ClipsSummary, held_by
@@ -178,19 +179,25 @@ def plan_source(job: ClipsJob, source: Source, key: str,
     plan = SourcePlan(source, key)
     try:
         record = read_record(job, key)
+        if record is not None:  # taken from another key by a run killed before it renamed the record's clips
+            record = named_for(job, key, record, move=adopt is None or not adopt.dry_run)
         plan.fingerprint = fingerprint(source.path)
         if record is None and adopt is not None:
             record, plan.adopted = adopt(key, plan.fingerprint, source.path) or (None, None)
         if record is not None and not ("cut" in record and "resolved" in record):
             record = upgraded(job, source.path, record)
         same_file = record is not None and same_source(record, source.path, plan.fingerprint)
-        same_cut = record is not None and record.get("cut") == cut_settings(job)
+        unknown = record is not None and record.get("cut") == UNKNOWN_CUT  # clips kept by upgraded(): any cut
+        same_cut = record is not None and (record.get("cut") == cut_settings(job) or unknown)
+        plan.video = record.get("video") if same_file else None
+        plan.video = plan.video or video_facts(source.path)  # (a record from before: probed once)
         if same_file and record.get("threshold") == job.threshold:
             _, plan.shots, clips = record_plan(record)
             plan.reused = True
             if record.get("rules") == plain(job.rules) and same_cut:
                 plan.clips = clips
                 plan.made = dict(record.get("made") or {})
+                plan.cut = UNKNOWN_CUT if unknown else None
                 return plan
         else:
             plan.shots = detect_shots(source.path, **({} if job.threshold is None else {"threshold": job.threshold}),
@@ -200,6 +207,7 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             plan.earlier = {k: record.get(k) for k in ("fingerprint", "cut", "made")}
             plan.replaced = stale_clips(record_plan(record)[2], plan.clips, same_file, same_cut)
             gone = {c.name for c in plan.replaced}
+            plan.cut = UNKNOWN_CUT if unknown and len(gone) < len(record["clips"]) else None  # some are kept
             plan.made = {k: v for k, v in (record.get("made") or {}).items() if k not in gone}
     except (AdaTPInterrupted, KeyboardInterrupt):
         raise
@@ -208,6 +216,12 @@ def plan_source(job: ClipsJob, source: Source, key: str,
             log.debug("source %s failed", source.name, exc_info=True)
         plan.error = _failure(exc)
     return plan
+
+
+def unwritable(exc: OSError, job: ClipsJob) -> str:
+    """Why a source's record, journal or set-aside clips could not be written, with what to do."""
+    return (f"cannot write {printable(str(exc.filename or job.state_dir))} ({exc.strerror or exc}); make it a "
+            "writable file or folder (or move it away) and run again")
 
 
 def source_notes(path: Path) -> list[str]:
@@ -242,7 +256,7 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
     problems = problems[index::count]
     result.problems = problems
     plans = result.sources
-    adopt = Adoption(job, dry_run)
+    adopt = Adoption(job, dry_run, keys.values())
     for i, source in enumerate(mine):
         def progress(done, total, i=i, name=source.name):
             if on_event is not None:
@@ -266,10 +280,17 @@ def _plan_sources(job: ClipsJob, shard: tuple[int, int], on_event: Event | None,
             plan.notes += source_notes(source.path)
             for note in plan.notes:
                 log.warning("%s: %s", printable(source.name), note)
-        if plan.error is None and not dry_run:  # the old clips go first: a kill between the two steps leaves
-            plan.moved = set_aside(job, plan.replaced, plan.key, plan.earlier)  # the old record, compared again
-            plan.restored = restore(job, plan)
-            write_record(job, plan)
+        if plan.error is None and not dry_run:
+            try:  # the old clips go first: a kill between the two steps leaves the old record, compared again
+                plan.moved = set_aside(job, plan.replaced, plan.key, plan.earlier)
+                write_record(job, plan)  # before the restore: the clips moved back are the record's already
+                plan.restored = restore(job, plan)
+                if plan.restored:
+                    write_record(job, plan)  # with what they hold (journaled meanwhile)
+            except OSError as exc:  # a file or folder of its own in the way: this source fails alone
+                if exc.errno in STOPPING_ERRNOS:  # a full disk: every later write fails too
+                    raise
+                plan.error, plan.clips = unwritable(exc, job), []
         plans.append(plan)
         if on_event is not None:
             on_event("shots", i + 1, len(mine), source.name)
@@ -381,7 +402,12 @@ def cut_sources(job: ClipsJob, plan: JobPlan, summary: ClipsSummary, on_event: E
         except Exception as exc:  # noqa: BLE001  the source failing while it is cut: its other clips stay
             summary.failed_sources.append((p.source.name, f"cutting stopped: {_failure(exc)}"))
         finally:  # what the clips cut so far hold (copy mode: not the plan's), for the layouts
-            write_record(job, p)
+            try:
+                write_record(job, p)
+            except OSError as exc:
+                if exc.errno in STOPPING_ERRNOS:
+                    raise
+                summary.failed_sources.append((p.source.name, unwritable(exc, job)))
 
 
 # --- captions -----------------------------------------------------------------------------------
@@ -450,6 +476,7 @@ def dataset(job: ClipsJob, gone: list | None = None) -> list[DatasetSource]:
             continue
         if record is None:
             continue
+        record = named_for(job, record_file.stem, record, move=False)  # (named_for: a kill left it so)
         source, shots, plans = record_plan(record)
         clips = []
         for c in plans:
@@ -461,7 +488,7 @@ def dataset(job: ClipsJob, gone: list | None = None) -> list[DatasetSource]:
             clips.append(DatasetClip(c, path, text if kind == "text" else None,
                                      made if isinstance(made, dict) else None))
         entries.append(DatasetSource(record.get("name", source), source, record_file.stem, shots, clips))
-        if gone is not None and source_gone(record):
+        if gone is not None and source_gone(record, record_file.stem):
             gone.append((source, record_file.stem, len(clips)))
     return entries
 

@@ -3,22 +3,25 @@
 written whole and renamed into place; the journal of the clips made since (KEY.made.jsonl); the notes
 of the clips set aside into OUT/.adatp/replaced (KEY.aside.jsonl). Also what decides that a source is
 the same footage (``same_source``), upgrades an older record (``upgraded``), lets a moved source take
-its old record (``Adoption``), and sets aside and restores clips (``set_aside``, ``restore``)."""
+its old record, its clips renamed for the new key (``Adoption``, ``named_for``), checks what a clip is
+said to hold (``good_made``), and sets aside and restores clips (``set_aside``, ``restore``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..caption import ClipClaim, write_atomic
-from ..caption.files import printable
+from ..caption.files import append_whole, printable
 from ..errors import AdaTPInputError
-from .cut import probe_clip
+from .cut import MADE_FIELDS, probe_clip
 from .outputs import SUBTITLES_FOLDER
 from .plan import ClipPlan, source_key
 from .settings import CLIP_SUFFIX, ClipsJob, clip_path, cut_settings
@@ -27,6 +30,7 @@ from .shots import Shot
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
+UNKNOWN_CUT = "unknown"  # a record's cut settings when its clips were kept from a record that did not hold them
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ class SourcePlan:
     adopted: str | None = None  # the source of the record this one took (the footage moved or was renamed)
     earlier: dict | None = None  # the earlier record's fingerprint, cut and made, when its plan changed
     restored: int = 0  # clips set aside earlier and moved back (restore)
+    cut: str | None = None  # UNKNOWN_CUT: some clips kept from an upgraded record made with cut settings unknown
     notes: list = field(default_factory=list)  # what the user should know of this source's clips (HDR)
+    video: dict | None = None  # video_facts of the source: checked before another source takes the record
 
     @property
     def duration(self) -> float:
@@ -76,12 +82,13 @@ def journal_path(job: ClipsJob, key: str) -> Path:
 
 
 def append_line(path: Path, entry: dict) -> None:
-    """Append ``entry`` to the JSON lines file ``path``: one write of one whole line, on disk (fsync)
-    before the caller goes on; a line cut short by a kill is skipped when read (read_lines)."""
+    """Append ``entry`` to the JSON lines file ``path``: one whole line (after a newline when the last
+    line was cut short: append_whole), on disk (fsync) before the caller goes on; a line cut short by a
+    kill is skipped when read (read_lines)."""
     line = json.dumps(entry, ensure_ascii=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        os.write(fd, line.encode("ascii"))
+        append_whole(fd, line.encode("ascii"))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -111,9 +118,25 @@ def journal(job: ClipsJob, key: str, name: str, made: dict) -> None:
 
 
 def read_journal(job: ClipsJob, key: str) -> dict:
-    """clip name -> what it holds, from the source's journal (the last line for a name wins)."""
-    return {name: e["made"] for name, e in read_lines(journal_path(job, key), "clip").items()
-            if isinstance(e.get("made"), dict)}
+    """clip name -> what it holds, from the source's journal (the last line for a name wins; a line whose
+    values could not be a clip's is left out, with a warning)."""
+    path = journal_path(job, key)
+    return {name: e["made"] for name, e in read_lines(path, "clip").items() if good_made(e.get("made"), path, name)}
+
+
+def good_made(made, path: Path | None = None, name: str | None = None) -> bool:
+    """Whether ``made`` can say what a clip's file holds (cut.MADE_FIELDS): a dict whose values, where
+    given, are a finite start, whole frames, width and height of at least 1 and a rate above 0. A bad one
+    (edited by hand, another program's) would break the layouts on every run. With ``path``: one that
+    is not is named in a warning, as left out."""
+    ok = isinstance(made, dict) and all(
+        v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                      and (k == "start" or v > 0) and (k in ("start", "fps") or isinstance(v, int)))
+        for k, v in ((k, made.get(k)) for k in MADE_FIELDS))
+    if not ok and path is not None:
+        log.warning("%s: what it says clip %s holds (%s) could not be a clip's; left out", printable(str(path)),
+                    printable(str(name)), printable(repr(made)[:200]))
+    return ok
 
 
 def aside_path(job: ClipsJob, key: str) -> Path:
@@ -177,10 +200,12 @@ def record_plan(record: dict) -> tuple[str, list[Shot], list[ClipPlan]]:
     """(source path, shots, clips) of a record."""
     shots = [Shot(**s) for s in record["shots"]]
     clips = [ClipPlan(**{**c, "source": Path(c["source"])}) for c in record["clips"]]
-    if not isinstance(record["source"], str) or any(
-            not (isinstance(c.frames, int) and c.frames >= 1 and c.fps > 0 and c.width > 0 and c.height > 0)
-            for c in clips):
-        raise ValueError("a clip without frames, rate or size")
+    if not isinstance(record["source"], str) or any(not good_made(plain(c)) or None in plan_fields(c) for c in clips):
+        raise ValueError("a clip without a start, frames, rate or size")
+    if not all(good_made({"start": s.start}) and good_made({"start": s.end}) for s in shots):
+        raise ValueError("a shot without a start or end")
+    if not isinstance(record.get("made") or {}, dict) or not all(map(good_made, (record.get("made") or {}).values())):
+        raise ValueError("a clip's made values are not a clip's")
     return record["source"], shots, clips
 
 
@@ -203,21 +228,29 @@ def stale_clips(earlier: list[ClipPlan], now: list[ClipPlan], same_source: bool,
 
 def write_record(job: ClipsJob, plan: SourcePlan) -> None:
     record = {"version": RECORD_VERSION, "source": str(plan.source.path), "name": plan.source.name,
+              "given": os.path.abspath(plan.source.path),  # the path as given (a link re-pointed: Adoption)
               "resolved": os.path.realpath(plan.source.path),  # the file, however it was given (its key's path)
               **identity(plan.source.path), "fingerprint": plan.fingerprint, "threshold": job.threshold,
-              "rules": plain(job.rules), "cut": cut_settings(job),
+              "rules": plain(job.rules), "cut": plan.cut or cut_settings(job),
+              **({"video": plan.video} if plan.video else {}),
               "shots": [plain(s) for s in plan.shots], "clips": [plain(c) for c in plan.clips],
               "made": {c.name: plan.made[c.name] for c in plan.clips if c.name in plan.made}}
+    write_record_dict(job, plan.key, record)
+
+
+def write_record_dict(job: ClipsJob, key: str, record: dict) -> None:
+    """Write ``record`` under ``key`` (atomically, only when its text changes); the journal goes, the
+    record holds it now."""
     # ASCII: a path's undecodable bytes (surrogate escapes) are kept as \\udcXX escapes that read back exactly
     text = json.dumps(record, indent=1, ensure_ascii=True) + "\n"
-    path = record_path(job, plan.key)
+    path = record_path(job, key)
     try:
         same = path.read_text(encoding="utf-8") == text
     except OSError:
         same = False
     if not same:
         write_atomic(path, text)
-    journal_path(job, plan.key).unlink(missing_ok=True)  # the record holds it now
+    journal_path(job, key).unlink(missing_ok=True)  # the record holds it now
 
 
 def upgraded(job: ClipsJob, path: Path, record: dict) -> dict:
@@ -229,14 +262,45 @@ def upgraded(job: ClipsJob, path: Path, record: dict) -> dict:
     if {k: record.get(k) for k in ("size", "mtime_ns")} != identity(path):
         return record
     for c in record_plan(record)[2]:
-        if not clip_path(job, c).is_file():
-            continue
-        held = probe_clip(clip_path(job, c))
-        if held is None or (held["frames"], held["width"], held["height"]) != (c.frames, c.width, c.height) \
-                or abs(held["fps"] - c.fps) > 1e-3 or (held["audio"] and not job.keep_audio):
+        if clip_path(job, c).is_file() and not holds(clip_path(job, c), plain(c), job.keep_audio):
             return record
     log.info("%s: a record from an earlier version, whose clips match its plan: kept and rewritten", path)
-    return {**record, "resolved": os.path.realpath(path), "cut": record.get("cut", cut_settings(job))}
+    # the settings its clips were cut with (crf, ...) cannot be read from them: not claimed to be this run's
+    return {**record, "resolved": os.path.realpath(path), "cut": record.get("cut", UNKNOWN_CUT)}
+
+
+def holds(path: Path, want: dict, keep_audio: bool) -> bool:
+    """Whether the clip file ``path`` holds the frames, rate and size in ``want`` (and no audio unless
+    kept), read from its container (probe_clip: nothing decoded)."""
+    held = probe_clip(path)
+    return held is not None and all(held[k] == want[k] for k in ("frames", "width", "height")) \
+        and abs(held["fps"] - want["fps"]) <= 1e-3 and (keep_audio or not held["audio"])
+
+
+def video_facts(path: Path) -> dict:
+    """What a source's container says of its video (duration, size, rate; probe_video, nothing decoded)."""
+    from ..video import probe_video
+
+    probe = probe_video(path)
+    return {"duration": round(probe.duration, 6), "width": probe.width, "height": probe.height,
+            "fps": round(probe.fps, 6)}
+
+
+def same_video(record: dict, path: Path) -> bool:
+    """Whether the video at ``path`` is what ``record`` was made from as far as its container tells: the
+    fingerprint reads 3 MiB of a large file, so footage alike there is told apart by its duration, size
+    and rate (a record without them: its shots' end against the duration, within two frames)."""
+    try:
+        now = video_facts(path)
+    except AdaTPInputError:
+        return False
+    was = record.get("video")
+    if isinstance(was, dict):
+        return (now["width"], now["height"]) == (was.get("width"), was.get("height")) \
+            and all(isinstance(was.get(k), (int, float)) and abs(now[k] - was[k]) <= 1e-3 for k in ("fps", "duration"))
+    shots = record.get("shots") or []
+    slack = 2 / now["fps"] + 0.05 if now["fps"] > 0 else 0.5
+    return not shots or abs(shots[-1]["end"] - now["duration"]) <= slack
 
 
 def recorded_path(record: dict) -> str:
@@ -244,23 +308,38 @@ def recorded_path(record: dict) -> str:
     return record.get("resolved") or os.path.realpath(record["source"])
 
 
-def source_gone(record: dict) -> bool:
-    """Nothing is at the record's source (the file it was made from was moved, renamed or removed)."""
-    return not os.path.lexists(recorded_path(record))
+def given_path(record: dict) -> str | None:
+    """The record's source as it was given, made absolute when it was written (an older record's when
+    it was given absolute; None when relative: to another folder than this run's, maybe)."""
+    return record.get("given") or (record["source"] if os.path.isabs(record["source"]) else None)
+
+
+def source_gone(record: dict, key: str) -> bool:
+    """The record's source is no longer under its key: nothing is at the file it was made from (moved,
+    renamed or removed), or that path now leads to a file with another key (a folder moved with a link
+    left at the old place). Paths are compared resolved: the stored string may still exist through a link."""
+    recorded = recorded_path(record)
+    if not os.path.lexists(recorded):
+        return True
+    return "resolved" in record and source_key(Path(recorded)) != key
 
 
 class Adoption:
-    """Records under another key that belong to a source with no record under its own: the same
-    footage moved or renamed (a renamed folder gives its files new keys), found by fingerprint among
-    the records whose source is gone; or the same file under the key an earlier version gave it
-    (folder sources were keyed by the path below the folder), found by its path. The source takes
-    that record, clips and captions with it, rather than being cut again beside them. The records
-    are read once a run, when first needed."""
+    """Records under another key that belong to a source with no record under its own, taken by that
+    source (clips and captions with it, renamed for its key) rather than cut again beside them:
+    the same file under another key, found by its resolved path (a folder moved with a link left at
+    the old place; folder sources keyed by the path below the folder in an earlier version); the
+    source path given before now leading to another file (a link re-pointed at other footage: its
+    earlier clips are then set aside, as for a source replaced by other footage); the same footage
+    moved or renamed, found by fingerprint among the records whose file is gone. A record under a key
+    of this run's sources (``keys``) is never taken by another. The records are read once a run, when
+    first needed."""
 
-    def __init__(self, job: ClipsJob, dry_run: bool):
-        self.job, self.dry_run = job, dry_run
-        self.orphans: dict[str, list[str]] | None = None  # fingerprint -> keys of records whose source is gone
-        self.rekeyed: dict[str, str] = {}  # a source's resolved path -> the key of its record under another key
+    def __init__(self, job: ClipsJob, dry_run: bool, keys=()):
+        self.job, self.dry_run, self.keys = job, dry_run, set(keys)
+        self.orphans: dict[str, list[str]] | None = None  # fingerprint -> keys of records whose file is gone
+        self.rekeyed: dict[str, str] = {}  # a resolved path -> the key of its file's record under another key
+        self.repointed: dict[str, str] = {}  # a path as given -> the key of the record of the file it led to
 
     def _read(self) -> None:
         self.orphans = {}
@@ -269,44 +348,58 @@ class Adoption:
                 record = read_record(self.job, path.stem)
             except AdaTPInputError:
                 continue
-            if record is None:
+            if record is None or path.stem in self.keys:
                 continue
-            if source_gone(record):
+            recorded = recorded_path(record)
+            if not os.path.lexists(recorded):
                 if record.get("fingerprint"):
                     self.orphans.setdefault(record["fingerprint"], []).append(path.stem)
-            elif source_key(Path(recorded_path(record))) != path.stem:
-                self.rekeyed[recorded_path(record)] = path.stem
+            elif source_key(Path(recorded)) != path.stem:
+                self.rekeyed[os.path.realpath(recorded)] = path.stem
+            elif given_path(record) and os.path.realpath(given_path(record)) != os.path.realpath(recorded):
+                self.repointed[given_path(record)] = path.stem
 
     def __call__(self, key: str, print_: str, path: Path) -> tuple[dict, str | None] | None:
         """(the record, its source when it moved, else None) for the source at ``path`` (key, fingerprint
         print_), the record renamed to ``key`` (not in a dry run); None when there is none to take."""
         if self.orphans is None:
             self._read()
-        here = os.path.realpath(path)
-        same_file = self.rekeyed.get(here)
-        for old in ([same_file] if same_file else []) + list(self.orphans.get(print_, [])):
+        here, given = os.path.realpath(path), os.path.abspath(path)
+        found = [(old, "file") for old in [self.rekeyed.get(here)] if old]
+        found += [(old, "given") for old in [self.repointed.get(given)] if old]
+        found += [(old, "print") for old in self.orphans.get(print_, [])]
+        for old, how in found:
             def fits(record: dict | None) -> bool:
                 if record is None:
                     return False
-                if old == same_file:
-                    return recorded_path(record) == here
-                return record.get("fingerprint") == print_ and source_gone(record)
+                if how == "file":
+                    return os.path.realpath(recorded_path(record)) == here
+                if how == "given":
+                    return given_path(record) == given and os.path.realpath(recorded_path(record)) != here
+                return record.get("fingerprint") == print_ and not os.path.lexists(recorded_path(record)) \
+                    and same_video(record, path)
 
             if self.dry_run:
                 record = read_record(self.job, old)
+                record = record and named_for(self.job, key, record, move=False)
             else:
                 record = self._take(old, key, fits)
-            if old == same_file:
-                self.rekeyed.pop(here, None)
-            else:
+            {"file": self.rekeyed, "given": self.repointed}.get(how, {}).pop(here if how == "file" else given, None)
+            if how == "print":
                 self.orphans[print_].remove(old)
             if fits(record):
-                return record, (None if old == same_file else record["source"])
+                return record, (record["source"] if how == "print" else None)
         return None
 
     def _take(self, old: str, key: str, fits: Callable[[dict | None], bool]) -> dict | None:
-        """The record under ``old`` renamed to ``key`` when it still fits (under a claim: another run may
-        be taking it too), else None."""
+        """The record under ``old`` moved to ``key``, its clips and captions renamed for ``key``, when it
+        still fits (under a claim: another run may be taking it too), else None. Named for their old key,
+        the clips would be taken by the next source at the old path (its key gives the same names).
+        Its journal is folded into it where it is, the files are renamed, then the notes of clips set
+        aside move, then the record (one rename: at every moment it is under one key or the other),
+        then it is rewritten with the new names; a kill before the rewrite leaves a record under
+        ``key`` whose names are the old key's, which ``named_for`` finishes (plan_source) with its
+        files already renamed."""
         claim = ClipClaim(record_path(self.job, old))
         if not claim.acquire():
             return None
@@ -314,11 +407,17 @@ class Adoption:
             record = read_record(self.job, old)
             if not fits(record):
                 return None
-            for side in (journal_path, aside_path):  # its journals first: a kill after them leaves the
-                if side(self.job, old).exists():  # record to be taken again, which finds them in place
-                    os.replace(side(self.job, old), side(self.job, key))
-            # one rename: at every moment the record is under one key or the other, never both
+            write_record_dict(self.job, old, record)  # the journal folded in: nothing beside it to move
+            renamed_record = named_for(self.job, key, record)
+            notes = read_lines(aside_path(self.job, old), "file")
+            if notes:
+                write_atomic(aside_path(self.job, key), "".join(json.dumps(
+                    {**n, **({"clip": renamed(key, n["clip"])} if "clip" in n else {})}, ensure_ascii=True) + "\n"
+                    for n in notes.values()))
+            aside_path(self.job, old).unlink(missing_ok=True)
             os.replace(record_path(self.job, old), record_path(self.job, key))
+            write_record_dict(self.job, key, renamed_record)
+            record = renamed_record
             for kind in ("srt", "vtt"):  # written again under the new key
                 stale = self.job.out / SUBTITLES_FOLDER / f"{old}.{kind}"
                 if stale.is_file() and not stale.is_symlink():
@@ -326,6 +425,35 @@ class Adoption:
             return record
         finally:
             claim.release()
+
+
+_CLIP_TAIL = re.compile(r"_s\d+_[^_]*$")  # what follows the key in a clip's name (plan.clip_name)
+
+
+def renamed(key: str, name):
+    """The clip name ``name`` with its key replaced by ``key`` (clip names are KEY_sSHOT_START-END)."""
+    if not isinstance(name, str):
+        return name
+    tail = _CLIP_TAIL.search(name)
+    return f"{key}{tail.group(0)}" if tail else name
+
+
+def named_for(job: ClipsJob, key: str, record: dict, move: bool = True) -> dict:
+    """``record`` with its clips named for ``key`` (a record taken from another key: a moved source, or
+    one an earlier version keyed otherwise), each clip and its captions renamed on disk when ``move``
+    (a name already taken under the new name is left alone: renamed before a kill). The same record
+    when its names are ``key``'s already."""
+    names = {c["name"]: renamed(key, c["name"]) for c in record["clips"]}
+    if all(a == b for a, b in names.items()):
+        return record
+    if move:
+        for a, b in names.items():
+            for folder, suffix in ((job.clips_dir, CLIP_SUFFIX), (job.clips_dir, ".txt"),
+                                   (job.state_dir / "captions", ".txt")):
+                if a != b and os.path.lexists(folder / f"{a}{suffix}") and not os.path.lexists(folder / f"{b}{suffix}"):
+                    os.replace(folder / f"{a}{suffix}", folder / f"{b}{suffix}")
+    return {**record, "clips": [{**c, "name": names[c["name"]]} for c in record["clips"]],
+            "made": {names.get(k, k): v for k, v in (record.get("made") or {}).items()}}
 
 
 def set_aside(job: ClipsJob, clips: list[ClipPlan], key: str | None = None, earlier: dict | None = None) -> int:
@@ -362,8 +490,10 @@ def set_aside(job: ClipsJob, clips: list[ClipPlan], key: str | None = None, earl
 
 def restore(job: ClipsJob, plan: SourcePlan) -> int:
     """Move back from OUT/.adatp/replaced, with their captions, the set-aside clips that this plan asks
-    for as they were made (the same plan, cut settings and footage), rather than cut them again:
-    settings switched back and forth. The number restored."""
+    for as they were made (the same plan, cut settings and footage, and the file holds the frames, rate
+    and size noted: probe_clip), rather than cut them again: settings switched back and forth. Called
+    after the plan's record is written: a kill leaves the clips it asks for either here or there. What
+    a restored clip holds goes to the journal before it moves. The number restored."""
     notes = read_lines(aside_path(job, plan.key), "file")
     aside, cut = job.state_dir / "replaced", cut_settings(job)
     restored = 0
@@ -372,7 +502,19 @@ def restore(job: ClipsJob, plan: SourcePlan) -> int:
             continue
         for file, note in reversed(notes.items()):  # the last set aside first
             if note.get("clip") != c.name or note.get("plan") != plan_fields(c) or note.get("cut") != cut \
-                    or note.get("fingerprint") != plan.fingerprint or not (aside / file).is_file():
+                    or note.get("fingerprint") != plan.fingerprint:
+                continue
+            if not bare_clip_name(file) or (aside / file).is_symlink() or not (aside / file).is_file():
+                # only a clip file in .adatp/replaced itself: a note naming ../x or /x would move that in
+                log.warning("%s: a note names %s, not a clip file in %s; left alone", printable(str(aside_path(
+                    job, plan.key))), printable(file), printable(str(aside)))
+                continue
+            made = note.get("made")
+            if made is not None and not good_made(made, aside_path(job, plan.key), c.name):
+                made = None
+            if not holds(aside / file, {**plain(c), **(made or {})}, job.keep_audio):
+                log.warning("%s: not what its note says it holds; left there, the clip is cut again",
+                            printable(str(aside / file)))
                 continue
             stem = file[:-len(CLIP_SUFFIX)]
             for there, back in ((aside / f"{stem}.txt", job.clips_dir / f"{c.name}.txt"),
@@ -380,13 +522,20 @@ def restore(job: ClipsJob, plan: SourcePlan) -> int:
                 if os.path.lexists(there) and not os.path.lexists(back):
                     back.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(there, back)
+            if made is not None:
+                plan.made[c.name] = made
+                journal(job, plan.key, c.name, made)  # before the move: a kill leaves it noted, not unknown
             job.clips_dir.mkdir(parents=True, exist_ok=True)
             os.replace(aside / file, clip_path(job, c))  # last: a kill before leaves it set aside, noted
-            if isinstance(note.get("made"), dict):
-                plan.made[c.name] = note["made"]
             restored += 1
             break
     return restored
+
+
+def bare_clip_name(name: str) -> bool:
+    """Whether ``name`` is a clip file's name and nothing more (no folder, no way up, on any system)."""
+    return name.endswith(CLIP_SUFFIX) and not {"/", "\\", "\0"} & set(name) and name == Path(name).name \
+        and name.strip(".") != "" and ":" not in name
 
 
 def free_name(name: str, n: int) -> str:

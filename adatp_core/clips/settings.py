@@ -75,11 +75,17 @@ class ClipsJob:
                                              "for the clips.")
                 break
         if self.out_root is not None:  # the node: nothing under the output folder may lead out of its root
-            for folder in (self.out, self.clips_dir, self.state_dir, self.caption_dir):
+            for folder in self.folders():
                 if not inside(resolved(self.out_root), resolved(folder)):
                     raise OptionError("out", f"{printable(str(folder))} leads outside {printable(str(self.out_root))} "
                                              "(a link); remove the link or choose another output folder.")
         self.check_obstacles()
+
+    def folders(self) -> tuple:
+        """Every folder the job writes in: the node checks each resolves inside its output root."""
+        return (self.out, self.clips_dir, self.state_dir, self.state_dir / "sources", self.state_dir / "replaced",
+                self.state_dir / "replaced" / "captions", self.state_dir / "captions", self.caption_dir,
+                self.out / SUBTITLES_FOLDER)
 
     def check_obstacles(self) -> None:
         """OptionError("out") naming what in the output folder is in the way: a file where the job
@@ -91,6 +97,13 @@ class ClipsJob:
             if os.path.lexists(folder) and not folder.is_dir():
                 raise OptionError("out", f"{printable(str(folder))} is a file, where the job keeps {what} in a "
                                          "folder; move or remove it, or choose another output folder.")
+        if (self.state_dir / "sources").is_dir():  # a source's journals: met mid-run, they stopped the whole job
+            with os.scandir(self.state_dir / "sources") as entries:
+                for entry in entries:
+                    if entry.name.endswith((".made.jsonl", ".aside.jsonl")) and not entry.is_file():
+                        raise OptionError("out", f"{printable(entry.path)} is not a file, where the job keeps a "
+                                                 "source's notes of its clips in one; move or remove it, or choose "
+                                                 "another output folder.")
         files = [n for layout, names in LAYOUT_FILES.items() if layout in self.layouts for n in names]
         for name in files:
             if (self.out / name).is_dir():
