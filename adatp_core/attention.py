@@ -228,7 +228,8 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
         with timed(times, "time_question", dev):
             encoded = prefix.encoded
             question = adapter.assemble(prompt, encoded, p, prompt.length)
-            relevance = _relevance(adapter, prompt, encoded, chunk)
+            first = adapter.chunk_spans(0, p, chunk)[0]  # a prefill call's span of rows, as _prefill reads them
+            relevance = _relevance(adapter, prompt, encoded, first[1] - first[0])
             if layer == 0:
                 hidden, past_kv, scores = torch.cat([prefix.hidden, question.to(prefix.hidden.device)], dim=1), \
                     (), relevance

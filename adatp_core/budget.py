@@ -409,8 +409,8 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
         parts.append(rows)
     parts += [kv_below, scores]
     if not stock:
-        parts += continuation_parts(llm, run.layer, length, length - n + kept, int(run.max_new_tokens), run.prefill_chunk,
-                                    item, where, kv_on_host=run.kv_on_host)[:-1]
+        parts += continuation_parts(llm, run.layer, length, length - n + kept, int(run.max_new_tokens),
+                                    run.prefill_chunk, item, where, kv_on_host=run.kv_on_host)[:-1]
     (fixed if span < length else parts).append(one_call)
     if state:
         fixed.append(("the linear-attention layers' states", state, where))

@@ -144,7 +144,8 @@ def plan_places(estimate: Estimate, where: str, free: int | None, *, split: bool
                   f"on the device with them there; " + " and ".join(WHAT[n] for n in moved)
                   + f" wait on the host ({size_text(moved_bytes)} less on the device)")
         if not fitting:
-            reason += f"; the rest may still not fit: about {size_text(device_need)} (a smaller prefill_chunk takes less)"
+            reason += (f"; the rest may still not fit: about {size_text(device_need)} (a smaller prefill_chunk "
+                       "takes less)")
     for name in auto:
         decided[name] = Place(name in candidates[chosen], reason, auto=True)
     return Places(**decided)

@@ -345,7 +345,8 @@ def test_the_check_before_decoding_places_them_and_the_run_uses_its_places(tiny,
     assert any(p.startswith("layers >= K's keys and values") for p in fit.figures["memory_plan"]["host"])
     assert any(p.startswith("2 layers' staged copies") for p in fit.figures["memory_plan"]["cuda:0"])
     with pytest.raises(AdaTPInputError, match="memory on cuda:0"):
-        fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, layer=1, kv="device", encoded="device", rows="device")
+        fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, layer=1, kv="device", encoded="device",
+                              rows="device")
     monkeypatch.setattr(budget, "available_device_bytes", lambda device: 64 << 30)
     fit = fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, layer=1)
     assert fit.places.on_host() == set() and fit.places.kv.auto and "needs about" in fit.places.kv.reason
