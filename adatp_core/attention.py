@@ -14,14 +14,13 @@ import torch
 
 from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
-from .fits import (DEFAULT_PREFILL_CHUNK, check_max_pixels, check_place, check_question, encoded_place,
-                   place_name, plan_prompt)
-from .fits import prefill_memory_parts  # noqa: F401  (its home is fits.py; it stays importable from here)
+from .fits import (DEFAULT_PREFILL_CHUNK, check_max_pixels, check_question, place_name, plan_prompt, run_places,
+                   run_plan)
 from .fits import check_video_fits  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .flops import flops_summary
-from .budget import DEVICE_MEMORY_SHARE, available_device_bytes, size_text
 from .memory import run_guarded
 from .hf.cache import KVCache
+from .places import Place, Places, check_place, place_stats
 from .prefix_cache import FrozenPrefix
 from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
 from .hf.kernels import kernels_line
@@ -47,15 +46,15 @@ def _check_frames(frames) -> torch.Tensor:
     return frames
 
 
-def _encode(adapter, frames, prompt, times: dict, place=None):
+def _encode(adapter, frames, prompt, times: dict, places: Places):
     """The video's Encoded: a streamed video's (encoded before, streaming.encode_video, where it was
     placed then), or the frames' encoded a chunk at a time (``encode_frames``), their visual and
-    DeepStack rows written to ``place`` (None: the device; fits.encoded_place)."""
+    DeepStack rows written where ``places.encoded`` says."""
     if isinstance(frames, EncodedVideo):
         times.setdefault("time_preprocess", 0.0)
         times.setdefault("time_vision", 0.0)
         return frames.encoded
-    return adapter.encode_frames(frames, prompt.plan, times, place=place)
+    return adapter.encode_frames(frames, prompt.plan, times, place=places.encoded.device)
 
 
 def _frames_key(store, frames):
@@ -154,7 +153,7 @@ def _layers_below_k(adapter, prompt, encoded, layer: int, position_ids, spans, c
 
 def _relevance(adapter, prompt, encoded, block: int = 0) -> torch.Tensor:
     """text_relevance of every visual row, ``block`` rows at a time (0: all at once) brought to the
-    question's device: the rows may wait on the host (fits.encoded_place), and a float32 copy of all
+    question's device: the rows may wait on the host (Places.encoded), and a float32 copy of all
     of them is twice their size in bf16. Each row's cosine is its own."""
     q_start, q_end = prompt.question
     question = adapter.embed_tokens(prompt.input_ids[q_start:q_end])
@@ -164,18 +163,17 @@ def _relevance(adapter, prompt, encoded, block: int = 0) -> torch.Tensor:
                       for i in range(0, visual.shape[0], block)])
 
 
-def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict, spans, rows_device, place=None):
+def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict, spans, places: Places):
     """Vision encoder, prompt assembly, layers 0..K-1 and the scores over the whole prompt, in the
-    calls of ``spans`` (``_prompt_spans``: one for a prompt within a chunk), with layer K's input
-    rows on ``rows_device`` (None: the device's) and the encoded rows on ``place`` (``_encode``): the
-    path when no prefix is reused."""
+    calls of ``spans`` (``_prompt_spans``: one for a prompt within a chunk), the encoded rows and
+    layer K's input rows where ``places`` says: the path when no prefix is reused."""
     dev = adapter.device
     with torch.inference_mode():
-        encoded = _encode(adapter, frames, prompt, times, place)
+        encoded = _encode(adapter, frames, prompt, times, places)
         with timed(times, "time_attention", dev):
             position_ids = adapter.position_ids(prompt)
             relevance = _relevance(adapter, prompt, encoded, spans[0][1] - spans[0][0])
-            rows = _Rows(prompt.length, 0, rows_device)
+            rows = _Rows(prompt.length, 0, places.rows.device)
             cache = KVCache(adapter.layer_kinds, reserve=prompt.length - spans[0][1])  # room for every call
             probe = _probe(prompt, layer, query, spans[-1][0]) if layer else None
             _layers_below_k(adapter, prompt, encoded, layer, position_ids, spans, cache, rows, probe)
@@ -185,18 +183,18 @@ def _prefill(adapter, frames, prompt, layer: int, query: str, times: dict, spans
 
 
 def _video_prefix(adapter, prompt, encoded, layer: int, position_ids, p: int, chunk: int,
-                  rows_device) -> FrozenPrefix:
+                  places: Places) -> FrozenPrefix:
     """Layers 0..K-1 over the question-independent positions [0, p) (``prefix_length``), in
-    chunks (``chunk_spans``), layer K's input rows on ``rows_device`` (None: the device's)."""
+    chunks (``chunk_spans``), layer K's input rows where ``places.rows`` says."""
     spans = adapter.chunk_spans(0, p, chunk)
-    rows = _Rows(p, 0, rows_device)
+    rows = _Rows(p, 0, places.rows.device)
     cache = KVCache(adapter.layer_kinds, reserve=p - spans[0][1])
     _layers_below_k(adapter, prompt, encoded, layer, position_ids, spans, cache, rows)
     return FrozenPrefix(below_k_released(encoded, layer, p, prompt), cache.export(layer) if layer else (), rows.tensor)
 
 
 def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: dict, key_parts: tuple,
-                         chunk: int, rows_device, place=None):
+                         chunk: int, places: Places):
     """``_prefill``'s results in two parts: the video's prefix (from the model's store when
     these frames were seen with these settings, else computed in chunks and stored), then the
     rest [p, L) through layers < K in one call, attending to the prefix. p is the adapter's
@@ -220,9 +218,9 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
         with timed(times, "time_attention", dev):
             position_ids = adapter.position_ids(prompt)
         if prefix is None:
-            encoded = _encode(adapter, frames, prompt, times, place)
+            encoded = _encode(adapter, frames, prompt, times, places)
             with timed(times, "time_attention", dev):
-                prefix = _video_prefix(adapter, prompt, encoded, layer, position_ids, p, chunk, rows_device)
+                prefix = _video_prefix(adapter, prompt, encoded, layer, position_ids, p, chunk, places)
             calls += len(adapter.chunk_spans(0, p, chunk))
             not_kept = store.put(key, prefix)
             if not_kept:
@@ -230,7 +228,8 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
         with timed(times, "time_question", dev):
             encoded = prefix.encoded
             question = adapter.assemble(prompt, encoded, p, prompt.length)
-            relevance = _relevance(adapter, prompt, encoded, chunk)
+            first = adapter.chunk_spans(0, p, chunk)[0]  # a prefill call's span of rows, as _prefill reads them
+            relevance = _relevance(adapter, prompt, encoded, first[1] - first[0])
             if layer == 0:
                 hidden, past_kv, scores = torch.cat([prefix.hidden, question.to(prefix.hidden.device)], dim=1), \
                     (), relevance
@@ -245,37 +244,6 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
     stats = {"prefix_cache": status, "prefix_tokens": p, "prefix_cache_entries": len(store),
              "prefix_cache_mib": round(store.nbytes / 2**20, 1)}
     return (encoded, hidden, past_kv, scores, relevance, position_ids), stats, calls
-
-
-def rows_place(adapter, length: int, layer: int, chunk: int, rows: str = "auto",
-               available=available_device_bytes) -> tuple[torch.device | None, str]:
-    """(where layer K's input rows live: None for the device's own memory, or the host; why).
-
-    auto: the device, unless the prefill's estimate (``prefill_memory_parts``) is above
-    DEVICE_MEMORY_SHARE of what the device has free now; then the host, and only the kept rows
-    come back for the continuation from K. A CPU model's rows are on the host anyway.
-    available(device) -> free bytes or None (unknown: the device)."""
-    dev = adapter.device
-    if dev.type == "cpu":
-        return None, "the model runs on the host"
-    if rows == "device":
-        return None, "asked for"
-    if rows == "host":
-        return torch.device("cpu"), "asked for"
-    have = available(dev)
-    if have is None:
-        return None, "the device's free memory is unknown"
-    parts = prefill_memory_parts(adapter, length, layer, chunk, str(dev))
-    need, rows_bytes = sum(b for _, b, _ in parts), parts[1][1]
-    limit = int(have * DEVICE_MEMORY_SHARE)
-    if need <= limit:
-        return None, f"the prefill needs about {size_text(need)} of {size_text(have)} free"
-    why = (f"the device is short: the prefill needs about {size_text(need)} of {size_text(have)} free; the rows "
-           f"({size_text(rows_bytes)}) wait on the host and only the kept ones come back")
-    if need - rows_bytes > limit:
-        why += (f"; the rest may still not fit: one call of {min(chunk or length, length)} tokens takes about "
-                f"{size_text(parts[2][1])} (a smaller prefill_chunk takes less)")
-    return torch.device("cpu"), why
 
 
 def _frame_times(video_info, n_frames: int):
@@ -337,7 +305,7 @@ def _decode_stats(video_info, n_frames: int) -> dict:
 def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, layer: int = 2,
                       query: str = "text", video_info=None, max_pixels: int | None = None,
                       reuse_prefix: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                      rows: str = "auto", encoded: str = "auto") -> AdaTPState:
+                      rows: str = "auto", encoded: str = "auto", places: Places | None = None) -> AdaTPState:
     """Encode the video, run LLM layers 0..K-1 once, and score the visual tokens.
 
     frames: [T, H, W, 3] uint8 or float 0..1 (ComfyUI IMAGE), encoded a chunk of frames at a
@@ -365,14 +333,18 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         activations exist at a time; GenerateAnswer continues from K in chunks of the same
         size. Linear-attention layers round it down to their 64-token chunks. A prompt within
         one chunk runs exactly as with 0. stats["prefill_calls"] counts the calls.
-    rows: where layer K's input rows [L, D] wait for the selection: "auto" (the device,
-        or the host when the device is short: ``rows_place``), "device" or "host"; only
-        the kept rows come back. stats["rows_on"] and stats["rows_reason"] say which and why.
-    encoded: where the encoded visual rows and DeepStack's wait for the prefill: "auto" (the
-        device, or the host when the device is short: fits.encoded_place, decided before encoding),
-        "device" or "host"; from the host they come to the device a prefill call's span at a time.
-        A streamed video (EncodedVideo) is where encode_video put it. stats["encoded_on"] and
+    rows: where layer K's input rows [L, D] wait for the selection: "auto", "device" or "host"
+        (places.py); only the kept rows come back. stats["rows_on"] and stats["rows_reason"] say
+        which and why.
+    encoded: where the encoded visual rows and DeepStack's wait for the prefill: "auto", "device" or
+        "host"; from the host they come to the device a prefill call's span at a time. A streamed
+        video (EncodedVideo) is where encode_video put it. stats["encoded_on"] and
         stats["encoded_reason"] say which and why.
+    places: the placements decided by the check before decoding (fits.check_video_fits; a streamed
+        video's own, from encode_video, by default); when given, rows and encoded are not read. Else
+        they are decided here, by the same planner (fits.run_places), before anything is encoded;
+        layers >= K's keys and values are then placed when the answer starts. The state keeps them
+        (``state.places``) for generate_answer.
     Returns a state holding the layer-K input hidden states, the KV cache of
     layers < K, the original position ids and the scores.
     """
@@ -391,6 +363,8 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     prefill_chunk = check_prefill_chunk(prefill_chunk)
     check_place("rows", rows)
     check_place("encoded", encoded)
+    if places is None and streamed:
+        places = frames.places
     asked = int(layer)
     layer, moved = adapter.resolve_layer(asked)  # hybrid models: K-1 must be a full-attention layer
     max_pixels = check_max_pixels(max_pixels)
@@ -403,30 +377,28 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     times: dict[str, float] = {}
     refusal = _prefix_refusal(model, reuse_prefix, prompt)
     prefix_stats = {"prefix_cache": f"off ({refusal})"} if refusal else {}
-    if streamed:
-        place, encoded_reason = None, frames.stats.get("encoded_reason", "encoded before")
-    else:
-        place, encoded_reason = encoded_place(adapter, prompt, layer, prefill_chunk, encoded)
-    rows_device, rows_reason = rows_place(adapter, prompt.length, layer, prefill_chunk, rows)
+    if places is None:  # no check ran (an IMAGE, a direct call): placed now, as the check would
+        places = runtime_places(adapter, prompt, layer, n_frames, (width, height), prefill_chunk, rows, encoded)
     spans = _prompt_spans(adapter, prompt, prefill_chunk)
     calls = len(spans)
 
     def prefill():
         nonlocal prefix_stats, calls
         if refusal:
-            return _prefill(adapter, frames, prompt, layer, query, times, spans, rows_device, place)
+            return _prefill(adapter, frames, prompt, layer, query, times, spans, places)
         out, prefix_stats, calls = _prefill_with_prefix(model, frames, prompt, layer, query, times,
-                                                        (plan, max_pixels, adapter.dtype), prefill_chunk, rows_device,
-                                                        place)
+                                                        (plan, max_pixels, adapter.dtype), prefill_chunk, places)
         return out
 
     with plan_free_attention(adapter.device):  # no per-shape cuDNN plans (see sdpa.py)
         # Out of memory: the model's kept static buffers and video prefixes go too (run_guarded).
-        video, hidden, past_kv, scores, relevance, position_ids = run_guarded(
+        encoded_video, hidden, past_kv, scores, relevance, position_ids = run_guarded(
             prefill, "vision encoding and prefill", model=model)
-    if prefix_stats.get("prefix_cache") == "hit":
-        encoded_reason = "kept with the video's prefix"
-    t, h, w = video.grid
+    encoded_place = places.encoded
+    if prefix_stats.get("prefix_cache") == "hit":  # where the kept prefix's rows are
+        kept_on_host = encoded_video.visual.device.type == "cpu" and adapter.device.type != "cpu"
+        encoded_place = Place(kept_on_host, "kept with the video's prefix")
+    t, h, w = encoded_video.grid
     stats = {
         "frames": n_frames, "tokens_total": t * h * w, "tokens_kept": t * h * w,
         "layer": layer, **layer_stats(adapter, asked, layer, moved), "query": query, "prompt_tokens": prompt.length,
@@ -438,16 +410,28 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
         **times, **prefix_stats,
         "prefill_chunk": prefill_chunk, "prefill_calls": calls if layer else 0,
-        "rows_on": place_name(hidden), "rows_reason": rows_reason,
-        "encoded_on": place_name(video.visual), "encoded_reason": encoded_reason,
+        **place_stats("rows", places.rows, place_name(hidden)),
+        **place_stats("encoded", encoded_place, place_name(encoded_video.visual)),
     }
     if FALLBACK_BATCHED_VISION in adapter.fallbacks:  # this model's batched vision path failed
         stats[FALLBACK_BATCHED_VISION] = adapter.fallbacks[FALLBACK_BATCHED_VISION]
     return AdaTPState(
         model=model, question=question, prompt=prompt, layer=layer, query_mode=query,
-        grid=video.grid, hidden=hidden, past_kv=past_kv, position_ids=position_ids,
+        grid=encoded_video.grid, hidden=hidden, past_kv=past_kv, position_ids=position_ids,
         scores=scores.float(), relevance=relevance,
         frame_relevance=relevance.view(t, -1).mean(dim=1),
-        frame_features=video.frame_features, segments=((0, t - 1),), stats=stats,
-        injections=below_k_released(video, layer, prompt.length, prompt).injections, prefill_chunk=prefill_chunk,
+        frame_features=encoded_video.frame_features, segments=((0, t - 1),), stats=stats,
+        injections=below_k_released(encoded_video, layer, prompt.length, prompt).injections,
+        prefill_chunk=prefill_chunk, places=places,
     )
+
+
+def runtime_places(adapter, prompt, layer: int, n_frames: int, decoded: tuple[int, int], prefill_chunk: int,
+                   rows: str = "auto", encoded: str = "auto") -> Places:
+    """Where no check before decoding ran: the encoded rows and layer K's rows placed by the check's
+    planner (fits.run_places) for ``prompt`` as it will run, with nothing pruned yet known. Layers >= K's
+    keys and values count at their smallest here (homed on the host, two staged layers): the answer
+    places them when it starts, knowing the kept tokens (``Places.kv`` None)."""
+    run = run_plan(adapter, prompt, layer, frames=n_frames, decoded=decoded, streamed=True,
+                   prefill_chunk=prefill_chunk)
+    return replace(run_places(adapter, run, encoded, rows, kv=Place(True, "")), kv=None)

@@ -222,8 +222,7 @@ def tail_copies_keys(where: str, item: int, head_dim: int) -> bool:
 def prefill_parts(length: int, attention_layers: int, kv_heads: int, head_dim: int, heads: int, d_model: int,
                   inner: int, chunk: int, item: int, where: str, scored: bool = True) -> tuple:
     """What the prefill of layers < K holds at its peak on ``where``, for a prompt of ``length`` tokens in
-    calls of ``chunk`` (0: one call): ((what, bytes, where), ...), one model for run_memory and for
-    attention.rows_place:
+    calls of ``chunk`` (0: one call): ((what, bytes, where), ...), run_memory's model of the prefill:
     - layers < K's keys and values for every token (``attention_layers`` of them; linear-attention
       layers hold a fixed state, counted elsewhere);
     - layer K's input rows [L, D] (with the prompt's embeddings beside them when one call takes it all);
@@ -255,15 +254,31 @@ def mlp_width(llm) -> int:
     return max(llm.intermediate, llm.moe.top_k * llm.moe.intermediate if llm.moe is not None else 0)
 
 
+def pinned_bytes(nbytes: int, where: str) -> int:
+    """What a host buffer of ``nbytes`` takes when it is pinned for a GPU at ``where`` (a CUDA device):
+    torch's caching host allocator rounds each block up to a power of two; unpinned (``where`` the host):
+    ``nbytes``."""
+    if not where.startswith("cuda") or nbytes <= 0:
+        return int(nbytes)
+    return 1 << (int(nbytes) - 1).bit_length()
+
+
+# Host-homed layers' staged copies on the device at once: the layer that runs and the next, prefetched
+# (hf/cache.StagedCopies.SLOTS is this).
+STAGED_LAYERS = 2
+
+
 def continuation_parts(llm, layer: int, prompt_tokens: int, kept_tokens: int, reserve: int, chunk: int, item: int,
                        where: str, kv_on_host: bool = False) -> tuple:
     """What the continuation from layer K allocates for one answer, ((what, bytes, where), ...), for
     ``llm`` (flops.LLMShape) continuing ``kept_tokens`` (the kept visual tokens and the text) in calls of
-    ``chunk`` (0: one call), with room for ``reserve`` new tokens, one model for decode.kv_place:
-    - its copy of layers < K's keys and values (``prompt_tokens`` each);
+    ``chunk`` (0: one call), with room for ``reserve`` new tokens, one model for the answer's placement
+    (places.plan_places, when the answer starts) and for run_memory's answer side:
+    - its copy of layers < K's keys and values (``prompt_tokens`` each: decode.continue_prefill copies the
+      state's, which the state keeps for its next answers);
     - layers >= K's keys and values (the kept tokens and the answer), on ``where``, or with
-      ``kv_on_host`` on the host, two layers' staged copies on ``where`` (hf/cache.StagedCopies);
-    - one call's working memory (``prefill_parts``' over the kept tokens).
+      ``kv_on_host`` on the host, STAGED_LAYERS layers' staged copies on ``where`` (hf/cache.StagedCopies);
+    - one call's working memory (``prefill_parts``' over the kept tokens), last.
     An estimate from the shapes, not a measurement."""
     per_token = 2 * llm.kv_heads * llm.head_dim * item
     full = llm.full_attention_layers()
@@ -273,12 +288,16 @@ def continuation_parts(llm, layer: int, prompt_tokens: int, kept_tokens: int, re
     one_call = prefill_parts(kept_tokens, 0, llm.kv_heads, llm.head_dim, llm.heads, llm.hidden, mlp_width(llm),
                              chunk, item, where, scored=False)[2]
     parts = [(f"the answer's copy of layers < K's keys and values ({below} layers x {prompt_tokens} tokens)",
-              below * prompt_tokens * per_token, where),
-             (f"layers >= K's keys and values ({above} layers x {n} tokens)", above * n * per_token,
-              "host" if kv_on_host else where)]
-    if kv_on_host:
-        parts.append((f"two layers' staged copies of them ({min(above, 2)} x {n} tokens)",
-                       min(above, 2) * n * per_token, where))
+              below * prompt_tokens * per_token, where)]
+    if above:
+        home = above * 2 * pinned_bytes(n * per_token // 2, where) if kv_on_host else above * n * per_token
+        parts.append((f"layers >= K's keys and values ({above} layers x {n} tokens"
+                      + (", pinned blocks" if home > above * n * per_token else "") + ")", home,
+                      "host" if kv_on_host else where))
+        if kv_on_host:
+            staged = min(above, STAGED_LAYERS)
+            parts.append((f"{staged} layers' staged copies of them ({staged} x {n} tokens)",
+                          staged * n * per_token, where))
     return (*parts, one_call)
 
 
@@ -297,10 +316,15 @@ class RunPlan:
     chunk_frames: frames per vision chunk; prefill_chunk: tokens per prefill call (0: one call).
     item: bytes per element of the model's dtype; where: the model's place ("host" or a device).
     weights: bytes of the model's weights there (already loaded).
-    encoded_on_host: the encoded rows and DeepStack's wait on the host (fits.encoded_place); one prefill
-        call's span of them is on ``where`` at a time.
-    kv_on_host: layers >= K's keys and values live on the host (decode.kv_place), two layers' staged
-        copies on ``where`` (hf/cache.StagedCopies).
+    The three placements (places.plan_places decides them from this plan):
+    encoded_on_host: the encoded rows and DeepStack's wait on the host; one prefill call's span of them is
+        on ``where`` at a time.
+    rows_on_host: layer K's input rows [L, D] wait on the host (the prompt's embeddings of a call stay on
+        ``where``); only the kept ones come back.
+    kv_on_host: layers >= K's keys and values live on the host while answering, STAGED_LAYERS layers'
+        staged copies on ``where`` (hf/cache.StagedCopies).
+    retention None: the stock model (every layer holds every token once, no copy: bench/long_video.py's
+    stock column); AdaTP without pruning is retention 1.0.
     """
 
     llm: object
@@ -322,6 +346,7 @@ class RunPlan:
     where: str = "host"
     weights: int = 0
     encoded_on_host: bool = False
+    rows_on_host: bool = False
     kv_on_host: bool = False
 
 
@@ -329,8 +354,10 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
     """The run's peak, part by part, before any work: the weights (loaded), the frames (all of them
     as an IMAGE, or one chunk when streamed), one chunk's pixels and vision working memory, the encoded
     rows of every visual token, the prompt's embeddings and layer K's input rows [L, D], layers < K's
-    keys and values for every token, layers >= K's for the R·N kept tokens and the text, and one prefill
-    call's working memory. Shapes only: an estimate, not a measurement (bench/long_video.py compares)."""
+    keys and values for every token, one prefill call's working memory, and the answer's side
+    (``continuation_parts``: its copy of layers < K's keys and values, layers >= K's for the R·N kept
+    tokens, the text and the answer; its one call over the kept tokens is smaller than the prefill's and
+    comes after it). Shapes only: an estimate, not a measurement (bench/long_video.py compares)."""
     llm, vis, item, where = run.llm, run.vision, run.item, run.where
     width, height = run.decoded
     h, w = run.pixels
@@ -344,17 +371,13 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
     vision_chunk = patches * (6 * vis.hidden + vis.mlp_matrices * vis.intermediate) * item
     length, n = int(run.prompt_tokens), int(run.visual_tokens)
     d = llm.hidden
-    per_token = 2 * llm.kv_heads * llm.head_dim * item
     full = llm.full_attention_layers()
-    below = sum(1 for i in full if i < run.layer)
-    above = len(full) - below
-    kept = n if run.retention is None else int(round(n * run.retention))
-    later = length - n + kept + int(run.max_new_tokens)
-    if run.retention is None:  # nothing is pruned: every layer holds every token
-        below, above = len(full), 0
-    inner = mlp_width(llm)
-    kv_below, rows, one_call, scores = prefill_parts(length, below, llm.kv_heads, llm.head_dim, llm.heads, d, inner,
-                                                    run.prefill_chunk, item, where, scored=bool(run.layer))
+    stock = run.retention is None  # nothing is pruned, and every layer holds every token once
+    below = len(full) if stock else sum(1 for i in full if i < run.layer)
+    kept = n if stock else int(round(n * run.retention))
+    kv_below, rows, one_call, scores = prefill_parts(length, below, llm.kv_heads, llm.head_dim, llm.heads, d,
+                                                    mlp_width(llm), run.prefill_chunk, item, where,
+                                                    scored=bool(run.layer))
     state = 0
     if llm.linear is not None:
         conv, recurrent = llm.linear.state_elements()
@@ -370,20 +393,25 @@ def run_memory(run: RunPlan) -> MemoryEstimate:
               (f"the vision tower over one chunk ({patches} patches)", vision_chunk, where)]
     encoded = (f"the encoded rows [{n}, {d}]" + (f" and {run.injections} DeepStack rows each" if run.injections
                                                  else ""), n * d * item * (1 + run.injections))
+    span = min(run.prefill_chunk or length, length)
     if run.encoded_on_host and where != "host":
-        span = min(run.prefill_chunk or length, n)
-        parts.append((*encoded, "host"))
-        fixed.append((f"one prefill call's span of them ({span} tokens)", span * d * item * (1 + run.injections), where))
+        parts.append((encoded[0], (1 + run.injections) * pinned_bytes(n * d * item, where), "host"))
+        fixed.append((f"one prefill call's span of them ({min(span, n)} tokens)",
+                      min(span, n) * d * item * (1 + run.injections), where))
     else:
         parts.append((*encoded, where))
-    parts += [rows, kv_below, scores]
-    if above:
-        parts.append((f"layers >= K's keys and values ({above} layers x {later} tokens: R·N = {kept} kept)",
-                      above * later * per_token, "host" if run.kv_on_host else where))
-        if run.kv_on_host:
-            parts.append((f"two layers' staged copies of them ({min(above, 2)} x {later} tokens)",
-                          min(above, 2) * later * per_token, where))
-    (fixed if min(run.prefill_chunk or length, length) < length else parts).append(one_call)
+    if run.rows_on_host and where != "host":
+        parts.append((f"layer K's input rows [{length}, {d}]", pinned_bytes(length * d * item, where), "host"))
+        # a call's embeddings stay on the device (its output rows are in its working memory until written)
+        (fixed if span < length else parts).append((f"one prefill call's embeddings [{span}, {d}]",
+                                                    span * d * item, where))
+    else:
+        parts.append(rows)
+    parts += [kv_below, scores]
+    if not stock:
+        parts += continuation_parts(llm, run.layer, length, length - n + kept, int(run.max_new_tokens),
+                                    run.prefill_chunk, item, where, kv_on_host=run.kv_on_host)[:-1]
+    (fixed if span < length else parts).append(one_call)
     if state:
         fixed.append(("the linear-attention layers' states", state, where))
     resident = ((f"the model's weights", int(run.weights), where),) if run.weights else ()

@@ -96,17 +96,18 @@ def main(argv=None) -> int:
         # instead of two (video, then question): scores within float tolerance.
         cfg = dataclasses.replace(cfg, stream=args.stream, chunk_frames=args.chunk_frames,
                                   reuse_prefix=len(questions) > 1)
-        video, info, decode_times = args.video or sample_video(), None, {}
+        video, info, decode_times, places = args.video or sample_video(), None, {}, None
         if len(questions) > 1:  # decode once; the model's prefix cache then encodes the video once
             if cfg.stream:  # encoded once, a chunk at a time; every question takes the encoded video
                 with stage_peak(decode_times, "encode", model.adapter.device):
                     video, info, planned = stream_checked(model, video, questions, cfg)
-            else:
+            else:  # the frames keep no placements: the check's go to every question's run
                 with timed(decode_times, "time_video_decode"):
-                    video, info, planned = load_checked(model, video, questions, cfg)
+                    video, info, fit = load_checked(model, video, questions, cfg)
+                planned, places = fit.figures, fit.places
             decode_times.update(planned)
         for i, question in enumerate(questions):
-            result = run_pipeline(model, video, question, cfg, video_info=info)
+            result = run_pipeline(model, video, question, cfg, video_info=info, places=places)
             wall = time.perf_counter() - wall_start
             stats = {**result.stats, **(decode_times if i == 0 else {})}
             if args.json:

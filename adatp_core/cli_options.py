@@ -12,7 +12,7 @@ from transformers.utils import logging as hf_logging
 
 from .attention import DEFAULT_PREFILL_CHUNK
 from .caption.stream import DEFAULT_PROMPT
-from .decode import KV_PLACES
+from .places import PLACES
 from .models.loader import load_video_llm
 from .models.names import BUILTIN_TINY, resolve_model_name
 from .pipeline import PipelineConfig
@@ -57,11 +57,18 @@ def add_model_arguments(p: argparse.ArgumentParser, max_new_tokens: int, one_ans
     p.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
                    help="static: fixed-shape decode steps, CUDA graphs on CUDA reused across answers; "
                         "auto (default): static on CUDA, default elsewhere")
+    p.add_argument("--encoded", choices=PLACES, default="auto",
+                   help="where the encoded visual rows wait for the prefill: auto (default: the device, or the host "
+                        "when the device is short; moved first), device, or host")
+    p.add_argument("--rows", choices=PLACES, default="auto",
+                   help="where layer K's input rows wait for the selection: auto (default: the device, or the host "
+                        "when the device is short, after the encoded rows), device, or host")
     if one_answer:
-        p.add_argument("--kv", choices=KV_PLACES, default="auto",
+        p.add_argument("--kv", choices=PLACES, default="auto",
                        help="where layers >= K keep their keys and values while answering: auto (default: the "
-                            "device, or the host when the device is short), device, or host (each layer staged on "
-                            "the device while it runs; slower, and decoding runs in default steps)")
+                            "device, or the host when the device is short, after the encoded rows and layer K's), "
+                            "device, or host (each layer staged on the device while it runs; slower, and decoding "
+                            "runs in default steps)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
 
@@ -97,7 +104,7 @@ def pipeline_config(args):
     """PipelineConfig from the options of ``add_model_arguments``."""
     return PipelineConfig(
         num_frames=args.frames, layer=args.layer, query=args.query, max_pixels=args.max_pixels,
-        prefill_chunk=args.prefill_chunk, kv=getattr(args, "kv", "auto"),
+        prefill_chunk=args.prefill_chunk, kv=getattr(args, "kv", "auto"), encoded=args.encoded, rows=args.rows,
         retention=None if args.vanilla else args.retention,
         global_debias=not args.no_global_debias, local_debias=not args.no_local_debias,
         generation=SamplingConfig(max_new_tokens=args.max_new_tokens, decode_mode=args.decode_mode,

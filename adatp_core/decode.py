@@ -5,7 +5,8 @@
   logits of its first generated token.
 - ``row_positions``: the position ids of rows' next tokens.
 - ``kv_place``: whether one answer's layers >= K keep their keys and values on the host (when the
-  device is short), staged on the device two layers at a time (hf/cache.StagedCopies).
+  device is short), staged on the device two layers at a time (hf/cache.StagedCopies): the check
+  before decoding's choice, or places.plan_places' now.
 
 The decode step itself is the step runner's (steps.py: ``decode_step``, ``StepRunner``).
 """
@@ -14,16 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from .budget import (DEVICE_MEMORY_SHARE, HOST_MEMORY_SHARE, available_device_bytes, available_host_bytes,
-                     continuation_parts, size_text)
-from .fits import PLACES, check_place
+from .budget import MemoryEstimate, available_device_bytes, available_host_bytes, continuation_parts
+from .fits import place_of
 from .flops import LLMShape
 from .hf.cache import KVCache
+from .places import Place, check_place, plan_places
 from .state import AdaTPState
-
-# Where one answer's layers >= K keep their keys and values: auto (the device, or the host when the
-# device is short: ``kv_place``), device, or host (the places of the run's other rows).
-KV_PLACES = PLACES
 
 
 def continue_prefill(state: AdaTPState, reserve: int, kv_on_host: bool = False) -> tuple[KVCache, torch.Tensor]:
@@ -60,58 +57,48 @@ def row_positions(first: list[int], steps: list[int], template: torch.Tensor, de
 
 
 def kv_place(state: AdaTPState, reserve: int, kv: str = "auto", available=available_device_bytes,
-             available_host=available_host_bytes) -> tuple[bool, str]:
-    """(whether one answer's layers >= K keep their keys and values on the host, why), decided when
-    the answer continues from K, with ``reserve`` new tokens to come.
+             available_host=available_host_bytes) -> Place:
+    """Where one answer's layers >= K keep their keys and values (places.Place: on the host, staged on
+    the device STAGED_LAYERS layers at a time, or on the device), with ``reserve`` new tokens to come.
 
-    auto: the device, unless what the continuation allocates (budget.continuation_parts: the answer's
-    copy of layers < K's keys and values, layers >= K's, one call's working memory) is above
-    DEVICE_MEMORY_SHARE of what the device has free now; then the host, and two layers' staged copies
-    on the device (unless the host has not HOST_MEMORY_SHARE of its free memory for them either: then
-    the device, which may run out). A CPU model's are on the host anyway; a model split over devices keeps each
-    layer's with it. Layers < K stay on the device: the prefill held them there already (the state
-    keeps them for its next answers), and every decode step reads them whole, so their home on the
-    host would move the whole prompt's keys and values to the device at every token and lower no peak.
-    Static decoding (CUDA graphs over fixed device buffers) cannot run over the host's: such an
-    answer decodes in default steps (generate.py says why in its stats).
-    available(device) -> free bytes or None (unknown: the device); available_host() -> the host's free
-    bytes or None (unknown: not checked)."""
+    "device" or "host": as asked (places.plan_places' rules: a model split over devices keeps each
+    layer's with it). "auto": the check before decoding's choice when it made one (``state.places.kv``);
+    else decided now by the same planner, over what the continuation allocates
+    (budget.continuation_parts: the answer's copy of layers < K's keys and values, layers >= K's, one
+    call's working memory) against what the device has free now (the state's own tensors are allocated
+    already), and what the host has for their homes. Layers < K stay on the device: the prefill held
+    them there already (the state keeps them for its next answers), and every decode step reads them
+    whole, so their home on the host would move the whole prompt's keys and values to the device at
+    every token and lower no peak. Static decoding (CUDA graphs over fixed device buffers) cannot run
+    over the host's: such an answer decodes in default steps (generate.py says why in its stats).
+    available(device) -> free bytes or None (unknown); available_host() -> the host's, or None."""
     check_place("kv", kv)
+    decided = state.places.kv if state.places is not None else None
+    if kv == "auto" and decided is not None:
+        return decided
+    dev = state.model.adapter.device
+    return _plan_kv(state, reserve, kv, None if dev.type == "cpu" else available(dev), available_host())
+
+
+def kv_retry_place(state: AdaTPState, reserve: int, available_host=available_host_bytes) -> Place:
+    """Where the keys and values go when the answer ran out of memory with them on the device: the host,
+    if it has room for their homes (HOST_MEMORY_SHARE of its free memory), else the device (the same
+    planner, told the device has nothing free)."""
+    return _plan_kv(state, reserve, "auto", 0, available_host())
+
+
+def _plan_kv(state: AdaTPState, reserve: int, kv: str, free: int | None, host_free: int | None) -> Place:
+    """places.plan_places over what the continuation allocates (budget.continuation_parts), only kv weighed."""
     adapter = state.model.adapter
-    dev = adapter.device
-    if adapter.is_split:
-        return False, "the model is split over devices: each layer's keys and values stay with it"
-    if kv != "auto":
-        return kv == "host", "asked for"
-    if dev.type == "cpu":
-        return False, "the model runs on the host"
-    have = available(dev)
-    if have is None:
-        return False, "the device's free memory is unknown"
     llm = LLMShape.from_config(adapter.text_model.config)
-    where = str(dev)
+    where = place_of(adapter.device)
     kept = len(state.kept_positions())
 
-    def parts(on_host: bool) -> tuple:
-        return continuation_parts(llm, state.layer, state.prompt.length, kept, reserve,
-                                  state.prefill_chunk, adapter.dtype.itemsize, where, kv_on_host=on_host)
+    def estimate(on_host: frozenset) -> MemoryEstimate:
+        return MemoryEstimate(parts=continuation_parts(llm, state.layer, state.prompt.length, kept, reserve,
+                                                       state.prefill_chunk, adapter.dtype.itemsize, where,
+                                                       kv_on_host="kv" in on_host), frames=1)
 
-    need = sum(b for _, b, w in parts(False) if w == where)
-    limit = int(have * DEVICE_MEMORY_SHARE)
-    if need <= limit:
-        return False, f"the continuation from K needs about {size_text(need)} of {size_text(have)} free"
-    host = parts(True)
-    host_free = available_host()
-    if host_free is not None and host[1][1] > host_free * HOST_MEMORY_SHARE:
-        return False, (f"the device is short (the continuation from K needs about {size_text(need)} of "
-                       f"{size_text(have)} free), but the host is too: layers >= K's keys and values "
-                       f"({size_text(host[1][1])}) against {size_text(host_free)} free there")
-    why = (f"the device is short: the continuation from K needs about {size_text(need)} of {size_text(have)} free; "
-           f"layers >= K's keys and values ({size_text(host[1][1])}) live on the host and two layers' copies "
-           f"({size_text(host[2][1])}) come to the device at a time")
-    rest = sum(b for _, b, w in host if w == where)
-    if rest > limit:
-        why += (f"; the rest may still not fit: about {size_text(rest)}, one call of "
-                f"{min(state.prefill_chunk or kept, kept)} tokens taking "
-                f"{size_text(host[-1][1])} (a smaller prefill_chunk takes less)")
-    return True, why
+    settled = Place(False, "")  # the prefill's placements are behind us: only kv is weighed
+    return plan_places(estimate, where, free, split=adapter.is_split, host_free=host_free, encoded=settled,
+                       rows=settled, kv=kv, what="the continuation from K").kv

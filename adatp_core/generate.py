@@ -20,8 +20,9 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryErro
 from .memory import fallback_allowed, free_pinned_memory, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
-from .decode import continue_prefill, kv_place
+from .decode import continue_prefill, kv_place, kv_retry_place
 from .models.base import FALLBACK_STATIC_DECODING
+from .places import Place, place_stats
 from .sdpa import plan_free_attention
 from .state import AdaTPState
 from .hf.cache import RowsKVCache
@@ -70,13 +71,17 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
 
     on_token(step, token_id) is called after each generated token; it may raise
     (ComfyUI's interrupt) to stop generation.
-    kv: where layers >= K keep their keys and values while the answer is made: "auto" (the device,
-    or the host when the device is short: decode.kv_place), "device" or "host". On the host each
-    layer is staged on the device while it runs (the next one prefetched), and decoding runs in
-    default steps (static decoding gives way, with the reason in stats). stats["kv_on"] and
-    stats["kv_reason"] say which and why. In auto, an answer that runs out of memory with them on the
-    device (the estimate is an estimate) runs again with them on the host; on_token is then called
-    again from step 0.
+    kv: where layers >= K keep their keys and values while the answer is made: "auto" (the check
+    before decoding's choice, ``state.places``, else the device, or the host when the device is short:
+    decode.kv_place), "device" or "host". On the host each layer is staged on the device while it runs
+    (the next one prefetched), and decoding runs in default steps (where auto would have run static
+    steps, the stats' fallback says why; decode_mode="static" asked for is refused).
+    stats["kv_on"], stats["kv_reason"] and stats["kv_moved"] say which and why. When auto chose the
+    device by the estimate (``Place.auto``) and the answer runs out of memory there (not in on_token),
+    it runs again with them on the host if the host has room for them (the reason says so, and what the
+    failed run dropped: the model's kept video prefixes). An answer that runs again (this, or static
+    decoding that failed) gives the same tokens: on_token is not called again for those it was given
+    already, only from the first that differs, if any (its step then goes back).
     """
     model = state.model
     adapter = model.adapter
@@ -86,41 +91,58 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         if cfg.decode_mode == "static":
             log.warning("static decoding needs the model on one device; decoding step by step instead")
         cfg = replace(cfg, decode_mode="default")
-    kv_on_host, kv_reason = kv_place(state, cfg.max_new_tokens, kv)
+    place = kv_place(state, cfg.max_new_tokens, kv)
+    prefixes = len(getattr(model, "prefix_cache", None) or ())
+    callback = _TokenCallback(on_token) if on_token is not None else None
+    homed = place.host
     try:
-        run, cfg = _answer_run(state, cfg, on_token, return_logits, kv_on_host)
-    except AdaTPOutOfMemoryError as exc:
-        if kv != "auto" or kv_on_host or not kv_reason.startswith(KV_AUTO_ON_DEVICE):
-            raise
-        log.warning("out of memory with layers >= K's keys and values on the device; answering again with them "
-                    "on the host: %s", exc)
-        kv_on_host, kv_reason = True, (f"the device ran out of memory with them there, though {kv_reason}; this "
-                                       "answer ran again with them on the host")
-        run, cfg = _answer_run(state, cfg, on_token, return_logits, kv_on_host)
+        try:
+            run, cfg = _answer_run(state, cfg, callback, return_logits, place)
+        except AdaTPOutOfMemoryError as exc:
+            # asked for, or set by the model's place, or out of memory in on_token: the error stands
+            if place.host or not place.auto or (callback is not None and callback.raised):
+                raise
+            retry = kv_retry_place(state, cfg.max_new_tokens)
+            if not retry.host:
+                raise AdaTPOutOfMemoryError(f"{exc} Layers >= K's keys and values could not go to the host either: "
+                                            f"{retry.reason}.") from None
+            log.warning("out of memory with layers >= K's keys and values on the device; answering again with them "
+                        "on the host: %s", exc)
+            dropped = prefixes - len(getattr(model, "prefix_cache", None) or ())
+            place = Place(True, f"the device ran out of memory with them there, though {place.reason}; this answer "
+                                "ran again with them on the host" + (
+                                    f" (the failed run dropped the {dropped} video prefix(es) the model kept: a next "
+                                    "question over that video computes its prefix again)" if dropped else ""))
+            homed = True
+            run, cfg = _answer_run(state, cfg, callback, return_logits, place)
+    finally:
+        if homed and adapter.device.type == "cuda":
+            free_pinned_memory()  # the homes are gone (or the answer failed); torch would keep their pinned blocks
     answer = answer_from_run(state, run, cfg)
     # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("cpu" for a CPU model)
-    answer.stats.update(kv_on="host" if kv_on_host else str(adapter.device), kv_reason=kv_reason)
-    if kv_on_host:
+    answer.stats.update(place_stats("kv", place, "host" if place.host else str(adapter.device)))
+    if place.host:
         answer.stats["kv_staged_mb"] = round(run.kv_staged_bytes / 1e6, 1)
-        if adapter.device.type == "cuda":
-            free_pinned_memory()  # the homes are gone; torch would keep their pinned blocks cached
     return answer
 
 
-# How decode.kv_place's reason starts when auto keeps the keys and values on the device by the estimate.
-KV_AUTO_ON_DEVICE = "the continuation from K needs about"
-
-
 def _answer_run(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool,
-                kv_on_host: bool) -> tuple[DecodeRun, SamplingConfig]:
+                place: Place) -> tuple[DecodeRun, SamplingConfig]:
     """One answer's decoding (``_decode_or_fall_back``, out of memory made clear by run_guarded) and the
-    settings it ran with: static decoding gives way to default steps over keys and values on the host,
-    and in auto mode on a model whose static decoding failed before."""
+    settings it ran with: over keys and values on the host (``place``) auto decodes in default steps
+    (the fallback says so where it would have run static ones) and static asked for is refused; in auto
+    mode on a model whose static decoding failed before, default steps."""
     adapter = state.model.adapter
+    kv_on_host = place.host
     not_static = None
     if kv_on_host and resolve_decode_mode(cfg.decode_mode, adapter.device) == "static":
-        not_static = KV_ON_HOST_NOT_STATIC
-        log.info("%s", not_static)
+        if cfg.decode_mode == "static":
+            raise AdaTPInputError(f"decode_mode=static replays CUDA graphs over fixed buffers on the device, and "
+                                  f"layers >= K's keys and values are on the host ({place.reason}); set decode_mode "
+                                  "auto or default (default steps), or kv=device with room for them there")
+        if _static_pays(state, cfg):
+            not_static = KV_ON_HOST_NOT_STATIC
+            log.info("%s", not_static)
         cfg = replace(cfg, decode_mode="default")
     fallback = adapter.fallbacks.get(FALLBACK_STATIC_DECODING) if cfg.decode_mode == "auto" else None
     if fallback is not None:  # static decoding failed on this model before: auto stays default
@@ -199,18 +221,26 @@ class DecodeRun:
 
 
 class _TokenCallback:
-    """``on_token``, remembering whether it raised: its errors (ComfyUI's Cancel) are never retried."""
+    """``on_token``, remembering whether it raised (its errors, ComfyUI's Cancel, are never retried) and
+    what it was given: a run again from step 0 (out of memory, static decoding that failed) gives the
+    same tokens, and those it had already are not given again, only from the first that differs."""
 
     def __init__(self, fn: Callable[[int, int], None]):
         self.fn = fn
         self.raised = False
+        self.given: list[int] = []
 
     def __call__(self, step: int, token: int) -> None:
+        if step < len(self.given):
+            if self.given[step] == token:
+                return  # a run again, this far the same
+            del self.given[step:]
         try:
             self.fn(step, token)
         except BaseException:
             self.raised = True
             raise
+        self.given.append(token)
 
 
 def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool,
@@ -222,11 +252,12 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
 
     Not retried: errors in ``on_token``, running out of memory and interrupts
     (memory.fallback_allowed). With decode_mode "static" asked for explicitly, the error is
-    raised as AdaTPEnvironmentError naming the setting that avoids it. After a fallback,
-    ``on_token`` is called again from step 0.
+    raised as AdaTPEnvironmentError naming the setting that avoids it. After a fallback the
+    answer runs again from step 0; on_token (a ``_TokenCallback``) is given only the tokens it has
+    not had.
     """
     adapter = state.model.adapter
-    callback = _TokenCallback(on_token) if on_token is not None else None
+    callback = on_token if on_token is None or isinstance(on_token, _TokenCallback) else _TokenCallback(on_token)
     start = time.perf_counter()
     try:
         return _decode(state, cfg, sampling_generator(adapter, cfg), callback, return_logits, kv_on_host)
@@ -249,8 +280,8 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
     if decoders is not None:
         decoders.clear()  # the failed run's buffers and graph are never reused
     failed_seconds = time.perf_counter() - start
-    run = _decode(state, replace(cfg, decode_mode="default"), sampling_generator(adapter, cfg), on_token, return_logits,
-                  kv_on_host)
+    run = _decode(state, replace(cfg, decode_mode="default"), sampling_generator(adapter, cfg), callback,
+                  return_logits, kv_on_host)
     return replace(run, fallback=reason, fallback_seconds=failed_seconds)
 
 
@@ -269,12 +300,8 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
     with torch.inference_mode(), plan_free_attention(dev):
         synchronize(dev)
         start = time.perf_counter()
-        if cfg.decode_mode == "auto" and mode == "static":  # static pays off at short caches only
-            kept = len(state.kept_positions())
-            lengths = [state.prompt.length if i < state.layer else kept for i in range(adapter.num_layers)
-                       if not adapter.is_linear_layer(i)]  # a linear layer's state has no capacity
-            if not static_pays_for_answer(adapter, lengths, cfg.max_new_tokens):
-                mode = "default"
+        if cfg.decode_mode == "auto" and mode == "static" and not _static_pays(state, cfg):
+            mode = "default"  # static pays off at short caches only
         runner, logits = _one_row(state, cfg, mode, kv_on_host)
         first_position = adapter.next_position_ids(state.position_ids, 0)  # one host sync, not one per token
         synchronize(dev)
@@ -304,6 +331,15 @@ def _decode(state: AdaTPState, cfg: SamplingConfig, generator, on_token, return_
                       capture_seconds=graph.seconds if graph is not None else 0.0,
                       graph_note=graph.note if graph is not None else "",
                       kv_staged_bytes=runner.cache.staging.staged_bytes if runner.cache.staging is not None else 0)
+
+
+def _static_pays(state: AdaTPState, cfg: SamplingConfig) -> bool:
+    """Whether auto's static steps pay off for this answer (steps.static_pays_for_answer: short caches)."""
+    adapter = state.model.adapter
+    kept = len(state.kept_positions())
+    lengths = [state.prompt.length if i < state.layer else kept for i in range(adapter.num_layers)
+               if not adapter.is_linear_layer(i)]  # a linear layer's state has no capacity
+    return static_pays_for_answer(adapter, lengths, cfg.max_new_tokens)
 
 
 def _one_row(state: AdaTPState, cfg: SamplingConfig, mode: str, kv_on_host: bool = False

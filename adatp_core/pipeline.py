@@ -13,10 +13,11 @@ import torch
 from .attention import DEFAULT_PREFILL_CHUNK, QUERY_MODES, extract_attention
 from .debias import global_debias, local_debias
 from .errors import AdaTPInputError, OptionError
-from .fits import check_max_pixels, check_place, check_video_fits
+from .fits import FitCheck, check_max_pixels, check_video_fits
 from .generate import Answer, SamplingConfig, generate_answer
 from .models.base import MODEL_BUDGET
 from .peak_memory import stage_peak
+from .places import MOVES, Places, check_place
 from .prune import check_retention, prune_tokens
 from .runtime import VideoLLM
 from .state import AdaTPState
@@ -52,10 +53,12 @@ class PipelineConfig:
     # frames never exist at once. False: decoded into one IMAGE first (what the ComfyUI graph does).
     stream: bool = True
     chunk_frames: int | None = None  # frames per vision chunk (None: the adapter's FRAMES_PER_CHUNK)
-    # Where the encoded visual rows and DeepStack's wait for the prefill: auto (the device, or the host when
-    # it is short), device or host (fits.encoded_place).
+    # Where the encoded visual rows and DeepStack's wait for the prefill, where layers >= K keep their keys and
+    # values while answering, and where layer K's input rows wait for the selection: auto (the device, or the
+    # host when it is short: places.plan_places, in the check before decoding), device or host.
     encoded: str = "auto"
-    kv: str = "auto"  # where layers >= K keep their keys and values while answering (decode.kv_place)
+    kv: str = "auto"
+    rows: str = "auto"
 
 
 def check_option(option: str, check, value) -> None:
@@ -91,9 +94,16 @@ def check_config(cfg: PipelineConfig) -> None:
             ("frames", _check_frames, cfg.num_frames), ("sampling", _check_choice("sampling", SAMPLING_MODES), cfg.sampling),
             ("query", _check_choice("query", QUERY_MODES), cfg.query),
             ("retention", lambda v: v is None or check_retention(v), cfg.retention),
-            ("layer", _check_layer, cfg.layer), ("max_pixels", check_max_pixels, cfg.max_pixels),
-            ("encoded", lambda v: check_place("encoded", v), cfg.encoded)):
+            ("layer", _check_layer, cfg.layer), ("max_pixels", check_max_pixels, cfg.max_pixels)):
         check_option(option, check, value)
+    check_places(cfg)
+
+
+def check_places(cfg: PipelineConfig) -> None:
+    """The three placements (encoded, rows, kv: places.PLACES), each an OptionError naming it: checked
+    with the other settings, and by run_pipeline before any work."""
+    for name in MOVES:
+        check_option(name, lambda v, name=name: check_place(name, v), getattr(cfg, name))
 
 
 @dataclass(frozen=True)
@@ -115,11 +125,13 @@ def select(state: AdaTPState, cfg: PipelineConfig) -> AdaTPState:
     return prune_tokens(state, cfg.retention)
 
 
-def prefill(model: VideoLLM, frames: torch.Tensor, question: str, cfg: PipelineConfig, video_info=None) -> AdaTPState:
-    """Every stage before GenerateAnswer: the partial prefill, then the selection."""
+def prefill(model: VideoLLM, frames: torch.Tensor, question: str, cfg: PipelineConfig, video_info=None,
+            places: Places | None = None) -> AdaTPState:
+    """Every stage before GenerateAnswer: the partial prefill (placed as ``places`` says, the check
+    before decoding's; else as extract_attention decides), then the selection."""
     state = extract_attention(model, frames, question, cfg.layer, cfg.query, video_info=video_info,
                               max_pixels=cfg.max_pixels, reuse_prefix=cfg.reuse_prefix,
-                              prefill_chunk=cfg.prefill_chunk, encoded=cfg.encoded)
+                              prefill_chunk=cfg.prefill_chunk, rows=cfg.rows, encoded=cfg.encoded, places=places)
     return select(state, cfg)
 
 
@@ -130,19 +142,20 @@ def decode_side(max_pixels) -> int | None:
     return None if check_max_pixels(max_pixels) == MODEL_BUDGET else DECODE_MAX_SIDE
 
 
-def check_fits(model: VideoLLM, sample, questions, cfg: PipelineConfig, streamed: bool) -> dict:
+def check_fits(model: VideoLLM, sample, questions, cfg: PipelineConfig, streamed: bool) -> FitCheck:
     """check_video_fits with every setting of ``cfg`` that the run's peak depends on (K, retention, the
-    vision and prefill chunks, the answer's length): the planned figures, or AdaTPInputError before
-    any frame is decoded."""
+    vision and prefill chunks, the answer's length, the three placements): the planned figures and
+    places, or AdaTPInputError before any frame is decoded."""
     return check_video_fits(model, sample, questions, cfg.max_pixels, layer=cfg.layer, retention=cfg.retention,
                             streamed=streamed, chunk_frames=cfg.chunk_frames, prefill_chunk=cfg.prefill_chunk,
-                            max_new_tokens=cfg.generation.max_new_tokens, encoded=cfg.encoded, kv=cfg.kv)
+                            max_new_tokens=cfg.generation.max_new_tokens, encoded=cfg.encoded, rows=cfg.rows,
+                            kv=cfg.kv)
 
 
 def _checked_plan(model: VideoLLM, path, questions, cfg: PipelineConfig, streamed: bool):
     """The sampling plan of the video at ``path``, checked against the model's context with each
     question and against memory (the run's peak, streamed or not) before any frame is decoded
-    (check_video_fits). Returns (SamplePlan, planned figures)."""
+    (check_video_fits). Returns (SamplePlan, FitCheck)."""
     sample = plan_sampling(path, cfg.num_frames, cfg.sampling, cfg.fps, cfg.start_time, cfg.end_time,
                            decode_side(cfg.max_pixels))
     return sample, check_fits(model, sample, questions, cfg, streamed)
@@ -150,31 +163,34 @@ def _checked_plan(model: VideoLLM, path, questions, cfg: PipelineConfig, streame
 
 def load_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):
     """Sample and decode the video at ``path`` for ``model``, checked before any frame is decoded
-    (_checked_plan). Returns (frames [T, H, W, 3] float32, VideoInfo, planned figures)."""
-    sample, planned = _checked_plan(model, path, questions, cfg, streamed=False)
+    (_checked_plan). Returns (frames [T, H, W, 3] float32, VideoInfo, FitCheck: pass its places on)."""
+    sample, fit = _checked_plan(model, path, questions, cfg, streamed=False)
     # the stream's decoder: decord and PyAV scale a frame decoded smaller differently (a 720p source at
     # the 1024-px decode side differs by up to 38 levels), so one pass and streamed must share one
     frames, info = decode_plan(sample, STREAM_BACKEND)
-    return frames_to_image(frames), info, planned
+    return frames_to_image(frames), info, fit
 
 
 def stream_checked(model: VideoLLM, path, questions, cfg: PipelineConfig):
     """Sample the video at ``path``, checked before any frame is decoded (_checked_plan), then decode,
-    preprocess and encode it a chunk of frames at a time (streaming.encode_video).
+    preprocess and encode it a chunk of frames at a time (streaming.encode_video), placed as the check says
+    (the EncodedVideo keeps its places for extract_attention).
     Returns (EncodedVideo, VideoInfo, planned figures and the encode's times)."""
-    sample, planned = _checked_plan(model, path, questions, cfg, streamed=True)
-    video = encode_video(model, sample, cfg.max_pixels, cfg.chunk_frames, encoded=cfg.encoded, layer=cfg.layer,
-                         prefill_chunk=cfg.prefill_chunk)
-    return video, video.info, {**planned, **video.stats}
+    sample, fit = _checked_plan(model, path, questions, cfg, streamed=True)
+    video = encode_video(model, sample, cfg.max_pixels, cfg.chunk_frames, layer=cfg.layer,
+                         prefill_chunk=cfg.prefill_chunk, places=fit.places)
+    return video, video.info, {**fit.figures, **video.stats}
 
 
 def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | None = None,
-                 on_token=None, video_info=None) -> PipelineResult:
+                 on_token=None, video_info=None, places: Places | None = None) -> PipelineResult:
     """Answer ``question`` about ``video``: a path (streamed a chunk at a time unless ``cfg.stream`` is
     off), a video already encoded (streaming.EncodedVideo, from stream_checked: a second question
     encodes nothing again), or frames [T, H, W, 3] decoded elsewhere, with their ``video_info`` when
-    known (Qwen models use the frame times)."""
+    known (Qwen models use the frame times) and the places the check before decoding gave them
+    (load_checked's; an EncodedVideo keeps its own)."""
     cfg = cfg or PipelineConfig()
+    check_places(cfg)  # before any work (a bad kv was found only after the whole prefill)
     times: dict = {}  # and, for a path, what the check before decoding planned, and each stage's peak memory
     info = video_info
     device = model.adapter.device
@@ -187,10 +203,11 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
         times.update(planned)
     else:
         with stage_peak(times, "decode", device), timed(times, "time_video_decode"):
-            frames, info, planned = load_checked(model, video, [question], cfg)
-        times.update(planned)
+            frames, info, fit = load_checked(model, video, [question], cfg)
+        times.update(fit.figures)
+        places = fit.places
     with stage_peak(times, "prefill", device):
-        state = prefill(model, frames, question, cfg, info)
+        state = prefill(model, frames, question, cfg, info, places)
     del frames  # decoded or encoded here: the state (and the prefix store) keep what the answer needs
     with stage_peak(times, "answer", device):
         answer = generate_answer(state, cfg.generation, on_token=on_token, kv=cfg.kv)

@@ -83,19 +83,18 @@ def prefix_line(s: dict) -> str:
 
 
 def _moved_to_host(s: dict, what: str) -> bool:
-    """Whether ``what`` (rows, encoded, kv) waited on the host because the device was short (or ran
-    out) or it was asked for (not because the model runs there)."""
-    return s.get(f"{what}_on") == "host" and s.get(f"{what}_reason", "").startswith(
-        ("the device is short", "the device ran out", "asked for"))
+    """Whether ``what`` (rows, encoded, kv) took the host's path (places.place_stats' ``{what}_moved``:
+    the device was short or ran out, or the host was asked for; not where the model runs there anyway)."""
+    return bool(s.get(f"{what}_moved"))
 
 
 def prefill_line(s: dict) -> str | None:
     """How the prefill ran when the video's part took more than one call, or the rows (layer K's input,
     or the encoded video's) or layers >= K's keys and values waited on the host (None otherwise: two
     calls are the prefix store's prefix and question)."""
-    calls, host, encoded = s.get("prefill_calls", 0), _moved_to_host(s, "rows"), _moved_to_host(s, "encoded")
+    calls, rows, encoded = s.get("prefill_calls", 0), _moved_to_host(s, "rows"), _moved_to_host(s, "encoded")
     kv = _moved_to_host(s, "kv")
-    if calls <= 2 and not host and not encoded and not kv:
+    if calls <= 2 and not rows and not encoded and not kv:
         return None
     parts = []
     if calls > 2:
@@ -103,7 +102,7 @@ def prefill_line(s: dict) -> str | None:
                      "tokens, then the question), the kept tokens from K in chunks of the same size")
     if encoded:
         parts.append(f"the encoded visual rows on the host ({s['encoded_reason']})")
-    if host:
+    if rows:
         parts.append(f"layer K's input rows on the host ({s['rows_reason']})")
     if kv:
         parts.append(f"layers >= K's keys and values on the host, two layers staged on the device at a time "

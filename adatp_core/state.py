@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .models.base import Injection, Prompt
+from .places import Places
 from .runtime import VideoLLM
 
 
@@ -48,6 +49,8 @@ class AdaTPState:
           hidden states after that layer (Qwen3-VL's DeepStack); empty for other models.
       prefill_chunk: tokens per forward call of the continuation from K (0: one call),
           as ExtractAttention ran layers < K.
+      places: where the encoded rows and layer K's rows were put, and where layers >= K's keys and
+          values go (places.Places; its kv None: placed when the answer starts).
     """
 
     model: VideoLLM
@@ -72,6 +75,7 @@ class AdaTPState:
     stats: dict = field(default_factory=dict)
     injections: tuple = ()
     prefill_chunk: int = 0
+    places: Places | None = None
 
     @property
     def num_visual(self) -> int:
@@ -103,7 +107,7 @@ class AdaTPState:
         visual = self.prompt.visual_positions.to(dev, non_blocking=True).index_select(0, keep)
         rows = torch.searchsorted(positions, visual)
         device = self.injections[self.layer].device
-        # Features waiting on the host (fits.encoded_place) are gathered there (the keep set copied back
+        # Features waiting on the host (Places.encoded) are gathered there (the keep set copied back
         # in step: a copy to the host without a sync could be read unfinished), and come to the device a
         # call's rows at a time (Injection.window); their rows stay on the keep set's device.
         on_host = device.type == "cpu"

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .errors import AdaTPInputError
-from .fits import DEFAULT_PREFILL_CHUNK, check_max_pixels, encoded_place, place_name
+from .fits import DEFAULT_PREFILL_CHUNK, check_max_pixels, place_name
+from .places import Places, place_stats
 from .models.base import Encoded, VideoPlan, frame_times
 from .video import FrameStream, SamplePlan, VideoInfo
 
@@ -36,7 +37,8 @@ class EncodedVideo:
         device, inode, size, mtime), the decoded times and size and the decoder.
     owner: id() of the adapter that encoded them (a video is encoded for one model).
     stats: time_video_decode, time_preprocess, time_vision, frames_per_chunk, and where the rows wait
-        (encoded_on: "host" or the device; encoded_reason: fits.encoded_place's why).
+        (encoded_on: "host" or the device; encoded_reason, encoded_moved: places.place_stats).
+    places: where the rows wait and where extract_attention puts layer K's rows (places.Places).
     """
 
     encoded: Encoded
@@ -47,6 +49,7 @@ class EncodedVideo:
     key: tuple
     owner: int
     stats: dict = field(default_factory=dict)
+    places: Places | None = None
 
     @property
     def num_frames(self) -> int:
@@ -84,40 +87,45 @@ class _TimedChunks:
 STREAM_BACKEND = "pyav"
 
 
-# A stand-in question for the prompt whose length the placement of the rows weighs before any question
-# is known (the video's part of a prompt is the same for every question).
+# Where no check placed the run (a direct call): a stand-in question for the prompt the placement weighs
+# (the video's part of a prompt is the same for every question).
 PLACE_QUESTION = "?"
 
 
 def encode_video(model, sample: SamplePlan, max_pixels=None, chunk: int | None = None,
                  backend: str = STREAM_BACKEND, on_frame=None, encoded: str = "auto", layer: int = 2,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> EncodedVideo:
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, places: Places | None = None) -> EncodedVideo:
     """Decode, preprocess and encode ``sample``'s frames a chunk at a time, for ``model``.
 
-    sample: a video.SamplePlan (check it first: attention.check_video_fits).
+    sample: a video.SamplePlan (check it first: fits.check_video_fits, whose FitCheck.places to pass).
     max_pixels: as extract_attention's (None or 0: the pack's default; "model" or -1).
     chunk: frames per chunk (default: the adapter's FRAMES_PER_CHUNK), rounded up to whole temporal patches.
     backend: the decoder (video.BACKENDS; STREAM_BACKEND by default).
-    encoded: where the visual and DeepStack rows wait, "auto", "device" or "host" (fits.encoded_place,
-        weighing them and the prefill of layers < K at ``layer`` in calls of ``prefill_chunk`` tokens,
-        as extract_attention will run it); they are written there chunk by chunk as they are encoded.
+    places: where the visual and DeepStack rows wait (written there chunk by chunk as they are encoded)
+        and layer K's rows will, as the check before decoding placed them. Without it they are placed
+        here by the same planner (attention.runtime_places, from ``encoded``: "auto", "device" or "host",
+        for a stand-in question's prompt at ``layer`` in calls of ``prefill_chunk`` tokens).
     A clip that turns out damaged (check_damage) is refused after its last chunk.
     """
     adapter = model.adapter
     max_pixels = check_max_pixels(max_pixels)
     width, height = sample.size
     plan = adapter.plan_video(sample.num_frames, height, width, times=sample.clip_times(), max_pixels=max_pixels)
-    place, why = encoded_place(adapter, adapter.build_prompt(PLACE_QUESTION, plan), adapter.resolve_layer(layer)[0],
-                               prefill_chunk, encoded)
+    if places is None:
+        from .attention import runtime_places  # attention imports this module
+
+        places = runtime_places(adapter, adapter.build_prompt(PLACE_QUESTION, plan), adapter.resolve_layer(layer)[0],
+                                plan.num_frames, (width, height), prefill_chunk, encoded=encoded)
     step = adapter.chunk_frames(plan, chunk)
     stream = FrameStream(sample, step, backend, on_frame)
     stats: dict = {"time_video_decode": 0.0, "time_preprocess": 0.0, "time_vision": 0.0}
-    video = adapter.encode_chunks(_TimedChunks(stream, stats, "time_video_decode"), plan, stats, place)
+    video = adapter.encode_chunks(_TimedChunks(stream, stats, "time_video_decode"), plan, stats,
+                                  places.encoded.device)
     info = stream.info
     times, assumed = frame_times(plan.num_frames, info.timestamps)
     plan = replace(plan, frame_times=times, times_assumed=assumed)
     key = ("file", sample.path, sample.identity, tuple(info.timestamps), sample.size, info.backend)
     return EncodedVideo(encoded=video, plan=plan, info=info, frame_size=(width, height), max_pixels=max_pixels,
-                        key=key, owner=id(adapter), stats={**stats, "frames_per_chunk": step,
-                                                           "encoded_on": place_name(video.visual),
-                                                           "encoded_reason": why})
+                        key=key, owner=id(adapter), places=places,
+                        stats={**stats, "frames_per_chunk": step,
+                               **place_stats("encoded", places.encoded, place_name(video.visual))})

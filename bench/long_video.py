@@ -31,10 +31,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 QUESTION = "What happens in this video?"
 MODES = ("stock", "one-pass", "streamed")
-# The memory model's columns: the measured modes, and streamed with the encoded rows on the host
-# (fits.encoded_place, RunPlan.encoded_on_host), then with layers >= K's keys and values there too
-# (decode.kv_place, RunPlan.kv_on_host: two layers' staged copies on the device).
-MODEL_MODES = (*MODES, "streamed-host", "streamed-host-kv")
+# The memory model's columns: the measured modes, and streamed with what places.plan_places moves to the
+# host, in its order: the encoded rows (RunPlan.encoded_on_host), then layer K's input rows too
+# (rows_on_host), then layers >= K's keys and values too (kv_on_host: two layers' staged copies on the device).
+MOVED = {"streamed-host": ("encoded",), "streamed-host-rows": ("encoded", "rows"),
+         "streamed-host-kv": ("encoded", "rows", "kv")}
+MODEL_MODES = (*MODES, *MOVED)
 GIB = 2 ** 30
 
 
@@ -73,9 +75,8 @@ def child(mode: str, frames: int, video: str, new_tokens: int, shape: str = "tin
     """One measurement, in this (fresh) process. On CUDA, with cap_gb, torch may allocate at most that
     much of the card (set_per_process_memory_fraction); the peak is then torch's peak allocated.
     AdaTP keeps the video's prefix for a next question only with keep_prefix (the CLI does so for
-    several questions; one question, as here, keeps nothing). encoded: where AdaTP's encoded rows wait
-    (fits.encoded_place: auto, device or host); kv: where layers >= K's keys and values live while
-    answering (decode.kv_place)."""
+    several questions; one question, as here, keeps nothing). encoded: where AdaTP's encoded rows wait;
+    kv: where layers >= K's keys and values live while answering (auto, device or host: places.py)."""
     import resource
 
     import torch
@@ -196,27 +197,56 @@ def _real_shape(key: str):
     return tiny.adapter, LLMShape.from_config(config.get_text_config()), vision, weights, injections, limit
 
 
-def model_table(frames_list, cap_gb: float = 24.0, prefill_chunk: int = 8192) -> list[dict]:
-    from adatp_core.attention import plan_prompt
+def _estimator(adapter, llm, vision, weights, injections, prefill_chunk: int = 8192):
+    """estimate(frames, mode, retention=0.25, max_pixels=None) -> (device GB, host GB, prompt tokens, positions)
+    by budget.run_memory, at 448x448 decoded frames, 64 new tokens, K = 2."""
     from adatp_core.budget import RunPlan, run_memory
+    from adatp_core.fits import placed
 
+    def estimate(n, mode, retention=0.25, max_pixels=None):
+        plan = adapter.plan_video(n, 448, 448, times=[i * 1.0 for i in range(n)], max_pixels=max_pixels)
+        prompt = adapter.build_prompt(QUESTION, plan)
+        run = RunPlan(llm=llm, vision=vision(plan), frames=n, decoded=(448, 448), pixels=plan.size,
+                      prompt_tokens=prompt.length, visual_tokens=len(prompt.visual_positions), layer=2,
+                      retention=None if mode == "stock" else retention, streamed=mode.startswith("streamed"),
+                      chunk_frames=n if mode == "stock" else 16, frames_per_step=plan.frames_per_step,
+                      prefill_chunk=prefill_chunk if mode.startswith("streamed") else 0, injections=injections,
+                      max_new_tokens=64, item=2, where="cuda:0", weights=weights)
+        est = run_memory(placed(run, frozenset(MOVED.get(mode, ()))))
+        extent = adapter.position_extent(prompt) if adapter.mrope else prompt.length
+        return est.peak_on("cuda:0") / 1e9, est.peak_on("host") / 1e9, prompt.length, extent
+    return estimate
+
+
+def what_fits(frames: int = 1800, cap_gb: float = 24.0) -> list[dict]:
+    """Qwen3-VL-8B at ``frames`` (1 fps: 30 minutes), streamed: the device's peak by the memory model at
+    several retentions and pixel budgets, with the encoded rows and layer K's rows on the host, and with
+    the keys and values >= K there too; whether each fits ``cap_gb`` as the check before decoding judges
+    it: what the run still allocates within DEVICE_MEMORY_SHARE of what the cap leaves beside the weights."""
+    from adatp_core.budget import DEVICE_MEMORY_SHARE
+
+    adapter, llm, vision, weights, injections, _ = _real_shape("qwen3-vl-8b")
+    room = DEVICE_MEMORY_SHARE * (cap_gb - weights / 1e9)
+    estimate = _estimator(adapter, llm, vision, weights, injections)
+    rows = []
+    for max_pixels in (None, 384 * 384, 336 * 336):
+        for retention in (0.25, 0.2, 0.15, 0.1):
+            row = {"frames": frames, "max_pixels": max_pixels or 448 * 448, "retention": retention}
+            for mode in ("streamed-host-rows", "streamed-host-kv"):
+                dev, host, length, _ = estimate(frames, mode, retention, max_pixels)
+                row[mode] = {"device_gb": round(dev, 2), "host_gb": round(host, 2),
+                             "fits": dev - weights / 1e9 <= room}
+            row["prompt_tokens"] = length
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def model_table(frames_list, cap_gb: float = 24.0, prefill_chunk: int = 8192) -> list[dict]:
     rows = []
     for key, name in REAL.items():
         adapter, llm, vision, weights, injections, limit = _real_shape(key)
-
-        def estimate(n, mode):
-            plan = adapter.plan_video(n, 448, 448, times=[i * 1.0 for i in range(n)])
-            prompt = adapter.build_prompt(QUESTION, plan)
-            run = RunPlan(llm=llm, vision=vision(plan), frames=n, decoded=(448, 448), pixels=plan.size,
-                          prompt_tokens=prompt.length, visual_tokens=len(prompt.visual_positions), layer=2,
-                          retention=None if mode == "stock" else 0.25, streamed=mode.startswith("streamed"),
-                          chunk_frames=n if mode == "stock" else 16, frames_per_step=plan.frames_per_step,
-                          prefill_chunk=prefill_chunk if mode.startswith("streamed") else 0, injections=injections,
-                          max_new_tokens=64, item=2, where="cuda:0", weights=weights,
-                          encoded_on_host=mode.startswith("streamed-host"), kv_on_host=mode == "streamed-host-kv")
-            est = run_memory(run)
-            extent = adapter.position_extent(prompt) if adapter.mrope else prompt.length
-            return est.peak_on("cuda:0") / 1e9, est.peak_on("host") / 1e9, prompt.length, extent
+        estimate = _estimator(adapter, llm, vision, weights, injections, prefill_chunk)
 
         def most(mode):
             lo, hi = 0, 16384
@@ -250,8 +280,8 @@ def print_tables(measured, modelled) -> None:
             print(f"| {n} | " + " | ".join(cells) + f" | {stages} | {by.get('streamed', {}).get('prompt_tokens')} |")
     if modelled:
         print("\n| model | frames | prompt tokens | positions | stock GB (device / host) | one-pass | streamed | "
-              "streamed, encoded rows on the host | and keys and values >= K too |")
-        print("|---|---:|---:|---:|---|---|---|---|---|")
+              "streamed, encoded rows on the host | and layer K's rows too | and keys and values >= K too |")
+        print("|---|---:|---:|---:|---|---|---|---|---|---|")
         for r in modelled:
             if "most_frames_in_gb" in r:
                 continue
@@ -289,7 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--encoded", default="auto", choices=("auto", "device", "host"),
                    help="where AdaTP's encoded visual rows and DeepStack's wait (auto: the host when the device is short)")
     p.add_argument("--kv", default="auto", choices=("auto", "device", "host"),
-                   help="AdaTP: where layers >= K keep their keys and values while answering (decode.kv_place)")
+                   help="AdaTP: where layers >= K keep their keys and values while answering (places.py)")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     extra = ("--shape", args.shape, "--device", args.device, "--cap-gb", str(args.cap_gb), "--sampling",
@@ -308,9 +338,18 @@ def main(argv=None) -> int:
         measured = measure([int(x) for x in args.frames.split(",")], args.modes.split(","), video, args.new_tokens,
                            args.timeout, extra)
     modelled = model_table([int(x) for x in args.model_frames.split(",")])
+    fitting = what_fits()
     print_tables(measured, modelled)
+    print("\nQwen3-VL-8B, 1800 frames streamed, device GB by the memory model (over: the check before decoding "
+          "refuses it under a 24 GB cap): pixels per frame, R, prompt tokens, encoded and layer K's rows on the host, "
+          "and keys and values >= K too")
+    for r in fitting:
+        print(f"| {r['max_pixels']} | {r['retention']} | {r['prompt_tokens']} | "
+              + " | ".join(f"{r[m]['device_gb']}{'' if r[m]['fits'] else ' (over)'}"
+                           for m in ("streamed-host-rows", "streamed-host-kv")) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"measured": measured, "modelled": modelled}, indent=1))
+        Path(args.out).write_text(json.dumps({"measured": measured, "modelled": modelled, "what_fits": fitting},
+                                             indent=1))
     return 0
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..adatp_core.attention import DEFAULT_PREFILL_CHUNK, check_video_fits, extract_attention
+from ..adatp_core.attention import DEFAULT_PREFILL_CHUNK, extract_attention
+from ..adatp_core.fits import check_video_fits
 from ..adatp_core.peak_memory import stage_peak
 from ..adatp_core.pipeline import PipelineConfig, decode_side
 from ..adatp_core.streaming import encode_video
@@ -35,14 +36,16 @@ def extract_from_video(model, video, question, layer, query, num_frames, samplin
             sample = plan_sampling(path, num_frames, sampling, fps, start_time, end_time, decode_side(max_pixels), clip)
             # The retention is set downstream (Prune Tokens): the check assumes its default, as the
             # graph is built for pruning; without one it counted every layer's keys and values for every
-            # token (the stock model) and refused long videos that the graph runs.
-            planned = check_video_fits(model, sample, [question], max_pixels, layer=layer, streamed=True,
-                                       prefill_chunk=DEFAULT_PREFILL_CHUNK, retention=PipelineConfig.retention)
+            # token (the stock model) and refused long videos that the graph runs. Generate Answer places
+            # layers >= K's keys and values when it starts (Places.kv None), knowing the kept tokens.
+            fit = check_video_fits(model, sample, [question], max_pixels, layer=layer, streamed=True,
+                                   prefill_chunk=DEFAULT_PREFILL_CHUNK, retention=PipelineConfig.retention)
+            places = replace(fit.places, kv=None)
             with stage_peak(stats, "encode", device):
-                encoded = encode_video(model, sample, max_pixels, on_frame=on_frame, layer=layer)
+                encoded = encode_video(model, sample, max_pixels, on_frame=on_frame, layer=layer, places=places)
             with stage_peak(stats, "prefill", device):
                 state = extract_attention(model, encoded, question, layer, query, max_pixels=max_pixels)
-            state.stats.update({**planned, **encoded.stats, **stats})
+            state.stats.update({**fit.figures, **encoded.stats, **stats})
             return state, replace(encoded.info, path=label)
     frames, info = sampled_frames(video, num_frames, sampling, fps, start_time, end_time)
     with stage_peak(stats, "prefill", device):

@@ -74,7 +74,9 @@ class AdaTP_GenerateAnswer:
         bridge.check_interrupt()
         bridge.activate(state.model)
         try:
-            answer = generate_answer(state, cfg, on_token=progress.step)
+            # the bar's position from the step: an answer that runs again (out of memory with its keys and
+            # values on the device, or static decoding that failed) calls on_token again from step 0
+            answer = generate_answer(state, cfg, on_token=lambda step, _token: progress.set(step + 1))
         finally:
             if bridge.release(state.model):
                 bridge.soft_empty_cache()

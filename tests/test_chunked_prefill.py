@@ -13,7 +13,6 @@ from the memory estimate.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,8 +21,7 @@ from hybrid_fixtures import HYBRID_BUILDERS
 from qwen_fixtures import BUILDERS as QWEN_BUILDERS
 from qwen_fixtures import qwen_cache  # noqa: F401  (the session's folder of tiny models)
 
-from adatp_core.attention import DEFAULT_PREFILL_CHUNK, _prompt_spans, extract_attention, rows_place
-from adatp_core.budget import size_text
+from adatp_core.attention import DEFAULT_PREFILL_CHUNK, _prompt_spans, extract_attention
 from adatp_core.errors import AdaTPInputError
 from adatp_core.generate import SamplingConfig, generate_answer
 from adatp_core.hf.cache import KVCache
@@ -243,43 +241,18 @@ def test_deepstack_features_below_k_are_let_go_after_the_prefill(llm, video, one
     store.clear()
 
 
-def test_rows_wait_on_the_host_when_the_device_is_short():
-    """rows_place reads the prefill's estimate against the device's free memory."""
-    config = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                             intermediate_size=12288)
-    adapter = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, is_linear_layer=lambda i: False,
-                              text_model=SimpleNamespace(config=config))
-    length = 100_000
-    rows_bytes = length * 4096 * 2
-    where, why = rows_place(adapter, length, 2, 8192, available=lambda dev: 64 << 30)
-    assert where is None and "of 68.72 GB free" in why
-    # about 2.9 GB: keys and values and rows 0.82 GB each, a call of 8192 tokens 1.0 GB, the scores 0.2 GB
-    where, why = rows_place(adapter, length, 2, 8192, available=lambda dev: 2 << 30)
-    assert where == torch.device("cpu") and "the device is short" in why and f"rows ({size_text(rows_bytes)})" in why
-    assert "a smaller prefill_chunk takes less" in why  # 2 GB cannot hold one call of 8192 tokens either
-    assert rows_place(adapter, length, 2, 8192, available=lambda dev: None)[0] is None
-    assert rows_place(adapter, length, 2, 8192, "host", available=lambda dev: 64 << 30)[0] == torch.device("cpu")
-    assert rows_place(adapter, length, 2, 8192, "device", available=lambda dev: 1)[0] is None
-    # the estimate grows with the chunk: a smaller chunk can keep the rows on the device
-    assert rows_place(adapter, length, 2, 8192, available=lambda dev: 2_500_000_000)[0] == torch.device("cpu")
-    assert rows_place(adapter, length, 2, 512, available=lambda dev: 2_500_000_000)[0] is None
-    where, why = rows_place(adapter, length, 2, 2048, available=lambda dev: 2_000_000_000)
-    assert where == torch.device("cpu") and "smaller prefill_chunk" not in why
-    cpu = SimpleNamespace(**{**vars(adapter), "device": torch.device("cpu")})
-    assert rows_place(cpu, length, 2, 8192, "host") == (None, "the model runs on the host")
-
-
 def test_rows_kept_elsewhere_give_the_same_answer(llm, video, one_pass):
     """Layer K's input rows written chunk by chunk into a buffer of their own (where a GPU run
     puts them on the host), and only the kept rows read back."""
     from adatp_core import attention
+    from adatp_core.places import Place, Places
 
     layer = llm.adapter.default_layer()
     state = extract_attention(llm, video, QUESTION, layer=layer, reuse_prefix=False, prefill_chunk=64)
     times: dict = {}
     spans = _prompt_spans(llm.adapter, state.prompt, 64)
-    _, hidden, *_ = attention._prefill(llm.adapter, video, state.prompt, layer, "text", times, spans,
-                                       torch.device("cpu"))
+    places = Places(encoded=Place(False, ""), rows=Place(True, "asked for"))
+    _, hidden, *_ = attention._prefill(llm.adapter, video, state.prompt, layer, "text", times, spans, places)
     assert torch.equal(hidden, state.hidden) and hidden.is_contiguous()
     assert state.stats["rows_on"] == "host" and state.stats["rows_reason"] == "the model runs on the host"
 

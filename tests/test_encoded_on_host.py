@@ -1,5 +1,5 @@
 """Issue 30: the encoded visual rows and DeepStack's wait on the host when the device is short
-(fits.encoded_place), written there chunk by chunk as they are encoded, and come to the device a
+(places.plan_places), written there chunk by chunk as they are encoded, and come to the device a
 prefill call's span at a time; the text relevance reads them a span at a time, and the continuation
 gathers the kept tokens' DeepStack rows of layers >= K there. On the CPU the host is the device, so
 "host" takes the host's path over the same memory: what these tests check is that the path never
@@ -19,9 +19,8 @@ import torch
 from adatp_core import pipeline
 from adatp_core import video as vid
 from adatp_core.attention import _prompt_spans, extract_attention
-from adatp_core.budget import RunPlan, run_memory, size_text
+from adatp_core.budget import RunPlan, pinned_bytes, run_memory
 from adatp_core.errors import AdaTPInputError
-from adatp_core.fits import encoded_place
 from adatp_core.flops import LLMShape, VisionShape
 from adatp_core.generate import SamplingConfig, generate_answer
 from adatp_core.models.loader import load_video_llm
@@ -101,8 +100,11 @@ def test_rows_on_the_host_give_the_device_placement_answer_and_are_never_read_wh
     sample, chunk = vid.plan_sampling(clip, 5), chunk_of(model)
     device = encode_video(model, sample, chunk=2, encoded="device", prefill_chunk=chunk)
     host = encode_video(model, sample, chunk=2, encoded="host", prefill_chunk=chunk)
-    assert (device.stats["encoded_on"], device.stats["encoded_reason"]) == ("host", "the model runs on the host")
-    assert (host.stats["encoded_on"], host.stats["encoded_reason"]) == ("host", "asked for")
+    # asked for, either way (places.py: one wording); only "host" takes the host's path on a CPU model
+    assert (device.stats["encoded_on"], device.stats["encoded_reason"], device.stats["encoded_moved"]) == \
+        ("host", "asked for", False)
+    assert (host.stats["encoded_on"], host.stats["encoded_reason"], host.stats["encoded_moved"]) == \
+        ("host", "asked for", True)
     assert torch.equal(host.encoded.visual, device.encoded.visual)
     n = host.encoded.visual.shape[0]
     Watched.seen = []
@@ -175,40 +177,13 @@ def test_one_question_lets_deepstack_rows_below_k_go_before_the_answer(cache, cl
     assert result.stats["encoded_on"] == "host" and result.stats["encoded_reason"] == "asked for"
 
 
-def test_the_rows_wait_on_the_host_when_the_device_is_short():
-    """encoded_place weighs the rows (and DeepStack's) with the prefill against the device's free memory."""
-    config = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                             intermediate_size=12288)
-    adapter = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, is_linear_layer=lambda i: False,
-                              text_model=SimpleNamespace(config=config),
-                              model=SimpleNamespace(config=SimpleNamespace(
-                                  vision_config=SimpleNamespace(deepstack_visual_indexes=[8, 16, 24]))))
-    n = 100_000
-    prompt = SimpleNamespace(length=n + 500, visual_positions=range(n))
-    rows = n * 4096 * 2 * 4
-    where, why = encoded_place(adapter, prompt, 2, 8192, available=lambda dev: 64 << 30)
-    assert where is None and "of 68.72 GB free" in why and "the encoded rows and DeepStack's" in why
-    # the rows alone are 3.3 GB, the prefill about 2.9 GB
-    where, why = encoded_place(adapter, prompt, 2, 8192, available=lambda dev: 6 << 30)
-    assert where == torch.device("cpu") and why.startswith("the device is short")
-    assert f"({size_text(rows)}) wait on the host" in why
-    assert encoded_place(adapter, prompt, 2, 8192, available=lambda dev: None) == \
-        (None, "the device's free memory is unknown")
-    assert encoded_place(adapter, prompt, 2, 8192, "device", available=lambda dev: 1) == (None, "asked for")
-    assert encoded_place(adapter, prompt, 2, 8192, "host", available=lambda dev: 64 << 30) == \
-        (torch.device("cpu"), "asked for")
-    cpu = SimpleNamespace(**{**vars(adapter), "device": torch.device("cpu")})
-    assert encoded_place(cpu, prompt, 2, 8192, available=lambda dev: 1) == (None, "the model runs on the host")
-    assert encoded_place(cpu, prompt, 2, 8192, "host") == (torch.device("cpu"), "asked for")
-    with pytest.raises(AdaTPInputError, match="encoded must be one of"):
-        encoded_place(adapter, prompt, 2, 8192, "gpu")
-
-
 def test_a_bad_place_is_refused(model):
     with pytest.raises(AdaTPInputError, match="encoded must be one of"):
         extract_attention(model, torch.rand(2, 64, 64, 3), QUESTION, encoded="cuda")
-    with pytest.raises(Exception, match="encoded must be one of"):
-        pipeline.check_config(pipeline.PipelineConfig(encoded="gpu"))
+    for name in ("encoded", "rows", "kv"):  # one validation at the boundary, before the model loads
+        with pytest.raises(Exception, match=f"{name} must be one of") as refused:
+            pipeline.check_config(pipeline.PipelineConfig(**{name: "gpu"}))
+        assert refused.value.option == name
 
 
 def test_the_memory_model_counts_the_rows_on_the_host():
@@ -221,11 +196,15 @@ def test_the_memory_model_counts_the_rows_on_the_host():
                   visual_tokens=n, layer=2, retention=0.25, streamed=True, prefill_chunk=8192, frames_per_step=2,
                   injections=3, item=2, where="cuda:0")
     device, host = run_memory(run), run_memory(replace(run, encoded_on_host=True))
-    rows = n * 4096 * 2 * 4
-    span = 8192 * 4096 * 2 * 4
-    assert host.bytes_on("host") - device.bytes_on("host") == rows
-    assert device.bytes_on("cuda:0") - host.bytes_on("cuda:0") == rows - span
-    assert any(what.startswith("one prefill call's span of them (8192 tokens)") for what, _, _ in host.fixed)
+    on_device = {what: (b, where) for what, b, where in device.parts}
+    on_host = {what: (b, where) for what, b, where in host.parts}
+    encoded = "the encoded rows [230400, 4096] and 3 DeepStack rows each"
+    # on the host in pinned blocks, one per tensor (the rows and each DeepStack layer's), each a power of two
+    assert on_device[encoded][1] == "cuda:0" and on_host[encoded] == (4 * pinned_bytes(n * 4096 * 2, "cuda:0"), "host")
+    assert {w: p for w, p in on_device.items() if w != encoded} == {w: p for w, p in on_host.items() if w != encoded}
+    span = [b for what, b, where in host.fixed if what.startswith("one prefill call's span of them (8192 tokens)")]
+    assert len(span) == 1 and span[0] * n == on_device[encoded][0] * 8192  # a call's rows of the same width
+    assert device.bytes_on("cuda:0") - host.bytes_on("cuda:0") == on_device[encoded][0] - span[0]
 
 
 def test_a_calls_rows_are_a_slice_of_the_rows_waiting():

@@ -97,7 +97,7 @@ def test_the_models_input_counts_on_its_device(tiny, clips):
     from adatp_core.attention import check_video_fits
 
     plan = vid.plan_sampling(clips["long"], 8)
-    figures = check_video_fits(tiny, plan, ["What happens?"])
+    figures = check_video_fits(tiny, plan, ["What happens?"]).figures
     parts = figures["memory_plan"]["host"]  # each part of the run's peak, in MB (budget.run_memory)
     assert parts["decoded frames [8, 48, 64, 3] uint8"] * 1e6 + parts["the IMAGE [8, 48, 64, 3] float32"] * 1e6 \
         == pytest.approx(plan.memory().bytes_on("host"), abs=1e5)

@@ -29,6 +29,7 @@ from adatp_core.generate import KV_ON_HOST_NOT_STATIC, SamplingConfig, generate_
 from adatp_core.hf.cache import HostKVLayer, KVCache, RowsKVCache
 from adatp_core.models.tiny import ensure_tiny_model
 from adatp_core.pipeline import PipelineConfig, select
+from adatp_core.places import Place
 from adatp_core.report import stats_text
 
 STEPS = 6
@@ -76,6 +77,15 @@ def _answer(state, kv, monkeypatch, **sampling):
 def test_keys_and_values_on_the_host_give_the_device_answer(llm, state, monkeypatch):
     adapter = llm.adapter
     device, on_device = _answer(state, "device", monkeypatch)
+    continued = []  # bytes staged when the continuation from K was done, before the first decode step
+    real_continue = generate_module.continue_prefill
+
+    def continue_prefill(*args):
+        cache, logits = real_continue(*args)
+        continued.append(cache.staging.staged_bytes if cache.staging is not None else 0)
+        return cache, logits
+
+    monkeypatch.setattr(generate_module, "continue_prefill", continue_prefill)
     host, on_host = _answer(state, "host", monkeypatch)
     assert host.token_ids == device.token_ids and len(host.token_ids) == STEPS
     assert torch.equal(host.logits, device.logits)
@@ -95,28 +105,41 @@ def test_keys_and_values_on_the_host_give_the_device_answer(llm, state, monkeypa
         assert torch.equal(on_host.keys[i][..., :n, :], on_device.keys[i][..., :n, :])
         assert torch.equal(on_host.values[i][..., :n, :], on_device.values[i][..., :n, :])
     staging = on_host.staging
-    assert staging.most_alive == 2 if len(homed) > 1 else 1
+    assert staging.most_alive == (2 if len(homed) > 1 else 1)
     # with more homed layers than the two slots, every step copied every homed layer's filled part to the
-    # device (bytes per position and layer: keys and values); two stay staged and are never copied again
+    # device once (bytes per position and layer: keys and values), ahead of its turn: the first homed layer
+    # is prefetched by the last one after its own write (so a position longer, and once more after the last
+    # step); with two or fewer, both stay staged and are never copied again
     per_position = 2 * on_host.keys[homed[0]][..., :1, :].numel() * on_host.keys[homed[0]].element_size()
-    steps_staged = sum(sum(lengths[i] - 1 - s for s in range(STEPS - 1)) for i in homed) * per_position
+    steps_staged = sum(sum(lengths[i] - 1 - s + (i == homed[0]) for s in range(STEPS - 1)) for i in homed)
     assert "kv_staged_mb" not in device.stats
-    if len(homed) > 2:
-        assert host.stats["kv_staged_mb"] * 1e6 >= steps_staged - 1e5
-    else:
-        assert host.stats["kv_staged_mb"] == 0
-    assert staging._running is None and staging.alive() <= 2  # after the answer: no layer runs
+    assert host.stats["kv_staged_mb"] == round(staging.staged_bytes / 1e6, 1)
+    assert staging.staged_bytes - continued[-1] == (steps_staged * per_position if len(homed) > 2 else 0)
+    assert staging._running is None and staging.alive() == min(len(homed), 2)  # after the answer: no layer runs
     slots = {s.keys.data_ptr() for s in staging._slots if s.keys is not None}
-    assert len(slots) <= 2 and not slots & {on_host.keys[i].data_ptr() for i in homed}  # staged copies, not homes
+    assert len(slots) == min(len(homed), 2) and not slots & {on_host.keys[i].data_ptr() for i in homed}
 
 
 def test_static_decoding_gives_way_to_default_steps_with_the_reason(llm, state, monkeypatch):
+    """Over keys and values on the host, auto decodes in default steps, the fallback saying so only where
+    auto would have run static steps; static asked for is refused, naming the settings."""
     static, _ = _answer(state, "device", monkeypatch, decode_mode="static")
-    host, rows = _answer(state, "host", monkeypatch, decode_mode="static")
     assert static.stats["decode_mode"] == "static" and "fallback_static_decoding" not in static.stats
-    assert host.stats["decode_mode"] == "default" and host.stats["fallback_static_decoding"] == KV_ON_HOST_NOT_STATIC
-    assert rows.homed and host.token_ids == static.token_ids
-    assert f"Fallback: {KV_ON_HOST_NOT_STATIC}" in stats_text(host.stats)
+    with pytest.raises(AdaTPInputError, match="decode_mode=static .* layers >= K's keys and values are on the host "
+                                              r"\(asked for\); set decode_mode auto or default"):
+        _answer(state, "host", monkeypatch, decode_mode="static")
+    real = generate_module.resolve_decode_mode
+    for pays in (True, False):  # auto as on CUDA: static, where static_pays_for_answer says it pays
+        monkeypatch.setattr(generate_module, "resolve_decode_mode",
+                            lambda mode, device: "static" if mode == "auto" else real(mode, device))
+        monkeypatch.setattr(generate_module, "_static_pays", lambda state, cfg, pays=pays: pays)
+        host, rows = _answer(state, "host", monkeypatch)
+        assert host.stats["decode_mode"] == "default" and rows.homed and host.token_ids == static.token_ids
+        if pays:
+            assert host.stats["fallback_static_decoding"] == KV_ON_HOST_NOT_STATIC
+            assert f"Fallback: {KV_ON_HOST_NOT_STATIC}" in stats_text(host.stats)
+        else:  # auto would have run default steps anyway: no fallback to speak of
+            assert "fallback_static_decoding" not in host.stats
 
 
 def test_bad_kv_is_refused_before_any_work(tiny, frames):
@@ -201,7 +224,7 @@ def test_two_homed_layers_stay_staged_and_are_not_copied_again():
     assert counts == [counts[0]] * 4 and staging.most_alive == 2
 
 
-def _fake_state(available_kept: int = 50_000, length: int = 200_000, layers: int = 36):
+def _fake_state(available_kept: int = 50_000, length: int = 200_000, layers: int = 36, places=None):
     from transformers import Qwen2Config
 
     config = Qwen2Config(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -209,40 +232,48 @@ def _fake_state(available_kept: int = 50_000, length: int = 200_000, layers: int
     adapter = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, is_split=False,
                               text_model=SimpleNamespace(config=config))
     return SimpleNamespace(model=SimpleNamespace(adapter=adapter), layer=2, prompt=SimpleNamespace(length=length),
-                           kept_positions=lambda: range(available_kept), prefill_chunk=8192)
+                           kept_positions=lambda: range(available_kept), prefill_chunk=8192, places=places)
 
 
-def test_keys_and_values_go_to_the_host_when_the_device_is_short():
-    """kv_place weighs the continuation's estimate against the device's free memory, as rows_place
-    does for layer K's rows: 34 layers x 50,064 positions x 4 KiB = 6.97 GB of keys and values, a copy
-    of layers < K (1.64 GB) and one call of 8192 tokens (about 1.1 GB)."""
+def test_where_no_check_placed_them_the_answer_weighs_what_it_allocates():
+    """kv_place: the check before decoding's choice stands in auto; where none was made, the planner weighs
+    budget.continuation_parts (the answer's copy of layers < K, layers >= K's keys and values, one call)
+    against the device's free memory now: 34 layers x 50,064 positions x 4 KiB = 6.97 GB, a copy of layers
+    < K (1.64 GB) and one call of 8192 tokens (about 1.1 GB)."""
+    from adatp_core.budget import continuation_parts
+    from adatp_core.flops import LLMShape
+    from adatp_core.places import Place, Places
+
     state = _fake_state()
-    on_host, why = kv_place(state, 64, available=lambda dev: 16 << 30)
-    assert not on_host and "the continuation from K needs about" in why and "17.18 GB free" in why
-    on_host, why = kv_place(state, 64, available=lambda dev: 6 << 30, available_host=lambda: None)
-    above, staged = 34 * 50_064 * 4096, 2 * 50_064 * 4096
-    assert on_host and why.startswith("the device is short")
-    assert f"({size_text(above)}) live on the host" in why and f"copies ({size_text(staged)})" in why
-    assert "may still not fit" not in why
-    on_host, why = kv_place(state, 64, available=lambda dev: 2 << 30, available_host=lambda: 64 << 30)
-    assert on_host and "the rest may still not fit" in why and "a smaller prefill_chunk takes less" in why
-    assert kv_place(state, 64, available=lambda dev: None) == (False, "the device's free memory is unknown")
-    on_host, why = kv_place(state, 64, available=lambda dev: 6 << 30, available_host=lambda: 8 << 30)
-    assert not on_host and "but the host is too" in why  # 6.97 GB against 75% of 8.6 GB
-    assert kv_place(state, 64, "device", available=lambda dev: 1) == (False, "asked for")
-    assert kv_place(state, 64, "host", available=lambda dev: 64 << 30) == (True, "asked for")
-    cpu = _fake_state()
-    cpu.model.adapter.device = torch.device("cpu")
-    assert kv_place(cpu, 64) == (False, "the model runs on the host")
-    split = _fake_state()
-    split.model.adapter.is_split = True
-    assert not kv_place(split, 64, "host")[0]
+    llm = LLMShape.from_config(state.model.adapter.text_model.config)
+
+    def need(on_host):
+        return sum(b for _, b, w in continuation_parts(llm, 2, 200_000, 50_000, 64, 8192, 2, "cuda:0", on_host)
+                   if w == "cuda:0")
+
+    on, host = need(False), need(True)
+    assert host < 6 << 30 < on  # 6 GiB free: 90% of it holds them only on the host
+    place = kv_place(state, 64, available=lambda dev: int(on / 0.9) + 1, available_host=lambda: None)
+    assert not place.host and place.auto and size_text(on) in place.reason
+    place = kv_place(state, 64, available=lambda dev: 6 << 30, available_host=lambda: None)
+    assert place.host and place.auto and place.reason.startswith("the device is short")
+    assert f"about {size_text(on)}" in place.reason and "may still not fit" not in place.reason
+    place = kv_place(state, 64, available=lambda dev: 6 << 30, available_host=lambda: 8 << 30)
+    assert not place.host  # their homes (6.97 GB) are above 75% of the host's 8.6 GB: they stay
+    place = kv_place(state, 64, available=lambda dev: int(host / 0.9) - 1, available_host=lambda: None)
+    assert place.host and "the rest may still not fit" in place.reason
+    checked = Place(True, "from the check")
+    assert kv_place(_fake_state(places=Places(Place(False, ""), Place(False, ""), checked)), 64) is checked
+    assert kv_place(_fake_state(places=Places(Place(False, ""), Place(False, ""), checked)), 64, "device") == \
+        Place(False, "asked for")
 
 
 def test_the_memory_model_counts_the_keys_and_values_on_the_host():
+    """run_memory's answer side is budget.continuation_parts' (the model kv_place weighs), with layers >= K's
+    keys and values on the host and their two staged copies on the device."""
     from dataclasses import replace
 
-    from adatp_core.budget import RunPlan, run_memory
+    from adatp_core.budget import RunPlan, continuation_parts, run_memory
     from adatp_core.flops import LLMShape, VisionShape
 
     state = _fake_state()
@@ -251,16 +282,18 @@ def test_the_memory_model_counts_the_keys_and_values_on_the_host():
     run = RunPlan(llm=llm, vision=vision, frames=400, decoded=(448, 448), pixels=(448, 448), prompt_tokens=100_000,
                   visual_tokens=98_000, layer=2, retention=0.25, streamed=True, prefill_chunk=8192,
                   max_new_tokens=64, where="cuda:0")
-    on_device, on_host = run_memory(run), run_memory(replace(run, kv_on_host=True))
-    later = 100_000 - 98_000 + 24_500 + 64
-    kv = 34 * later * 4096
-    assert on_device.peak_on("cuda:0") - on_host.peak_on("cuda:0") == kv - 2 * later * 4096
-    assert on_host.peak_on("host") - on_device.peak_on("host") == kv
+    kept = 100_000 - 98_000 + 24_500
+    for on_host in (False, True):
+        parts = run_memory(replace(run, kv_on_host=on_host)).parts
+        answer = continuation_parts(llm, 2, 100_000, kept, 64, 8192, 2, "cuda:0", kv_on_host=on_host)[:-1]
+        assert len(answer) == (3 if on_host else 2) and all(part in parts for part in answer)
+        homes = [(b, w) for what, b, w in parts if what.startswith("layers >= K's keys and values")]
+        assert homes == [(answer[1][1], "host" if on_host else "cuda:0")]
 
 
 def test_the_free_device_memory_counts_the_process_cap(monkeypatch):
     """A card capped with set_per_process_memory_fraction (the bench's 24 GB on an 80 GB card) has what the
-    cap leaves, not what the card has free: auto placements (kv_place, rows_place) read this."""
+    cap leaves, not what the card has free: auto placements (places.plan_places) read this."""
     from adatp_core.budget import available_device_bytes
 
     gb = 10**9
@@ -276,14 +309,13 @@ def test_the_free_device_memory_counts_the_process_cap(monkeypatch):
     assert available_device_bytes(torch.device("cuda", 0)) == 52 * gb  # free and the allocator's cache
 
 
-def test_the_check_before_decoding_counts_them_on_the_host_when_the_device_is_short(tiny, tmp_path, monkeypatch):
-    """check_video_fits, on a GPU in auto: when the run does not fit with layers >= K's keys and values on
-    the device, it is checked again with them on the host (what kv_place will choose), not refused; with
-    kv="device" it is refused, with kv="host" checked that way at once. The GPU is faked: the check's
-    memory test is replaced by one that refuses those keys and values on the device."""
+def test_the_check_before_decoding_places_them_and_the_run_uses_its_places(tiny, tmp_path, monkeypatch):
+    """check_video_fits, on a GPU (faked: the device and its free memory): the planner moves what the run
+    needs off the device, cheapest first (places.py), checks the run that way, and returns those places;
+    asked for the device, nothing moves and the run is refused."""
     import numpy as np
 
-    from adatp_core import fits
+    from adatp_core import budget, fits
     from adatp_core import video as vid
     from adatp_core.samples import write_video
 
@@ -292,24 +324,32 @@ def test_the_check_before_decoding_counts_them_on_the_host_when_the_device_is_sh
     cls = type(tiny.adapter)
     monkeypatch.setattr(cls, "device", property(lambda self: torch.device("cuda", 0)))
     monkeypatch.setattr(cls, "is_split", property(lambda self: False))
-    seen = []
+    monkeypatch.setattr(budget, "available_host_bytes", lambda: 64 << 30)
+    monkeypatch.setattr(budget, "available_device_bytes", lambda device: 64 << 30)
 
-    def check(estimate, name, advice=""):
-        seen.append(estimate)
-        if any(what.startswith("layers >= K's keys and values") and where == "cuda:0"
-               for what, _, where in estimate.parts):
-            raise AdaTPInputError(f"{name}: too much on cuda:0")
+    width, height = plan.size
+    prompt = fits.plan_prompt(tiny.adapter, QUESTION, plan.num_frames, height, width, plan.clip_times())
+    # K = 1: three layers >= K of the four, more than the two staged copies
+    run = fits.run_plan(tiny.adapter, prompt, 1, frames=plan.num_frames, decoded=plan.size, retention=0.25)
 
-    monkeypatch.setattr(fits, "check_memory", check)
-    figures = fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25)
-    assert len(seen) == 2
-    assert any(p.startswith("layers >= K's keys and values") for p in figures["memory_plan"]["host"])
-    assert any(p.startswith("two layers' staged copies") for p in figures["memory_plan"]["cuda:0"])
-    with pytest.raises(AdaTPInputError, match="too much on cuda:0"):
-        fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, kv="device")
-    seen.clear()
-    fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, kv="host")
-    assert len(seen) == 1
+    def need(*on_host):  # the run's bytes on the device with these on the host (the check's own model)
+        return budget.run_memory(fits.placed(run, frozenset(on_host))).bytes_on("cuda:0")
+
+    needs = [need(), need("encoded"), need("encoded", "rows"), need("encoded", "rows", "kv")]
+    assert needs == sorted(needs, reverse=True) and needs[2] > needs[3]
+    # free memory that holds the run only with all three moved
+    free = int((needs[2] + needs[3]) / 2 / budget.DEVICE_MEMORY_SHARE)
+    monkeypatch.setattr(budget, "available_device_bytes", lambda device: free)
+    fit = fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, layer=1)
+    assert fit.places.on_host() == {"encoded", "rows", "kv"} and all(p.auto for p in (fit.places.kv,))
+    assert any(p.startswith("layers >= K's keys and values") for p in fit.figures["memory_plan"]["host"])
+    assert any(p.startswith("2 layers' staged copies") for p in fit.figures["memory_plan"]["cuda:0"])
+    with pytest.raises(AdaTPInputError, match="memory on cuda:0"):
+        fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, layer=1, kv="device", encoded="device",
+                              rows="device")
+    monkeypatch.setattr(budget, "available_device_bytes", lambda device: 64 << 30)
+    fit = fits.check_video_fits(tiny, plan, [QUESTION], retention=0.25, layer=1)
+    assert fit.places.on_host() == set() and fit.places.kv.auto and "needs about" in fit.places.kv.reason
 
 
 def test_the_cli_puts_them_on_the_host_when_asked(tiny_dir, monkeypatch, capsys):
@@ -327,8 +367,10 @@ def test_the_cli_puts_them_on_the_host_when_asked(tiny_dir, monkeypatch, capsys)
 
 
 def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny, frames, monkeypatch):
-    """The estimate kept them on the device, and the answer ran out of memory there: auto answers again
-    with them on the host (the reason says so); asked for the device, the error stands."""
+    """The estimate kept them on the device, and the answer ran out of memory there two tokens in: auto
+    answers again with them on the host (the reason says so, and the video prefix the failed run dropped),
+    on_token given only the tokens it had not had; not when the host has no room for them, nor when
+    on_token itself ran out, nor when auto did not choose the device by the estimate."""
     state = extract_attention(tiny, frames, QUESTION, reuse_prefix=False)
     want = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True))
     real, tried = generate_module._decode, []
@@ -336,22 +378,63 @@ def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny,
     def decode(state, cfg, generator, on_token, return_logits, kv_on_host=False):
         tried.append(kv_on_host)
         if not kv_on_host:
+            for step, token in enumerate(want.token_ids[:2] if on_token is not None else ()):
+                on_token(step, token)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(state, cfg, generator, on_token, return_logits, kv_on_host)
 
     monkeypatch.setattr(generate_module, "_decode", decode)
-    monkeypatch.setattr(generate_module, "kv_place",
-                        lambda state, reserve, kv: (False, "the continuation from K needs about 1.00 GB of 2.00 GB free"))
-    answer = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True))
+    chosen = Place(False, "the continuation from K needs about 1.00 GB of the 2.00 GB free on the device", auto=True)
+    monkeypatch.setattr(generate_module, "kv_place", lambda state, reserve, kv: chosen)
+    monkeypatch.setattr(generate_module, "kv_retry_place", lambda state, reserve: Place(True, "room"))
+    tiny.prefix_cache.clear()
+    extract_attention(tiny, frames, QUESTION)  # a video prefix kept for a next question
+    assert len(tiny.prefix_cache) == 1
+    given = []
+    answer = generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True),
+                             on_token=lambda step, token: given.append((step, token)))
     assert tried == [False, True] and answer.token_ids == want.token_ids
+    assert given == list(enumerate(want.token_ids))  # each token once, though the answer ran twice
     assert answer.stats["kv_on"] == "host" and answer.stats["kv_reason"].startswith("the device ran out of memory")
+    assert answer.stats["kv_moved"] is True
+    assert "dropped the 1 video prefix(es) the model kept" in answer.stats["kv_reason"]  # said, not silent
     assert "keys and values on the host, two layers staged on the device at a time (the device ran out" in \
         stats_text(answer.stats)
     from adatp_core.errors import AdaTPOutOfMemoryError
 
-    monkeypatch.setattr(generate_module, "kv_place", lambda state, reserve, kv: (False, "asked for"))
+    def sampling():
+        return SamplingConfig(max_new_tokens=4, ignore_eos=True)
+
+    monkeypatch.setattr(generate_module, "kv_retry_place", lambda state, reserve: Place(False, "the host is short"))
+    tried.clear()
+    with pytest.raises(AdaTPOutOfMemoryError, match="could not go to the host either: the host is short"):
+        generate_answer(state, sampling())
+    assert tried == [False]
+    monkeypatch.setattr(generate_module, "kv_retry_place", lambda state, reserve: Place(True, "room"))
+
+    def full(step, token):
+        raise torch.OutOfMemoryError("out of memory in the caller's own code")
+
+    tried.clear()
     with pytest.raises(AdaTPOutOfMemoryError):
-        generate_answer(state, SamplingConfig(max_new_tokens=4, ignore_eos=True), kv="device")
+        generate_answer(state, sampling(), on_token=full)
+    assert tried == [False]
+    # not auto's choice by the estimate (asked for, or the model's place, whatever the words): the error stands
+    for place in (Place(False, "asked for"), Place(False, chosen.reason)):
+        tried.clear()
+        monkeypatch.setattr(generate_module, "kv_place", lambda state, reserve, kv, place=place: place)
+        with pytest.raises(AdaTPOutOfMemoryError):
+            generate_answer(state, sampling())
+        assert tried == [False]
+
+
+def test_the_retry_goes_to_the_host_only_with_room_there():
+    from adatp_core.decode import kv_retry_place
+
+    state = _fake_state()
+    assert kv_retry_place(state, 64, available_host=lambda: 64 << 30).host
+    place = kv_retry_place(state, 64, available_host=lambda: 4 << 30)  # 6.97 GB of homes
+    assert not place.host and "the host has not room" in place.reason
 
 
 @pytest.mark.parametrize("command", ["caption", "clips"])

@@ -195,3 +195,45 @@ def test_self_check_shows_the_doctors_table_on_the_node(pack, monkeypatch):
     assert text.splitlines()[-1].startswith("all checks passed")
     assert pack.NODE_CLASS_MAPPINGS["AdaTP_SelfCheck"].IS_CHANGED(device="cpu", dtype="auto") != \
         pack.NODE_CLASS_MAPPINGS["AdaTP_SelfCheck"].IS_CHANGED(device="cpu", dtype="auto")  # nan: always runs
+
+
+def test_generate_answers_progress_does_not_over_count_after_a_restart(pack, loaded, monkeypatch):
+    """An answer that runs out of memory with its keys and values on the device by auto's choice runs again
+    from step 0 (generate_answer), on_token given only the tokens it had not had; the node's bar takes its
+    position from the step, so it never passes max_new_tokens (counting calls, it did)."""
+    m = pack.NODE_CLASS_MAPPINGS
+    bridge = pack_module("nodes.comfy_bridge")
+    generate = pack_module("adatp_core.generate")
+    places = pack_module("adatp_core.places")
+    model, frames, _ = loaded
+    state = m["AdaTP_ExtractAttention"]().extract(model, frames, "What moves?", 2, "text")[0]
+    positions = []
+
+    class Bar:  # comfy.utils.ProgressBar's interface
+        def __init__(self, total):
+            self.total, self.value = total, 0
+
+        def update(self, value):
+            self.value += value
+            positions.append(self.value)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.value = value
+            positions.append(value)
+
+    real = generate._decode
+
+    def decode(state, cfg, generator, on_token, return_logits, kv_on_host=False):
+        if not kv_on_host:  # the answer's first two tokens, then the device runs out
+            for step, token in enumerate(real(state, cfg, generator, None, return_logits).tokens[:2]):
+                on_token(step, token)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(state, cfg, generator, on_token, return_logits, kv_on_host)
+
+    monkeypatch.setattr(bridge, "_ComfyProgressBar", Bar)
+    monkeypatch.setattr(generate, "_decode", decode)
+    monkeypatch.setattr(generate, "kv_place", lambda *a: places.Place(False, "it fitted by the estimate", auto=True))
+    monkeypatch.setattr(generate, "kv_retry_place", lambda *a: places.Place(True, "room on the host"))
+    out = m["AdaTP_GenerateAnswer"]().generate(state, 5, False, 1.0, 1.0, 0)
+    assert "the device ran out of memory" in out["result"][1]
+    assert positions == list(range(1, len(positions) + 1)) and 2 < len(positions) <= 5  # the same tokens: not again

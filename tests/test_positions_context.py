@@ -36,7 +36,7 @@ def test_1024_frames_fit_the_tiny_qwen3_vl_by_positions(qwen3, monkeypatch):
     prompt = plan_prompt(adapter, QUESTION, 1024, 360, 640)
     assert prompt.length > limit  # more tokens than the context (98k against 32k)...
     assert adapter.position_extent(prompt) == int(adapter.position_ids(prompt).max()) + 1 <= limit  # ...in it
-    figures = check_video_fits(qwen3, sample_plan(1024, 320, 180), [QUESTION])
+    figures = check_video_fits(qwen3, sample_plan(1024, 320, 180), [QUESTION]).figures
     assert figures["prompt_tokens_planned"] > limit
 
 

@@ -46,8 +46,9 @@ The kinds and forms here:
 - keys and values on the host (``KVCache(host=...)``, one answer's layers >= K when the device is
   short): a ``HostKVLayer`` (a ``KVLayer`` whose buffers are its home on the host) and, in a one-row
   window, a ``HostRowsKVLayer``; each runs over a copy staged on its device by ``StagedCopies`` (two
-  slots, the next layer prefetched through transformers' per-layer ``prefetch``, released by its
-  ``offload``), its new keys and values written to the copy and the home, nothing copied back.
+  slots, the next layer staged ahead by its ``stage``, released by its ``release``: not transformers'
+  ``prefetch``/``offload``, which move a layer's own tensors), its new keys and values written to the
+  copy and the home, nothing copied back.
 
 ``lengths()`` counts, per layer, the positions a layer has taken in: the keys/values it holds for
 an attention layer, the tokens folded into its state for a linear one. So the spec's invariants
@@ -65,6 +66,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, LinearAttentionLayer
 
+from ..budget import STAGED_LAYERS
 from ..memory import free_bytes
 
 LINEAR_ATTENTION = "linear_attention"  # the layer kind in a text config's ``layer_types``
@@ -344,7 +346,7 @@ class StagedCopies:
     once, at most 2), ``staged_bytes`` (host to device), ``stagings``.
     """
 
-    SLOTS = 2
+    SLOTS = STAGED_LAYERS  # budget.continuation_parts counts these
 
     def __init__(self, homed):
         self.homed = tuple(homed)
@@ -451,10 +453,11 @@ class HostKVLayer(KVLayer):
     the layer runs on CUDA), with room for the answer (``reserve``). ``keys``/``values`` are views of
     the home's filled part. An update runs over a staged copy on the layer's device (``StagedCopies``:
     prefetched a layer ahead, at most two alive), writes the new positions to both, and returns the
-    staged copy for the attention; after the layer (``offload``) the copy is released, not copied back.
+    staged copy for the attention; after the layer (``release``) the copy is released, not copied back.
 
-    transformers' per-layer protocol names what happens: ``prefetch`` brings the layer to its device
-    ahead of time, ``offload`` sends it back (here: lets the staged copy go, the home being current).
+    ``stage`` and ``release`` are this module's own (``_StagesHostLayers`` calls them), not transformers'
+    per-layer ``prefetch``/``offload``, which move a layer's own tensors between the host and the device
+    (Cache(offloading=True)): here the home never moves, and what comes and goes is a copy in a slot.
     """
 
     def __init__(self, staging: StagedCopies, layer_idx: int, reserve: int = 0, past=None):
@@ -485,11 +488,13 @@ class HostKVLayer(KVLayer):
         self.keys, self.values = (b[..., :length + n, :] for b in self._buffers)
         return out
 
-    def prefetch(self):
+    def stage(self):
+        """Copy the home's filled part to a slot on the layer's device ahead of its turn (a side stream on CUDA)."""
         if self._buffers is not None:
             self.staging.stage(self.layer_idx, self._buffers, self.get_seq_length(), self.device)
 
-    def offload(self):
+    def release(self):
+        """The layer ran: its slot may be taken (nothing is copied back: the home was written as it ran)."""
         self.staging.release(self.layer_idx)
 
 
@@ -509,31 +514,29 @@ class HostRowsKVLayer(RowsKVLayer):
         self.filled += key_states.shape[-2]
         return out
 
-    def prefetch(self):
+    def stage(self):
         self.staging.stage(self.layer_idx, (self.keys, self.values), self.filled, self.device)
 
-    def offload(self):
+    def release(self):
         self.staging.release(self.layer_idx)
 
 
 class _StagesHostLayers:
-    """For a ``Cache`` with host-homed layers (``staging``: their ``StagedCopies``, or None): the
-    update of such a layer runs on its staged copy, then the next host-homed layer is prefetched
-    (transformers' per-layer ``prefetch``, on the side stream on CUDA) and this one's copy released
-    (``offload``): at most two alive. Other layers update as transformers' ``Cache`` does."""
+    """For a ``Cache`` with host-homed layers (``staging``: their ``StagedCopies``, or None): every
+    update is transformers' ``Cache.update`` (the layer's own update: a host-homed layer's runs on its
+    staged copy); after a host-homed layer's, the next such layer is staged (``stage``, on the side
+    stream on CUDA) and this one's copy released (``release``): at most two alive."""
 
     staging: StagedCopies | None = None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         staging = self.staging
-        if staging is None or layer_idx not in staging.homed:
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        layer = self.layers[layer_idx]
-        out = layer.update(key_states, value_states, *args, **kwargs)
-        following = staging.next_after(layer_idx)
-        if following is not None:
-            self.layers[following].prefetch()
-        layer.offload()
+        if staging is not None and layer_idx in staging.homed:
+            following = staging.next_after(layer_idx)
+            if following is not None:
+                self.layers[following].stage()
+            self.layers[layer_idx].release()
         return out
 
 

@@ -93,7 +93,7 @@ class Injection:
 
     rows: [n] long, ascending, rows of the hidden states passed to ``run_layers``.
     features: per layer, [n, D], or None for a layer the call does not run (layers < K after them);
-        on the rows' device, or waiting on the host (fits.encoded_place).
+        on the rows' device, or waiting on the host (Places.encoded).
     """
 
     rows: torch.Tensor
@@ -113,7 +113,7 @@ class Injection:
 def span_of(positions: torch.Tensor, start: int, stop: int) -> tuple[int, int]:
     """(lo, hi): positions[lo:hi] are the ascending ``positions`` within [start, stop). A call's span of
     rows indexed by them is then a slice, not a gather: a view, so rows waiting in pinned host memory
-    (fits.encoded_place) go to the device from there at full speed, and nothing is copied on the host."""
+    (Places.encoded) go to the device from there at full speed, and nothing is copied on the host."""
     bounds = torch.searchsorted(positions, torch.tensor([start, stop], dtype=positions.dtype, device=positions.device))
     lo, hi = bounds.tolist()
     return lo, hi
@@ -124,7 +124,7 @@ class Encoded:
     """The vision side of one video, in the LLM's input space.
 
     visual: [N, D] projected visual tokens, frame-major then row-major (N = T*H*W); on the device,
-        or waiting on the host (fits.encoded_place), read a prefill call's span at a time (``assemble``).
+        or waiting on the host (Places.encoded), read a prefill call's span at a time (``assemble``).
     extras: [E, D] always-kept model extras that follow the video (LLaVA-OV: newline).
     frame_features: [T, d_v] float32, L2-normalised per-frame global features
         (mean of the vision encoder's patches before projector and pooling).
@@ -151,7 +151,7 @@ def join_encoded(parts, rows: int | None = None, place: torch.device | None = No
     the part let go, so the chunks' rows and the joined rows never all exist at once (at a
     thousand frames those rows, with DeepStack's, are the encode's largest tensors).
     place: where the visual and DeepStack rows are written (None: where the parts are, the device);
-    the host when the device is short (fits.encoded_place), pinned for a GPU's rows so that a prefill
+    the host when the device is short (Places.encoded), pinned for a GPU's rows so that a prefill
     call's span of them goes back at full speed. Extras and frame features stay with the parts."""
     parts = iter(parts)
     first = next(parts)
@@ -355,7 +355,7 @@ class VideoLLMAdapter:
             of all frames are kept.
         times: a stats dict that gets time_preprocess and time_vision added.
         place: where the visual and DeepStack rows wait, written chunk by chunk as they are encoded
-            (None: the device; the host when it is short: fits.encoded_place, join_encoded).
+            (None: the device; the host when it is short: Places.encoded, join_encoded).
         """
         from ..timing import timed
 

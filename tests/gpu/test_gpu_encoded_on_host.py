@@ -1,6 +1,6 @@
 """Issue 30, where only a GPU can show it: the encoded visual rows and DeepStack's wait on the host
 (pinned), come to the device a prefill call's span at a time, and the answer is the one with them on
-the device, at a lower peak of allocated device memory (fits.encoded_place). The CPU side of this is
+the device, at a lower peak of allocated device memory (places.plan_places). The CPU side of this is
 tests/test_encoded_on_host.py. Skips without CUDA; on a GPU machine:
 python -m pytest -p no:cacheprovider tests/gpu/test_gpu_encoded_on_host.py -s
 """
