@@ -14,8 +14,7 @@ import torch
 
 from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
-from .fits import (DEFAULT_PREFILL_CHUNK, check_max_pixels, check_question, place_name, plan_prompt, run_places,
-                   run_plan)
+from .fits import DEFAULT_PREFILL_CHUNK, check_max_pixels, check_question, place_name, plan_prompt, runtime_places
 from .fits import check_video_fits  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .flops import flops_summary
 from .memory import run_guarded
@@ -424,14 +423,3 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         injections=below_k_released(encoded_video, layer, prompt.length, prompt).injections,
         prefill_chunk=prefill_chunk, places=places,
     )
-
-
-def runtime_places(adapter, prompt, layer: int, n_frames: int, decoded: tuple[int, int], prefill_chunk: int,
-                   rows: str = "auto", encoded: str = "auto") -> Places:
-    """Where no check before decoding ran: the encoded rows and layer K's rows placed by the check's
-    planner (fits.run_places) for ``prompt`` as it will run, with nothing pruned yet known. Layers >= K's
-    keys and values count at their smallest here (homed on the host, two staged layers): the answer
-    places them when it starts, knowing the kept tokens (``Places.kv`` None)."""
-    run = run_plan(adapter, prompt, layer, frames=n_frames, decoded=decoded, streamed=True,
-                   prefill_chunk=prefill_chunk)
-    return replace(run_places(adapter, run, encoded, rows, kv=Place(True, "")), kv=None)

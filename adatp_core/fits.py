@@ -17,7 +17,7 @@ from .budget import RunPlan, check_memory, run_memory
 from .errors import AdaTPInputError
 from .flops import LLMShape
 from .models.base import MODEL_BUDGET
-from .places import Places, check_place, plan_places
+from .places import Place, Places, check_place, plan_places
 from .runtime import VideoLLM
 
 MIN_PIXEL_BUDGET = 28 * 28
@@ -175,3 +175,14 @@ def deepstack_layers(adapter) -> int:
     """How many DeepStack rows per visual token the vision side gives (Qwen3-VL's; 0 elsewhere)."""
     vision_config = getattr(adapter.model.config, "vision_config", None)
     return len(getattr(vision_config, "deepstack_visual_indexes", None) or ())
+
+
+def runtime_places(adapter, prompt, layer: int, n_frames: int, decoded: tuple[int, int], prefill_chunk: int,
+                   rows: str = "auto", encoded: str = "auto") -> Places:
+    """Where no check before decoding ran: the encoded rows and layer K's rows placed by the check's
+    planner (fits.run_places) for ``prompt`` as it will run, with nothing pruned yet known. Layers >= K's
+    keys and values count at their smallest here (homed on the host, two staged layers): the answer
+    places them when it starts, knowing the kept tokens (``Places.kv`` None)."""
+    run = run_plan(adapter, prompt, layer, frames=n_frames, decoded=decoded, streamed=True,
+                   prefill_chunk=prefill_chunk)
+    return replace(run_places(adapter, run, encoded, rows, kv=Place(True, "")), kv=None)

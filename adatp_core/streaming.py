@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .errors import AdaTPInputError
-from .fits import DEFAULT_PREFILL_CHUNK, check_max_pixels, place_name
+from .fits import DEFAULT_PREFILL_CHUNK, check_max_pixels, place_name, runtime_places
 from .places import Places, place_stats
 from .models.base import Encoded, VideoPlan, frame_times
 from .video import FrameStream, SamplePlan, VideoInfo
@@ -103,7 +103,7 @@ def encode_video(model, sample: SamplePlan, max_pixels=None, chunk: int | None =
     backend: the decoder (video.BACKENDS; STREAM_BACKEND by default).
     places: where the visual and DeepStack rows wait (written there chunk by chunk as they are encoded)
         and layer K's rows will, as the check before decoding placed them. Without it they are placed
-        here by the same planner (attention.runtime_places, from ``encoded``: "auto", "device" or "host",
+        here by the same planner (fits.runtime_places, from ``encoded``: "auto", "device" or "host",
         for a stand-in question's prompt at ``layer`` in calls of ``prefill_chunk`` tokens).
     A clip that turns out damaged (check_damage) is refused after its last chunk.
     """
@@ -112,8 +112,6 @@ def encode_video(model, sample: SamplePlan, max_pixels=None, chunk: int | None =
     width, height = sample.size
     plan = adapter.plan_video(sample.num_frames, height, width, times=sample.clip_times(), max_pixels=max_pixels)
     if places is None:
-        from .attention import runtime_places  # attention imports this module
-
         places = runtime_places(adapter, adapter.build_prompt(PLACE_QUESTION, plan), adapter.resolve_layer(layer)[0],
                                 plan.num_frames, (width, height), prefill_chunk, encoded=encoded)
     step = adapter.chunk_frames(plan, chunk)

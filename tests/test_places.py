@@ -133,9 +133,10 @@ def test_the_checks_places_reach_the_run_which_does_not_decide_them_again(tiny, 
         return fits.FitCheck(real(*args, **kwargs).figures, checked)
 
     monkeypatch.setattr(pipeline, "check_video_fits", check)
-    for module in (attention, decode):
-        monkeypatch.setattr(module, "plan_places" if module is decode else "run_places",
-                            lambda *a, **k: pytest.fail("placed again after the check"), raising=True)
+    from adatp_core import streaming
+
+    for module, name in ((attention, "runtime_places"), (streaming, "runtime_places"), (decode, "plan_places")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("placed again after the check"), raising=True)
     cfg = pipeline.PipelineConfig(num_frames=4, generation=SamplingConfig(max_new_tokens=2, ignore_eos=True))
     for stream in (True, False):
         stats = pipeline.run_pipeline(tiny, str(path), QUESTION, replace(cfg, stream=stream)).stats
