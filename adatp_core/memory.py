@@ -64,7 +64,23 @@ def free_bytes(device) -> int | None:
     return available_device_bytes(torch.device(device))
 
 
-def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model=None) -> T:
+def drop_kept(model, prefixes: bool = True) -> int:
+    """Drop what ``model`` (a VideoLLM) keeps between runs after running out of memory: static decoding's
+    buffers and graphs, and (``prefixes``) its kept video prefixes, whole KV caches the next, smaller run
+    needs back. The number of video prefixes dropped."""
+    decoders = getattr(model, "static_decoders", None)
+    if decoders is not None:
+        decoders.clear()
+    store = getattr(model, "prefix_cache", None) if prefixes else None
+    if store is None:
+        return 0
+    dropped = len(store)
+    store.clear()
+    return dropped
+
+
+def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model=None,
+                drop_prefixes: bool = True) -> T:
     """Run ``fn``; turn running out of memory (errors.is_out_of_memory) into AdaTPOutOfMemoryError.
 
     The error is raised after the original exception (whose traceback holds
@@ -72,7 +88,10 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
     nothing of the failed run stays allocated and a smaller run can follow. An
     AdaTPOutOfMemoryError from an inner run_guarded keeps its message.
     model: a VideoLLM whose kept static-decoding buffers and graphs, and kept video
-        prefixes, are dropped too.
+        prefixes, are dropped too (drop_kept).
+    drop_prefixes: False keeps the video prefixes, where the caller runs again in less memory
+        (generate.generate_answer's retry with the keys and values on the host) and drops them
+        only if that fails too.
     """
     try:
         return fn()
@@ -86,8 +105,6 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
             if any(m in str(exc) for m in HOST_ALLOCATION_MESSAGES):
                 advice = HOST_OOM_ADVICE
             message = f"out of memory during {stage} ({detail}); {advice}."
-    for kept in (getattr(model, "static_decoders", None), getattr(model, "prefix_cache", None)):
-        if kept is not None:  # whole KV caches: what the next, smaller run needs back
-            kept.clear()
+    drop_kept(model, drop_prefixes)
     free_memory()
     raise AdaTPOutOfMemoryError(message)
