@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryError, AdaTPTransformersError
-from .memory import drop_kept, fallback_allowed, free_pinned_memory, run_guarded
+from .memory import drop_kept, fallback_allowed, release_pinned, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
 from .decode import continue_prefill, kv_place, kv_retry_place
@@ -126,8 +126,8 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
                 dropped = prefixes - len(getattr(model, "prefix_cache", None) or ())
                 raise AdaTPOutOfMemoryError(f"{again}{_dropped_text(dropped)}") from None
     finally:
-        if homed and adapter.device.type == "cuda":
-            free_pinned_memory()  # the homes are gone (or the answer failed); torch would keep their pinned blocks
+        if homed:
+            release_pinned()  # the homes are gone (or the answer failed); torch would keep their pinned blocks
     answer = answer_from_run(state, run, cfg)
     # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("cpu" for a CPU model)
     answer.stats.update(place_stats("kv", place, "host" if place.host else str(adapter.device)))
