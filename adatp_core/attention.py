@@ -17,7 +17,7 @@ from .errors import AdaTPEnvironmentError, AdaTPInputError
 from .fits import DEFAULT_PREFILL_CHUNK, check_max_pixels, check_question, place_name, plan_prompt, runtime_places
 from .fits import check_video_fits  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .flops import flops_summary
-from .memory import run_guarded
+from .memory import host_buffer, run_guarded
 from .hf.cache import KVCache
 from .places import Place, Places, check_place, place_stats
 from .prefix_cache import FrozenPrefix
@@ -113,9 +113,10 @@ class _Rows:
             return
         if self.tensor is None:
             device = self.device or hidden.device
-            pin = device.type == "cpu" and hidden.device.type == "cuda"  # the copies back run at full speed
-            self.tensor = torch.empty((1, self.n, hidden.shape[-1]), dtype=hidden.dtype, device=device,
-                                      pin_memory=pin)
+            shape = (1, self.n, hidden.shape[-1])
+            # pinned on the host for a GPU: the copies back run at full speed
+            self.tensor = host_buffer(shape, hidden.dtype, pin=hidden.device.type == "cuda") \
+                if device.type == "cpu" else torch.empty(shape, dtype=hidden.dtype, device=device)
         self.tensor[:, a - self.offset:b - self.offset].copy_(hidden)
 
 

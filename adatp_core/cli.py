@@ -24,6 +24,7 @@ from .cli_options import add_model_arguments, load_model, pipeline_config
 from .clips.cli import main as clips_main
 from .doctor import main as doctor_main
 from .errors import AdaTPEnvironmentError, AdaTPInputError
+from .memory import release_pinned
 from .models.names import models_main
 from .peak_memory import stage_peak
 from .pipeline import load_checked, run_pipeline, stream_checked
@@ -122,6 +123,10 @@ def main(argv=None) -> int:
                 print(format_report(dataclasses.replace(result, stats=stats), load_seconds, wall), flush=True)
             wall_start = time.perf_counter()
             load_seconds = 0.0
+            del result  # its state's rows on the host, pinned for a GPU: given back before the next question
+            release_pinned()
+        del video  # an encoded video's rows on the host
+        release_pinned()
     except (AdaTPInputError, AdaTPEnvironmentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

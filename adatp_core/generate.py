@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryError, AdaTPTransformersError
-from .memory import fallback_allowed, free_pinned_memory, run_guarded
+from .memory import drop_kept, fallback_allowed, release_pinned, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
 from .decode import continue_prefill, kv_place, kv_retry_place
@@ -78,8 +78,10 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     steps, the stats' fallback says why; decode_mode="static" asked for is refused).
     stats["kv_on"], stats["kv_reason"] and stats["kv_moved"] say which and why. When auto chose the
     device by the estimate (``Place.auto``) and the answer runs out of memory there (not in on_token),
-    it runs again with them on the host if the host has room for them (the reason says so, and what the
-    failed run dropped: the model's kept video prefixes). An answer that runs again (this, or static
+    it runs again with them on the host if the host has room for them (the reason says so). The failed
+    run drops static decoding's buffers but keeps the model's video prefixes (a long video's is the most
+    valuable to keep); they are dropped only where no retry follows or the retry runs out too (the error
+    says how many). An answer that runs again (this, or static
     decoding that failed) gives the same tokens: on_token is not called again for those it was given
     already, only from the first that differs, if any (its step then goes back).
     """
@@ -92,32 +94,40 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
             log.warning("static decoding needs the model on one device; decoding step by step instead")
         cfg = replace(cfg, decode_mode="default")
     place = kv_place(state, cfg.max_new_tokens, kv)
-    prefixes = len(getattr(model, "prefix_cache", None) or ())
     callback = _TokenCallback(on_token) if on_token is not None else None
+    # auto chose the device by the estimate: running out there answers again with them on the host, and the
+    # model's kept video prefixes (a long video's is the most valuable to keep) stay unless that fails too
+    retryable = place.auto and not place.host
     homed = place.host
     try:
         try:
-            run, cfg = _answer_run(state, cfg, callback, return_logits, place)
+            run, cfg = _answer_run(state, cfg, callback, return_logits, place, drop_prefixes=not retryable)
         except AdaTPOutOfMemoryError as exc:
             # asked for, or set by the model's place, or out of memory in on_token: the error stands
-            if place.host or not place.auto or (callback is not None and callback.raised):
+            if not retryable or (callback is not None and callback.raised):
+                drop_kept(state.model)
                 raise
             retry = kv_retry_place(state, cfg.max_new_tokens)
             if not retry.host:
+                dropped = drop_kept(state.model)
                 raise AdaTPOutOfMemoryError(f"{exc} Layers >= K's keys and values could not go to the host either: "
-                                            f"{retry.reason}.") from None
+                                            f"{retry.reason}.{_dropped_text(dropped)}") from None
             log.warning("out of memory with layers >= K's keys and values on the device; answering again with them "
                         "on the host: %s", exc)
-            dropped = prefixes - len(getattr(model, "prefix_cache", None) or ())
+            kept = len(getattr(model, "prefix_cache", None) or ())
             place = Place(True, f"the device ran out of memory with them there, though {place.reason}; this answer "
                                 "ran again with them on the host" + (
-                                    f" (the failed run dropped the {dropped} video prefix(es) the model kept: a next "
-                                    "question over that video computes its prefix again)" if dropped else ""))
+                                    f" (the {kept} video prefix(es) the model keeps were kept)" if kept else ""))
             homed = True
-            run, cfg = _answer_run(state, cfg, callback, return_logits, place)
+            prefixes = len(getattr(model, "prefix_cache", None) or ())
+            try:
+                run, cfg = _answer_run(state, cfg, callback, return_logits, place)  # out of memory: drops them
+            except AdaTPOutOfMemoryError as again:
+                dropped = prefixes - len(getattr(model, "prefix_cache", None) or ())
+                raise AdaTPOutOfMemoryError(f"{again}{_dropped_text(dropped)}") from None
     finally:
-        if homed and adapter.device.type == "cuda":
-            free_pinned_memory()  # the homes are gone (or the answer failed); torch would keep their pinned blocks
+        if homed:
+            release_pinned()  # the homes are gone (or the answer failed); torch would keep their pinned blocks
     answer = answer_from_run(state, run, cfg)
     # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("cpu" for a CPU model)
     answer.stats.update(place_stats("kv", place, "host" if place.host else str(adapter.device)))
@@ -126,12 +136,19 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     return answer
 
 
+def _dropped_text(dropped: int) -> str:
+    """What running out of memory dropped, for the error: the model's kept video prefixes."""
+    return (f" The {dropped} video prefix(es) the model kept were dropped: a next question over that video "
+            "computes its prefix again." if dropped else "")
+
+
 def _answer_run(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool,
-                place: Place) -> tuple[DecodeRun, SamplingConfig]:
+                place: Place, drop_prefixes: bool = True) -> tuple[DecodeRun, SamplingConfig]:
     """One answer's decoding (``_decode_or_fall_back``, out of memory made clear by run_guarded) and the
     settings it ran with: over keys and values on the host (``place``) auto decodes in default steps
     (the fallback says so where it would have run static ones) and static asked for is refused; in auto
-    mode on a model whose static decoding failed before, default steps."""
+    mode on a model whose static decoding failed before, default steps. drop_prefixes: False keeps the model's
+    video prefixes when it runs out of memory (the caller answers again first)."""
     adapter = state.model.adapter
     kv_on_host = place.host
     not_static = None
@@ -149,7 +166,7 @@ def _answer_run(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits:
         cfg = replace(cfg, decode_mode="default")
     # Out of memory: static decoding's kept buffers go too (run_guarded drops them).
     run = run_guarded(lambda: _decode_or_fall_back(state, cfg, on_token, return_logits, kv_on_host), "generation",
-                      model=state.model)
+                      model=state.model, drop_prefixes=drop_prefixes)
     if run.fallback is None and (fallback or not_static) is not None:
         run = replace(run, fallback=not_static or fallback)
     return run, cfg

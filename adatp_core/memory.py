@@ -47,12 +47,50 @@ def free_memory() -> None:
 
 def free_pinned_memory() -> None:
     """Give back the pinned host memory torch's caching host allocator keeps after its tensors are gone
-    (an answer's keys and values on the host: gigabytes the rest of the machine could not use until
-    the next such answer), where torch has torch.accelerator.empty_host_cache (an older one keeps it)."""
+    (an answer's keys and values on the host, the encoded rows, layer K's rows: gigabytes the rest of the
+    machine could not use until the next such run), where torch has torch.accelerator.empty_host_cache (an
+    older one keeps it). Called by release_pinned, only where something was pinned."""
     empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-    if empty is not None and torch.cuda.is_available():
+    if empty is not None:
         gc.collect()  # a decode step's window and its layers hold each other (and views of the homes)
         empty()
+
+
+# Whether a host_buffer was pinned since the last release_pinned that left no pinned block behind: the
+# common all-on-device run pins nothing, and its release_pinned costs nothing (no collection, no call).
+_pinned = {"since": False}
+
+
+def host_buffer(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An empty host tensor, pinned with ``pin`` (for a GPU: copies to and from it at full speed). Every
+    pinned host buffer of the host's path is made here (the encoded rows, layer K's rows, gathered DeepStack
+    rows, layers >= K's homes), so that release_pinned knows there is something to give back."""
+    out = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
+    if pin:
+        _pinned["since"] = True
+    return out
+
+
+def release_pinned() -> bool:
+    """free_pinned_memory where host_buffer pinned something since the last release that left nothing: call
+    it where such buffers die (the end of a run or an answer, a video prefix dropped). torch's caching host
+    allocator keeps a dead pinned block for the process's life otherwise. Returns whether it ran."""
+    if not _pinned["since"]:
+        return False
+    free_pinned_memory()  # something was pinned: CUDA is there
+    _pinned["since"] = _pinned_blocks_left()
+    return True
+
+
+def _pinned_blocks_left() -> bool:
+    """Whether torch's caching host allocator still holds pinned blocks (live tensors': a kept prefix's, a
+    state's): then a later release_pinned runs again. True where torch does not say."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    try:
+        held = None if stats is None else stats().get("allocated_bytes.current")
+    except (RuntimeError, AttributeError):
+        held = None
+    return held is None or held > 0
 
 
 def free_bytes(device) -> int | None:
@@ -64,7 +102,23 @@ def free_bytes(device) -> int | None:
     return available_device_bytes(torch.device(device))
 
 
-def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model=None) -> T:
+def drop_kept(model, prefixes: bool = True) -> int:
+    """Drop what ``model`` (a VideoLLM) keeps between runs after running out of memory: static decoding's
+    buffers and graphs, and (``prefixes``) its kept video prefixes, whole KV caches the next, smaller run
+    needs back. The number of video prefixes dropped."""
+    decoders = getattr(model, "static_decoders", None)
+    if decoders is not None:
+        decoders.clear()
+    store = getattr(model, "prefix_cache", None) if prefixes else None
+    if store is None:
+        return 0
+    dropped = len(store)
+    store.clear()
+    return dropped
+
+
+def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model=None,
+                drop_prefixes: bool = True) -> T:
     """Run ``fn``; turn running out of memory (errors.is_out_of_memory) into AdaTPOutOfMemoryError.
 
     The error is raised after the original exception (whose traceback holds
@@ -72,7 +126,10 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
     nothing of the failed run stays allocated and a smaller run can follow. An
     AdaTPOutOfMemoryError from an inner run_guarded keeps its message.
     model: a VideoLLM whose kept static-decoding buffers and graphs, and kept video
-        prefixes, are dropped too.
+        prefixes, are dropped too (drop_kept).
+    drop_prefixes: False keeps the video prefixes, where the caller runs again in less memory
+        (generate.generate_answer's retry with the keys and values on the host) and drops them
+        only if that fails too.
     """
     try:
         return fn()
@@ -86,8 +143,6 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
             if any(m in str(exc) for m in HOST_ALLOCATION_MESSAGES):
                 advice = HOST_OOM_ADVICE
             message = f"out of memory during {stage} ({detail}); {advice}."
-    for kept in (getattr(model, "static_decoders", None), getattr(model, "prefix_cache", None)):
-        if kept is not None:  # whole KV caches: what the next, smaller run needs back
-            kept.clear()
+    drop_kept(model, drop_prefixes)
     free_memory()
     raise AdaTPOutOfMemoryError(message)

@@ -13,6 +13,7 @@ import torch
 from .attention import DEFAULT_PREFILL_CHUNK, QUERY_MODES, extract_attention
 from .debias import global_debias, local_debias
 from .errors import AdaTPInputError, OptionError
+from .memory import release_pinned
 from .fits import FitCheck, check_max_pixels, check_video_fits
 from .generate import Answer, SamplingConfig, generate_answer
 from .models.base import MODEL_BUDGET
@@ -212,4 +213,5 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
     with stage_peak(times, "answer", device):
         answer = generate_answer(state, cfg.generation, on_token=on_token, kv=cfg.kv)
     stats = {**answer.stats, **times}
+    release_pinned()  # the encoded rows died with frames (unless a kept prefix holds them): their pinned blocks go
     return PipelineResult(answer=answer, state=state, video=info, stats=stats)

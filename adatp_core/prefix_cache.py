@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .hf.cache import KVCache
+from .memory import release_pinned
 
 
 def weights_fingerprint(model: torch.nn.Module) -> tuple:
@@ -315,9 +316,12 @@ class PrefixStore:
         return False
 
     def clear(self) -> None:
+        dropped = bool(self._entries)
         self._entries.clear()
         self._fingerprint = None
         self.frame_keys.drop_weights()
+        if dropped:
+            release_pinned()  # the prefixes' encoded rows on the host: their pinned blocks go back
 
     def check_weights(self, model: torch.nn.Module) -> None:
         """Drop everything if the model's weights moved or changed since the last call."""
@@ -341,7 +345,11 @@ class PrefixStore:
                              for place, size in over) or f"{prefix.nbytes / 2**20:.1f} MiB"
             return f"not kept: {what}, {self.max_entries} entries"
         self._entries.pop(key, None)
+        evicted = False
         while self._entries and (len(self._entries) >= self.max_entries or self._over(prefix)):
             self._entries.popitem(last=False)
+            evicted = True
         self._entries[key] = prefix
+        if evicted:
+            release_pinned()  # an evicted prefix's encoded rows on the host: their pinned blocks go back
         return None

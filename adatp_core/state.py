@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .memory import host_buffer
 from .models.base import Injection, Prompt
 from .places import Places
 from .runtime import VideoLLM
@@ -130,5 +131,5 @@ def _gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     so that each call's span of them goes to the device at full speed."""
     if not (rows.device.type == "cpu" and rows.is_pinned()):
         return rows.index_select(0, index)
-    out = torch.empty((len(index), *rows.shape[1:]), dtype=rows.dtype, pin_memory=True)
+    out = host_buffer((len(index), *rows.shape[1:]), rows.dtype, pin=True)
     return torch.index_select(rows, 0, index, out=out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..adatp_core.errors import AdaTPInputError
 from ..adatp_core.generate import generate_answer
+from ..adatp_core.memory import release_pinned
 from ..adatp_core.report import stats_text
 from ..adatp_core.sampling import WIDGETS, SamplingConfig, widget_sampling
 from . import comfy_bridge as bridge
@@ -80,6 +81,7 @@ class AdaTP_GenerateAnswer:
         finally:
             if bridge.release(state.model):
                 bridge.soft_empty_cache()
+            release_pinned()  # earlier runs' states ComfyUI let go of: their pinned host rows go back to the OS
         whose = "the model's (generation_config.json)" if settings == MODEL_SETTINGS else "this node's widgets"
         stats = "\n".join(f"{line} (settings: {whose})" if line.startswith("Generation:") else line
                           for line in stats_text(answer.stats).splitlines())

@@ -368,7 +368,8 @@ def test_the_cli_puts_them_on_the_host_when_asked(tiny_dir, monkeypatch, capsys)
 
 def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny, frames, monkeypatch):
     """The estimate kept them on the device, and the answer ran out of memory there two tokens in: auto
-    answers again with them on the host (the reason says so, and the video prefix the failed run dropped),
+    answers again with them on the host (the reason says so), keeping the model's video prefix (dropped only
+    when the retry cannot happen or fails too, and the error says so),
     on_token given only the tokens it had not had; not when the host has no room for them, nor when
     on_token itself ran out, nor when auto did not choose the device by the estimate."""
     state = extract_attention(tiny, frames, QUESTION, reuse_prefix=False)
@@ -397,7 +398,8 @@ def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny,
     assert given == list(enumerate(want.token_ids))  # each token once, though the answer ran twice
     assert answer.stats["kv_on"] == "host" and answer.stats["kv_reason"].startswith("the device ran out of memory")
     assert answer.stats["kv_moved"] is True
-    assert "dropped the 1 video prefix(es) the model kept" in answer.stats["kv_reason"]  # said, not silent
+    assert len(tiny.prefix_cache) == 1  # kept through the retry: a next question over the video reuses it
+    assert "the 1 video prefix(es) the model keeps were kept" in answer.stats["kv_reason"]
     assert "keys and values on the host, two layers staged on the device at a time (the device ran out" in \
         stats_text(answer.stats)
     from adatp_core.errors import AdaTPOutOfMemoryError
@@ -407,9 +409,21 @@ def test_auto_answers_again_with_them_on_the_host_when_the_device_runs_out(tiny,
 
     monkeypatch.setattr(generate_module, "kv_retry_place", lambda state, reserve: Place(False, "the host is short"))
     tried.clear()
-    with pytest.raises(AdaTPOutOfMemoryError, match="could not go to the host either: the host is short"):
+    with pytest.raises(AdaTPOutOfMemoryError, match="could not go to the host either: the host is short. The 1 "
+                                                    "video prefix"):
         generate_answer(state, sampling())
-    assert tried == [False]
+    assert tried == [False] and len(tiny.prefix_cache) == 0  # no retry: the next, smaller run needs them back
+    extract_attention(tiny, frames, QUESTION)
+    monkeypatch.setattr(generate_module, "kv_retry_place", lambda state, reserve: Place(True, "room"))
+
+    def short(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory, on the host's path too")
+
+    monkeypatch.setattr(generate_module, "_decode", short)
+    with pytest.raises(AdaTPOutOfMemoryError, match="The 1 video prefix.es. the model kept were dropped"):
+        generate_answer(state, sampling())  # the retry ran out too: then they go
+    assert len(tiny.prefix_cache) == 0
+    monkeypatch.setattr(generate_module, "_decode", decode)
     monkeypatch.setattr(generate_module, "kv_retry_place", lambda state, reserve: Place(True, "room"))
 
     def full(step, token):

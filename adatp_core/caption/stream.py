@@ -26,6 +26,7 @@ from ..decode_worker import watch_parent_process
 from ..errors import AdaTPInputError, AdaTPTransformersError
 from ..fits import check_question
 from ..pipeline import PipelineConfig, check_config, check_fits, check_option, prefill, run_pipeline
+from ..places import Places
 from ..timing import DecodeStats
 from ..video import SamplePlan, decode_plan, frames_to_image, plan_sampling
 from .summary import ClipResult, ClipTimes
@@ -45,7 +46,8 @@ class DecodeAhead:
     child process (decode_worker.py), and a host application whose main script
     must not be re-imported by spawned workers (ComfyUI's main.py) stays safe.
     Iterating yields (path, get) with get() -> (frames uint8 [T, H, W, 3], info),
-    raising the clip's error. A worker that dies (a decoder crash, in the probe or
+    raising the clip's error; get(checked=True) -> (frames, info, what the check returned: caption_videos'
+    FitCheck, whose places the clip's prefill takes). A worker that dies (a decoder crash, in the probe or
     the decoding) fails only the clip it was working on; the pool is restarted.
     Each clip is probed in a worker, which returns its sampling plan; the plan is
     checked in this process (check(plan) raises to fail the clip undecoded;
@@ -90,7 +92,7 @@ class DecodeAhead:
         raised) leaves its error in ``entry.decoding``, for get() to raise."""
         try:
             plan = entry.planned.result()
-            self.check(plan)
+            entry.checked = self.check(plan)
         except BrokenProcessPool:
             raise
         except AdaTPTransformersError:  # the model failing, not the clip: the run stops
@@ -115,15 +117,16 @@ class DecodeAhead:
             self.pool = None
         self.pending.clear()
 
-    def _inline(self, path: str):
+    def _inline(self, path: str, checked: bool = False):
         plan = plan_sampling(path, *self.args)
-        self.check(plan)
-        return decode_plan(plan)
+        check = self.check(plan)
+        frames, info = decode_plan(plan)
+        return (frames, info, check) if checked else (frames, info)
 
     def __iter__(self) -> Iterator[tuple[str, Callable]]:
         if not self.workers:
             for path in self.paths:
-                yield path, (lambda p=path: self._inline(p))
+                yield path, (lambda p=path, checked=False: self._inline(p, checked))
             return
         queue = deque(self.paths)
         while queue or self.pending:
@@ -131,14 +134,15 @@ class DecodeAhead:
                 self._submit(queue.popleft())
             self._decode_ready()
             entry = self.pending.popleft()
-            yield entry.path, lambda e=entry: self._result(e)
+            yield entry.path, lambda e=entry, checked=False: self._result(e, checked)
 
-    def _result(self, entry: _Ahead):
+    def _result(self, entry: _Ahead, checked: bool = False):
         try:
             if entry.decoding is None:  # its probe is still running: wait for it here
                 entry.planned.result()
                 self._start_decoding(entry)
-            return entry.decoding.result()
+            frames, info = entry.decoding.result()
+            return (frames, info, entry.checked) if checked else (frames, info)
         except BrokenProcessPool as exc:
             # Every queued clip shared the dead pool: probe and decode them again in a new one.
             redo = [e.path for e in self.pending]
@@ -162,6 +166,7 @@ class _Ahead:
     path: str
     planned: Future
     decoding: Future | None = None
+    checked: object = None  # what the check returned (caption_videos': a FitCheck)
 
 
 def fits_check(model, prompt: str, cfg: PipelineConfig) -> Callable[[SamplePlan], dict]:
@@ -169,6 +174,16 @@ def fits_check(model, prompt: str, cfg: PipelineConfig) -> Callable[[SamplePlan]
     before it is decoded (pipeline.check_fits: the run's K, retention and chunks; its frames come
     decoded as one IMAGE; its keys and values on the device: rows decoded together never leave it)."""
     return lambda plan: check_fits(model, plan, [prompt], replace(cfg, kv="device"), streamed=False)
+
+
+def checked_places(fit, batched: bool) -> Places | None:
+    """The places a clip's prefill takes from its check (``fits_check``'s FitCheck; None where no check
+    returned one), so that the prefill does not decide them again by an estimate that can disagree. Rows
+    decoded together keep the check's keys and values on the device; one clip at a time, its answer places
+    them knowing the kept tokens (``Places.kv`` None), where auto may still answer again with them on the
+    host."""
+    places = getattr(fit, "places", None)
+    return places if places is None or batched else replace(places, kv=None)
 
 
 def clip_stats(stats: dict) -> dict:
@@ -242,7 +257,7 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
         for path, get in ahead:
             wait_start = time.perf_counter()
             try:
-                frames, info = _decoded(get)
+                frames, info, fit = _decoded(get)
             except AdaTPInputError as exc:
                 yield ClipResult(path, None, error=str(exc))
                 continue
@@ -252,7 +267,8 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
                 continue
             model_start = time.perf_counter()
             try:
-                result = run_pipeline(model, frames_to_image(frames), prompt, cfg, video_info=info)
+                result = run_pipeline(model, frames_to_image(frames), prompt, cfg, video_info=info,
+                                      places=checked_places(fit, batched=False))
             except AdaTPInputError as exc:  # e.g. a clip too long for the model's context
                 yield ClipResult(path, None, error=str(exc))
                 continue
@@ -263,10 +279,10 @@ def caption_videos(model, videos: Iterable, prompt: str = DEFAULT_PROMPT, cfg: P
 
 
 def _decoded(get):
-    """A DecodeAhead clip's (frames, info). Whatever stops its decoding raises AdaTPInputError, which
+    """A DecodeAhead clip's (frames, info, what its check returned). Whatever stops its decoding raises AdaTPInputError, which
     fails that clip only; the model failing in the check (AdaTPTransformersError) stops the run."""
     try:
-        return get()
+        return get(checked=True)
     except (AdaTPInputError, AdaTPTransformersError):
         raise
     except Exception as exc:  # noqa: BLE001  a decoder's own error, of any type
@@ -303,9 +319,10 @@ def _caption_together(model, videos, prompt, cfg, workers, processes, claim, bat
 
     def prefill_clip(path, get):
         wait_start = time.perf_counter()
-        frames, info = _decoded(get)
+        frames, info, fit = _decoded(get)
         model_start = time.perf_counter()
-        state = prefill(model, frames_to_image(frames), prompt, cfg, video_info=info)
+        state = prefill(model, frames_to_image(frames), prompt, cfg, video_info=info,
+                        places=checked_places(fit, batched=True))
         times[path] = (model_start - wait_start, time.perf_counter() - model_start)
         return state
 

@@ -67,7 +67,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, LinearAttentionLayer
 
 from ..budget import STAGED_LAYERS
-from ..memory import free_bytes
+from ..memory import free_bytes, host_buffer
 
 LINEAR_ATTENTION = "linear_attention"  # the layer kind in a text config's ``layer_types``
 
@@ -476,9 +476,8 @@ class HostKVLayer(KVLayer):
             pin = key_states.device.type == "cuda"
             capacity = length + n + self.reserve
             old = self._buffers
-            self._buffers = tuple(
-                torch.empty((*t.shape[:-2], capacity, t.shape[-1]), dtype=t.dtype, device="cpu", pin_memory=pin)
-                for t in (key_states, value_states))
+            self._buffers = tuple(host_buffer((*t.shape[:-2], capacity, t.shape[-1]), t.dtype, pin)
+                                  for t in (key_states, value_states))
             if old is not None:  # read on the host: the device's writes into it must have landed
                 if key_states.device.type == "cuda":
                     torch.cuda.current_stream(key_states.device).synchronize()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdaTPInputError
+from ..memory import host_buffer
 from ..hf.attention_hook import TailCausal, aligns_causal_to_the_end
 from ..hf.layers import cache_argument, module_device, run_decoder_layers
 from .chat import end_of_turn_id
@@ -185,8 +186,9 @@ def _rows_buffer(like: torch.Tensor, rows: int, place: torch.device | None) -> t
     """An empty [rows, D] buffer of ``like``'s dtype on ``place`` (None: like's device), pinned on the
     host when ``like`` is on a GPU (the pattern of attention._Rows)."""
     device = like.device if place is None else torch.device(place)
-    pin = device.type == "cpu" and like.device.type == "cuda"
-    return torch.empty((rows, like.shape[-1]), dtype=like.dtype, device=device, pin_memory=pin)
+    if device.type == "cpu":
+        return host_buffer((rows, like.shape[-1]), like.dtype, pin=like.device.type == "cuda")
+    return torch.empty((rows, like.shape[-1]), dtype=like.dtype, device=device)
 
 
 def _placed(encoded: Encoded, place: torch.device | None) -> Encoded:
