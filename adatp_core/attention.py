@@ -14,12 +14,13 @@ import torch
 
 from .debias import text_relevance
 from .errors import AdaTPEnvironmentError, AdaTPInputError
-from .fits import DEFAULT_PREFILL_CHUNK, check_max_pixels, check_question, place_name, plan_prompt, runtime_places
+from .fits import (DEFAULT_PREFILL_CHUNK, check_max_pixels, check_question, kept_prefix_bytes, place_name, plan_prompt,
+                   runtime_places)
 from .fits import check_video_fits  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .flops import flops_summary
-from .memory import host_buffer, run_guarded
+from .memory import free_memory, host_buffer, run_guarded
 from .hf.cache import KVCache
-from .places import Place, Places, check_place, place_stats
+from .places import KEPT_WITH_PREFIX, Place, Places, check_place, place_stats
 from .prefix_cache import FrozenPrefix
 from .models.base import FALLBACK_BATCHED_VISION, AttentionProbe, Injection
 from .hf.kernels import kernels_line
@@ -218,6 +219,9 @@ def _prefill_with_prefix(model, frames, prompt, layer: int, query: str, times: d
         with timed(times, "time_attention", dev):
             position_ids = adapter.position_ids(prompt)
         if prefix is None:
+            if places.kept:  # the plan counted the kept prefixes' device memory as free: it is needed now
+                store.clear()
+                free_memory()
             encoded = _encode(adapter, frames, prompt, times, places)
             with timed(times, "time_attention", dev):
                 prefix = _video_prefix(adapter, prompt, encoded, layer, position_ids, p, chunk, places)
@@ -378,7 +382,8 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
     refusal = _prefix_refusal(model, reuse_prefix, prompt)
     prefix_stats = {"prefix_cache": f"off ({refusal})"} if refusal else {}
     if places is None:  # no check ran (an IMAGE, a direct call): placed now, as the check would
-        places = runtime_places(adapter, prompt, layer, n_frames, (width, height), prefill_chunk, rows, encoded)
+        places = runtime_places(adapter, prompt, layer, n_frames, (width, height), prefill_chunk, rows, encoded,
+                                kept=0 if refusal else kept_prefix_bytes(model, adapter.device))
     spans = _prompt_spans(adapter, prompt, prefill_chunk)
     calls = len(spans)
 
@@ -394,10 +399,10 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         # Out of memory: the model's kept static buffers and video prefixes go too (run_guarded).
         encoded_video, hidden, past_kv, scores, relevance, position_ids = run_guarded(
             prefill, "vision encoding and prefill", model=model)
-    encoded_place = places.encoded
-    if prefix_stats.get("prefix_cache") == "hit":  # where the kept prefix's rows are
-        kept_on_host = encoded_video.visual.device.type == "cpu" and adapter.device.type != "cpu"
-        encoded_place = Place(kept_on_host, "kept with the video's prefix")
+    encoded_place, rows_place = places.encoded, places.rows
+    if prefix_stats.get("prefix_cache") == "hit":  # where the kept prefix's rows are, whatever was planned now
+        encoded_place, rows_place = (Place(t.device.type == "cpu" and adapter.device.type != "cpu", KEPT_WITH_PREFIX)
+                                     for t in (encoded_video.visual, hidden))
     t, h, w = encoded_video.grid
     stats = {
         "frames": n_frames, "tokens_total": t * h * w, "tokens_kept": t * h * w,
@@ -410,7 +415,7 @@ def extract_attention(model: VideoLLM, frames: torch.Tensor, question: str, laye
         **flops_summary(model, prompt, keep_count=t * h * w, layer=layer),
         **times, **prefix_stats,
         "prefill_chunk": prefill_chunk, "prefill_calls": calls if layer else 0,
-        **place_stats("rows", places.rows, place_name(hidden)),
+        **place_stats("rows", rows_place, place_name(hidden)),
         **place_stats("encoded", encoded_place, place_name(encoded_video.visual)),
     }
     if FALLBACK_BATCHED_VISION in adapter.fallbacks:  # this model's batched vision path failed

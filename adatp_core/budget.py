@@ -143,7 +143,7 @@ def check_memory(estimate: MemoryEstimate, name: str, available=None,
         elif where == "host":
             have = available_host_bytes()
         else:
-            have = _device_available(where)
+            have = place_available_bytes(where)
         if have is None or need == 0:
             continue
         share = HOST_MEMORY_SHARE if where == "host" else DEVICE_MEMORY_SHARE
@@ -170,7 +170,8 @@ def size_text(num_bytes: float) -> str:
     return f"{num_bytes / GB:.2f} GB" if num_bytes >= GB else f"{num_bytes / 1e6:.2f} MB"
 
 
-def _device_available(where: str) -> int | None:
+def place_available_bytes(where: str) -> int | None:
+    """available_device_bytes of a device place's name ("cuda:0"); None where unknown."""
     import torch  # a device place comes only from a model, so torch is loaded
 
     try:

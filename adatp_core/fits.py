@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from . import budget
-from .budget import RunPlan, check_memory, run_memory
+from .budget import DEVICE_MEMORY_SHARE, RunPlan, check_memory, run_memory
 from .errors import AdaTPInputError
 from .flops import LLMShape
 from .models.base import MODEL_BUDGET
@@ -102,15 +102,35 @@ def placed(run: RunPlan, on_host: frozenset) -> RunPlan:
                    kv_on_host="kv" in on_host)
 
 
-def run_places(adapter, run: RunPlan, encoded="auto", rows="auto", kv="auto") -> Places:
+def kept_prefix_bytes(model, device) -> int:
+    """Device bytes the kept video prefixes of ``model`` (a VideoLLM) hold on ``device``: memory a question
+    over a kept prefix allocates none of again, and that a run which misses gets back (the store's prefixes
+    are dropped before it allocates when its plan counted them: Places.kept; run_guarded drops them on
+    running out of memory)."""
+    store = getattr(model, "prefix_cache", None)
+    if store is None or device.type == "cpu":
+        return 0
+    return store.bytes_on(place_of(device))
+
+
+def run_places(adapter, run: RunPlan, encoded="auto", rows="auto", kv="auto", kept: int = 0) -> Places:
     """places.plan_places over budget.run_memory of ``run``, against the free memory of ``adapter``'s
     device and of the host now (budget.available_device_bytes, available_host_bytes: what check_memory
-    reads too): the one decision, made by the check before decoding, or where none ran, when the prefill
-    starts."""
+    reads too), plus ``kept`` (kept_prefix_bytes): the one decision, made by the check before decoding, or
+    where none ran, when the prefill starts. Places.kept says whether the plan needed the kept bytes."""
     device = adapter.device
     free = None if device.type == "cpu" else budget.available_device_bytes(device)
-    return plan_places(lambda on_host: run_memory(placed(run, on_host)), run.where, free, split=adapter.is_split,
-                       host_free=budget.available_host_bytes(), encoded=encoded, rows=rows, kv=kv)
+    estimate = lambda on_host: run_memory(placed(run, on_host))  # noqa: E731
+    host_free = budget.available_host_bytes()
+    places = plan_places(estimate, run.where, free, split=adapter.is_split, host_free=host_free,
+                         encoded=encoded, rows=rows, kv=kv)
+    if free is None or kept <= 0:
+        return places
+    with_kept = plan_places(estimate, run.where, free + kept, split=adapter.is_split, host_free=host_free,
+                            encoded=encoded, rows=rows, kv=kv)
+    if estimate(places.on_host()).bytes_on(run.where) <= int(free * DEVICE_MEMORY_SHARE):
+        return places  # fits without them: a miss keeps them
+    return replace(with_kept, kept=kept)
 
 
 def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None = None, *, layer: int = 2,
@@ -147,7 +167,7 @@ def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None 
     run = run_plan(adapter, longest, layer, frames=plan.num_frames, decoded=(width, height),
                    retention=1.0 if retention is None else retention, streamed=streamed, chunk_frames=chunk_frames,
                    prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens)
-    places = run_places(adapter, run, encoded, rows, kv)
+    places = run_places(adapter, run, encoded, rows, kv, kept=kept_prefix_bytes(model, adapter.device))
     estimate = run_memory(placed(run, places.on_host()))
     smallest = adapter.plan_video(plan.num_frames, height, width, max_pixels=MIN_PIXEL_BUDGET)
     advice = " (num_frames, --frames)" + (" or a smaller pixel budget (max_pixels, --max-pixels)"
@@ -156,9 +176,23 @@ def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None 
         advice += ", a lower retention (--retention)"
     if not streamed:
         advice += ", stream the video file (Extract Attention (Video File); the CLI streams unless --no-stream)"
-    check_memory(estimate, sample.name, advice=advice)
+    check_memory(estimate, sample.name, advice=advice, available=_with_kept(places.kept))
     return FitCheck({"prompt_tokens_planned": longest.length, **estimate.figures(),
                      "memory_plan": estimate.breakdown()}, places)
+
+
+def _with_kept(kept: int):
+    """check_memory's available(where): its default, plus ``kept`` on a device (Places.kept)."""
+    if not kept:
+        return None
+
+    def available(where):
+        if where == "host":
+            return budget.available_host_bytes()
+        have = budget.place_available_bytes(where)
+        return None if have is None else have + kept
+
+    return available
 
 
 def place_of(device) -> str:
@@ -178,11 +212,11 @@ def deepstack_layers(adapter) -> int:
 
 
 def runtime_places(adapter, prompt, layer: int, n_frames: int, decoded: tuple[int, int], prefill_chunk: int,
-                   rows: str = "auto", encoded: str = "auto") -> Places:
+                   rows: str = "auto", encoded: str = "auto", kept: int = 0) -> Places:
     """Where no check before decoding ran: the encoded rows and layer K's rows placed by the check's
     planner (fits.run_places) for ``prompt`` as it will run, with nothing pruned yet known. Layers >= K's
     keys and values count at their smallest here (homed on the host, two staged layers): the answer
     places them when it starts, knowing the kept tokens (``Places.kv`` None)."""
     run = run_plan(adapter, prompt, layer, frames=n_frames, decoded=decoded, streamed=True,
                    prefill_chunk=prefill_chunk)
-    return replace(run_places(adapter, run, encoded, rows, kv=Place(True, "")), kv=None)
+    return replace(run_places(adapter, run, encoded, rows, kv=Place(True, ""), kept=kept), kv=None)

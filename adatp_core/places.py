@@ -49,6 +49,7 @@ ASKED = "asked for"
 MODEL_ON_HOST = "the model runs on the host"
 MODEL_SPLIT = "the model is split over devices: its rows and keys and values stay with its layers"
 FREE_UNKNOWN = "the device's free memory is unknown"
+KEPT_WITH_PREFIX = "kept with the video's prefix"  # a question over a kept prefix: its rows stay where they are
 
 
 def check_place(name: str, place) -> str:
@@ -85,6 +86,10 @@ class Places:
     encoded: Place
     rows: Place
     kv: Place | None = None
+    # Device bytes of the model's kept video prefixes that this plan counted as free (fits.run_places): a
+    # question over a kept prefix allocates none of it again; a run that misses drops them before it
+    # allocates (attention._prefill_with_prefix). 0: the plan fitted without them.
+    kept: int = 0
 
     def on_host(self) -> frozenset:
         return frozenset(name for name in MOVES if getattr(self, name) is not None and getattr(self, name).host)

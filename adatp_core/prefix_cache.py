@@ -304,6 +304,10 @@ class PrefixStore:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self._entries.values())
 
+    def bytes_on(self, place: str) -> int:
+        """Bytes the kept prefixes hold on ``place`` ("host" or a device's name)."""
+        return sum(p.places.get(place, 0) for p in self._entries.values())
+
     def budget(self, place: str) -> int:
         return place_budget(place) if self.max_bytes is None else self.max_bytes
 

@@ -175,3 +175,100 @@ def test_pinned_host_buffers_count_as_torch_allocates_them():
     """torch's caching host allocator rounds each pinned block up to a power of two (117 MB takes 134 MB)."""
     assert pinned_bytes(117_000_000, "cuda:0") == 2**27 and pinned_bytes(117_000_000, "host") == 117_000_000
     assert pinned_bytes(2**27, "cuda:1") == 2**27 and pinned_bytes(0, "cuda:0") == 0
+
+
+def _fake_gpu(tiny, monkeypatch, free: int):
+    """The tiny model as if it ran on cuda:0 with ``free`` bytes free there (the planner's view only)."""
+    from adatp_core import budget
+
+    cls = type(tiny.adapter)
+    monkeypatch.setattr(cls, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(cls, "is_split", property(lambda self: False))
+    monkeypatch.setattr(budget, "available_host_bytes", lambda: 64 << 30)
+    monkeypatch.setattr(budget, "available_device_bytes", lambda device: free)
+
+
+def _sample(tmp_path):
+    import numpy as np
+
+    from adatp_core import video
+    from adatp_core.samples import write_video
+
+    return video.plan_sampling(write_video(tmp_path / "v.mp4", np.zeros((8, 48, 64, 3), dtype=np.uint8), fps=8.0), 8)
+
+
+def _keep_on_device(model, nbytes: int) -> None:
+    """A kept video prefix holding ``nbytes`` on cuda:0 (its tensors are the host's: only its count matters)."""
+    from adatp_core.prefix_cache import FrozenPrefix
+
+    store = model.prefix_cache
+    prefix = FrozenPrefix(None, (), torch.zeros(1, 1, 4))
+    prefix.places, prefix.nbytes = {"cuda:0": nbytes}, nbytes
+    store.check_weights(model.adapter.model)  # not dropped as another model's by the next run
+    store.put(("a kept video",), prefix)
+
+
+def test_a_second_question_over_a_kept_prefix_counts_its_memory_as_free(tiny, tmp_path, monkeypatch):
+    """The kept prefix's memory is gone from the device's free memory, and the question over it allocates none
+    of it again: the check counts it as free (Places.kept), where without it the run would be moved or refused."""
+    from adatp_core import budget, fits
+
+    sample = _sample(tmp_path)
+    _fake_gpu(tiny, monkeypatch, 0)
+    width, height = sample.size
+    prompt = fits.plan_prompt(tiny.adapter, QUESTION, sample.num_frames, height, width, sample.clip_times())
+    run = fits.run_plan(tiny.adapter, prompt, 1, frames=8, decoded=sample.size, retention=0.25)
+    need = budget.run_memory(fits.placed(run, frozenset())).bytes_on("cuda:0")
+    free = int(need / budget.DEVICE_MEMORY_SHARE) + 1000
+    kept = need // 2
+    store = tiny.prefix_cache
+    store.clear()
+    try:
+        _fake_gpu(tiny, monkeypatch, free)
+        first = fits.check_video_fits(tiny, sample, [QUESTION], retention=0.25, layer=1)
+        assert first.places.on_host() == set() and first.places.kept == 0
+        _fake_gpu(tiny, monkeypatch, free - kept)  # the first question kept its prefix on the device
+        with pytest.raises(AdaTPInputError, match="available now"):  # no prefix kept: the device is short indeed
+            fits.check_video_fits(tiny, sample, [QUESTION], retention=0.25, layer=1)
+        _keep_on_device(tiny, kept)
+        second = fits.check_video_fits(tiny, sample, [QUESTION], retention=0.25, layer=1)
+        assert second.places.on_host() == set() and second.places.kept == kept
+        _fake_gpu(tiny, monkeypatch, free)  # room without the kept prefix: nothing borrowed
+        assert fits.check_video_fits(tiny, sample, [QUESTION], retention=0.25, layer=1).places.kept == 0
+    finally:
+        store.clear()
+
+
+def test_a_miss_drops_the_kept_prefixes_its_plan_counted_as_free(tiny, frames):
+    """A run whose plan counted the kept prefixes as free and misses gets that memory back before it allocates."""
+    from adatp_core.attention import extract_attention
+
+    store = tiny.prefix_cache
+    store.clear()
+    try:
+        _keep_on_device(tiny, 1000)
+        plain = Places(encoded=Place(False, "x"), rows=Place(False, "x"))
+        extract_attention(tiny, frames, QUESTION, places=plain)
+        assert len(store) == 2  # not counted: kept
+        store.clear()
+        _keep_on_device(tiny, 1000)
+        extract_attention(tiny, frames, QUESTION, places=replace(plain, kept=1000))
+        assert len(store) == 1 and store.bytes_on("cuda:0") == 0  # counted: dropped, the new prefix kept
+    finally:
+        store.clear()
+
+
+def test_a_hit_says_its_rows_are_where_the_kept_prefix_has_them(tiny, frames):
+    """Rows asked for the host over a prefix kept with them on the device stay there: the stats say so."""
+    from adatp_core.attention import extract_attention
+    from adatp_core.places import KEPT_WITH_PREFIX
+
+    tiny.prefix_cache.clear()
+    try:
+        extract_attention(tiny, frames, QUESTION, rows="device")
+        hit = extract_attention(tiny, frames, QUESTION + " Again?", rows="host").stats
+        assert hit["prefix_cache"] == "hit"
+        assert (hit["rows_on"], hit["rows_reason"], hit["rows_moved"]) == ("host", KEPT_WITH_PREFIX, False)
+        assert (hit["encoded_reason"], hit["encoded_moved"]) == (KEPT_WITH_PREFIX, False)
+    finally:
+        tiny.prefix_cache.clear()
