@@ -103,14 +103,15 @@ def placed(run: RunPlan, on_host: frozenset) -> RunPlan:
 
 
 def kept_prefix_bytes(model, device) -> int:
-    """Device bytes the kept video prefixes of ``model`` (a VideoLLM) hold on ``device``: memory a question
-    over a kept prefix allocates none of again, and that a run which misses gets back (the store's prefixes
+    """Device bytes the kept video prefixes of ``model`` (a VideoLLM) hold on ``device`` that a question over
+    one allocates none of again (their encoded rows: PrefixStore.reused_bytes_on; it copies their keys and
+    values and rows, which the estimate counts), and that a run which misses gets back (the store's prefixes
     are dropped before it allocates when its plan counted them: Places.kept; run_guarded drops them on
     running out of memory)."""
     store = getattr(model, "prefix_cache", None)
     if store is None or device.type == "cpu":
         return 0
-    return store.bytes_on(place_of(device))
+    return store.reused_bytes_on(place_of(device))
 
 
 def run_places(adapter, run: RunPlan, encoded="auto", rows="auto", kv="auto", kept: int = 0) -> Places:

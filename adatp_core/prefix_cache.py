@@ -241,6 +241,8 @@ class FrozenPrefix:
         self.hidden = hidden
         self.places = tensor_bytes_by_place(encoded, self.key_values, hidden)
         self.nbytes = sum(self.places.values())
+        # what a question over it allocates none of again (its keys and values and rows it copies)
+        self.reused = tensor_bytes_by_place(encoded)
 
     @property
     def length(self) -> int:
@@ -304,9 +306,11 @@ class PrefixStore:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self._entries.values())
 
-    def bytes_on(self, place: str) -> int:
-        """Bytes the kept prefixes hold on ``place`` ("host" or a device's name)."""
-        return sum(p.places.get(place, 0) for p in self._entries.values())
+    def reused_bytes_on(self, place: str) -> int:
+        """Bytes the kept prefixes hold on ``place`` ("host" or a device's name) that a question over one
+        allocates none of again: their encoded rows (layers < K's keys and values and layer K's rows it
+        copies: FrozenPrefix.cache, attention._prefill_with_prefix)."""
+        return sum(p.reused.get(place, 0) for p in self._entries.values())
 
     def budget(self, place: str) -> int:
         return place_budget(place) if self.max_bytes is None else self.max_bytes

@@ -198,19 +198,21 @@ def _sample(tmp_path):
 
 
 def _keep_on_device(model, nbytes: int) -> None:
-    """A kept video prefix holding ``nbytes`` on cuda:0 (its tensors are the host's: only its count matters)."""
+    """A kept video prefix whose encoded rows hold ``nbytes`` on cuda:0 (its tensors are the host's: only its
+    count matters)."""
     from adatp_core.prefix_cache import FrozenPrefix
 
     store = model.prefix_cache
     prefix = FrozenPrefix(None, (), torch.zeros(1, 1, 4))
-    prefix.places, prefix.nbytes = {"cuda:0": nbytes}, nbytes
+    prefix.places, prefix.nbytes, prefix.reused = {"cuda:0": 2 * nbytes}, 2 * nbytes, {"cuda:0": nbytes}
     store.check_weights(model.adapter.model)  # not dropped as another model's by the next run
     store.put(("a kept video",), prefix)
 
 
 def test_a_second_question_over_a_kept_prefix_counts_its_memory_as_free(tiny, tmp_path, monkeypatch):
-    """The kept prefix's memory is gone from the device's free memory, and the question over it allocates none
-    of it again: the check counts it as free (Places.kept), where without it the run would be moved or refused."""
+    """The kept prefix's encoded rows are gone from the device's free memory, and the question over it allocates
+    none of them again: the check counts them as free (Places.kept), where without them the run would be
+    refused."""
     from adatp_core import budget, fits
 
     sample = _sample(tmp_path)
@@ -253,7 +255,7 @@ def test_a_miss_drops_the_kept_prefixes_its_plan_counted_as_free(tiny, frames):
         store.clear()
         _keep_on_device(tiny, 1000)
         extract_attention(tiny, frames, QUESTION, places=replace(plain, kept=1000))
-        assert len(store) == 1 and store.bytes_on("cuda:0") == 0  # counted: dropped, the new prefix kept
+        assert len(store) == 1 and store.reused_bytes_on("cuda:0") == 0  # counted: dropped, the new prefix kept
     finally:
         store.clear()
 
