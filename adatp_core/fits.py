@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from . import budget
-from .budget import DEVICE_MEMORY_SHARE, RunPlan, check_memory, run_memory
+from .budget import DEVICE_MEMORY_SHARE, RunPlan, check_memory, run_memory, size_text
 from .errors import AdaTPInputError
 from .flops import LLMShape
 from .models.base import MODEL_BUDGET
-from .places import Place, Places, check_place, plan_places
+from .places import WHAT, Place, Places, check_place, plan_places
 from .runtime import VideoLLM
 
 MIN_PIXEL_BUDGET = 28 * 28
@@ -177,9 +177,42 @@ def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None 
         advice += ", a lower retention (--retention)"
     if not streamed:
         advice += ", stream the video file (Extract Attention (Video File); the CLI streams unless --no-stream)"
+    advice += _placement_advice(adapter, run, places, estimate, {"encoded": encoded, "rows": rows, "kv": kv})
     check_memory(estimate, sample.name, advice=advice, available=_with_kept(places.kept))
     return FitCheck({"prompt_tokens_planned": longest.length, **estimate.figures(),
                      "memory_plan": estimate.breakdown()}, places)
+
+
+# A prefill call's own working memory (budget.run_memory's parts): a smaller --prefill-chunk lowers it.
+PREFILL_CALL = "one prefill call's"
+PREFILL_CALL_SHARE = 0.25  # of the device's estimate, from which the advice names --prefill-chunk
+
+
+def _placement_advice(adapter, run: RunPlan, places: Places, estimate, asked: dict) -> str:
+    """What check_memory's refusal adds about the placements, where the device is short: the ones asked for
+    the device that auto would move to the host for the run to fit there (auto or host), and a smaller
+    prefill call where one is a large part of the estimate. "" where the device is not short."""
+    where = run.where
+    free = None if where == "host" else budget.available_device_bytes(adapter.device)
+    if free is None:
+        return ""
+    limit = int((free + places.kept) * DEVICE_MEMORY_SHARE)
+    need = estimate.bytes_on(where)
+    if need <= limit:
+        return ""
+    advice = ""
+    forced = [name for name, value in asked.items() if value == "device" and not getattr(places, name).host]
+    if forced and not adapter.is_split:
+        relaxed = {name: "auto" if name in forced else value for name, value in asked.items()}
+        moved = run_places(adapter, run, **relaxed, kept=places.kept)
+        to_host = [n for n in forced if getattr(moved, n).host]
+        if to_host and run_memory(placed(run, moved.on_host())).bytes_on(where) <= limit:
+            advice += (", put " + " and ".join(WHAT[n] for n in to_host) + " on the host ("
+                       + ", ".join(f"{n} auto or host, --{n} auto" for n in to_host) + ": the run fits then)")
+    prefill = sum(b for what, b, w in estimate.parts + estimate.fixed if w == where and what.startswith(PREFILL_CALL))
+    if prefill > PREFILL_CALL_SHARE * need:
+        advice += f", a smaller prefill call (--prefill-chunk: its working memory is {size_text(prefill)} of it)"
+    return advice
 
 
 def _with_kept(kept: int):

@@ -274,3 +274,30 @@ def test_a_hit_says_its_rows_are_where_the_kept_prefix_has_them(tiny, frames):
         assert (hit["encoded_reason"], hit["encoded_moved"]) == (KEPT_WITH_PREFIX, False)
     finally:
         tiny.prefix_cache.clear()
+
+
+def test_a_refusal_names_the_placements_asked_for_the_device_that_would_let_it_fit(tiny, tmp_path, monkeypatch):
+    from adatp_core import budget, fits
+
+    sample = _sample(tmp_path)
+    _fake_gpu(tiny, monkeypatch, 0)
+    width, height = sample.size
+    prompt = fits.plan_prompt(tiny.adapter, QUESTION, sample.num_frames, height, width, sample.clip_times())
+    run = fits.run_plan(tiny.adapter, prompt, 1, frames=8, decoded=sample.size, retention=0.25)
+    need = lambda *h: budget.run_memory(fits.placed(run, frozenset(h))).bytes_on("cuda:0")  # noqa: E731
+    free = int((need("encoded", "rows") + need("encoded", "rows", "kv")) / 2 / budget.DEVICE_MEMORY_SHARE)
+    _fake_gpu(tiny, monkeypatch, free)
+    assert fits.check_video_fits(tiny, sample, [QUESTION], retention=0.25, layer=1).places.on_host() == set(MOVES)
+    with pytest.raises(AdaTPInputError) as refused:
+        fits.check_video_fits(tiny, sample, [QUESTION], retention=0.25, layer=1, kv="device", rows="device",
+                              encoded="device")
+    advice = str(refused.value).split("available now")[-1]
+    assert "--kv auto" in advice and "--rows auto" in advice and "--encoded auto" in advice
+    with pytest.raises(AdaTPInputError) as refused:  # the rows asked for the host: only the others are named
+        fits.check_video_fits(tiny, sample, [QUESTION], retention=0.25, layer=1, kv="device", rows="host")
+    advice = str(refused.value).split("available now")[-1]
+    assert "--kv auto" in advice and "--rows" not in advice and "--encoded" not in advice
+    assert "--prefill-chunk" not in advice  # the frames' pixels are most of it
+    calls = MemoryEstimate(parts=(("one prefill call's activations (9 tokens)", free, "cuda:0"),), frames=1)
+    assert "--prefill-chunk" in fits._placement_advice(tiny.adapter, run, Places(Place(False, ""), Place(False, "")),
+                                                       calls, {"encoded": "auto", "rows": "auto", "kv": "auto"})
