@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import AdaTPEnvironmentError, AdaTPInputError, AdaTPOutOfMemoryError, AdaTPTransformersError
-from .memory import drop_kept, fallback_allowed, release_pinned, run_guarded
+from .fits import place_of
+from .memory import BOTH_OOM_ADVICE, HOST_OOM_ADVICE, drop_kept, fallback_allowed, release_pinned, run_guarded
 # The sampling code's home is sampling.py; these names stay importable from here.
 from .sampling import DECODE_MODES, MAX_NEW_TOKENS_LIMIT, SamplingConfig, TokenChooser, next_token  # noqa: F401
 from .decode import continue_prefill, kv_place, kv_retry_place
@@ -97,7 +98,9 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     callback = _TokenCallback(on_token) if on_token is not None else None
     # auto chose the device by the estimate: running out there answers again with them on the host, and the
     # model's kept video prefixes (a long video's is the most valuable to keep) stay unless that fails too
-    retryable = place.auto and not place.host
+    # model kept video prefixes (a long video's is the most valuable to keep) stay unless that fails too;
+    # static decoding asked for cannot run over them on the host: its out of memory error stands
+    retryable = place.auto and not place.host and cfg.decode_mode != "static"
     homed = place.host
     try:
         try:
@@ -121,7 +124,8 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
             homed = True
             prefixes = len(getattr(model, "prefix_cache", None) or ())
             try:
-                run, cfg = _answer_run(state, cfg, callback, return_logits, place)  # out of memory: drops them
+                run, cfg = _answer_run(state, cfg, callback, return_logits, place,  # out of memory: drops them
+                                       host_advice=BOTH_OOM_ADVICE)
             except AdaTPOutOfMemoryError as again:
                 dropped = prefixes - len(getattr(model, "prefix_cache", None) or ())
                 raise AdaTPOutOfMemoryError(f"{again}{_dropped_text(dropped)}") from None
@@ -129,8 +133,9 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
         if homed:
             release_pinned()  # the homes are gone (or the answer failed); torch would keep their pinned blocks
     answer = answer_from_run(state, run, cfg)
-    # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("cpu" for a CPU model)
-    answer.stats.update(place_stats("kv", place, "host" if place.host else str(adapter.device)))
+    # "host": homed there and staged (a CPU model's too, when asked); else the model's device ("host" for a CPU
+    # model, as rows_on and encoded_on say)
+    answer.stats.update(place_stats("kv", place, "host" if place.host else place_of(adapter.device)))
     if place.host:
         answer.stats["kv_staged_mb"] = round(run.kv_staged_bytes / 1e6, 1)
     return answer
@@ -143,12 +148,14 @@ def _dropped_text(dropped: int) -> str:
 
 
 def _answer_run(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits: bool,
-                place: Place, drop_prefixes: bool = True) -> tuple[DecodeRun, SamplingConfig]:
+                place: Place, drop_prefixes: bool = True,
+                host_advice: str = HOST_OOM_ADVICE) -> tuple[DecodeRun, SamplingConfig]:
     """One answer's decoding (``_decode_or_fall_back``, out of memory made clear by run_guarded) and the
     settings it ran with: over keys and values on the host (``place``) auto decodes in default steps
     (the fallback says so where it would have run static ones) and static asked for is refused; in auto
     mode on a model whose static decoding failed before, default steps. drop_prefixes: False keeps the model's
-    video prefixes when it runs out of memory (the caller answers again first)."""
+    video prefixes when it runs out of memory (the caller answers again first). host_advice: run_guarded's
+    where the host runs out."""
     adapter = state.model.adapter
     kv_on_host = place.host
     not_static = None
@@ -166,7 +173,7 @@ def _answer_run(state: AdaTPState, cfg: SamplingConfig, on_token, return_logits:
         cfg = replace(cfg, decode_mode="default")
     # Out of memory: static decoding's kept buffers go too (run_guarded drops them).
     run = run_guarded(lambda: _decode_or_fall_back(state, cfg, on_token, return_logits, kv_on_host), "generation",
-                      model=state.model, drop_prefixes=drop_prefixes)
+                      model=state.model, drop_prefixes=drop_prefixes, host_advice=host_advice)
     if run.fallback is None and (fallback or not_static) is not None:
         run = replace(run, fallback=not_static or fallback)
     return run, cfg

@@ -18,6 +18,10 @@ OOM_ADVICE = "use fewer frames, a lower retention, a smaller K, or keep_loaded o
 HOST_ALLOCATION_MESSAGES = ("DefaultCPUAllocator",)
 HOST_OOM_ADVICE = ("the host's memory ran out: use fewer frames or a lower retention, close what else holds "
                    "memory, or keep the keys and values on the device (kv device, --kv device) where the GPU has room")
+# The host ran out after the device did (an answer's retry with its keys and values on the host).
+BOTH_OOM_ADVICE = ("the device ran out with the keys and values there, and the host's memory with them on the host: "
+                   "use fewer frames (--frames), a lower retention (--retention) or a smaller pixel budget "
+                   "(--max-pixels), or close what else holds memory")
 
 
 def is_interrupt(exc: BaseException) -> bool:
@@ -118,7 +122,7 @@ def drop_kept(model, prefixes: bool = True) -> int:
 
 
 def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model=None,
-                drop_prefixes: bool = True) -> T:
+                drop_prefixes: bool = True, host_advice: str = HOST_OOM_ADVICE) -> T:
     """Run ``fn``; turn running out of memory (errors.is_out_of_memory) into AdaTPOutOfMemoryError.
 
     The error is raised after the original exception (whose traceback holds
@@ -130,6 +134,8 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
     drop_prefixes: False keeps the video prefixes, where the caller runs again in less memory
         (generate.generate_answer's retry with the keys and values on the host) and drops them
         only if that fails too.
+    host_advice: the advice where the host ran out (HOST_OOM_ADVICE; BOTH_OOM_ADVICE where the device
+        ran out before).
     """
     try:
         return fn()
@@ -141,7 +147,7 @@ def run_guarded(fn: Callable[[], T], stage: str, advice: str = OOM_ADVICE, model
         else:
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             if any(m in str(exc) for m in HOST_ALLOCATION_MESSAGES):
-                advice = HOST_OOM_ADVICE
+                advice = host_advice
             message = f"out of memory during {stage} ({detail}); {advice}."
     drop_kept(model, drop_prefixes)
     free_memory()

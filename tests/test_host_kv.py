@@ -91,7 +91,7 @@ def test_keys_and_values_on_the_host_give_the_device_answer(llm, state, monkeypa
     assert torch.equal(host.logits, device.logits)
     assert host.stats["kv_on"] == "host" and host.stats["kv_reason"] == "asked for"
     assert "layers >= K's keys and values on the host" in stats_text(host.stats)
-    assert device.stats["kv_on"] == "cpu" and "keys and values on the host" not in stats_text(device.stats)
+    assert device.stats["kv_on"] == "host" and "keys and values on the host" not in stats_text(device.stats)
     # the continuation ran in several calls from K (the staged copies grew chunk by chunk)
     assert len(state.kept_positions()) > (64 if adapter._linear_layers else 16)
     homed = [i for i in range(state.layer, adapter.num_layers) if not adapter.is_linear_layer(i)]
@@ -147,7 +147,7 @@ def test_bad_kv_is_refused_before_any_work(tiny, frames):
     with pytest.raises(AdaTPInputError, match="kv must be one of"):
         generate_answer(state, SamplingConfig(max_new_tokens=2), kv="gpu")
     answer = generate_answer(state, SamplingConfig(max_new_tokens=2))
-    assert answer.stats["kv_on"] == "cpu" and answer.stats["kv_reason"] == "the model runs on the host"
+    assert answer.stats["kv_on"] == "host" and answer.stats["kv_reason"] == "the model runs on the host"
 
 
 def test_a_host_homed_cache_stages_two_layers_at_most_and_writes_its_homes():
@@ -483,3 +483,40 @@ def test_the_host_running_out_gets_the_host_s_advice():
     with pytest.raises(AdaTPOutOfMemoryError) as err:
         run_guarded(device, "generation")
     assert OOM_ADVICE in str(err.value)
+
+
+def _out_of_memory_on_the_device(monkeypatch):
+    """An answer that runs out of memory with its keys and values on the device (auto's choice), and out of
+    the host's memory with them on the host."""
+    from adatp_core.places import Place
+
+    def decode(state, cfg, generator, on_token, return_logits, kv_on_host=False):
+        if not kv_on_host:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 8589934592 bytes")
+
+    monkeypatch.setattr(generate_module, "_decode", decode)
+    monkeypatch.setattr(generate_module, "kv_place", lambda s, r, kv: Place(False, "it fits", auto=True))
+    monkeypatch.setattr(generate_module, "kv_retry_place", lambda s, r: Place(True, "the host has room"))
+
+
+def test_static_asked_is_not_answered_again_on_the_host(tiny, frames, monkeypatch):
+    """Static decoding cannot run over keys and values on the host: its out of memory error stands."""
+    from adatp_core.errors import AdaTPOutOfMemoryError
+
+    state = extract_attention(tiny, frames, QUESTION, reuse_prefix=False)
+    _out_of_memory_on_the_device(monkeypatch)
+    with pytest.raises(AdaTPOutOfMemoryError, match="out of memory during generation"):
+        generate_answer(state, SamplingConfig(max_new_tokens=4, decode_mode="static"))
+
+
+def test_the_host_running_out_after_the_device_does_not_advise_the_device(tiny, frames, monkeypatch):
+    from adatp_core.errors import AdaTPOutOfMemoryError
+
+    state = extract_attention(tiny, frames, QUESTION, reuse_prefix=False)
+    _out_of_memory_on_the_device(monkeypatch)
+    with pytest.raises(AdaTPOutOfMemoryError) as err:
+        generate_answer(state, SamplingConfig(max_new_tokens=4))
+    assert "--kv device" not in str(err.value) and "the device ran out" in str(err.value)
+    assert "--max-pixels" in str(err.value)
