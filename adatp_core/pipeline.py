@@ -207,11 +207,15 @@ def run_pipeline(model: VideoLLM, video, question: str, cfg: PipelineConfig | No
             frames, info, fit = load_checked(model, video, [question], cfg)
         times.update(fit.figures)
         places = fit.places
-    with stage_peak(times, "prefill", device):
-        state = prefill(model, frames, question, cfg, info, places)
-    del frames  # decoded or encoded here: the state (and the prefix store) keep what the answer needs
-    with stage_peak(times, "answer", device):
-        answer = generate_answer(state, cfg.generation, on_token=on_token, kv=cfg.kv)
+    try:
+        with stage_peak(times, "prefill", device):
+            state = prefill(model, frames, question, cfg, info, places)
+        del frames  # decoded or encoded here: the state (and the prefix store) keep what the answer needs
+        with stage_peak(times, "answer", device):
+            answer = generate_answer(state, cfg.generation, on_token=on_token, kv=cfg.kv)
+    finally:
+        frames = None  # a failed run's too
+        # the encoded rows died with frames (unless a kept prefix holds them): their pinned blocks go back
+        release_pinned()
     stats = {**answer.stats, **times}
-    release_pinned()  # the encoded rows died with frames (unless a kept prefix holds them): their pinned blocks go
     return PipelineResult(answer=answer, state=state, video=info, stats=stats)

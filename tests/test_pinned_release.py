@@ -78,3 +78,32 @@ def test_a_run_and_a_dropped_prefix_give_back_what_was_pinned(tiny, frames, host
 
 def _prefix() -> FrozenPrefix:
     return FrozenPrefix(None, ((torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2)),), torch.zeros(1, 4, 8))
+
+
+def test_a_failed_run_gives_back_what_was_pinned(tiny, frames, host_cache, monkeypatch):
+    from adatp_core import pipeline
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the answer failed")
+
+    monkeypatch.setattr(pipeline, "generate_answer", fail)
+    memory.host_buffer((4, 8), torch.float32, pin=True)  # as a GPU model's encoded rows are
+    with pytest.raises(RuntimeError, match="the answer failed"):
+        run_pipeline(tiny, frames, QUESTION, PipelineConfig(num_frames=4))
+    assert host_cache == [1]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_captions_give_back_what_was_pinned(tiny, tmp_path, host_cache, batch):
+    """Clips captioned one at a time or decoded together give back their pinned blocks."""
+    import numpy as np
+
+    from adatp_core.caption.stream import caption_videos
+    from adatp_core.samples import write_video
+
+    paths = [str(write_video(tmp_path / f"v{i}.mp4", np.full((8, 48, 64, 3), 40 * i, dtype=np.uint8), fps=8.0))
+             for i in range(2)]
+    memory.host_buffer((4, 8), torch.float32, pin=True)  # as a clip's rows on the host are
+    cfg = PipelineConfig(num_frames=4, generation=SamplingConfig(max_new_tokens=2))
+    out = list(caption_videos(tiny, paths, cfg=cfg, workers=0, processes=False, batch_size=batch))
+    assert [r.error for r in out] == [None, None] and host_cache == [1]

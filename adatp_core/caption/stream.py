@@ -25,6 +25,7 @@ from ..budget import check_memory
 from ..decode_worker import watch_parent_process
 from ..errors import AdaTPInputError, AdaTPTransformersError
 from ..fits import check_question
+from ..memory import release_pinned
 from ..pipeline import PipelineConfig, check_config, check_fits, check_option, prefill, run_pipeline
 from ..places import Places
 from ..timing import DecodeStats
@@ -343,10 +344,14 @@ def _caption_together(model, videos, prompt, cfg, workers, processes, claim, bat
     # Results go out in clip order, as at batch 1: a clip that finishes early waits for the
     # clips before it (at most a batch's worth). If the run stops (Cancel, a model failure),
     # the finished ones still go out first, to be written (and their claims released).
+    # A clip that left the batch took its pinned host buffers (rows placed on the host) with it: torch's
+    # caching host allocator keeps their blocks unless given back (memory.release_pinned), as at batch 1.
     with DecodeAhead(videos, cfg, workers, processes=processes, check=fits_check(model, prompt, cfg)) as ahead:
         try:
             for done in decode_together(model, cfg.generation, clips(ahead), batch_size, on_step):
                 ready[done.key] = result(done)
+                del done
+                release_pinned()
                 yield from in_order()
             yield from in_order()
         except (Exception, KeyboardInterrupt):
@@ -354,4 +359,6 @@ def _caption_together(model, videos, prompt, cfg, workers, processes, claim, bat
                 if path in ready:
                     yield ready.pop(path)
             raise
+        finally:
+            release_pinned()
 
