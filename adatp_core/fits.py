@@ -157,6 +157,10 @@ def check_video_fits(model: VideoLLM, sample, questions, max_pixels: int | None 
     for name, value in (("encoded", encoded), ("rows", rows), ("kv", kv)):
         check_place(name, value)
     width, height = sample.size
+    questions = list(questions)
+    if not questions:
+        raise AdaTPInputError(f"{sample.name}: no question to check the video for; give at least one question. "
+                              "Nothing was decoded.")
     try:
         longest = max((plan_prompt(adapter, check_question(q), sample.num_frames, height, width,
                                    sample.clip_times(), max_pixels) for q in questions),

@@ -301,3 +301,10 @@ def test_a_refusal_names_the_placements_asked_for_the_device_that_would_let_it_f
     calls = MemoryEstimate(parts=(("one prefill call's activations (9 tokens)", free, "cuda:0"),), frames=1)
     assert "--prefill-chunk" in fits._placement_advice(tiny.adapter, run, Places(Place(False, ""), Place(False, "")),
                                                        calls, {"encoded": "auto", "rows": "auto", "kv": "auto"})
+
+
+def test_a_check_with_no_question_says_so(tiny, tmp_path):
+    from adatp_core import fits
+
+    with pytest.raises(AdaTPInputError, match="no question"):
+        fits.check_video_fits(tiny, _sample(tmp_path), [])
