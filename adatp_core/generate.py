@@ -97,8 +97,7 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
     place = kv_place(state, cfg.max_new_tokens, kv)
     callback = _TokenCallback(on_token) if on_token is not None else None
     # auto chose the device by the estimate: running out there answers again with them on the host, and the
-    # model's kept video prefixes (a long video's is the most valuable to keep) stay unless that fails too
-    # model kept video prefixes (a long video's is the most valuable to keep) stay unless that fails too;
+    # model's kept video prefixes (a long video's is the most valuable to keep) stay unless that fails too;
     # static decoding asked for cannot run over them on the host: its out of memory error stands
     retryable = place.auto and not place.host and cfg.decode_mode != "static"
     homed = place.host
@@ -117,12 +116,11 @@ def generate_answer(state: AdaTPState, sampling: SamplingConfig | None = None,
                                             f"{retry.reason}.{_dropped_text(dropped)}") from None
             log.warning("out of memory with layers >= K's keys and values on the device; answering again with them "
                         "on the host: %s", exc)
-            kept = len(getattr(model, "prefix_cache", None) or ())
+            prefixes = len(getattr(model, "prefix_cache", None) or ())
             place = Place(True, f"the device ran out of memory with them there, though {place.reason}; this answer "
                                 "ran again with them on the host" + (
-                                    f" (the {kept} video prefix(es) the model keeps were kept)" if kept else ""))
+                                    f" (the {prefixes} video prefix(es) the model keeps were kept)" if prefixes else ""))
             homed = True
-            prefixes = len(getattr(model, "prefix_cache", None) or ())
             try:
                 run, cfg = _answer_run(state, cfg, callback, return_logits, place,  # out of memory: drops them
                                        host_advice=BOTH_OOM_ADVICE)
@@ -281,7 +279,7 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
     not had.
     """
     adapter = state.model.adapter
-    callback = on_token if on_token is None or isinstance(on_token, _TokenCallback) else _TokenCallback(on_token)
+    callback = on_token
     start = time.perf_counter()
     try:
         return _decode(state, cfg, sampling_generator(adapter, cfg), callback, return_logits, kv_on_host)
@@ -300,9 +298,7 @@ def _decode_or_fall_back(state: AdaTPState, cfg: SamplingConfig, on_token, retur
                   "which auto mode keeps until the model is reloaded")
         log.warning("%s", reason, exc_info=True)
     adapter.fallbacks[FALLBACK_STATIC_DECODING] = reason
-    decoders = getattr(state.model, "static_decoders", None)
-    if decoders is not None:
-        decoders.clear()  # the failed run's buffers and graph are never reused
+    drop_kept(state.model, prefixes=False)  # the failed run's buffers and graph are never reused
     failed_seconds = time.perf_counter() - start
     run = _decode(state, replace(cfg, decode_mode="default"), sampling_generator(adapter, cfg), callback,
                   return_logits, kv_on_host)
