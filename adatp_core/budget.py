@@ -138,12 +138,7 @@ def check_memory(estimate: MemoryEstimate, name: str, available=None,
     advice: what else to change, after "Sample fewer frames"."""
     for where in estimate.places():
         need = estimate.bytes_on(where)
-        if available is not None:
-            have = available(where)
-        elif where == "host":
-            have = available_host_bytes()
-        else:
-            have = place_available_bytes(where)
+        have = (available or available_bytes)(where)
         if have is None or need == 0:
             continue
         share = HOST_MEMORY_SHARE if where == "host" else DEVICE_MEMORY_SHARE
@@ -168,6 +163,12 @@ def check_memory(estimate: MemoryEstimate, name: str, available=None,
 def size_text(num_bytes: float) -> str:
     """'2.36 MB', '16.11 GB'."""
     return f"{num_bytes / GB:.2f} GB" if num_bytes >= GB else f"{num_bytes / 1e6:.2f} MB"
+
+
+def available_bytes(where: str) -> int | None:
+    """What a place ("host" or a device's name) can give a new allocation now: available_host_bytes or
+    place_available_bytes; check_memory's default."""
+    return available_host_bytes() if where == "host" else place_available_bytes(where)
 
 
 def place_available_bytes(where: str) -> int | None:

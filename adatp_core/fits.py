@@ -127,10 +127,10 @@ def run_places(adapter, run: RunPlan, encoded="auto", rows="auto", kv="auto", ke
                          encoded=encoded, rows=rows, kv=kv)
     if free is None or kept <= 0:
         return places
-    with_kept = plan_places(estimate, run.where, free + kept, split=adapter.is_split, host_free=host_free,
-                            encoded=encoded, rows=rows, kv=kv)
     if estimate(places.on_host()).bytes_on(run.where) <= int(free * DEVICE_MEMORY_SHARE):
         return places  # fits without them: a miss keeps them
+    with_kept = plan_places(estimate, run.where, free + kept, split=adapter.is_split, host_free=host_free,
+                            encoded=encoded, rows=rows, kv=kv)
     return replace(with_kept, kept=kept)
 
 
@@ -225,10 +225,8 @@ def _with_kept(kept: int):
         return None
 
     def available(where):
-        if where == "host":
-            return budget.available_host_bytes()
-        have = budget.place_available_bytes(where)
-        return None if have is None else have + kept
+        have = budget.available_bytes(where)
+        return have if where == "host" or have is None else have + kept
 
     return available
 
