@@ -535,9 +535,7 @@ def set_aside(job: ClipsJob, clips: list[ClipPlan], key: str | None = None, earl
     for c in clips:
         # the caption in both places (beside the clip, and the state folder's of a run with other
         # layouts): one left behind would be adopted for the clip cut again under this name
-        found = [(p, aside / sub) for p, sub in ((clip_path(job, c), ""), (job.clips_dir / f"{c.name}.txt", ""),
-                                                 (job.state_dir / "captions" / f"{c.name}.txt", "captions"))
-                 if os.path.lexists(p)]
+        found = [(p, aside / sub) for p, (_, sub) in zip(named_files(job, c.name), NAMED_FILES) if os.path.lexists(p)]
         if not found:
             continue
         n = 1
