@@ -18,7 +18,7 @@ from .fits import (DEFAULT_PREFILL_CHUNK, check_max_pixels, check_question, kept
                    runtime_places)
 from .fits import check_video_fits  # noqa: F401  (its home is fits.py; it stays importable from here)
 from .flops import flops_summary
-from .memory import free_memory, host_buffer, run_guarded
+from .memory import buffer_like, free_memory, run_guarded
 from .hf.cache import KVCache
 from .places import KEPT_WITH_PREFIX, Place, Places, check_place, place_stats
 from .prefix_cache import FrozenPrefix
@@ -113,11 +113,7 @@ class _Rows:
             self.tensor = hidden
             return
         if self.tensor is None:
-            device = self.device or hidden.device
-            shape = (1, self.n, hidden.shape[-1])
-            # pinned on the host for a GPU: the copies back run at full speed
-            self.tensor = host_buffer(shape, hidden.dtype, pin=hidden.device.type == "cuda") \
-                if device.type == "cpu" else torch.empty(shape, dtype=hidden.dtype, device=device)
+            self.tensor = buffer_like((1, self.n, hidden.shape[-1]), hidden, self.device or hidden.device)
         self.tensor[:, a - self.offset:b - self.offset].copy_(hidden)
 
 

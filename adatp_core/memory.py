@@ -75,6 +75,14 @@ def host_buffer(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     return out
 
 
+def buffer_like(shape, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An empty buffer of ``like``'s dtype on ``device``: a host_buffer there, pinned when ``like`` is on a
+    GPU (its copies to and from the card run at full speed), else on that device."""
+    if device.type == "cpu":
+        return host_buffer(shape, like.dtype, pin=like.device.type == "cuda")
+    return torch.empty(shape, dtype=like.dtype, device=device)
+
+
 def release_pinned() -> bool:
     """free_pinned_memory where host_buffer pinned something since the last release that left nothing: call
     it where such buffers die (the end of a run or an answer, a video prefix dropped). torch's caching host

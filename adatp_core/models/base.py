@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdaTPInputError
-from ..memory import host_buffer
+from ..memory import buffer_like
 from ..hf.attention_hook import TailCausal, aligns_causal_to_the_end
 from ..hf.layers import cache_argument, module_device, run_decoder_layers
 from .chat import end_of_turn_id
@@ -184,11 +184,8 @@ def join_encoded(parts, rows: int | None = None, place: torch.device | None = No
 
 def _rows_buffer(like: torch.Tensor, rows: int, place: torch.device | None) -> torch.Tensor:
     """An empty [rows, D] buffer of ``like``'s dtype on ``place`` (None: like's device), pinned on the
-    host when ``like`` is on a GPU (the pattern of attention._Rows)."""
-    device = like.device if place is None else torch.device(place)
-    if device.type == "cpu":
-        return host_buffer((rows, like.shape[-1]), like.dtype, pin=like.device.type == "cuda")
-    return torch.empty((rows, like.shape[-1]), dtype=like.dtype, device=device)
+    host when ``like`` is on a GPU (memory.buffer_like, as attention._Rows)."""
+    return buffer_like((rows, like.shape[-1]), like, like.device if place is None else torch.device(place))
 
 
 def _placed(encoded: Encoded, place: torch.device | None) -> Encoded:
